@@ -1,0 +1,78 @@
+//! The one trait both engines implement.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::Stream;
+
+use crate::{ConsumerConfig, Delivery, Message, PublishAck, Result, StartPosition, StoredMessage, StreamConfig, StreamInfo};
+
+/// An ordered stream of stored messages, as returned by [`Backbone::replay`].
+pub type MessageStream = Pin<Box<dyn Stream<Item = Result<StoredMessage>> + Send>>;
+
+/// What to replay from a stream.
+#[derive(Clone, Debug, Default)]
+pub struct ReplayOptions {
+    pub start: StartPosition,
+    /// Only subjects matching one of these filters (empty = all).
+    pub filter_subjects: Vec<String>,
+    /// Keep following new messages after the end; otherwise the replay ends at the last
+    /// message stored when it started.
+    pub follow: bool,
+}
+
+/// A durable stream store: publish with dedupe by event id, durable consumers with ack and
+/// redelivery, replay from a sequence or a time, stream info and retention limits.
+///
+/// Every implementation passes the conformance suite in `chorus-tests`, so code written
+/// against this trait behaves the same on the embedded store and on JetStream.
+#[async_trait]
+pub trait Backbone: Send + Sync + 'static {
+    /// Short engine name for logs and benchmarks ("embedded", "jetstream").
+    fn engine(&self) -> &'static str;
+
+    /// Creates the stream or updates its limits and subjects to match `config`.
+    async fn ensure_stream(&self, config: &StreamConfig) -> Result<StreamInfo>;
+
+    /// Current counters of a stream.
+    async fn stream_info(&self, stream: &str) -> Result<StreamInfo>;
+
+    /// Deletes a stream with its messages and consumers.
+    async fn delete_stream(&self, stream: &str) -> Result<()>;
+
+    /// Publishes one message and waits until it is durably stored.
+    async fn publish(&self, message: Message) -> Result<PublishAck> {
+        let mut acks = self.publish_batch(vec![message]).await?;
+        acks.pop().ok_or(crate::BackboneError::Closed)
+    }
+
+    /// Publishes many messages, pipelined, and waits until all are durably stored. Acks come
+    /// back in the order of `messages`. On error some messages may be stored; publishing the
+    /// same batch again is safe because ids are deduplicated.
+    async fn publish_batch(&self, messages: Vec<Message>) -> Result<Vec<PublishAck>>;
+
+    /// Opens (creating if needed) a durable consumer on `stream`.
+    async fn consumer(&self, stream: &str, config: &ConsumerConfig) -> Result<Box<dyn Consumer>>;
+
+    /// Removes a durable consumer and its position.
+    async fn delete_consumer(&self, stream: &str, name: &str) -> Result<()>;
+
+    /// Reads the stream in order without creating durable state: rebuilds, tails, audits.
+    async fn replay(&self, stream: &str, options: ReplayOptions) -> Result<MessageStream>;
+
+    /// Reads one message by sequence, `None` when it was never stored or has been removed.
+    async fn get(&self, stream: &str, sequence: u64) -> Result<Option<StoredMessage>>;
+}
+
+/// A handle on a durable consumer.
+#[async_trait]
+pub trait Consumer: Send {
+    /// Waits up to `wait` for at least one message, then returns up to `max` of them without
+    /// further waiting. An empty result means nothing arrived in time.
+    async fn fetch(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>>;
+
+    /// Messages matching this consumer not yet acknowledged: undelivered plus in flight. This
+    /// is the consumer's lag, the figure to alert on.
+    async fn pending(&mut self) -> Result<u64>;
+}

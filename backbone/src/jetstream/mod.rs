@@ -1,0 +1,388 @@
+//! The JetStream engine: the production and multi-site backbone, over async-nats.
+//!
+//! Event ids travel as `Nats-Msg-Id`, so JetStream's own duplicate window does the dedupe and
+//! a retried or replicated publish is stored once. Publishes are pipelined (many in flight,
+//! acknowledgements awaited together) and retried through broker restarts and leader changes.
+
+mod connect;
+mod consumer;
+
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, message::PublishMessage as Publish, stream};
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+
+use crate::{
+    Backbone, BackboneError, Consumer, ConsumerConfig, Message, MessageStream, PublishAck, ReplayOptions, Result,
+    StartPosition, StoredMessage, StreamConfig, StreamInfo,
+};
+
+pub use connect::{NatsAuth, NatsConfig, TlsConfig};
+
+/// Header carrying the event id; JetStream dedupes on it.
+pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
+
+/// A [`Backbone`] on NATS JetStream. Cheap to clone.
+#[derive(Clone)]
+pub struct JetStreamBackbone {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    retry_for: Duration,
+    /// Publishes kept in flight by `publish_batch`; below the context's ack permits so a
+    /// batch never waits on permits held by its own unawaited acknowledgements.
+    window: usize,
+}
+
+impl JetStreamBackbone {
+    /// Connects with `config`.
+    pub async fn connect(config: &NatsConfig) -> Result<Self> {
+        Self::connect_with_tls(config, None).await
+    }
+
+    /// Connects with a ready rustls client configuration (e.g. a PKCS#11-held client key).
+    pub async fn connect_with_tls(config: &NatsConfig, tls: Option<rustls::ClientConfig>) -> Result<Self> {
+        let client = config.connect(tls).await?;
+        Ok(Self::from_client(client, config))
+    }
+
+    /// Wraps an existing connection.
+    pub fn from_client(client: async_nats::Client, config: &NatsConfig) -> Self {
+        let mut builder = jetstream::ContextBuilder::new()
+            .timeout(config.request_timeout)
+            .max_ack_inflight(config.max_ack_inflight)
+            .backpressure_on_inflight(true);
+        if let Some(domain) = &config.domain {
+            builder = builder.domain(domain).timeout(config.request_timeout);
+        }
+        JetStreamBackbone {
+            js: builder.build(client.clone()),
+            client,
+            retry_for: config.publish_retry_for,
+            window: (config.max_ack_inflight / 2).max(1),
+        }
+    }
+
+    /// The underlying connection, for callers that also need core NATS (RPC, benchmarks).
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    /// The underlying JetStream context.
+    pub fn context(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    async fn get_stream(&self, name: &str) -> Result<stream::Stream> {
+        self.js.get_stream(name).await.map_err(|e| {
+            if e.to_string().contains("not found") {
+                BackboneError::NotFound { kind: "stream", name: name.to_string() }
+            } else {
+                BackboneError::nats(e)
+            }
+        })
+    }
+
+    /// Publishes one message until it is acknowledged or `retry_for` has passed. Safe to repeat:
+    /// the event id makes every attempt after a stored one a duplicate.
+    async fn publish_retrying(&self, m: &Message, started: Instant) -> Result<PublishAck> {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let attempt = async {
+                let fut = self
+                    .js
+                    .send_publish(m.subject.clone(), Publish::build().message_id(&m.id).payload(m.payload.clone()))
+                    .await?;
+                fut.await
+            };
+            let err = match attempt.await {
+                Ok(ack) => return Ok(to_ack(ack)),
+                Err(e) => e,
+            };
+            if let Some(fatal) = self.fatal_publish_error(m, &err).await {
+                return Err(fatal);
+            }
+            if started.elapsed() >= self.retry_for {
+                return Err(BackboneError::Timeout(format!("publishing {} to {}: {err}", m.id, m.subject)));
+            }
+            tracing::debug!(id = %m.id, error = %err, "publish failed, retrying");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    /// Awaits a pipelined publish, falling back to retries when it failed.
+    async fn settle(
+        &self,
+        m: &Message,
+        fut: Option<jetstream::context::PublishAckFuture>,
+        started: Instant,
+    ) -> Result<PublishAck> {
+        if let Some(fut) = fut {
+            if let Ok(ack) = fut.await {
+                return Ok(to_ack(ack));
+            }
+        }
+        self.publish_retrying(m, started).await
+    }
+
+    /// Errors that retrying cannot fix: too large, or no stream captures the subject.
+    async fn fatal_publish_error(&self, m: &Message, err: &impl std::fmt::Display) -> Option<BackboneError> {
+        let text = err.to_string();
+        if text.contains("maximum payload") || text.contains("exceeds") {
+            return Some(BackboneError::InvalidMessage(format!("{}: {text}", m.id)));
+        }
+        if text.contains("no stream") || text.contains("no responders") {
+            // A cluster in a leader election also answers "no responders"; only a missing
+            // stream is final.
+            if let Err(e) = self.js.stream_by_subject(m.subject.clone()).await {
+                if e.to_string().contains("not found") || e.to_string().contains("no stream") {
+                    return Some(BackboneError::NoStreamForSubject(m.subject.clone()));
+                }
+            }
+        }
+        None
+    }
+}
+
+fn to_ack(ack: jetstream::publish::PublishAck) -> PublishAck {
+    PublishAck { stream: ack.stream, sequence: ack.sequence, duplicate: ack.duplicate }
+}
+
+pub(crate) fn to_chrono(t: time::OffsetDateTime) -> DateTime<Utc> {
+    DateTime::<Utc>::from_timestamp_nanos(t.unix_timestamp_nanos() as i64)
+}
+
+pub(crate) fn to_time(t: DateTime<Utc>) -> time::OffsetDateTime {
+    time::OffsetDateTime::from_unix_timestamp_nanos(t.timestamp_nanos_opt().unwrap_or(0) as i128)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+}
+
+pub(crate) fn deliver_policy(start: &StartPosition) -> jetstream::consumer::DeliverPolicy {
+    use jetstream::consumer::DeliverPolicy;
+    match start {
+        StartPosition::First => DeliverPolicy::All,
+        StartPosition::New => DeliverPolicy::New,
+        StartPosition::Sequence(s) => DeliverPolicy::ByStartSequence { start_sequence: (*s).max(1) },
+        StartPosition::Time(t) => DeliverPolicy::ByStartTime { start_time: to_time(*t) },
+    }
+}
+
+/// The one filter JetStream 2.9 can apply server-side; several are applied client-side.
+pub(crate) fn server_filter(filters: &[String]) -> String {
+    if filters.len() == 1 {
+        filters[0].clone()
+    } else {
+        String::new()
+    }
+}
+
+pub(crate) fn stored(stream: &str, sequence: u64, time: DateTime<Utc>, msg: &async_nats::Message) -> StoredMessage {
+    let id = msg.headers.as_ref().and_then(|h| h.get(MSG_ID_HEADER)).map(|v| v.as_str().to_string()).unwrap_or_default();
+    StoredMessage {
+        stream: stream.to_string(),
+        sequence,
+        time,
+        id,
+        subject: msg.subject.to_string(),
+        payload: msg.payload.clone(),
+    }
+}
+
+fn stream_config(c: &StreamConfig) -> stream::Config {
+    let limit = |v: u64| if v == 0 { -1 } else { v as i64 };
+    stream::Config {
+        name: c.name.clone(),
+        subjects: c.subjects.clone(),
+        max_messages: limit(c.max_messages),
+        max_bytes: limit(c.max_bytes),
+        max_age: c.max_age.unwrap_or_default(),
+        duplicate_window: c.dedupe_window,
+        num_replicas: c.replicas,
+        storage: stream::StorageType::File,
+        discard: stream::DiscardPolicy::Old,
+        retention: stream::RetentionPolicy::Limits,
+        ..Default::default()
+    }
+}
+
+fn info_of(i: &stream::Info) -> StreamInfo {
+    StreamInfo {
+        name: i.config.name.clone(),
+        subjects: i.config.subjects.clone(),
+        messages: i.state.messages,
+        bytes: i.state.bytes,
+        first_sequence: i.state.first_sequence,
+        last_sequence: i.state.last_sequence,
+        consumers: i.state.consumer_count,
+    }
+}
+
+#[async_trait]
+impl Backbone for JetStreamBackbone {
+    fn engine(&self) -> &'static str {
+        "jetstream"
+    }
+
+    async fn ensure_stream(&self, config: &StreamConfig) -> Result<StreamInfo> {
+        config.validate()?;
+        let cfg = stream_config(config);
+        let info = match self.js.get_stream(&config.name).await {
+            Ok(_) => self.js.update_stream(cfg).await.map_err(|e| {
+                BackboneError::InvalidConfig(format!("updating stream {}: {e}", config.name))
+            })?,
+            Err(_) => self
+                .js
+                .create_stream(cfg)
+                .await
+                .map_err(|e| BackboneError::InvalidConfig(format!("creating stream {}: {e}", config.name)))?
+                .cached_info()
+                .clone(),
+        };
+        Ok(info_of(&info))
+    }
+
+    async fn stream_info(&self, stream: &str) -> Result<StreamInfo> {
+        let mut s = self.get_stream(stream).await?;
+        let info = s.info().await.map_err(BackboneError::nats)?;
+        Ok(info_of(info))
+    }
+
+    async fn delete_stream(&self, stream: &str) -> Result<()> {
+        self.get_stream(stream).await?;
+        self.js.delete_stream(stream).await.map_err(BackboneError::nats)?;
+        Ok(())
+    }
+
+    async fn publish_batch(&self, messages: Vec<Message>) -> Result<Vec<PublishAck>> {
+        for m in &messages {
+            m.validate()?;
+        }
+        let started = Instant::now();
+        // Pipeline: keep a window of publishes on the wire, collecting acknowledgements in order.
+        let mut acks = Vec::with_capacity(messages.len());
+        let mut inflight = std::collections::VecDeque::with_capacity(self.window);
+        for (i, m) in messages.iter().enumerate() {
+            if inflight.len() >= self.window {
+                let (j, fut) = inflight.pop_front().unwrap();
+                acks.push(self.settle(&messages[j], fut, started).await?);
+            }
+            let sent = self
+                .js
+                .send_publish(m.subject.clone(), Publish::build().message_id(&m.id).payload(m.payload.clone()))
+                .await;
+            inflight.push_back((i, sent.ok()));
+        }
+        for (j, fut) in inflight {
+            acks.push(self.settle(&messages[j], fut, started).await?);
+        }
+        Ok(acks)
+    }
+
+    async fn consumer(&self, stream: &str, config: &ConsumerConfig) -> Result<Box<dyn Consumer>> {
+        config.validate()?;
+        let s = self.get_stream(stream).await?;
+        Ok(Box::new(consumer::JetStreamConsumer::open(s, self.client.clone(), stream, config).await?))
+    }
+
+    async fn delete_consumer(&self, stream: &str, name: &str) -> Result<()> {
+        let s = self.get_stream(stream).await?;
+        s.delete_consumer(name).await.map_err(|e| {
+            if e.to_string().contains("not found") {
+                BackboneError::NotFound { kind: "consumer", name: name.to_string() }
+            } else {
+                BackboneError::nats(e)
+            }
+        })?;
+        Ok(())
+    }
+
+    async fn replay(&self, stream: &str, options: ReplayOptions) -> Result<MessageStream> {
+        for f in &options.filter_subjects {
+            crate::subject::validate_filter(f)?;
+        }
+        let mut s = self.get_stream(stream).await?;
+        let last = s.info().await.map_err(BackboneError::nats)?.state.last_sequence;
+        let start = match &options.start {
+            StartPosition::New => StartPosition::Sequence(last + 1),
+            other => other.clone(),
+        };
+        if !options.follow {
+            if let StartPosition::Sequence(seq) = start {
+                if seq > last {
+                    return Ok(Box::pin(futures::stream::empty()));
+                }
+            }
+            if last == 0 {
+                return Ok(Box::pin(futures::stream::empty()));
+            }
+        }
+        let mut consumer = s
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                filter_subject: server_filter(&options.filter_subjects),
+                deliver_policy: deliver_policy(&start),
+                ..Default::default()
+            })
+            .await
+            .map_err(BackboneError::nats)?;
+        let nothing = consumer.info().await.map(|i| i.num_pending == 0).unwrap_or(false);
+        if nothing && !options.follow {
+            return Ok(Box::pin(futures::stream::empty()));
+        }
+        let messages = Box::pin(consumer.messages().await.map_err(BackboneError::nats)?);
+        let name = stream.to_string();
+        let filters = options.filter_subjects.clone();
+        let follow = options.follow;
+        // A finite replay ends right after the message that reached the end of the stream,
+        // without polling the ordered consumer again (it would wait for new messages).
+        let out = futures::stream::unfold((messages, false), move |(mut messages, ended)| {
+            let name = name.clone();
+            let filters = filters.clone();
+            async move {
+                if ended {
+                    return None;
+                }
+                loop {
+                    let m = match messages.next().await? {
+                        Ok(m) => m,
+                        Err(e) => return Some((Err(BackboneError::nats(e)), (messages, false))),
+                    };
+                    let info = match m.info() {
+                        Ok(info) => info,
+                        Err(e) => return Some((Err(BackboneError::nats(e)), (messages, false))),
+                    };
+                    let done = !follow && (info.pending == 0 || info.stream_sequence >= last);
+                    let message = stored(&name, info.stream_sequence, to_chrono(info.published), &m);
+                    if crate::subject::matches_any(&filters, &message.subject) {
+                        return Some((Ok(message), (messages, done)));
+                    }
+                    if done {
+                        return None;
+                    }
+                }
+            }
+        });
+        Ok(Box::pin(out))
+    }
+
+    async fn get(&self, stream: &str, sequence: u64) -> Result<Option<StoredMessage>> {
+        let s = self.get_stream(stream).await?;
+        match s.get_raw_message(sequence).await {
+            Ok(m) => {
+                let id = m.headers.get(MSG_ID_HEADER).map(|v| v.as_str().to_string()).unwrap_or_default();
+                Ok(Some(StoredMessage {
+                    stream: stream.to_string(),
+                    sequence: m.sequence,
+                    time: to_chrono(m.time),
+                    id,
+                    subject: m.subject.to_string(),
+                    payload: m.payload,
+                }))
+            }
+            Err(e) if matches!(e.kind(), stream::LastRawMessageErrorKind::NoMessageFound) => Ok(None),
+            Err(e) if e.to_string().contains("no message found") => Ok(None),
+            Err(e) => Err(BackboneError::nats(e)),
+        }
+    }
+}

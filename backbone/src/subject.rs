@@ -1,0 +1,91 @@
+//! NATS subject rules, shared by both engines so a filter means the same everywhere.
+//!
+//! Subjects are dot-separated tokens; in filters `*` matches one token and `>` matches one or
+//! more trailing tokens, exactly as in NATS.
+
+use crate::{BackboneError, Result};
+
+/// Whether `subject` (a concrete subject) matches `filter` (which may hold wildcards).
+pub fn matches(filter: &str, subject: &str) -> bool {
+    let mut f = filter.split('.');
+    let mut s = subject.split('.');
+    loop {
+        match (f.next(), s.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// Whether `filter` matches any of `filters` (an empty list matches everything).
+pub fn matches_any(filters: &[String], subject: &str) -> bool {
+    filters.is_empty() || filters.iter().any(|f| matches(f, subject))
+}
+
+fn validate_tokens(subject: &str, wildcards: bool) -> Result<()> {
+    let bad = |why: &str| Err(BackboneError::InvalidMessage(format!("subject {subject:?}: {why}")));
+    if subject.is_empty() {
+        return bad("is empty");
+    }
+    let tokens: Vec<&str> = subject.split('.').collect();
+    for (i, t) in tokens.iter().enumerate() {
+        if t.is_empty() {
+            return bad("has an empty token");
+        }
+        if t.chars().any(|c| c.is_whitespace()) {
+            return bad("contains white space");
+        }
+        let wild = *t == "*" || *t == ">";
+        if !wildcards && (t.contains('*') || t.contains('>')) {
+            return bad("wildcards are not allowed here");
+        }
+        if wildcards && !wild && (t.contains('*') || t.contains('>')) {
+            return bad("a wildcard must be a whole token");
+        }
+        if *t == ">" && i + 1 != tokens.len() {
+            return bad("'>' must be the last token");
+        }
+    }
+    Ok(())
+}
+
+/// Checks a subject a message is published to (no wildcards).
+pub fn validate_publish_subject(subject: &str) -> Result<()> {
+    validate_tokens(subject, false)
+}
+
+/// Checks a stream or consumer subject filter (wildcards allowed).
+pub fn validate_filter(filter: &str) -> Result<()> {
+    validate_tokens(filter, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wildcard_matching_follows_nats() {
+        assert!(matches("choria.lifecycle.>", "choria.lifecycle.event.alive.server"));
+        assert!(!matches("choria.lifecycle.>", "choria.lifecycle"));
+        assert!(matches("choria.lifecycle.event.*.server", "choria.lifecycle.event.alive.server"));
+        assert!(!matches("choria.lifecycle.event.*.server", "choria.lifecycle.event.alive.other"));
+        assert!(!matches("a.b", "a.b.c"));
+        assert!(!matches("a.b.c", "a.b"));
+        assert!(matches("a.*.c", "a.x.c"));
+        assert!(matches(">", "a"));
+    }
+
+    #[test]
+    fn subjects_are_validated() {
+        assert!(validate_publish_subject("a.b.c").is_ok());
+        assert!(validate_publish_subject("a..c").is_err());
+        assert!(validate_publish_subject("a.*").is_err());
+        assert!(validate_publish_subject("a b").is_err());
+        assert!(validate_filter("a.>").is_ok());
+        assert!(validate_filter("a.>.b").is_err());
+        assert!(validate_filter("a.b*").is_err());
+    }
+}

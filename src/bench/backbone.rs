@@ -1,0 +1,198 @@
+//! `chorus bench backbone`.
+//!
+//! Same payloads, same server, one run: raw async-nats JetStream publish (pipelined, with
+//! `Nats-Msg-Id`, as Chorus does) and pull-consume are the baseline for the Chorus JetStream
+//! engine; the embedded store is measured with its group-commit durability (every acknowledged
+//! event is on disk).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use async_nats::jetstream::{self, consumer::pull, message::PublishMessage};
+use bytes::Bytes;
+use chorus_backbone::embedded::EmbeddedBackbone;
+use chorus_backbone::jetstream::{JetStreamBackbone, NatsConfig};
+use chorus_backbone::{Backbone, ConsumerConfig, Message, StreamConfig};
+use futures::StreamExt;
+
+use super::{print_table, Row};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Events per measurement.
+    #[arg(long, default_value_t = 200_000)]
+    events: usize,
+    /// Events per publish batch (Chorus) and per pull (consumers).
+    #[arg(long, default_value_t = 1_000)]
+    batch: usize,
+    /// Concurrent publishers for the embedded store.
+    #[arg(long, default_value_t = 4)]
+    publishers: usize,
+    /// Use this NATS server instead of starting a private nats-server.
+    #[arg(long)]
+    nats: Option<String>,
+    /// Skip the embedded store.
+    #[arg(long)]
+    no_embedded: bool,
+}
+
+/// Realistic payloads: encoded alive events of distinct nodes, as the fleet sends them.
+fn payloads(n: usize) -> Vec<(String, Bytes)> {
+    (0..n)
+        .map(|i| {
+            let ev = chorus_schemas::sample_alive(&format!("node{:06}.example.net", i % 50_000), "server", "0.29.4");
+            (ev.id.clone(), Bytes::from(ev.encode()))
+        })
+        .collect()
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let events = payloads(args.events);
+    let avg = events.iter().map(|(_, p)| p.len()).sum::<usize>() / events.len().max(1);
+    println!("# chorus bench backbone: {} events of {} bytes on average", args.events, avg);
+
+    let _server;
+    let url = match &args.nats {
+        Some(u) => u.clone(),
+        None => {
+            let s = chorus_tests::nats::NatsServer::start().context("starting nats-server")?;
+            let url = s.url();
+            _server = s;
+            url
+        }
+    };
+    let config = NatsConfig::new([url.clone()]);
+    let mut rows = Vec::new();
+
+    // Raw async-nats baseline.
+    let client = config.connect(None).await?;
+    let js = jetstream::ContextBuilder::new()
+        .max_ack_inflight(config.max_ack_inflight)
+        .backpressure_on_inflight(true)
+        .build(client.clone());
+    let _ = js.delete_stream("RAW_BENCH").await;
+    js.create_stream(jetstream::stream::Config {
+        name: "RAW_BENCH".into(),
+        subjects: vec!["rawbench.>".into()],
+        ..Default::default()
+    })
+    .await?;
+    let window = config.max_ack_inflight / 2;
+    let started = Instant::now();
+    let mut inflight = std::collections::VecDeque::with_capacity(window);
+    for (id, payload) in &events {
+        if inflight.len() >= window {
+            let f: jetstream::context::PublishAckFuture = inflight.pop_front().unwrap();
+            f.await?;
+        }
+        inflight.push_back(
+            js.send_publish("rawbench.event", PublishMessage::build().message_id(id).payload(payload.clone())).await?,
+        );
+    }
+    for f in inflight {
+        f.await?;
+    }
+    let raw_pub = Row { name: "raw async-nats JetStream publish".into(), events: events.len(), took: started.elapsed(), baseline: None };
+    let raw_pub_rate = raw_pub.rate();
+    rows.push(raw_pub);
+
+    let stream = js.get_stream("RAW_BENCH").await?;
+    let consumer = stream
+        .create_consumer(pull::Config { durable_name: Some("raw".into()), ..Default::default() })
+        .await?;
+    let started = Instant::now();
+    let mut msgs = consumer.stream().max_messages_per_batch(args.batch).messages().await?;
+    let mut n = 0;
+    while n < events.len() {
+        let m = msgs.next().await.context("raw consumer ended")??;
+        m.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        n += 1;
+    }
+    let raw_con = Row { name: "raw async-nats pull consume + ack".into(), events: n, took: started.elapsed(), baseline: None };
+    let raw_con_rate = raw_con.rate();
+    rows.push(raw_con);
+    drop(msgs);
+
+    // Chorus on JetStream.
+    let chorus: Arc<dyn Backbone> = Arc::new(JetStreamBackbone::from_client(client.clone(), &config));
+    let _ = chorus.delete_stream("CHORUS_BENCH").await;
+    chorus.ensure_stream(&StreamConfig::new("CHORUS_BENCH", vec!["chorusbench.>".into()])).await?;
+    let (pub_row, con_row) = publish_consume(&chorus, "CHORUS_BENCH", "chorusbench.event", &events, &args, 1).await?;
+    rows.push(Row { name: "chorus JetStream publish_batch".into(), baseline: Some(raw_pub_rate), ..pub_row });
+    rows.push(Row { name: "chorus JetStream consumer fetch + ack".into(), baseline: Some(raw_con_rate), ..con_row });
+    print_table("JetStream: Chorus vs raw async-nats (same server, same payloads)", &rows);
+
+    if !args.no_embedded {
+        let dir = tempfile::tempdir()?;
+        let embedded: Arc<dyn Backbone> = Arc::new(EmbeddedBackbone::open_path(dir.path().join("bench"))?);
+        embedded.ensure_stream(&StreamConfig::new("EMBEDDED_BENCH", vec!["embeddedbench.>".into()])).await?;
+        let (pub_row, con_row) =
+            publish_consume(&embedded, "EMBEDDED_BENCH", "embeddedbench.event", &events, &args, args.publishers).await?;
+        let started = Instant::now();
+        let mut replay = embedded.replay("EMBEDDED_BENCH", Default::default()).await?;
+        let mut n = 0;
+        while let Some(m) = replay.next().await {
+            m?;
+            n += 1;
+        }
+        let replay_row = Row { name: "embedded replay".into(), events: n, took: started.elapsed(), baseline: None };
+        print_table(
+            "Embedded store (sled, group commit: acknowledged = flushed to disk)",
+            &[
+                Row { name: format!("embedded publish_batch ({} publishers)", args.publishers), ..pub_row },
+                Row { name: "embedded consumer fetch + ack".into(), ..con_row },
+                replay_row,
+            ],
+        );
+    }
+    Ok(())
+}
+
+/// Publishes `events` in batches from `publishers` tasks, then consumes them all with a durable
+/// consumer, acknowledging each.
+async fn publish_consume(
+    b: &Arc<dyn Backbone>,
+    stream: &str,
+    subject: &str,
+    events: &[(String, Bytes)],
+    args: &Args,
+    publishers: usize,
+) -> anyhow::Result<(Row, Row)> {
+    let messages: Vec<Message> =
+        events.iter().map(|(id, p)| Message::new(id.clone(), subject, p.clone())).collect();
+    let per = messages.len().div_ceil(publishers.max(1));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for part in messages.chunks(per.max(1)) {
+        let b = b.clone();
+        let part = part.to_vec();
+        let batch = args.batch;
+        tasks.push(tokio::spawn(async move {
+            for chunk in part.chunks(batch) {
+                b.publish_batch(chunk.to_vec()).await?;
+            }
+            Ok::<_, chorus_backbone::BackboneError>(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let publish = Row { name: String::new(), events: messages.len(), took: started.elapsed(), baseline: None };
+    let stored = b.stream_info(stream).await?.messages as usize;
+    anyhow::ensure!(stored == messages.len(), "{stream}: {stored} stored of {} published", messages.len());
+
+    let mut consumer = b.consumer(stream, &ConsumerConfig::new("bench")).await?;
+    let started = Instant::now();
+    let mut n = 0;
+    while n < messages.len() {
+        let got = consumer.fetch(args.batch, Duration::from_secs(5)).await?;
+        anyhow::ensure!(!got.is_empty(), "{stream}: consumer stalled at {n}");
+        for d in &got {
+            d.ack().await?;
+        }
+        n += got.len();
+    }
+    let consume = Row { name: String::new(), events: n, took: started.elapsed(), baseline: None };
+    Ok((publish, consume))
+}

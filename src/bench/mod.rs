@@ -1,0 +1,50 @@
+//! `chorus bench …`: measurements that compare Chorus with the raw tools under it, measured
+//! in the same run on the same server so the ratios mean something on any machine.
+
+mod backbone;
+
+use std::time::Duration;
+
+use clap::Subcommand;
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Publish and consume rates: Chorus on JetStream vs raw async-nats, and the embedded store.
+    Backbone(backbone::Args),
+}
+
+pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
+    match cmd {
+        BenchCommand::Backbone(args) => backbone::run(args).await,
+    }
+}
+
+/// Events per second.
+pub fn rate(n: usize, took: Duration) -> f64 {
+    n as f64 / took.as_secs_f64().max(1e-9)
+}
+
+/// A row of a result table: what was measured, events/s, and the ratio to its baseline.
+pub struct Row {
+    pub name: String,
+    pub events: usize,
+    pub took: Duration,
+    pub baseline: Option<f64>,
+}
+
+impl Row {
+    pub fn rate(&self) -> f64 {
+        rate(self.events, self.took)
+    }
+}
+
+/// Prints rows as a Markdown table (pasted as-is into docs/BENCHMARKS.md).
+pub fn print_table(title: &str, rows: &[Row]) {
+    println!("\n### {title}\n");
+    println!("| measurement | events | seconds | events/s | ratio |");
+    println!("|---|---:|---:|---:|---:|");
+    for r in rows {
+        let ratio = r.baseline.map(|b| format!("{:.2}", r.rate() / b)).unwrap_or_else(|| "baseline".into());
+        println!("| {} | {} | {:.3} | {:.0} | {} |", r.name, r.events, r.took.as_secs_f64(), r.rate(), ratio);
+    }
+}

@@ -1,0 +1,40 @@
+//! `chorus`: the command that wires the Chorus platform together.
+
+mod bench;
+
+use clap::{Parser, Subcommand};
+
+/// Chorus: event-sourced fleet automation in the line of Choria.
+///
+/// Every action in the fleet (a node starting, an autonomous agent changing state, an RPC
+/// request and its reply, an authorisation decision) is a CloudEvents 1.0 record on a durable
+/// stream. The streams live in NATS JetStream or, with no server at all, in an embedded store.
+#[derive(Parser)]
+#[command(name = "chorus", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Measure Chorus against raw async-nats and nats-server, in one run on this machine.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CHORUS_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async {
+        match cli.command {
+            Command::Bench(cmd) => bench::run(cmd).await,
+        }
+    })
+}
