@@ -87,15 +87,20 @@ async fn cluster_node_killed_mid_publish_loses_no_acknowledged_event() {
     let b: Arc<dyn Backbone> = Arc::new(JetStreamBackbone::connect(&cfg).await.unwrap());
     b.ensure_stream(&stream_config("KILL", 3)).await.unwrap();
 
+    let progress = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let publisher = {
         let b = b.clone();
+        let progress = progress.clone();
         tokio::spawn(async move {
             let mut acked = Vec::new();
             for chunk in 0..60 {
                 let batch = messages("KILL", "a", &format!("c{chunk}"), 0..200);
                 let ids: Vec<String> = batch.iter().map(|m| m.id.clone()).collect();
                 match b.publish_batch(batch).await {
-                    Ok(acks) => acked.extend(ids.into_iter().zip(acks)),
+                    Ok(acks) => {
+                        acked.extend(ids.into_iter().zip(acks));
+                        progress.store(acked.len(), std::sync::atomic::Ordering::SeqCst);
+                    }
                     Err(e) => eprintln!("batch {chunk} failed (not acknowledged): {e}"),
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -106,7 +111,9 @@ async fn cluster_node_killed_mid_publish_loses_no_acknowledged_event() {
     tokio::time::sleep(Duration::from_millis(600)).await;
     // Kill the node the client is most likely talking to and the stream leader alike: node 0.
     cluster.kill_node(0).unwrap();
+    let at_kill = progress.load(std::sync::atomic::Ordering::SeqCst);
     let acked = publisher.await.unwrap();
+    assert!(at_kill > 0 && at_kill < acked.len(), "the node died mid-publish ({at_kill} of {} acked)", acked.len());
     assert!(acked.len() >= 6_000, "publishing kept going through the failover: {} acked", acked.len());
 
     // Read back through a durable consumer on the surviving nodes.

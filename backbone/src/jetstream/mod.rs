@@ -75,13 +75,37 @@ impl JetStreamBackbone {
     }
 
     async fn get_stream(&self, name: &str) -> Result<stream::Stream> {
-        self.js.get_stream(name).await.map_err(|e| {
-            if e.to_string().contains("not found") {
-                BackboneError::NotFound { kind: "stream", name: name.to_string() }
-            } else {
-                BackboneError::nats(e)
-            }
+        self.retrying(|| async {
+            self.js.get_stream(name).await.map_err(|e| {
+                if e.to_string().contains("not found") {
+                    BackboneError::NotFound { kind: "stream", name: name.to_string() }
+                } else {
+                    BackboneError::nats(e)
+                }
+            })
         })
+        .await
+    }
+
+    /// Retries a JetStream API call through transient failures (a cluster electing a stream or
+    /// consumer leader answers with timeouts for a few seconds) for up to `retry_for`.
+    async fn retrying<T, F, Fut>(&self, mut call: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let started = Instant::now();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match call().await {
+                Err(e) if e.is_transient() && started.elapsed() < self.retry_for => {
+                    tracing::debug!(error = %e, "JetStream API call failed, retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Publishes one message until it is acknowledged or `retry_for` has passed. Safe to repeat:
@@ -244,9 +268,12 @@ impl Backbone for JetStreamBackbone {
     }
 
     async fn stream_info(&self, stream: &str) -> Result<StreamInfo> {
-        let mut s = self.get_stream(stream).await?;
-        let info = s.info().await.map_err(BackboneError::nats)?;
-        Ok(info_of(info))
+        let s = self.get_stream(stream).await?;
+        self.retrying(|| {
+            let mut s = s.clone();
+            async move { s.info().await.map(info_of).map_err(BackboneError::nats) }
+        })
+        .await
     }
 
     async fn delete_stream(&self, stream: &str) -> Result<()> {
@@ -283,7 +310,10 @@ impl Backbone for JetStreamBackbone {
     async fn consumer(&self, stream: &str, config: &ConsumerConfig) -> Result<Box<dyn Consumer>> {
         config.validate()?;
         let s = self.get_stream(stream).await?;
-        Ok(Box::new(consumer::JetStreamConsumer::open(s, self.client.clone(), stream, config).await?))
+        let consumer = self
+            .retrying(|| consumer::JetStreamConsumer::open(s.clone(), self.client.clone(), stream, config))
+            .await?;
+        Ok(Box::new(consumer))
     }
 
     async fn delete_consumer(&self, stream: &str, name: &str) -> Result<()> {
@@ -302,8 +332,8 @@ impl Backbone for JetStreamBackbone {
         for f in &options.filter_subjects {
             crate::subject::validate_filter(f)?;
         }
-        let mut s = self.get_stream(stream).await?;
-        let last = s.info().await.map_err(BackboneError::nats)?.state.last_sequence;
+        let last = self.stream_info(stream).await?.last_sequence;
+        let s = self.get_stream(stream).await?;
         let start = match &options.start {
             StartPosition::New => StartPosition::Sequence(last + 1),
             other => other.clone(),
@@ -318,14 +348,17 @@ impl Backbone for JetStreamBackbone {
                 return Ok(Box::pin(futures::stream::empty()));
             }
         }
-        let mut consumer = s
-            .create_consumer(jetstream::consumer::pull::OrderedConfig {
-                filter_subject: server_filter(&options.filter_subjects),
-                deliver_policy: deliver_policy(&start),
-                ..Default::default()
+        let mut consumer = self
+            .retrying(|| async {
+                s.create_consumer(jetstream::consumer::pull::OrderedConfig {
+                    filter_subject: server_filter(&options.filter_subjects),
+                    deliver_policy: deliver_policy(&start),
+                    ..Default::default()
+                })
+                .await
+                .map_err(BackboneError::nats)
             })
-            .await
-            .map_err(BackboneError::nats)?;
+            .await?;
         let nothing = consumer.info().await.map(|i| i.num_pending == 0).unwrap_or(false);
         if nothing && !options.follow {
             return Ok(Box::pin(futures::stream::empty()));
