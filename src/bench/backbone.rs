@@ -14,6 +14,7 @@ use bytes::Bytes;
 use chorus_backbone::embedded::EmbeddedBackbone;
 use chorus_backbone::jetstream::{JetStreamBackbone, NatsConfig};
 use chorus_backbone::{Backbone, ConsumerConfig, Message, StreamConfig};
+use chorus_schemas::{lifecycle::Alive, EventRecord};
 use futures::StreamExt;
 
 use super::{print_table, Row};
@@ -41,7 +42,8 @@ pub struct Args {
 fn payloads(n: usize) -> Vec<(String, Bytes)> {
     (0..n)
         .map(|i| {
-            let ev = chorus_schemas::sample_alive(&format!("node{:06}.example.net", i % 50_000), "server", "0.29.4");
+            let identity = format!("node{:06}.example.net", i % 50_000);
+            let ev = EventRecord::new(Alive::new(&identity, "server", "0.29.4", Some(1800)), (i / 50_000) as u64 + 1);
             (ev.id.clone(), Bytes::from(ev.encode()))
         })
         .collect()

@@ -1,0 +1,208 @@
+//! A quick, deterministic fuzz loop that runs with the unit tests: random bytes, byte-level
+//! mutations of valid encodings, and structural mutations (a random JSON node replaced by a
+//! random value). Decode must never panic, and whatever decodes must re-encode to a record
+//! that decodes back equal — the same property as the cargo-fuzz target, without the tooling.
+
+use serde_json::{json, Value};
+
+use super::samples::*;
+use crate::envelope::EventRecord;
+
+/// xorshift64*: tiny, deterministic, good enough to drive mutations.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+
+    fn chance(&mut self, one_in: u64) -> bool {
+        self.below(one_in as usize) == 0
+    }
+}
+
+const INTERESTING_BYTES: &[u8] = b"{}[]\",:0-1.eE\\u \t\n\x00\xff.*>";
+
+fn interesting_value(rng: &mut Rng) -> Value {
+    match rng.below(22) {
+        0 => Value::Null,
+        1 => json!(true),
+        2 => json!(0),
+        3 => json!(-1),
+        4 => json!(u64::MAX),
+        5 => json!(i64::MIN),
+        6 => json!(1.5),
+        7 => json!(1e300),
+        8 => json!(""),
+        9 => json!("x"),
+        10 => json!("a.b*c>"),
+        11 => json!("io.choria.lifecycle.v1.startup"),
+        12 => json!("choria:lifecycle:alive:1"),
+        13 => json!("io.choria.machine.watcher.timer.v1.state"),
+        14 => json!("1.0"),
+        15 => json!("2018-08-24T10:36:13Z"),
+        16 => json!("9999-12-31T23:59:59-01:00"),
+        17 => json!([]),
+        18 => json!({}),
+        19 => {
+            json!({"protocol": "io.choria.lifecycle.v1.shutdown", "id": "x", "identity": "n", "component": "c", "timestamp": 1})
+        }
+        20 => {
+            let mut v = json!(1);
+            for _ in 0..rng.below(140) {
+                v = json!([v]);
+            }
+            v
+        }
+        _ => json!("9223372036854775808"),
+    }
+}
+
+/// Replaces, removes or adds one node somewhere in `value`.
+fn mutate_tree(value: &mut Value, rng: &mut Rng) {
+    match value {
+        Value::Object(map) if !map.is_empty() && !rng.chance(4) => {
+            let keys: Vec<String> = map.keys().cloned().collect();
+            let key = &keys[rng.below(keys.len())];
+            match rng.below(6) {
+                0 => {
+                    map.remove(key);
+                }
+                1 => {
+                    map.insert(key.clone(), interesting_value(rng));
+                }
+                2 => {
+                    let names = [
+                        "seq",
+                        "site",
+                        "subject",
+                        "time",
+                        "data_base64",
+                        "type",
+                        "protocol",
+                        "id",
+                        "identity",
+                        "specversion",
+                        "extra",
+                    ];
+                    map.insert(names[rng.below(names.len())].into(), interesting_value(rng));
+                }
+                _ => mutate_tree(map.get_mut(key).expect("key exists"), rng),
+            }
+        }
+        Value::Array(items) if !items.is_empty() && !rng.chance(4) => {
+            let i = rng.below(items.len());
+            mutate_tree(&mut items[i], rng);
+        }
+        other => *other = interesting_value(rng),
+    }
+}
+
+fn mutate_bytes(bytes: &mut Vec<u8>, rng: &mut Rng) {
+    for _ in 0..=rng.below(4) {
+        if bytes.is_empty() {
+            bytes.push(INTERESTING_BYTES[rng.below(INTERESTING_BYTES.len())]);
+            continue;
+        }
+        let at = rng.below(bytes.len());
+        match rng.below(6) {
+            0 => bytes[at] ^= 1 << rng.below(8),
+            1 => bytes[at] = INTERESTING_BYTES[rng.below(INTERESTING_BYTES.len())],
+            2 => bytes.insert(at, INTERESTING_BYTES[rng.below(INTERESTING_BYTES.len())]),
+            3 => {
+                bytes.remove(at);
+            }
+            4 => bytes.truncate(at),
+            _ => {
+                // Duplicate a slice (repeats keys, tokens, braces).
+                let end = (at + rng.below(16)).min(bytes.len());
+                let chunk = bytes[at..end].to_vec();
+                let to = rng.below(bytes.len());
+                bytes.splice(to..to, chunk);
+            }
+        }
+    }
+}
+
+/// Decode must not panic; success must survive a re-encode.
+fn check(bytes: &[u8]) -> bool {
+    match EventRecord::decode(bytes) {
+        Ok(record) => {
+            let again = EventRecord::decode(&record.encode()).unwrap_or_else(|e| {
+                panic!(
+                    "re-encoded event does not decode: {e}\ninput: {}",
+                    String::from_utf8_lossy(bytes)
+                )
+            });
+            assert_eq!(
+                again,
+                record,
+                "round trip changed the record; input: {}",
+                String::from_utf8_lossy(bytes)
+            );
+            true
+        }
+        Err(e) => {
+            let _ = (e.code(), e.to_string());
+            false
+        }
+    }
+}
+
+#[test]
+fn random_and_mutated_input_never_panics() {
+    let mut corpus: Vec<Vec<u8>> = samples().into_iter().map(|(_, r)| r.encode()).collect();
+    for text in [
+        CHORIA_STARTUP,
+        CHORIA_LEGACY_SHUTDOWN,
+        CHORIA_TRANSITION,
+        CHORIA_EXEC_STATE,
+    ] {
+        corpus.push(text.as_bytes().to_vec());
+    }
+    let trees: Vec<Value> = corpus
+        .iter()
+        .map(|b| serde_json::from_slice(b).unwrap())
+        .collect();
+
+    // CHORUS_FUZZ_ITERATIONS / CHORUS_FUZZ_SEED run a longer or different loop by hand.
+    let env = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
+    let iterations = env("CHORUS_FUZZ_ITERATIONS").unwrap_or(20_000);
+    let mut rng = Rng(env("CHORUS_FUZZ_SEED")
+        .filter(|s| *s != 0)
+        .unwrap_or(0x9e37_79b9_7f4a_7c15));
+    let (mut decoded, mut total) = (0usize, 0usize);
+    for i in 0..iterations {
+        let input = match i % 4 {
+            0 => (0..rng.below(256)).map(|_| rng.next() as u8).collect(),
+            1 => {
+                let mut bytes = corpus[rng.below(corpus.len())].clone();
+                mutate_bytes(&mut bytes, &mut rng);
+                bytes
+            }
+            _ => {
+                let mut tree = trees[rng.below(trees.len())].clone();
+                for _ in 0..=rng.below(3) {
+                    mutate_tree(&mut tree, &mut rng);
+                }
+                serde_json::to_vec(&tree).unwrap()
+            }
+        };
+        total += 1;
+        if check(&input) {
+            decoded += 1;
+        }
+    }
+    // The structural mutations must exercise the success path too, not only rejections.
+    assert!(
+        decoded > total / 50,
+        "only {decoded} of {total} inputs decoded"
+    );
+}

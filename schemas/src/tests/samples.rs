@@ -1,0 +1,216 @@
+//! One deterministic sample record per event type, shared by the tests, the checked-in fuzz
+//! seeds and the schema validation.
+
+use chrono::DateTime;
+use serde_json::json;
+
+use crate::audit::{AuditAction, AuditRecord};
+use crate::envelope::{Event, EventRecord};
+use crate::lifecycle::{
+    Alive, Governor, GovernorEventType, Provisioned, Shutdown, Startup, Upgraded,
+};
+use crate::machine::{
+    ExecDetails, FileDetails, MachineInstance, ScheduleDetails, TimerDetails, Transition,
+    WatcherDetails, WatcherState,
+};
+use crate::rpc::{FactFilter, Filter, JsonObject, RpcReply, RpcRequest, StatusCode};
+
+/// Fixed time of every sample: 2024-04-22T08:00:00Z.
+pub(crate) const T: i64 = 1_713_772_800;
+
+fn object(value: serde_json::Value) -> JsonObject {
+    match value {
+        serde_json::Value::Object(map) => map,
+        _ => unreachable!("samples pass objects"),
+    }
+}
+
+fn instance() -> MachineInstance {
+    MachineInstance {
+        identity: "node1.example.net".into(),
+        id: "5b4c2a52-4f7e-4f0b-9d39-4c6d0f5d1e11".into(),
+        machine: "HVAC".into(),
+        version: "1.0.0".into(),
+    }
+}
+
+/// Wraps with a fixed id (lifecycle: its own id) and time.
+fn record(data: impl Into<Event>, n: u64) -> EventRecord {
+    let mut record = EventRecord::new(data, n);
+    if !matches!(record.data, Event::Lifecycle(_)) {
+        record.id = format!("0190f5a0-0000-7000-8000-{n:012}");
+    }
+    record.time = DateTime::from_timestamp(T, 0).unwrap();
+    if n & 1 == 0 {
+        record.site = Some("london".into());
+    }
+    record
+}
+
+macro_rules! fixed_lifecycle {
+    ($event:expr, $n:expr) => {{
+        let mut e = $event;
+        e.id = format!("0190f5a0-0000-7000-8000-{:012}", $n);
+        e.timestamp = T;
+        e
+    }};
+}
+
+/// Every sample as (event type, record), in [`Event::TYPES`] order.
+pub(crate) fn samples() -> Vec<(&'static str, EventRecord)> {
+    let request = {
+        let mut r = RpcRequest::new(
+            "up=bob",
+            "client1.example.net",
+            "choria",
+            "service",
+            "restart",
+            object(
+                json!({"service": "nginx", "force": true, "retries": 3, "ratio": 0.25, "tags": ["a", "b"], "opts": {"nested": null}}),
+            ),
+        );
+        r.requestid = "f374d0d5a79258858a92025efe0ecd03".into();
+        r.time = T;
+        r.filter = Filter {
+            fact: vec![FactFilter {
+                fact: "country".into(),
+                operator: "==".into(),
+                value: "uk".into(),
+            }],
+            cf_class: vec!["roles::web".into()],
+            agent: vec!["service".into()],
+            identity: vec![],
+            compound: vec![vec![object(json!({"expr": "with('apache')"}))]],
+        };
+        r
+    };
+    let mut reply = RpcReply::new(
+        &request,
+        "node1.example.net",
+        StatusCode::Ok,
+        object(json!({"status": "running"})),
+    );
+    reply.time = T + 1;
+    reply.policy = Some("service.policy: allow up=bob restart".into());
+    let mut audit = AuditRecord::new(
+        "aaa1.example.net",
+        "london",
+        "up=bob",
+        AuditAction::Deny,
+        object(json!({"agent": "service", "action": "restart", "data": {"service": "nginx"}})),
+    );
+    audit.time = T + 2;
+    audit.reason = Some("token expired".into());
+    audit.jti = Some("2fJ6tkaSVYZrLfgUhZy2Ww".into());
+
+    let watcher = |details: WatcherDetails, name: &str| {
+        let mut w = WatcherState::new(&instance(), name, details);
+        w.timestamp = T;
+        w
+    };
+    let mut transition = Transition::new(&instance(), "air_bad", "idle", "running");
+    transition.timestamp = T;
+
+    let records = vec![
+        record(
+            fixed_lifecycle!(Startup::new("node1.example.net", "server", "0.1.0"), 1),
+            1,
+        ),
+        record(
+            fixed_lifecycle!(
+                Alive::new("node1.example.net", "server", "0.1.0", Some(1800)),
+                2
+            ),
+            2,
+        ),
+        record(
+            fixed_lifecycle!(Shutdown::new("node1.example.net", "server"), 3),
+            3,
+        ),
+        record(
+            fixed_lifecycle!(
+                Provisioned::new("node2.example.net", "provision_mode_server"),
+                4
+            ),
+            4,
+        ),
+        record(
+            fixed_lifecycle!(
+                Upgraded::new("node1.example.net", "server", "0.1.0", "0.2.0"),
+                5
+            ),
+            5,
+        ),
+        record(
+            fixed_lifecycle!(
+                Governor::new(
+                    "node1.example.net",
+                    "CLI",
+                    "upgrades",
+                    7,
+                    GovernorEventType::Enter
+                ),
+                6
+            ),
+            6,
+        ),
+        record(transition, 7),
+        record(
+            watcher(
+                WatcherDetails::Exec(ExecDetails {
+                    command: "/bin/sh monitor.sh".into(),
+                    previous_outcome: "success".into(),
+                    previous_run_time: 1_000_000_000,
+                }),
+                "monitor",
+            ),
+            8,
+        ),
+        record(
+            watcher(
+                WatcherDetails::File(FileDetails {
+                    path: "/etc/hvac.conf".into(),
+                    previous_outcome: "changed".into(),
+                }),
+                "config",
+            ),
+            9,
+        ),
+        record(
+            watcher(
+                WatcherDetails::Schedule(ScheduleDetails { state: "on".into() }),
+                "office_hours",
+            ),
+            10,
+        ),
+        record(
+            watcher(
+                WatcherDetails::Timer(TimerDetails {
+                    state: "running".into(),
+                    timer: 300_000_000_000,
+                }),
+                "cooldown",
+            ),
+            11,
+        ),
+        record(request, 12),
+        record(reply, 13),
+        record(audit, 14),
+    ];
+    records
+        .into_iter()
+        .map(|r| (r.data.event_type(), r))
+        .collect()
+}
+
+/// Choria's exact wire bytes from go-choria `lifecycle/lifecycle_test.go`.
+pub(crate) const CHORIA_STARTUP: &str = r#"{"specversion":"1.0","id":"01e72410-d734-4611-9485-8c6a2dd2579b","source":"io.choria.lifecycle","type":"io.choria.lifecycle.v1.startup","subject":"ginkgo.example.net","datacontenttype":"application/json","time":"2018-08-24T10:36:13Z","data":{"protocol":"io.choria.lifecycle.v1.startup","id":"01e72410-d734-4611-9485-8c6a2dd2579b","identity":"ginkgo.example.net","component":"ginkgo","timestamp":1535106973,"version":"1.2.3"}}"#;
+
+/// Choria's legacy (un-wrapped) format, `lifecycle/testdata/choriaFormatShutdown.json` shape.
+pub(crate) const CHORIA_LEGACY_SHUTDOWN: &str = r#"{"protocol":"io.choria.lifecycle.v1.shutdown","id":"cb6f1dbc-5a8b-4f5b-9f67-1b7d0a3a6c2e","identity":"dev1.devco.net","component":"server","timestamp":1575482338}"#;
+
+/// A Choria machine transition (reference section 2.3).
+pub(crate) const CHORIA_TRANSITION: &str = r#"{"specversion":"1.0","id":"8a0b6f3e-4b8e-4d0c-9d5f-3f5e2b9c7a10","source":"io.choria.machine","type":"io.choria.machine.v1.transition","subject":"example.net","datacontenttype":"application/json","time":"2019-12-05T09:37:45Z","data":{"protocol":"io.choria.machine.v1.transition","identity":"example.net","id":"4ad5e0b4-7c8a-4f9e-8f36-2d0d3a8b1c55","version":"1.0.0","timestamp":1575538665,"machine":"HVAC","transition":"air_bad","from_state":"idle","to_state":"running"}}"#;
+
+/// A Choria exec watcher state (reference section 2.4).
+pub(crate) const CHORIA_EXEC_STATE: &str = r#"{"specversion":"1.0","id":"2c4f0e0a-5d7c-4b6a-8e3f-1a2b3c4d5e6f","source":"io.choria.machine","type":"io.choria.machine.watcher.exec.v1.state","subject":"ginkgo","datacontenttype":"application/json","time":"2020-12-02T16:02:33Z","data":{"protocol":"io.choria.machine.watcher.exec.v1.state","identity":"ginkgo","id":"1234567890","version":"1.0.0","timestamp":1606924953,"type":"exec","machine":"exec","name":"ginkgo","command":"/bin/sh","previous_outcome":"success","previous_run_time":1000000000}}"#;
