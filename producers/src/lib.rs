@@ -1,4 +1,15 @@
-//! Chorus producers: the node agent (lifecycle events, offline outbox, autonomous agents,
-//! RPC server with Action Policy), the AAA service and the load simulator.
+//! Chorus producers: everything that creates events.
 //!
-//! Work on this crate is tracked by issue [2] and [5]; it is intentionally empty until then.
+//! * [`emitter`]: stamps documents into sequenced CloudEvents and hands them to a sink.
+//! * [`outbox`]: the node's durable local queue and the forwarder that ships it to the site.
+//! * [`lifecycle`]: startup, alive (interval with splay), shutdown, provisioned, upgraded.
+//! * [`machine`]: autonomous agents, finite state machines from YAML manifests with watchers.
+//! * [`rpc`]: the RPC server with its agents and default-deny Action Policy, and the client.
+//! * [`agent`]: the node agent that runs all of the above (`chorus agent`).
+//! * [`simulator`]: thousands of simulated nodes in one process over a few connections.
+
+pub mod emitter;
+pub mod error;
+
+pub use emitter::{Emitter, EventSink};
+pub use error::ProducerError;

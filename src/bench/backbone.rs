@@ -33,6 +33,9 @@ pub struct Args {
     /// Use this NATS server instead of starting a private nats-server.
     #[arg(long)]
     nats: Option<String>,
+    /// Interleaved rounds of the JetStream measurements; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Skip the embedded store.
     #[arg(long)]
     no_embedded: bool,
@@ -65,65 +68,39 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
     };
     let config = NatsConfig::new([url.clone()]);
-    let mut rows = Vec::new();
 
-    // Raw async-nats baseline.
+    // Raw async-nats baseline and Chorus on JetStream, interleaved over several rounds on
+    // fresh streams so machine noise hits both alike; the median round is reported.
     let client = config.connect(None).await?;
     let js = jetstream::ContextBuilder::new()
         .max_ack_inflight(config.max_ack_inflight)
         .backpressure_on_inflight(true)
         .build(client.clone());
-    let _ = js.delete_stream("RAW_BENCH").await;
-    js.create_stream(jetstream::stream::Config {
-        name: "RAW_BENCH".into(),
-        subjects: vec!["rawbench.>".into()],
-        ..Default::default()
-    })
-    .await?;
-    let window = config.max_ack_inflight / 2;
-    let started = Instant::now();
-    let mut inflight = std::collections::VecDeque::with_capacity(window);
-    for (id, payload) in &events {
-        if inflight.len() >= window {
-            let f: jetstream::context::PublishAckFuture = inflight.pop_front().unwrap();
-            f.await?;
-        }
-        inflight.push_back(
-            js.send_publish("rawbench.event", PublishMessage::build().message_id(id).payload(payload.clone())).await?,
-        );
-    }
-    for f in inflight {
-        f.await?;
-    }
-    let raw_pub = Row { name: "raw async-nats JetStream publish".into(), events: events.len(), took: started.elapsed(), baseline: None };
-    let raw_pub_rate = raw_pub.rate();
-    rows.push(raw_pub);
-
-    let stream = js.get_stream("RAW_BENCH").await?;
-    let consumer = stream
-        .create_consumer(pull::Config { durable_name: Some("raw".into()), ..Default::default() })
-        .await?;
-    let started = Instant::now();
-    let mut msgs = consumer.stream().max_messages_per_batch(args.batch).messages().await?;
-    let mut n = 0;
-    while n < events.len() {
-        let m = msgs.next().await.context("raw consumer ended")??;
-        m.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
-        n += 1;
-    }
-    let raw_con = Row { name: "raw async-nats pull consume + ack".into(), events: n, took: started.elapsed(), baseline: None };
-    let raw_con_rate = raw_con.rate();
-    rows.push(raw_con);
-    drop(msgs);
-
-    // Chorus on JetStream.
     let chorus: Arc<dyn Backbone> = Arc::new(JetStreamBackbone::from_client(client.clone(), &config));
-    let _ = chorus.delete_stream("CHORUS_BENCH").await;
-    chorus.ensure_stream(&StreamConfig::new("CHORUS_BENCH", vec!["chorusbench.>".into()])).await?;
-    let (pub_row, con_row) = publish_consume(&chorus, "CHORUS_BENCH", "chorusbench.event", &events, &args, 1).await?;
-    rows.push(Row { name: "chorus JetStream publish_batch".into(), baseline: Some(raw_pub_rate), ..pub_row });
-    rows.push(Row { name: "chorus JetStream consumer fetch + ack".into(), baseline: Some(raw_con_rate), ..con_row });
-    print_table("JetStream: Chorus vs raw async-nats (same server, same payloads)", &rows);
+    let mut raw_pub = Vec::new();
+    let mut raw_con = Vec::new();
+    let mut chorus_pub = Vec::new();
+    let mut chorus_con = Vec::new();
+    for round in 0..args.rounds.max(1) {
+        raw_pub.push(raw_publish(&js, &events, config.max_ack_inflight / 2).await?);
+        chorus.ensure_stream(&StreamConfig::new("CHORUS_BENCH", vec!["chorusbench.>".into()])).await?;
+        let (p, c) = publish_consume(&chorus, "CHORUS_BENCH", "chorusbench.event", &events, &args, 1).await?;
+        raw_con.push(raw_consume(&js, events.len(), args.batch).await?);
+        chorus_pub.push(p.took);
+        chorus_con.push(c.took);
+        js.delete_stream("RAW_BENCH").await?;
+        chorus.delete_stream("CHORUS_BENCH").await?;
+        eprintln!("round {} done", round + 1);
+    }
+    let n = events.len();
+    let raw_pub = Row { name: "raw async-nats JetStream publish".into(), events: n, took: median(raw_pub), baseline: None };
+    let raw_con = Row { name: "raw async-nats pull consume + ack".into(), events: n, took: median(raw_con), baseline: None };
+    let chorus_pub = Row { name: "chorus JetStream publish_batch".into(), events: n, took: median(chorus_pub), baseline: Some(raw_pub.rate()) };
+    let chorus_con = Row { name: "chorus JetStream consumer fetch + ack".into(), events: n, took: median(chorus_con), baseline: Some(raw_con.rate()) };
+    print_table(
+        &format!("JetStream: Chorus vs raw async-nats (same server, same payloads, median of {} rounds)", args.rounds.max(1)),
+        &[raw_pub, chorus_pub, raw_con, chorus_con],
+    );
 
     if !args.no_embedded {
         let dir = tempfile::tempdir()?;
@@ -197,4 +174,49 @@ async fn publish_consume(
     }
     let consume = Row { name: String::new(), events: n, took: started.elapsed(), baseline: None };
     Ok((publish, consume))
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// Pipelined publish with `Nats-Msg-Id`, `window` acknowledgements in flight, as Chorus does.
+async fn raw_publish(js: &jetstream::Context, events: &[(String, Bytes)], window: usize) -> anyhow::Result<Duration> {
+    js.create_stream(jetstream::stream::Config {
+        name: "RAW_BENCH".into(),
+        subjects: vec!["rawbench.>".into()],
+        ..Default::default()
+    })
+    .await?;
+    let started = Instant::now();
+    let mut inflight = std::collections::VecDeque::with_capacity(window);
+    for (id, payload) in events {
+        if inflight.len() >= window {
+            let f: jetstream::context::PublishAckFuture = inflight.pop_front().unwrap();
+            f.await?;
+        }
+        inflight.push_back(
+            js.send_publish("rawbench.event", PublishMessage::build().message_id(id).payload(payload.clone())).await?,
+        );
+    }
+    for f in inflight {
+        f.await?;
+    }
+    Ok(started.elapsed())
+}
+
+/// A durable pull consumer acknowledging every message.
+async fn raw_consume(js: &jetstream::Context, n: usize, batch: usize) -> anyhow::Result<Duration> {
+    let stream = js.get_stream("RAW_BENCH").await?;
+    let consumer = stream
+        .create_consumer(pull::Config { durable_name: Some("raw".into()), ..Default::default() })
+        .await?;
+    let started = Instant::now();
+    let mut msgs = consumer.stream().max_messages_per_batch(batch).messages().await?;
+    for _ in 0..n {
+        let m = msgs.next().await.context("raw consumer ended")??;
+        m.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    Ok(started.elapsed())
 }

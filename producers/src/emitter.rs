@@ -1,0 +1,82 @@
+//! Turning documents into sequenced events and handing them on.
+//!
+//! Every producer (a node, an autonomous agent, the AAA service) numbers its events with a
+//! monotonically increasing sequence. Consumers use it to detect gaps and to check per-node
+//! order; the event id (a UUIDv7) is the dedupe key everywhere downstream.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chorus_backbone::{Backbone, Message};
+use chorus_schemas::{Event, EventRecord};
+
+use crate::ProducerError;
+
+/// Where stamped events go: the node's outbox, a backbone, or a batching sink.
+#[async_trait]
+pub trait EventSink: Send + Sync {
+    /// Stores the events durably (or fails); order is kept.
+    async fn store(&self, records: Vec<EventRecord>) -> Result<(), ProducerError>;
+}
+
+/// Converts a record into the backbone message that carries it.
+pub fn to_message(record: &EventRecord) -> Result<Message, ProducerError> {
+    Ok(Message::new(record.id.clone(), record.nats_subject()?, record.encode()))
+}
+
+/// Any backbone is a sink: events are published on their subjects.
+pub struct BackboneSink(pub Arc<dyn Backbone>);
+
+#[async_trait]
+impl EventSink for BackboneSink {
+    async fn store(&self, records: Vec<EventRecord>) -> Result<(), ProducerError> {
+        let messages = records.iter().map(to_message).collect::<Result<Vec<_>, _>>()?;
+        self.0.publish_batch(messages).await?;
+        Ok(())
+    }
+}
+
+/// Stamps documents of one producer with its sequence and site, and stores them in a sink.
+pub struct Emitter {
+    sink: Arc<dyn EventSink>,
+    next_seq: AtomicU64,
+    site: Option<String>,
+    /// Held from stamping to storing, so store order is sequence order.
+    order: tokio::sync::Mutex<()>,
+}
+
+impl Emitter {
+    /// `next_seq` is the sequence of the next event (1 for a new producer; after a restart,
+    /// one past the last event this producer stored).
+    pub fn new(sink: Arc<dyn EventSink>, next_seq: u64, site: Option<String>) -> Self {
+        Emitter { sink, next_seq: AtomicU64::new(next_seq.max(1)), site, order: tokio::sync::Mutex::new(()) }
+    }
+
+    /// Stamps a document without storing it (for callers that batch).
+    pub fn stamp(&self, data: impl Into<Event>) -> EventRecord {
+        let record = EventRecord::new(data, self.next_seq.fetch_add(1, Ordering::SeqCst));
+        match &self.site {
+            Some(site) => record.with_site(site.clone()),
+            None => record,
+        }
+    }
+
+    /// Stamps and durably stores one event.
+    pub async fn emit(&self, data: impl Into<Event>) -> Result<EventRecord, ProducerError> {
+        let _order = self.order.lock().await;
+        let record = self.stamp(data);
+        self.sink.store(vec![record.clone()]).await?;
+        Ok(record)
+    }
+
+    /// The sink events go to.
+    pub fn sink(&self) -> &Arc<dyn EventSink> {
+        &self.sink
+    }
+
+    /// The sequence the next event will get.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq.load(Ordering::SeqCst)
+    }
+}
