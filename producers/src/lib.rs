@@ -8,8 +8,15 @@
 //! * [`agent`]: the node agent that runs all of the above (`chorus agent`).
 //! * [`simulator`]: thousands of simulated nodes in one process over a few connections.
 
+pub mod agent;
 pub mod emitter;
 pub mod error;
+pub mod machine;
+pub mod rpc;
+pub mod lifecycle;
+pub mod outbox;
+pub mod simulator;
+pub mod streams;
 
 pub use emitter::{Emitter, EventSink};
 pub use error::ProducerError;

@@ -34,6 +34,10 @@ pub struct NatsConfig {
     /// JetStream domain, for leafnode deployments with a separate JetStream domain per site.
     #[serde(default)]
     pub domain: Option<String>,
+    /// Return from connect at once and keep trying in the background, instead of failing
+    /// when no server answers: what a node agent that must work offline wants.
+    #[serde(default)]
+    pub retry_on_initial_connect: bool,
 }
 
 fn default_timeout() -> Duration {
@@ -103,6 +107,7 @@ impl NatsConfig {
             max_ack_inflight: default_inflight(),
             publish_retry_for: default_retry(),
             domain: None,
+            retry_on_initial_connect: false,
         }
     }
 
@@ -176,6 +181,9 @@ impl NatsConfig {
         }
         if let Some(name) = &self.name {
             opts = opts.name(name);
+        }
+        if self.retry_on_initial_connect {
+            opts = opts.retry_on_initial_connect();
         }
         let servers: Vec<async_nats::ServerAddr> = self.servers.iter().filter_map(|s| s.parse().ok()).collect();
         opts.request_timeout(Some(self.request_timeout))

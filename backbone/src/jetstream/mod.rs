@@ -399,6 +399,14 @@ impl Backbone for JetStreamBackbone {
         Ok(Box::pin(out))
     }
 
+    async fn purge(&self, stream: &str, below: u64) -> Result<u64> {
+        let s = self.get_stream(stream).await?;
+        let r = self
+            .retrying(|| async { s.purge().sequence(below).await.map_err(BackboneError::nats) })
+            .await?;
+        Ok(r.purged)
+    }
+
     async fn get(&self, stream: &str, sequence: u64) -> Result<Option<StoredMessage>> {
         let s = self.get_stream(stream).await?;
         match s.get_raw_message(sequence).await {

@@ -1,0 +1,234 @@
+//! Autonomous agents: finite state machines from Choria `machine.yaml` manifests, driven by
+//! watchers, that keep a node in shape with no broker and no operator.
+//!
+//! A machine is a directory with a `machine.yaml` ([`Manifest`]) and the scripts and files it
+//! refers to. [`Machine::start`] runs it on the current tokio runtime: the machine sits in
+//! one state at a time, its watchers (exec, file, schedule, timer) check the node while the
+//! machine is in one of their `state_match` states and fire transitions, and every
+//! transition and watcher state change is emitted as the same event Choria publishes
+//! (`io.choria.machine.v1.transition`, `io.choria.machine.watcher.<type>.v1.state`), so
+//! `choria machine watch`, Scout and tally understand a Chorus fleet.
+//!
+//! Nothing here needs the network: events go to an [`Emitter`], normally over the node's
+//! outbox, and a failure to store one is logged and otherwise ignored. A machine never stops
+//! because the site is unreachable.
+//!
+//! ```no_run
+//! # async fn example(emitter: std::sync::Arc<chorus_producers::Emitter>) -> Result<(), Box<dyn std::error::Error>> {
+//! use chorus_producers::machine::{Machine, Manifest};
+//!
+//! let dir = std::path::PathBuf::from("/etc/chorus/machines/hvac");
+//! let manifest = Manifest::load(&dir)?;
+//! let machine = Machine::start(manifest, "node1.example.net", dir, emitter)?;
+//! println!("HVAC is {}", machine.state());
+//! machine.stop().await;
+//! # Ok(()) }
+//! ```
+
+mod cron;
+mod duration;
+mod fsm;
+pub mod manifest;
+mod watchers;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chorus_schemas::MachineInstance;
+use thiserror::Error;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+pub use duration::{parse_duration, DurationError};
+pub use manifest::{
+    ExecProperties, FileProperties, Manifest, ManifestError, ScheduleProperties, TimerProperties, TransitionDef,
+    WatcherDef, WatcherProperties,
+};
+
+use crate::Emitter;
+use fsm::{Command, Fsm};
+use watchers::WatcherCtx;
+
+/// Errors of a running machine.
+#[derive(Debug, Error)]
+pub enum MachineError {
+    /// The manifest is not valid.
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    /// The manifest has no transition of this name.
+    #[error("unknown transition {0:?}")]
+    UnknownTransition(String),
+    /// The transition exists but the current state is not one of its `from` states.
+    #[error("transition {transition:?} is not valid from state {state:?}")]
+    InvalidTransition {
+        /// The transition that was fired.
+        transition: String,
+        /// The state the machine was in.
+        state: String,
+    },
+    /// The machine was stopped.
+    #[error("machine is stopped")]
+    Stopped,
+}
+
+/// Starts autonomous agents; see [`Machine::start`].
+pub struct Machine;
+
+impl Machine {
+    /// Starts `manifest` for node `identity` on the current tokio runtime. Scripts and files
+    /// are found in `machine_dir`; events go to `emitter`. The machine starts in
+    /// `initial_state`, which counts as entered: watchers active in it check right away
+    /// (after the random `splay_start` delay). Each start gets a new instance id, as in Choria.
+    ///
+    /// Fails only if the manifest does not validate. Must be called within a tokio runtime.
+    pub fn start(
+        manifest: Manifest,
+        identity: impl Into<String>,
+        machine_dir: PathBuf,
+        emitter: Arc<Emitter>,
+    ) -> Result<MachineHandle, MachineError> {
+        manifest.validate()?;
+        let instance = MachineInstance {
+            identity: identity.into(),
+            id: uuid::Uuid::new_v4().to_string(),
+            machine: manifest.name.clone(),
+            version: manifest.version.clone(),
+        };
+        let (state_tx, state_rx) = watch::channel(manifest.initial_state.clone());
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (commands_tx, commands_rx) = mpsc::channel(64);
+        info!(machine = %instance.machine, version = %instance.version, id = %instance.id,
+            state = %manifest.initial_state, dir = %machine_dir.display(), "starting machine");
+
+        let machine_task = tokio::spawn(fsm::run(
+            Fsm::new(&manifest),
+            instance.clone(),
+            emitter.clone(),
+            commands_rx,
+            state_tx,
+            stop_rx.clone(),
+        ));
+
+        let splay = random_below(manifest.splay_start);
+        let shared = watchers::Shared {
+            instance: instance.clone(),
+            emitter,
+            machine_dir,
+            state: state_rx.clone(),
+            stop: stop_rx.clone(),
+            commands: commands_tx.clone(),
+        };
+        let mut stop = stop_rx;
+        let watchers_task = tokio::spawn(async move {
+            if !splay.is_zero() {
+                info!(machine = %shared.instance.machine, splay = ?splay, "delaying watchers by splay_start");
+                tokio::select! {
+                    _ = tokio::time::sleep(splay) => {}
+                    _ = stopped(&mut stop) => return,
+                }
+            }
+            let tasks: Vec<_> = manifest
+                .watchers
+                .into_iter()
+                .map(|def| {
+                    let name = def.name.clone();
+                    (name, tokio::spawn(watchers::run(WatcherCtx { shared: shared.clone(), def })))
+                })
+                .collect();
+            for (name, task) in tasks {
+                if let Err(e) = task.await {
+                    warn!(machine = %shared.instance.machine, watcher = %name, error = %e, "watcher task failed");
+                }
+            }
+        });
+
+        Ok(MachineHandle {
+            instance,
+            state: state_rx,
+            commands: commands_tx,
+            stop: stop_tx,
+            tasks: Mutex::new(vec![machine_task, watchers_task]),
+        })
+    }
+}
+
+/// A running machine. Dropping the handle stops the machine (without waiting for it).
+pub struct MachineHandle {
+    instance: MachineInstance,
+    state: watch::Receiver<String>,
+    commands: mpsc::Sender<Command>,
+    stop: watch::Sender<bool>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl MachineHandle {
+    /// The current state.
+    pub fn state(&self) -> String {
+        self.state.borrow().clone()
+    }
+
+    /// The identity, instance id, name and version stamped on the machine's events.
+    pub fn instance(&self) -> &MachineInstance {
+        &self.instance
+    }
+
+    /// A receiver of the current state, which sees every state change (it may skip
+    /// intermediate states if it does not look in time).
+    pub fn subscribe(&self) -> watch::Receiver<String> {
+        self.state.clone()
+    }
+
+    /// Fires transition `name` by hand (Choria's `machine_transition`) and returns the state
+    /// afterwards, once the transition event has been handed to the emitter. A transition to
+    /// the current state succeeds without an event.
+    pub async fn transition(&self, name: &str) -> Result<String, MachineError> {
+        if *self.stop.borrow() {
+            return Err(MachineError::Stopped);
+        }
+        let (reply, result) = oneshot::channel();
+        self.commands
+            .send(Command::Transition { name: name.to_string(), reply })
+            .await
+            .map_err(|_| MachineError::Stopped)?;
+        result.await.map_err(|_| MachineError::Stopped)?
+    }
+
+    /// Stops the watchers (killing running commands) and the machine, and waits for them.
+    /// Idempotent.
+    pub async fn stop(&self) {
+        self.stop.send_replace(true);
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|e| e.into_inner()));
+        for task in tasks {
+            if let Err(e) = task.await {
+                warn!(machine = %self.instance.machine, error = %e, "machine task failed");
+            }
+        }
+    }
+}
+
+impl Drop for MachineHandle {
+    fn drop(&mut self) {
+        self.stop.send_replace(true);
+    }
+}
+
+/// Resolves once a stop is requested (or the handle is gone).
+pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stop| *stop).await;
+}
+
+/// A random duration in `[0, max)`, for splays. Uses the OS randomness behind UUIDv4, which
+/// is plenty to spread a fleet and avoids another dependency.
+pub(crate) fn random_below(max: Duration) -> Duration {
+    let nanos = max.as_nanos().min(u64::MAX as u128) as u64;
+    if nanos == 0 {
+        return Duration::ZERO;
+    }
+    let random = uuid::Uuid::new_v4().as_u64_pair().0;
+    Duration::from_nanos(random % nanos)
+}

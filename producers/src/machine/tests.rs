@@ -1,0 +1,559 @@
+//! Machines running for real (real processes, files and clocks) against an in-memory sink.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use chorus_schemas::{Event, EventRecord, Transition, WatcherDetails, WatcherState};
+
+use super::*;
+use crate::{EventSink, ProducerError};
+
+/// Records everything it is given; can be switched to fail like an unreachable store.
+#[derive(Default)]
+struct MemorySink {
+    records: Mutex<Vec<EventRecord>>,
+    down: AtomicBool,
+}
+
+#[async_trait]
+impl EventSink for MemorySink {
+    async fn store(&self, records: Vec<EventRecord>) -> Result<(), ProducerError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(ProducerError::Other("sink down".into()));
+        }
+        self.records.lock().unwrap().extend(records);
+        Ok(())
+    }
+}
+
+impl MemorySink {
+    fn records(&self) -> Vec<EventRecord> {
+        self.records.lock().unwrap().clone()
+    }
+}
+
+struct Fixture {
+    sink: Arc<MemorySink>,
+    emitter: Arc<Emitter>,
+    dir: tempfile::TempDir,
+}
+
+fn fixture() -> Fixture {
+    let sink = Arc::new(MemorySink::default());
+    let emitter = Arc::new(Emitter::new(sink.clone(), 1, None));
+    Fixture { sink, emitter, dir: tempfile::tempdir().unwrap() }
+}
+
+impl Fixture {
+    fn start(&self, yaml: &str) -> MachineHandle {
+        let manifest = Manifest::from_yaml(yaml).unwrap();
+        Machine::start(manifest, "node1.example.net", self.dir.path().to_path_buf(), self.emitter.clone()).unwrap()
+    }
+
+    /// Waits (up to 4 s) until `done` holds for the recorded events.
+    async fn wait_for(&self, what: &str, done: impl Fn(&[EventRecord]) -> bool) -> Vec<EventRecord> {
+        let deadline = Instant::now() + Duration::from_secs(4);
+        loop {
+            let records = self.sink.records();
+            if done(&records) {
+                return records;
+            }
+            if Instant::now() > deadline {
+                panic!("timed out waiting for {what}; events:\n{:#?}", summary(&records));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn transitions(records: &[EventRecord]) -> Vec<&Transition> {
+    records
+        .iter()
+        .filter_map(|r| match &r.data {
+            Event::Transition(t) => Some(t),
+            _ => None,
+        })
+        .collect()
+}
+
+fn watcher_states<'a>(records: &'a [EventRecord], name: &str) -> Vec<&'a WatcherState> {
+    records
+        .iter()
+        .filter_map(|r| match &r.data {
+            Event::Watcher(w) if w.name == name => Some(w),
+            _ => None,
+        })
+        .collect()
+}
+
+fn moves(records: &[EventRecord]) -> Vec<(String, String, String)> {
+    transitions(records).iter().map(|t| (t.transition.clone(), t.from_state.clone(), t.to_state.clone())).collect()
+}
+
+fn mv(t: &str, from: &str, to: &str) -> (String, String, String) {
+    (t.into(), from.into(), to.into())
+}
+
+fn exec_outcome(w: &WatcherState) -> &str {
+    match &w.details {
+        WatcherDetails::Exec(d) => &d.previous_outcome,
+        other => panic!("not an exec state: {other:?}"),
+    }
+}
+
+fn file_outcome(w: &WatcherState) -> &str {
+    match &w.details {
+        WatcherDetails::File(d) => &d.previous_outcome,
+        other => panic!("not a file state: {other:?}"),
+    }
+}
+
+fn timer_state(w: &WatcherState) -> (&str, u64) {
+    match &w.details {
+        WatcherDetails::Timer(d) => (&d.state, d.timer),
+        other => panic!("not a timer state: {other:?}"),
+    }
+}
+
+fn summary(records: &[EventRecord]) -> Vec<String> {
+    records
+        .iter()
+        .map(|r| match &r.data {
+            Event::Transition(t) => {
+                format!("#{} {}: {} {} -> {}", r.seq, t.machine, t.transition, t.from_state, t.to_state)
+            }
+            Event::Watcher(w) => format!("#{} {}/{}: {:?}", r.seq, w.machine, w.name, w.details),
+            other => format!("#{} {:?}", r.seq, other),
+        })
+        .collect()
+}
+
+/// Every event carries the machine instance, and sequences increase in store order.
+fn assert_stamped(records: &[EventRecord], handle: &MachineHandle) {
+    let instance = handle.instance();
+    for pair in records.windows(2) {
+        assert!(pair[0].seq < pair[1].seq, "sequence not increasing: {:?}", summary(records));
+    }
+    for r in records {
+        assert_eq!(r.source, chorus_schemas::machine::SOURCE);
+        assert_eq!(r.subject, "node1.example.net");
+        let (identity, id, machine, version, protocol) = match &r.data {
+            Event::Transition(t) => (&t.identity, &t.id, &t.machine, &t.version, t.protocol.as_str()),
+            Event::Watcher(w) => (&w.identity, &w.id, &w.machine, &w.version, w.details.protocol()),
+            other => panic!("unexpected event {other:?}"),
+        };
+        assert_eq!(identity, &instance.identity);
+        assert_eq!(id, &instance.id);
+        assert_eq!(machine, &instance.machine);
+        assert_eq!(version, &instance.version);
+        assert_eq!(protocol, r.data.event_type());
+    }
+}
+
+const EXEC_AND_TIMER: &str = r#"
+name: checker
+version: 1.2.3
+initial_state: unknown
+transitions:
+  - {name: healthy, from: [unknown], destination: ok}
+  - {name: broken, from: [unknown], destination: failed}
+  - {name: recheck, from: [ok, failed], destination: unknown}
+watchers:
+  - name: check
+    type: exec
+    state_match: [unknown]
+    success_transition: healthy
+    fail_transition: broken
+    properties: {command: "true"}
+  - name: expire
+    type: timer
+    state_match: [ok, failed]
+    fail_transition: recheck
+    properties: {timer: 300ms}
+"#;
+
+#[tokio::test]
+async fn exec_success_and_timer_drive_transitions() {
+    let f = fixture();
+    let handle = f.start(EXEC_AND_TIMER);
+    assert_eq!(handle.instance().machine, "checker");
+    let records = f.wait_for("two check cycles", |r| transitions(r).len() >= 4).await;
+    handle.stop().await;
+
+    assert_eq!(
+        moves(&records)[..4],
+        [
+            mv("healthy", "unknown", "ok"),
+            mv("recheck", "ok", "unknown"),
+            mv("healthy", "unknown", "ok"),
+            mv("recheck", "ok", "unknown"),
+        ]
+    );
+    assert_stamped(&records, &handle);
+    assert!(records.iter().all(|r| r.data.event_type() == Transition::PROTOCOL
+        || r.data.event_type() == "io.choria.machine.watcher.exec.v1.state"
+        || r.data.event_type() == "io.choria.machine.watcher.timer.v1.state"));
+
+    // The exec watcher ran on entering `unknown` (at start and after each recheck) and
+    // announced each run before firing its transition.
+    let checks = watcher_states(&records, "check");
+    assert!(checks.len() >= 2);
+    assert!(checks.iter().all(|w| exec_outcome(w) == "success" && w.watcher_type() == "exec"));
+    match &checks[0].details {
+        WatcherDetails::Exec(d) => {
+            assert_eq!(d.command, "true");
+            assert!(d.previous_run_time > 0 && d.previous_run_time < 2_000_000_000, "{d:?}");
+        }
+        _ => unreachable!(),
+    }
+    let first_check = records.iter().position(|r| matches!(&r.data, Event::Watcher(w) if w.name == "check")).unwrap();
+    let first_move = records.iter().position(|r| matches!(r.data, Event::Transition(_))).unwrap();
+    assert!(first_check < first_move, "{:#?}", summary(&records));
+
+    // The timer ran in `ok` and expired: running, stopped, running, stopped...
+    let timers: Vec<_> = watcher_states(&records, "expire").into_iter().map(timer_state).collect();
+    assert!(timers.len() >= 4, "{timers:?}");
+    for (i, (state, timer)) in timers.iter().take(4).enumerate() {
+        assert_eq!(*state, if i % 2 == 0 { "running" } else { "stopped" });
+        assert_eq!(*timer, 300_000_000);
+    }
+}
+
+#[tokio::test]
+async fn exec_failure_fires_fail_transition_and_reruns_on_entry() {
+    let f = fixture();
+    let handle = f
+        .start(&EXEC_AND_TIMER.replace("command: \"true\"", "command: \"false\"").replace("timer: 300ms", "timer: 1h"));
+    let mut state = handle.subscribe();
+    state.wait_for(|s| s == "failed").await.unwrap();
+    assert_eq!(handle.state(), "failed");
+
+    // Not valid from `failed`, and not a transition at all.
+    let e = handle.transition("healthy").await.unwrap_err();
+    assert!(
+        matches!(e, MachineError::InvalidTransition { ref transition, ref state } if transition == "healthy" && state == "failed"),
+        "{e}"
+    );
+    assert!(matches!(handle.transition("nope").await, Err(MachineError::UnknownTransition(_))));
+
+    // By hand back to `unknown`: the exec watcher runs again on entry and fails again.
+    assert_eq!(handle.transition("recheck").await.unwrap(), "unknown");
+    let records = f.wait_for("second failure", |r| transitions(r).len() >= 3).await;
+    handle.stop().await;
+    assert_eq!(
+        moves(&records)[..3],
+        [mv("broken", "unknown", "failed"), mv("recheck", "failed", "unknown"), mv("broken", "unknown", "failed")]
+    );
+    let checks = watcher_states(&records, "check");
+    assert_eq!(checks.len(), 2);
+    assert!(checks.iter().all(|w| exec_outcome(w) == "error"));
+    assert_stamped(&records, &handle);
+}
+
+#[tokio::test]
+async fn exec_environment_directory_and_path() {
+    let f = fixture();
+    std::fs::write(f.dir.path().join("marker"), "").unwrap();
+    let script = f.dir.path().join("probe.sh");
+    std::fs::write(&script, "#!/bin/sh\ntest \"$1\" = arg\n").unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let command = r#"test "$MACHINE_NAME" = envtest && test "$MACHINE_WATCHER_NAME" = check && test "$GREETING" = "hello world" && test -f marker && test -z "$HOME" && probe.sh arg"#;
+    let yaml = format!(
+        r#"
+name: envtest
+version: 1.0.0
+initial_state: unknown
+transitions:
+  - {{name: healthy, from: [unknown], destination: ok}}
+  - {{name: broken, from: [unknown], destination: failed}}
+watchers:
+  - name: check
+    type: exec
+    success_transition: healthy
+    fail_transition: broken
+    properties:
+      command: '{command}'
+      environment: ["GREETING=hello world"]
+"#
+    );
+    let handle = f.start(&yaml);
+    let mut state = handle.subscribe();
+    state.wait_for(|s| s != "unknown").await.unwrap();
+    assert_eq!(handle.state(), "ok", "the probe failed: env, cwd or PATH is wrong");
+    handle.stop().await;
+}
+
+#[tokio::test]
+async fn exec_timeout_is_a_failure() {
+    let f = fixture();
+    let yaml = EXEC_AND_TIMER
+        .replace("command: \"true\"", "command: \"sleep 5; true\", timeout: 200ms")
+        .replace("timer: 300ms", "timer: 1h");
+    let started = Instant::now();
+    let handle = f.start(&yaml);
+    handle.subscribe().wait_for(|s| s == "failed").await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    let records = f.sink.records();
+    handle.stop().await;
+    let check = watcher_states(&records, "check")[0];
+    assert_eq!(exec_outcome(check), "error");
+    match &check.details {
+        WatcherDetails::Exec(d) => assert!((200_000_000..1_500_000_000).contains(&d.previous_run_time), "{d:?}"),
+        _ => unreachable!(),
+    }
+}
+
+#[tokio::test]
+async fn exec_interval_reruns_and_same_state_is_not_a_transition() {
+    let f = fixture();
+    let handle = f.start(
+        r#"
+name: poller
+version: 1.0.0
+initial_state: unknown
+transitions:
+  - {name: up, from: [unknown, ok], destination: ok}
+watchers:
+  - {name: check, type: exec, success_transition: up, interval: 500ms, properties: {command: "true"}}
+  - {name: quiet, type: exec, success_transition: up, interval: 500ms, properties: {command: "true", suppress_success_announce: true}}
+"#,
+    );
+    let records = f.wait_for("three runs", |r| watcher_states(r, "check").len() >= 3).await;
+    handle.stop().await;
+    // `up` from `ok` keeps the state: one transition only, however often the checks pass.
+    assert_eq!(moves(&records), [mv("up", "unknown", "ok")]);
+    assert!(watcher_states(&records, "quiet").is_empty(), "suppress_success_announce");
+    assert_stamped(&records, &handle);
+}
+
+#[tokio::test]
+async fn file_watcher_follows_a_file() {
+    let f = fixture();
+    let handle = f.start(
+        r#"
+name: flagged
+version: 1.0.0
+initial_state: unknown
+transitions:
+  - {name: appeared, from: [unknown, absent], destination: present}
+  - {name: gone, from: [unknown, present], destination: absent}
+watchers:
+  - {name: flag, type: file, success_transition: appeared, fail_transition: gone, interval: 500ms, properties: {path: flag}}
+"#,
+    );
+    let flag = f.dir.path().join("flag");
+    let mut state = handle.subscribe();
+    state.wait_for(|s| s == "absent").await.unwrap();
+
+    std::fs::write(&flag, "one").unwrap();
+    state.wait_for(|s| s == "present").await.unwrap();
+
+    // Same size, possibly the same mtime tick: the content hash still sees the change.
+    std::fs::write(&flag, "two").unwrap();
+    f.wait_for("second change", |r| {
+        watcher_states(r, "flag").iter().filter(|w| file_outcome(w) == "changed").count() == 2
+    })
+    .await;
+
+    std::fs::remove_file(&flag).unwrap();
+    state.wait_for(|s| s == "absent").await.unwrap();
+    // Polls while the file stays missing do not repeat the event.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let records = f.sink.records();
+    handle.stop().await;
+
+    assert_eq!(
+        moves(&records),
+        [mv("gone", "unknown", "absent"), mv("appeared", "absent", "present"), mv("gone", "present", "absent")]
+    );
+    let outcomes: Vec<_> = watcher_states(&records, "flag").into_iter().map(file_outcome).collect();
+    assert_eq!(outcomes, ["error", "changed", "changed", "error"]);
+    match &watcher_states(&records, "flag")[0].details {
+        WatcherDetails::File(d) => assert_eq!(d.path, flag.display().to_string()),
+        _ => unreachable!(),
+    }
+    assert_stamped(&records, &handle);
+}
+
+#[tokio::test]
+async fn file_watcher_gather_initial_state_waits_for_a_change() {
+    let f = fixture();
+    std::fs::write(f.dir.path().join("config"), "v1").unwrap();
+    let handle = f.start(
+        r#"
+name: config
+version: 1.0.0
+initial_state: steady
+transitions:
+  - {name: changed, from: [steady], destination: reload}
+watchers:
+  - {name: cfg, type: file, state_match: [steady], success_transition: changed, interval: 500ms, properties: {path: config, gather_initial_state: true}}
+"#,
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(handle.state(), "steady", "the existing file is the baseline, not a change");
+    assert!(f.sink.records().is_empty());
+
+    std::fs::write(f.dir.path().join("config"), "v2, longer").unwrap();
+    handle.subscribe().wait_for(|s| s == "reload").await.unwrap();
+    let records = f.sink.records();
+    handle.stop().await;
+    assert_eq!(moves(&records), [mv("changed", "steady", "reload")]);
+}
+
+#[tokio::test]
+async fn schedule_watcher_turns_on_and_off() {
+    let f = fixture();
+    let yaml = |name: &str, cron: &str| {
+        format!(
+            r#"
+name: {name}
+version: 1.0.0
+initial_state: unknown
+transitions:
+  - {{name: start, from: [unknown, off], destination: "on"}}
+  - {{name: end, from: [unknown, "on"], destination: "off"}}
+watchers:
+  - {{name: window, type: schedule, success_transition: start, fail_transition: end, properties: {{schedules: ["{cron}"], duration: 1m}}}}
+"#
+        )
+    };
+    // Every minute with a one minute window: always on. 31 February: never.
+    let always = f.start(&yaml("always", "* * * * *"));
+    let never = f.start(&yaml("never", "0 0 31 2 *"));
+    always.subscribe().wait_for(|s| s == "on").await.unwrap();
+    never.subscribe().wait_for(|s| s == "off").await.unwrap();
+    // Later checks do not repeat an unchanged state.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let records = f.sink.records();
+    always.stop().await;
+    never.stop().await;
+
+    let states: Vec<_> = watcher_states(&records, "window")
+        .into_iter()
+        .map(|w| match &w.details {
+            WatcherDetails::Schedule(d) => (w.machine.clone(), d.state.clone()),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(states.len(), 2, "{states:?}");
+    assert!(states.contains(&("always".into(), "on".into())));
+    assert!(states.contains(&("never".into(), "off".into())));
+    let mut moved = moves(&records);
+    moved.sort();
+    assert_eq!(moved, [mv("end", "unknown", "off"), mv("start", "unknown", "on")]);
+}
+
+#[tokio::test]
+async fn timer_stops_early_when_leaving_its_states_and_splays() {
+    let f = fixture();
+    let handle = f.start(
+        r#"
+name: timed
+version: 1.0.0
+initial_state: idle
+transitions:
+  - {name: run, from: [idle], destination: running}
+  - {name: halt, from: [running], destination: idle}
+watchers:
+  - {name: t, type: timer, state_match: [running], fail_transition: halt, properties: {timer: 800ms}}
+  - {name: splayed, type: timer, state_match: [running], properties: {timer: 300ms, splay: true}}
+"#,
+    );
+    assert_eq!(handle.transition("run").await.unwrap(), "running");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(handle.transition("halt").await.unwrap(), "idle");
+    // Past the original expiry: the stopped timer must not fire.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert_eq!(handle.state(), "idle");
+
+    // Left alone in `running`, it fires `halt`.
+    handle.transition("run").await.unwrap();
+    handle.subscribe().wait_for(|s| s == "idle").await.unwrap();
+    let records = f.sink.records();
+    handle.stop().await;
+
+    assert_eq!(
+        moves(&records),
+        [
+            mv("run", "idle", "running"),
+            mv("halt", "running", "idle"),
+            mv("run", "idle", "running"),
+            mv("halt", "running", "idle")
+        ]
+    );
+    let t: Vec<_> = watcher_states(&records, "t").into_iter().map(|w| timer_state(w).0).collect();
+    assert_eq!(t, ["running", "stopped", "running", "stopped"]);
+    for w in watcher_states(&records, "splayed") {
+        let (_, timer) = timer_state(w);
+        assert!(timer < 300_000_000, "splayed timer {timer}ns");
+    }
+}
+
+#[tokio::test]
+async fn machine_keeps_running_when_events_cannot_be_stored() {
+    let f = fixture();
+    f.sink.down.store(true, Ordering::SeqCst);
+    let handle = f.start(EXEC_AND_TIMER);
+    // Two full cycles through exec and timer with every emit failing.
+    let mut state = handle.subscribe();
+    for _ in 0..2 {
+        state.wait_for(|s| s == "ok").await.unwrap();
+        state.wait_for(|s| s == "unknown").await.unwrap();
+    }
+    assert!(f.sink.records().is_empty());
+
+    // The sink comes back: events flow again, with later sequence numbers.
+    f.sink.down.store(false, Ordering::SeqCst);
+    let records = f.wait_for("a transition after recovery", |r| !transitions(r).is_empty()).await;
+    handle.stop().await;
+    assert!(records[0].seq > 1);
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn stop_kills_running_commands_and_refuses_transitions() {
+    let f = fixture();
+    let yaml = EXEC_AND_TIMER.replace("command: \"true\"", "command: \"sleep 30 & echo $! > pid; wait\", timeout: 1m");
+    let handle = f.start(&yaml);
+    let pid_file = f.dir.path().join("pid");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let pid = loop {
+        if let Some(pid) = std::fs::read_to_string(&pid_file).ok().and_then(|s| s.trim().parse::<u32>().ok()) {
+            break pid;
+        }
+        assert!(Instant::now() < deadline, "command did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let alive = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|stat| !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+            .unwrap_or(false)
+    };
+    assert!(alive(pid));
+
+    handle.stop().await;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while alive(pid) {
+        assert!(Instant::now() < deadline, "the command's child survived stop");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(matches!(handle.transition("healthy").await, Err(MachineError::Stopped)));
+    assert_eq!(handle.state(), "unknown");
+    handle.stop().await; // idempotent
+}
+
+#[tokio::test]
+async fn start_validates_the_manifest() {
+    let f = fixture();
+    let mut manifest = Manifest::from_yaml(EXEC_AND_TIMER).unwrap();
+    manifest.watchers[0].success_transition = Some("air_goodd".into());
+    let e = Machine::start(manifest, "n", f.dir.path().to_path_buf(), f.emitter.clone()).err().unwrap();
+    assert_eq!(e.to_string(), "watchers[0].success_transition: unknown transition \"air_goodd\"");
+}

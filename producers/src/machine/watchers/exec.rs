@@ -1,0 +1,198 @@
+//! `exec` watcher: runs a command on entering a matching state and every `interval`; exit 0
+//! fires `success_transition`, anything else (including a timeout) `fail_transition`.
+//!
+//! The command runs with `sh -c` in the machine directory, with a clean environment as in
+//! Choria (so a check behaves the same whatever started the agent): `PATH` (the agent's plus
+//! the machine directory), `MACHINE_NAME`, `MACHINE_WATCHER_NAME` and the manifest's
+//! `environment`. It gets its own process group, which is killed on timeout or stop, so a
+//! script's children do not outlive it.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use chorus_schemas::machine::ExecDetails;
+use chorus_schemas::WatcherDetails;
+use tracing::{debug, warn};
+
+use super::{next_state, tick, ticker, WatcherCtx};
+use crate::machine::manifest::ExecProperties;
+use crate::machine::stopped;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Unknown,
+    Skipped,
+    Error,
+    Success,
+}
+
+impl Outcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Unknown => "unknown",
+            Outcome::Skipped => "skipped",
+            Outcome::Error => "error",
+            Outcome::Success => "success",
+        }
+    }
+}
+
+struct Last {
+    outcome: Outcome,
+    run_time: Duration,
+}
+
+fn details(props: &ExecProperties, last: &Last) -> WatcherDetails {
+    WatcherDetails::Exec(ExecDetails {
+        command: props.command.clone(),
+        previous_outcome: last.outcome.as_str().into(),
+        previous_run_time: last.run_time.as_nanos().min(u64::MAX as u128) as u64,
+    })
+}
+
+pub(super) async fn run(ctx: WatcherCtx, props: ExecProperties) {
+    let (mut states, state) = ctx.subscribe();
+    let mut stop = ctx.stop_signal();
+    let mut interval = ticker(ctx.def.interval);
+    let mut announce = ticker(ctx.def.announce_interval);
+    let mut last = Last { outcome: Outcome::Unknown, run_time: Duration::ZERO };
+    // Starting in a matching state counts as entering it.
+    let mut due = ctx.active_in(&state);
+    loop {
+        if due {
+            due = false;
+            last = tokio::select! {
+                biased;
+                _ = stopped(&mut stop) => return,
+                last = execute(&ctx, &props) => last,
+            };
+            if last.outcome == Outcome::Error || !props.suppress_success_announce {
+                ctx.notify(details(&props, &last)).await;
+            }
+            match last.outcome {
+                Outcome::Success => ctx.success().await,
+                _ => ctx.fail().await,
+            }
+            // A transition fired just now shows up as a state change below.
+        }
+        tokio::select! {
+            biased;
+            _ = stopped(&mut stop) => return,
+            state = next_state(&mut states) => match state {
+                None => return,
+                Some(state) if ctx.active_in(&state) => due = true,
+                Some(_) => last.outcome = Outcome::Skipped,
+            },
+            _ = tick(&mut interval) => {
+                if ctx.active_in(&ctx.current_state()) {
+                    due = true;
+                } else {
+                    last.outcome = Outcome::Skipped;
+                }
+            }
+            _ = tick(&mut announce) => ctx.notify(details(&props, &last)).await,
+        }
+    }
+}
+
+async fn execute(ctx: &WatcherCtx, props: &ExecProperties) -> Last {
+    let started = std::time::Instant::now();
+    let outcome = run_command(ctx, props).await;
+    Last { outcome, run_time: started.elapsed() }
+}
+
+async fn run_command(ctx: &WatcherCtx, props: &ExecProperties) -> Outcome {
+    let dir = &ctx.shared.machine_dir;
+    let mut paths: Vec<PathBuf> =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
+    paths.push(dir.clone());
+    let path = std::env::join_paths(paths).unwrap_or_else(|_| dir.as_os_str().to_owned());
+
+    let mut cmd = tokio::process::Command::new("sh");
+    cmd.arg("-c")
+        .arg(&props.command)
+        .current_dir(dir)
+        .env_clear()
+        .env("PATH", path)
+        .env("MACHINE_NAME", &ctx.shared.instance.machine)
+        .env("MACHINE_WATCHER_NAME", &ctx.def.name)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    for entry in &props.environment {
+        if let Some((key, value)) = entry.split_once('=') {
+            cmd.env(key, value);
+        }
+    }
+    #[cfg(unix)]
+    cmd.process_group(0);
+
+    let child = match cmd.spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            warn!(machine = %ctx.machine(), watcher = %ctx.name(), command = %props.command, error = %e, "could not start command");
+            return Outcome::Error;
+        }
+    };
+    // Killed on every path out of here except a normal exit: timeout, error, stop.
+    let group = ProcessGroup(child.id());
+    match tokio::time::timeout(props.timeout, child.wait_with_output()).await {
+        Ok(Ok(output)) => {
+            group.disarm();
+            let stdout = String::from_utf8_lossy(&output.stdout);
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            debug!(machine = %ctx.machine(), watcher = %ctx.name(), command = %props.command,
+                status = %output.status, stdout = %tail(&stdout), stderr = %tail(&stderr), "command finished");
+            if output.status.success() {
+                Outcome::Success
+            } else {
+                warn!(machine = %ctx.machine(), watcher = %ctx.name(), command = %props.command,
+                    status = %output.status, stderr = %tail(&stderr), "command failed");
+                Outcome::Error
+            }
+        }
+        Ok(Err(e)) => {
+            warn!(machine = %ctx.machine(), watcher = %ctx.name(), command = %props.command, error = %e, "command failed");
+            Outcome::Error
+        }
+        Err(_) => {
+            warn!(machine = %ctx.machine(), watcher = %ctx.name(), command = %props.command,
+                timeout = ?props.timeout, "command timed out, killing it");
+            Outcome::Error
+        }
+    }
+}
+
+/// The end of a command's output, for logs.
+fn tail(s: &str) -> &str {
+    let s = s.trim_end();
+    let mut start = s.len().saturating_sub(1024);
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    &s[start..]
+}
+
+/// Kills the command's process group when dropped, unless disarmed after a normal exit.
+struct ProcessGroup(Option<u32>);
+
+impl ProcessGroup {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        #[cfg(unix)]
+        if let Some(pid) = self.0.and_then(|pid| i32::try_from(pid).ok()) {
+            // SAFETY: kill(2) with a negative pid signals the process group the command leads
+            // (it was started with process_group(0)); no memory is involved.
+            unsafe {
+                libc::kill(-pid, libc::SIGKILL);
+            }
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! The node's offline outbox and the forwarder that empties it into the site backbone.
+//!
+//! A node writes every event to a local embedded store first, so events survive a broker
+//! outage of any length and a node restart; the forwarder ships them in order (one
+//! sequential consumer, a batch retried until the site acknowledges it) and only then
+//! acknowledges them locally. Event ids make the retries harmless: the site dedupes them.
+//!
+//! Bounded size, and what gives first: while more than `collapse_alive_after` events wait,
+//! new alive events are collapsed (not queued: the next alive after the outage says the same
+//! thing); past `drop_watcher_states_after`, watcher state events are dropped too (they are
+//! periodic state and are announced again). Startup, shutdown, provisioned, upgraded and
+//! governor events, machine transitions, RPC records and audit records are never dropped:
+//! they are bounded only by the disk. Forwarded events are purged from the outbox.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chorus_backbone::embedded::EmbeddedBackbone;
+use chorus_backbone::{Backbone, ConsumerConfig, Message, StreamConfig};
+use chorus_schemas::lifecycle::Lifecycle;
+use chorus_schemas::{Event, EventRecord};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::emitter::to_message;
+use crate::{EventSink, ProducerError};
+
+/// Name of the outbox stream inside the node's embedded store.
+pub const OUTBOX_STREAM: &str = "OUTBOX";
+const FORWARDER: &str = "forwarder";
+
+/// Limits of the outbox.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxLimits {
+    #[serde(default = "default_collapse")]
+    pub collapse_alive_after: u64,
+    #[serde(default = "default_drop")]
+    pub drop_watcher_states_after: u64,
+}
+
+fn default_collapse() -> u64 {
+    10_000
+}
+fn default_drop() -> u64 {
+    100_000
+}
+
+impl Default for OutboxLimits {
+    fn default() -> Self {
+        OutboxLimits { collapse_alive_after: default_collapse(), drop_watcher_states_after: default_drop() }
+    }
+}
+
+/// Counters of the outbox, for metrics and tests.
+#[derive(Debug, Default)]
+pub struct OutboxStats {
+    /// Highest outbox sequence stored.
+    pub stored: AtomicU64,
+    /// Highest outbox sequence the site acknowledged (everything at or below it is forwarded).
+    pub forwarded: AtomicU64,
+    pub collapsed_alive: AtomicU64,
+    pub dropped_watcher_states: AtomicU64,
+    pub forward_errors: AtomicU64,
+}
+
+impl OutboxStats {
+    /// Events waiting to be forwarded.
+    pub fn backlog(&self) -> u64 {
+        self.stored.load(Ordering::SeqCst).saturating_sub(self.forwarded.load(Ordering::SeqCst))
+    }
+}
+
+/// The node's local, durable event queue; an [`EventSink`].
+#[derive(Clone)]
+pub struct Outbox {
+    store: EmbeddedBackbone,
+    limits: OutboxLimits,
+    stats: Arc<OutboxStats>,
+}
+
+impl Outbox {
+    /// Opens the outbox in `store` (the node's embedded store), creating its stream.
+    pub async fn open(store: EmbeddedBackbone, limits: OutboxLimits) -> Result<Self, ProducerError> {
+        let info = store.ensure_stream(&StreamConfig::new(OUTBOX_STREAM, vec![">".into()])).await?;
+        let stats = Arc::new(OutboxStats::default());
+        stats.stored.store(info.last_sequence, Ordering::SeqCst);
+        stats.forwarded.store(info.first_sequence.saturating_sub(1), Ordering::SeqCst);
+        Ok(Outbox { store, limits, stats })
+    }
+
+    pub fn stats(&self) -> &Arc<OutboxStats> {
+        &self.stats
+    }
+
+    /// The sequence a restarted producer continues from: one past the newest event it stored.
+    pub async fn next_producer_seq(&self) -> Result<u64, ProducerError> {
+        let info = self.store.stream_info(OUTBOX_STREAM).await?;
+        if info.messages == 0 {
+            // Everything was forwarded and purged; the forwarder remembers the last sequence.
+            return Ok(self.last_forwarded_seq().await? + 1);
+        }
+        let last = self.store.get(OUTBOX_STREAM, info.last_sequence).await?;
+        Ok(last.and_then(|m| EventRecord::decode(&m.payload).ok()).map_or(1, |r| r.seq + 1))
+    }
+
+    async fn last_forwarded_seq(&self) -> Result<u64, ProducerError> {
+        let path = self.store.path().join("last_forwarded_seq");
+        Ok(std::fs::read_to_string(path).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0))
+    }
+
+    fn admit(&self, record: &EventRecord) -> bool {
+        let backlog = self.stats.backlog();
+        match &record.data {
+            Event::Lifecycle(Lifecycle::Alive(_)) if backlog >= self.limits.collapse_alive_after => {
+                self.stats.collapsed_alive.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+            Event::Watcher(_) if backlog >= self.limits.drop_watcher_states_after => {
+                self.stats.dropped_watcher_states.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+            _ => true,
+        }
+    }
+
+    /// Starts the forwarder shipping the outbox to `site`; it runs until `stop` turns true,
+    /// then returns after the batch in hand is delivered or `stop_grace` passed.
+    pub fn spawn_forwarder(
+        &self,
+        site: Arc<dyn Backbone>,
+        batch: usize,
+        stop: watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<Result<(), ProducerError>> {
+        let this = self.clone();
+        tokio::spawn(async move { this.forward(site, batch.max(1), stop).await })
+    }
+
+    async fn forward(&self, site: Arc<dyn Backbone>, batch: usize, mut stop: watch::Receiver<bool>) -> Result<(), ProducerError> {
+        // A long ack_wait: a batch in hand is retried here until delivered, never redelivered
+        // behind our back (which could reorder events).
+        let cfg = ConsumerConfig::new(FORWARDER).with_ack_wait(Duration::from_secs(7 * 24 * 3600));
+        let mut consumer = self.store.consumer(OUTBOX_STREAM, &cfg).await?;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            if *stop.borrow() && self.stats.backlog() == 0 {
+                return Ok(());
+            }
+            let deliveries = tokio::select! {
+                d = consumer.fetch(batch, Duration::from_millis(500)) => d?,
+                _ = stop.changed() => continue,
+            };
+            if deliveries.is_empty() {
+                if *stop.borrow() {
+                    return Ok(());
+                }
+                continue;
+            }
+            let messages: Vec<Message> = deliveries
+                .iter()
+                .map(|d| Message::new(d.message.id.clone(), d.message.subject.clone(), d.message.payload.clone()))
+                .collect();
+            loop {
+                match site.publish_batch(messages.clone()).await {
+                    Ok(_) => {
+                        backoff = Duration::from_millis(100);
+                        break;
+                    }
+                    Err(e) => {
+                        self.stats.forward_errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(error = %e, backlog = self.stats.backlog(), "site backbone unavailable; outbox keeps the events");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+            let last = deliveries.last().unwrap();
+            let last_seq = last.message.sequence;
+            if let Ok(r) = EventRecord::decode(&last.message.payload) {
+                let _ = std::fs::write(self.store.path().join("last_forwarded_seq"), r.seq.to_string());
+            }
+            for d in &deliveries {
+                d.ack().await?;
+            }
+            self.stats.forwarded.fetch_max(last_seq, Ordering::SeqCst);
+            self.store.purge(OUTBOX_STREAM, last_seq + 1).await?;
+        }
+    }
+}
+
+#[async_trait]
+impl EventSink for Outbox {
+    async fn store(&self, records: Vec<EventRecord>) -> Result<(), ProducerError> {
+        let messages = records.iter().filter(|r| self.admit(r)).map(to_message).collect::<Result<Vec<_>, _>>()?;
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let acks = self.store.publish_batch(messages).await?;
+        if let Some(last) = acks.iter().map(|a| a.sequence).max() {
+            self.stats.stored.fetch_max(last, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+}

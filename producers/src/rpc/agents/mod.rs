@@ -1,0 +1,107 @@
+//! RPC agents: named sets of actions a node performs on request.
+//!
+//! An agent sees only the request's action and inputs plus an [`ActionContext`] describing
+//! the node; it never sees the transport, the policy or the event stream, which the server
+//! handles uniformly for every agent. One agent value serves every node a server hosts, so
+//! agents keep no per-node state.
+
+use async_trait::async_trait;
+use chorus_schemas::rpc::JsonObject;
+use chorus_schemas::{RpcRequest, StatusCode};
+
+use super::server::StatsSnapshot;
+use super::NodeContext;
+
+mod rpcutil;
+mod shell;
+
+pub use rpcutil::RpcUtil;
+pub use shell::{Shell, MAX_OUTPUT};
+
+/// What an action produced: MCORPC's `statuscode`, `statusmsg` and `data`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ActionReply {
+    /// Result status.
+    pub status: StatusCode,
+    /// Human-readable status.
+    pub message: String,
+    /// Outputs.
+    pub data: JsonObject,
+}
+
+impl ActionReply {
+    /// The action ran: status OK with `data`.
+    pub fn ok(data: JsonObject) -> Self {
+        ActionReply {
+            status: StatusCode::Ok,
+            message: StatusCode::Ok.default_message().into(),
+            data,
+        }
+    }
+
+    /// The action did not run or failed, with a message saying why.
+    pub fn error(status: StatusCode, message: impl Into<String>) -> Self {
+        ActionReply {
+            status,
+            message: message.into(),
+            data: JsonObject::new(),
+        }
+    }
+}
+
+impl From<(StatusCode, String, JsonObject)> for ActionReply {
+    fn from((status, message, data): (StatusCode, String, JsonObject)) -> Self {
+        ActionReply {
+            status,
+            message,
+            data,
+        }
+    }
+}
+
+/// What an action may know about where it runs.
+#[derive(Debug, Clone, Copy)]
+pub struct ActionContext<'a> {
+    /// The request being served (caller, request id, ...).
+    pub request: &'a RpcRequest,
+    /// The node it is served on.
+    pub node: &'a NodeContext,
+    /// Names of every agent the node has, sorted.
+    pub agents: &'a [String],
+    /// The node's RPC counters at the time the request arrived.
+    pub stats: StatsSnapshot,
+    /// When the server hosting the node started, Unix seconds.
+    pub started: i64,
+}
+
+/// A named set of actions.
+#[async_trait]
+pub trait Agent: Send + Sync {
+    /// The agent's name, as in the broadcast subject and policy file name.
+    fn name(&self) -> &str;
+
+    /// The actions it has. Asked once, when the agent is registered with a server;
+    /// requests for any other action get `UnknownAction` without reaching
+    /// [`Agent::handle`].
+    fn actions(&self) -> Vec<String>;
+
+    /// Performs `action` (one of [`Agent::actions`]) with inputs `data`, after the request
+    /// was authorized.
+    async fn handle(&self, action: &str, data: &JsonObject, ctx: &ActionContext<'_>)
+        -> ActionReply;
+}
+
+/// Reads a required string input, or says why not.
+pub(crate) fn string_input<'a>(data: &'a JsonObject, name: &str) -> Result<&'a str, ActionReply> {
+    match data.get(name) {
+        None | Some(serde_json::Value::Null) => Err(ActionReply::error(
+            StatusCode::MissingData,
+            format!("missing required input {name}"),
+        )),
+        Some(serde_json::Value::String(s)) => Ok(s),
+        Some(_) => Err(ActionReply::error(
+            StatusCode::InvalidData,
+            format!("input {name} must be a string"),
+        )),
+    }
+}

@@ -1,0 +1,247 @@
+//! The load simulator: many simulated nodes in one process, sharing a few connections.
+//!
+//! A real fleet is tens of thousands of agents; testing the platform at that scale must not
+//! need tens of thousands of processes or sockets (this machine allows 20,000 open files).
+//! A simulated node is a row in a table (identity, version, sequence, alive slot), not a task;
+//! one ticker walks the table and batches the events of many nodes into each publish.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chorus_schemas::lifecycle::{Alive, Shutdown, Startup};
+use chorus_schemas::{Event, EventRecord};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::{EventSink, ProducerError};
+
+/// What to simulate.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimConfig {
+    pub nodes: usize,
+    /// Identities are `<prefix>-<n>.<domain>`.
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+    #[serde(default = "default_domain")]
+    pub domain: String,
+    #[serde(default = "default_component")]
+    pub component: String,
+    /// Versions handed out round-robin, weighted by repetition (a realistic rollout mix).
+    #[serde(default = "default_versions")]
+    pub versions: Vec<String>,
+    /// Alive interval of every node; each node gets a random slot within it (splay).
+    #[serde(default = "default_alive", with = "humantime_serde")]
+    pub alive_interval: Duration,
+    /// Events per publish.
+    #[serde(default = "default_batch")]
+    pub batch: usize,
+    /// Publishes in flight during the startup storm.
+    #[serde(default = "default_publishers")]
+    pub publishers: usize,
+    #[serde(default)]
+    pub site: Option<String>,
+}
+
+fn default_prefix() -> String {
+    "sim".into()
+}
+fn default_domain() -> String {
+    "example.net".into()
+}
+fn default_component() -> String {
+    "server".into()
+}
+fn default_versions() -> Vec<String> {
+    ["0.29.4", "0.29.4", "0.29.4", "0.29.3", "0.29.3", "0.28.0"].iter().map(|s| s.to_string()).collect()
+}
+fn default_alive() -> Duration {
+    Duration::from_secs(30 * 60)
+}
+fn default_batch() -> usize {
+    1_000
+}
+fn default_publishers() -> usize {
+    4
+}
+
+impl SimConfig {
+    pub fn new(nodes: usize) -> Self {
+        SimConfig {
+            nodes,
+            prefix: default_prefix(),
+            domain: default_domain(),
+            component: default_component(),
+            versions: default_versions(),
+            alive_interval: default_alive(),
+            batch: default_batch(),
+            publishers: default_publishers(),
+            site: None,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ProducerError> {
+        let bad = |m: &str| Err(ProducerError::Config(m.to_string()));
+        if self.versions.is_empty() {
+            return bad("simulator.versions must not be empty");
+        }
+        if self.batch == 0 || self.publishers == 0 {
+            return bad("simulator.batch and simulator.publishers must be > 0");
+        }
+        if self.alive_interval < Duration::from_secs(1) {
+            return bad("simulator.alive_interval must be >= 1s");
+        }
+        chorus_schemas::subject::validate_token("component", &self.component)
+            .map_err(|e| ProducerError::Config(format!("simulator.component: {e}")))?;
+        Ok(())
+    }
+
+    /// The identity of simulated node `n`.
+    pub fn identity(&self, n: usize) -> String {
+        format!("{}-{n:06}.{}", self.prefix, self.domain)
+    }
+}
+
+/// One simulated node: kept small, the simulator holds tens of thousands.
+pub struct SimNode {
+    pub identity: Box<str>,
+    version: u16,
+    /// Next event sequence of this node.
+    seq: AtomicU64,
+    /// Second within the alive interval at which this node sends its alive event.
+    slot: u32,
+}
+
+/// Figures of a burst of events.
+#[derive(Clone, Debug)]
+pub struct Burst {
+    pub events: usize,
+    pub took: Duration,
+}
+
+impl Burst {
+    pub fn rate(&self) -> f64 {
+        self.events as f64 / self.took.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Many simulated nodes emitting lifecycle events into one sink.
+pub struct Simulator {
+    config: SimConfig,
+    nodes: Vec<SimNode>,
+    sink: Arc<dyn EventSink>,
+}
+
+impl Simulator {
+    pub fn new(config: SimConfig, sink: Arc<dyn EventSink>) -> Result<Self, ProducerError> {
+        config.validate()?;
+        let interval = config.alive_interval.as_secs().max(1) as u32;
+        let nodes = (0..config.nodes)
+            .map(|n| SimNode {
+                identity: config.identity(n).into_boxed_str(),
+                version: (n % config.versions.len()) as u16,
+                seq: AtomicU64::new(1),
+                slot: fastrand::u32(0..interval),
+            })
+            .collect();
+        Ok(Simulator { config, nodes, sink })
+    }
+
+    pub fn config(&self) -> &SimConfig {
+        &self.config
+    }
+
+    pub fn nodes(&self) -> &[SimNode] {
+        &self.nodes
+    }
+
+    /// The version simulated node `i` runs.
+    pub fn version_of(&self, i: usize) -> &str {
+        &self.config.versions[self.nodes[i].version as usize]
+    }
+
+    fn stamp(&self, i: usize, data: impl Into<Event>) -> EventRecord {
+        let node = &self.nodes[i];
+        let r = EventRecord::new(data, node.seq.fetch_add(1, Ordering::Relaxed));
+        match &self.config.site {
+            Some(s) => r.with_site(s.clone()),
+            None => r,
+        }
+    }
+
+    /// Stores events of `indices` built by `make`, `batch` per store, `publishers` at a time.
+    async fn burst<F>(&self, indices: Vec<usize>, make: F) -> Result<Burst, ProducerError>
+    where
+        F: Fn(&Self, usize) -> EventRecord,
+    {
+        let started = Instant::now();
+        let events = indices.len();
+        let mut in_flight = futures::stream::FuturesUnordered::new();
+        use futures::StreamExt;
+        for chunk in indices.chunks(self.config.batch) {
+            let records: Vec<EventRecord> = chunk.iter().map(|&i| make(self, i)).collect();
+            let sink = self.sink.clone();
+            in_flight.push(async move { sink.store(records).await });
+            if in_flight.len() >= self.config.publishers {
+                in_flight.next().await.unwrap()?;
+            }
+        }
+        while let Some(r) = in_flight.next().await {
+            r?;
+        }
+        Ok(Burst { events, took: started.elapsed() })
+    }
+
+    /// Every node starts at once: one startup event each, as after a data-centre power cut.
+    pub async fn startup_storm(&self) -> Result<Burst, ProducerError> {
+        let c = &self.config;
+        self.burst((0..self.nodes.len()).collect(), |s, i| {
+            s.stamp(i, Startup::new(&*s.nodes[i].identity, &c.component, s.version_of(i)))
+        })
+        .await
+    }
+
+    /// Alive events of the nodes whose slot is `second` of the interval.
+    pub async fn alive_slot(&self, second: u32) -> Result<Burst, ProducerError> {
+        let c = &self.config;
+        let interval = c.alive_interval.as_secs();
+        let due: Vec<usize> = (0..self.nodes.len()).filter(|&i| self.nodes[i].slot == second).collect();
+        self.burst(due, |s, i| s.stamp(i, Alive::new(&*s.nodes[i].identity, &c.component, s.version_of(i), Some(interval))))
+            .await
+    }
+
+    /// Every node sends its alive events on its slot until `stop` turns true.
+    pub async fn run_alive(&self, mut stop: watch::Receiver<bool>) -> Result<(), ProducerError> {
+        let interval = self.config.alive_interval.as_secs().max(1) as u32;
+        let mut ticker = tokio::time::interval(Duration::from_secs(1));
+        let mut second = 0u32;
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = stop.changed() => {}
+            }
+            if *stop.borrow() {
+                return Ok(());
+            }
+            if let Err(e) = self.alive_slot(second).await {
+                tracing::warn!(error = %e, "simulated alive events not stored");
+            }
+            second = (second + 1) % interval;
+        }
+    }
+
+    /// Every node shuts down.
+    pub async fn shutdown_all(&self) -> Result<Burst, ProducerError> {
+        let c = &self.config;
+        self.burst((0..self.nodes.len()).collect(), |s, i| s.stamp(i, Shutdown::new(&*s.nodes[i].identity, &c.component)))
+            .await
+    }
+}
+
+/// Resident memory of this process in bytes (Linux), for memory-per-node figures.
+pub fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
