@@ -1,6 +1,7 @@
 //! `chorus`: the command that wires the Chorus platform together.
 
 mod bench;
+mod cli_agent;
 
 use clap::{Parser, Subcommand};
 
@@ -21,6 +22,12 @@ enum Command {
     /// Measure Chorus against raw async-nats and nats-server, in one run on this machine.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Run a node agent: lifecycle events, outbox, autonomous agents, RPC server.
+    Agent(cli_agent::AgentArgs),
+    /// Run many simulated nodes in this process (startup storm, alive events).
+    Simulate(cli_agent::SimulateArgs),
+    /// Make an RPC request to the fleet and summarise the replies.
+    Rpc(cli_agent::RpcArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -35,6 +42,9 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(async {
         match cli.command {
             Command::Bench(cmd) => bench::run(cmd).await,
+            Command::Agent(args) => cli_agent::agent(args).await,
+            Command::Simulate(args) => cli_agent::simulate(args).await,
+            Command::Rpc(args) => cli_agent::rpc(args).await,
         }
     })
 }

@@ -63,10 +63,7 @@ pub trait Backbone: Send + Sync + 'static {
 
     /// Removes every message with a sequence below `below` (e.g. what an outbox has forwarded)
     /// and returns how many were removed. Sequences are never reused.
-    async fn purge(&self, stream: &str, below: u64) -> Result<u64> {
-        let _ = (stream, below);
-        Err(crate::BackboneError::InvalidConfig(format!("{} does not support purge yet", self.engine())))
-    }
+    async fn purge(&self, stream: &str, below: u64) -> Result<u64>;
 
     /// Reads one message by sequence, `None` when it was never stored or has been removed.
     async fn get(&self, stream: &str, sequence: u64) -> Result<Option<StoredMessage>>;

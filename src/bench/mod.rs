@@ -11,11 +11,14 @@ use clap::Subcommand;
 pub enum BenchCommand {
     /// Publish and consume rates: Chorus on JetStream vs raw async-nats, and the embedded store.
     Backbone(backbone::Args),
+    /// Simulated nodes in one process: startup storm stored, memory per node, events/s.
+    Simulate(crate::cli_agent::BenchSimulateArgs),
 }
 
 pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Backbone(args) => backbone::run(args).await,
+        BenchCommand::Simulate(args) => crate::cli_agent::bench_simulate(args).await,
     }
 }
 

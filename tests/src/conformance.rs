@@ -35,6 +35,7 @@ pub const CASES: &[(&str, Case)] = &[
     ("ensure_stream_is_idempotent_and_updates", |b, s, r| Box::pin(ensure_stream_is_idempotent_and_updates(b, s, r))),
     ("concurrent_publishers", |b, s, r| Box::pin(concurrent_publishers(b, s, r))),
     ("delete_stream_and_consumer", |b, s, r| Box::pin(delete_stream_and_consumer(b, s, r))),
+    ("purge_below_a_sequence", |b, s, r| Box::pin(purge_below_a_sequence(b, s, r))),
 ];
 
 fn subject_of(stream: &str, leaf: &str) -> String {
@@ -426,4 +427,20 @@ async fn delete_stream_and_consumer(b: Arc<dyn Backbone>, stream: String, replic
     // The name can be used again, starting empty.
     b.ensure_stream(&stream_config(&stream, replicas)).await.unwrap();
     assert_eq!(b.stream_info(&stream).await.unwrap().messages, 0);
+}
+
+async fn purge_below_a_sequence(b: Arc<dyn Backbone>, stream: String, replicas: usize) {
+    b.ensure_stream(&stream_config(&stream, replicas)).await.unwrap();
+    b.publish_batch(messages(&stream, "a", "m", 0..30)).await.unwrap();
+    assert_eq!(b.purge(&stream, 11).await.unwrap(), 10, "messages 1..=10 purged");
+    let info = b.stream_info(&stream).await.unwrap();
+    assert_eq!((info.messages, info.first_sequence, info.last_sequence), (20, 11, 30));
+    assert!(b.get(&stream, 10).await.unwrap().is_none());
+    assert_eq!(read_all(&*b, &stream).await.first().unwrap().sequence, 11);
+    assert_eq!(b.purge(&stream, 5).await.unwrap(), 0, "purging below the first sequence removes nothing");
+    assert_eq!(b.purge(&stream, 31).await.unwrap(), 20, "purge everything");
+    let info = b.stream_info(&stream).await.unwrap();
+    assert_eq!((info.messages, info.last_sequence), (0, 30));
+    let ack = b.publish(Message::new("after-purge", subject_of(&stream, "a"), &b""[..])).await.unwrap();
+    assert_eq!(ack.sequence, 31, "sequences are not reused after a purge");
 }

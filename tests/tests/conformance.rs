@@ -62,6 +62,7 @@ suite!(
     ensure_stream_is_idempotent_and_updates,
     concurrent_publishers,
     delete_stream_and_consumer,
+    purge_below_a_sequence,
 );
 
 /// The whole suite against one 3-node cluster with R3 streams (one cluster start, many cases).

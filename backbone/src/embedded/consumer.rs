@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use super::codec::{self, seq_key};
+use super::codec;
 use super::{Inner, StreamHandle};
 use crate::message::Acker;
 use crate::{BackboneError, Consumer, ConsumerConfig, Delivery, Result};
@@ -136,26 +136,26 @@ impl Shared {
         if st.next_seq < first {
             st.next_seq = first;
         }
-        while out.len() < max && st.outstanding.len() < st.config.max_ack_pending && st.next_seq <= durable {
+        if out.len() < max && st.outstanding.len() < st.config.max_ack_pending && st.next_seq <= durable {
             let room = (max - out.len()).min(st.config.max_ack_pending - st.outstanding.len());
+            let st = &mut *st;
             let mut taken = 0;
-            let mut scanned_to = st.next_seq;
-            for item in self.stream.tree.range(seq_key(st.next_seq)..=seq_key(durable)) {
-                let (k, v) = item?;
-                let seq = codec::key_seq(&k)?;
-                scanned_to = seq + 1;
-                if !crate::subject::matches_any(&st.config.filter_subjects, codec::subject_of(&v)?) {
-                    continue;
+            let mut scanned_to = durable + 1;
+            self.stream.scan(st.next_seq, durable, |seq, record| {
+                if !crate::subject::matches_any(&st.config.filter_subjects, codec::subject_of(record)?) {
+                    return Ok(true);
                 }
-                let message = codec::decode(&self.stream.name, seq, &v)?;
+                let message = codec::decode(&self.stream.name, seq, record)?;
                 st.outstanding.insert(seq, Outstanding { deadline: now + ack_wait, deliveries: 1 });
                 out.push(self.delivery(message, 1));
                 taken += 1;
                 if taken >= room {
-                    break;
+                    scanned_to = seq + 1;
+                    return Ok(false);
                 }
-            }
-            st.next_seq = if taken >= room { scanned_to } else { durable + 1 };
+                Ok(true)
+            })?;
+            st.next_seq = scanned_to;
         }
         let next_deadline = st.outstanding.values().map(|o| o.deadline).min();
         drop(st);
@@ -181,12 +181,12 @@ impl Shared {
             return Ok(in_flight + durable + 1 - st.next_seq.max(self.stream.state.lock().unwrap().first_seq));
         }
         let mut n = in_flight;
-        for item in self.stream.tree.range(seq_key(st.next_seq)..=seq_key(durable)) {
-            let (_, v) = item?;
-            if crate::subject::matches_any(&st.config.filter_subjects, codec::subject_of(&v)?) {
+        self.stream.scan(st.next_seq, durable, |_, record| {
+            if crate::subject::matches_any(&st.config.filter_subjects, codec::subject_of(record)?) {
                 n += 1;
             }
-        }
+            Ok(true)
+        })?;
         Ok(n)
     }
 }

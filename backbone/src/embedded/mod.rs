@@ -5,14 +5,25 @@
 //! group of them, flushes sled to disk once, and only then acknowledges every publish of the
 //! group (group commit). That gives both durability against `kill -9` and a high publish rate.
 //!
-//! Layout: one sled tree per stream, keyed by big-endian sequence; stream configs, counters and
-//! consumer positions in the `meta` tree. The dedupe index (event id → sequence within the dedupe
-//! window) is derived state, rebuilt from the newest messages at open, so it can never disagree
-//! with what is stored.
+//! Layout: one sled tree per stream (`msgs/<stream>`) holding chunks of messages. Each group
+//! commit appends, per stream, one or more chunks of consecutive messages (sealed at 1024
+//! messages or about 6 KiB, see `writer.rs`), each keyed by the big-endian sequence of its first
+//! message (format in `codec.rs`). Chunks never overlap and follow each other without gaps, so
+//! the message of sequence `s` is in the last chunk whose key is at or below `s`. A chunk costs
+//! sled one insert instead of one per message, which is what makes publishing fast. Retention
+//! removes whole chunks from the front; when only the start of the first chunk must go, the
+//! rest of it is rewritten under its new first sequence, in one atomic sled batch with the
+//! removal of the old key.
+//!
+//! Stream configs, counters and consumer positions live in the `meta` tree. The dedupe index
+//! (event id → sequence within the dedupe window) is derived state, rebuilt from the newest
+//! messages at open, so it can never disagree with what is stored.
 
 mod codec;
 mod consumer;
 mod replay;
+#[cfg(test)]
+mod tests;
 mod writer;
 
 use std::collections::BTreeMap;
@@ -80,14 +91,60 @@ pub(crate) struct StreamHandle {
 }
 
 impl StreamHandle {
+    /// The chunk holding `seq`, as (first sequence, message count, chunk bytes).
+    fn chunk_at(&self, seq: u64) -> Result<Option<(u64, u64, sled::IVec)>> {
+        let Some((k, v)) = self.tree.range(..=seq_key(seq)).next_back().transpose()? else {
+            return Ok(None);
+        };
+        let first = codec::key_seq(&k)?;
+        let count = u64::from(codec::chunk_count(&v)?);
+        Ok(if seq - first < count { Some((first, count, v)) } else { None })
+    }
+
     pub(crate) fn read(&self, seq: u64) -> Result<Option<StoredMessage>> {
         if seq > *self.durable.borrow() {
             return Ok(None);
         }
-        match self.tree.get(seq_key(seq))? {
-            Some(v) => Ok(Some(codec::decode(&self.name, seq, &v)?)),
+        let Some((first, _, chunk)) = self.chunk_at(seq)? else { return Ok(None) };
+        match codec::records(&chunk)?.nth((seq - first) as usize).transpose()? {
+            Some(record) => Ok(Some(codec::decode(&self.name, seq, record)?)),
             None => Ok(None),
         }
+    }
+
+    /// Calls `f` with each stored message from sequence `from` to `to` (inclusive), in order, as
+    /// (sequence, record), until `f` returns false.
+    pub(crate) fn scan(&self, from: u64, to: u64, mut f: impl FnMut(u64, &[u8]) -> Result<bool>) -> Result<()> {
+        if from > to {
+            return Ok(());
+        }
+        // Start at the chunk holding `from`, whose key may be lower.
+        let start = match self.tree.range(..=seq_key(from)).next_back().transpose()? {
+            Some((k, _)) => codec::key_seq(&k)?,
+            None => from,
+        };
+        let mut next = from;
+        for item in self.tree.range(seq_key(start)..=seq_key(to)) {
+            let (k, v) = item?;
+            let first = codec::key_seq(&k)?;
+            for (i, record) in codec::records(&v)?.enumerate() {
+                let record = record?;
+                let seq = first + i as u64;
+                if seq > to {
+                    return Ok(());
+                }
+                // Before `from`, or already seen in a chunk that retention has since rewritten
+                // under a later key.
+                if seq < next {
+                    continue;
+                }
+                next = seq + 1;
+                if !f(seq, record)? {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
     }
 
     /// First sequence whose stream time is at or after `t` (binary search: times are monotonic).
@@ -95,10 +152,22 @@ impl StreamHandle {
         let st = *self.state.lock().unwrap();
         let (mut lo, mut hi) = (st.first_seq.max(1), st.last_seq + 1);
         let target = t.timestamp_nanos_opt().unwrap_or(i64::MAX);
+        // The last probed chunk: the final probes of a search mostly fall in the same one.
+        let mut chunk: Option<(u64, u64, sled::IVec)> = None;
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
-            match self.tree.get(seq_key(mid))? {
-                Some(v) if codec::time_ns(&v)? >= target => hi = mid,
+            if !matches!(&chunk, Some((first, count, _)) if mid >= *first && mid - first < *count) {
+                chunk = self.chunk_at(mid)?;
+            }
+            let time = match &chunk {
+                Some((first, _, v)) => match codec::records(v)?.nth((mid - first) as usize).transpose()? {
+                    Some(record) => Some(codec::time_ns(record)?),
+                    None => None,
+                },
+                None => None,
+            };
+            match time {
+                Some(time) if time >= target => hi = mid,
                 Some(_) => lo = mid + 1,
                 // removed by retention while searching: everything below is older
                 None => lo = mid + 1,
@@ -152,16 +221,37 @@ impl Drop for Inner {
         }
         self.writer.get_mut().unwrap().take();
         if let Some(t) = self.writer_thread.get_mut().unwrap().take() {
-            let _ = t.join();
+            // Normally stopped by `Closer` already; never join from the writer thread itself.
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
         }
         let _ = self.db.flush();
     }
 }
 
-/// A sled-backed [`Backbone`]. Cheap to clone; clones share the store.
+/// Shared by the clones of a backbone: dropping the last one stops the writer (after the ops
+/// already queued) and joins it before letting go of `Inner`. The writer holds `Inner` while it
+/// works, so without this the store could be closed later on the writer thread, keeping its
+/// lock after the backbone is gone.
+struct Closer(Arc<Inner>);
+
+impl Drop for Closer {
+    fn drop(&mut self) {
+        self.0.writer.lock().unwrap().take();
+        let thread = self.0.writer_thread.lock().unwrap().take();
+        if let Some(t) = thread {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A sled-backed [`Backbone`]. Cheap to clone; clones share the store, which is closed when
+/// the last clone is dropped.
 #[derive(Clone)]
 pub struct EmbeddedBackbone {
     inner: Arc<Inner>,
+    _closer: Arc<Closer>,
 }
 
 const INFLIGHT_LIMIT: usize = 1 << 20;
@@ -197,7 +287,8 @@ impl EmbeddedBackbone {
         });
         let thread = writer::spawn(Arc::downgrade(&inner), rx, config.max_group)?;
         *inner.writer_thread.lock().unwrap() = Some(thread);
-        Ok(EmbeddedBackbone { inner })
+        let closer = Arc::new(Closer(inner.clone()));
+        Ok(EmbeddedBackbone { inner, _closer: closer })
     }
 
     /// Opens a store at `path` with default settings.
@@ -274,7 +365,7 @@ impl Backbone for EmbeddedBackbone {
         let permit = self.inner.inflight.clone().acquire_many_owned(n).await.map_err(|_| BackboneError::Closed)?;
         match self.submit(|reply| writer::Op::Publish { messages, reply, _permit: permit }).await? {
             writer::Reply::Acks(acks) => Ok(acks),
-            writer::Reply::Done => Err(BackboneError::Storage("writer answered a publish without acks".into())),
+            _ => Err(BackboneError::Storage("writer answered a publish without acks".into())),
         }
     }
 
@@ -300,6 +391,15 @@ impl Backbone for EmbeddedBackbone {
         }
         let handle = self.stream(stream)?;
         replay::start(handle, options)
+    }
+
+    async fn purge(&self, stream: &str, below: u64) -> Result<u64> {
+        self.stream(stream)?;
+        let name = stream.to_string();
+        match self.submit(|reply| writer::Op::Purge { name, below, reply }).await? {
+            writer::Reply::Purged(n) => Ok(n),
+            _ => Err(BackboneError::Storage("writer answered a purge without a count".into())),
+        }
     }
 
     async fn get(&self, stream: &str, sequence: u64) -> Result<Option<StoredMessage>> {

@@ -5,47 +5,43 @@ use std::sync::Arc;
 
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::codec::{self, seq_key};
+use super::codec;
 use super::StreamHandle;
 use crate::{MessageStream, ReplayOptions, Result};
 
-const CHUNK: usize = 512;
+/// Messages read per step (matching the filters or not).
+const STEP: usize = 512;
 
 pub(crate) fn start(handle: Arc<StreamHandle>, options: ReplayOptions) -> Result<MessageStream> {
     let mut next = handle.start_seq(&options.start)?;
     let end = *handle.durable.borrow();
-    let (tx, rx) = tokio::sync::mpsc::channel(CHUNK * 2);
+    let (tx, rx) = tokio::sync::mpsc::channel(STEP * 2);
     let mut changes = handle.durable.subscribe();
     tokio::spawn(async move {
         loop {
             let limit = if options.follow { *changes.borrow_and_update() } else { end };
             while next <= limit {
                 let first = handle.state.lock().unwrap().first_seq;
-                next = next.max(first);
-                let mut chunk = Vec::with_capacity(CHUNK);
-                let mut last = next;
-                let read: Result<()> = (|| {
-                    for item in handle.tree.range(seq_key(next)..=seq_key(limit)).take(CHUNK) {
-                        let (k, v) = item?;
-                        let seq = codec::key_seq(&k)?;
-                        last = seq;
-                        if crate::subject::matches_any(&options.filter_subjects, codec::subject_of(&v)?) {
-                            chunk.push(codec::decode(&handle.name, seq, &v)?);
-                        }
+                let from = next.max(first);
+                let mut batch = Vec::with_capacity(STEP);
+                let mut scanned = 0;
+                next = limit + 1;
+                let read = handle.scan(from, limit, |seq, record| {
+                    if crate::subject::matches_any(&options.filter_subjects, codec::subject_of(record)?) {
+                        batch.push(codec::decode(&handle.name, seq, record)?);
                     }
-                    Ok(())
-                })();
+                    scanned += 1;
+                    if scanned >= STEP {
+                        next = seq + 1;
+                        return Ok(false);
+                    }
+                    Ok(true)
+                });
                 if let Err(e) = read {
                     let _ = tx.send(Err(e)).await;
                     return;
                 }
-                if chunk.is_empty() && last == next && handle.tree.get(seq_key(next)).ok().flatten().is_none() {
-                    // nothing at or after `next` up to the limit
-                    next = limit + 1;
-                } else {
-                    next = last + 1;
-                }
-                for m in chunk {
+                for m in batch {
                     if tx.send(Ok(m)).await.is_err() {
                         return;
                     }

@@ -1,5 +1,6 @@
 //! The single writer thread: routes publishes to streams, dedupes by event id, assigns
-//! sequences, enforces retention and group-commits to disk before acknowledging.
+//! sequences, packs each stream's new messages into chunks, enforces retention and
+//! group-commits to disk before acknowledging.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -8,19 +9,33 @@ use std::time::Duration;
 
 use tokio::sync::{oneshot, watch, OwnedSemaphorePermit};
 
-use super::codec::{self, seq_key};
+use super::codec::{self, seq_key, ChunkBuilder};
 use super::{Inner, StreamHandle, StreamState};
 use crate::{BackboneError, Message, PublishAck, Result, StreamConfig};
+
+/// A chunk is sealed once it holds this many messages: a bound on the records a read walks.
+/// With [`CHUNK_TARGET_BYTES`] the size limit seals first (a record takes at least 23 bytes).
+pub(crate) const CHUNK_MAX_MESSAGES: u32 = 1024;
+
+/// A chunk is sealed before a message would take it past this size (a larger message gets a
+/// chunk of its own). Small on purpose: sled writes any log item over about 128 KiB (a quarter
+/// of its 512 KiB segment) to a separate blob file that its flush does not fsync, and when it
+/// consolidates a leaf it writes the whole leaf (up to ~20 entries) as one item. 6 KiB chunks
+/// keep leaves under that threshold, so acknowledged messages stay in the fsynced log; bigger
+/// chunks are faster for large payloads, but would live in unsynced blob files.
+pub(crate) const CHUNK_TARGET_BYTES: usize = 6 * 1024;
 
 pub(crate) enum Op {
     Publish { messages: Vec<Message>, reply: oneshot::Sender<Result<Reply>>, _permit: OwnedSemaphorePermit },
     EnsureStream { config: StreamConfig, reply: oneshot::Sender<Result<Reply>> },
     DeleteStream { name: String, reply: oneshot::Sender<Result<Reply>> },
+    Purge { name: String, below: u64, reply: oneshot::Sender<Result<Reply>> },
 }
 
 pub(crate) enum Reply {
     Acks(Vec<PublishAck>),
     Done,
+    Purged(u64),
 }
 
 fn stats_key(stream: &str) -> Vec<u8> {
@@ -36,7 +51,8 @@ fn now_ns() -> i64 {
 }
 
 /// Opens a stream's tree and recovers its counters: trusted from the persisted stats when they
-/// agree with the tree's ends, recounted otherwise (a crash between a write and its stats).
+/// agree with the tree's ends (first sequence of the first chunk, last sequence of the last
+/// one), recounted otherwise (a crash between a write and its stats).
 pub(crate) fn open_stream(db: &sled::Db, meta: &sled::Tree, config: StreamConfig) -> Result<Arc<StreamHandle>> {
     let tree = db.open_tree(format!("msgs/{}", config.name))?;
     let saved: StreamState =
@@ -52,7 +68,7 @@ pub(crate) fn open_stream(db: &sled::Db, meta: &sled::Tree, config: StreamConfig
             last_time_ns: saved.last_time_ns,
         },
         (Some(first), Some((lk, lv))) => {
-            let last_seq = codec::key_seq(&lk)?;
+            let last_seq = codec::key_seq(&lk)? + u64::from(codec::chunk_count(&lv)?) - 1;
             if saved.first_seq == first && saved.last_seq == last_seq {
                 saved
             } else {
@@ -60,10 +76,14 @@ pub(crate) fn open_stream(db: &sled::Db, meta: &sled::Tree, config: StreamConfig
                 let mut messages = 0;
                 for item in tree.iter() {
                     let (_, v) = item?;
-                    bytes += codec::size_of(&v)?;
-                    messages += 1;
+                    for record in codec::records(&v)? {
+                        bytes += codec::size_of(record?)?;
+                        messages += 1;
+                    }
                 }
-                StreamState { first_seq: first, last_seq, messages, bytes, last_time_ns: codec::time_ns(&lv)? }
+                let newest =
+                    codec::records(&lv)?.last().ok_or_else(|| BackboneError::Storage("empty chunk".into()))??;
+                StreamState { first_seq: first, last_seq, messages, bytes, last_time_ns: codec::time_ns(newest)? }
             }
         }
     };
@@ -77,26 +97,31 @@ pub(crate) fn open_stream(db: &sled::Db, meta: &sled::Tree, config: StreamConfig
     }))
 }
 
-/// Event ids seen within a stream's dedupe window, oldest first for pruning.
+/// Event ids seen within a stream's dedupe window, oldest first for pruning. Both collections
+/// share each id's one allocation.
 #[derive(Default)]
 struct DedupeIndex {
-    ids: HashMap<String, u64>,
-    order: VecDeque<(i64, String)>,
+    ids: HashMap<Arc<str>, u64>,
+    order: VecDeque<(i64, Arc<str>)>,
 }
 
 impl DedupeIndex {
-    /// Rebuilds the index from the newest messages of a stream.
+    /// Rebuilds the index from the newest messages of a stream, reading chunks newest first.
     fn rebuild(handle: &StreamHandle, window: Duration) -> Result<Self> {
         let mut index = DedupeIndex::default();
         let horizon = now_ns() - window.as_nanos() as i64;
         let mut found = Vec::new();
-        for item in handle.tree.iter().rev() {
+        'chunks: for item in handle.tree.iter().rev() {
             let (k, v) = item?;
-            let (t, id) = codec::id_of(&v)?;
-            if t < horizon {
-                break;
+            let first = codec::key_seq(&k)?;
+            let records = codec::records(&v)?.collect::<Result<Vec<_>>>()?;
+            for (i, record) in records.iter().enumerate().rev() {
+                let (t, id) = codec::id_of(record)?;
+                if t < horizon {
+                    break 'chunks;
+                }
+                found.push((t, Arc::<str>::from(id), first + i as u64));
             }
-            found.push((t, id, codec::key_seq(&k)?));
         }
         for (t, id, seq) in found.into_iter().rev() {
             index.ids.insert(id.clone(), seq);
@@ -112,6 +137,35 @@ impl DedupeIndex {
             }
             let (_, id) = self.order.pop_front().unwrap();
             self.ids.remove(&id);
+        }
+    }
+}
+
+/// A stream as routing sees it during one group: configuration read once per group.
+struct Route {
+    handle: Arc<StreamHandle>,
+    subjects: Vec<String>,
+    dedupe_window: Duration,
+}
+
+/// A stream's share of the group being committed: its counters as they will be once the group
+/// is written, the chunks to insert and the chunk being filled.
+struct Staged {
+    handle: Arc<StreamHandle>,
+    state: StreamState,
+    batch: sled::Batch,
+    chunk: ChunkBuilder,
+    /// Sequence of the first message of `chunk`.
+    chunk_first: u64,
+    /// Taken out of the writer's map for the group, put back once the group is durable.
+    dedupe: DedupeIndex,
+}
+
+impl Staged {
+    /// Moves the chunk being filled into the batch.
+    fn seal(&mut self) {
+        if let Some(chunk) = self.chunk.finish() {
+            self.batch.insert(&seq_key(self.chunk_first), chunk);
         }
     }
 }
@@ -177,6 +231,10 @@ impl Writer {
                     self.commit_publishes(inner, std::mem::take(&mut publishes));
                     let _ = reply.send(self.delete_stream(inner, &name).map(|_| Reply::Done));
                 }
+                Op::Purge { name, below, reply } => {
+                    self.commit_publishes(inner, std::mem::take(&mut publishes));
+                    let _ = reply.send(self.purge(inner, &name, below).map(Reply::Purged));
+                }
             }
         }
         self.commit_publishes(inner, publishes);
@@ -205,7 +263,7 @@ impl Writer {
             *h.config.write().unwrap() = config;
             let h = h.clone();
             drop(streams);
-            self.enforce_limits(inner, &h)?;
+            enforce_limits(&h)?;
         } else {
             let h = open_stream(&inner.db, &inner.meta, config)?;
             streams.insert(h.name.clone(), h);
@@ -232,14 +290,6 @@ impl Writer {
         Ok(())
     }
 
-    fn dedupe_for(&mut self, handle: &StreamHandle) -> Result<&mut DedupeIndex> {
-        if !self.dedupe.contains_key(&handle.name) {
-            let window = handle.config.read().unwrap().dedupe_window;
-            self.dedupe.insert(handle.name.clone(), DedupeIndex::rebuild(handle, window)?);
-        }
-        Ok(self.dedupe.get_mut(&handle.name).unwrap())
-    }
-
     /// Applies every publish of the group, flushes once, then acknowledges them all.
     fn commit_publishes(
         &mut self,
@@ -249,14 +299,26 @@ impl Writer {
         if publishes.is_empty() {
             return;
         }
-        let streams: Vec<Arc<StreamHandle>> = inner.streams.read().unwrap().values().cloned().collect();
-        let mut batches: HashMap<String, (Arc<StreamHandle>, sled::Batch, StreamState)> = HashMap::new();
+        let routes: Vec<Route> = inner
+            .streams
+            .read()
+            .unwrap()
+            .values()
+            .map(|h| {
+                let config = h.config.read().unwrap();
+                Route { handle: h.clone(), subjects: config.subjects.clone(), dedupe_window: config.dedupe_window }
+            })
+            .collect();
+        let mut staged: Vec<Option<Staged>> = routes.iter().map(|_| None).collect();
+        // One stream time for the group: its messages are stored together.
+        let now = now_ns();
+        let mut last_route = None;
         let mut results = Vec::with_capacity(publishes.len());
         for (messages, _, _) in &publishes {
             let mut acks = Vec::with_capacity(messages.len());
             let mut failed = None;
             for m in messages {
-                match self.stage(&streams, &mut batches, m) {
+                match self.stage(&routes, &mut staged, &mut last_route, now, m) {
                     Ok(ack) => acks.push(ack),
                     Err(e) => {
                         failed = Some(e);
@@ -269,7 +331,7 @@ impl Writer {
                 Some(e) => Err(e),
             });
         }
-        let durable = self.write_batches(inner, &mut batches);
+        let durable = self.write_batches(inner, &mut staged);
         for ((_, reply, _permit), result) in publishes.into_iter().zip(results) {
             let result = match (&durable, result) {
                 (Err(e), _) => Err(BackboneError::Storage(e.to_string())),
@@ -279,75 +341,105 @@ impl Writer {
         }
     }
 
-    /// Routes one message to its stream, dedupes it and stages it in the stream's batch.
-    fn stage(
+    /// Routes one message to its stream, dedupes it and appends it to the stream's chunk.
+    /// `last_route` remembers the previous subject's stream: batches mostly share subjects.
+    fn stage<'m>(
         &mut self,
-        streams: &[Arc<StreamHandle>],
-        batches: &mut HashMap<String, (Arc<StreamHandle>, sled::Batch, StreamState)>,
-        m: &Message,
+        routes: &[Route],
+        staged: &mut [Option<Staged>],
+        last_route: &mut Option<(&'m str, usize)>,
+        now: i64,
+        m: &'m Message,
     ) -> Result<PublishAck> {
-        let handle = streams
-            .iter()
-            .find(|h| h.config.read().unwrap().subjects.iter().any(|f| crate::subject::matches(f, &m.subject)))
-            .ok_or_else(|| BackboneError::NoStreamForSubject(m.subject.clone()))?;
-        let entry = batches
-            .entry(handle.name.clone())
-            .or_insert_with(|| (handle.clone(), sled::Batch::default(), *handle.state.lock().unwrap()));
-        let window = handle.config.read().unwrap().dedupe_window;
-        let dedupe = self.dedupe_for(handle)?;
-        let now = now_ns();
-        dedupe.prune(now - window.as_nanos() as i64);
-        if let Some(seq) = dedupe.ids.get(&m.id) {
-            return Ok(PublishAck { stream: handle.name.clone(), sequence: *seq, duplicate: true });
+        let at = match *last_route {
+            Some((subject, at)) if subject == m.subject => at,
+            _ => {
+                let at = routes
+                    .iter()
+                    .position(|r| r.subjects.iter().any(|f| crate::subject::matches(f, &m.subject)))
+                    .ok_or_else(|| BackboneError::NoStreamForSubject(m.subject.clone()))?;
+                *last_route = Some((&m.subject, at));
+                at
+            }
+        };
+        let route = &routes[at];
+        let s = match &mut staged[at] {
+            Some(s) => s,
+            slot @ None => {
+                let mut dedupe = match self.dedupe.remove(&route.handle.name) {
+                    Some(d) => d,
+                    None => DedupeIndex::rebuild(&route.handle, route.dedupe_window)?,
+                };
+                dedupe.prune(now - route.dedupe_window.as_nanos() as i64);
+                slot.insert(Staged {
+                    handle: route.handle.clone(),
+                    state: *route.handle.state.lock().unwrap(),
+                    batch: sled::Batch::default(),
+                    chunk: ChunkBuilder::default(),
+                    chunk_first: 0,
+                    dedupe,
+                })
+            }
+        };
+        if let Some(seq) = s.dedupe.ids.get(m.id.as_str()) {
+            return Ok(PublishAck { stream: route.handle.name.clone(), sequence: *seq, duplicate: true });
         }
-        let (_, batch, state) = entry;
-        let time = now.max(state.last_time_ns);
-        state.last_seq += 1;
+        let record = 4 + codec::record_len(m);
+        if s.chunk.count() >= CHUNK_MAX_MESSAGES || (s.chunk.count() > 0 && s.chunk.len() + record > CHUNK_TARGET_BYTES)
+        {
+            s.seal();
+        }
+        let time = now.max(s.state.last_time_ns);
+        let seq = s.state.last_seq + 1;
+        if s.chunk.count() == 0 {
+            s.chunk_first = seq;
+        }
+        s.chunk.push_message(m, time)?;
+        let state = &mut s.state;
+        state.last_seq = seq;
         if state.messages == 0 {
-            state.first_seq = state.last_seq;
+            state.first_seq = seq;
         }
         state.messages += 1;
         state.bytes += codec::stored_size(m);
         state.last_time_ns = time;
-        batch.insert(&seq_key(state.last_seq), codec::encode(m, time));
-        dedupe.ids.insert(m.id.clone(), state.last_seq);
-        dedupe.order.push_back((time, m.id.clone()));
-        Ok(PublishAck { stream: handle.name.clone(), sequence: state.last_seq, duplicate: false })
+        let id: Arc<str> = Arc::from(m.id.as_str());
+        s.dedupe.ids.insert(id.clone(), seq);
+        s.dedupe.order.push_back((time, id));
+        Ok(PublishAck { stream: route.handle.name.clone(), sequence: seq, duplicate: false })
     }
 
-    fn write_batches(
-        &mut self,
-        inner: &Inner,
-        batches: &mut HashMap<String, (Arc<StreamHandle>, sled::Batch, StreamState)>,
-    ) -> Result<()> {
+    /// Writes the staged chunks, enforces retention, flushes once and publishes the new durable
+    /// ends; on failure, forgets the group's dedupe entries and reloads counters from disk.
+    fn write_batches(&mut self, inner: &Inner, staged: &mut [Option<Staged>]) -> Result<()> {
         let result = (|| {
-            for (handle, batch, state) in batches.values_mut() {
-                handle.tree.apply_batch(std::mem::take(batch))?;
-                *handle.state.lock().unwrap() = *state;
-                self.enforce_limits(inner, handle)?;
-                let st = *handle.state.lock().unwrap();
-                inner.meta.insert(stats_key(&handle.name), serde_json::to_vec(&st).unwrap())?;
+            for s in staged.iter_mut().flatten() {
+                s.seal();
+                s.handle.tree.apply_batch(std::mem::take(&mut s.batch))?;
+                *s.handle.state.lock().unwrap() = s.state;
+                enforce_limits(&s.handle)?;
+                let st = *s.handle.state.lock().unwrap();
+                inner.meta.insert(stats_key(&s.handle.name), serde_json::to_vec(&st).unwrap())?;
             }
             inner.db.flush()?;
             Ok(())
         })();
         match result {
             Ok(()) => {
-                for (handle, _, _) in batches.values() {
-                    let last = handle.state.lock().unwrap().last_seq;
-                    handle.durable.send_replace(last);
+                for s in staged.iter_mut().filter_map(Option::take) {
+                    let last = s.handle.state.lock().unwrap().last_seq;
+                    s.handle.durable.send_replace(last);
+                    self.dedupe.insert(s.handle.name.clone(), s.dedupe);
                 }
                 Ok(())
             }
             Err(e) => {
-                // The group is not acknowledged; forget its staged ids so a retry is stored, and
-                // reload counters from disk, which is the truth after a failed write.
-                for (handle, _, _) in batches.values() {
-                    self.dedupe.remove(&handle.name);
-                    if let Ok(reopened) =
-                        open_stream(&inner.db, &inner.meta, handle.config.read().unwrap().clone())
-                    {
-                        *handle.state.lock().unwrap() = *reopened.state.lock().unwrap();
+                // The group is not acknowledged; its staged ids are dropped with the taken-out
+                // dedupe indexes (rebuilt from disk at next use) so a retry is stored, and
+                // counters are reloaded from disk, which is the truth after a failed write.
+                for s in staged.iter().flatten() {
+                    if let Ok(reopened) = open_stream(&inner.db, &inner.meta, s.handle.config.read().unwrap().clone()) {
+                        *s.handle.state.lock().unwrap() = *reopened.state.lock().unwrap();
                     }
                 }
                 Err(e)
@@ -355,31 +447,23 @@ impl Writer {
         }
     }
 
-    /// Removes the oldest messages beyond the stream's count, size and age limits.
-    fn enforce_limits(&mut self, _inner: &Inner, handle: &StreamHandle) -> Result<()> {
-        let config = handle.config.read().unwrap().clone();
-        let horizon = config.max_age.map(|a| now_ns() - a.as_nanos() as i64);
-        let mut state = handle.state.lock().unwrap();
-        while state.messages > 0 {
-            let over_count = config.max_messages > 0 && state.messages > config.max_messages;
-            let over_bytes = config.max_bytes > 0 && state.bytes > config.max_bytes;
-            let Some((k, v)) = handle.tree.first()? else { break };
-            let too_old = match horizon {
-                Some(h) => codec::time_ns(&v)? < h,
-                None => false,
-            };
-            if !(over_count || over_bytes || too_old) {
-                break;
-            }
-            handle.tree.remove(&k)?;
-            state.messages -= 1;
-            state.bytes = state.bytes.saturating_sub(codec::size_of(&v)?);
-            state.first_seq = codec::key_seq(&k)? + 1;
+    /// Removes the messages below `below`, durably, and returns how many went.
+    fn purge(&mut self, inner: &Inner, name: &str, below: u64) -> Result<u64> {
+        let handle = inner
+            .streams
+            .read()
+            .unwrap()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| BackboneError::NotFound { kind: "stream", name: name.to_string() })?;
+        let before = *handle.state.lock().unwrap();
+        trim_front(&handle, below)?;
+        let after = *handle.state.lock().unwrap();
+        if before != after {
+            inner.meta.insert(stats_key(name), serde_json::to_vec(&after).unwrap())?;
+            inner.db.flush()?;
         }
-        if state.messages == 0 {
-            state.first_seq = state.last_seq + 1;
-        }
-        Ok(())
+        Ok(before.messages - after.messages)
     }
 
     fn expire_all(&mut self, inner: &Inner) -> Result<()> {
@@ -390,7 +474,7 @@ impl Writer {
                 continue;
             }
             let before = *h.state.lock().unwrap();
-            self.enforce_limits(inner, &h)?;
+            enforce_limits(&h)?;
             let after = *h.state.lock().unwrap();
             if before != after {
                 inner.meta.insert(stats_key(&h.name), serde_json::to_vec(&after).unwrap())?;
@@ -402,6 +486,77 @@ impl Writer {
         }
         Ok(())
     }
+}
+
+/// Removes the oldest messages beyond the stream's count, size and age limits: whole chunks
+/// from the front, then, when only the start of the first chunk must go, its remaining messages
+/// are rewritten under their new first sequence, removing the old key in the same atomic batch.
+fn enforce_limits(handle: &StreamHandle) -> Result<()> {
+    trim_front(handle, 0)
+}
+
+/// [`enforce_limits`], also removing every message with a sequence below `purge_below`.
+fn trim_front(handle: &StreamHandle, purge_below: u64) -> Result<()> {
+    let (max_messages, max_bytes, max_age) = {
+        let config = handle.config.read().unwrap();
+        (config.max_messages, config.max_bytes, config.max_age)
+    };
+    let horizon = max_age.map(|a| now_ns() - a.as_nanos() as i64);
+    let mut state = handle.state.lock().unwrap();
+    while state.messages > 0 {
+        let Some((k, v)) = handle.tree.first()? else { break };
+        let first = codec::key_seq(&k)?;
+        let mut records = codec::records(&v)?;
+        let (mut dropped, mut dropped_bytes) = (0u64, 0u64);
+        let mut kept = None;
+        for record in records.by_ref() {
+            let record = record?;
+            let messages = state.messages.saturating_sub(dropped);
+            let bytes = state.bytes.saturating_sub(dropped_bytes);
+            let over_count = max_messages > 0 && messages > max_messages;
+            let over_bytes = max_bytes > 0 && bytes > max_bytes;
+            let too_old = match horizon {
+                Some(h) => codec::time_ns(record)? < h,
+                None => false,
+            };
+            let purged = first + dropped < purge_below;
+            if messages == 0 || !(over_count || over_bytes || too_old || purged) {
+                kept = Some(record);
+                break;
+            }
+            dropped += 1;
+            dropped_bytes += codec::size_of(record)?;
+        }
+        if dropped == 0 {
+            break;
+        }
+        match kept {
+            None => {
+                handle.tree.remove(&k)?;
+            }
+            Some(kept) => {
+                let mut rest = ChunkBuilder::default();
+                rest.push_record(kept)?;
+                for record in records {
+                    rest.push_record(record?)?;
+                }
+                let mut batch = sled::Batch::default();
+                batch.remove(&k);
+                batch.insert(&seq_key(first + dropped), rest.finish().expect("a kept record"));
+                handle.tree.apply_batch(batch)?;
+            }
+        }
+        state.messages = state.messages.saturating_sub(dropped);
+        state.bytes = state.bytes.saturating_sub(dropped_bytes);
+        state.first_seq = first + dropped;
+        if kept.is_some() {
+            break;
+        }
+    }
+    if state.messages == 0 {
+        state.first_seq = state.last_seq + 1;
+    }
+    Ok(())
 }
 
 fn group_len(op: &Op) -> usize {
