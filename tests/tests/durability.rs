@@ -84,6 +84,7 @@ async fn cluster_node_killed_mid_publish_loses_no_acknowledged_event() {
     let mut cluster = NatsCluster::start(3).unwrap();
     let mut cfg = NatsConfig::from_url_list(&cluster.url_list());
     cfg.request_timeout = Duration::from_secs(3);
+    cfg.publish_retry_for = Duration::from_secs(20);
     let b: Arc<dyn Backbone> = Arc::new(JetStreamBackbone::connect(&cfg).await.unwrap());
     b.ensure_stream(&stream_config("KILL", 3)).await.unwrap();
 
@@ -93,7 +94,7 @@ async fn cluster_node_killed_mid_publish_loses_no_acknowledged_event() {
         let progress = progress.clone();
         tokio::spawn(async move {
             let mut acked = Vec::new();
-            for chunk in 0..60 {
+            for chunk in 0..40 {
                 let batch = messages("KILL", "a", &format!("c{chunk}"), 0..200);
                 let ids: Vec<String> = batch.iter().map(|m| m.id.clone()).collect();
                 match b.publish_batch(batch).await {
@@ -114,7 +115,7 @@ async fn cluster_node_killed_mid_publish_loses_no_acknowledged_event() {
     let at_kill = progress.load(std::sync::atomic::Ordering::SeqCst);
     let acked = publisher.await.unwrap();
     assert!(at_kill > 0 && at_kill < acked.len(), "the node died mid-publish ({at_kill} of {} acked)", acked.len());
-    assert!(acked.len() >= 6_000, "publishing kept going through the failover: {} acked", acked.len());
+    assert!(acked.len() >= 4_000, "publishing kept going through the failover: {} acked", acked.len());
 
     // Read back through a durable consumer on the surviving nodes.
     let mut consumer = b.consumer("KILL", &ConsumerConfig::new("verify")).await.unwrap();
