@@ -202,16 +202,7 @@ pub struct BenchSimulateArgs {
 /// stored in JetStream; memory per node and events/s, against raw async-nats publishing the
 /// same events on the same server.
 pub async fn bench_simulate(args: BenchSimulateArgs) -> anyhow::Result<()> {
-    let _server;
-    let url = match &args.nats {
-        Some(u) => u.clone(),
-        None => {
-            let s = chorus_tests::nats::NatsServer::start().context("starting nats-server")?;
-            let url = s.url();
-            _server = s;
-            url
-        }
-    };
+    let (_server, url) = crate::bench::nats_url(args.nats.as_deref())?;
     let backbone: Arc<dyn Backbone> = Arc::new(JetStreamBackbone::connect(&NatsConfig::new([url.clone()])).await?);
     for (name, _) in chorus_schemas::subject::streams() {
         let _ = backbone.delete_stream(name).await;
@@ -237,31 +228,8 @@ pub async fn bench_simulate(args: BenchSimulateArgs) -> anyhow::Result<()> {
     let client = async_nats::connect(&url).await?;
     let js = async_nats::jetstream::new(client);
     let _ = js.delete_stream("RAW_SIM").await;
-    js.create_stream(async_nats::jetstream::stream::Config {
-        name: "RAW_SIM".into(),
-        subjects: vec!["rawsim.>".into()],
-        ..Default::default()
-    })
-    .await?;
-    let started = std::time::Instant::now();
-    let mut inflight = std::collections::VecDeque::new();
-    for (id, payload) in &records {
-        if inflight.len() >= 2048 {
-            let f: async_nats::jetstream::context::PublishAckFuture = inflight.pop_front().unwrap();
-            f.await?;
-        }
-        inflight.push_back(
-            js.send_publish(
-                "rawsim.startup",
-                async_nats::jetstream::message::PublishMessage::build().message_id(id).payload(payload.clone()),
-            )
-            .await?,
-        );
-    }
-    for f in inflight {
-        f.await?;
-    }
-    let raw = crate::bench::rate(records.len(), started.elapsed());
+    let took = crate::bench::raw_publish(&js, "RAW_SIM", "rawsim", &records, 2048).await?;
+    let raw = crate::bench::rate(records.len(), took);
     let per_node = after.saturating_sub(before) as f64 / args.nodes as f64;
     println!("\n### Simulated startup storm ({} nodes, one process, one connection)\n", args.nodes);
     println!("| measurement | value |");

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use async_nats::jetstream::{self, consumer::pull, message::PublishMessage};
+use async_nats::jetstream::{self, consumer::pull};
 use bytes::Bytes;
 use chorus_backbone::embedded::EmbeddedBackbone;
 use chorus_backbone::jetstream::{JetStreamBackbone, NatsConfig};
@@ -57,16 +57,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let avg = events.iter().map(|(_, p)| p.len()).sum::<usize>() / events.len().max(1);
     println!("# chorus bench backbone: {} events of {} bytes on average", args.events, avg);
 
-    let _server;
-    let url = match &args.nats {
-        Some(u) => u.clone(),
-        None => {
-            let s = chorus_tests::nats::NatsServer::start().context("starting nats-server")?;
-            let url = s.url();
-            _server = s;
-            url
-        }
-    };
+    let (_server, url) = super::nats_url(args.nats.as_deref())?;
     let config = NatsConfig::new([url.clone()]);
 
     // Raw async-nats baseline and Chorus on JetStream, interleaved over several rounds on
@@ -82,7 +73,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut chorus_pub = Vec::new();
     let mut chorus_con = Vec::new();
     for round in 0..args.rounds.max(1) {
-        raw_pub.push(raw_publish(&js, &events, config.max_ack_inflight / 2).await?);
+        raw_pub.push(super::raw_publish(&js, "RAW_BENCH", "rawbench", &events, config.max_ack_inflight / 2).await?);
         chorus.ensure_stream(&StreamConfig::new("CHORUS_BENCH", vec!["chorusbench.>".into()])).await?;
         let (p, c) = publish_consume(&chorus, "CHORUS_BENCH", "chorusbench.event", &events, &args, 1).await?;
         raw_con.push(raw_consume(&js, events.len(), args.batch).await?);
@@ -179,31 +170,6 @@ async fn publish_consume(
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
-}
-
-/// Pipelined publish with `Nats-Msg-Id`, `window` acknowledgements in flight, as Chorus does.
-async fn raw_publish(js: &jetstream::Context, events: &[(String, Bytes)], window: usize) -> anyhow::Result<Duration> {
-    js.create_stream(jetstream::stream::Config {
-        name: "RAW_BENCH".into(),
-        subjects: vec!["rawbench.>".into()],
-        ..Default::default()
-    })
-    .await?;
-    let started = Instant::now();
-    let mut inflight = std::collections::VecDeque::with_capacity(window);
-    for (id, payload) in events {
-        if inflight.len() >= window {
-            let f: jetstream::context::PublishAckFuture = inflight.pop_front().unwrap();
-            f.await?;
-        }
-        inflight.push_back(
-            js.send_publish("rawbench.event", PublishMessage::build().message_id(id).payload(payload.clone())).await?,
-        );
-    }
-    for f in inflight {
-        f.await?;
-    }
-    Ok(started.elapsed())
 }
 
 /// A durable pull consumer acknowledging every message.

@@ -51,3 +51,49 @@ pub fn print_table(title: &str, rows: &[Row]) {
         println!("| {} | {} | {:.3} | {:.0} | {} |", r.name, r.events, r.took.as_secs_f64(), r.rate(), ratio);
     }
 }
+
+/// The NATS URL to measure against: `given`, or a private nats-server started for this run
+/// (kept alive by the returned guard).
+pub fn nats_url(given: Option<&str>) -> anyhow::Result<(Option<chorus_tests::nats::NatsServer>, String)> {
+    use anyhow::Context as _;
+    Ok(match given {
+        Some(u) => (None, u.to_string()),
+        None => {
+            let s = chorus_tests::nats::NatsServer::start().context("starting nats-server")?;
+            let url = s.url();
+            (Some(s), url)
+        }
+    })
+}
+
+/// The raw async-nats baseline: creates `stream` on `subject.>` and publishes `events` on
+/// `subject.event` with `Nats-Msg-Id`, `window` acknowledgements in flight, as Chorus does.
+pub async fn raw_publish(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+    subject: &str,
+    events: &[(String, bytes::Bytes)],
+    window: usize,
+) -> anyhow::Result<Duration> {
+    use async_nats::jetstream::{self, message::PublishMessage};
+    js.create_stream(jetstream::stream::Config {
+        name: stream.into(),
+        subjects: vec![format!("{subject}.>")],
+        ..Default::default()
+    })
+    .await?;
+    let target = format!("{subject}.event");
+    let started = std::time::Instant::now();
+    let mut inflight = std::collections::VecDeque::with_capacity(window);
+    for (id, payload) in events {
+        if inflight.len() >= window {
+            let f: jetstream::context::PublishAckFuture = inflight.pop_front().unwrap();
+            f.await?;
+        }
+        inflight.push_back(js.send_publish(target.clone(), PublishMessage::build().message_id(id).payload(payload.clone())).await?);
+    }
+    for f in inflight {
+        f.await?;
+    }
+    Ok(started.elapsed())
+}
