@@ -60,6 +60,10 @@ pub struct SimulateArgs {
     /// Send a startup storm and exit, instead of running until SIGTERM.
     #[arg(long)]
     once: bool,
+    /// Action Policy directory for the simulated nodes' RPC servers (with --nats); without
+    /// it every request is denied, as on a real node.
+    #[arg(long)]
+    policy_dir: Option<PathBuf>,
 }
 
 /// The backbone named by `--nats`, or an embedded store in `data`.
@@ -84,6 +88,15 @@ pub async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
     if args.once {
         return Ok(());
     }
+    let _rpc = match &args.nats {
+        Some(urls) => {
+            let client = NatsConfig::from_url_list(urls).connect(None).await?;
+            let server = sim.host_rpc(Arc::new(NatsTransport::new(client)), "choria", args.policy_dir.clone()).await?;
+            println!("{} simulated nodes answer RPC in collective choria", server.node_count());
+            Some(server)
+        }
+        None => None,
+    };
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let runner = {
         let sim = sim.clone();

@@ -5,7 +5,6 @@
 //! A simulated node is a row in a table (identity, version, sequence, alive slot), not a task;
 //! one ticker walks the table and batches the events of many nodes into each publish.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -107,8 +106,8 @@ impl SimConfig {
 pub struct SimNode {
     pub identity: Box<str>,
     version: u16,
-    /// Next event sequence of this node.
-    seq: AtomicU64,
+    /// Numbers this node's events, lifecycle and RPC records alike (one sequence per node).
+    pub emitter: Arc<crate::Emitter>,
     /// Second within the alive interval at which this node sends its alive event.
     slot: u32,
 }
@@ -141,7 +140,7 @@ impl Simulator {
             .map(|n| SimNode {
                 identity: config.identity(n).into_boxed_str(),
                 version: (n % config.versions.len()) as u16,
-                seq: AtomicU64::new(1),
+                emitter: Arc::new(crate::Emitter::new(sink.clone(), 1, config.site.clone())),
                 slot: fastrand::u32(0..interval),
             })
             .collect();
@@ -162,12 +161,7 @@ impl Simulator {
     }
 
     fn stamp(&self, i: usize, data: impl Into<Event>) -> EventRecord {
-        let node = &self.nodes[i];
-        let r = EventRecord::new(data, node.seq.fetch_add(1, Ordering::Relaxed));
-        match &self.config.site {
-            Some(s) => r.with_site(s.clone()),
-            None => r,
-        }
+        self.nodes[i].emitter.stamp(data)
     }
 
     /// Stores events of `indices` built by `make`, `batch` per store, `publishers` at a time.
@@ -236,6 +230,35 @@ impl Simulator {
         let c = &self.config;
         self.burst((0..self.nodes.len()).collect(), |s, i| s.stamp(i, Shutdown::new(&*s.nodes[i].identity, &c.component)))
             .await
+    }
+}
+
+impl Simulator {
+    /// Hosts an RPC server for every simulated node on `transport`: one subscription per agent
+    /// and one wildcard for directed requests serve all of them. Each node records its RPC
+    /// requests and replies with its own sequence, like a real agent.
+    pub async fn host_rpc(
+        &self,
+        transport: Arc<dyn crate::rpc::Transport>,
+        collective: &str,
+        policy_dir: Option<std::path::PathBuf>,
+    ) -> Result<crate::rpc::RpcServer, ProducerError> {
+        use crate::rpc::{agents, Agent, NodeContext, RpcServer, ServerOptions};
+        let agents: Vec<Arc<dyn Agent>> = vec![Arc::new(agents::RpcUtil)];
+        let options = ServerOptions { wildcard_directed: true, ..Default::default() };
+        let server = RpcServer::new(transport, agents, policy_dir, options)
+            .map_err(|e| ProducerError::Other(format!("rpc server: {e}")))?;
+        for (i, node) in self.nodes.iter().enumerate() {
+            let mut ctx = NodeContext::new(node.identity.to_string(), collective);
+            ctx.version = self.version_of(i).to_string();
+            ctx.facts.insert("simulated".into(), true.into());
+            ctx.facts.insert("group".into(), format!("g{}", i % 10).into());
+            server
+                .add_node(ctx, node.emitter.clone())
+                .await
+                .map_err(|e| ProducerError::Other(format!("rpc node {}: {e}", node.identity)))?;
+        }
+        Ok(server)
     }
 }
 

@@ -233,3 +233,49 @@ async fn rpc_is_denied_without_policy_allowed_with_one_and_recorded() {
     open.shutdown().await.unwrap();
     guarded.shutdown().await.unwrap();
 }
+
+/// 1,000 simulated nodes in one process answer one broadcast over a single connection, and
+/// each records the request and reply with its own sequence after its startup event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulated_nodes_answer_rpc_and_record_it() {
+    use chorus_producers::emitter::BackboneSink;
+    use chorus_producers::simulator::{SimConfig, Simulator};
+    let server = NatsServer::start().unwrap();
+    let b = site(&server).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("rpcutil.policy"), "policy default deny\nallow\t*\tping\t*\t*\n").unwrap();
+    let sim = Simulator::new(SimConfig::new(1000), Arc::new(BackboneSink(b.clone()))).unwrap();
+    sim.startup_storm().await.unwrap();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let _rpc = sim.host_rpc(Arc::new(NatsTransport::new(client.clone())), "choria", Some(dir.path().to_path_buf())).await.unwrap();
+    let rpc = RpcClient::new(Arc::new(NatsTransport::new(client)), "choria=tester", "choria");
+    let mut options = RequestOptions::default();
+    options.expected = Some(1000);
+    options.timeout = Duration::from_secs(30);
+    let results = rpc.call("rpcutil", "ping", Default::default(), options).await.unwrap();
+    assert_eq!((results.summary.replies, results.summary.ok), (1000, 1000), "{:?}", results.summary);
+    let node = sim.nodes()[7].identity.to_string();
+    // The reply record carries the node's identity; the request record the sender's (as in
+    // Choria's audit), so the node's own records are startup (1), request (2), reply (3).
+    let evs = wait_for(&*b, &["CHORUS_LIFECYCLE", "CHORUS_RPC"], &node, "the node's reply record", |e| e.len() >= 2).await;
+    let seqs: Vec<u64> = evs.iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, vec![1, 3], "startup then reply, one per-node sequence");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let n = read_all(&*b, "CHORUS_RPC")
+            .await
+            .iter()
+            .filter_map(|m| EventRecord::decode(&m.payload).ok())
+            .filter(|r| match &r.data {
+                Event::RpcRequest(q) => q.requestid == results.request.requestid,
+                Event::RpcReply(p) => p.requestid == results.request.requestid,
+                _ => false,
+            })
+            .count();
+        if n == 2000 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{n} of 2000 RPC records stored");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
