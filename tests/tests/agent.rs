@@ -60,6 +60,20 @@ async fn wait_for<F: Fn(&[EventRecord]) -> bool>(b: &dyn Backbone, streams: &[&s
     }
 }
 
+/// The RPC records (requests and replies) of one request in `CHORUS_RPC`.
+async fn rpc_records(b: &dyn Backbone, requestid: &str) -> Vec<EventRecord> {
+    read_all(b, "CHORUS_RPC")
+        .await
+        .iter()
+        .filter_map(|m| EventRecord::decode(&m.payload).ok())
+        .filter(|r| match &r.data {
+            Event::RpcRequest(q) => q.requestid == requestid,
+            Event::RpcReply(p) => p.requestid == requestid,
+            _ => false,
+        })
+        .collect()
+}
+
 fn lifecycle_type(r: &EventRecord) -> Option<&'static str> {
     match &r.data {
         Event::Lifecycle(l) => Some(l.lifecycle_type().as_str()),
@@ -204,16 +218,7 @@ async fn rpc_is_denied_without_policy_allowed_with_one_and_recorded() {
     // Both decisions are recorded by the nodes: the request and the reply, in CHORUS_RPC.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let records: Vec<EventRecord> = read_all(&*b, "CHORUS_RPC")
-            .await
-            .iter()
-            .map(|m| EventRecord::decode(&m.payload).unwrap())
-            .filter(|r| match &r.data {
-                Event::RpcRequest(q) => q.requestid == results.request.requestid,
-                Event::RpcReply(p) => p.requestid == results.request.requestid,
-                _ => false,
-            })
-            .collect();
+        let records = rpc_records(&*b, &results.request.requestid).await;
         let replies: Vec<(String, bool)> = records
             .iter()
             .filter_map(|r| match &r.data {
@@ -262,16 +267,7 @@ async fn simulated_nodes_answer_rpc_and_record_it() {
     assert_eq!(seqs, vec![1, 3], "startup then reply, one per-node sequence");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let n = read_all(&*b, "CHORUS_RPC")
-            .await
-            .iter()
-            .filter_map(|m| EventRecord::decode(&m.payload).ok())
-            .filter(|r| match &r.data {
-                Event::RpcRequest(q) => q.requestid == results.request.requestid,
-                Event::RpcReply(p) => p.requestid == results.request.requestid,
-                _ => false,
-            })
-            .count();
+        let n = rpc_records(&*b, &results.request.requestid).await.len();
         if n == 2000 {
             break;
         }

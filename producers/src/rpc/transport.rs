@@ -173,18 +173,9 @@ pub(crate) fn validate_subject(subject: &str, wildcards: bool) -> Result<(), Rpc
 }
 
 /// Whether `subject` (no wildcards) matches `pattern` (may have wildcards).
+/// The same rule the backbone applies to stream and consumer filters.
 pub(crate) fn subject_matches(pattern: &str, subject: &str) -> bool {
-    let mut subject_tokens = subject.split('.');
-    for p in pattern.split('.') {
-        if p == ">" {
-            return subject_tokens.next().is_some();
-        }
-        match subject_tokens.next() {
-            Some(s) if p == "*" || p == s => {}
-            _ => return false,
-        }
-    }
-    subject_tokens.next().is_none()
+    chorus_backbone::subject::matches(pattern, subject)
 }
 
 /// RPC over core NATS. Cheap to clone; all clones share the connection.
