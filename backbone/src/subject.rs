@@ -25,31 +25,39 @@ pub fn matches_any(filters: &[String], subject: &str) -> bool {
     filters.is_empty() || filters.iter().any(|f| matches(f, subject))
 }
 
-fn validate_tokens(subject: &str, wildcards: bool) -> Result<()> {
-    let bad = |why: &str| Err(BackboneError::InvalidMessage(format!("subject {subject:?}: {why}")));
+/// What is wrong with `subject` as NATS sees it, or `None` when it is valid. `wildcards`
+/// allows `*` and `>` as whole tokens (filters); publish subjects take none.
+pub fn problem(subject: &str, wildcards: bool) -> Option<&'static str> {
     if subject.is_empty() {
-        return bad("is empty");
+        return Some("is empty");
     }
     let tokens: Vec<&str> = subject.split('.').collect();
     for (i, t) in tokens.iter().enumerate() {
         if t.is_empty() {
-            return bad("has an empty token");
+            return Some("has an empty token");
         }
         if t.chars().any(|c| c.is_whitespace()) {
-            return bad("contains white space");
+            return Some("contains white space");
         }
         let wild = *t == "*" || *t == ">";
         if !wildcards && (t.contains('*') || t.contains('>')) {
-            return bad("wildcards are not allowed here");
+            return Some("wildcards are not allowed here");
         }
         if wildcards && !wild && (t.contains('*') || t.contains('>')) {
-            return bad("a wildcard must be a whole token");
+            return Some("a wildcard must be a whole token");
         }
         if *t == ">" && i + 1 != tokens.len() {
-            return bad("'>' must be the last token");
+            return Some("'>' must be the last token");
         }
     }
-    Ok(())
+    None
+}
+
+fn validate_tokens(subject: &str, wildcards: bool) -> Result<()> {
+    match problem(subject, wildcards) {
+        None => Ok(()),
+        Some(why) => Err(BackboneError::InvalidMessage(format!("subject {subject:?}: {why}"))),
+    }
 }
 
 /// Checks a subject a message is published to (no wildcards).

@@ -89,19 +89,28 @@ impl JetStreamBackbone {
 
     /// Retries a JetStream API call through transient failures (a cluster electing a stream or
     /// consumer leader answers with timeouts for a few seconds) for up to `retry_for`.
-    async fn retrying<T, F, Fut>(&self, mut call: F) -> Result<T>
+    async fn retrying<T, F, Fut>(&self, call: F) -> Result<T>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T>>,
     {
-        let started = Instant::now();
-        let mut backoff = Duration::from_millis(100);
+        self.retrying_since(Instant::now(), call).await
+    }
+
+    /// [`Self::retrying`] with the `retry_for` budget counted from `started` (a whole batch
+    /// shares one budget).
+    async fn retrying_since<T, F, Fut>(&self, started: Instant, mut call: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let mut backoff = Duration::from_millis(50);
         loop {
             match call().await {
                 Err(e) if e.is_transient() && started.elapsed() < self.retry_for => {
-                    tracing::debug!(error = %e, "JetStream API call failed, retrying");
+                    tracing::debug!(error = %e, "JetStream call failed, retrying");
                     tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
                 }
                 other => return other,
             }
@@ -111,8 +120,7 @@ impl JetStreamBackbone {
     /// Publishes one message until it is acknowledged or `retry_for` has passed. Safe to repeat:
     /// the event id makes every attempt after a stored one a duplicate.
     async fn publish_retrying(&self, m: &Message, started: Instant) -> Result<PublishAck> {
-        let mut backoff = Duration::from_millis(50);
-        loop {
+        self.retrying_since(started, || async {
             let attempt = async {
                 let fut = self
                     .js
@@ -120,20 +128,19 @@ impl JetStreamBackbone {
                     .await?;
                 fut.await
             };
-            let err = match attempt.await {
-                Ok(ack) => return Ok(to_ack(ack)),
-                Err(e) => e,
-            };
-            if let Some(fatal) = self.fatal_publish_error(m, &err).await {
-                return Err(fatal);
+            match attempt.await {
+                Ok(ack) => Ok(to_ack(ack)),
+                Err(err) => Err(match self.fatal_publish_error(m, &err).await {
+                    Some(fatal) => fatal,
+                    None => BackboneError::nats(err),
+                }),
             }
-            if started.elapsed() >= self.retry_for {
-                return Err(BackboneError::Timeout(format!("publishing {} to {}: {err}", m.id, m.subject)));
-            }
-            tracing::debug!(id = %m.id, error = %err, "publish failed, retrying");
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(1));
-        }
+        })
+        .await
+        .map_err(|e| match e {
+            BackboneError::Nats(err) => BackboneError::Timeout(format!("publishing {} to {}: {err}", m.id, m.subject)),
+            other => other,
+        })
     }
 
     /// Awaits a pipelined publish, falling back to retries when it failed.

@@ -144,32 +144,10 @@ impl std::fmt::Debug for Subscription {
 /// Checks a subject as NATS would: non-empty dot-separated tokens without whitespace;
 /// wildcards only where `wildcards` (subscriptions), and `>` only last.
 pub(crate) fn validate_subject(subject: &str, wildcards: bool) -> Result<(), RpcError> {
-    let invalid = |reason| {
-        Err(RpcError::InvalidSubject {
-            subject: subject.to_string(),
-            reason,
-        })
-    };
-    if subject.is_empty() {
-        return invalid("empty");
+    match chorus_backbone::subject::problem(subject, wildcards) {
+        None => Ok(()),
+        Some(reason) => Err(RpcError::InvalidSubject { subject: subject.to_string(), reason }),
     }
-    if subject.chars().any(char::is_whitespace) {
-        return invalid("contains whitespace");
-    }
-    let tokens: Vec<&str> = subject.split('.').collect();
-    for (i, token) in tokens.iter().enumerate() {
-        if token.is_empty() {
-            return invalid("empty token");
-        }
-        let wildcard = *token == "*" || *token == ">";
-        if wildcard && !wildcards {
-            return invalid("wildcards cannot be published to");
-        }
-        if *token == ">" && i + 1 != tokens.len() {
-            return invalid("'>' must be the last token");
-        }
-    }
-    Ok(())
 }
 
 /// Whether `subject` (no wildcards) matches `pattern` (may have wildcards).
