@@ -10,7 +10,8 @@
 //! thing); past `drop_watcher_states_after`, watcher state events are dropped too (they are
 //! periodic state and are announced again). Startup, shutdown, provisioned, upgraded and
 //! governor events, machine transitions, RPC records and audit records are never dropped:
-//! they are bounded only by the disk. Forwarded events are purged from the outbox.
+//! they are bounded only by the disk. Forwarded events are purged from the outbox, all but the
+//! newest, which keeps the producer's last sequence for the next start.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -30,6 +31,12 @@ use crate::{EventSink, ProducerError};
 /// Name of the outbox stream inside the node's embedded store.
 pub const OUTBOX_STREAM: &str = "OUTBOX";
 const FORWARDER: &str = "forwarder";
+
+/// The forwarder's durable consumer. A long ack_wait: a batch in hand is retried by the
+/// forwarder until delivered, never redelivered behind its back (which could reorder events).
+fn forwarder_config() -> ConsumerConfig {
+    ConsumerConfig::new(FORWARDER).with_ack_wait(Duration::from_secs(7 * 24 * 3600))
+}
 
 /// Limits of the outbox.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -85,9 +92,11 @@ impl Outbox {
     /// Opens the outbox in `store` (the node's embedded store), creating its stream.
     pub async fn open(store: EmbeddedBackbone, limits: OutboxLimits) -> Result<Self, ProducerError> {
         let info = store.ensure_stream(&StreamConfig::new(OUTBOX_STREAM, vec![">".into()])).await?;
+        // What waits is what the forwarder's durable consumer has not acknowledged.
+        let waiting = store.consumer(OUTBOX_STREAM, &forwarder_config()).await?.pending().await?;
         let stats = Arc::new(OutboxStats::default());
         stats.stored.store(info.last_sequence, Ordering::SeqCst);
-        stats.forwarded.store(info.first_sequence.saturating_sub(1), Ordering::SeqCst);
+        stats.forwarded.store(info.last_sequence.saturating_sub(waiting), Ordering::SeqCst);
         Ok(Outbox { store, limits, stats })
     }
 
@@ -96,19 +105,12 @@ impl Outbox {
     }
 
     /// The sequence a restarted producer continues from: one past the newest event it stored.
+    /// The newest event always stays in the outbox (purges keep it), so this never needs
+    /// state of its own.
     pub async fn next_producer_seq(&self) -> Result<u64, ProducerError> {
         let info = self.store.stream_info(OUTBOX_STREAM).await?;
-        if info.messages == 0 {
-            // Everything was forwarded and purged; the forwarder remembers the last sequence.
-            return Ok(self.last_forwarded_seq().await? + 1);
-        }
         let last = self.store.get(OUTBOX_STREAM, info.last_sequence).await?;
         Ok(last.and_then(|m| EventRecord::decode(&m.payload).ok()).map_or(1, |r| r.seq + 1))
-    }
-
-    async fn last_forwarded_seq(&self) -> Result<u64, ProducerError> {
-        let path = self.store.path().join("last_forwarded_seq");
-        Ok(std::fs::read_to_string(path).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0))
     }
 
     fn admit(&self, record: &EventRecord) -> bool {
@@ -139,10 +141,7 @@ impl Outbox {
     }
 
     async fn forward(&self, site: Arc<dyn Backbone>, batch: usize, mut stop: watch::Receiver<bool>) -> Result<(), ProducerError> {
-        // A long ack_wait: a batch in hand is retried here until delivered, never redelivered
-        // behind our back (which could reorder events).
-        let cfg = ConsumerConfig::new(FORWARDER).with_ack_wait(Duration::from_secs(7 * 24 * 3600));
-        let mut consumer = self.store.consumer(OUTBOX_STREAM, &cfg).await?;
+        let mut consumer = self.store.consumer(OUTBOX_STREAM, &forwarder_config()).await?;
         let mut backoff = Duration::from_millis(100);
         loop {
             if *stop.borrow() && self.stats.backlog() == 0 {
@@ -178,14 +177,12 @@ impl Outbox {
             }
             let last = deliveries.last().unwrap();
             let last_seq = last.message.sequence;
-            if let Ok(r) = EventRecord::decode(&last.message.payload) {
-                let _ = std::fs::write(self.store.path().join("last_forwarded_seq"), r.seq.to_string());
-            }
             for d in &deliveries {
                 d.ack().await?;
             }
             self.stats.forwarded.fetch_max(last_seq, Ordering::SeqCst);
-            self.store.purge(OUTBOX_STREAM, last_seq + 1).await?;
+            // Keep the newest forwarded event: it carries the producer's last sequence.
+            self.store.purge(OUTBOX_STREAM, last_seq).await?;
         }
     }
 }
@@ -202,5 +199,52 @@ impl EventSink for Outbox {
             self.stats.stored.fetch_max(last, Ordering::SeqCst);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Emitter;
+    use chorus_schemas::lifecycle::Startup;
+
+    /// After everything is forwarded and purged, a restarted node continues its sequence and
+    /// sees an empty backlog, with no state kept outside the outbox stream.
+    #[tokio::test]
+    async fn restart_after_full_forward_continues_the_sequence() {
+        let dir = tempfile::tempdir().unwrap();
+        let site = EmbeddedBackbone::open_path(dir.path().join("site")).unwrap();
+        site.ensure_stream(&StreamConfig::new("SITE", vec![">".into()])).await.unwrap();
+        {
+            let outbox = Outbox::open(EmbeddedBackbone::open_path(dir.path().join("outbox")).unwrap(), OutboxLimits::default())
+                .await
+                .unwrap();
+            let emitter = Emitter::new(Arc::new(outbox.clone()), outbox.next_producer_seq().await.unwrap(), None);
+            for _ in 0..3 {
+                emitter.emit(Startup::new("n1.example.net", "server", "1.0.0")).await.unwrap();
+            }
+            let (stop, rx) = watch::channel(false);
+            let forwarder = outbox.spawn_forwarder(Arc::new(site.clone()), 10, rx);
+            while outbox.stats().backlog() > 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            stop.send(true).unwrap();
+            forwarder.await.unwrap().unwrap();
+        }
+        assert_eq!(site.stream_info("SITE").await.unwrap().messages, 3);
+        let mut reopened = None;
+        for _ in 0..100 {
+            // sled's background threads may hold the lock for a moment after the last handle.
+            match EmbeddedBackbone::open_path(dir.path().join("outbox")) {
+                Ok(b) => {
+                    reopened = Some(b);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        let outbox = Outbox::open(reopened.expect("outbox reopens"), OutboxLimits::default()).await.unwrap();
+        assert_eq!(outbox.next_producer_seq().await.unwrap(), 4);
+        assert_eq!(outbox.stats().backlog(), 0);
     }
 }
