@@ -1,4 +1,13 @@
-//! Chorus consumers: projections built by replaying streams (inventory, provisioner,
-//! audit export to SIEM, version dashboard).
+//! Chorus consumers: views built by replaying streams, and sinks that carry events out.
 //!
-//! Work on this crate is tracked by issue [4]; it is intentionally empty until then.
+//! * [`projection`] — the framework: a view applies events in stream order and stores its
+//!   state together with the last applied stream sequence in one atomic sled batch, so a
+//!   restart resumes exactly where it stopped and a rebuild from sequence 0 gives the same
+//!   state.
+//! * [`inventory`] — nodes with identity, component, version, facts, last seen and status.
+//! * [`audit_export`] — audit and RPC records out to a SIEM (syslog RFC 5424/5425, Splunk
+//!   HEC, JSON lines), at-least-once.
+
+pub mod audit_export;
+pub mod inventory;
+pub mod projection;

@@ -1,0 +1,1 @@
+//! Audit export to SIEM (work in progress).

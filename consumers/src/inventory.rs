@@ -1,0 +1,1 @@
+//! Inventory view (work in progress).

@@ -1,0 +1,1 @@
+//! Projection framework (work in progress).
