@@ -18,6 +18,7 @@
 //!   spawned with `PR_SET_PDEATHSIG`, so servers die even when the test process is killed
 //!   (for example by nextest's `terminate-after`) and `Drop` never runs.
 
+mod leaf;
 mod cluster;
 mod monitor;
 mod process;
@@ -29,6 +30,13 @@ use std::path::{Path, PathBuf};
 pub use crate::error::{HarnessError, Result};
 pub use cluster::{NatsCluster, NatsClusterBuilder};
 pub use server::{NatsServer, NatsServerBuilder};
+pub use leaf::LeafnodeSites;
+
+/// A free loopback port (probably still free when the caller binds it), for listeners a
+/// test configures itself: leafnode ports, syslog receivers, HTTP sinks.
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(process::free_ports(1)?[0])
+}
 
 /// Environment variable naming the `nats-server` binary to use instead of searching.
 pub const NATS_SERVER_ENV: &str = "CHORUS_NATS_SERVER";

@@ -1,0 +1,235 @@
+//! Typed configuration of `chorus replicate --config FILE` (YAML).
+//!
+//! ```yaml
+//! state_dir: /var/lib/chorus/replicator
+//! listen: 127.0.0.1:9180            # /metrics and /healthz
+//! links:
+//!   - name: east-to-hub
+//!     source: { nats: { servers: ["nats://east:4222"] } }
+//!     target: { nats: { servers: ["nats://hub:4222"] } }
+//!     source_site: east              # stamped on events that carry no site
+//!     target_site: hub               # events that came from the hub are not sent back
+//!     streams:
+//!       - stream: CHORUS_LIFECYCLE
+//!         rewrite:
+//!           - { from: "choria.lifecycle.>", to: "sites.east.choria.lifecycle.>" }
+//!       - stream: CHORUS_AUDIT
+//!     sampling: { interval: 10m }    # alive events: one per node per 10 minutes
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chorus_backbone::embedded::EmbeddedConfig;
+use chorus_backbone::jetstream::NatsConfig;
+use chorus_backbone::StreamConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ReplicatorError, Result};
+use crate::rewrite::{Rewrite, RewriteRule};
+
+/// The whole replicator process.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicatorConfig {
+    /// Where checkpoints are kept; must survive restarts.
+    pub state_dir: PathBuf,
+    /// Address of the `/metrics` and `/healthz` endpoint; none when unset.
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    pub links: Vec<LinkConfig>,
+}
+
+/// One source backbone copied into one target backbone. Many sites into one hub is one link
+/// per site, all with the same target.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkConfig {
+    /// Names the link in metrics and checkpoints: letters, digits, `-`, `_`.
+    pub name: String,
+    #[serde(with = "serde_yaml::with::singleton_map")]
+    pub source: EndpointConfig,
+    #[serde(with = "serde_yaml::with::singleton_map")]
+    pub target: EndpointConfig,
+    /// Site stamped as provenance (the CloudEvents `site` extension) on copied events that
+    /// carry none. Events that carry one keep it.
+    #[serde(default)]
+    pub source_site: Option<String>,
+    /// The target's site: events whose provenance is this site are not copied, which breaks
+    /// the loop of a two-way (site ⇄ hub) setup.
+    #[serde(default)]
+    pub target_site: Option<String>,
+    pub streams: Vec<StreamLink>,
+    #[serde(default)]
+    pub sampling: Option<SamplingConfig>,
+    /// Most events per target publish batch.
+    #[serde(default = "default_batch")]
+    pub batch: usize,
+    /// Longest wait between retries of a failing source or target.
+    #[serde(default = "default_max_backoff", with = "humantime_serde")]
+    pub max_backoff: Duration,
+}
+
+fn default_batch() -> usize {
+    2048
+}
+
+fn default_max_backoff() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// A backbone to read from or write to.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum EndpointConfig {
+    /// NATS JetStream (the production and multi-site engine).
+    Nats(NatsConfig),
+    /// An embedded store directory (e.g. a node's outbox, copied while its agent is stopped,
+    /// or a zero-setup hub).
+    Embedded(EmbeddedConfig),
+}
+
+/// One stream copied by a link.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamLink {
+    /// Source stream name.
+    pub stream: String,
+    /// Only these subjects of the source stream (empty = all).
+    #[serde(default)]
+    pub filter_subjects: Vec<String>,
+    /// Subject rewrites applied before publishing; the first matching rule wins.
+    #[serde(default)]
+    pub rewrite: Vec<RewriteRule>,
+    /// Created (or updated) on the target at start; otherwise the target must already have
+    /// a stream capturing the (rewritten) subjects.
+    #[serde(default)]
+    pub target_stream: Option<StreamConfig>,
+}
+
+/// Sampling of alive events.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SamplingConfig {
+    /// At most one event per node per this interval, unless a field changed.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Subjects sampled.
+    #[serde(default = "default_sampled")]
+    pub subjects: Vec<String>,
+}
+
+fn default_sampled() -> Vec<String> {
+    vec!["choria.lifecycle.event.alive.>".into()]
+}
+
+impl ReplicatorConfig {
+    /// Reads and validates a YAML file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ReplicatorError::Io { context: format!("reading {}", path.display()), source })?;
+        Self::from_yaml(&text)
+    }
+
+    /// Parses and validates YAML text.
+    pub fn from_yaml(text: &str) -> Result<Self> {
+        let config: ReplicatorConfig =
+            serde_yaml::from_str(text).map_err(|e| ReplicatorError::Config(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Rejects what would fail later, naming the field.
+    pub fn validate(&self) -> Result<()> {
+        if self.links.is_empty() {
+            return Err(ReplicatorError::Config("links must not be empty".into()));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, link) in self.links.iter().enumerate() {
+            let at = |field: &str| format!("links[{i}] ({}).{field}", link.name);
+            if link.name.is_empty() || !link.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+                return Err(ReplicatorError::Config(format!("{}: {:?} must be letters, digits, '-' or '_'", at("name"), link.name)));
+            }
+            if !names.insert(&link.name) {
+                return Err(ReplicatorError::Config(format!("{}: duplicate link name", at("name"))));
+            }
+            if link.streams.is_empty() {
+                return Err(ReplicatorError::Config(format!("{}: must not be empty", at("streams"))));
+            }
+            if link.batch == 0 || link.batch > 100_000 {
+                return Err(ReplicatorError::Config(format!("{}: must be 1..=100000", at("batch"))));
+            }
+            for site in [&link.source_site, &link.target_site].into_iter().flatten() {
+                chorus_schemas::subject::validate_token("site", site)
+                    .map_err(|e| ReplicatorError::Config(format!("{}: {e}", at("source_site/target_site"))))?;
+            }
+            if let EndpointConfig::Nats(n) = &link.source {
+                n.validate().map_err(|e| ReplicatorError::Config(format!("{}: {e}", at("source"))))?;
+            }
+            if let EndpointConfig::Nats(n) = &link.target {
+                n.validate().map_err(|e| ReplicatorError::Config(format!("{}: {e}", at("target"))))?;
+            }
+            for (j, s) in link.streams.iter().enumerate() {
+                let at = |field: &str| at(&format!("streams[{j}].{field}"));
+                for f in &s.filter_subjects {
+                    chorus_backbone::subject::validate_filter(f)
+                        .map_err(|e| ReplicatorError::Config(format!("{}: {e}", at("filter_subjects"))))?;
+                }
+                for r in &s.rewrite {
+                    Rewrite::new(r).map_err(|e| ReplicatorError::Config(format!("{}: {e}", at("rewrite"))))?;
+                }
+                if let Some(t) = &s.target_stream {
+                    t.validate().map_err(|e| ReplicatorError::Config(format!("{}: {e}", at("target_stream"))))?;
+                }
+            }
+            if let Some(s) = &link.sampling {
+                if s.interval.is_zero() {
+                    return Err(ReplicatorError::Config(format!("{}: must be > 0", at("sampling.interval"))));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_documented_example() {
+        let text = r#"
+state_dir: /tmp/r
+listen: 127.0.0.1:9180
+links:
+  - name: east-to-hub
+    source: { nats: { servers: ["nats://east:4222"] } }
+    target: { embedded: { path: /tmp/hub } }
+    source_site: east
+    target_site: hub
+    streams:
+      - stream: CHORUS_LIFECYCLE
+        rewrite:
+          - { from: "choria.lifecycle.>", to: "sites.east.choria.lifecycle.>" }
+      - stream: CHORUS_AUDIT
+    sampling: { interval: 10m }
+"#;
+        let c = ReplicatorConfig::from_yaml(text).unwrap();
+        assert_eq!(c.links[0].batch, 2048);
+        assert_eq!(c.links[0].sampling.as_ref().unwrap().subjects, vec!["choria.lifecycle.event.alive.>"]);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = ReplicatorConfig::from_yaml("state_dir: x\nlinks: []\n").unwrap_err();
+        assert!(e.to_string().contains("links"), "{e}");
+        let e = ReplicatorConfig::from_yaml(
+            "state_dir: x\nlinks:\n  - name: a\n    source: {embedded: {path: a}}\n    target: {embedded: {path: b}}\n    streams: [{stream: S, rewrite: [{from: 'a.*', to: 'b.>'}]}]\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("streams[0].rewrite"), "{e}");
+        let e = ReplicatorConfig::from_yaml("state_dir: x\nbogus: 1\nlinks: []\n").unwrap_err();
+        assert!(e.to_string().contains("bogus"), "{e}");
+    }
+}

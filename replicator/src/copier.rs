@@ -1,0 +1,330 @@
+//! The copy loop of one (link, stream): a reader that replays the source from the sequence
+//! after the checkpoint and prepares batches, and a publisher that stores each batch in the
+//! target, then moves the checkpoint. The two overlap through a small bounded channel, so
+//! the next batch is read while the current one is being acknowledged, and the reader waits
+//! when the target is slow or down.
+
+use std::borrow::Cow;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chorus_backbone::{Backbone, Message, ReplayOptions, StartPosition, StoredMessage};
+use futures::StreamExt;
+use serde::Deserialize;
+use tokio::sync::{mpsc, watch};
+
+use crate::checkpoint::Checkpoints;
+use crate::metrics::{CopierHealth, Metrics, ReasonLabels, StreamLabels};
+use crate::rewrite::{rewrite_subject, Rewrite};
+use crate::sampling::Sampler;
+
+/// Everything one copier needs.
+pub(crate) struct Copier {
+    pub link: String,
+    pub stream: String,
+    pub source: Arc<dyn Backbone>,
+    pub target: Arc<dyn Backbone>,
+    pub filter_subjects: Vec<String>,
+    pub rewrites: Vec<Rewrite>,
+    pub source_site: Option<String>,
+    pub target_site: Option<String>,
+    pub sampler: Option<Sampler>,
+    pub batch: usize,
+    pub max_backoff: Duration,
+    pub checkpoints: Checkpoints,
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<CopierHealth>,
+}
+
+/// A prepared batch: what to publish, and the source position it completes.
+struct Batch {
+    messages: Vec<Message>,
+    last_sequence: u64,
+    last_time: chrono::DateTime<chrono::Utc>,
+}
+
+/// The few envelope fields the copier looks at, read without building the event.
+#[derive(Deserialize)]
+struct Peek<'a> {
+    #[serde(borrow, default)]
+    site: Option<Cow<'a, str>>,
+    #[serde(default)]
+    specversion: Option<serde::de::IgnoredAny>,
+}
+
+/// Doubling backoff between retries, capped.
+struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    fn new(max: Duration) -> Self {
+        Backoff { next: Duration::from_millis(50), max }
+    }
+
+    /// Sleeps, unless stopped first; returns false when stopped.
+    async fn wait(&mut self, stop: &mut watch::Receiver<bool>) -> bool {
+        let d = self.next;
+        self.next = (self.next * 2).min(self.max);
+        let stopped = tokio::select! {
+            _ = tokio::time::sleep(d) => false,
+            _ = stop.wait_for(|s| *s) => true,
+        };
+        !stopped && !*stop.borrow()
+    }
+}
+
+impl Copier {
+    fn labels(&self) -> StreamLabels {
+        StreamLabels { link: self.link.clone(), stream: self.stream.clone() }
+    }
+
+    fn reason(&self, reason: &str) -> ReasonLabels {
+        ReasonLabels { link: self.link.clone(), stream: self.stream.clone(), reason: reason.into() }
+    }
+
+    fn key(&self) -> String {
+        Checkpoints::key(&self.link, &self.stream)
+    }
+
+    /// Runs until `stop` turns true. Never returns an error: every failure is counted,
+    /// reported through health, and retried, because giving up would lose events.
+    pub async fn run(mut self, stop: watch::Receiver<bool>) {
+        let start = loop {
+            match self.checkpoints.load(&self.key()) {
+                Ok(cp) => break cp,
+                Err(e) => {
+                    self.fail("checkpoint", e.to_string());
+                    if !Backoff::new(self.max_backoff).wait(&mut stop.clone()).await {
+                        return;
+                    }
+                }
+            }
+        };
+        self.health.progressed(start);
+        self.metrics.checkpoint.get_or_create(&self.labels()).set(start as i64);
+        let (tx, rx) = mpsc::channel::<Batch>(4);
+        let sampler = self.sampler.take();
+        let me = Arc::new(self);
+        let lag = tokio::spawn(me.clone().track_lag(stop.clone()));
+        let reader = tokio::spawn(me.clone().read(start + 1, sampler, tx, stop.clone()));
+        me.publish(rx, stop).await;
+        let _ = reader.await;
+        lag.abort();
+    }
+
+    fn fail(&self, side: &str, error: String) {
+        tracing::warn!(link = %self.link, stream = %self.stream, side, %error, "replication error; retrying");
+        self.metrics.errors.get_or_create(&self.reason(side)).inc();
+        self.health.failed(format!("{side}: {error}"));
+    }
+
+    /// Replays the source from `next` and sends prepared batches; reopens the replay after a
+    /// source failure from the first sequence not yet handed to the publisher.
+    async fn read(self: Arc<Self>, mut next: u64, mut sampler: Option<Sampler>, tx: mpsc::Sender<Batch>, mut stop: watch::Receiver<bool>) {
+        let mut backoff = Backoff::new(self.max_backoff);
+        loop {
+            let options = ReplayOptions {
+                start: StartPosition::Sequence(next),
+                filter_subjects: self.filter_subjects.clone(),
+                follow: true,
+            };
+            let replay = tokio::select! {
+                r = self.source.replay(&self.stream, options) => r,
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            let replay = match replay {
+                Ok(r) => r,
+                Err(e) => {
+                    self.fail("source", e.to_string());
+                    if !backoff.wait(&mut stop).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let mut chunks = replay.ready_chunks(self.batch);
+            loop {
+                let items = tokio::select! {
+                    items = chunks.next() => items,
+                    _ = stop.wait_for(|s| *s) => return,
+                };
+                let Some(items) = items else { break };
+                let mut batch = Batch { messages: Vec::with_capacity(items.len()), last_sequence: 0, last_time: Default::default() };
+                let mut failed = None;
+                for item in items {
+                    match item {
+                        Ok(m) => {
+                            next = m.sequence + 1;
+                            batch.last_sequence = m.sequence;
+                            batch.last_time = m.time;
+                            if let Some(message) = self.prepare(m, sampler.as_mut()) {
+                                batch.messages.push(message);
+                            }
+                        }
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
+                }
+                if batch.last_sequence != 0 {
+                    backoff = Backoff::new(self.max_backoff);
+                    if tx.send(batch).await.is_err() {
+                        return;
+                    }
+                }
+                if let Some(e) = failed {
+                    self.fail("source", e.to_string());
+                    break;
+                }
+            }
+            if !backoff.wait(&mut stop).await {
+                return;
+            }
+        }
+    }
+
+    /// Loop prevention, sampling, rewrite and provenance; `None` when the event is not
+    /// copied. Events the copier cannot read are copied unchanged: consumers dead-letter
+    /// them with the reason, the replicator does not silently drop them.
+    fn prepare(&self, m: StoredMessage, sampler: Option<&mut Sampler>) -> Option<Message> {
+        let mut payload = m.payload;
+        if self.source_site.is_some() || self.target_site.is_some() {
+            let peek: Option<Peek> = serde_json::from_slice(&payload).ok();
+            let site = peek.as_ref().and_then(|p| p.site.as_deref());
+            if site.is_some() && site == self.target_site.as_deref() {
+                self.metrics.skipped.get_or_create(&self.reason("loop")).inc();
+                return None;
+            }
+            if let (Some(p), None, Some(source_site)) = (&peek, site, &self.source_site) {
+                if p.specversion.is_some() {
+                    payload = with_site(&payload, source_site).map(Into::into).unwrap_or(payload.clone());
+                }
+            }
+        }
+        if let Some(s) = sampler {
+            if !s.forward(&m.subject, &payload) {
+                self.metrics.skipped.get_or_create(&self.reason("sampled")).inc();
+                return None;
+            }
+        }
+        let subject = match rewrite_subject(&self.rewrites, &m.subject) {
+            Cow::Borrowed(_) => m.subject,
+            Cow::Owned(s) => s,
+        };
+        Some(Message { id: m.id, subject, payload })
+    }
+
+    /// Publishes batches in order, retrying each until the target stores it, then moves the
+    /// checkpoint. Batches waiting in the channel are merged up to the batch size so a
+    /// fast source meets few, large, pipelined publishes.
+    async fn publish(&self, mut rx: mpsc::Receiver<Batch>, mut stop: watch::Receiver<bool>) {
+        let key = self.key();
+        let labels = self.labels();
+        loop {
+            let first = tokio::select! {
+                b = rx.recv() => b,
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            let Some(mut batch) = first else { return };
+            while batch.messages.len() < self.batch {
+                match rx.try_recv() {
+                    Ok(more) => {
+                        batch.messages.extend(more.messages);
+                        batch.last_sequence = more.last_sequence;
+                        batch.last_time = more.last_time;
+                    }
+                    Err(_) => break,
+                }
+            }
+            let count = batch.messages.len();
+            if count > 0 {
+                let mut backoff = Backoff::new(self.max_backoff);
+                loop {
+                    match self.target.publish_batch(batch.messages.clone()).await {
+                        Ok(acks) => {
+                            let dups = acks.iter().filter(|a| a.duplicate).count() as u64;
+                            self.metrics.copied.get_or_create(&labels).inc_by(count as u64 - dups);
+                            if dups > 0 {
+                                self.metrics.skipped.get_or_create(&self.reason("duplicate")).inc_by(dups);
+                            }
+                            break;
+                        }
+                        Err(e) => {
+                            self.fail("target", e.to_string());
+                            if !backoff.wait(&mut stop).await {
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+            let mut backoff = Backoff::new(self.max_backoff);
+            while let Err(e) = self.checkpoints.store(&key, batch.last_sequence).await {
+                self.fail("checkpoint", e.to_string());
+                if !backoff.wait(&mut stop).await {
+                    return;
+                }
+            }
+            self.health.progressed(batch.last_sequence);
+            self.metrics.checkpoint.get_or_create(&labels).set(batch.last_sequence as i64);
+            self.health.newest_time.store(batch.last_time.timestamp_millis(), Ordering::Relaxed);
+        }
+    }
+
+    /// Refreshes the lag gauges once a second from the source stream's last sequence.
+    async fn track_lag(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let labels = self.labels();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            let Ok(info) = self.source.stream_info(&self.stream).await else { continue };
+            let done = self.health.checkpoint.load(Ordering::Relaxed);
+            let lag = info.last_sequence.saturating_sub(done);
+            self.health.lag.store(lag, Ordering::Relaxed);
+            self.metrics.lag_events.get_or_create(&labels).set(lag as i64);
+            let seconds = if lag == 0 {
+                0.0
+            } else {
+                let newest = self.health.newest_time.load(Ordering::Relaxed);
+                if newest == 0 {
+                    0.0
+                } else {
+                    ((chrono::Utc::now().timestamp_millis() - newest).max(0) as f64) / 1000.0
+                }
+            };
+            self.metrics.lag_seconds.get_or_create(&labels).set(seconds);
+        }
+    }
+}
+
+/// The event with the `site` extension added (CloudEvents extensions are top-level
+/// attributes), or `None` when it is not a JSON object.
+fn with_site(payload: &[u8], site: &str) -> Option<Vec<u8>> {
+    let mut map: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(payload).ok()?;
+    map.insert("site".into(), serde_json::Value::String(site.into()));
+    serde_json::to_vec(&map).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chorus_schemas::lifecycle::Startup;
+    use chorus_schemas::EventRecord;
+
+    #[test]
+    fn site_is_added_as_an_extension_the_decoder_reads() {
+        let r = EventRecord::new(Startup::new("n1", "server", "1.0"), 1);
+        let stamped = with_site(&r.encode(), "east").unwrap();
+        let back = EventRecord::decode(&stamped).unwrap();
+        assert_eq!(back.site.as_deref(), Some("east"));
+        assert_eq!(back.id, r.id);
+        assert_eq!(back.data, r.data);
+    }
+}

@@ -1,0 +1,154 @@
+//! Prometheus metrics and health of the copiers, per link and stream.
+//!
+//! * `chorus_replicator_copied_total` — events the target acknowledged.
+//! * `chorus_replicator_skipped_total{reason}` — `sampled` (alive sampling) or `loop` (the
+//!   event came from the target's site).
+//! * `chorus_replicator_errors_total{side}` — `source`, `target` or `checkpoint` failures,
+//!   each followed by a retry.
+//! * `chorus_replicator_lag_events` — source messages not yet copied.
+//! * `chorus_replicator_lag_seconds` — age of the newest copied event while behind, 0 when
+//!   caught up.
+//! * `chorus_replicator_checkpoint` — last source sequence in the target.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StreamLabels {
+    pub link: String,
+    pub stream: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub link: String,
+    pub stream: String,
+    pub reason: String,
+}
+
+/// The metric families of one replicator process.
+pub struct Metrics {
+    registry: Registry,
+    pub copied: Family<StreamLabels, Counter>,
+    pub skipped: Family<ReasonLabels, Counter>,
+    pub errors: Family<ReasonLabels, Counter>,
+    pub lag_events: Family<StreamLabels, Gauge>,
+    pub lag_seconds: Family<StreamLabels, Gauge<f64, AtomicU64>>,
+    pub checkpoint: Family<StreamLabels, Gauge>,
+    health: Mutex<Vec<Arc<CopierHealth>>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("chorus_replicator");
+        let copied = Family::<StreamLabels, Counter>::default();
+        let skipped = Family::<ReasonLabels, Counter>::default();
+        let errors = Family::<ReasonLabels, Counter>::default();
+        let lag_events = Family::<StreamLabels, Gauge>::default();
+        let lag_seconds = Family::<StreamLabels, Gauge<f64, AtomicU64>>::default();
+        let checkpoint = Family::<StreamLabels, Gauge>::default();
+        registry.register("copied", "Events the target acknowledged", copied.clone());
+        registry.register("skipped", "Events not copied, by reason (sampled, loop)", skipped.clone());
+        registry.register("errors", "Failures, by side (source, target, checkpoint); each is retried", errors.clone());
+        registry.register("lag_events", "Source messages not yet copied", lag_events.clone());
+        registry.register("lag_seconds", "Age of the newest copied event while behind; 0 when caught up", lag_seconds.clone());
+        registry.register("checkpoint", "Last source sequence acknowledged by the target", checkpoint.clone());
+        Metrics { registry, copied, skipped, errors, lag_events, lag_seconds, checkpoint, health: Mutex::new(Vec::new()) }
+    }
+}
+
+impl Metrics {
+    /// The text exposition format, for `/metrics`.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+
+    pub(crate) fn register_copier(&self, health: Arc<CopierHealth>) {
+        self.health.lock().expect("health lock").push(health);
+    }
+
+    /// Health of every copier: healthy when none has been failing for longer than its grace.
+    pub fn health(&self) -> Vec<HealthReport> {
+        self.health.lock().expect("health lock").iter().map(|h| h.report()).collect()
+    }
+}
+
+/// One copier's live state, shared with the health endpoint.
+#[derive(Debug)]
+pub struct CopierHealth {
+    pub link: String,
+    pub stream: String,
+    state: Mutex<HealthState>,
+    pub(crate) checkpoint: AtomicU64,
+    pub(crate) lag: AtomicU64,
+    /// Stream time (Unix ms) of the newest copied message, for the lag in seconds.
+    pub(crate) newest_time: std::sync::atomic::AtomicI64,
+}
+
+#[derive(Debug, Default)]
+struct HealthState {
+    failing_since: Option<std::time::Instant>,
+    last_error: Option<String>,
+}
+
+/// What `/healthz` reports for one copier.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct HealthReport {
+    pub link: String,
+    pub stream: String,
+    pub healthy: bool,
+    pub checkpoint: u64,
+    pub lag_events: u64,
+    pub failing_for_seconds: Option<f64>,
+    pub last_error: Option<String>,
+}
+
+/// A copier counts as unhealthy once it has failed without progress for this long: brief
+/// broker restarts are normal and retried.
+const UNHEALTHY_AFTER: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl CopierHealth {
+    pub(crate) fn new(link: &str, stream: &str) -> Self {
+        CopierHealth {
+            link: link.into(),
+            stream: stream.into(),
+            state: Mutex::new(HealthState::default()),
+            checkpoint: AtomicU64::new(0),
+            lag: AtomicU64::new(0),
+            newest_time: std::sync::atomic::AtomicI64::new(0),
+        }
+    }
+
+    pub(crate) fn failed(&self, error: String) {
+        let mut s = self.state.lock().expect("health lock");
+        s.failing_since.get_or_insert_with(std::time::Instant::now);
+        s.last_error = Some(error);
+    }
+
+    pub(crate) fn progressed(&self, checkpoint: u64) {
+        self.checkpoint.store(checkpoint, Ordering::Relaxed);
+        self.state.lock().expect("health lock").failing_since = None;
+    }
+
+    pub fn report(&self) -> HealthReport {
+        let s = self.state.lock().expect("health lock");
+        let failing_for = s.failing_since.map(|t| t.elapsed());
+        HealthReport {
+            link: self.link.clone(),
+            stream: self.stream.clone(),
+            healthy: failing_for.is_none_or(|d| d < UNHEALTHY_AFTER),
+            checkpoint: self.checkpoint.load(Ordering::Relaxed),
+            lag_events: self.lag.load(Ordering::Relaxed),
+            failing_for_seconds: failing_for.map(|d| d.as_secs_f64()),
+            last_error: s.last_error.clone(),
+        }
+    }
+}
