@@ -2,6 +2,8 @@
 
 mod bench;
 mod cli_agent;
+mod cli_inventory;
+mod cli_audit_export;
 
 use clap::{Parser, Subcommand};
 
@@ -28,6 +30,19 @@ enum Command {
     Simulate(cli_agent::SimulateArgs),
     /// Make an RPC request to the fleet and summarise the replies.
     Rpc(cli_agent::RpcArgs),
+    /// The inventory of nodes, built from the lifecycle stream: list, show, summary, serve.
+    Inventory(cli_inventory::InventoryArgs),
+    /// Export audit and RPC records to a SIEM (syslog RFC 5424/5425, Splunk HEC, JSON lines).
+    AuditExport(cli_audit_export::AuditExportArgs),
+    /// Copy streams between sites (site → hub, outbox → JetStream) without loss or duplicates.
+    Replicate(ReplicateArgs),
+}
+
+#[derive(clap::Args)]
+struct ReplicateArgs {
+    /// Replicator configuration (YAML): links, streams, sampling, state directory.
+    #[arg(long)]
+    config: std::path::PathBuf,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -45,6 +60,9 @@ fn main() -> anyhow::Result<()> {
             Command::Agent(args) => cli_agent::agent(args).await,
             Command::Simulate(args) => cli_agent::simulate(args).await,
             Command::Rpc(args) => cli_agent::rpc(args).await,
+            Command::Inventory(args) => cli_inventory::run(args).await,
+            Command::AuditExport(args) => cli_audit_export::run(args).await,
+            Command::Replicate(args) => Ok(chorus_replicator::run_until_signal(&args.config).await?),
         }
     })
 }

@@ -28,4 +28,4 @@ mod replicator;
 
 pub use config::{EndpointConfig, LinkConfig, ReplicatorConfig, SamplingConfig, StreamLink};
 pub use error::ReplicatorError;
-pub use replicator::{Replicator, ReplicatorHandle};
+pub use replicator::{run_until_signal, Replicator, ReplicatorHandle};

@@ -174,3 +174,21 @@ impl ReplicatorHandle {
         while self.tasks.join_next().await.is_some() {}
     }
 }
+
+/// What `chorus replicate --config FILE` does: loads the configuration, starts every link
+/// and runs until SIGINT or SIGTERM, then stops after the batches in flight.
+pub async fn run_until_signal(config_path: &std::path::Path) -> Result<()> {
+    let config = ReplicatorConfig::load(config_path)?;
+    let handle = Replicator::from_config(&config).await?.start().await?;
+    if let Some(addr) = handle.local_addr() {
+        tracing::info!(%addr, "serving /metrics and /healthz");
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|source| ReplicatorError::Io { context: "installing the SIGTERM handler".into(), source })?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    handle.stop().await;
+    Ok(())
+}

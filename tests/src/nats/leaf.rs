@@ -22,11 +22,15 @@ impl LeafnodeSites {
     /// Starts a hub and `sites` leafnode sites (domains `site0`, `site1`, ...).
     pub fn start(sites: usize) -> Result<Self> {
         let names: Vec<String> = (0..sites).map(|i| format!("site{i}")).collect();
-        Self::start_named(&names)
+        Self::start_named(&names, &[])
     }
 
     /// Starts a hub and one leafnode site per name; each name is also its JetStream domain.
-    pub fn start_named(names: &[String]) -> Result<Self> {
+    /// Subjects in `isolated` do not cross the leafnodes (`deny_imports`/`deny_exports`), so
+    /// every site can keep its own stream on them: only the JetStream API and what is not
+    /// isolated flows between sites, as in a deployment where a replicator federates events.
+    pub fn start_named(names: &[String], isolated: &[&str]) -> Result<Self> {
+        let deny = serde_json::to_string(isolated).expect("strings serialize");
         let leaf_port = free_port().map_err(|source| crate::HarnessError::Io { context: "picking a leafnode port".into(), source })?;
         let hub = NatsServer::builder()
             .server_name("hub")
@@ -40,7 +44,7 @@ impl LeafnodeSites {
                     .server_name(name.clone())
                     .jetstream_extra(&format!("domain: {name}"))
                     .extra_config(&format!(
-                        "leafnodes {{\n  remotes: [ {{ url: \"nats-leaf://127.0.0.1:{leaf_port}\" }} ]\n}}\n"
+                        "leafnodes {{\n  remotes: [ {{ url: \"nats-leaf://127.0.0.1:{leaf_port}\", deny_imports: {deny}, deny_exports: {deny} }} ]\n}}\n"
                     ))
                     .start()?,
             );
