@@ -42,7 +42,7 @@ pub struct Args {
 }
 
 /// Realistic payloads: encoded alive events of distinct nodes, as the fleet sends them.
-fn payloads(n: usize) -> Vec<(String, Bytes)> {
+pub fn payloads(n: usize) -> Vec<(String, Bytes)> {
     (0..n)
         .map(|i| {
             let identity = format!("node{:06}.example.net", i % 50_000);
