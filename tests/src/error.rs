@@ -100,6 +100,11 @@ pub enum HarnessError {
         len: usize,
     },
 
+    /// An `rsyslogd` process (see [`crate::rsyslog`]) could not be found, did not start
+    /// listening, or exited; the message carries the tail of its output.
+    #[error("rsyslogd: {0}")]
+    Rsyslog(String),
+
     /// The harness was asked for something it cannot do.
     #[error("invalid harness request: {0}")]
     Invalid(String),

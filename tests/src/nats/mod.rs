@@ -21,7 +21,7 @@
 mod leaf;
 mod cluster;
 mod monitor;
-mod process;
+pub(crate) mod process;
 mod server;
 
 use std::ffi::OsString;

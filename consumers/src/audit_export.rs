@@ -1,1 +1,0 @@
-//! Audit export to SIEM (work in progress).
