@@ -72,7 +72,9 @@ pub async fn open_backbone(nats: Option<&str>, data: &std::path::Path) -> anyhow
         Some(urls) => Arc::new(JetStreamBackbone::connect(&NatsConfig::from_url_list(urls)).await?),
         None => {
             std::fs::create_dir_all(data)?;
-            Arc::new(EmbeddedBackbone::open_path(data).with_context(|| format!("opening {}", data.display()))?)
+            Arc::new(EmbeddedBackbone::open_path(data).with_context(|| {
+                format!("opening the embedded store {} (one process at a time: is another chorus using it?)", data.display())
+            })?)
         }
     })
 }

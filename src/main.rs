@@ -4,6 +4,7 @@ mod bench;
 mod cli_agent;
 mod cli_inventory;
 mod cli_audit_export;
+mod cli_up;
 
 use clap::{Parser, Subcommand};
 
@@ -36,6 +37,10 @@ enum Command {
     AuditExport(cli_audit_export::AuditExportArgs),
     /// Copy streams between sites (site → hub, outbox → JetStream) without loss or duplicates.
     Replicate(ReplicateArgs),
+    /// The whole platform in one process: simulated nodes, inventory, audit export, dashboard.
+    Up(cli_up::UpArgs),
+    /// The inventory projection and the version dashboard over existing streams.
+    Dashboard(cli_up::DashboardArgs),
 }
 
 #[derive(clap::Args)]
@@ -62,6 +67,8 @@ fn main() -> anyhow::Result<()> {
             Command::Rpc(args) => cli_agent::rpc(args).await,
             Command::Inventory(args) => cli_inventory::run(args).await,
             Command::AuditExport(args) => cli_audit_export::run(args).await,
+            Command::Up(args) => cli_up::up(args).await,
+            Command::Dashboard(args) => cli_up::dashboard(args).await,
             Command::Replicate(args) => Ok(chorus_replicator::run_until_signal(&args.config).await?),
         }
     })

@@ -10,6 +10,7 @@
 //! * [`nats::NatsServer`] — one server, JetStream on by default.
 //! * [`nats::NatsCluster`] — an n-node JetStream cluster with a meta leader elected.
 //! * [`nats::nats_server_binary`] — where the `nats-server` binary is found.
+//! * [`rsyslog::Rsyslog`] — a real `rsyslogd` (TCP or TLS listener) for the SIEM export tests.
 //!
 //! The API is synchronous on purpose: starting a server is a few hundred milliseconds of
 //! process spawning and polling, which is fine to do inline in `#[test]` and
@@ -25,6 +26,8 @@
 
 mod error;
 pub mod conformance;
+pub mod chromium;
 pub mod nats;
+pub mod rsyslog;
 
 pub use error::{HarnessError, Result};

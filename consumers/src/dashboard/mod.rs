@@ -1,0 +1,122 @@
+//! The version dashboard: one web page (versions per component as a chart, node counts by
+//! status, event rates), its JSON API and Prometheus `/metrics`, all read from the inventory
+//! view and the streams' counters.
+//!
+//! The page is self-contained (inline CSS, JavaScript and SVG; no CDN), because Chorus runs on
+//! management networks without internet access, and it polls the JSON API so it keeps
+//! filling while nodes arrive.
+//!
+//! Routes: `/` (page), `/api/summary`, `/api/nodes`, `/api/nodes/{identity}` (from
+//! [`crate::inventory::router`]), `/api/rates`, `/metrics`, `/healthz`.
+
+mod rates;
+
+use std::future::Future;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use chrono::Utc;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::inventory::{Inventory, Status};
+pub use rates::{RateSample, StreamRates};
+
+/// What the dashboard reads.
+#[derive(Clone)]
+pub struct Dashboard {
+    inventory: Inventory,
+    rates: StreamRates,
+}
+
+impl Dashboard {
+    pub fn new(inventory: Inventory, rates: StreamRates) -> Self {
+        Dashboard { inventory, rates }
+    }
+
+    /// The whole HTTP surface of the dashboard.
+    pub fn router(&self) -> Router {
+        let own = Router::new()
+            .route("/", get(page))
+            .route("/api/rates", get(rates))
+            .route("/metrics", get(metrics))
+            .route("/healthz", get(|| async { "ok" }))
+            .with_state(self.clone());
+        own.merge(crate::inventory::router(self.inventory.clone()))
+    }
+
+    /// Serves the dashboard on `listener` until `shutdown` completes.
+    pub async fn serve(self, listener: tokio::net::TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+        axum::serve(listener, self.router()).with_graceful_shutdown(shutdown).await
+    }
+}
+
+async fn page() -> Html<&'static str> {
+    Html(include_str!("page.html"))
+}
+
+async fn rates(State(d): State<Dashboard>) -> Json<Vec<RateSample>> {
+    Json(d.rates.snapshot())
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabel {
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabels {
+    component: String,
+    version: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StreamLabel {
+    stream: String,
+}
+
+/// Prometheus text format, computed at scrape time from the inventory (statuses depend on
+/// the clock, so they cannot be kept as counters).
+async fn metrics(State(d): State<Dashboard>) -> Response {
+    let inventory = d.inventory.clone();
+    let summary = match tokio::task::spawn_blocking(move || inventory.summary(Utc::now())).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    };
+    let mut registry = Registry::with_prefix("chorus");
+    let nodes = Family::<StatusLabel, Gauge>::default();
+    for status in [Status::Alive, Status::Missing, Status::Shutdown, Status::Expired] {
+        nodes.get_or_create(&StatusLabel { status: status.as_str().into() }).set(summary.status.get(status) as i64);
+    }
+    registry.register("nodes", "Nodes in the inventory by status", nodes);
+    let versions = Family::<VersionLabels, Gauge>::default();
+    for (component, by_version) in &summary.versions {
+        for (version, n) in by_version {
+            versions.get_or_create(&VersionLabels { component: component.clone(), version: version.clone() }).set(*n as i64);
+        }
+    }
+    registry.register("node_versions", "Nodes (not expired) per component and version", versions);
+    let checkpoint = Gauge::<i64>::default();
+    checkpoint.set(summary.checkpoint as i64);
+    registry.register("inventory_checkpoint", "Last CHORUS_LIFECYCLE sequence applied to the inventory", checkpoint);
+    let messages = Family::<StreamLabel, Gauge>::default();
+    let per_second = Family::<StreamLabel, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+    for r in d.rates.snapshot() {
+        let l = StreamLabel { stream: r.stream.clone() };
+        messages.get_or_create(&l).set(r.last_sequence as i64);
+        per_second.get_or_create(&l).set(r.per_second);
+    }
+    registry.register("stream_last_sequence", "Highest sequence stored per stream", messages);
+    registry.register("stream_events_per_second", "Events stored per second, per stream, over the last minute", per_second);
+    let mut out = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &registry) {
+        return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();
+    }
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], out).into_response()
+}

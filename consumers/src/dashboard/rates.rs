@@ -1,0 +1,87 @@
+//! Event rates per stream, from the streams' last sequence sampled every few seconds: no
+//! consumer of its own, so watching rates costs the backbone one info call per stream.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chorus_backbone::Backbone;
+use serde::Serialize;
+
+/// How far back a rate looks.
+const WINDOW: Duration = Duration::from_secs(60);
+
+/// Rate of one stream, as `/api/rates` returns it.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct RateSample {
+    pub stream: String,
+    pub last_sequence: u64,
+    pub messages: u64,
+    /// Events per second over the last minute (or since the first sample).
+    pub per_second: f64,
+}
+
+/// Shared, sampled rates of a set of streams.
+#[derive(Clone, Default)]
+pub struct StreamRates {
+    inner: Arc<Mutex<Vec<Tracked>>>,
+}
+
+struct Tracked {
+    stream: String,
+    messages: u64,
+    samples: VecDeque<(Instant, u64)>,
+}
+
+impl StreamRates {
+    /// Samples `streams` of `backbone` every `every` until the returned task is aborted or
+    /// the handle and its clones are dropped.
+    pub fn spawn(backbone: Arc<dyn Backbone>, streams: Vec<String>, every: Duration) -> (Self, tokio::task::JoinHandle<()>) {
+        let rates = StreamRates {
+            inner: Arc::new(Mutex::new(
+                streams.into_iter().map(|stream| Tracked { stream, messages: 0, samples: VecDeque::new() }).collect(),
+            )),
+        };
+        let weak = Arc::downgrade(&rates.inner);
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { return };
+                let names: Vec<String> = inner.lock().expect("rates lock").iter().map(|t| t.stream.clone()).collect();
+                for name in names {
+                    let Ok(info) = backbone.stream_info(&name).await else { continue };
+                    let now = Instant::now();
+                    let mut all = inner.lock().expect("rates lock");
+                    if let Some(t) = all.iter_mut().find(|t| t.stream == name) {
+                        t.messages = info.messages;
+                        t.samples.push_back((now, info.last_sequence));
+                        while t.samples.len() > 2 && now.duration_since(t.samples[1].0) >= WINDOW {
+                            t.samples.pop_front();
+                        }
+                    }
+                }
+            }
+        });
+        (rates, task)
+    }
+
+    /// Current rates of every tracked stream.
+    pub fn snapshot(&self) -> Vec<RateSample> {
+        self.inner
+            .lock()
+            .expect("rates lock")
+            .iter()
+            .map(|t| {
+                let (per_second, last) = match (t.samples.front(), t.samples.back()) {
+                    (Some((t0, s0)), Some((t1, s1))) if t1 > t0 => {
+                        ((s1.saturating_sub(*s0)) as f64 / t1.duration_since(*t0).as_secs_f64(), *s1)
+                    }
+                    (_, Some((_, s1))) => (0.0, *s1),
+                    _ => (0.0, 0),
+                };
+                RateSample { stream: t.stream.clone(), last_sequence: last, messages: t.messages, per_second }
+            })
+            .collect()
+    }
+}

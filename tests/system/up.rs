@@ -1,0 +1,61 @@
+//! `chorus up` as a new user runs it (scripts/up runs the same subcommand from a release
+//! build): the platform starts on the embedded store with no server, prints the dashboard URL,
+//! and headless Chromium sees the dashboard fill with the simulated nodes and their versions.
+//! Then SIGTERM stops it cleanly, with shutdown events and the audit file in place.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use chorus_tests::chromium::wait_for_dom;
+
+#[test]
+fn chorus_up_dashboard_fills_with_nodes_in_chromium() {
+    let data = tempfile::tempdir().unwrap();
+    let port = chorus_tests::nats::free_port().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chorus"))
+        .args(["up", "--nodes", "400", "--listen", &format!("127.0.0.1:{port}"), "--data"])
+        .arg(data.path())
+        .env("CHORUS_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn chorus up");
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stdout.lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut printed = Vec::new();
+    let url = loop {
+        let line = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| panic!("no dashboard URL printed: {printed:?}"));
+        if let Some(url) = line.strip_prefix("Dashboard: ") {
+            break url.trim().to_string();
+        }
+        printed.push(line);
+    };
+    assert_eq!(url, format!("http://127.0.0.1:{port}/"));
+
+    let (dom, ok) = wait_for_dom(&url, Duration::from_secs(60), |dom| {
+        dom.contains(r#"id="total">400<"#) && dom.contains(r#"id="status-alive">400<"#) && dom.matches(r#"class="bar""#).count() >= 3
+    })
+    .expect("chromium runs");
+    assert!(ok, "the dashboard never showed 400 alive nodes in 3+ versions:\n{dom}");
+    for version in ["0.29.4", "0.29.3", "0.28.0"] {
+        assert!(dom.contains(&format!(r#"data-version="{version}""#)), "version {version} not shown:\n{dom}");
+    }
+
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let exit = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "chorus up did not stop within 30 s of SIGTERM");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(exit.success(), "chorus up exited with {exit}");
+    assert!(data.path().join("audit.jsonl").exists(), "the audit export file is created");
+}
