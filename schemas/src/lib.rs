@@ -27,6 +27,7 @@ pub mod lifecycle;
 pub mod machine;
 pub mod rpc;
 pub mod schema;
+pub mod signature;
 pub mod subject;
 mod util;
 
