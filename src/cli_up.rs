@@ -95,7 +95,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let (rates, rates_task) = StreamRates::spawn(backbone.clone(), streams, Duration::from_secs(2));
     let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding the dashboard to {}", args.listen))?;
     let url = format!("http://{}/", listener.local_addr()?);
-    let dashboard = tokio::spawn(Dashboard::new(inventory.clone(), rates).serve(listener, stopped(&stop_rx)));
+    let dashboard = tokio::spawn(Dashboard::new(inventory.clone(), rates).with_events(backbone.clone()).serve(listener, stopped(&stop_rx)));
 
     let audit = audit_export::spawn(
         backbone.clone(),
@@ -205,7 +205,7 @@ pub async fn dashboard(args: DashboardArgs) -> anyhow::Result<()> {
     println!("Dashboard: http://{}/", listener.local_addr()?);
     let (stop, rx) = watch::channel(false);
     let mut rx2 = rx.clone();
-    let server = tokio::spawn(Dashboard::new(inventory, rates).serve(listener, async move {
+    let server = tokio::spawn(Dashboard::new(inventory, rates).with_events(backbone.clone()).serve(listener, async move {
         let _ = rx2.wait_for(|s| *s).await;
     }));
     let mut rx3 = rx.clone();

@@ -4,7 +4,9 @@ mod bench;
 mod cli_agent;
 mod cli_inventory;
 mod cli_audit_export;
+mod cli_provision;
 mod cli_up;
+mod cli_events;
 
 use clap::{Parser, Subcommand};
 
@@ -35,8 +37,17 @@ enum Command {
     Inventory(cli_inventory::InventoryArgs),
     /// Export audit and RPC records to a SIEM (syslog RFC 5424/5425, Splunk HEC, JSON lines).
     AuditExport(cli_audit_export::AuditExportArgs),
+    /// Provision nodes that start in provisioning mode: configured RPC steps, once per node.
+    Provision(cli_provision::ProvisionArgs),
     /// Copy streams between sites (site → hub, outbox → JetStream) without loss or duplicates.
     Replicate(ReplicateArgs),
+    /// Follow events across the streams, with filters (kind, type, node, since).
+    #[command(subcommand)]
+    Events(cli_events::EventsCommand),
+    /// Write a stream out as JSON lines (backups, audits, moving data).
+    Replay(cli_events::ReplayArgs),
+    /// Publish a file written by `chorus replay` (ids dedupe: safe to repeat).
+    Restore(cli_events::RestoreArgs),
     /// The whole platform in one process: simulated nodes, inventory, audit export, dashboard.
     Up(cli_up::UpArgs),
     /// The inventory projection and the version dashboard over existing streams.
@@ -67,6 +78,10 @@ fn main() -> anyhow::Result<()> {
             Command::Rpc(args) => cli_agent::rpc(args).await,
             Command::Inventory(args) => cli_inventory::run(args).await,
             Command::AuditExport(args) => cli_audit_export::run(args).await,
+            Command::Provision(args) => cli_provision::run(args).await,
+            Command::Events(cmd) => cli_events::events(cmd).await,
+            Command::Replay(args) => cli_events::replay(args).await,
+            Command::Restore(args) => cli_events::restore(args).await,
             Command::Up(args) => cli_up::up(args).await,
             Command::Dashboard(args) => cli_up::dashboard(args).await,
             Command::Replicate(args) => Ok(chorus_replicator::run_until_signal(&args.config).await?),

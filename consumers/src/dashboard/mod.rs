@@ -32,11 +32,20 @@ pub use rates::{RateSample, StreamRates};
 pub struct Dashboard {
     inventory: Inventory,
     rates: StreamRates,
+    backbone: Option<std::sync::Arc<dyn chorus_backbone::Backbone>>,
 }
 
 impl Dashboard {
     pub fn new(inventory: Inventory, rates: StreamRates) -> Self {
-        Dashboard { inventory, rates }
+        Dashboard { inventory, rates, backbone: None }
+    }
+
+    /// Also serves `/api/events` (filtered events as JSON lines, optionally following) from
+    /// `backbone`: how `chorus events tail --url` reads a running `chorus up`, whose embedded
+    /// store no second process can open.
+    pub fn with_events(mut self, backbone: std::sync::Arc<dyn chorus_backbone::Backbone>) -> Self {
+        self.backbone = Some(backbone);
+        self
     }
 
     /// The whole HTTP surface of the dashboard.
@@ -44,6 +53,7 @@ impl Dashboard {
         let own = Router::new()
             .route("/", get(page))
             .route("/api/rates", get(rates))
+            .route("/api/events", get(events))
             .route("/metrics", get(metrics))
             .route("/healthz", get(|| async { "ok" }))
             .with_state(self.clone());
@@ -58,6 +68,59 @@ impl Dashboard {
 
 async fn page() -> Html<&'static str> {
     Html(include_str!("page.html"))
+}
+
+/// Query of `/api/events`: `kind` and `type` comma separated, `node` a glob, `since` an
+/// RFC 3339 time or a duration back from now (`10m`), `follow` true to keep streaming.
+#[derive(serde::Deserialize)]
+struct EventsQuery {
+    kind: Option<String>,
+    #[serde(rename = "type")]
+    ty: Option<String>,
+    node: Option<String>,
+    since: Option<String>,
+    #[serde(default)]
+    follow: bool,
+}
+
+/// Parses `since`: an RFC 3339 time, or a duration (`90s`, `10m`, `2h`) back from now.
+pub fn parse_since(text: &str) -> Result<chrono::DateTime<Utc>, String> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(text) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    let d = humantime::parse_duration(text).map_err(|e| format!("since {text:?}: not an RFC 3339 time nor a duration ({e})"))?;
+    Ok(Utc::now() - chrono::Duration::from_std(d).map_err(|e| e.to_string())?)
+}
+
+fn split(list: Option<String>) -> Vec<String> {
+    list.map(|l| l.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect()).unwrap_or_default()
+}
+
+async fn events(State(d): State<Dashboard>, axum::extract::Query(q): axum::extract::Query<EventsQuery>) -> Response {
+    let Some(backbone) = d.backbone.clone() else {
+        return (StatusCode::NOT_FOUND, "events are not served here").into_response();
+    };
+    let since = match q.since.as_deref().map(parse_since).transpose() {
+        Ok(s) => s,
+        Err(e) => return (StatusCode::BAD_REQUEST, e).into_response(),
+    };
+    let filter = crate::events::EventFilter { kinds: split(q.kind), types: split(q.ty), node: q.node, since, follow: q.follow };
+    if let Err(e) = filter.validate() {
+        return (StatusCode::BAD_REQUEST, e).into_response();
+    }
+    let stream = match crate::events::tail(backbone, filter).await {
+        Ok(s) => s,
+        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    };
+    use futures::StreamExt;
+    let lines = stream.map(|item| {
+        item.map(|e| {
+            let mut line = serde_json::to_vec(&e).unwrap_or_default();
+            line.push(b'\n');
+            bytes::Bytes::from(line)
+        })
+    });
+    ([(header::CONTENT_TYPE, "application/x-ndjson")], axum::body::Body::from_stream(lines)).into_response()
 }
 
 async fn rates(State(d): State<Dashboard>) -> Json<Vec<RateSample>> {
