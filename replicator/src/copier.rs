@@ -110,8 +110,14 @@ impl Copier {
         let me = Arc::new(self);
         let lag = tokio::spawn(me.clone().track_lag(stop.clone()));
         let reader = tokio::spawn(me.clone().read(start + 1, sampler, tx, stop.clone()));
-        me.publish(rx, stop).await;
+        let (acked, acked_rx) = watch::channel((start, 0i64));
+        let checkpoint = tokio::spawn({
+            let me = me.clone();
+            async move { me.checkpoint(acked_rx).await }
+        });
+        me.publish(rx, acked, stop).await;
         let _ = reader.await;
+        let _ = checkpoint.await;
         lag.abort();
     }
 
@@ -221,8 +227,7 @@ impl Copier {
     /// Publishes batches in order, retrying each until the target stores it, then moves the
     /// checkpoint. Batches waiting in the channel are merged up to the batch size so a
     /// fast source meets few, large, pipelined publishes.
-    async fn publish(&self, mut rx: mpsc::Receiver<Batch>, mut stop: watch::Receiver<bool>) {
-        let key = self.key();
+    async fn publish(&self, mut rx: mpsc::Receiver<Batch>, acked: watch::Sender<(u64, i64)>, mut stop: watch::Receiver<bool>) {
         let labels = self.labels();
         loop {
             let first = tokio::select! {
@@ -262,16 +267,38 @@ impl Copier {
                     }
                 }
             }
-            let mut backoff = Backoff::new(self.max_backoff);
-            while let Err(e) = self.checkpoints.store(&key, batch.last_sequence).await {
-                self.fail("checkpoint", e.to_string());
-                if !backoff.wait(&mut stop).await {
-                    return;
+            // The checkpoint is written by its own task, off the publish path: a flush costs
+            // an fsync, and the next batch should be on the wire meanwhile. Losing the newest
+            // checkpoint in a crash only re-sends batches the target's dedupe drops.
+            acked.send_replace((batch.last_sequence, batch.last_time.timestamp_millis()));
+        }
+    }
+
+    /// Persists the newest acknowledged position, coalescing updates that arrive while a
+    /// flush is running; on stop, writes the last one before returning.
+    async fn checkpoint(&self, mut acked: watch::Receiver<(u64, i64)>) {
+        let key = self.key();
+        let labels = self.labels();
+        let mut written = acked.borrow().0;
+        loop {
+            let closed = acked.changed().await.is_err();
+            let (sequence, time) = *acked.borrow_and_update();
+            if sequence != written {
+                let mut backoff = Backoff::new(self.max_backoff);
+                let (_never, mut no_stop) = watch::channel(false);
+                while let Err(e) = self.checkpoints.store(&key, sequence).await {
+                    self.fail("checkpoint", e.to_string());
+                    backoff.wait(&mut no_stop).await;
                 }
+                drop(_never);
+                written = sequence;
+                self.health.progressed(sequence);
+                self.metrics.checkpoint.get_or_create(&labels).set(sequence as i64);
+                self.health.newest_time.store(time, Ordering::Relaxed);
             }
-            self.health.progressed(batch.last_sequence);
-            self.metrics.checkpoint.get_or_create(&labels).set(batch.last_sequence as i64);
-            self.health.newest_time.store(batch.last_time.timestamp_millis(), Ordering::Relaxed);
+            if closed {
+                return;
+            }
         }
     }
 
