@@ -1,12 +1,15 @@
 //! `chorus`: the command that wires the Chorus platform together.
 
 mod bench;
+mod cli_aaa;
+mod cli_broker;
 mod cli_agent;
 mod cli_inventory;
 mod cli_audit_export;
 mod cli_provision;
 mod cli_up;
 mod cli_events;
+mod cli_security;
 
 use clap::{Parser, Subcommand};
 
@@ -48,6 +51,15 @@ enum Command {
     Replay(cli_events::ReplayArgs),
     /// Publish a file written by `chorus replay` (ids dedupe: safe to repeat).
     Restore(cli_events::RestoreArgs),
+    /// Centralised AAA: login to short-lived tokens, request signing, every decision audited.
+    Aaa(cli_aaa::AaaArgs),
+    /// Broker security: generate nats-server.conf (accounts per tenant, least-privilege users,
+    /// TLS) and nftables rules from a broker description.
+    #[command(subcommand)]
+    Broker(cli_broker::BrokerCommand),
+    /// Signing keys for events and RPC requests: in a file or on a PKCS#11 token.
+    #[command(subcommand)]
+    Security(cli_security::SecurityCommand),
     /// The whole platform in one process: simulated nodes, inventory, audit export, dashboard.
     Up(cli_up::UpArgs),
     /// The inventory projection and the version dashboard over existing streams.
@@ -82,6 +94,9 @@ fn main() -> anyhow::Result<()> {
             Command::Events(cmd) => cli_events::events(cmd).await,
             Command::Replay(args) => cli_events::replay(args).await,
             Command::Restore(args) => cli_events::restore(args).await,
+            Command::Aaa(args) => cli_aaa::run(args).await,
+            Command::Broker(cmd) => cli_broker::run(cmd),
+            Command::Security(cmd) => cli_security::run(cmd),
             Command::Up(args) => cli_up::up(args).await,
             Command::Dashboard(args) => cli_up::dashboard(args).await,
             Command::Replicate(args) => Ok(chorus_replicator::run_until_signal(&args.config).await?),

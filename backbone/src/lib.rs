@@ -12,6 +12,7 @@
 //! The backbone is payload-agnostic: a [`Message`] is an event id (the dedupe key), a subject and
 //! opaque bytes. Typed events and their encoding live in `chorus-schemas`.
 
+pub mod broker;
 pub mod config;
 pub mod embedded;
 pub mod error;

@@ -5,9 +5,11 @@
 //! * [`lifecycle`]: startup, alive (interval with splay), shutdown, provisioned, upgraded.
 //! * [`machine`]: autonomous agents, finite state machines from YAML manifests with watchers.
 //! * [`rpc`]: the RPC server with its agents and default-deny Action Policy, and the client.
+//! * [`aaa`]: centralised AAA: login to short-lived tokens, a request signer, audited decisions.
 //! * [`agent`]: the node agent that runs all of the above (`chorus agent`).
 //! * [`simulator`]: thousands of simulated nodes in one process over a few connections.
 
+pub mod aaa;
 pub mod agent;
 pub mod emitter;
 pub mod error;

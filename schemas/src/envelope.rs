@@ -6,6 +6,9 @@
 //!   projections apply each event once. `0` means "unsequenced" (every Choria-produced event)
 //!   and is left off the wire; Chorus producers therefore start at 1.
 //! * `site` — where the event was produced, kept when events are replicated between sites.
+//! * `sigkey` and `sig` — an optional Ed25519 signature of the record (key id and base64
+//!   signature), see [`crate::signature`]. Decoding keeps them as received; checking them is
+//!   the [`crate::signature::Verifier`]'s job.
 //!
 //! The CloudEvents `id` is the event id and the dedupe key (use it as `Nats-Msg-Id`).
 //! Decoding treats its input as hostile: it never panics, bounds size and nesting, and says
@@ -37,6 +40,10 @@ pub const CONTENT_TYPE: &str = "application/json";
 const SEQ: &str = "seq";
 /// Name of the site extension attribute.
 const SITE: &str = "site";
+/// Name of the signature key id extension attribute.
+pub(crate) const SIGKEY: &str = "sigkey";
+/// Name of the signature extension attribute.
+pub(crate) const SIG: &str = "sig";
 /// Context attributes defined by CloudEvents 1.0 itself; everything else is an extension.
 const CORE_ATTRIBUTES: [&str; 10] = [
     "specversion",
@@ -344,6 +351,18 @@ impl DecodeError {
     }
 }
 
+/// The signature carried by a signed [`EventRecord`], as found on the wire.
+///
+/// Kept as received (the signature text is not checked by decoding), so a record decodes and
+/// re-encodes byte for byte; [`crate::signature::Verifier`] judges it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct EventSignature {
+    /// Id of the signing key (extension `sigkey`), see [`crate::signature::key_id`].
+    pub key_id: String,
+    /// The 64-byte Ed25519 signature in standard base64 with padding (extension `sig`).
+    pub sig: String,
+}
+
 /// One event with its envelope: what producers publish, streams store and consumers apply.
 ///
 /// Invariants, established by [`EventRecord::new`] and checked by [`EventRecord::decode`]:
@@ -363,6 +382,9 @@ pub struct EventRecord {
     pub seq: u64,
     /// Producing site (extension `site`).
     pub site: Option<String>,
+    /// Signature of the record (extensions `sigkey` and `sig`), if signed; see
+    /// [`crate::signature::sign_record`].
+    pub signature: Option<EventSignature>,
     /// The typed document (CloudEvents `data`).
     pub data: Event,
 }
@@ -390,6 +412,7 @@ impl EventRecord {
             time,
             seq,
             site: None,
+            signature: None,
             data,
         }
     }
@@ -421,6 +444,11 @@ impl EventRecord {
         }
         if let Some(site) = &self.site {
             builder = builder.extension(SITE, site.as_str());
+        }
+        if let Some(signature) = &self.signature {
+            builder = builder
+                .extension(SIGKEY, signature.key_id.as_str())
+                .extension(SIG, signature.sig.as_str());
         }
         // build() fails only for a missing id/type/source or an empty source; all are set
         // and the source is a non-empty constant.
@@ -593,6 +621,20 @@ fn decode_cloudevent(mut map: Map<String, Value>) -> Result<EventRecord, DecodeE
         .transpose()?;
     let seq = parse_seq(map.remove(SEQ))?;
     let site = optional_string(&mut map, SITE)?;
+    let signature = match (optional_string(&mut map, SIGKEY)?, optional_string(&mut map, SIG)?) {
+        (None, None) => None,
+        (Some(key_id), Some(sig)) => {
+            if key_id.is_empty() {
+                return Err(invalid(SIGKEY, "must not be empty".into()));
+            }
+            if sig.is_empty() {
+                return Err(invalid(SIG, "must not be empty".into()));
+            }
+            Some(EventSignature { key_id, sig })
+        }
+        (Some(_), None) => return Err(invalid(SIG, "absent while `sigkey` is set; they go together".into())),
+        (None, Some(_)) => return Err(invalid(SIGKEY, "absent while `sig` is set; they go together".into())),
+    };
     if map.get("data_base64").is_some_and(|v| !v.is_null()) {
         return Err(invalid(
             "data_base64",
@@ -648,6 +690,7 @@ fn decode_cloudevent(mut map: Map<String, Value>) -> Result<EventRecord, DecodeE
         time,
         seq,
         site,
+        signature,
         data: event,
     })
 }
@@ -680,6 +723,7 @@ fn decode_legacy(map: Map<String, Value>) -> Result<EventRecord, DecodeError> {
         time,
         seq: 0,
         site: None,
+        signature: None,
         data: event,
     })
 }

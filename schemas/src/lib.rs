@@ -35,7 +35,9 @@ mod util;
 mod tests;
 
 pub use audit::{AuditAction, AuditRecord};
-pub use envelope::{DecodeError, Event, EventKind, EventRecord, CONTENT_TYPE, MAX_EVENT_BYTES};
+pub use envelope::{
+    DecodeError, Event, EventKind, EventRecord, EventSignature, CONTENT_TYPE, MAX_EVENT_BYTES,
+};
 pub use lifecycle::{Lifecycle, LifecycleType};
 pub use machine::{MachineInstance, Transition, WatcherDetails, WatcherState};
 pub use rpc::{RpcReply, RpcRequest, StatusCode};

@@ -145,9 +145,20 @@ pub fn envelope_schema() -> Value {
                     { "type": "string", "pattern": "^[0-9]+$" }
                 ]
             },
-            "site": { "description": "Site where the event was produced.", "type": "string" }
+            "site": { "description": "Site where the event was produced.", "type": "string" },
+            "sigkey": {
+                "description": "Id of the Ed25519 key that signed the event (first 16 bytes of the SHA-256 of the public key, hex); present with sig.",
+                "type": "string",
+                "minLength": 1
+            },
+            "sig": {
+                "description": "Ed25519 signature (standard base64) of the event without sig and sigkey; see docs/SECURITY.md; present with sigkey.",
+                "type": "string",
+                "minLength": 1
+            }
         },
         "required": ["specversion", "id", "type", "source", "data"],
+        "dependentRequired": { "sig": ["sigkey"], "sigkey": ["sig"] },
         "allOf": type_source_rules
     })
 }

@@ -2,6 +2,8 @@
 //! in the same run on the same server so the ratios mean something on any machine.
 
 mod backbone;
+mod replicate;
+mod views;
 
 use std::time::Duration;
 
@@ -13,12 +15,18 @@ pub enum BenchCommand {
     Backbone(backbone::Args),
     /// Simulated nodes in one process: startup storm stored, memory per node, events/s.
     Simulate(crate::cli_agent::BenchSimulateArgs),
+    /// Site → hub copy rate and lag: the replicator vs a native JetStream mirror and a naive copier.
+    Replicate(replicate::Args),
+    /// Inventory projection rate vs raw consume of the same lifecycle stream, and from the embedded store.
+    Views(views::Args),
 }
 
 pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Backbone(args) => backbone::run(args).await,
         BenchCommand::Simulate(args) => crate::cli_agent::bench_simulate(args).await,
+        BenchCommand::Replicate(args) => replicate::run(args).await,
+        BenchCommand::Views(args) => views::run(args).await,
     }
 }
 

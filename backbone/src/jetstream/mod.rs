@@ -6,6 +6,7 @@
 
 mod connect;
 mod consumer;
+mod tls;
 
 use std::time::{Duration, Instant};
 
@@ -20,6 +21,7 @@ use crate::{
 };
 
 pub use connect::{NatsAuth, NatsConfig, TlsConfig};
+pub use tls::{client_config_with_signer, pkcs11_client_config};
 
 /// Header carrying the event id; JetStream dedupes on it.
 pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use async_trait::async_trait;
 use bytes::Bytes;
 use chorus_schemas::rpc::{Filter, JsonObject};
 use chorus_schemas::{RpcReply, RpcRequest, StatusCode};
@@ -65,6 +66,16 @@ impl Default for RequestOptions {
     }
 }
 
+/// Turns a request into the envelope that is published, signature included, when the
+/// client itself holds no key: e.g. [`AaaSigner`](crate::aaa::AaaSigner) has the AAA
+/// service judge and sign each request. A refusal fails the request before anything is
+/// published.
+#[async_trait]
+pub trait RequestSigner: Send + Sync {
+    /// The signed envelope of `request`, which it must carry unchanged.
+    async fn sign(&self, request: RpcRequest) -> Result<RequestEnvelope, RpcError>;
+}
+
 /// Makes RPC requests as one caller in one collective.
 #[derive(Clone)]
 pub struct RpcClient {
@@ -72,6 +83,7 @@ pub struct RpcClient {
     callerid: String,
     collective: String,
     senderid: String,
+    request_signer: Option<Arc<dyn RequestSigner>>,
 }
 
 impl RpcClient {
@@ -87,7 +99,14 @@ impl RpcClient {
             callerid: callerid.into(),
             collective: collective.into(),
             senderid: local_hostname(),
+            request_signer: None,
         }
+    }
+
+    /// Has every request signed by `signer` (e.g. the AAA service) before it is published.
+    pub fn with_request_signer(mut self, signer: Arc<dyn RequestSigner>) -> Self {
+        self.request_signer = Some(signer);
+        self
     }
 
     /// Names a different sending host in requests (the `senderid`, which is also the
@@ -138,7 +157,11 @@ impl RpcClient {
             Target::Broadcast => None,
             Target::Node(_) | Target::Nodes(_) => Some(subjects.len()),
         });
-        let payload = Bytes::from(serde_json::to_vec(&RequestEnvelope::new(request.clone()))?);
+        let envelope = match &self.request_signer {
+            Some(signer) => signer.sign(request.clone()).await?,
+            None => RequestEnvelope::new(request.clone()),
+        };
+        let payload = Bytes::from(serde_json::to_vec(&envelope)?);
 
         let inbox = reply_inbox(&self.collective);
         // No flush needed: a transport orders its own subscribe before its own publish, and

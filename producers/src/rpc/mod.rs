@@ -30,7 +30,7 @@ pub mod transport;
 mod tests;
 
 pub use agents::{ActionContext, ActionReply, Agent};
-pub use client::{ReplyStream, RequestOptions, RpcClient, RpcResults, RpcSummary, Target};
+pub use client::{ReplyStream, RequestOptions, RequestSigner, RpcClient, RpcResults, RpcSummary, Target};
 pub use filter::parse_fact_filter;
 pub use policy::{ActionPolicy, PolicyDecision, PolicyError};
 pub use server::{RpcServer, ServerOptions, StatsSnapshot};
@@ -123,4 +123,7 @@ pub enum RpcError {
     /// A node was added twice to one server.
     #[error("node {0} is already hosted by this server")]
     DuplicateNode(String),
+    /// The request signer (e.g. the AAA service) refused or could not sign the request.
+    #[error("request not signed: {0}")]
+    Unauthorized(String),
 }

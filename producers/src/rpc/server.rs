@@ -15,6 +15,8 @@
 //!
 //! 1. TTL: accepted only if `now - ttl < time < now + ttl`; otherwise ignored and counted.
 //! 2. Discovery filter: a node it does not select ignores the request silently.
+//!    With [`ServerOptions::verifier`], a request without a valid signature by a trusted
+//!    key is then recorded and refused (`Aborted`, with the reason); nothing else runs.
 //! 3. Unknown agent or action: `UnknownAction`, the policy is not consulted.
 //! 4. Action Policy: denied requests get Choria's `Aborted` reply with the reason.
 //! 5. The request is recorded as an `RpcRequest` event. If that fails the action is not
@@ -60,6 +62,12 @@ pub struct ServerOptions {
     pub node_concurrency: usize,
     /// How often Action Policy files are checked for changes.
     pub policy_recheck: Duration,
+    /// When set, only requests whose envelope carries a signature by a key it trusts (the
+    /// AAA service's request key, see [`crate::aaa::verify_signed_request`]) are run.
+    /// Unsigned, forged or tampered requests on a node the request selects are recorded
+    /// and answered `Aborted`, unauthorized, with the reason (`request signature refused
+    /// (<code>): ...`) in the reply's `policy`, and counted as denied.
+    pub verifier: Option<Arc<chorus_schemas::signature::Verifier>>,
 }
 
 impl Default for ServerOptions {
@@ -69,6 +77,7 @@ impl Default for ServerOptions {
             max_in_flight: 256,
             node_concurrency: 256,
             policy_recheck: DEFAULT_RECHECK,
+            verifier: None,
         }
     }
 }
@@ -421,10 +430,16 @@ impl Core {
         if message.payload.len() > MAX_PAYLOAD {
             return self.malformed(&message, "larger than the maximum payload");
         }
-        let request = match serde_json::from_slice::<RequestEnvelope>(&message.payload) {
-            Ok(envelope) => envelope.request,
+        let envelope = match serde_json::from_slice::<RequestEnvelope>(&message.payload) {
+            Ok(envelope) => envelope,
             Err(e) => return self.malformed(&message, &e.to_string()),
         };
+        let refused = self
+            .options
+            .verifier
+            .as_deref()
+            .and_then(|verifier| crate::aaa::verify_signed_request(&envelope, verifier).err());
+        let request = envelope.request;
         let destination =
             if message.subject == broadcast_subject(&request.collective, &request.agent) {
                 Destination::Broadcast
@@ -481,10 +496,13 @@ impl Core {
             }
         };
 
-        let (request, filter, reply_to) = (&request, &filter, message.reply.as_deref());
+        if let Some(e) = &refused {
+            tracing::warn!(requestid = %request.requestid, callerid = %request.callerid, code = e.code(), "refusing RPC request: {e}");
+        }
+        let (request, filter, reply_to, refused) = (&request, &filter, message.reply.as_deref(), refused.as_ref());
         futures::stream::iter(targets)
             .for_each_concurrent(self.options.node_concurrency.max(1), |node| async move {
-                self.process(&node, request, filter, reply_to).await
+                self.process(&node, request, filter, reply_to, refused).await
             })
             .await;
     }
@@ -496,6 +514,7 @@ impl Core {
         request: &RpcRequest,
         filter: &CompiledFilter,
         reply_to: Option<&str>,
+        refused: Option<&chorus_schemas::signature::VerifyError>,
     ) {
         let stats = &node.stats;
         RpcStats::bump(&stats.total);
@@ -505,6 +524,14 @@ impl Core {
         }
         RpcStats::bump(&stats.passed);
         let identity = node.ctx.identity.as_str();
+
+        // Signature required and not valid: recorded and refused, the policy not consulted.
+        if let Some(e) = refused {
+            RpcStats::bump(&stats.denied);
+            let _ = self.record_request(node, request).await;
+            let reason = format!("request signature refused ({}): {e}", e.code());
+            return self.answer(node, RpcReply::denied(request, identity, reason), reply_to).await;
+        }
 
         let registered = self
             .agents

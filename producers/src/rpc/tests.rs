@@ -701,3 +701,72 @@ async fn works_over_a_real_nats_server() {
         drop(server);
     }
 }
+
+/// Signs every request with a key, as the AAA service does.
+struct KeySigner(chorus_schemas::signature::Ed25519FileSigner);
+
+#[async_trait]
+impl RequestSigner for KeySigner {
+    async fn sign(&self, request: RpcRequest) -> Result<super::transport::RequestEnvelope, RpcError> {
+        let signed = crate::aaa::signer::sign_request(request, &self.0, "aaa.example.net")
+            .map_err(|e| RpcError::Invalid(e.to_string()))?;
+        Ok(signed.into_envelope(None))
+    }
+}
+
+/// Tampers with the request after a valid signature was made.
+struct Tamperer(KeySigner);
+
+#[async_trait]
+impl RequestSigner for Tamperer {
+    async fn sign(&self, request: RpcRequest) -> Result<super::transport::RequestEnvelope, RpcError> {
+        let mut envelope = self.0.sign(request).await?;
+        envelope.request.action = "daemon_stats".into();
+        Ok(envelope)
+    }
+}
+
+#[tokio::test]
+async fn a_server_with_a_verifier_runs_only_requests_signed_by_a_trusted_key() {
+    use chorus_schemas::signature::{Ed25519FileSigner, Signer, Verifier};
+    let dir = tempfile::tempdir().unwrap();
+    allow_bob(dir.path());
+    let transport: Arc<dyn Transport> = Arc::new(LocalTransport::new());
+    let sink = Arc::new(MemorySink::default());
+    let seed = [7u8; 32];
+    let key = Ed25519FileSigner::from_seed(&seed);
+    let verifier = Arc::new(Verifier::new().with_key(&key.public_key()).unwrap());
+    let server_options = ServerOptions { verifier: Some(verifier), ..Default::default() };
+    let server = RpcServer::new(transport.clone(), agents(), Some(dir.path().into()), server_options).unwrap();
+    let emitter = Arc::new(Emitter::new(sink.clone(), 1, None));
+    server.add_node(node("n1", "uk"), emitter).await.unwrap();
+    let trusted = || KeySigner(Ed25519FileSigner::from_seed(&seed));
+    let ping = |client: RpcClient| async move {
+        let results = client
+            .call("rpcutil", "ping", JsonObject::new(), RequestOptions { expected: Some(1), ..options(10_000) })
+            .await
+            .unwrap();
+        assert_eq!(results.replies.len(), 1);
+        results.replies.into_iter().next().unwrap()
+    };
+
+    let signed = ping(client(transport.clone()).with_request_signer(Arc::new(trusted()))).await;
+    assert_eq!(signed.statuscode, StatusCode::Ok, "{signed:?}");
+
+    let unsigned = ping(client(transport.clone())).await;
+    assert_eq!((unsigned.statuscode, unsigned.authorized), (StatusCode::Aborted, false));
+    assert!(unsigned.policy.as_deref().unwrap().contains("refused (unsigned)"), "{unsigned:?}");
+
+    let stranger = ping(client(transport.clone()).with_request_signer(Arc::new(KeySigner(Ed25519FileSigner::random())))).await;
+    assert!(stranger.policy.as_deref().unwrap().contains("refused (unknown_key)"), "{stranger:?}");
+
+    let tampered = ping(client(transport.clone()).with_request_signer(Arc::new(Tamperer(trusted())))).await;
+    assert_eq!(tampered.statuscode, StatusCode::Aborted);
+    assert!(tampered.policy.as_deref().unwrap().contains("refused (bad_signature)"), "{tampered:?}");
+
+    // Every request and reply is recorded, refused ones included.
+    assert_eq!(sink.requests().len(), 4);
+    let policies: Vec<Option<String>> = sink.replies().into_iter().map(|r| r.policy).collect();
+    assert_eq!(policies.iter().filter(|p| p.as_deref().is_some_and(|p| p.contains("signature refused"))).count(), 3);
+    assert_eq!(server.stats().denied, 3);
+}

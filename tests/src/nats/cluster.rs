@@ -106,6 +106,7 @@ impl NatsClusterBuilder {
                 jetstream: true,
                 jetstream_extra: self.jetstream_extra.clone(),
                 extra_config: self.extra_config.clone(),
+                base_config: String::new(),
                 ready_timeout: self.ready_timeout,
                 membership: Some(Membership {
                     cluster_name: self.cluster_name.clone(),
