@@ -28,6 +28,7 @@ mod error;
 pub mod conformance;
 pub mod chromium;
 pub mod nats;
+pub mod pki;
 pub mod rsyslog;
 
 pub use error::{HarnessError, Result};

@@ -25,6 +25,7 @@ use chorus_producers::rpc::{NatsTransport, RequestOptions, RpcClient};
 use chorus_producers::streams::{ensure_platform_streams, StreamLimits};
 use chorus_schemas::lifecycle::Alive;
 use chorus_schemas::{AuditAction, AuditRecord, EventRecord};
+use chorus_tests::pki::Pki;
 use chorus_tests::nats::{nats_server_binary, NatsServer};
 use tokio::sync::mpsc;
 
@@ -32,47 +33,8 @@ use tokio::sync::mpsc;
 // PKI and the broker description
 // ---------------------------------------------------------------------------------------
 
-struct Pki {
-    ca: PathBuf,
-    server_cert: PathBuf,
-    server_key: PathBuf,
-    client_cert: PathBuf,
-    client_key: PathBuf,
-}
-
 fn pki(dir: &Path) -> Pki {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose};
-    let write = |name: &str, text: String| {
-        let p = dir.join(name);
-        std::fs::write(&p, text).unwrap();
-        p
-    };
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name.push(DnType::CommonName, "Chorus broker test CA");
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca, ca_key);
-    let leaf = |names: Vec<String>, cn: &str, usage: ExtendedKeyUsagePurpose| {
-        let key = KeyPair::generate().unwrap();
-        let mut p = CertificateParams::new(names).unwrap();
-        p.distinguished_name.push(DnType::CommonName, cn);
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-        p.extended_key_usages = vec![usage];
-        p.use_authority_key_identifier_extension = true;
-        let cert = p.signed_by(&key, &issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
-    };
-    let (server_cert, server_key) = leaf(vec!["localhost".into(), "127.0.0.1".into()], "localhost", ExtendedKeyUsagePurpose::ServerAuth);
-    let (client_cert, client_key) = leaf(vec!["node1.example.net".into()], "node1", ExtendedKeyUsagePurpose::ClientAuth);
-    Pki {
-        ca: write("ca.pem", ca_cert.pem()),
-        server_cert: write("server.pem", server_cert),
-        server_key: write("server-key.pem", server_key),
-        client_cert: write("client.pem", client_cert),
-        client_key: write("client-key.pem", client_key),
-    }
+    chorus_tests::pki::generate(dir, "node1.example.net")
 }
 
 /// Every test user's password is `<user>-pw`.

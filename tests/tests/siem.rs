@@ -22,6 +22,7 @@ use chorus_producers::streams::{ensure_platform_streams, StreamLimits};
 use chorus_schemas::subject::CHORUS_DEADLETTER;
 use chorus_schemas::{AuditAction, AuditRecord, EventRecord, RpcReply, RpcRequest, StatusCode};
 use chorus_tests::conformance::read_all;
+use chorus_tests::pki::Pki;
 use chorus_tests::nats::NatsServer;
 use chorus_tests::rsyslog::{Received, Rsyslog, RsyslogTls};
 
@@ -207,49 +208,8 @@ async fn syslog_tcp_every_record_across_rsyslog_restart() {
     export_across_restart(backbone, rsyslog, sink, "syslog over TCP, embedded backbone").await;
 }
 
-/// A CA, a server certificate for 127.0.0.1/localhost and a client certificate.
-struct Pki {
-    ca: PathBuf,
-    server_cert: PathBuf,
-    server_key: PathBuf,
-    client_cert: PathBuf,
-    client_key: PathBuf,
-}
-
 fn pki(dir: &Path) -> Pki {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose};
-    let write = |name: &str, text: String| {
-        let p = dir.join(name);
-        std::fs::write(&p, text).unwrap();
-        p
-    };
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name.push(DnType::CommonName, "Chorus test CA");
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca, ca_key);
-    let leaf = |names: Vec<String>, cn: &str, usage: ExtendedKeyUsagePurpose| {
-        let key = KeyPair::generate().unwrap();
-        let mut p = CertificateParams::new(names).unwrap();
-        p.distinguished_name.push(DnType::CommonName, cn);
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-        p.extended_key_usages = vec![usage];
-        p.use_authority_key_identifier_extension = true;
-        let cert = p.signed_by(&key, &issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
-    };
-    let (server_cert, server_key) =
-        leaf(vec!["localhost".into(), "127.0.0.1".into()], "localhost", ExtendedKeyUsagePurpose::ServerAuth);
-    let (client_cert, client_key) = leaf(vec!["audit-export.example.net".into()], "audit-export", ExtendedKeyUsagePurpose::ClientAuth);
-    Pki {
-        ca: write("ca.pem", ca_cert.pem()),
-        server_cert: write("server.pem", server_cert),
-        server_key: write("server-key.pem", server_key),
-        client_cert: write("client.pem", client_cert),
-        client_key: write("client-key.pem", client_key),
-    }
+    chorus_tests::pki::generate(dir, "audit-export.example.net")
 }
 
 /// TLS (RFC 5425) with a client certificate the collector verifies, JetStream as the source.

@@ -377,39 +377,7 @@ fn now() -> i64 {
 /// The bytes a request signature covers: the record's JSON, keys sorted, no whitespace.
 pub fn request_signing_bytes(request: &RpcRequest) -> Vec<u8> {
     let value = serde_json::to_value(request).expect("request records always serialize");
-    let mut out = Vec::new();
-    write_sorted(&value, &mut out);
-    out
-}
-
-fn write_sorted(value: &Value, out: &mut Vec<u8>) {
-    match value {
-        Value::Object(map) => {
-            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
-            entries.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-            out.push(b'{');
-            for (i, (k, v)) in entries.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                serde_json::to_writer(&mut *out, k).expect("writing to a Vec never fails");
-                out.push(b':');
-                write_sorted(v, out);
-            }
-            out.push(b'}');
-        }
-        Value::Array(items) => {
-            out.push(b'[');
-            for (i, v) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                write_sorted(v, out);
-            }
-            out.push(b']');
-        }
-        scalar => serde_json::to_writer(&mut *out, scalar).expect("writing to a Vec never fails"),
-    }
+    chorus_schemas::signature::canonical_json(&value)
 }
 
 /// Signs `request` with `key` on behalf of the service `signer`.

@@ -29,6 +29,15 @@ fn canonical(encoded: &[u8]) -> Vec<u8> {
     }
 }
 
+/// `value` as compact JSON with object keys sorted (bytewise) at every level: the canonical
+/// form signatures cover, so a document re-serialized by another JSON library (or another
+/// key order) still verifies. Used for events here and for RPC requests by the AAA signer.
+pub fn canonical_json(value: &Value) -> Vec<u8> {
+    let mut out = Vec::new();
+    write_sorted(value, &mut out);
+    out
+}
+
 fn write_sorted(value: &Value, out: &mut Vec<u8>) {
     match value {
         Value::Object(map) => {

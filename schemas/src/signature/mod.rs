@@ -51,7 +51,7 @@ mod verify;
 #[cfg(test)]
 mod tests;
 
-pub use event::{sign_record, signing_bytes};
+pub use event::{canonical_json, sign_record, signing_bytes};
 pub use file::{parse_public_key, public_key_pem, read_public_key_file, Ed25519FileSigner};
 pub use pkcs11::{Pkcs11Config, Pkcs11Signer, DEFAULT_MODULE as DEFAULT_PKCS11_MODULE};
 pub use verify::{TrustError, Verifier, VerifyError};
