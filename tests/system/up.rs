@@ -11,11 +11,25 @@ use chorus_tests::chromium::wait_for_dom;
 
 #[test]
 fn chorus_up_dashboard_fills_with_nodes_in_chromium() {
+    up_fills_the_dashboard(None);
+}
+
+/// `chorus up --nats URL`: the same platform on JetStream (RPC over NATS too).
+#[test]
+fn chorus_up_on_jetstream_fills_the_dashboard() {
+    let server = chorus_tests::nats::NatsServer::start().unwrap();
+    up_fills_the_dashboard(Some(&server.url()));
+}
+
+fn up_fills_the_dashboard(nats: Option<&str>) {
     let data = tempfile::tempdir().unwrap();
     let port = chorus_tests::nats::free_port().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_chorus"))
-        .args(["up", "--nodes", "400", "--listen", &format!("127.0.0.1:{port}"), "--data"])
-        .arg(data.path())
+    let mut command = Command::new(env!("CARGO_BIN_EXE_chorus"));
+    command.args(["up", "--nodes", "400", "--listen", &format!("127.0.0.1:{port}"), "--data"]).arg(data.path());
+    if let Some(url) = nats {
+        command.args(["--nats", url]);
+    }
+    let mut child = command
         .env("CHORUS_LOG", "warn")
         .stdout(Stdio::piped())
         .spawn()
