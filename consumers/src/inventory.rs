@@ -56,9 +56,9 @@ fn node_key(identity: &str) -> Vec<u8> {
 /// re-encodes one per applied event and JSON (with RFC 3339 times) cost several times more
 /// than the rest of applying an alive event. The identity is the key, so it is not repeated.
 ///
-/// Layout (integers little-endian, strings as u32 length + UTF-8): format byte `1`, component,
-/// version (flag byte + string), site (flag + string), first seen, last seen (each i64 seconds
-/// + u32 nanoseconds), last event, last startup (flag + time), alive interval (flag + u64),
+/// Layout (integers little-endian, strings as u32 length and UTF-8, times as i64 seconds and
+/// u32 nanoseconds, optional fields as a flag byte and the value): format byte `1`, component,
+/// version, site, first seen, last seen, last event, last startup, alive interval (u64),
 /// shutdown (byte), events (u64), sequence (u64).
 mod codec {
     use chrono::{DateTime, Utc};
@@ -423,10 +423,10 @@ pub struct NodeFilter {
 
 impl NodeFilter {
     fn matches(&self, node: &Node, status: Status) -> bool {
-        self.status.map_or(true, |s| s == status)
-            && self.component.as_deref().map_or(true, |c| c == node.component)
-            && self.version.as_deref().map_or(true, |v| node.version.as_deref() == Some(v))
-            && self.identity.as_deref().map_or(true, |g| glob_match(g, &node.identity))
+        self.status.is_none_or(|s| s == status)
+            && self.component.as_deref().is_none_or(|c| c == node.component)
+            && self.version.as_deref().is_none_or(|v| node.version.as_deref() == Some(v))
+            && self.identity.as_deref().is_none_or(|g| glob_match(g, &node.identity))
     }
 }
 

@@ -434,9 +434,10 @@ pub struct ProjectorOptions {
     pub max_batch: usize,
     /// How often a following projector refreshes the stream's last sequence for the lag.
     pub stream_info_every: Duration,
-    /// Flush the store to disk after each commit. Exactly-once holds without it (sled
-    /// recovers a prefix of atomic batches); it bounds how much is re-applied after a power
-    /// loss and keeps the dead-letter dedupe window meaningful.
+    /// Flush the store to disk after commits: at most one flush is in flight, overlapping the
+    /// next batches, and [`Progress`] reports only flushed sequences. Exactly-once holds
+    /// without it (sled recovers a prefix of atomic batches); flushing bounds how much is
+    /// re-applied after a power loss and keeps the dead-letter dedupe window meaningful.
     pub flush: bool,
     /// Most entries the projector keeps in memory of what it wrote, so the view reads its own
     /// recent writes without a store lookup (about 100-200 bytes each for the inventory); 0
@@ -481,7 +482,7 @@ pub struct ProgressSnapshot {
     pub view: String,
     /// The stream it is built from.
     pub stream: String,
-    /// Last stream sequence committed into the view (its checkpoint).
+    /// Last stream sequence committed into the view and flushed.
     pub applied_sequence: u64,
     /// Last sequence of the stream when last asked.
     pub stream_last_sequence: u64,
@@ -510,7 +511,8 @@ impl Progress {
         }
     }
 
-    /// Last stream sequence committed into the view.
+    /// Last stream sequence committed into the view (and flushed, unless
+    /// [`ProjectorOptions::flush`] is off).
     pub fn applied_sequence(&self) -> u64 {
         self.applied_sequence.load(Ordering::Acquire)
     }
@@ -536,8 +538,8 @@ impl Progress {
         }
     }
 
-    /// Waits until the view has committed stream sequence `sequence` (or anything after it).
-    /// Returns at once if the projector is gone.
+    /// Waits until the view has committed (and flushed) stream sequence `sequence` or anything
+    /// after it. Returns at once if the projector is gone.
     pub async fn wait_for(&self, sequence: u64) {
         let mut rx = self.committed.subscribe();
         let _ = rx.wait_for(|s| *s >= sequence).await;
@@ -760,9 +762,11 @@ impl<V: View> Projector<V> {
             let (message, record) = match item {
                 Item::Event(message, record) => (message, record),
                 Item::Malformed(message, e) => {
-                    tracing::debug!(view = %name, sequence = message.sequence, error = %e, "dead-lettering");
-                    letters.push(DeadLetter::new(&name, &message, e.code(), e.to_string()));
-                    last = message.sequence;
+                    if message.sequence > last {
+                        tracing::debug!(view = %name, sequence = message.sequence, error = %e, "dead-lettering");
+                        letters.push(DeadLetter::new(&name, &message, e.code(), e.to_string()));
+                        last = message.sequence;
+                    }
                     continue;
                 }
                 Item::Unverified(message, e) => {
@@ -820,7 +824,9 @@ impl<V: View> Projector<V> {
     }
 }
 
-/// What the reader hands to the applier, in stream order.
+/// What the reader hands to the applier, in stream order. Nearly every item is an event, so
+/// the variants are not boxed to even out their sizes.
+#[allow(clippy::large_enum_variant)]
 enum Item {
     /// A decoded event (the message is kept for a dead letter, should the view reject it).
     Event(StoredMessage, EventRecord),
@@ -939,8 +945,7 @@ impl Flusher {
         let Some((flush, _)) = self.in_flight.as_mut() else {
             return Ok(());
         };
-        let done = flush.await;
-        Ok(done?)
+        flush.await
     }
 
     /// Reports a finished flush; called once [`Flusher::wait`] returned.
