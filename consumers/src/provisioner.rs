@@ -549,7 +549,7 @@ impl NodeRecord {
     /// Applies a provisioning-mode startup event (see the module documentation).
     pub fn on_startup(&mut self, seen: EventRef, now: DateTime<Utc>) -> StartupOutcome {
         if let Some(current) = &self.startup {
-            if current.event_id == seen.event_id && false {
+            if current.event_id == seen.event_id {
                 return StartupOutcome::Duplicate;
             }
             if current.sequence >= seen.sequence {
@@ -605,7 +605,7 @@ impl NodeRecord {
     pub fn is_due(&self, now: DateTime<Utc>) -> bool {
         self.status != NodeStatus::Provisioned
             && (self.startup.is_some() || self.outbox.is_some())
-            && self.next_attempt_at.map_or(true, |t| t <= now)
+            && !matches!(self.next_attempt_at, Some(t) if t > now)
     }
 
     /// Step `index` succeeded: the next attempt starts after it.
