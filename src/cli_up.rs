@@ -11,6 +11,7 @@ use chorus_consumers::audit_export::{self, ExportConfig, JsonlConfig, SinkConfig
 use chorus_consumers::dashboard::{Dashboard, StreamRates};
 use chorus_consumers::inventory::{Inventory, StatusPolicy};
 use chorus_consumers::projection::Store;
+use chorus_consumers::provisioner::{Provisioner, ProvisionerConfig, Step};
 use chorus_producers::machine::{Machine, Manifest};
 use chorus_producers::rpc::{LocalTransport, NatsTransport, RequestOptions, RpcClient, Transport};
 use chorus_producers::streams::{ensure_platform_streams, StreamLimits};
@@ -45,6 +46,10 @@ pub struct UpArgs {
     /// state is an event in CHORUS_MACHINE).
     #[arg(long, default_value_t = 20)]
     machines: usize,
+    /// New nodes that start in provisioning mode (component `provision_mode_server`); the
+    /// provisioner configures each once over RPC and records a provisioned event.
+    #[arg(long, default_value_t = 50)]
+    new_nodes: usize,
 }
 
 /// The demo autonomous agent of `chorus up`: a node alternating between idle and busy on
@@ -116,12 +121,38 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     // denied by default, as on a real fleet.
     let policy_dir = args.data.join("policy");
     std::fs::create_dir_all(&policy_dir)?;
-    std::fs::write(policy_dir.join("rpcutil.policy"), "policy default deny\nallow\tchorus=demo-operator\t*\t*\t*\n")?;
-    let rpc = sim.host_rpc(transport.clone(), "choria", Some(policy_dir)).await?;
+    std::fs::write(policy_dir.join("rpcutil.policy"), "policy default deny\nallow\tchorus=demo-operator choria=provisioner\t*\t*\t*\n")?;
+    let rpc = sim.host_rpc(transport.clone(), "choria", Some(policy_dir.clone())).await?;
+
+    // The provisioner, and new nodes for it: they start in provisioning mode and are
+    // configured over RPC (rpcutil ping then get_fact stand in for Choria's
+    // choria_provision steps), each exactly once.
+    let mut provisioning = ProvisionerConfig::new(vec![
+        Step { agent: "rpcutil".into(), action: "ping".into(), data: Default::default(), timeout: None },
+        Step { agent: "rpcutil".into(), action: "get_fact".into(), data: serde_json::json!({"fact": "os"}).as_object().cloned().unwrap_or_default(), timeout: None },
+    ]);
+    provisioning.state_dir = args.data.join("provisioner");
+    let provisioner = Provisioner::start(backbone.clone(), transport.clone(), provisioning).await.context("starting the provisioner")?;
+    let mut fresh = SimConfig::new(args.new_nodes.max(1));
+    fresh.prefix = "new".into();
+    fresh.component = "provision_mode_server".into();
+    fresh.alive_interval = args.alive_interval;
+    let new_nodes = Arc::new(Simulator::new(fresh, Arc::new(BackboneSink(backbone.clone())))?);
+    let _new_rpc = new_nodes.host_rpc(transport.clone(), "choria", Some(policy_dir)).await?;
+
     let storm = sim.startup_storm().await?;
+    if args.new_nodes > 0 {
+        new_nodes.startup_storm().await?;
+        println!("{} new nodes started in provisioning mode", args.new_nodes);
+    }
     println!("{} simulated nodes started ({} startup events in {:.2?}); {} answer RPC", args.nodes, storm.events, storm.took, rpc.node_count());
     let alive = tokio::spawn({
         let sim = sim.clone();
+        let rx = stop_rx.clone();
+        async move { sim.run_alive(rx).await }
+    });
+    let new_alive = tokio::spawn({
+        let sim = new_nodes.clone();
         let rx = stop_rx.clone();
         async move { sim.run_alive(rx).await }
     });
@@ -162,9 +193,12 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         m.stop().await;
     }
     let _ = sim.shutdown_all().await;
+    let _ = new_nodes.shutdown_all().await;
+    let _ = provisioner.stop().await;
     let _ = stop.send(true);
     let _ = operator.await;
     let _ = alive.await;
+    let _ = new_alive.await;
     let _ = audit.stop().await;
     rates_task.abort();
     let _ = dashboard.await;

@@ -371,7 +371,9 @@ impl View for InventoryView {
             if node.last_event != last_event {
                 node.last_event = last_event.to_owned();
             }
-            if node.component != event.component() {
+            // A provisioned event names the provisioner that sent it, not what the node runs.
+            let from_node = !matches!(event, Lifecycle::Provisioned(_));
+            if from_node && node.component != event.component() {
                 node.component = event.component().to_owned();
             }
             if record.site.is_some() && node.site != record.site {

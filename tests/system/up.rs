@@ -52,10 +52,12 @@ fn up_fills_the_dashboard(nats: Option<&str>) {
     assert_eq!(url, format!("http://127.0.0.1:{port}/"));
 
     let (dom, ok) = wait_for_dom(&url, Duration::from_secs(60), |dom| {
-        dom.contains(r#"id="total">400<"#) && dom.contains(r#"id="status-alive">400<"#) && dom.matches(r#"class="bar""#).count() >= 3
+        // 400 nodes and the 50 new nodes (provisioning mode) `chorus up` starts by default.
+        dom.contains(r#"id="total">450<"#) && dom.contains(r#"id="status-alive">450<"#) && dom.matches(r#"class="bar""#).count() >= 6
     })
     .expect("chromium runs");
-    assert!(ok, "the dashboard never showed 400 alive nodes in 3+ versions:\n{dom}");
+    assert!(ok, "the dashboard never showed 450 alive nodes in 3+ versions of 2 components:\n{dom}");
+    assert!(dom.contains(r#"data-component="provision_mode_server""#), "{dom}");
     for version in ["0.29.4", "0.29.3", "0.28.0"] {
         assert!(dom.contains(&format!(r#"data-version="{version}""#)), "version {version} not shown:\n{dom}");
     }
