@@ -12,6 +12,7 @@
 //! * [`provisioner`] — configures nodes that start in provisioning mode over RPC, once each.
 
 pub mod audit_export;
+pub mod backoff;
 pub mod dashboard;
 pub mod events;
 pub mod deadletter;

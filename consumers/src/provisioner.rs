@@ -141,43 +141,12 @@ impl Step {
     }
 }
 
-/// How long a failed node waits before its next attempt: `initial` after the first failure,
-/// multiplied by `multiplier` after each further one, at most `max`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Backoff {
-    #[serde(default = "default_backoff_initial", with = "humantime_serde")]
-    pub initial: Duration,
-    #[serde(default = "default_backoff_max", with = "humantime_serde")]
-    pub max: Duration,
-    #[serde(default = "default_backoff_multiplier")]
-    pub multiplier: f64,
-}
+pub use crate::backoff::Backoff;
 
-fn default_backoff_initial() -> Duration {
-    Duration::from_secs(10)
-}
-fn default_backoff_max() -> Duration {
-    Duration::from_secs(600)
-}
-fn default_backoff_multiplier() -> f64 {
-    2.0
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff { initial: default_backoff_initial(), max: default_backoff_max(), multiplier: default_backoff_multiplier() }
-    }
-}
-
-impl Backoff {
-    /// The pause after the `failures`-th failed attempt in a row (1 = the first).
-    pub fn delay(&self, failures: u32) -> Duration {
-        let exponent = failures.saturating_sub(1).min(1000) as i32;
-        let secs = self.initial.as_secs_f64() * self.multiplier.powi(exponent);
-        // `min` also maps an overflow to infinity onto `max`.
-        Duration::from_secs_f64(secs.min(self.max.as_secs_f64()))
-    }
+/// A failed node waits 10 s, then twice as long after each further failure, at most 10 min:
+/// provisioning steps talk to nodes that may still be booting.
+fn default_backoff() -> Backoff {
+    Backoff { initial: Duration::from_secs(10), max: Duration::from_secs(600), multiplier: 2.0 }
 }
 
 /// Configuration of the provisioner (YAML or JSON; unknown fields are refused).
@@ -218,7 +187,7 @@ pub struct ProvisionerConfig {
     #[serde(default = "default_sweep_interval", with = "humantime_serde")]
     pub sweep_interval: Duration,
     /// Pause before a failed node is tried again.
-    #[serde(default)]
+    #[serde(default = "default_backoff")]
     pub backoff: Backoff,
     /// Component of the `provisioned` events the provisioner publishes.
     #[serde(default = "default_event_component")]
@@ -295,7 +264,7 @@ impl ProvisionerConfig {
             ttl: default_ttl(),
             concurrency: default_concurrency(),
             sweep_interval: default_sweep_interval(),
-            backoff: Backoff::default(),
+            backoff: default_backoff(),
             event_component: default_event_component(),
             site: None,
             start: StartPosition::First,
