@@ -69,8 +69,11 @@ async fn publish_mixed(b: &dyn Backbone, sim: &Simulator, round: usize) -> usize
         stale.timestamp -= 3600;
         records.push(EventRecord::new(stale, 1));
     }
+    // Nodes seen in provisioning mode, then provisioned (the provisioned event names its
+    // sender, so the node keeps the component it last announced).
     for id in ids.iter().skip(round + 2).step_by(13) {
-        records.push(EventRecord::new(Provisioned::new(id, "provision_mode_server"), 1));
+        records.push(EventRecord::new(Alive::new(id, "provision_mode_server", "0.29.4", Some(300)), 1));
+        records.push(EventRecord::new(Provisioned::new(id, "provisioner"), 1));
     }
     publish(b, records).await;
     let subject = "choria.lifecycle.event.alive.server";
