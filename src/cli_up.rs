@@ -223,12 +223,22 @@ pub struct DashboardArgs {
     /// Rebuild the inventory from the first event.
     #[arg(long)]
     rebuild: bool,
+    /// Accept only events signed by these public keys (files, or directories of `.pub`
+    /// files); forged and unsigned events go to the dead-letter stream with the reason.
+    #[arg(long)]
+    trust: Vec<PathBuf>,
 }
 
 pub async fn dashboard(args: DashboardArgs) -> anyhow::Result<()> {
     let backbone: Arc<dyn Backbone> = open_backbone(args.nats.as_deref(), &args.embedded).await?;
     let store = Store::open(&args.state)?;
     let mut projector = Inventory::projector(backbone.clone(), &store)?;
+    if !args.trust.is_empty() {
+        let (dirs, files): (Vec<PathBuf>, Vec<PathBuf>) = args.trust.iter().cloned().partition(|p| p.is_dir());
+        let verifier = chorus_schemas::signature::Verifier::from_paths(files, dirs).map_err(|e| anyhow::anyhow!("--trust: {e}"))?;
+        let options = chorus_consumers::projection::ProjectorOptions { verifier: Some(Arc::new(verifier)), ..Default::default() };
+        projector = projector.with_options(options);
+    }
     if args.rebuild {
         projector.rebuild()?;
     }

@@ -21,6 +21,30 @@ use crate::rpc::agents::{RpcUtil, Shell};
 use crate::rpc::{Agent, NatsTransport, NodeContext, RpcServer, Transport};
 use crate::{Emitter, ProducerError};
 
+/// Where the agent's signing key is.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum SigningConfig {
+    /// An Ed25519 key file (`chorus security keygen --file`).
+    KeyFile(PathBuf),
+    /// A key held by a PKCS#11 token (SoftHSM2, an HSM).
+    Pkcs11(chorus_schemas::signature::Pkcs11Config),
+}
+
+impl SigningConfig {
+    /// Opens the key: reads the file, or logs in to the token.
+    pub fn signer(&self) -> Result<Arc<dyn chorus_schemas::signature::Signer>, ProducerError> {
+        Ok(match self {
+            SigningConfig::KeyFile(path) => Arc::new(
+                chorus_schemas::signature::Ed25519FileSigner::load(path).map_err(|e| ProducerError::Signing(e.to_string()))?,
+            ),
+            SigningConfig::Pkcs11(config) => Arc::new(
+                chorus_schemas::signature::Pkcs11Signer::open(config).map_err(|e| ProducerError::Signing(e.to_string()))?,
+            ),
+        })
+    }
+}
+
 /// Configuration of a node agent (YAML or JSON).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -61,6 +85,10 @@ pub struct AgentConfig {
     /// Longest wait at shutdown for the outbox to drain to the site.
     #[serde(default = "default_drain", with = "humantime_serde")]
     pub shutdown_drain: Duration,
+    /// Sign every event with this key (an Ed25519 key file, or a key on a PKCS#11 token
+    /// that never leaves it), so consumers can refuse forged events.
+    #[serde(default, with = "serde_yaml::with::singleton_map")]
+    pub signing: Option<SigningConfig>,
 }
 
 fn default_component() -> String {
@@ -97,6 +125,7 @@ impl AgentConfig {
             outbox: OutboxLimits::default(),
             nats: None,
             shutdown_drain: default_drain(),
+            signing: None,
         }
     }
 
@@ -150,7 +179,11 @@ impl NodeAgent {
         let store = EmbeddedBackbone::open_path(config.state_dir.join("outbox"))?;
         let outbox = Outbox::open(store, config.outbox.clone()).await?;
         let next_seq = outbox.next_producer_seq().await?;
-        let emitter = Arc::new(Emitter::new(Arc::new(outbox.clone()), next_seq, config.site.clone()));
+        let sink: Arc<dyn crate::EventSink> = match &config.signing {
+            None => Arc::new(outbox.clone()),
+            Some(signing) => Arc::new(crate::emitter::SigningSink::new(Arc::new(outbox.clone()), signing.signer()?)),
+        };
+        let emitter = Arc::new(Emitter::new(sink, next_seq, config.site.clone()));
         let node = NodeIdentity {
             identity: config.identity.clone(),
             component: config.component.clone(),
@@ -258,4 +291,45 @@ fn start_machines(config: &AgentConfig, emitter: &Arc<Emitter>) -> Vec<MachineHa
         }
     }
     out
+}
+
+#[cfg(test)]
+mod signing_tests {
+    use super::*;
+    use chorus_backbone::Backbone;
+    use futures::StreamExt;
+
+    /// An agent configured with a key signs every event it stores; a verifier trusting the
+    /// key accepts them, one trusting another key refuses them.
+    #[tokio::test]
+    async fn an_agent_with_a_signing_key_signs_every_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("node.key");
+        let signer = chorus_schemas::signature::Ed25519FileSigner::generate(&key).unwrap();
+        let yaml = format!(
+            "identity: n1.example.net\nstate_dir: {}\nsigning: {{ key_file: {} }}\n",
+            dir.path().join("state").display(),
+            key.display()
+        );
+        let path = dir.path().join("agent.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        let config = AgentConfig::load(&path).unwrap();
+        let agent = NodeAgent::start(config).await.unwrap();
+        agent.shutdown().await.unwrap();
+
+        let store = chorus_backbone::embedded::EmbeddedBackbone::open_path(dir.path().join("state").join("outbox")).unwrap();
+        let mut trusted = chorus_schemas::signature::Verifier::new();
+        trusted.trust_signer(&signer).unwrap();
+        let mut other = chorus_schemas::signature::Verifier::new();
+        other.trust_signer(&chorus_schemas::signature::Ed25519FileSigner::random()).unwrap();
+        let mut replay = store.replay(crate::outbox::OUTBOX_STREAM, Default::default()).await.unwrap();
+        let mut seen = 0;
+        while let Some(m) = replay.next().await {
+            let record = chorus_schemas::EventRecord::decode(&m.unwrap().payload).unwrap();
+            trusted.verify(&record).expect("signed with the agent's key");
+            assert!(other.verify(&record).is_err(), "another key does not verify it");
+            seen += 1;
+        }
+        assert!(seen >= 2, "startup and shutdown at least, got {seen}");
+    }
 }

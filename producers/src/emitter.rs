@@ -38,6 +38,32 @@ impl EventSink for BackboneSink {
 }
 
 /// Stamps documents of one producer with its sequence and site, and stores them in a sink.
+/// Signs every record with the producer's key before passing it on, so consumers holding the
+/// matching public key can tell the node's own events from forged ones. Wraps any sink (the
+/// outbox, the backbone), so what is stored and forwarded is already signed.
+pub struct SigningSink {
+    inner: Arc<dyn EventSink>,
+    signer: Arc<dyn chorus_schemas::signature::Signer>,
+}
+
+impl SigningSink {
+    pub fn new(inner: Arc<dyn EventSink>, signer: Arc<dyn chorus_schemas::signature::Signer>) -> Self {
+        SigningSink { inner, signer }
+    }
+}
+
+#[async_trait]
+impl EventSink for SigningSink {
+    async fn store(&self, records: Vec<EventRecord>) -> Result<(), ProducerError> {
+        let signed = records
+            .into_iter()
+            .map(|r| r.signed(&*self.signer))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ProducerError::Signing(e.to_string()))?;
+        self.inner.store(signed).await
+    }
+}
+
 pub struct Emitter {
     sink: Arc<dyn EventSink>,
     next_seq: AtomicU64,

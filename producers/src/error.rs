@@ -10,6 +10,9 @@ pub enum ProducerError {
     Subject(#[from] chorus_schemas::SubjectError),
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// The signing key could not sign (token removed, wrong PIN): nothing unsigned is stored.
+    #[error("signing events: {0}")]
+    Signing(String),
     #[error("{0}")]
     Other(String),
 }
