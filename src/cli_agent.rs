@@ -142,13 +142,39 @@ pub struct RpcArgs {
     /// Print every reply as JSON.
     #[arg(long)]
     json: bool,
+    /// Have requests signed by a Chorus AAA service (`chorus aaa`) instead of holding a key:
+    /// its URL, e.g. https://aaa.example.net:8443. Needs a token (`--token` or
+    /// CHORUS_AAA_TOKEN), or a login with --user and CHORUS_AAA_PASSWORD.
+    #[arg(long, env = "CHORUS_AAA_URL")]
+    aaa: Option<String>,
+    /// JWT from the AAA service's /login.
+    #[arg(long, env = "CHORUS_AAA_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Log in to the AAA service as this user (password from CHORUS_AAA_PASSWORD).
+    #[arg(long)]
+    user: Option<String>,
+    /// CA certificate of the AAA service's HTTPS listener.
+    #[arg(long)]
+    aaa_ca: Option<std::path::PathBuf>,
 }
 
 /// Makes an RPC request, showing replies as they arrive and a summary at the end.
 pub async fn rpc(args: RpcArgs) -> anyhow::Result<()> {
     let nats = NatsConfig::from_url_list(&args.nats);
     let client = nats.connect(None).await?;
-    let rpc = RpcClient::new(Arc::new(NatsTransport::new(client)), &args.callerid, &args.collective);
+    let mut rpc = RpcClient::new(Arc::new(NatsTransport::new(client)), &args.callerid, &args.collective);
+    if let Some(url) = &args.aaa {
+        let aaa = chorus_producers::aaa::AaaClient::new(url, args.aaa_ca.as_deref())?;
+        let token = match (&args.token, &args.user) {
+            (Some(token), _) => token.clone(),
+            (None, Some(user)) => {
+                let password = std::env::var("CHORUS_AAA_PASSWORD").context("--user needs the password in CHORUS_AAA_PASSWORD")?;
+                aaa.login(user, &password).await?.token
+            }
+            (None, None) => anyhow::bail!("--aaa needs --token (or CHORUS_AAA_TOKEN) or --user"),
+        };
+        rpc = rpc.with_request_signer(Arc::new(chorus_producers::aaa::AaaSigner::new(aaa, token)));
+    }
     let mut data = serde_json::Map::new();
     for kv in &args.inputs {
         let (k, v) = kv.split_once('=').with_context(|| format!("input {kv:?} is not key=value"))?;
