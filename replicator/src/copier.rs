@@ -37,6 +37,9 @@ pub(crate) struct Copier {
     pub health: Arc<CopierHealth>,
 }
 
+/// How long the reader waits for the source before checking that its replay still moves.
+const STALL_CHECK: Duration = Duration::from_secs(5);
+
 /// A prepared batch: what to publish, and the source position it completes.
 struct Batch {
     messages: Vec<Message>,
@@ -154,8 +157,23 @@ impl Copier {
             let mut chunks = replay.ready_chunks(self.batch);
             loop {
                 let items = tokio::select! {
-                    items = chunks.next() => items,
+                    items = tokio::time::timeout(STALL_CHECK, chunks.next()) => items,
                     _ = stop.wait_for(|s| *s) => return,
+                };
+                let items = match items {
+                    Ok(items) => items,
+                    // Nothing for a while: fine if the source has nothing new. If it has, the
+                    // replay is stuck (an ephemeral consumer the server dropped while the
+                    // reader waited on a slow or restarting target): open a new one from `next`.
+                    Err(_elapsed) => match self.source.stream_info(&self.stream).await {
+                        // (With subject filters the stream's last sequence says nothing about
+                        // matching messages, so filtered links rely on replay errors alone.)
+                        Ok(info) if self.filter_subjects.is_empty() && info.last_sequence >= next => {
+                            self.fail("source", format!("replay stalled before sequence {next} of {}; reopening", info.last_sequence));
+                            break;
+                        }
+                        _ => continue,
+                    },
                 };
                 let Some(items) = items else { break };
                 let mut batch = Batch { messages: Vec::with_capacity(items.len()), last_sequence: 0, last_time: Default::default() };

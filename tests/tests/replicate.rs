@@ -151,7 +151,17 @@ async fn copy_through(mut src: NatsServer, mut dst: NatsServer, disrupt: fn(&mut
     assert!(count(&*target, CHORUS_LIFECYCLE).await < 30_000, "disrupted after the copy finished: not mid-copy");
     tokio::task::block_in_place(|| disrupt(&mut src, &mut dst));
     producer.await.unwrap();
-    wait_for_count(&*target, CHORUS_LIFECYCLE, 30_000, Duration::from_secs(120)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while count(&*target, CHORUS_LIFECYCLE).await < 30_000 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "target holds {} of 30000 after 120 s; replicator health: {:?}\n{}",
+            count(&*target, CHORUS_LIFECYCLE).await,
+            handle.health(),
+            handle.metrics().encode()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     assert!(handle.wait_caught_up(Duration::from_secs(60)).await, "replicator did not catch up: {:?}", handle.health());
     let metrics = handle.metrics().encode();
     handle.stop().await;
