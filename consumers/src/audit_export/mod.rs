@@ -293,6 +293,8 @@ impl Exporter {
                 _ = wait_stop(&mut self.stop) => return Ok(()),
                 d = self.rx.recv() => match d {
                     Some(d) => batch.push(d),
+                    // Fetchers end on a stop request, possibly before this loop sees it.
+                    None if *self.stop.borrow() => return Ok(()),
                     None => return Err(ExportError::Task("every stream fetcher ended".into())),
                 },
                 _ = tokio::time::sleep(tick) => continue,
