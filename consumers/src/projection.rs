@@ -161,9 +161,23 @@ impl Store {
     /// Opens (creating if needed) the store in directory `path`. Views rewrite the same keys
     /// over and over, so sled runs in its high-throughput mode (faster writes, more space
     /// before its log is compacted).
+    ///
+    /// A store just closed in this process (a restarted projector) can keep its file lock
+    /// for a moment while sled's background flush of the old handle ends, so a held lock is
+    /// retried for up to two seconds before it is reported.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, ProjectionError> {
-        let db = sled::Config::new().path(path.as_ref()).mode(sled::Mode::HighThroughput).open()?;
-        Ok(Store { db })
+        let config = sled::Config::new().path(path.as_ref()).mode(sled::Mode::HighThroughput);
+        let mut attempts = 0;
+        loop {
+            match config.open() {
+                Ok(db) => return Ok(Store { db }),
+                Err(e) if attempts < 40 && e.to_string().contains("could not acquire lock") => {
+                    attempts += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     /// A store in memory, removed when dropped (tests, benchmarks).
