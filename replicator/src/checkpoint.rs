@@ -47,7 +47,12 @@ impl Checkpoints {
     /// Records that everything up to `sequence` is in the target, durably.
     pub async fn store(&self, key: &str, sequence: u64) -> Result<()> {
         self.tree.insert(key, &sequence.to_be_bytes())?;
-        self.db.flush_async().await?;
+        // A blocking flush on tokio's blocking pool rather than sled's `flush_async`, which
+        // can hang sled 0.34's own thread pool when many are in flight in one process.
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| crate::ReplicatorError::Checkpoint(format!("flush task: {e}")))??;
         Ok(())
     }
 

@@ -26,6 +26,9 @@ pub use tls::{client_config_with_signer, pkcs11_client_config};
 /// Header carrying the event id; JetStream dedupes on it.
 pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
 
+/// Ack permits of the JetStream context: far above any window, so they never block.
+const CONTEXT_ACK_PERMITS: usize = 1 << 20;
+
 /// A [`Backbone`] on NATS JetStream. Cheap to clone.
 #[derive(Clone)]
 pub struct JetStreamBackbone {
@@ -51,9 +54,13 @@ impl JetStreamBackbone {
 
     /// Wraps an existing connection.
     pub fn from_client(client: async_nats::Client, config: &NatsConfig) -> Self {
+        // In-flight publishes are bounded by `window` in publish_batch, not by the context's
+        // ack permits: a server killed with acknowledgements in flight could leave permits
+        // that are never given back, and a later publish would then wait on them forever
+        // (seen as a producer hung after a broker restart).
         let mut builder = jetstream::ContextBuilder::new()
             .timeout(config.request_timeout)
-            .max_ack_inflight(config.max_ack_inflight)
+            .max_ack_inflight(CONTEXT_ACK_PERMITS)
             .backpressure_on_inflight(true);
         if let Some(domain) = &config.domain {
             builder = builder.domain(domain).timeout(config.request_timeout);
@@ -62,7 +69,7 @@ impl JetStreamBackbone {
             js: builder.build(client.clone()),
             client,
             retry_for: config.publish_retry_for,
-            window: (config.max_ack_inflight / 2).max(1),
+            window: config.max_ack_inflight.max(1),
         }
     }
 
