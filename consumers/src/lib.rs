@@ -13,6 +13,7 @@
 
 pub mod audit_export;
 pub mod backoff;
+mod config_file;
 pub mod dashboard;
 pub mod events;
 pub mod deadletter;

@@ -276,8 +276,7 @@ impl ProvisionerConfig {
 
     /// Reads and validates a YAML (or JSON) file; errors name the file and the field.
     pub fn load(path: &Path) -> Result<Self, ProvisionerError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ProvisionerError::Config(format!("{}: {e}", path.display())))?;
+        let text = crate::config_file::read(path).map_err(ProvisionerError::Config)?;
         Self::from_yaml(&text).map_err(|e| match e {
             ProvisionerError::Config(m) => ProvisionerError::Config(format!("{}: {m}", path.display())),
             other => other,
@@ -286,11 +285,7 @@ impl ProvisionerConfig {
 
     /// Parses and validates YAML (or JSON) text.
     pub fn from_yaml(text: &str) -> Result<Self, ProvisionerError> {
-        let de = serde_yaml::Deserializer::from_str(text);
-        let config: ProvisionerConfig = serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            ProvisionerError::Config(if path == "." { e.inner().to_string() } else { format!("{path}: {}", e.inner()) })
-        })?;
+        let config: ProvisionerConfig = crate::config_file::parse(text).map_err(ProvisionerError::Config)?;
         config.validate()?;
         Ok(config)
     }

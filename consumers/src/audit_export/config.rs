@@ -516,8 +516,7 @@ impl ExportConfig {
 
     /// Reads and validates a YAML (or JSON) file; errors name the file and the field.
     pub fn load(path: &Path) -> Result<Self, ExportError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|e| ExportError::Config(format!("{}: {e}", path.display())))?;
+        let text = crate::config_file::read(path).map_err(ExportError::Config)?;
         Self::from_yaml(&text).map_err(|e| match e {
             ExportError::Config(m) => ExportError::Config(format!("{}: {m}", path.display())),
             other => other,
@@ -526,11 +525,7 @@ impl ExportConfig {
 
     /// Parses and validates YAML (or JSON) text.
     pub fn from_yaml(text: &str) -> Result<Self, ExportError> {
-        let de = serde_yaml::Deserializer::from_str(text);
-        let config: ExportConfig = serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            ExportError::Config(if path == "." { e.inner().to_string() } else { format!("{path}: {}", e.inner()) })
-        })?;
+        let config: ExportConfig = crate::config_file::parse(text).map_err(ExportError::Config)?;
         config.validate()?;
         Ok(config)
     }
