@@ -26,6 +26,7 @@
 
 mod error;
 pub mod conformance;
+pub mod child;
 pub mod chromium;
 pub mod nats;
 pub mod pki;

@@ -2,7 +2,6 @@
 //! JetStream cluster node killed while publishing.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
 
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -28,37 +27,19 @@ fn kill_9_of_an_embedded_writer_loses_no_acknowledged_event() {
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        // Read on a thread so the writer never blocks on its pipe: it must be busy when killed.
-        let (tx, rx) = std::sync::mpsc::channel::<String>();
-        let reader = std::thread::spawn(move || {
-            let mut line = String::new();
-            loop {
-                line.clear();
-                match stdout.read_line(&mut line) {
-                    // Only whole lines: a line cut by the kill is not an acknowledgement.
-                    Ok(n) if n > 0 && line.ends_with('\n') => {
-                        if let Some(id) = line.trim_end().strip_prefix("ACK ") {
-                            if tx.send(id.to_string()).is_err() {
-                                return;
-                            }
-                        }
-                    }
-                    _ => return,
-                }
-            }
-        });
+        let (rx, reader) = chorus_tests::child::whole_lines(child.stdout.take().unwrap());
+        let ack = |line: String| line.strip_prefix("ACK ").map(str::to_string);
         let mut acked = Vec::new();
         while acked.len() < 20_000 + round * 7_919 {
             match rx.recv_timeout(Duration::from_secs(60)) {
-                Ok(id) => acked.push(id),
+                Ok(line) => acked.extend(ack(line)),
                 Err(_) => break,
             }
         }
         child.kill().unwrap();
         child.wait().unwrap();
         reader.join().unwrap();
-        acked.extend(rx.try_iter());
+        acked.extend(rx.try_iter().filter_map(ack));
         assert!(acked.len() >= 20_000, "writer died early");
 
         let rt = tokio::runtime::Runtime::new().unwrap();

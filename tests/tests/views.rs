@@ -8,7 +8,6 @@
 //!   projector keeps going.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -218,24 +217,7 @@ fn spawn_runner(args: &[String]) -> (std::process::Child, std::sync::mpsc::Recei
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    // Read on a thread so the runner never blocks on its pipe: it must be busy when killed.
-    let reader = std::thread::spawn(move || {
-        let mut line = String::new();
-        loop {
-            line.clear();
-            match stdout.read_line(&mut line) {
-                // Only whole lines: a line cut by the kill says nothing.
-                Ok(n) if n > 0 && line.ends_with('\n') => {
-                    if tx.send(line.trim_end().to_string()).is_err() {
-                        return;
-                    }
-                }
-                _ => return,
-            }
-        }
-    });
+    let (rx, reader) = chorus_tests::child::whole_lines(child.stdout.take().unwrap());
     (child, rx, reader)
 }
 
