@@ -81,26 +81,10 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let backbone = open_backbone(args.nats.as_deref(), &args.data.join("streams")).await?;
     ensure_platform_streams(&*backbone, &StreamLimits::default()).await?;
     let (stop, stop_rx) = watch::channel(false);
-    let stopped = |rx: &watch::Receiver<bool>| {
-        let mut rx = rx.clone();
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }
-    };
 
     // Views and the dashboard first, so the page fills as nodes start.
-    let store = Store::open(args.data.join("views")).context("opening the view store")?;
-    let mut projector = Inventory::projector(backbone.clone(), &store)?;
-    let inventory = Inventory::open(&store, StatusPolicy::default())?.with_progress(projector.progress());
-    let projection = tokio::spawn({
-        let shutdown = stopped(&stop_rx);
-        async move { projector.run(shutdown).await }
-    });
-    let streams = chorus_schemas::subject::streams().iter().map(|(name, _)| name.to_string()).collect();
-    let (rates, rates_task) = StreamRates::spawn(backbone.clone(), streams, Duration::from_secs(2));
-    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding the dashboard to {}", args.listen))?;
-    let url = format!("http://{}/", listener.local_addr()?);
-    let dashboard = tokio::spawn(Dashboard::new(inventory.clone(), rates).with_events(backbone.clone()).serve(listener, stopped(&stop_rx)));
+    let views = Views::start(backbone.clone(), &args.data.join("views"), args.listen, None, false, &stop_rx).await?;
+    let url = views.url.clone();
 
     let audit = audit_export::spawn(
         backbone.clone(),
@@ -200,10 +184,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let _ = alive.await;
     let _ = new_alive.await;
     let _ = audit.stop().await;
-    rates_task.abort();
-    let _ = dashboard.await;
-    projection.await?.context("inventory projection")?;
-    Ok(())
+    views.finish().await
 }
 
 /// `chorus dashboard`: the inventory projection and the dashboard over existing streams.
@@ -231,38 +212,73 @@ pub struct DashboardArgs {
 
 pub async fn dashboard(args: DashboardArgs) -> anyhow::Result<()> {
     let backbone: Arc<dyn Backbone> = open_backbone(args.nats.as_deref(), &args.embedded).await?;
-    let store = Store::open(&args.state)?;
-    let mut projector = Inventory::projector(backbone.clone(), &store)?;
-    if !args.trust.is_empty() {
+    let verifier = if args.trust.is_empty() {
+        None
+    } else {
         let (dirs, files): (Vec<PathBuf>, Vec<PathBuf>) = args.trust.iter().cloned().partition(|p| p.is_dir());
-        let verifier = chorus_schemas::signature::Verifier::from_paths(files, dirs).map_err(|e| anyhow::anyhow!("--trust: {e}"))?;
-        let options = chorus_consumers::projection::ProjectorOptions { verifier: Some(Arc::new(verifier)), ..Default::default() };
-        projector = projector.with_options(options);
-    }
-    if args.rebuild {
-        projector.rebuild()?;
-    }
-    let inventory = Inventory::open(&store, StatusPolicy::default())?.with_progress(projector.progress());
-    let streams = chorus_schemas::subject::streams().iter().map(|(name, _)| name.to_string()).collect();
-    let (rates, _task) = StreamRates::spawn(backbone.clone(), streams, Duration::from_secs(2));
-    let listener = tokio::net::TcpListener::bind(args.listen).await?;
-    println!("Dashboard: http://{}/", listener.local_addr()?);
-    let (stop, rx) = watch::channel(false);
-    let mut rx2 = rx.clone();
-    let server = tokio::spawn(Dashboard::new(inventory, rates).with_events(backbone.clone()).serve(listener, async move {
-        let _ = rx2.wait_for(|s| *s).await;
-    }));
-    let mut rx3 = rx.clone();
-    let projection = tokio::spawn(async move {
-        projector
-            .run(async move {
-                let _ = rx3.wait_for(|s| *s).await;
-            })
-            .await
-    });
+        Some(chorus_schemas::signature::Verifier::from_paths(files, dirs).map_err(|e| anyhow::anyhow!("--trust: {e}"))?)
+    };
+    let (stop, stop_rx) = watch::channel(false);
+    let views = Views::start(backbone, &args.state, args.listen, verifier, args.rebuild, &stop_rx).await?;
+    println!("Dashboard: {}", views.url);
     terminated().await;
     let _ = stop.send(true);
-    let _ = server.await;
-    projection.await??;
-    Ok(())
+    views.finish().await
+}
+
+/// The inventory projection and the dashboard over `backbone`, running until `stop` turns
+/// true: what `chorus up` and `chorus dashboard` both serve.
+struct Views {
+    url: String,
+    projection: tokio::task::JoinHandle<Result<chorus_consumers::projection::RunStats, chorus_consumers::projection::ProjectionError>>,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    rates: tokio::task::JoinHandle<()>,
+}
+
+impl Views {
+    /// Opens the view store in `state`, optionally verifying signatures (`verifier`) and
+    /// rebuilding from the first event, and serves the dashboard on `listen`.
+    async fn start(
+        backbone: Arc<dyn Backbone>,
+        state: &std::path::Path,
+        listen: SocketAddr,
+        verifier: Option<chorus_schemas::signature::Verifier>,
+        rebuild: bool,
+        stop: &watch::Receiver<bool>,
+    ) -> anyhow::Result<Views> {
+        let stopped = |rx: &watch::Receiver<bool>| {
+            let mut rx = rx.clone();
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            }
+        };
+        let store = Store::open(state).context("opening the view store")?;
+        let mut projector = Inventory::projector(backbone.clone(), &store)?;
+        if let Some(verifier) = verifier {
+            let options = chorus_consumers::projection::ProjectorOptions { verifier: Some(Arc::new(verifier)), ..Default::default() };
+            projector = projector.with_options(options);
+        }
+        if rebuild {
+            projector.rebuild()?;
+        }
+        let inventory = Inventory::open(&store, StatusPolicy::default())?.with_progress(projector.progress());
+        let projection = tokio::spawn({
+            let shutdown = stopped(stop);
+            async move { projector.run(shutdown).await }
+        });
+        let streams = chorus_schemas::subject::streams().iter().map(|(name, _)| name.to_string()).collect();
+        let (rates, rates_task) = StreamRates::spawn(backbone.clone(), streams, Duration::from_secs(2));
+        let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding the dashboard to {listen}"))?;
+        let url = format!("http://{}/", listener.local_addr()?);
+        let server = tokio::spawn(Dashboard::new(inventory, rates).with_events(backbone).serve(listener, stopped(stop)));
+        Ok(Views { url, projection, server, rates: rates_task })
+    }
+
+    /// Waits for the server and the projection to end after the stop request.
+    async fn finish(self) -> anyhow::Result<()> {
+        self.rates.abort();
+        let _ = self.server.await;
+        self.projection.await?.context("inventory projection")?;
+        Ok(())
+    }
 }
