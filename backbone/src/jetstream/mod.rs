@@ -69,7 +69,7 @@ impl JetStreamBackbone {
             js: builder.build(client.clone()),
             client,
             retry_for: config.publish_retry_for,
-            window: config.max_ack_inflight.max(1),
+            window: (config.max_ack_inflight / 2).max(1),
         }
     }
 
