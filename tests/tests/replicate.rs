@@ -150,7 +150,10 @@ async fn copy_through(mut src: NatsServer, mut dst: NatsServer, disrupt: fn(&mut
     wait_for_count(&*target, CHORUS_LIFECYCLE, 8_000, Duration::from_secs(60)).await;
     assert!(count(&*target, CHORUS_LIFECYCLE).await < 30_000, "disrupted after the copy finished: not mid-copy");
     tokio::task::block_in_place(|| disrupt(&mut src, &mut dst));
-    producer.await.unwrap();
+    tokio::time::timeout(Duration::from_secs(120), producer)
+        .await
+        .expect("the producer's publishes did not complete within 120 s of the disruption")
+        .unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     while count(&*target, CHORUS_LIFECYCLE).await < 30_000 {
         assert!(

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, message::PublishMessage as Publish, stream};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use futures::stream::FuturesOrdered;
 use futures::StreamExt;
 
 use crate::{
@@ -152,19 +153,12 @@ impl JetStreamBackbone {
         })
     }
 
-    /// Awaits a pipelined publish, falling back to retries when it failed.
-    async fn settle(
-        &self,
-        m: &Message,
-        fut: Option<jetstream::context::PublishAckFuture>,
-        started: Instant,
-    ) -> Result<PublishAck> {
-        if let Some(fut) = fut {
-            if let Ok(ack) = fut.await {
-                return Ok(to_ack(ack));
-            }
+    /// The acknowledgement of a pipelined publish, or a retry when it failed or was never sent.
+    async fn settle(&self, m: &Message, ack: Option<PublishAck>, started: Instant) -> Result<PublishAck> {
+        match ack {
+            Some(ack) => Ok(ack),
+            None => self.publish_retrying(m, started).await,
         }
-        self.publish_retrying(m, started).await
     }
 
     /// Errors that retrying cannot fix: too large, or no stream captures the subject.
@@ -304,21 +298,29 @@ impl Backbone for JetStreamBackbone {
         }
         let started = Instant::now();
         // Pipeline: keep a window of publishes on the wire, collecting acknowledgements in order.
+        // The pending acknowledgements are polled together, so their timeouts run at once: a
+        // server lost with a full window costs one request timeout, not one per publish.
         let mut acks = Vec::with_capacity(messages.len());
-        let mut inflight = std::collections::VecDeque::with_capacity(self.window);
+        let mut inflight = FuturesOrdered::new();
         for (i, m) in messages.iter().enumerate() {
             if inflight.len() >= self.window {
-                let (j, fut) = inflight.pop_front().unwrap();
-                acks.push(self.settle(&messages[j], fut, started).await?);
+                let (j, ack) = inflight.next().await.expect("the window is not empty");
+                acks.push(self.settle(&messages[j], ack, started).await?);
             }
             let sent = self
                 .js
                 .send_publish(m.subject.clone(), Publish::build().message_id(&m.id).payload(m.payload.clone()))
                 .await;
-            inflight.push_back((i, sent.ok()));
+            inflight.push_back(async move {
+                let ack = match sent {
+                    Ok(fut) => fut.await.ok().map(to_ack),
+                    Err(_) => None,
+                };
+                (i, ack)
+            });
         }
-        for (j, fut) in inflight {
-            acks.push(self.settle(&messages[j], fut, started).await?);
+        while let Some((j, ack)) = inflight.next().await {
+            acks.push(self.settle(&messages[j], ack, started).await?);
         }
         Ok(acks)
     }
