@@ -1656,7 +1656,11 @@ mod tests {
 
             // The late node comes up: the sweep retries it.
             site.host("late.example.net").await;
-            until(&p, "late provisioned", |p| status(p, "late.example.net") == Some(NodeStatus::Provisioned)).await;
+            // The record turns provisioned before the attempt's flush and its counter bump.
+            until(&p, "late provisioned", |p| {
+                status(p, "late.example.net") == Some(NodeStatus::Provisioned) && p.stats().in_flight == 0
+            })
+            .await;
             let s = p.stats();
             assert_eq!((s.provisioned, s.dead_lettered), (3, 1), "{s:?}");
             assert!(s.failed >= 2 && s.retries >= 2, "{s:?}");
