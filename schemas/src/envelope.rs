@@ -16,7 +16,10 @@
 
 use chrono::{DateTime, Datelike, Utc};
 use cloudevents::{EventBuilder, EventBuilderV10};
+use std::borrow::Cow;
+
 use serde::de::DeserializeOwned;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::audit::AuditRecord;
@@ -491,6 +494,19 @@ impl EventRecord {
     /// Choria's legacy bare lifecycle document (`{"protocol":"io.choria.lifecycle.v1.startup",
     /// ...}` or `choria:lifecycle:startup:1`), which gets `seq` 0 and no site. Never panics.
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        if bytes.len() <= MAX_EVENT_BYTES {
+            if let Some(record) = decode_fast(bytes) {
+                return Ok(record);
+            }
+        }
+        Self::decode_general(bytes)
+    }
+
+    /// Decoding through a JSON tree: every input, and the errors. [`EventRecord::decode`]
+    /// comes here whenever its fast path does not succeed, so both give the same results.
+    /// Public for the fuzz target and tests that compare the two paths.
+    #[doc(hidden)]
+    pub fn decode_general(bytes: &[u8]) -> Result<Self, DecodeError> {
         if bytes.len() > MAX_EVENT_BYTES {
             return Err(DecodeError::Oversize {
                 size: bytes.len(),
@@ -575,7 +591,144 @@ impl Known {
     }
 }
 
-fn decode_cloudevent(mut map: Map<String, Value>) -> Result<EventRecord, DecodeError> {
+/// The fast path of [`EventRecord::decode`] for well-formed CloudEvents: one pass over the
+/// bytes into borrowed attributes and the typed document, with no JSON tree in between (the
+/// tree costs most of a decode, and projections decode every event they replay). Any input it
+/// does not accept in full goes to the general path, which alone reports errors; a test holds
+/// the two to the same results.
+fn decode_fast(bytes: &[u8]) -> Option<EventRecord> {
+    // A derived struct also reads a JSON array positionally; only objects are events.
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return None;
+    }
+    // Skipping unknown fields has no nesting limit; the tree's is 128. Under 128 openers in
+    // all, no value can nest that deep.
+    if bytes.iter().filter(|b| matches!(b, b'{' | b'[')).count() >= MAX_FAST_OPENERS {
+        return None;
+    }
+    // Skipped strings are not checked for UTF-8; the tree checks every string.
+    let text = std::str::from_utf8(bytes).ok()?;
+    let wire: Wire<'_> = serde_json::from_str(text).ok()?;
+    wire.specversion.as_ref()?;
+    decode_cloudevent(wire).ok()
+}
+
+/// Inputs with this many `{` and `[` bytes (in strings or not) take the general path.
+const MAX_FAST_OPENERS: usize = 128;
+
+/// The attributes of a structured CloudEvent as [`decode_fast`] reads them. Strings borrow
+/// from the input unless they hold escapes; a repeated attribute fails (the general path
+/// keeps the last), as does anything not of the expected JSON type.
+#[derive(serde::Deserialize)]
+struct Wire<'a> {
+    #[serde(borrow)]
+    specversion: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    source: Option<Cow<'a, str>>,
+    #[serde(borrow, rename = "type")]
+    ty: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    datacontenttype: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    subject: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    time: Option<Cow<'a, str>>,
+    seq: Option<u64>,
+    #[serde(borrow)]
+    site: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    sigkey: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    sig: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    data_base64: Option<&'a RawValue>,
+    #[serde(borrow)]
+    data: Option<&'a RawValue>,
+}
+
+/// Where [`decode_cloudevent`] takes the attributes from: a parsed JSON object (the general
+/// path) or [`Wire`] (the fast path). One sequence of checks serves both.
+trait Attributes {
+    /// A string attribute; `null` is absent.
+    fn string(&mut self, name: &'static str) -> Result<Option<String>, DecodeError>;
+    /// The `seq` extension; absent is 0.
+    fn seq(&mut self) -> Result<u64, DecodeError>;
+    /// Whether a non-null `data_base64` is present.
+    fn has_data_base64(&self) -> bool;
+    /// `data`, decoded as the document of `known`.
+    fn data(&mut self, known: Known) -> Result<Event, DecodeError>;
+}
+
+impl Attributes for Map<String, Value> {
+    fn string(&mut self, name: &'static str) -> Result<Option<String>, DecodeError> {
+        match self.remove(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(other) => Err(invalid(
+                name,
+                format!("must be a string, got {}", json_kind(&other)),
+            )),
+        }
+    }
+
+    fn seq(&mut self) -> Result<u64, DecodeError> {
+        parse_seq(self.remove(SEQ))
+    }
+
+    fn has_data_base64(&self) -> bool {
+        self.get("data_base64").is_some_and(|v| !v.is_null())
+    }
+
+    fn data(&mut self, known: Known) -> Result<Event, DecodeError> {
+        match self.remove("data") {
+            None | Some(Value::Null) => Err(DecodeError::MissingAttribute("data")),
+            Some(data @ Value::Object(_)) => decode_data(known, &data),
+            Some(other) => Err(invalid(
+                "data",
+                format!("must be a JSON object, got {}", json_kind(&other)),
+            )),
+        }
+    }
+}
+
+impl Attributes for Wire<'_> {
+    fn string(&mut self, name: &'static str) -> Result<Option<String>, DecodeError> {
+        let field = match name {
+            "specversion" => &mut self.specversion,
+            "id" => &mut self.id,
+            "source" => &mut self.source,
+            "type" => &mut self.ty,
+            "datacontenttype" => &mut self.datacontenttype,
+            "subject" => &mut self.subject,
+            "time" => &mut self.time,
+            SITE => &mut self.site,
+            SIGKEY => &mut self.sigkey,
+            SIG => &mut self.sig,
+            _ => return Ok(None),
+        };
+        Ok(field.take().map(Cow::into_owned))
+    }
+
+    fn seq(&mut self) -> Result<u64, DecodeError> {
+        Ok(self.seq.unwrap_or(0))
+    }
+
+    fn has_data_base64(&self) -> bool {
+        self.data_base64.is_some()
+    }
+
+    fn data(&mut self, known: Known) -> Result<Event, DecodeError> {
+        match self.data {
+            None => Err(DecodeError::MissingAttribute("data")),
+            Some(raw) if raw.get().starts_with('{') => decode_data(known, raw),
+            Some(_) => Err(invalid("data", "must be a JSON object".into())),
+        }
+    }
+}
+
+fn decode_cloudevent(mut map: impl Attributes) -> Result<EventRecord, DecodeError> {
     let specversion = required_string(&mut map, "specversion")?;
     if specversion != "1.0" {
         return Err(invalid(
@@ -601,7 +754,7 @@ fn decode_cloudevent(mut map: Map<String, Value>) -> Result<EventRecord, DecodeE
             ),
         ));
     }
-    if let Some(ct) = optional_string(&mut map, "datacontenttype")? {
+    if let Some(ct) = map.string("datacontenttype")? {
         let media = ct
             .split(';')
             .next()
@@ -615,13 +768,13 @@ fn decode_cloudevent(mut map: Map<String, Value>) -> Result<EventRecord, DecodeE
             ));
         }
     }
-    let subject = optional_string(&mut map, "subject")?;
-    let time = optional_string(&mut map, "time")?
+    let subject = map.string("subject")?;
+    let time = map.string("time")?
         .map(|t| parse_time(&t))
         .transpose()?;
-    let seq = parse_seq(map.remove(SEQ))?;
-    let site = optional_string(&mut map, SITE)?;
-    let signature = match (optional_string(&mut map, SIGKEY)?, optional_string(&mut map, SIG)?) {
+    let seq = map.seq()?;
+    let site = map.string(SITE)?;
+    let signature = match (map.string(SIGKEY)?, map.string(SIG)?) {
         (None, None) => None,
         (Some(key_id), Some(sig)) => {
             if key_id.is_empty() {
@@ -635,24 +788,13 @@ fn decode_cloudevent(mut map: Map<String, Value>) -> Result<EventRecord, DecodeE
         (Some(_), None) => return Err(invalid(SIG, "absent while `sigkey` is set; they go together".into())),
         (None, Some(_)) => return Err(invalid(SIGKEY, "absent while `sig` is set; they go together".into())),
     };
-    if map.get("data_base64").is_some_and(|v| !v.is_null()) {
+    if map.has_data_base64() {
         return Err(invalid(
             "data_base64",
             "binary data is not accepted; Chorus events carry JSON `data`".into(),
         ));
     }
-    let data = match map.remove("data") {
-        None | Some(Value::Null) => return Err(DecodeError::MissingAttribute("data")),
-        Some(Value::Object(data)) => data,
-        Some(other) => {
-            return Err(invalid(
-                "data",
-                format!("must be a JSON object, got {}", json_kind(&other)),
-            ))
-        }
-    };
-
-    let event = decode_data(known, data)?;
+    let event = map.data(known)?;
     if let Event::Lifecycle(l) = &event {
         if l.id() != id {
             return Err(DecodeError::IdMismatch {
@@ -706,7 +848,7 @@ fn decode_legacy(map: Map<String, Value>) -> Result<EventRecord, DecodeError> {
         ty: lifecycle_type.protocol(),
         kind: EventKind::Lifecycle,
     };
-    let event = decode_data(known, map)?;
+    let event = decode_data(known, &Value::Object(map))?;
     let time = time_from_unix(event.timestamp()).ok_or_else(|| DecodeError::InvalidData {
         ty: known.ty,
         path: "timestamp".into(),
@@ -729,27 +871,26 @@ fn decode_legacy(map: Map<String, Value>) -> Result<EventRecord, DecodeError> {
 }
 
 /// Deserializes `data` as the document of `known` and checks the rules serde cannot express.
-fn decode_data(known: Known, data: Map<String, Value>) -> Result<Event, DecodeError> {
+fn decode_data(known: Known, data: &(impl Document + ?Sized)) -> Result<Event, DecodeError> {
     let ty = known.ty;
-    let data = Value::Object(data);
     let mut event = match known.kind {
         EventKind::Lifecycle => {
             let lifecycle_type = LifecycleType::from_protocol(ty)
                 .ok_or_else(|| DecodeError::UnknownType(ty.into()))?;
             Event::Lifecycle(match lifecycle_type {
-                LifecycleType::Startup => Lifecycle::Startup(typed(ty, &data)?),
-                LifecycleType::Alive => Lifecycle::Alive(typed(ty, &data)?),
-                LifecycleType::Shutdown => Lifecycle::Shutdown(typed(ty, &data)?),
-                LifecycleType::Provisioned => Lifecycle::Provisioned(typed(ty, &data)?),
-                LifecycleType::Upgraded => Lifecycle::Upgraded(typed(ty, &data)?),
-                LifecycleType::Governor => Lifecycle::Governor(typed(ty, &data)?),
+                LifecycleType::Startup => Lifecycle::Startup(data.typed(ty)?),
+                LifecycleType::Alive => Lifecycle::Alive(data.typed(ty)?),
+                LifecycleType::Shutdown => Lifecycle::Shutdown(data.typed(ty)?),
+                LifecycleType::Provisioned => Lifecycle::Provisioned(data.typed(ty)?),
+                LifecycleType::Upgraded => Lifecycle::Upgraded(data.typed(ty)?),
+                LifecycleType::Governor => Lifecycle::Governor(data.typed(ty)?),
             })
         }
-        EventKind::Transition => Event::Transition(typed(ty, &data)?),
-        EventKind::Watcher => Event::Watcher(decode_watcher(ty, &data)?),
-        EventKind::RpcRequest => Event::RpcRequest(typed(ty, &data)?),
-        EventKind::RpcReply => Event::RpcReply(typed(ty, &data)?),
-        EventKind::Audit => Event::Audit(typed(ty, &data)?),
+        EventKind::Transition => Event::Transition(data.typed(ty)?),
+        EventKind::Watcher => Event::Watcher(decode_watcher(ty, data)?),
+        EventKind::RpcRequest => Event::RpcRequest(data.typed(ty)?),
+        EventKind::RpcReply => Event::RpcReply(data.typed(ty)?),
+        EventKind::Audit => Event::Audit(data.typed(ty)?),
     };
 
     let rule = |path: &str, message: String| DecodeError::InvalidData {
@@ -804,7 +945,7 @@ fn decode_data(known: Known, data: Map<String, Value>) -> Result<Event, DecodeEr
 /// A watcher state in two steps — common fields with the `type` tag, then the details of
 /// the type the CloudEvents `type` names — instead of through serde's `flatten`, which loses
 /// the path of a failing field.
-fn decode_watcher(ty: &'static str, data: &Value) -> Result<WatcherState, DecodeError> {
+fn decode_watcher(ty: &'static str, data: &(impl Document + ?Sized)) -> Result<WatcherState, DecodeError> {
     #[derive(serde::Deserialize)]
     struct Common {
         protocol: String,
@@ -817,7 +958,7 @@ fn decode_watcher(ty: &'static str, data: &Value) -> Result<WatcherState, Decode
         #[serde(rename = "type")]
         watcher_type: String,
     }
-    let common: Common = typed(ty, data)?;
+    let common: Common = data.typed(ty)?;
     let expected = ty
         .strip_prefix("io.choria.machine.watcher.")
         .and_then(|t| t.strip_suffix(".v1.state"))
@@ -833,10 +974,10 @@ fn decode_watcher(ty: &'static str, data: &Value) -> Result<WatcherState, Decode
         });
     }
     let details = match expected {
-        "exec" => WatcherDetails::Exec(typed(ty, data)?),
-        "file" => WatcherDetails::File(typed(ty, data)?),
-        "schedule" => WatcherDetails::Schedule(typed(ty, data)?),
-        "timer" => WatcherDetails::Timer(typed(ty, data)?),
+        "exec" => WatcherDetails::Exec(data.typed(ty)?),
+        "file" => WatcherDetails::File(data.typed(ty)?),
+        "schedule" => WatcherDetails::Schedule(data.typed(ty)?),
+        "timer" => WatcherDetails::Timer(data.typed(ty)?),
         _ => return Err(DecodeError::UnknownType(ty.into())),
     };
     Ok(WatcherState {
@@ -851,13 +992,32 @@ fn decode_watcher(ty: &'static str, data: &Value) -> Result<WatcherState, Decode
     })
 }
 
-/// serde, with the JSON path of the failing field in the error.
-fn typed<T: DeserializeOwned>(ty: &'static str, data: &Value) -> Result<T, DecodeError> {
-    serde_path_to_error::deserialize(data).map_err(|e| DecodeError::InvalidData {
-        ty,
-        path: clip(&e.path().to_string(), CLIP),
-        message: clip(&e.inner().to_string(), 2 * CLIP),
-    })
+/// An event's `data`, parsed (general path) or still raw (fast path).
+trait Document {
+    /// Deserializes as `T`, the document of type `ty`.
+    fn typed<T: DeserializeOwned>(&self, ty: &'static str) -> Result<T, DecodeError>;
+}
+
+impl Document for Value {
+    /// serde, with the JSON path of the failing field in the error.
+    fn typed<T: DeserializeOwned>(&self, ty: &'static str) -> Result<T, DecodeError> {
+        serde_path_to_error::deserialize(self).map_err(|e| DecodeError::InvalidData {
+            ty,
+            path: clip(&e.path().to_string(), CLIP),
+            message: clip(&e.inner().to_string(), 2 * CLIP),
+        })
+    }
+}
+
+impl Document for RawValue {
+    /// Without the path: on failure the general path decodes again and reports it.
+    fn typed<T: DeserializeOwned>(&self, ty: &'static str) -> Result<T, DecodeError> {
+        serde_json::from_str(self.get()).map_err(|e| DecodeError::InvalidData {
+            ty,
+            path: ".".into(),
+            message: clip(&e.to_string(), 2 * CLIP),
+        })
+    }
 }
 
 fn invalid(attribute: &'static str, reason: String) -> DecodeError {
@@ -865,29 +1025,12 @@ fn invalid(attribute: &'static str, reason: String) -> DecodeError {
 }
 
 /// A required, non-empty string attribute; CloudEvents treats `null` as absent.
-fn required_string(
-    map: &mut Map<String, Value>,
-    name: &'static str,
-) -> Result<String, DecodeError> {
-    let value = optional_string(map, name)?.ok_or(DecodeError::MissingAttribute(name))?;
+fn required_string(map: &mut impl Attributes, name: &'static str) -> Result<String, DecodeError> {
+    let value = map.string(name)?.ok_or(DecodeError::MissingAttribute(name))?;
     if value.is_empty() {
         return Err(invalid(name, "must not be empty".into()));
     }
     Ok(value)
-}
-
-fn optional_string(
-    map: &mut Map<String, Value>,
-    name: &'static str,
-) -> Result<Option<String>, DecodeError> {
-    match map.remove(name) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s)),
-        Some(other) => Err(invalid(
-            name,
-            format!("must be a string, got {}", json_kind(&other)),
-        )),
-    }
 }
 
 fn parse_seq(value: Option<Value>) -> Result<u64, DecodeError> {

@@ -2,6 +2,7 @@
 //! mutations of valid encodings, and structural mutations (a random JSON node replaced by a
 //! random value). Decode must never panic, and whatever decodes must re-encode to a record
 //! that decodes back equal — the same property as the cargo-fuzz target, without the tooling.
+//! Every input also holds the fast decode path to the general one.
 
 use serde_json::{json, Value};
 
@@ -131,9 +132,17 @@ fn mutate_bytes(bytes: &mut Vec<u8>, rng: &mut Rng) {
     }
 }
 
-/// Decode must not panic; success must survive a re-encode.
+/// Decode must not panic; success must survive a re-encode; the fast path must give what
+/// the general path gives (record or error).
 fn check(bytes: &[u8]) -> bool {
-    match EventRecord::decode(bytes) {
+    let decoded = EventRecord::decode(bytes);
+    assert_eq!(
+        decoded,
+        EventRecord::decode_general(bytes),
+        "the fast path differs from the general path; input: {}",
+        String::from_utf8_lossy(bytes)
+    );
+    match decoded {
         Ok(record) => {
             let again = EventRecord::decode(&record.encode()).unwrap_or_else(|e| {
                 panic!(
