@@ -7,7 +7,11 @@
 //! * a JetStream native mirror on the hub (`mirror` with `external.api = $JS.<site>.API`):
 //!   the server copying inside itself, the bar to reach;
 //! * a naive copier: a durable pull consumer on the site, each message published to the hub
-//!   and its ack awaited before the source message is acked.
+//!   and its ack awaited before the source message is acked;
+//! * the ceiling of any client-side copier: raw async-nats publishing the same events (with
+//!   their dedupe ids, pipelined) straight into a hub stream, reading nothing. A copier that
+//!   publishes to the hub cannot beat it; the mirror does not pay for it (the server copies
+//!   inside itself, without client publishes, dedupe lookups or acknowledgements).
 //!
 //! Each copies a backlog of `--events` (events/s), then follows a live burst of `--live`
 //! events published at full speed (lag: seconds from the end of the burst until the target
@@ -147,6 +151,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         results.push(Measured { name: "naive consume-then-publish", backlog, live_lag });
     }
 
+    // The ceiling: the same backlog published into the hub by raw async-nats, nothing read.
+    let ceiling = {
+        let client = async_nats::connect(&hub_url).await?;
+        let js = jetstream::ContextBuilder::new().max_ack_inflight(4096).backpressure_on_inflight(true).build(client);
+        super::raw_publish(&js, "CEILING", "bench.ceiling", &events[..args.events], 2048).await?
+    };
+
     let rate = |m: &Measured| super::rate(args.events, m.backlog);
     let (ours, mirror, naive) = (rate(&results[0]), rate(&results[1]), rate(&results[2]));
     println!("\n### Replication, site → hub over a leafnode\n");
@@ -155,7 +166,19 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     for m in &results {
         println!("| {} | {} | {:.3} | {:.0} | {:.3} |", m.name, args.events, m.backlog.as_secs_f64(), rate(m), m.live_lag.as_secs_f64());
     }
+    let ceiling_rate = super::rate(args.events, ceiling);
+    println!(
+        "| ceiling: raw async-nats publish into the hub, nothing read | {} | {:.3} | {:.0} | - |",
+        args.events,
+        ceiling.as_secs_f64(),
+        ceiling_rate
+    );
     println!("\nreplicator / native mirror: {:.2} (goal ≥ 0.8)", ours / mirror);
+    println!(
+        "ceiling / native mirror: {:.2} (the best any client-side copier could reach); replicator / ceiling: {:.2}",
+        ceiling_rate / mirror,
+        ours / ceiling_rate
+    );
     println!("replicator / naive copier: {:.2} (goal ≥ 1.5)", ours / naive);
     Ok(())
 }

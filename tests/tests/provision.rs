@@ -177,8 +177,30 @@ async fn startup_storm_of_1000_nodes_provisions_each_exactly_once() {
         }
     }
     let count = |i: usize, action: &str, ok: bool| replies.get(&(identity(i), action.to_string(), ok)).copied().unwrap_or(0);
+    // On a failure, everything the node recorded, to tell a repeated request from a repeated
+    // record of one request.
+    let history = |i: usize| -> Vec<String> {
+        rpc.iter()
+            .filter(|r| r.subject == identity(i))
+            .map(|r| match &r.data {
+                Event::RpcReply(p) => format!(
+                    "reply id={} seq={} time={} request={} {} ok={} {}",
+                    r.id, r.seq, r.time, p.requestid, p.action, p.authorized && p.statuscode == StatusCode::Ok, p.statusmsg
+                ),
+                Event::RpcRequest(q) => format!("request id={} seq={} time={} request={} {}", r.id, r.seq, r.time, q.requestid, q.action),
+                _ => format!("other id={}", r.id),
+            })
+            .collect()
+    };
     for i in 0..NODES {
-        assert_eq!((count(i, "ping", true), count(i, "get_fact", true)), (1, 1), "node {} ran each step once", identity(i));
+        assert_eq!(
+            (count(i, "ping", true), count(i, "get_fact", true)),
+            (1, 1),
+            "node {} ran each step once; it recorded:\n{}\nits provisioner record: {:?}",
+            identity(i),
+            history(i).join("\n"),
+            lifecycle.iter().filter(|r| r.subject == identity(i)).map(|r| (r.id.clone(), r.time, r.data.event_type())).collect::<Vec<_>>()
+        );
         assert_eq!(count(i, "get_fact", false), 0, "node {}", identity(i));
         if BROKEN.contains(&i) {
             assert!(count(i, "ping", false) >= 1, "node {} refused before it was fixed", identity(i));
