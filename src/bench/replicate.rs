@@ -157,6 +157,22 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let js = jetstream::ContextBuilder::new().max_ack_inflight(4096).backpressure_on_inflight(true).build(client);
         super::raw_publish(&js, "CEILING", "bench.ceiling", &events[..args.events], 2048).await?
     };
+    // And without acknowledgements: core NATS publishes (dedupe ids kept) into a stream,
+    // timed until the stream holds them all. Faster, but a lost message goes unnoticed.
+    let unacked = {
+        let client = async_nats::connect(&hub_url).await?;
+        let js = jetstream::new(client.clone());
+        js.create_stream(stream::Config { name: "UNACKED".into(), subjects: vec!["bench.unacked.>".into()], ..Default::default() }).await?;
+        let started = Instant::now();
+        for (id, payload) in &events[..args.events] {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Msg-Id", id.as_str());
+            client.publish_with_headers("bench.unacked.event", headers, payload.clone()).await?;
+        }
+        client.flush().await?;
+        wait_count(&*hub, "UNACKED", args.events as u64).await?;
+        started.elapsed()
+    };
 
     let rate = |m: &Measured| super::rate(args.events, m.backlog);
     let (ours, mirror, naive) = (rate(&results[0]), rate(&results[1]), rate(&results[2]));
@@ -173,10 +189,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         ceiling.as_secs_f64(),
         ceiling_rate
     );
+    println!(
+        "| ceiling without acknowledgements: core NATS publish into the hub stream | {} | {:.3} | {:.0} | - |",
+        args.events,
+        unacked.as_secs_f64(),
+        super::rate(args.events, unacked)
+    );
     println!("\nreplicator / native mirror: {:.2} (goal ≥ 0.8)", ours / mirror);
     println!(
-        "ceiling / native mirror: {:.2} (the best any client-side copier could reach); replicator / ceiling: {:.2}",
+        "ceiling / native mirror: {:.2} acknowledged, {:.2} without acknowledgements (the best any client-side copier could reach); replicator / ceiling: {:.2}",
         ceiling_rate / mirror,
+        super::rate(args.events, unacked) / mirror,
         ours / ceiling_rate
     );
     println!("replicator / naive copier: {:.2} (goal ≥ 1.5)", ours / naive);
