@@ -102,13 +102,18 @@ async fn project(b: &Arc<dyn Backbone>, args: &Args, expect_nodes: u64) -> anyho
     Ok((took, stats))
 }
 
-/// The Chorus backbone's replay alone (what a projection reads through), dropping each message.
-async fn chorus_replay(b: &Arc<dyn Backbone>, n: u64) -> anyhow::Result<Duration> {
+/// The Chorus backbone's replay alone (what a projection reads through), dropping each message,
+/// or with `decode`, decoding and validating each event too (the least any projection that
+/// reads typed events does; no view, no store).
+async fn chorus_replay(b: &Arc<dyn Backbone>, n: u64, decode: bool) -> anyhow::Result<Duration> {
     let started = Instant::now();
     let mut replay = b.replay(CHORUS_LIFECYCLE, Default::default()).await?;
     let mut read = 0;
     while let Some(m) = replay.next().await {
-        m?;
+        let m = m?;
+        if decode {
+            std::hint::black_box(EventRecord::decode(&m.payload)?);
+        }
         read += 1;
     }
     anyhow::ensure!(read == n, "replay read {read} of {n}");
@@ -154,12 +159,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let js = jetstream::new(client);
     let mut raw = Vec::new();
     let mut replay = Vec::new();
+    let mut decoded = Vec::new();
     let mut noop = Vec::new();
     let mut projected = Vec::new();
     let mut last_stats = RunStats::default();
     for round in 0..args.rounds.max(1) {
         raw.push(raw_ordered(&js, n).await?);
-        replay.push(chorus_replay(&b, n).await?);
+        replay.push(chorus_replay(&b, n, false).await?);
+        decoded.push(chorus_replay(&b, n, true).await?);
         noop.push(project_noop(&b, &args).await?);
         let (took, stats) = project(&b, &args, nodes).await?;
         projected.push(took);
@@ -172,6 +179,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         name: "chorus backbone replay (read and drop)".into(),
         events: n,
         took: median(replay),
+        baseline: Some(raw.rate()),
+    };
+    let decoded = Row {
+        name: "chorus backbone replay + decode (no view, no store)".into(),
+        events: n,
+        took: median(decoded),
         baseline: Some(raw.rate()),
     };
     let noop = Row {
@@ -189,7 +202,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let ratio = proj.rate() / raw.rate();
     print_table(
         &format!("Inventory projection vs raw consume on JetStream (same stream, median of {} rounds)", args.rounds.max(1)),
-        &[raw, replay, noop, proj],
+        &[raw, replay, decoded, noop, proj],
     );
     println!(
         "\nratio {ratio:.2} (goal >= 0.9); {} commits, {:.0} events per commit on average",
