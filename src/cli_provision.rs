@@ -29,6 +29,9 @@ pub struct ProvisionArgs {
     /// with --embedded.
     #[arg(long)]
     rpc_nats: Option<String>,
+    /// Serve `/metrics` (Prometheus) and `/healthz` on this address, e.g. 127.0.0.1:9102.
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
 }
 
 /// Runs the provisioner until SIGTERM or Ctrl-C (attempts in progress finish their step).
@@ -52,6 +55,17 @@ pub async fn run(args: ProvisionArgs) -> anyhow::Result<()> {
     let client = NatsConfig::from_url_list(rpc_urls).connect(None).await.context("connecting to NATS for RPC")?;
     let steps = config.steps.len();
     let provisioner = Provisioner::start(backbone, Arc::new(NatsTransport::new(client)), config).await?;
+    let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    let http = match args.listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?;
+            eprintln!("metrics on http://{}/metrics, health on /healthz", listener.local_addr()?);
+            Some(tokio::spawn(chorus_consumers::provisioner::http::serve(listener, provisioner.monitor(), async {
+                let _ = http_stopped.await;
+            })))
+        }
+        None => None,
+    };
     eprintln!("chorus provision running ({steps} steps); SIGTERM to stop");
     tokio::select! {
         _ = terminated() => {}
@@ -60,6 +74,10 @@ pub async fn run(args: ProvisionArgs) -> anyhow::Result<()> {
     let stats = provisioner.stats();
     let counts = provisioner.counts()?;
     provisioner.stop().await?;
+    let _ = stop_http.send(());
+    if let Some(http) = http {
+        http.await??;
+    }
     eprintln!(
         "provisioned {} nodes in this run ({} failed attempts, {} retries, {} dead-lettered); {} provisioned, {} pending, {} failed in total",
         stats.provisioned, stats.failed, stats.retries, stats.dead_lettered, counts.provisioned, counts.pending, counts.failed

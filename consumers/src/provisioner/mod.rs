@@ -82,6 +82,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::FutureExt as _;
+
 use chorus_backbone::{Backbone, BackboneError, Consumer, ConsumerConfig, StartPosition, StoredMessage};
 use chorus_producers::emitter::{to_message, BackboneSink};
 use chorus_producers::rpc::transport::node_subject;
@@ -97,6 +99,8 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::deadletter::{self, DeadLetter};
+
+pub mod http;
 
 /// The component of nodes in provisioning mode, as Choria names it.
 pub const PROVISION_MODE_COMPONENT: &str = "provision_mode_server";
@@ -855,6 +859,52 @@ struct Shared {
     shutdown: watch::Receiver<bool>,
     /// True once the consumer has read everything stored when it started.
     caught_up: watch::Sender<bool>,
+    /// Set when the consumer or the dispatcher task ended (a stop, or a failure).
+    ended: std::sync::atomic::AtomicBool,
+}
+
+impl Shared {
+    fn counts(&self) -> Result<StatusCounts, ProvisionerError> {
+        let mut c = StatusCounts::default();
+        for n in self.store.all()? {
+            match n.status {
+                NodeStatus::Pending => c.pending += 1,
+                NodeStatus::Failed => c.failed += 1,
+                NodeStatus::Provisioned => c.provisioned += 1,
+            }
+        }
+        Ok(c)
+    }
+}
+
+/// A read-only view of a running provisioner for monitoring (see [`http`]): cheap to clone,
+/// usable after the [`Provisioner`] itself was moved into whatever stops it.
+#[derive(Clone)]
+pub struct Monitor {
+    shared: Arc<Shared>,
+}
+
+impl Monitor {
+    /// The counters now.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.shared.stats.snapshot()
+    }
+
+    /// Nodes by status (reads the whole state store: call it off the async threads for
+    /// large fleets).
+    pub fn counts(&self) -> Result<StatusCounts, ProvisionerError> {
+        self.shared.counts()
+    }
+
+    /// See [`Provisioner::caught_up`].
+    pub fn caught_up(&self) -> bool {
+        *self.shared.caught_up.borrow()
+    }
+
+    /// Whether both tasks still run (false once stopped or failed).
+    pub fn running(&self) -> bool {
+        !self.shared.ended.load(Ordering::Acquire)
+    }
 }
 
 /// Removes an identity from the in-flight set when its task ends, however it ends.
@@ -909,9 +959,16 @@ impl Provisioner {
             in_flight: Mutex::new(HashSet::new()),
             shutdown: shutdown_rx,
             caught_up: watch::channel(false).0,
+            ended: std::sync::atomic::AtomicBool::new(false),
         });
-        let consumer = tokio::spawn(consume(shared.clone(), consumer, due_tx));
-        let dispatcher = tokio::spawn(dispatch_loop(shared.clone(), due_rx));
+        let ending = |shared: Arc<Shared>| {
+            move |r: Result<(), ProvisionerError>| {
+                shared.ended.store(true, Ordering::Release);
+                r
+            }
+        };
+        let consumer = tokio::spawn(consume(shared.clone(), consumer, due_tx).map(ending(shared.clone())));
+        let dispatcher = tokio::spawn(dispatch_loop(shared.clone(), due_rx).map(ending(shared.clone())));
         Ok(Provisioner { shared, shutdown: shutdown_tx, consumer, dispatcher })
     }
 
@@ -937,15 +994,12 @@ impl Provisioner {
 
     /// Nodes by status.
     pub fn counts(&self) -> Result<StatusCounts, ProvisionerError> {
-        let mut c = StatusCounts::default();
-        for n in self.shared.store.all()? {
-            match n.status {
-                NodeStatus::Pending => c.pending += 1,
-                NodeStatus::Failed => c.failed += 1,
-                NodeStatus::Provisioned => c.provisioned += 1,
-            }
-        }
-        Ok(c)
+        self.shared.counts()
+    }
+
+    /// A monitoring handle (metrics, health) that outlives moves of the provisioner.
+    pub fn monitor(&self) -> Monitor {
+        Monitor { shared: self.shared.clone() }
     }
 
     /// Whether the consumer has read everything that was stored when it started (until then
@@ -1625,6 +1679,57 @@ mod tests {
 
         fn status(p: &Provisioner, identity: &str) -> Option<NodeStatus> {
             p.node(identity).unwrap().map(|n| n.status)
+        }
+
+        /// `/metrics` and `/healthz` over HTTP: counters and node counts from a provisioner
+        /// that provisioned two nodes and failed one, then 503 once it stopped.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn metrics_and_health_over_http() {
+            let site = site().await;
+            for n in ["a.example.net", "b.example.net"] {
+                site.host(n).await;
+            }
+            for n in ["a.example.net", "b.example.net", "late.example.net"] {
+                site.startup(n, PROVISION_MODE_COMPONENT).await;
+            }
+            let p = site.start().await;
+            until(&p, "a and b provisioned, late failed", |p| {
+                p.stats().provisioned == 2 && p.stats().in_flight == 0 && p.stats().failed >= 1
+            })
+            .await;
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let base = format!("http://{}", listener.local_addr().unwrap());
+            let (stop_http, stopped) = tokio::sync::oneshot::channel::<()>();
+            let server = tokio::spawn(http::serve(listener, p.monitor(), async {
+                let _ = stopped.await;
+            }));
+            let client = reqwest::Client::new();
+            let metrics = client.get(format!("{base}/metrics")).send().await.unwrap();
+            assert_eq!(metrics.status(), 200);
+            let text = metrics.text().await.unwrap();
+            for line in [
+                "chorus_provisioner_provisioned_total 2",
+                "chorus_provisioner_startups_total 3",
+                "chorus_provisioner_steps_ok_total 4",
+                "chorus_provisioner_in_flight 0",
+                "chorus_provisioner_nodes{status=\"provisioned\"} 2",
+                "chorus_provisioner_nodes{status=\"failed\"} 1",
+                "# TYPE chorus_provisioner_failed counter",
+            ] {
+                assert!(text.lines().any(|l| l == line), "{line:?} missing from\n{text}");
+            }
+            let health = client.get(format!("{base}/healthz")).send().await.unwrap();
+            assert_eq!(health.status(), 200);
+            let body: serde_json::Value = serde_json::from_str(&health.text().await.unwrap()).unwrap();
+            assert_eq!((body["running"].as_bool(), body["caught_up"].as_bool()), (Some(true), Some(true)), "{body}");
+
+            let monitor = p.monitor();
+            p.stop().await.unwrap();
+            assert!(!monitor.running());
+            let health = client.get(format!("{base}/healthz")).send().await.unwrap();
+            assert_eq!(health.status(), 503);
+            let _ = stop_http.send(());
+            server.await.unwrap().unwrap();
         }
 
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
