@@ -1019,7 +1019,7 @@ mod tests {
     }
 
     fn event(i: usize) -> Message {
-        let r = if i % 3 == 0 {
+        let r = if i.is_multiple_of(3) {
             EventRecord::new(Startup::new(format!("n{}", i % 7), "server", "1.0"), 1)
         } else {
             EventRecord::new(Alive::new(format!("n{}", i % 7), "server", "1.0", Some(60)), i as u64)

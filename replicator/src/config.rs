@@ -80,6 +80,8 @@ fn default_max_backoff() -> Duration {
 }
 
 /// A backbone to read from or write to.
+// Held once per link end; boxing the larger variant would only complicate matching on it.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum EndpointConfig {

@@ -20,13 +20,16 @@ use crate::sampling::Sampler;
 
 /// A replicator being assembled: links with their source and target backbones.
 ///
+/// A link with its source and target backbones.
+type Link = (LinkConfig, Arc<dyn Backbone>, Arc<dyn Backbone>);
+
 /// [`Replicator::from_config`] connects the endpoints a configuration names; in-process
 /// users (`chorus up`, tests) hand over backbones they already hold with
 /// [`Replicator::add_link`].
 pub struct Replicator {
     checkpoints: Checkpoints,
     metrics: Arc<Metrics>,
-    links: Vec<(LinkConfig, Arc<dyn Backbone>, Arc<dyn Backbone>)>,
+    links: Vec<Link>,
     listen: Option<SocketAddr>,
 }
 

@@ -48,7 +48,7 @@ impl Sampler {
         };
         self.decisions += 1;
         self.newest = self.newest.max(timestamp);
-        if self.decisions % 65_536 == 0 {
+        if self.decisions.is_multiple_of(65_536) {
             let horizon = self.newest - 3 * self.interval;
             self.last.retain(|_, (t, _)| *t >= horizon);
         }

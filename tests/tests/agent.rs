@@ -202,10 +202,12 @@ async fn rpc_is_denied_without_policy_allowed_with_one_and_recorded() {
 
     let client = async_nats::connect(server.url()).await.unwrap();
     let rpc = RpcClient::new(Arc::new(NatsTransport::new(client)), "choria=tester", "choria").with_senderid("client.example.net");
-    let mut options = RequestOptions::default();
-    options.expected = Some(2);
-    options.timeout = Duration::from_secs(10);
-    options.target = Target::Broadcast;
+    let options = RequestOptions {
+        expected: Some(2),
+        timeout: Duration::from_secs(10),
+        target: Target::Broadcast,
+        ..Default::default()
+    };
     let results = rpc.call("rpcutil", "ping", Default::default(), options).await.unwrap();
     assert_eq!(results.summary.replies, 2, "{:?}", results.summary);
     assert_eq!(results.summary.ok, 1);
@@ -254,9 +256,7 @@ async fn simulated_nodes_answer_rpc_and_record_it() {
     let client = async_nats::connect(server.url()).await.unwrap();
     let _rpc = sim.host_rpc(Arc::new(NatsTransport::new(client.clone())), "choria", Some(dir.path().to_path_buf())).await.unwrap();
     let rpc = RpcClient::new(Arc::new(NatsTransport::new(client)), "choria=tester", "choria");
-    let mut options = RequestOptions::default();
-    options.expected = Some(1000);
-    options.timeout = Duration::from_secs(30);
+    let options = RequestOptions { expected: Some(1000), timeout: Duration::from_secs(30), ..Default::default() };
     let results = rpc.call("rpcutil", "ping", Default::default(), options).await.unwrap();
     assert_eq!((results.summary.replies, results.summary.ok), (1000, 1000), "{:?}", results.summary);
     let node = sim.nodes()[7].identity.to_string();

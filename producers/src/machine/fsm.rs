@@ -58,7 +58,7 @@ impl Fsm {
     pub(crate) fn check(&self, name: &str) -> Result<Fired, MachineError> {
         let (from, destination) =
             self.transitions.get(name).ok_or_else(|| MachineError::UnknownTransition(name.to_string()))?;
-        if !from.iter().any(|s| *s == self.current) {
+        if !from.contains(&self.current) {
             return Err(MachineError::InvalidTransition { transition: name.to_string(), state: self.current.clone() });
         }
         if *destination == self.current {
@@ -94,7 +94,7 @@ impl Backoff {
 
     /// How long to wait before a transition made at `now`.
     pub(crate) fn delay(&mut self, now: Instant) -> Duration {
-        if self.last.map_or(true, |last| now.saturating_duration_since(last) >= Self::QUIET) {
+        if self.last.is_none_or(|last| now.saturating_duration_since(last) >= Self::QUIET) {
             self.burst = 0;
         }
         self.last = Some(now);

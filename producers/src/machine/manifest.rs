@@ -381,7 +381,7 @@ impl Manifest {
                         return Err(err(prop("timeout"), "must be more than 0"));
                     }
                     for (j, e) in p.environment.iter().enumerate() {
-                        if !e.split_once('=').is_some_and(|(k, _)| !k.is_empty()) {
+                        if e.split_once('=').is_none_or(|(k, _)| k.is_empty()) {
                             return Err(err(
                                 prop(&format!("environment[{j}]")),
                                 format!("expected KEY=VALUE, got {e:?}"),
