@@ -215,3 +215,36 @@ fn random_and_mutated_input_never_panics() {
         "only {decoded} of {total} inputs decoded"
     );
 }
+
+/// Inputs the fast path skips over without building values (unknown attributes and data
+/// fields) must still be refused exactly when the general path refuses them.
+#[test]
+fn skipped_values_decode_alike_on_both_paths() {
+    let odd = [
+        "1e400",
+        "-1e400",
+        "123456789012345678901234567890",
+        "18446744073709551616",
+        "\"\\ud800\"",
+        "\"\\udc00x\"",
+        "\"\\u00zz\"",
+        "\"tab\there\"",
+        "01",
+        "-",
+        "1.",
+        "[1,]",
+        "{\"a\":1,}",
+        "nul",
+        "[[[[[[[[[[1]]]]]]]]]]",
+        "{\"k\":{\"k\":{\"k\":[]}}}",
+    ];
+    for value in odd {
+        for text in [
+            CHORIA_STARTUP.replacen("\"specversion\"", &format!("\"extra\":{value},\"specversion\""), 1),
+            CHORIA_STARTUP.replacen("\"version\":\"1.2.3\"", &format!("\"version\":\"1.2.3\",\"x\":{value}"), 1),
+            CHORIA_STARTUP.replacen("\"1.0\"", value, 1),
+        ] {
+            check(text.as_bytes());
+        }
+    }
+}
