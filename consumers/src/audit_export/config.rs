@@ -516,18 +516,12 @@ impl ExportConfig {
 
     /// Reads and validates a YAML (or JSON) file; errors name the file and the field.
     pub fn load(path: &Path) -> Result<Self, ExportError> {
-        let text = crate::config_file::read(path).map_err(ExportError::Config)?;
-        Self::from_yaml(&text).map_err(|e| match e {
-            ExportError::Config(m) => ExportError::Config(format!("{}: {m}", path.display())),
-            other => other,
-        })
+        crate::config_file::load(path, Self::check).map_err(ExportError::Config)
     }
 
     /// Parses and validates YAML (or JSON) text.
     pub fn from_yaml(text: &str) -> Result<Self, ExportError> {
-        let config: ExportConfig = crate::config_file::parse(text).map_err(ExportError::Config)?;
-        config.validate()?;
-        Ok(config)
+        crate::config_file::from_text(text, Self::check).map_err(ExportError::Config)
     }
 
     /// Rejects settings that cannot work, naming the field.

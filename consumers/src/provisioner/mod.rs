@@ -280,18 +280,12 @@ impl ProvisionerConfig {
 
     /// Reads and validates a YAML (or JSON) file; errors name the file and the field.
     pub fn load(path: &Path) -> Result<Self, ProvisionerError> {
-        let text = crate::config_file::read(path).map_err(ProvisionerError::Config)?;
-        Self::from_yaml(&text).map_err(|e| match e {
-            ProvisionerError::Config(m) => ProvisionerError::Config(format!("{}: {m}", path.display())),
-            other => other,
-        })
+        crate::config_file::load(path, Self::check).map_err(ProvisionerError::Config)
     }
 
     /// Parses and validates YAML (or JSON) text.
     pub fn from_yaml(text: &str) -> Result<Self, ProvisionerError> {
-        let config: ProvisionerConfig = crate::config_file::parse(text).map_err(ProvisionerError::Config)?;
-        config.validate()?;
-        Ok(config)
+        crate::config_file::from_text(text, Self::check).map_err(ProvisionerError::Config)
     }
 
     /// Rejects settings that cannot work, naming the field.
