@@ -30,15 +30,8 @@ pub struct Args {
     /// Concurrent publishers for the embedded store.
     #[arg(long, default_value_t = 4)]
     publishers: usize,
-    /// Use this NATS server instead of starting a private nats-server.
-    #[arg(long)]
-    nats: Option<String>,
-    /// Interleaved rounds of the JetStream measurements; the median is reported.
-    #[arg(long, default_value_t = 3)]
-    rounds: usize,
-    /// Skip the embedded store.
-    #[arg(long)]
-    no_embedded: bool,
+    #[command(flatten)]
+    common: super::CommonArgs,
 }
 
 /// Realistic payloads: encoded alive events of distinct nodes, as the fleet sends them.
@@ -57,7 +50,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let avg = events.iter().map(|(_, p)| p.len()).sum::<usize>() / events.len().max(1);
     println!("# chorus bench backbone: {} events of {} bytes on average", args.events, avg);
 
-    let (_server, url) = super::nats_url(args.nats.as_deref())?;
+    let (_server, url) = super::nats_url(args.common.nats.as_deref())?;
     let config = NatsConfig::new([url.clone()]);
 
     // Raw async-nats baseline and Chorus on JetStream, interleaved over several rounds on
@@ -72,7 +65,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut raw_con = Vec::new();
     let mut chorus_pub = Vec::new();
     let mut chorus_con = Vec::new();
-    for round in 0..args.rounds.max(1) {
+    for round in 0..args.common.rounds.max(1) {
         raw_pub.push(super::raw_publish(&js, "RAW_BENCH", "rawbench", &events, config.max_ack_inflight / 2).await?);
         chorus.ensure_stream(&StreamConfig::new("CHORUS_BENCH", vec!["chorusbench.>".into()])).await?;
         let (p, c) = publish_consume(&chorus, "CHORUS_BENCH", "chorusbench.event", &events, &args, 1).await?;
@@ -89,11 +82,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let chorus_pub = Row { name: "chorus JetStream publish_batch".into(), events: n, took: median(chorus_pub), baseline: Some(raw_pub.rate()) };
     let chorus_con = Row { name: "chorus JetStream consumer fetch + ack".into(), events: n, took: median(chorus_con), baseline: Some(raw_con.rate()) };
     print_table(
-        &format!("JetStream: Chorus vs raw async-nats (same server, same payloads, median of {} rounds)", args.rounds.max(1)),
+        &format!("JetStream: Chorus vs raw async-nats (same server, same payloads, median of {} rounds)", args.common.rounds.max(1)),
         &[raw_pub, chorus_pub, raw_con, chorus_con],
     );
 
-    if !args.no_embedded {
+    if !args.common.no_embedded {
         let dir = tempfile::tempdir()?;
         let embedded: Arc<dyn Backbone> = Arc::new(EmbeddedBackbone::open_path(dir.path().join("bench"))?);
         embedded.ensure_stream(&StreamConfig::new("EMBEDDED_BENCH", vec!["embeddedbench.>".into()])).await?;

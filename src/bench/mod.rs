@@ -30,6 +30,20 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     }
 }
 
+/// Options of the benchmarks that compare on JetStream and then measure the embedded store.
+#[derive(clap::Args)]
+pub struct CommonArgs {
+    /// Use this NATS server instead of starting a private nats-server.
+    #[arg(long)]
+    nats: Option<String>,
+    /// Interleaved rounds of the JetStream measurements; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Skip the embedded store.
+    #[arg(long)]
+    no_embedded: bool,
+}
+
 /// Events per second.
 pub fn rate(n: usize, took: Duration) -> f64 {
     n as f64 / took.as_secs_f64().max(1e-9)

@@ -37,15 +37,8 @@ pub struct Args {
     /// Most events per projection commit.
     #[arg(long, default_value_t = ProjectorOptions::default().max_batch)]
     max_batch: usize,
-    /// Use this NATS server instead of starting a private nats-server.
-    #[arg(long)]
-    nats: Option<String>,
-    /// Interleaved rounds of the JetStream measurements; the median is reported.
-    #[arg(long, default_value_t = 3)]
-    rounds: usize,
-    /// Skip the embedded store.
-    #[arg(long)]
-    no_embedded: bool,
+    #[command(flatten)]
+    common: super::CommonArgs,
 }
 
 /// Fills `CHORUS_LIFECYCLE` of `b` with `events` simulated lifecycle events.
@@ -141,7 +134,7 @@ fn median(mut v: Vec<Duration>) -> Duration {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let (_server, url) = super::nats_url(args.nats.as_deref())?;
+    let (_server, url) = super::nats_url(args.common.nats.as_deref())?;
     let config = NatsConfig::new([url.clone()]);
     let client = config.connect(None).await?;
     let b: Arc<dyn Backbone> = Arc::new(JetStreamBackbone::from_client(client.clone(), &config));
@@ -163,7 +156,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut noop = Vec::new();
     let mut projected = Vec::new();
     let mut last_stats = RunStats::default();
-    for round in 0..args.rounds.max(1) {
+    for round in 0..args.common.rounds.max(1) {
         raw.push(raw_ordered(&js, n).await?);
         replay.push(chorus_replay(&b, n, false).await?);
         decoded.push(chorus_replay(&b, n, true).await?);
@@ -201,7 +194,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     };
     let ratio = proj.rate() / raw.rate();
     print_table(
-        &format!("Inventory projection vs raw consume on JetStream (same stream, median of {} rounds)", args.rounds.max(1)),
+        &format!("Inventory projection vs raw consume on JetStream (same stream, median of {} rounds)", args.common.rounds.max(1)),
         &[raw, replay, decoded, noop, proj],
     );
     println!(
@@ -210,7 +203,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         n as f64 / last_stats.batches.max(1) as f64
     );
 
-    if !args.no_embedded {
+    if !args.common.no_embedded {
         let dir = tempfile::tempdir()?;
         let embedded: Arc<dyn Backbone> = Arc::new(EmbeddedBackbone::open_path(dir.path().join("bench"))?);
         let n = preload(&embedded, &args).await? as usize;
