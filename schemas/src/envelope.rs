@@ -601,16 +601,11 @@ fn decode_fast(bytes: &[u8]) -> Option<EventRecord> {
     if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return None;
     }
-    // Skipping unknown fields has no nesting limit; the tree's is 128. Under 128 openers in
-    // all, no value can nest that deep.
-    if bytes.iter().filter(|b| matches!(b, b'{' | b'[')).count() >= MAX_FAST_OPENERS {
-        return None;
-    }
     // Skipped strings are not checked for UTF-8; the tree checks every string.
     let text = std::str::from_utf8(bytes).ok()?;
     // Unknown attributes and data fields are skipped unparsed below; the tree refuses some of
-    // them (a number out of range, a bad escape), so the whole input is first read the way
-    // the tree reads it.
+    // them (a number out of range, a bad escape, nesting over 128), so the whole input is
+    // first read the way the tree reads it.
     serde_json::from_str::<Validated>(text).ok()?;
     let wire: Wire<'_> = serde_json::from_str(text).ok()?;
     wire.specversion.as_ref()?;
@@ -679,9 +674,6 @@ impl<'de> serde::de::Visitor<'de> for ValidatedVisitor {
         Ok(Validated)
     }
 }
-
-/// Inputs with this many `{` and `[` bytes (in strings or not) take the general path.
-const MAX_FAST_OPENERS: usize = 128;
 
 /// The attributes of a structured CloudEvent as [`decode_fast`] reads them. Strings borrow
 /// from the input unless they hold escapes; a repeated attribute fails (the general path
