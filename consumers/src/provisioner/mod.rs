@@ -872,7 +872,9 @@ impl Shared {
 }
 
 /// A read-only view of a running provisioner for monitoring (see [`http`]): cheap to clone,
-/// usable after the [`Provisioner`] itself was moved into whatever stops it.
+/// usable after the [`Provisioner`] itself was moved into whatever stops it. It keeps the
+/// state store open: drop it before starting another provisioner on the same `state_dir`
+/// (for counters alone, [`Provisioner::stats_handle`] holds nothing else).
 #[derive(Clone)]
 pub struct Monitor {
     shared: Arc<Shared>,
