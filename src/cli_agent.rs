@@ -73,7 +73,10 @@ pub async fn open_backbone(nats: Option<&str>, data: &std::path::Path) -> anyhow
         None => {
             std::fs::create_dir_all(data)?;
             Arc::new(EmbeddedBackbone::open_path(data).with_context(|| {
-                format!("opening the embedded store {} (one process at a time: is another chorus using it?)", data.display())
+                format!(
+                    "opening the embedded store {} (one process at a time: is another chorus using it?)",
+                    data.display()
+                )
             })?)
         }
     })
@@ -86,7 +89,13 @@ pub async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
     config.alive_interval = args.alive_interval;
     let sim = Arc::new(Simulator::new(config, Arc::new(BackboneSink(backbone)))?);
     let storm = sim.startup_storm().await?;
-    println!("{} simulated nodes started: {} startup events in {:.2?} ({:.0} events/s)", args.nodes, storm.events, storm.took, storm.rate());
+    println!(
+        "{} simulated nodes started: {} startup events in {:.2?} ({:.0} events/s)",
+        args.nodes,
+        storm.events,
+        storm.took,
+        storm.rate()
+    );
     if args.once {
         return Ok(());
     }
@@ -168,7 +177,8 @@ pub async fn rpc(args: RpcArgs) -> anyhow::Result<()> {
         let token = match (&args.token, &args.user) {
             (Some(token), _) => token.clone(),
             (None, Some(user)) => {
-                let password = std::env::var("CHORUS_AAA_PASSWORD").context("--user needs the password in CHORUS_AAA_PASSWORD")?;
+                let password =
+                    std::env::var("CHORUS_AAA_PASSWORD").context("--user needs the password in CHORUS_AAA_PASSWORD")?;
                 aaa.login(user, &password).await?.token
             }
             (None, None) => anyhow::bail!("--aaa needs --token (or CHORUS_AAA_TOKEN) or --user"),
@@ -197,7 +207,8 @@ pub async fn rpc(args: RpcArgs) -> anyhow::Result<()> {
         None => ProgressBar::new_spinner(),
     };
     bar.set_style(
-        ProgressStyle::with_template("{spinner} {pos}/{len} replies {wide_bar} {elapsed}").unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template("{spinner} {pos}/{len} replies {wide_bar} {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let mut stream = rpc.request(&args.agent, &args.action, data, options).await?;
     let mut failures = Vec::new();
@@ -260,7 +271,11 @@ pub async fn bench_simulate(args: BenchSimulateArgs) -> anyhow::Result<()> {
     let records: Vec<_> = (0..args.nodes)
         .map(|i| {
             let r = chorus_schemas::EventRecord::new(
-                chorus_schemas::lifecycle::Startup::new(sim.nodes()[i].identity.to_string(), "server", sim.version_of(i)),
+                chorus_schemas::lifecycle::Startup::new(
+                    sim.nodes()[i].identity.to_string(),
+                    "server",
+                    sim.version_of(i),
+                ),
                 1,
             );
             (r.id.clone(), bytes::Bytes::from(r.encode()))

@@ -35,7 +35,8 @@ pub fn run(command: BrokerCommand) -> anyhow::Result<()> {
     match command {
         BrokerCommand::Config { config, out, nftables } => {
             let text = std::fs::read_to_string(&config).with_context(|| format!("reading {}", config.display()))?;
-            let description: BrokerConfig = serde_yaml::from_str(&text).with_context(|| format!("{}", config.display()))?;
+            let description: BrokerConfig =
+                serde_yaml::from_str(&text).with_context(|| format!("{}", config.display()))?;
             let rendered = description.render().with_context(|| format!("{}", config.display()))?;
             write_private(&out, &rendered.nats_conf)?;
             eprintln!("wrote {} ({} tenants)", out.display(), description.tenants.len());

@@ -31,9 +31,9 @@ pub struct Source {
 
 impl Source {
     async fn backbone(&self) -> anyhow::Result<Arc<dyn Backbone>> {
-        open_backbone(self.nats.as_deref(), &self.data).await.map_err(|e| {
-            e.context("hint: while `chorus up` runs, read through it with --url http://127.0.0.1:8080")
-        })
+        open_backbone(self.nats.as_deref(), &self.data)
+            .await
+            .map_err(|e| e.context("hint: while `chorus up` runs, read through it with --url http://127.0.0.1:8080"))
     }
 }
 
@@ -76,14 +76,22 @@ pub async fn events(cmd: EventsCommand) -> anyhow::Result<()> {
     let EventsCommand::Tail(args) = cmd;
     match tail_events(args).await {
         // `chorus events tail | head`: the reader is gone, which is not an error.
-        Err(e) if e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) => Ok(()),
+        Err(e) if e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) => {
+            Ok(())
+        }
         other => other,
     }
 }
 
 async fn tail_events(args: TailArgs) -> anyhow::Result<()> {
     let since = args.since.as_deref().map(parse_since).transpose().map_err(anyhow::Error::msg)?;
-    let filter = EventFilter { kinds: args.kind.clone(), types: args.types.clone(), node: args.node.clone(), since, follow: !args.no_follow };
+    let filter = EventFilter {
+        kinds: args.kind.clone(),
+        types: args.types.clone(),
+        node: args.node.clone(),
+        since,
+        follow: !args.no_follow,
+    };
     filter.validate().map_err(anyhow::Error::msg)?;
     let mut out = std::io::stdout().lock();
     if let Some(url) = &args.source.url {
@@ -101,8 +109,18 @@ async fn tail_events(args: TailArgs) -> anyhow::Result<()> {
             query.push(("since", s.clone()));
         }
         let endpoint = format!("{}/api/events", url.trim_end_matches('/'));
-        let mut response = reqwest::Client::new().get(&endpoint).query(&query).send().await.with_context(|| format!("GET {endpoint}"))?;
-        anyhow::ensure!(response.status().is_success(), "{endpoint}: {} {}", response.status(), response.text().await.unwrap_or_default());
+        let mut response = reqwest::Client::new()
+            .get(&endpoint)
+            .query(&query)
+            .send()
+            .await
+            .with_context(|| format!("GET {endpoint}"))?;
+        anyhow::ensure!(
+            response.status().is_success(),
+            "{endpoint}: {} {}",
+            response.status(),
+            response.text().await.unwrap_or_default()
+        );
         let mut pending = Vec::new();
         while let Some(chunk) = response.chunk().await? {
             pending.extend_from_slice(&chunk);
@@ -145,7 +163,9 @@ fn remote_line(line: &[u8]) -> String {
         event: Option<serde_json::Value>,
         error: Option<String>,
     }
-    let Ok(s) = serde_json::from_slice::<Shown>(line) else { return String::from_utf8_lossy(line).trim_end().to_string() };
+    let Ok(s) = serde_json::from_slice::<Shown>(line) else {
+        return String::from_utf8_lossy(line).trim_end().to_string();
+    };
     let decoded = s.event.as_ref().and_then(|e| chorus_schemas::EventRecord::decode(e.to_string().as_bytes()).ok());
     let shown = chorus_consumers::events::ShownEvent {
         stream: s.stream,
@@ -202,11 +222,16 @@ pub async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
     let options = ReplayOptions { start, filter_subjects: args.subject.iter().cloned().collect(), follow: false };
     let mut stream = backbone.replay(&args.stream, options).await?;
     let mut out: Box<dyn Write> = match &args.out {
-        Some(p) => Box::new(std::io::BufWriter::new(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?)),
+        Some(p) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
+        )),
         None => Box::new(std::io::BufWriter::new(std::io::stdout())),
     };
     let bar = if args.out.is_some() { ProgressBar::new(info.messages) } else { ProgressBar::hidden() };
-    bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} events {per_sec} {eta}").unwrap_or_else(|_| ProgressStyle::default_bar()));
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} events {per_sec} {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
     let mut n = 0u64;
     while let Some(m) = stream.next().await {
         let m = m?;
@@ -214,7 +239,10 @@ pub async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
             Ok(p) => p,
             Err(_) => serde_json::value::to_raw_value(&String::from_utf8_lossy(&m.payload))?,
         };
-        serde_json::to_writer(&mut out, &Line { sequence: m.sequence, time: m.time, subject: m.subject, id: m.id, payload })?;
+        serde_json::to_writer(
+            &mut out,
+            &Line { sequence: m.sequence, time: m.time, subject: m.subject, id: m.id, payload },
+        )?;
         out.write_all(b"\n")?;
         n += 1;
         bar.inc(1);
@@ -243,10 +271,14 @@ pub async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
     let file = std::fs::File::open(&args.file).with_context(|| format!("opening {}", args.file.display()))?;
     let total = std::io::BufReader::new(std::fs::File::open(&args.file)?).lines().count() as u64;
     let bar = ProgressBar::new(total);
-    bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} events {per_sec} {eta}").unwrap_or_else(|_| ProgressStyle::default_bar()));
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} events {per_sec} {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
     let (mut batch, mut stored, mut duplicates) = (Vec::new(), 0u64, 0u64);
     for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
-        let line: Line = serde_json::from_str(&line?).with_context(|| format!("{} line {}", args.file.display(), i + 1))?;
+        let line: Line =
+            serde_json::from_str(&line?).with_context(|| format!("{} line {}", args.file.display(), i + 1))?;
         let payload = match serde_json::from_str::<String>(line.payload.get()) {
             Ok(text) => text.into_bytes(),
             Err(_) => line.payload.get().as_bytes().to_vec(),
@@ -254,13 +286,21 @@ pub async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
         batch.push(Message::new(line.id, line.subject, payload));
         if batch.len() >= 1000 {
             for a in backbone.publish_batch(std::mem::take(&mut batch)).await? {
-                if a.duplicate { duplicates += 1 } else { stored += 1 }
+                if a.duplicate {
+                    duplicates += 1
+                } else {
+                    stored += 1
+                }
             }
             bar.set_position((stored + duplicates).min(total));
         }
     }
     for a in backbone.publish_batch(batch).await? {
-        if a.duplicate { duplicates += 1 } else { stored += 1 }
+        if a.duplicate {
+            duplicates += 1
+        } else {
+            stored += 1
+        }
     }
     bar.finish_and_clear();
     eprintln!("{stored} events restored, {duplicates} already present");

@@ -157,13 +157,22 @@ fn ago(now: chrono::DateTime<Utc>, then: chrono::DateTime<Utc>) -> String {
         return "in the future".into();
     }
     let secs = secs as u64;
-    let rounded = if secs < 120 { secs } else if secs < 7200 { secs / 60 * 60 } else { secs / 3600 * 3600 };
+    let rounded = if secs < 120 {
+        secs
+    } else if secs < 7200 {
+        secs / 60 * 60
+    } else {
+        secs / 3600 * 3600
+    };
     format!("{} ago", humantime::format_duration(Duration::from_secs(rounded)))
 }
 
 fn print_nodes(nodes: &[NodeView], now: chrono::DateTime<Utc>) {
     let width = nodes.iter().map(|n| n.node.identity.len()).max().unwrap_or(8).max(8);
-    println!("{:<width$}  {:<8}  {:<22}  {:<12}  {:<11}  LAST SEEN", "IDENTITY", "STATUS", "COMPONENT", "VERSION", "LAST EVENT");
+    println!(
+        "{:<width$}  {:<8}  {:<22}  {:<12}  {:<11}  LAST SEEN",
+        "IDENTITY", "STATUS", "COMPONENT", "VERSION", "LAST EVENT"
+    );
     for n in nodes {
         println!(
             "{:<width$}  {:<8}  {:<22}  {:<12}  {:<11}  {}",
@@ -178,7 +187,12 @@ fn print_nodes(nodes: &[NodeView], now: chrono::DateTime<Utc>) {
     println!("\n{} nodes", nodes.len());
 }
 
-async fn serve(args: &InventoryArgs, store: Store, mut projector: Projector<InventoryView>, listen: SocketAddr) -> anyhow::Result<()> {
+async fn serve(
+    args: &InventoryArgs,
+    store: Store,
+    mut projector: Projector<InventoryView>,
+    listen: SocketAddr,
+) -> anyhow::Result<()> {
     let inventory = Inventory::open(&store, args.policy())?.with_progress(projector.progress());
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {

@@ -6,18 +6,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use chorus_backbone::jetstream::NatsConfig;
 use chorus_backbone::Backbone;
 use chorus_consumers::audit_export::{self, ExportConfig, JsonlConfig, SinkConfig};
 use chorus_consumers::dashboard::{Dashboard, StreamRates};
 use chorus_consumers::inventory::{Inventory, StatusPolicy};
 use chorus_consumers::projection::Store;
 use chorus_consumers::provisioner::{Provisioner, ProvisionerConfig, Step};
+use chorus_producers::emitter::BackboneSink;
 use chorus_producers::machine::{Machine, Manifest};
 use chorus_producers::rpc::{LocalTransport, NatsTransport, RequestOptions, RpcClient, Transport};
-use chorus_producers::streams::{ensure_platform_streams, StreamLimits};
-use chorus_producers::emitter::BackboneSink;
 use chorus_producers::simulator::{SimConfig, Simulator};
-use chorus_backbone::jetstream::NatsConfig;
+use chorus_producers::streams::{ensure_platform_streams, StreamLimits};
 use tokio::sync::watch;
 
 use crate::cli_agent::{open_backbone, terminated};
@@ -105,7 +105,10 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     // denied by default, as on a real fleet.
     let policy_dir = args.data.join("policy");
     std::fs::create_dir_all(&policy_dir)?;
-    std::fs::write(policy_dir.join("rpcutil.policy"), "policy default deny\nallow\tchorus=demo-operator choria=provisioner\t*\t*\t*\n")?;
+    std::fs::write(
+        policy_dir.join("rpcutil.policy"),
+        "policy default deny\nallow\tchorus=demo-operator choria=provisioner\t*\t*\t*\n",
+    )?;
     let rpc = sim.host_rpc(transport.clone(), "choria", Some(policy_dir.clone())).await?;
 
     // The provisioner, and new nodes for it: they start in provisioning mode and are
@@ -113,10 +116,17 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     // choria_provision steps), each exactly once.
     let mut provisioning = ProvisionerConfig::new(vec![
         Step { agent: "rpcutil".into(), action: "ping".into(), data: Default::default(), timeout: None },
-        Step { agent: "rpcutil".into(), action: "get_fact".into(), data: serde_json::json!({"fact": "os"}).as_object().cloned().unwrap_or_default(), timeout: None },
+        Step {
+            agent: "rpcutil".into(),
+            action: "get_fact".into(),
+            data: serde_json::json!({"fact": "os"}).as_object().cloned().unwrap_or_default(),
+            timeout: None,
+        },
     ]);
     provisioning.state_dir = args.data.join("provisioner");
-    let provisioner = Provisioner::start(backbone.clone(), transport.clone(), provisioning).await.context("starting the provisioner")?;
+    let provisioner = Provisioner::start(backbone.clone(), transport.clone(), provisioning)
+        .await
+        .context("starting the provisioner")?;
     let mut fresh = SimConfig::new(args.new_nodes.max(1));
     fresh.prefix = "new".into();
     fresh.component = "provision_mode_server".into();
@@ -129,7 +139,13 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         new_nodes.startup_storm().await?;
         println!("{} new nodes started in provisioning mode", args.new_nodes);
     }
-    println!("{} simulated nodes started ({} startup events in {:.2?}); {} answer RPC", args.nodes, storm.events, storm.took, rpc.node_count());
+    println!(
+        "{} simulated nodes started ({} startup events in {:.2?}); {} answer RPC",
+        args.nodes,
+        storm.events,
+        storm.took,
+        rpc.node_count()
+    );
     let alive = tokio::spawn({
         let sim = sim.clone();
         let rx = stop_rx.clone();
@@ -144,7 +160,12 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let machine_dir = tempfile::tempdir()?;
     let mut machines = Vec::new();
     for node in sim.nodes().iter().take(args.machines) {
-        machines.push(Machine::start(manifest.clone(), &*node.identity, machine_dir.path().to_path_buf(), node.emitter.clone())?);
+        machines.push(Machine::start(
+            manifest.clone(),
+            &*node.identity,
+            machine_dir.path().to_path_buf(),
+            node.emitter.clone(),
+        )?);
     }
     println!("{} nodes run the demo autonomous agent", machines.len());
     // A demo operator pings the fleet every minute: every request and reply is recorded in
@@ -160,7 +181,8 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
                     _ = tick.tick() => {}
                     _ = rx.wait_for(|s| *s) => return,
                 }
-                let options = RequestOptions { expected: Some(nodes), timeout: Duration::from_secs(10), ..Default::default() };
+                let options =
+                    RequestOptions { expected: Some(nodes), timeout: Duration::from_secs(10), ..Default::default() };
                 match client.call("rpcutil", "ping", Default::default(), options).await {
                     Ok(r) => tracing::info!(replies = r.replies.len(), "demo operator: rpcutil ping"),
                     Err(e) => tracing::warn!(error = %e, "demo operator: rpcutil ping failed"),
@@ -216,7 +238,10 @@ pub async fn dashboard(args: DashboardArgs) -> anyhow::Result<()> {
         None
     } else {
         let (dirs, files): (Vec<PathBuf>, Vec<PathBuf>) = args.trust.iter().cloned().partition(|p| p.is_dir());
-        Some(chorus_schemas::signature::Verifier::from_paths(files, dirs).map_err(|e| anyhow::anyhow!("--trust: {e}"))?)
+        Some(
+            chorus_schemas::signature::Verifier::from_paths(files, dirs)
+                .map_err(|e| anyhow::anyhow!("--trust: {e}"))?,
+        )
     };
     let (stop, stop_rx) = watch::channel(false);
     let views = Views::start(backbone, &args.state, args.listen, verifier, args.rebuild, &stop_rx).await?;
@@ -230,7 +255,9 @@ pub async fn dashboard(args: DashboardArgs) -> anyhow::Result<()> {
 /// true: what `chorus up` and `chorus dashboard` both serve.
 struct Views {
     url: String,
-    projection: tokio::task::JoinHandle<Result<chorus_consumers::projection::RunStats, chorus_consumers::projection::ProjectionError>>,
+    projection: tokio::task::JoinHandle<
+        Result<chorus_consumers::projection::RunStats, chorus_consumers::projection::ProjectionError>,
+    >,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
     rates: tokio::task::JoinHandle<()>,
 }
@@ -255,7 +282,10 @@ impl Views {
         let store = Store::open(state).context("opening the view store")?;
         let mut projector = Inventory::projector(backbone.clone(), &store)?;
         if let Some(verifier) = verifier {
-            let options = chorus_consumers::projection::ProjectorOptions { verifier: Some(Arc::new(verifier)), ..Default::default() };
+            let options = chorus_consumers::projection::ProjectorOptions {
+                verifier: Some(Arc::new(verifier)),
+                ..Default::default()
+            };
             projector = projector.with_options(options);
         }
         if rebuild {
@@ -268,9 +298,12 @@ impl Views {
         });
         let streams = chorus_schemas::subject::streams().iter().map(|(name, _)| name.to_string()).collect();
         let (rates, rates_task) = StreamRates::spawn(backbone.clone(), streams, Duration::from_secs(2));
-        let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding the dashboard to {listen}"))?;
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("binding the dashboard to {listen}"))?;
         let url = format!("http://{}/", listener.local_addr()?);
-        let server = tokio::spawn(Dashboard::new(inventory, rates).with_events(backbone).serve(listener, stopped(stop)));
+        let server =
+            tokio::spawn(Dashboard::new(inventory, rates).with_events(backbone).serve(listener, stopped(stop)));
         Ok(Views { url, projection, server, rates: rates_task })
     }
 

@@ -2,14 +2,14 @@
 
 mod bench;
 mod cli_aaa;
-mod cli_broker;
 mod cli_agent;
-mod cli_inventory;
 mod cli_audit_export;
-mod cli_provision;
-mod cli_up;
+mod cli_broker;
 mod cli_events;
+mod cli_inventory;
+mod cli_provision;
 mod cli_security;
+mod cli_up;
 
 use clap::{Parser, Subcommand};
 
@@ -75,9 +75,7 @@ struct ReplicateArgs {
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CHORUS_LOG").unwrap_or_else(|_| "warn".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("CHORUS_LOG").unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();

@@ -6,7 +6,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::Stream;
 
-use crate::{ConsumerConfig, Delivery, Message, PublishAck, Result, StartPosition, StoredMessage, StreamConfig, StreamInfo};
+use crate::{
+    ConsumerConfig, Delivery, Message, PublishAck, Result, StartPosition, StoredMessage, StreamConfig, StreamInfo,
+};
 
 /// An ordered stream of stored messages, as returned by [`Backbone::replay`].
 pub type MessageStream = Pin<Box<dyn Stream<Item = Result<StoredMessage>> + Send>>;

@@ -332,7 +332,9 @@ impl BrokerConfig {
                 return bad("tls.timeout must be a number of seconds > 0".into());
             }
         }
-        for (field, size) in [("jetstream.max_memory", &self.jetstream.max_memory), ("jetstream.max_file", &self.jetstream.max_file)] {
+        for (field, size) in
+            [("jetstream.max_memory", &self.jetstream.max_memory), ("jetstream.max_file", &self.jetstream.max_file)]
+        {
             if let Some(size) = size {
                 check_size(field, size)?;
             }
@@ -387,7 +389,10 @@ impl BrokerConfig {
             for (i, u) in tenant.users.iter().enumerate() {
                 u.validate(&format!("{at}.users[{i}]"))?;
                 if !users.insert(u.user.clone()) {
-                    return bad(format!("{at}.users[{i}]: user {:?} is defined twice (user names are broker-wide)", u.user));
+                    return bad(format!(
+                        "{at}.users[{i}]: user {:?} is defined twice (user names are broker-wide)",
+                        u.user
+                    ));
                 }
             }
         }
@@ -438,7 +443,8 @@ impl BrokerConfig {
         let _ = writeln!(w, "  {SYSTEM_ACCOUNT}: {{");
         let _ = writeln!(w, "    users: [");
         if let Some(sys) = &self.system_account {
-            let _ = writeln!(w, "      {{user: {}, password: {}}}", q(&sys.user), q(&sys.password_hash(self.bcrypt_cost)?));
+            let _ =
+                writeln!(w, "      {{user: {}, password: {}}}", q(&sys.user), q(&sys.password_hash(self.bcrypt_cost)?));
         }
         let _ = writeln!(w, "    ]");
         let _ = writeln!(w, "  }}");
@@ -533,7 +539,10 @@ impl BrokerConfig {
 impl UserSpec {
     fn validate(&self, at: &str) -> Result<()> {
         if self.user.is_empty() || self.user.chars().any(|c| c.is_whitespace() || c.is_control() || c == '"') {
-            return Err(BackboneError::InvalidConfig(format!("{at}.user {:?} must be non-empty without spaces or quotes", self.user)));
+            return Err(BackboneError::InvalidConfig(format!(
+                "{at}.user {:?} must be non-empty without spaces or quotes",
+                self.user
+            )));
         }
         let given = [self.password.is_some(), self.password_file.is_some(), self.password_hash.is_some()];
         if given.iter().filter(|g| **g).count() != 1 {
@@ -544,7 +553,10 @@ impl UserSpec {
         }
         if let Some(h) = &self.password_hash {
             if !is_bcrypt(h) {
-                return Err(BackboneError::InvalidConfig(format!("{at} ({}): password_hash is not a bcrypt hash ($2a$/$2b$)", self.user)));
+                return Err(BackboneError::InvalidConfig(format!(
+                    "{at} ({}): password_hash is not a bcrypt hash ($2a$/$2b$)",
+                    self.user
+                )));
             }
         }
         if matches!(&self.password, Some(p) if p.is_empty()) {
@@ -566,7 +578,11 @@ impl UserSpec {
                 })?;
                 let line = text.lines().next().unwrap_or("").to_string();
                 if line.is_empty() {
-                    return Err(BackboneError::InvalidConfig(format!("user {}: password_file {} is empty", self.user, path.display())));
+                    return Err(BackboneError::InvalidConfig(format!(
+                        "user {}: password_file {} is empty",
+                        self.user,
+                        path.display()
+                    )));
                 }
                 line
             }
@@ -606,7 +622,12 @@ pub fn parse_cidr(s: &str) -> std::result::Result<(IpAddr, u8), String> {
     let max = if addr.is_ipv4() { 32 } else { 128 };
     let len = match len {
         None => max,
-        Some(l) => l.trim().parse::<u8>().ok().filter(|l| *l <= max).ok_or_else(|| format!("{s:?}: prefix length must be 0..={max}"))?,
+        Some(l) => l
+            .trim()
+            .parse::<u8>()
+            .ok()
+            .filter(|l| *l <= max)
+            .ok_or_else(|| format!("{s:?}: prefix length must be 0..={max}"))?,
     };
     // nft refuses host bits under the mask; so do we, with a clearer message.
     let host_bits_clear = match addr {
@@ -639,7 +660,9 @@ fn check_name(field: &str, name: &str) -> Result<()> {
 }
 
 fn check_token(field: &str, token: &str) -> Result<()> {
-    if let Some(problem) = crate::subject::problem(token, false).or_else(|| token.contains('.').then_some("contains a dot")) {
+    if let Some(problem) =
+        crate::subject::problem(token, false).or_else(|| token.contains('.').then_some("contains a dot"))
+    {
         return Err(BackboneError::InvalidConfig(format!("{field}: {token:?} {problem}")));
     }
     Ok(())
@@ -675,14 +698,24 @@ mod tests {
     use super::*;
 
     fn user(name: &str, role: Role) -> UserSpec {
-        UserSpec { user: name.into(), role, password: Some(format!("{name}-pw")), password_file: None, password_hash: None }
+        UserSpec {
+            user: name.into(),
+            role,
+            password: Some(format!("{name}-pw")),
+            password_file: None,
+            password_hash: None,
+        }
     }
 
     fn sample() -> BrokerConfig {
         let mut tenants = BTreeMap::new();
         tenants.insert(
             "acme".to_string(),
-            TenantConfig { collectives: vec!["acme".into()], jetstream: None, users: vec![user("acme-agent", Role::Agent), user("acme-admin", Role::Admin)] },
+            TenantConfig {
+                collectives: vec!["acme".into()],
+                jetstream: None,
+                users: vec![user("acme-agent", Role::Agent), user("acme-admin", Role::Admin)],
+            },
         );
         tenants.insert(
             "globex".to_string(),
@@ -697,9 +730,16 @@ mod tests {
             listen: "10.0.0.5:4222".into(),
             monitor: Some("127.0.0.1:8222".into()),
             tls: None,
-            jetstream: BrokerJetStream { store_dir: "/var/lib/nats".into(), max_memory: None, max_file: Some("10GB".into()) },
+            jetstream: BrokerJetStream {
+                store_dir: "/var/lib/nats".into(),
+                max_memory: None,
+                max_file: Some("10GB".into()),
+            },
             system_account: Some(user("sys", Role::Admin)),
-            firewall: Some(FirewallConfig { allowed_clients: vec!["10.0.0.0/8".into(), "2001:db8::/32".into()], allowed_monitor: vec!["127.0.0.1".into()] }),
+            firewall: Some(FirewallConfig {
+                allowed_clients: vec!["10.0.0.0/8".into(), "2001:db8::/32".into()],
+                allowed_monitor: vec!["127.0.0.1".into()],
+            }),
             bcrypt_cost: 4,
             tenants,
         }
@@ -730,7 +770,10 @@ mod tests {
         assert!(!p.publish_allow.iter().any(|s| s == ">" || s.starts_with("chorus.audit")));
         assert!(!p.subscribe_allow.iter().any(|s| s.starts_with("choria.")), "agents do not read others' events");
         let c = permissions(Role::Client, &["acme".into()]);
-        assert!(!c.publish_allow.iter().any(|s| s.starts_with("choria.") || s.starts_with("chorus.")), "clients forge no events");
+        assert!(
+            !c.publish_allow.iter().any(|s| s.starts_with("choria.") || s.starts_with("chorus.")),
+            "clients forge no events"
+        );
     }
 
     #[test]
@@ -757,7 +800,13 @@ mod tests {
         assert!(c.validate().unwrap_err().to_string().contains("beyond"));
 
         let mut c = sample();
-        c.tls = Some(BrokerTls { cert_file: "c".into(), key_file: "k".into(), ca_file: None, verify_clients: true, timeout: 2.0 });
+        c.tls = Some(BrokerTls {
+            cert_file: "c".into(),
+            key_file: "k".into(),
+            ca_file: None,
+            verify_clients: true,
+            timeout: 2.0,
+        });
         assert!(c.validate().unwrap_err().to_string().contains("ca_file"));
     }
 
@@ -795,6 +844,9 @@ mod tests {
         .unwrap();
         assert_eq!(c.listen, "0.0.0.0:4222");
         c.validate().unwrap();
-        assert!(serde_json::from_value::<BrokerConfig>(serde_json::json!({"jetstream": {"store_dir": "/d"}, "tenants": {}, "nope": 1})).is_err());
+        assert!(serde_json::from_value::<BrokerConfig>(
+            serde_json::json!({"jetstream": {"store_dir": "/d"}, "tenants": {}, "nope": 1})
+        )
+        .is_err());
     }
 }

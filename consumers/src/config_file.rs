@@ -6,14 +6,20 @@ use std::path::Path;
 use serde::de::DeserializeOwned;
 
 /// Parses `text` and runs `check` on the result; errors name the field at fault.
-pub(crate) fn from_text<T: DeserializeOwned>(text: &str, check: impl FnOnce(&T) -> Result<(), String>) -> Result<T, String> {
+pub(crate) fn from_text<T: DeserializeOwned>(
+    text: &str,
+    check: impl FnOnce(&T) -> Result<(), String>,
+) -> Result<T, String> {
     let config = parse(text)?;
     check(&config)?;
     Ok(config)
 }
 
 /// [`from_text`] on the file at `path`; errors name the file, then the field.
-pub(crate) fn load<T: DeserializeOwned>(path: &Path, check: impl FnOnce(&T) -> Result<(), String>) -> Result<T, String> {
+pub(crate) fn load<T: DeserializeOwned>(
+    path: &Path,
+    check: impl FnOnce(&T) -> Result<(), String>,
+) -> Result<T, String> {
     from_text(&read(path)?, check).map_err(|m| format!("{}: {m}", path.display()))
 }
 

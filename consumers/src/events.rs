@@ -76,7 +76,8 @@ impl EventFilter {
         let mut out: Vec<&'static str> = if self.kinds.is_empty() {
             vec!["CHORUS_LIFECYCLE", "CHORUS_MACHINE", "CHORUS_RPC", "CHORUS_AUDIT"]
         } else {
-            let mut v: Vec<&'static str> = KINDS.iter().filter(|(k, _)| self.kinds.iter().any(|x| x == k)).map(|(_, s)| *s).collect();
+            let mut v: Vec<&'static str> =
+                KINDS.iter().filter(|(k, _)| self.kinds.iter().any(|x| x == k)).map(|(_, s)| *s).collect();
             if self.kinds.iter().any(|k| k == "deadletter") {
                 v.push("CHORUS_DEADLETTER");
             }
@@ -93,7 +94,9 @@ impl EventFilter {
             return false;
         }
         let ty = record.data.event_type();
-        if !self.types.is_empty() && !self.types.iter().any(|t| t == ty || ty.rsplit(['.', ':']).next() == Some(t.as_str())) {
+        if !self.types.is_empty()
+            && !self.types.iter().any(|t| t == ty || ty.rsplit(['.', ':']).next() == Some(t.as_str()))
+        {
             return false;
         }
         if let Some(node) = &self.node {
@@ -114,12 +117,24 @@ fn show(m: StoredMessage) -> ShownEvent {
         Ok(r) => (serde_json::from_slice(&m.payload).ok(), None, Some(r)),
         Err(e) => (None, Some(e.to_string()), None),
     };
-    ShownEvent { stream: m.stream, sequence: m.sequence, stored: m.time, subject: m.subject, id: m.id, event, error, record }
+    ShownEvent {
+        stream: m.stream,
+        sequence: m.sequence,
+        stored: m.time,
+        subject: m.subject,
+        id: m.id,
+        event,
+        error,
+        record,
+    }
 }
 
 /// Matching events of every stream the filter names, each stream in order, streams
 /// interleaved as they arrive.
-pub async fn tail(backbone: Arc<dyn Backbone>, filter: EventFilter) -> Result<BoxStream<'static, Result<ShownEvent, chorus_backbone::BackboneError>>, chorus_backbone::BackboneError> {
+pub async fn tail(
+    backbone: Arc<dyn Backbone>,
+    filter: EventFilter,
+) -> Result<BoxStream<'static, Result<ShownEvent, chorus_backbone::BackboneError>>, chorus_backbone::BackboneError> {
     let mut streams = Vec::new();
     for stream in filter.streams() {
         let options = ReplayOptions {
@@ -170,9 +185,22 @@ pub fn one_line(e: &ShownEvent) -> String {
                 EventKind::Lifecycle => r.data.event_type().rsplit('.').next().unwrap_or("lifecycle"),
                 other => other.as_str(),
             };
-            format!("{} {:<17} {:<12} {:<36} {}", r.time.format("%Y-%m-%dT%H:%M:%SZ"), format!("{}#{}", short(&e.stream), e.sequence), kind, r.data.identity(), detail)
+            format!(
+                "{} {:<17} {:<12} {:<36} {}",
+                r.time.format("%Y-%m-%dT%H:%M:%SZ"),
+                format!("{}#{}", short(&e.stream), e.sequence),
+                kind,
+                r.data.identity(),
+                detail
+            )
         }
-        None => format!("{} {:<17} undecodable  {} ({})", e.stored.format("%Y-%m-%dT%H:%M:%SZ"), format!("{}#{}", short(&e.stream), e.sequence), e.subject, e.error.as_deref().unwrap_or("")),
+        None => format!(
+            "{} {:<17} undecodable  {} ({})",
+            e.stored.format("%Y-%m-%dT%H:%M:%SZ"),
+            format!("{}#{}", short(&e.stream), e.sequence),
+            e.subject,
+            e.error.as_deref().unwrap_or("")
+        ),
     }
 }
 
@@ -196,7 +224,10 @@ mod tests {
         let f = EventFilter { kinds: vec!["audit".into()], ..Default::default() };
         assert!(!f.matches(&alive));
         assert_eq!(f.streams(), vec!["CHORUS_AUDIT"]);
-        assert!(EventFilter { kinds: vec!["bogus".into()], ..Default::default() }.validate().unwrap_err().contains("lifecycle"));
+        assert!(EventFilter { kinds: vec!["bogus".into()], ..Default::default() }
+            .validate()
+            .unwrap_err()
+            .contains("lifecycle"));
         assert!(one_line(&show(StoredMessage {
             stream: "CHORUS_LIFECYCLE".into(),
             sequence: 7,

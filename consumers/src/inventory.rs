@@ -37,7 +37,9 @@ use chorus_schemas::{Event, EventRecord, Lifecycle};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::projection::{Progress, ProgressSnapshot, ProjectionError, Projector, Store, Txn, View, ViewError, ViewState};
+use crate::projection::{
+    Progress, ProgressSnapshot, ProjectionError, Projector, Store, Txn, View, ViewError, ViewState,
+};
 
 /// Name of the inventory view (store tree, `chorus.deadletter.inventory`).
 pub const VIEW_NAME: &str = "inventory";
@@ -622,7 +624,14 @@ impl Inventory {
                 *versions.entry(node.component).or_default().entry(version).or_default() += 1;
             }
         }
-        Ok(Summary { total, status, versions, checkpoint, at: now, projection: self.progress.as_ref().map(|p| p.snapshot()) })
+        Ok(Summary {
+            total,
+            status,
+            versions,
+            checkpoint,
+            at: now,
+            projection: self.progress.as_ref().map(|p| p.snapshot()),
+        })
     }
 }
 
@@ -669,7 +678,10 @@ async fn query<T: Send + 'static>(
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
 }
 
-async fn list_nodes(State(inv): State<Inventory>, Query(filter): Query<NodeFilter>) -> Result<Json<Vec<NodeView>>, ApiError> {
+async fn list_nodes(
+    State(inv): State<Inventory>,
+    Query(filter): Query<NodeFilter>,
+) -> Result<Json<Vec<NodeView>>, ApiError> {
     query(inv, move |inv, now| inv.list(&filter, now)).await.map(Json)
 }
 
@@ -866,12 +878,27 @@ mod tests {
         let now = at(1100);
         let ids = |f: NodeFilter| inv.list(&f, now).unwrap().into_iter().map(|n| n.node.identity).collect::<Vec<_>>();
         assert_eq!(ids(NodeFilter::default()).len(), 6);
-        assert_eq!(ids(NodeFilter { status: Some(Status::Alive), ..Default::default() }), ["db1.example.net", "web1.example.net", "web2.example.net"]);
+        assert_eq!(
+            ids(NodeFilter { status: Some(Status::Alive), ..Default::default() }),
+            ["db1.example.net", "web1.example.net", "web2.example.net"]
+        );
         assert_eq!(ids(NodeFilter { status: Some(Status::Missing), ..Default::default() }), ["web3.example.net"]);
-        assert_eq!(ids(NodeFilter { version: Some("1.1".into()), ..Default::default() }), ["web2.example.net", "web3.example.net"]);
-        assert_eq!(ids(NodeFilter { component: Some("provision_mode_server".into()), ..Default::default() }), ["db1.example.net"]);
-        assert_eq!(ids(NodeFilter { identity: Some("web*".into()), limit: Some(2), ..Default::default() }), ["web1.example.net", "web2.example.net"]);
-        assert_eq!(ids(NodeFilter { identity: Some("*2.example.net".into()), ..Default::default() }), ["db2.example.net", "web2.example.net"]);
+        assert_eq!(
+            ids(NodeFilter { version: Some("1.1".into()), ..Default::default() }),
+            ["web2.example.net", "web3.example.net"]
+        );
+        assert_eq!(
+            ids(NodeFilter { component: Some("provision_mode_server".into()), ..Default::default() }),
+            ["db1.example.net"]
+        );
+        assert_eq!(
+            ids(NodeFilter { identity: Some("web*".into()), limit: Some(2), ..Default::default() }),
+            ["web1.example.net", "web2.example.net"]
+        );
+        assert_eq!(
+            ids(NodeFilter { identity: Some("*2.example.net".into()), ..Default::default() }),
+            ["db2.example.net", "web2.example.net"]
+        );
         let s = inv.summary(now).unwrap();
         assert_eq!(s.total, 6);
         assert_eq!(s.status, StatusCounts { alive: 3, missing: 1, shutdown: 1, expired: 1 });

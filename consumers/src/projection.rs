@@ -285,10 +285,8 @@ impl ViewState {
 }
 
 fn from_json<T: DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T, ViewError> {
-    serde_json::from_slice(value).map_err(|e| ViewError::Corrupt {
-        key: String::from_utf8_lossy(key).into_owned(),
-        reason: e.to_string(),
-    })
+    serde_json::from_slice(value)
+        .map_err(|e| ViewError::Corrupt { key: String::from_utf8_lossy(key).into_owned(), reason: e.to_string() })
 }
 
 /// Values this projector committed, kept in memory so that reading back a key the view wrote
@@ -605,9 +603,15 @@ pub struct Projector<V: View> {
 
 impl<V: View> Projector<V> {
     /// A projector of `view` over `stream`, resuming from the view's checkpoint in `store`.
-    pub fn new(backbone: Arc<dyn Backbone>, stream: impl Into<String>, store: &Store, view: V) -> Result<Self, ProjectionError> {
+    pub fn new(
+        backbone: Arc<dyn Backbone>,
+        stream: impl Into<String>,
+        store: &Store,
+        view: V,
+    ) -> Result<Self, ProjectionError> {
         let name = view.name().to_owned();
-        validate_token("view name", &name).map_err(|source| ProjectionError::InvalidName { name: name.clone(), source })?;
+        validate_token("view name", &name)
+            .map_err(|source| ProjectionError::InvalidName { name: name.clone(), source })?;
         let stream = stream.into();
         let state = store.state(&name)?;
         let checkpoint = state.checkpoint()?;
@@ -1072,9 +1076,9 @@ mod tests {
             total += batch.len();
             b.publish_batch(batch).await.unwrap();
             // A new projector each round: a restart.
-            let mut p = Projector::new(b.clone(), "CHORUS_LIFECYCLE", &store, Counting)
-                .unwrap()
-                .with_options(ProjectorOptions { max_batch: 17, cache_entries: [0, 5, 1_000][round % 3], ..Default::default() });
+            let mut p = Projector::new(b.clone(), "CHORUS_LIFECYCLE", &store, Counting).unwrap().with_options(
+                ProjectorOptions { max_batch: 17, cache_entries: [0, 5, 1_000][round % 3], ..Default::default() },
+            );
             let stats = p.catch_up().await.unwrap();
             assert_eq!(stats.checkpoint, total as u64);
             assert_eq!(p.progress().snapshot().lag, 0);
@@ -1106,7 +1110,11 @@ mod tests {
         let mut batch = vec![event(1), Message::new("bad-1", subject, &b"{not json"[..]), event(2)];
         let rejected = EventRecord::new(Alive::new("reject.me", "server", "1", None), 1);
         batch.push(chorus_producers::emitter::to_message(&rejected).unwrap());
-        batch.push(Message::new("bad-2", subject, &br#"{"specversion":"1.0","id":"x","source":"s","type":"nope"}"#[..]));
+        batch.push(Message::new(
+            "bad-2",
+            subject,
+            &br#"{"specversion":"1.0","id":"x","source":"s","type":"nope"}"#[..],
+        ));
         batch.push(event(4));
         b.publish_batch(batch).await.unwrap();
         let mut p = Projector::new(b.clone(), "CHORUS_LIFECYCLE", &store, Counting).unwrap();
@@ -1126,7 +1134,11 @@ mod tests {
         let summary: Vec<_> = letters.iter().map(|l| (l.sequence, l.code.as_str(), l.stream.as_str())).collect();
         assert_eq!(
             summary,
-            vec![(2, "not_json", "CHORUS_LIFECYCLE"), (4, "rejected", "CHORUS_LIFECYCLE"), (5, "unknown_type", "CHORUS_LIFECYCLE")]
+            vec![
+                (2, "not_json", "CHORUS_LIFECYCLE"),
+                (4, "rejected", "CHORUS_LIFECYCLE"),
+                (5, "unknown_type", "CHORUS_LIFECYCLE")
+            ]
         );
         assert!(letters[2].reason.contains("nope"), "{}", letters[2].reason);
         assert_eq!(letters[0].payload.as_deref(), Some("{not json"));
@@ -1155,8 +1167,11 @@ mod tests {
             alive("n3").signed(&stranger).unwrap(),
             alive("n4").signed(&trusted).unwrap(),
         ];
-        b.publish_batch(batch.iter().map(|r| chorus_producers::emitter::to_message(r).unwrap()).collect()).await.unwrap();
-        let verifier = Arc::new(Verifier::new().with_key(&chorus_schemas::signature::Signer::public_key(&trusted)).unwrap());
+        b.publish_batch(batch.iter().map(|r| chorus_producers::emitter::to_message(r).unwrap()).collect())
+            .await
+            .unwrap();
+        let verifier =
+            Arc::new(Verifier::new().with_key(&chorus_schemas::signature::Signer::public_key(&trusted)).unwrap());
         let options = ProjectorOptions { verifier: Some(verifier), ..Default::default() };
         let mut p = Projector::new(b.clone(), "CHORUS_LIFECYCLE", &store, Counting).unwrap().with_options(options);
         let stats = p.catch_up().await.unwrap();
@@ -1179,7 +1194,12 @@ mod tests {
         let progress = p.progress();
         let state = p.state().clone();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move { p.run(async { let _ = stopped.await; }).await });
+        let task = tokio::spawn(async move {
+            p.run(async {
+                let _ = stopped.await;
+            })
+            .await
+        });
         b.publish_batch((0..10).map(event).collect()).await.unwrap();
         progress.wait_for(10).await;
         b.publish_batch((10..25).map(event).collect()).await.unwrap();
@@ -1204,9 +1224,6 @@ mod tests {
         }
         let (_dir, b) = backbone().await;
         let store = Store::temporary().unwrap();
-        assert!(matches!(
-            Projector::new(b, "CHORUS_LIFECYCLE", &store, Bad),
-            Err(ProjectionError::InvalidName { .. })
-        ));
+        assert!(matches!(Projector::new(b, "CHORUS_LIFECYCLE", &store, Bad), Err(ProjectionError::InvalidName { .. })));
     }
 }

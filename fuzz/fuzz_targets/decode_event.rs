@@ -24,10 +24,7 @@ fuzz_target!(|data: &[u8]| {
     let encoded = record.encode();
     let again = match EventRecord::decode(&encoded) {
         Ok(again) => again,
-        Err(e) => panic!(
-            "re-encoded event does not decode: {e}\nencoded: {}",
-            String::from_utf8_lossy(&encoded)
-        ),
+        Err(e) => panic!("re-encoded event does not decode: {e}\nencoded: {}", String::from_utf8_lossy(&encoded)),
     };
     assert_eq!(again, record, "decode(encode(record)) != record");
     assert_eq!(again.encode(), encoded, "encoding is not a fixed point");

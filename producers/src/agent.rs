@@ -36,10 +36,12 @@ impl SigningConfig {
     pub fn signer(&self) -> Result<Arc<dyn chorus_schemas::signature::Signer>, ProducerError> {
         Ok(match self {
             SigningConfig::KeyFile(path) => Arc::new(
-                chorus_schemas::signature::Ed25519FileSigner::load(path).map_err(|e| ProducerError::Signing(e.to_string()))?,
+                chorus_schemas::signature::Ed25519FileSigner::load(path)
+                    .map_err(|e| ProducerError::Signing(e.to_string()))?,
             ),
             SigningConfig::Pkcs11(config) => Arc::new(
-                chorus_schemas::signature::Pkcs11Signer::open(config).map_err(|e| ProducerError::Signing(e.to_string()))?,
+                chorus_schemas::signature::Pkcs11Signer::open(config)
+                    .map_err(|e| ProducerError::Signing(e.to_string()))?,
             ),
         })
     }
@@ -131,8 +133,8 @@ impl AgentConfig {
 
     /// Reads a YAML (or JSON) configuration file.
     pub fn load(path: &std::path::Path) -> Result<Self, ProducerError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ProducerError::Config(format!("{}: {e}", path.display())))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| ProducerError::Config(format!("{}: {e}", path.display())))?;
         let de = serde_yaml::Deserializer::from_str(&text);
         let config: AgentConfig = serde_path_to_error::deserialize(de)
             .map_err(|e| ProducerError::Config(format!("{}: {}: {}", path.display(), e.path(), e.inner())))?;
@@ -257,7 +259,10 @@ impl NodeAgent {
             match tokio::time::timeout(self.config.shutdown_drain, f).await {
                 Ok(Ok(r)) => r?,
                 Ok(Err(e)) => return Err(ProducerError::Other(format!("forwarder: {e}"))),
-                Err(_) => tracing::warn!(backlog = self.outbox.stats().backlog(), "outbox not drained at shutdown; kept for the next start"),
+                Err(_) => tracing::warn!(
+                    backlog = self.outbox.stats().backlog(),
+                    "outbox not drained at shutdown; kept for the next start"
+                ),
             }
         }
         Ok(())
@@ -269,7 +274,9 @@ impl NodeAgent {
 fn start_machines(config: &AgentConfig, emitter: &Arc<Emitter>) -> Vec<MachineHandle> {
     let Some(dir) = &config.machines_dir else { return Vec::new() };
     let mut dirs: Vec<PathBuf> = match std::fs::read_dir(dir) {
-        Ok(entries) => entries.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.join("machine.yaml").exists()).collect(),
+        Ok(entries) => {
+            entries.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.join("machine.yaml").exists()).collect()
+        }
         Err(e) => {
             tracing::error!(dir = %dir.display(), error = %e, "cannot read machines directory");
             return Vec::new();
@@ -317,7 +324,8 @@ mod signing_tests {
         let agent = NodeAgent::start(config).await.unwrap();
         agent.shutdown().await.unwrap();
 
-        let store = chorus_backbone::embedded::EmbeddedBackbone::open_path(dir.path().join("state").join("outbox")).unwrap();
+        let store =
+            chorus_backbone::embedded::EmbeddedBackbone::open_path(dir.path().join("state").join("outbox")).unwrap();
         let mut trusted = chorus_schemas::signature::Verifier::new();
         trusted.trust_signer(&signer).unwrap();
         let mut other = chorus_schemas::signature::Verifier::new();

@@ -13,10 +13,10 @@ pub mod aaa;
 pub mod agent;
 pub mod emitter;
 pub mod error;
-pub mod machine;
-pub mod rpc;
 pub mod lifecycle;
+pub mod machine;
 pub mod outbox;
+pub mod rpc;
 pub mod simulator;
 pub mod streams;
 

@@ -140,7 +140,12 @@ impl Outbox {
         tokio::spawn(async move { this.forward(site, batch.max(1), stop).await })
     }
 
-    async fn forward(&self, site: Arc<dyn Backbone>, batch: usize, mut stop: watch::Receiver<bool>) -> Result<(), ProducerError> {
+    async fn forward(
+        &self,
+        site: Arc<dyn Backbone>,
+        batch: usize,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<(), ProducerError> {
         let mut consumer = self.store.consumer(OUTBOX_STREAM, &forwarder_config()).await?;
         let mut backoff = Duration::from_millis(100);
         loop {
@@ -216,9 +221,10 @@ mod tests {
         let site = EmbeddedBackbone::open_path(dir.path().join("site")).unwrap();
         site.ensure_stream(&StreamConfig::new("SITE", vec![">".into()])).await.unwrap();
         {
-            let outbox = Outbox::open(EmbeddedBackbone::open_path(dir.path().join("outbox")).unwrap(), OutboxLimits::default())
-                .await
-                .unwrap();
+            let outbox =
+                Outbox::open(EmbeddedBackbone::open_path(dir.path().join("outbox")).unwrap(), OutboxLimits::default())
+                    .await
+                    .unwrap();
             let emitter = Emitter::new(Arc::new(outbox.clone()), outbox.next_producer_seq().await.unwrap(), None);
             for _ in 0..3 {
                 emitter.emit(Startup::new("n1.example.net", "server", "1.0.0")).await.unwrap();

@@ -201,8 +201,10 @@ impl Simulator {
         let c = &self.config;
         let interval = c.alive_interval.as_secs();
         let due: Vec<usize> = (0..self.nodes.len()).filter(|&i| self.nodes[i].slot == second).collect();
-        self.burst(due, |s, i| s.stamp(i, Alive::new(&*s.nodes[i].identity, &c.component, s.version_of(i), Some(interval))))
-            .await
+        self.burst(due, |s, i| {
+            s.stamp(i, Alive::new(&*s.nodes[i].identity, &c.component, s.version_of(i), Some(interval)))
+        })
+        .await
     }
 
     /// Every node sends its alive events on its slot until `stop` turns true.
@@ -228,8 +230,10 @@ impl Simulator {
     /// Every node shuts down.
     pub async fn shutdown_all(&self) -> Result<Burst, ProducerError> {
         let c = &self.config;
-        self.burst((0..self.nodes.len()).collect(), |s, i| s.stamp(i, Shutdown::new(&*s.nodes[i].identity, &c.component)))
-            .await
+        self.burst((0..self.nodes.len()).collect(), |s, i| {
+            s.stamp(i, Shutdown::new(&*s.nodes[i].identity, &c.component))
+        })
+        .await
     }
 }
 

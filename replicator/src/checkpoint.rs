@@ -36,12 +36,7 @@ impl Checkpoints {
 
     /// Last source sequence acknowledged by the target (0 = nothing yet).
     pub fn load(&self, key: &str) -> Result<u64> {
-        Ok(self
-            .tree
-            .get(key)?
-            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
-            .map(u64::from_be_bytes)
-            .unwrap_or(0))
+        Ok(self.tree.get(key)?.and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok()).map(u64::from_be_bytes).unwrap_or(0))
     }
 
     /// Records that everything up to `sequence` is in the target, durably.

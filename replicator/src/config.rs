@@ -151,7 +151,11 @@ impl ReplicatorConfig {
         for (i, link) in self.links.iter().enumerate() {
             let at = |field: &str| format!("links[{i}] ({}).{field}", link.name);
             if link.name.is_empty() || !link.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-                return Err(ReplicatorError::Config(format!("{}: {:?} must be letters, digits, '-' or '_'", at("name"), link.name)));
+                return Err(ReplicatorError::Config(format!(
+                    "{}: {:?} must be letters, digits, '-' or '_'",
+                    at("name"),
+                    link.name
+                )));
             }
             if !names.insert(&link.name) {
                 return Err(ReplicatorError::Config(format!("{}: duplicate link name", at("name"))));

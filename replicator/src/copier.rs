@@ -132,7 +132,13 @@ impl Copier {
 
     /// Replays the source from `next` and sends prepared batches; reopens the replay after a
     /// source failure from the first sequence not yet handed to the publisher.
-    async fn read(self: Arc<Self>, mut next: u64, mut sampler: Option<Sampler>, tx: mpsc::Sender<Batch>, mut stop: watch::Receiver<bool>) {
+    async fn read(
+        self: Arc<Self>,
+        mut next: u64,
+        mut sampler: Option<Sampler>,
+        tx: mpsc::Sender<Batch>,
+        mut stop: watch::Receiver<bool>,
+    ) {
         let mut backoff = Backoff::new(self.max_backoff);
         loop {
             let options = ReplayOptions {
@@ -169,14 +175,21 @@ impl Copier {
                         // (With subject filters the stream's last sequence says nothing about
                         // matching messages, so filtered links rely on replay errors alone.)
                         Ok(info) if self.filter_subjects.is_empty() && info.last_sequence >= next => {
-                            self.fail("source", format!("replay stalled before sequence {next} of {}; reopening", info.last_sequence));
+                            self.fail(
+                                "source",
+                                format!("replay stalled before sequence {next} of {}; reopening", info.last_sequence),
+                            );
                             break;
                         }
                         _ => continue,
                     },
                 };
                 let Some(items) = items else { break };
-                let mut batch = Batch { messages: Vec::with_capacity(items.len()), last_sequence: 0, last_time: Default::default() };
+                let mut batch = Batch {
+                    messages: Vec::with_capacity(items.len()),
+                    last_sequence: 0,
+                    last_time: Default::default(),
+                };
                 let mut failed = None;
                 for item in items {
                     match item {
@@ -245,7 +258,12 @@ impl Copier {
     /// Publishes batches in order, retrying each until the target stores it, then moves the
     /// checkpoint. Batches waiting in the channel are merged up to the batch size so a
     /// fast source meets few, large, pipelined publishes.
-    async fn publish(&self, mut rx: mpsc::Receiver<Batch>, acked: watch::Sender<(u64, i64)>, mut stop: watch::Receiver<bool>) {
+    async fn publish(
+        &self,
+        mut rx: mpsc::Receiver<Batch>,
+        acked: watch::Sender<(u64, i64)>,
+        mut stop: watch::Receiver<bool>,
+    ) {
         let labels = self.labels();
         loop {
             let first = tokio::select! {

@@ -22,9 +22,9 @@ mod copier;
 pub mod error;
 pub mod http;
 pub mod metrics;
+mod replicator;
 pub mod rewrite;
 pub mod sampling;
-mod replicator;
 
 pub use config::{EndpointConfig, LinkConfig, ReplicatorConfig, SamplingConfig, StreamLink};
 pub use error::ReplicatorError;

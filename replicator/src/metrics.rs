@@ -57,9 +57,22 @@ impl Default for Metrics {
         registry.register("skipped", "Events not copied, by reason (sampled, loop)", skipped.clone());
         registry.register("errors", "Failures, by side (source, target, checkpoint); each is retried", errors.clone());
         registry.register("lag_events", "Source messages not yet copied", lag_events.clone());
-        registry.register("lag_seconds", "Age of the newest copied event while behind; 0 when caught up", lag_seconds.clone());
+        registry.register(
+            "lag_seconds",
+            "Age of the newest copied event while behind; 0 when caught up",
+            lag_seconds.clone(),
+        );
         registry.register("checkpoint", "Last source sequence acknowledged by the target", checkpoint.clone());
-        Metrics { registry, copied, skipped, errors, lag_events, lag_seconds, checkpoint, health: Mutex::new(Vec::new()) }
+        Metrics {
+            registry,
+            copied,
+            skipped,
+            errors,
+            lag_events,
+            lag_seconds,
+            checkpoint,
+            health: Mutex::new(Vec::new()),
+        }
     }
 }
 

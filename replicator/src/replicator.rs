@@ -36,7 +36,12 @@ pub struct Replicator {
 impl Replicator {
     /// A replicator keeping its checkpoints in `state_dir`.
     pub fn new(state_dir: &std::path::Path) -> Result<Self> {
-        Ok(Replicator { checkpoints: Checkpoints::open(state_dir)?, metrics: Arc::new(Metrics::default()), links: Vec::new(), listen: None })
+        Ok(Replicator {
+            checkpoints: Checkpoints::open(state_dir)?,
+            metrics: Arc::new(Metrics::default()),
+            links: Vec::new(),
+            listen: None,
+        })
     }
 
     /// Validates `config` and connects every endpoint it names.

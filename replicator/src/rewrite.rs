@@ -126,7 +126,10 @@ mod tests {
     #[test]
     fn prefixes_and_wildcards() {
         let r = rule("choria.lifecycle.>", "sites.east.choria.lifecycle.>").unwrap();
-        assert_eq!(r.apply("choria.lifecycle.event.alive.server").as_deref(), Some("sites.east.choria.lifecycle.event.alive.server"));
+        assert_eq!(
+            r.apply("choria.lifecycle.event.alive.server").as_deref(),
+            Some("sites.east.choria.lifecycle.event.alive.server")
+        );
         assert_eq!(r.apply("choria.machine.transition"), None);
         assert_eq!(r.apply("choria.lifecycle"), None);
         let r = rule("chorus.audit.*.*", "chorus.audit.{{wildcard(1)}}.hub").unwrap();

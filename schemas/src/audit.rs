@@ -102,15 +102,11 @@ fn request_object<'de, D: Deserializer<'de>>(deserializer: D) -> Result<JsonObje
     match Either::deserialize(deserializer)? {
         Either::Object(o) => Ok(o),
         Either::Text(s) => {
-            let object = serde_json::from_str::<JsonObject>(&s).map_err(|e| {
-                serde::de::Error::custom(format_args!("request string is not a JSON object: {e}"))
-            })?;
+            let object = serde_json::from_str::<JsonObject>(&s)
+                .map_err(|e| serde::de::Error::custom(format_args!("request string is not a JSON object: {e}")))?;
             // Unwrapping the string moves its contents deeper into the document; cap the
             // nesting so the re-encoded event stays within the JSON parser's depth limit.
-            if object
-                .values()
-                .any(|v| nesting(v) > MAX_REQUEST_STRING_NESTING)
-            {
+            if object.values().any(|v| nesting(v) > MAX_REQUEST_STRING_NESTING) {
                 return Err(serde::de::Error::custom(format_args!(
                     "request string nests deeper than {MAX_REQUEST_STRING_NESTING} levels"
                 )));
@@ -140,8 +136,7 @@ mod tests {
     fn request_accepts_object_and_string() {
         let base = r#"{"protocol":"io.choria.signer.v1.signature_audit","callerid":"up=bob","action":"allow","site":"london","time":1713772800,"signer":"aaa1","request":"#;
         let a: AuditRecord = serde_json::from_str(&format!("{base}{{\"agent\":\"x\"}}}}")).unwrap();
-        let b: AuditRecord =
-            serde_json::from_str(&format!("{base}\"{{\\\"agent\\\":\\\"x\\\"}}\"}}")).unwrap();
+        let b: AuditRecord = serde_json::from_str(&format!("{base}\"{{\\\"agent\\\":\\\"x\\\"}}\"}}")).unwrap();
         assert_eq!(a, b);
         assert!(serde_json::from_str::<AuditRecord>(&format!("{base}\"[1]\"}}")).is_err());
         assert!(serde_json::from_str::<AuditRecord>(&format!("{base}7}}")).is_err());

@@ -23,9 +23,7 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::audit::AuditRecord;
-use crate::lifecycle::{
-    Alive, Governor, Lifecycle, LifecycleType, Provisioned, Shutdown, Startup, Upgraded,
-};
+use crate::lifecycle::{Alive, Governor, Lifecycle, LifecycleType, Provisioned, Shutdown, Startup, Upgraded};
 use crate::machine::{Transition, WatcherDetails, WatcherState};
 use crate::rpc::{RpcReply, RpcRequest};
 use crate::subject::SubjectError;
@@ -48,18 +46,8 @@ pub(crate) const SIGKEY: &str = "sigkey";
 /// Name of the signature extension attribute.
 pub(crate) const SIG: &str = "sig";
 /// Context attributes defined by CloudEvents 1.0 itself; everything else is an extension.
-const CORE_ATTRIBUTES: [&str; 10] = [
-    "specversion",
-    "id",
-    "type",
-    "source",
-    "datacontenttype",
-    "dataschema",
-    "subject",
-    "time",
-    "data",
-    "data_base64",
-];
+const CORE_ATTRIBUTES: [&str; 10] =
+    ["specversion", "id", "type", "source", "datacontenttype", "dataschema", "subject", "time", "data", "data_base64"];
 
 /// The broad family of an event, for routing and metrics without matching every type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -321,9 +309,7 @@ pub enum DecodeError {
         data_id: String,
     },
     /// The CloudEvents `subject` is not the node identity in the data.
-    #[error(
-        "CloudEvents subject \"{subject}\" does not match the event's node identity \"{identity}\""
-    )]
+    #[error("CloudEvents subject \"{subject}\" does not match the event's node identity \"{identity}\"")]
     SubjectMismatch {
         /// The CloudEvents subject.
         subject: String,
@@ -449,15 +435,11 @@ impl EventRecord {
             builder = builder.extension(SITE, site.as_str());
         }
         if let Some(signature) = &self.signature {
-            builder = builder
-                .extension(SIGKEY, signature.key_id.as_str())
-                .extension(SIG, signature.sig.as_str());
+            builder = builder.extension(SIGKEY, signature.key_id.as_str()).extension(SIG, signature.sig.as_str());
         }
         // build() fails only for a missing id/type/source or an empty source; all are set
         // and the source is a non-empty constant.
-        builder
-            .build()
-            .expect("all required CloudEvents attributes are set")
+        builder.build().expect("all required CloudEvents attributes are set")
     }
 
     /// Encodes as CloudEvents 1.0 structured-mode JSON. The output is deterministic (the same
@@ -508,13 +490,10 @@ impl EventRecord {
     #[doc(hidden)]
     pub fn decode_general(bytes: &[u8]) -> Result<Self, DecodeError> {
         if bytes.len() > MAX_EVENT_BYTES {
-            return Err(DecodeError::Oversize {
-                size: bytes.len(),
-                max: MAX_EVENT_BYTES,
-            });
+            return Err(DecodeError::Oversize { size: bytes.len(), max: MAX_EVENT_BYTES });
         }
-        let value: Value = serde_json::from_slice(bytes)
-            .map_err(|e| DecodeError::NotJson(clip(&e.to_string(), CLIP)))?;
+        let value: Value =
+            serde_json::from_slice(bytes).map_err(|e| DecodeError::NotJson(clip(&e.to_string(), CLIP)))?;
         Self::from_value(value)
     }
 
@@ -531,9 +510,7 @@ impl EventRecord {
             return decode_cloudevent(map);
         }
         match map.get("protocol") {
-            Some(Value::String(p))
-                if p.starts_with("io.choria.lifecycle") || p.starts_with("choria:lifecycle:") =>
-            {
+            Some(Value::String(p)) if p.starts_with("io.choria.lifecycle") || p.starts_with("choria:lifecycle:") => {
                 decode_legacy(map)
             }
             _ => Err(DecodeError::MissingAttribute("specversion")),
@@ -553,8 +530,7 @@ impl TryFrom<cloudevents::Event> for EventRecord {
     /// Applies the same checks as [`EventRecord::decode`] to an event received through a
     /// CloudEvents SDK binding.
     fn try_from(event: cloudevents::Event) -> Result<Self, DecodeError> {
-        let value = serde_json::to_value(&event)
-            .map_err(|e| DecodeError::NotJson(clip(&e.to_string(), CLIP)))?;
+        let value = serde_json::to_value(&event).map_err(|e| DecodeError::NotJson(clip(&e.to_string(), CLIP)))?;
         EventRecord::from_value(value)
     }
 }
@@ -725,10 +701,7 @@ impl Attributes for Map<String, Value> {
         match self.remove(name) {
             None | Some(Value::Null) => Ok(None),
             Some(Value::String(s)) => Ok(Some(s)),
-            Some(other) => Err(invalid(
-                name,
-                format!("must be a string, got {}", json_kind(&other)),
-            )),
+            Some(other) => Err(invalid(name, format!("must be a string, got {}", json_kind(&other)))),
         }
     }
 
@@ -744,10 +717,7 @@ impl Attributes for Map<String, Value> {
         match self.remove("data") {
             None | Some(Value::Null) => Err(DecodeError::MissingAttribute("data")),
             Some(data @ Value::Object(_)) => decode_data(known, &data),
-            Some(other) => Err(invalid(
-                "data",
-                format!("must be a JSON object, got {}", json_kind(&other)),
-            )),
+            Some(other) => Err(invalid("data", format!("must be a JSON object, got {}", json_kind(&other)))),
         }
     }
 }
@@ -792,10 +762,7 @@ fn decode_cloudevent(mut map: impl Attributes) -> Result<EventRecord, DecodeErro
     if specversion != "1.0" {
         return Err(invalid(
             "specversion",
-            format!(
-                "\"{}\" is not supported; expected \"1.0\"",
-                clip(&specversion, CLIP)
-            ),
+            format!("\"{}\" is not supported; expected \"1.0\"", clip(&specversion, CLIP)),
         ));
     }
     let id = required_string(&mut map, "id")?;
@@ -806,31 +773,17 @@ fn decode_cloudevent(mut map: impl Attributes) -> Result<EventRecord, DecodeErro
     if source != expected_source {
         return Err(invalid(
             "source",
-            format!(
-                "\"{}\" is not the source of {}; expected \"{expected_source}\"",
-                clip(&source, CLIP),
-                known.ty
-            ),
+            format!("\"{}\" is not the source of {}; expected \"{expected_source}\"", clip(&source, CLIP), known.ty),
         ));
     }
     if let Some(ct) = map.string("datacontenttype")? {
-        let media = ct
-            .split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase();
+        let media = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
         if media != "application/json" && media != "text/json" && !media.ends_with("+json") {
-            return Err(invalid(
-                "datacontenttype",
-                format!("\"{}\" is not JSON", clip(&ct, CLIP)),
-            ));
+            return Err(invalid("datacontenttype", format!("\"{}\" is not JSON", clip(&ct, CLIP))));
         }
     }
     let subject = map.string("subject")?;
-    let time = map.string("time")?
-        .map(|t| parse_time(&t))
-        .transpose()?;
+    let time = map.string("time")?.map(|t| parse_time(&t)).transpose()?;
     let seq = map.seq()?;
     let site = map.string(SITE)?;
     let signature = match (map.string(SIGKEY)?, map.string(SIG)?) {
@@ -848,18 +801,12 @@ fn decode_cloudevent(mut map: impl Attributes) -> Result<EventRecord, DecodeErro
         (None, Some(_)) => return Err(invalid(SIGKEY, "absent while `sig` is set; they go together".into())),
     };
     if map.has_data_base64() {
-        return Err(invalid(
-            "data_base64",
-            "binary data is not accepted; Chorus events carry JSON `data`".into(),
-        ));
+        return Err(invalid("data_base64", "binary data is not accepted; Chorus events carry JSON `data`".into()));
     }
     let event = map.data(known)?;
     if let Event::Lifecycle(l) = &event {
         if l.id() != id {
-            return Err(DecodeError::IdMismatch {
-                id: clip(&id, CLIP),
-                data_id: clip(l.id(), CLIP),
-            });
+            return Err(DecodeError::IdMismatch { id: clip(&id, CLIP), data_id: clip(l.id(), CLIP) });
         }
     }
     let subject = match subject {
@@ -875,25 +822,10 @@ fn decode_cloudevent(mut map: impl Attributes) -> Result<EventRecord, DecodeErro
     let time = match time {
         Some(t) => t,
         None => time_from_unix(event.timestamp()).ok_or_else(|| {
-            invalid(
-                "time",
-                format!(
-                    "absent, and the data timestamp {} is outside years 0000-9999",
-                    event.timestamp()
-                ),
-            )
+            invalid("time", format!("absent, and the data timestamp {} is outside years 0000-9999", event.timestamp()))
         })?,
     };
-    Ok(EventRecord {
-        id,
-        source,
-        subject,
-        time,
-        seq,
-        site,
-        signature,
-        data: event,
-    })
+    Ok(EventRecord { id, source, subject, time, seq, site, signature, data: event })
 }
 
 fn decode_legacy(map: Map<String, Value>) -> Result<EventRecord, DecodeError> {
@@ -901,12 +833,9 @@ fn decode_legacy(map: Map<String, Value>) -> Result<EventRecord, DecodeError> {
         Some(Value::String(p)) => p.clone(),
         _ => return Err(DecodeError::MissingAttribute("specversion")),
     };
-    let lifecycle_type = LifecycleType::from_protocol(&protocol)
-        .ok_or_else(|| DecodeError::UnknownType(clip(&protocol, CLIP)))?;
-    let known = Known {
-        ty: lifecycle_type.protocol(),
-        kind: EventKind::Lifecycle,
-    };
+    let lifecycle_type =
+        LifecycleType::from_protocol(&protocol).ok_or_else(|| DecodeError::UnknownType(clip(&protocol, CLIP)))?;
+    let known = Known { ty: lifecycle_type.protocol(), kind: EventKind::Lifecycle };
     let event = decode_data(known, &Value::Object(map))?;
     let time = time_from_unix(event.timestamp()).ok_or_else(|| DecodeError::InvalidData {
         ty: known.ty,
@@ -934,8 +863,7 @@ fn decode_data(known: Known, data: &(impl Document + ?Sized)) -> Result<Event, D
     let ty = known.ty;
     let mut event = match known.kind {
         EventKind::Lifecycle => {
-            let lifecycle_type = LifecycleType::from_protocol(ty)
-                .ok_or_else(|| DecodeError::UnknownType(ty.into()))?;
+            let lifecycle_type = LifecycleType::from_protocol(ty).ok_or_else(|| DecodeError::UnknownType(ty.into()))?;
             Event::Lifecycle(match lifecycle_type {
                 LifecycleType::Startup => Lifecycle::Startup(data.typed(ty)?),
                 LifecycleType::Alive => Lifecycle::Alive(data.typed(ty)?),
@@ -952,37 +880,22 @@ fn decode_data(known: Known, data: &(impl Document + ?Sized)) -> Result<Event, D
         EventKind::Audit => Event::Audit(data.typed(ty)?),
     };
 
-    let rule = |path: &str, message: String| DecodeError::InvalidData {
-        ty,
-        path: path.into(),
-        message,
-    };
+    let rule = |path: &str, message: String| DecodeError::InvalidData { ty, path: path.into(), message };
 
     // protocol must be the type; lifecycle also accepts Choria's legacy spelling of it.
     if event.protocol_field() != ty {
         match &mut event {
-            Event::Lifecycle(l)
-                if LifecycleType::from_protocol(l.protocol_field()) == Some(l.lifecycle_type()) =>
-            {
+            Event::Lifecycle(l) if LifecycleType::from_protocol(l.protocol_field()) == Some(l.lifecycle_type()) => {
                 *l.protocol_mut() = ty.to_owned();
             }
             other => {
-                return Err(DecodeError::TypeMismatch {
-                    ty,
-                    protocol: clip(other.protocol_field(), CLIP),
-                });
+                return Err(DecodeError::TypeMismatch { ty, protocol: clip(other.protocol_field(), CLIP) });
             }
         }
     }
     if let Event::Watcher(w) = &event {
         if w.details.protocol() != ty {
-            return Err(rule(
-                "type",
-                format!(
-                    "watcher type \"{}\" is not the type of {ty}",
-                    w.watcher_type()
-                ),
-            ));
+            return Err(rule("type", format!("watcher type \"{}\" is not the type of {ty}", w.watcher_type())));
         }
     }
     if event.identity().is_empty() {
@@ -1018,18 +931,13 @@ fn decode_watcher(ty: &'static str, data: &(impl Document + ?Sized)) -> Result<W
         watcher_type: String,
     }
     let common: Common = data.typed(ty)?;
-    let expected = ty
-        .strip_prefix("io.choria.machine.watcher.")
-        .and_then(|t| t.strip_suffix(".v1.state"))
-        .unwrap_or_default();
+    let expected =
+        ty.strip_prefix("io.choria.machine.watcher.").and_then(|t| t.strip_suffix(".v1.state")).unwrap_or_default();
     if common.watcher_type != expected {
         return Err(DecodeError::InvalidData {
             ty,
             path: "type".into(),
-            message: format!(
-                "watcher type \"{}\" is not the type of {ty}",
-                clip(&common.watcher_type, CLIP)
-            ),
+            message: format!("watcher type \"{}\" is not the type of {ty}", clip(&common.watcher_type, CLIP)),
         });
     }
     let details = match expected {
@@ -1096,43 +1004,24 @@ fn parse_seq(value: Option<Value>) -> Result<u64, DecodeError> {
     match value {
         None | Some(Value::Null) => Ok(0),
         Some(Value::Number(n)) => n.as_u64().ok_or_else(|| {
-            DecodeError::BadSeq(format!(
-                "{} is not an unsigned 64-bit integer",
-                clip(&n.to_string(), CLIP)
-            ))
+            DecodeError::BadSeq(format!("{} is not an unsigned 64-bit integer", clip(&n.to_string(), CLIP)))
         }),
         Some(Value::String(s)) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => {
-            s.parse::<u64>().map_err(|_| {
-                DecodeError::BadSeq(format!("\"{}\" does not fit in 64 bits", clip(&s, CLIP)))
-            })
+            s.parse::<u64>().map_err(|_| DecodeError::BadSeq(format!("\"{}\" does not fit in 64 bits", clip(&s, CLIP))))
         }
-        Some(Value::String(s)) => Err(DecodeError::BadSeq(format!(
-            "\"{}\" is not a decimal integer",
-            clip(&s, CLIP)
-        ))),
-        Some(other) => Err(DecodeError::BadSeq(format!(
-            "expected an integer, got {}",
-            json_kind(&other)
-        ))),
+        Some(Value::String(s)) => Err(DecodeError::BadSeq(format!("\"{}\" is not a decimal integer", clip(&s, CLIP)))),
+        Some(other) => Err(DecodeError::BadSeq(format!("expected an integer, got {}", json_kind(&other)))),
     }
 }
 
 fn parse_time(text: &str) -> Result<DateTime<Utc>, DecodeError> {
     let time = DateTime::parse_from_rfc3339(text)
-        .map_err(|e| {
-            invalid(
-                "time",
-                format!("\"{}\" is not an RFC 3339 timestamp: {e}", clip(text, CLIP)),
-            )
-        })?
+        .map_err(|e| invalid("time", format!("\"{}\" is not an RFC 3339 timestamp: {e}", clip(text, CLIP))))?
         .with_timezone(&Utc);
     // An offset can push a valid local time outside what RFC 3339 can write in UTC; such a
     // time could not be re-encoded, so it is refused here.
     if !representable(&time) {
-        return Err(invalid(
-            "time",
-            format!("\"{}\" is outside years 0000-9999 in UTC", clip(text, CLIP)),
-        ));
+        return Err(invalid("time", format!("\"{}\" is outside years 0000-9999 in UTC", clip(text, CLIP))));
     }
     Ok(time)
 }

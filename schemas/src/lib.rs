@@ -35,9 +35,7 @@ mod util;
 mod tests;
 
 pub use audit::{AuditAction, AuditRecord};
-pub use envelope::{
-    DecodeError, Event, EventKind, EventRecord, EventSignature, CONTENT_TYPE, MAX_EVENT_BYTES,
-};
+pub use envelope::{DecodeError, Event, EventKind, EventRecord, EventSignature, CONTENT_TYPE, MAX_EVENT_BYTES};
 pub use lifecycle::{Lifecycle, LifecycleType};
 pub use machine::{MachineInstance, Transition, WatcherDetails, WatcherState};
 pub use rpc::{RpcReply, RpcRequest, StatusCode};

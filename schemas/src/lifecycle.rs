@@ -72,11 +72,7 @@ impl LifecycleType {
     pub fn from_protocol(protocol: &str) -> Option<Self> {
         let name = protocol
             .strip_prefix("io.choria.lifecycle.v1.")
-            .or_else(|| {
-                protocol
-                    .strip_prefix("choria:lifecycle:")
-                    .and_then(|rest| rest.strip_suffix(":1"))
-            })?;
+            .or_else(|| protocol.strip_prefix("choria:lifecycle:").and_then(|rest| rest.strip_suffix(":1")))?;
         Self::ALL.into_iter().find(|t| t.as_str() == name)
     }
 }
@@ -131,16 +127,8 @@ macro_rules! lifecycle_doc {
 }
 
 /// Fills the base fields every constructor shares: a fresh UUIDv7 id and the current time.
-fn base(
-    identity: impl Into<String>,
-    component: impl Into<String>,
-) -> (String, String, String, i64) {
-    (
-        new_event_id(),
-        identity.into(),
-        component.into(),
-        now_unix(),
-    )
+fn base(identity: impl Into<String>, component: impl Into<String>) -> (String, String, String, i64) {
+    (new_event_id(), identity.into(), component.into(), now_unix())
 }
 
 lifecycle_doc! {
@@ -154,20 +142,9 @@ lifecycle_doc! {
 
 impl Startup {
     /// A startup event stamped now, with a fresh id.
-    pub fn new(
-        identity: impl Into<String>,
-        component: impl Into<String>,
-        version: impl Into<String>,
-    ) -> Self {
+    pub fn new(identity: impl Into<String>, component: impl Into<String>, version: impl Into<String>) -> Self {
         let (id, identity, component, timestamp) = base(identity, component);
-        Startup {
-            protocol: Self::PROTOCOL.into(),
-            id,
-            identity,
-            component,
-            timestamp,
-            version: version.into(),
-        }
+        Startup { protocol: Self::PROTOCOL.into(), id, identity, component, timestamp, version: version.into() }
     }
 }
 
@@ -194,15 +171,7 @@ impl Alive {
         interval: Option<u64>,
     ) -> Self {
         let (id, identity, component, timestamp) = base(identity, component);
-        Alive {
-            protocol: Self::PROTOCOL.into(),
-            id,
-            identity,
-            component,
-            timestamp,
-            version: version.into(),
-            interval,
-        }
+        Alive { protocol: Self::PROTOCOL.into(), id, identity, component, timestamp, version: version.into(), interval }
     }
 }
 
@@ -216,13 +185,7 @@ impl Shutdown {
     /// A shutdown event stamped now.
     pub fn new(identity: impl Into<String>, component: impl Into<String>) -> Self {
         let (id, identity, component, timestamp) = base(identity, component);
-        Shutdown {
-            protocol: Self::PROTOCOL.into(),
-            id,
-            identity,
-            component,
-            timestamp,
-        }
+        Shutdown { protocol: Self::PROTOCOL.into(), id, identity, component, timestamp }
     }
 }
 
@@ -236,13 +199,7 @@ impl Provisioned {
     /// A provisioned event stamped now.
     pub fn new(identity: impl Into<String>, component: impl Into<String>) -> Self {
         let (id, identity, component, timestamp) = base(identity, component);
-        Provisioned {
-            protocol: Self::PROTOCOL.into(),
-            id,
-            identity,
-            component,
-            timestamp,
-        }
+        Provisioned { protocol: Self::PROTOCOL.into(), id, identity, component, timestamp }
     }
 }
 

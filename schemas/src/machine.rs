@@ -108,11 +108,7 @@ impl WatcherState {
     pub const TYPES: [&'static str; 4] = ["exec", "file", "schedule", "timer"];
 
     /// The state of watcher `name` of `instance`, stamped now.
-    pub fn new(
-        instance: &MachineInstance,
-        name: impl Into<String>,
-        details: WatcherDetails,
-    ) -> Self {
+    pub fn new(instance: &MachineInstance, name: impl Into<String>, details: WatcherDetails) -> Self {
         WatcherState {
             protocol: details.protocol().into(),
             identity: instance.identity.clone(),

@@ -192,10 +192,7 @@ impl<'de> Deserialize<'de> for StatusCode {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let code = u64::deserialize(deserializer)?;
         StatusCode::from_code(code).ok_or_else(|| {
-            serde::de::Error::invalid_value(
-                serde::de::Unexpected::Unsigned(code),
-                &"a Choria status code 0..=5",
-            )
+            serde::de::Error::invalid_value(serde::de::Unexpected::Unsigned(code), &"a Choria status code 0..=5")
         })
     }
 }
@@ -257,12 +254,7 @@ impl RpcReply {
 
     /// An authorized reply from `identity` to `request`, produced now, with the code's
     /// default status message.
-    pub fn new(
-        request: &RpcRequest,
-        identity: impl Into<String>,
-        statuscode: StatusCode,
-        data: JsonObject,
-    ) -> Self {
+    pub fn new(request: &RpcRequest, identity: impl Into<String>, statuscode: StatusCode, data: JsonObject) -> Self {
         RpcReply {
             protocol: Self::PROTOCOL.into(),
             requestid: request.requestid.clone(),
@@ -282,11 +274,7 @@ impl RpcReply {
 
     /// The reply a node sends when its action policy refuses `request`: status Aborted with
     /// Choria's message, `authorized: false` and the policy's `reason`.
-    pub fn denied(
-        request: &RpcRequest,
-        identity: impl Into<String>,
-        reason: impl Into<String>,
-    ) -> Self {
+    pub fn denied(request: &RpcRequest, identity: impl Into<String>, reason: impl Into<String>) -> Self {
         let mut reply = RpcReply::new(request, identity, StatusCode::Aborted, JsonObject::new());
         reply.statusmsg = Self::DENIED_MESSAGE.into();
         reply.authorized = false;
@@ -305,10 +293,7 @@ mod tests {
             let s = StatusCode::from_code(c).unwrap();
             assert_eq!(u64::from(s.code()), c);
             assert_eq!(serde_json::to_string(&s).unwrap(), c.to_string());
-            assert_eq!(
-                serde_json::from_str::<StatusCode>(&c.to_string()).unwrap(),
-                s
-            );
+            assert_eq!(serde_json::from_str::<StatusCode>(&c.to_string()).unwrap(), s);
         }
         assert!(serde_json::from_str::<StatusCode>("6").is_err());
         assert!(serde_json::from_str::<StatusCode>("-1").is_err());
@@ -329,14 +314,7 @@ mod tests {
 
     #[test]
     fn denied_reply_carries_reason() {
-        let req = RpcRequest::new(
-            "up=bob",
-            "client1",
-            "choria",
-            "rpcutil",
-            "ping",
-            JsonObject::new(),
-        );
+        let req = RpcRequest::new("up=bob", "client1", "choria", "rpcutil", "ping", JsonObject::new());
         let r = RpcReply::denied(&req, "n1", "policy rpcutil.policy: deny *");
         assert!(!r.authorized);
         assert_eq!(r.statuscode, StatusCode::Aborted);

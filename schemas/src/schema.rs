@@ -31,15 +31,8 @@ pub const ENVELOPE_SCHEMA_FILE: &str = "envelope.json";
 /// Every schema as (file name, schema): one `<type>.json` per entry of [`Event::TYPES`], then
 /// `envelope.json`. This is exactly the content of `schemas/json/`.
 pub fn json_schemas() -> Vec<(String, Value)> {
-    let mut schemas: Vec<(String, Value)> = Event::TYPES
-        .iter()
-        .map(|ty| {
-            (
-                format!("{ty}.json"),
-                event_schema(ty).unwrap_or(Value::Null),
-            )
-        })
-        .collect();
+    let mut schemas: Vec<(String, Value)> =
+        Event::TYPES.iter().map(|ty| (format!("{ty}.json"), event_schema(ty).unwrap_or(Value::Null))).collect();
     schemas.push((ENVELOPE_SCHEMA_FILE.to_owned(), envelope_schema()));
     schemas
 }
@@ -71,14 +64,8 @@ pub fn event_schema(event_type: &str) -> Option<Value> {
     let map = schema.as_object_mut()?;
     let description = map.remove("description");
     let mut out = Map::new();
-    out.insert(
-        "$schema".into(),
-        map.remove("$schema").unwrap_or(Value::Null),
-    );
-    out.insert(
-        "$id".into(),
-        Value::String(format!("{SCHEMA_BASE_URL}{event_type}.json")),
-    );
+    out.insert("$schema".into(), map.remove("$schema").unwrap_or(Value::Null));
+    out.insert("$id".into(), Value::String(format!("{SCHEMA_BASE_URL}{event_type}.json")));
     out.insert("title".into(), Value::String(event_type.to_owned()));
     map.remove("title");
     if let Some(description) = description {
@@ -86,22 +73,14 @@ pub fn event_schema(event_type: &str) -> Option<Value> {
     }
     out.extend(std::mem::take(map));
     // The protocol field is a string in Rust but a constant on the wire.
-    let protocol = out
-        .get_mut("properties")?
-        .get_mut("protocol")?
-        .as_object_mut()?;
+    let protocol = out.get_mut("properties")?.get_mut("protocol")?.as_object_mut()?;
     protocol.insert("const".into(), Value::String(event_type.to_owned()));
     Some(Value::Object(out))
 }
 
 /// The schema of the CloudEvents envelope Chorus writes and accepts (structured mode, JSON).
 pub fn envelope_schema() -> Value {
-    let sources = [
-        lifecycle::SOURCE,
-        machine::SOURCE,
-        rpc::SOURCE,
-        audit::SOURCE,
-    ];
+    let sources = [lifecycle::SOURCE, machine::SOURCE, rpc::SOURCE, audit::SOURCE];
     let type_source_rules: Vec<Value> = Event::TYPES
         .iter()
         .map(|ty| {
@@ -174,30 +153,24 @@ fn narrow_watcher(schema: &mut Value, watcher_type: &str) -> Option<()> {
     let map = schema.as_object_mut()?;
     let variants = map.remove("oneOf")?;
     let defs = map.remove("$defs").unwrap_or(Value::Null);
-    let variant = variants.as_array()?.iter().find(|v| {
-        v.pointer("/properties/type/const").and_then(Value::as_str) == Some(watcher_type)
-    })?;
+    let variant = variants
+        .as_array()?
+        .iter()
+        .find(|v| v.pointer("/properties/type/const").and_then(Value::as_str) == Some(watcher_type))?;
     let details = match variant.get("$ref").and_then(Value::as_str) {
         Some(reference) => defs.get(reference.strip_prefix("#/$defs/")?)?.clone(),
         None => variant.clone(),
     };
 
     let properties = map.get_mut("properties")?.as_object_mut()?;
-    properties.insert(
-        "type".into(),
-        json!({ "description": "Watcher type.", "type": "string", "const": watcher_type }),
-    );
+    properties
+        .insert("type".into(), json!({ "description": "Watcher type.", "type": "string", "const": watcher_type }));
     for (name, property) in details.get("properties")?.as_object()? {
         properties.insert(name.clone(), property.clone());
     }
     let required = map.get_mut("required")?.as_array_mut()?;
     required.push(Value::String("type".into()));
-    for name in details
-        .get("required")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
+    for name in details.get("required").and_then(Value::as_array).into_iter().flatten() {
         required.push(name.clone());
     }
     Some(())

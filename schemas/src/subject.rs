@@ -105,11 +105,7 @@ pub fn validate_token(field: &'static str, token: &str) -> Result<(), SubjectErr
         return Err(SubjectError::Empty { field });
     }
     if token.len() > MAX_TOKEN_BYTES {
-        return Err(SubjectError::TooLong {
-            field,
-            len: token.len(),
-            max: MAX_TOKEN_BYTES,
-        });
+        return Err(SubjectError::TooLong { field, len: token.len(), max: MAX_TOKEN_BYTES });
     }
     let problem = token.chars().find_map(|c| match c {
         '.' => Some("'.'"),
@@ -120,11 +116,7 @@ pub fn validate_token(field: &'static str, token: &str) -> Result<(), SubjectErr
         _ => None,
     });
     match problem {
-        Some(problem) => Err(SubjectError::InvalidToken {
-            field,
-            token: token.to_owned(),
-            problem,
-        }),
+        Some(problem) => Err(SubjectError::InvalidToken { field, token: token.to_owned(), problem }),
         None => Ok(()),
     }
 }
@@ -203,27 +195,9 @@ mod tests {
     fn tokens_are_validated() {
         assert!(validate_token("component", "server").is_ok());
         assert!(validate_token("component", "provision_mode_server").is_ok());
-        assert_eq!(
-            validate_token("component", ""),
-            Err(SubjectError::Empty { field: "component" })
-        );
-        for bad in [
-            "web.prod",
-            "a*",
-            ">",
-            "a b",
-            "tab\t",
-            "nl\n",
-            "nul\0",
-            "nbsp\u{a0}",
-        ] {
-            assert!(
-                matches!(
-                    validate_token("component", bad),
-                    Err(SubjectError::InvalidToken { .. })
-                ),
-                "{bad:?}"
-            );
+        assert_eq!(validate_token("component", ""), Err(SubjectError::Empty { field: "component" }));
+        for bad in ["web.prod", "a*", ">", "a b", "tab\t", "nl\n", "nul\0", "nbsp\u{a0}"] {
+            assert!(matches!(validate_token("component", bad), Err(SubjectError::InvalidToken { .. })), "{bad:?}");
         }
         assert!(matches!(
             validate_token("component", &"x".repeat(MAX_TOKEN_BYTES + 1)),
@@ -233,26 +207,11 @@ mod tests {
 
     #[test]
     fn subjects_follow_the_scheme() {
-        assert_eq!(
-            lifecycle(LifecycleType::Alive, "server").unwrap(),
-            "choria.lifecycle.event.alive.server"
-        );
-        assert_eq!(
-            watcher("exec").unwrap(),
-            "choria.machine.watcher.exec.state"
-        );
-        assert_eq!(
-            rpc_request("choria", "rpcutil").unwrap(),
-            "chorus.rpc.request.choria.rpcutil"
-        );
-        assert_eq!(
-            rpc_reply("choria", "rpcutil").unwrap(),
-            "chorus.rpc.reply.choria.rpcutil"
-        );
-        assert_eq!(
-            audit(AuditAction::Deny, "london").unwrap(),
-            "chorus.audit.deny.london"
-        );
+        assert_eq!(lifecycle(LifecycleType::Alive, "server").unwrap(), "choria.lifecycle.event.alive.server");
+        assert_eq!(watcher("exec").unwrap(), "choria.machine.watcher.exec.state");
+        assert_eq!(rpc_request("choria", "rpcutil").unwrap(), "chorus.rpc.request.choria.rpcutil");
+        assert_eq!(rpc_reply("choria", "rpcutil").unwrap(), "chorus.rpc.reply.choria.rpcutil");
+        assert_eq!(audit(AuditAction::Deny, "london").unwrap(), "chorus.audit.deny.london");
         assert_eq!(deadletter("tally").unwrap(), "chorus.deadletter.tally");
         assert!(lifecycle(LifecycleType::Startup, "a.b").is_err());
         assert!(rpc_request("choria", "").is_err());
@@ -282,27 +241,12 @@ mod tests {
 
     #[test]
     fn filter_matching() {
-        assert!(matches(
-            "choria.lifecycle.event.alive.*",
-            "choria.lifecycle.event.alive.server"
-        ));
-        assert!(matches(
-            "choria.lifecycle.event.*.server",
-            "choria.lifecycle.event.startup.server"
-        ));
-        assert!(!matches(
-            "choria.lifecycle.event.*.server",
-            "choria.lifecycle.event.startup.provisioner"
-        ));
-        assert!(matches(
-            "choria.lifecycle.>",
-            "choria.lifecycle.event.startup.server"
-        ));
+        assert!(matches("choria.lifecycle.event.alive.*", "choria.lifecycle.event.alive.server"));
+        assert!(matches("choria.lifecycle.event.*.server", "choria.lifecycle.event.startup.server"));
+        assert!(!matches("choria.lifecycle.event.*.server", "choria.lifecycle.event.startup.provisioner"));
+        assert!(matches("choria.lifecycle.>", "choria.lifecycle.event.startup.server"));
         assert!(!matches("choria.lifecycle.>", "choria.lifecycle"));
-        assert!(!matches(
-            "choria.machine.transition",
-            "choria.machine.transition.x"
-        ));
+        assert!(!matches("choria.machine.transition", "choria.machine.transition.x"));
         assert!(matches("chorus.audit.deny.*", "chorus.audit.deny.london"));
     }
 }

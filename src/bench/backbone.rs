@@ -77,12 +77,27 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         eprintln!("round {} done", round + 1);
     }
     let n = events.len();
-    let raw_pub = Row { name: "raw async-nats JetStream publish".into(), events: n, took: median(raw_pub), baseline: None };
-    let raw_con = Row { name: "raw async-nats pull consume + ack".into(), events: n, took: median(raw_con), baseline: None };
-    let chorus_pub = Row { name: "chorus JetStream publish_batch".into(), events: n, took: median(chorus_pub), baseline: Some(raw_pub.rate()) };
-    let chorus_con = Row { name: "chorus JetStream consumer fetch + ack".into(), events: n, took: median(chorus_con), baseline: Some(raw_con.rate()) };
+    let raw_pub =
+        Row { name: "raw async-nats JetStream publish".into(), events: n, took: median(raw_pub), baseline: None };
+    let raw_con =
+        Row { name: "raw async-nats pull consume + ack".into(), events: n, took: median(raw_con), baseline: None };
+    let chorus_pub = Row {
+        name: "chorus JetStream publish_batch".into(),
+        events: n,
+        took: median(chorus_pub),
+        baseline: Some(raw_pub.rate()),
+    };
+    let chorus_con = Row {
+        name: "chorus JetStream consumer fetch + ack".into(),
+        events: n,
+        took: median(chorus_con),
+        baseline: Some(raw_con.rate()),
+    };
     print_table(
-        &format!("JetStream: Chorus vs raw async-nats (same server, same payloads, median of {} rounds)", args.common.rounds.max(1)),
+        &format!(
+            "JetStream: Chorus vs raw async-nats (same server, same payloads, median of {} rounds)",
+            args.common.rounds.max(1)
+        ),
         &[raw_pub, chorus_pub, raw_con, chorus_con],
     );
 
@@ -91,7 +106,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let embedded: Arc<dyn Backbone> = Arc::new(EmbeddedBackbone::open_path(dir.path().join("bench"))?);
         embedded.ensure_stream(&StreamConfig::new("EMBEDDED_BENCH", vec!["embeddedbench.>".into()])).await?;
         let (pub_row, con_row) =
-            publish_consume(&embedded, "EMBEDDED_BENCH", "embeddedbench.event", &events, &args, args.publishers).await?;
+            publish_consume(&embedded, "EMBEDDED_BENCH", "embeddedbench.event", &events, &args, args.publishers)
+                .await?;
         let started = Instant::now();
         let mut replay = embedded.replay("EMBEDDED_BENCH", Default::default()).await?;
         let mut n = 0;
@@ -122,8 +138,7 @@ async fn publish_consume(
     args: &Args,
     publishers: usize,
 ) -> anyhow::Result<(Row, Row)> {
-    let messages: Vec<Message> =
-        events.iter().map(|(id, p)| Message::new(id.clone(), subject, p.clone())).collect();
+    let messages: Vec<Message> = events.iter().map(|(id, p)| Message::new(id.clone(), subject, p.clone())).collect();
     let per = messages.len().div_ceil(publishers.max(1));
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -168,9 +183,8 @@ fn median(mut v: Vec<Duration>) -> Duration {
 /// A durable pull consumer acknowledging every message.
 async fn raw_consume(js: &jetstream::Context, n: usize, batch: usize) -> anyhow::Result<Duration> {
     let stream = js.get_stream("RAW_BENCH").await?;
-    let consumer = stream
-        .create_consumer(pull::Config { durable_name: Some("raw".into()), ..Default::default() })
-        .await?;
+    let consumer =
+        stream.create_consumer(pull::Config { durable_name: Some("raw".into()), ..Default::default() }).await?;
     let started = Instant::now();
     let mut msgs = consumer.stream().max_messages_per_batch(batch).messages().await?;
     for _ in 0..n {

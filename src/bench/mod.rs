@@ -112,7 +112,9 @@ pub async fn raw_publish(
             let f: jetstream::context::PublishAckFuture = inflight.pop_front().unwrap();
             f.await?;
         }
-        inflight.push_back(js.send_publish(target.clone(), PublishMessage::build().message_id(id).payload(payload.clone())).await?);
+        inflight.push_back(
+            js.send_publish(target.clone(), PublishMessage::build().message_id(id).payload(payload.clone())).await?,
+        );
     }
     for f in inflight {
         f.await?;

@@ -49,7 +49,8 @@ struct Measured {
 const SOURCE: &str = "BENCH_SRC";
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let sites = chorus_tests::nats::LeafnodeSites::start_named(&["site".into()], &["bench.>"]).context("starting hub and site")?;
+    let sites = chorus_tests::nats::LeafnodeSites::start_named(&["site".into()], &["bench.>"])
+        .context("starting hub and site")?;
     sites.wait_connected(Duration::from_secs(10))?;
     let (hub_url, site_url) = (sites.hub.url(), sites.sites[0].url());
     let site: Arc<dyn Backbone> = Arc::new(JetStreamBackbone::connect(&NatsConfig::from_url_list(&site_url)).await?);
@@ -119,12 +120,22 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     // The naive copier.
     {
         let hub_js = jetstream::new(async_nats::connect(&hub_url).await?);
-        hub_js.create_stream(stream::Config { name: "NAIVE".into(), subjects: vec!["bench.naive.>".into()], ..Default::default() }).await?;
+        hub_js
+            .create_stream(stream::Config {
+                name: "NAIVE".into(),
+                subjects: vec!["bench.naive.>".into()],
+                ..Default::default()
+            })
+            .await?;
         let site_js = jetstream::new(async_nats::connect(&site_url).await?);
         let consumer = site_js
             .get_stream(SOURCE)
             .await?
-            .create_consumer(pull::Config { durable_name: Some("naive".into()), ack_policy: jetstream::consumer::AckPolicy::Explicit, ..Default::default() })
+            .create_consumer(pull::Config {
+                durable_name: Some("naive".into()),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ..Default::default()
+            })
             .await?;
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
         let started = Instant::now();
@@ -162,7 +173,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let unacked = {
         let client = async_nats::connect(&hub_url).await?;
         let js = jetstream::new(client.clone());
-        js.create_stream(stream::Config { name: "UNACKED".into(), subjects: vec!["bench.unacked.>".into()], ..Default::default() }).await?;
+        js.create_stream(stream::Config {
+            name: "UNACKED".into(),
+            subjects: vec!["bench.unacked.>".into()],
+            ..Default::default()
+        })
+        .await?;
         let started = Instant::now();
         for (id, payload) in &events[..args.events] {
             let mut headers = async_nats::HeaderMap::new();
@@ -180,7 +196,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     println!("| copier | backlog events | seconds | events/s | live burst lag (s) |");
     println!("|---|---:|---:|---:|---:|");
     for m in &results {
-        println!("| {} | {} | {:.3} | {:.0} | {:.3} |", m.name, args.events, m.backlog.as_secs_f64(), rate(m), m.live_lag.as_secs_f64());
+        println!(
+            "| {} | {} | {:.3} | {:.0} | {:.3} |",
+            m.name,
+            args.events,
+            m.backlog.as_secs_f64(),
+            rate(m),
+            m.live_lag.as_secs_f64()
+        );
     }
     let ceiling_rate = super::rate(args.events, ceiling);
     println!(
@@ -208,7 +231,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
 /// Publishes `burst` to the site at full speed, then returns how long after the last
 /// publish was acknowledged the target held `before + burst.len()` messages.
-async fn live_burst(site: &dyn Backbone, hub: &dyn Backbone, target: &str, burst: Vec<Message>, before: u64) -> anyhow::Result<Duration> {
+async fn live_burst(
+    site: &dyn Backbone,
+    hub: &dyn Backbone,
+    target: &str,
+    burst: Vec<Message>,
+    before: u64,
+) -> anyhow::Result<Duration> {
     let n = burst.len() as u64;
     for chunk in burst.chunks(2_000) {
         site.publish_batch(chunk.to_vec()).await?;
@@ -229,4 +258,3 @@ async fn wait_count(b: &dyn Backbone, stream: &str, n: u64) -> anyhow::Result<()
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
-

@@ -167,7 +167,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         eprintln!("round {} done", round + 1);
     }
     let n = n as usize;
-    let raw = Row { name: "raw async-nats ordered consumer (read and drop)".into(), events: n, took: median(raw), baseline: None };
+    let raw = Row {
+        name: "raw async-nats ordered consumer (read and drop)".into(),
+        events: n,
+        took: median(raw),
+        baseline: None,
+    };
     let replay = Row {
         name: "chorus backbone replay (read and drop)".into(),
         events: n,
@@ -194,7 +199,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     };
     let ratio = proj.rate() / raw.rate();
     print_table(
-        &format!("Inventory projection vs raw consume on JetStream (same stream, median of {} rounds)", args.common.rounds.max(1)),
+        &format!(
+            "Inventory projection vs raw consume on JetStream (same stream, median of {} rounds)",
+            args.common.rounds.max(1)
+        ),
         &[raw, replay, decoded, noop, proj],
     );
     println!(
@@ -215,11 +223,21 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             read += 1;
         }
         anyhow::ensure!(read == n, "embedded replay read {read} of {n}");
-        let raw = Row { name: "embedded replay (read and drop)".into(), events: n, took: started.elapsed(), baseline: None };
+        let raw =
+            Row { name: "embedded replay (read and drop)".into(), events: n, took: started.elapsed(), baseline: None };
         let (took, stats) = project(&embedded, &args, nodes).await?;
-        let proj = Row { name: "chorus inventory projection from the embedded store".into(), events: n, took, baseline: Some(raw.rate()) };
+        let proj = Row {
+            name: "chorus inventory projection from the embedded store".into(),
+            events: n,
+            took,
+            baseline: Some(raw.rate()),
+        };
         print_table("Inventory projection from the embedded store (sled)", &[raw, proj]);
-        println!("\n{} commits, {:.0} events per commit on average", stats.batches, n as f64 / stats.batches.max(1) as f64);
+        println!(
+            "\n{} commits, {:.0} events per commit on average",
+            stats.batches,
+            n as f64 / stats.batches.max(1) as f64
+        );
     }
     Ok(())
 }

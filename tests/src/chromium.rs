@@ -11,7 +11,8 @@ use crate::{HarnessError, Result};
 
 /// The Chromium binary: `$CHORUS_CHROMIUM`, or Debian's `/usr/bin/chromium`.
 pub fn chromium_binary() -> Result<PathBuf> {
-    let path = std::env::var_os("CHORUS_CHROMIUM").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"));
+    let path =
+        std::env::var_os("CHORUS_CHROMIUM").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"));
     if path.exists() {
         Ok(path)
     } else {
@@ -25,7 +26,8 @@ pub fn chromium_binary() -> Result<PathBuf> {
 /// Loads `url` in headless Chromium, runs its scripts for `budget` of virtual time, and
 /// returns the serialized DOM.
 pub fn dump_dom(url: &str, budget: Duration) -> Result<String> {
-    let profile = tempfile::tempdir().map_err(|source| HarnessError::Io { context: "chromium profile dir".into(), source })?;
+    let profile =
+        tempfile::tempdir().map_err(|source| HarnessError::Io { context: "chromium profile dir".into(), source })?;
     let output = Command::new(chromium_binary()?)
         .args([
             "--headless",

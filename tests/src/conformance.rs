@@ -52,7 +52,13 @@ pub fn stream_config(stream: &str, replicas: usize) -> StreamConfig {
 /// `n` messages `<prefix>-<i>` on `<stream>.<leaf>`.
 pub fn messages(stream: &str, leaf: &str, prefix: &str, range: std::ops::Range<usize>) -> Vec<Message> {
     range
-        .map(|i| Message::new(format!("{prefix}-{i}"), subject_of(stream, leaf), format!("payload {prefix} {i}").into_bytes()))
+        .map(|i| {
+            Message::new(
+                format!("{prefix}-{i}"),
+                subject_of(stream, leaf),
+                format!("payload {prefix} {i}").into_bytes(),
+            )
+        })
         .collect()
 }
 
@@ -106,7 +112,11 @@ async fn dedupe_by_event_id(b: Arc<dyn Backbone>, stream: String, replicas: usiz
     assert!(again.duplicate, "second publish of the same id is reported as a duplicate");
     assert_eq!(again.sequence, first.sequence, "a duplicate reports the original's sequence");
     // Within one batch too, and mixed with new ids.
-    let batch = vec![m.clone(), Message::new("evt-2", subject_of(&stream, "a"), &b"two"[..]), Message::new("evt-2", subject_of(&stream, "a"), &b"two"[..])];
+    let batch = vec![
+        m.clone(),
+        Message::new("evt-2", subject_of(&stream, "a"), &b"two"[..]),
+        Message::new("evt-2", subject_of(&stream, "a"), &b"two"[..]),
+    ];
     let acks = b.publish_batch(batch).await.unwrap();
     assert_eq!(acks.iter().map(|a| a.duplicate).collect::<Vec<_>>(), vec![true, false, true]);
     let info = b.stream_info(&stream).await.unwrap();
@@ -294,7 +304,8 @@ async fn replay_from_sequence_and_time(b: Arc<dyn Backbone>, stream: String, rep
     let from_time = collect(ReplayOptions { start: StartPosition::Time(between), ..Default::default() }).await;
     assert_eq!(from_time.len(), 50, "replay from a time starts at the first message stored after it");
     assert!(from_time.iter().all(|m| m.id.starts_with("late-")));
-    let filtered = collect(ReplayOptions { filter_subjects: vec![subject_of(&stream, "a")], ..Default::default() }).await;
+    let filtered =
+        collect(ReplayOptions { filter_subjects: vec![subject_of(&stream, "a")], ..Default::default() }).await;
     assert_eq!(filtered.len(), 50);
     assert!(filtered.iter().all(|m| m.id.starts_with("early-")));
     let past_end = collect(ReplayOptions { start: StartPosition::Sequence(1000), ..Default::default() }).await;
@@ -313,7 +324,8 @@ async fn replay_follows_new_messages(b: Arc<dyn Backbone>, stream: String, repli
     }
     b.publish_batch(messages(&stream, "a", "new", 0..3)).await.unwrap();
     for i in 0..3 {
-        let m = tokio::time::timeout(Duration::from_secs(10), r.next()).await.expect("follow delivers").unwrap().unwrap();
+        let m =
+            tokio::time::timeout(Duration::from_secs(10), r.next()).await.expect("follow delivers").unwrap().unwrap();
         assert_eq!(m.id, format!("new-{i}"));
     }
 }
@@ -333,9 +345,8 @@ async fn retention_limits(b: Arc<dyn Backbone>, stream: String, replicas: usize)
     let mut cfg = stream_config(&other, replicas);
     cfg.max_bytes = 2_000;
     b.ensure_stream(&cfg).await.unwrap();
-    let big: Vec<Message> = (0..20)
-        .map(|i| Message::new(format!("big-{i}"), subject_of(&other, "a"), vec![b'x'; 300]))
-        .collect();
+    let big: Vec<Message> =
+        (0..20).map(|i| Message::new(format!("big-{i}"), subject_of(&other, "a"), vec![b'x'; 300])).collect();
     b.publish_batch(big).await.unwrap();
     let info = b.stream_info(&other).await.unwrap();
     assert!(info.bytes <= 2_000, "max_bytes holds: {}", info.bytes);
@@ -391,10 +402,7 @@ async fn concurrent_publishers(b: Arc<dyn Backbone>, stream: String, replicas: u
         tasks.push(tokio::spawn(async move {
             let mut seqs = Vec::new();
             for chunk in 0..10 {
-                let acks = b
-                    .publish_batch(messages(&stream, "a", &format!("p{p}c{chunk}"), 0..100))
-                    .await
-                    .unwrap();
+                let acks = b.publish_batch(messages(&stream, "a", &format!("p{p}c{chunk}"), 0..100)).await.unwrap();
                 seqs.extend(acks.into_iter().map(|a| a.sequence));
             }
             seqs

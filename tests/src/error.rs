@@ -44,9 +44,7 @@ pub enum HarnessError {
     },
 
     /// The server process exited before it became ready.
-    #[error(
-        "nats-server `{server}` exited with {status} before it was ready; log tail:\n{log_tail}"
-    )]
+    #[error("nats-server `{server}` exited with {status} before it was ready; log tail:\n{log_tail}")]
     Exited {
         /// The server's name.
         server: String,
@@ -117,9 +115,6 @@ impl HarnessError {
     }
 
     pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Self {
-        HarnessError::Io {
-            context: context.into(),
-            source,
-        }
+        HarnessError::Io { context: context.into(), source }
     }
 }

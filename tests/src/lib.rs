@@ -24,10 +24,10 @@
 //! # Ok::<(), chorus_tests::HarnessError>(())
 //! ```
 
-mod error;
-pub mod conformance;
 pub mod child;
 pub mod chromium;
+pub mod conformance;
+mod error;
 pub mod nats;
 pub mod pki;
 pub mod rsyslog;

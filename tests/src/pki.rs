@@ -17,7 +17,9 @@ pub struct Pki {
 /// certificate for `client` (DNS name and common name), into `dir`. Panics on failure: it is
 /// test setup.
 pub fn generate(dir: &Path, client: &str) -> Pki {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    };
     let write = |name: &str, text: String| {
         let p = dir.join(name);
         std::fs::write(&p, text).expect("writing a PEM file");
@@ -40,7 +42,8 @@ pub fn generate(dir: &Path, client: &str) -> Pki {
         let cert = p.signed_by(&key, &issuer).expect("leaf certificate");
         (cert.pem(), key.serialize_pem())
     };
-    let (server_cert, server_key) = leaf(vec!["localhost".into(), "127.0.0.1".into()], "localhost", ExtendedKeyUsagePurpose::ServerAuth);
+    let (server_cert, server_key) =
+        leaf(vec!["localhost".into(), "127.0.0.1".into()], "localhost", ExtendedKeyUsagePurpose::ServerAuth);
     let cn = client.split('.').next().unwrap_or(client);
     let (client_cert, client_key) = leaf(vec![client.into()], cn, ExtendedKeyUsagePurpose::ClientAuth);
     Pki {

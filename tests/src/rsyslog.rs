@@ -41,7 +41,8 @@ pub fn rsyslogd_binary() -> Result<PathBuf> {
             Err(HarnessError::Rsyslog(format!("{RSYSLOGD_ENV}={} is not a file", p.display())))
         };
     }
-    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
+    let mut dirs: Vec<PathBuf> =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
     dirs.extend(FALLBACK_DIRS.iter().map(PathBuf::from));
     dirs.into_iter().map(|d| d.join("rsyslogd")).find(|p| p.is_file()).ok_or_else(|| {
         HarnessError::Rsyslog(format!(
@@ -313,7 +314,10 @@ impl Rsyslog {
             }
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
                 self.child = None;
-                return Err(HarnessError::Rsyslog(format!("exited with {status} before it listened\n{}", self.log_tail(40))));
+                return Err(HarnessError::Rsyslog(format!(
+                    "exited with {status} before it listened\n{}",
+                    self.log_tail(40)
+                )));
             }
             let announced = internal.lines().any(|l| l.contains(&started) && l.contains("] start"));
             if announced && TcpStream::connect_timeout(&address, Duration::from_millis(200)).is_ok() {

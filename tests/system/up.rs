@@ -29,11 +29,7 @@ fn up_fills_the_dashboard(nats: Option<&str>) {
     if let Some(url) = nats {
         command.args(["--nats", url]);
     }
-    let mut child = command
-        .env("CHORUS_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn chorus up");
+    let mut child = command.env("CHORUS_LOG", "warn").stdout(Stdio::piped()).spawn().expect("spawn chorus up");
     let stdout = BufReader::new(child.stdout.take().unwrap());
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -43,7 +39,9 @@ fn up_fills_the_dashboard(nats: Option<&str>) {
     });
     let mut printed = Vec::new();
     let url = loop {
-        let line = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| panic!("no dashboard URL printed: {printed:?}"));
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("no dashboard URL printed: {printed:?}"));
         if let Some(url) = line.strip_prefix("Dashboard: ") {
             break url.trim().to_string();
         }
@@ -53,7 +51,9 @@ fn up_fills_the_dashboard(nats: Option<&str>) {
 
     let (dom, ok) = wait_for_dom(&url, Duration::from_secs(60), |dom| {
         // 400 nodes and the 50 new nodes (provisioning mode) `chorus up` starts by default.
-        dom.contains(r#"id="total">450<"#) && dom.contains(r#"id="status-alive">450<"#) && dom.matches(r#"class="bar""#).count() >= 6
+        dom.contains(r#"id="total">450<"#)
+            && dom.contains(r#"id="status-alive">450<"#)
+            && dom.matches(r#"class="bar""#).count() >= 6
     })
     .expect("chromium runs");
     assert!(ok, "the dashboard never showed 450 alive nodes in 3+ versions of 2 components:\n{dom}");

@@ -16,7 +16,9 @@ use chorus_backbone::Backbone;
 use chorus_producers::aaa::{self, AaaClient, AaaConfig, AaaError, AaaSigner, RunningAaa};
 use chorus_producers::emitter::BackboneSink;
 use chorus_producers::rpc::agents::RpcUtil;
-use chorus_producers::rpc::{NatsTransport, NodeContext, RequestOptions, RpcClient, RpcServer, ServerOptions, Transport};
+use chorus_producers::rpc::{
+    NatsTransport, NodeContext, RequestOptions, RpcClient, RpcServer, ServerOptions, Transport,
+};
 use chorus_producers::streams::{ensure_platform_streams, StreamLimits};
 use chorus_producers::Emitter;
 use chorus_schemas::signature::{parse_public_key, Verifier};
@@ -173,7 +175,8 @@ async fn wrong_tenant_is_refused_and_audited() {
     let jti = aaa.running.service.tokens().verify(&alice.token).unwrap().jti;
 
     // alice (acme) addressing globex's collective, even with an agent she may call.
-    let code = refused_code(aaa.client.sign(&alice.token, &request("up=alice", "globex", "rpcutil", "ping")).await, 403);
+    let code =
+        refused_code(aaa.client.sign(&alice.token, &request("up=alice", "globex", "rpcutil", "ping")).await, 403);
     assert_eq!(code, "wrong_tenant");
     // Pretending to be gina does not help: the caller must be the token's.
     let code = refused_code(aaa.client.sign(&alice.token, &request("up=gina", "globex", "rpcutil", "ping")).await, 403);
@@ -185,7 +188,10 @@ async fn wrong_tenant_is_refused_and_audited() {
     assert_eq!(subject, "chorus.audit.deny.london");
     assert_eq!(wrong.action, AuditAction::Deny);
     let reason = wrong.reason.as_deref().unwrap();
-    assert!(reason.starts_with("wrong tenant") && reason.contains("\"globex\"") && reason.contains("\"acme\""), "{reason}");
+    assert!(
+        reason.starts_with("wrong tenant") && reason.contains("\"globex\"") && reason.contains("\"acme\""),
+        "{reason}"
+    );
     assert_eq!(wrong.jti.as_deref(), Some(jti.as_str()));
     assert!(records[2].1.reason.as_deref().unwrap().contains("does not match the token"), "{:?}", records[2].1.reason);
     aaa.running.shutdown(Duration::from_secs(5)).await.unwrap();
@@ -206,7 +212,8 @@ async fn request_outside_the_tokens_agents_is_refused_and_audited() {
     aaa.client.sign(&alice.token, &request("up=alice", "acme", "puppet", "status")).await.unwrap();
 
     let records = audit_records(&*b).await;
-    let decisions: Vec<(AuditAction, Option<&str>)> = records.iter().map(|(_, r)| (r.action, r.reason.as_deref())).collect();
+    let decisions: Vec<(AuditAction, Option<&str>)> =
+        records.iter().map(|(_, r)| (r.action, r.reason.as_deref())).collect();
     assert_eq!(
         decisions,
         [
@@ -263,7 +270,8 @@ tenants:
     std::fs::create_dir_all(&policies).unwrap();
     std::fs::write(policies.join("rpcutil.policy"), "policy default deny\nallow\t*\t*\t*\t*\n").unwrap();
     let agent_conn = as_user("acme-agent").connect(None).await.unwrap();
-    let node_site: Arc<dyn Backbone> = Arc::new(JetStreamBackbone::from_client(agent_conn.clone(), &as_user("acme-agent")));
+    let node_site: Arc<dyn Backbone> =
+        Arc::new(JetStreamBackbone::from_client(agent_conn.clone(), &as_user("acme-agent")));
     let emitter = Arc::new(Emitter::new(Arc::new(BackboneSink(node_site)), 1, Some("london".into())));
     let options = ServerOptions { verifier: Some(Arc::new(verifier)), ..Default::default() };
     let node_transport: Arc<dyn Transport> = Arc::new(NatsTransport::new(agent_conn));
@@ -298,7 +306,13 @@ tenants:
     let records = audit_records(&*admin).await;
     let decisions: Vec<(AuditAction, &str, &str)> = records
         .iter()
-        .map(|(_, r)| (r.action, r.request.get("agent").and_then(|v| v.as_str()).unwrap_or("-"), r.reason.as_deref().unwrap_or("")))
+        .map(|(_, r)| {
+            (
+                r.action,
+                r.request.get("agent").and_then(|v| v.as_str()).unwrap_or("-"),
+                r.reason.as_deref().unwrap_or(""),
+            )
+        })
         .collect();
     assert_eq!(records.len(), 3, "{decisions:#?}");
     assert_eq!((records[0].1.action, records[0].1.request["action"].as_str()), (AuditAction::Allow, Some("login")));

@@ -48,7 +48,13 @@ async fn events_of(b: &dyn Backbone, streams: &[&str], identity: &str) -> Vec<Ev
     out
 }
 
-async fn wait_for<F: Fn(&[EventRecord]) -> bool>(b: &dyn Backbone, streams: &[&str], identity: &str, what: &str, ok: F) -> Vec<EventRecord> {
+async fn wait_for<F: Fn(&[EventRecord]) -> bool>(
+    b: &dyn Backbone,
+    streams: &[&str],
+    identity: &str,
+    what: &str,
+    ok: F,
+) -> Vec<EventRecord> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let evs = events_of(b, streams, identity).await;
@@ -201,7 +207,8 @@ async fn rpc_is_denied_without_policy_allowed_with_one_and_recorded() {
     let guarded = NodeAgent::start(cfg).await.unwrap();
 
     let client = async_nats::connect(server.url()).await.unwrap();
-    let rpc = RpcClient::new(Arc::new(NatsTransport::new(client)), "choria=tester", "choria").with_senderid("client.example.net");
+    let rpc = RpcClient::new(Arc::new(NatsTransport::new(client)), "choria=tester", "choria")
+        .with_senderid("client.example.net");
     let options = RequestOptions {
         expected: Some(2),
         timeout: Duration::from_secs(10),
@@ -254,7 +261,10 @@ async fn simulated_nodes_answer_rpc_and_record_it() {
     let sim = Simulator::new(SimConfig::new(1000), Arc::new(BackboneSink(b.clone()))).unwrap();
     sim.startup_storm().await.unwrap();
     let client = async_nats::connect(server.url()).await.unwrap();
-    let _rpc = sim.host_rpc(Arc::new(NatsTransport::new(client.clone())), "choria", Some(dir.path().to_path_buf())).await.unwrap();
+    let _rpc = sim
+        .host_rpc(Arc::new(NatsTransport::new(client.clone())), "choria", Some(dir.path().to_path_buf()))
+        .await
+        .unwrap();
     let rpc = RpcClient::new(Arc::new(NatsTransport::new(client)), "choria=tester", "choria");
     let options = RequestOptions { expected: Some(1000), timeout: Duration::from_secs(30), ..Default::default() };
     let results = rpc.call("rpcutil", "ping", Default::default(), options).await.unwrap();
@@ -262,7 +272,8 @@ async fn simulated_nodes_answer_rpc_and_record_it() {
     let node = sim.nodes()[7].identity.to_string();
     // The reply record carries the node's identity; the request record the sender's (as in
     // Choria's audit), so the node's own records are startup (1), request (2), reply (3).
-    let evs = wait_for(&*b, &["CHORUS_LIFECYCLE", "CHORUS_RPC"], &node, "the node's reply record", |e| e.len() >= 2).await;
+    let evs =
+        wait_for(&*b, &["CHORUS_LIFECYCLE", "CHORUS_RPC"], &node, "the node's reply record", |e| e.len() >= 2).await;
     let seqs: Vec<u64> = evs.iter().map(|r| r.seq).collect();
     assert_eq!(seqs, vec![1, 3], "startup then reply, one per-node sequence");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);

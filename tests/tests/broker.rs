@@ -25,8 +25,8 @@ use chorus_producers::rpc::{NatsTransport, RequestOptions, RpcClient};
 use chorus_producers::streams::{ensure_platform_streams, StreamLimits};
 use chorus_schemas::lifecycle::Alive;
 use chorus_schemas::{AuditAction, AuditRecord, EventRecord};
-use chorus_tests::pki::Pki;
 use chorus_tests::nats::{nats_server_binary, NatsServer};
+use chorus_tests::pki::Pki;
 use tokio::sync::mpsc;
 
 // ---------------------------------------------------------------------------------------
@@ -164,10 +164,7 @@ async fn tenants_cannot_read_or_write_each_others_streams() {
     let globex = backbone(&server, "globex-admin", &pki).await;
     ensure_platform_streams(&*globex, &StreamLimits::default()).await.unwrap();
     let globex_agent = backbone(&server, "globex-agent", &pki).await;
-    globex_agent
-        .publish_batch((1..=3).map(|i| alive("web1.globex.net", i)).collect())
-        .await
-        .unwrap();
+    globex_agent.publish_batch((1..=3).map(|i| alive("web1.globex.net", i)).collect()).await.unwrap();
     assert_eq!(globex.stream_info("CHORUS_LIFECYCLE").await.unwrap().messages, 3);
 
     // Tenant A (acme), even as its admin, does not see B's streams at all.
@@ -202,14 +199,19 @@ async fn tenants_cannot_read_or_write_each_others_streams() {
     assert_eq!(seen.subject, "web1.acme.net", "acme received another tenant's event first");
 
     assert_eq!(acme.stream_info("CHORUS_LIFECYCLE").await.unwrap().messages, 1);
-    assert_eq!(globex.stream_info("CHORUS_LIFECYCLE").await.unwrap().messages, 4, "acme's publish never lands in globex's stream");
+    assert_eq!(
+        globex.stream_info("CHORUS_LIFECYCLE").await.unwrap().messages,
+        4,
+        "acme's publish never lands in globex's stream"
+    );
     let stored = chorus_tests::conformance::read_all(&*acme, "CHORUS_LIFECYCLE").await;
     let identities: Vec<String> = stored.iter().map(|m| EventRecord::decode(&m.payload).unwrap().subject).collect();
     assert_eq!(identities, ["web1.acme.net"]);
 
     // Each account has its own JetStream; globex's limits are its own.
     let jsz = server.monitor_json("/jsz?accounts=true").unwrap();
-    let accounts: Vec<&str> = jsz["account_details"].as_array().unwrap().iter().filter_map(|a| a["name"].as_str()).collect();
+    let accounts: Vec<&str> =
+        jsz["account_details"].as_array().unwrap().iter().filter_map(|a| a["name"].as_str()).collect();
     assert!(accounts.contains(&"acme") && accounts.contains(&"globex"), "{jsz}");
 }
 
@@ -243,7 +245,9 @@ async fn components_cannot_act_outside_their_permissions() {
 
     // An RPC client cannot forge events or answer for nodes.
     let (client, mut client_errors) = watched(&server, "acme-client", &pki).await;
-    for subject in ["choria.lifecycle.event.startup.server", "chorus.rpc.reply.acme.rpcutil", "chorus.audit.allow.london"] {
+    for subject in
+        ["choria.lifecycle.event.startup.server", "chorus.rpc.reply.acme.rpcutil", "chorus.audit.allow.london"]
+    {
         client.publish(subject, "forged".into()).await.unwrap();
         client.flush().await.unwrap();
         expect_violation(&mut client_errors, "publish", subject).await;
@@ -267,7 +271,9 @@ async fn components_cannot_act_outside_their_permissions() {
 
     // A consumer reads streams but cannot delete them or publish events.
     let (consumer, mut consumer_errors) = watched(&server, "acme-consumer", &pki).await;
-    for subject in ["$JS.API.STREAM.DELETE.CHORUS_AUDIT", "$JS.API.STREAM.PURGE.CHORUS_AUDIT", "chorus.audit.allow.london"] {
+    for subject in
+        ["$JS.API.STREAM.DELETE.CHORUS_AUDIT", "$JS.API.STREAM.PURGE.CHORUS_AUDIT", "chorus.audit.allow.london"]
+    {
         consumer.publish(subject, "x".into()).await.unwrap();
         consumer.flush().await.unwrap();
         expect_violation(&mut consumer_errors, "publish", subject).await;
@@ -394,7 +400,8 @@ exec "$NATS_SERVER" -c "$NATS_CONF""#;
         let mut server = NamespacedServer { child, ns, log, _dir: dir };
         // Until unshare(2) has run, the child's namespace is still the host's.
         let deadline = Instant::now() + Duration::from_secs(30);
-        while std::fs::read_link(&server.ns).ok().as_ref() == Some(&host_ns) || std::fs::read_link(&server.ns).is_err() {
+        while std::fs::read_link(&server.ns).ok().as_ref() == Some(&host_ns) || std::fs::read_link(&server.ns).is_err()
+        {
             server.assert_running();
             assert!(Instant::now() < deadline, "no new network namespace: {}", server.log_text());
             std::thread::sleep(Duration::from_millis(20));
@@ -521,7 +528,10 @@ fn generated_nftables_rules_admit_only_the_configured_networks() {
     let monitor_port: SocketAddr = "127.0.0.1:8222".parse().unwrap();
     server.wait_ready(ip("127.0.0.2"), client_port);
 
-    assert!(server.connect(ip("127.0.1.77"), client_port, true).unwrap().starts_with("INFO "), "a source in 127.0.1.0/24 is allowed");
+    assert!(
+        server.connect(ip("127.0.1.77"), client_port, true).unwrap().starts_with("INFO "),
+        "a source in 127.0.1.0/24 is allowed"
+    );
     for source in ["127.0.0.1", "127.0.0.3", "127.0.2.1"] {
         assert!(refused(server.connect(ip(source), client_port, true)), "{source} reached the client port");
     }

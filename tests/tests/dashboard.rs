@@ -25,14 +25,20 @@ async fn dashboard_in_chromium_shows_the_versions_of_simulated_nodes() {
     let (stop, rx) = tokio::sync::watch::channel(false);
     let mut rx1 = rx.clone();
     let projection = tokio::spawn(async move {
-        projector.run(async move { let _ = rx1.wait_for(|s| *s).await; }).await
+        projector
+            .run(async move {
+                let _ = rx1.wait_for(|s| *s).await;
+            })
+            .await
     });
     let streams = vec!["CHORUS_LIFECYCLE".to_string(), "CHORUS_MACHINE".to_string()];
     let (rates, _rates_task) = StreamRates::spawn(backbone.clone(), streams, Duration::from_millis(200));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/", listener.local_addr().unwrap());
     let mut rx2 = rx.clone();
-    let server = tokio::spawn(Dashboard::new(inventory, rates).serve(listener, async move { let _ = rx2.wait_for(|s| *s).await; }));
+    let server = tokio::spawn(Dashboard::new(inventory, rates).serve(listener, async move {
+        let _ = rx2.wait_for(|s| *s).await;
+    }));
 
     // 700 nodes over three versions, one of them an odd string the page must not mangle.
     let mut config = SimConfig::new(700);
@@ -64,7 +70,10 @@ async fn dashboard_in_chromium_shows_the_versions_of_simulated_nodes() {
     // The same figures through /metrics.
     let metrics = http_get(&url, "metrics").await;
     for (v, n) in &expected {
-        assert!(metrics.contains(&format!(r#"chorus_node_versions{{component="server",version="{v}"}} {n}"#)), "{metrics}");
+        assert!(
+            metrics.contains(&format!(r#"chorus_node_versions{{component="server",version="{v}"}} {n}"#)),
+            "{metrics}"
+        );
     }
     assert!(metrics.contains(r#"chorus_nodes{status="alive"} 700"#), "{metrics}");
 

@@ -39,7 +39,8 @@ async fn site(server: &NatsServer) -> Arc<dyn Backbone> {
 fn config(state_dir: std::path::PathBuf) -> ProvisionerConfig {
     let mut fact = serde_json::Map::new();
     fact.insert("fact".into(), "group".into());
-    let mut c = ProvisionerConfig::new(vec![Step::new("rpcutil", "ping"), Step::new("rpcutil", "get_fact").with_data(fact)]);
+    let mut c =
+        ProvisionerConfig::new(vec![Step::new("rpcutil", "ping"), Step::new("rpcutil", "get_fact").with_data(fact)]);
     c.state_dir = state_dir;
     c.concurrency = 50;
     c.sweep_interval = Duration::from_millis(500);
@@ -52,7 +53,12 @@ async fn until<F: Fn(&Provisioner) -> bool>(p: &Provisioner, what: &str, ok: F) 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
     while !ok(p) {
         assert!(!p.is_finished(), "the provisioner stopped while waiting for {what}");
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}: {:?} {:?}", p.stats(), p.counts().unwrap());
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}: {:?} {:?}",
+            p.stats(),
+            p.counts().unwrap()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -80,7 +86,11 @@ async fn startup_storm_of_1000_nodes_provisions_each_exactly_once() {
     let (allow, deny) = (dir.path().join("allow"), dir.path().join("deny"));
     std::fs::create_dir_all(&allow).unwrap();
     std::fs::create_dir_all(&deny).unwrap(); // no policy file: every request denied
-    std::fs::write(allow.join("rpcutil.policy"), format!("policy default deny\nallow\t{CALLERID}\tping get_fact\t*\t*\n")).unwrap();
+    std::fs::write(
+        allow.join("rpcutil.policy"),
+        format!("policy default deny\nallow\t{CALLERID}\tping get_fact\t*\t*\n"),
+    )
+    .unwrap();
 
     let mut sim_config = SimConfig::new(NODES);
     sim_config.prefix = "new".into();
@@ -123,7 +133,9 @@ async fn startup_storm_of_1000_nodes_provisions_each_exactly_once() {
     b.delete_consumer("CHORUS_LIFECYCLE", "provisioner").await.unwrap();
     let p2 = Provisioner::start(b.clone(), transport.clone(), config(state.clone())).await.unwrap();
     until(&p2, "every broken node failed at least once", |p| {
-        BROKEN.clone().all(|i| p.node(&identity(i)).unwrap().is_some_and(|n| n.status == NodeStatus::Failed && n.attempts >= 1))
+        BROKEN
+            .clone()
+            .all(|i| p.node(&identity(i)).unwrap().is_some_and(|n| n.status == NodeStatus::Failed && n.attempts >= 1))
     })
     .await;
     let failed = p2.node(&identity(BROKEN.start)).unwrap().unwrap();
@@ -176,7 +188,8 @@ async fn startup_storm_of_1000_nodes_provisions_each_exactly_once() {
             }
         }
     }
-    let count = |i: usize, action: &str, ok: bool| replies.get(&(identity(i), action.to_string(), ok)).copied().unwrap_or(0);
+    let count =
+        |i: usize, action: &str, ok: bool| replies.get(&(identity(i), action.to_string(), ok)).copied().unwrap_or(0);
     // On a failure, everything the node recorded, to tell a repeated request from a repeated
     // record of one request.
     let history = |i: usize| -> Vec<String> {
@@ -185,9 +198,17 @@ async fn startup_storm_of_1000_nodes_provisions_each_exactly_once() {
             .map(|r| match &r.data {
                 Event::RpcReply(p) => format!(
                     "reply id={} seq={} time={} request={} {} ok={} {}",
-                    r.id, r.seq, r.time, p.requestid, p.action, p.authorized && p.statuscode == StatusCode::Ok, p.statusmsg
+                    r.id,
+                    r.seq,
+                    r.time,
+                    p.requestid,
+                    p.action,
+                    p.authorized && p.statuscode == StatusCode::Ok,
+                    p.statusmsg
                 ),
-                Event::RpcRequest(q) => format!("request id={} seq={} time={} request={} {}", r.id, r.seq, r.time, q.requestid, q.action),
+                Event::RpcRequest(q) => {
+                    format!("request id={} seq={} time={} request={} {}", r.id, r.seq, r.time, q.requestid, q.action)
+                }
                 _ => format!("other id={}", r.id),
             })
             .collect()
@@ -199,7 +220,11 @@ async fn startup_storm_of_1000_nodes_provisions_each_exactly_once() {
             "node {} ran each step once; it recorded:\n{}\nits provisioner record: {:?}",
             identity(i),
             history(i).join("\n"),
-            lifecycle.iter().filter(|r| r.subject == identity(i)).map(|r| (r.id.clone(), r.time, r.data.event_type())).collect::<Vec<_>>()
+            lifecycle
+                .iter()
+                .filter(|r| r.subject == identity(i))
+                .map(|r| (r.id.clone(), r.time, r.data.event_type()))
+                .collect::<Vec<_>>()
         );
         assert_eq!(count(i, "get_fact", false), 0, "node {}", identity(i));
         if BROKEN.contains(&i) {

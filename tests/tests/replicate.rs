@@ -94,7 +94,11 @@ async fn replicator_killed_mid_copy_resumes_without_loss_or_duplicates() {
     let config = state.path().join("replicate.yaml");
     std::fs::write(
         &config,
-        format!("state_dir: {}\nlinks:\n{}", state.path().join("state").display(), link_yaml("east", &src.url(), &dst.url(), CHORUS_LIFECYCLE, 200)),
+        format!(
+            "state_dir: {}\nlinks:\n{}",
+            state.path().join("state").display(),
+            link_yaml("east", &src.url(), &dst.url(), CHORUS_LIFECYCLE, 200)
+        ),
     )
     .unwrap();
     ReplicatorConfig::load(&config).expect("the test's config is valid");
@@ -134,7 +138,11 @@ async fn copy_through(mut src: NatsServer, mut dst: NatsServer, disrupt: fn(&mut
     ensure_platform_streams(&*source, &StreamLimits::default()).await.unwrap();
     ensure_platform_streams(&*target, &StreamLimits::default()).await.unwrap();
     let state = tempfile::tempdir().unwrap();
-    let yaml = format!("state_dir: {}\nlinks:\n{}", state.path().display(), link_yaml("east", &src.url(), &dst.url(), CHORUS_LIFECYCLE, 500));
+    let yaml = format!(
+        "state_dir: {}\nlinks:\n{}",
+        state.path().display(),
+        link_yaml("east", &src.url(), &dst.url(), CHORUS_LIFECYCLE, 500)
+    );
     let config = ReplicatorConfig::from_yaml(&yaml).unwrap();
     let handle = Replicator::from_config(&config).await.unwrap().start().await.unwrap();
     let producer = {
@@ -204,7 +212,8 @@ fn alive_at(identity: &str, version: &str, timestamp: i64) -> Message {
 /// (publishes do not follow domains, so the down-link connects to site0).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sites_federate_into_a_hub_with_rewrite_sampling_provenance_and_no_loops() {
-    let sites = LeafnodeSites::start_named(&["site0".into(), "site1".into()], &["choria.>", "chorus.>", "sites.>"]).unwrap();
+    let sites =
+        LeafnodeSites::start_named(&["site0".into(), "site1".into()], &["choria.>", "chorus.>", "sites.>"]).unwrap();
     sites.wait_connected(Duration::from_secs(10)).unwrap();
     let hub_url = sites.hub.url();
     let site = |name: &str| {
@@ -219,7 +228,11 @@ async fn sites_federate_into_a_hub_with_rewrite_sampling_provenance_and_no_loops
     ensure_platform_streams(&*site0, &StreamLimits::default()).await.unwrap();
     ensure_platform_streams(&*site1, &StreamLimits::default()).await.unwrap();
     let via_hub = JetStreamBackbone::connect(&site("site0")).await.unwrap();
-    assert_eq!(via_hub.stream_info(CHORUS_LIFECYCLE).await.unwrap().messages, 0, "site0's JetStream is reachable from the hub");
+    assert_eq!(
+        via_hub.stream_info(CHORUS_LIFECYCLE).await.unwrap().messages,
+        0,
+        "site0's JetStream is reachable from the hub"
+    );
     let site0_local = site0.clone();
 
     // site0: legacy producers without a site; 10 nodes beating every 60 s for 20 minutes,
@@ -302,9 +315,21 @@ links:
 
     let addr = handle.local_addr().expect("metrics listener");
     let metrics = http_get(addr, "/metrics").await;
-    assert!(metrics.contains(r#"chorus_replicator_skipped_total{link="site0-hub",stream="CHORUS_LIFECYCLE",reason="sampled"} 150"#), "{metrics}");
-    assert!(metrics.contains(r#"chorus_replicator_skipped_total{link="hub-site0",stream="HUB_LIFECYCLE",reason="loop"} 250"#), "{metrics}");
-    assert!(metrics.contains(r#"chorus_replicator_copied_total{link="site1-hub",stream="CHORUS_LIFECYCLE"} 300"#), "{metrics}");
+    assert!(
+        metrics.contains(
+            r#"chorus_replicator_skipped_total{link="site0-hub",stream="CHORUS_LIFECYCLE",reason="sampled"} 150"#
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics
+            .contains(r#"chorus_replicator_skipped_total{link="hub-site0",stream="HUB_LIFECYCLE",reason="loop"} 250"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"chorus_replicator_copied_total{link="site1-hub",stream="CHORUS_LIFECYCLE"} 300"#),
+        "{metrics}"
+    );
     assert!(metrics.contains("chorus_replicator_lag_events"), "{metrics}");
     let health = http_get(addr, "/healthz").await;
     assert!(health.starts_with("HTTP/1.1 200") && health.contains(r#""healthy":true"#), "{health}");

@@ -14,7 +14,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
-use chorus_backbone::jetstream::{client_config_with_signer, pkcs11_client_config, JetStreamBackbone, NatsConfig, TlsConfig};
+use chorus_backbone::jetstream::{
+    client_config_with_signer, pkcs11_client_config, JetStreamBackbone, NatsConfig, TlsConfig,
+};
 use chorus_backbone::Backbone;
 use chorus_consumers::deadletter::DeadLetter;
 use chorus_consumers::projection::{Projector, ProjectorOptions, Store, Txn, View, ViewError};
@@ -129,10 +131,12 @@ fn the_token_key_is_generated_once_never_leaves_and_reopens_by_label() {
         assert_eq!(private.len(), 1);
         let info = session.get_attribute_info(private[0], &[AttributeType::Value]).unwrap();
         assert!(matches!(info[0], AttributeInfo::Sensitive), "{:?}", info[0]);
-        let flags = session
-            .get_attributes(private[0], &[AttributeType::Sensitive, AttributeType::Extractable])
-            .unwrap();
-        assert!(flags.contains(&Attribute::Sensitive(true)) && flags.contains(&Attribute::Extractable(false)), "{flags:?}");
+        let flags =
+            session.get_attributes(private[0], &[AttributeType::Sensitive, AttributeType::Extractable]).unwrap();
+        assert!(
+            flags.contains(&Attribute::Sensitive(true)) && flags.contains(&Attribute::Extractable(false)),
+            "{flags:?}"
+        );
     }
 
     // Unknown key label, unknown token: clear errors at open.
@@ -179,9 +183,10 @@ fn token_signed_events_verify_and_a_projector_dead_letters_forged_and_unsigned_o
     // RPC request records are signed and verified the same way.
     let mut data = chorus_schemas::rpc::JsonObject::new();
     data.insert("service".into(), "nginx".into());
-    let request = EventRecord::new(RpcRequest::new("choria=ops", "ops.example.net", "choria", "service", "restart", data), 1)
-        .signed(&*signer)
-        .unwrap();
+    let request =
+        EventRecord::new(RpcRequest::new("choria=ops", "ops.example.net", "choria", "service", "restart", data), 1)
+            .signed(&*signer)
+            .unwrap();
     let decoded = EventRecord::decode(&request.encode()).unwrap();
     assert_eq!(verifier.verify(&decoded), Ok(signer.key_id()));
     let mut escalated = decoded.clone();
@@ -222,7 +227,8 @@ fn token_signed_events_verify_and_a_projector_dead_letters_forged_and_unsigned_o
 
         let store = Store::temporary().unwrap();
         let options = ProjectorOptions { verifier: Some(verifier.clone()), ..Default::default() };
-        let mut projector = Projector::new(backbone.clone(), CHORUS_LIFECYCLE, &store, Versions).unwrap().with_options(options);
+        let mut projector =
+            Projector::new(backbone.clone(), CHORUS_LIFECYCLE, &store, Versions).unwrap().with_options(options);
         let stats = projector.catch_up().await.unwrap();
         assert_eq!((stats.applied, stats.dead_lettered, stats.checkpoint), (2, 4, 6));
         let state = projector.state();
@@ -272,7 +278,9 @@ impl rcgen::PublicKeyData for TokenPublicKey {
 }
 
 fn pki(dir: &Path, client_key: [u8; 32]) -> Pki {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    };
     let write = |name: &str, text: String| {
         let p = dir.join(name);
         std::fs::write(&p, text).unwrap();
@@ -341,11 +349,12 @@ fn mutual_tls_to_nats_with_the_client_key_held_by_the_token() {
             rustls::pki_types::CertificateDer::from_pem_file(&pki.ca).unwrap()
         };
         roots.add(ca_der).unwrap();
-        let no_client_cert = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let no_client_cert =
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
         let config = NatsConfig::new([url.clone()]);
         assert!(
             JetStreamBackbone::connect_with_tls(&config, Some(no_client_cert)).await.is_err(),

@@ -22,8 +22,8 @@ use chorus_producers::streams::{ensure_platform_streams, StreamLimits};
 use chorus_schemas::subject::CHORUS_DEADLETTER;
 use chorus_schemas::{AuditAction, AuditRecord, EventRecord, RpcReply, RpcRequest, StatusCode};
 use chorus_tests::conformance::read_all;
-use chorus_tests::pki::Pki;
 use chorus_tests::nats::NatsServer;
+use chorus_tests::pki::Pki;
 use chorus_tests::rsyslog::{Received, Rsyslog, RsyslogTls};
 
 /// What a published record must look like at the collector.
@@ -119,7 +119,12 @@ fn check_received(rsyslog: &Rsyslog, published: &Published) -> usize {
         let id = id_of(r);
         let expect = published.records.get(&id).unwrap_or_else(|| panic!("unknown id {id} received: {}", r.raw));
         assert_eq!(r.pri, expect.pri, "PRI of {}", r.raw);
-        assert_eq!((r.hostname.as_str(), r.app_name.as_str(), r.msgid.as_str()), (expect.host.as_str(), "chorus", expect.msgid), "{}", r.raw);
+        assert_eq!(
+            (r.hostname.as_str(), r.app_name.as_str(), r.msgid.as_str()),
+            (expect.host.as_str(), "chorus", expect.msgid),
+            "{}",
+            r.raw
+        );
         assert!(
             r.structured_data.starts_with(&format!("[chorus@32473 id=\"{id}\" type=\"")),
             "structured data of {}: {}",
@@ -132,7 +137,13 @@ fn check_received(rsyslog: &Rsyslog, published: &Published) -> usize {
     }
     let got: BTreeSet<String> = counts.keys().cloned().collect();
     let missing: Vec<_> = published.ids().difference(&got).cloned().collect();
-    assert!(missing.is_empty(), "{} of {} records lost, e.g. {:?}", missing.len(), published.records.len(), &missing[..missing.len().min(5)]);
+    assert!(
+        missing.is_empty(),
+        "{} of {} records lost, e.g. {:?}",
+        missing.len(),
+        published.records.len(),
+        &missing[..missing.len().min(5)]
+    );
     received.len() - counts.len()
 }
 
@@ -166,7 +177,8 @@ async fn export_across_restart(backbone: Arc<dyn Backbone>, mut rsyslog: Rsyslog
     // While it is down: more records, and the exporter notices and keeps retrying.
     publish(&*backbone, 30, "down", &mut published).await;
     let retries = exporter.stats().retries.get();
-    wait_until("the exporter retrying", Duration::from_secs(60), || exporter.stats().retries.get() >= retries + 3).await;
+    wait_until("the exporter retrying", Duration::from_secs(60), || exporter.stats().retries.get() >= retries + 3)
+        .await;
     let during = publisher.await.unwrap();
     published.records.extend(during.records);
 
@@ -178,7 +190,10 @@ async fn export_across_restart(backbone: Arc<dyn Backbone>, mut rsyslog: Rsyslog
         received_ids(&rsyslog).into_iter().collect::<BTreeSet<_>>().is_superset(&expected)
     })
     .await;
-    wait_until("every record acknowledged", Duration::from_secs(60), || exporter.stats().exported.get() == expected.len() as u64).await;
+    wait_until("every record acknowledged", Duration::from_secs(60), || {
+        exporter.stats().exported.get() == expected.len() as u64
+    })
+    .await;
     let stats = exporter.stats().snapshot();
     exporter.stop().await.unwrap();
 
@@ -218,7 +233,8 @@ async fn syslog_tls_every_record_across_rsyslog_restart() {
     let dir = tempfile::tempdir().unwrap();
     let pki = pki(dir.path());
     let nats = NatsServer::start().unwrap();
-    let backbone: Arc<dyn Backbone> = Arc::new(JetStreamBackbone::connect(&NatsConfig::new([nats.url()])).await.unwrap());
+    let backbone: Arc<dyn Backbone> =
+        Arc::new(JetStreamBackbone::connect(&NatsConfig::new([nats.url()])).await.unwrap());
     ensure_platform_streams(&*backbone, &StreamLimits::default()).await.unwrap();
     let rsyslog = Rsyslog::builder()
         .tls(RsyslogTls {
@@ -261,7 +277,8 @@ async fn syslog_tls_refuses_an_untrusted_collector() {
     publish(&*backbone, 3, "x", &mut published).await;
     let mut sink = SyslogConfig::new(rsyslog.address());
     sink.tls = Some(TlsSettings { ca_file: Some(trusted.ca.clone()), ..Default::default() });
-    let exporter: ExportHandle = audit_export::spawn(backbone, exporter_config(SinkConfig::Syslog(sink))).await.unwrap();
+    let exporter: ExportHandle =
+        audit_export::spawn(backbone, exporter_config(SinkConfig::Syslog(sink))).await.unwrap();
     wait_until("retries", Duration::from_secs(60), || exporter.stats().retries.get() >= 3).await;
     let stats = exporter.stats().snapshot();
     exporter.stop().await.unwrap();
@@ -293,9 +310,10 @@ async fn jsonl_every_record_and_dead_letters() {
     publish(&*backbone, 50, "b", &mut published).await;
 
     let path = dir.path().join("out").tap_mkdir().join("audit.jsonl");
-    let exporter = audit_export::spawn(backbone.clone(), exporter_config(SinkConfig::Jsonl(JsonlConfig { path: path.clone() })))
-        .await
-        .unwrap();
+    let exporter =
+        audit_export::spawn(backbone.clone(), exporter_config(SinkConfig::Jsonl(JsonlConfig { path: path.clone() })))
+            .await
+            .unwrap();
     let expected = published.ids();
     let lines = || -> Vec<serde_json::Value> {
         std::fs::read_to_string(&path)
@@ -322,7 +340,10 @@ async fn jsonl_every_record_and_dead_letters() {
     let letters: Vec<DeadLetter> =
         read_all(&*backbone, CHORUS_DEADLETTER).await.iter().map(|m| DeadLetter::from_message(m).unwrap()).collect();
     assert_eq!(letters.len(), 1);
-    assert_eq!((letters[0].origin.as_str(), letters[0].stream.as_str(), letters[0].code.as_str()), ("audit-export", "CHORUS_AUDIT", "not_json"));
+    assert_eq!(
+        (letters[0].origin.as_str(), letters[0].stream.as_str(), letters[0].code.as_str()),
+        ("audit-export", "CHORUS_AUDIT", "not_json")
+    );
     assert_eq!(letters[0].event_id, "garbage-1");
     assert_eq!(letters[0].payload_hex.as_deref().map(|h| &h[..4]), Some("fffe"));
 }

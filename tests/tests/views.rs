@@ -78,7 +78,12 @@ async fn publish_mixed(b: &dyn Backbone, sim: &Simulator, round: usize) -> usize
     let subject = "choria.lifecycle.event.alive.server";
     let bad = vec![
         Message::new(format!("bad-{round}-json"), subject, &b"{\"truncated"[..]),
-        Message::new(format!("bad-{round}-type"), subject, &br#"{"specversion":"1.0","id":"x","source":"io.choria.lifecycle","type":"io.choria.lifecycle.v9.alive"}"#[..]),
+        Message::new(
+            format!("bad-{round}-type"),
+            subject,
+            &br#"{"specversion":"1.0","id":"x","source":"io.choria.lifecycle","type":"io.choria.lifecycle.v9.alive"}"#
+                [..],
+        ),
     ];
     let n = bad.len();
     b.publish_batch(bad).await.unwrap();
@@ -105,10 +110,11 @@ async fn follow_while<F: std::future::Future<Output = ()>>(b: &Arc<dyn Backbone>
     let progress = p.progress();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
-        let r = p.run(async {
-            let _ = stopped.await;
-        })
-        .await;
+        let r = p
+            .run(async {
+                let _ = stopped.await;
+            })
+            .await;
         drop(p);
         r
     });
@@ -211,12 +217,11 @@ async fn rebuilt_view_equals_incremental_view_nats() {
 }
 
 /// Runs `projection-runner` with `args`, returning its committed sequences as they are printed.
-fn spawn_runner(args: &[String]) -> (std::process::Child, std::sync::mpsc::Receiver<String>, std::thread::JoinHandle<()>) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_projection-runner"))
-        .args(args)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+fn spawn_runner(
+    args: &[String],
+) -> (std::process::Child, std::sync::mpsc::Receiver<String>, std::thread::JoinHandle<()>) {
+    let mut child =
+        Command::new(env!("CARGO_BIN_EXE_projection-runner")).args(args).stdout(Stdio::piped()).spawn().unwrap();
     let (rx, reader) = chorus_tests::child::whole_lines(child.stdout.take().unwrap());
     (child, rx, reader)
 }
@@ -362,7 +367,8 @@ async fn malformed_events_are_dead_lettered_and_the_projector_keeps_going() {
     });
 
     let subject = "choria.lifecycle.event.alive.server";
-    let good = |i: usize| to_message(&EventRecord::new(Alive::new(format!("node{i}"), "server", "1.0", Some(60)), 1)).unwrap();
+    let good =
+        |i: usize| to_message(&EventRecord::new(Alive::new(format!("node{i}"), "server", "1.0", Some(60)), 1)).unwrap();
     let mismatched = {
         // A well-formed CloudEvent whose subject is not the node identity in its data.
         let mut v: serde_json::Value = serde_json::from_slice(&good(99).payload).unwrap();
@@ -372,7 +378,11 @@ async fn malformed_events_are_dead_lettered_and_the_projector_keeps_going() {
     let bad: Vec<(&str, Vec<u8>, &str)> = vec![
         ("bad-not-json", b"\x00\xffnot json".to_vec(), "not_json"),
         ("bad-array", b"[1,2,3]".to_vec(), "not_an_object"),
-        ("bad-unknown-type", br#"{"specversion":"1.0","id":"u","source":"io.choria.lifecycle","type":"io.example.v1.thing"}"#.to_vec(), "unknown_type"),
+        (
+            "bad-unknown-type",
+            br#"{"specversion":"1.0","id":"u","source":"io.choria.lifecycle","type":"io.example.v1.thing"}"#.to_vec(),
+            "unknown_type",
+        ),
         ("bad-subject", mismatched, "subject_mismatch"),
         ("bad-legacy", br#"{"protocol":"io.choria.lifecycle.v1.alive","identity":""}"#.to_vec(), "invalid_data"),
     ];

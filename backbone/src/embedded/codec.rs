@@ -259,7 +259,10 @@ mod tests {
         let m = Message::new("id-1", "a.b", &b"payload"[..]);
         let v = encode(&m, 42);
         let d = decode("S", 7, &v).unwrap();
-        assert_eq!((d.id.as_str(), d.subject.as_str(), &d.payload[..], d.sequence), ("id-1", "a.b", &b"payload"[..], 7));
+        assert_eq!(
+            (d.id.as_str(), d.subject.as_str(), &d.payload[..], d.sequence),
+            ("id-1", "a.b", &b"payload"[..], 7)
+        );
         assert_eq!(time_ns(&v).unwrap(), 42);
         assert_eq!(size_of(&v).unwrap(), stored_size(&m));
         assert_eq!(v.len(), record_len(&m));

@@ -311,7 +311,10 @@ impl EmbeddedBackbone {
             .ok_or_else(|| BackboneError::NotFound { kind: "stream", name: name.to_string() })
     }
 
-    async fn submit(&self, op: impl FnOnce(oneshot::Sender<Result<writer::Reply>>) -> writer::Op) -> Result<writer::Reply> {
+    async fn submit(
+        &self,
+        op: impl FnOnce(oneshot::Sender<Result<writer::Reply>>) -> writer::Op,
+    ) -> Result<writer::Reply> {
         let (tx, rx) = oneshot::channel();
         {
             let guard = self.inner.writer.lock().unwrap();

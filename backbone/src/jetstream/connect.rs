@@ -162,8 +162,9 @@ impl NatsConfig {
                 .await
                 .map_err(|e| BackboneError::InvalidConfig(format!("nats.auth creds {}: {e}", path.display())))?,
             NatsAuth::Nkey { seed_file } => {
-                let seed = std::fs::read_to_string(seed_file)
-                    .map_err(|e| BackboneError::InvalidConfig(format!("nats.auth nkey {}: {e}", seed_file.display())))?;
+                let seed = std::fs::read_to_string(seed_file).map_err(|e| {
+                    BackboneError::InvalidConfig(format!("nats.auth nkey {}: {e}", seed_file.display()))
+                })?;
                 async_nats::ConnectOptions::with_nkey(seed.trim().to_string())
             }
         };

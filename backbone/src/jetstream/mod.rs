@@ -213,7 +213,8 @@ pub(crate) fn server_filter(filters: &[String]) -> String {
 }
 
 pub(crate) fn stored(stream: &str, sequence: u64, time: DateTime<Utc>, msg: &async_nats::Message) -> StoredMessage {
-    let id = msg.headers.as_ref().and_then(|h| h.get(MSG_ID_HEADER)).map(|v| v.as_str().to_string()).unwrap_or_default();
+    let id =
+        msg.headers.as_ref().and_then(|h| h.get(MSG_ID_HEADER)).map(|v| v.as_str().to_string()).unwrap_or_default();
     StoredMessage {
         stream: stream.to_string(),
         sequence,
@@ -263,9 +264,11 @@ impl Backbone for JetStreamBackbone {
         config.validate()?;
         let cfg = stream_config(config);
         let info = match self.js.get_stream(&config.name).await {
-            Ok(_) => self.js.update_stream(cfg).await.map_err(|e| {
-                BackboneError::InvalidConfig(format!("updating stream {}: {e}", config.name))
-            })?,
+            Ok(_) => self
+                .js
+                .update_stream(cfg)
+                .await
+                .map_err(|e| BackboneError::InvalidConfig(format!("updating stream {}: {e}", config.name)))?,
             Err(_) => self
                 .js
                 .create_stream(cfg)
@@ -328,9 +331,8 @@ impl Backbone for JetStreamBackbone {
     async fn consumer(&self, stream: &str, config: &ConsumerConfig) -> Result<Box<dyn Consumer>> {
         config.validate()?;
         let s = self.get_stream(stream).await?;
-        let consumer = self
-            .retrying(|| consumer::JetStreamConsumer::open(s.clone(), self.client.clone(), stream, config))
-            .await?;
+        let consumer =
+            self.retrying(|| consumer::JetStreamConsumer::open(s.clone(), self.client.clone(), stream, config)).await?;
         Ok(Box::new(consumer))
     }
 
@@ -419,9 +421,7 @@ impl Backbone for JetStreamBackbone {
 
     async fn purge(&self, stream: &str, below: u64) -> Result<u64> {
         let s = self.get_stream(stream).await?;
-        let r = self
-            .retrying(|| async { s.purge().sequence(below).await.map_err(BackboneError::nats) })
-            .await?;
+        let r = self.retrying(|| async { s.purge().sequence(below).await.map_err(BackboneError::nats) }).await?;
         Ok(r.purged)
     }
 

@@ -70,10 +70,7 @@ impl std::fmt::Debug for SignerHandle {
 
 impl rustls::sign::Signer for SignerHandle {
     fn sign(&self, message: &[u8]) -> std::result::Result<Vec<u8>, rustls::Error> {
-        self.0
-            .sign(message)
-            .map(|sig| sig.to_vec())
-            .map_err(|e| rustls::Error::General(format!("client key: {e}")))
+        self.0.sign(message).map(|sig| sig.to_vec()).map_err(|e| rustls::Error::General(format!("client key: {e}")))
     }
 
     fn scheme(&self) -> SignatureScheme {
@@ -143,7 +140,7 @@ pub fn client_config_with_signer(
 
 /// [`client_config_with_signer`] with the key on a PKCS#11 token.
 pub fn pkcs11_client_config(ca_file: &Path, cert_file: &Path, token: &Pkcs11Config) -> Result<rustls::ClientConfig> {
-    let signer = Pkcs11Signer::open(token)
-        .map_err(|e| BackboneError::InvalidConfig(format!("nats.tls pkcs11: {e}")))?;
+    let signer =
+        Pkcs11Signer::open(token).map_err(|e| BackboneError::InvalidConfig(format!("nats.tls pkcs11: {e}")))?;
     client_config_with_signer(ca_file, cert_file, Arc::new(signer))
 }

@@ -117,7 +117,9 @@ impl<'de> Deserialize<'de> for SinkConfig {
             Some(_) => return Err(D::Error::custom("kind: must be one of syslog, hec, jsonl")),
             None => return Err(D::Error::custom("kind: missing (syslog, hec or jsonl)")),
         };
-        fn inner<T: serde::de::DeserializeOwned, E: Error>(map: serde_json::Map<String, serde_json::Value>) -> Result<T, E> {
+        fn inner<T: serde::de::DeserializeOwned, E: Error>(
+            map: serde_json::Map<String, serde_json::Value>,
+        ) -> Result<T, E> {
             serde_path_to_error::deserialize(serde_json::Value::Object(map)).map_err(|e| {
                 let path = e.path().to_string();
                 if path == "." {
@@ -575,7 +577,8 @@ impl ExportConfig {
 
     /// The durable consumer opened on each stream.
     pub fn consumer_config(&self) -> ConsumerConfig {
-        let mut c = ConsumerConfig::new(self.consumer.clone()).with_start(self.start.clone()).with_ack_wait(self.ack_wait);
+        let mut c =
+            ConsumerConfig::new(self.consumer.clone()).with_start(self.start.clone()).with_ack_wait(self.ack_wait);
         // Enough for a full channel, a batch in hand and every record still settling.
         let unconfirmed = match &self.sink {
             SinkConfig::Syslog(s) => s.max_unconfirmed,
@@ -603,9 +606,12 @@ fn validate_address(field: &str, address: &str) -> Result<(), String> {
 /// SD-NAME rules (RFC 5424 6.3.2): 1 to 32 printable ASCII characters except `=`, space,
 /// `]` and `"`; a name that is not IANA-registered must have the form `name@<digits>`.
 fn validate_sd_id(id: &str) -> Result<(), String> {
-    let ok_chars = !id.is_empty() && id.len() <= 32 && id.bytes().all(|b| is_print_ascii(b) && !matches!(b, b'=' | b']' | b'"'));
+    let ok_chars =
+        !id.is_empty() && id.len() <= 32 && id.bytes().all(|b| is_print_ascii(b) && !matches!(b, b'=' | b']' | b'"'));
     let ok_form = match id.split_once('@') {
-        Some((name, pen)) => !name.is_empty() && !pen.is_empty() && pen.bytes().all(|b| b.is_ascii_digit()) && !pen.contains('@'),
+        Some((name, pen)) => {
+            !name.is_empty() && !pen.is_empty() && pen.bytes().all(|b| b.is_ascii_digit()) && !pen.contains('@')
+        }
         None => false,
     };
     if ok_chars && ok_form {
@@ -667,10 +673,9 @@ sink:
 
     #[test]
     fn hec_and_jsonl() {
-        let c = ExportConfig::from_yaml(
-            "sink: {kind: hec, url: 'https://splunk:8088', token: abc-123, index: audit}\n",
-        )
-        .unwrap();
+        let c =
+            ExportConfig::from_yaml("sink: {kind: hec, url: 'https://splunk:8088', token: abc-123, index: audit}\n")
+                .unwrap();
         let SinkConfig::Hec(h) = &c.sink else { panic!("hec") };
         assert_eq!(h.read_token().unwrap(), "abc-123");
         assert!(!format!("{h:?}").contains("abc-123"), "the token must not be printed");

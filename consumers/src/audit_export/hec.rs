@@ -220,7 +220,10 @@ mod tests {
         hec.seen.lock().unwrap().push((auth, body.clone()));
         if let Some(p) = hec.poison.lock().unwrap().as_deref() {
             if body.contains(p) {
-                return (StatusCode::BAD_REQUEST, r#"{"text":"Invalid data format","code":6,"invalid-event-number":0}"#.into());
+                return (
+                    StatusCode::BAD_REQUEST,
+                    r#"{"text":"Invalid data format","code":6,"invalid-event-number":0}"#.into(),
+                );
             }
         }
         let next = {
@@ -268,7 +271,10 @@ mod tests {
         let e = &events[0];
         assert_eq!(e["time"].as_f64().unwrap(), 1_713_772_800.0);
         assert_eq!(e["host"], "aaa1.example.net");
-        assert_eq!((e["source"].as_str(), e["sourcetype"].as_str(), e["index"].as_str()), (Some("chorus"), Some("chorus:cloudevent"), Some("audit")));
+        assert_eq!(
+            (e["source"].as_str(), e["sourcetype"].as_str(), e["index"].as_str()),
+            (Some("chorus"), Some("chorus:cloudevent"), Some("audit"))
+        );
         assert_eq!(e["fields"]["decision"], "deny");
         assert_eq!(e["fields"]["callerid"], "up=bob");
         assert_eq!(e["fields"]["chorus_id"], records[0].id());
@@ -302,7 +308,8 @@ mod tests {
     async fn a_refused_batch_is_split_and_only_the_bad_record_rejected() {
         let (hec, url) = server().await;
         let mut sink = HecSink::new(&HecConfig::new(url, "t"), HostnameSource::Identity).unwrap();
-        let records: Vec<_> = ["up=a", "up=poison", "up=c"].iter().map(|c| record(audit(AuditAction::Allow, c))).collect();
+        let records: Vec<_> =
+            ["up=a", "up=poison", "up=c"].iter().map(|c| record(audit(AuditAction::Allow, c))).collect();
         *hec.poison.lock().unwrap() = Some("up=poison".into());
         let sent = sink.send(&records).await.unwrap();
         assert_eq!(sent.rejected.len(), 1);
@@ -315,7 +322,10 @@ mod tests {
 
     /// A CA and a certificate for 127.0.0.1 signed by it, as PEM files in `dir`; returns
     /// (ca file, server chain, server key).
-    fn pki(dir: &std::path::Path) -> (std::path::PathBuf, Vec<rustls::pki_types::CertificateDer<'static>>, rustls::pki_types::PrivateKeyDer<'static>) {
+    fn pki(
+        dir: &std::path::Path,
+    ) -> (std::path::PathBuf, Vec<rustls::pki_types::CertificateDer<'static>>, rustls::pki_types::PrivateKeyDer<'static>)
+    {
         use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
         let ca_key = KeyPair::generate().unwrap();
         let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -365,7 +375,11 @@ mod tests {
                         if let Some(end) = text.find("\r\n\r\n") {
                             let len = text
                                 .lines()
-                                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap()))
+                                .find_map(|l| {
+                                    l.to_ascii_lowercase()
+                                        .strip_prefix("content-length:")
+                                        .map(|v| v.trim().parse::<usize>().unwrap())
+                                })
                                 .unwrap_or(0);
                             if req.len() >= end + 4 + len {
                                 seen.lock().unwrap().push(text);
@@ -412,7 +426,8 @@ mod tests {
     #[tokio::test]
     async fn an_unreachable_collector_is_an_error_to_retry() {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut sink = HecSink::new(&HecConfig::new(format!("http://127.0.0.1:{port}"), "t"), HostnameSource::Identity).unwrap();
+        let mut sink =
+            HecSink::new(&HecConfig::new(format!("http://127.0.0.1:{port}"), "t"), HostnameSource::Identity).unwrap();
         assert!(sink.send(&[record(audit(AuditAction::Deny, "x"))]).await.is_err());
         assert_eq!(sink.confirmed().await.unwrap(), 0);
     }

@@ -171,14 +171,20 @@ pub(crate) mod tests {
     #[test]
     fn fields_of_each_kind() {
         let r = record(audit(AuditAction::Deny, "up=bob"));
-        assert_eq!((r.callerid.as_str(), r.agent.as_deref(), r.action.as_deref()), ("up=bob", Some("rpcutil"), Some("ping")));
+        assert_eq!(
+            (r.callerid.as_str(), r.agent.as_deref(), r.action.as_deref()),
+            ("up=bob", Some("rpcutil"), Some("ping"))
+        );
         assert_eq!((r.decision, r.site.as_deref(), r.short_type()), (Some(Decision::Deny), Some("london"), "audit"));
         assert_eq!(r.host(HostnameSource::Identity), "aaa1.example.net");
         assert_eq!(r.host(HostnameSource::Site), "london");
 
         let req = RpcRequest::new("up=bob", "client1", "choria", "service", "restart", Default::default());
         let r = record(EventRecord::new(req.clone(), 1));
-        assert_eq!((r.decision, r.short_type(), r.requestid.as_deref()), (None, "rpc_request", Some(req.requestid.as_str())));
+        assert_eq!(
+            (r.decision, r.short_type(), r.requestid.as_deref()),
+            (None, "rpc_request", Some(req.requestid.as_str()))
+        );
         assert_eq!(r.host(HostnameSource::Site), "client1", "no site: identity");
 
         let reply = RpcReply::denied(&req, "n1", "policy says no");
@@ -193,7 +199,8 @@ pub(crate) mod tests {
         let e = ExportRecord::from_stored(&stored("CHORUS_AUDIT", 1, b"{nope")).unwrap_err();
         assert_eq!(e.code, "not_json");
         let alive = chorus_schemas::lifecycle::Alive::new("n1", "server", "1", None);
-        let e = ExportRecord::from_stored(&stored("CHORUS_AUDIT", 2, &EventRecord::new(alive, 1).encode())).unwrap_err();
+        let e =
+            ExportRecord::from_stored(&stored("CHORUS_AUDIT", 2, &EventRecord::new(alive, 1).encode())).unwrap_err();
         assert_eq!(e.code, "unexpected_type");
         let mut pretty = serde_json::to_string_pretty(
             &serde_json::from_slice::<Value>(&audit(AuditAction::Allow, "x").encode()).unwrap(),

@@ -105,7 +105,11 @@ impl ExportStats {
         registry.register("exported", "Records the SIEM accepted, acknowledged to the backbone", self.exported.clone());
         registry.register("retries", "Failed attempts, each retried after a backoff pause", self.retries.clone());
         registry.register("dead_lettered", "Records sent to the dead-letter stream", self.dead_lettered.clone());
-        registry.register("resent", "Records written again after a reconnect (possible duplicates)", self.resent.clone());
+        registry.register(
+            "resent",
+            "Records written again after a reconnect (possible duplicates)",
+            self.resent.clone(),
+        );
         registry.register("connects", "Connections established to the SIEM", self.connects.clone());
         registry.register(
             "redeliveries_skipped",

@@ -400,7 +400,12 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
-        let mut sink = SyslogSink::new(SyslogConfig::new(format!("127.0.0.1:{port}")), HostnameSource::Identity, ExportStats::default()).unwrap();
+        let mut sink = SyslogSink::new(
+            SyslogConfig::new(format!("127.0.0.1:{port}")),
+            HostnameSource::Identity,
+            ExportStats::default(),
+        )
+        .unwrap();
         let err = sink.send(&[record(audit(AuditAction::Deny, "x"))]).await.unwrap_err();
         assert!(err.to_string().contains("connecting"), "{err}");
         assert_eq!(sink.unconfirmed(), 0);

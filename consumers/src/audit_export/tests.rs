@@ -31,7 +31,8 @@ async fn publish(b: &dyn Backbone, n: usize, tag: &str) -> BTreeSet<String> {
         request.insert("action".into(), "restart".into());
         let audit = EventRecord::new(AuditRecord::new("aaa1", "london", format!("up={tag}{i}"), decision, request), 1)
             .with_site("london");
-        let req = RpcRequest::new(format!("up={tag}{i}"), "client1", "choria", "service", "restart", Default::default());
+        let req =
+            RpcRequest::new(format!("up={tag}{i}"), "client1", "choria", "service", "restart", Default::default());
         let reply = RpcReply::new(&req, "node1", chorus_schemas::StatusCode::Ok, Default::default());
         for r in [audit, EventRecord::new(req, 1), EventRecord::new(reply, 2)] {
             ids.insert(r.id.clone());
@@ -54,7 +55,9 @@ fn lines_ids(path: &std::path::Path) -> Vec<String> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("each line is JSON")["id"].as_str().unwrap().to_owned())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).expect("each line is JSON")["id"].as_str().unwrap().to_owned()
+        })
         .collect()
 }
 
@@ -132,14 +135,18 @@ async fn hec_outage_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let b = backbone(dir.path()).await;
     let hec = Arc::new(FlakyHec { down: AtomicUsize::new(5), ..Default::default() });
-    let app = axum::Router::new().route("/services/collector/event", axum::routing::post(flaky)).with_state(hec.clone());
+    let app =
+        axum::Router::new().route("/services/collector/event", axum::routing::post(flaky)).with_state(hec.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
 
     let expected = publish(&*b, 10, "h").await;
     let exporter = spawn(b.clone(), fast(ExportConfig::new(SinkConfig::Hec(HecConfig::new(url, "t"))))).await.unwrap();
-    wait_until("every record at HEC", || hec.ids.lock().unwrap().iter().collect::<BTreeSet<_>>().len() >= expected.len()).await;
+    wait_until("every record at HEC", || {
+        hec.ids.lock().unwrap().iter().collect::<BTreeSet<_>>().len() >= expected.len()
+    })
+    .await;
     wait_until("every record acknowledged", || exporter.stats().exported.get() == expected.len() as u64).await;
     let stats = exporter.stats().snapshot();
     exporter.stop().await.unwrap();

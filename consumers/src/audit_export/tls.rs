@@ -52,7 +52,8 @@ pub fn client_config(settings: &TlsSettings) -> Result<ClientConfig, ExportError
             if chain.is_empty() {
                 return Err(bad(format!("tls.cert_file {}: no certificate in it", cert.display())));
             }
-            let key = PrivateKeyDer::from_pem_file(key).map_err(|e| bad(format!("tls.key_file {}: {e}", key.display())))?;
+            let key =
+                PrivateKeyDer::from_pem_file(key).map_err(|e| bad(format!("tls.key_file {}: {e}", key.display())))?;
             builder.with_client_auth_cert(chain, key).map_err(|e| bad(format!("tls client certificate: {e}")))?
         }
         _ => builder.with_no_client_auth(),
@@ -64,6 +65,5 @@ pub fn client_config(settings: &TlsSettings) -> Result<ClientConfig, ExportError
 pub fn server_name(settings: &TlsSettings, host: &str) -> Result<ServerName<'static>, ExportError> {
     let name = settings.server_name.as_deref().unwrap_or(host);
     let name = name.strip_prefix('[').and_then(|n| n.strip_suffix(']')).unwrap_or(name);
-    ServerName::try_from(name.to_owned())
-        .map_err(|e| ExportError::Config(format!("tls server name {name:?}: {e}")))
+    ServerName::try_from(name.to_owned()).map_err(|e| ExportError::Config(format!("tls server name {name:?}: {e}")))
 }

@@ -61,7 +61,11 @@ impl Dashboard {
     }
 
     /// Serves the dashboard on `listener` until `shutdown` completes.
-    pub async fn serve(self, listener: tokio::net::TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
         axum::serve(listener, self.router()).with_graceful_shutdown(shutdown).await
     }
 }
@@ -88,7 +92,8 @@ pub fn parse_since(text: &str) -> Result<chrono::DateTime<Utc>, String> {
     if let Ok(t) = chrono::DateTime::parse_from_rfc3339(text) {
         return Ok(t.with_timezone(&Utc));
     }
-    let d = humantime::parse_duration(text).map_err(|e| format!("since {text:?}: not an RFC 3339 time nor a duration ({e})"))?;
+    let d = humantime::parse_duration(text)
+        .map_err(|e| format!("since {text:?}: not an RFC 3339 time nor a duration ({e})"))?;
     Ok(Utc::now() - chrono::Duration::from_std(d).map_err(|e| e.to_string())?)
 }
 
@@ -104,7 +109,8 @@ async fn events(State(d): State<Dashboard>, axum::extract::Query(q): axum::extra
         Ok(s) => s,
         Err(e) => return (StatusCode::BAD_REQUEST, e).into_response(),
     };
-    let filter = crate::events::EventFilter { kinds: split(q.kind), types: split(q.ty), node: q.node, since, follow: q.follow };
+    let filter =
+        crate::events::EventFilter { kinds: split(q.kind), types: split(q.ty), node: q.node, since, follow: q.follow };
     if let Err(e) = filter.validate() {
         return (StatusCode::BAD_REQUEST, e).into_response();
     }
@@ -161,7 +167,9 @@ async fn metrics(State(d): State<Dashboard>) -> Response {
     let versions = Family::<VersionLabels, Gauge>::default();
     for (component, by_version) in &summary.versions {
         for (version, n) in by_version {
-            versions.get_or_create(&VersionLabels { component: component.clone(), version: version.clone() }).set(*n as i64);
+            versions
+                .get_or_create(&VersionLabels { component: component.clone(), version: version.clone() })
+                .set(*n as i64);
         }
     }
     registry.register("node_versions", "Nodes (not expired) per component and version", versions);
@@ -176,7 +184,11 @@ async fn metrics(State(d): State<Dashboard>) -> Response {
         per_second.get_or_create(&l).set(r.per_second);
     }
     registry.register("stream_last_sequence", "Highest sequence stored per stream", messages);
-    registry.register("stream_events_per_second", "Events stored per second, per stream, over the last minute", per_second);
+    registry.register(
+        "stream_events_per_second",
+        "Events stored per second, per stream, over the last minute",
+        per_second,
+    );
     let mut out = String::new();
     if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &registry) {
         return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();

@@ -36,7 +36,11 @@ struct Tracked {
 impl StreamRates {
     /// Samples `streams` of `backbone` every `every` until the returned task is aborted or
     /// the handle and its clones are dropped.
-    pub fn spawn(backbone: Arc<dyn Backbone>, streams: Vec<String>, every: Duration) -> (Self, tokio::task::JoinHandle<()>) {
+    pub fn spawn(
+        backbone: Arc<dyn Backbone>,
+        streams: Vec<String>,
+        every: Duration,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
         let rates = StreamRates {
             inner: Arc::new(Mutex::new(
                 streams.into_iter().map(|stream| Tracked { stream, messages: 0, samples: VecDeque::new() }).collect(),

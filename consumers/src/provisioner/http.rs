@@ -84,8 +84,10 @@ async fn counts(monitor: Monitor) -> Result<StatusCounts, Response> {
 async fn metrics(State(monitor): State<Monitor>) -> Response {
     let stats = monitor.stats();
     match counts(monitor).await {
-        Ok(c) => ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], encode(&stats, &c))
-            .into_response(),
+        Ok(c) => {
+            ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], encode(&stats, &c))
+                .into_response()
+        }
         Err(r) => r,
     }
 }

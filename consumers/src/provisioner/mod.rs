@@ -359,20 +359,16 @@ impl ProvisionerConfig {
     /// Subject filters of the durable consumer: startups of every provisioning component and
     /// every `provisioned` event.
     pub fn filter_subjects(&self) -> Vec<String> {
-        let mut filters: Vec<String> = self
-            .components
-            .iter()
-            .filter_map(|c| subject::lifecycle(LifecycleType::Startup, c).ok())
-            .collect();
+        let mut filters: Vec<String> =
+            self.components.iter().filter_map(|c| subject::lifecycle(LifecycleType::Startup, c).ok()).collect();
         filters.push(PROVISIONED_FILTER.into());
         filters
     }
 
     /// The durable consumer the provisioner reads `CHORUS_LIFECYCLE` with.
     pub fn consumer_config(&self) -> ConsumerConfig {
-        let mut c = ConsumerConfig::new(self.consumer.clone())
-            .with_start(self.start.clone())
-            .with_ack_wait(self.ack_wait);
+        let mut c =
+            ConsumerConfig::new(self.consumer.clone()).with_start(self.start.clone()).with_ack_wait(self.ack_wait);
         c.filter_subjects = self.filter_subjects();
         c
     }
@@ -1102,7 +1098,10 @@ async fn consume(
         for identity in now_due {
             let _ = due.send(identity);
         }
-        if deliveries.len() < cfg.batch_size && !*shared.caught_up.borrow() && consumer.pending().await.is_ok_and(|p| p == 0) {
+        if deliveries.len() < cfg.batch_size
+            && !*shared.caught_up.borrow()
+            && consumer.pending().await.is_ok_and(|p| p == 0)
+        {
             shared.caught_up.send_if_modified(|c| !std::mem::replace(c, true));
         }
     }
@@ -1336,7 +1335,8 @@ impl Shared {
         let Some(encoded) = self.store.get(identity)?.and_then(|r| r.outbox) else { return Ok(()) };
         let event = EventRecord::decode(encoded.as_bytes())
             .map_err(|e| ProvisionerError::Corrupt(format!("stamped event of {identity}: {e}")))?;
-        let message = to_message(&event).map_err(|e| ProvisionerError::Corrupt(format!("stamped event of {identity}: {e}")))?;
+        let message =
+            to_message(&event).map_err(|e| ProvisionerError::Corrupt(format!("stamped event of {identity}: {e}")))?;
         match self.backbone.publish(message).await {
             Ok(ack) => {
                 let seen = EventRef {
@@ -1426,7 +1426,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.components, vec!["provision_mode_server".to_string()]);
-        assert_eq!((c.consumer.as_str(), c.concurrency, c.event_component.as_str()), ("provisioner", 50, "provisioner"));
+        assert_eq!(
+            (c.consumer.as_str(), c.concurrency, c.event_component.as_str()),
+            ("provisioner", 50, "provisioner")
+        );
         assert_eq!(c.steps[1].data.get("fact"), Some(&serde_json::json!("country")));
         assert_eq!((c.steps[0].timeout, c.steps[1].timeout), (None, Some(Duration::from_secs(5))));
         assert_eq!(
@@ -1439,7 +1442,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.filter_subjects().len(), 3);
-        assert_eq!((c.backoff.initial, c.backoff.max, c.backoff.multiplier), (Duration::from_secs(1), Duration::from_secs(4), 2.0));
+        assert_eq!(
+            (c.backoff.initial, c.backoff.max, c.backoff.multiplier),
+            (Duration::from_secs(1), Duration::from_secs(4), 2.0)
+        );
         assert_eq!(c.start, StartPosition::New);
     }
 
@@ -1517,7 +1523,10 @@ mod tests {
         n.on_startup(ev("s1", 10), at(0));
         n.outbox = Some("stamped".into());
         n.confirmed(ev("p1", 50), at(1));
-        assert_eq!((n.status, n.attempts, n.times_provisioned, n.outbox.clone()), (NodeStatus::Provisioned, 1, 1, None));
+        assert_eq!(
+            (n.status, n.attempts, n.times_provisioned, n.outbox.clone()),
+            (NodeStatus::Provisioned, 1, 1, None)
+        );
         assert!(!n.is_due(at(100)));
         assert!(!n.serves(Some("s1")), "nothing records into a provisioned node");
         // Our own event read back from the stream, and the original startup replayed.
@@ -1603,12 +1612,16 @@ mod tests {
 
         async fn site() -> Site {
             let dir = tempfile::tempdir().unwrap();
-            let backbone: Arc<dyn Backbone> = Arc::new(EmbeddedBackbone::open_path(dir.path().join("streams")).unwrap());
+            let backbone: Arc<dyn Backbone> =
+                Arc::new(EmbeddedBackbone::open_path(dir.path().join("streams")).unwrap());
             ensure_platform_streams(&*backbone, &StreamLimits::default()).await.unwrap();
             let policies = dir.path().join("policies");
             std::fs::create_dir_all(&policies).unwrap();
-            std::fs::write(policies.join("rpcutil.policy"), "policy default deny\nallow\tchoria=provisioner\tping get_fact\t*\t*\n")
-                .unwrap();
+            std::fs::write(
+                policies.join("rpcutil.policy"),
+                "policy default deny\nallow\tchoria=provisioner\tping get_fact\t*\t*\n",
+            )
+            .unwrap();
             let transport = Arc::new(LocalTransport::new());
             let agents: Vec<Arc<dyn Agent>> = vec![Arc::new(agents::RpcUtil)];
             let options = ServerOptions { wildcard_directed: true, ..Default::default() };
@@ -1631,11 +1644,15 @@ mod tests {
             fn config(&self) -> ProvisionerConfig {
                 let mut data = JsonObject::new();
                 data.insert("fact".into(), "identity".into());
-                let mut c = ProvisionerConfig::new(vec![Step::new("rpcutil", "ping"), Step::new("rpcutil", "get_fact").with_data(data)]);
+                let mut c = ProvisionerConfig::new(vec![
+                    Step::new("rpcutil", "ping"),
+                    Step::new("rpcutil", "get_fact").with_data(data),
+                ]);
                 c.state_dir = self.dir.path().join("state");
                 c.step_timeout = Duration::from_millis(500);
                 c.sweep_interval = Duration::from_millis(200);
-                c.backoff = Backoff { initial: Duration::from_millis(200), max: Duration::from_millis(400), multiplier: 2.0 };
+                c.backoff =
+                    Backoff { initial: Duration::from_millis(200), max: Duration::from_millis(400), multiplier: 2.0 };
                 c.fetch_wait = Duration::from_millis(100);
                 c
             }
@@ -1647,11 +1664,8 @@ mod tests {
             /// Lifecycle events of type `provisioned` per identity.
             async fn provisioned_events(&self) -> Vec<EventRecord> {
                 let mut out = Vec::new();
-                let mut replay = self
-                    .backbone
-                    .replay(CHORUS_LIFECYCLE, chorus_backbone::ReplayOptions::default())
-                    .await
-                    .unwrap();
+                let mut replay =
+                    self.backbone.replay(CHORUS_LIFECYCLE, chorus_backbone::ReplayOptions::default()).await.unwrap();
                 use futures::StreamExt;
                 while let Some(m) = replay.next().await {
                     // The junk message the test publishes does not decode.
@@ -1737,7 +1751,11 @@ mod tests {
             // A normal server's startup is not read; a malformed message is dead-lettered.
             site.startup("server.example.net", "server").await;
             site.backbone
-                .publish(chorus_backbone::Message::new("junk-1", "choria.lifecycle.event.startup.provision_mode_server", &b"{oops"[..]))
+                .publish(chorus_backbone::Message::new(
+                    "junk-1",
+                    "choria.lifecycle.event.startup.provision_mode_server",
+                    &b"{oops"[..],
+                ))
                 .await
                 .unwrap();
             for n in ["a.example.net", "b.example.net", "late.example.net"] {
@@ -1789,17 +1807,15 @@ mod tests {
                 .unwrap();
             site.startup("b.example.net", PROVISION_MODE_COMPONENT).await;
             until(&p, "b provisioned twice and a's copy skipped", |p| {
-                p.node("b.example.net").unwrap().is_some_and(|n| n.times_provisioned == 2) && p.stats().duplicate_startups >= 1
+                p.node("b.example.net").unwrap().is_some_and(|n| n.times_provisioned == 2)
+                    && p.stats().duplicate_startups >= 1
             })
             .await;
             p.stop().await.unwrap();
 
             let events = site.provisioned_events().await;
             let per_node = |id: &str| events.iter().filter(|e| e.subject == id).count();
-            assert_eq!(
-                (per_node("a.example.net"), per_node("b.example.net"), per_node("late.example.net")),
-                (1, 2, 1)
-            );
+            assert_eq!((per_node("a.example.net"), per_node("b.example.net"), per_node("late.example.net")), (1, 2, 1));
             let mut seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
             seqs.sort();
             assert_eq!(seqs, vec![1, 2, 3, 4], "the provisioner numbers its events");

@@ -39,20 +39,25 @@ impl AaaClient {
     /// `ca_file` is the PEM bundle that signs the service's certificate.
     pub fn new(base_url: &str, ca_file: Option<&Path>) -> Result<Self, AaaError> {
         let base = base_url.trim_end_matches('/').to_string();
-        let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(30)).connect_timeout(Duration::from_secs(10));
+        let mut builder =
+            reqwest::Client::builder().timeout(Duration::from_secs(30)).connect_timeout(Duration::from_secs(10));
         if base.starts_with("https://") {
             let mut roots = rustls::RootCertStore::empty();
             let ca = ca_file.ok_or_else(|| AaaError::Config(format!("{base}: HTTPS needs a CA file")))?;
             use rustls::pki_types::pem::PemObject;
-            for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca).map_err(|e| AaaError::Config(format!("CA file {}: {e}", ca.display())))? {
+            for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca)
+                .map_err(|e| AaaError::Config(format!("CA file {}: {e}", ca.display())))?
+            {
                 let cert = cert.map_err(|e| AaaError::Config(format!("CA file {}: {e}", ca.display())))?;
                 roots.add(cert).map_err(|e| AaaError::Config(format!("CA file {}: {e}", ca.display())))?;
             }
-            let mut tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .map_err(|e| AaaError::Config(format!("TLS: {e}")))?
-                .with_root_certificates(roots)
-                .with_no_client_auth();
+            let mut tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| AaaError::Config(format!("TLS: {e}")))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
             tls.alpn_protocols = vec![b"http/1.1".to_vec()];
             builder = builder.use_preconfigured_tls(tls);
         } else if !base.starts_with("http://") {
@@ -84,7 +89,8 @@ impl AaaClient {
 
     /// The service's public keys.
     pub async fn keys(&self) -> Result<KeysBody, AaaError> {
-        let response = self.http.get(format!("{}/keys", self.base)).send().await.map_err(|e| AaaError::Http(e.to_string()))?;
+        let response =
+            self.http.get(format!("{}/keys", self.base)).send().await.map_err(|e| AaaError::Http(e.to_string()))?;
         Self::answer(response).await
     }
 
@@ -131,7 +137,8 @@ impl AaaSigner {
 #[async_trait]
 impl RequestSigner for AaaSigner {
     async fn sign(&self, request: RpcRequest) -> Result<RequestEnvelope, RpcError> {
-        let signed = self.client.sign(&self.token, &request).await.map_err(|e| RpcError::Unauthorized(e.to_string()))?;
+        let signed =
+            self.client.sign(&self.token, &request).await.map_err(|e| RpcError::Unauthorized(e.to_string()))?;
         if signed.request != request {
             return Err(RpcError::Unauthorized("the AAA service signed a different request".into()));
         }

@@ -139,10 +139,12 @@ impl KeyConfig {
     /// Opens the key.
     pub fn open(&self, what: &str) -> Result<Arc<dyn Signer>, AaaError> {
         match (&self.key_file, &self.pkcs11) {
-            (Some(path), None) => Ok(Arc::new(
-                Ed25519FileSigner::load(path).map_err(|e| AaaError::Config(format!("{what}.key: {e}")))?,
-            )),
-            (None, Some(p)) => Ok(Arc::new(Pkcs11Signer::open(p).map_err(|e| AaaError::Config(format!("{what}.key: {e}")))?)),
+            (Some(path), None) => {
+                Ok(Arc::new(Ed25519FileSigner::load(path).map_err(|e| AaaError::Config(format!("{what}.key: {e}")))?))
+            }
+            (None, Some(p)) => {
+                Ok(Arc::new(Pkcs11Signer::open(p).map_err(|e| AaaError::Config(format!("{what}.key: {e}")))?))
+            }
             _ => Err(AaaError::Config(format!("{what}.key: set exactly one of key_file and pkcs11"))),
         }
     }
@@ -184,7 +186,8 @@ impl AaaConfig {
         if self.identity.is_empty() {
             return bad("identity must not be empty".into());
         }
-        chorus_schemas::subject::validate_token("site", &self.site).map_err(|e| AaaError::Config(format!("site: {e}")))?;
+        chorus_schemas::subject::validate_token("site", &self.site)
+            .map_err(|e| AaaError::Config(format!("site: {e}")))?;
         if self.listen.parse::<std::net::SocketAddr>().is_err() {
             return bad(format!("listen: {:?} is not ip:port", self.listen));
         }
@@ -259,9 +262,12 @@ audit: {state_dir: /var/lib/chorus/aaa}
         assert!(e.contains("jwt.validity"), "{e}");
         let e = AaaConfig::from_yaml(&format!("{SAMPLE}\nbogus: 1")).unwrap_err().to_string();
         assert!(e.contains("bogus"), "{e}");
-        let e = AaaConfig::from_yaml(&SAMPLE.replace("audit: {state_dir: /var/lib/chorus/aaa}", "audit: {}")).unwrap_err().to_string();
+        let e = AaaConfig::from_yaml(&SAMPLE.replace("audit: {state_dir: /var/lib/chorus/aaa}", "audit: {}"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("audit"), "{e}");
-        let two = SAMPLE.replace("  acme: {collectives: [acme]}", "  acme: {collectives: [acme]}\n  globex: {collectives: [acme]}");
+        let two = SAMPLE
+            .replace("  acme: {collectives: [acme]}", "  acme: {collectives: [acme]}\n  globex: {collectives: [acme]}");
         let e = AaaConfig::from_yaml(&two).unwrap_err().to_string();
         assert!(e.contains("already belongs"), "{e}");
     }

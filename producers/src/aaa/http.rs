@@ -94,14 +94,20 @@ fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response
 
 fn denied(denial: &Denial, audited: bool, status: StatusCode) -> Response {
     if !audited {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "audit_unavailable", format!("{denial} (and the decision could not be audited)"));
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "audit_unavailable",
+            format!("{denial} (and the decision could not be audited)"),
+        );
     }
     error(status, denial.code(), denial.to_string())
 }
 
 fn failed(e: AaaError) -> Response {
     match e {
-        AaaError::Audit(m) => error(StatusCode::SERVICE_UNAVAILABLE, "audit_unavailable", format!("audit record not stored: {m}")),
+        AaaError::Audit(m) => {
+            error(StatusCode::SERVICE_UNAVAILABLE, "audit_unavailable", format!("audit record not stored: {m}"))
+        }
         other => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", other.to_string()),
     }
 }
@@ -130,7 +136,8 @@ async fn sign(State(service): State<Arc<AaaService>>, body: Bytes) -> Response {
     match service.sign(&token, request).await {
         Ok(Decision::Allow(signed)) => Json::<SignedRequest>(signed).into_response(),
         Ok(Decision::Deny { denial, audited }) => {
-            let status = if matches!(denial, Denial::Token(_)) { StatusCode::UNAUTHORIZED } else { StatusCode::FORBIDDEN };
+            let status =
+                if matches!(denial, Denial::Token(_)) { StatusCode::UNAUTHORIZED } else { StatusCode::FORBIDDEN };
             denied(&denial, audited, status)
         }
         Err(e) => failed(e),
@@ -145,7 +152,10 @@ async fn keys(State(service): State<Arc<AaaService>>) -> Json<KeysBody> {
             key_id: service.tokens().key_id().to_string(),
             public_key_pem: public_key_pem(&service.tokens().public_key()),
         },
-        request: PublishedKey { key_id: request.key_id().to_string(), public_key_pem: public_key_pem(&request.public_key()) },
+        request: PublishedKey {
+            key_id: request.key_id().to_string(),
+            public_key_pem: public_key_pem(&request.public_key()),
+        },
     })
 }
 
@@ -171,7 +181,8 @@ pub fn tls_config(cert_file: &std::path::Path, key_file: &std::path::Path) -> Re
     let certs = CertificateDer::pem_file_iter(cert_file)
         .and_then(|i| i.collect::<Result<Vec<_>, _>>())
         .map_err(|e| bad(format!("tls.cert_file {}: {e}", cert_file.display())))?;
-    let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| bad(format!("tls.key_file {}: {e}", key_file.display())))?;
+    let key =
+        PrivateKeyDer::from_pem_file(key_file).map_err(|e| bad(format!("tls.key_file {}: {e}", key_file.display())))?;
     let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
         .map_err(|e| bad(format!("tls: {e}")))?

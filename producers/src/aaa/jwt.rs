@@ -84,10 +84,23 @@ pub struct TokenAuthority {
 impl TokenAuthority {
     /// Tokens issued by `issuer`, valid `validity` (tokens presented with a longer lifetime
     /// than `max_validity` are refused), `leeway` of clock skew tolerated on `exp`/`nbf`.
-    pub fn new(signer: Arc<dyn Signer>, issuer: impl Into<String>, validity: Duration, max_validity: Duration, leeway: Duration) -> Self {
+    pub fn new(
+        signer: Arc<dyn Signer>,
+        issuer: impl Into<String>,
+        validity: Duration,
+        max_validity: Duration,
+        leeway: Duration,
+    ) -> Self {
         let decoding = DecodingKey::from_ed_components(&URL_SAFE_NO_PAD.encode(signer.public_key()))
             .expect("a base64url Ed25519 public key is always accepted");
-        TokenAuthority { signer, decoding, issuer: issuer.into(), validity, max_validity: max_validity.max(validity), leeway }
+        TokenAuthority {
+            signer,
+            decoding,
+            issuer: issuer.into(),
+            validity,
+            max_validity: max_validity.max(validity),
+            leeway,
+        }
     }
 
     /// How long new tokens are valid.
@@ -107,7 +120,8 @@ impl TokenAuthority {
 
     /// The claims of a token for `user`, issued at `now` (Unix seconds).
     pub fn claims_for(&self, user: &User, tenant_collectives: &[String], now: i64) -> Claims {
-        let collectives = if user.collectives.is_empty() { tenant_collectives.to_vec() } else { user.collectives.clone() };
+        let collectives =
+            if user.collectives.is_empty() { tenant_collectives.to_vec() } else { user.collectives.clone() };
         Claims {
             sub: user.callerid.clone(),
             callerid: user.callerid.clone(),
@@ -183,7 +197,13 @@ mod tests {
     use chorus_schemas::signature::Ed25519FileSigner;
 
     fn authority() -> TokenAuthority {
-        TokenAuthority::new(Arc::new(Ed25519FileSigner::random()), "chorus-aaa", Duration::from_secs(3600), Duration::from_secs(86400), Duration::ZERO)
+        TokenAuthority::new(
+            Arc::new(Ed25519FileSigner::random()),
+            "chorus-aaa",
+            Duration::from_secs(3600),
+            Duration::from_secs(86400),
+            Duration::ZERO,
+        )
     }
 
     fn alice() -> User {
@@ -208,7 +228,8 @@ mod tests {
         assert_eq!(back, claims);
         assert_eq!(back.collectives, ["acme"]);
         assert_eq!(back.exp - back.iat, 3600);
-        let header: serde_json::Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(token.split('.').next().unwrap()).unwrap()).unwrap();
+        let header: serde_json::Value =
+            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(token.split('.').next().unwrap()).unwrap()).unwrap();
         assert_eq!(header["alg"], "EdDSA");
     }
 
@@ -226,7 +247,8 @@ mod tests {
         // Claims changed after signing.
         let token = a.sign(&a.claims_for(&alice(), &["acme".into()], now)).unwrap();
         let mut parts: Vec<String> = token.split('.').map(String::from).collect();
-        let mut claims: serde_json::Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(&parts[1]).unwrap()).unwrap();
+        let mut claims: serde_json::Value =
+            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(&parts[1]).unwrap()).unwrap();
         claims["agents"] = serde_json::json!(["*"]);
         parts[1] = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).unwrap());
         assert_eq!(a.verify(&parts.join(".")), Err(TokenError::BadSignature));

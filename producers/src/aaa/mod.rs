@@ -94,7 +94,13 @@ pub async fn start(config: &AaaConfig) -> Result<RunningAaa, AaaError> {
     let users = Users::load(&config.users_file)?;
     let jwt_key = config.jwt.key.open("jwt")?;
     let request_key = config.signer.key.open("signer")?;
-    let tokens = TokenAuthority::new(jwt_key, config.jwt.issuer.clone(), config.jwt.validity, config.jwt.max_validity, config.jwt.leeway);
+    let tokens = TokenAuthority::new(
+        jwt_key,
+        config.jwt.issuer.clone(),
+        config.jwt.validity,
+        config.jwt.max_validity,
+        config.jwt.leeway,
+    );
 
     let (stop, stop_rx) = watch::channel(false);
     let site: Option<Arc<dyn Backbone>> = match &config.audit.nats {
@@ -109,7 +115,8 @@ pub async fn start(config: &AaaConfig) -> Result<RunningAaa, AaaError> {
     };
     let (sink, next_seq, forwarder): (Arc<dyn EventSink>, u64, _) = match &config.audit.state_dir {
         Some(dir) => {
-            std::fs::create_dir_all(dir).map_err(|e| AaaError::Config(format!("audit.state_dir {}: {e}", dir.display())))?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| AaaError::Config(format!("audit.state_dir {}: {e}", dir.display())))?;
             let store = EmbeddedBackbone::open_path(dir.join("outbox")).map_err(|e| other(&e))?;
             let outbox = Outbox::open(store, OutboxLimits::default()).await.map_err(|e| other(&e))?;
             let next = outbox.next_producer_seq().await.map_err(|e| other(&e))?;

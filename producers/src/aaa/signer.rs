@@ -193,7 +193,9 @@ impl AaaService {
         for (tenant, collectives) in &tenants {
             for c in collectives {
                 if let Some(other) = owner.insert(c, tenant) {
-                    return Err(AaaError::Config(format!("collective {c:?} belongs to tenants {other:?} and {tenant:?}")));
+                    return Err(AaaError::Config(format!(
+                        "collective {c:?} belongs to tenants {other:?} and {tenant:?}"
+                    )));
                 }
             }
         }
@@ -218,7 +220,10 @@ impl AaaService {
                 return Err(AaaError::Config(format!("user {}: unknown tenant {:?}", u.username, u.tenant)));
             };
             if let Some(c) = u.collectives.iter().find(|c| !collectives.contains(c)) {
-                return Err(AaaError::Config(format!("user {}: collective {c:?} is not in tenant {:?}", u.username, u.tenant)));
+                return Err(AaaError::Config(format!(
+                    "user {}: collective {c:?} is not in tenant {:?}",
+                    u.username, u.tenant
+                )));
             }
         }
         *self.users.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(users);
@@ -288,8 +293,19 @@ impl AaaService {
         };
         let parsed = match serde_json::from_value::<RpcRequest>(request) {
             Ok(r) if r.protocol == RpcRequest::PROTOCOL => r,
-            Ok(r) => return self.deny(&claims.callerid, object, Denial::Malformed(format!("protocol {:?}", r.protocol)), Some(&claims)).await,
-            Err(e) => return self.deny(&claims.callerid, object, Denial::Malformed(e.to_string()), Some(&claims)).await,
+            Ok(r) => {
+                return self
+                    .deny(
+                        &claims.callerid,
+                        object,
+                        Denial::Malformed(format!("protocol {:?}", r.protocol)),
+                        Some(&claims),
+                    )
+                    .await
+            }
+            Err(e) => {
+                return self.deny(&claims.callerid, object, Denial::Malformed(e.to_string()), Some(&claims)).await
+            }
         };
         if let Err(denial) = self.authorize(&claims, &parsed) {
             return self.deny(&claims.callerid, object, denial, Some(&claims)).await;
@@ -334,7 +350,13 @@ impl AaaService {
         Ok(())
     }
 
-    async fn deny<T>(&self, callerid: &str, request: JsonObject, denial: Denial, claims: Option<&Claims>) -> Result<Decision<T>, AaaError> {
+    async fn deny<T>(
+        &self,
+        callerid: &str,
+        request: JsonObject,
+        denial: Denial,
+        claims: Option<&Claims>,
+    ) -> Result<Decision<T>, AaaError> {
         let audited = self
             .audit(callerid, AuditAction::Deny, request, Some(&denial), claims.map(|c| c.jti.as_str()))
             .await
@@ -342,7 +364,14 @@ impl AaaService {
         Ok(Decision::Deny { denial, audited })
     }
 
-    async fn audit(&self, callerid: &str, action: AuditAction, request: JsonObject, denial: Option<&Denial>, jti: Option<&str>) -> Result<(), AaaError> {
+    async fn audit(
+        &self,
+        callerid: &str,
+        action: AuditAction,
+        request: JsonObject,
+        denial: Option<&Denial>,
+        jti: Option<&str>,
+    ) -> Result<(), AaaError> {
         let mut record = AuditRecord::new(self.identity.clone(), self.site.clone(), callerid, action, request);
         record.reason = denial.map(|d| d.to_string());
         record.jti = jti.map(String::from);
@@ -400,8 +429,10 @@ pub fn verify_signed_request(envelope: &RequestEnvelope, verifier: &Verifier) ->
         reason: "expected <key id>:<base64 signature>".into(),
     })?;
     let malformed = |reason: String| VerifyError::Malformed { key_id: key_id.to_string(), reason };
-    let bytes = base64::engine::general_purpose::STANDARD.decode(sig).map_err(|e| malformed(format!("not base64: {e}")))?;
-    let bytes: [u8; 64] = bytes.as_slice().try_into().map_err(|_| malformed(format!("{} bytes, expected 64", bytes.len())))?;
+    let bytes =
+        base64::engine::general_purpose::STANDARD.decode(sig).map_err(|e| malformed(format!("not base64: {e}")))?;
+    let bytes: [u8; 64] =
+        bytes.as_slice().try_into().map_err(|_| malformed(format!("{} bytes, expected 64", bytes.len())))?;
     verifier.verify_bytes(key_id, &request_signing_bytes(&envelope.request), &bytes)?;
     Ok(key_id.to_string())
 }

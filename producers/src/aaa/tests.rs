@@ -47,7 +47,13 @@ async fn fixture() -> Fixture {
     .unwrap();
     let tenants: BTreeMap<String, Vec<String>> =
         [("acme".to_string(), vec!["acme".to_string()]), ("globex".to_string(), vec!["globex".to_string()])].into();
-    let tokens = TokenAuthority::new(Arc::new(Ed25519FileSigner::random()), "chorus-aaa", Duration::from_secs(3600), Duration::from_secs(86400), Duration::ZERO);
+    let tokens = TokenAuthority::new(
+        Arc::new(Ed25519FileSigner::random()),
+        "chorus-aaa",
+        Duration::from_secs(3600),
+        Duration::from_secs(86400),
+        Duration::ZERO,
+    );
     let request_key = Arc::new(Ed25519FileSigner::random());
     let service = Arc::new(
         AaaService::new("aaa1.example.net", "london", users, tenants, tokens, request_key.clone(), emitter).unwrap(),
@@ -90,11 +96,22 @@ fn denial<T: std::fmt::Debug>(d: Decision<T>) -> Denial {
 #[tokio::test]
 async fn every_decision_is_audited_with_its_reason() {
     let f = fixture().await;
-    assert!(matches!(f.service.login("alice", "wrong").await.unwrap(), Decision::Deny { denial: Denial::BadCredentials, .. }));
-    assert!(matches!(f.service.login("mallory", "mallory-pw").await.unwrap(), Decision::Deny { denial: Denial::BadCredentials, .. }));
+    assert!(matches!(
+        f.service.login("alice", "wrong").await.unwrap(),
+        Decision::Deny { denial: Denial::BadCredentials, .. }
+    ));
+    assert!(matches!(
+        f.service.login("mallory", "mallory-pw").await.unwrap(),
+        Decision::Deny { denial: Denial::BadCredentials, .. }
+    ));
     let t = token(&f, "alice").await;
 
-    let signed = match f.service.sign(&t, serde_json::to_value(request("up=alice", "acme", "rpcutil", "ping")).unwrap()).await.unwrap() {
+    let signed = match f
+        .service
+        .sign(&t, serde_json::to_value(request("up=alice", "acme", "rpcutil", "ping")).unwrap())
+        .await
+        .unwrap()
+    {
         Decision::Allow(s) => s,
         Decision::Deny { denial, .. } => panic!("{denial}"),
     };
@@ -105,13 +122,22 @@ async fn every_decision_is_audited_with_its_reason() {
     };
     assert!(matches!(denial(sign(request("up=bob", "acme", "rpcutil", "ping")).await), Denial::CallerMismatch { .. }));
     assert!(matches!(denial(sign(request("up=alice", "globex", "rpcutil", "ping")).await), Denial::WrongTenant { .. }));
-    assert!(matches!(denial(sign(request("up=alice", "nowhere", "rpcutil", "ping")).await), Denial::WrongTenant { .. }));
+    assert!(matches!(
+        denial(sign(request("up=alice", "nowhere", "rpcutil", "ping")).await),
+        Denial::WrongTenant { .. }
+    ));
     assert!(matches!(denial(sign(request("up=alice", "acme", "puppet", "run")).await), Denial::AgentNotAllowed { .. }));
     let mut stale = request("up=alice", "acme", "puppet", "status");
     stale.time -= 3600;
     assert!(matches!(denial(sign(stale).await), Denial::Stale { .. }));
-    assert!(matches!(denial(f.service.sign("garbage", serde_json::json!({"callerid": "up=alice"})).await.unwrap()), Denial::Token(_)));
-    assert!(matches!(denial(f.service.sign(&t, serde_json::json!({"callerid": "up=alice"})).await.unwrap()), Denial::Malformed(_)));
+    assert!(matches!(
+        denial(f.service.sign("garbage", serde_json::json!({"callerid": "up=alice"})).await.unwrap()),
+        Denial::Token(_)
+    ));
+    assert!(matches!(
+        denial(f.service.sign(&t, serde_json::json!({"callerid": "up=alice"})).await.unwrap()),
+        Denial::Malformed(_)
+    ));
 
     // The signature verifies with the request key, and not once the request is changed.
     let verifier = Verifier::new().with_key(&f.request_key.public_key()).unwrap();
@@ -126,13 +152,26 @@ async fn every_decision_is_audited_with_its_reason() {
     assert_eq!(records.iter().filter(|r| r.action == AuditAction::Allow).count(), 2, "login and one signature");
     assert!(records.iter().all(|r| r.signer == "aaa1.example.net" && r.site == "london"));
     let reasons: Vec<&str> = records.iter().filter_map(|r| r.reason.as_deref()).collect();
-    for wanted in ["bad username or password", "does not match the token", "wrong tenant", "belongs to no tenant", "agent not allowed", "expired or from the future", "token invalid", "malformed request"] {
+    for wanted in [
+        "bad username or password",
+        "does not match the token",
+        "wrong tenant",
+        "belongs to no tenant",
+        "agent not allowed",
+        "expired or from the future",
+        "token invalid",
+        "malformed request",
+    ] {
         assert!(reasons.iter().any(|r| r.contains(wanted)), "no {wanted:?} in {reasons:#?}");
     }
     assert_eq!(records[1].callerid, "unknown=mallory");
     assert!(!serde_json::to_string(&records).unwrap().contains("alice-pw"), "a password reached the audit trail");
     let jti = f.service.tokens().verify(&t).unwrap().jti;
-    assert_eq!(records.iter().filter(|r| r.jti.as_deref() == Some(jti.as_str())).count(), 8, "login, allow and six denials carry the token id");
+    assert_eq!(
+        records.iter().filter(|r| r.jti.as_deref() == Some(jti.as_str())).count(),
+        8,
+        "login, allow and six denials carry the token id"
+    );
 }
 
 /// The HTTP API end to end, and an RPC client that holds no key getting its requests

@@ -78,7 +78,9 @@ impl Users {
                 return Err(AaaError::Config(format!("{at}: tenant is empty")));
             }
             if !is_supported_hash(&u.password_hash) {
-                return Err(AaaError::Config(format!("{at}: password_hash is neither an argon2 PHC string nor a bcrypt hash")));
+                return Err(AaaError::Config(format!(
+                    "{at}: password_hash is neither an argon2 PHC string nor a bcrypt hash"
+                )));
             }
             for pattern in &u.agents {
                 check_agent_pattern(pattern).map_err(|e| AaaError::Config(format!("{at}: agents: {e}")))?;
@@ -161,9 +163,8 @@ pub fn check_agent_pattern(pattern: &str) -> Result<(), String> {
     if pattern == "*" {
         return Ok(());
     }
-    let (agent, action) = pattern
-        .split_once('.')
-        .ok_or_else(|| format!("{pattern:?} is not agent.action, agent.* or *"))?;
+    let (agent, action) =
+        pattern.split_once('.').ok_or_else(|| format!("{pattern:?} is not agent.action, agent.* or *"))?;
     let token_ok = |t: &str| !t.is_empty() && t.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
     if !token_ok(agent) || !(action == "*" || token_ok(action)) {
         return Err(format!("{pattern:?} is not agent.action, agent.* or *"));

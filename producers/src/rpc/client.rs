@@ -20,9 +20,7 @@ use chorus_schemas::rpc::{Filter, JsonObject};
 use chorus_schemas::{RpcReply, RpcRequest, StatusCode};
 use futures::{Stream, StreamExt};
 
-use super::transport::{
-    broadcast_subject, node_subject, reply_inbox, RequestEnvelope, Subscription, Transport,
-};
+use super::transport::{broadcast_subject, node_subject, reply_inbox, RequestEnvelope, Subscription, Transport};
 use super::RpcError;
 
 /// Which nodes a request is sent to. The discovery filter still applies on the nodes.
@@ -89,11 +87,7 @@ pub struct RpcClient {
 impl RpcClient {
     /// A client calling as `callerid` (e.g. `choria=rip.mcollective`, `up=bob`) into
     /// `collective`. Requests name this host as sender; see [`RpcClient::with_senderid`].
-    pub fn new(
-        transport: Arc<dyn Transport>,
-        callerid: impl Into<String>,
-        collective: impl Into<String>,
-    ) -> Self {
+    pub fn new(transport: Arc<dyn Transport>, callerid: impl Into<String>, collective: impl Into<String>) -> Self {
         RpcClient {
             transport,
             callerid: callerid.into(),
@@ -130,14 +124,8 @@ impl RpcClient {
         data: JsonObject,
         options: RequestOptions,
     ) -> Result<ReplyStream, RpcError> {
-        let mut request = RpcRequest::new(
-            self.callerid.clone(),
-            self.senderid.clone(),
-            self.collective.clone(),
-            agent,
-            action,
-            data,
-        );
+        let mut request =
+            RpcRequest::new(self.callerid.clone(), self.senderid.clone(), self.collective.clone(), agent, action, data);
         request.filter = options.filter;
         request.ttl = options.ttl;
         let subjects = match &options.target {
@@ -145,10 +133,7 @@ impl RpcClient {
             Target::Node(identity) => vec![node_subject(&self.collective, identity)],
             Target::Nodes(identities) => {
                 let unique: HashSet<&String> = identities.iter().collect();
-                let mut subjects: Vec<String> = unique
-                    .into_iter()
-                    .map(|i| node_subject(&self.collective, i))
-                    .collect();
+                let mut subjects: Vec<String> = unique.into_iter().map(|i| node_subject(&self.collective, i)).collect();
                 subjects.sort();
                 subjects
             }
@@ -169,9 +154,7 @@ impl RpcClient {
         let replies = self.transport.subscribe(&inbox).await?;
         let started = Instant::now();
         for subject in &subjects {
-            self.transport
-                .publish(subject, Some(&inbox), payload.clone())
-                .await?;
+            self.transport.publish(subject, Some(&inbox), payload.clone()).await?;
         }
         // One round trip, so an unreachable server is an error here rather than a silent
         // "no replies" after the timeout.
@@ -201,11 +184,7 @@ impl RpcClient {
         while let Some(reply) = stream.next().await {
             replies.push(reply);
         }
-        Ok(RpcResults {
-            summary: stream.summary(),
-            request: stream.request,
-            replies,
-        })
+        Ok(RpcResults { summary: stream.summary(), request: stream.request, replies })
     }
 }
 
@@ -296,9 +275,7 @@ impl ReplyStream {
             denied: c.denied,
             failed: c.failed,
             expected: self.expected,
-            no_response: self
-                .expected
-                .map(|e| e.saturating_sub(self.responders.len())),
+            no_response: self.expected.map(|e| e.saturating_sub(self.responders.len())),
             ignored: c.ignored,
             elapsed: self.finished.unwrap_or_else(Instant::now) - self.started,
         }
@@ -358,9 +335,7 @@ impl Stream for ReplyStream {
 
 impl std::fmt::Debug for ReplyStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ReplyStream")
-            .field("summary", &self.summary())
-            .finish()
+        f.debug_struct("ReplyStream").field("summary", &self.summary()).finish()
     }
 }
 
@@ -368,11 +343,6 @@ impl std::fmt::Debug for ReplyStream {
 fn local_hostname() -> String {
     ["/proc/sys/kernel/hostname", "/etc/hostname"]
         .iter()
-        .find_map(|p| {
-            std::fs::read_to_string(p)
-                .ok()
-                .map(|s| s.trim().to_string())
-                .filter(|s| !s.is_empty())
-        })
+        .find_map(|p| std::fs::read_to_string(p).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()))
         .unwrap_or_else(|| "localhost".to_string())
 }

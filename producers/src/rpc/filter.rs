@@ -42,8 +42,7 @@ impl Pattern {
 
 /// The body of `/body/`, if `text` is so delimited.
 fn regex_body(text: &str) -> Option<&str> {
-    (text.len() >= 2 && text.starts_with('/') && text.ends_with('/'))
-        .then(|| &text[1..text.len() - 1])
+    (text.len() >= 2 && text.starts_with('/') && text.ends_with('/')).then(|| &text[1..text.len() - 1])
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,8 +69,7 @@ struct CompiledFact {
 
 impl CompiledFact {
     fn new(f: &FactFilter) -> Result<Self, String> {
-        let regex =
-            |body: &str| Regex::new(body).map_err(|e| format!("fact {}: bad regex: {e}", f.fact));
+        let regex = |body: &str| Regex::new(body).map_err(|e| format!("fact {}: bad regex: {e}", f.fact));
         let test = match f.operator.as_str() {
             "=~" => FactTest::Regex(regex(regex_body(&f.value).unwrap_or(&f.value))?),
             "==" | "=" => match regex_body(&f.value) {
@@ -85,10 +83,7 @@ impl CompiledFact {
             ">=" => FactTest::Compare(Op::Ge, f.value.clone()),
             other => return Err(format!("fact {}: unknown operator {other:?}", f.fact)),
         };
-        Ok(CompiledFact {
-            fact: f.fact.clone(),
-            test,
-        })
+        Ok(CompiledFact { fact: f.fact.clone(), test })
     }
 
     fn matches(&self, node: &NodeContext) -> bool {
@@ -144,11 +139,7 @@ impl CompiledFilter {
         Ok(CompiledFilter {
             all: filter.is_empty(),
             compound: !filter.compound.is_empty(),
-            facts: filter
-                .fact
-                .iter()
-                .map(CompiledFact::new)
-                .collect::<Result<_, _>>()?,
+            facts: filter.fact.iter().map(CompiledFact::new).collect::<Result<_, _>>()?,
             classes: patterns(&filter.cf_class, "class")?,
             agents: patterns(&filter.agent, "agent")?,
             identities: patterns(&filter.identity, "identity")?,
@@ -180,27 +171,19 @@ pub fn parse_fact_filter(text: &str) -> Result<FactFilter, RpcError> {
         .filter_map(|op| text.find(op).map(|at| (at, *op)))
         .min_by_key(|(at, op)| (*at, usize::MAX - op.len()));
     let Some((at, op)) = found else {
-        return Err(RpcError::Invalid(format!(
-            "fact filter {text:?} has no operator"
-        )));
+        return Err(RpcError::Invalid(format!("fact filter {text:?} has no operator")));
     };
     let fact = text[..at].trim();
     let value = text[at + op.len()..].trim();
     if fact.is_empty() {
-        return Err(RpcError::Invalid(format!(
-            "fact filter {text:?} has no fact name"
-        )));
+        return Err(RpcError::Invalid(format!("fact filter {text:?} has no fact name")));
     }
     let operator = match op {
         "=" if regex_body(value).is_some() => "=~",
         "=" => "==",
         other => other,
     };
-    let filter = FactFilter {
-        fact: fact.to_string(),
-        operator: operator.to_string(),
-        value: value.to_string(),
-    };
+    let filter = FactFilter { fact: fact.to_string(), operator: operator.to_string(), value: value.to_string() };
     CompiledFact::new(&filter).map_err(RpcError::Invalid)?;
     Ok(filter)
 }
@@ -220,16 +203,11 @@ mod tests {
     }
 
     fn matches(filter: Filter) -> bool {
-        CompiledFilter::new(&filter)
-            .unwrap()
-            .matches(&node(), &["rpcutil".to_string()])
+        CompiledFilter::new(&filter).unwrap().matches(&node(), &["rpcutil".to_string()])
     }
 
     fn fact(text: &str) -> Filter {
-        Filter {
-            fact: vec![parse_fact_filter(text).unwrap()],
-            ..Default::default()
-        }
+        Filter { fact: vec![parse_fact_filter(text).unwrap()], ..Default::default() }
     }
 
     #[test]
@@ -264,10 +242,7 @@ mod tests {
         assert!(matches(f(&[], &["webserver"], &["rpcutil"])));
         assert!(!matches(f(&[], &["webserver", "db"], &[])));
         assert!(!matches(f(&[], &[], &["shell"])));
-        let compound = Filter {
-            compound: vec![vec![Default::default()]],
-            ..Default::default()
-        };
+        let compound = Filter { compound: vec![vec![Default::default()]], ..Default::default() };
         assert!(!matches(compound));
     }
 }

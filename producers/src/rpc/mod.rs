@@ -34,9 +34,7 @@ pub use client::{ReplyStream, RequestOptions, RequestSigner, RpcClient, RpcResul
 pub use filter::parse_fact_filter;
 pub use policy::{ActionPolicy, PolicyDecision, PolicyError};
 pub use server::{RpcServer, ServerOptions, StatsSnapshot};
-pub use transport::{
-    LocalTransport, NatsTransport, RequestEnvelope, Subscription, Transport, TransportMessage,
-};
+pub use transport::{LocalTransport, NatsTransport, RequestEnvelope, Subscription, Transport, TransportMessage};
 
 /// What a node is, as its agents, its discovery filter and its Action Policy see it.
 ///

@@ -50,10 +50,7 @@ pub struct PolicyDecision {
 
 impl PolicyDecision {
     fn deny(reason: impl Into<String>) -> Self {
-        PolicyDecision {
-            allowed: false,
-            reason: reason.into(),
-        }
+        PolicyDecision { allowed: false, reason: reason.into() }
     }
 }
 
@@ -116,12 +113,8 @@ enum FactMatch {
 impl FactMatch {
     fn matches(&self, node: &NodeContext) -> bool {
         match self {
-            FactMatch::Equals(name, value) => node
-                .fact(name)
-                .is_some_and(|v| fact_text(v) == value.as_str()),
-            FactMatch::Regex(name, re) => {
-                node.fact(name).is_some_and(|v| re.is_match(&fact_text(v)))
-            }
+            FactMatch::Equals(name, value) => node.fact(name).is_some_and(|v| fact_text(v) == value.as_str()),
+            FactMatch::Regex(name, re) => node.fact(name).is_some_and(|v| re.is_match(&fact_text(v))),
         }
     }
 }
@@ -142,9 +135,7 @@ impl Rule {
         column(&self.callers, |c| c.iter().any(|c| c == callerid))
             && column(&self.actions, |a| a.iter().any(|a| a == action))
             && column(&self.facts, |f| f.iter().all(|f| f.matches(node)))
-            && column(&self.classes, |cls| {
-                cls.iter().all(|c| node.classes.iter().any(|n| n == c))
-            })
+            && column(&self.classes, |cls| cls.iter().all(|c| node.classes.iter().any(|n| n == c)))
     }
 }
 
@@ -169,18 +160,10 @@ impl PolicyFile {
     /// Parses policy text; `path` only names the file in errors and decisions.
     pub fn parse(path: impl Into<PathBuf>, text: &str) -> Result<Self, PolicyError> {
         let path = path.into();
-        let mut file = PolicyFile {
-            path: path.clone(),
-            default: None,
-            rules: Vec::new(),
-        };
+        let mut file = PolicyFile { path: path.clone(), default: None, rules: Vec::new() };
         for (index, raw) in text.lines().enumerate() {
             let line = index + 1;
-            let err = |message: String| PolicyError::Parse {
-                path: path.clone(),
-                line,
-                message,
-            };
+            let err = |message: String| PolicyError::Parse { path: path.clone(), line, message };
             let content = raw.trim();
             if content.is_empty() || content.starts_with('#') {
                 continue;
@@ -189,21 +172,12 @@ impl PolicyFile {
             if first == "policy" {
                 let words: Vec<&str> = content.split_whitespace().collect();
                 let effect = match words.as_slice() {
-                    ["policy", "default", effect] => Effect::parse(effect).ok_or_else(|| {
-                        err(format!(
-                            "policy default must be allow or deny, not {effect:?}"
-                        ))
-                    })?,
-                    _ => {
-                        return Err(err(format!(
-                            "expected 'policy default allow|deny', found {content:?}"
-                        )))
-                    }
+                    ["policy", "default", effect] => Effect::parse(effect)
+                        .ok_or_else(|| err(format!("policy default must be allow or deny, not {effect:?}")))?,
+                    _ => return Err(err(format!("expected 'policy default allow|deny', found {content:?}"))),
                 };
                 if let Some((_, previous)) = file.default {
-                    return Err(err(format!(
-                        "second 'policy default' (first on line {previous})"
-                    )));
+                    return Err(err(format!("second 'policy default' (first on line {previous})")));
                 }
                 file.default = Some((effect, line));
                 continue;
@@ -216,21 +190,14 @@ impl PolicyFile {
     /// Reads and parses a policy file.
     pub fn load(path: impl Into<PathBuf>) -> Result<Self, PolicyError> {
         let path = path.into();
-        let text = std::fs::read_to_string(&path).map_err(|source| PolicyError::Io {
-            path: path.clone(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(&path).map_err(|source| PolicyError::Io { path: path.clone(), source })?;
         Self::parse(path, &text)
     }
 
     /// Decides whether `callerid` may call `action` on `node`.
     pub fn evaluate(&self, callerid: &str, action: &str, node: &NodeContext) -> PolicyDecision {
         let path = self.path.display();
-        if let Some(rule) = self
-            .rules
-            .iter()
-            .find(|r| r.matches(callerid, action, node))
-        {
+        if let Some(rule) = self.rules.iter().find(|r| r.matches(callerid, action, node)) {
             return PolicyDecision {
                 allowed: rule.effect == Effect::Allow,
                 reason: format!("{} by {path}:{}", rule.effect, rule.line),
@@ -241,9 +208,7 @@ impl PolicyFile {
                 allowed: effect == Effect::Allow,
                 reason: format!("{effect} by policy default at {path}:{line} (no rule matched)"),
             },
-            None => PolicyDecision::deny(format!(
-                "deny by {path}: no rule matched and no 'policy default' line"
-            )),
+            None => PolicyDecision::deny(format!("deny by {path}: no rule matched and no 'policy default' line")),
         }
     }
 }
@@ -251,20 +216,12 @@ impl PolicyFile {
 /// Parses a rule line into its five columns.
 fn parse_rule(content: &str, line: usize) -> Result<Rule, String> {
     let columns: Vec<&str> = if content.contains('\t') {
-        content
-            .split('\t')
-            .map(str::trim)
-            .filter(|c| !c.is_empty())
-            .collect()
+        content.split('\t').map(str::trim).filter(|c| !c.is_empty()).collect()
     } else {
         content.split_whitespace().collect()
     };
-    let effect = Effect::parse(columns[0]).ok_or_else(|| {
-        format!(
-            "expected 'allow', 'deny' or 'policy default', found {:?}",
-            columns[0]
-        )
-    })?;
+    let effect = Effect::parse(columns[0])
+        .ok_or_else(|| format!("expected 'allow', 'deny' or 'policy default', found {:?}", columns[0]))?;
     if columns.len() != 5 {
         return Err(format!(
             "expected 5 columns (allow|deny, callers, actions, facts, classes) separated by \
@@ -274,12 +231,7 @@ fn parse_rule(content: &str, line: usize) -> Result<Rule, String> {
     }
     let facts = match list(columns[3], "facts")? {
         None => None,
-        Some(items) => Some(
-            items
-                .into_iter()
-                .map(parse_fact)
-                .collect::<Result<Vec<_>, _>>()?,
-        ),
+        Some(items) => Some(items.into_iter().map(parse_fact).collect::<Result<Vec<_>, _>>()?),
     };
     Ok(Rule {
         line,
@@ -311,8 +263,7 @@ fn parse_fact(item: String) -> Result<FactMatch, String> {
         return Err(format!("fact match {item:?} has no fact name"));
     }
     if value.len() >= 2 && value.starts_with('/') && value.ends_with('/') {
-        let re = Regex::new(&value[1..value.len() - 1])
-            .map_err(|e| format!("fact match {item:?}: bad regex: {e}"))?;
+        let re = Regex::new(&value[1..value.len() - 1]).map_err(|e| format!("fact match {item:?}: bad regex: {e}"))?;
         return Ok(FactMatch::Regex(name.to_string(), re));
     }
     Ok(FactMatch::Equals(name.to_string(), value.to_string()))
@@ -346,11 +297,7 @@ impl ActionPolicy {
 
     /// Like [`ActionPolicy::new`], re-checking files for changes every `recheck`.
     pub fn with_recheck(dir: Option<PathBuf>, recheck: Duration) -> Self {
-        ActionPolicy {
-            dir,
-            recheck,
-            cache: Mutex::new(HashMap::new()),
-        }
+        ActionPolicy { dir, recheck, cache: Mutex::new(HashMap::new()) }
     }
 
     /// The policy directory, if any.
@@ -401,24 +348,14 @@ impl ActionPolicy {
             }
         }
         let fingerprint = match std::fs::metadata(path) {
-            Ok(meta) => Some((
-                meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-                meta.len(),
-            )),
+            Ok(meta) => Some((meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), meta.len())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(source) => {
                 // Exists but cannot be examined: deny through an error, do not fall back.
-                let value = Some(Arc::new(Err(PolicyError::Io {
-                    path: path.into(),
-                    source,
-                })));
+                let value = Some(Arc::new(Err(PolicyError::Io { path: path.into(), source })));
                 cache.insert(
                     path.into(),
-                    CacheEntry {
-                        checked: Instant::now(),
-                        fingerprint: None,
-                        value: value.clone(),
-                    },
+                    CacheEntry { checked: Instant::now(), fingerprint: None, value: value.clone() },
                 );
                 return value;
             }
@@ -436,23 +373,14 @@ impl ActionPolicy {
             }
             Arc::new(file)
         });
-        cache.insert(
-            path.into(),
-            CacheEntry {
-                checked: Instant::now(),
-                fingerprint,
-                value: value.clone(),
-            },
-        );
+        cache.insert(path.into(), CacheEntry { checked: Instant::now(), fingerprint, value: value.clone() });
         value
     }
 }
 
 impl fmt::Debug for ActionPolicy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ActionPolicy")
-            .field("dir", &self.dir)
-            .finish()
+        f.debug_struct("ActionPolicy").field("dir", &self.dir).finish()
     }
 }
 
@@ -464,27 +392,17 @@ mod tests {
     fn node() -> NodeContext {
         let mut n = NodeContext::new("n1.example.net", "choria");
         n.facts.insert("env".into(), json!("production"));
-        n.facts
-            .insert("os".into(), json!({"family": "debian", "release": 12}));
+        n.facts.insert("os".into(), json!({"family": "debian", "release": 12}));
         n.classes = vec!["webserver".into(), "base".into()];
         n
     }
 
     fn decide(text: &str, caller: &str, action: &str) -> PolicyDecision {
-        PolicyFile::parse("t.policy", text)
-            .unwrap()
-            .evaluate(caller, action, &node())
+        PolicyFile::parse("t.policy", text).unwrap().evaluate(caller, action, &node())
     }
 
     fn request(agent: &str, action: &str, caller: &str) -> RpcRequest {
-        RpcRequest::new(
-            caller,
-            "client",
-            "choria",
-            agent,
-            action,
-            Default::default(),
-        )
+        RpcRequest::new(caller, "client", "choria", agent, action, Default::default())
     }
 
     #[test]
@@ -505,17 +423,9 @@ mod tests {
 
     #[test]
     fn policy_default_applies_when_nothing_matches() {
-        let d = decide(
-            "# comment\n\npolicy default allow\ndeny\t*\tshutdown\t*\t*\n",
-            "x",
-            "ping",
-        );
+        let d = decide("# comment\n\npolicy default allow\ndeny\t*\tshutdown\t*\t*\n", "x", "ping");
         assert!(d.allowed);
-        assert!(
-            d.reason.contains("policy default at t.policy:3"),
-            "{}",
-            d.reason
-        );
+        assert!(d.reason.contains("policy default at t.policy:3"), "{}", d.reason);
         // No default line at all denies.
         let d = decide("allow\tx\tstatus\t*\t*", "x", "ping");
         assert!(!d.allowed);
@@ -527,11 +437,7 @@ mod tests {
     fn whitespace_separated_lines_need_five_columns() {
         assert!(decide("allow choria=bob ping * *", "choria=bob", "ping").allowed);
         let err = PolicyFile::parse("t.policy", "allow choria=bob ping pong * *").unwrap_err();
-        assert!(
-            err.to_string()
-                .starts_with("t.policy:1: expected 5 columns"),
-            "{err}"
-        );
+        assert!(err.to_string().starts_with("t.policy:1: expected 5 columns"), "{err}");
         // Runs of tabs are one separator.
         assert!(decide("allow\t\tchoria=bob\t\t\tping\t*\t*", "choria=bob", "ping").allowed);
     }
@@ -550,8 +456,7 @@ mod tests {
 
     #[test]
     fn classes_must_all_be_present() {
-        let allow =
-            |classes: &str| decide(&format!("allow\t*\t*\t*\t{classes}"), "c", "ping").allowed;
+        let allow = |classes: &str| decide(&format!("allow\t*\t*\t*\t{classes}"), "c", "ping").allowed;
         assert!(allow("webserver"));
         assert!(allow("webserver base"));
         assert!(!allow("webserver database"));
@@ -562,30 +467,12 @@ mod tests {
         let cases = [
             ("permit\t*\t*\t*\t*", "t.policy:1: expected 'allow', 'deny'"),
             ("\n# c\nallow\t*\t*\t*", "t.policy:3: expected 5 columns"),
-            (
-                "policy default maybe",
-                "t.policy:1: policy default must be allow or deny",
-            ),
-            (
-                "policy deny",
-                "t.policy:1: expected 'policy default allow|deny'",
-            ),
-            (
-                "policy default deny\npolicy default allow",
-                "t.policy:2: second 'policy default'",
-            ),
-            (
-                "allow\t*\t*\tenv\t*",
-                "t.policy:1: fact match \"env\" is not fact=value",
-            ),
-            (
-                "allow\t*\t*\tenv=/(/\t*",
-                "t.policy:1: fact match \"env=/(/\": bad regex",
-            ),
-            (
-                "allow\t* bob\t*\t*\t*",
-                "t.policy:1: '*' must stand alone in the callers column",
-            ),
+            ("policy default maybe", "t.policy:1: policy default must be allow or deny"),
+            ("policy deny", "t.policy:1: expected 'policy default allow|deny'"),
+            ("policy default deny\npolicy default allow", "t.policy:2: second 'policy default'"),
+            ("allow\t*\t*\tenv\t*", "t.policy:1: fact match \"env\" is not fact=value"),
+            ("allow\t*\t*\tenv=/(/\t*", "t.policy:1: fact match \"env=/(/\": bad regex"),
+            ("allow\t* bob\t*\t*\t*", "t.policy:1: '*' must stand alone in the callers column"),
         ];
         for (text, want) in cases {
             let err = PolicyFile::parse("t.policy", text).unwrap_err().to_string();
@@ -599,11 +486,7 @@ mod tests {
         let policy = ActionPolicy::with_recheck(Some(dir.path().into()), Duration::ZERO);
         let d = policy.authorize(&request("rpcutil", "ping", "c"), &node());
         assert!(!d.allowed);
-        assert!(
-            d.reason.starts_with("no policy file for agent rpcutil"),
-            "{}",
-            d.reason
-        );
+        assert!(d.reason.starts_with("no policy file for agent rpcutil"), "{}", d.reason);
 
         std::fs::write(dir.path().join("default.policy"), "policy default allow\n").unwrap();
         let d = policy.authorize(&request("rpcutil", "ping", "c"), &node());
@@ -615,11 +498,7 @@ mod tests {
         assert!(!d.allowed);
         assert!(d.reason.contains("rpcutil.policy"), "{}", d.reason);
         // Other agents still use default.policy.
-        assert!(
-            policy
-                .authorize(&request("shell", "run", "c"), &node())
-                .allowed
-        );
+        assert!(policy.authorize(&request("shell", "run", "c"), &node()).allowed);
 
         // A broken file denies (it does not fall back to default.policy).
         std::fs::write(dir.path().join("rpcutil.policy"), "allow everyone\n").unwrap();
@@ -627,11 +506,7 @@ mod tests {
         assert!(!d.allowed);
         assert!(d.reason.contains("rpcutil.policy:1"), "{}", d.reason);
 
-        assert!(
-            !policy
-                .authorize(&request("../x", "ping", "c"), &node())
-                .allowed
-        );
+        assert!(!policy.authorize(&request("../x", "ping", "c"), &node()).allowed);
         let none = ActionPolicy::new(None).authorize(&request("rpcutil", "ping", "c"), &node());
         assert!(!none.allowed && none.reason.contains("no policy directory"));
     }
@@ -641,16 +516,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let policy = ActionPolicy::with_recheck(Some(dir.path().into()), Duration::from_secs(3600));
         std::fs::write(dir.path().join("rpcutil.policy"), "policy default allow\n").unwrap();
-        assert!(
-            policy
-                .authorize(&request("rpcutil", "ping", "c"), &node())
-                .allowed
-        );
+        assert!(policy.authorize(&request("rpcutil", "ping", "c"), &node()).allowed);
         std::fs::write(dir.path().join("rpcutil.policy"), "policy default deny\n").unwrap();
-        assert!(
-            policy
-                .authorize(&request("rpcutil", "ping", "c"), &node())
-                .allowed
-        );
+        assert!(policy.authorize(&request("rpcutil", "ping", "c"), &node()).allowed);
     }
 }

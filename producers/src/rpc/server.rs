@@ -42,8 +42,8 @@ use super::agents::{ActionContext, Agent};
 use super::filter::CompiledFilter;
 use super::policy::{ActionPolicy, DEFAULT_RECHECK};
 use super::transport::{
-    broadcast_subject, node_subject, validate_subject, RequestEnvelope, Subscription, Transport,
-    TransportMessage, MAX_PAYLOAD,
+    broadcast_subject, node_subject, validate_subject, RequestEnvelope, Subscription, Transport, TransportMessage,
+    MAX_PAYLOAD,
 };
 use super::{NodeContext, RpcError};
 use crate::Emitter;
@@ -217,18 +217,12 @@ impl RpcServer {
         let mut registered = HashMap::new();
         for agent in agents {
             let name = agent.name().to_string();
-            validate_subject(&name, false)
-                .map_err(|e| RpcError::Invalid(format!("agent name: {e}")))?;
+            validate_subject(&name, false).map_err(|e| RpcError::Invalid(format!("agent name: {e}")))?;
             if name.contains('.') {
-                return Err(RpcError::Invalid(format!(
-                    "agent name {name:?} contains a dot"
-                )));
+                return Err(RpcError::Invalid(format!("agent name {name:?} contains a dot")));
             }
             let actions = agent.actions().into_iter().collect();
-            if registered
-                .insert(name.clone(), RegisteredAgent { agent, actions })
-                .is_some()
-            {
+            if registered.insert(name.clone(), RegisteredAgent { agent, actions }).is_some() {
                 return Err(RpcError::Invalid(format!("agent {name} registered twice")));
             }
         }
@@ -260,26 +254,14 @@ impl RpcServer {
         let directed = node_subject(&ctx.collective, &ctx.identity);
         validate_subject(&directed, false)?;
         if ctx.collective.contains('.') {
-            return Err(RpcError::Invalid(format!(
-                "collective {:?} contains a dot",
-                ctx.collective
-            )));
+            return Err(RpcError::Invalid(format!("collective {:?} contains a dot", ctx.collective)));
         }
-        if self
-            .core
-            .nodes_read()
-            .get(&ctx.collective)
-            .is_some_and(|c| c.contains_key(&ctx.identity))
-        {
+        if self.core.nodes_read().get(&ctx.collective).is_some_and(|c| c.contains_key(&ctx.identity)) {
             return Err(RpcError::DuplicateNode(ctx.identity));
         }
 
-        let mut subjects: Vec<String> = self
-            .core
-            .agent_names
-            .iter()
-            .map(|agent| broadcast_subject(&ctx.collective, agent))
-            .collect();
+        let mut subjects: Vec<String> =
+            self.core.agent_names.iter().map(|agent| broadcast_subject(&ctx.collective, agent)).collect();
         subjects.push(if self.core.options.wildcard_directed {
             format!("{}.node.>", ctx.collective)
         } else {
@@ -291,11 +273,7 @@ impl RpcServer {
                 continue;
             }
             let subscription = self.core.transport.subscribe(&subject).await?;
-            let task = tokio::spawn(listen(
-                Arc::clone(&self.core),
-                subject.clone(),
-                subscription,
-            ));
+            let task = tokio::spawn(listen(Arc::clone(&self.core), subject.clone(), subscription));
             self.lock_listeners().insert(subject, task);
             added = true;
         }
@@ -303,16 +281,9 @@ impl RpcServer {
             self.core.transport.flush().await?;
         }
 
-        let node = Arc::new(HostedNode {
-            ctx,
-            emitter,
-            stats: RpcStats::default(),
-        });
+        let node = Arc::new(HostedNode { ctx, emitter, stats: RpcStats::default() });
         let mut nodes = self.core.nodes.write().unwrap_or_else(|e| e.into_inner());
-        nodes
-            .entry(node.ctx.collective.clone())
-            .or_default()
-            .insert(node.ctx.identity.clone(), node);
+        nodes.entry(node.ctx.collective.clone()).or_default().insert(node.ctx.identity.clone(), node);
         Ok(())
     }
 
@@ -321,16 +292,10 @@ impl RpcServer {
     pub fn remove_node(&self, collective: &str, identity: &str) -> bool {
         let removed = {
             let mut nodes = self.core.nodes.write().unwrap_or_else(|e| e.into_inner());
-            nodes
-                .get_mut(collective)
-                .and_then(|c| c.remove(identity))
-                .is_some()
+            nodes.get_mut(collective).and_then(|c| c.remove(identity)).is_some()
         };
         if removed && !self.core.options.wildcard_directed {
-            if let Some(task) = self
-                .lock_listeners()
-                .remove(&node_subject(collective, identity))
-            {
+            if let Some(task) = self.lock_listeners().remove(&node_subject(collective, identity)) {
                 task.abort();
             }
         }
@@ -378,10 +343,7 @@ impl Drop for RpcServer {
 
 impl std::fmt::Debug for RpcServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RpcServer")
-            .field("agents", &self.core.agent_names)
-            .field("nodes", &self.node_count())
-            .finish()
+        f.debug_struct("RpcServer").field("agents", &self.core.agent_names).field("nodes", &self.node_count()).finish()
     }
 }
 
@@ -402,9 +364,7 @@ async fn listen(core: Arc<Core>, subject: String, mut subscription: Subscription
 }
 
 impl Core {
-    fn nodes_read(
-        &self,
-    ) -> std::sync::RwLockReadGuard<'_, HashMap<String, HashMap<String, Arc<HostedNode>>>> {
+    fn nodes_read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, HashMap<String, Arc<HostedNode>>>> {
         self.nodes.read().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -440,23 +400,19 @@ impl Core {
             .as_deref()
             .and_then(|verifier| crate::aaa::verify_signed_request(&envelope, verifier).err());
         let request = envelope.request;
-        let destination =
-            if message.subject == broadcast_subject(&request.collective, &request.agent) {
-                Destination::Broadcast
-            } else if let Some(identity) = message
-                .subject
-                .strip_prefix(&format!("{}.node.", request.collective))
-            {
-                Destination::Node(identity.to_string())
-            } else {
-                return self.malformed(
-                    &message,
-                    &format!(
-                        "request for agent {} in collective {} on the wrong subject",
-                        request.agent, request.collective
-                    ),
-                );
-            };
+        let destination = if message.subject == broadcast_subject(&request.collective, &request.agent) {
+            Destination::Broadcast
+        } else if let Some(identity) = message.subject.strip_prefix(&format!("{}.node.", request.collective)) {
+            Destination::Node(identity.to_string())
+        } else {
+            return self.malformed(
+                &message,
+                &format!(
+                    "request for agent {} in collective {} on the wrong subject",
+                    request.agent, request.collective
+                ),
+            );
+        };
         let targets: Vec<Arc<HostedNode>> = {
             let nodes = self.nodes_read();
             let Some(collective) = nodes.get(&request.collective) else {
@@ -464,9 +420,7 @@ impl Core {
             };
             match &destination {
                 Destination::Broadcast => collective.values().cloned().collect(),
-                Destination::Node(identity) => {
-                    collective.get(identity).cloned().into_iter().collect()
-                }
+                Destination::Node(identity) => collective.get(identity).cloned().into_iter().collect(),
             }
         };
         if targets.is_empty() {
@@ -533,23 +487,12 @@ impl Core {
             return self.answer(node, RpcReply::denied(request, identity, reason), reply_to).await;
         }
 
-        let registered = self
-            .agents
-            .get(&request.agent)
-            .filter(|a| a.actions.contains(&request.action));
+        let registered = self.agents.get(&request.agent).filter(|a| a.actions.contains(&request.action));
         let reply = match registered {
             None => {
-                let mut reply = RpcReply::new(
-                    request,
-                    identity,
-                    StatusCode::UnknownAction,
-                    JsonObject::new(),
-                );
+                let mut reply = RpcReply::new(request, identity, StatusCode::UnknownAction, JsonObject::new());
                 reply.statusmsg = if self.agents.contains_key(&request.agent) {
-                    format!(
-                        "Unknown action {} for agent {}",
-                        request.action, request.agent
-                    )
+                    format!("Unknown action {} for agent {}", request.action, request.agent)
                 } else {
                     format!("Unknown agent {}", request.agent)
                 };
@@ -566,8 +509,7 @@ impl Core {
                     RpcStats::bump(&stats.denied);
                     RpcReply::denied(request, identity, decision.reason)
                 } else if let Err(e) = recorded {
-                    let mut reply =
-                        RpcReply::new(request, identity, StatusCode::Aborted, JsonObject::new());
+                    let mut reply = RpcReply::new(request, identity, StatusCode::Aborted, JsonObject::new());
                     reply.statusmsg = format!("not run: the request could not be recorded: {e}");
                     reply.policy = Some(decision.reason);
                     reply
@@ -579,10 +521,7 @@ impl Core {
                         stats: self.node_snapshot(node),
                         started: self.started,
                     };
-                    let outcome = registered
-                        .agent
-                        .handle(&request.action, &request.data, &ctx)
-                        .await;
+                    let outcome = registered.agent.handle(&request.action, &request.data, &ctx).await;
                     let mut reply = RpcReply::new(request, identity, outcome.status, outcome.data);
                     reply.statusmsg = outcome.message;
                     reply.policy = Some(decision.reason);
@@ -612,10 +551,7 @@ impl Core {
         };
         if payload.len() > MAX_PAYLOAD {
             reply.statuscode = StatusCode::UnknownError;
-            reply.statusmsg = format!(
-                "reply of {} bytes exceeds the maximum payload",
-                payload.len()
-            );
+            reply.statusmsg = format!("reply of {} bytes exceeds the maximum payload", payload.len());
             reply.data = JsonObject::new();
             payload = serde_json::to_vec(&reply).unwrap_or_default();
         }
@@ -623,11 +559,7 @@ impl Core {
             tracing::error!(identity = %node.ctx.identity, requestid = %reply.requestid, error = %e, "cannot record RPC reply");
         }
         let Some(reply_to) = reply_to else { return };
-        match self
-            .transport
-            .publish(reply_to, None, Bytes::from(payload))
-            .await
-        {
+        match self.transport.publish(reply_to, None, Bytes::from(payload)).await {
             Ok(()) => RpcStats::bump(&node.stats.replies),
             Err(e) => {
                 tracing::warn!(identity = %node.ctx.identity, error = %e, "cannot send RPC reply")

@@ -82,23 +82,11 @@ async fn fleet(
     wildcard_directed: bool,
     sink: Arc<MemorySink>,
 ) -> RpcServer {
-    let options = ServerOptions {
-        wildcard_directed,
-        ..Default::default()
-    };
-    let server = RpcServer::new(
-        transport,
-        agents(),
-        policy_dir.map(Path::to_path_buf),
-        options,
-    )
-    .unwrap();
+    let options = ServerOptions { wildcard_directed, ..Default::default() };
+    let server = RpcServer::new(transport, agents(), policy_dir.map(Path::to_path_buf), options).unwrap();
     for (identity, country) in [("n1", "uk"), ("n2", "de"), ("n3.example.net", "uk")] {
         let emitter = Arc::new(Emitter::new(sink.clone(), 1, None));
-        server
-            .add_node(node(identity, country), emitter)
-            .await
-            .unwrap();
+        server.add_node(node(identity, country), emitter).await.unwrap();
     }
     server
 }
@@ -108,18 +96,11 @@ fn client(transport: Arc<dyn Transport>) -> RpcClient {
 }
 
 fn options(timeout_ms: u64) -> RequestOptions {
-    RequestOptions {
-        timeout: Duration::from_millis(timeout_ms),
-        ..Default::default()
-    }
+    RequestOptions { timeout: Duration::from_millis(timeout_ms), ..Default::default() }
 }
 
 fn allow_bob(dir: &Path) {
-    write_policy(
-        dir,
-        "rpcutil",
-        "policy default deny\nallow\tup=bob\t*\t*\t*\n",
-    );
+    write_policy(dir, "rpcutil", "policy default deny\nallow\tup=bob\t*\t*\t*\n");
 }
 
 fn identities(replies: &[RpcReply]) -> Vec<String> {
@@ -137,15 +118,7 @@ async fn broadcast_reaches_every_hosted_node_and_is_recorded() {
     let server = fleet(transport.clone(), Some(dir.path()), true, sink.clone()).await;
 
     let results = client(transport)
-        .call(
-            "rpcutil",
-            "ping",
-            JsonObject::new(),
-            RequestOptions {
-                expected: Some(3),
-                ..options(5000)
-            },
-        )
+        .call("rpcutil", "ping", JsonObject::new(), RequestOptions { expected: Some(3), ..options(5000) })
         .await
         .unwrap();
     assert_eq!(identities(&results.replies), ["n1", "n2", "n3.example.net"]);
@@ -153,37 +126,19 @@ async fn broadcast_reaches_every_hosted_node_and_is_recorded() {
         assert_eq!(reply.statuscode, StatusCode::Ok, "{reply:?}");
         assert!(reply.authorized);
         assert!(reply.data["pong"].as_i64().unwrap() > 0);
-        assert!(
-            reply
-                .policy
-                .as_deref()
-                .unwrap()
-                .contains("rpcutil.policy:2"),
-            "{reply:?}"
-        );
+        assert!(reply.policy.as_deref().unwrap().contains("rpcutil.policy:2"), "{reply:?}");
     }
     let s = &results.summary;
-    assert_eq!(
-        (s.replies, s.ok, s.denied, s.failed, s.no_response),
-        (3, 3, 0, 0, Some(0))
-    );
-    assert!(
-        s.elapsed < Duration::from_secs(5),
-        "stopped once all expected replied"
-    );
+    assert_eq!((s.replies, s.ok, s.denied, s.failed, s.no_response), (3, 3, 0, 0, Some(0)));
+    assert!(s.elapsed < Duration::from_secs(5), "stopped once all expected replied");
 
     // Each node recorded the request it acted on and its reply.
     let requests = sink.requests();
     assert_eq!(requests.len(), 3);
-    assert!(requests
-        .iter()
-        .all(|r| r.requestid == results.request.requestid));
+    assert!(requests.iter().all(|r| r.requestid == results.request.requestid));
     assert_eq!(identities(&sink.replies()), ["n1", "n2", "n3.example.net"]);
     let stats = server.stats();
-    assert_eq!(
-        (stats.total, stats.passed, stats.replies, stats.denied),
-        (3, 3, 3, 0)
-    );
+    assert_eq!((stats.total, stats.passed, stats.replies, stats.denied), (3, 3, 3, 0));
 }
 
 #[tokio::test]
@@ -193,15 +148,7 @@ async fn without_policy_everything_is_denied_and_the_denials_recorded() {
     let server = fleet(transport.clone(), None, false, sink.clone()).await;
 
     let results = client(transport)
-        .call(
-            "rpcutil",
-            "ping",
-            JsonObject::new(),
-            RequestOptions {
-                expected: Some(3),
-                ..options(5000)
-            },
-        )
+        .call("rpcutil", "ping", JsonObject::new(), RequestOptions { expected: Some(3), ..options(5000) })
         .await
         .unwrap();
     assert_eq!(results.replies.len(), 3);
@@ -209,11 +156,7 @@ async fn without_policy_everything_is_denied_and_the_denials_recorded() {
         assert_eq!(reply.statuscode, StatusCode::Aborted);
         assert!(!reply.authorized);
         assert_eq!(reply.statusmsg, RpcReply::DENIED_MESSAGE);
-        assert!(reply
-            .policy
-            .as_deref()
-            .unwrap()
-            .contains("no policy file for agent rpcutil"));
+        assert!(reply.policy.as_deref().unwrap().contains("no policy file for agent rpcutil"));
         assert!(reply.data.is_empty());
     }
     assert_eq!((results.summary.denied, results.summary.ok), (3, 0));
@@ -221,9 +164,7 @@ async fn without_policy_everything_is_denied_and_the_denials_recorded() {
     assert_eq!(sink.requests().len(), 3);
     let recorded = sink.replies();
     assert_eq!(recorded.len(), 3);
-    assert!(recorded
-        .iter()
-        .all(|r| !r.authorized && r.policy.as_deref().unwrap().contains("no policy")));
+    assert!(recorded.iter().all(|r| !r.authorized && r.policy.as_deref().unwrap().contains("no policy")));
     assert_eq!(server.stats().denied, 3);
 }
 
@@ -235,28 +176,15 @@ async fn shell_is_denied_unless_its_policy_allows_it() {
     let sink = Arc::new(MemorySink::default());
     let _server = fleet(transport.clone(), Some(dir.path()), true, sink.clone()).await;
     let c = client(transport);
-    let data =
-        serde_json::from_value::<JsonObject>(json!({"command": "echo hi", "timeout_secs": 5}))
-            .unwrap();
-    let opts = || RequestOptions {
-        target: Target::Node("n1".into()),
-        ..options(10_000)
-    };
+    let data = serde_json::from_value::<JsonObject>(json!({"command": "echo hi", "timeout_secs": 5})).unwrap();
+    let opts = || RequestOptions { target: Target::Node("n1".into()), ..options(10_000) };
 
     let denied = c.call("shell", "run", data.clone(), opts()).await.unwrap();
     assert_eq!(denied.replies.len(), 1);
     assert!(!denied.replies[0].authorized);
-    assert!(denied.replies[0]
-        .policy
-        .as_deref()
-        .unwrap()
-        .starts_with("no policy file for agent shell"));
+    assert!(denied.replies[0].policy.as_deref().unwrap().starts_with("no policy file for agent shell"));
 
-    write_policy(
-        dir.path(),
-        "shell",
-        "allow\tup=bob\trun\tcountry=/^u/\tbase\n",
-    );
+    write_policy(dir.path(), "shell", "allow\tup=bob\trun\tcountry=/^u/\tbase\n");
     // Policy files are re-read within a second of changing.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let ran = c.call("shell", "run", data, opts()).await.unwrap();
@@ -274,27 +202,13 @@ async fn fact_filter_selects_matching_nodes_only() {
     let sink = Arc::new(MemorySink::default());
     let server = fleet(transport.clone(), Some(dir.path()), true, sink.clone()).await;
 
-    let filter = Filter {
-        fact: vec![parse_fact_filter("country=uk").unwrap()],
-        ..Default::default()
-    };
+    let filter = Filter { fact: vec![parse_fact_filter("country=uk").unwrap()], ..Default::default() };
     let results = client(transport)
-        .call(
-            "rpcutil",
-            "ping",
-            JsonObject::new(),
-            RequestOptions {
-                filter,
-                ..options(300)
-            },
-        )
+        .call("rpcutil", "ping", JsonObject::new(), RequestOptions { filter, ..options(300) })
         .await
         .unwrap();
     assert_eq!(identities(&results.replies), ["n1", "n3.example.net"]);
-    assert_eq!(
-        results.summary.no_response, None,
-        "broadcast: nobody was expected"
-    );
+    assert_eq!(results.summary.no_response, None, "broadcast: nobody was expected");
     // The filtered node ignored it silently: no reply, no event.
     let n2 = server.node_stats(COLLECTIVE, "n2").unwrap();
     assert_eq!((n2.total, n2.filtered, n2.passed, n2.replies), (1, 1, 0, 0));
@@ -312,58 +226,24 @@ async fn directed_requests_reach_one_node() {
         let c = client(transport);
 
         let target = Target::Node("n3.example.net".into());
-        let results = c
-            .call(
-                "rpcutil",
-                "ping",
-                JsonObject::new(),
-                RequestOptions {
-                    target,
-                    ..options(5000)
-                },
-            )
-            .await
-            .unwrap();
-        assert_eq!(
-            identities(&results.replies),
-            ["n3.example.net"],
-            "wildcard {wildcard}"
-        );
+        let results =
+            c.call("rpcutil", "ping", JsonObject::new(), RequestOptions { target, ..options(5000) }).await.unwrap();
+        assert_eq!(identities(&results.replies), ["n3.example.net"], "wildcard {wildcard}");
         assert_eq!(results.summary.no_response, Some(0));
         assert_eq!(server.node_stats(COLLECTIVE, "n1").unwrap().total, 0);
 
         // Several nodes by name; one of them does not exist.
         let target = Target::Nodes(vec!["n1".into(), "n2".into(), "ghost".into()]);
-        let results = c
-            .call(
-                "rpcutil",
-                "ping",
-                JsonObject::new(),
-                RequestOptions {
-                    target,
-                    ..options(300)
-                },
-            )
-            .await
-            .unwrap();
+        let results =
+            c.call("rpcutil", "ping", JsonObject::new(), RequestOptions { target, ..options(300) }).await.unwrap();
         assert_eq!(identities(&results.replies), ["n1", "n2"]);
         assert_eq!(results.summary.no_response, Some(1));
 
         // A node removed no longer answers.
         assert!(server.remove_node(COLLECTIVE, "n1"));
         let target = Target::Node("n1".into());
-        let results = c
-            .call(
-                "rpcutil",
-                "ping",
-                JsonObject::new(),
-                RequestOptions {
-                    target,
-                    ..options(200)
-                },
-            )
-            .await
-            .unwrap();
+        let results =
+            c.call("rpcutil", "ping", JsonObject::new(), RequestOptions { target, ..options(200) }).await.unwrap();
         assert!(results.replies.is_empty());
         assert_eq!(server.node_count(), 2);
     }
@@ -376,17 +256,9 @@ async fn raw_broadcast(transport: &Arc<dyn Transport>, payload: Vec<u8>) -> usiz
     let inbox = transport::reply_inbox(COLLECTIVE);
     let mut sub = transport.subscribe(&inbox).await.unwrap();
     let subject = transport::broadcast_subject(COLLECTIVE, "rpcutil");
-    transport
-        .publish(&subject, Some(&inbox), Bytes::from(payload))
-        .await
-        .unwrap();
+    transport.publish(&subject, Some(&inbox), Bytes::from(payload)).await.unwrap();
     let mut n = 0;
-    while tokio::time::timeout(Duration::from_millis(300), sub.next())
-        .await
-        .ok()
-        .flatten()
-        .is_some()
-    {
+    while tokio::time::timeout(Duration::from_millis(300), sub.next()).await.ok().flatten().is_some() {
         n += 1;
     }
     n
@@ -400,14 +272,7 @@ async fn expired_requests_are_ignored() {
     let sink = Arc::new(MemorySink::default());
     let server = fleet(transport.clone(), Some(dir.path()), true, sink.clone()).await;
 
-    let mut old = RpcRequest::new(
-        CALLER,
-        "c",
-        COLLECTIVE,
-        "rpcutil",
-        "ping",
-        JsonObject::new(),
-    );
+    let mut old = RpcRequest::new(CALLER, "c", COLLECTIVE, "rpcutil", "ping", JsonObject::new());
     old.time -= 61;
     let mut future = old.clone();
     future.time += 61 + 61;
@@ -429,10 +294,7 @@ async fn malformed_requests_are_counted_and_the_server_keeps_serving() {
     let server = fleet(transport.clone(), Some(dir.path()), true, sink).await;
 
     assert_eq!(raw_broadcast(&transport, b"{not json".to_vec()).await, 0);
-    assert_eq!(
-        raw_broadcast(&transport, br#"{"request": {"agent": 1}}"#.to_vec()).await,
-        0
-    );
+    assert_eq!(raw_broadcast(&transport, br#"{"request": {"agent": 1}}"#.to_vec()).await, 0);
     // A valid request for another agent on the rpcutil subject.
     let wrong = RpcRequest::new(CALLER, "c", COLLECTIVE, "shell", "run", JsonObject::new());
     let payload = serde_json::to_vec(&RequestEnvelope::new(wrong)).unwrap();
@@ -441,15 +303,7 @@ async fn malformed_requests_are_counted_and_the_server_keeps_serving() {
     assert_eq!(server.stats().total, 0);
 
     let results = client(transport)
-        .call(
-            "rpcutil",
-            "ping",
-            JsonObject::new(),
-            RequestOptions {
-                expected: Some(3),
-                ..options(5000)
-            },
-        )
+        .call("rpcutil", "ping", JsonObject::new(), RequestOptions { expected: Some(3), ..options(5000) })
         .await
         .unwrap();
     assert_eq!(results.summary.ok, 3);
@@ -467,10 +321,7 @@ async fn rpcutil_actions_and_unknown_actions() {
         let c = c.clone();
         async move {
             let data = serde_json::from_value::<JsonObject>(data).unwrap();
-            let opts = RequestOptions {
-                target: Target::Node("n1".into()),
-                ..options(5000)
-            };
+            let opts = RequestOptions { target: Target::Node("n1".into()), ..options(5000) };
             let mut r = c.call("rpcutil", action, data, opts).await.unwrap();
             assert_eq!(r.replies.len(), 1, "{action}");
             r.replies.remove(0)
@@ -485,14 +336,8 @@ async fn rpcutil_actions_and_unknown_actions() {
     assert_eq!(inv.data["classes"], json!(["base"]));
 
     let fact = one("get_fact", json!({"fact": "country"})).await;
-    assert_eq!(
-        (fact.data["fact"].clone(), fact.data["value"].clone()),
-        (json!("country"), json!("uk"))
-    );
-    assert_eq!(
-        one("get_fact", json!({})).await.statuscode,
-        StatusCode::MissingData
-    );
+    assert_eq!((fact.data["fact"].clone(), fact.data["value"].clone()), (json!("country"), json!("uk")));
+    assert_eq!(one("get_fact", json!({})).await.statuscode, StatusCode::MissingData);
 
     let agents = one("agent_inventory", json!({})).await;
     assert_eq!(agents.data["agents"][0]["agent"], "rpcutil");
@@ -506,15 +351,7 @@ async fn rpcutil_actions_and_unknown_actions() {
     assert!(!unknown.authorized);
 
     let results = c
-        .call(
-            "nope",
-            "x",
-            JsonObject::new(),
-            RequestOptions {
-                target: Target::Node("n1".into()),
-                ..options(5000)
-            },
-        )
+        .call("nope", "x", JsonObject::new(), RequestOptions { target: Target::Node("n1".into()), ..options(5000) })
         .await
         .unwrap();
     assert_eq!(results.replies[0].statuscode, StatusCode::UnknownAction);
@@ -527,10 +364,7 @@ async fn an_action_that_cannot_be_recorded_is_not_run() {
     write_policy(dir.path(), "shell", "allow\t*\t*\t*\t*\n");
     let transport: Arc<dyn Transport> = Arc::new(LocalTransport::new());
     let marker = dir.path().join("ran");
-    let failing = Arc::new(MemorySink {
-        fail: true,
-        ..Default::default()
-    });
+    let failing = Arc::new(MemorySink { fail: true, ..Default::default() });
     let server = RpcServer::start(
         transport.clone(),
         node("n1", "uk"),
@@ -540,28 +374,14 @@ async fn an_action_that_cannot_be_recorded_is_not_run() {
     )
     .await
     .unwrap();
-    let data = serde_json::from_value::<JsonObject>(
-        json!({"command": format!("touch {}", marker.display())}),
-    )
-    .unwrap();
+    let data = serde_json::from_value::<JsonObject>(json!({"command": format!("touch {}", marker.display())})).unwrap();
     let results = client(transport)
-        .call(
-            "shell",
-            "run",
-            data,
-            RequestOptions {
-                expected: Some(1),
-                ..options(5000)
-            },
-        )
+        .call("shell", "run", data, RequestOptions { expected: Some(1), ..options(5000) })
         .await
         .unwrap();
     let reply = &results.replies[0];
     assert_eq!(reply.statuscode, StatusCode::Aborted);
-    assert!(
-        reply.statusmsg.contains("could not be recorded"),
-        "{reply:?}"
-    );
+    assert!(reply.statusmsg.contains("could not be recorded"), "{reply:?}");
     assert!(!marker.exists());
     assert_eq!(server.stats().replies, 1);
 }
@@ -569,18 +389,11 @@ async fn an_action_that_cannot_be_recorded_is_not_run() {
 #[tokio::test]
 async fn rejects_bad_nodes_and_agents() {
     let transport: Arc<dyn Transport> = Arc::new(LocalTransport::new());
-    let server =
-        RpcServer::new(transport.clone(), agents(), None, ServerOptions::default()).unwrap();
+    let server = RpcServer::new(transport.clone(), agents(), None, ServerOptions::default()).unwrap();
     let emitter = || Arc::new(Emitter::new(Arc::new(MemorySink::default()), 1, None));
     server.add_node(node("n1", "uk"), emitter()).await.unwrap();
-    assert!(matches!(
-        server.add_node(node("n1", "uk"), emitter()).await,
-        Err(RpcError::DuplicateNode(_))
-    ));
-    assert!(server
-        .add_node(node("bad id", "uk"), emitter())
-        .await
-        .is_err());
+    assert!(matches!(server.add_node(node("n1", "uk"), emitter()).await, Err(RpcError::DuplicateNode(_))));
+    assert!(server.add_node(node("bad id", "uk"), emitter()).await.is_err());
     assert!(RpcServer::new(
         transport.clone(),
         vec![Arc::new(RpcUtil), Arc::new(RpcUtil)],
@@ -596,36 +409,16 @@ async fn one_server_hosts_many_nodes() {
     let dir = tempfile::tempdir().unwrap();
     allow_bob(dir.path());
     let transport: Arc<dyn Transport> = Arc::new(LocalTransport::new());
-    let options_ = ServerOptions {
-        wildcard_directed: true,
-        ..Default::default()
-    };
-    let server = RpcServer::new(
-        transport.clone(),
-        agents(),
-        Some(dir.path().into()),
-        options_,
-    )
-    .unwrap();
+    let options_ = ServerOptions { wildcard_directed: true, ..Default::default() };
+    let server = RpcServer::new(transport.clone(), agents(), Some(dir.path().into()), options_).unwrap();
     let sink = Arc::new(MemorySink::default());
     const N: usize = 2000;
     for i in 0..N {
         let emitter = Arc::new(Emitter::new(sink.clone(), 1, None));
-        server
-            .add_node(node(&format!("sim{i}.example.net"), "uk"), emitter)
-            .await
-            .unwrap();
+        server.add_node(node(&format!("sim{i}.example.net"), "uk"), emitter).await.unwrap();
     }
     let results = client(transport.clone())
-        .call(
-            "rpcutil",
-            "ping",
-            JsonObject::new(),
-            RequestOptions {
-                expected: Some(N),
-                ..options(20_000)
-            },
-        )
+        .call("rpcutil", "ping", JsonObject::new(), RequestOptions { expected: Some(N), ..options(20_000) })
         .await
         .unwrap();
     assert_eq!(results.summary.ok, N);
@@ -637,59 +430,29 @@ async fn works_over_a_real_nats_server() {
     let nats = chorus_tests::nats::NatsServer::start().expect("nats-server");
     let dir = tempfile::tempdir().unwrap();
     allow_bob(dir.path());
-    let server_side: Arc<dyn Transport> =
-        Arc::new(NatsTransport::connect(&nats.url()).await.unwrap());
-    let client_side: Arc<dyn Transport> =
-        Arc::new(NatsTransport::connect(&nats.url()).await.unwrap());
+    let server_side: Arc<dyn Transport> = Arc::new(NatsTransport::connect(&nats.url()).await.unwrap());
+    let client_side: Arc<dyn Transport> = Arc::new(NatsTransport::connect(&nats.url()).await.unwrap());
     for wildcard in [false, true] {
         let sink = Arc::new(MemorySink::default());
-        let server = fleet(
-            server_side.clone(),
-            Some(dir.path()),
-            wildcard,
-            sink.clone(),
-        )
-        .await;
+        let server = fleet(server_side.clone(), Some(dir.path()), wildcard, sink.clone()).await;
         let c = client(client_side.clone());
 
         let results = c
-            .call(
-                "rpcutil",
-                "ping",
-                JsonObject::new(),
-                RequestOptions {
-                    expected: Some(3),
-                    ..options(5000)
-                },
-            )
+            .call("rpcutil", "ping", JsonObject::new(), RequestOptions { expected: Some(3), ..options(5000) })
             .await
             .unwrap();
         assert_eq!(identities(&results.replies), ["n1", "n2", "n3.example.net"]);
         assert_eq!(results.summary.ok, 3);
 
         let target = Target::Node("n3.example.net".into());
-        let results = c
-            .call(
-                "rpcutil",
-                "ping",
-                JsonObject::new(),
-                RequestOptions {
-                    target,
-                    ..options(5000)
-                },
-            )
-            .await
-            .unwrap();
+        let results =
+            c.call("rpcutil", "ping", JsonObject::new(), RequestOptions { target, ..options(5000) }).await.unwrap();
         assert_eq!(identities(&results.replies), ["n3.example.net"]);
         assert_eq!(sink.requests().len(), 4);
 
         // Garbage over the wire is counted, not fatal.
         client_side
-            .publish(
-                &transport::broadcast_subject(COLLECTIVE, "rpcutil"),
-                None,
-                Bytes::from_static(b"\xff"),
-            )
+            .publish(&transport::broadcast_subject(COLLECTIVE, "rpcutil"), None, Bytes::from_static(b"\xff"))
             .await
             .unwrap();
         client_side.flush().await.unwrap();
@@ -757,7 +520,8 @@ async fn a_server_with_a_verifier_runs_only_requests_signed_by_a_trusted_key() {
     assert_eq!((unsigned.statuscode, unsigned.authorized), (StatusCode::Aborted, false));
     assert!(unsigned.policy.as_deref().unwrap().contains("refused (unsigned)"), "{unsigned:?}");
 
-    let stranger = ping(client(transport.clone()).with_request_signer(Arc::new(KeySigner(Ed25519FileSigner::random())))).await;
+    let stranger =
+        ping(client(transport.clone()).with_request_signer(Arc::new(KeySigner(Ed25519FileSigner::random())))).await;
     assert!(stranger.policy.as_deref().unwrap().contains("refused (unknown_key)"), "{stranger:?}");
 
     let tampered = ping(client(transport.clone()).with_request_signer(Arc::new(Tamperer(trusted())))).await;

@@ -69,11 +69,7 @@ pub struct RequestEnvelope {
 impl RequestEnvelope {
     /// An unsigned envelope.
     pub fn new(request: RpcRequest) -> Self {
-        RequestEnvelope {
-            request,
-            signature: None,
-            caller_jwt: None,
-        }
+        RequestEnvelope { request, signature: None, caller_jwt: None }
     }
 }
 
@@ -94,12 +90,7 @@ pub struct TransportMessage {
 pub trait Transport: Send + Sync {
     /// Publishes `payload` on `subject`, asking for answers on `reply` when given.
     /// Nobody listening is not an error.
-    async fn publish(
-        &self,
-        subject: &str,
-        reply: Option<&str>,
-        payload: Bytes,
-    ) -> Result<(), RpcError>;
+    async fn publish(&self, subject: &str, reply: Option<&str>, payload: Bytes) -> Result<(), RpcError>;
 
     /// Subscribes to `subject`, which may contain `*` (one token) and a trailing `>` (one or
     /// more tokens). The subscription sees every message published *through this same
@@ -121,9 +112,7 @@ pub struct Subscription {
 impl Subscription {
     /// Wraps any stream of messages (for other transports and tests).
     pub fn new(stream: impl Stream<Item = TransportMessage> + Send + 'static) -> Self {
-        Subscription {
-            inner: Box::pin(stream),
-        }
+        Subscription { inner: Box::pin(stream) }
     }
 }
 
@@ -170,9 +159,8 @@ impl NatsTransport {
 
     /// Connects to `url` with default options.
     pub async fn connect(url: &str) -> Result<Self, RpcError> {
-        let client = async_nats::connect(url)
-            .await
-            .map_err(|e| RpcError::Transport(format!("connecting to {url}: {e}")))?;
+        let client =
+            async_nats::connect(url).await.map_err(|e| RpcError::Transport(format!("connecting to {url}: {e}")))?;
         Ok(NatsTransport { client })
     }
 
@@ -184,19 +172,12 @@ impl NatsTransport {
 
 #[async_trait]
 impl Transport for NatsTransport {
-    async fn publish(
-        &self,
-        subject: &str,
-        reply: Option<&str>,
-        payload: Bytes,
-    ) -> Result<(), RpcError> {
+    async fn publish(&self, subject: &str, reply: Option<&str>, payload: Bytes) -> Result<(), RpcError> {
         validate_subject(subject, false)?;
         let result = match reply {
             Some(reply) => {
                 validate_subject(reply, false)?;
-                self.client
-                    .publish_with_reply(subject.to_string(), reply.to_string(), payload)
-                    .await
+                self.client.publish_with_reply(subject.to_string(), reply.to_string(), payload).await
             }
             None => self.client.publish(subject.to_string(), payload).await,
         };
@@ -222,22 +203,13 @@ impl Transport for NatsTransport {
         // back, everything this connection sent before it has been processed.
         let err = |e: &dyn std::fmt::Display| RpcError::Transport(format!("flush: {e}"));
         let inbox = self.client.new_inbox();
-        let mut echo = self
-            .client
-            .subscribe(inbox.clone())
-            .await
-            .map_err(|e| err(&e))?;
-        self.client
-            .publish(inbox, Bytes::new())
-            .await
-            .map_err(|e| err(&e))?;
+        let mut echo = self.client.subscribe(inbox.clone()).await.map_err(|e| err(&e))?;
+        self.client.publish(inbox, Bytes::new()).await.map_err(|e| err(&e))?;
         self.client.flush().await.map_err(|e| err(&e))?;
         match tokio::time::timeout(FLUSH_TIMEOUT, echo.next()).await {
             Ok(Some(_)) => Ok(()),
             Ok(None) => Err(err(&"connection closed")),
-            Err(_) => Err(err(&format!(
-                "no answer from the server within {FLUSH_TIMEOUT:?}"
-            ))),
+            Err(_) => Err(err(&format!("no answer from the server within {FLUSH_TIMEOUT:?}"))),
         }
     }
 }
@@ -318,9 +290,7 @@ impl Default for LocalTransport {
 
 impl std::fmt::Debug for LocalTransport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LocalTransport")
-            .field("dropped", &self.dropped())
-            .finish()
+        f.debug_struct("LocalTransport").field("dropped", &self.dropped()).finish()
     }
 }
 
@@ -346,12 +316,7 @@ impl Drop for Unsubscribe {
 
 #[async_trait]
 impl Transport for LocalTransport {
-    async fn publish(
-        &self,
-        subject: &str,
-        reply: Option<&str>,
-        payload: Bytes,
-    ) -> Result<(), RpcError> {
+    async fn publish(&self, subject: &str, reply: Option<&str>, payload: Bytes) -> Result<(), RpcError> {
         validate_subject(subject, false)?;
         if let Some(reply) = reply {
             validate_subject(reply, false)?;
@@ -362,11 +327,7 @@ impl Transport for LocalTransport {
                 payload.len()
             )));
         }
-        let message = TransportMessage {
-            subject: subject.to_string(),
-            reply: reply.map(str::to_string),
-            payload,
-        };
+        let message = TransportMessage { subject: subject.to_string(), reply: reply.map(str::to_string), payload };
         let subs = self.shared.subs.read().unwrap_or_else(|e| e.into_inner());
         if let Some(list) = subs.exact.get(subject) {
             for (_, tx) in list {
@@ -390,17 +351,10 @@ impl Transport for LocalTransport {
             if subject.split('.').any(|t| t == "*" || t == ">") {
                 subs.wildcard.push((id, subject.to_string(), tx));
             } else {
-                subs.exact
-                    .entry(subject.to_string())
-                    .or_default()
-                    .push((id, tx));
+                subs.exact.entry(subject.to_string()).or_default().push((id, tx));
             }
         }
-        let guard = Unsubscribe {
-            shared: Arc::clone(&self.shared),
-            id,
-            subject: subject.to_string(),
-        };
+        let guard = Unsubscribe { shared: Arc::clone(&self.shared), id, subject: subject.to_string() };
         Ok(Subscription::new(futures::stream::poll_fn(move |cx| {
             let _keep = &guard;
             rx.poll_recv(cx)
@@ -428,14 +382,8 @@ mod tests {
         assert!(subject_matches("a.>", "a.b"));
         assert!(subject_matches("a.>", "a.b.c.d"));
         assert!(!subject_matches("a.>", "a"));
-        assert!(subject_matches(
-            "choria.node.>",
-            "choria.node.n1.example.net"
-        ));
-        assert!(!subject_matches(
-            "choria.node.*",
-            "choria.node.n1.example.net"
-        ));
+        assert!(subject_matches("choria.node.>", "choria.node.n1.example.net"));
+        assert!(!subject_matches("choria.node.*", "choria.node.n1.example.net"));
     }
 
     #[test]
@@ -453,11 +401,7 @@ mod tests {
     fn envelope_reserves_signature_fields() {
         let req = RpcRequest::new("up=a", "c", "choria", "rpcutil", "ping", Default::default());
         let json = serde_json::to_value(RequestEnvelope::new(req.clone())).unwrap();
-        assert_eq!(
-            json.as_object().unwrap().len(),
-            1,
-            "unsigned envelope is just the request"
-        );
+        assert_eq!(json.as_object().unwrap().len(), 1, "unsigned envelope is just the request");
         let signed: RequestEnvelope = serde_json::from_value(serde_json::json!({
             "request": req, "signature": "abc", "caller_jwt": "jwt"
         }))
@@ -466,10 +410,7 @@ mod tests {
     }
 
     async fn next(sub: &mut Subscription) -> Option<TransportMessage> {
-        tokio::time::timeout(Duration::from_millis(200), sub.next())
-            .await
-            .ok()
-            .flatten()
+        tokio::time::timeout(Duration::from_millis(200), sub.next()).await.ok().flatten()
     }
 
     #[tokio::test]
@@ -478,13 +419,7 @@ mod tests {
         let mut exact = t.subscribe("c.node.n1.example").await.unwrap();
         let mut wild = t.subscribe("c.node.>").await.unwrap();
         let mut other = t.subscribe("c.node.n2").await.unwrap();
-        t.publish(
-            "c.node.n1.example",
-            Some("c.reply.x"),
-            Bytes::from_static(b"hi"),
-        )
-        .await
-        .unwrap();
+        t.publish("c.node.n1.example", Some("c.reply.x"), Bytes::from_static(b"hi")).await.unwrap();
         let m = next(&mut exact).await.unwrap();
         assert_eq!(m.reply.as_deref(), Some("c.reply.x"));
         assert_eq!(m.payload, Bytes::from_static(b"hi"));

@@ -15,8 +15,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
-use ed25519_dalek::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey};
 use ed25519_dalek::pkcs8::spki::der::pem::LineEnding;
+use ed25519_dalek::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey};
 use ed25519_dalek::{Signer as _, SigningKey, VerifyingKey};
 use zeroize::Zeroizing;
 
@@ -43,11 +43,12 @@ impl Ed25519FileSigner {
     /// Loads the key in `path`.
     pub fn load(path: impl AsRef<Path>) -> Result<Self, SignError> {
         let path = path.as_ref();
-        let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
-            SignError::Key(format!("reading key file {}: {e}", path.display()))
-        })?);
-        let mut signer = Self::from_text(&text)
-            .map_err(|e| SignError::Key(format!("key file {}: {e}", path.display())))?;
+        let text = Zeroizing::new(
+            std::fs::read_to_string(path)
+                .map_err(|e| SignError::Key(format!("reading key file {}: {e}", path.display())))?,
+        );
+        let mut signer =
+            Self::from_text(&text).map_err(|e| SignError::Key(format!("key file {}: {e}", path.display())))?;
         signer.path = Some(path.to_owned());
         Ok(signer)
     }
@@ -56,13 +57,12 @@ impl Ed25519FileSigner {
     pub fn from_text(text: &str) -> Result<Self, String> {
         let text = text.trim();
         if text.starts_with("-----BEGIN") {
-            let key = SigningKey::from_pkcs8_pem(text)
-                .map_err(|e| format!("not an Ed25519 PKCS#8 PEM private key: {e}"))?;
+            let key =
+                SigningKey::from_pkcs8_pem(text).map_err(|e| format!("not an Ed25519 PKCS#8 PEM private key: {e}"))?;
             return Ok(Self::from_signing_key(key));
         }
-        let seed = decode_32(text).ok_or_else(|| {
-            "expected a PKCS#8 PEM private key or a 32-byte seed in hex or base64".to_owned()
-        })?;
+        let seed = decode_32(text)
+            .ok_or_else(|| "expected a PKCS#8 PEM private key or a 32-byte seed in hex or base64".to_owned())?;
         Ok(Self::from_seed(&seed))
     }
 
@@ -86,10 +86,8 @@ impl Ed25519FileSigner {
     pub fn generate(path: impl AsRef<Path>) -> Result<Self, SignError> {
         let path = path.as_ref();
         let mut signer = Self::random();
-        let pem = signer
-            .key
-            .to_pkcs8_pem(LineEnding::LF)
-            .map_err(|e| SignError::Failed(format!("encoding PKCS#8: {e}")))?;
+        let pem =
+            signer.key.to_pkcs8_pem(LineEnding::LF).map_err(|e| SignError::Failed(format!("encoding PKCS#8: {e}")))?;
         let mut options = std::fs::OpenOptions::new();
         options.write(true).create_new(true);
         #[cfg(unix)]
@@ -97,9 +95,8 @@ impl Ed25519FileSigner {
             use std::os::unix::fs::OpenOptionsExt;
             options.mode(0o600);
         }
-        let mut file = options
-            .open(path)
-            .map_err(|e| SignError::Key(format!("creating key file {}: {e}", path.display())))?;
+        let mut file =
+            options.open(path).map_err(|e| SignError::Key(format!("creating key file {}: {e}", path.display())))?;
         file.write_all(pem.as_bytes())
             .and_then(|()| file.sync_all())
             .map_err(|e| SignError::Key(format!("writing key file {}: {e}", path.display())))?;
@@ -136,14 +133,11 @@ impl Signer for Ed25519FileSigner {
 /// An Ed25519 public key as SPKI PEM.
 pub fn public_key_pem(public_key: &[u8; 32]) -> String {
     match VerifyingKey::from_bytes(public_key) {
-        Ok(key) => key
-            .to_public_key_pem(LineEnding::LF)
-            .expect("an Ed25519 SPKI always encodes"),
+        Ok(key) => key.to_public_key_pem(LineEnding::LF).expect("an Ed25519 SPKI always encodes"),
         // Not a curve point: still write it, so the error surfaces where it is read.
         Err(_) => format!(
             "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
-            base64::engine::general_purpose::STANDARD
-                .encode([&SPKI_PREFIX[..], &public_key[..]].concat())
+            base64::engine::general_purpose::STANDARD.encode([&SPKI_PREFIX[..], &public_key[..]].concat())
         ),
     }
 }
@@ -159,8 +153,7 @@ pub fn parse_public_key(text: &str) -> Result<[u8; 32], String> {
             .map_err(|e| format!("not an Ed25519 SPKI PEM public key: {e}"))?
             .to_bytes()
     } else {
-        decode_32(text)
-            .ok_or_else(|| "expected an SPKI PEM public key or 32 bytes in hex or base64".to_owned())?
+        decode_32(text).ok_or_else(|| "expected an SPKI PEM public key or 32 bytes in hex or base64".to_owned())?
     };
     VerifyingKey::from_bytes(&bytes).map_err(|e| format!("not an Ed25519 public key: {e}"))?;
     Ok(bytes)

@@ -104,15 +104,16 @@ impl Pkcs11Config {
             return Ok(AuthPin::from(pin.as_str()));
         }
         if let Some(path) = &self.pin_file {
-            let text = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
-                SignError::Key(format!("pkcs11 pin_file {}: {e}", path.display()))
-            })?);
+            let text = zeroize::Zeroizing::new(
+                std::fs::read_to_string(path)
+                    .map_err(|e| SignError::Key(format!("pkcs11 pin_file {}: {e}", path.display())))?,
+            );
             return Ok(AuthPin::from(text.trim()));
         }
         if let Some(var) = &self.pin_env {
-            let pin = zeroize::Zeroizing::new(std::env::var(var).map_err(|e| {
-                SignError::Key(format!("pkcs11 pin_env {var}: {e}"))
-            })?);
+            let pin = zeroize::Zeroizing::new(
+                std::env::var(var).map_err(|e| SignError::Key(format!("pkcs11 pin_env {var}: {e}")))?,
+            );
             return Ok(AuthPin::from(pin.trim()));
         }
         Err(SignError::Key("pkcs11: no PIN configured (pin, pin_file or pin_env)".into()))
@@ -122,23 +123,16 @@ impl Pkcs11Config {
 /// One initialized context per module per process: `C_Initialize` may be called only once.
 fn context(module: &Path) -> Result<Pkcs11, SignError> {
     static CONTEXTS: OnceLock<Mutex<HashMap<PathBuf, Pkcs11>>> = OnceLock::new();
-    let mut contexts = CONTEXTS
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut contexts = CONTEXTS.get_or_init(Default::default).lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     if let Some(ctx) = contexts.get(module) {
         return Ok(ctx.clone());
     }
-    let ctx = Pkcs11::new(module)
-        .map_err(|e| SignError::Key(format!("loading PKCS#11 module {}: {e}", module.display())))?;
+    let ctx =
+        Pkcs11::new(module).map_err(|e| SignError::Key(format!("loading PKCS#11 module {}: {e}", module.display())))?;
     match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
         Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
         Err(e) => {
-            return Err(SignError::Key(format!(
-                "initializing PKCS#11 module {}: {}",
-                module.display(),
-                short(&e)
-            )))
+            return Err(SignError::Key(format!("initializing PKCS#11 module {}: {}", module.display(), short(&e))))
         }
     }
     contexts.insert(module.to_owned(), ctx.clone());
@@ -182,17 +176,14 @@ fn find_slot(ctx: &Pkcs11, config: &Pkcs11Config) -> Result<Slot, SignError> {
             .map(|(slot, _)| slot)
             .ok_or_else(|| SignError::Key(format!("pkcs11: no token labelled {label:?}"))),
         None if labelled.len() == 1 => Ok(labelled[0].0),
-        None => Err(SignError::Key(format!(
-            "pkcs11: {} initialized tokens; set slot or token_label",
-            labelled.len()
-        ))),
+        None => Err(SignError::Key(format!("pkcs11: {} initialized tokens; set slot or token_label", labelled.len()))),
     }
 }
 
 /// Opens a session on the token and logs the user in.
 fn open_session(ctx: &Pkcs11, slot: Slot, pin: &AuthPin, rw: bool) -> Result<Session, SignError> {
-    let session = if rw { ctx.open_rw_session(slot) } else { ctx.open_ro_session(slot) }
-        .map_err(key_err("opening a session"))?;
+    let session =
+        if rw { ctx.open_rw_session(slot) } else { ctx.open_ro_session(slot) }.map_err(key_err("opening a session"))?;
     match session.login(UserType::User, Some(pin)) {
         // Login state is per application and token: another session of ours logged in.
         Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(session),
@@ -204,11 +195,7 @@ fn open_session(ctx: &Pkcs11, slot: Slot, pin: &AuthPin, rw: bool) -> Result<Ses
 }
 
 fn ed25519_template(class: ObjectClass, label: &str) -> Vec<Attribute> {
-    vec![
-        Attribute::Class(class),
-        Attribute::KeyType(KeyType::EC_EDWARDS),
-        Attribute::Label(label.as_bytes().to_vec()),
-    ]
+    vec![Attribute::Class(class), Attribute::KeyType(KeyType::EC_EDWARDS), Attribute::Label(label.as_bytes().to_vec())]
 }
 
 /// The single object matching `template`.
@@ -288,9 +275,7 @@ impl Pkcs11Signer {
             match attribute {
                 Attribute::EcPoint(p) => point = Some(p),
                 Attribute::EcParams(params) if params != ED25519_OID && !is_edwards25519_name(&params) => {
-                    return Err(SignError::Key(format!(
-                        "pkcs11: key {label:?} is not on curve Ed25519"
-                    )))
+                    return Err(SignError::Key(format!("pkcs11: key {label:?} is not on curve Ed25519")))
                 }
                 _ => {}
             }
@@ -314,9 +299,7 @@ impl Pkcs11Signer {
         let verifying = VerifyingKey::from_bytes(&public_key)
             .map_err(|e| SignError::Key(format!("pkcs11: key {label:?}: bad public key: {e}")))?;
         verifying.verify_strict(probe, &Signature::from_bytes(&sig)).map_err(|_| {
-            SignError::Key(format!(
-                "pkcs11: the public key labelled {label:?} does not match the private key"
-            ))
+            SignError::Key(format!("pkcs11: the public key labelled {label:?} does not match the private key"))
         })?;
         Ok(signer)
     }
@@ -330,9 +313,7 @@ impl Pkcs11Signer {
         let pin = config.resolve_pin()?;
         let session = open_session(&ctx, slot, &pin, true)?;
         let label = config.key_label.as_bytes().to_vec();
-        let existing = session
-            .find_objects(&[Attribute::Label(label.clone())])
-            .map_err(key_err("finding objects"))?;
+        let existing = session.find_objects(&[Attribute::Label(label.clone())]).map_err(key_err("finding objects"))?;
         if !existing.is_empty() {
             return Err(SignError::Key(format!(
                 "pkcs11: the token already has objects labelled {:?}",

@@ -43,7 +43,9 @@ fn file_signer_reads_pkcs8_pem_hex_and_base64_seeds_alike() {
 
 #[test]
 fn file_signer_refuses_what_is_not_an_ed25519_key() {
-    for text in ["", "hello", &SEED_HEX[2..], "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n", PUBLIC_PEM] {
+    for text in
+        ["", "hello", &SEED_HEX[2..], "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n", PUBLIC_PEM]
+    {
         assert!(Ed25519FileSigner::from_text(text).is_err(), "{text:?} was accepted");
     }
     let dir = tempfile::tempdir().unwrap();
@@ -156,12 +158,20 @@ fn any_change_after_signing_is_a_bad_signature() {
         ("added data field", Box::new(|v| v["data"]["component"] = "provision_mode_server".into())),
         ("seq", Box::new(|v| v["seq"] = 8.into())),
         ("site", Box::new(|v| v["site"] = "paris".into())),
-        ("site removed", Box::new(|v| { v.as_object_mut().unwrap().remove("site"); })),
+        (
+            "site removed",
+            Box::new(|v| {
+                v.as_object_mut().unwrap().remove("site");
+            }),
+        ),
         ("time", Box::new(|v| v["time"] = "2030-01-01T00:00:00Z".into())),
-        ("subject and identity", Box::new(|v| {
-            v["subject"] = "evil".into();
-            v["data"]["identity"] = "evil".into();
-        })),
+        (
+            "subject and identity",
+            Box::new(|v| {
+                v["subject"] = "evil".into();
+                v["data"]["identity"] = "evil".into();
+            }),
+        ),
     ];
     for (what, change) in changes {
         let record = tampered(&bytes, change);
@@ -174,7 +184,9 @@ fn any_change_after_signing_is_a_bad_signature() {
     assert_eq!(verifier.verify(&swapped), bad);
     // Flipping one bit of the signature.
     let mut flipped = signed.clone();
-    let mut raw = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, &flipped.signature.as_ref().unwrap().sig).unwrap();
+    let mut raw =
+        base64::Engine::decode(&base64::engine::general_purpose::STANDARD, &flipped.signature.as_ref().unwrap().sig)
+            .unwrap();
     raw[5] ^= 1;
     flipped.signature.as_mut().unwrap().sig = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, raw);
     assert_eq!(verifier.verify(&flipped), bad);

@@ -71,8 +71,8 @@ impl Verifier {
 
     /// Trusts `public_key`; returns its key id.
     pub fn trust(&mut self, public_key: &[u8; 32]) -> Result<String, TrustError> {
-        let key = VerifyingKey::from_bytes(public_key)
-            .map_err(|e| TrustError(format!("not an Ed25519 public key: {e}")))?;
+        let key =
+            VerifyingKey::from_bytes(public_key).map_err(|e| TrustError(format!("not an Ed25519 public key: {e}")))?;
         let id = key_id(public_key);
         self.keys.insert(id.clone(), key);
         Ok(id)
@@ -100,14 +100,10 @@ impl Verifier {
     /// lose a key).
     pub fn trust_dir(&mut self, dir: impl AsRef<Path>) -> Result<usize, TrustError> {
         let dir = dir.as_ref();
-        let entries = std::fs::read_dir(dir)
-            .map_err(|e| TrustError(format!("reading {}: {e}", dir.display())))?;
+        let entries = std::fs::read_dir(dir).map_err(|e| TrustError(format!("reading {}: {e}", dir.display())))?;
         let mut paths: Vec<_> = entries
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.is_file()
-                    && matches!(p.extension().and_then(|e| e.to_str()), Some("pem" | "pub"))
-            })
+            .filter(|p| p.is_file() && matches!(p.extension().and_then(|e| e.to_str()), Some("pem" | "pub")))
             .collect();
         paths.sort();
         for path in &paths {
@@ -147,10 +143,7 @@ impl Verifier {
     pub fn verify<'r>(&self, record: &'r EventRecord) -> Result<&'r str, VerifyError> {
         let signature = record.signature.as_ref().ok_or(VerifyError::Unsigned)?;
         let id = signature.key_id.as_str();
-        let key = self
-            .keys
-            .get(id)
-            .ok_or_else(|| VerifyError::UnknownKey(clip(id)))?;
+        let key = self.keys.get(id).ok_or_else(|| VerifyError::UnknownKey(clip(id)))?;
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(signature.sig.as_bytes())
             .map_err(|e| VerifyError::Malformed { key_id: id.to_owned(), reason: format!("not base64: {e}") })?;

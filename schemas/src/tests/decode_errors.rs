@@ -7,18 +7,10 @@ use crate::envelope::{DecodeError, EventRecord, MAX_EVENT_BYTES};
 
 fn err(bytes: &[u8]) -> DecodeError {
     match EventRecord::decode(bytes) {
-        Ok(record) => panic!(
-            "decoded {:?} from {:?}",
-            record,
-            String::from_utf8_lossy(&bytes[..bytes.len().min(300)])
-        ),
+        Ok(record) => panic!("decoded {:?} from {:?}", record, String::from_utf8_lossy(&bytes[..bytes.len().min(300)])),
         Err(e) => {
             assert!(!e.to_string().is_empty());
-            assert!(
-                e.to_string().len() < 1024,
-                "error message not bounded: {} bytes",
-                e.to_string().len()
-            );
+            assert!(e.to_string().len() < 1024, "error message not bounded: {} bytes", e.to_string().len());
             e
         }
     }
@@ -55,35 +47,17 @@ fn set_data(key: &'static str, value: Value) -> impl FnOnce(&mut Value) {
 
 #[test]
 fn not_json() {
-    for input in [
-        &b""[..],
-        b"{",
-        b"{\"specversion\":",
-        b"nul",
-        b"\xff\xfe{}",
-        b"{\"a\":1,}",
-        b"{'a':1}",
-        b"\"\\ud800\"",
-    ] {
+    for input in
+        [&b""[..], b"{", b"{\"specversion\":", b"nul", b"\xff\xfe{}", b"{\"a\":1,}", b"{'a':1}", b"\"\\ud800\""]
+    {
         assert_eq!(err(input).code(), "not_json", "{input:?}");
     }
-    assert_eq!(
-        err(b"{\"a\":\"\\ud800\"}").code(),
-        "not_json",
-        "lone surrogate"
-    );
+    assert_eq!(err(b"{\"a\":\"\\ud800\"}").code(), "not_json", "lone surrogate");
 }
 
 #[test]
 fn not_an_object() {
-    for input in [
-        &b"[]"[..],
-        b"42",
-        b"\"x\"",
-        b"null",
-        b"true",
-        b"[{\"specversion\":\"1.0\"}]",
-    ] {
+    for input in [&b"[]"[..], b"42", b"\"x\"", b"null", b"true", b"[{\"specversion\":\"1.0\"}]"] {
         assert_eq!(err(input), DecodeError::NotAnObject, "{input:?}");
     }
 }
@@ -93,10 +67,7 @@ fn truncated_encodings_are_rejected() {
     for (ty, record) in samples() {
         let bytes = record.encode();
         for len in 0..bytes.len() {
-            assert!(
-                EventRecord::decode(&bytes[..len]).is_err(),
-                "{ty} prefix {len}"
-            );
+            assert!(EventRecord::decode(&bytes[..len]).is_err(), "{ty} prefix {len}");
         }
     }
 }
@@ -105,16 +76,8 @@ fn truncated_encodings_are_rejected() {
 fn missing_attributes() {
     assert_eq!(err(b"{}"), DecodeError::MissingAttribute("specversion"));
     for name in ["specversion", "id", "source", "type", "data"] {
-        assert_eq!(
-            err(&startup_with(remove(name))),
-            DecodeError::MissingAttribute(name),
-            "{name}"
-        );
-        assert_eq!(
-            err(&startup_with(set(name, Value::Null))),
-            DecodeError::MissingAttribute(name),
-            "{name}: null"
-        );
+        assert_eq!(err(&startup_with(remove(name))), DecodeError::MissingAttribute(name), "{name}");
+        assert_eq!(err(&startup_with(set(name, Value::Null))), DecodeError::MissingAttribute(name), "{name}: null");
     }
     // A bare document that is not a Choria lifecycle document is not an event at all.
     let bare = br#"{"protocol":"io.choria.machine.v1.transition","identity":"n1"}"#;
@@ -124,44 +87,23 @@ fn missing_attributes() {
 #[test]
 fn invalid_attributes() {
     let cases: Vec<(&str, Vec<u8>)> = vec![
-        (
-            "specversion",
-            startup_with(set("specversion", json!("0.3"))),
-        ),
+        ("specversion", startup_with(set("specversion", json!("0.3")))),
         ("specversion", startup_with(set("specversion", json!(1.0)))),
         ("id", startup_with(set("id", json!("")))),
         ("id", startup_with(set("id", json!(5)))),
-        (
-            "source",
-            startup_with(set("source", json!("io.choria.machine"))),
-        ),
+        ("source", startup_with(set("source", json!("io.choria.machine")))),
         ("source", startup_with(set("source", json!({})))),
         ("type", startup_with(set("type", json!(["x"])))),
         ("type", startup_with(set("type", json!("")))),
         ("subject", startup_with(set("subject", json!(5)))),
-        (
-            "datacontenttype",
-            startup_with(set("datacontenttype", json!("text/plain"))),
-        ),
-        (
-            "datacontenttype",
-            startup_with(set("datacontenttype", json!(false))),
-        ),
+        ("datacontenttype", startup_with(set("datacontenttype", json!("text/plain")))),
+        ("datacontenttype", startup_with(set("datacontenttype", json!(false)))),
         ("time", startup_with(set("time", json!("yesterday")))),
         ("time", startup_with(set("time", json!(1535106973)))),
-        (
-            "time",
-            startup_with(set("time", json!("0000-01-01T00:00:00+01:00"))),
-        ),
-        (
-            "time",
-            startup_with(set("time", json!("9999-12-31T23:59:59-01:00"))),
-        ),
+        ("time", startup_with(set("time", json!("0000-01-01T00:00:00+01:00")))),
+        ("time", startup_with(set("time", json!("9999-12-31T23:59:59-01:00")))),
         ("site", startup_with(set("site", json!(5)))),
-        (
-            "data",
-            startup_with(set("data", json!("{\"protocol\":\"x\"}"))),
-        ),
+        ("data", startup_with(set("data", json!("{\"protocol\":\"x\"}")))),
         ("data", startup_with(set("data", json!([1])))),
         (
             "data_base64",
@@ -187,17 +129,11 @@ fn unknown_types() {
         "io.choria.lifecycle.v1.reboot",
         "IO.CHORIA.LIFECYCLE.V1.STARTUP",
     ] {
-        assert_eq!(
-            err(&startup_with(set("type", json!(ty)))),
-            DecodeError::UnknownType(ty.into())
-        );
+        assert_eq!(err(&startup_with(set("type", json!(ty)))), DecodeError::UnknownType(ty.into()));
     }
     let legacy = CHORIA_LEGACY_SHUTDOWN.replace("v1.shutdown", "v1.reboot");
     assert_eq!(err(legacy.as_bytes()).code(), "unknown_type");
-    let legacy = CHORIA_LEGACY_SHUTDOWN.replace(
-        "io.choria.lifecycle.v1.shutdown",
-        "choria:lifecycle:reboot:1",
-    );
+    let legacy = CHORIA_LEGACY_SHUTDOWN.replace("io.choria.lifecycle.v1.shutdown", "choria:lifecycle:reboot:1");
     assert_eq!(err(legacy.as_bytes()).code(), "unknown_type");
     // A hostile, huge type is clipped in the error.
     let huge = "x".repeat(500_000);
@@ -212,7 +148,10 @@ fn data_that_does_not_match_its_type() {
     let e = err(&startup_with(set_data("timestamp", json!("x"))));
     assert_eq!(e.code(), "invalid_data");
     let text = e.to_string();
-    assert!(text.starts_with("data does not match type io.choria.lifecycle.v1.startup: timestamp: invalid type: string"), "{text}");
+    assert!(
+        text.starts_with("data does not match type io.choria.lifecycle.v1.startup: timestamp: invalid type: string"),
+        "{text}"
+    );
 
     let cases: Vec<(&str, &str, Vec<u8>)> = vec![
         (
@@ -222,57 +161,29 @@ fn data_that_does_not_match_its_type() {
                 w["data"].as_object_mut().unwrap().remove("version");
             }),
         ),
-        (
-            "io.choria.lifecycle.v1.startup",
-            "identity",
-            startup_with(set_data("identity", json!(null))),
-        ),
-        (
-            "io.choria.lifecycle.v1.startup",
-            "identity",
-            startup_with(set_data("identity", json!(""))),
-        ),
-        (
-            "io.choria.lifecycle.v1.startup",
-            "timestamp",
-            startup_with(set_data("timestamp", json!(1.5))),
-        ),
-        (
-            "io.choria.lifecycle.v1.startup",
-            "timestamp",
-            startup_with(set_data("timestamp", json!(u64::MAX))),
-        ),
+        ("io.choria.lifecycle.v1.startup", "identity", startup_with(set_data("identity", json!(null)))),
+        ("io.choria.lifecycle.v1.startup", "identity", startup_with(set_data("identity", json!("")))),
+        ("io.choria.lifecycle.v1.startup", "timestamp", startup_with(set_data("timestamp", json!(1.5)))),
+        ("io.choria.lifecycle.v1.startup", "timestamp", startup_with(set_data("timestamp", json!(u64::MAX)))),
         (
             "io.choria.lifecycle.v1.alive",
             "interval",
-            sample_with(
-                "io.choria.lifecycle.v1.alive",
-                set_data("interval", json!(-1)),
-            ),
+            sample_with("io.choria.lifecycle.v1.alive", set_data("interval", json!(-1))),
         ),
         (
             "io.choria.lifecycle.v1.governor",
             "event_type",
-            sample_with(
-                "io.choria.lifecycle.v1.governor",
-                set_data("event_type", json!("bogus")),
-            ),
+            sample_with("io.choria.lifecycle.v1.governor", set_data("event_type", json!("bogus"))),
         ),
         (
             "io.choria.lifecycle.v1.governor",
             "governor",
-            sample_with(
-                "io.choria.lifecycle.v1.governor",
-                set_data("governor", json!("")),
-            ),
+            sample_with("io.choria.lifecycle.v1.governor", set_data("governor", json!(""))),
         ),
         (
             "io.choria.lifecycle.v1.governor",
             "sequence",
-            sample_with(
-                "io.choria.lifecycle.v1.governor",
-                set_data("sequence", json!(-3)),
-            ),
+            sample_with("io.choria.lifecycle.v1.governor", set_data("sequence", json!(-3))),
         ),
         (
             "io.choria.machine.watcher.exec.v1.state",
@@ -286,24 +197,14 @@ fn data_that_does_not_match_its_type() {
         (
             "io.choria.machine.watcher.exec.v1.state",
             "previous_run_time",
-            sample_with(
-                "io.choria.machine.watcher.exec.v1.state",
-                set_data("previous_run_time", json!("1s")),
-            ),
+            sample_with("io.choria.machine.watcher.exec.v1.state", set_data("previous_run_time", json!("1s"))),
         ),
         (
             "io.choria.machine.watcher.timer.v1.state",
             "timer",
-            sample_with(
-                "io.choria.machine.watcher.timer.v1.state",
-                set_data("timer", json!(null)),
-            ),
+            sample_with("io.choria.machine.watcher.timer.v1.state", set_data("timer", json!(null))),
         ),
-        (
-            "io.choria.rpc.v1.request",
-            "data",
-            sample_with("io.choria.rpc.v1.request", set_data("data", json!([1, 2]))),
-        ),
+        ("io.choria.rpc.v1.request", "data", sample_with("io.choria.rpc.v1.request", set_data("data", json!([1, 2])))),
         (
             "io.choria.rpc.v1.request",
             "filter.fact[0].operator",
@@ -324,43 +225,27 @@ fn data_that_does_not_match_its_type() {
         (
             "io.choria.rpc.v1.reply",
             "authorized",
-            sample_with(
-                "io.choria.rpc.v1.reply",
-                set_data("authorized", json!("yes")),
-            ),
+            sample_with("io.choria.rpc.v1.reply", set_data("authorized", json!("yes"))),
         ),
         (
             "io.choria.signer.v1.signature_audit",
             "action",
-            sample_with(
-                "io.choria.signer.v1.signature_audit",
-                set_data("action", json!("maybe")),
-            ),
+            sample_with("io.choria.signer.v1.signature_audit", set_data("action", json!("maybe"))),
         ),
         (
             "io.choria.signer.v1.signature_audit",
             "request",
-            sample_with(
-                "io.choria.signer.v1.signature_audit",
-                set_data("request", json!("not json")),
-            ),
+            sample_with("io.choria.signer.v1.signature_audit", set_data("request", json!("not json"))),
         ),
         (
             "io.choria.signer.v1.signature_audit",
             "signer",
-            sample_with(
-                "io.choria.signer.v1.signature_audit",
-                set_data("signer", json!("")),
-            ),
+            sample_with("io.choria.signer.v1.signature_audit", set_data("signer", json!(""))),
         ),
     ];
     for (ty, path, input) in cases {
         match err(&input) {
-            DecodeError::InvalidData {
-                ty: t,
-                path: p,
-                message,
-            } => {
+            DecodeError::InvalidData { ty: t, path: p, message } => {
                 assert_eq!((t, p.as_str()), (ty, path), "{message}");
             }
             other => panic!("{ty} {path}: {other:?}"),
@@ -370,10 +255,7 @@ fn data_that_does_not_match_its_type() {
 
 #[test]
 fn mismatches() {
-    let e = err(&startup_with(set_data(
-        "protocol",
-        json!("io.choria.lifecycle.v1.alive"),
-    )));
+    let e = err(&startup_with(set_data("protocol", json!("io.choria.lifecycle.v1.alive"))));
     assert_eq!(
         e,
         DecodeError::TypeMismatch {
@@ -381,25 +263,12 @@ fn mismatches() {
             protocol: "io.choria.lifecycle.v1.alive".into()
         }
     );
-    let e = err(&sample_with(
-        "io.choria.rpc.v1.reply",
-        set_data("protocol", json!("io.choria.rpc.v1.request")),
-    ));
+    let e = err(&sample_with("io.choria.rpc.v1.reply", set_data("protocol", json!("io.choria.rpc.v1.request"))));
     assert_eq!(e.code(), "type_mismatch");
+    assert_eq!(err(&startup_with(set("id", json!("other")))).code(), "id_mismatch");
+    assert_eq!(err(&startup_with(set("subject", json!("someone.else")))).code(), "subject_mismatch");
     assert_eq!(
-        err(&startup_with(set("id", json!("other")))).code(),
-        "id_mismatch"
-    );
-    assert_eq!(
-        err(&startup_with(set("subject", json!("someone.else")))).code(),
-        "subject_mismatch"
-    );
-    assert_eq!(
-        err(&sample_with(
-            "io.choria.rpc.v1.request",
-            set("subject", json!("node1.example.net"))
-        ))
-        .code(),
+        err(&sample_with("io.choria.rpc.v1.request", set("subject", json!("node1.example.net")))).code(),
         "subject_mismatch"
     );
 }
@@ -420,24 +289,11 @@ fn bad_seq() {
         json!({}),
         json!("99999999999999999999999"),
     ] {
-        assert_eq!(
-            err(&startup_with(set("seq", seq.clone()))).code(),
-            "bad_seq",
-            "{seq}"
-        );
+        assert_eq!(err(&startup_with(set("seq", seq.clone()))).code(), "bad_seq", "{seq}");
     }
     // Numbers JSON allows but u64 cannot hold, written as raw text.
-    for raw in [
-        "18446744073709551616",
-        "-0.0",
-        "1e400",
-        "12345678901234567890123",
-    ] {
-        let text = CHORIA_STARTUP.replacen(
-            "{\"specversion\"",
-            &format!("{{\"seq\":{raw},\"specversion\""),
-            1,
-        );
+    for raw in ["18446744073709551616", "-0.0", "1e400", "12345678901234567890123"] {
+        let text = CHORIA_STARTUP.replacen("{\"specversion\"", &format!("{{\"seq\":{raw},\"specversion\""), 1);
         let e = EventRecord::decode(text.as_bytes()).unwrap_err();
         assert!(matches!(e.code(), "bad_seq" | "not_json"), "{raw}: {e}");
     }
@@ -445,55 +301,25 @@ fn bad_seq() {
 
 #[test]
 fn legacy_documents_with_bad_fields() {
-    let e = err(CHORIA_LEGACY_SHUTDOWN
-        .replace("1575482338", "\"now\"")
-        .as_bytes());
+    let e = err(CHORIA_LEGACY_SHUTDOWN.replace("1575482338", "\"now\"").as_bytes());
     assert_eq!(e.code(), "invalid_data");
-    let e = err(CHORIA_LEGACY_SHUTDOWN
-        .replace("1575482338", "9223372036854775807")
-        .as_bytes());
-    assert!(
-        matches!(e, DecodeError::InvalidData { ref path, .. } if path == "timestamp"),
-        "{e:?}"
-    );
-    let e = err(CHORIA_LEGACY_SHUTDOWN
-        .replace("cb6f1dbc-5a8b-4f5b-9f67-1b7d0a3a6c2e", "")
-        .as_bytes());
-    assert!(
-        matches!(e, DecodeError::InvalidData { ref path, .. } if path == "id"),
-        "{e:?}"
-    );
-    assert_eq!(
-        err(br#"{"protocol":"io.choria.lifecycle.v1.startup"}"#).code(),
-        "invalid_data"
-    );
+    let e = err(CHORIA_LEGACY_SHUTDOWN.replace("1575482338", "9223372036854775807").as_bytes());
+    assert!(matches!(e, DecodeError::InvalidData { ref path, .. } if path == "timestamp"), "{e:?}");
+    let e = err(CHORIA_LEGACY_SHUTDOWN.replace("cb6f1dbc-5a8b-4f5b-9f67-1b7d0a3a6c2e", "").as_bytes());
+    assert!(matches!(e, DecodeError::InvalidData { ref path, .. } if path == "id"), "{e:?}");
+    assert_eq!(err(br#"{"protocol":"io.choria.lifecycle.v1.startup"}"#).code(), "invalid_data");
     // The CloudEvents path refuses an absent time whose timestamp cannot be written either.
     let e = err(&startup_with(|w| {
         w.as_object_mut().unwrap().remove("time");
         w["data"]["timestamp"] = json!(i64::MIN);
     }));
-    assert!(
-        matches!(
-            e,
-            DecodeError::InvalidAttribute {
-                attribute: "time",
-                ..
-            }
-        ),
-        "{e:?}"
-    );
+    assert!(matches!(e, DecodeError::InvalidAttribute { attribute: "time", .. }), "{e:?}");
 }
 
 #[test]
 fn oversize_input_is_refused_before_parsing() {
     let input = vec![b' '; MAX_EVENT_BYTES + 1];
-    assert_eq!(
-        err(&input),
-        DecodeError::Oversize {
-            size: MAX_EVENT_BYTES + 1,
-            max: MAX_EVENT_BYTES
-        }
-    );
+    assert_eq!(err(&input), DecodeError::Oversize { size: MAX_EVENT_BYTES + 1, max: MAX_EVENT_BYTES });
     // Exactly at the limit is parsed (and here fails for another reason).
     let mut input = vec![b' '; MAX_EVENT_BYTES];
     input[0] = b'{';
@@ -507,11 +333,8 @@ fn huge_nesting_is_refused() {
         assert_eq!(err(&"[".repeat(depth).into_bytes()).code(), "not_json");
         assert_eq!(err("{\"a\":".repeat(depth).as_bytes()).code(), "not_json");
         let nested = format!("{}1{}", "[".repeat(depth), "]".repeat(depth));
-        let text = CHORIA_STARTUP.replacen(
-            "\"version\":\"1.2.3\"",
-            &format!("\"version\":\"1.2.3\",\"x\":{nested}"),
-            1,
-        );
+        let text =
+            CHORIA_STARTUP.replacen("\"version\":\"1.2.3\"", &format!("\"version\":\"1.2.3\",\"x\":{nested}"), 1);
         assert_eq!(err(text.as_bytes()).code(), "not_json", "depth {depth}");
     }
 }
@@ -523,28 +346,12 @@ fn every_error_has_a_distinct_code() {
         DecodeError::NotJson(String::new()),
         DecodeError::NotAnObject,
         DecodeError::MissingAttribute("id"),
-        DecodeError::InvalidAttribute {
-            attribute: "id",
-            reason: String::new(),
-        },
+        DecodeError::InvalidAttribute { attribute: "id", reason: String::new() },
         DecodeError::UnknownType(String::new()),
-        DecodeError::InvalidData {
-            ty: "t",
-            path: String::new(),
-            message: String::new(),
-        },
-        DecodeError::TypeMismatch {
-            ty: "t",
-            protocol: String::new(),
-        },
-        DecodeError::IdMismatch {
-            id: String::new(),
-            data_id: String::new(),
-        },
-        DecodeError::SubjectMismatch {
-            subject: String::new(),
-            identity: String::new(),
-        },
+        DecodeError::InvalidData { ty: "t", path: String::new(), message: String::new() },
+        DecodeError::TypeMismatch { ty: "t", protocol: String::new() },
+        DecodeError::IdMismatch { id: String::new(), data_id: String::new() },
+        DecodeError::SubjectMismatch { subject: String::new(), identity: String::new() },
         DecodeError::BadSeq(String::new()),
     ];
     let codes: std::collections::BTreeSet<_> = errors.iter().map(DecodeError::code).collect();

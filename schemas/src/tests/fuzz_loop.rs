@@ -145,17 +145,9 @@ fn check(bytes: &[u8]) -> bool {
     match decoded {
         Ok(record) => {
             let again = EventRecord::decode(&record.encode()).unwrap_or_else(|e| {
-                panic!(
-                    "re-encoded event does not decode: {e}\ninput: {}",
-                    String::from_utf8_lossy(bytes)
-                )
+                panic!("re-encoded event does not decode: {e}\ninput: {}", String::from_utf8_lossy(bytes))
             });
-            assert_eq!(
-                again,
-                record,
-                "round trip changed the record; input: {}",
-                String::from_utf8_lossy(bytes)
-            );
+            assert_eq!(again, record, "round trip changed the record; input: {}", String::from_utf8_lossy(bytes));
             true
         }
         Err(e) => {
@@ -168,25 +160,15 @@ fn check(bytes: &[u8]) -> bool {
 #[test]
 fn random_and_mutated_input_never_panics() {
     let mut corpus: Vec<Vec<u8>> = samples().into_iter().map(|(_, r)| r.encode()).collect();
-    for text in [
-        CHORIA_STARTUP,
-        CHORIA_LEGACY_SHUTDOWN,
-        CHORIA_TRANSITION,
-        CHORIA_EXEC_STATE,
-    ] {
+    for text in [CHORIA_STARTUP, CHORIA_LEGACY_SHUTDOWN, CHORIA_TRANSITION, CHORIA_EXEC_STATE] {
         corpus.push(text.as_bytes().to_vec());
     }
-    let trees: Vec<Value> = corpus
-        .iter()
-        .map(|b| serde_json::from_slice(b).unwrap())
-        .collect();
+    let trees: Vec<Value> = corpus.iter().map(|b| serde_json::from_slice(b).unwrap()).collect();
 
     // CHORUS_FUZZ_ITERATIONS / CHORUS_FUZZ_SEED run a longer or different loop by hand.
     let env = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
     let iterations = env("CHORUS_FUZZ_ITERATIONS").unwrap_or(20_000);
-    let mut rng = Rng(env("CHORUS_FUZZ_SEED")
-        .filter(|s| *s != 0)
-        .unwrap_or(0x9e37_79b9_7f4a_7c15));
+    let mut rng = Rng(env("CHORUS_FUZZ_SEED").filter(|s| *s != 0).unwrap_or(0x9e37_79b9_7f4a_7c15));
     let (mut decoded, mut total) = (0usize, 0usize);
     for i in 0..iterations {
         let input = match i % 4 {
@@ -210,10 +192,7 @@ fn random_and_mutated_input_never_panics() {
         }
     }
     // The structural mutations must exercise the success path too, not only rejections.
-    assert!(
-        decoded > total / 50,
-        "only {decoded} of {total} inputs decoded"
-    );
+    assert!(decoded > total / 50, "only {decoded} of {total} inputs decoded");
 }
 
 /// Inputs the fast path skips over without building values (unknown attributes and data

@@ -25,11 +25,7 @@ fn every_type_round_trips() {
         let bytes = record.encode();
         let decoded = EventRecord::decode(&bytes).unwrap_or_else(|e| panic!("{ty}: {e}"));
         assert_eq!(decoded, record, "{ty}");
-        assert_eq!(
-            decoded.encode(),
-            bytes,
-            "{ty}: re-encoding changed the bytes"
-        );
+        assert_eq!(decoded.encode(), bytes, "{ty}: re-encoding changed the bytes");
         // Through the SDK types as well.
         let via_sdk = EventRecord::try_from(cloudevents::Event::from(&record)).unwrap();
         assert_eq!(via_sdk, record, "{ty}");
@@ -54,11 +50,7 @@ fn envelope_carries_the_cloudevents_attributes() {
             None => assert!(wire.get("site").is_none()),
         }
         if let Event::Lifecycle(l) = &record.data {
-            assert_eq!(
-                wire["data"]["id"],
-                l.id(),
-                "lifecycle inner id is the event id"
-            );
+            assert_eq!(wire["data"]["id"], l.id(), "lifecycle inner id is the event id");
         }
     }
 }
@@ -72,23 +64,9 @@ fn encoding_is_deterministic() {
         }
         // Core attributes first (in the SDK's order), then extensions sorted by name.
         let wire = json(&first);
-        let keys: Vec<&str> = wire
-            .as_object()
-            .unwrap()
-            .keys()
-            .map(String::as_str)
-            .collect();
-        let mut expected = vec![
-            "specversion",
-            "id",
-            "type",
-            "source",
-            "datacontenttype",
-            "subject",
-            "time",
-            "data",
-            "seq",
-        ];
+        let keys: Vec<&str> = wire.as_object().unwrap().keys().map(String::as_str).collect();
+        let mut expected =
+            vec!["specversion", "id", "type", "source", "datacontenttype", "subject", "time", "data", "seq"];
         if record.site.is_some() {
             expected.push("site");
         }
@@ -100,23 +78,13 @@ fn encoding_is_deterministic() {
 fn new_records_are_consistent() {
     let startup = Startup::new("n1.example.net", "server", "1.0.0");
     let record = EventRecord::new(startup.clone(), 1);
-    assert_eq!(
-        record.id, startup.id,
-        "lifecycle envelope id is the inner id"
-    );
+    assert_eq!(record.id, startup.id, "lifecycle envelope id is the inner id");
     assert_eq!(record.subject, "n1.example.net");
     assert_eq!(record.source, "io.choria.lifecycle");
     assert_eq!(record.time.timestamp(), startup.timestamp);
     assert_eq!(record.data.kind(), EventKind::Lifecycle);
 
-    let request = RpcRequest::new(
-        "up=bob",
-        "client1",
-        "choria",
-        "rpcutil",
-        "ping",
-        JsonObject::new(),
-    );
+    let request = RpcRequest::new("up=bob", "client1", "choria", "rpcutil", "ping", JsonObject::new());
     let a = EventRecord::new(request.clone(), 1);
     let b = EventRecord::new(request, 2);
     assert_ne!(a.id, b.id, "non-lifecycle records get fresh ids");
@@ -134,9 +102,7 @@ fn choria_exact_wire_example_decodes() {
     assert_eq!(record.time.to_rfc3339(), "2018-08-24T10:36:13+00:00");
     assert_eq!(record.seq, 0);
     assert_eq!(record.site, None);
-    let Event::Lifecycle(Lifecycle::Startup(s)) = &record.data else {
-        panic!("{:?}", record.data)
-    };
+    let Event::Lifecycle(Lifecycle::Startup(s)) = &record.data else { panic!("{:?}", record.data) };
     assert_eq!(
         s,
         &Startup {
@@ -148,10 +114,7 @@ fn choria_exact_wire_example_decodes() {
             version: "1.2.3".into(),
         }
     );
-    assert_eq!(
-        record.nats_subject().unwrap(),
-        "choria.lifecycle.event.startup.ginkgo"
-    );
+    assert_eq!(record.nats_subject().unwrap(), "choria.lifecycle.event.startup.ginkgo");
     // Chorus writes back the same document Choria wrote (seq 0 and no site are left off).
     assert_eq!(json(&record.encode()), json(CHORIA_STARTUP.as_bytes()));
 }
@@ -164,13 +127,8 @@ fn choria_machine_events_decode_and_re_encode_identically() {
         assert_eq!(json(&record.encode()), json(text.as_bytes()));
     }
     let exec = EventRecord::decode(CHORIA_EXEC_STATE.as_bytes()).unwrap();
-    let Event::Watcher(w) = &exec.data else {
-        panic!()
-    };
-    assert_eq!(
-        w.id, "1234567890",
-        "machine inner id is the instance id, not the event id"
-    );
+    let Event::Watcher(w) = &exec.data else { panic!() };
+    assert_eq!(w.id, "1234567890", "machine inner id is the instance id, not the event id");
     assert_eq!(
         w.details,
         WatcherDetails::Exec(ExecDetails {
@@ -179,15 +137,9 @@ fn choria_machine_events_decode_and_re_encode_identically() {
             previous_run_time: 1_000_000_000
         })
     );
-    assert_eq!(
-        exec.nats_subject().unwrap(),
-        "choria.machine.watcher.exec.state"
-    );
+    assert_eq!(exec.nats_subject().unwrap(), "choria.machine.watcher.exec.state");
     let transition = EventRecord::decode(CHORIA_TRANSITION.as_bytes()).unwrap();
-    assert_eq!(
-        transition.nats_subject().unwrap(),
-        "choria.machine.transition"
-    );
+    assert_eq!(transition.nats_subject().unwrap(), "choria.machine.transition");
     assert_eq!(transition.data.kind(), EventKind::Transition);
 }
 
@@ -201,15 +153,10 @@ fn choria_legacy_lifecycle_documents_decode() {
     assert_eq!(record.data.event_type(), "io.choria.lifecycle.v1.shutdown");
 
     // The pre-2019 protocol spelling is normalised.
-    let legacy = CHORIA_LEGACY_SHUTDOWN.replace(
-        "io.choria.lifecycle.v1.shutdown",
-        "choria:lifecycle:shutdown:1",
-    );
+    let legacy = CHORIA_LEGACY_SHUTDOWN.replace("io.choria.lifecycle.v1.shutdown", "choria:lifecycle:shutdown:1");
     let old = EventRecord::decode(legacy.as_bytes()).unwrap();
     assert_eq!(old, record);
-    let Event::Lifecycle(l) = &old.data else {
-        panic!()
-    };
+    let Event::Lifecycle(l) = &old.data else { panic!() };
     assert_eq!(l.lifecycle_type(), LifecycleType::Shutdown);
 
     // ...also inside a CloudEvent.
@@ -235,10 +182,7 @@ fn optional_attributes_are_derived_when_absent() {
     map.remove("time");
     map.remove("datacontenttype");
     let record = EventRecord::decode(&serde_json::to_vec(&wire).unwrap()).unwrap();
-    assert_eq!(
-        record,
-        EventRecord::decode(CHORIA_STARTUP.as_bytes()).unwrap()
-    );
+    assert_eq!(record, EventRecord::decode(CHORIA_STARTUP.as_bytes()).unwrap());
 }
 
 #[test]
@@ -255,10 +199,7 @@ fn seq_and_site_extensions() {
         wire["seq"] = seq;
         wire["site"] = "tokyo".into();
         let record = EventRecord::decode(&serde_json::to_vec(&wire).unwrap()).unwrap();
-        assert_eq!(
-            (record.seq, record.site.as_deref()),
-            (expect, Some("tokyo"))
-        );
+        assert_eq!((record.seq, record.site.as_deref()), (expect, Some("tokyo")));
         assert_eq!(EventRecord::decode(&record.encode()).unwrap(), record);
     }
     // Seq beyond i64 goes out as a string, and back in.
@@ -285,13 +226,8 @@ fn times_round_trip_exactly() {
     ] {
         let mut wire = base.clone();
         wire["time"] = time.into();
-        let record = EventRecord::decode(&serde_json::to_vec(&wire).unwrap())
-            .unwrap_or_else(|e| panic!("{time}: {e}"));
-        assert_eq!(
-            EventRecord::decode(&record.encode()).unwrap(),
-            record,
-            "{time}"
-        );
+        let record = EventRecord::decode(&serde_json::to_vec(&wire).unwrap()).unwrap_or_else(|e| panic!("{time}: {e}"));
+        assert_eq!(EventRecord::decode(&record.encode()).unwrap(), record, "{time}");
     }
 }
 
@@ -324,10 +260,7 @@ fn accessors() {
 
 #[test]
 fn nats_subjects_of_samples() {
-    let subjects: Vec<_> = samples()
-        .into_iter()
-        .map(|(_, r)| r.nats_subject().unwrap())
-        .collect();
+    let subjects: Vec<_> = samples().into_iter().map(|(_, r)| r.nats_subject().unwrap()).collect();
     assert_eq!(
         subjects,
         [
@@ -352,44 +285,20 @@ fn nats_subjects_of_samples() {
 #[test]
 fn invalid_subject_tokens_are_typed_errors() {
     let record = EventRecord::new(Alive::new("n1", "web.prod", "1", None), 1);
-    assert!(matches!(
-        record.nats_subject(),
-        Err(crate::SubjectError::InvalidToken {
-            field: "component",
-            ..
-        })
-    ));
+    assert!(matches!(record.nats_subject(), Err(crate::SubjectError::InvalidToken { field: "component", .. })));
     let record = EventRecord::new(Alive::new("n1", "", "1", None), 1);
-    assert_eq!(
-        record.nats_subject(),
-        Err(crate::SubjectError::Empty { field: "component" })
-    );
+    assert_eq!(record.nats_subject(), Err(crate::SubjectError::Empty { field: "component" }));
     let audit = AuditRecord::new("aaa1", "", "up=bob", AuditAction::Allow, JsonObject::new());
     assert!(EventRecord::new(audit, 1).nats_subject().is_err());
-    let req = RpcRequest::new(
-        "up=bob",
-        "c1",
-        "choria",
-        "rpc util",
-        "ping",
-        JsonObject::new(),
-    );
-    assert!(EventRecord::new(
-        RpcReply::new(&req, "n1", crate::StatusCode::Ok, JsonObject::new()),
-        1
-    )
-    .nats_subject()
-    .is_err());
+    let req = RpcRequest::new("up=bob", "c1", "choria", "rpc util", "ping", JsonObject::new());
+    assert!(EventRecord::new(RpcReply::new(&req, "n1", crate::StatusCode::Ok, JsonObject::new()), 1)
+        .nats_subject()
+        .is_err());
 }
 
 #[test]
 fn watcher_constructor_sets_protocol_from_details() {
-    let instance = MachineInstance {
-        identity: "n1".into(),
-        id: "i".into(),
-        machine: "m".into(),
-        version: "1".into(),
-    };
+    let instance = MachineInstance { identity: "n1".into(), id: "i".into(), machine: "m".into(), version: "1".into() };
     let w = WatcherState::new(
         &instance,
         "w",
@@ -411,9 +320,7 @@ fn encode_writes_canonical_protocol() {
     let record = EventRecord::new(startup, 1);
     let wire = json(&record.encode());
     assert_eq!(wire["data"]["protocol"], "io.choria.lifecycle.v1.startup");
-    let Event::Lifecycle(l) = EventRecord::decode(&record.encode()).unwrap().data else {
-        panic!()
-    };
+    let Event::Lifecycle(l) = EventRecord::decode(&record.encode()).unwrap().data else { panic!() };
     assert_eq!(l.lifecycle_type(), LifecycleType::Startup);
 }
 

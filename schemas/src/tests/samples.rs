@@ -6,12 +6,9 @@ use serde_json::json;
 
 use crate::audit::{AuditAction, AuditRecord};
 use crate::envelope::{Event, EventRecord};
-use crate::lifecycle::{
-    Alive, Governor, GovernorEventType, Provisioned, Shutdown, Startup, Upgraded,
-};
+use crate::lifecycle::{Alive, Governor, GovernorEventType, Provisioned, Shutdown, Startup, Upgraded};
 use crate::machine::{
-    ExecDetails, FileDetails, MachineInstance, ScheduleDetails, TimerDetails, Transition,
-    WatcherDetails, WatcherState,
+    ExecDetails, FileDetails, MachineInstance, ScheduleDetails, TimerDetails, Transition, WatcherDetails, WatcherState,
 };
 use crate::rpc::{FactFilter, Filter, JsonObject, RpcReply, RpcRequest, StatusCode};
 
@@ -72,11 +69,7 @@ pub(crate) fn samples() -> Vec<(&'static str, EventRecord)> {
         r.requestid = "f374d0d5a79258858a92025efe0ecd03".into();
         r.time = T;
         r.filter = Filter {
-            fact: vec![FactFilter {
-                fact: "country".into(),
-                operator: "==".into(),
-                value: "uk".into(),
-            }],
+            fact: vec![FactFilter { fact: "country".into(), operator: "==".into(), value: "uk".into() }],
             cf_class: vec!["roles::web".into()],
             agent: vec!["service".into()],
             identity: vec![],
@@ -84,12 +77,7 @@ pub(crate) fn samples() -> Vec<(&'static str, EventRecord)> {
         };
         r
     };
-    let mut reply = RpcReply::new(
-        &request,
-        "node1.example.net",
-        StatusCode::Ok,
-        object(json!({"status": "running"})),
-    );
+    let mut reply = RpcReply::new(&request, "node1.example.net", StatusCode::Ok, object(json!({"status": "running"})));
     reply.time = T + 1;
     reply.policy = Some("service.policy: allow up=bob restart".into());
     let mut audit = AuditRecord::new(
@@ -112,46 +100,13 @@ pub(crate) fn samples() -> Vec<(&'static str, EventRecord)> {
     transition.timestamp = T;
 
     let records = vec![
+        record(fixed_lifecycle!(Startup::new("node1.example.net", "server", "0.1.0"), 1), 1),
+        record(fixed_lifecycle!(Alive::new("node1.example.net", "server", "0.1.0", Some(1800)), 2), 2),
+        record(fixed_lifecycle!(Shutdown::new("node1.example.net", "server"), 3), 3),
+        record(fixed_lifecycle!(Provisioned::new("node2.example.net", "provision_mode_server"), 4), 4),
+        record(fixed_lifecycle!(Upgraded::new("node1.example.net", "server", "0.1.0", "0.2.0"), 5), 5),
         record(
-            fixed_lifecycle!(Startup::new("node1.example.net", "server", "0.1.0"), 1),
-            1,
-        ),
-        record(
-            fixed_lifecycle!(
-                Alive::new("node1.example.net", "server", "0.1.0", Some(1800)),
-                2
-            ),
-            2,
-        ),
-        record(
-            fixed_lifecycle!(Shutdown::new("node1.example.net", "server"), 3),
-            3,
-        ),
-        record(
-            fixed_lifecycle!(
-                Provisioned::new("node2.example.net", "provision_mode_server"),
-                4
-            ),
-            4,
-        ),
-        record(
-            fixed_lifecycle!(
-                Upgraded::new("node1.example.net", "server", "0.1.0", "0.2.0"),
-                5
-            ),
-            5,
-        ),
-        record(
-            fixed_lifecycle!(
-                Governor::new(
-                    "node1.example.net",
-                    "CLI",
-                    "upgrades",
-                    7,
-                    GovernorEventType::Enter
-                ),
-                6
-            ),
+            fixed_lifecycle!(Governor::new("node1.example.net", "CLI", "upgrades", 7, GovernorEventType::Enter), 6),
             6,
         ),
         record(transition, 7),
@@ -168,27 +123,15 @@ pub(crate) fn samples() -> Vec<(&'static str, EventRecord)> {
         ),
         record(
             watcher(
-                WatcherDetails::File(FileDetails {
-                    path: "/etc/hvac.conf".into(),
-                    previous_outcome: "changed".into(),
-                }),
+                WatcherDetails::File(FileDetails { path: "/etc/hvac.conf".into(), previous_outcome: "changed".into() }),
                 "config",
             ),
             9,
         ),
+        record(watcher(WatcherDetails::Schedule(ScheduleDetails { state: "on".into() }), "office_hours"), 10),
         record(
             watcher(
-                WatcherDetails::Schedule(ScheduleDetails { state: "on".into() }),
-                "office_hours",
-            ),
-            10,
-        ),
-        record(
-            watcher(
-                WatcherDetails::Timer(TimerDetails {
-                    state: "running".into(),
-                    timer: 300_000_000_000,
-                }),
+                WatcherDetails::Timer(TimerDetails { state: "running".into(), timer: 300_000_000_000 }),
                 "cooldown",
             ),
             11,
@@ -197,10 +140,7 @@ pub(crate) fn samples() -> Vec<(&'static str, EventRecord)> {
         record(reply, 13),
         record(audit, 14),
     ];
-    records
-        .into_iter()
-        .map(|r| (r.data.event_type(), r))
-        .collect()
+    records.into_iter().map(|r| (r.data.event_type(), r)).collect()
 }
 
 /// Choria's exact wire bytes from go-choria `lifecycle/lifecycle_test.go`.

@@ -55,10 +55,7 @@ fn check_dir(dir: &Path, expected: &[(String, String)], what: &str) {
     }
     let mut on_disk: Vec<String> = std::fs::read_dir(dir)
         .map(|entries| {
-            entries
-                .filter_map(|e| e.ok()?.file_name().into_string().ok())
-                .filter(|n| n.ends_with(".json"))
-                .collect()
+            entries.filter_map(|e| e.ok()?.file_name().into_string().ok()).filter(|n| n.ends_with(".json")).collect()
         })
         .unwrap_or_default();
     on_disk.retain(|n| !expected.iter().any(|(e, _)| e == n));
@@ -75,10 +72,7 @@ fn check_dir(dir: &Path, expected: &[(String, String)], what: &str) {
 
 #[test]
 fn checked_in_schemas_are_current() {
-    let expected: Vec<(String, String)> = json_schemas()
-        .iter()
-        .map(|(n, s)| (n.clone(), pretty(s)))
-        .collect();
+    let expected: Vec<(String, String)> = json_schemas().iter().map(|(n, s)| (n.clone(), pretty(s))).collect();
     assert_eq!(expected.len(), Event::TYPES.len() + 1);
     check_dir(&schema_dir(), &expected, "JSON Schemas");
 }
@@ -86,10 +80,8 @@ fn checked_in_schemas_are_current() {
 /// Seeds for `fuzz/fuzz_targets/decode_event.rs`: every sample plus Choria's own encodings.
 #[test]
 fn checked_in_fuzz_seeds_are_current() {
-    let mut expected: Vec<(String, String)> = samples()
-        .into_iter()
-        .map(|(ty, r)| (format!("{ty}.json"), String::from_utf8(r.encode()).unwrap()))
-        .collect();
+    let mut expected: Vec<(String, String)> =
+        samples().into_iter().map(|(ty, r)| (format!("{ty}.json"), String::from_utf8(r.encode()).unwrap())).collect();
     for (name, text) in [
         ("choria-startup.json", CHORIA_STARTUP),
         ("choria-legacy-shutdown.json", CHORIA_LEGACY_SHUTDOWN),
@@ -99,30 +91,22 @@ fn checked_in_fuzz_seeds_are_current() {
         expected.push((name.into(), text.into()));
     }
     for (name, content) in &expected {
-        assert!(
-            EventRecord::decode(content.as_bytes()).is_ok(),
-            "seed {name} does not decode"
-        );
+        assert!(EventRecord::decode(content.as_bytes()).is_ok(), "seed {name} does not decode");
     }
     check_dir(&seed_dir(), &expected, "fuzz seeds");
 }
 
 fn load(name: &str) -> Value {
-    let text =
-        std::fs::read_to_string(schema_dir().join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let text = std::fs::read_to_string(schema_dir().join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
     serde_json::from_str(&text).unwrap()
 }
 
 fn validator(name: &str) -> jsonschema::Validator {
-    jsonschema::validator_for(&load(name))
-        .unwrap_or_else(|e| panic!("{name} is not a valid schema: {e}"))
+    jsonschema::validator_for(&load(name)).unwrap_or_else(|e| panic!("{name} is not a valid schema: {e}"))
 }
 
 fn errors(validator: &jsonschema::Validator, instance: &Value) -> Vec<String> {
-    validator
-        .iter_errors(instance)
-        .map(|e| format!("{}: {e}", e.instance_path()))
-        .collect()
+    validator.iter_errors(instance).map(|e| format!("{}: {e}", e.instance_path())).collect()
 }
 
 #[test]
@@ -135,14 +119,8 @@ fn schema_ids_and_protocol_constants() {
         assert!(schema["description"].is_string(), "{ty} has no description");
         assert_eq!(Some(schema), event_schema(ty));
     }
-    assert_eq!(
-        load(ENVELOPE_SCHEMA_FILE)["$id"],
-        format!("{SCHEMA_BASE_URL}{ENVELOPE_SCHEMA_FILE}")
-    );
-    assert_eq!(
-        event_schema("io.choria.machine.watcher.nagios.v1.state"),
-        None
-    );
+    assert_eq!(load(ENVELOPE_SCHEMA_FILE)["$id"], format!("{SCHEMA_BASE_URL}{ENVELOPE_SCHEMA_FILE}"));
+    assert_eq!(event_schema("io.choria.machine.watcher.nagios.v1.state"), None);
 }
 
 /// Encoded samples of every type (and Choria's own events) validate against the checked-in
@@ -157,16 +135,8 @@ fn encoded_events_validate_against_checked_in_schemas() {
     for bytes in encodings {
         let wire: Value = serde_json::from_slice(&bytes).unwrap();
         let ty = wire["type"].as_str().unwrap().to_owned();
-        assert_eq!(
-            errors(&envelope, &wire),
-            Vec::<String>::new(),
-            "{ty} envelope"
-        );
-        assert_eq!(
-            errors(&validator(&format!("{ty}.json")), &wire["data"]),
-            Vec::<String>::new(),
-            "{ty} data"
-        );
+        assert_eq!(errors(&envelope, &wire), Vec::<String>::new(), "{ty} envelope");
+        assert_eq!(errors(&validator(&format!("{ty}.json")), &wire["data"]), Vec::<String>::new(), "{ty} data");
     }
 }
 
@@ -193,36 +163,21 @@ fn wrong_field_types_fail_schema_and_decode() {
         for (field, value) in data {
             let mut broken = wire.clone();
             broken["data"][field] = wrong_type(value);
-            assert!(
-                !schema.is_valid(&broken["data"]),
-                "{ty}: schema accepts a wrong-typed {field}"
-            );
+            assert!(!schema.is_valid(&broken["data"]), "{ty}: schema accepts a wrong-typed {field}");
             assert!(
                 EventRecord::decode(&serde_json::to_vec(&broken).unwrap()).is_err(),
                 "{ty}: decode accepts a wrong-typed {field}"
             );
         }
-        for attribute in [
-            "specversion",
-            "id",
-            "type",
-            "source",
-            "datacontenttype",
-            "subject",
-            "time",
-            "data",
-            "seq",
-            "site",
-        ] {
+        for attribute in
+            ["specversion", "id", "type", "source", "datacontenttype", "subject", "time", "data", "seq", "site"]
+        {
             let Some(value) = wire.get(attribute) else {
                 continue;
             };
             let mut broken = wire.clone();
             broken[attribute] = wrong_type(value);
-            assert!(
-                !envelope.is_valid(&broken),
-                "{ty}: envelope schema accepts a wrong-typed {attribute}"
-            );
+            assert!(!envelope.is_valid(&broken), "{ty}: envelope schema accepts a wrong-typed {attribute}");
             assert!(
                 EventRecord::decode(&serde_json::to_vec(&broken).unwrap()).is_err(),
                 "{ty}: decode accepts a wrong-typed {attribute}"
@@ -230,15 +185,8 @@ fn wrong_field_types_fail_schema_and_decode() {
         }
         // A type paired with another family's source fails both too.
         let mut broken = wire.clone();
-        broken["source"] = json!(if ty.starts_with("io.choria.rpc") {
-            "io.choria.aaa"
-        } else {
-            "io.choria.rpc"
-        });
-        assert!(
-            !envelope.is_valid(&broken),
-            "{ty}: envelope schema accepts a foreign source"
-        );
+        broken["source"] = json!(if ty.starts_with("io.choria.rpc") { "io.choria.aaa" } else { "io.choria.rpc" });
+        assert!(!envelope.is_valid(&broken), "{ty}: envelope schema accepts a foreign source");
         assert!(EventRecord::decode(&serde_json::to_vec(&broken).unwrap()).is_err());
     }
 }
@@ -250,10 +198,7 @@ fn a_wrong_typed_startup_fails_validation() {
     assert!(schema.is_valid(&data));
     data["timestamp"] = json!("2018-08-24T10:36:13Z");
     let found = errors(&schema, &data);
-    assert!(
-        found.iter().any(|e| e.starts_with("/timestamp")),
-        "{found:?}"
-    );
+    assert!(found.iter().any(|e| e.starts_with("/timestamp")), "{found:?}");
 }
 
 /// Empty strings: whatever the schema accepts, decode accepts (the schemas describe what
@@ -273,10 +218,7 @@ fn empty_strings_agree_between_schema_and_decode() {
             edited["data"][field] = json!("");
             let schema_ok = schema.is_valid(&edited["data"]);
             let decode_ok = EventRecord::decode(&serde_json::to_vec(&edited).unwrap()).is_ok();
-            assert_eq!(
-                schema_ok, decode_ok,
-                "{ty}: empty {field}: schema {schema_ok}, decode {decode_ok}"
-            );
+            assert_eq!(schema_ok, decode_ok, "{ty}: empty {field}: schema {schema_ok}, decode {decode_ok}");
             if !decode_ok {
                 rejected.insert(field.clone());
             }
@@ -286,16 +228,6 @@ fn empty_strings_agree_between_schema_and_decode() {
     // (`action` and `event_type` are enums in the audit and governor documents.)
     assert_eq!(
         rejected,
-        [
-            "action",
-            "event_type",
-            "governor",
-            "id",
-            "identity",
-            "protocol",
-            "senderid",
-            "signer",
-            "type"
-        ]
+        ["action", "event_type", "governor", "id", "identity", "protocol", "senderid", "signer", "type"]
     );
 }

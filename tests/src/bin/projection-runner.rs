@@ -55,7 +55,9 @@ async fn main() {
         }
     }
     let backbone: Arc<dyn Backbone> = match (nats, embedded) {
-        (Some(url), None) => Arc::new(JetStreamBackbone::connect(&NatsConfig::from_url_list(&url)).await.expect("connect")),
+        (Some(url), None) => {
+            Arc::new(JetStreamBackbone::connect(&NatsConfig::from_url_list(&url)).await.expect("connect"))
+        }
         (None, Some(path)) => Arc::new(EmbeddedBackbone::open_path(path).expect("open embedded store")),
         _ => panic!("give --nats URL or --embedded PATH"),
     };

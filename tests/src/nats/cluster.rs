@@ -89,16 +89,9 @@ impl NatsClusterBuilder {
 
     fn try_start(&self, binary: &Path) -> Result<NatsCluster> {
         let n = self.nodes;
-        let ports = process::free_ports(3 * n)
-            .map_err(|e| HarnessError::io("allocating free loopback ports", e))?;
-        let node_ports: Vec<Ports> = ports
-            .chunks(3)
-            .map(|p| Ports {
-                client: p[0],
-                monitor: p[1],
-                cluster: Some(p[2]),
-            })
-            .collect();
+        let ports = process::free_ports(3 * n).map_err(|e| HarnessError::io("allocating free loopback ports", e))?;
+        let node_ports: Vec<Ports> =
+            ports.chunks(3).map(|p| Ports { client: p[0], monitor: p[1], cluster: Some(p[2]) }).collect();
         let mut nodes = Vec::with_capacity(n);
         for (index, own) in node_ports.iter().enumerate() {
             let settings = Settings {
@@ -121,11 +114,7 @@ impl NatsClusterBuilder {
             node.spawn()?;
             nodes.push(node);
         }
-        let cluster = NatsCluster {
-            name: self.cluster_name.clone(),
-            nodes,
-            ready_timeout: self.ready_timeout,
-        };
+        let cluster = NatsCluster { name: self.cluster_name.clone(), nodes, ready_timeout: self.ready_timeout };
         let deadline = Instant::now() + self.ready_timeout;
         for node in &cluster.nodes {
             node.wait_until_ready(deadline)?;
@@ -247,26 +236,20 @@ impl NatsCluster {
     pub fn meta_leader(&self) -> Result<String> {
         self.check().map_err(|not_yet| match not_yet {
             NotYet::Fatal(err) => err,
-            NotYet::Pending(problem) => HarnessError::ClusterNotReady {
-                waited: Duration::ZERO,
-                problem,
-                log_tails: String::new(),
-            },
+            NotYet::Pending(problem) => {
+                HarnessError::ClusterNotReady { waited: Duration::ZERO, problem, log_tails: String::new() }
+            }
         })
     }
 
     /// The index of the node named `server_name`.
     pub fn index_of(&self, server_name: &str) -> Option<usize> {
-        self.nodes
-            .iter()
-            .position(|node| node.server_name() == server_name)
+        self.nodes.iter().position(|node| node.server_name() == server_name)
     }
 
     fn node_mut(&mut self, index: usize) -> Result<&mut NatsServer> {
         let len = self.nodes.len();
-        self.nodes
-            .get_mut(index)
-            .ok_or(HarnessError::NoSuchNode { index, len })
+        self.nodes.get_mut(index).ok_or(HarnessError::NoSuchNode { index, len })
     }
 
     fn wait_ready_until(&self, deadline: Instant) -> Result<()> {
@@ -321,21 +304,14 @@ impl NatsCluster {
         let mut agreed: Option<String> = None;
         for node in &up {
             let name = node.server_name();
-            node.probe()
-                .map_err(|problem| NotYet::Pending(format!("{name}: {problem}")))?;
-            let jsz = node
-                .monitor_json("/jsz")
-                .map_err(|err| NotYet::Pending(format!("{name}: {err}")))?;
+            node.probe().map_err(|problem| NotYet::Pending(format!("{name}: {problem}")))?;
+            let jsz = node.monitor_json("/jsz").map_err(|err| NotYet::Pending(format!("{name}: {err}")))?;
             let leader = jsz["meta_cluster"]["leader"]
                 .as_str()
                 .filter(|leader| !leader.is_empty())
-                .ok_or_else(|| {
-                    NotYet::Pending(format!("{name} sees no JetStream meta leader yet"))
-                })?;
+                .ok_or_else(|| NotYet::Pending(format!("{name} sees no JetStream meta leader yet")))?;
             if !up.iter().any(|candidate| candidate.server_name() == leader) {
-                return Err(NotYet::Pending(format!(
-                    "{name} still follows meta leader {leader}, which is down"
-                )));
+                return Err(NotYet::Pending(format!("{name} still follows meta leader {leader}, which is down")));
             }
             match &agreed {
                 None => agreed = Some(leader.to_string()),
@@ -389,8 +365,7 @@ mod tests {
             let routez = node.monitor_json("/routez").unwrap();
             assert_eq!(routez["num_routes"], 2, "{routez}");
         }
-        let dirs: std::collections::HashSet<_> =
-            cluster.nodes().iter().map(|n| n.store_dir()).collect();
+        let dirs: std::collections::HashSet<_> = cluster.nodes().iter().map(|n| n.store_dir()).collect();
         assert_eq!(dirs.len(), 3, "each node has its own store");
 
         // Kill the meta leader: the hardest node to lose.
@@ -426,23 +401,14 @@ mod tests {
 
     #[test]
     fn losing_the_majority_is_reported_at_once() {
-        let mut cluster = NatsCluster::builder(3)
-            .cluster_name("minority")
-            .start()
-            .unwrap();
-        assert!(matches!(
-            cluster.kill_node(7),
-            Err(HarnessError::NoSuchNode { index: 7, len: 3 })
-        ));
+        let mut cluster = NatsCluster::builder(3).cluster_name("minority").start().unwrap();
+        assert!(matches!(cluster.kill_node(7), Err(HarnessError::NoSuchNode { index: 7, len: 3 })));
         cluster.kill_node(0).unwrap();
         cluster.stop_node(1).unwrap();
         let started = Instant::now();
         let err = cluster.wait_ready().unwrap_err();
         assert!(started.elapsed() < Duration::from_secs(5));
-        let HarnessError::ClusterNotReady {
-            problem, log_tails, ..
-        } = &err
-        else {
+        let HarnessError::ClusterNotReady { problem, log_tails, .. } = &err else {
             panic!("unexpected error {err}");
         };
         assert!(problem.contains("only 1 of 3"), "{err}");

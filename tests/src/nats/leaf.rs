@@ -31,7 +31,8 @@ impl LeafnodeSites {
     /// isolated flows between sites, as in a deployment where a replicator federates events.
     pub fn start_named(names: &[String], isolated: &[&str]) -> Result<Self> {
         let deny = serde_json::to_string(isolated).expect("strings serialize");
-        let leaf_port = free_port().map_err(|source| crate::HarnessError::Io { context: "picking a leafnode port".into(), source })?;
+        let leaf_port = free_port()
+            .map_err(|source| crate::HarnessError::Io { context: "picking a leafnode port".into(), source })?;
         let hub = NatsServer::builder()
             .server_name("hub")
             .jetstream_extra("domain: hub")

@@ -18,8 +18,8 @@
 //!   spawned with `PR_SET_PDEATHSIG`, so servers die even when the test process is killed
 //!   (for example by nextest's `terminate-after`) and `Drop` never runs.
 
-mod leaf;
 mod cluster;
+mod leaf;
 mod monitor;
 pub(crate) mod process;
 mod server;
@@ -29,8 +29,8 @@ use std::path::{Path, PathBuf};
 
 pub use crate::error::{HarnessError, Result};
 pub use cluster::{NatsCluster, NatsClusterBuilder};
-pub use server::{NatsServer, NatsServerBuilder};
 pub use leaf::LeafnodeSites;
+pub use server::{NatsServer, NatsServerBuilder};
 
 /// A free loopback port (probably still free when the caller binds it), for listeners a
 /// test configures itself: leafnode ports, syslog receivers, HTTP sinks.
@@ -66,10 +66,7 @@ fn resolve_binary(explicit: Option<OsString>, path: Option<OsString>) -> Result<
             )))
         };
     }
-    let mut searched: Vec<PathBuf> = path
-        .as_ref()
-        .map(|p| std::env::split_paths(p).collect())
-        .unwrap_or_default();
+    let mut searched: Vec<PathBuf> = path.as_ref().map(|p| std::env::split_paths(p).collect()).unwrap_or_default();
     searched.extend(FALLBACK_DIRS.iter().map(PathBuf::from));
     for dir in &searched {
         let candidate = dir.join("nats-server");
@@ -77,17 +74,12 @@ fn resolve_binary(explicit: Option<OsString>, path: Option<OsString>) -> Result<
             return Ok(candidate);
         }
     }
-    Err(HarnessError::BinaryNotFound(format!(
-        "searched {NATS_SERVER_ENV}, PATH and {}",
-        FALLBACK_DIRS.join(", ")
-    )))
+    Err(HarnessError::BinaryNotFound(format!("searched {NATS_SERVER_ENV}, PATH and {}", FALLBACK_DIRS.join(", "))))
 }
 
 fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(path)
-        .map(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false)
+    std::fs::metadata(path).map(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0).unwrap_or(false)
 }
 
 #[cfg(test)]
@@ -109,11 +101,7 @@ mod tests {
         let path_dir = tempfile::tempdir().unwrap();
         let wanted = fake_binary(env_dir.path(), true);
         fake_binary(path_dir.path(), true);
-        let found = resolve_binary(
-            Some(wanted.clone().into()),
-            Some(path_dir.path().as_os_str().to_owned()),
-        )
-        .unwrap();
+        let found = resolve_binary(Some(wanted.clone().into()), Some(path_dir.path().as_os_str().to_owned())).unwrap();
         assert_eq!(found, wanted);
     }
 
@@ -138,11 +126,7 @@ mod tests {
     fn empty_env_falls_back_to_search() {
         let dir = tempfile::tempdir().unwrap();
         let wanted = fake_binary(dir.path(), true);
-        let found = resolve_binary(
-            Some(OsString::new()),
-            Some(dir.path().as_os_str().to_owned()),
-        )
-        .unwrap();
+        let found = resolve_binary(Some(OsString::new()), Some(dir.path().as_os_str().to_owned())).unwrap();
         assert_eq!(found, wanted);
     }
 

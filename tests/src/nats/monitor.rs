@@ -25,21 +25,15 @@ pub(crate) struct Response {
 /// into their own, more specific, [`crate::HarnessError`]s.
 pub(crate) fn get(port: u16, path: &str, timeout: Duration) -> Result<Response, String> {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let mut stream =
-        TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect: {e}"))?;
+    let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect: {e}"))?;
     stream
         .set_read_timeout(Some(timeout))
         .and_then(|_| stream.set_write_timeout(Some(timeout)))
         .map_err(|e| format!("socket options: {e}"))?;
-    let request =
-        format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
-    stream
-        .write_all(request.as_bytes())
-        .map_err(|e| format!("write: {e}"))?;
+    let request = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).map_err(|e| format!("write: {e}"))?;
     let mut raw = Vec::new();
-    stream
-        .read_to_end(&mut raw)
-        .map_err(|e| format!("read: {e}"))?;
+    stream.read_to_end(&mut raw).map_err(|e| format!("read: {e}"))?;
     parse(&raw)
 }
 
@@ -51,26 +45,20 @@ fn parse(raw: &[u8]) -> Result<Response, String> {
     let status_line = head.lines().next().unwrap_or_default();
     let mut parts = status_line.split_whitespace();
     let status = match (parts.next(), parts.next()) {
-        (Some(version), Some(code)) if version.starts_with("HTTP/") => code
-            .parse::<u16>()
-            .map_err(|_| format!("bad status line {status_line:?}"))?,
+        (Some(version), Some(code)) if version.starts_with("HTTP/") => {
+            code.parse::<u16>().map_err(|_| format!("bad status line {status_line:?}"))?
+        }
         _ => return Err(format!("bad status line {status_line:?}")),
     };
-    Ok(Response {
-        status,
-        body: body.to_string(),
-    })
+    Ok(Response { status, body: body.to_string() })
 }
 
 /// Connects to a NATS protocol port (client or route) and returns the JSON of the `INFO`
 /// line the server sends first. Its `server_id` identifies the process that owns the port.
 pub(crate) fn read_nats_info(port: u16, timeout: Duration) -> Result<serde_json::Value, String> {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let mut stream =
-        TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect: {e}"))?;
-    stream
-        .set_read_timeout(Some(timeout))
-        .map_err(|e| format!("socket options: {e}"))?;
+    let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect: {e}"))?;
+    stream.set_read_timeout(Some(timeout)).map_err(|e| format!("socket options: {e}"))?;
     let mut line = Vec::new();
     let mut buf = [0u8; 4096];
     while !line.windows(2).any(|w| w == b"\r\n") {
@@ -85,9 +73,7 @@ pub(crate) fn read_nats_info(port: u16, timeout: Duration) -> Result<serde_json:
     }
     let text = String::from_utf8_lossy(&line);
     let first = text.split("\r\n").next().unwrap_or_default();
-    let json = first
-        .strip_prefix("INFO ")
-        .ok_or_else(|| format!("expected INFO, got {:?}", truncate(first, 80)))?;
+    let json = first.strip_prefix("INFO ").ok_or_else(|| format!("expected INFO, got {:?}", truncate(first, 80)))?;
     serde_json::from_str(json).map_err(|e| format!("bad INFO JSON: {e}"))
 }
 
@@ -105,7 +91,8 @@ mod tests {
 
     #[test]
     fn parses_status_and_body() {
-        let raw = b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n\r\n{\"status\":\"unavailable\"}";
+        let raw =
+            b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n\r\n{\"status\":\"unavailable\"}";
         let response = parse(raw).unwrap();
         assert_eq!(response.status, 503);
         assert_eq!(response.body, "{\"status\":\"unavailable\"}");
@@ -126,8 +113,7 @@ mod tests {
             let mut buf = [0u8; 1024];
             let n = conn.read(&mut buf).unwrap();
             let request = String::from_utf8_lossy(&buf[..n]).to_string();
-            conn.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                .unwrap();
+            conn.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok").unwrap();
             request
         });
         let response = get(port, "/healthz?js-enabled-only=true", REQUEST_TIMEOUT).unwrap();

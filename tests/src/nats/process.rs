@@ -18,13 +18,8 @@ pub(crate) const PORT_ATTEMPTS: usize = 5;
 /// each other; they are only *probably* still free when the server binds them, which is why
 /// starts retry on [`crate::HarnessError::PortInUse`].
 pub(crate) fn free_ports(count: usize) -> io::Result<Vec<u16>> {
-    let listeners = (0..count)
-        .map(|_| TcpListener::bind(("127.0.0.1", 0)))
-        .collect::<io::Result<Vec<_>>>()?;
-    listeners
-        .iter()
-        .map(|listener| listener.local_addr().map(|addr| addr.port()))
-        .collect()
+    let listeners = (0..count).map(|_| TcpListener::bind(("127.0.0.1", 0))).collect::<io::Result<Vec<_>>>()?;
+    listeners.iter().map(|listener| listener.local_addr().map(|addr| addr.port())).collect()
 }
 
 type SpawnRequest = (Command, mpsc::Sender<io::Result<Child>>);
@@ -70,12 +65,8 @@ pub(crate) fn spawn_tied_to_process(mut command: Command) -> io::Result<Child> {
         tx
     });
     let (reply_tx, reply_rx) = mpsc::channel();
-    spawner
-        .send((command, reply_tx))
-        .map_err(|_| io::Error::other("spawner thread is gone"))?;
-    reply_rx
-        .recv()
-        .map_err(|_| io::Error::other("spawner thread is gone"))?
+    spawner.send((command, reply_tx)).map_err(|_| io::Error::other("spawner thread is gone"))?;
+    reply_rx.recv().map_err(|_| io::Error::other("spawner thread is gone"))?
 }
 
 /// Current length of a file, 0 if it does not exist yet.
@@ -107,9 +98,7 @@ pub(crate) fn tail(text: &str, lines: usize) -> String {
 
 /// The log line reporting a bind conflict, if any.
 pub(crate) fn port_conflict_line(log: &str) -> Option<String> {
-    log.lines()
-        .find(|line| line.contains("address already in use"))
-        .map(|line| line.trim().to_string())
+    log.lines().find(|line| line.contains("address already in use")).map(|line| line.trim().to_string())
 }
 
 #[cfg(test)]

@@ -154,11 +154,7 @@ impl NatsServerBuilder {
         };
         NatsServer::launch(self.settings, binary, || {
             let ports = process::free_ports(2)?;
-            Ok(Ports {
-                client: ports[0],
-                monitor: ports[1],
-                cluster: None,
-            })
+            Ok(Ports { client: ports[0], monitor: ports[1], cluster: None })
         })
     }
 }
@@ -269,9 +265,7 @@ impl NatsServer {
         };
         // On an already exited (unreaped) child, kill is a harmless no-op.
         let _ = child.kill();
-        child
-            .wait()
-            .map_err(|e| HarnessError::io("waiting for killed nats-server", e))?;
+        child.wait().map_err(|e| HarnessError::io("waiting for killed nats-server", e))?;
         tracing::debug!(server = %self.settings.server_name, "nats-server killed");
         Ok(())
     }
@@ -327,10 +321,7 @@ impl NatsServer {
             self.spawn()?;
             match self.wait_until_ready(deadline) {
                 Ok(()) => return Ok(()),
-                Err(err)
-                    if err.is_port_conflict()
-                        && Instant::now() + RESTART_PORT_BACKOFF < deadline =>
-                {
+                Err(err) if err.is_port_conflict() && Instant::now() + RESTART_PORT_BACKOFF < deadline => {
                     tracing::debug!(%err, "nats-server restart hit a port conflict; retrying");
                     self.kill()?;
                     std::thread::sleep(RESTART_PORT_BACKOFF);
@@ -351,24 +342,12 @@ impl NatsServer {
     /// `GET path` on the monitoring port; the body when the status is 200.
     /// `path` includes any query, e.g. `/jsz?streams=true`.
     pub fn monitor_get(&self, path: &str) -> Result<String> {
-        let path = if path.starts_with('/') {
-            path.to_string()
-        } else {
-            format!("/{path}")
-        };
-        let monitor_err = |detail: String| HarnessError::Monitor {
-            port: self.ports.monitor,
-            path: path.clone(),
-            detail,
-        };
-        let response =
-            monitor::get(self.ports.monitor, &path, REQUEST_TIMEOUT).map_err(monitor_err)?;
+        let path = if path.starts_with('/') { path.to_string() } else { format!("/{path}") };
+        let monitor_err =
+            |detail: String| HarnessError::Monitor { port: self.ports.monitor, path: path.clone(), detail };
+        let response = monitor::get(self.ports.monitor, &path, REQUEST_TIMEOUT).map_err(monitor_err)?;
         if response.status != 200 {
-            return Err(monitor_err(format!(
-                "status {}: {}",
-                response.status,
-                response.body.trim()
-            )));
+            return Err(monitor_err(format!("status {}: {}", response.status, response.body.trim())));
         }
         Ok(response.body)
     }
@@ -394,8 +373,7 @@ impl NatsServer {
     ) -> Result<Self> {
         let mut last_conflict = None;
         for attempt in 1..=PORT_ATTEMPTS {
-            let ports =
-                next_ports().map_err(|e| HarnessError::io("allocating free loopback ports", e))?;
+            let ports = next_ports().map_err(|e| HarnessError::io("allocating free loopback ports", e))?;
             let mut server = Self::prepare(settings.clone(), binary.clone(), ports)?;
             server.spawn()?;
             match server.wait_until_ready(Instant::now() + settings.ready_timeout) {
@@ -417,8 +395,7 @@ impl NatsServer {
             .tempdir()
             .map_err(|e| HarnessError::io("creating a temp dir for nats-server", e))?;
         let store_dir = dir.path().join("store");
-        fs::create_dir(&store_dir)
-            .map_err(|e| HarnessError::io("creating the JetStream store dir", e))?;
+        fs::create_dir(&store_dir).map_err(|e| HarnessError::io("creating the JetStream store dir", e))?;
         let server = NatsServer {
             config_path: dir.path().join("nats-server.conf"),
             log_path: dir.path().join("nats-server.log"),
@@ -430,9 +407,8 @@ impl NatsServer {
             run_log_offset: 0,
             dir,
         };
-        fs::write(&server.config_path, server.render_config()).map_err(|e| {
-            HarnessError::io(format!("writing {}", server.config_path.display()), e)
-        })?;
+        fs::write(&server.config_path, server.render_config())
+            .map_err(|e| HarnessError::io(format!("writing {}", server.config_path.display()), e))?;
         Ok(server)
     }
 
@@ -460,9 +436,7 @@ impl NatsServer {
             }
             out += "}\n";
         }
-        if let (Some(membership), Some(cluster_port)) =
-            (&self.settings.membership, self.ports.cluster)
-        {
+        if let (Some(membership), Some(cluster_port)) = (&self.settings.membership, self.ports.cluster) {
             out += "cluster {\n";
             out += &format!("  name: {}\n", q(&membership.cluster_name));
             out += &format!("  listen: \"127.0.0.1:{cluster_port}\"\n");
@@ -483,21 +457,12 @@ impl NatsServer {
     /// Spawns the process (any previous one must be gone), output appended to the log.
     pub(crate) fn spawn(&mut self) -> Result<()> {
         self.kill()?;
-        let io_err =
-            |what: &str, e| HarnessError::io(format!("{what} {}", self.log_path.display()), e);
-        let mut log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log_path)
-            .map_err(|e| io_err("opening", e))?;
+        let io_err = |what: &str, e| HarnessError::io(format!("{what} {}", self.log_path.display()), e);
+        let mut log =
+            OpenOptions::new().create(true).append(true).open(&self.log_path).map_err(|e| io_err("opening", e))?;
         self.run_log_offset = process::file_len(&self.log_path);
-        writeln!(
-            log,
-            "---- chorus-tests: starting {} -c {} ----",
-            self.binary.display(),
-            self.config_path.display()
-        )
-        .map_err(|e| io_err("writing", e))?;
+        writeln!(log, "---- chorus-tests: starting {} -c {} ----", self.binary.display(), self.config_path.display())
+            .map_err(|e| io_err("writing", e))?;
         let stderr = log.try_clone().map_err(|e| io_err("duplicating", e))?;
         let mut command = Command::new(&self.binary);
         command
@@ -548,19 +513,11 @@ impl NatsServer {
     /// part matters because ports are picked racily: another test's server holding our
     /// monitoring port would otherwise answer `/healthz` for us.
     pub(crate) fn probe(&self) -> std::result::Result<(), String> {
-        let health_path = if self.settings.jetstream {
-            "/healthz?js-enabled-only=true"
-        } else {
-            "/healthz"
-        };
+        let health_path = if self.settings.jetstream { "/healthz?js-enabled-only=true" } else { "/healthz" };
         let health = monitor::get(self.ports.monitor, health_path, REQUEST_TIMEOUT)
             .map_err(|e| format!("GET {health_path}: {e}"))?;
         if health.status != 200 {
-            return Err(format!(
-                "GET {health_path}: status {}: {}",
-                health.status,
-                health.body.trim()
-            ));
+            return Err(format!("GET {health_path}: status {}: {}", health.status, health.body.trim()));
         }
         let varz = self.monitor_json("/varz").map_err(|e| e.to_string())?;
         if varz["port"].as_u64() != Some(u64::from(self.ports.client)) {
@@ -584,9 +541,7 @@ impl NatsServer {
     /// The exit status if the process has exited but is still held (crashed, or failed to
     /// start); `None` while running or after kill/stop.
     pub(crate) fn exit_status(&self) -> Option<ExitStatus> {
-        self.child_slot()
-            .as_mut()
-            .and_then(|child| child.try_wait().ok().flatten())
+        self.child_slot().as_mut().and_then(|child| child.try_wait().ok().flatten())
     }
 
     /// Whether a process is held, i.e. the server was not deliberately killed or stopped.
@@ -600,32 +555,19 @@ impl NatsServer {
         let server = self.settings.server_name.clone();
         let log_tail = process::tail(&log, ERROR_LOG_LINES);
         match process::port_conflict_line(&log) {
-            Some(detail) => HarnessError::PortInUse {
-                server,
-                detail,
-                log_tail,
-            },
-            None => HarnessError::Exited {
-                server,
-                status: status.to_string(),
-                log_tail,
-            },
+            Some(detail) => HarnessError::PortInUse { server, detail, log_tail },
+            None => HarnessError::Exited { server, status: status.to_string(), log_tail },
         }
     }
 
     /// The last lines of the current run's log.
     pub(crate) fn run_log_tail(&self, lines: usize) -> String {
-        process::tail(
-            &process::read_from(&self.log_path, self.run_log_offset),
-            lines,
-        )
+        process::tail(&process::read_from(&self.log_path, self.run_log_offset), lines)
     }
 
     fn child_slot(&self) -> MutexGuard<'_, Option<Child>> {
         // A panic while holding the lock cannot leave the Option inconsistent.
-        self.child
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.child.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -650,11 +592,7 @@ mod tests {
         let jsz = server.monitor_json("/jsz").unwrap();
         assert_ne!(jsz["disabled"], serde_json::json!(true), "{jsz}");
         let store = jsz["config"]["store_dir"].as_str().unwrap();
-        assert!(
-            Path::new(store).starts_with(server.store_dir()),
-            "{store} not under {}",
-            server.store_dir().display()
-        );
+        assert!(Path::new(store).starts_with(server.store_dir()), "{store} not under {}", server.store_dir().display());
         let varz = server.monitor_json("/varz").unwrap();
         assert_eq!(varz["server_name"], "chorus-nats");
         assert!(server.log_tail(200).contains("Server is ready"));
@@ -664,32 +602,18 @@ mod tests {
         assert!(server.pid().is_none());
         assert!(std::net::TcpStream::connect(("127.0.0.1", server.port())).is_err());
         // Graceful: the server logged its own shutdown.
-        assert!(
-            server.log_tail(50).contains("Server Exiting"),
-            "{}",
-            server.log_tail(50)
-        );
+        assert!(server.log_tail(50).contains("Server Exiting"), "{}", server.log_tail(50));
         server.stop().unwrap(); // idempotent
         server.kill().unwrap();
     }
 
     #[test]
     fn restart_keeps_ports_store_and_data() {
-        let mut server = NatsServer::builder()
-            .server_name("restart-me")
-            .start()
-            .unwrap();
-        let (port, monitor, store) = (
-            server.port(),
-            server.monitor_port(),
-            server.store_dir().to_path_buf(),
-        );
+        let mut server = NatsServer::builder().server_name("restart-me").start().unwrap();
+        let (port, monitor, store) = (server.port(), server.monitor_port(), server.store_dir().to_path_buf());
         let url = server.url();
 
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         runtime.block_on(async {
             let client = async_nats::connect(&url).await.unwrap();
             let js = async_nats::jetstream::new(client);
@@ -701,11 +625,7 @@ mod tests {
             .await
             .unwrap();
             for i in 0..3 {
-                js.publish("durable.x", format!("m{i}").into())
-                    .await
-                    .unwrap()
-                    .await
-                    .unwrap();
+                js.publish("durable.x", format!("m{i}").into()).await.unwrap().await.unwrap();
             }
         });
 
@@ -714,10 +634,7 @@ mod tests {
         assert!(!server.is_running());
         server.restart().unwrap();
         assert!(server.is_running());
-        assert_eq!(
-            (server.port(), server.monitor_port(), server.store_dir()),
-            (port, monitor, store.as_path())
-        );
+        assert_eq!((server.port(), server.monitor_port(), server.store_dir()), (port, monitor, store.as_path()));
 
         let jsz = server.monitor_json("/jsz").unwrap();
         assert_eq!(jsz["streams"], 1, "{jsz}");
@@ -729,13 +646,7 @@ mod tests {
         assert_ne!(server.pid().unwrap(), old_pid);
         let jsz = server.monitor_json("/jsz").unwrap();
         assert_eq!(jsz["messages"], 3, "{jsz}");
-        assert_eq!(
-            server
-                .log_tail(10_000)
-                .matches("---- chorus-tests: starting")
-                .count(),
-            3
-        );
+        assert_eq!(server.log_tail(10_000).matches("---- chorus-tests: starting").count(), 3);
     }
 
     #[test]
@@ -777,10 +688,7 @@ mod tests {
 
     #[test]
     fn jetstream_extra_goes_inside_the_block() {
-        let server = NatsServer::builder()
-            .jetstream_extra("max_file_store: 64MB")
-            .start()
-            .unwrap();
+        let server = NatsServer::builder().jetstream_extra("max_file_store: 64MB").start().unwrap();
         let jsz = server.monitor_json("/jsz").unwrap();
         assert_eq!(jsz["config"]["max_storage"], 64 * 1024 * 1024, "{jsz}");
     }
@@ -788,10 +696,7 @@ mod tests {
     #[test]
     fn bad_config_fails_fast_with_the_log() {
         let started = Instant::now();
-        let err = NatsServer::builder()
-            .extra_config("this is { not valid")
-            .start()
-            .unwrap_err();
+        let err = NatsServer::builder().extra_config("this is { not valid").start().unwrap_err();
         assert!(matches!(err, HarnessError::Exited { .. }), "{err}");
         assert!(started.elapsed() < Duration::from_secs(10));
         assert!(err.to_string().contains("log tail"), "{err}");
@@ -802,19 +707,11 @@ mod tests {
         let squatter = TcpListener::bind("127.0.0.1:0").unwrap();
         let taken = squatter.local_addr().unwrap().port();
         let mut attempts = 0;
-        let server = NatsServer::launch(
-            Settings::default(),
-            super::super::nats_server_binary().unwrap(),
-            || {
-                attempts += 1;
-                let fresh = process::free_ports(2)?;
-                Ok(Ports {
-                    client: if attempts == 1 { taken } else { fresh[0] },
-                    monitor: fresh[1],
-                    cluster: None,
-                })
-            },
-        )
+        let server = NatsServer::launch(Settings::default(), super::super::nats_server_binary().unwrap(), || {
+            attempts += 1;
+            let fresh = process::free_ports(2)?;
+            Ok(Ports { client: if attempts == 1 { taken } else { fresh[0] }, monitor: fresh[1], cluster: None })
+        })
         .unwrap();
         assert_eq!(attempts, 2);
         assert_ne!(server.port(), taken);
@@ -826,21 +723,14 @@ mod tests {
         let other = NatsServer::builder().jetstream(false).start().unwrap();
         let mut attempts = 0;
         let server = NatsServer::launch(
-            Settings {
-                jetstream: false,
-                ..Settings::default()
-            },
+            Settings { jetstream: false, ..Settings::default() },
             super::super::nats_server_binary().unwrap(),
             || {
                 attempts += 1;
                 let fresh = process::free_ports(2)?;
                 Ok(Ports {
                     client: fresh[0],
-                    monitor: if attempts == 1 {
-                        other.monitor_port()
-                    } else {
-                        fresh[1]
-                    },
+                    monitor: if attempts == 1 { other.monitor_port() } else { fresh[1] },
                     cluster: None,
                 })
             },

@@ -32,30 +32,18 @@ pub struct ActionReply {
 impl ActionReply {
     /// The action ran: status OK with `data`.
     pub fn ok(data: JsonObject) -> Self {
-        ActionReply {
-            status: StatusCode::Ok,
-            message: StatusCode::Ok.default_message().into(),
-            data,
-        }
+        ActionReply { status: StatusCode::Ok, message: StatusCode::Ok.default_message().into(), data }
     }
 
     /// The action did not run or failed, with a message saying why.
     pub fn error(status: StatusCode, message: impl Into<String>) -> Self {
-        ActionReply {
-            status,
-            message: message.into(),
-            data: JsonObject::new(),
-        }
+        ActionReply { status, message: message.into(), data: JsonObject::new() }
     }
 }
 
 impl From<(StatusCode, String, JsonObject)> for ActionReply {
     fn from((status, message, data): (StatusCode, String, JsonObject)) -> Self {
-        ActionReply {
-            status,
-            message,
-            data,
-        }
+        ActionReply { status, message, data }
     }
 }
 
@@ -87,21 +75,16 @@ pub trait Agent: Send + Sync {
 
     /// Performs `action` (one of [`Agent::actions`]) with inputs `data`, after the request
     /// was authorized.
-    async fn handle(&self, action: &str, data: &JsonObject, ctx: &ActionContext<'_>)
-        -> ActionReply;
+    async fn handle(&self, action: &str, data: &JsonObject, ctx: &ActionContext<'_>) -> ActionReply;
 }
 
 /// Reads a required string input, or says why not.
 pub(crate) fn string_input<'a>(data: &'a JsonObject, name: &str) -> Result<&'a str, ActionReply> {
     match data.get(name) {
-        None | Some(serde_json::Value::Null) => Err(ActionReply::error(
-            StatusCode::MissingData,
-            format!("missing required input {name}"),
-        )),
+        None | Some(serde_json::Value::Null) => {
+            Err(ActionReply::error(StatusCode::MissingData, format!("missing required input {name}")))
+        }
         Some(serde_json::Value::String(s)) => Ok(s),
-        Some(_) => Err(ActionReply::error(
-            StatusCode::InvalidData,
-            format!("input {name} must be a string"),
-        )),
+        Some(_) => Err(ActionReply::error(StatusCode::InvalidData, format!("input {name} must be a string"))),
     }
 }

@@ -12,13 +12,7 @@ use super::{string_input, ActionContext, ActionReply, Agent};
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RpcUtil;
 
-const ACTIONS: [&str; 5] = [
-    "ping",
-    "inventory",
-    "agent_inventory",
-    "get_fact",
-    "daemon_stats",
-];
+const ACTIONS: [&str; 5] = ["ping", "inventory", "agent_inventory", "get_fact", "daemon_stats"];
 
 fn object(value: Value) -> JsonObject {
     match value {
@@ -37,12 +31,7 @@ impl Agent for RpcUtil {
         ACTIONS.iter().map(|a| a.to_string()).collect()
     }
 
-    async fn handle(
-        &self,
-        action: &str,
-        data: &JsonObject,
-        ctx: &ActionContext<'_>,
-    ) -> ActionReply {
+    async fn handle(&self, action: &str, data: &JsonObject, ctx: &ActionContext<'_>) -> ActionReply {
         let node = ctx.node;
         match action {
             "ping" => ActionReply::ok(object(json!({ "pong": chrono::Utc::now().timestamp() }))),
@@ -81,10 +70,7 @@ impl Agent for RpcUtil {
                     "version": node.version,
                 })))
             }
-            other => ActionReply::error(
-                StatusCode::UnknownAction,
-                format!("unknown action {other} for agent rpcutil"),
-            ),
+            other => ActionReply::error(StatusCode::UnknownAction, format!("unknown action {other} for agent rpcutil")),
         }
     }
 }

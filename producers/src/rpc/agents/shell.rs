@@ -48,17 +48,9 @@ impl Agent for Shell {
         vec!["run".into()]
     }
 
-    async fn handle(
-        &self,
-        action: &str,
-        data: &JsonObject,
-        _ctx: &ActionContext<'_>,
-    ) -> ActionReply {
+    async fn handle(&self, action: &str, data: &JsonObject, _ctx: &ActionContext<'_>) -> ActionReply {
         if action != "run" {
-            return ActionReply::error(
-                StatusCode::UnknownAction,
-                format!("unknown action {action} for agent shell"),
-            );
+            return ActionReply::error(StatusCode::UnknownAction, format!("unknown action {action} for agent shell"));
         }
         let command = match string_input(data, "command") {
             Ok(c) => c,
@@ -117,10 +109,7 @@ fn kill_group(pgid: Option<u32>) {
 
 /// Exit code as a shell reports it: the code, or 128 + signal number.
 fn exit_code(status: ExitStatus) -> i32 {
-    status
-        .code()
-        .or_else(|| status.signal().map(|s| 128 + s))
-        .unwrap_or(-1)
+    status.code().or_else(|| status.signal().map(|s| 128 + s)).unwrap_or(-1)
 }
 
 async fn run(command: &str, timeout: Duration) -> ActionReply {
@@ -135,20 +124,13 @@ async fn run(command: &str, timeout: Duration) -> ActionReply {
         .spawn()
     {
         Ok(child) => child,
-        Err(e) => {
-            return ActionReply::error(StatusCode::UnknownError, format!("cannot start sh: {e}"))
-        }
+        Err(e) => return ActionReply::error(StatusCode::UnknownError, format!("cannot start sh: {e}")),
     };
     let pgid = child.id();
     let deadline = Instant::now() + timeout;
     let stdout = tokio::spawn(read_capped(child.stdout.take()));
     let stderr = tokio::spawn(read_capped(child.stderr.take()));
-    let output = async {
-        (
-            stdout.await.unwrap_or_default(),
-            stderr.await.unwrap_or_default(),
-        )
-    };
+    let output = async { (stdout.await.unwrap_or_default(), stderr.await.unwrap_or_default()) };
     tokio::pin!(output);
 
     let mut timed_out = false;
@@ -167,9 +149,7 @@ async fn run(command: &str, timeout: Duration) -> ActionReply {
         Err(_) => {
             timed_out = true;
             kill_group(pgid);
-            tokio::time::timeout(KILL_GRACE, &mut output)
-                .await
-                .unwrap_or_default()
+            tokio::time::timeout(KILL_GRACE, &mut output).await.unwrap_or_default()
         }
     };
     let data = match json!({
@@ -211,11 +191,7 @@ mod tests {
     async fn timeouts_kill_the_whole_process_group() {
         let started = std::time::Instant::now();
         let r = run("echo before; sleep 30 & sleep 30", Duration::from_secs(1)).await;
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "{:?}",
-            started.elapsed()
-        );
+        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
         assert_eq!(r.status, StatusCode::Aborted);
         assert_eq!(r.data["timed_out"], true);
         assert_eq!(r.data["stdout"], "before\n");
