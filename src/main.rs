@@ -1,17 +1,15 @@
 //! `chorus`: the command that wires the Chorus platform together.
+//!
+//! Every command is a module of [`commands`]; argument groups shared by several commands
+//! are in [`args`]; signals are handled in [`signal`] and nowhere else.
 
-mod bench;
-mod cli_aaa;
-mod cli_agent;
-mod cli_audit_export;
-mod cli_broker;
-mod cli_events;
-mod cli_inventory;
-mod cli_provision;
-mod cli_security;
-mod cli_up;
+mod args;
+mod commands;
+mod signal;
 
 use clap::{Parser, Subcommand};
+
+use commands::*;
 
 /// Chorus: event-sourced fleet automation in the line of Choria.
 ///
@@ -27,50 +25,43 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Measure Chorus against raw async-nats and nats-server, in one run on this machine.
-    #[command(subcommand)]
-    Bench(bench::BenchCommand),
+    /// Measure Chorus against raw async-nats and nats-server, in one run on this machine
+    /// (runs `chorus-bench`).
+    Bench(bench::BenchArgs),
     /// Run a node agent: lifecycle events, outbox, autonomous agents, RPC server.
-    Agent(cli_agent::AgentArgs),
+    Agent(agent::AgentArgs),
     /// Run many simulated nodes in this process (startup storm, alive events).
-    Simulate(cli_agent::SimulateArgs),
+    Simulate(simulate::SimulateArgs),
     /// Make an RPC request to the fleet and summarise the replies.
-    Rpc(cli_agent::RpcArgs),
+    Rpc(rpc::RpcArgs),
     /// The inventory of nodes, built from the lifecycle stream: list, show, summary, serve.
-    Inventory(cli_inventory::InventoryArgs),
+    Inventory(inventory::InventoryArgs),
     /// Export audit and RPC records to a SIEM (syslog RFC 5424/5425, Splunk HEC, JSON lines).
-    AuditExport(cli_audit_export::AuditExportArgs),
+    AuditExport(audit_export::AuditExportArgs),
     /// Provision nodes that start in provisioning mode: configured RPC steps, once per node.
-    Provision(cli_provision::ProvisionArgs),
+    Provision(provision::ProvisionArgs),
     /// Copy streams between sites (site → hub, outbox → JetStream) without loss or duplicates.
-    Replicate(ReplicateArgs),
+    Replicate(replicate::ReplicateArgs),
     /// Follow events across the streams, with filters (kind, type, node, since).
     #[command(subcommand)]
-    Events(cli_events::EventsCommand),
+    Events(events::EventsCommand),
     /// Write a stream out as JSON lines (backups, audits, moving data).
-    Replay(cli_events::ReplayArgs),
+    Replay(backup::ReplayArgs),
     /// Publish a file written by `chorus replay` (ids dedupe: safe to repeat).
-    Restore(cli_events::RestoreArgs),
+    Restore(backup::RestoreArgs),
     /// Centralised AAA: login to short-lived tokens, request signing, every decision audited.
-    Aaa(cli_aaa::AaaArgs),
+    Aaa(aaa::AaaArgs),
     /// Broker security: generate nats-server.conf (accounts per tenant, least-privilege users,
     /// TLS) and nftables rules from a broker description.
     #[command(subcommand)]
-    Broker(cli_broker::BrokerCommand),
+    Broker(broker::BrokerCommand),
     /// Signing keys for events and RPC requests: in a file or on a PKCS#11 token.
     #[command(subcommand)]
-    Security(cli_security::SecurityCommand),
+    Security(security::SecurityCommand),
     /// The whole platform in one process: simulated nodes, inventory, audit export, dashboard.
-    Up(cli_up::UpArgs),
+    Up(up::UpArgs),
     /// The inventory projection and the version dashboard over existing streams.
-    Dashboard(cli_up::DashboardArgs),
-}
-
-#[derive(clap::Args)]
-struct ReplicateArgs {
-    /// Replicator configuration (YAML): links, streams, sampling, state directory.
-    #[arg(long)]
-    config: std::path::PathBuf,
+    Dashboard(dashboard::DashboardArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -82,22 +73,22 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async {
         match cli.command {
-            Command::Bench(cmd) => bench::run(cmd).await,
-            Command::Agent(args) => cli_agent::agent(args).await,
-            Command::Simulate(args) => cli_agent::simulate(args).await,
-            Command::Rpc(args) => cli_agent::rpc(args).await,
-            Command::Inventory(args) => cli_inventory::run(args).await,
-            Command::AuditExport(args) => cli_audit_export::run(args).await,
-            Command::Provision(args) => cli_provision::run(args).await,
-            Command::Events(cmd) => cli_events::events(cmd).await,
-            Command::Replay(args) => cli_events::replay(args).await,
-            Command::Restore(args) => cli_events::restore(args).await,
-            Command::Aaa(args) => cli_aaa::run(args).await,
-            Command::Broker(cmd) => cli_broker::run(cmd),
-            Command::Security(cmd) => cli_security::run(cmd),
-            Command::Up(args) => cli_up::up(args).await,
-            Command::Dashboard(args) => cli_up::dashboard(args).await,
-            Command::Replicate(args) => Ok(chorus_replicator::run_until_signal(&args.config).await?),
+            Command::Bench(args) => bench::run(args),
+            Command::Agent(args) => agent::run(args).await,
+            Command::Simulate(args) => simulate::run(args).await,
+            Command::Rpc(args) => rpc::run(args).await,
+            Command::Inventory(args) => inventory::run(args).await,
+            Command::AuditExport(args) => audit_export::run(args).await,
+            Command::Provision(args) => provision::run(args).await,
+            Command::Replicate(args) => replicate::run(args).await,
+            Command::Events(cmd) => events::run(cmd).await,
+            Command::Replay(args) => backup::replay(args).await,
+            Command::Restore(args) => backup::restore(args).await,
+            Command::Aaa(args) => aaa::run(args).await,
+            Command::Broker(cmd) => broker::run(cmd),
+            Command::Security(cmd) => security::run(cmd),
+            Command::Up(args) => up::run(args).await,
+            Command::Dashboard(args) => dashboard::run(args).await,
         }
     })
 }

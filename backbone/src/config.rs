@@ -62,25 +62,25 @@ impl StreamConfig {
     pub fn validate(&self) -> Result<()> {
         validate_name("stream name", &self.name)?;
         if self.subjects.is_empty() {
-            return Err(BackboneError::InvalidConfig(format!("stream {}: subjects must not be empty", self.name)));
+            return Err(BackboneError::invalid_config(format!("stream {}: subjects must not be empty", self.name)));
         }
         for s in &self.subjects {
             crate::subject::validate_filter(s)
-                .map_err(|e| BackboneError::InvalidConfig(format!("stream {}: subjects: {e}", self.name)))?;
+                .map_err(|e| BackboneError::invalid_config(format!("stream {}: subjects: {e}", self.name)))?;
         }
         if self.dedupe_window.is_zero() {
-            return Err(BackboneError::InvalidConfig(format!("stream {}: dedupe_window must be > 0", self.name)));
+            return Err(BackboneError::invalid_config(format!("stream {}: dedupe_window must be > 0", self.name)));
         }
         if let Some(age) = self.max_age {
             if age < self.dedupe_window {
-                return Err(BackboneError::InvalidConfig(format!(
+                return Err(BackboneError::invalid_config(format!(
                     "stream {}: max_age ({age:?}) must not be shorter than dedupe_window ({:?})",
                     self.name, self.dedupe_window
                 )));
             }
         }
         if !matches!(self.replicas, 1 | 3 | 5) {
-            return Err(BackboneError::InvalidConfig(format!(
+            return Err(BackboneError::invalid_config(format!(
                 "stream {}: replicas must be 1, 3 or 5, got {}",
                 self.name, self.replicas
             )));
@@ -169,13 +169,13 @@ impl ConsumerConfig {
         validate_name("consumer name", &self.name)?;
         for s in &self.filter_subjects {
             crate::subject::validate_filter(s)
-                .map_err(|e| BackboneError::InvalidConfig(format!("consumer {}: filter_subjects: {e}", self.name)))?;
+                .map_err(|e| BackboneError::invalid_config(format!("consumer {}: filter_subjects: {e}", self.name)))?;
         }
         if self.ack_wait < Duration::from_millis(100) {
-            return Err(BackboneError::InvalidConfig(format!("consumer {}: ack_wait must be >= 100ms", self.name)));
+            return Err(BackboneError::invalid_config(format!("consumer {}: ack_wait must be >= 100ms", self.name)));
         }
         if self.max_ack_pending == 0 {
-            return Err(BackboneError::InvalidConfig(format!("consumer {}: max_ack_pending must be > 0", self.name)));
+            return Err(BackboneError::invalid_config(format!("consumer {}: max_ack_pending must be > 0", self.name)));
         }
         Ok(())
     }
@@ -183,7 +183,7 @@ impl ConsumerConfig {
 
 fn validate_name(what: &str, name: &str) -> Result<()> {
     if name.is_empty() || name.len() > 200 || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-        return Err(BackboneError::InvalidConfig(format!(
+        return Err(BackboneError::invalid_config(format!(
             "{what} {name:?} must be 1..=200 characters of letters, digits, '-' or '_'"
         )));
     }

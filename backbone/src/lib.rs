@@ -2,7 +2,7 @@
 //!
 //! Everything Chorus does is recorded as an event on a stream. Producers publish, projections
 //! consume with durable cursors, and replays rebuild state from any point. Two engines implement
-//! the same [`Backbone`] trait and are held to the same conformance suite (`chorus-tests`):
+//! the same [`Backbone`] trait and are held to the same conformance suite (`chorus-testkit`):
 //!
 //! * [`jetstream::JetStreamBackbone`]: NATS JetStream through async-nats, the production and
 //!   multi-site engine (TLS with rustls, user/password, token, creds and nkey auth).
@@ -10,9 +10,11 @@
 //!   offline outbox. An acknowledged publish is on disk (group commit), so it survives `kill -9`.
 //!
 //! The backbone is payload-agnostic: a [`Message`] is an event id (the dedupe key), a subject and
-//! opaque bytes. Typed events and their encoding live in `chorus-schemas`.
+//! opaque bytes. Typed events and their encoding live in `chorus-schemas`; the backbone does
+//! not depend on them. It sits on the service runtime (`chorus-runtime`: backoff, TLS, local
+//! stores, configuration errors).
 
-pub mod broker;
+pub mod backup;
 pub mod config;
 pub mod embedded;
 pub mod error;
@@ -24,5 +26,5 @@ mod backbone;
 
 pub use backbone::{Backbone, Consumer, MessageStream, ReplayOptions};
 pub use config::{ConsumerConfig, StartPosition, StreamConfig};
-pub use error::{BackboneError, Result};
+pub use error::{BackboneError, Result, SharedError};
 pub use message::{Delivery, Message, PublishAck, StoredMessage, StreamInfo};

@@ -5,13 +5,15 @@
 
 use crate::{BackboneError, Result};
 
-/// Whether `subject` (a concrete subject) matches `filter` (which may hold wildcards).
+/// Whether `subject` (a concrete subject) matches `filter` (which may hold wildcards). The
+/// one matcher of Chorus: streams, consumers, RPC and the schemas' own checks all use it. A
+/// filter with tokens after `>` is invalid in NATS and matches nothing here.
 pub fn matches(filter: &str, subject: &str) -> bool {
     let mut f = filter.split('.');
     let mut s = subject.split('.');
     loop {
         match (f.next(), s.next()) {
-            (Some(">"), Some(_)) => return true,
+            (Some(">"), Some(_)) => return f.next().is_none(),
             (Some("*"), Some(_)) => {}
             (Some(a), Some(b)) if a == b => {}
             (None, None) => return true,
@@ -84,6 +86,10 @@ mod tests {
         assert!(!matches("a.b.c", "a.b"));
         assert!(matches("a.*.c", "a.x.c"));
         assert!(matches(">", "a"));
+        assert!(!matches("choria.machine.transition", "choria.machine.transition.x"));
+        assert!(matches("chorus.audit.deny.*", "chorus.audit.deny.london"));
+        // Invalid in NATS: tokens after '>' match nothing.
+        assert!(!matches("a.>.c", "a.b.c"));
     }
 
     #[test]

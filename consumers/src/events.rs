@@ -208,6 +208,16 @@ fn short(stream: &str) -> &str {
     stream.strip_prefix("CHORUS_").unwrap_or(stream)
 }
 
+/// Parses `since`: an RFC 3339 time, or a duration (`90s`, `10m`, `2h`) back from now.
+pub fn parse_since(text: &str) -> Result<chrono::DateTime<Utc>, String> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(text) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    let d = humantime::parse_duration(text)
+        .map_err(|e| format!("since {text:?}: not an RFC 3339 time nor a duration ({e})"))?;
+    Ok(Utc::now() - chrono::Duration::from_std(d).map_err(|e| e.to_string())?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,18 +4,18 @@
 //!   state together with the last applied stream sequence in one atomic sled batch, so a
 //!   restart resumes exactly where it stopped and a rebuild from sequence 0 gives the same
 //!   state.
-//! * [`deadletter`] — messages a consumer could not process, published to `CHORUS_DEADLETTER`
-//!   with the reason and their origin instead of stopping the consumer.
 //! * [`inventory`] — nodes with identity, component, version, facts, last seen and status.
 //! * [`audit_export`] — audit and RPC records out to a SIEM (syslog RFC 5424/5425, Splunk
 //!   HEC, JSON lines), at-least-once.
 //! * [`provisioner`] — configures nodes that start in provisioning mode over RPC, once each.
+//! * [`dashboard`] — the version dashboard and its JSON API over the inventory.
+//! * [`events`] — filtered reads of the streams (`chorus events tail`).
+//!
+//! Messages a consumer cannot use go to the dead-letter stream
+//! (`chorus_platform::deadletter`); every long-running consumer is a runtime service.
 
 pub mod audit_export;
-pub mod backoff;
-mod config_file;
 pub mod dashboard;
-pub mod deadletter;
 pub mod events;
 pub mod inventory;
 pub mod projection;

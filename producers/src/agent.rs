@@ -8,44 +8,20 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use chorus_backbone::embedded::EmbeddedBackbone;
 use chorus_backbone::jetstream::{JetStreamBackbone, NatsConfig};
 use chorus_backbone::Backbone;
+use chorus_keys::KeyConfig;
+use chorus_platform::{Emitter, EventSink, Outbox, OutboxLimits, SigningSink};
+use chorus_rpc::agents::{RpcUtil, Shell};
+use chorus_rpc::{Agent, NatsTransport, NodeContext, RpcServer, Transport};
+use chorus_runtime::{Config, ConfigError, Health, Service, ServiceError, Shutdown, Tasks};
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
 
 use crate::lifecycle::{LifecycleEmitter, NodeIdentity};
 use crate::machine::{Machine, MachineHandle, Manifest};
-use crate::outbox::{Outbox, OutboxLimits};
-use crate::rpc::agents::{RpcUtil, Shell};
-use crate::rpc::{Agent, NatsTransport, NodeContext, RpcServer, Transport};
-use crate::{Emitter, ProducerError};
-
-/// Where the agent's signing key is.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
-pub enum SigningConfig {
-    /// An Ed25519 key file (`chorus security keygen --file`).
-    KeyFile(PathBuf),
-    /// A key held by a PKCS#11 token (SoftHSM2, an HSM).
-    Pkcs11(chorus_schemas::signature::Pkcs11Config),
-}
-
-impl SigningConfig {
-    /// Opens the key: reads the file, or logs in to the token.
-    pub fn signer(&self) -> Result<Arc<dyn chorus_schemas::signature::Signer>, ProducerError> {
-        Ok(match self {
-            SigningConfig::KeyFile(path) => Arc::new(
-                chorus_schemas::signature::Ed25519FileSigner::load(path)
-                    .map_err(|e| ProducerError::Signing(e.to_string()))?,
-            ),
-            SigningConfig::Pkcs11(config) => Arc::new(
-                chorus_schemas::signature::Pkcs11Signer::open(config)
-                    .map_err(|e| ProducerError::Signing(e.to_string()))?,
-            ),
-        })
-    }
-}
+use crate::ProducerError;
 
 /// Configuration of a node agent (YAML or JSON).
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -53,17 +29,23 @@ impl SigningConfig {
 pub struct AgentConfig {
     /// The node's identity, usually its FQDN.
     pub identity: String,
+    /// What runs on the node (`server`, or `provision_mode_server` before provisioning): the
+    /// last token of its lifecycle subjects.
     #[serde(default = "default_component")]
     pub component: String,
+    /// Version reported in lifecycle events and `rpcutil inventory`.
     #[serde(default = "default_version")]
     pub version: String,
+    /// The collective (sub-network) the node listens in.
     #[serde(default = "default_collective")]
     pub collective: String,
     /// Site name stamped on every event (provenance across federated sites).
     #[serde(default)]
     pub site: Option<String>,
+    /// Facts, matched by discovery filters and Action Policy.
     #[serde(default)]
     pub facts: serde_json::Map<String, serde_json::Value>,
+    /// Configuration-management classes, matched by class filters and Action Policy.
     #[serde(default)]
     pub classes: Vec<String>,
     /// Where the outbox and other node state live.
@@ -74,11 +56,13 @@ pub struct AgentConfig {
     /// Directory of Action Policy files; without one every RPC request is denied.
     #[serde(default)]
     pub policy_dir: Option<PathBuf>,
+    /// Interval of alive events.
     #[serde(default = "default_alive", with = "humantime_serde")]
     pub alive_interval: Duration,
     /// Longest random delay before the first alive event (defaults to the interval).
     #[serde(default, with = "humantime_serde::option")]
     pub alive_splay: Option<Duration>,
+    /// What the outbox gives up first when it grows during an outage.
     #[serde(default)]
     pub outbox: OutboxLimits,
     /// The site broker; without it the agent runs offline and only fills its outbox.
@@ -89,8 +73,8 @@ pub struct AgentConfig {
     pub shutdown_drain: Duration,
     /// Sign every event with this key (an Ed25519 key file, or a key on a PKCS#11 token
     /// that never leaves it), so consumers can refuse forged events.
-    #[serde(default, with = "serde_yaml::with::singleton_map")]
-    pub signing: Option<SigningConfig>,
+    #[serde(default)]
+    pub signing: Option<KeyConfig>,
 }
 
 fn default_component() -> String {
@@ -110,6 +94,7 @@ fn default_drain() -> Duration {
 }
 
 impl AgentConfig {
+    /// A node `identity` keeping its state in `state_dir`, with defaults for the rest.
     pub fn new(identity: impl Into<String>, state_dir: impl Into<PathBuf>) -> Self {
         AgentConfig {
             identity: identity.into(),
@@ -131,59 +116,60 @@ impl AgentConfig {
         }
     }
 
-    /// Reads a YAML (or JSON) configuration file.
-    pub fn load(path: &std::path::Path) -> Result<Self, ProducerError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|e| ProducerError::Config(format!("{}: {e}", path.display())))?;
-        let de = serde_yaml::Deserializer::from_str(&text);
-        let config: AgentConfig = serde_path_to_error::deserialize(de)
-            .map_err(|e| ProducerError::Config(format!("{}: {}: {}", path.display(), e.path(), e.inner())))?;
-        config.validate()?;
-        Ok(config)
+    /// Reads and checks a YAML (or JSON) configuration file; errors name the file and field.
+    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
+        chorus_runtime::config::load(path)
     }
+}
 
-    pub fn validate(&self) -> Result<(), ProducerError> {
-        let bad = |m: String| Err(ProducerError::Config(m));
+impl Config for AgentConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
         if self.identity.is_empty() || self.identity.chars().any(|c| c.is_whitespace() || c == '*' || c == '>') {
-            return bad(format!("identity {:?} must be non-empty without white space or wildcards", self.identity));
+            return Err(ConfigError::invalid(
+                "identity",
+                format!("{:?} must be non-empty without white space or wildcards", self.identity),
+            ));
         }
         for (field, token) in [("component", &self.component), ("collective", &self.collective)] {
-            chorus_schemas::subject::validate_token(field, token).map_err(|e| ProducerError::Config(e.to_string()))?;
+            chorus_schemas::subject::validate_token(field, token)
+                .map_err(|e| ConfigError::invalid(field, &e).with_source(e))?;
         }
         if self.alive_interval < Duration::from_secs(1) {
-            return bad("alive_interval must be >= 1s".into());
+            return Err(ConfigError::invalid("alive_interval", "must be >= 1s"));
         }
         if let Some(n) = &self.nats {
-            n.validate()?;
+            n.validate().map_err(|e| e.within("nats"))?;
         }
         Ok(())
     }
 }
 
-/// A running node agent.
+/// A running node agent: a runtime [`Service`].
 pub struct NodeAgent {
     config: AgentConfig,
     lifecycle: LifecycleEmitter,
     outbox: Outbox,
     machines: Vec<MachineHandle>,
     rpc: Option<RpcServer>,
-    stop: watch::Sender<bool>,
-    forwarder: Option<tokio::task::JoinHandle<Result<(), ProducerError>>>,
-    alive: tokio::task::JoinHandle<()>,
+    /// Alive events.
+    tasks: Tasks,
+    /// The outbox forwarder, stopped only after the shutdown event is stored, so that event
+    /// is forwarded too.
+    delivery: Tasks,
+    stopped: bool,
 }
 
 impl NodeAgent {
-    /// Starts the agent: outbox, startup event, alive events, machines, forwarder and RPC.
-    pub async fn start(config: AgentConfig) -> Result<Self, ProducerError> {
+    /// Starts the agent under `shutdown`: outbox, startup event, alive events, machines,
+    /// forwarder and RPC.
+    pub async fn start(config: AgentConfig, shutdown: Shutdown) -> Result<Self, ProducerError> {
         config.validate()?;
-        std::fs::create_dir_all(&config.state_dir)
-            .map_err(|e| ProducerError::Config(format!("state_dir {}: {e}", config.state_dir.display())))?;
         let store = EmbeddedBackbone::open_path(config.state_dir.join("outbox"))?;
         let outbox = Outbox::open(store, config.outbox.clone()).await?;
         let next_seq = outbox.next_producer_seq().await?;
-        let sink: Arc<dyn crate::EventSink> = match &config.signing {
+        let sink: Arc<dyn EventSink> = match &config.signing {
             None => Arc::new(outbox.clone()),
-            Some(signing) => Arc::new(crate::emitter::SigningSink::new(Arc::new(outbox.clone()), signing.signer()?)),
+            Some(key) => Arc::new(SigningSink::new(Arc::new(outbox.clone()), key.open()?)),
         };
         let emitter = Arc::new(Emitter::new(sink, next_seq, config.site.clone()));
         let node = NodeIdentity {
@@ -194,20 +180,29 @@ impl NodeAgent {
         let lifecycle = LifecycleEmitter::new(node, emitter.clone());
         lifecycle.startup().await?;
 
-        let (stop, stop_rx) = watch::channel(false);
-        let mut forwarder = None;
+        let mut tasks = Tasks::new(format!("agent {}", config.identity), shutdown);
+        // Not a child of `shutdown`: the forwarder must outlive the shutdown event.
+        let mut delivery = Tasks::new(format!("agent {} forwarder", config.identity), Shutdown::new());
         let mut transport: Option<Arc<dyn Transport>> = None;
         if let Some(nats) = &config.nats {
             let mut nats = nats.clone();
             nats.retry_on_initial_connect = true;
             let client = nats.connect(None).await?;
             let site: Arc<dyn Backbone> = Arc::new(JetStreamBackbone::from_client(client.clone(), &nats));
-            forwarder = Some(outbox.spawn_forwarder(site, 1_000, stop_rx.clone()));
+            let forwarder = outbox.clone();
+            let stop = delivery.shutdown().clone();
+            delivery.spawn("forwarder", async move { forwarder.forward(site, 1_000, stop).await });
             transport = Some(Arc::new(NatsTransport::new(client)));
         }
 
-        let machines = start_machines(&config, &emitter);
-        let alive = lifecycle.spawn_alive(config.alive_interval, config.alive_splay.unwrap_or(config.alive_interval));
+        let machines = start_machines(&config, &emitter, tasks.shutdown());
+        let alive = lifecycle.clone();
+        let (interval, splay) = (config.alive_interval, config.alive_splay.unwrap_or(config.alive_interval));
+        let stop = tasks.shutdown().clone();
+        tasks.spawn("alive", async move {
+            alive.run_alive(interval, splay, stop).await;
+            Ok::<_, ProducerError>(())
+        });
 
         let mut rpc = None;
         if let Some(transport) = transport {
@@ -220,58 +215,97 @@ impl NodeAgent {
                 machines: machines.iter().map(|m| m.instance().machine.clone()).collect(),
             };
             let agents: Vec<Arc<dyn Agent>> = vec![Arc::new(RpcUtil), Arc::new(Shell)];
-            let server = RpcServer::start(transport, ctx, agents, config.policy_dir.clone(), emitter.clone())
-                .await
-                .map_err(|e| ProducerError::Other(format!("rpc server: {e}")))?;
-            rpc = Some(server);
+            rpc = Some(RpcServer::start(transport, ctx, agents, config.policy_dir.clone(), emitter.clone()).await?);
         }
-        Ok(NodeAgent { config, lifecycle, outbox, machines, rpc, stop, forwarder, alive })
+        Ok(NodeAgent { config, lifecycle, outbox, machines, rpc, tasks, delivery, stopped: false })
     }
 
+    /// The node's outbox.
     pub fn outbox(&self) -> &Outbox {
         &self.outbox
     }
 
+    /// The autonomous agents it runs.
     pub fn machines(&self) -> &[MachineHandle] {
         &self.machines
     }
 
+    /// Its RPC server, when connected to a broker.
     pub fn rpc(&self) -> Option<&RpcServer> {
         self.rpc.as_ref()
     }
 
+    /// Its lifecycle events.
     pub fn lifecycle(&self) -> &LifecycleEmitter {
         &self.lifecycle
+    }
+}
+
+#[async_trait]
+impl Service for NodeAgent {
+    fn name(&self) -> &str {
+        self.tasks.service()
+    }
+
+    fn health(&self) -> Health {
+        self.tasks
+            .health()
+            .and(self.delivery.health())
+            .with("outbox_backlog", self.outbox.stats().backlog())
+            .with("machines", self.machines.len())
+    }
+
+    fn failed(&self) -> bool {
+        self.tasks.failed() || self.delivery.failed()
     }
 
     /// Stops machines and RPC, records the shutdown event and waits (up to `shutdown_drain`)
     /// for the outbox to reach the site. What does not make it stays in the outbox for the
     /// next start.
-    pub async fn shutdown(self) -> Result<(), ProducerError> {
-        self.alive.abort();
-        drop(self.rpc);
-        for m in &self.machines {
-            m.stop().await;
+    async fn stop(&mut self) -> Result<(), ServiceError> {
+        if std::mem::replace(&mut self.stopped, true) {
+            return Ok(());
         }
-        self.lifecycle.shutdown().await?;
-        let _ = self.stop.send(true);
-        if let Some(f) = self.forwarder {
-            match tokio::time::timeout(self.config.shutdown_drain, f).await {
-                Ok(Ok(r)) => r?,
-                Ok(Err(e)) => return Err(ProducerError::Other(format!("forwarder: {e}"))),
-                Err(_) => tracing::warn!(
-                    backlog = self.outbox.stats().backlog(),
-                    "outbox not drained at shutdown; kept for the next start"
-                ),
+        let name = self.tasks.service().to_string();
+        let mut failures = Vec::new();
+        if let Err(e) = self.tasks.stop().await {
+            failures.extend(e.failures);
+        }
+        if let Some(mut rpc) = self.rpc.take() {
+            if let Err(e) = rpc.stop().await {
+                failures.extend(e.failures);
             }
         }
-        Ok(())
+        for m in &mut self.machines {
+            if let Err(e) = m.stop().await {
+                failures.extend(e.failures);
+            }
+        }
+        if let Err(e) = self.lifecycle.shutdown().await {
+            failures.extend(ServiceError::new(&name, "shutdown event", e).failures);
+        }
+        self.delivery.shutdown().request();
+        if tokio::time::timeout(self.config.shutdown_drain, self.delivery.join()).await.is_err() {
+            tracing::warn!(
+                backlog = self.outbox.stats().backlog(),
+                "outbox not drained at shutdown; kept for the next start"
+            );
+            self.delivery.abort();
+        }
+        if let Err(e) = self.delivery.join().await {
+            failures.extend(e.failures);
+        }
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(ServiceError { service: name, failures })
+        }
     }
 }
 
 /// Starts every `machine.yaml` under the machines directory; a bad manifest is reported with
 /// the field at fault and skipped, the others run.
-fn start_machines(config: &AgentConfig, emitter: &Arc<Emitter>) -> Vec<MachineHandle> {
+fn start_machines(config: &AgentConfig, emitter: &Arc<Emitter>, shutdown: &Shutdown) -> Vec<MachineHandle> {
     let Some(dir) = &config.machines_dir else { return Vec::new() };
     let mut dirs: Vec<PathBuf> = match std::fs::read_dir(dir) {
         Ok(entries) => {
@@ -292,7 +326,7 @@ fn start_machines(config: &AgentConfig, emitter: &Arc<Emitter>) -> Vec<MachineHa
                 continue;
             }
         };
-        match Machine::start(manifest, config.identity.clone(), d.clone(), emitter.clone()) {
+        match Machine::start(manifest, config.identity.clone(), d.clone(), emitter.clone(), shutdown.child()) {
             Ok(h) => out.push(h),
             Err(e) => tracing::error!(machine = %d.display(), error = %e, "machine not started"),
         }
@@ -312,7 +346,7 @@ mod signing_tests {
     async fn an_agent_with_a_signing_key_signs_every_event() {
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("node.key");
-        let signer = chorus_schemas::signature::Ed25519FileSigner::generate(&key).unwrap();
+        let signer = chorus_keys::Ed25519FileSigner::generate(&key).unwrap();
         let yaml = format!(
             "identity: n1.example.net\nstate_dir: {}\nsigning: {{ key_file: {} }}\n",
             dir.path().join("state").display(),
@@ -321,16 +355,17 @@ mod signing_tests {
         let path = dir.path().join("agent.yaml");
         std::fs::write(&path, yaml).unwrap();
         let config = AgentConfig::load(&path).unwrap();
-        let agent = NodeAgent::start(config).await.unwrap();
-        agent.shutdown().await.unwrap();
+        let mut agent = NodeAgent::start(config, Shutdown::new()).await.unwrap();
+        agent.stop().await.unwrap();
+        drop(agent); // releases the outbox
 
         let store =
             chorus_backbone::embedded::EmbeddedBackbone::open_path(dir.path().join("state").join("outbox")).unwrap();
         let mut trusted = chorus_schemas::signature::Verifier::new();
         trusted.trust_signer(&signer).unwrap();
         let mut other = chorus_schemas::signature::Verifier::new();
-        other.trust_signer(&chorus_schemas::signature::Ed25519FileSigner::random()).unwrap();
-        let mut replay = store.replay(crate::outbox::OUTBOX_STREAM, Default::default()).await.unwrap();
+        other.trust_signer(&chorus_keys::Ed25519FileSigner::random()).unwrap();
+        let mut replay = store.replay(chorus_platform::outbox::OUTBOX_STREAM, Default::default()).await.unwrap();
         let mut seen = 0;
         while let Some(m) = replay.next().await {
             let record = chorus_schemas::EventRecord::decode(&m.unwrap().payload).unwrap();

@@ -1,24 +1,18 @@
-//! Chorus producers: everything that creates events.
+//! Chorus producers: the node and what runs on it, and the simulator of many nodes.
 //!
-//! * [`emitter`]: stamps documents into sequenced CloudEvents and hands them to a sink.
-//! * [`outbox`]: the node's durable local queue and the forwarder that ships it to the site.
 //! * [`lifecycle`]: startup, alive (interval with splay), shutdown, provisioned, upgraded.
 //! * [`machine`]: autonomous agents, finite state machines from YAML manifests with watchers.
-//! * [`rpc`]: the RPC server with its agents and default-deny Action Policy, and the client.
-//! * [`aaa`]: centralised AAA: login to short-lived tokens, a request signer, audited decisions.
-//! * [`agent`]: the node agent that runs all of the above (`chorus agent`).
+//! * [`agent`]: the node agent that runs all of the above with the outbox and the RPC
+//!   server (`chorus agent`), as a runtime service.
 //! * [`simulator`]: thousands of simulated nodes in one process over a few connections.
+//!
+//! What they emit goes through `chorus-platform` (emitter, outbox); the RPC server they
+//! host is `chorus-rpc`.
 
-pub mod aaa;
 pub mod agent;
-pub mod emitter;
 pub mod error;
 pub mod lifecycle;
 pub mod machine;
-pub mod outbox;
-pub mod rpc;
 pub mod simulator;
-pub mod streams;
 
-pub use emitter::{Emitter, EventSink};
 pub use error::ProducerError;

@@ -8,12 +8,15 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chorus_schemas::lifecycle::{Alive, Shutdown, Startup};
+use async_trait::async_trait;
+use chorus_platform::{Emitter, EventSink, PlatformError};
+use chorus_rpc::{agents, Agent, NodeContext, RpcServer, ServerOptions, Transport};
+use chorus_runtime::{Config, ConfigError, Health, Service, ServiceError, Shutdown, Tasks};
+use chorus_schemas::lifecycle::{Alive, Startup};
 use chorus_schemas::{Event, EventRecord};
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
 
-use crate::{EventSink, ProducerError};
+use crate::ProducerError;
 
 /// What to simulate.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -80,25 +83,30 @@ impl SimConfig {
         }
     }
 
-    pub fn validate(&self) -> Result<(), ProducerError> {
-        let bad = |m: &str| Err(ProducerError::Config(m.to_string()));
-        if self.versions.is_empty() {
-            return bad("simulator.versions must not be empty");
-        }
-        if self.batch == 0 || self.publishers == 0 {
-            return bad("simulator.batch and simulator.publishers must be > 0");
-        }
-        if self.alive_interval < Duration::from_secs(1) {
-            return bad("simulator.alive_interval must be >= 1s");
-        }
-        chorus_schemas::subject::validate_token("component", &self.component)
-            .map_err(|e| ProducerError::Config(format!("simulator.component: {e}")))?;
-        Ok(())
-    }
-
     /// The identity of simulated node `n`.
     pub fn identity(&self, n: usize) -> String {
         format!("{}-{n:06}.{}", self.prefix, self.domain)
+    }
+}
+
+impl Config for SimConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |field: &str, m: &str| Err(ConfigError::invalid(field, m).within("simulator"));
+        if self.versions.is_empty() {
+            return bad("versions", "must not be empty");
+        }
+        if self.batch == 0 {
+            return bad("batch", "must be > 0");
+        }
+        if self.publishers == 0 {
+            return bad("publishers", "must be > 0");
+        }
+        if self.alive_interval < Duration::from_secs(1) {
+            return bad("alive_interval", "must be >= 1s");
+        }
+        chorus_schemas::subject::validate_token("component", &self.component)
+            .map_err(|e| ConfigError::invalid("component", &e).with_source(e).within("simulator"))?;
+        Ok(())
     }
 }
 
@@ -107,7 +115,7 @@ pub struct SimNode {
     pub identity: Box<str>,
     version: u16,
     /// Numbers this node's events, lifecycle and RPC records alike (one sequence per node).
-    pub emitter: Arc<crate::Emitter>,
+    pub emitter: Arc<Emitter>,
     /// Second within the alive interval at which this node sends its alive event.
     slot: u32,
 }
@@ -140,7 +148,7 @@ impl Simulator {
             .map(|n| SimNode {
                 identity: config.identity(n).into_boxed_str(),
                 version: (n % config.versions.len()) as u16,
-                emitter: Arc::new(crate::Emitter::new(sink.clone(), 1, config.site.clone())),
+                emitter: Arc::new(Emitter::new(sink.clone(), 1, config.site.clone())),
                 slot: fastrand::u32(0..interval),
             })
             .collect();
@@ -165,7 +173,7 @@ impl Simulator {
     }
 
     /// Stores events of `indices` built by `make`, `batch` per store, `publishers` at a time.
-    async fn burst<F>(&self, indices: Vec<usize>, make: F) -> Result<Burst, ProducerError>
+    async fn burst<F>(&self, indices: Vec<usize>, make: F) -> Result<Burst, PlatformError>
     where
         F: Fn(&Self, usize) -> EventRecord,
     {
@@ -188,7 +196,7 @@ impl Simulator {
     }
 
     /// Every node starts at once: one startup event each, as after a data-centre power cut.
-    pub async fn startup_storm(&self) -> Result<Burst, ProducerError> {
+    pub async fn startup_storm(&self) -> Result<Burst, PlatformError> {
         let c = &self.config;
         self.burst((0..self.nodes.len()).collect(), |s, i| {
             s.stamp(i, Startup::new(&*s.nodes[i].identity, &c.component, s.version_of(i)))
@@ -197,7 +205,7 @@ impl Simulator {
     }
 
     /// Alive events of the nodes whose slot is `second` of the interval.
-    pub async fn alive_slot(&self, second: u32) -> Result<Burst, ProducerError> {
+    pub async fn alive_slot(&self, second: u32) -> Result<Burst, PlatformError> {
         let c = &self.config;
         let interval = c.alive_interval.as_secs();
         let due: Vec<usize> = (0..self.nodes.len()).filter(|&i| self.nodes[i].slot == second).collect();
@@ -207,18 +215,15 @@ impl Simulator {
         .await
     }
 
-    /// Every node sends its alive events on its slot until `stop` turns true.
-    pub async fn run_alive(&self, mut stop: watch::Receiver<bool>) -> Result<(), ProducerError> {
+    /// Every node sends its alive events on its slot until `shutdown`.
+    pub async fn run_alive(&self, shutdown: Shutdown) {
         let interval = self.config.alive_interval.as_secs().max(1) as u32;
         let mut ticker = tokio::time::interval(Duration::from_secs(1));
         let mut second = 0u32;
         loop {
             tokio::select! {
                 _ = ticker.tick() => {}
-                _ = stop.changed() => {}
-            }
-            if *stop.borrow() {
-                return Ok(());
+                _ = shutdown.requested() => return,
             }
             if let Err(e) = self.alive_slot(second).await {
                 tracing::warn!(error = %e, "simulated alive events not stored");
@@ -228,12 +233,67 @@ impl Simulator {
     }
 
     /// Every node shuts down.
-    pub async fn shutdown_all(&self) -> Result<Burst, ProducerError> {
+    pub async fn shutdown_all(&self) -> Result<Burst, PlatformError> {
         let c = &self.config;
         self.burst((0..self.nodes.len()).collect(), |s, i| {
-            s.stamp(i, Shutdown::new(&*s.nodes[i].identity, &c.component))
+            s.stamp(i, chorus_schemas::lifecycle::Shutdown::new(&*s.nodes[i].identity, &c.component))
         })
         .await
+    }
+
+    /// Runs the fleet as a service under `shutdown`: alive events on every node's slot; at
+    /// stop, every node's shutdown event.
+    pub fn start(self: Arc<Self>, name: impl Into<Arc<str>>, shutdown: Shutdown) -> SimulatedFleet {
+        let mut tasks = Tasks::new(name, shutdown);
+        let fleet = self.clone();
+        let stop = tasks.shutdown().clone();
+        tasks.spawn("alive", async move {
+            fleet.run_alive(stop).await;
+            Ok::<_, PlatformError>(())
+        });
+        SimulatedFleet { simulator: self, tasks, stopped: false }
+    }
+}
+
+/// A [`Simulator`] running as a service ([`Simulator::start`]).
+pub struct SimulatedFleet {
+    simulator: Arc<Simulator>,
+    tasks: Tasks,
+    stopped: bool,
+}
+
+impl SimulatedFleet {
+    /// The simulator.
+    pub fn simulator(&self) -> &Arc<Simulator> {
+        &self.simulator
+    }
+}
+
+#[async_trait]
+impl Service for SimulatedFleet {
+    fn name(&self) -> &str {
+        self.tasks.service()
+    }
+
+    fn health(&self) -> Health {
+        self.tasks.health().with("nodes", self.simulator.nodes.len())
+    }
+
+    fn failed(&self) -> bool {
+        self.tasks.failed()
+    }
+
+    /// Stops the alive events, then every node sends its shutdown event.
+    async fn stop(&mut self) -> Result<(), ServiceError> {
+        if std::mem::replace(&mut self.stopped, true) {
+            return Ok(());
+        }
+        self.tasks.stop().await?;
+        self.simulator
+            .shutdown_all()
+            .await
+            .map(|_| ())
+            .map_err(|e| ServiceError::new(self.tasks.service(), "shutdown events", e))
     }
 }
 
@@ -243,24 +303,19 @@ impl Simulator {
     /// requests and replies with its own sequence, like a real agent.
     pub async fn host_rpc(
         &self,
-        transport: Arc<dyn crate::rpc::Transport>,
+        transport: Arc<dyn Transport>,
         collective: &str,
         policy_dir: Option<std::path::PathBuf>,
-    ) -> Result<crate::rpc::RpcServer, ProducerError> {
-        use crate::rpc::{agents, Agent, NodeContext, RpcServer, ServerOptions};
+    ) -> Result<RpcServer, ProducerError> {
         let agents: Vec<Arc<dyn Agent>> = vec![Arc::new(agents::RpcUtil)];
         let options = ServerOptions { wildcard_directed: true, ..Default::default() };
-        let server = RpcServer::new(transport, agents, policy_dir, options)
-            .map_err(|e| ProducerError::Other(format!("rpc server: {e}")))?;
+        let server = RpcServer::new(transport, agents, policy_dir, options)?;
         for (i, node) in self.nodes.iter().enumerate() {
             let mut ctx = NodeContext::new(node.identity.to_string(), collective);
             ctx.version = self.version_of(i).to_string();
             ctx.facts.insert("simulated".into(), true.into());
             ctx.facts.insert("group".into(), format!("g{}", i % 10).into());
-            server
-                .add_node(ctx, node.emitter.clone())
-                .await
-                .map_err(|e| ProducerError::Other(format!("rpc node {}: {e}", node.identity)))?;
+            server.add_node(ctx, node.emitter.clone()).await?;
         }
         Ok(server)
     }

@@ -8,25 +8,24 @@
 
 use std::path::Path;
 
+use chorus_runtime::{Store, StoreOptions};
+
 use crate::error::Result;
 
 /// The checkpoint store of one replicator process.
 #[derive(Clone)]
 pub struct Checkpoints {
     tree: sled::Tree,
-    db: sled::Db,
+    store: Store,
 }
 
 impl Checkpoints {
     /// Opens (creating) the store in `dir`. Only one replicator may use a directory.
     pub fn open(dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(dir).map_err(|source| crate::ReplicatorError::Io {
-            context: format!("creating state directory {}", dir.display()),
-            source,
-        })?;
-        let db = sled::Config::new().path(dir.join("checkpoints")).cache_capacity(8 << 20).open()?;
-        let tree = db.open_tree("checkpoints")?;
-        Ok(Checkpoints { tree, db })
+        let options = StoreOptions { cache_capacity: Some(8 << 20), ..Default::default() };
+        let store = Store::open_with(dir.join("checkpoints"), &options)?;
+        let tree = store.tree("checkpoints")?;
+        Ok(Checkpoints { tree, store })
     }
 
     /// The checkpoint key of a stream copied by a link.
@@ -42,21 +41,14 @@ impl Checkpoints {
     /// Records that everything up to `sequence` is in the target, durably.
     pub async fn store(&self, key: &str, sequence: u64) -> Result<()> {
         self.tree.insert(key, &sequence.to_be_bytes())?;
-        // A blocking flush on tokio's blocking pool rather than sled's `flush_async`, which
-        // can hang sled 0.34's own thread pool when many are in flight in one process.
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || db.flush())
-            .await
-            .map_err(|e| crate::ReplicatorError::Checkpoint(format!("flush task: {e}")))??;
-        Ok(())
+        Ok(self.store.flush().await?)
     }
 
     /// Forgets a checkpoint, so the next run copies the stream from its start again
     /// (duplicates are then dropped only within the target's dedupe window).
     pub fn reset(&self, key: &str) -> Result<()> {
         self.tree.remove(key)?;
-        self.db.flush()?;
-        Ok(())
+        Ok(self.store.flush_blocking()?)
     }
 }
 

@@ -26,7 +26,9 @@ use chorus_backbone::jetstream::NatsConfig;
 use chorus_backbone::StreamConfig;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{ReplicatorError, Result};
+use chorus_runtime::{Config, ConfigError};
+
+use crate::error::Result;
 use crate::rewrite::{Rewrite, RewriteRule};
 
 /// The whole replicator process.
@@ -127,71 +129,69 @@ fn default_sampled() -> Vec<String> {
 }
 
 impl ReplicatorConfig {
-    /// Reads and validates a YAML file.
+    /// Reads and validates a YAML file; errors name the file and the field.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ReplicatorError::Io { context: format!("reading {}", path.display()), source })?;
-        Self::from_yaml(&text)
+        Ok(chorus_runtime::config::load(path)?)
     }
 
     /// Parses and validates YAML text.
     pub fn from_yaml(text: &str) -> Result<Self> {
-        let config: ReplicatorConfig =
-            serde_yaml::from_str(text).map_err(|e| ReplicatorError::Config(e.to_string()))?;
-        config.validate()?;
-        Ok(config)
+        Ok(chorus_runtime::config::from_text(text)?)
     }
+}
 
+impl Config for ReplicatorConfig {
     /// Rejects what would fail later, naming the field.
-    pub fn validate(&self) -> Result<()> {
+    fn validate(&self) -> std::result::Result<(), ConfigError> {
         if self.links.is_empty() {
-            return Err(ReplicatorError::Config("links must not be empty".into()));
+            return Err(ConfigError::invalid("links", "must not be empty"));
         }
         let mut names = std::collections::HashSet::new();
         for (i, link) in self.links.iter().enumerate() {
-            let at = |field: &str| format!("links[{i}] ({}).{field}", link.name);
+            let at = |field: &str| format!("links[{i}].{field}");
             if link.name.is_empty() || !link.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-                return Err(ReplicatorError::Config(format!(
-                    "{}: {:?} must be letters, digits, '-' or '_'",
+                return Err(ConfigError::invalid(
                     at("name"),
-                    link.name
-                )));
+                    format!("{:?} must be letters, digits, '-' or '_'", link.name),
+                ));
             }
             if !names.insert(&link.name) {
-                return Err(ReplicatorError::Config(format!("{}: duplicate link name", at("name"))));
+                return Err(ConfigError::invalid(at("name"), format!("duplicate link name {:?}", link.name)));
             }
             if link.streams.is_empty() {
-                return Err(ReplicatorError::Config(format!("{}: must not be empty", at("streams"))));
+                return Err(ConfigError::invalid(at("streams"), "must not be empty"));
             }
             if link.batch == 0 || link.batch > 100_000 {
-                return Err(ReplicatorError::Config(format!("{}: must be 1..=100000", at("batch"))));
+                return Err(ConfigError::invalid(at("batch"), "must be 1..=100000"));
             }
-            for site in [&link.source_site, &link.target_site].into_iter().flatten() {
-                chorus_schemas::subject::validate_token("site", site)
-                    .map_err(|e| ReplicatorError::Config(format!("{}: {e}", at("source_site/target_site"))))?;
+            for (field, site) in [("source_site", &link.source_site), ("target_site", &link.target_site)] {
+                if let Some(site) = site {
+                    chorus_schemas::subject::validate_token("site", site)
+                        .map_err(|e| ConfigError::invalid(at(field), &e).with_source(e))?;
+                }
             }
             if let EndpointConfig::Nats(n) = &link.source {
-                n.validate().map_err(|e| ReplicatorError::Config(format!("{}: {e}", at("source"))))?;
+                n.validate().map_err(|e| e.within(&at("source.nats")))?;
             }
             if let EndpointConfig::Nats(n) = &link.target {
-                n.validate().map_err(|e| ReplicatorError::Config(format!("{}: {e}", at("target"))))?;
+                n.validate().map_err(|e| e.within(&at("target.nats")))?;
             }
             for (j, s) in link.streams.iter().enumerate() {
                 let at = |field: &str| at(&format!("streams[{j}].{field}"));
                 for f in &s.filter_subjects {
                     chorus_backbone::subject::validate_filter(f)
-                        .map_err(|e| ReplicatorError::Config(format!("{}: {e}", at("filter_subjects"))))?;
+                        .map_err(|e| ConfigError::invalid(at("filter_subjects"), &e).with_source(e))?;
                 }
                 for r in &s.rewrite {
-                    Rewrite::new(r).map_err(|e| ReplicatorError::Config(format!("{}: {e}", at("rewrite"))))?;
+                    Rewrite::new(r).map_err(|e| ConfigError::invalid(at("rewrite"), &e).with_source(e))?;
                 }
                 if let Some(t) = &s.target_stream {
-                    t.validate().map_err(|e| ReplicatorError::Config(format!("{}: {e}", at("target_stream"))))?;
+                    t.validate().map_err(|e| ConfigError::invalid(at("target_stream"), &e).with_source(e))?;
                 }
             }
             if let Some(s) = &link.sampling {
                 if s.interval.is_zero() {
-                    return Err(ReplicatorError::Config(format!("{}: must be > 0", at("sampling.interval"))));
+                    return Err(ConfigError::invalid(at("sampling.interval"), "must be > 0"));
                 }
             }
         }

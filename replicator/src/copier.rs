@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chorus_backbone::{Backbone, Message, ReplayOptions, StartPosition, StoredMessage};
+use chorus_runtime::{Backoff, Retry, Shutdown};
 use futures::StreamExt;
 use serde::Deserialize;
 use tokio::sync::{mpsc, watch};
@@ -56,30 +57,12 @@ struct Peek<'a> {
     specversion: Option<serde::de::IgnoredAny>,
 }
 
-/// Doubling backoff between retries, capped.
-struct Backoff {
-    next: Duration,
-    max: Duration,
-}
-
-impl Backoff {
-    fn new(max: Duration) -> Self {
-        Backoff { next: Duration::from_millis(50), max }
-    }
-
-    /// Sleeps, unless stopped first; returns false when stopped.
-    async fn wait(&mut self, stop: &mut watch::Receiver<bool>) -> bool {
-        let d = self.next;
-        self.next = (self.next * 2).min(self.max);
-        let stopped = tokio::select! {
-            _ = tokio::time::sleep(d) => false,
-            _ = stop.wait_for(|s| *s) => true,
-        };
-        !stopped && !*stop.borrow()
-    }
-}
-
 impl Copier {
+    /// Retries of one failing side: from 50 ms doubling up to the link's `max_backoff`.
+    fn backoff(&self) -> Retry {
+        Backoff::doubling(Duration::from_millis(50), self.max_backoff.max(Duration::from_millis(50))).retry()
+    }
+
     fn labels(&self) -> StreamLabels {
         StreamLabels { link: self.link.clone(), stream: self.stream.clone() }
     }
@@ -94,13 +77,13 @@ impl Copier {
 
     /// Runs until `stop` turns true. Never returns an error: every failure is counted,
     /// reported through health, and retried, because giving up would lose events.
-    pub async fn run(mut self, stop: watch::Receiver<bool>) {
+    pub async fn run(mut self, stop: Shutdown) {
         let start = loop {
             match self.checkpoints.load(&self.key()) {
                 Ok(cp) => break cp,
                 Err(e) => {
                     self.fail("checkpoint", e.to_string());
-                    if !Backoff::new(self.max_backoff).wait(&mut stop.clone()).await {
+                    if !self.backoff().wait(&stop).await {
                         return;
                     }
                 }
@@ -137,9 +120,9 @@ impl Copier {
         mut next: u64,
         mut sampler: Option<Sampler>,
         tx: mpsc::Sender<Batch>,
-        mut stop: watch::Receiver<bool>,
+        stop: Shutdown,
     ) {
-        let mut backoff = Backoff::new(self.max_backoff);
+        let mut backoff = self.backoff();
         loop {
             let options = ReplayOptions {
                 start: StartPosition::Sequence(next),
@@ -148,13 +131,13 @@ impl Copier {
             };
             let replay = tokio::select! {
                 r = self.source.replay(&self.stream, options) => r,
-                _ = stop.wait_for(|s| *s) => return,
+                _ = stop.requested() => return,
             };
             let replay = match replay {
                 Ok(r) => r,
                 Err(e) => {
                     self.fail("source", e.to_string());
-                    if !backoff.wait(&mut stop).await {
+                    if !backoff.wait(&stop).await {
                         return;
                     }
                     continue;
@@ -164,7 +147,7 @@ impl Copier {
             loop {
                 let items = tokio::select! {
                     items = tokio::time::timeout(STALL_CHECK, chunks.next()) => items,
-                    _ = stop.wait_for(|s| *s) => return,
+                    _ = stop.requested() => return,
                 };
                 let items = match items {
                     Ok(items) => items,
@@ -208,7 +191,7 @@ impl Copier {
                     }
                 }
                 if batch.last_sequence != 0 {
-                    backoff = Backoff::new(self.max_backoff);
+                    backoff.reset();
                     if tx.send(batch).await.is_err() {
                         return;
                     }
@@ -218,7 +201,7 @@ impl Copier {
                     break;
                 }
             }
-            if !backoff.wait(&mut stop).await {
+            if !backoff.wait(&stop).await {
                 return;
             }
         }
@@ -258,17 +241,12 @@ impl Copier {
     /// Publishes batches in order, retrying each until the target stores it, then moves the
     /// checkpoint. Batches waiting in the channel are merged up to the batch size so a
     /// fast source meets few, large, pipelined publishes.
-    async fn publish(
-        &self,
-        mut rx: mpsc::Receiver<Batch>,
-        acked: watch::Sender<(u64, i64)>,
-        mut stop: watch::Receiver<bool>,
-    ) {
+    async fn publish(&self, mut rx: mpsc::Receiver<Batch>, acked: watch::Sender<(u64, i64)>, stop: Shutdown) {
         let labels = self.labels();
         loop {
             let first = tokio::select! {
                 b = rx.recv() => b,
-                _ = stop.wait_for(|s| *s) => return,
+                _ = stop.requested() => return,
             };
             let Some(mut batch) = first else { return };
             while batch.messages.len() < self.batch {
@@ -283,7 +261,7 @@ impl Copier {
             }
             let count = batch.messages.len();
             if count > 0 {
-                let mut backoff = Backoff::new(self.max_backoff);
+                let mut backoff = self.backoff();
                 loop {
                     match self.target.publish_batch(batch.messages.clone()).await {
                         Ok(acks) => {
@@ -296,7 +274,7 @@ impl Copier {
                         }
                         Err(e) => {
                             self.fail("target", e.to_string());
-                            if !backoff.wait(&mut stop).await {
+                            if !backoff.wait(&stop).await {
                                 return;
                             }
                         }
@@ -320,13 +298,12 @@ impl Copier {
             let closed = acked.changed().await.is_err();
             let (sequence, time) = *acked.borrow_and_update();
             if sequence != written {
-                let mut backoff = Backoff::new(self.max_backoff);
-                let (_never, mut no_stop) = watch::channel(false);
+                // Not cancelled by a stop: the last position must be written before returning.
+                let mut backoff = self.backoff();
                 while let Err(e) = self.checkpoints.store(&key, sequence).await {
                     self.fail("checkpoint", e.to_string());
-                    backoff.wait(&mut no_stop).await;
+                    tokio::time::sleep(backoff.next_delay()).await;
                 }
-                drop(_never);
                 written = sequence;
                 self.health.progressed(sequence);
                 self.metrics.checkpoint.get_or_create(&labels).set(sequence as i64);
@@ -339,13 +316,13 @@ impl Copier {
     }
 
     /// Refreshes the lag gauges once a second from the source stream's last sequence.
-    async fn track_lag(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+    async fn track_lag(self: Arc<Self>, stop: Shutdown) {
         let labels = self.labels();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                _ = stop.wait_for(|s| *s) => return,
+                _ = stop.requested() => return,
             }
             let Ok(info) = self.source.stream_info(&self.stream).await else { continue };
             let done = self.health.checkpoint.load(Ordering::Relaxed);

@@ -5,19 +5,21 @@ use thiserror::Error;
 /// What stops a replicator from starting or running.
 #[derive(Debug, Error)]
 pub enum ReplicatorError {
-    /// The configuration is invalid; the message names the field at fault.
+    /// The configuration is invalid; the error names the file and the field at fault.
     #[error("invalid replicator configuration: {0}")]
-    Config(String),
+    Config(#[from] chorus_runtime::ConfigError),
     /// The checkpoint store failed (disk full, corruption).
     #[error("checkpoint store: {0}")]
-    Checkpoint(String),
+    Checkpoint(#[from] chorus_runtime::StoreError),
     /// A source or target backbone failed in a way retrying will not fix.
     #[error(transparent)]
     Backbone(#[from] chorus_backbone::BackboneError),
     /// Reading a configuration file or binding the HTTP listener failed.
     #[error("{context}: {source}")]
     Io {
+        /// What was being done.
         context: String,
+        /// The I/O error.
         #[source]
         source: std::io::Error,
     },
@@ -25,8 +27,9 @@ pub enum ReplicatorError {
 
 impl From<sled::Error> for ReplicatorError {
     fn from(e: sled::Error) -> Self {
-        ReplicatorError::Checkpoint(e.to_string())
+        ReplicatorError::Checkpoint(e.into())
     }
 }
 
+/// Result of the replicator.
 pub type Result<T, E = ReplicatorError> = std::result::Result<T, E>;

@@ -13,14 +13,13 @@
 //! the reader waits when the publisher is behind (backpressure), so memory stays bounded.
 //!
 //! * [`config`] — typed YAML configuration of links, endpoints, streams, sampling.
-//! * [`metrics`] — Prometheus counters and gauges per link and stream, and health.
-//! * [`http`] — `/metrics` and `/healthz`.
+//! * [`metrics`] — Prometheus counters and gauges per link and stream, and health, served
+//!   on `/metrics` and `/healthz` by the runtime's ops router.
 
 pub mod checkpoint;
 pub mod config;
 mod copier;
 pub mod error;
-pub mod http;
 pub mod metrics;
 mod replicator;
 pub mod rewrite;
@@ -28,4 +27,4 @@ pub mod sampling;
 
 pub use config::{EndpointConfig, LinkConfig, ReplicatorConfig, SamplingConfig, StreamLink};
 pub use error::ReplicatorError;
-pub use replicator::{run_until_signal, Replicator, ReplicatorHandle};
+pub use replicator::{Monitor, Replicator, ReplicatorHandle};

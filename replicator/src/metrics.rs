@@ -34,7 +34,6 @@ pub struct ReasonLabels {
 
 /// The metric families of one replicator process.
 pub struct Metrics {
-    registry: Registry,
     pub copied: Family<StreamLabels, Counter>,
     pub skipped: Family<ReasonLabels, Counter>,
     pub errors: Family<ReasonLabels, Counter>,
@@ -46,41 +45,45 @@ pub struct Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        let mut registry = Registry::with_prefix("chorus_replicator");
-        let copied = Family::<StreamLabels, Counter>::default();
-        let skipped = Family::<ReasonLabels, Counter>::default();
-        let errors = Family::<ReasonLabels, Counter>::default();
-        let lag_events = Family::<StreamLabels, Gauge>::default();
-        let lag_seconds = Family::<StreamLabels, Gauge<f64, AtomicU64>>::default();
-        let checkpoint = Family::<StreamLabels, Gauge>::default();
-        registry.register("copied", "Events the target acknowledged", copied.clone());
-        registry.register("skipped", "Events not copied, by reason (sampled, loop)", skipped.clone());
-        registry.register("errors", "Failures, by side (source, target, checkpoint); each is retried", errors.clone());
-        registry.register("lag_events", "Source messages not yet copied", lag_events.clone());
-        registry.register(
-            "lag_seconds",
-            "Age of the newest copied event while behind; 0 when caught up",
-            lag_seconds.clone(),
-        );
-        registry.register("checkpoint", "Last source sequence acknowledged by the target", checkpoint.clone());
         Metrics {
-            registry,
-            copied,
-            skipped,
-            errors,
-            lag_events,
-            lag_seconds,
-            checkpoint,
+            copied: Family::default(),
+            skipped: Family::default(),
+            errors: Family::default(),
+            lag_events: Family::default(),
+            lag_seconds: Family::default(),
+            checkpoint: Family::default(),
             health: Mutex::new(Vec::new()),
         }
     }
 }
 
 impl Metrics {
-    /// The text exposition format, for `/metrics`.
+    /// Registers every family in `registry` (names as `/metrics` shows them, under the
+    /// caller's `chorus_replicator` prefix).
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register("copied", "Events the target acknowledged", self.copied.clone());
+        registry.register("skipped", "Events not copied, by reason (sampled, loop)", self.skipped.clone());
+        registry.register(
+            "errors",
+            "Failures, by side (source, target, checkpoint); each is retried",
+            self.errors.clone(),
+        );
+        registry.register("lag_events", "Source messages not yet copied", self.lag_events.clone());
+        registry.register(
+            "lag_seconds",
+            "Age of the newest copied event while behind; 0 when caught up",
+            self.lag_seconds.clone(),
+        );
+        registry.register("checkpoint", "Last source sequence acknowledged by the target", self.checkpoint.clone());
+    }
+
+    /// The exposition of every family in the OpenMetrics text format (for tests and tools
+    /// without an ops endpoint).
     pub fn encode(&self) -> String {
+        let mut registry = Registry::default();
+        self.register(registry.sub_registry_with_prefix("chorus_replicator"));
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        prometheus_client::encoding::text::encode(&mut out, &registry).expect("writing to a String cannot fail");
         out
     }
 

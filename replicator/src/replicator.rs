@@ -4,11 +4,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use chorus_backbone::embedded::EmbeddedBackbone;
 use chorus_backbone::jetstream::JetStreamBackbone;
 use chorus_backbone::Backbone;
-use tokio::sync::watch;
-use tokio::task::JoinSet;
+use chorus_runtime::{BoxError, Health, Observable, Ops, Service, ServiceError, Shutdown, TaskMonitor, Tasks};
+use prometheus_client::registry::Registry;
 
 use crate::checkpoint::Checkpoints;
 use crate::config::{EndpointConfig, LinkConfig, ReplicatorConfig};
@@ -46,7 +47,7 @@ impl Replicator {
 
     /// Validates `config` and connects every endpoint it names.
     pub async fn from_config(config: &ReplicatorConfig) -> Result<Self> {
-        config.validate()?;
+        chorus_runtime::Config::validate(config)?;
         let mut r = Replicator::new(&config.state_dir)?;
         r.listen = config.listen;
         for link in &config.links {
@@ -70,10 +71,10 @@ impl Replicator {
         self
     }
 
-    /// Creates configured target streams, then starts one copier per (link, stream).
-    pub async fn start(self) -> Result<ReplicatorHandle> {
-        let (stop, stop_rx) = watch::channel(false);
-        let mut tasks = JoinSet::new();
+    /// Creates configured target streams, then starts one copier per (link, stream) under
+    /// `shutdown`, and `/metrics` and `/healthz` when a listen address is set.
+    pub async fn start(self, shutdown: Shutdown) -> Result<ReplicatorHandle> {
+        let mut tasks = Tasks::new("replicator", shutdown);
         for (link, source, target) in self.links {
             for s in &link.streams {
                 if let Some(cfg) = &s.target_stream {
@@ -98,26 +99,25 @@ impl Replicator {
                     metrics: self.metrics.clone(),
                     health,
                 };
-                tasks.spawn(copier.run(stop_rx.clone()));
+                let stop = tasks.shutdown().clone();
+                tasks.spawn("copier", async move {
+                    copier.run(stop).await;
+                    Ok::<_, ReplicatorError>(())
+                });
             }
         }
+        let monitor = Arc::new(Monitor { metrics: self.metrics.clone(), tasks: tasks.monitor() });
         let mut local_addr = None;
         if let Some(addr) = self.listen {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(|source| ReplicatorError::Io { context: format!("binding {addr}"), source })?;
             local_addr = listener.local_addr().ok();
-            let app = crate::http::router(self.metrics.clone());
-            let mut stop_http = stop_rx.clone();
-            tasks.spawn(async move {
-                let _ = axum::serve(listener, app)
-                    .with_graceful_shutdown(async move {
-                        let _ = stop_http.wait_for(|s| *s).await;
-                    })
-                    .await;
-            });
+            let ops = Ops::new().with(monitor.clone());
+            let stop = tasks.shutdown().clone();
+            tasks.spawn("http", async move { ops.serve(listener, axum::Router::new(), stop).await });
         }
-        Ok(ReplicatorHandle { stop, tasks, metrics: self.metrics, checkpoints: self.checkpoints, local_addr })
+        Ok(ReplicatorHandle { tasks, monitor, checkpoints: self.checkpoints, local_addr })
     }
 }
 
@@ -128,23 +128,58 @@ async fn connect(endpoint: &EndpointConfig) -> Result<Arc<dyn Backbone>> {
     })
 }
 
-/// A running replicator.
-pub struct ReplicatorHandle {
-    stop: watch::Sender<bool>,
-    tasks: JoinSet<()>,
+/// The replicator as `/metrics` and `/healthz` see it: healthy while every copier runs and
+/// none has been failing for long.
+pub struct Monitor {
     metrics: Arc<Metrics>,
+    tasks: TaskMonitor,
+}
+
+#[async_trait]
+impl Observable for Monitor {
+    fn name(&self) -> &str {
+        "replicator"
+    }
+
+    fn health(&self) -> Health {
+        let copiers = self.metrics.health();
+        let failing: Vec<String> = copiers
+            .iter()
+            .filter(|c| !c.healthy)
+            .map(|c| format!("{}/{}: {}", c.link, c.stream, c.last_error.as_deref().unwrap_or("failing")))
+            .collect();
+        let copies = if failing.is_empty() { Health::ok() } else { Health::failing(failing.join("; ")) };
+        self.tasks.health().and(copies).with("copiers", &copiers)
+    }
+
+    async fn collect(&self, registry: &mut Registry) -> std::result::Result<(), BoxError> {
+        self.metrics.register(registry.sub_registry_with_prefix("chorus_replicator"));
+        Ok(())
+    }
+}
+
+/// A running replicator: a runtime [`Service`].
+pub struct ReplicatorHandle {
+    tasks: Tasks,
+    monitor: Arc<Monitor>,
     checkpoints: Checkpoints,
     local_addr: Option<SocketAddr>,
 }
 
 impl ReplicatorHandle {
+    /// The metric families.
     pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.metrics
+        &self.monitor.metrics
     }
 
     /// Health of every copier.
-    pub fn health(&self) -> Vec<HealthReport> {
-        self.metrics.health()
+    pub fn copiers(&self) -> Vec<HealthReport> {
+        self.monitor.metrics.health()
+    }
+
+    /// What `/metrics` and `/healthz` serve, for a process that serves them itself.
+    pub fn monitor(&self) -> Arc<Monitor> {
+        self.monitor.clone()
     }
 
     /// Where `/metrics` and `/healthz` are served, when configured.
@@ -164,7 +199,7 @@ impl ReplicatorHandle {
         let mut zero = 0;
         while tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(500)).await;
-            if self.health().iter().all(|h| h.lag_events == 0 && h.checkpoint > 0) {
+            if self.copiers().iter().all(|h| h.lag_events == 0 && h.checkpoint > 0) {
                 zero += 1;
                 if zero >= 2 {
                     return true;
@@ -175,28 +210,24 @@ impl ReplicatorHandle {
         }
         false
     }
-
-    /// Stops every copier after its current publish and checkpoint.
-    pub async fn stop(mut self) {
-        let _ = self.stop.send(true);
-        while self.tasks.join_next().await.is_some() {}
-    }
 }
 
-/// What `chorus replicate --config FILE` does: loads the configuration, starts every link
-/// and runs until SIGINT or SIGTERM, then stops after the batches in flight.
-pub async fn run_until_signal(config_path: &std::path::Path) -> Result<()> {
-    let config = ReplicatorConfig::load(config_path)?;
-    let handle = Replicator::from_config(&config).await?.start().await?;
-    if let Some(addr) = handle.local_addr() {
-        tracing::info!(%addr, "serving /metrics and /healthz");
+#[async_trait]
+impl Service for ReplicatorHandle {
+    fn name(&self) -> &str {
+        "replicator"
     }
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|source| ReplicatorError::Io { context: "installing the SIGTERM handler".into(), source })?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+
+    fn health(&self) -> Health {
+        self.monitor.health()
     }
-    handle.stop().await;
-    Ok(())
+
+    fn failed(&self) -> bool {
+        self.tasks.failed()
+    }
+
+    /// Stops every copier after its current publish and checkpoint.
+    async fn stop(&mut self) -> std::result::Result<(), ServiceError> {
+        self.tasks.stop().await
+    }
 }

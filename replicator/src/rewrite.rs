@@ -37,7 +37,12 @@ pub struct Rewrite {
 impl Rewrite {
     /// Compiles and validates a rule; the error names what is wrong.
     pub fn new(rule: &RewriteRule) -> Result<Self> {
-        let bad = |why: String| ReplicatorError::Config(format!("rewrite {:?} -> {:?}: {why}", rule.from, rule.to));
+        let bad = |why: String| {
+            ReplicatorError::Config(chorus_runtime::ConfigError::message(format!(
+                "{:?} -> {:?}: {why}",
+                rule.from, rule.to
+            )))
+        };
         chorus_backbone::subject::validate_filter(&rule.from).map_err(|e| bad(e.to_string()))?;
         let from: Vec<String> = rule.from.split('.').map(str::to_owned).collect();
         let stars = from.iter().filter(|t| *t == "*").count();

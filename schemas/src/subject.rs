@@ -171,22 +171,6 @@ pub(crate) fn for_event(event: &Event) -> Result<String, SubjectError> {
     }
 }
 
-/// True if the concrete `subject` matches the NATS `filter` (`*` = one token, `>` = one or
-/// more trailing tokens). Lets a consumer check a subject against its filter without a server.
-pub fn matches(filter: &str, subject: &str) -> bool {
-    let mut filter_tokens = filter.split('.');
-    let mut subject_tokens = subject.split('.');
-    loop {
-        match (filter_tokens.next(), subject_tokens.next()) {
-            (Some(">"), Some(_)) => return filter_tokens.next().is_none(),
-            (Some("*"), Some(_)) => {}
-            (Some(f), Some(s)) if f == s => {}
-            (None, None) => return true,
-            _ => return false,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -232,21 +216,10 @@ mod tests {
         for subject in &subjects {
             let owners: Vec<_> = streams()
                 .into_iter()
-                .filter(|(_, filters)| filters.iter().any(|f| matches(f, subject)))
+                .filter(|(_, filters)| filters.iter().any(|f| chorus_backbone::subject::matches(f, subject)))
                 .map(|(name, _)| name)
                 .collect();
             assert_eq!(owners.len(), 1, "{subject} captured by {owners:?}");
         }
-    }
-
-    #[test]
-    fn filter_matching() {
-        assert!(matches("choria.lifecycle.event.alive.*", "choria.lifecycle.event.alive.server"));
-        assert!(matches("choria.lifecycle.event.*.server", "choria.lifecycle.event.startup.server"));
-        assert!(!matches("choria.lifecycle.event.*.server", "choria.lifecycle.event.startup.provisioner"));
-        assert!(matches("choria.lifecycle.>", "choria.lifecycle.event.startup.server"));
-        assert!(!matches("choria.lifecycle.>", "choria.lifecycle"));
-        assert!(!matches("choria.machine.transition", "choria.machine.transition.x"));
-        assert!(matches("chorus.audit.deny.*", "chorus.audit.deny.london"));
     }
 }

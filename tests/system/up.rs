@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use chorus_tests::chromium::wait_for_dom;
+use chorus_testkit::chromium::wait_for_dom;
 
 #[test]
 fn chorus_up_dashboard_fills_with_nodes_in_chromium() {
@@ -17,14 +17,14 @@ fn chorus_up_dashboard_fills_with_nodes_in_chromium() {
 /// `chorus up --nats URL`: the same platform on JetStream (RPC over NATS too).
 #[test]
 fn chorus_up_on_jetstream_fills_the_dashboard() {
-    let server = chorus_tests::nats::NatsServer::start().unwrap();
+    let server = chorus_testkit::nats::NatsServer::start().unwrap();
     up_fills_the_dashboard(Some(&server.url()));
 }
 
 fn up_fills_the_dashboard(nats: Option<&str>) {
     let data = tempfile::tempdir().unwrap();
-    let port = chorus_tests::nats::free_port().unwrap();
-    let mut command = Command::new(env!("CARGO_BIN_EXE_chorus"));
+    let port = chorus_testkit::nats::free_port().unwrap();
+    let mut command = Command::new(chorus_testkit::workspace_bin("chorus").expect("the chorus binary"));
     command.args(["up", "--nodes", "400", "--listen", &format!("127.0.0.1:{port}"), "--data"]).arg(data.path());
     if let Some(url) = nats {
         command.args(["--nats", url]);

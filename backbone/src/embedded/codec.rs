@@ -30,7 +30,7 @@ pub fn seq_key(seq: u64) -> [u8; 8] {
 }
 
 pub(crate) fn key_seq(key: &[u8]) -> Result<u64> {
-    let arr: [u8; 8] = key.try_into().map_err(|_| BackboneError::Storage("corrupt sequence key".into()))?;
+    let arr: [u8; 8] = key.try_into().map_err(|_| BackboneError::Corrupt("sequence key".into()))?;
     Ok(u64::from_be_bytes(arr))
 }
 
@@ -63,11 +63,11 @@ pub(crate) fn stored_size(m: &Message) -> u64 {
 }
 
 fn corrupt(what: &str) -> BackboneError {
-    BackboneError::Storage(format!("corrupt stored message: {what}"))
+    BackboneError::Corrupt(format!("stored message: {what}"))
 }
 
 fn corrupt_chunk(what: &str) -> BackboneError {
-    BackboneError::Storage(format!("corrupt stored chunk: {what}"))
+    BackboneError::Corrupt(format!("stored chunk: {what}"))
 }
 
 pub(crate) fn time_ns(v: &[u8]) -> Result<i64> {

@@ -67,7 +67,7 @@ impl Shared {
         let state = match inner.meta.get(&key)? {
             Some(v) => {
                 let saved: Saved = serde_json::from_slice(&v)
-                    .map_err(|e| BackboneError::Storage(format!("corrupt consumer {}: {e}", config.name)))?;
+                    .map_err(|e| BackboneError::Corrupt(format!("consumer {}: {e}", config.name)))?;
                 let now = Instant::now();
                 let mut cfg = config.clone();
                 cfg.start = saved.config.start;

@@ -31,6 +31,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
 use async_trait::async_trait;
+use chorus_runtime::{Store, StoreOptions};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch, Semaphore};
 
@@ -259,18 +260,18 @@ const INFLIGHT_LIMIT: usize = 1 << 20;
 impl EmbeddedBackbone {
     /// Opens (creating when missing) the store at `config.path` and recovers its streams.
     pub fn open(config: EmbeddedConfig) -> Result<Self> {
-        let db = sled::Config::new()
-            .path(&config.path)
-            .cache_capacity(config.cache_capacity)
-            .mode(sled::Mode::HighThroughput)
-            .open()
-            .map_err(|e| BackboneError::Storage(format!("opening {}: {e}", config.path.display())))?;
+        // The runtime's store opening waits out a lock a just-closed handle still holds.
+        let options = StoreOptions { high_throughput: true, cache_capacity: Some(config.cache_capacity) };
+        let db = Store::open_with(&config.path, &options)
+            .map_err(|e| BackboneError::storage(format!("opening {}", config.path.display()), e))?
+            .db()
+            .clone();
         let meta = db.open_tree("meta")?;
         let mut streams = BTreeMap::new();
         for item in meta.scan_prefix(b"stream/") {
             let (_, v) = item?;
-            let cfg: StreamConfig = serde_json::from_slice(&v)
-                .map_err(|e| BackboneError::Storage(format!("corrupt stream config: {e}")))?;
+            let cfg: StreamConfig =
+                serde_json::from_slice(&v).map_err(|e| BackboneError::Corrupt(format!("stream config: {e}")))?;
             let handle = writer::open_stream(&db, &meta, cfg)?;
             streams.insert(handle.name.clone(), handle);
         }
@@ -368,7 +369,7 @@ impl Backbone for EmbeddedBackbone {
         let permit = self.inner.inflight.clone().acquire_many_owned(n).await.map_err(|_| BackboneError::Closed)?;
         match self.submit(|reply| writer::Op::Publish { messages, reply, _permit: permit }).await? {
             writer::Reply::Acks(acks) => Ok(acks),
-            _ => Err(BackboneError::Storage("writer answered a publish without acks".into())),
+            _ => Err(BackboneError::storage("writer", "answered a publish without acks")),
         }
     }
 
@@ -401,7 +402,7 @@ impl Backbone for EmbeddedBackbone {
         let name = stream.to_string();
         match self.submit(|reply| writer::Op::Purge { name, below, reply }).await? {
             writer::Reply::Purged(n) => Ok(n),
-            _ => Err(BackboneError::Storage("writer answered a purge without a count".into())),
+            _ => Err(BackboneError::storage("writer", "answered a purge without a count")),
         }
     }
 

@@ -11,7 +11,7 @@ use tokio::sync::{oneshot, watch, OwnedSemaphorePermit};
 
 use super::codec::{self, seq_key, ChunkBuilder};
 use super::{Inner, StreamHandle, StreamState};
-use crate::{BackboneError, Message, PublishAck, Result, StreamConfig};
+use crate::{BackboneError, Message, PublishAck, Result, SharedError, StreamConfig};
 
 /// A chunk is sealed once it holds this many messages: a bound on the records a read walks.
 /// With [`CHUNK_TARGET_BYTES`] the size limit seals first (a record takes at least 23 bytes).
@@ -82,7 +82,7 @@ pub(crate) fn open_stream(db: &sled::Db, meta: &sled::Tree, config: StreamConfig
                     }
                 }
                 let newest =
-                    codec::records(&lv)?.last().ok_or_else(|| BackboneError::Storage("empty chunk".into()))??;
+                    codec::records(&lv)?.last().ok_or_else(|| BackboneError::Corrupt("empty chunk".into()))??;
                 StreamState { first_seq: first, last_seq, messages, bytes, last_time_ns: codec::time_ns(newest)? }
             }
         }
@@ -182,7 +182,7 @@ pub(crate) fn spawn(inner: Weak<Inner>, rx: Receiver<Op>, max_group: usize) -> R
             let mut w = Writer { inner, dedupe: HashMap::new() };
             w.run(rx, max_group.max(1))
         })
-        .map_err(|e| BackboneError::Storage(format!("spawning writer thread: {e}")))
+        .map_err(|e| BackboneError::storage("spawning the writer thread", e))
 }
 
 impl Writer {
@@ -250,7 +250,7 @@ impl Writer {
             for a in &config.subjects {
                 for b in &other_cfg.subjects {
                     if filters_overlap(a, b) {
-                        return Err(BackboneError::InvalidConfig(format!(
+                        return Err(BackboneError::invalid_config(format!(
                             "stream {}: subject {a:?} overlaps {b:?} of stream {name}",
                             config.name
                         )));
@@ -331,10 +331,10 @@ impl Writer {
                 Some(e) => Err(e),
             });
         }
-        let durable = self.write_batches(inner, &mut staged);
+        let durable = self.write_batches(inner, &mut staged).map_err(|e| SharedError(std::sync::Arc::new(e)));
         for ((_, reply, _permit), result) in publishes.into_iter().zip(results) {
             let result = match (&durable, result) {
-                (Err(e), _) => Err(BackboneError::Storage(e.to_string())),
+                (Err(e), _) => Err(BackboneError::storage("writing a group of publishes", e.clone())),
                 (Ok(()), r) => r.map(Reply::Acks),
             };
             let _ = reply.send(result);

@@ -5,6 +5,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use chorus_runtime::{ConfigError, TlsClientConfig};
+
+use super::errors::Classify as _;
 use crate::{BackboneError, Result};
 
 /// Connection settings of the JetStream engine.
@@ -17,10 +20,12 @@ pub struct NatsConfig {
     /// Connection name shown by the server's monitoring.
     #[serde(default)]
     pub name: Option<String>,
+    /// How the client authenticates.
     #[serde(default)]
     pub auth: NatsAuth,
+    /// TLS towards the broker.
     #[serde(default)]
-    pub tls: Option<TlsConfig>,
+    pub tls: Option<TlsClientConfig>,
     /// Timeout of JetStream API calls and publish acknowledgements.
     #[serde(default = "default_timeout", with = "humantime_serde")]
     pub request_timeout: Duration,
@@ -54,45 +59,31 @@ fn default_retry() -> Duration {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum NatsAuth {
+    /// No credentials.
     #[default]
     None,
+    /// A user name and password.
     UserPassword {
+        /// The user.
         user: String,
+        /// Its password.
         password: String,
     },
+    /// A token.
     Token {
+        /// The token.
         token: String,
     },
     /// A NATS `.creds` file (user JWT and nkey seed), as issued by nsc or an operator.
     Creds {
+        /// The file.
         path: PathBuf,
     },
     /// An nkey seed file (`SU…`), for nkey-only users.
     Nkey {
+        /// The file.
         seed_file: PathBuf,
     },
-}
-
-/// TLS towards the broker (rustls).
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    /// PEM CA bundle that signs the broker's certificate.
-    #[serde(default)]
-    pub ca_file: Option<PathBuf>,
-    /// PEM client certificate, for brokers that verify clients.
-    #[serde(default)]
-    pub cert_file: Option<PathBuf>,
-    /// PEM private key of `cert_file`.
-    #[serde(default)]
-    pub key_file: Option<PathBuf>,
-    /// Refuse to connect without TLS even when the URL says `nats://`.
-    #[serde(default = "yes")]
-    pub required: bool,
-}
-
-fn yes() -> bool {
-    true
 }
 
 impl NatsConfig {
@@ -116,33 +107,32 @@ impl NatsConfig {
         Self::new(urls.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from))
     }
 
-    /// Rejects settings that cannot work, naming the field.
-    pub fn validate(&self) -> Result<()> {
-        let bad = |m: String| Err(BackboneError::InvalidConfig(m));
+    /// Rejects settings that cannot work, naming the field (relative to this section:
+    /// `servers`, `tls.ca_file`; callers place it with [`ConfigError::within`]).
+    pub fn validate(&self) -> std::result::Result<(), ConfigError> {
         if self.servers.is_empty() {
-            return bad("nats.servers must list at least one server".into());
+            return Err(ConfigError::invalid("servers", "must list at least one server"));
         }
-        for s in &self.servers {
+        for (i, s) in self.servers.iter().enumerate() {
             if s.parse::<async_nats::ServerAddr>().is_err() {
-                return bad(format!("nats.servers: {s:?} is not a server URL"));
+                return Err(ConfigError::invalid(format!("servers[{i}]"), format!("{s:?} is not a server URL")));
             }
         }
         if self.max_ack_inflight == 0 {
-            return bad("nats.max_ack_inflight must be > 0".into());
+            return Err(ConfigError::invalid("max_ack_inflight", "must be > 0"));
         }
         if let Some(tls) = &self.tls {
-            if tls.cert_file.is_some() != tls.key_file.is_some() {
-                return bad("nats.tls: cert_file and key_file go together".into());
-            }
-            for p in [&tls.ca_file, &tls.cert_file, &tls.key_file].into_iter().flatten() {
-                if !p.exists() {
-                    return bad(format!("nats.tls: {} does not exist", p.display()));
-                }
+            tls.validate()?;
+            if tls.server_name.is_some() {
+                return Err(ConfigError::invalid(
+                    "tls.server_name",
+                    "not supported for NATS: the certificate is checked against the server URL's host",
+                ));
             }
         }
         match &self.auth {
             NatsAuth::Creds { path } | NatsAuth::Nkey { seed_file: path } if !path.exists() => {
-                bad(format!("nats.auth: {} does not exist", path.display()))
+                Err(ConfigError::invalid("auth", format!("{} does not exist", path.display())))
             }
             _ => Ok(()),
         }
@@ -151,34 +141,30 @@ impl NatsConfig {
     /// Connects, applying auth and TLS. `tls_client` overrides the TLS settings with a ready
     /// rustls configuration (e.g. one whose client key lives in a PKCS#11 token).
     pub async fn connect(&self, tls_client: Option<rustls::ClientConfig>) -> Result<async_nats::Client> {
-        self.validate()?;
+        self.validate().map_err(|e| e.within("nats"))?;
         let mut opts = match &self.auth {
             NatsAuth::None => async_nats::ConnectOptions::new(),
             NatsAuth::UserPassword { user, password } => {
                 async_nats::ConnectOptions::with_user_and_password(user.clone(), password.clone())
             }
             NatsAuth::Token { token } => async_nats::ConnectOptions::with_token(token.clone()),
-            NatsAuth::Creds { path } => async_nats::ConnectOptions::with_credentials_file(path)
-                .await
-                .map_err(|e| BackboneError::InvalidConfig(format!("nats.auth creds {}: {e}", path.display())))?,
+            NatsAuth::Creds { path } => async_nats::ConnectOptions::with_credentials_file(path).await.map_err(|e| {
+                ConfigError::invalid("nats.auth", format!("creds {}: {e}", path.display())).with_source(e)
+            })?,
             NatsAuth::Nkey { seed_file } => {
                 let seed = std::fs::read_to_string(seed_file).map_err(|e| {
-                    BackboneError::InvalidConfig(format!("nats.auth nkey {}: {e}", seed_file.display()))
+                    ConfigError::invalid("nats.auth", format!("nkey {}: {e}", seed_file.display())).with_source(e)
                 })?;
                 async_nats::ConnectOptions::with_nkey(seed.trim().to_string())
             }
         };
-        if let Some(tls) = &self.tls {
-            opts = opts.require_tls(tls.required);
-            if let Some(ca) = &tls.ca_file {
-                opts = opts.add_root_certificates(ca.clone());
+        match (tls_client, &self.tls) {
+            (Some(cfg), _) => opts = opts.require_tls(true).tls_client_config(cfg),
+            (None, Some(tls)) => {
+                let cfg = chorus_runtime::tls::client_config(tls).map_err(|e| e.within("nats"))?;
+                opts = opts.require_tls(tls.required).tls_client_config(cfg);
             }
-            if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
-                opts = opts.add_client_certificate(cert.clone(), key.clone());
-            }
-        }
-        if let Some(cfg) = tls_client {
-            opts = opts.require_tls(true).tls_client_config(cfg);
+            (None, None) => {}
         }
         if let Some(name) = &self.name {
             opts = opts.name(name);
@@ -187,10 +173,9 @@ impl NatsConfig {
             opts = opts.retry_on_initial_connect();
         }
         let servers: Vec<async_nats::ServerAddr> = self.servers.iter().filter_map(|s| s.parse().ok()).collect();
-        opts.request_timeout(Some(self.request_timeout))
-            .max_reconnects(None)
-            .connect(servers)
-            .await
-            .map_err(|e| BackboneError::Nats(format!("connecting to {}: {e}", self.servers.join(","))))
+        opts.request_timeout(Some(self.request_timeout)).max_reconnects(None).connect(servers).await.map_err(|e| {
+            let transient = e.kind().transient();
+            BackboneError::Connect { servers: self.servers.join(","), transient, source: e }
+        })
     }
 }

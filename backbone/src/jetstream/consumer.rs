@@ -40,7 +40,7 @@ impl JetStreamConsumer {
             max_ack_pending: config.max_ack_pending as i64,
             ..Default::default()
         };
-        let consumer = s.get_or_create_consumer(&config.name, cfg).await.map_err(BackboneError::nats)?;
+        let consumer = s.get_or_create_consumer(&config.name, cfg).await.map_err(BackboneError::from)?;
         Ok(JetStreamConsumer {
             stream: stream.to_string(),
             client,
@@ -61,7 +61,7 @@ impl JetStreamConsumer {
                 .expires(Duration::from_secs(30))
                 .messages()
                 .await
-                .map_err(BackboneError::nats)?;
+                .map_err(BackboneError::from)?;
             self.messages = Some(stream);
         }
         Ok(self.messages.as_mut().unwrap())
@@ -69,11 +69,11 @@ impl JetStreamConsumer {
 
     /// Converts, or acknowledges and drops what the client-side filter excludes.
     async fn accept(&self, m: jetstream::Message) -> Result<Option<Delivery>> {
-        let info = m.info().map_err(BackboneError::nats)?;
+        let info = m.info().map_err(BackboneError::nats_untyped)?;
         let (sequence, delivered, time) = (info.stream_sequence, info.delivered, info.published);
         let message = stored(&self.stream, sequence, to_chrono(time), &m.message);
         if !crate::subject::matches_any(&self.client_filters, &message.subject) {
-            m.ack().await.map_err(BackboneError::nats)?;
+            m.ack().await.map_err(BackboneError::nats_untyped)?;
             return Ok(None);
         }
         let (_, acker) = m.split();
@@ -86,11 +86,11 @@ struct JsAcker(jetstream::message::Acker);
 #[async_trait]
 impl Acker for JsAcker {
     async fn ack(&self) -> Result<()> {
-        self.0.ack().await.map_err(BackboneError::nats)
+        self.0.ack().await.map_err(BackboneError::nats_untyped)
     }
 
     async fn nak(&self, delay: Option<Duration>) -> Result<()> {
-        self.0.ack_with(AckKind::Nak(delay)).await.map_err(BackboneError::nats)
+        self.0.ack_with(AckKind::Nak(delay)).await.map_err(BackboneError::nats_untyped)
     }
 }
 
@@ -146,8 +146,8 @@ impl Consumer for JetStreamConsumer {
 
     async fn pending(&mut self) -> Result<u64> {
         // Acks are sent without waiting for confirmation; flush them so the count includes them.
-        self.client.flush().await.map_err(BackboneError::nats)?;
-        let info = self.consumer.info().await.map_err(BackboneError::nats)?;
+        self.client.flush().await.map_err(BackboneError::from)?;
+        let info = self.consumer.info().await.map_err(BackboneError::from)?;
         Ok(info.num_pending + info.num_ack_pending as u64)
     }
 }

@@ -6,12 +6,15 @@
 
 mod connect;
 mod consumer;
-mod tls;
+mod errors;
 
 use std::time::{Duration, Instant};
 
+use async_nats::jetstream::context::{GetStreamByNameErrorKind, GetStreamErrorKind, PublishError, PublishErrorKind};
+use async_nats::jetstream::ErrorCode;
 use async_nats::jetstream::{self, message::PublishMessage as Publish, stream};
 use async_trait::async_trait;
+use chorus_runtime::Backoff;
 use chrono::{DateTime, Utc};
 use futures::stream::FuturesOrdered;
 use futures::StreamExt;
@@ -21,11 +24,13 @@ use crate::{
     StartPosition, StoredMessage, StreamConfig, StreamInfo,
 };
 
-pub use connect::{NatsAuth, NatsConfig, TlsConfig};
-pub use tls::{client_config_with_signer, pkcs11_client_config};
+pub use connect::{NatsAuth, NatsConfig};
 
 /// Header carrying the event id; JetStream dedupes on it.
 pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
+
+/// Pauses between retries of a JetStream call: 50 ms doubling to 1 s, within `retry_for`.
+const API_BACKOFF: Backoff = Backoff::doubling(Duration::from_millis(50), Duration::from_secs(1));
 
 /// Ack permits of the JetStream context: far above any window, so they never block.
 const CONTEXT_ACK_PERMITS: usize = 1 << 20;
@@ -86,12 +91,11 @@ impl JetStreamBackbone {
 
     async fn get_stream(&self, name: &str) -> Result<stream::Stream> {
         self.retrying(|| async {
-            self.js.get_stream(name).await.map_err(|e| {
-                if e.to_string().contains("not found") {
+            self.js.get_stream(name).await.map_err(|e| match e.kind() {
+                GetStreamErrorKind::JetStream(api) if api.error_code() == ErrorCode::STREAM_NOT_FOUND => {
                     BackboneError::NotFound { kind: "stream", name: name.to_string() }
-                } else {
-                    BackboneError::nats(e)
                 }
+                _ => BackboneError::from(e),
             })
         })
         .await
@@ -114,13 +118,12 @@ impl JetStreamBackbone {
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T>>,
     {
-        let mut backoff = Duration::from_millis(50);
+        let mut retry = API_BACKOFF.retry();
         loop {
             match call().await {
                 Err(e) if e.is_transient() && started.elapsed() < self.retry_for => {
                     tracing::debug!(error = %e, "JetStream call failed, retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    tokio::time::sleep(retry.next_delay()).await;
                 }
                 other => return other,
             }
@@ -142,13 +145,16 @@ impl JetStreamBackbone {
                 Ok(ack) => Ok(to_ack(ack)),
                 Err(err) => Err(match self.fatal_publish_error(m, &err).await {
                     Some(fatal) => fatal,
-                    None => BackboneError::nats(err),
+                    None => BackboneError::from(err),
                 }),
             }
         })
         .await
         .map_err(|e| match e {
-            BackboneError::Nats(err) => BackboneError::Timeout(format!("publishing {} to {}: {err}", m.id, m.subject)),
+            BackboneError::Nats { transient: true, source } => BackboneError::Timeout {
+                operation: format!("publishing {} to {}", m.id, m.subject),
+                source: Some(source),
+            },
             other => other,
         })
     }
@@ -162,21 +168,19 @@ impl JetStreamBackbone {
     }
 
     /// Errors that retrying cannot fix: too large, or no stream captures the subject.
-    async fn fatal_publish_error(&self, m: &Message, err: &impl std::fmt::Display) -> Option<BackboneError> {
-        let text = err.to_string();
-        if text.contains("maximum payload") || text.contains("exceeds") {
-            return Some(BackboneError::InvalidMessage(format!("{}: {text}", m.id)));
-        }
-        if text.contains("no stream") || text.contains("no responders") {
-            // A cluster in a leader election also answers "no responders"; only a missing
-            // stream is final.
-            if let Err(e) = self.js.stream_by_subject(m.subject.clone()).await {
-                if e.to_string().contains("not found") || e.to_string().contains("no stream") {
-                    return Some(BackboneError::NoStreamForSubject(m.subject.clone()));
+    async fn fatal_publish_error(&self, m: &Message, err: &PublishError) -> Option<BackboneError> {
+        match err.kind() {
+            PublishErrorKind::MaxPayloadExceeded => Some(BackboneError::InvalidMessage(format!("{}: {err}", m.id))),
+            // A cluster in a leader election also answers "no responders"; only a stream that
+            // the server says does not exist is final.
+            PublishErrorKind::StreamNotFound => match self.js.stream_by_subject(m.subject.clone()).await {
+                Err(e) if e.kind() == GetStreamByNameErrorKind::NotFound => {
+                    Some(BackboneError::NoStreamForSubject(m.subject.clone()))
                 }
-            }
+                _ => None,
+            },
+            _ => None,
         }
-        None
     }
 }
 
@@ -264,16 +268,18 @@ impl Backbone for JetStreamBackbone {
         config.validate()?;
         let cfg = stream_config(config);
         let info = match self.js.get_stream(&config.name).await {
-            Ok(_) => self
-                .js
-                .update_stream(cfg)
-                .await
-                .map_err(|e| BackboneError::InvalidConfig(format!("updating stream {}: {e}", config.name)))?,
+            Ok(_) => self.js.update_stream(cfg).await.map_err(|e| BackboneError::Refused {
+                operation: format!("updating stream {}", config.name),
+                source: Box::new(e),
+            })?,
             Err(_) => self
                 .js
                 .create_stream(cfg)
                 .await
-                .map_err(|e| BackboneError::InvalidConfig(format!("creating stream {}: {e}", config.name)))?
+                .map_err(|e| BackboneError::Refused {
+                    operation: format!("creating stream {}", config.name),
+                    source: Box::new(e),
+                })?
                 .cached_info()
                 .clone(),
         };
@@ -284,14 +290,14 @@ impl Backbone for JetStreamBackbone {
         let s = self.get_stream(stream).await?;
         self.retrying(|| {
             let mut s = s.clone();
-            async move { s.info().await.map(info_of).map_err(BackboneError::nats) }
+            async move { s.info().await.map(info_of).map_err(BackboneError::from) }
         })
         .await
     }
 
     async fn delete_stream(&self, stream: &str) -> Result<()> {
         self.get_stream(stream).await?;
-        self.js.delete_stream(stream).await.map_err(BackboneError::nats)?;
+        self.js.delete_stream(stream).await?;
         Ok(())
     }
 
@@ -338,12 +344,11 @@ impl Backbone for JetStreamBackbone {
 
     async fn delete_consumer(&self, stream: &str, name: &str) -> Result<()> {
         let s = self.get_stream(stream).await?;
-        s.delete_consumer(name).await.map_err(|e| {
-            if e.to_string().contains("not found") {
+        s.delete_consumer(name).await.map_err(|e| match e.kind() {
+            stream::ConsumerErrorKind::JetStream(api) if api.error_code() == ErrorCode::CONSUMER_NOT_FOUND => {
                 BackboneError::NotFound { kind: "consumer", name: name.to_string() }
-            } else {
-                BackboneError::nats(e)
             }
+            _ => BackboneError::from(e),
         })?;
         Ok(())
     }
@@ -376,14 +381,14 @@ impl Backbone for JetStreamBackbone {
                     ..Default::default()
                 })
                 .await
-                .map_err(BackboneError::nats)
+                .map_err(BackboneError::from)
             })
             .await?;
         let nothing = consumer.info().await.map(|i| i.num_pending == 0).unwrap_or(false);
         if nothing && !options.follow {
             return Ok(Box::pin(futures::stream::empty()));
         }
-        let messages = Box::pin(consumer.messages().await.map_err(BackboneError::nats)?);
+        let messages = Box::pin(consumer.messages().await?);
         let name = stream.to_string();
         let filters = options.filter_subjects.clone();
         let follow = options.follow;
@@ -399,11 +404,11 @@ impl Backbone for JetStreamBackbone {
                 loop {
                     let m = match messages.next().await? {
                         Ok(m) => m,
-                        Err(e) => return Some((Err(BackboneError::nats(e)), (messages, false))),
+                        Err(e) => return Some((Err(BackboneError::from(e)), (messages, false))),
                     };
                     let info = match m.info() {
                         Ok(info) => info,
-                        Err(e) => return Some((Err(BackboneError::nats(e)), (messages, false))),
+                        Err(e) => return Some((Err(BackboneError::nats_untyped(e)), (messages, false))),
                     };
                     let done = !follow && (info.pending == 0 || info.stream_sequence >= last);
                     let message = stored(&name, info.stream_sequence, to_chrono(info.published), &m);
@@ -421,7 +426,7 @@ impl Backbone for JetStreamBackbone {
 
     async fn purge(&self, stream: &str, below: u64) -> Result<u64> {
         let s = self.get_stream(stream).await?;
-        let r = self.retrying(|| async { s.purge().sequence(below).await.map_err(BackboneError::nats) }).await?;
+        let r = self.retrying(|| async { s.purge().sequence(below).await.map_err(BackboneError::from) }).await?;
         Ok(r.purged)
     }
 
@@ -439,9 +444,13 @@ impl Backbone for JetStreamBackbone {
                     payload: m.payload,
                 }))
             }
-            Err(e) if matches!(e.kind(), stream::LastRawMessageErrorKind::NoMessageFound) => Ok(None),
-            Err(e) if e.to_string().contains("no message found") => Ok(None),
-            Err(e) => Err(BackboneError::nats(e)),
+            Err(e) => match e.kind() {
+                stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+                stream::LastRawMessageErrorKind::JetStream(api) if api.error_code() == ErrorCode::NO_MESSAGE_FOUND => {
+                    Ok(None)
+                }
+                _ => Err(BackboneError::from(e)),
+            },
         }
     }
 }

@@ -19,7 +19,7 @@ use chorus_backbone::{ConsumerConfig, StartPosition};
 use chorus_schemas::subject::{CHORUS_AUDIT, CHORUS_RPC};
 use serde::{Deserialize, Serialize};
 
-use super::ExportError;
+use chorus_runtime::{Config, ConfigError};
 
 /// Everything the exporter needs: where to read, how to batch and retry, where to write.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -79,7 +79,7 @@ fn default_ack_wait() -> Duration {
 /// Largest accepted `batch_size`.
 pub const MAX_BATCH_SIZE: usize = 10_000;
 
-pub use crate::backoff::Backoff;
+pub use chorus_runtime::{Backoff, TlsClientConfig};
 
 /// Source of the syslog HOSTNAME / HEC `host`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -120,14 +120,7 @@ impl<'de> Deserialize<'de> for SinkConfig {
         fn inner<T: serde::de::DeserializeOwned, E: Error>(
             map: serde_json::Map<String, serde_json::Value>,
         ) -> Result<T, E> {
-            serde_path_to_error::deserialize(serde_json::Value::Object(map)).map_err(|e| {
-                let path = e.path().to_string();
-                if path == "." {
-                    E::custom(e.into_inner())
-                } else {
-                    E::custom(format_args!("{path}: {}", e.into_inner()))
-                }
-            })
+            chorus_runtime::config::from_value(serde_json::Value::Object(map)).map_err(E::custom)
         }
         match kind.as_str() {
             "syslog" => inner(map).map(SinkConfig::Syslog),
@@ -158,7 +151,7 @@ pub struct SyslogConfig {
     pub address: String,
     /// TLS towards the collector (RFC 5425); plain TCP when absent.
     #[serde(default)]
-    pub tls: Option<TlsSettings>,
+    pub tls: Option<TlsClientConfig>,
     /// Facility of every message (default `auth`).
     #[serde(default = "default_facility")]
     pub facility: Facility,
@@ -239,7 +232,7 @@ impl SyslogConfig {
     fn validate(&self) -> Result<(), String> {
         validate_address("sink.address", &self.address)?;
         if let Some(tls) = &self.tls {
-            tls.validate("sink.tls")?;
+            validate_tls(tls)?;
         }
         if self.app_name.is_empty() || self.app_name.len() > 48 || !self.app_name.bytes().all(is_print_ascii) {
             return Err(format!("sink.app_name {:?} must be 1 to 48 printable ASCII characters", self.app_name));
@@ -255,42 +248,19 @@ impl SyslogConfig {
     }
 }
 
-/// TLS client settings (rustls).
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsSettings {
-    /// PEM CA bundle that signs the server's certificate; the system roots when absent.
-    #[serde(default)]
-    pub ca_file: Option<PathBuf>,
-    /// PEM client certificate (chain), for servers that authenticate clients.
-    #[serde(default)]
-    pub cert_file: Option<PathBuf>,
-    /// PEM private key of `cert_file` (PKCS#8, PKCS#1 or SEC1).
-    #[serde(default)]
-    pub key_file: Option<PathBuf>,
-    /// Name checked against the server's certificate (a DNS name or an IP address); the
-    /// host of the address or URL when absent.
-    #[serde(default)]
-    pub server_name: Option<String>,
-}
-
-impl TlsSettings {
-    fn validate(&self, field: &str) -> Result<(), String> {
-        if self.cert_file.is_some() != self.key_file.is_some() {
-            return Err(format!("{field}: cert_file and key_file go together"));
-        }
-        for p in [&self.ca_file, &self.cert_file, &self.key_file].into_iter().flatten() {
-            if !p.is_file() {
-                return Err(format!("{field}: {} does not exist", p.display()));
-            }
-        }
-        if let Some(name) = &self.server_name {
-            if rustls::pki_types::ServerName::try_from(name.as_str()).is_err() {
-                return Err(format!("{field}.server_name {name:?} is not a DNS name or IP address"));
-            }
-        }
-        Ok(())
+/// Checks the TLS section of a syslog or HEC sink: the shared settings, and no plain-text
+/// fallback (only NATS URLs can ask for one).
+fn validate_tls(tls: &TlsClientConfig) -> Result<(), String> {
+    tls.validate().map_err(|e| e.within("sink").to_string())?;
+    if !tls.required {
+        return Err("sink.tls.required: only NATS connections can fall back to plain text".into());
     }
+    if let Some(name) = &tls.server_name {
+        if rustls::pki_types::ServerName::try_from(name.as_str()).is_err() {
+            return Err(format!("sink.tls.server_name {name:?} is not a DNS name or IP address"));
+        }
+    }
+    Ok(())
 }
 
 /// Syslog facility (RFC 5424 table 1).
@@ -417,7 +387,7 @@ pub struct HecConfig {
     pub sourcetype: String,
     /// TLS settings for an `https` URL (CA, client certificate, server name).
     #[serde(default)]
-    pub tls: Option<TlsSettings>,
+    pub tls: Option<TlsClientConfig>,
     /// Timeout of one request (default 30s).
     #[serde(default = "default_http_timeout", with = "humantime_serde")]
     pub timeout: Duration,
@@ -471,7 +441,7 @@ impl HecConfig {
         }
         self.read_token()?;
         if let Some(tls) = &self.tls {
-            tls.validate("sink.tls")?;
+            validate_tls(tls)?;
         }
         if self.timeout.is_zero() {
             return Err("sink.timeout must be > 0".into());
@@ -517,18 +487,13 @@ impl ExportConfig {
     }
 
     /// Reads and validates a YAML (or JSON) file; errors name the file and the field.
-    pub fn load(path: &Path) -> Result<Self, ExportError> {
-        crate::config_file::load(path, Self::check).map_err(ExportError::Config)
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        chorus_runtime::config::load(path)
     }
 
     /// Parses and validates YAML (or JSON) text.
-    pub fn from_yaml(text: &str) -> Result<Self, ExportError> {
-        crate::config_file::from_text(text, Self::check).map_err(ExportError::Config)
-    }
-
-    /// Rejects settings that cannot work, naming the field.
-    pub fn validate(&self) -> Result<(), ExportError> {
-        self.check().map_err(ExportError::Config)
+    pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        chorus_runtime::config::from_text(text)
     }
 
     fn check(&self) -> Result<(), String> {
@@ -551,9 +516,9 @@ impl ExportConfig {
         if self.fetch_wait < Duration::from_millis(10) {
             return Err("fetch_wait must be >= 10ms".into());
         }
-        self.backoff.validate()?;
+        self.backoff.validate("backoff").map_err(|e| e.to_string())?;
         if let Some(nats) = &self.nats {
-            nats.validate().map_err(|e| e.to_string())?;
+            nats.validate().map_err(|e| e.within("nats").to_string())?;
         }
         match &self.sink {
             SinkConfig::Syslog(s) => {
@@ -586,6 +551,13 @@ impl ExportConfig {
         };
         c.max_ack_pending = c.max_ack_pending.max(unconfirmed + 4 * self.batch_size);
         c
+    }
+}
+
+impl Config for ExportConfig {
+    /// Rejects settings that cannot work; the message starts with the field at fault.
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.check().map_err(ConfigError::message)
     }
 }
 

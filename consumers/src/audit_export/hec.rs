@@ -15,10 +15,12 @@
 use async_trait::async_trait;
 use serde_json::Value;
 
-use super::config::{HecConfig, HostnameSource};
+use super::config::{HecConfig, HostnameSource, TlsClientConfig};
 use super::record::{ExportRecord, Rejection};
 use super::sink::{Sent, Sink, SinkError};
-use super::{tls, ExportError};
+use chorus_runtime::{tls, ConfigError};
+
+use super::ExportError;
 
 /// Path of the event endpoint below the collector URL.
 pub const EVENT_PATH: &str = "/services/collector/event";
@@ -43,7 +45,7 @@ enum Answer {
 
 impl HecSink {
     pub fn new(config: &HecConfig, hostname: HostnameSource) -> Result<Self, ExportError> {
-        let bad = |m: String| ExportError::Config(m);
+        let bad = |m: String| ExportError::Config(ConfigError::message(m));
         let base = reqwest::Url::parse(&config.url).map_err(|e| bad(format!("sink.url: {e}")))?;
         let endpoint = base
             .join(&format!("{}{EVENT_PATH}", base.path().trim_end_matches('/')))
@@ -51,8 +53,9 @@ impl HecSink {
         let token = config.read_token().map_err(bad)?;
         let mut builder = reqwest::Client::builder().timeout(config.timeout).connect_timeout(config.timeout);
         if endpoint.scheme() == "https" {
-            let settings = config.tls.clone().unwrap_or_default();
-            let mut client = tls::client_config(&settings)?;
+            let settings =
+                config.tls.clone().unwrap_or_else(|| TlsClientConfig { required: true, ..Default::default() });
+            let mut client = tls::client_config(&settings).map_err(|e| e.within("sink"))?;
             client.alpn_protocols = vec![b"http/1.1".to_vec()];
             builder = builder.use_preconfigured_tls(client);
         }
@@ -403,7 +406,7 @@ mod tests {
         let (ca_file, chain, key) = pki(dir.path());
         let (url, requests) = https_hec(chain, key).await;
         let mut cfg = HecConfig::new(url.clone(), "t0k");
-        cfg.tls = Some(crate::audit_export::config::TlsSettings { ca_file: Some(ca_file), ..Default::default() });
+        cfg.tls = Some(TlsClientConfig::with_ca(ca_file));
         let mut sink = HecSink::new(&cfg, HostnameSource::Identity).unwrap();
         sink.send(&[record(audit(AuditAction::Deny, "up=bob"))]).await.unwrap();
         assert_eq!(sink.confirmed().await.unwrap(), 1);
@@ -416,7 +419,7 @@ mod tests {
         let other_dir = tempfile::tempdir().unwrap();
         let (untrusting_ca, _, _) = pki(other_dir.path());
         let mut cfg = HecConfig::new(url, "t0k");
-        cfg.tls = Some(crate::audit_export::config::TlsSettings { ca_file: Some(untrusting_ca), ..Default::default() });
+        cfg.tls = Some(TlsClientConfig::with_ca(untrusting_ca));
         let mut sink = HecSink::new(&cfg, HostnameSource::Identity).unwrap();
         let err = sink.send(&[record(audit(AuditAction::Deny, "up=bob"))]).await.unwrap_err();
         assert!(err.to_string().to_lowercase().contains("certificate"), "{err}");

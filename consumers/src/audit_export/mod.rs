@@ -27,8 +27,8 @@
 //!   the SIEM on its own) goes to `chorus.deadletter.<consumer>` with the reason, is then
 //!   acknowledged, and the export goes on (`dead_lettered`).
 //!
-//! Use [`spawn`] (or [`run`] in a task of your own) with an [`ExportConfig`]; counters are in
-//! [`ExportStats`].
+//! Use [`AuditExport::start`] (or [`run`] in a task of your own) with an [`ExportConfig`];
+//! counters are in [`ExportStats`].
 
 pub mod config;
 pub mod hec;
@@ -37,21 +37,21 @@ pub mod record;
 pub mod rfc5424;
 pub mod sink;
 pub mod syslog;
-mod tls;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use chorus_backbone::{Backbone, BackboneError, Consumer, ConsumerConfig, Delivery};
-use tokio::sync::{mpsc, watch};
+use chorus_platform::deadletter::{self, DeadLetter};
+use chorus_runtime::{Config as _, ConfigError, Health, Service, ServiceError, Shutdown, Tasks};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-
-use crate::deadletter::{self, DeadLetter};
 
 pub use config::{
     Backoff, ExportConfig, Facility, HecConfig, HostnameSource, JsonlConfig, Severity, SeverityMap, SinkConfig,
-    SyslogConfig, TlsSettings,
+    SyslogConfig, TlsClientConfig,
 };
 pub use record::{ExportRecord, Rejection};
 pub use sink::{ExportStats, Sink, SinkError, StatsSnapshot};
@@ -59,15 +59,15 @@ pub use sink::{ExportStats, Sink, SinkError, StatsSnapshot};
 /// What can stop the exporter (everything else is retried).
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
-    /// The configuration is invalid; the message names the field.
+    /// The configuration is invalid; the error names the field.
     #[error("audit export configuration: {0}")]
-    Config(String),
+    Config(#[from] ConfigError),
     /// The backbone refused to open a consumer or the dead-letter stream.
     #[error("audit export: {0}")]
     Backbone(#[from] BackboneError),
-    /// The exporter task panicked or was aborted.
-    #[error("audit export task: {0}")]
-    Task(String),
+    /// Every stream fetcher ended: nothing more can be read.
+    #[error("audit export: every stream fetcher ended")]
+    FetchersEnded,
 }
 
 /// Builds the sink of a configuration.
@@ -79,49 +79,61 @@ pub fn build_sink(config: &ExportConfig, stats: &ExportStats) -> Result<Box<dyn 
     })
 }
 
-/// A running exporter.
-pub struct ExportHandle {
+/// A running exporter: a runtime [`Service`].
+pub struct AuditExport {
     stats: ExportStats,
-    stop: watch::Sender<bool>,
-    task: JoinHandle<Result<(), ExportError>>,
+    tasks: Tasks,
 }
 
-impl ExportHandle {
+impl AuditExport {
+    /// Validates the configuration, opens the consumers and the sink, and runs the exporter
+    /// under `shutdown`.
+    pub async fn start(
+        backbone: Arc<dyn Backbone>,
+        config: ExportConfig,
+        shutdown: Shutdown,
+    ) -> Result<AuditExport, ExportError> {
+        let stats = ExportStats::default();
+        let mut tasks = Tasks::new("audit export", shutdown);
+        let exporter = Exporter::open(backbone, config, stats.clone(), tasks.shutdown().clone()).await?;
+        tasks.spawn("export", exporter.run());
+        Ok(AuditExport { stats, tasks })
+    }
+
     /// The exporter's counters.
     pub fn stats(&self) -> &ExportStats {
         &self.stats
     }
+}
 
-    /// True once the exporter has ended (it only ends by itself on a fatal error).
-    pub fn is_finished(&self) -> bool {
-        self.task.is_finished()
+#[async_trait]
+impl Service for AuditExport {
+    fn name(&self) -> &str {
+        "audit export"
+    }
+
+    fn health(&self) -> Health {
+        self.tasks.health()
+    }
+
+    fn failed(&self) -> bool {
+        self.tasks.failed()
     }
 
     /// Stops the exporter: the batch in hand is finished (unless the SIEM is down), settled
-    /// records are acknowledged, the rest is left to be redelivered. Returns how it ended.
-    pub async fn stop(self) -> Result<(), ExportError> {
-        let _ = self.stop.send(true);
-        self.task.await.map_err(|e| ExportError::Task(e.to_string()))?
+    /// records are acknowledged, the rest is left to be redelivered.
+    async fn stop(&mut self) -> Result<(), ServiceError> {
+        self.tasks.stop().await
     }
 }
 
-/// Validates the configuration, opens the consumers and the sink, and runs the exporter in
-/// a task.
-pub async fn spawn(backbone: Arc<dyn Backbone>, config: ExportConfig) -> Result<ExportHandle, ExportError> {
-    let stats = ExportStats::default();
-    let (stop, stop_rx) = watch::channel(false);
-    let exporter = Exporter::open(backbone, config, stats.clone(), stop_rx).await?;
-    let task = tokio::spawn(exporter.run());
-    Ok(ExportHandle { stats, stop, task })
-}
-
-/// Runs the exporter until `shutdown` turns true (or its sender is dropped). Fails only on
-/// an invalid configuration or when the consumers cannot be opened at start.
+/// Runs the exporter until `shutdown` is requested. Fails only on an invalid configuration
+/// or when the consumers cannot be opened at start.
 pub async fn run(
     backbone: Arc<dyn Backbone>,
     config: ExportConfig,
     stats: ExportStats,
-    shutdown: watch::Receiver<bool>,
+    shutdown: Shutdown,
 ) -> Result<(), ExportError> {
     Exporter::open(backbone, config, stats, shutdown).await?.run().await
 }
@@ -169,7 +181,7 @@ struct Exporter {
     backbone: Arc<dyn Backbone>,
     config: ExportConfig,
     stats: ExportStats,
-    stop: watch::Receiver<bool>,
+    stop: Shutdown,
     sink: Box<dyn Sink>,
     rx: mpsc::Receiver<Delivery>,
     fetchers: Vec<JoinHandle<()>>,
@@ -187,7 +199,7 @@ impl Exporter {
         backbone: Arc<dyn Backbone>,
         config: ExportConfig,
         stats: ExportStats,
-        stop: watch::Receiver<bool>,
+        stop: Shutdown,
     ) -> Result<Self, ExportError> {
         config.validate()?;
         let sink = build_sink(&config, &stats)?;
@@ -233,7 +245,7 @@ impl Exporter {
     }
 
     fn stopping(&self) -> bool {
-        *self.stop.borrow() || self.stop.has_changed().is_err()
+        self.stop.is_requested()
     }
 
     /// Sleeps for the backoff after `failures` failures; `Err` when asked to stop meanwhile.
@@ -241,7 +253,7 @@ impl Exporter {
         let delay = self.config.backoff.delay(failures);
         tokio::select! {
             _ = tokio::time::sleep(delay) => if self.stopping() { Err(Stopped) } else { Ok(()) },
-            _ = wait_stop(&mut self.stop) => Err(Stopped),
+            _ = self.stop.requested() => Err(Stopped),
         }
     }
 
@@ -283,19 +295,19 @@ impl Exporter {
             if self.sink.unconfirmed() >= self.sink.max_unconfirmed() {
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(50)) => continue,
-                    _ = wait_stop(&mut self.stop) => return Ok(()),
+                    _ = self.stop.requested() => return Ok(()),
                 }
             }
             let tick = if self.pending.is_empty() { Duration::from_secs(1) } else { Duration::from_millis(50) };
             let mut batch = Vec::with_capacity(self.config.batch_size);
             tokio::select! {
                 biased;
-                _ = wait_stop(&mut self.stop) => return Ok(()),
+                _ = self.stop.requested() => return Ok(()),
                 d = self.rx.recv() => match d {
                     Some(d) => batch.push(d),
                     // Fetchers end on a stop request, possibly before this loop sees it.
-                    None if *self.stop.borrow() => return Ok(()),
-                    None => return Err(ExportError::Task("every stream fetcher ended".into())),
+                    None if self.stop.is_requested() => return Ok(()),
+                    None => return Err(ExportError::FetchersEnded),
                 },
                 _ = tokio::time::sleep(tick) => continue,
             }
@@ -443,18 +455,6 @@ impl Exporter {
     }
 }
 
-/// Resolves when a stop is requested (or the stop sender is gone).
-async fn wait_stop(stop: &mut watch::Receiver<bool>) {
-    loop {
-        if *stop.borrow_and_update() {
-            return;
-        }
-        if stop.changed().await.is_err() {
-            return;
-        }
-    }
-}
-
 /// Fetches one stream's consumer into the exporter's channel.
 struct Fetcher {
     backbone: Arc<dyn Backbone>,
@@ -466,7 +466,7 @@ struct Fetcher {
     backoff: Backoff,
     stats: ExportStats,
     tx: mpsc::Sender<Delivery>,
-    stop: watch::Receiver<bool>,
+    stop: Shutdown,
 }
 
 impl Fetcher {
@@ -475,7 +475,7 @@ impl Fetcher {
         loop {
             let fetched = tokio::select! {
                 r = self.consumer.fetch(self.batch, self.wait) => r,
-                _ = wait_stop(&mut self.stop) => return,
+                _ = self.stop.requested() => return,
             };
             match fetched {
                 Ok(deliveries) => {
@@ -492,7 +492,7 @@ impl Fetcher {
                     tracing::warn!(stream = %self.stream, error = %e, failures, "fetch failed; retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(self.backoff.delay(failures)) => {}
-                        _ = wait_stop(&mut self.stop) => return,
+                        _ = self.stop.requested() => return,
                     }
                     match self.backbone.consumer(&self.stream, &self.config).await {
                         Ok(c) => self.consumer = c,

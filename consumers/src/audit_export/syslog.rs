@@ -32,7 +32,9 @@ use super::config::{HostnameSource, SyslogConfig};
 use super::record::{ExportRecord, Rejection};
 use super::rfc5424::{self, Formatter};
 use super::sink::{ExportStats, Sent, Sink, SinkError};
-use super::{tls, ExportError};
+use chorus_runtime::tls;
+
+use super::ExportError;
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send + Sync {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + Sync> Io for T {}
@@ -65,8 +67,9 @@ impl SyslogSink {
         let tls = match &config.tls {
             Some(settings) => {
                 let host = host_of(&config.address);
-                let client = tls::client_config(settings)?;
-                Some((TlsConnector::from(Arc::new(client)), tls::server_name(settings, host)?))
+                let client = tls::client_config(settings).map_err(|e| e.within("sink"))?;
+                let name = settings.server_name(host).map_err(|e| e.within("sink"))?;
+                Some((TlsConnector::from(Arc::new(client)), name))
             }
             None => None,
         };

@@ -6,8 +6,8 @@ use std::sync::Mutex;
 
 use chorus_backbone::embedded::EmbeddedBackbone;
 use chorus_backbone::Message;
-use chorus_producers::emitter::to_message;
-use chorus_producers::streams::{ensure_platform_streams, StreamLimits};
+use chorus_platform::to_message;
+use chorus_platform::{ensure_platform_streams, StreamLimits};
 use chorus_schemas::subject::CHORUS_DEADLETTER;
 use chorus_schemas::{AuditAction, AuditRecord, EventRecord, RpcReply, RpcRequest};
 use futures::StreamExt;
@@ -43,12 +43,11 @@ async fn publish(b: &dyn Backbone, n: usize, tag: &str) -> BTreeSet<String> {
     ids
 }
 
-async fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !ok() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+/// How long the exporter gets to reach a state.
+const WITHIN: Duration = Duration::from_secs(60);
+
+async fn wait_until(what: &str, ok: impl FnMut() -> bool) {
+    chorus_testkit::eventually_true(what, WITHIN, ok).await
 }
 
 fn lines_ids(path: &std::path::Path) -> Vec<String> {
@@ -64,7 +63,7 @@ fn lines_ids(path: &std::path::Path) -> Vec<String> {
 fn fast(mut c: ExportConfig) -> ExportConfig {
     c.batch_size = 7;
     c.fetch_wait = Duration::from_millis(50);
-    c.backoff = Backoff { initial: Duration::from_millis(10), max: Duration::from_millis(100), multiplier: 2.0 };
+    c.backoff = Backoff::doubling(Duration::from_millis(10), Duration::from_millis(100));
     c
 }
 
@@ -80,14 +79,14 @@ async fn jsonl_gets_every_record_and_malformed_ones_are_dead_lettered() {
 
     let path = dir.path().join("audit.jsonl");
     let config = fast(ExportConfig::new(SinkConfig::Jsonl(JsonlConfig { path: path.clone() })));
-    let exporter = spawn(b.clone(), config.clone()).await.unwrap();
+    let mut exporter = AuditExport::start(b.clone(), config.clone(), Shutdown::new()).await.unwrap();
     wait_until("all records", || lines_ids(&path).len() >= expected.len()).await;
     wait_until("dead letters", || exporter.stats().dead_lettered.get() == 2).await;
     exporter.stop().await.unwrap();
 
     // Restarted, it resumes: only the new records are appended.
     expected.extend(publish(&*b, 5, "b").await);
-    let exporter = spawn(b.clone(), config).await.unwrap();
+    let mut exporter = AuditExport::start(b.clone(), config, Shutdown::new()).await.unwrap();
     wait_until("new records", || lines_ids(&path).len() >= expected.len()).await;
     let stats = exporter.stats().snapshot();
     exporter.stop().await.unwrap();
@@ -142,7 +141,13 @@ async fn hec_outage_loses_nothing() {
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
 
     let expected = publish(&*b, 10, "h").await;
-    let exporter = spawn(b.clone(), fast(ExportConfig::new(SinkConfig::Hec(HecConfig::new(url, "t"))))).await.unwrap();
+    let mut exporter = AuditExport::start(
+        b.clone(),
+        fast(ExportConfig::new(SinkConfig::Hec(HecConfig::new(url, "t")))),
+        Shutdown::new(),
+    )
+    .await
+    .unwrap();
     wait_until("every record at HEC", || {
         hec.ids.lock().unwrap().iter().collect::<BTreeSet<_>>().len() >= expected.len()
     })

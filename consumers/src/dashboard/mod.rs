@@ -7,11 +7,11 @@
 //! filling while nodes arrive.
 //!
 //! Routes: `/` (page), `/api/summary`, `/api/nodes`, `/api/nodes/{identity}` (from
-//! [`crate::inventory::router`]), `/api/rates`, `/metrics`, `/healthz`.
+//! [`crate::inventory::router`]), `/api/rates`, `/api/events`; `/metrics` and `/healthz` come
+//! from the runtime's ops router ([`Views`] serves them together).
 
 mod rates;
-
-use std::future::Future;
+mod views;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -26,6 +26,7 @@ use prometheus_client::registry::Registry;
 
 use crate::inventory::{Inventory, Status};
 pub use rates::{RateSample, StreamRates};
+pub use views::{Views, ViewsError, ViewsOptions};
 
 /// What the dashboard reads.
 #[derive(Clone)]
@@ -36,6 +37,7 @@ pub struct Dashboard {
 }
 
 impl Dashboard {
+    /// The dashboard of `inventory`, with the rates of `rates`.
     pub fn new(inventory: Inventory, rates: StreamRates) -> Self {
         Dashboard { inventory, rates, backbone: None }
     }
@@ -48,25 +50,20 @@ impl Dashboard {
         self
     }
 
-    /// The whole HTTP surface of the dashboard.
+    /// The inventory it shows.
+    pub fn inventory(&self) -> &Inventory {
+        &self.inventory
+    }
+
+    /// The dashboard's own routes (page and JSON API); `/metrics` and `/healthz` are the
+    /// ops router's ([`Views`]).
     pub fn router(&self) -> Router {
         let own = Router::new()
             .route("/", get(page))
             .route("/api/rates", get(rates))
             .route("/api/events", get(events))
-            .route("/metrics", get(metrics))
-            .route("/healthz", get(|| async { "ok" }))
             .with_state(self.clone());
         own.merge(crate::inventory::router(self.inventory.clone()))
-    }
-
-    /// Serves the dashboard on `listener` until `shutdown` completes.
-    pub async fn serve(
-        self,
-        listener: tokio::net::TcpListener,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> std::io::Result<()> {
-        axum::serve(listener, self.router()).with_graceful_shutdown(shutdown).await
     }
 }
 
@@ -87,16 +84,6 @@ struct EventsQuery {
     follow: bool,
 }
 
-/// Parses `since`: an RFC 3339 time, or a duration (`90s`, `10m`, `2h`) back from now.
-pub fn parse_since(text: &str) -> Result<chrono::DateTime<Utc>, String> {
-    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(text) {
-        return Ok(t.with_timezone(&Utc));
-    }
-    let d = humantime::parse_duration(text)
-        .map_err(|e| format!("since {text:?}: not an RFC 3339 time nor a duration ({e})"))?;
-    Ok(Utc::now() - chrono::Duration::from_std(d).map_err(|e| e.to_string())?)
-}
-
 fn split(list: Option<String>) -> Vec<String> {
     list.map(|l| l.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect()).unwrap_or_default()
 }
@@ -105,7 +92,7 @@ async fn events(State(d): State<Dashboard>, axum::extract::Query(q): axum::extra
     let Some(backbone) = d.backbone.clone() else {
         return (StatusCode::NOT_FOUND, "events are not served here").into_response();
     };
-    let since = match q.since.as_deref().map(parse_since).transpose() {
+    let since = match q.since.as_deref().map(crate::events::parse_since).transpose() {
         Ok(s) => s,
         Err(e) => return (StatusCode::BAD_REQUEST, e).into_response(),
     };
@@ -149,49 +136,47 @@ struct StreamLabel {
     stream: String,
 }
 
-/// Prometheus text format, computed at scrape time from the inventory (statuses depend on
-/// the clock, so they cannot be kept as counters).
-async fn metrics(State(d): State<Dashboard>) -> Response {
-    let inventory = d.inventory.clone();
-    let summary = match tokio::task::spawn_blocking(move || inventory.summary(Utc::now())).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
-        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
-    };
-    let mut registry = Registry::with_prefix("chorus");
-    let nodes = Family::<StatusLabel, Gauge>::default();
-    for status in [Status::Alive, Status::Missing, Status::Shutdown, Status::Expired] {
-        nodes.get_or_create(&StatusLabel { status: status.as_str().into() }).set(summary.status.get(status) as i64);
-    }
-    registry.register("nodes", "Nodes in the inventory by status", nodes);
-    let versions = Family::<VersionLabels, Gauge>::default();
-    for (component, by_version) in &summary.versions {
-        for (version, n) in by_version {
-            versions
-                .get_or_create(&VersionLabels { component: component.clone(), version: version.clone() })
-                .set(*n as i64);
+impl Dashboard {
+    /// Registers the dashboard's metrics as they are now, computed at scrape time from the
+    /// inventory (statuses depend on the clock, so they cannot be kept as counters).
+    pub async fn register_metrics(&self, registry: &mut Registry) -> Result<(), chorus_runtime::BoxError> {
+        let inventory = self.inventory.clone();
+        let summary = tokio::task::spawn_blocking(move || inventory.summary(Utc::now())).await??;
+        let registry = registry.sub_registry_with_prefix("chorus");
+        let nodes = Family::<StatusLabel, Gauge>::default();
+        for status in [Status::Alive, Status::Missing, Status::Shutdown, Status::Expired] {
+            nodes.get_or_create(&StatusLabel { status: status.as_str().into() }).set(summary.status.get(status) as i64);
         }
+        registry.register("nodes", "Nodes in the inventory by status", nodes);
+        let versions = Family::<VersionLabels, Gauge>::default();
+        for (component, by_version) in &summary.versions {
+            for (version, n) in by_version {
+                versions
+                    .get_or_create(&VersionLabels { component: component.clone(), version: version.clone() })
+                    .set(*n as i64);
+            }
+        }
+        registry.register("node_versions", "Nodes (not expired) per component and version", versions);
+        let checkpoint = Gauge::<i64>::default();
+        checkpoint.set(summary.checkpoint as i64);
+        registry.register(
+            "inventory_checkpoint",
+            "Last CHORUS_LIFECYCLE sequence applied to the inventory",
+            checkpoint,
+        );
+        let messages = Family::<StreamLabel, Gauge>::default();
+        let per_second = Family::<StreamLabel, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        for r in self.rates.snapshot() {
+            let l = StreamLabel { stream: r.stream.clone() };
+            messages.get_or_create(&l).set(r.last_sequence as i64);
+            per_second.get_or_create(&l).set(r.per_second);
+        }
+        registry.register("stream_last_sequence", "Highest sequence stored per stream", messages);
+        registry.register(
+            "stream_events_per_second",
+            "Events stored per second, per stream, over the last minute",
+            per_second,
+        );
+        Ok(())
     }
-    registry.register("node_versions", "Nodes (not expired) per component and version", versions);
-    let checkpoint = Gauge::<i64>::default();
-    checkpoint.set(summary.checkpoint as i64);
-    registry.register("inventory_checkpoint", "Last CHORUS_LIFECYCLE sequence applied to the inventory", checkpoint);
-    let messages = Family::<StreamLabel, Gauge>::default();
-    let per_second = Family::<StreamLabel, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
-    for r in d.rates.snapshot() {
-        let l = StreamLabel { stream: r.stream.clone() };
-        messages.get_or_create(&l).set(r.last_sequence as i64);
-        per_second.get_or_create(&l).set(r.per_second);
-    }
-    registry.register("stream_last_sequence", "Highest sequence stored per stream", messages);
-    registry.register(
-        "stream_events_per_second",
-        "Events stored per second, per stream, over the last minute",
-        per_second,
-    );
-    let mut out = String::new();
-    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &registry) {
-        return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();
-    }
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], out).into_response()
 }

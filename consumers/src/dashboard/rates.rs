@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chorus_backbone::Backbone;
+use chorus_runtime::Shutdown;
 use serde::Serialize;
 
 /// How far back a rate looks.
@@ -34,40 +35,38 @@ struct Tracked {
 }
 
 impl StreamRates {
-    /// Samples `streams` of `backbone` every `every` until the returned task is aborted or
-    /// the handle and its clones are dropped.
-    pub fn spawn(
-        backbone: Arc<dyn Backbone>,
-        streams: Vec<String>,
-        every: Duration,
-    ) -> (Self, tokio::task::JoinHandle<()>) {
-        let rates = StreamRates {
+    /// Rates of `streams`, none sampled yet.
+    pub fn new(streams: Vec<String>) -> Self {
+        StreamRates {
             inner: Arc::new(Mutex::new(
                 streams.into_iter().map(|stream| Tracked { stream, messages: 0, samples: VecDeque::new() }).collect(),
             )),
-        };
-        let weak = Arc::downgrade(&rates.inner);
-        let task = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            loop {
-                tick.tick().await;
-                let Some(inner) = weak.upgrade() else { return };
-                let names: Vec<String> = inner.lock().expect("rates lock").iter().map(|t| t.stream.clone()).collect();
-                for name in names {
-                    let Ok(info) = backbone.stream_info(&name).await else { continue };
-                    let now = Instant::now();
-                    let mut all = inner.lock().expect("rates lock");
-                    if let Some(t) = all.iter_mut().find(|t| t.stream == name) {
-                        t.messages = info.messages;
-                        t.samples.push_back((now, info.last_sequence));
-                        while t.samples.len() > 2 && now.duration_since(t.samples[1].0) >= WINDOW {
-                            t.samples.pop_front();
-                        }
+        }
+    }
+
+    /// Samples the streams of `backbone` every `every` until `shutdown`. A stream that cannot
+    /// be read (missing, broker away) keeps its last sample.
+    pub async fn sample(&self, backbone: Arc<dyn Backbone>, every: Duration, shutdown: Shutdown) {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.requested() => return,
+            }
+            let names: Vec<String> = self.inner.lock().expect("rates lock").iter().map(|t| t.stream.clone()).collect();
+            for name in names {
+                let Ok(info) = backbone.stream_info(&name).await else { continue };
+                let now = Instant::now();
+                let mut all = self.inner.lock().expect("rates lock");
+                if let Some(t) = all.iter_mut().find(|t| t.stream == name) {
+                    t.messages = info.messages;
+                    t.samples.push_back((now, info.last_sequence));
+                    while t.samples.len() > 2 && now.duration_since(t.samples[1].0) >= WINDOW {
+                        t.samples.pop_front();
                     }
                 }
             }
-        });
-        (rates, task)
+        }
     }
 
     /// Current rates of every tracked stream.

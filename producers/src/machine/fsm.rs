@@ -15,8 +15,10 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::manifest::Manifest;
-use super::{stopped, MachineError};
-use crate::Emitter;
+use chorus_runtime::Shutdown;
+
+use super::MachineError;
+use chorus_platform::Emitter;
 
 /// What happened when a transition was fired.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,12 +83,12 @@ impl Fsm {
 /// node. The first transitions of a burst are free, each further one waits a little longer,
 /// up to 5 s; a minute without transitions ends the burst.
 #[derive(Debug, Default)]
-pub(crate) struct Backoff {
+pub(crate) struct TransitionThrottle {
     burst: u32,
     last: Option<Instant>,
 }
 
-impl Backoff {
+impl TransitionThrottle {
     const FREE: u32 = 10;
     const STEP: Duration = Duration::from_millis(250);
     const MAX: Duration = Duration::from_secs(5);
@@ -119,13 +121,13 @@ pub(crate) async fn run(
     emitter: Arc<Emitter>,
     mut commands: mpsc::Receiver<Command>,
     state: watch::Sender<String>,
-    mut stop: watch::Receiver<bool>,
+    stop: Shutdown,
 ) {
-    let mut backoff = Backoff::default();
+    let mut throttle = TransitionThrottle::default();
     loop {
         let command = tokio::select! {
             biased;
-            _ = stopped(&mut stop) => break,
+            _ = stop.requested() => break,
             command = commands.recv() => match command {
                 Some(command) => command,
                 None => break,
@@ -134,12 +136,12 @@ pub(crate) async fn run(
         match command {
             Command::Transition { name, reply } => {
                 if let Ok(Fired::Moved { .. }) = fsm.check(&name) {
-                    let delay = backoff.delay(Instant::now());
+                    let delay = throttle.delay(Instant::now());
                     if !delay.is_zero() {
                         debug!(machine = %instance.machine, transition = %name, ?delay, "machine is flapping, slowing down");
                         tokio::select! {
                             biased;
-                            _ = stopped(&mut stop) => break,
+                            _ = stop.requested() => break,
                             _ = tokio::time::sleep(delay) => {}
                         }
                     }
@@ -200,8 +202,8 @@ watchers:
     }
 
     #[test]
-    fn backoff_slows_bursts_and_resets_after_a_quiet_minute() {
-        let mut b = Backoff::default();
+    fn throttle_slows_bursts_and_resets_after_a_quiet_minute() {
+        let mut b = TransitionThrottle::default();
         let start = Instant::now();
         let delays: Vec<_> = (0..12).map(|i| b.delay(start + Duration::from_millis(i * 10))).collect();
         assert!(delays[..10].iter().all(|d| d.is_zero()), "{delays:?}");

@@ -35,13 +35,14 @@ mod watchers;
 mod tests;
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
+use chorus_runtime::{Health, Service, ServiceError, Shutdown, Tasks};
 use chorus_schemas::MachineInstance;
+use futures::FutureExt as _;
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 pub use duration::{parse_duration, DurationError};
@@ -50,7 +51,7 @@ pub use manifest::{
     WatcherDef, WatcherProperties,
 };
 
-use crate::Emitter;
+use chorus_platform::Emitter;
 use fsm::{Command, Fsm};
 use watchers::WatcherCtx;
 
@@ -85,12 +86,15 @@ impl Machine {
     /// `initial_state`, which counts as entered: watchers active in it check right away
     /// (after the random `splay_start` delay). Each start gets a new instance id, as in Choria.
     ///
+    /// The machine stops with `shutdown` (or [`Service::stop`] on its handle).
+    ///
     /// Fails only if the manifest does not validate. Must be called within a tokio runtime.
     pub fn start(
         manifest: Manifest,
         identity: impl Into<String>,
         machine_dir: PathBuf,
         emitter: Arc<Emitter>,
+        shutdown: Shutdown,
     ) -> Result<MachineHandle, MachineError> {
         manifest.validate()?;
         let instance = MachineInstance {
@@ -100,19 +104,17 @@ impl Machine {
             version: manifest.version.clone(),
         };
         let (state_tx, state_rx) = watch::channel(manifest.initial_state.clone());
-        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut tasks = Tasks::new(format!("machine {}", instance.machine), shutdown);
+        let stop_rx = tasks.shutdown().clone();
         let (commands_tx, commands_rx) = mpsc::channel(64);
         info!(machine = %instance.machine, version = %instance.version, id = %instance.id,
             state = %manifest.initial_state, dir = %machine_dir.display(), "starting machine");
 
-        let machine_task = tokio::spawn(fsm::run(
-            Fsm::new(&manifest),
-            instance.clone(),
-            emitter.clone(),
-            commands_rx,
-            state_tx,
-            stop_rx.clone(),
-        ));
+        tasks.spawn(
+            "fsm",
+            fsm::run(Fsm::new(&manifest), instance.clone(), emitter.clone(), commands_rx, state_tx, stop_rx.clone())
+                .map(Ok::<_, MachineError>),
+        );
 
         let splay = random_below(manifest.splay_start);
         let shared = watchers::Shared {
@@ -123,13 +125,13 @@ impl Machine {
             stop: stop_rx.clone(),
             commands: commands_tx.clone(),
         };
-        let mut stop = stop_rx;
-        let watchers_task = tokio::spawn(async move {
+        let stop = stop_rx;
+        tasks.spawn("watchers", async move {
             if !splay.is_zero() {
                 info!(machine = %shared.instance.machine, splay = ?splay, "delaying watchers by splay_start");
                 tokio::select! {
                     _ = tokio::time::sleep(splay) => {}
-                    _ = stopped(&mut stop) => return,
+                    _ = stop.requested() => return Ok::<_, MachineError>(()),
                 }
             }
             let tasks: Vec<_> = manifest
@@ -145,15 +147,10 @@ impl Machine {
                     warn!(machine = %shared.instance.machine, watcher = %name, error = %e, "watcher task failed");
                 }
             }
+            Ok(())
         });
 
-        Ok(MachineHandle {
-            instance,
-            state: state_rx,
-            commands: commands_tx,
-            stop: stop_tx,
-            tasks: Mutex::new(vec![machine_task, watchers_task]),
-        })
+        Ok(MachineHandle { instance, state: state_rx, commands: commands_tx, tasks })
     }
 }
 
@@ -162,8 +159,7 @@ pub struct MachineHandle {
     instance: MachineInstance,
     state: watch::Receiver<String>,
     commands: mpsc::Sender<Command>,
-    stop: watch::Sender<bool>,
-    tasks: Mutex<Vec<JoinHandle<()>>>,
+    tasks: Tasks,
 }
 
 impl MachineHandle {
@@ -187,7 +183,7 @@ impl MachineHandle {
     /// afterwards, once the transition event has been handed to the emitter. A transition to
     /// the current state succeeds without an event.
     pub async fn transition(&self, name: &str) -> Result<String, MachineError> {
-        if *self.stop.borrow() {
+        if self.tasks.shutdown().is_requested() {
             return Err(MachineError::Stopped);
         }
         let (reply, result) = oneshot::channel();
@@ -197,29 +193,33 @@ impl MachineHandle {
             .map_err(|_| MachineError::Stopped)?;
         result.await.map_err(|_| MachineError::Stopped)?
     }
-
-    /// Stops the watchers (killing running commands) and the machine, and waits for them.
-    /// Idempotent.
-    pub async fn stop(&self) {
-        self.stop.send_replace(true);
-        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|e| e.into_inner()));
-        for task in tasks {
-            if let Err(e) = task.await {
-                warn!(machine = %self.instance.machine, error = %e, "machine task failed");
-            }
-        }
-    }
 }
 
 impl Drop for MachineHandle {
     fn drop(&mut self) {
-        self.stop.send_replace(true);
+        self.tasks.shutdown().request();
     }
 }
 
-/// Resolves once a stop is requested (or the handle is gone).
-pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|stop| *stop).await;
+#[async_trait::async_trait]
+impl Service for MachineHandle {
+    fn name(&self) -> &str {
+        self.tasks.service()
+    }
+
+    fn health(&self) -> Health {
+        self.tasks.health().with("state", self.state())
+    }
+
+    fn failed(&self) -> bool {
+        self.tasks.failed()
+    }
+
+    /// Stops the watchers (killing running commands) and the machine, and waits for them.
+    /// Idempotent.
+    async fn stop(&mut self) -> Result<(), ServiceError> {
+        self.tasks.stop().await
+    }
 }
 
 /// A random duration in `[0, max)`, for splays. Uses the OS randomness behind UUIDv4, which

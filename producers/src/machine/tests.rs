@@ -1,38 +1,18 @@
-//! Machines running for real (real processes, files and clocks) against an in-memory sink.
+//! Machines running for real (real processes and files) against an in-memory sink. Tests
+//! that show a timer, a poll or a schedule did *not* do something run on paused tokio time,
+//! so "later" is exact rather than a real-time sleep; tests of real processes run on the
+//! real clock and only ever wait for something to happen.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
+use chorus_runtime::{Service as _, Shutdown};
+use chorus_testkit::eventually;
+
 use chorus_schemas::{Event, EventRecord, Transition, WatcherDetails, WatcherState};
 
 use super::*;
-use crate::{EventSink, ProducerError};
-
-/// Records everything it is given; can be switched to fail like an unreachable store.
-#[derive(Default)]
-struct MemorySink {
-    records: Mutex<Vec<EventRecord>>,
-    down: AtomicBool,
-}
-
-#[async_trait]
-impl EventSink for MemorySink {
-    async fn store(&self, records: Vec<EventRecord>) -> Result<(), ProducerError> {
-        if self.down.load(Ordering::SeqCst) {
-            return Err(ProducerError::Other("sink down".into()));
-        }
-        self.records.lock().unwrap().extend(records);
-        Ok(())
-    }
-}
-
-impl MemorySink {
-    fn records(&self) -> Vec<EventRecord> {
-        self.records.lock().unwrap().clone()
-    }
-}
+use chorus_platform::MemorySink;
 
 struct Fixture {
     sink: Arc<MemorySink>,
@@ -49,22 +29,24 @@ fn fixture() -> Fixture {
 impl Fixture {
     fn start(&self, yaml: &str) -> MachineHandle {
         let manifest = Manifest::from_yaml(yaml).unwrap();
-        Machine::start(manifest, "node1.example.net", self.dir.path().to_path_buf(), self.emitter.clone()).unwrap()
+        Machine::start(
+            manifest,
+            "node1.example.net",
+            self.dir.path().to_path_buf(),
+            self.emitter.clone(),
+            Shutdown::new(),
+        )
+        .unwrap()
     }
 
-    /// Waits (up to 4 s) until `done` holds for the recorded events.
+    /// Waits until `done` holds for the recorded events.
     async fn wait_for(&self, what: &str, done: impl Fn(&[EventRecord]) -> bool) -> Vec<EventRecord> {
-        let deadline = Instant::now() + Duration::from_secs(4);
-        loop {
+        eventually(what, Duration::from_secs(30), || {
             let records = self.sink.records();
-            if done(&records) {
-                return records;
-            }
-            if Instant::now() > deadline {
-                panic!("timed out waiting for {what}; events:\n{:#?}", summary(&records));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            let result = if done(&records) { Ok(records) } else { Err(format!("{:#?}", summary(&records))) };
+            async move { result }
+        })
+        .await
     }
 }
 
@@ -177,10 +159,10 @@ watchers:
 #[tokio::test]
 async fn exec_success_and_timer_drive_transitions() {
     let f = fixture();
-    let handle = f.start(EXEC_AND_TIMER);
+    let mut handle = f.start(EXEC_AND_TIMER);
     assert_eq!(handle.instance().machine, "checker");
     let records = f.wait_for("two check cycles", |r| transitions(r).len() >= 4).await;
-    handle.stop().await;
+    handle.stop().await.unwrap();
 
     assert_eq!(
         moves(&records)[..4],
@@ -224,7 +206,7 @@ async fn exec_success_and_timer_drive_transitions() {
 #[tokio::test]
 async fn exec_failure_fires_fail_transition_and_reruns_on_entry() {
     let f = fixture();
-    let handle = f
+    let mut handle = f
         .start(&EXEC_AND_TIMER.replace("command: \"true\"", "command: \"false\"").replace("timer: 300ms", "timer: 1h"));
     let mut state = handle.subscribe();
     state.wait_for(|s| s == "failed").await.unwrap();
@@ -241,7 +223,7 @@ async fn exec_failure_fires_fail_transition_and_reruns_on_entry() {
     // By hand back to `unknown`: the exec watcher runs again on entry and fails again.
     assert_eq!(handle.transition("recheck").await.unwrap(), "unknown");
     let records = f.wait_for("second failure", |r| transitions(r).len() >= 3).await;
-    handle.stop().await;
+    handle.stop().await.unwrap();
     assert_eq!(
         moves(&records)[..3],
         [mv("broken", "unknown", "failed"), mv("recheck", "failed", "unknown"), mv("broken", "unknown", "failed")]
@@ -282,11 +264,11 @@ watchers:
       environment: ["GREETING=hello world"]
 "#
     );
-    let handle = f.start(&yaml);
+    let mut handle = f.start(&yaml);
     let mut state = handle.subscribe();
     state.wait_for(|s| s != "unknown").await.unwrap();
     assert_eq!(handle.state(), "ok", "the probe failed: env, cwd or PATH is wrong");
-    handle.stop().await;
+    handle.stop().await.unwrap();
 }
 
 #[tokio::test]
@@ -296,11 +278,11 @@ async fn exec_timeout_is_a_failure() {
         .replace("command: \"true\"", "command: \"sleep 5; true\", timeout: 200ms")
         .replace("timer: 300ms", "timer: 1h");
     let started = Instant::now();
-    let handle = f.start(&yaml);
+    let mut handle = f.start(&yaml);
     handle.subscribe().wait_for(|s| s == "failed").await.unwrap();
     assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
     let records = f.sink.records();
-    handle.stop().await;
+    handle.stop().await.unwrap();
     let check = watcher_states(&records, "check")[0];
     assert_eq!(exec_outcome(check), "error");
     match &check.details {
@@ -312,7 +294,7 @@ async fn exec_timeout_is_a_failure() {
 #[tokio::test]
 async fn exec_interval_reruns_and_same_state_is_not_a_transition() {
     let f = fixture();
-    let handle = f.start(
+    let mut handle = f.start(
         r#"
 name: poller
 version: 1.0.0
@@ -325,17 +307,17 @@ watchers:
 "#,
     );
     let records = f.wait_for("three runs", |r| watcher_states(r, "check").len() >= 3).await;
-    handle.stop().await;
+    handle.stop().await.unwrap();
     // `up` from `ok` keeps the state: one transition only, however often the checks pass.
     assert_eq!(moves(&records), [mv("up", "unknown", "ok")]);
     assert!(watcher_states(&records, "quiet").is_empty(), "suppress_success_announce");
     assert_stamped(&records, &handle);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn file_watcher_follows_a_file() {
     let f = fixture();
-    let handle = f.start(
+    let mut handle = f.start(
         r#"
 name: flagged
 version: 1.0.0
@@ -366,7 +348,7 @@ watchers:
     // Polls while the file stays missing do not repeat the event.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let records = f.sink.records();
-    handle.stop().await;
+    handle.stop().await.unwrap();
 
     assert_eq!(
         moves(&records),
@@ -381,11 +363,11 @@ watchers:
     assert_stamped(&records, &handle);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn file_watcher_gather_initial_state_waits_for_a_change() {
     let f = fixture();
     std::fs::write(f.dir.path().join("config"), "v1").unwrap();
-    let handle = f.start(
+    let mut handle = f.start(
         r#"
 name: config
 version: 1.0.0
@@ -403,11 +385,11 @@ watchers:
     std::fs::write(f.dir.path().join("config"), "v2, longer").unwrap();
     handle.subscribe().wait_for(|s| s == "reload").await.unwrap();
     let records = f.sink.records();
-    handle.stop().await;
+    handle.stop().await.unwrap();
     assert_eq!(moves(&records), [mv("changed", "steady", "reload")]);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn schedule_watcher_turns_on_and_off() {
     let f = fixture();
     let yaml = |name: &str, cron: &str| {
@@ -425,15 +407,15 @@ watchers:
         )
     };
     // Every minute with a one minute window: always on. 31 February: never.
-    let always = f.start(&yaml("always", "* * * * *"));
-    let never = f.start(&yaml("never", "0 0 31 2 *"));
+    let mut always = f.start(&yaml("always", "* * * * *"));
+    let mut never = f.start(&yaml("never", "0 0 31 2 *"));
     always.subscribe().wait_for(|s| s == "on").await.unwrap();
     never.subscribe().wait_for(|s| s == "off").await.unwrap();
     // Later checks do not repeat an unchanged state.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let records = f.sink.records();
-    always.stop().await;
-    never.stop().await;
+    always.stop().await.unwrap();
+    never.stop().await.unwrap();
 
     let states: Vec<_> = watcher_states(&records, "window")
         .into_iter()
@@ -450,10 +432,10 @@ watchers:
     assert_eq!(moved, [mv("end", "unknown", "off"), mv("start", "unknown", "on")]);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn timer_stops_early_when_leaving_its_states_and_splays() {
     let f = fixture();
-    let handle = f.start(
+    let mut handle = f.start(
         r#"
 name: timed
 version: 1.0.0
@@ -477,7 +459,7 @@ watchers:
     handle.transition("run").await.unwrap();
     handle.subscribe().wait_for(|s| s == "idle").await.unwrap();
     let records = f.sink.records();
-    handle.stop().await;
+    handle.stop().await.unwrap();
 
     assert_eq!(
         moves(&records),
@@ -499,8 +481,8 @@ watchers:
 #[tokio::test]
 async fn machine_keeps_running_when_events_cannot_be_stored() {
     let f = fixture();
-    f.sink.down.store(true, Ordering::SeqCst);
-    let handle = f.start(EXEC_AND_TIMER);
+    f.sink.set_down(true);
+    let mut handle = f.start(EXEC_AND_TIMER);
     // Two full cycles through exec and timer with every emit failing.
     let mut state = handle.subscribe();
     for _ in 0..2 {
@@ -510,9 +492,9 @@ async fn machine_keeps_running_when_events_cannot_be_stored() {
     assert!(f.sink.records().is_empty());
 
     // The sink comes back: events flow again, with later sequence numbers.
-    f.sink.down.store(false, Ordering::SeqCst);
+    f.sink.set_down(false);
     let records = f.wait_for("a transition after recovery", |r| !transitions(r).is_empty()).await;
-    handle.stop().await;
+    handle.stop().await.unwrap();
     assert!(records[0].seq > 1);
 }
 
@@ -521,16 +503,13 @@ async fn machine_keeps_running_when_events_cannot_be_stored() {
 async fn stop_kills_running_commands_and_refuses_transitions() {
     let f = fixture();
     let yaml = EXEC_AND_TIMER.replace("command: \"true\"", "command: \"sleep 30 & echo $! > pid; wait\", timeout: 1m");
-    let handle = f.start(&yaml);
+    let mut handle = f.start(&yaml);
     let pid_file = f.dir.path().join("pid");
-    let deadline = Instant::now() + Duration::from_secs(3);
-    let pid = loop {
-        if let Some(pid) = std::fs::read_to_string(&pid_file).ok().and_then(|s| s.trim().parse::<u32>().ok()) {
-            break pid;
-        }
-        assert!(Instant::now() < deadline, "command did not start");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let pid = eventually("the command to start", Duration::from_secs(10), || {
+        let pid = std::fs::read_to_string(&pid_file).ok().and_then(|s| s.trim().parse::<u32>().ok());
+        async move { pid.ok_or_else(|| "no pid file yet".to_string()) }
+    })
+    .await;
     let alive = |pid: u32| {
         std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .map(|stat| !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
@@ -538,15 +517,14 @@ async fn stop_kills_running_commands_and_refuses_transitions() {
     };
     assert!(alive(pid));
 
-    handle.stop().await;
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while alive(pid) {
-        assert!(Instant::now() < deadline, "the command's child survived stop");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    handle.stop().await.unwrap();
+    chorus_testkit::eventually_true("the command's child to die with the stop", Duration::from_secs(10), || {
+        !alive(pid)
+    })
+    .await;
     assert!(matches!(handle.transition("healthy").await, Err(MachineError::Stopped)));
     assert_eq!(handle.state(), "unknown");
-    handle.stop().await; // idempotent
+    handle.stop().await.unwrap(); // idempotent
 }
 
 #[tokio::test]
@@ -554,6 +532,7 @@ async fn start_validates_the_manifest() {
     let f = fixture();
     let mut manifest = Manifest::from_yaml(EXEC_AND_TIMER).unwrap();
     manifest.watchers[0].success_transition = Some("air_goodd".into());
-    let e = Machine::start(manifest, "n", f.dir.path().to_path_buf(), f.emitter.clone()).err().unwrap();
+    let e =
+        Machine::start(manifest, "n", f.dir.path().to_path_buf(), f.emitter.clone(), Shutdown::new()).err().unwrap();
     assert_eq!(e.to_string(), "watchers[0].success_transition: unknown transition \"air_goodd\"");
 }

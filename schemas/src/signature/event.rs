@@ -5,8 +5,8 @@
 use base64::Engine as _;
 use serde_json::Value;
 
-use super::{SignError, Signer};
 use crate::envelope::{EventRecord, EventSignature};
+use chorus_keys::{SignError, Signer};
 
 /// The bytes a signature of `record` covers (see [What is signed](super#what-is-signed)).
 /// The record's own `signature` is ignored.

@@ -1,12 +1,8 @@
 //! Signatures of events and RPC requests.
 //!
-//! A [`Signer`] signs bytes with an Ed25519 key that the caller may not be able to read:
-//! a key file on disk, or a key held by a PKCS#11 token (HSM, SoftHSM2) that never leaves it.
+//! Producers sign with any [`chorus_keys::Signer`] (a key file or a PKCS#11 token).
 //! Consumers verify with the public keys they trust and dead-letter forged or unsigned
 //! events with the reason.
-//!
-//! * [`Ed25519FileSigner`]: a key in a PKCS#8 PEM file (or a raw seed in hex/base64).
-//! * [`Pkcs11Signer`]: a key on a PKCS#11 token, used through `CKM_EDDSA`.
 //!
 //! [`sign_record`] (or [`EventRecord::signed`](crate::EventRecord::signed)) signs any event
 //! record, RPC request records included, into the CloudEvents extensions `sigkey` and `sig`;
@@ -22,7 +18,7 @@
 //! extensions `seq` and `site`, and the whole `data` document.
 //!
 //! RPC request *envelopes* as published to nodes are signed differently, by the AAA service
-//! (`chorus_producers::aaa`): over the request document alone, with the signature in the
+//! (`chorus-aaa`, through `chorus_rpc::signed`): over the request document alone, with the signature in the
 //! envelope's `signature` field; [`Verifier`] checks those too ([`Verifier::verify_bytes`]).
 //!
 //! Since `decode(encode(r)) == r`, a verifier that decodes the bytes it received and
@@ -38,48 +34,14 @@
 //! site has been added (the verifier tries the record as signed, then without `site`); a
 //! record signed **with** a site cannot have it changed.
 //!
-//! Key ids are [`key_id`]: the first 16 bytes of the SHA-256 of the 32-byte public key, in
-//! lowercase hex (32 characters).
-
-use sha2::{Digest, Sha256};
+//! Key ids are [`chorus_keys::key_id`]: the first 16 bytes of the SHA-256 of the 32-byte
+//! public key, in lowercase hex (32 characters).
 
 mod event;
-mod file;
-mod pkcs11;
 mod verify;
 
 #[cfg(test)]
 mod tests;
 
 pub use event::{canonical_json, sign_record, signing_bytes};
-pub use file::{parse_public_key, public_key_pem, read_public_key_file, Ed25519FileSigner};
-pub use pkcs11::{Pkcs11Config, Pkcs11Signer, DEFAULT_MODULE as DEFAULT_PKCS11_MODULE};
 pub use verify::{TrustError, Verifier, VerifyError};
-
-/// The key id of an Ed25519 public key: lowercase hex of the first 16 bytes of its SHA-256.
-pub fn key_id(public_key: &[u8; 32]) -> String {
-    let digest = Sha256::digest(public_key);
-    digest[..16].iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Why signing failed.
-#[derive(Debug, thiserror::Error)]
-pub enum SignError {
-    /// The key could not be loaded or used (file unreadable, token absent, wrong PIN).
-    #[error("signing key unavailable: {0}")]
-    Key(String),
-    /// The provider refused or failed the signing operation.
-    #[error("signing failed: {0}")]
-    Failed(String),
-}
-
-/// Signs with an Ed25519 key held somewhere (file, PKCS#11 token).
-pub trait Signer: Send + Sync {
-    /// Stable id of the key carried with signatures, so verifiers pick the right public key
-    /// (hex SHA-256 fingerprint of the public key, first 16 bytes).
-    fn key_id(&self) -> &str;
-    /// The 32-byte Ed25519 public key.
-    fn public_key(&self) -> [u8; 32];
-    /// The 64-byte Ed25519 signature of `message`.
-    fn sign(&self, message: &[u8]) -> Result<[u8; 64], SignError>;
-}

@@ -7,8 +7,8 @@ use base64::Engine as _;
 use ed25519_dalek::{Signature, VerifyingKey};
 
 use super::event::signing_bytes;
-use super::{key_id, read_public_key_file, Signer};
 use crate::envelope::EventRecord;
+use chorus_keys::{key_id, read_public_key_file, Signer};
 
 /// Why a record was not accepted as signed by a trusted key.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -17,7 +17,6 @@ use tracing::{debug, warn};
 
 use super::{next_state, tick, ticker, WatcherCtx};
 use crate::machine::manifest::ExecProperties;
-use crate::machine::stopped;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Outcome {
@@ -53,7 +52,7 @@ fn details(props: &ExecProperties, last: &Last) -> WatcherDetails {
 
 pub(super) async fn run(ctx: WatcherCtx, props: ExecProperties) {
     let (mut states, state) = ctx.subscribe();
-    let mut stop = ctx.stop_signal();
+    let stop = ctx.stop_signal();
     let mut interval = ticker(ctx.def.interval);
     let mut announce = ticker(ctx.def.announce_interval);
     let mut last = Last { outcome: Outcome::Unknown, run_time: Duration::ZERO };
@@ -64,7 +63,7 @@ pub(super) async fn run(ctx: WatcherCtx, props: ExecProperties) {
             due = false;
             last = tokio::select! {
                 biased;
-                _ = stopped(&mut stop) => return,
+                _ = stop.requested() => return,
                 last = execute(&ctx, &props) => last,
             };
             if last.outcome == Outcome::Error || !props.suppress_success_announce {
@@ -78,7 +77,7 @@ pub(super) async fn run(ctx: WatcherCtx, props: ExecProperties) {
         }
         tokio::select! {
             biased;
-            _ = stopped(&mut stop) => return,
+            _ = stop.requested() => return,
             state = next_state(&mut states) => match state {
                 None => return,
                 Some(state) if ctx.active_in(&state) => due = true,

@@ -16,7 +16,6 @@ use tracing::debug;
 
 use super::{next_state, tick, ticker, WatcherCtx};
 use crate::machine::manifest::{FileProperties, DEFAULT_FILE_INTERVAL};
-use crate::machine::stopped;
 
 /// Content hashing is for small files (configuration, flags); large ones rely on mtime/size.
 const MAX_HASHED_LEN: u64 = 1 << 20;
@@ -112,7 +111,7 @@ impl FileWatch {
 
 pub(super) async fn run(ctx: WatcherCtx, props: FileProperties) {
     let (mut states, state) = ctx.subscribe();
-    let mut stop = ctx.stop_signal();
+    let stop = ctx.stop_signal();
     let path = ctx.shared.machine_dir.join(&props.path);
     let known = if props.gather_initial_state { fingerprint(&path).await.ok() } else { None };
     let mut watch =
@@ -127,13 +126,13 @@ pub(super) async fn run(ctx: WatcherCtx, props: FileProperties) {
             due = false;
             tokio::select! {
                 biased;
-                _ = stopped(&mut stop) => return,
+                _ = stop.requested() => return,
                 _ = watch.check(&ctx) => {}
             }
         }
         tokio::select! {
             biased;
-            _ = stopped(&mut stop) => return,
+            _ = stop.requested() => return,
             state = next_state(&mut states) => match state {
                 None => return,
                 Some(state) if ctx.active_in(&state) => due = true,

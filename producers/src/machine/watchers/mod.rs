@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chorus_runtime::Shutdown;
 use chorus_schemas::{MachineInstance, WatcherDetails, WatcherState};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, Interval, MissedTickBehavior};
@@ -24,10 +25,10 @@ use super::manifest::{WatcherDef, WatcherProperties};
 #[derive(Clone)]
 pub(crate) struct Shared {
     pub(crate) instance: MachineInstance,
-    pub(crate) emitter: Arc<crate::Emitter>,
+    pub(crate) emitter: Arc<chorus_platform::Emitter>,
     pub(crate) machine_dir: PathBuf,
     pub(crate) state: watch::Receiver<String>,
-    pub(crate) stop: watch::Receiver<bool>,
+    pub(crate) stop: Shutdown,
     pub(crate) commands: mpsc::Sender<Command>,
 }
 
@@ -59,7 +60,7 @@ impl WatcherCtx {
         (rx, state)
     }
 
-    fn stop_signal(&self) -> watch::Receiver<bool> {
+    fn stop_signal(&self) -> Shutdown {
         self.shared.stop.clone()
     }
 

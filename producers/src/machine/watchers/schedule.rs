@@ -17,7 +17,6 @@ use tracing::{debug, error};
 use super::{next_state, tick, ticker, WatcherCtx};
 use crate::machine::cron::{window_open, CronSchedule};
 use crate::machine::manifest::ScheduleProperties;
-use crate::machine::stopped;
 
 const CHECK_EVERY: Duration = Duration::from_secs(1);
 
@@ -40,7 +39,7 @@ pub(super) async fn run(ctx: WatcherCtx, props: ScheduleProperties) {
         }
     };
     let (mut states, _) = ctx.subscribe();
-    let mut stop = ctx.stop_signal();
+    let stop = ctx.stop_signal();
     let mut announce = ticker(ctx.def.announce_interval);
     // Checks once right away, then every second.
     let mut check = tokio::time::interval(CHECK_EVERY);
@@ -51,7 +50,7 @@ pub(super) async fn run(ctx: WatcherCtx, props: ScheduleProperties) {
     loop {
         let due = tokio::select! {
             biased;
-            _ = stopped(&mut stop) => return,
+            _ = stop.requested() => return,
             state = next_state(&mut states) => match state {
                 None => return,
                 Some(_) => true,

@@ -13,7 +13,7 @@ use tracing::debug;
 
 use super::{next_state, tick, ticker, WatcherCtx};
 use crate::machine::manifest::TimerProperties;
-use crate::machine::{random_below, stopped};
+use crate::machine::random_below;
 
 fn details(running: bool, length: Duration) -> WatcherDetails {
     WatcherDetails::Timer(TimerDetails {
@@ -33,7 +33,7 @@ pub(super) async fn run(ctx: WatcherCtx, props: TimerProperties) {
     // Picked once per start, as Choria does.
     let length = if props.splay { random_below(props.timer) } else { props.timer };
     let (mut states, state) = ctx.subscribe();
-    let mut stop = ctx.stop_signal();
+    let stop = ctx.stop_signal();
     let mut announce = ticker(ctx.def.announce_interval);
 
     let mut deadline = None;
@@ -44,7 +44,7 @@ pub(super) async fn run(ctx: WatcherCtx, props: TimerProperties) {
     loop {
         tokio::select! {
             biased;
-            _ = stopped(&mut stop) => return,
+            _ = stop.requested() => return,
             _ = expiry(deadline) => {
                 debug!(machine = %ctx.machine(), watcher = %ctx.name(), "timer expired");
                 deadline = None;

@@ -1,0 +1,199 @@
+//! Centralised AAA after Choria's `aaasvc`: users log in with a password and get a
+//! short-lived token (JWT); a signer checks each RPC request against the token and signs the
+//! allowed ones with a key that only the service holds. Every decision — allow or deny, with
+//! the reason — is an [`AuditRecord`](chorus_schemas::AuditRecord) event on the backbone
+//! (`CHORUS_AUDIT`), so the SIEM export sees all of them.
+//!
+//! * [`config`]: the service's YAML configuration (`chorus aaa --config FILE`).
+//! * [`users`]: the users file, argon2id password hashes, agent allow lists.
+//! * [`jwt`]: caller tokens (EdDSA JWTs signed through the [`Signer`] trait).
+//! * [`signer`]: [`AaaService`], the login and signing decisions and their audit records
+//!   (the signed request format itself is protocol: `chorus_rpc::signed`).
+//! * [`http`]: the axum HTTP API (`POST /login`, `POST /sign`, `GET /keys`).
+//! * [`client`]: [`AaaClient`] and [`AaaSigner`], which plugs into
+//!   [`RpcClient::with_request_signer`](chorus_rpc::RpcClient::with_request_signer).
+//! * [`start`]: the service as `chorus aaa` runs it ([`RunningAaa`], a runtime
+//!   [`Service`]).
+//!
+//! [`Signer`]: chorus_keys::Signer
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chorus_backbone::embedded::EmbeddedBackbone;
+use chorus_backbone::jetstream::JetStreamBackbone;
+use chorus_backbone::{Backbone, BackboneError};
+use chorus_platform::{BackboneSink, Emitter, EventSink, Outbox, OutboxLimits, PlatformError};
+use chorus_runtime::{ConfigError, Health, Service, ServiceError, Shutdown, Tasks};
+
+pub mod client;
+pub mod config;
+pub mod http;
+pub mod jwt;
+pub mod signer;
+pub mod users;
+
+#[cfg(test)]
+mod tests;
+
+pub use client::{AaaClient, AaaSigner};
+pub use config::AaaConfig;
+pub use jwt::{Claims, TokenAuthority, TokenError};
+pub use signer::{AaaService, Decision, Denial, LoginGrant};
+pub use users::{hash_password, verify_password, User, Users, UsersFile};
+
+/// Errors of the AAA service and its client.
+#[derive(Debug, thiserror::Error)]
+pub enum AaaError {
+    /// The configuration (or users file) is invalid; the error names the file and field.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A key could not sign.
+    #[error("signing: {0}")]
+    Signing(#[from] chorus_keys::SignError),
+    /// The audit record of a decision could not be stored.
+    #[error("audit: {0}")]
+    Audit(#[source] PlatformError),
+    /// The broker or the local outbox failed at start.
+    #[error("audit backbone: {0}")]
+    Backbone(#[from] BackboneError),
+    /// The listener could not be bound or served.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The HTTP exchange failed (connection, TLS, timeout).
+    #[error("http: {0}")]
+    Http(#[from] reqwest::Error),
+    /// The service refused (bad credentials, token or request denied, audit unavailable).
+    #[error("refused ({status} {code}): {message}")]
+    Refused {
+        /// HTTP status.
+        status: u16,
+        /// The service's snake_case code (`token_expired`, `wrong_tenant`, ...).
+        code: String,
+        /// The reason.
+        message: String,
+    },
+    /// JSON encoding or decoding.
+    #[error("json: {0}")]
+    Json(#[from] serde_json::Error),
+    /// A password hash could not be made or checked.
+    #[error("password hash: {0}")]
+    PasswordHash(String),
+}
+
+impl AaaError {
+    /// A configuration error without a single field at fault.
+    pub(crate) fn config(message: impl std::fmt::Display) -> Self {
+        AaaError::Config(ConfigError::message(message))
+    }
+}
+
+/// A running `chorus aaa`: the HTTP API, and the audit forwarder when an outbox is used.
+pub struct RunningAaa {
+    /// Where the API listens.
+    pub addr: SocketAddr,
+    /// The service.
+    pub service: Arc<AaaService>,
+    tasks: Tasks,
+    drain: Duration,
+}
+
+/// Starts the service described by `config` under `shutdown`: keys, users, audit sink,
+/// HTTP(S) listener. At stop the audit outbox forwarder gets `drain` to ship what it holds;
+/// what it cannot ship stays in the outbox for the next start.
+pub async fn start(config: &AaaConfig, shutdown: Shutdown, drain: Duration) -> Result<RunningAaa, AaaError> {
+    use chorus_runtime::Config as _;
+    config.validate()?;
+    let users = Users::load(&config.users_file)?;
+    let jwt_key = config.jwt.key.open().map_err(|e| ConfigError::invalid("jwt.key", &e).with_source(e))?;
+    let request_key = config.signer.key.open().map_err(|e| ConfigError::invalid("signer.key", &e).with_source(e))?;
+    let tokens = TokenAuthority::new(
+        jwt_key,
+        config.jwt.issuer.clone(),
+        config.jwt.validity,
+        config.jwt.max_validity,
+        config.jwt.leeway,
+    );
+
+    let mut tasks = Tasks::new("aaa", shutdown);
+    let site: Option<Arc<dyn Backbone>> = match &config.audit.nats {
+        Some(nats) => {
+            let mut nats = nats.clone();
+            // With an outbox the service works while the broker is away; without one it
+            // must reach the broker to record anything.
+            nats.retry_on_initial_connect = config.audit.state_dir.is_some();
+            Some(Arc::new(JetStreamBackbone::connect(&nats).await?))
+        }
+        None => None,
+    };
+    let (sink, next_seq): (Arc<dyn EventSink>, u64) = match &config.audit.state_dir {
+        Some(dir) => {
+            let store = EmbeddedBackbone::open_path(dir.join("outbox"))?;
+            let outbox = Outbox::open(store, OutboxLimits::default()).await.map_err(AaaError::Audit)?;
+            let next = outbox.next_producer_seq().await.map_err(AaaError::Audit)?;
+            if let Some(site) = site {
+                let forwarder = outbox.clone();
+                let shutdown = tasks.shutdown().clone();
+                tasks.spawn("audit forwarder", async move { forwarder.forward(site, 1_000, shutdown).await });
+            }
+            (Arc::new(outbox), next)
+        }
+        None => (Arc::new(BackboneSink(site.expect("validated: nats or state_dir"))), 1),
+    };
+    let emitter = Arc::new(Emitter::new(sink, next_seq, Some(config.site.clone())));
+    let service = Arc::new(AaaService::new(
+        config.identity.clone(),
+        config.site.clone(),
+        users,
+        config.tenant_collectives(),
+        tokens,
+        request_key,
+        emitter,
+    )?);
+
+    let tls = match &config.tls {
+        Some(t) => Some(http::tls_config(&t.cert_file, &t.key_file)?),
+        None => None,
+    };
+    let listener = tokio::net::TcpListener::bind(&config.listen)
+        .await
+        .map_err(|source| AaaError::Io { context: format!("listen {}", config.listen), source })?;
+    let addr = listener.local_addr().map_err(|source| AaaError::Io { context: "listen".into(), source })?;
+    let shutdown = tasks.shutdown().requested_owned();
+    tasks.spawn("http", http::serve(listener, tls, service.clone(), shutdown));
+    Ok(RunningAaa { addr, service, tasks, drain })
+}
+
+#[async_trait]
+impl Service for RunningAaa {
+    fn name(&self) -> &str {
+        "aaa"
+    }
+
+    fn health(&self) -> Health {
+        self.tasks.health()
+    }
+
+    fn failed(&self) -> bool {
+        self.tasks.failed()
+    }
+
+    /// Stops the listener, then lets the outbox forwarder ship what it holds (up to the
+    /// drain time); what it cannot stays in the outbox for the next start.
+    async fn stop(&mut self) -> Result<(), ServiceError> {
+        self.tasks.shutdown().request();
+        if tokio::time::timeout(self.drain, self.tasks.join()).await.is_err() {
+            tracing::warn!("audit outbox not drained at shutdown; kept for the next start");
+            self.tasks.abort();
+        }
+        self.tasks.join().await
+    }
+}

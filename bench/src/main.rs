@@ -1,0 +1,144 @@
+//! `chorus-bench` (also run as `chorus bench …`): measurements that compare Chorus with the
+//! raw tools under it, measured in the same run on the same server so the ratios mean
+//! something on any machine. A binary of its own: it links the test harness, which starts
+//! private nats-servers, and `chorus` does not.
+
+mod backbone;
+mod replicate;
+mod simulate;
+mod views;
+
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+/// Chorus measured against raw async-nats and nats-server, in one run on this machine.
+#[derive(Parser)]
+#[command(name = "chorus bench", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: BenchCommand,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Publish and consume rates: Chorus on JetStream vs raw async-nats, and the embedded store.
+    Backbone(backbone::Args),
+    /// Simulated nodes in one process: startup storm stored, memory per node, events/s.
+    Simulate(simulate::Args),
+    /// Site → hub copy rate and lag: the replicator vs a native JetStream mirror and a naive copier.
+    Replicate(replicate::Args),
+    /// Inventory projection rate vs raw consume of the same lifecycle stream, and from the embedded store.
+    Views(views::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("CHORUS_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(run(cli.command))
+}
+
+async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
+    match cmd {
+        BenchCommand::Backbone(args) => backbone::run(args).await,
+        BenchCommand::Simulate(args) => simulate::run(args).await,
+        BenchCommand::Replicate(args) => replicate::run(args).await,
+        BenchCommand::Views(args) => views::run(args).await,
+    }
+}
+
+/// Options of the benchmarks that compare on JetStream and then measure the embedded store.
+#[derive(clap::Args)]
+pub struct CommonArgs {
+    /// Use this NATS server instead of starting a private nats-server.
+    #[arg(long)]
+    nats: Option<String>,
+    /// Interleaved rounds of the JetStream measurements; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Skip the embedded store.
+    #[arg(long)]
+    no_embedded: bool,
+}
+
+/// Events per second.
+pub fn rate(n: usize, took: Duration) -> f64 {
+    n as f64 / took.as_secs_f64().max(1e-9)
+}
+
+/// A row of a result table: what was measured, events/s, and the ratio to its baseline.
+pub struct Row {
+    pub name: String,
+    pub events: usize,
+    pub took: Duration,
+    pub baseline: Option<f64>,
+}
+
+impl Row {
+    pub fn rate(&self) -> f64 {
+        rate(self.events, self.took)
+    }
+}
+
+/// Prints rows as a Markdown table (pasted as-is into docs/BENCHMARKS.md).
+pub fn print_table(title: &str, rows: &[Row]) {
+    println!("\n### {title}\n");
+    println!("| measurement | events | seconds | events/s | ratio |");
+    println!("|---|---:|---:|---:|---:|");
+    for r in rows {
+        let ratio = r.baseline.map(|b| format!("{:.2}", r.rate() / b)).unwrap_or_else(|| "baseline".into());
+        println!("| {} | {} | {:.3} | {:.0} | {} |", r.name, r.events, r.took.as_secs_f64(), r.rate(), ratio);
+    }
+}
+
+/// The NATS URL to measure against: `given`, or a private nats-server started for this run
+/// (kept alive by the returned guard).
+pub fn nats_url(given: Option<&str>) -> anyhow::Result<(Option<chorus_testkit::nats::NatsServer>, String)> {
+    use anyhow::Context as _;
+    Ok(match given {
+        Some(u) => (None, u.to_string()),
+        None => {
+            let s = chorus_testkit::nats::NatsServer::start().context("starting nats-server")?;
+            let url = s.url();
+            (Some(s), url)
+        }
+    })
+}
+
+/// The raw async-nats baseline: creates `stream` on `subject.>` and publishes `events` on
+/// `subject.event` with `Nats-Msg-Id`, `window` acknowledgements in flight, as Chorus does.
+pub async fn raw_publish(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+    subject: &str,
+    events: &[(String, bytes::Bytes)],
+    window: usize,
+) -> anyhow::Result<Duration> {
+    use async_nats::jetstream::{self, message::PublishMessage};
+    js.create_stream(jetstream::stream::Config {
+        name: stream.into(),
+        subjects: vec![format!("{subject}.>")],
+        ..Default::default()
+    })
+    .await?;
+    let target = format!("{subject}.event");
+    let started = std::time::Instant::now();
+    let mut inflight = std::collections::VecDeque::with_capacity(window);
+    for (id, payload) in events {
+        if inflight.len() >= window {
+            let f: jetstream::context::PublishAckFuture = inflight.pop_front().unwrap();
+            f.await?;
+        }
+        inflight.push_back(
+            js.send_publish(target.clone(), PublishMessage::build().message_id(id).payload(payload.clone())).await?,
+        );
+    }
+    for f in inflight {
+        f.await?;
+    }
+    Ok(started.elapsed())
+}

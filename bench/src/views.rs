@@ -1,0 +1,242 @@
+//! `chorus bench views`.
+//!
+//! One stream of lifecycle events from the simulator (a startup storm, then alive rounds of
+//! every node), read in the same run on the same server two ways: the raw baseline, an
+//! async-nats ordered consumer reading and dropping every message, and the inventory
+//! projection (replay, decode, apply, atomic sled commit with the checkpoint, flush). The ratio
+//! is what the framework costs over just reading. The embedded store is measured the same way,
+//! with its raw replay as the baseline.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use async_nats::jetstream::{self, consumer::pull, consumer::DeliverPolicy};
+use chorus_backbone::embedded::EmbeddedBackbone;
+use chorus_backbone::jetstream::{JetStreamBackbone, NatsConfig};
+use chorus_backbone::Backbone;
+use chorus_consumers::inventory::{Inventory, StatusPolicy};
+use chorus_consumers::projection::{Projector, ProjectorOptions, RunStats, Store, Txn, View, ViewError};
+use chorus_platform::{ensure_platform_streams, BackboneSink, StreamLimits};
+use chorus_producers::simulator::{SimConfig, Simulator};
+use chorus_schemas::subject::CHORUS_LIFECYCLE;
+use chorus_schemas::EventRecord;
+use futures::StreamExt;
+
+use super::{print_table, Row};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Lifecycle events in the stream (one startup per node, then alive rounds).
+    #[arg(long, default_value_t = 200_000)]
+    events: usize,
+    /// Simulated nodes.
+    #[arg(long, default_value_t = 50_000)]
+    nodes: usize,
+    /// Most events per projection commit.
+    #[arg(long, default_value_t = ProjectorOptions::default().max_batch)]
+    max_batch: usize,
+    #[command(flatten)]
+    common: super::CommonArgs,
+}
+
+/// Fills `CHORUS_LIFECYCLE` of `b` with `events` simulated lifecycle events.
+async fn preload(b: &Arc<dyn Backbone>, args: &Args) -> anyhow::Result<u64> {
+    ensure_platform_streams(&**b, &StreamLimits::default()).await?;
+    let nodes = args.nodes.min(args.events).max(1);
+    let mut config = SimConfig::new(nodes);
+    // Every node's alive slot is second 0, so each alive round is one event per node.
+    config.alive_interval = Duration::from_secs(1);
+    let sim = Simulator::new(config, Arc::new(BackboneSink(b.clone())))?;
+    sim.startup_storm().await?;
+    let mut stored = nodes;
+    while stored < args.events {
+        stored += sim.alive_slot(0).await?.events;
+    }
+    Ok(b.stream_info(CHORUS_LIFECYCLE).await?.messages)
+}
+
+/// A view that applies nothing: what the framework costs by itself (replay, decode, commit of
+/// the checkpoint, flush), separating it from what the inventory's per-node writes cost.
+struct Noop;
+
+impl View for Noop {
+    fn name(&self) -> &str {
+        "noop"
+    }
+
+    fn apply(&mut self, _: u64, _: &EventRecord, _: &mut Txn<'_>) -> Result<(), ViewError> {
+        Ok(())
+    }
+}
+
+async fn project_noop(b: &Arc<dyn Backbone>, args: &Args) -> anyhow::Result<Duration> {
+    let dir = tempfile::tempdir()?;
+    let store = Store::open(dir.path().join("views"))?;
+    let mut p = Projector::new(b.clone(), CHORUS_LIFECYCLE, &store, Noop)?
+        .with_options(ProjectorOptions { max_batch: args.max_batch, ..Default::default() });
+    let started = Instant::now();
+    p.catch_up().await?;
+    Ok(started.elapsed())
+}
+
+/// The inventory projection over the whole stream into a fresh on-disk store.
+async fn project(b: &Arc<dyn Backbone>, args: &Args, expect_nodes: u64) -> anyhow::Result<(Duration, RunStats)> {
+    let dir = tempfile::tempdir()?;
+    let store = Store::open(dir.path().join("views"))?;
+    let mut p = Inventory::projector(b.clone(), &store)?
+        .with_options(ProjectorOptions { max_batch: args.max_batch, ..Default::default() });
+    let started = Instant::now();
+    let stats = p.catch_up().await?;
+    let took = started.elapsed();
+    let total = Inventory::open(&store, StatusPolicy::default())?.summary(chrono::Utc::now())?.total;
+    anyhow::ensure!(total == expect_nodes, "inventory holds {total} nodes, expected {expect_nodes}");
+    Ok((took, stats))
+}
+
+/// The Chorus backbone's replay alone (what a projection reads through), dropping each message,
+/// or with `decode`, decoding and validating each event too (the least any projection that
+/// reads typed events does; no view, no store).
+async fn chorus_replay(b: &Arc<dyn Backbone>, n: u64, decode: bool) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let mut replay = b.replay(CHORUS_LIFECYCLE, Default::default()).await?;
+    let mut read = 0;
+    while let Some(m) = replay.next().await {
+        let m = m?;
+        if decode {
+            std::hint::black_box(EventRecord::decode(&m.payload)?);
+        }
+        read += 1;
+    }
+    anyhow::ensure!(read == n, "replay read {read} of {n}");
+    Ok(started.elapsed())
+}
+
+/// The raw baseline: an ordered consumer reading every message of the stream and dropping it.
+async fn raw_ordered(js: &jetstream::Context, n: u64) -> anyhow::Result<Duration> {
+    let stream = js.get_stream(CHORUS_LIFECYCLE).await?;
+    let consumer = stream
+        .create_consumer(pull::OrderedConfig { deliver_policy: DeliverPolicy::All, ..Default::default() })
+        .await?;
+    let started = Instant::now();
+    let mut messages = consumer.messages().await?;
+    for _ in 0..n {
+        let m = messages.next().await.context("ordered consumer ended")??;
+        drop(m);
+    }
+    Ok(started.elapsed())
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let (_server, url) = super::nats_url(args.common.nats.as_deref())?;
+    let config = NatsConfig::new([url.clone()]);
+    let client = config.connect(None).await?;
+    let b: Arc<dyn Backbone> = Arc::new(JetStreamBackbone::from_client(client.clone(), &config));
+    for (name, _) in chorus_schemas::subject::streams() {
+        let _ = b.delete_stream(name).await;
+    }
+    let n = preload(&b, &args).await?;
+    let nodes = args.nodes.min(args.events).max(1) as u64;
+    let bytes = b.stream_info(CHORUS_LIFECYCLE).await?.bytes;
+    println!(
+        "# chorus bench views: {n} lifecycle events of {nodes} simulated nodes ({} bytes on average)",
+        bytes / n.max(1)
+    );
+
+    let js = jetstream::new(client);
+    let mut raw = Vec::new();
+    let mut replay = Vec::new();
+    let mut decoded = Vec::new();
+    let mut noop = Vec::new();
+    let mut projected = Vec::new();
+    let mut last_stats = RunStats::default();
+    for round in 0..args.common.rounds.max(1) {
+        raw.push(raw_ordered(&js, n).await?);
+        replay.push(chorus_replay(&b, n, false).await?);
+        decoded.push(chorus_replay(&b, n, true).await?);
+        noop.push(project_noop(&b, &args).await?);
+        let (took, stats) = project(&b, &args, nodes).await?;
+        projected.push(took);
+        last_stats = stats;
+        eprintln!("round {} done", round + 1);
+    }
+    let n = n as usize;
+    let raw = Row {
+        name: "raw async-nats ordered consumer (read and drop)".into(),
+        events: n,
+        took: median(raw),
+        baseline: None,
+    };
+    let replay = Row {
+        name: "chorus backbone replay (read and drop)".into(),
+        events: n,
+        took: median(replay),
+        baseline: Some(raw.rate()),
+    };
+    let decoded = Row {
+        name: "chorus backbone replay + decode (no view, no store)".into(),
+        events: n,
+        took: median(decoded),
+        baseline: Some(raw.rate()),
+    };
+    let noop = Row {
+        name: "chorus projection, no-op view (replay, decode, checkpoint commit + flush)".into(),
+        events: n,
+        took: median(noop),
+        baseline: Some(raw.rate()),
+    };
+    let proj = Row {
+        name: "chorus inventory projection (replay, decode, apply, sled commit + flush)".into(),
+        events: n,
+        took: median(projected),
+        baseline: Some(raw.rate()),
+    };
+    let ratio = proj.rate() / raw.rate();
+    print_table(
+        &format!(
+            "Inventory projection vs raw consume on JetStream (same stream, median of {} rounds)",
+            args.common.rounds.max(1)
+        ),
+        &[raw, replay, decoded, noop, proj],
+    );
+    println!(
+        "\nratio {ratio:.2} (goal >= 0.9); {} commits, {:.0} events per commit on average",
+        last_stats.batches,
+        n as f64 / last_stats.batches.max(1) as f64
+    );
+
+    if !args.common.no_embedded {
+        let dir = tempfile::tempdir()?;
+        let embedded: Arc<dyn Backbone> = Arc::new(EmbeddedBackbone::open_path(dir.path().join("bench"))?);
+        let n = preload(&embedded, &args).await? as usize;
+        let started = Instant::now();
+        let mut replay = embedded.replay(CHORUS_LIFECYCLE, Default::default()).await?;
+        let mut read = 0;
+        while let Some(m) = replay.next().await {
+            m?;
+            read += 1;
+        }
+        anyhow::ensure!(read == n, "embedded replay read {read} of {n}");
+        let raw =
+            Row { name: "embedded replay (read and drop)".into(), events: n, took: started.elapsed(), baseline: None };
+        let (took, stats) = project(&embedded, &args, nodes).await?;
+        let proj = Row {
+            name: "chorus inventory projection from the embedded store".into(),
+            events: n,
+            took,
+            baseline: Some(raw.rate()),
+        };
+        print_table("Inventory projection from the embedded store (sled)", &[raw, proj]);
+        println!(
+            "\n{} commits, {:.0} events per commit on average",
+            stats.batches,
+            n as f64 / stats.batches.max(1) as f64
+        );
+    }
+    Ok(())
+}

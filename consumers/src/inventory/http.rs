@@ -1,0 +1,76 @@
+//! The inventory's JSON API.
+
+use std::future::Future;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+
+use super::node::NodeView;
+use super::query::{Inventory, NodeFilter, Summary};
+use crate::projection::ProjectionError;
+
+/// The inventory's JSON API:
+///
+/// * `GET /api/nodes?status=&component=&version=&identity=&limit=` — [`Inventory::list`]
+/// * `GET /api/nodes/{identity}` — [`Inventory::get`], 404 when unknown
+/// * `GET /api/summary` — [`Inventory::summary`]
+///
+/// Queries scan the store, so they run on the blocking pool, not on the async workers.
+pub fn router(inventory: Inventory) -> Router {
+    Router::new()
+        .route("/api/nodes", get(list_nodes))
+        .route("/api/nodes/{identity}", get(show_node))
+        .route("/api/summary", get(summary))
+        .with_state(inventory)
+}
+
+/// Serves [`router`] on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    inventory: Inventory,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(inventory)).with_graceful_shutdown(shutdown).await
+}
+
+/// An API failure as `{"error": "..."}` with its HTTP status.
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+async fn query<T: Send + 'static>(
+    inventory: Inventory,
+    f: impl FnOnce(&Inventory, DateTime<Utc>) -> Result<T, ProjectionError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(move || f(&inventory, Utc::now()))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+}
+
+async fn list_nodes(
+    State(inv): State<Inventory>,
+    Query(filter): Query<NodeFilter>,
+) -> Result<Json<Vec<NodeView>>, ApiError> {
+    query(inv, move |inv, now| inv.list(&filter, now)).await.map(Json)
+}
+
+async fn show_node(State(inv): State<Inventory>, Path(identity): Path<String>) -> Result<Json<NodeView>, ApiError> {
+    let id = identity.clone();
+    query(inv, move |inv, now| inv.get(&id, now))
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("node {identity:?} is not in the inventory")))
+}
+
+async fn summary(State(inv): State<Inventory>) -> Result<Json<Summary>, ApiError> {
+    query(inv, |inv, now| inv.summary(now)).await.map(Json)
+}

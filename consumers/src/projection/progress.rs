@@ -1,0 +1,126 @@
+//! What a running projector reports: the sequence applied and flushed, the lag, counts.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+/// Live counters of a projector, shared with whoever reports them (HTTP, CLI, tests).
+#[derive(Debug)]
+pub struct Progress {
+    view: String,
+    stream: String,
+    applied_sequence: AtomicU64,
+    pub(super) stream_last_sequence: AtomicU64,
+    applied: AtomicU64,
+    dead_lettered: AtomicU64,
+    batches: AtomicU64,
+    committed: tokio::sync::watch::Sender<u64>,
+}
+
+/// A copy of [`Progress`] at one moment, as served to dashboards.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProgressSnapshot {
+    /// The view.
+    pub view: String,
+    /// The stream it is built from.
+    pub stream: String,
+    /// Last stream sequence committed into the view and flushed.
+    pub applied_sequence: u64,
+    /// Last sequence of the stream when last asked.
+    pub stream_last_sequence: u64,
+    /// `stream_last_sequence - applied_sequence`: events still to apply (an upper bound when
+    /// the view filters subjects).
+    pub lag: u64,
+    /// Events applied by this process.
+    pub applied: u64,
+    /// Messages dead-lettered by this process.
+    pub dead_lettered: u64,
+    /// Batches committed by this process.
+    pub batches: u64,
+}
+
+impl Progress {
+    pub(super) fn new(view: &str, stream: &str, checkpoint: u64) -> Self {
+        Progress {
+            view: view.into(),
+            stream: stream.into(),
+            applied_sequence: AtomicU64::new(checkpoint),
+            stream_last_sequence: AtomicU64::new(0),
+            applied: AtomicU64::new(0),
+            dead_lettered: AtomicU64::new(0),
+            batches: AtomicU64::new(0),
+            committed: tokio::sync::watch::channel(checkpoint).0,
+        }
+    }
+
+    /// Last stream sequence committed into the view (and flushed, unless
+    /// [`ProjectorOptions::flush`] is off).
+    pub fn applied_sequence(&self) -> u64 {
+        self.applied_sequence.load(Ordering::Acquire)
+    }
+
+    /// Events between the checkpoint and the stream's last sequence.
+    pub fn lag(&self) -> u64 {
+        self.stream_last_sequence.load(Ordering::Acquire).saturating_sub(self.applied_sequence())
+    }
+
+    /// The counters now.
+    pub fn snapshot(&self) -> ProgressSnapshot {
+        let applied_sequence = self.applied_sequence();
+        let last = self.stream_last_sequence.load(Ordering::Acquire).max(applied_sequence);
+        ProgressSnapshot {
+            view: self.view.clone(),
+            stream: self.stream.clone(),
+            applied_sequence,
+            stream_last_sequence: last,
+            lag: last - applied_sequence,
+            applied: self.applied.load(Ordering::Relaxed),
+            dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
+            batches: self.batches.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Waits until the view has committed (and flushed) stream sequence `sequence` or anything
+    /// after it. Returns at once if the projector is gone.
+    pub async fn wait_for(&self, sequence: u64) {
+        let mut rx = self.committed.subscribe();
+        let _ = rx.wait_for(|s| *s >= sequence).await;
+    }
+
+    /// A receiver that sees each newly committed sequence (intermediate ones may be skipped
+    /// when the reader is slower than the commits).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.committed.subscribe()
+    }
+
+    pub(super) fn committed(&self, c: Committed) {
+        self.applied.fetch_add(c.applied, Ordering::Relaxed);
+        self.dead_lettered.fetch_add(c.dead_lettered, Ordering::Relaxed);
+        self.batches.fetch_add(c.batches, Ordering::Relaxed);
+        self.applied_sequence.store(c.sequence, Ordering::Release);
+        self.stream_last_sequence.fetch_max(c.sequence, Ordering::AcqRel);
+        self.committed.send_replace(c.sequence);
+    }
+}
+
+/// What one [`Projector::catch_up`] or [`Projector::run`] call did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RunStats {
+    /// Events applied.
+    pub applied: u64,
+    /// Messages dead-lettered.
+    pub dead_lettered: u64,
+    /// Batches committed.
+    pub batches: u64,
+    /// The view's checkpoint at the end.
+    pub checkpoint: u64,
+}
+
+/// Commits not yet reported, merged.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct Committed {
+    pub(super) sequence: u64,
+    pub(super) applied: u64,
+    pub(super) dead_lettered: u64,
+    pub(super) batches: u64,
+}

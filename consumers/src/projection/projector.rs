@@ -1,0 +1,467 @@
+//! The projector: replays a stream into a view, one atomic commit per batch, flushed off the
+//! apply path.
+
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chorus_backbone::{Backbone, BackboneError, ReplayOptions, StartPosition, StoredMessage};
+use chorus_platform::deadletter::{self, DeadLetter};
+use chorus_schemas::subject::validate_token;
+use chorus_schemas::EventRecord;
+use futures::StreamExt;
+
+use super::progress::{Committed, Progress, RunStats};
+use super::store::{Store, Txn, ViewState, WriteCache};
+use super::{ProjectionError, ViewError};
+
+/// A read model folded from one stream.
+///
+/// Rules that make rebuilds and crash recovery exact:
+/// * all state goes through the [`Txn`] (no files, no network, no state kept in `self` that a
+///   restart would lose);
+/// * `apply` is deterministic: the same events in the same order give the same writes (use
+///   the event's own time, never the wall clock);
+/// * return [`ViewError::Reject`] before staging writes for the rejected event.
+pub trait View: Send + 'static {
+    /// Stable name: the store tree, the dead-letter subject token (`chorus.deadletter.<name>`)
+    /// and labels. Letters, digits, `_` and `-`; changing it starts a new, empty view.
+    fn name(&self) -> &str;
+
+    /// Subject filters within the stream (empty = every message). Messages filtered out are
+    /// never delivered, so the checkpoint can trail the stream's last sequence by them.
+    fn filter_subjects(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// Applies the event stored at stream sequence `sequence`.
+    fn apply(&mut self, sequence: u64, record: &EventRecord, txn: &mut Txn<'_>) -> Result<(), ViewError>;
+}
+
+/// Tuning of a [`Projector`].
+#[derive(Clone, Debug)]
+pub struct ProjectorOptions {
+    /// Most events per commit. A batch is whatever has arrived, up to this: large batches
+    /// amortise the commit and flush while catching up; at the head of the stream each event
+    /// is committed as it arrives.
+    pub max_batch: usize,
+    /// How often a following projector refreshes the stream's last sequence for the lag.
+    pub stream_info_every: Duration,
+    /// Flush the store to disk after commits: at most one flush is in flight, overlapping the
+    /// next batches, and [`Progress`] reports only flushed sequences. Exactly-once holds
+    /// without it (sled recovers a prefix of atomic batches); flushing bounds how much is
+    /// re-applied after a power loss and keeps the dead-letter dedupe window meaningful.
+    pub flush: bool,
+    /// Most entries the projector keeps in memory of what it wrote, so the view reads its own
+    /// recent writes without a store lookup (about 100-200 bytes each for the inventory); 0
+    /// disables it.
+    pub cache_entries: usize,
+    /// When set, only events signed by a key it trusts are applied; unsigned, forged or
+    /// tampered events go to the dead-letter stream with the reason
+    /// ([`chorus_schemas::signature::VerifyError::code`]: `unsigned`, `unknown_key`,
+    /// `bad_signature`, `malformed_signature`) and the projector goes on.
+    pub verifier: Option<std::sync::Arc<chorus_schemas::signature::Verifier>>,
+}
+
+impl Default for ProjectorOptions {
+    fn default() -> Self {
+        ProjectorOptions {
+            max_batch: 2_000,
+            stream_info_every: Duration::from_secs(1),
+            flush: true,
+            cache_entries: 250_000,
+            verifier: None,
+        }
+    }
+}
+
+/// Runs one [`View`] over one stream: replays from the checkpoint, applies in order, commits
+/// each batch atomically with its checkpoint, dead-letters what does not decode.
+pub struct Projector<V: View> {
+    backbone: Arc<dyn Backbone>,
+    stream: String,
+    store: Store,
+    state: ViewState,
+    view: V,
+    options: ProjectorOptions,
+    progress: Arc<Progress>,
+    checkpoint: u64,
+    dead_letters: u64,
+    cache: WriteCache,
+}
+
+impl<V: View> Projector<V> {
+    /// A projector of `view` over `stream`, resuming from the view's checkpoint in `store`.
+    pub fn new(
+        backbone: Arc<dyn Backbone>,
+        stream: impl Into<String>,
+        store: &Store,
+        view: V,
+    ) -> Result<Self, ProjectionError> {
+        let name = view.name().to_owned();
+        validate_token("view name", &name)
+            .map_err(|source| ProjectionError::InvalidName { name: name.clone(), source })?;
+        let stream = stream.into();
+        let state = store.state(&name)?;
+        let checkpoint = state.checkpoint()?;
+        let dead_letters = state.dead_letters()?;
+        Ok(Projector {
+            progress: Arc::new(Progress::new(&name, &stream, checkpoint)),
+            backbone,
+            stream,
+            store: store.clone(),
+            state,
+            view,
+            options: ProjectorOptions::default(),
+            checkpoint,
+            dead_letters,
+            cache: WriteCache::new(ProjectorOptions::default().cache_entries),
+        })
+    }
+
+    /// Replaces the tuning.
+    pub fn with_options(mut self, options: ProjectorOptions) -> Self {
+        self.cache = WriteCache::new(options.cache_entries);
+        self.options = options;
+        self
+    }
+
+    /// Discards the view's state so the next run rebuilds it from the stream's first message.
+    /// Take [`ViewState`]s for queries after this call.
+    pub fn rebuild(&mut self) -> Result<(), ProjectionError> {
+        self.state = self.store.reset(self.view.name())?;
+        self.checkpoint = 0;
+        self.dead_letters = 0;
+        self.cache = WriteCache::new(self.options.cache_entries);
+        self.progress = Arc::new(Progress::new(self.view.name(), &self.stream, 0));
+        Ok(())
+    }
+
+    /// The view's committed state, for queries.
+    pub fn state(&self) -> &ViewState {
+        &self.state
+    }
+
+    /// The view itself.
+    pub fn view(&self) -> &V {
+        &self.view
+    }
+
+    /// The stream replayed.
+    pub fn stream(&self) -> &str {
+        &self.stream
+    }
+
+    /// Live counters (shared; keeps updating while the projector runs).
+    pub fn progress(&self) -> Arc<Progress> {
+        self.progress.clone()
+    }
+
+    /// Applies everything stored in the stream now, then returns.
+    pub async fn catch_up(&mut self) -> Result<RunStats, ProjectionError> {
+        self.consume(false, std::future::pending()).await
+    }
+
+    /// Applies everything stored and then every new event as it arrives, until `shutdown`
+    /// completes (every committed batch stays committed) or the stream ends.
+    pub async fn run(&mut self, shutdown: impl Future<Output = ()>) -> Result<RunStats, ProjectionError> {
+        self.consume(true, shutdown).await
+    }
+
+    async fn refresh_stream_last(&self) -> Result<u64, BackboneError> {
+        let info = self.backbone.stream_info(&self.stream).await?;
+        self.progress.stream_last_sequence.fetch_max(info.last_sequence, Ordering::AcqRel);
+        Ok(info.first_sequence)
+    }
+
+    async fn consume(&mut self, follow: bool, shutdown: impl Future<Output = ()>) -> Result<RunStats, ProjectionError> {
+        let first = self.refresh_stream_last().await?;
+        // Without it the first malformed event would stop the projector after all.
+        deadletter::ensure_stream(&*self.backbone).await?;
+        if first > self.checkpoint + 1 && self.checkpoint > 0 {
+            tracing::warn!(
+                view = self.view.name(),
+                stream = %self.stream,
+                checkpoint = self.checkpoint,
+                first,
+                "events after the view's checkpoint were removed by retention; the view misses them (rebuild to re-base it)"
+            );
+        }
+        let options = ReplayOptions {
+            start: StartPosition::Sequence(self.checkpoint + 1),
+            filter_subjects: self.view.filter_subjects(),
+            follow,
+        };
+        let replay = self.backbone.replay(&self.stream, options).await?;
+        let max_batch = self.options.max_batch.max(1);
+        // Reading and decoding run on their own task, ahead of applying and committing: the
+        // two overlap (on two cores, in parallel), and whatever arrives during a commit makes
+        // the next batch, so batches grow exactly when commits are the bottleneck.
+        let group = max_batch.min(READ_GROUP);
+        let groups_per_batch = (max_batch / group).max(1);
+        let (tx, mut rx) = tokio::sync::mpsc::channel(groups_per_batch * 2);
+        let verifier = self.options.verifier.clone();
+        let reader = AbortOnDrop(tokio::spawn(read_and_decode(replay, self.checkpoint, group, verifier, tx)));
+        let mut stats = RunStats { checkpoint: self.checkpoint, ..Default::default() };
+        let mut tick = tokio::time::interval(self.options.stream_info_every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut flusher = Flusher::default();
+        let mut groups = Vec::new();
+        tokio::pin!(shutdown);
+        let result = loop {
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => break Ok(()),
+                done = flusher.wait(), if flusher.busy() => {
+                    if let Err(e) = done {
+                        break Err(e);
+                    }
+                    flusher.completed(&self.progress);
+                    flusher.start(&self.state);
+                }
+                n = rx.recv_many(&mut groups, groups_per_batch) => {
+                    if n == 0 {
+                        break Ok(());
+                    }
+                    let items = groups.drain(..).flatten();
+                    let outcome = self.apply_batch(items, &mut stats).await;
+                    if let Some(committed) = outcome.committed {
+                        if self.options.flush {
+                            flusher.add(committed);
+                            if !flusher.busy() {
+                                flusher.start(&self.state);
+                            }
+                        } else {
+                            self.progress.committed(committed);
+                        }
+                    }
+                    if let Err(e) = outcome.result {
+                        break Err(e);
+                    }
+                }
+                _ = tick.tick(), if follow => {
+                    if let Err(e) = self.refresh_stream_last().await {
+                        tracing::warn!(view = self.view.name(), error = %e, "stream info for the lag");
+                    }
+                }
+            }
+        };
+        drop(reader);
+        // Whatever was committed is flushed before returning, error or not.
+        let flushed = flusher.finish(&self.state, &self.progress).await;
+        result?;
+        flushed?;
+        stats.checkpoint = self.checkpoint;
+        Ok(stats)
+    }
+
+    /// Applies one batch and commits it with its checkpoint (not yet flushed). On a view or
+    /// backbone failure, what came before the failure in the batch is still committed when
+    /// the failure is a read error, and nothing of the batch when the view failed.
+    async fn apply_batch(&mut self, items: impl Iterator<Item = Item>, stats: &mut RunStats) -> BatchOutcome {
+        let name = self.view.name().to_owned();
+        let mut txn = Txn::new(&self.state, Some(&self.cache), READ_GROUP);
+        let mut letters = Vec::new();
+        let mut last = self.checkpoint;
+        let mut applied = 0u64;
+        let mut failure = None;
+        for item in items {
+            let (message, record) = match item {
+                Item::Event(message, record) => (message, record),
+                Item::Malformed(message, e) => {
+                    if message.sequence > last {
+                        tracing::debug!(view = %name, sequence = message.sequence, error = %e, "dead-lettering");
+                        letters.push(DeadLetter::new(&name, &message, e.code(), e.to_string()));
+                        last = message.sequence;
+                    }
+                    continue;
+                }
+                Item::Unverified(message, e) => {
+                    if message.sequence > last {
+                        tracing::warn!(view = %name, sequence = message.sequence, error = %e, "dead-lettering");
+                        letters.push(DeadLetter::new(&name, &message, e.code(), e.to_string()));
+                        last = message.sequence;
+                    }
+                    continue;
+                }
+                Item::Failed(e) => {
+                    // Commit what came before it; the caller sees the error.
+                    failure = Some(ProjectionError::Backbone(e));
+                    break;
+                }
+            };
+            // Never apply at or below the checkpoint, whatever the backbone delivers.
+            if message.sequence <= last {
+                continue;
+            }
+            match self.view.apply(message.sequence, &record, &mut txn) {
+                Ok(()) => applied += 1,
+                Err(ViewError::Reject(reason)) => letters.push(DeadLetter::new(&name, &message, "rejected", reason)),
+                Err(source) => {
+                    let sequence = message.sequence;
+                    let stream = self.stream.clone();
+                    return BatchOutcome {
+                        committed: None,
+                        result: Err(ProjectionError::View { view: name, stream, sequence, source }),
+                    };
+                }
+            }
+            last = message.sequence;
+        }
+        let mut committed = None;
+        if last > self.checkpoint {
+            // Dead letters are stored before the checkpoint passes them (see chorus_platform::deadletter).
+            let dead = letters.len() as u64;
+            let stored = match deadletter::publish(&*self.backbone, &letters).await {
+                Ok(()) => txn.commit(last, self.dead_letters + dead),
+                Err(e) => Err(e.into()),
+            };
+            match stored {
+                Ok(writes) => self.cache.absorb(writes),
+                Err(e) => return BatchOutcome { committed: None, result: Err(e) },
+            }
+            self.checkpoint = last;
+            self.dead_letters += dead;
+            stats.applied += applied;
+            stats.dead_lettered += dead;
+            stats.batches += 1;
+            committed = Some(Committed { sequence: last, applied, dead_lettered: dead, batches: 1 });
+        }
+        BatchOutcome { committed, result: failure.map_or(Ok(()), Err) }
+    }
+}
+
+/// What the reader hands to the applier, in stream order. Nearly every item is an event, so
+/// the variants are not boxed to even out their sizes.
+#[allow(clippy::large_enum_variant)]
+enum Item {
+    /// A decoded event (the message is kept for a dead letter, should the view reject it).
+    Event(StoredMessage, EventRecord),
+    /// A message that does not decode.
+    Malformed(StoredMessage, chorus_schemas::DecodeError),
+    /// An event whose signature the verifier refused.
+    Unverified(StoredMessage, chorus_schemas::signature::VerifyError),
+    /// Reading the stream failed; nothing follows.
+    Failed(BackboneError),
+}
+
+/// Messages the reader decodes and hands over at once: one wake-up of the applier per group
+/// instead of per message.
+const READ_GROUP: usize = 256;
+
+/// Reads the replay, decodes each message, and sends the results in order, in groups of what
+/// was ready (at most `group`).
+async fn read_and_decode(
+    replay: chorus_backbone::MessageStream,
+    checkpoint: u64,
+    group: usize,
+    verifier: Option<std::sync::Arc<chorus_schemas::signature::Verifier>>,
+    tx: tokio::sync::mpsc::Sender<Vec<Item>>,
+) {
+    let mut groups = replay.ready_chunks(group);
+    while let Some(group) = groups.next().await {
+        let mut items = Vec::with_capacity(group.len());
+        let mut failed = false;
+        for next in group {
+            items.push(match next {
+                Ok(m) if m.sequence <= checkpoint => continue,
+                Ok(m) => match EventRecord::decode(&m.payload) {
+                    Ok(record) => match verifier.as_deref().map(|v| v.verify(&record).map(|_| ())) {
+                        Some(Err(e)) => Item::Unverified(m, e),
+                        _ => Item::Event(m, record),
+                    },
+                    Err(e) => Item::Malformed(m, e),
+                },
+                Err(e) => {
+                    failed = true;
+                    Item::Failed(e)
+                }
+            });
+            if failed {
+                break;
+            }
+        }
+        if tx.send(items).await.is_err() || failed {
+            return;
+        }
+    }
+}
+
+/// Aborts the reader when the projector stops, so a following replay does not outlive it.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+struct BatchOutcome {
+    committed: Option<Committed>,
+    result: Result<(), ProjectionError>,
+}
+
+type FlushFuture = std::pin::Pin<Box<dyn Future<Output = Result<(), ProjectionError>> + Send>>;
+
+/// Flushes committed batches with at most one fsync in flight. While one runs, the next
+/// batches are applied and committed; the next flush then covers all of them. Progress (what
+/// [`Progress::applied_sequence`] reports and [`Progress::wait_for`] waits for) moves only
+/// when a flush completes, so it never reports a sequence a power loss could take back.
+#[derive(Default)]
+struct Flusher {
+    in_flight: Option<(FlushFuture, Committed)>,
+    waiting: Option<Committed>,
+}
+
+impl Flusher {
+    fn busy(&self) -> bool {
+        self.in_flight.is_some()
+    }
+
+    fn add(&mut self, c: Committed) {
+        let w = self.waiting.get_or_insert_with(Committed::default);
+        w.sequence = c.sequence;
+        w.applied += c.applied;
+        w.dead_lettered += c.dead_lettered;
+        w.batches += c.batches;
+    }
+
+    /// Starts flushing what is waiting, if anything.
+    fn start(&mut self, state: &ViewState) {
+        if let Some(c) = self.waiting.take() {
+            let flushed = state.store.flush();
+            let flush: FlushFuture = Box::pin(async move { Ok(flushed.await?) });
+            self.in_flight = Some((flush, c));
+        }
+    }
+
+    /// Waits for the flush in flight (cancel-safe: the future stays here until it is done).
+    async fn wait(&mut self) -> Result<(), ProjectionError> {
+        let Some((flush, _)) = self.in_flight.as_mut() else {
+            return Ok(());
+        };
+        flush.await
+    }
+
+    /// Reports a finished flush; called once [`Flusher::wait`] returned.
+    fn completed(&mut self, progress: &Progress) {
+        if let Some((_, c)) = self.in_flight.take() {
+            progress.committed(c);
+        }
+    }
+
+    /// Flushes everything committed and reports it.
+    async fn finish(&mut self, state: &ViewState, progress: &Progress) -> Result<(), ProjectionError> {
+        loop {
+            if self.busy() {
+                self.wait().await?;
+                self.completed(progress);
+            }
+            if self.waiting.is_none() {
+                return Ok(());
+            }
+            self.start(state);
+        }
+    }
+}

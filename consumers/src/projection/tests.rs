@@ -1,0 +1,239 @@
+use std::sync::Arc;
+
+use super::*;
+use chorus_backbone::embedded::EmbeddedBackbone;
+use chorus_backbone::Message;
+use chorus_backbone::{Backbone, ReplayOptions};
+use chorus_platform::deadletter::DeadLetter;
+use chorus_schemas::lifecycle::{Alive, Startup};
+use chorus_schemas::EventRecord;
+use futures::StreamExt;
+
+/// Counts applications per event id and events per node.
+struct Counting;
+
+impl View for Counting {
+    fn name(&self) -> &str {
+        "counting"
+    }
+    fn apply(&mut self, _seq: u64, record: &EventRecord, txn: &mut Txn<'_>) -> Result<(), ViewError> {
+        if record.subject == "reject.me" {
+            return Err(ViewError::Reject("node is on the reject list".into()));
+        }
+        let key = format!("id/{}", record.id);
+        let n: u64 = txn.get_json(key.as_bytes())?.unwrap_or(0);
+        txn.insert_json(key.as_bytes(), &(n + 1))?;
+        let key = format!("node/{}", record.subject);
+        let n: u64 = txn.get_json(key.as_bytes())?.unwrap_or(0);
+        txn.insert_json(key.as_bytes(), &(n + 1))
+    }
+}
+
+async fn backbone() -> (tempfile::TempDir, Arc<dyn Backbone>) {
+    let dir = tempfile::tempdir().unwrap();
+    let b: Arc<dyn Backbone> = Arc::new(EmbeddedBackbone::open_path(dir.path().join("bb")).unwrap());
+    chorus_platform::ensure_platform_streams(&*b, &Default::default()).await.unwrap();
+    (dir, b)
+}
+
+fn event(i: usize) -> Message {
+    let r = if i.is_multiple_of(3) {
+        EventRecord::new(Startup::new(format!("n{}", i % 7), "server", "1.0"), 1)
+    } else {
+        EventRecord::new(Alive::new(format!("n{}", i % 7), "server", "1.0", Some(60)), i as u64)
+    };
+    chorus_platform::to_message(&r).unwrap()
+}
+
+#[test]
+fn txn_reads_its_own_writes_and_guards_reserved_keys() {
+    let store = Store::temporary().unwrap();
+    let state = store.state("v").unwrap();
+    let mut txn = Txn::new(&state, None, 4);
+    assert!(txn.get(b"a").unwrap().is_none());
+    txn.insert(b"a", &b"1"[..]).unwrap();
+    assert_eq!(txn.get(b"a").unwrap().as_deref(), Some(&b"1"[..]));
+    txn.remove(b"a").unwrap();
+    assert!(txn.get(b"a").unwrap().is_none());
+    txn.insert(b"b", &b"2"[..]).unwrap();
+    assert!(matches!(txn.insert(b"\0checkpoint", &b"x"[..]), Err(ViewError::ReservedKey(_))));
+    assert!(matches!(txn.insert(b"", &b"x"[..]), Err(ViewError::ReservedKey(_))));
+    txn.commit(9, 0).unwrap();
+    assert_eq!(state.checkpoint().unwrap(), 9);
+    assert_eq!(state.get(b"b").unwrap().as_deref(), Some(&b"2"[..]));
+    assert!(state.get(b"a").unwrap().is_none());
+    let keys: Vec<_> = state.scan_prefix(b"").map(|kv| kv.unwrap().0.to_vec()).collect();
+    assert_eq!(keys, vec![b"b".to_vec()], "framework keys are not view entries");
+}
+
+#[test]
+fn reset_starts_an_empty_generation() {
+    let store = Store::temporary().unwrap();
+    let state = store.state("v").unwrap();
+    let mut txn = Txn::new(&state, None, 1);
+    txn.insert(b"k", &b"v"[..]).unwrap();
+    txn.commit(5, 1).unwrap();
+    assert_eq!(store.state("v").unwrap().checkpoint().unwrap(), 5);
+    let fresh = store.reset("v").unwrap();
+    assert_eq!((fresh.checkpoint().unwrap(), fresh.dead_letters().unwrap()), (0, 0));
+    assert!(fresh.dump().unwrap().is_empty());
+    assert!(store.state("v").unwrap().get(b"k").unwrap().is_none());
+}
+
+#[tokio::test]
+async fn resumes_after_checkpoint_and_rebuild_gives_the_same_state() {
+    let (_dir, b) = backbone().await;
+    let store = Store::temporary().unwrap();
+    let mut total = 0;
+    for round in 0..4 {
+        let batch: Vec<Message> = (total..total + 50 + round * 13).map(event).collect();
+        total += batch.len();
+        b.publish_batch(batch).await.unwrap();
+        // A new projector each round: a restart.
+        let mut p =
+            Projector::new(b.clone(), "CHORUS_LIFECYCLE", &store, Counting).unwrap().with_options(ProjectorOptions {
+                max_batch: 17,
+                cache_entries: [0, 5, 1_000][round % 3],
+                ..Default::default()
+            });
+        let stats = p.catch_up().await.unwrap();
+        assert_eq!(stats.checkpoint, total as u64);
+        assert_eq!(p.progress().snapshot().lag, 0);
+    }
+    let incremental = store.state("counting").unwrap();
+    for (k, v) in incremental.dump().unwrap() {
+        if k.starts_with(b"id/") {
+            assert_eq!(v, b"1", "event {} applied once", String::from_utf8_lossy(&k));
+        }
+    }
+    let incremental = incremental.dump().unwrap();
+    let other = Store::temporary().unwrap();
+    let mut p = Projector::new(b.clone(), "CHORUS_LIFECYCLE", &other, Counting).unwrap();
+    p.catch_up().await.unwrap();
+    assert_eq!(p.state().dump().unwrap(), incremental);
+    // And a rebuild in place.
+    let mut p = Projector::new(b.clone(), "CHORUS_LIFECYCLE", &store, Counting).unwrap();
+    p.rebuild().unwrap();
+    assert_eq!(p.state().checkpoint().unwrap(), 0);
+    p.catch_up().await.unwrap();
+    assert_eq!(p.state().dump().unwrap(), incremental);
+}
+
+#[tokio::test]
+async fn malformed_and_rejected_events_are_dead_lettered_and_passed() {
+    let (_dir, b) = backbone().await;
+    let store = Store::temporary().unwrap();
+    let subject = "choria.lifecycle.event.alive.server";
+    let mut batch = vec![event(1), Message::new("bad-1", subject, &b"{not json"[..]), event(2)];
+    let rejected = EventRecord::new(Alive::new("reject.me", "server", "1", None), 1);
+    batch.push(chorus_platform::to_message(&rejected).unwrap());
+    batch.push(Message::new("bad-2", subject, &br#"{"specversion":"1.0","id":"x","source":"s","type":"nope"}"#[..]));
+    batch.push(event(4));
+    b.publish_batch(batch).await.unwrap();
+    let mut p = Projector::new(b.clone(), "CHORUS_LIFECYCLE", &store, Counting).unwrap();
+    let stats = p.catch_up().await.unwrap();
+    assert_eq!((stats.applied, stats.dead_lettered, stats.checkpoint), (3, 3, 6));
+    assert_eq!(p.state().dead_letters().unwrap(), 3);
+    let letters: Vec<DeadLetter> = {
+        let mut r = b.replay("CHORUS_DEADLETTER", ReplayOptions::default()).await.unwrap();
+        let mut out = Vec::new();
+        while let Some(m) = r.next().await {
+            let m = m.unwrap();
+            assert_eq!(m.subject, "chorus.deadletter.counting");
+            out.push(DeadLetter::from_message(&m).unwrap());
+        }
+        out
+    };
+    let summary: Vec<_> = letters.iter().map(|l| (l.sequence, l.code.as_str(), l.stream.as_str())).collect();
+    assert_eq!(
+        summary,
+        vec![
+            (2, "not_json", "CHORUS_LIFECYCLE"),
+            (4, "rejected", "CHORUS_LIFECYCLE"),
+            (5, "unknown_type", "CHORUS_LIFECYCLE")
+        ]
+    );
+    assert!(letters[2].reason.contains("nope"), "{}", letters[2].reason);
+    assert_eq!(letters[0].payload.as_deref(), Some("{not json"));
+    // A restart does not dead-letter them again: the checkpoint is past them.
+    let mut p = Projector::new(b.clone(), "CHORUS_LIFECYCLE", &store, Counting).unwrap();
+    assert_eq!(p.catch_up().await.unwrap(), RunStats { checkpoint: 6, ..Default::default() });
+    assert_eq!(b.stream_info("CHORUS_DEADLETTER").await.unwrap().messages, 3);
+}
+
+#[tokio::test]
+async fn with_a_verifier_unsigned_and_forged_events_are_dead_lettered_and_passed() {
+    use chorus_keys::{Ed25519FileSigner, Signer as _};
+    use chorus_schemas::signature::Verifier;
+    let (_dir, b) = backbone().await;
+    let store = Store::temporary().unwrap();
+    let trusted = Ed25519FileSigner::random();
+    let stranger = Ed25519FileSigner::random();
+    let alive = |n: &str| EventRecord::new(Alive::new(n, "server", "1", None), 1);
+    let mut forged = alive("n2").signed(&trusted).unwrap();
+    if let chorus_schemas::Event::Lifecycle(chorus_schemas::Lifecycle::Alive(a)) = &mut forged.data {
+        a.version = "6.6.6".into();
+    }
+    let batch = [
+        alive("n1").signed(&trusted).unwrap(),
+        alive("n2"),
+        forged,
+        alive("n3").signed(&stranger).unwrap(),
+        alive("n4").signed(&trusted).unwrap(),
+    ];
+    b.publish_batch(batch.iter().map(|r| chorus_platform::to_message(r).unwrap()).collect()).await.unwrap();
+    let verifier = Arc::new(Verifier::new().with_key(&trusted.public_key()).unwrap());
+    let options = ProjectorOptions { verifier: Some(verifier), ..Default::default() };
+    let mut p = Projector::new(b.clone(), "CHORUS_LIFECYCLE", &store, Counting).unwrap().with_options(options);
+    let stats = p.catch_up().await.unwrap();
+    assert_eq!((stats.applied, stats.dead_lettered, stats.checkpoint), (2, 3, 5));
+    let mut r = b.replay("CHORUS_DEADLETTER", ReplayOptions::default()).await.unwrap();
+    let mut summary = Vec::new();
+    while let Some(m) = r.next().await {
+        let l = DeadLetter::from_message(&m.unwrap()).unwrap();
+        summary.push((l.sequence, l.code));
+    }
+    let expected = [(2, "unsigned"), (3, "bad_signature"), (4, "unknown_key")];
+    assert_eq!(summary, expected.map(|(s, c)| (s, c.to_owned())));
+}
+
+#[tokio::test]
+async fn run_follows_new_events_until_shutdown() {
+    let (_dir, b) = backbone().await;
+    let store = Store::temporary().unwrap();
+    let mut p = Projector::new(b.clone(), "CHORUS_LIFECYCLE", &store, Counting).unwrap();
+    let progress = p.progress();
+    let state = p.state().clone();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        p.run(async {
+            let _ = stopped.await;
+        })
+        .await
+    });
+    b.publish_batch((0..10).map(event).collect()).await.unwrap();
+    progress.wait_for(10).await;
+    b.publish_batch((10..25).map(event).collect()).await.unwrap();
+    progress.wait_for(25).await;
+    assert_eq!(state.checkpoint().unwrap(), 25);
+    stop.send(()).unwrap();
+    let stats = task.await.unwrap().unwrap();
+    assert_eq!((stats.applied, stats.checkpoint), (25, 25));
+    assert_eq!(progress.snapshot().applied_sequence, 25);
+}
+
+#[tokio::test]
+async fn view_names_must_be_subject_tokens() {
+    struct Bad;
+    impl View for Bad {
+        fn name(&self) -> &str {
+            "bad.name"
+        }
+        fn apply(&mut self, _: u64, _: &EventRecord, _: &mut Txn<'_>) -> Result<(), ViewError> {
+            Ok(())
+        }
+    }
+    let (_dir, b) = backbone().await;
+    let store = Store::temporary().unwrap();
+    assert!(matches!(Projector::new(b, "CHORUS_LIFECYCLE", &store, Bad), Err(ProjectionError::InvalidName { .. })));
+}

@@ -1,0 +1,136 @@
+//! Turning documents into sequenced events and handing them on.
+//!
+//! Every producer (a node, an autonomous agent, the AAA service) numbers its events with a
+//! monotonically increasing sequence. Consumers use it to detect gaps and to check per-node
+//! order; the event id (a UUIDv7) is the dedupe key everywhere downstream.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chorus_backbone::{Backbone, Message};
+use chorus_schemas::{Event, EventRecord};
+
+use crate::PlatformError;
+
+/// Where stamped events go: the node's outbox, a backbone, or a batching sink.
+#[async_trait]
+pub trait EventSink: Send + Sync {
+    /// Stores the events durably (or fails); order is kept.
+    async fn store(&self, records: Vec<EventRecord>) -> Result<(), PlatformError>;
+}
+
+/// Converts a record into the backbone message that carries it.
+pub fn to_message(record: &EventRecord) -> Result<Message, PlatformError> {
+    Ok(Message::new(record.id.clone(), record.nats_subject()?, record.encode()))
+}
+
+/// Any backbone is a sink: events are published on their subjects.
+pub struct BackboneSink(pub Arc<dyn Backbone>);
+
+#[async_trait]
+impl EventSink for BackboneSink {
+    async fn store(&self, records: Vec<EventRecord>) -> Result<(), PlatformError> {
+        let messages = records.iter().map(to_message).collect::<Result<Vec<_>, _>>()?;
+        self.0.publish_batch(messages).await?;
+        Ok(())
+    }
+}
+
+/// Keeps every record it is given in memory, in order; can be switched off to fail like an
+/// unreachable store. For tests and in-process tools that want the records themselves.
+#[derive(Debug, Default)]
+pub struct MemorySink {
+    records: std::sync::Mutex<Vec<EventRecord>>,
+    down: std::sync::atomic::AtomicBool,
+}
+
+impl MemorySink {
+    /// Every record stored so far, in order.
+    pub fn records(&self) -> Vec<EventRecord> {
+        self.records.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// While `down`, every store fails with [`PlatformError::Unavailable`] and keeps nothing.
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+    }
+}
+
+#[async_trait]
+impl EventSink for MemorySink {
+    async fn store(&self, records: Vec<EventRecord>) -> Result<(), PlatformError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(PlatformError::Unavailable("memory sink switched off".into()));
+        }
+        self.records.lock().unwrap_or_else(|e| e.into_inner()).extend(records);
+        Ok(())
+    }
+}
+
+/// Signs every record with the producer's key before passing it on, so consumers holding the
+/// matching public key can tell the node's own events from forged ones. Wraps any sink (the
+/// outbox, the backbone), so what is stored and forwarded is already signed.
+pub struct SigningSink {
+    inner: Arc<dyn EventSink>,
+    signer: Arc<dyn chorus_keys::Signer>,
+}
+
+impl SigningSink {
+    /// Signs with `signer`, then stores in `inner`.
+    pub fn new(inner: Arc<dyn EventSink>, signer: Arc<dyn chorus_keys::Signer>) -> Self {
+        SigningSink { inner, signer }
+    }
+}
+
+#[async_trait]
+impl EventSink for SigningSink {
+    async fn store(&self, records: Vec<EventRecord>) -> Result<(), PlatformError> {
+        let signed = records.into_iter().map(|r| r.signed(&*self.signer)).collect::<Result<Vec<_>, _>>()?;
+        self.inner.store(signed).await
+    }
+}
+
+/// Stamps documents of one producer with its sequence and site, and stores them in a sink.
+pub struct Emitter {
+    sink: Arc<dyn EventSink>,
+    next_seq: AtomicU64,
+    site: Option<String>,
+    /// Held from stamping to storing, so store order is sequence order.
+    order: tokio::sync::Mutex<()>,
+}
+
+impl Emitter {
+    /// `next_seq` is the sequence of the next event (1 for a new producer; after a restart,
+    /// one past the last event this producer stored).
+    pub fn new(sink: Arc<dyn EventSink>, next_seq: u64, site: Option<String>) -> Self {
+        Emitter { sink, next_seq: AtomicU64::new(next_seq.max(1)), site, order: tokio::sync::Mutex::new(()) }
+    }
+
+    /// Stamps a document without storing it (for callers that batch).
+    pub fn stamp(&self, data: impl Into<Event>) -> EventRecord {
+        let record = EventRecord::new(data, self.next_seq.fetch_add(1, Ordering::SeqCst));
+        match &self.site {
+            Some(site) => record.with_site(site.clone()),
+            None => record,
+        }
+    }
+
+    /// Stamps and durably stores one event.
+    pub async fn emit(&self, data: impl Into<Event>) -> Result<EventRecord, PlatformError> {
+        let _order = self.order.lock().await;
+        let record = self.stamp(data);
+        self.sink.store(vec![record.clone()]).await?;
+        Ok(record)
+    }
+
+    /// The sink events go to.
+    pub fn sink(&self) -> &Arc<dyn EventSink> {
+        &self.sink
+    }
+
+    /// The sequence the next event will get.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq.load(Ordering::SeqCst)
+    }
+}

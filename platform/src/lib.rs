@@ -1,0 +1,26 @@
+//! The Chorus platform on a backbone: its streams, how events get onto them, and where the
+//! ones nobody can use go.
+//!
+//! * [`streams`]: the platform streams (lifecycle, machine, RPC, audit, dead letters),
+//!   created the same way on every backbone.
+//! * [`emitter`]: [`Emitter`] stamps documents into sequenced CloudEvents records and hands
+//!   them to an [`EventSink`]: a backbone ([`BackboneSink`]), the node's outbox, or a
+//!   signing wrapper ([`SigningSink`]).
+//! * [`outbox`]: the node's durable local queue and the forwarder that ships it to the site.
+//! * [`deadletter`]: messages a consumer could not process, kept on `CHORUS_DEADLETTER`
+//!   with the reason.
+//!
+//! Every producer (node agent, AAA, provisioner, simulator) and every consumer uses these,
+//! which is why they sit on their own floor above the backbone and below RPC and the
+//! services.
+
+pub mod deadletter;
+pub mod emitter;
+mod error;
+pub mod outbox;
+pub mod streams;
+
+pub use emitter::{to_message, BackboneSink, Emitter, EventSink, MemorySink, SigningSink};
+pub use error::PlatformError;
+pub use outbox::{Outbox, OutboxLimits, OutboxStats};
+pub use streams::{ensure_platform_streams, StreamLimits};

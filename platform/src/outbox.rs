@@ -1,0 +1,246 @@
+//! The node's offline outbox and the forwarder that empties it into the site backbone.
+//!
+//! A node writes every event to a local embedded store first, so events survive a broker
+//! outage of any length and a node restart; the forwarder ships them in order (one
+//! sequential consumer, a batch retried until the site acknowledges it) and only then
+//! acknowledges them locally. Event ids make the retries harmless: the site dedupes them.
+//!
+//! Bounded size, and what gives first: while more than `collapse_alive_after` events wait,
+//! new alive events are collapsed (not queued: the next alive after the outage says the same
+//! thing); past `drop_watcher_states_after`, watcher state events are dropped too (they are
+//! periodic state and are announced again). Startup, shutdown, provisioned, upgraded and
+//! governor events, machine transitions, RPC records and audit records are never dropped:
+//! they are bounded only by the disk. Forwarded events are purged from the outbox, all but the
+//! newest, which keeps the producer's last sequence for the next start.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chorus_backbone::embedded::EmbeddedBackbone;
+use chorus_backbone::{Backbone, ConsumerConfig, Message, StreamConfig};
+use chorus_runtime::{Backoff, Shutdown};
+use chorus_schemas::lifecycle::Lifecycle;
+use chorus_schemas::{Event, EventRecord};
+use serde::{Deserialize, Serialize};
+
+use crate::emitter::to_message;
+use crate::{EventSink, PlatformError};
+
+/// Name of the outbox stream inside the node's embedded store.
+pub const OUTBOX_STREAM: &str = "OUTBOX";
+const FORWARDER: &str = "forwarder";
+
+/// Pauses between attempts to reach an unavailable site: from 100 ms doubling to 5 s.
+pub const FORWARD_BACKOFF: Backoff = Backoff::doubling(Duration::from_millis(100), Duration::from_secs(5));
+
+/// The forwarder's durable consumer. A long ack_wait: a batch in hand is retried by the
+/// forwarder until delivered, never redelivered behind its back (which could reorder events).
+fn forwarder_config() -> ConsumerConfig {
+    ConsumerConfig::new(FORWARDER).with_ack_wait(Duration::from_secs(7 * 24 * 3600))
+}
+
+/// Limits of the outbox.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxLimits {
+    #[serde(default = "default_collapse")]
+    pub collapse_alive_after: u64,
+    #[serde(default = "default_drop")]
+    pub drop_watcher_states_after: u64,
+}
+
+fn default_collapse() -> u64 {
+    10_000
+}
+fn default_drop() -> u64 {
+    100_000
+}
+
+impl Default for OutboxLimits {
+    fn default() -> Self {
+        OutboxLimits { collapse_alive_after: default_collapse(), drop_watcher_states_after: default_drop() }
+    }
+}
+
+/// Counters of the outbox, for metrics and tests.
+#[derive(Debug, Default)]
+pub struct OutboxStats {
+    /// Highest outbox sequence stored.
+    pub stored: AtomicU64,
+    /// Highest outbox sequence the site acknowledged (everything at or below it is forwarded).
+    pub forwarded: AtomicU64,
+    pub collapsed_alive: AtomicU64,
+    pub dropped_watcher_states: AtomicU64,
+    pub forward_errors: AtomicU64,
+}
+
+impl OutboxStats {
+    /// Events waiting to be forwarded.
+    pub fn backlog(&self) -> u64 {
+        self.stored.load(Ordering::SeqCst).saturating_sub(self.forwarded.load(Ordering::SeqCst))
+    }
+}
+
+/// The node's local, durable event queue; an [`EventSink`].
+#[derive(Clone)]
+pub struct Outbox {
+    store: EmbeddedBackbone,
+    limits: OutboxLimits,
+    stats: Arc<OutboxStats>,
+}
+
+impl Outbox {
+    /// Opens the outbox in `store` (the node's embedded store), creating its stream.
+    pub async fn open(store: EmbeddedBackbone, limits: OutboxLimits) -> Result<Self, PlatformError> {
+        let info = store.ensure_stream(&StreamConfig::new(OUTBOX_STREAM, vec![">".into()])).await?;
+        // What waits is what the forwarder's durable consumer has not acknowledged.
+        let waiting = store.consumer(OUTBOX_STREAM, &forwarder_config()).await?.pending().await?;
+        let stats = Arc::new(OutboxStats::default());
+        stats.stored.store(info.last_sequence, Ordering::SeqCst);
+        stats.forwarded.store(info.last_sequence.saturating_sub(waiting), Ordering::SeqCst);
+        Ok(Outbox { store, limits, stats })
+    }
+
+    pub fn stats(&self) -> &Arc<OutboxStats> {
+        &self.stats
+    }
+
+    /// The sequence a restarted producer continues from: one past the newest event it stored.
+    /// The newest event always stays in the outbox (purges keep it), so this never needs
+    /// state of its own.
+    pub async fn next_producer_seq(&self) -> Result<u64, PlatformError> {
+        let info = self.store.stream_info(OUTBOX_STREAM).await?;
+        let last = self.store.get(OUTBOX_STREAM, info.last_sequence).await?;
+        Ok(last.and_then(|m| EventRecord::decode(&m.payload).ok()).map_or(1, |r| r.seq + 1))
+    }
+
+    fn admit(&self, record: &EventRecord) -> bool {
+        let backlog = self.stats.backlog();
+        match &record.data {
+            Event::Lifecycle(Lifecycle::Alive(_)) if backlog >= self.limits.collapse_alive_after => {
+                self.stats.collapsed_alive.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+            Event::Watcher(_) if backlog >= self.limits.drop_watcher_states_after => {
+                self.stats.dropped_watcher_states.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+            _ => true,
+        }
+    }
+
+    /// Ships the outbox to `site` until `shutdown` is requested, then returns once the
+    /// batch in hand is delivered and nothing more waits (a node's last events, its
+    /// shutdown event among them, reach the site before it exits). A site that refuses is
+    /// retried with [`FORWARD_BACKOFF`]; the events stay in the outbox meanwhile.
+    pub async fn forward(
+        &self,
+        site: Arc<dyn Backbone>,
+        batch: usize,
+        shutdown: Shutdown,
+    ) -> Result<(), PlatformError> {
+        let batch = batch.max(1);
+        let mut consumer = self.store.consumer(OUTBOX_STREAM, &forwarder_config()).await?;
+        let mut retry = FORWARD_BACKOFF.retry();
+        loop {
+            if shutdown.is_requested() && self.stats.backlog() == 0 {
+                return Ok(());
+            }
+            let deliveries = tokio::select! {
+                d = consumer.fetch(batch, Duration::from_millis(500)) => d?,
+                _ = shutdown.requested(), if !shutdown.is_requested() => continue,
+            };
+            if deliveries.is_empty() {
+                if shutdown.is_requested() {
+                    return Ok(());
+                }
+                continue;
+            }
+            let messages: Vec<Message> = deliveries
+                .iter()
+                .map(|d| Message::new(d.message.id.clone(), d.message.subject.clone(), d.message.payload.clone()))
+                .collect();
+            loop {
+                match site.publish_batch(messages.clone()).await {
+                    Ok(_) => {
+                        retry.reset();
+                        break;
+                    }
+                    Err(e) => {
+                        self.stats.forward_errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(error = %e, backlog = self.stats.backlog(), "site backbone unavailable; outbox keeps the events");
+                        tokio::time::sleep(retry.next_delay()).await;
+                    }
+                }
+            }
+            let last = deliveries.last().expect("deliveries is not empty");
+            let last_seq = last.message.sequence;
+            for d in &deliveries {
+                d.ack().await?;
+            }
+            self.stats.forwarded.fetch_max(last_seq, Ordering::SeqCst);
+            // Keep the newest forwarded event: it carries the producer's last sequence.
+            self.store.purge(OUTBOX_STREAM, last_seq).await?;
+        }
+    }
+}
+
+#[async_trait]
+impl EventSink for Outbox {
+    async fn store(&self, records: Vec<EventRecord>) -> Result<(), PlatformError> {
+        let messages = records.iter().filter(|r| self.admit(r)).map(to_message).collect::<Result<Vec<_>, _>>()?;
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let acks = self.store.publish_batch(messages).await?;
+        if let Some(last) = acks.iter().map(|a| a.sequence).max() {
+            self.stats.stored.fetch_max(last, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Emitter;
+    use chorus_schemas::lifecycle::Startup;
+
+    /// After everything is forwarded and purged, a restarted node continues its sequence and
+    /// sees an empty backlog, with no state kept outside the outbox stream.
+    #[tokio::test]
+    async fn restart_after_full_forward_continues_the_sequence() {
+        let dir = tempfile::tempdir().unwrap();
+        let site = EmbeddedBackbone::open_path(dir.path().join("site")).unwrap();
+        site.ensure_stream(&StreamConfig::new("SITE", vec![">".into()])).await.unwrap();
+        {
+            let outbox =
+                Outbox::open(EmbeddedBackbone::open_path(dir.path().join("outbox")).unwrap(), OutboxLimits::default())
+                    .await
+                    .unwrap();
+            let emitter = Emitter::new(Arc::new(outbox.clone()), outbox.next_producer_seq().await.unwrap(), None);
+            for _ in 0..3 {
+                emitter.emit(Startup::new("n1.example.net", "server", "1.0.0")).await.unwrap();
+            }
+            let shutdown = Shutdown::new();
+            let forwarder = tokio::spawn({
+                let outbox = outbox.clone();
+                let site: Arc<dyn Backbone> = Arc::new(site.clone());
+                let shutdown = shutdown.clone();
+                async move { outbox.forward(site, 10, shutdown).await }
+            });
+            // The forwarder drains everything before it returns on a shutdown.
+            shutdown.request();
+            forwarder.await.unwrap().unwrap();
+            assert_eq!(outbox.stats().backlog(), 0);
+        }
+        assert_eq!(site.stream_info("SITE").await.unwrap().messages, 3);
+        // Opening waits out the lock sled's background threads may hold after the last handle.
+        let reopened = EmbeddedBackbone::open_path(dir.path().join("outbox")).unwrap();
+        let outbox = Outbox::open(reopened, OutboxLimits::default()).await.unwrap();
+        assert_eq!(outbox.next_producer_seq().await.unwrap(), 4);
+        assert_eq!(outbox.stats().backlog(), 0);
+    }
+}

@@ -1,0 +1,348 @@
+//! The calling side of RPC: [`RpcClient`] publishes a request and yields replies as they
+//! arrive ([`ReplyStream`], for progress displays) or gathers them with a summary
+//! ([`RpcClient::call`]).
+//!
+//! Like Choria, the client does not know in advance who will answer a broadcast: it waits
+//! until the timeout, or until `expected` nodes have answered when the caller knows how
+//! many should (after discovery, or for directed requests), which also lets the summary
+//! count the nodes that never answered.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use chorus_schemas::rpc::{Filter, JsonObject};
+use chorus_schemas::{RpcReply, RpcRequest, StatusCode};
+use futures::{Stream, StreamExt};
+
+use super::transport::{broadcast_subject, node_subject, reply_inbox, RequestEnvelope, Subscription, Transport};
+use super::RpcError;
+
+/// Which nodes a request is sent to. The discovery filter still applies on the nodes.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Target {
+    /// Every node with the agent in the collective.
+    #[default]
+    Broadcast,
+    /// One node, on its directed subject.
+    Node(String),
+    /// Each of these nodes, on their directed subjects (Choria's direct addressing, used
+    /// after discovery).
+    Nodes(Vec<String>),
+}
+
+/// How to send one request and how long to wait.
+#[derive(Debug, Clone)]
+pub struct RequestOptions {
+    /// Discovery filter; empty selects every node.
+    pub filter: Filter,
+    /// Where the request is published.
+    pub target: Target,
+    /// How many nodes should answer; waiting stops once that many have. For
+    /// [`Target::Node`] and [`Target::Nodes`] it defaults to the number of nodes named.
+    pub expected: Option<usize>,
+    /// How long to wait for replies after publishing.
+    pub timeout: Duration,
+    /// Seconds nodes accept the request after it was made.
+    pub ttl: u64,
+}
+
+impl Default for RequestOptions {
+    fn default() -> Self {
+        RequestOptions {
+            filter: Filter::default(),
+            target: Target::Broadcast,
+            expected: None,
+            timeout: Duration::from_secs(10),
+            ttl: RpcRequest::DEFAULT_TTL,
+        }
+    }
+}
+
+/// Turns a request into the envelope that is published, signature included, when the
+/// client itself holds no key: e.g. `chorus_aaa::AaaSigner` has the AAA
+/// service judge and sign each request. A refusal fails the request before anything is
+/// published.
+#[async_trait]
+pub trait RequestSigner: Send + Sync {
+    /// The signed envelope of `request`, which it must carry unchanged.
+    async fn sign(&self, request: RpcRequest) -> Result<RequestEnvelope, RpcError>;
+}
+
+/// Makes RPC requests as one caller in one collective.
+#[derive(Clone)]
+pub struct RpcClient {
+    transport: Arc<dyn Transport>,
+    callerid: String,
+    collective: String,
+    senderid: String,
+    request_signer: Option<Arc<dyn RequestSigner>>,
+}
+
+impl RpcClient {
+    /// A client calling as `callerid` (e.g. `choria=rip.mcollective`, `up=bob`) into
+    /// `collective`. Requests name this host as sender; see [`RpcClient::with_senderid`].
+    pub fn new(transport: Arc<dyn Transport>, callerid: impl Into<String>, collective: impl Into<String>) -> Self {
+        RpcClient {
+            transport,
+            callerid: callerid.into(),
+            collective: collective.into(),
+            senderid: local_hostname(),
+            request_signer: None,
+        }
+    }
+
+    /// Has every request signed by `signer` (e.g. the AAA service) before it is published.
+    pub fn with_request_signer(mut self, signer: Arc<dyn RequestSigner>) -> Self {
+        self.request_signer = Some(signer);
+        self
+    }
+
+    /// Names a different sending host in requests (the `senderid`, which is also the
+    /// identity of the request events nodes record).
+    pub fn with_senderid(mut self, senderid: impl Into<String>) -> Self {
+        self.senderid = senderid.into();
+        self
+    }
+
+    /// The caller id requests are made as.
+    pub fn callerid(&self) -> &str {
+        &self.callerid
+    }
+
+    /// Publishes a request and returns the stream of its replies, which ends at the
+    /// timeout or once the expected number of nodes answered.
+    pub async fn request(
+        &self,
+        agent: &str,
+        action: &str,
+        data: JsonObject,
+        options: RequestOptions,
+    ) -> Result<ReplyStream, RpcError> {
+        let mut request =
+            RpcRequest::new(self.callerid.clone(), self.senderid.clone(), self.collective.clone(), agent, action, data);
+        request.filter = options.filter;
+        request.ttl = options.ttl;
+        let subjects = match &options.target {
+            Target::Broadcast => vec![broadcast_subject(&self.collective, agent)],
+            Target::Node(identity) => vec![node_subject(&self.collective, identity)],
+            Target::Nodes(identities) => {
+                let unique: HashSet<&String> = identities.iter().collect();
+                let mut subjects: Vec<String> = unique.into_iter().map(|i| node_subject(&self.collective, i)).collect();
+                subjects.sort();
+                subjects
+            }
+        };
+        let expected = options.expected.or(match &options.target {
+            Target::Broadcast => None,
+            Target::Node(_) | Target::Nodes(_) => Some(subjects.len()),
+        });
+        let envelope = match &self.request_signer {
+            Some(signer) => signer.sign(request.clone()).await?,
+            None => RequestEnvelope::new(request.clone()),
+        };
+        let payload = Bytes::from(serde_json::to_vec(&envelope)?);
+
+        let inbox = reply_inbox(&self.collective);
+        // No flush needed: a transport orders its own subscribe before its own publish, and
+        // nodes can only answer after the request was published.
+        let replies = self.transport.subscribe(&inbox).await?;
+        let started = Instant::now();
+        for subject in &subjects {
+            self.transport.publish(subject, Some(&inbox), payload.clone()).await?;
+        }
+        // One round trip, so an unreachable server is an error here rather than a silent
+        // "no replies" after the timeout.
+        self.transport.flush().await?;
+        Ok(ReplyStream {
+            request,
+            replies,
+            deadline: Box::pin(tokio::time::sleep(options.timeout)),
+            expected,
+            responders: HashSet::new(),
+            counts: Counts::default(),
+            started,
+            finished: None,
+        })
+    }
+
+    /// Makes a request and waits for all its replies.
+    pub async fn call(
+        &self,
+        agent: &str,
+        action: &str,
+        data: JsonObject,
+        options: RequestOptions,
+    ) -> Result<RpcResults, RpcError> {
+        let mut stream = self.request(agent, action, data, options).await?;
+        let mut replies = Vec::new();
+        while let Some(reply) = stream.next().await {
+            replies.push(reply);
+        }
+        Ok(RpcResults { summary: stream.summary(), request: stream.request, replies })
+    }
+}
+
+impl std::fmt::Debug for RpcClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RpcClient")
+            .field("callerid", &self.callerid)
+            .field("collective", &self.collective)
+            .field("senderid", &self.senderid)
+            .finish()
+    }
+}
+
+/// Every reply to one request, with the summary.
+#[derive(Debug, Clone)]
+pub struct RpcResults {
+    /// The request as sent.
+    pub request: RpcRequest,
+    /// Replies in arrival order.
+    pub replies: Vec<RpcReply>,
+    /// Tallies over the replies.
+    pub summary: RpcSummary,
+}
+
+/// Tallies of the replies to one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RpcSummary {
+    /// The request's id.
+    pub requestid: String,
+    /// Replies received.
+    pub replies: usize,
+    /// Replies with status OK.
+    pub ok: usize,
+    /// Replies denied by the node's Action Policy.
+    pub denied: usize,
+    /// Other replies (unknown action, bad input, failed action, ...).
+    pub failed: usize,
+    /// Nodes expected to answer, if known.
+    pub expected: Option<usize>,
+    /// Expected nodes that did not answer (only when `expected` is known).
+    pub no_response: Option<usize>,
+    /// Messages on the inbox that were not a reply to this request.
+    pub ignored: usize,
+    /// From publishing the request until the stream ended (or until now, before that).
+    pub elapsed: Duration,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Counts {
+    replies: usize,
+    ok: usize,
+    denied: usize,
+    failed: usize,
+    ignored: usize,
+}
+
+/// The replies to one request as they arrive. Dropping it stops listening.
+pub struct ReplyStream {
+    request: RpcRequest,
+    replies: Subscription,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    expected: Option<usize>,
+    /// Identities that answered, so a node answering twice is not counted twice.
+    responders: HashSet<String>,
+    counts: Counts,
+    started: Instant,
+    finished: Option<Instant>,
+}
+
+impl ReplyStream {
+    /// The request as sent (with its `requestid`).
+    pub fn request(&self) -> &RpcRequest {
+        &self.request
+    }
+
+    /// Nodes expected to answer, if known.
+    pub fn expected(&self) -> Option<usize> {
+        self.expected
+    }
+
+    /// Tallies so far (final once the stream has ended).
+    pub fn summary(&self) -> RpcSummary {
+        let c = self.counts;
+        RpcSummary {
+            requestid: self.request.requestid.clone(),
+            replies: c.replies,
+            ok: c.ok,
+            denied: c.denied,
+            failed: c.failed,
+            expected: self.expected,
+            no_response: self.expected.map(|e| e.saturating_sub(self.responders.len())),
+            ignored: c.ignored,
+            elapsed: self.finished.unwrap_or_else(Instant::now) - self.started,
+        }
+    }
+
+    fn finish(&mut self) -> Poll<Option<RpcReply>> {
+        self.finished.get_or_insert_with(Instant::now);
+        Poll::Ready(None)
+    }
+
+    fn complete(&self) -> bool {
+        self.expected.is_some_and(|e| self.responders.len() >= e)
+    }
+}
+
+impl Stream for ReplyStream {
+    type Item = RpcReply;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<RpcReply>> {
+        let this = &mut *self;
+        if this.finished.is_some() || this.complete() {
+            return this.finish();
+        }
+        loop {
+            match this.replies.poll_next_unpin(cx) {
+                Poll::Ready(Some(message)) => {
+                    let reply = match serde_json::from_slice::<RpcReply>(&message.payload) {
+                        Ok(r) if r.requestid == this.request.requestid => r,
+                        Ok(_) | Err(_) => {
+                            this.counts.ignored += 1;
+                            continue;
+                        }
+                    };
+                    let c = &mut this.counts;
+                    c.replies += 1;
+                    if reply.statuscode == StatusCode::Ok {
+                        c.ok += 1;
+                    } else if !reply.authorized && reply.statuscode == StatusCode::Aborted {
+                        c.denied += 1;
+                    } else {
+                        c.failed += 1;
+                    }
+                    this.responders.insert(reply.identity.clone());
+                    return Poll::Ready(Some(reply));
+                }
+                Poll::Ready(None) => return this.finish(),
+                Poll::Pending => {
+                    return match this.deadline.as_mut().poll(cx) {
+                        Poll::Ready(()) => this.finish(),
+                        Poll::Pending => Poll::Pending,
+                    };
+                }
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for ReplyStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplyStream").field("summary", &self.summary()).finish()
+    }
+}
+
+/// This host's name, the default `senderid`.
+fn local_hostname() -> String {
+    ["/proc/sys/kernel/hostname", "/etc/hostname"]
+        .iter()
+        .find_map(|p| std::fs::read_to_string(p).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()))
+        .unwrap_or_else(|| "localhost".to_string())
+}

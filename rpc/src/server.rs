@@ -1,0 +1,606 @@
+//! The node side of RPC: [`RpcServer`] receives requests, decides which hosted nodes they
+//! concern, authorizes them with the Action Policy, runs the agent, records request and
+//! reply as events, and answers.
+//!
+//! One server hosts any number of nodes. A real node agent hosts one; the load simulator
+//! hosts tens of thousands on one connection. Subscriptions are per *server*, not per node:
+//! one per agent broadcast subject and collective, and for directed requests either one
+//! exact subject per node (the default, what a node's NATS permissions normally allow) or
+//! a single `<collective>.node.>` wildcard ([`ServerOptions::wildcard_directed`]), with
+//! dispatch by identity. A broadcast is therefore decoded, TTL-checked and filter-compiled
+//! once, then evaluated per node; per-node state is just a [`NodeContext`], an emitter and
+//! seven counters.
+//!
+//! Processing of one request on one node, after Choria's `server/processor.go`:
+//!
+//! 1. TTL: accepted only if `now - ttl < time < now + ttl`; otherwise ignored and counted.
+//! 2. Discovery filter: a node it does not select ignores the request silently.
+//!    With [`ServerOptions::verifier`], a request without a valid signature by a trusted
+//!    key is then recorded and refused (`Aborted`, with the reason); nothing else runs.
+//! 3. Unknown agent or action: `UnknownAction`, the policy is not consulted.
+//! 4. Action Policy: denied requests get Choria's `Aborted` reply with the reason.
+//! 5. The request is recorded as an `RpcRequest` event. If that fails the action is not
+//!    run: an action nobody can audit is not performed.
+//! 6. The agent runs; the reply is recorded as an `RpcReply` event and then sent.
+//!
+//! Malformed messages (bad JSON, oversized, on the wrong subject) are logged and counted,
+//! never fatal.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use chorus_runtime::{Health, Service, ServiceError};
+use chorus_schemas::rpc::JsonObject;
+use chorus_schemas::{RpcReply, RpcRequest, StatusCode};
+use futures::StreamExt;
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+
+use super::agents::{ActionContext, Agent};
+use super::filter::CompiledFilter;
+use super::policy::{ActionPolicy, DEFAULT_RECHECK};
+use super::transport::{
+    broadcast_subject, node_subject, validate_subject, RequestEnvelope, Subscription, Transport, TransportMessage,
+    MAX_PAYLOAD,
+};
+use super::{NodeContext, RpcError};
+use chorus_platform::Emitter;
+
+/// Tuning of an [`RpcServer`]. The defaults suit a real node agent.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// Receive directed requests through one `<collective>.node.>` subscription instead of
+    /// one per node. Right for a simulator hosting many nodes; wrong for a real node on a
+    /// shared bus, which would then see every node's directed traffic (and usually lacks
+    /// the permission to).
+    pub wildcard_directed: bool,
+    /// Requests handled at once; further messages wait in the subscription.
+    pub max_in_flight: usize,
+    /// Hosted nodes one request is processed on at once.
+    pub node_concurrency: usize,
+    /// How often Action Policy files are checked for changes.
+    pub policy_recheck: Duration,
+    /// When set, only requests whose envelope carries a signature by a key it trusts (the
+    /// AAA service's request key, see [`crate::signed::verify_signed_request`]) are run.
+    /// Unsigned, forged or tampered requests on a node the request selects are recorded
+    /// and answered `Aborted`, unauthorized, with the reason (`request signature refused
+    /// (<code>): ...`) in the reply's `policy`, and counted as denied.
+    pub verifier: Option<Arc<chorus_schemas::signature::Verifier>>,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            wildcard_directed: false,
+            max_in_flight: 256,
+            node_concurrency: 256,
+            policy_recheck: DEFAULT_RECHECK,
+            verifier: None,
+        }
+    }
+}
+
+/// Live counters; [`StatsSnapshot`] is their public face.
+#[derive(Debug, Default)]
+pub(crate) struct RpcStats {
+    total: AtomicU64,
+    passed: AtomicU64,
+    filtered: AtomicU64,
+    denied: AtomicU64,
+    ttl_expired: AtomicU64,
+    replies: AtomicU64,
+    malformed: AtomicU64,
+}
+
+impl RpcStats {
+    /// The counters now.
+    pub(crate) fn snapshot(&self) -> StatsSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        StatsSnapshot {
+            total: get(&self.total),
+            passed: get(&self.passed),
+            filtered: get(&self.filtered),
+            denied: get(&self.denied),
+            ttl_expired: get(&self.ttl_expired),
+            replies: get(&self.replies),
+            malformed: get(&self.malformed),
+        }
+    }
+
+    fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// RPC counters of one node or a whole server, after Choria's `choria_server_*` metrics;
+/// what `rpcutil daemon_stats` reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    /// Requests received (for a node: requests that reached it, whatever became of them).
+    pub total: u64,
+    /// Requests that passed TTL and discovery filter.
+    pub passed: u64,
+    /// Requests the discovery filter excluded (or whose filter was invalid).
+    pub filtered: u64,
+    /// Requests the Action Policy denied.
+    pub denied: u64,
+    /// Requests older (or further in the future) than their TTL.
+    pub ttl_expired: u64,
+    /// Replies sent.
+    pub replies: u64,
+    /// Messages that were not a valid request; counted per server, not per node, since
+    /// such a message cannot be attributed.
+    pub malformed: u64,
+}
+
+impl std::ops::AddAssign for StatsSnapshot {
+    fn add_assign(&mut self, o: Self) {
+        self.total += o.total;
+        self.passed += o.passed;
+        self.filtered += o.filtered;
+        self.denied += o.denied;
+        self.ttl_expired += o.ttl_expired;
+        self.replies += o.replies;
+        self.malformed += o.malformed;
+    }
+}
+
+/// One hosted node.
+struct HostedNode {
+    ctx: NodeContext,
+    emitter: Arc<Emitter>,
+    stats: RpcStats,
+}
+
+struct RegisteredAgent {
+    agent: Arc<dyn Agent>,
+    actions: HashSet<String>,
+}
+
+/// Where a request arrived, which decides the nodes it may concern.
+enum Destination {
+    Broadcast,
+    Node(String),
+}
+
+/// State shared by the server handle and its subscription tasks.
+struct Core {
+    transport: Arc<dyn Transport>,
+    agents: HashMap<String, RegisteredAgent>,
+    /// Sorted agent names, as reported by `rpcutil` and matched by agent filters.
+    agent_names: Vec<String>,
+    policy: ActionPolicy,
+    /// collective → identity → node.
+    nodes: RwLock<HashMap<String, HashMap<String, Arc<HostedNode>>>>,
+    /// Server-wide counters not attributable to a node.
+    stats: RpcStats,
+    options: ServerOptions,
+    in_flight: Arc<Semaphore>,
+    started: i64,
+}
+
+/// An RPC server hosting one or many nodes. Dropping it stops its subscriptions; requests
+/// already being processed finish.
+pub struct RpcServer {
+    core: Arc<Core>,
+    /// Subscription listeners by subject.
+    listeners: Mutex<HashMap<String, JoinHandle<()>>>,
+    /// Serializes [`RpcServer::add_node`], which subscribes across awaits.
+    adding: tokio::sync::Mutex<()>,
+}
+
+impl RpcServer {
+    /// Starts a server for the single node `ctx`, recording its events through `emitter`.
+    /// `policy_dir` of `None` denies every request.
+    pub async fn start(
+        transport: Arc<dyn Transport>,
+        ctx: NodeContext,
+        agents: Vec<Arc<dyn Agent>>,
+        policy_dir: Option<std::path::PathBuf>,
+        emitter: Arc<Emitter>,
+    ) -> Result<Self, RpcError> {
+        let server = Self::new(transport, agents, policy_dir, ServerOptions::default())?;
+        server.add_node(ctx, emitter).await?;
+        Ok(server)
+    }
+
+    /// A server hosting no node yet; add them with [`RpcServer::add_node`]. Every hosted
+    /// node has the same `agents` and Action Policy.
+    pub fn new(
+        transport: Arc<dyn Transport>,
+        agents: Vec<Arc<dyn Agent>>,
+        policy_dir: Option<std::path::PathBuf>,
+        options: ServerOptions,
+    ) -> Result<Self, RpcError> {
+        let mut registered = HashMap::new();
+        for agent in agents {
+            let name = agent.name().to_string();
+            validate_subject(&name, false).map_err(|e| RpcError::Invalid(format!("agent name: {e}")))?;
+            if name.contains('.') {
+                return Err(RpcError::Invalid(format!("agent name {name:?} contains a dot")));
+            }
+            let actions = agent.actions().into_iter().collect();
+            if registered.insert(name.clone(), RegisteredAgent { agent, actions }).is_some() {
+                return Err(RpcError::Invalid(format!("agent {name} registered twice")));
+            }
+        }
+        let mut agent_names: Vec<String> = registered.keys().cloned().collect();
+        agent_names.sort();
+        let core = Core {
+            transport,
+            agents: registered,
+            agent_names,
+            policy: ActionPolicy::with_recheck(policy_dir, options.policy_recheck),
+            nodes: RwLock::new(HashMap::new()),
+            stats: RpcStats::default(),
+            in_flight: Arc::new(Semaphore::new(options.max_in_flight.max(1))),
+            options,
+            started: chrono::Utc::now().timestamp(),
+        };
+        Ok(RpcServer {
+            core: Arc::new(core),
+            listeners: Mutex::new(HashMap::new()),
+            adding: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// Hosts another node, recording its events through `emitter` (normally one emitter
+    /// per node, since each node numbers its own events). Returns once the node's
+    /// subscriptions are in place, so a request published afterwards reaches it.
+    pub async fn add_node(&self, ctx: NodeContext, emitter: Arc<Emitter>) -> Result<(), RpcError> {
+        let _adding = self.adding.lock().await;
+        let directed = node_subject(&ctx.collective, &ctx.identity);
+        validate_subject(&directed, false)?;
+        if ctx.collective.contains('.') {
+            return Err(RpcError::Invalid(format!("collective {:?} contains a dot", ctx.collective)));
+        }
+        if self.core.nodes_read().get(&ctx.collective).is_some_and(|c| c.contains_key(&ctx.identity)) {
+            return Err(RpcError::DuplicateNode(ctx.identity));
+        }
+
+        let mut subjects: Vec<String> =
+            self.core.agent_names.iter().map(|agent| broadcast_subject(&ctx.collective, agent)).collect();
+        subjects.push(if self.core.options.wildcard_directed {
+            format!("{}.node.>", ctx.collective)
+        } else {
+            directed
+        });
+        let mut added = false;
+        for subject in subjects {
+            if self.lock_listeners().contains_key(&subject) {
+                continue;
+            }
+            let subscription = self.core.transport.subscribe(&subject).await?;
+            let task = tokio::spawn(listen(Arc::clone(&self.core), subject.clone(), subscription));
+            self.lock_listeners().insert(subject, task);
+            added = true;
+        }
+        if added {
+            self.core.transport.flush().await?;
+        }
+
+        let node = Arc::new(HostedNode { ctx, emitter, stats: RpcStats::default() });
+        let mut nodes = self.core.nodes.write().unwrap_or_else(|e| e.into_inner());
+        nodes.entry(node.ctx.collective.clone()).or_default().insert(node.ctx.identity.clone(), node);
+        Ok(())
+    }
+
+    /// Stops hosting a node; returns whether it was hosted. Its per-node directed
+    /// subscription (if any) ends; shared subscriptions stay.
+    pub fn remove_node(&self, collective: &str, identity: &str) -> bool {
+        let removed = {
+            let mut nodes = self.core.nodes.write().unwrap_or_else(|e| e.into_inner());
+            nodes.get_mut(collective).and_then(|c| c.remove(identity)).is_some()
+        };
+        if removed && !self.core.options.wildcard_directed {
+            if let Some(task) = self.lock_listeners().remove(&node_subject(collective, identity)) {
+                task.abort();
+            }
+        }
+        removed
+    }
+
+    /// Number of nodes hosted.
+    pub fn node_count(&self) -> usize {
+        self.core.nodes_read().values().map(HashMap::len).sum()
+    }
+
+    /// Counters summed over every hosted node, plus the server's own `malformed`.
+    pub fn stats(&self) -> StatsSnapshot {
+        let mut sum = self.core.stats.snapshot();
+        for node in self.core.nodes_read().values().flat_map(HashMap::values) {
+            sum += node.stats.snapshot();
+        }
+        sum
+    }
+
+    /// One hosted node's counters (with the server's `malformed`).
+    pub fn node_stats(&self, collective: &str, identity: &str) -> Option<StatsSnapshot> {
+        let nodes = self.core.nodes_read();
+        let node = nodes.get(collective)?.get(identity)?;
+        Some(self.core.node_snapshot(node))
+    }
+
+    /// Names of the agents every hosted node has, sorted.
+    pub fn agents(&self) -> &[String] {
+        &self.core.agent_names
+    }
+
+    fn lock_listeners(&self) -> std::sync::MutexGuard<'_, HashMap<String, JoinHandle<()>>> {
+        self.listeners.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// How long a stopping server waits for requests it is processing.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+#[async_trait::async_trait]
+impl Service for RpcServer {
+    fn name(&self) -> &str {
+        "rpc server"
+    }
+
+    /// Healthy while every subscription is read; a subscription that ended (its connection
+    /// closed for good) leaves the nodes deaf to its requests.
+    fn health(&self) -> Health {
+        let ended: Vec<String> =
+            self.lock_listeners().iter().filter(|(_, task)| task.is_finished()).map(|(s, _)| s.clone()).collect();
+        let health = if ended.is_empty() {
+            Health::ok()
+        } else {
+            Health::failing(format!("subscriptions ended: {}", ended.join(", ")))
+        };
+        health.with("nodes", self.node_count())
+    }
+
+    /// Stops reading requests, then waits (up to 10 s) for those being processed: their
+    /// replies and records are sent.
+    async fn stop(&mut self) -> Result<(), ServiceError> {
+        for (_, task) in self.lock_listeners().drain() {
+            task.abort();
+        }
+        let all = self.core.options.max_in_flight.max(1) as u32;
+        if tokio::time::timeout(STOP_GRACE, self.core.in_flight.acquire_many(all)).await.is_err() {
+            tracing::warn!("rpc server stopped with requests still being processed");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for RpcServer {
+    fn drop(&mut self) {
+        for (_, task) in self.lock_listeners().drain() {
+            task.abort();
+        }
+    }
+}
+
+impl std::fmt::Debug for RpcServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RpcServer").field("agents", &self.core.agent_names).field("nodes", &self.node_count()).finish()
+    }
+}
+
+/// Reads one subscription until it ends, handing each message to its own task (bounded by
+/// [`ServerOptions::max_in_flight`]) so a slow action does not hold up other requests.
+async fn listen(core: Arc<Core>, subject: String, mut subscription: Subscription) {
+    while let Some(message) = subscription.next().await {
+        let Ok(permit) = Arc::clone(&core.in_flight).acquire_owned().await else {
+            return;
+        };
+        let core = Arc::clone(&core);
+        tokio::spawn(async move {
+            core.handle(message).await;
+            drop(permit);
+        });
+    }
+    tracing::debug!(%subject, "RPC subscription ended");
+}
+
+impl Core {
+    fn nodes_read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, HashMap<String, Arc<HostedNode>>>> {
+        self.nodes.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn node_snapshot(&self, node: &HostedNode) -> StatsSnapshot {
+        let mut s = node.stats.snapshot();
+        s.malformed = self.stats.malformed.load(Ordering::Relaxed);
+        s
+    }
+
+    fn malformed(&self, message: &TransportMessage, why: &str) {
+        RpcStats::bump(&self.stats.malformed);
+        // Decode errors quote the input; a hostile message must not flood the log.
+        let mut end = why.len().min(200);
+        while !why.is_char_boundary(end) {
+            end -= 1;
+        }
+        let ellipsis = if end < why.len() { "…" } else { "" };
+        tracing::warn!(subject = %message.subject, "ignoring malformed RPC request: {}{ellipsis}", &why[..end]);
+    }
+
+    /// Handles one message on every hosted node it may concern.
+    async fn handle(&self, message: TransportMessage) {
+        if message.payload.len() > MAX_PAYLOAD {
+            return self.malformed(&message, "larger than the maximum payload");
+        }
+        let envelope = match serde_json::from_slice::<RequestEnvelope>(&message.payload) {
+            Ok(envelope) => envelope,
+            Err(e) => return self.malformed(&message, &e.to_string()),
+        };
+        let refused = self
+            .options
+            .verifier
+            .as_deref()
+            .and_then(|verifier| crate::signed::verify_signed_request(&envelope, verifier).err());
+        let request = envelope.request;
+        let destination = if message.subject == broadcast_subject(&request.collective, &request.agent) {
+            Destination::Broadcast
+        } else if let Some(identity) = message.subject.strip_prefix(&format!("{}.node.", request.collective)) {
+            Destination::Node(identity.to_string())
+        } else {
+            return self.malformed(
+                &message,
+                &format!(
+                    "request for agent {} in collective {} on the wrong subject",
+                    request.agent, request.collective
+                ),
+            );
+        };
+        let targets: Vec<Arc<HostedNode>> = {
+            let nodes = self.nodes_read();
+            let Some(collective) = nodes.get(&request.collective) else {
+                return;
+            };
+            match &destination {
+                Destination::Broadcast => collective.values().cloned().collect(),
+                Destination::Node(identity) => collective.get(identity).cloned().into_iter().collect(),
+            }
+        };
+        if targets.is_empty() {
+            return;
+        }
+
+        let now = chrono::Utc::now().timestamp();
+        let ttl = i64::try_from(request.ttl).unwrap_or(i64::MAX);
+        if !(now.saturating_sub(ttl) < request.time && request.time < now.saturating_add(ttl)) {
+            tracing::debug!(requestid = %request.requestid, time = request.time, ttl, "RPC request outside its TTL; ignored");
+            for node in &targets {
+                RpcStats::bump(&node.stats.total);
+                RpcStats::bump(&node.stats.ttl_expired);
+            }
+            return;
+        }
+
+        let filter = match CompiledFilter::new(&request.filter) {
+            Ok(filter) => filter,
+            Err(e) => {
+                tracing::warn!(requestid = %request.requestid, "RPC request with an invalid filter ignored: {e}");
+                for node in &targets {
+                    RpcStats::bump(&node.stats.total);
+                    RpcStats::bump(&node.stats.filtered);
+                }
+                return;
+            }
+        };
+
+        if let Some(e) = &refused {
+            tracing::warn!(requestid = %request.requestid, callerid = %request.callerid, code = e.code(), "refusing RPC request: {e}");
+        }
+        let (request, filter, reply_to, refused) = (&request, &filter, message.reply.as_deref(), refused.as_ref());
+        futures::stream::iter(targets)
+            .for_each_concurrent(self.options.node_concurrency.max(1), |node| async move {
+                self.process(&node, request, filter, reply_to, refused).await
+            })
+            .await;
+    }
+
+    /// Steps 2 to 6 on one node.
+    async fn process(
+        &self,
+        node: &HostedNode,
+        request: &RpcRequest,
+        filter: &CompiledFilter,
+        reply_to: Option<&str>,
+        refused: Option<&chorus_schemas::signature::VerifyError>,
+    ) {
+        let stats = &node.stats;
+        RpcStats::bump(&stats.total);
+        if !filter.matches(&node.ctx, &self.agent_names) {
+            RpcStats::bump(&stats.filtered);
+            return;
+        }
+        RpcStats::bump(&stats.passed);
+        let identity = node.ctx.identity.as_str();
+
+        // Signature required and not valid: recorded and refused, the policy not consulted.
+        if let Some(e) = refused {
+            RpcStats::bump(&stats.denied);
+            let _ = self.record_request(node, request).await;
+            let reason = format!("request signature refused ({}): {e}", e.code());
+            return self.answer(node, RpcReply::denied(request, identity, reason), reply_to).await;
+        }
+
+        let registered = self.agents.get(&request.agent).filter(|a| a.actions.contains(&request.action));
+        let reply = match registered {
+            None => {
+                let mut reply = RpcReply::new(request, identity, StatusCode::UnknownAction, JsonObject::new());
+                reply.statusmsg = if self.agents.contains_key(&request.agent) {
+                    format!("Unknown action {} for agent {}", request.action, request.agent)
+                } else {
+                    format!("Unknown agent {}", request.agent)
+                };
+                reply.authorized = false;
+                reply.policy = Some("not evaluated: unknown agent or action".into());
+                // Nothing runs, so a failure to record (already logged) changes nothing.
+                let _ = self.record_request(node, request).await;
+                reply
+            }
+            Some(registered) => {
+                let decision = self.policy.authorize(request, &node.ctx);
+                let recorded = self.record_request(node, request).await;
+                if !decision.allowed {
+                    RpcStats::bump(&stats.denied);
+                    RpcReply::denied(request, identity, decision.reason)
+                } else if let Err(e) = recorded {
+                    let mut reply = RpcReply::new(request, identity, StatusCode::Aborted, JsonObject::new());
+                    reply.statusmsg = format!("not run: the request could not be recorded: {e}");
+                    reply.policy = Some(decision.reason);
+                    reply
+                } else {
+                    let ctx = ActionContext {
+                        request,
+                        node: &node.ctx,
+                        agents: &self.agent_names,
+                        stats: self.node_snapshot(node),
+                        started: self.started,
+                    };
+                    let outcome = registered.agent.handle(&request.action, &request.data, &ctx).await;
+                    let mut reply = RpcReply::new(request, identity, outcome.status, outcome.data);
+                    reply.statusmsg = outcome.message;
+                    reply.policy = Some(decision.reason);
+                    reply
+                }
+            }
+        };
+        self.answer(node, reply, reply_to).await;
+    }
+
+    /// Records the request on the node's event stream.
+    async fn record_request(&self, node: &HostedNode, request: &RpcRequest) -> Result<(), String> {
+        node.emitter.emit(request.clone()).await.map(drop).map_err(|e| {
+            tracing::error!(identity = %node.ctx.identity, requestid = %request.requestid, error = %e, "cannot record RPC request");
+            e.to_string()
+        })
+    }
+
+    /// Records the reply, then sends it (if the caller asked for replies).
+    async fn answer(&self, node: &HostedNode, mut reply: RpcReply, reply_to: Option<&str>) {
+        let mut payload = match serde_json::to_vec(&reply) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode RPC reply");
+                return;
+            }
+        };
+        if payload.len() > MAX_PAYLOAD {
+            reply.statuscode = StatusCode::UnknownError;
+            reply.statusmsg = format!("reply of {} bytes exceeds the maximum payload", payload.len());
+            reply.data = JsonObject::new();
+            payload = serde_json::to_vec(&reply).unwrap_or_default();
+        }
+        if let Err(e) = node.emitter.emit(reply.clone()).await {
+            tracing::error!(identity = %node.ctx.identity, requestid = %reply.requestid, error = %e, "cannot record RPC reply");
+        }
+        let Some(reply_to) = reply_to else { return };
+        match self.transport.publish(reply_to, None, Bytes::from(payload)).await {
+            Ok(()) => RpcStats::bump(&node.stats.replies),
+            Err(e) => {
+                tracing::warn!(identity = %node.ctx.identity, error = %e, "cannot send RPC reply")
+            }
+        }
+    }
+}

@@ -1,0 +1,524 @@
+//! End-to-end RPC tests: real servers and clients over [`LocalTransport`] (and one over a
+//! real nats-server), with events recorded in memory.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use chorus_schemas::rpc::{Filter, JsonObject};
+use chorus_schemas::{Event, RpcReply, RpcRequest, StatusCode};
+use serde_json::json;
+
+use super::agents::{RpcUtil, Shell};
+use super::*;
+use chorus_platform::{Emitter, MemorySink};
+
+/// The RPC records a memory sink holds.
+trait Recorded {
+    fn requests(&self) -> Vec<RpcRequest>;
+    fn replies(&self) -> Vec<RpcReply>;
+}
+
+impl Recorded for MemorySink {
+    fn requests(&self) -> Vec<RpcRequest> {
+        self.records()
+            .into_iter()
+            .filter_map(|r| match r.data {
+                Event::RpcRequest(q) => Some(q),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn replies(&self) -> Vec<RpcReply> {
+        self.records()
+            .into_iter()
+            .filter_map(|r| match r.data {
+                Event::RpcReply(q) => Some(q),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+const COLLECTIVE: &str = "choria";
+const CALLER: &str = "up=bob";
+
+fn node(identity: &str, country: &str) -> NodeContext {
+    let mut n = NodeContext::new(identity, COLLECTIVE);
+    n.facts.insert("country".into(), json!(country));
+    n.classes = vec!["base".into()];
+    n
+}
+
+fn agents() -> Vec<Arc<dyn Agent>> {
+    vec![Arc::new(RpcUtil), Arc::new(Shell)]
+}
+
+fn write_policy(dir: &Path, agent: &str, text: &str) {
+    std::fs::write(dir.join(format!("{agent}.policy")), text).unwrap();
+}
+
+/// A server hosting n1 (uk), n2 (de) and n3.example.net (uk), all recording into one sink.
+async fn fleet(
+    transport: Arc<dyn Transport>,
+    policy_dir: Option<&Path>,
+    wildcard_directed: bool,
+    sink: Arc<MemorySink>,
+) -> RpcServer {
+    let options = ServerOptions { wildcard_directed, ..Default::default() };
+    let server = RpcServer::new(transport, agents(), policy_dir.map(Path::to_path_buf), options).unwrap();
+    for (identity, country) in [("n1", "uk"), ("n2", "de"), ("n3.example.net", "uk")] {
+        let emitter = Arc::new(Emitter::new(sink.clone(), 1, None));
+        server.add_node(node(identity, country), emitter).await.unwrap();
+    }
+    server
+}
+
+fn client(transport: Arc<dyn Transport>) -> RpcClient {
+    RpcClient::new(transport, CALLER, COLLECTIVE).with_senderid("client.example.net")
+}
+
+fn options(timeout_ms: u64) -> RequestOptions {
+    RequestOptions { timeout: Duration::from_millis(timeout_ms), ..Default::default() }
+}
+
+fn allow_bob(dir: &Path) {
+    write_policy(dir, "rpcutil", "policy default deny\nallow\tup=bob\t*\t*\t*\n");
+}
+
+fn identities(replies: &[RpcReply]) -> Vec<String> {
+    let mut ids: Vec<String> = replies.iter().map(|r| r.identity.clone()).collect();
+    ids.sort();
+    ids
+}
+
+#[tokio::test]
+async fn broadcast_reaches_every_hosted_node_and_is_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    allow_bob(dir.path());
+    let transport: Arc<dyn Transport> = Arc::new(LocalTransport::new());
+    let sink = Arc::new(MemorySink::default());
+    let server = fleet(transport.clone(), Some(dir.path()), true, sink.clone()).await;
+
+    let results = client(transport)
+        .call("rpcutil", "ping", JsonObject::new(), RequestOptions { expected: Some(3), ..options(5000) })
+        .await
+        .unwrap();
+    assert_eq!(identities(&results.replies), ["n1", "n2", "n3.example.net"]);
+    for reply in &results.replies {
+        assert_eq!(reply.statuscode, StatusCode::Ok, "{reply:?}");
+        assert!(reply.authorized);
+        assert!(reply.data["pong"].as_i64().unwrap() > 0);
+        assert!(reply.policy.as_deref().unwrap().contains("rpcutil.policy:2"), "{reply:?}");
+    }
+    let s = &results.summary;
+    assert_eq!((s.replies, s.ok, s.denied, s.failed, s.no_response), (3, 3, 0, 0, Some(0)));
+    assert!(s.elapsed < Duration::from_secs(5), "stopped once all expected replied");
+
+    // Each node recorded the request it acted on and its reply.
+    let requests = sink.requests();
+    assert_eq!(requests.len(), 3);
+    assert!(requests.iter().all(|r| r.requestid == results.request.requestid));
+    assert_eq!(identities(&sink.replies()), ["n1", "n2", "n3.example.net"]);
+    let stats = server.stats();
+    assert_eq!((stats.total, stats.passed, stats.replies, stats.denied), (3, 3, 3, 0));
+}
+
+#[tokio::test]
+async fn without_policy_everything_is_denied_and_the_denials_recorded() {
+    let transport: Arc<dyn Transport> = Arc::new(LocalTransport::new());
+    let sink = Arc::new(MemorySink::default());
+    let server = fleet(transport.clone(), None, false, sink.clone()).await;
+
+    let results = client(transport)
+        .call("rpcutil", "ping", JsonObject::new(), RequestOptions { expected: Some(3), ..options(5000) })
+        .await
+        .unwrap();
+    assert_eq!(results.replies.len(), 3);
+    for reply in &results.replies {
+        assert_eq!(reply.statuscode, StatusCode::Aborted);
+        assert!(!reply.authorized);
+        assert_eq!(reply.statusmsg, RpcReply::DENIED_MESSAGE);
+        assert!(reply.policy.as_deref().unwrap().contains("no policy file for agent rpcutil"));
+        assert!(reply.data.is_empty());
+    }
+    assert_eq!((results.summary.denied, results.summary.ok), (3, 0));
+
+    assert_eq!(sink.requests().len(), 3);
+    let recorded = sink.replies();
+    assert_eq!(recorded.len(), 3);
+    assert!(recorded.iter().all(|r| !r.authorized && r.policy.as_deref().unwrap().contains("no policy")));
+    assert_eq!(server.stats().denied, 3);
+}
+
+#[tokio::test]
+async fn shell_is_denied_unless_its_policy_allows_it() {
+    let dir = tempfile::tempdir().unwrap();
+    allow_bob(dir.path());
+    let transport: Arc<dyn Transport> = Arc::new(LocalTransport::new());
+    let sink = Arc::new(MemorySink::default());
+    let _server = fleet(transport.clone(), Some(dir.path()), true, sink.clone()).await;
+    let c = client(transport);
+    let data = serde_json::from_value::<JsonObject>(json!({"command": "echo hi", "timeout_secs": 5})).unwrap();
+    let opts = || RequestOptions { target: Target::Node("n1".into()), ..options(10_000) };
+
+    let denied = c.call("shell", "run", data.clone(), opts()).await.unwrap();
+    assert_eq!(denied.replies.len(), 1);
+    assert!(!denied.replies[0].authorized);
+    assert!(denied.replies[0].policy.as_deref().unwrap().starts_with("no policy file for agent shell"));
+
+    write_policy(dir.path(), "shell", "allow\tup=bob\trun\tcountry=/^u/\tbase\n");
+    // Policy files are re-read within a second of changing.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let ran = c.call("shell", "run", data, opts()).await.unwrap();
+    let reply = &ran.replies[0];
+    assert_eq!(reply.statuscode, StatusCode::Ok, "{reply:?}");
+    assert_eq!(reply.data["stdout"], "hi\n");
+    assert_eq!(reply.data["exitcode"], 0);
+}
+
+#[tokio::test]
+async fn fact_filter_selects_matching_nodes_only() {
+    let dir = tempfile::tempdir().unwrap();
+    allow_bob(dir.path());
+    let transport: Arc<dyn Transport> = Arc::new(LocalTransport::new());
+    let sink = Arc::new(MemorySink::default());
+    let server = fleet(transport.clone(), Some(dir.path()), true, sink.clone()).await;
+
+    let filter = Filter { fact: vec![parse_fact_filter("country=uk").unwrap()], ..Default::default() };
+    let results = client(transport)
+        .call("rpcutil", "ping", JsonObject::new(), RequestOptions { filter, ..options(300) })
+        .await
+        .unwrap();
+    assert_eq!(identities(&results.replies), ["n1", "n3.example.net"]);
+    assert_eq!(results.summary.no_response, None, "broadcast: nobody was expected");
+    // The filtered node ignored it silently: no reply, no event.
+    let n2 = server.node_stats(COLLECTIVE, "n2").unwrap();
+    assert_eq!((n2.total, n2.filtered, n2.passed, n2.replies), (1, 1, 0, 0));
+    assert_eq!(sink.requests().len(), 2);
+}
+
+#[tokio::test]
+async fn directed_requests_reach_one_node() {
+    for wildcard in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        allow_bob(dir.path());
+        let transport: Arc<dyn Transport> = Arc::new(LocalTransport::new());
+        let sink = Arc::new(MemorySink::default());
+        let server = fleet(transport.clone(), Some(dir.path()), wildcard, sink).await;
+        let c = client(transport);
+
+        let target = Target::Node("n3.example.net".into());
+        let results =
+            c.call("rpcutil", "ping", JsonObject::new(), RequestOptions { target, ..options(5000) }).await.unwrap();
+        assert_eq!(identities(&results.replies), ["n3.example.net"], "wildcard {wildcard}");
+        assert_eq!(results.summary.no_response, Some(0));
+        assert_eq!(server.node_stats(COLLECTIVE, "n1").unwrap().total, 0);
+
+        // Several nodes by name; one of them does not exist.
+        let target = Target::Nodes(vec!["n1".into(), "n2".into(), "ghost".into()]);
+        let results =
+            c.call("rpcutil", "ping", JsonObject::new(), RequestOptions { target, ..options(300) }).await.unwrap();
+        assert_eq!(identities(&results.replies), ["n1", "n2"]);
+        assert_eq!(results.summary.no_response, Some(1));
+
+        // A node removed no longer answers.
+        assert!(server.remove_node(COLLECTIVE, "n1"));
+        let target = Target::Node("n1".into());
+        let results =
+            c.call("rpcutil", "ping", JsonObject::new(), RequestOptions { target, ..options(200) }).await.unwrap();
+        assert!(results.replies.is_empty());
+        assert_eq!(server.node_count(), 2);
+    }
+}
+
+/// Publishes `payload` as a broadcast with a reply inbox and returns what came back
+/// within 300 ms.
+async fn raw_broadcast(transport: &Arc<dyn Transport>, payload: Vec<u8>) -> usize {
+    use futures::StreamExt;
+    let inbox = transport::reply_inbox(COLLECTIVE);
+    let mut sub = transport.subscribe(&inbox).await.unwrap();
+    let subject = transport::broadcast_subject(COLLECTIVE, "rpcutil");
+    transport.publish(&subject, Some(&inbox), Bytes::from(payload)).await.unwrap();
+    let mut n = 0;
+    while tokio::time::timeout(Duration::from_millis(300), sub.next()).await.ok().flatten().is_some() {
+        n += 1;
+    }
+    n
+}
+
+#[tokio::test]
+async fn expired_requests_are_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    allow_bob(dir.path());
+    let transport: Arc<dyn Transport> = Arc::new(LocalTransport::new());
+    let sink = Arc::new(MemorySink::default());
+    let server = fleet(transport.clone(), Some(dir.path()), true, sink.clone()).await;
+
+    let mut old = RpcRequest::new(CALLER, "c", COLLECTIVE, "rpcutil", "ping", JsonObject::new());
+    old.time -= 61;
+    let mut future = old.clone();
+    future.time += 61 + 61;
+    for request in [old, future] {
+        let payload = serde_json::to_vec(&RequestEnvelope::new(request)).unwrap();
+        assert_eq!(raw_broadcast(&transport, payload).await, 0);
+    }
+    let stats = server.stats();
+    assert_eq!((stats.total, stats.ttl_expired, stats.passed), (6, 6, 0));
+    assert!(sink.records().is_empty());
+}
+
+#[tokio::test]
+async fn malformed_requests_are_counted_and_the_server_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    allow_bob(dir.path());
+    let transport: Arc<dyn Transport> = Arc::new(LocalTransport::new());
+    let sink = Arc::new(MemorySink::default());
+    let server = fleet(transport.clone(), Some(dir.path()), true, sink).await;
+
+    assert_eq!(raw_broadcast(&transport, b"{not json".to_vec()).await, 0);
+    assert_eq!(raw_broadcast(&transport, br#"{"request": {"agent": 1}}"#.to_vec()).await, 0);
+    // A valid request for another agent on the rpcutil subject.
+    let wrong = RpcRequest::new(CALLER, "c", COLLECTIVE, "shell", "run", JsonObject::new());
+    let payload = serde_json::to_vec(&RequestEnvelope::new(wrong)).unwrap();
+    assert_eq!(raw_broadcast(&transport, payload).await, 0);
+    assert_eq!(server.stats().malformed, 3);
+    assert_eq!(server.stats().total, 0);
+
+    let results = client(transport)
+        .call("rpcutil", "ping", JsonObject::new(), RequestOptions { expected: Some(3), ..options(5000) })
+        .await
+        .unwrap();
+    assert_eq!(results.summary.ok, 3);
+}
+
+#[tokio::test]
+async fn rpcutil_actions_and_unknown_actions() {
+    let dir = tempfile::tempdir().unwrap();
+    allow_bob(dir.path());
+    let transport: Arc<dyn Transport> = Arc::new(LocalTransport::new());
+    let sink = Arc::new(MemorySink::default());
+    let _server = fleet(transport.clone(), Some(dir.path()), true, sink).await;
+    let c = client(transport);
+    let one = |action: &'static str, data: serde_json::Value| {
+        let c = c.clone();
+        async move {
+            let data = serde_json::from_value::<JsonObject>(data).unwrap();
+            let opts = RequestOptions { target: Target::Node("n1".into()), ..options(5000) };
+            let mut r = c.call("rpcutil", action, data, opts).await.unwrap();
+            assert_eq!(r.replies.len(), 1, "{action}");
+            r.replies.remove(0)
+        }
+    };
+
+    let inv = one("inventory", json!({})).await;
+    assert_eq!(inv.data["agents"], json!(["rpcutil", "shell"]));
+    assert_eq!(inv.data["facts"]["country"], "uk");
+    assert_eq!(inv.data["main_collective"], COLLECTIVE);
+    assert_eq!(inv.data["collectives"], json!([COLLECTIVE]));
+    assert_eq!(inv.data["classes"], json!(["base"]));
+
+    let fact = one("get_fact", json!({"fact": "country"})).await;
+    assert_eq!((fact.data["fact"].clone(), fact.data["value"].clone()), (json!("country"), json!("uk")));
+    assert_eq!(one("get_fact", json!({})).await.statuscode, StatusCode::MissingData);
+
+    let agents = one("agent_inventory", json!({})).await;
+    assert_eq!(agents.data["agents"][0]["agent"], "rpcutil");
+
+    let stats = one("daemon_stats", json!({})).await;
+    assert!(stats.data["total"].as_u64().unwrap() >= 4, "{stats:?}");
+    assert_eq!(stats.data["ttlexpired"], 0);
+
+    let unknown = one("reboot", json!({})).await;
+    assert_eq!(unknown.statuscode, StatusCode::UnknownAction);
+    assert!(!unknown.authorized);
+
+    let results = c
+        .call("nope", "x", JsonObject::new(), RequestOptions { target: Target::Node("n1".into()), ..options(5000) })
+        .await
+        .unwrap();
+    assert_eq!(results.replies[0].statuscode, StatusCode::UnknownAction);
+    assert_eq!(results.replies[0].statusmsg, "Unknown agent nope");
+}
+
+#[tokio::test]
+async fn an_action_that_cannot_be_recorded_is_not_run() {
+    let dir = tempfile::tempdir().unwrap();
+    write_policy(dir.path(), "shell", "allow\t*\t*\t*\t*\n");
+    let transport: Arc<dyn Transport> = Arc::new(LocalTransport::new());
+    let marker = dir.path().join("ran");
+    let failing = Arc::new(MemorySink::default());
+    failing.set_down(true);
+    let server = RpcServer::start(
+        transport.clone(),
+        node("n1", "uk"),
+        agents(),
+        Some(dir.path().into()),
+        Arc::new(Emitter::new(failing, 1, None)),
+    )
+    .await
+    .unwrap();
+    let data = serde_json::from_value::<JsonObject>(json!({"command": format!("touch {}", marker.display())})).unwrap();
+    let results = client(transport)
+        .call("shell", "run", data, RequestOptions { expected: Some(1), ..options(5000) })
+        .await
+        .unwrap();
+    let reply = &results.replies[0];
+    assert_eq!(reply.statuscode, StatusCode::Aborted);
+    assert!(reply.statusmsg.contains("could not be recorded"), "{reply:?}");
+    assert!(!marker.exists());
+    assert_eq!(server.stats().replies, 1);
+}
+
+#[tokio::test]
+async fn rejects_bad_nodes_and_agents() {
+    let transport: Arc<dyn Transport> = Arc::new(LocalTransport::new());
+    let server = RpcServer::new(transport.clone(), agents(), None, ServerOptions::default()).unwrap();
+    let emitter = || Arc::new(Emitter::new(Arc::new(MemorySink::default()), 1, None));
+    server.add_node(node("n1", "uk"), emitter()).await.unwrap();
+    assert!(matches!(server.add_node(node("n1", "uk"), emitter()).await, Err(RpcError::DuplicateNode(_))));
+    assert!(server.add_node(node("bad id", "uk"), emitter()).await.is_err());
+    assert!(RpcServer::new(
+        transport.clone(),
+        vec![Arc::new(RpcUtil), Arc::new(RpcUtil)],
+        None,
+        ServerOptions::default()
+    )
+    .is_err());
+}
+
+/// Many simulated nodes on one server: every one answers one broadcast.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_server_hosts_many_nodes() {
+    let dir = tempfile::tempdir().unwrap();
+    allow_bob(dir.path());
+    let transport: Arc<dyn Transport> = Arc::new(LocalTransport::new());
+    let options_ = ServerOptions { wildcard_directed: true, ..Default::default() };
+    let server = RpcServer::new(transport.clone(), agents(), Some(dir.path().into()), options_).unwrap();
+    let sink = Arc::new(MemorySink::default());
+    const N: usize = 2000;
+    for i in 0..N {
+        let emitter = Arc::new(Emitter::new(sink.clone(), 1, None));
+        server.add_node(node(&format!("sim{i}.example.net"), "uk"), emitter).await.unwrap();
+    }
+    let results = client(transport.clone())
+        .call("rpcutil", "ping", JsonObject::new(), RequestOptions { expected: Some(N), ..options(20_000) })
+        .await
+        .unwrap();
+    assert_eq!(results.summary.ok, N);
+    assert_eq!(sink.records().len(), 2 * N);
+}
+
+#[tokio::test]
+async fn works_over_a_real_nats_server() {
+    let nats = chorus_testkit::nats::NatsServer::start().expect("nats-server");
+    let dir = tempfile::tempdir().unwrap();
+    allow_bob(dir.path());
+    let server_side: Arc<dyn Transport> = Arc::new(NatsTransport::connect(&nats.url()).await.unwrap());
+    let client_side: Arc<dyn Transport> = Arc::new(NatsTransport::connect(&nats.url()).await.unwrap());
+    for wildcard in [false, true] {
+        let sink = Arc::new(MemorySink::default());
+        let server = fleet(server_side.clone(), Some(dir.path()), wildcard, sink.clone()).await;
+        let c = client(client_side.clone());
+
+        let results = c
+            .call("rpcutil", "ping", JsonObject::new(), RequestOptions { expected: Some(3), ..options(5000) })
+            .await
+            .unwrap();
+        assert_eq!(identities(&results.replies), ["n1", "n2", "n3.example.net"]);
+        assert_eq!(results.summary.ok, 3);
+
+        let target = Target::Node("n3.example.net".into());
+        let results =
+            c.call("rpcutil", "ping", JsonObject::new(), RequestOptions { target, ..options(5000) }).await.unwrap();
+        assert_eq!(identities(&results.replies), ["n3.example.net"]);
+        assert_eq!(sink.requests().len(), 4);
+
+        // Garbage over the wire is counted, not fatal.
+        client_side
+            .publish(&transport::broadcast_subject(COLLECTIVE, "rpcutil"), None, Bytes::from_static(b"\xff"))
+            .await
+            .unwrap();
+        client_side.flush().await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while server.stats().malformed == 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(server.stats().malformed, 1);
+        drop(server);
+    }
+}
+
+/// Signs every request with a key, as the AAA service does.
+struct KeySigner(chorus_keys::Ed25519FileSigner);
+
+#[async_trait]
+impl RequestSigner for KeySigner {
+    async fn sign(&self, request: RpcRequest) -> Result<super::transport::RequestEnvelope, RpcError> {
+        let signed = crate::signed::sign_request(request, &self.0, "aaa.example.net")
+            .map_err(|e| RpcError::Invalid(e.to_string()))?;
+        Ok(signed.into_envelope(None))
+    }
+}
+
+/// Tampers with the request after a valid signature was made.
+struct Tamperer(KeySigner);
+
+#[async_trait]
+impl RequestSigner for Tamperer {
+    async fn sign(&self, request: RpcRequest) -> Result<super::transport::RequestEnvelope, RpcError> {
+        let mut envelope = self.0.sign(request).await?;
+        envelope.request.action = "daemon_stats".into();
+        Ok(envelope)
+    }
+}
+
+#[tokio::test]
+async fn a_server_with_a_verifier_runs_only_requests_signed_by_a_trusted_key() {
+    use chorus_keys::{Ed25519FileSigner, Signer};
+    use chorus_schemas::signature::Verifier;
+    let dir = tempfile::tempdir().unwrap();
+    allow_bob(dir.path());
+    let transport: Arc<dyn Transport> = Arc::new(LocalTransport::new());
+    let sink = Arc::new(MemorySink::default());
+    let seed = [7u8; 32];
+    let key = Ed25519FileSigner::from_seed(&seed);
+    let verifier = Arc::new(Verifier::new().with_key(&key.public_key()).unwrap());
+    let server_options = ServerOptions { verifier: Some(verifier), ..Default::default() };
+    let server = RpcServer::new(transport.clone(), agents(), Some(dir.path().into()), server_options).unwrap();
+    let emitter = Arc::new(Emitter::new(sink.clone(), 1, None));
+    server.add_node(node("n1", "uk"), emitter).await.unwrap();
+    let trusted = || KeySigner(Ed25519FileSigner::from_seed(&seed));
+    let ping = |client: RpcClient| async move {
+        let results = client
+            .call("rpcutil", "ping", JsonObject::new(), RequestOptions { expected: Some(1), ..options(10_000) })
+            .await
+            .unwrap();
+        assert_eq!(results.replies.len(), 1);
+        results.replies.into_iter().next().unwrap()
+    };
+
+    let signed = ping(client(transport.clone()).with_request_signer(Arc::new(trusted()))).await;
+    assert_eq!(signed.statuscode, StatusCode::Ok, "{signed:?}");
+
+    let unsigned = ping(client(transport.clone())).await;
+    assert_eq!((unsigned.statuscode, unsigned.authorized), (StatusCode::Aborted, false));
+    assert!(unsigned.policy.as_deref().unwrap().contains("refused (unsigned)"), "{unsigned:?}");
+
+    let stranger =
+        ping(client(transport.clone()).with_request_signer(Arc::new(KeySigner(Ed25519FileSigner::random())))).await;
+    assert!(stranger.policy.as_deref().unwrap().contains("refused (unknown_key)"), "{stranger:?}");
+
+    let tampered = ping(client(transport.clone()).with_request_signer(Arc::new(Tamperer(trusted())))).await;
+    assert_eq!(tampered.statuscode, StatusCode::Aborted);
+    assert!(tampered.policy.as_deref().unwrap().contains("refused (bad_signature)"), "{tampered:?}");
+
+    // Every request and reply is recorded, refused ones included.
+    assert_eq!(sink.requests().len(), 4);
+    let policies: Vec<Option<String>> = sink.replies().into_iter().map(|r| r.policy).collect();
+    assert_eq!(policies.iter().filter(|p| p.as_deref().is_some_and(|p| p.contains("signature refused"))).count(), 3);
+    assert_eq!(server.stats().denied, 3);
+}

@@ -1,0 +1,240 @@
+//! TLS client settings and the one rustls client builder (ring provider) behind every TLS
+//! connection Chorus makes: to NATS brokers, syslog collectors, Splunk HEC and the AAA
+//! service.
+//!
+//! The client key may be a PEM file ([`TlsClientConfig::key_file`]) or any
+//! [`chorus_keys::Signer`] ([`client_config_with_signer`]): a key held by a PKCS#11 token
+//! never leaves it, and the handshake's `CertificateVerify` is signed through the token.
+//! Only the signature scheme `ed25519` is offered for such a key; brokers built with Go's
+//! crypto/tls (nats-server) accept it.
+//!
+//! ```no_run
+//! use chorus_runtime::tls::{client_config, TlsClientConfig};
+//!
+//! let settings = TlsClientConfig { ca_file: Some("ca.pem".into()), ..Default::default() };
+//! let rustls_config = client_config(&settings)?;
+//! # Ok::<(), chorus_runtime::ConfigError>(())
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use chorus_keys::Signer;
+use rustls::client::ResolvesClientCert;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, SubjectPublicKeyInfoDer};
+use rustls::sign::{CertifiedKey, SigningKey};
+use rustls::{ClientConfig, RootCertStore, SignatureAlgorithm, SignatureScheme};
+use serde::{Deserialize, Serialize};
+
+use crate::config::ConfigError;
+
+/// TLS settings of a client connection, as configuration files write them (`tls:`).
+/// Errors name fields relative to this section (`tls.ca_file`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsClientConfig {
+    /// PEM CA bundle that signs the server's certificate; the system's roots when absent.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate (chain, leaf first), for servers that authenticate clients.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file` (PKCS#8, PKCS#1 or SEC1).
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// Name checked against the server's certificate (a DNS name or an IP address); the host
+    /// of the address or URL when absent. Not for NATS, whose client checks the URL's host.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// NATS only: refuse a connection without TLS even when the URL says `nats://` (default
+    /// true). Syslog and HEC always use TLS when this section is present.
+    #[serde(default = "yes")]
+    pub required: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl TlsClientConfig {
+    /// Trusting the CAs of `ca_file`, without a client certificate.
+    pub fn with_ca(ca_file: impl Into<PathBuf>) -> Self {
+        TlsClientConfig { ca_file: Some(ca_file.into()), required: true, ..Default::default() }
+    }
+
+    /// Checks that the files exist and that certificate and key go together.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            return Err(ConfigError::invalid("tls", "cert_file and key_file go together"));
+        }
+        for (field, path) in [("ca_file", &self.ca_file), ("cert_file", &self.cert_file), ("key_file", &self.key_file)]
+        {
+            if let Some(p) = path {
+                if !p.exists() {
+                    return Err(ConfigError::invalid(
+                        format!("tls.{field}"),
+                        format!("{} does not exist", p.display()),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The name the server's certificate is checked against: `server_name`, else `host`.
+    pub fn server_name(&self, host: &str) -> Result<ServerName<'static>, ConfigError> {
+        let name = self.server_name.as_deref().unwrap_or(host);
+        let name = name.strip_prefix('[').and_then(|n| n.strip_suffix(']')).unwrap_or(name);
+        ServerName::try_from(name.to_owned())
+            .map_err(|e| ConfigError::invalid("tls.server_name", format!("{name:?}: {e}")).with_source(e))
+    }
+}
+
+/// A rustls client configuration from `settings`: the CAs of `ca_file` (else the system's),
+/// and the client certificate and key when given.
+pub fn client_config(settings: &TlsClientConfig) -> Result<ClientConfig, ConfigError> {
+    let roots = roots(settings.ca_file.as_deref())?;
+    let builder = builder()?.with_root_certificates(roots);
+    match (&settings.cert_file, &settings.key_file) {
+        (Some(cert), Some(key)) => {
+            let chain = read_certs(cert, "tls.cert_file")?;
+            let key = PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| ConfigError::invalid("tls.key_file", format!("{}: {e}", key.display())).with_source(e))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| ConfigError::invalid("tls", format!("client certificate: {e}")).with_source(e))
+        }
+        (None, None) => Ok(builder.with_no_client_auth()),
+        _ => Err(ConfigError::invalid("tls", "cert_file and key_file go together")),
+    }
+}
+
+/// A rustls client configuration trusting the CAs of `ca_file` (PEM) and authenticating with
+/// the certificate chain of `cert_file` (PEM, leaf first), whose Ed25519 key `signer` holds.
+/// Fails when the leaf certificate is not for the signer's public key.
+pub fn client_config_with_signer(
+    ca_file: &Path,
+    cert_file: &Path,
+    signer: Arc<dyn Signer>,
+) -> Result<ClientConfig, ConfigError> {
+    let roots = roots(Some(ca_file))?;
+    let chain = read_certs(cert_file, "tls.cert_file")?;
+    let spki = [&ED25519_SPKI_PREFIX[..], &signer.public_key()[..]].concat();
+    // The leaf's SubjectPublicKeyInfo appears verbatim in its DER.
+    if !chain[0].as_ref().windows(spki.len()).any(|w| w == spki.as_slice()) {
+        return Err(ConfigError::invalid(
+            "tls.cert_file",
+            format!("{}: the certificate is not for the Ed25519 key {}", cert_file.display(), signer.key_id()),
+        ));
+    }
+    let key = Arc::new(SignerKey { signer, spki });
+    let certified = Arc::new(CertifiedKey::new(chain, key));
+    Ok(builder()?.with_root_certificates(roots).with_client_cert_resolver(Arc::new(OneCert(certified))))
+}
+
+fn builder() -> Result<rustls::ConfigBuilder<ClientConfig, rustls::WantsVerifier>, ConfigError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ConfigError::invalid("tls", &e).with_source(e))
+}
+
+fn roots(ca_file: Option<&Path>) -> Result<RootCertStore, ConfigError> {
+    let mut roots = RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            for cert in read_certs(path, "tls.ca_file")? {
+                roots.add(cert).map_err(|e| {
+                    ConfigError::invalid("tls.ca_file", format!("{}: {e}", path.display())).with_source(e)
+                })?;
+            }
+        }
+        None => {
+            for cert in rustls_native_certs::load_native_certs().certs {
+                // Skip the odd unparsable system certificate rather than fail.
+                if let Err(e) = roots.add(cert) {
+                    tracing::debug!(error = %e, "skipping a system CA certificate");
+                }
+            }
+            if roots.is_empty() {
+                return Err(ConfigError::invalid("tls", "no ca_file given and no system CA certificates found"));
+            }
+        }
+    }
+    Ok(roots)
+}
+
+fn read_certs(path: &Path, field: &str) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| ConfigError::invalid(field, format!("{}: {e}", path.display())).with_source(e))?;
+    if certs.is_empty() {
+        return Err(ConfigError::invalid(field, format!("{}: no certificate in it", path.display())));
+    }
+    Ok(certs)
+}
+
+/// DER prefix of an Ed25519 SubjectPublicKeyInfo (RFC 8410), before the 32 key bytes.
+const ED25519_SPKI_PREFIX: [u8; 12] = [0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00];
+
+/// A rustls signing key that signs through a [`Signer`].
+struct SignerKey {
+    signer: Arc<dyn Signer>,
+    spki: Vec<u8>,
+}
+
+impl std::fmt::Debug for SignerKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SignerKey").field("key_id", &self.signer.key_id()).finish()
+    }
+}
+
+impl SigningKey for SignerKey {
+    fn choose_scheme(&self, offered: &[SignatureScheme]) -> Option<Box<dyn rustls::sign::Signer>> {
+        offered
+            .contains(&SignatureScheme::ED25519)
+            .then(|| Box::new(SignerHandle(self.signer.clone())) as Box<dyn rustls::sign::Signer>)
+    }
+
+    fn public_key(&self) -> Option<SubjectPublicKeyInfoDer<'_>> {
+        Some(SubjectPublicKeyInfoDer::from(self.spki.as_slice()))
+    }
+
+    fn algorithm(&self) -> SignatureAlgorithm {
+        SignatureAlgorithm::ED25519
+    }
+}
+
+struct SignerHandle(Arc<dyn Signer>);
+
+impl std::fmt::Debug for SignerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("SignerHandle").field(&self.0.key_id()).finish()
+    }
+}
+
+impl rustls::sign::Signer for SignerHandle {
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
+        self.0.sign(message).map(|sig| sig.to_vec()).map_err(|e| rustls::Error::General(format!("client key: {e}")))
+    }
+
+    fn scheme(&self) -> SignatureScheme {
+        SignatureScheme::ED25519
+    }
+}
+
+/// Always presents the one certificate chain (whatever CA hints the server sends, so a
+/// mismatch shows up as the server's refusal rather than as a silent anonymous handshake).
+#[derive(Debug)]
+struct OneCert(Arc<CertifiedKey>);
+
+impl ResolvesClientCert for OneCert {
+    fn resolve(&self, _hints: &[&[u8]], sigschemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        sigschemes.contains(&SignatureScheme::ED25519).then(|| self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}

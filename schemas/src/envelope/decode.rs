@@ -1,0 +1,530 @@
+//! Decoding hostile bytes into an [`EventRecord`](super::EventRecord): the fast path for
+//! well-formed CloudEvents, the general path that reports every error, and Choria's
+//! legacy lifecycle format.
+
+use chrono::{DateTime, Datelike, Utc};
+use std::borrow::Cow;
+
+use serde::de::DeserializeOwned;
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
+
+use crate::lifecycle;
+use crate::lifecycle::{Lifecycle, LifecycleType};
+use crate::machine::{Transition, WatcherDetails, WatcherState};
+use crate::rpc::{RpcReply, RpcRequest};
+use crate::util::{clip, CLIP};
+
+use super::event::kind_source;
+use super::{DecodeError, Event, EventKind, EventRecord, EventSignature, SEQ, SIG, SIGKEY, SITE};
+
+/// The CloudEvents `source` that goes with a known `type`.
+pub(crate) fn source_for_type(ty: &str) -> Option<&'static str> {
+    Known::resolve(ty).map(|known| kind_source(known.kind))
+}
+
+/// What the CloudEvents `type` resolved to.
+#[derive(Clone, Copy)]
+pub(super) struct Known {
+    ty: &'static str,
+    kind: EventKind,
+}
+
+impl Known {
+    fn resolve(ty: &str) -> Option<Known> {
+        let ty = Event::TYPES.into_iter().find(|t| *t == ty)?;
+        let kind = if ty.starts_with("io.choria.lifecycle.") {
+            EventKind::Lifecycle
+        } else if ty == Transition::PROTOCOL {
+            EventKind::Transition
+        } else if ty.starts_with("io.choria.machine.watcher.") {
+            EventKind::Watcher
+        } else if ty == RpcRequest::PROTOCOL {
+            EventKind::RpcRequest
+        } else if ty == RpcReply::PROTOCOL {
+            EventKind::RpcReply
+        } else {
+            EventKind::Audit
+        };
+        Some(Known { ty, kind })
+    }
+}
+
+/// The fast path of [`EventRecord::decode`] for well-formed CloudEvents: one pass over the
+/// bytes into borrowed attributes and the typed document, with no JSON tree in between (the
+/// tree costs most of a decode, and projections decode every event they replay). Any input it
+/// does not accept in full goes to the general path, which alone reports errors; a test holds
+/// the two to the same results.
+pub(super) fn decode_fast(bytes: &[u8]) -> Option<EventRecord> {
+    // A derived struct also reads a JSON array positionally; only objects are events.
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return None;
+    }
+    // Skipped strings are not checked for UTF-8; the tree checks every string.
+    let text = std::str::from_utf8(bytes).ok()?;
+    // Unknown attributes and data fields are skipped unparsed below; the tree refuses some of
+    // them (a number out of range, a bad escape, nesting over 128), so the whole input is
+    // first read the way the tree reads it.
+    serde_json::from_str::<Validated>(text).ok()?;
+    let wire: Wire<'_> = serde_json::from_str(text).ok()?;
+    wire.specversion.as_ref()?;
+    decode_cloudevent(wire).ok()
+}
+
+/// Any JSON value, read the way building a [`Value`] reads it (every number parsed, every
+/// string unescaped, the same nesting limit) but not kept: it refuses exactly what the tree
+/// refuses, at a fraction of the cost.
+struct Validated;
+
+impl<'de> serde::Deserialize<'de> for Validated {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(ValidatedVisitor)
+    }
+}
+
+struct ValidatedVisitor;
+
+impl<'de> serde::de::Visitor<'de> for ValidatedVisitor {
+    type Value = Validated;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Validated, E> {
+        Ok(Validated)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Validated, E> {
+        Ok(Validated)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Validated, E> {
+        Ok(Validated)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Validated, E> {
+        Ok(Validated)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Validated, E> {
+        Ok(Validated)
+    }
+
+    fn visit_unit<E>(self) -> Result<Validated, E> {
+        Ok(Validated)
+    }
+
+    fn visit_none<E>(self) -> Result<Validated, E> {
+        Ok(Validated)
+    }
+
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Validated, D::Error> {
+        serde::Deserialize::deserialize(d)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Validated, A::Error> {
+        while seq.next_element::<Validated>()?.is_some() {}
+        Ok(Validated)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Validated, A::Error> {
+        while map.next_entry::<Validated, Validated>()?.is_some() {}
+        Ok(Validated)
+    }
+}
+
+/// The attributes of a structured CloudEvent as [`decode_fast`] reads them. Strings borrow
+/// from the input unless they hold escapes; a repeated attribute fails (the general path
+/// keeps the last), as does anything not of the expected JSON type.
+#[derive(serde::Deserialize)]
+struct Wire<'a> {
+    #[serde(borrow)]
+    specversion: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    source: Option<Cow<'a, str>>,
+    #[serde(borrow, rename = "type")]
+    ty: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    datacontenttype: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    subject: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    time: Option<Cow<'a, str>>,
+    seq: Option<u64>,
+    #[serde(borrow)]
+    site: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    sigkey: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    sig: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    data_base64: Option<&'a RawValue>,
+    #[serde(borrow)]
+    data: Option<&'a RawValue>,
+}
+
+/// Where [`decode_cloudevent`] takes the attributes from: a parsed JSON object (the general
+/// path) or [`Wire`] (the fast path). One sequence of checks serves both.
+pub(super) trait Attributes {
+    /// A string attribute; `null` is absent.
+    fn string(&mut self, name: &'static str) -> Result<Option<String>, DecodeError>;
+    /// The `seq` extension; absent is 0.
+    fn seq(&mut self) -> Result<u64, DecodeError>;
+    /// Whether a non-null `data_base64` is present.
+    fn has_data_base64(&self) -> bool;
+    /// `data`, decoded as the document of `known`.
+    fn data(&mut self, known: Known) -> Result<Event, DecodeError>;
+}
+
+impl Attributes for Map<String, Value> {
+    fn string(&mut self, name: &'static str) -> Result<Option<String>, DecodeError> {
+        match self.remove(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(other) => Err(invalid(name, format!("must be a string, got {}", json_kind(&other)))),
+        }
+    }
+
+    fn seq(&mut self) -> Result<u64, DecodeError> {
+        parse_seq(self.remove(SEQ))
+    }
+
+    fn has_data_base64(&self) -> bool {
+        self.get("data_base64").is_some_and(|v| !v.is_null())
+    }
+
+    fn data(&mut self, known: Known) -> Result<Event, DecodeError> {
+        match self.remove("data") {
+            None | Some(Value::Null) => Err(DecodeError::MissingAttribute("data")),
+            Some(data @ Value::Object(_)) => decode_data(known, &data),
+            Some(other) => Err(invalid("data", format!("must be a JSON object, got {}", json_kind(&other)))),
+        }
+    }
+}
+
+impl Attributes for Wire<'_> {
+    fn string(&mut self, name: &'static str) -> Result<Option<String>, DecodeError> {
+        let field = match name {
+            "specversion" => &mut self.specversion,
+            "id" => &mut self.id,
+            "source" => &mut self.source,
+            "type" => &mut self.ty,
+            "datacontenttype" => &mut self.datacontenttype,
+            "subject" => &mut self.subject,
+            "time" => &mut self.time,
+            SITE => &mut self.site,
+            SIGKEY => &mut self.sigkey,
+            SIG => &mut self.sig,
+            _ => return Ok(None),
+        };
+        Ok(field.take().map(Cow::into_owned))
+    }
+
+    fn seq(&mut self) -> Result<u64, DecodeError> {
+        Ok(self.seq.unwrap_or(0))
+    }
+
+    fn has_data_base64(&self) -> bool {
+        self.data_base64.is_some()
+    }
+
+    fn data(&mut self, known: Known) -> Result<Event, DecodeError> {
+        match self.data {
+            None => Err(DecodeError::MissingAttribute("data")),
+            Some(raw) if raw.get().starts_with('{') => decode_data(known, raw),
+            Some(_) => Err(invalid("data", "must be a JSON object".into())),
+        }
+    }
+}
+
+pub(super) fn decode_cloudevent(mut map: impl Attributes) -> Result<EventRecord, DecodeError> {
+    let specversion = required_string(&mut map, "specversion")?;
+    if specversion != "1.0" {
+        return Err(invalid(
+            "specversion",
+            format!("\"{}\" is not supported; expected \"1.0\"", clip(&specversion, CLIP)),
+        ));
+    }
+    let id = required_string(&mut map, "id")?;
+    let source = required_string(&mut map, "source")?;
+    let ty = required_string(&mut map, "type")?;
+    let known = Known::resolve(&ty).ok_or_else(|| DecodeError::UnknownType(clip(&ty, CLIP)))?;
+    let expected_source = kind_source(known.kind);
+    if source != expected_source {
+        return Err(invalid(
+            "source",
+            format!("\"{}\" is not the source of {}; expected \"{expected_source}\"", clip(&source, CLIP), known.ty),
+        ));
+    }
+    if let Some(ct) = map.string("datacontenttype")? {
+        let media = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        if media != "application/json" && media != "text/json" && !media.ends_with("+json") {
+            return Err(invalid("datacontenttype", format!("\"{}\" is not JSON", clip(&ct, CLIP))));
+        }
+    }
+    let subject = map.string("subject")?;
+    let time = map.string("time")?.map(|t| parse_time(&t)).transpose()?;
+    let seq = map.seq()?;
+    let site = map.string(SITE)?;
+    let signature = match (map.string(SIGKEY)?, map.string(SIG)?) {
+        (None, None) => None,
+        (Some(key_id), Some(sig)) => {
+            if key_id.is_empty() {
+                return Err(invalid(SIGKEY, "must not be empty".into()));
+            }
+            if sig.is_empty() {
+                return Err(invalid(SIG, "must not be empty".into()));
+            }
+            Some(EventSignature { key_id, sig })
+        }
+        (Some(_), None) => return Err(invalid(SIG, "absent while `sigkey` is set; they go together".into())),
+        (None, Some(_)) => return Err(invalid(SIGKEY, "absent while `sig` is set; they go together".into())),
+    };
+    if map.has_data_base64() {
+        return Err(invalid("data_base64", "binary data is not accepted; Chorus events carry JSON `data`".into()));
+    }
+    let event = map.data(known)?;
+    if let Event::Lifecycle(l) = &event {
+        if l.id() != id {
+            return Err(DecodeError::IdMismatch { id: clip(&id, CLIP), data_id: clip(l.id(), CLIP) });
+        }
+    }
+    let subject = match subject {
+        None => event.identity().to_owned(),
+        Some(s) if s == event.identity() => s,
+        Some(s) => {
+            return Err(DecodeError::SubjectMismatch {
+                subject: clip(&s, CLIP),
+                identity: clip(event.identity(), CLIP),
+            })
+        }
+    };
+    let time = match time {
+        Some(t) => t,
+        None => time_from_unix(event.timestamp()).ok_or_else(|| {
+            invalid("time", format!("absent, and the data timestamp {} is outside years 0000-9999", event.timestamp()))
+        })?,
+    };
+    Ok(EventRecord { id, source, subject, time, seq, site, signature, data: event })
+}
+
+pub(super) fn decode_legacy(map: Map<String, Value>) -> Result<EventRecord, DecodeError> {
+    let protocol = match map.get("protocol") {
+        Some(Value::String(p)) => p.clone(),
+        _ => return Err(DecodeError::MissingAttribute("specversion")),
+    };
+    let lifecycle_type =
+        LifecycleType::from_protocol(&protocol).ok_or_else(|| DecodeError::UnknownType(clip(&protocol, CLIP)))?;
+    let known = Known { ty: lifecycle_type.protocol(), kind: EventKind::Lifecycle };
+    let event = decode_data(known, &Value::Object(map))?;
+    let time = time_from_unix(event.timestamp()).ok_or_else(|| DecodeError::InvalidData {
+        ty: known.ty,
+        path: "timestamp".into(),
+        message: format!("{} is outside years 0000-9999", event.timestamp()),
+    })?;
+    let id = match &event {
+        Event::Lifecycle(l) => l.id().to_owned(),
+        _ => String::new(),
+    };
+    Ok(EventRecord {
+        id,
+        source: lifecycle::SOURCE.to_owned(),
+        subject: event.identity().to_owned(),
+        time,
+        seq: 0,
+        site: None,
+        signature: None,
+        data: event,
+    })
+}
+
+/// Deserializes `data` as the document of `known` and checks the rules serde cannot express.
+pub(super) fn decode_data(known: Known, data: &(impl Document + ?Sized)) -> Result<Event, DecodeError> {
+    let ty = known.ty;
+    let mut event = match known.kind {
+        EventKind::Lifecycle => {
+            let lifecycle_type = LifecycleType::from_protocol(ty).ok_or_else(|| DecodeError::UnknownType(ty.into()))?;
+            Event::Lifecycle(match lifecycle_type {
+                LifecycleType::Startup => Lifecycle::Startup(data.typed(ty)?),
+                LifecycleType::Alive => Lifecycle::Alive(data.typed(ty)?),
+                LifecycleType::Shutdown => Lifecycle::Shutdown(data.typed(ty)?),
+                LifecycleType::Provisioned => Lifecycle::Provisioned(data.typed(ty)?),
+                LifecycleType::Upgraded => Lifecycle::Upgraded(data.typed(ty)?),
+                LifecycleType::Governor => Lifecycle::Governor(data.typed(ty)?),
+            })
+        }
+        EventKind::Transition => Event::Transition(data.typed(ty)?),
+        EventKind::Watcher => Event::Watcher(decode_watcher(ty, data)?),
+        EventKind::RpcRequest => Event::RpcRequest(data.typed(ty)?),
+        EventKind::RpcReply => Event::RpcReply(data.typed(ty)?),
+        EventKind::Audit => Event::Audit(data.typed(ty)?),
+    };
+
+    let rule = |path: &str, message: String| DecodeError::InvalidData { ty, path: path.into(), message };
+
+    // protocol must be the type; lifecycle also accepts Choria's legacy spelling of it.
+    if event.protocol_field() != ty {
+        match &mut event {
+            Event::Lifecycle(l) if LifecycleType::from_protocol(l.protocol_field()) == Some(l.lifecycle_type()) => {
+                *l.protocol_mut() = ty.to_owned();
+            }
+            other => {
+                return Err(DecodeError::TypeMismatch { ty, protocol: clip(other.protocol_field(), CLIP) });
+            }
+        }
+    }
+    if let Event::Watcher(w) = &event {
+        if w.details.protocol() != ty {
+            return Err(rule("type", format!("watcher type \"{}\" is not the type of {ty}", w.watcher_type())));
+        }
+    }
+    if event.identity().is_empty() {
+        return Err(rule(event.identity_field(), "must not be empty".into()));
+    }
+    if let Event::Lifecycle(l) = &event {
+        if l.id().is_empty() {
+            return Err(rule("id", "must not be empty".into()));
+        }
+        if let Lifecycle::Governor(g) = l {
+            if g.governor.is_empty() {
+                return Err(rule("governor", "must not be empty".into()));
+            }
+        }
+    }
+    Ok(event)
+}
+
+/// A watcher state in two steps — common fields with the `type` tag, then the details of
+/// the type the CloudEvents `type` names — instead of through serde's `flatten`, which loses
+/// the path of a failing field.
+pub(super) fn decode_watcher(ty: &'static str, data: &(impl Document + ?Sized)) -> Result<WatcherState, DecodeError> {
+    #[derive(serde::Deserialize)]
+    struct Common {
+        protocol: String,
+        identity: String,
+        id: String,
+        version: String,
+        timestamp: i64,
+        machine: String,
+        name: String,
+        #[serde(rename = "type")]
+        watcher_type: String,
+    }
+    let common: Common = data.typed(ty)?;
+    let expected =
+        ty.strip_prefix("io.choria.machine.watcher.").and_then(|t| t.strip_suffix(".v1.state")).unwrap_or_default();
+    if common.watcher_type != expected {
+        return Err(DecodeError::InvalidData {
+            ty,
+            path: "type".into(),
+            message: format!("watcher type \"{}\" is not the type of {ty}", clip(&common.watcher_type, CLIP)),
+        });
+    }
+    let details = match expected {
+        "exec" => WatcherDetails::Exec(data.typed(ty)?),
+        "file" => WatcherDetails::File(data.typed(ty)?),
+        "schedule" => WatcherDetails::Schedule(data.typed(ty)?),
+        "timer" => WatcherDetails::Timer(data.typed(ty)?),
+        _ => return Err(DecodeError::UnknownType(ty.into())),
+    };
+    Ok(WatcherState {
+        protocol: common.protocol,
+        identity: common.identity,
+        id: common.id,
+        version: common.version,
+        timestamp: common.timestamp,
+        machine: common.machine,
+        name: common.name,
+        details,
+    })
+}
+
+/// An event's `data`, parsed (general path) or still raw (fast path).
+pub(super) trait Document {
+    /// Deserializes as `T`, the document of type `ty`.
+    fn typed<T: DeserializeOwned>(&self, ty: &'static str) -> Result<T, DecodeError>;
+}
+
+impl Document for Value {
+    /// serde, with the JSON path of the failing field in the error.
+    fn typed<T: DeserializeOwned>(&self, ty: &'static str) -> Result<T, DecodeError> {
+        serde_path_to_error::deserialize(self).map_err(|e| DecodeError::InvalidData {
+            ty,
+            path: clip(&e.path().to_string(), CLIP),
+            message: clip(&e.inner().to_string(), 2 * CLIP),
+        })
+    }
+}
+
+impl Document for RawValue {
+    /// Without the path: on failure the general path decodes again and reports it.
+    fn typed<T: DeserializeOwned>(&self, ty: &'static str) -> Result<T, DecodeError> {
+        serde_json::from_str(self.get()).map_err(|e| DecodeError::InvalidData {
+            ty,
+            path: ".".into(),
+            message: clip(&e.to_string(), 2 * CLIP),
+        })
+    }
+}
+
+pub(super) fn invalid(attribute: &'static str, reason: String) -> DecodeError {
+    DecodeError::InvalidAttribute { attribute, reason }
+}
+
+/// A required, non-empty string attribute; CloudEvents treats `null` as absent.
+pub(super) fn required_string(map: &mut impl Attributes, name: &'static str) -> Result<String, DecodeError> {
+    let value = map.string(name)?.ok_or(DecodeError::MissingAttribute(name))?;
+    if value.is_empty() {
+        return Err(invalid(name, "must not be empty".into()));
+    }
+    Ok(value)
+}
+
+pub(super) fn parse_seq(value: Option<Value>) -> Result<u64, DecodeError> {
+    match value {
+        None | Some(Value::Null) => Ok(0),
+        Some(Value::Number(n)) => n.as_u64().ok_or_else(|| {
+            DecodeError::BadSeq(format!("{} is not an unsigned 64-bit integer", clip(&n.to_string(), CLIP)))
+        }),
+        Some(Value::String(s)) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => {
+            s.parse::<u64>().map_err(|_| DecodeError::BadSeq(format!("\"{}\" does not fit in 64 bits", clip(&s, CLIP))))
+        }
+        Some(Value::String(s)) => Err(DecodeError::BadSeq(format!("\"{}\" is not a decimal integer", clip(&s, CLIP)))),
+        Some(other) => Err(DecodeError::BadSeq(format!("expected an integer, got {}", json_kind(&other)))),
+    }
+}
+
+pub(super) fn parse_time(text: &str) -> Result<DateTime<Utc>, DecodeError> {
+    let time = DateTime::parse_from_rfc3339(text)
+        .map_err(|e| invalid("time", format!("\"{}\" is not an RFC 3339 timestamp: {e}", clip(text, CLIP))))?
+        .with_timezone(&Utc);
+    // An offset can push a valid local time outside what RFC 3339 can write in UTC; such a
+    // time could not be re-encoded, so it is refused here.
+    if !representable(&time) {
+        return Err(invalid("time", format!("\"{}\" is outside years 0000-9999 in UTC", clip(text, CLIP))));
+    }
+    Ok(time)
+}
+
+/// Unix seconds as a time RFC 3339 can express.
+pub(super) fn time_from_unix(seconds: i64) -> Option<DateTime<Utc>> {
+    DateTime::from_timestamp(seconds, 0).filter(representable)
+}
+
+pub(super) fn representable(time: &DateTime<Utc>) -> bool {
+    (0..=9999).contains(&time.year())
+}
+
+pub(super) fn json_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}

@@ -1,0 +1,207 @@
+//! One event with its envelope: building, encoding, decoding entry points.
+
+use chrono::{DateTime, Utc};
+use cloudevents::{EventBuilder, EventBuilderV10};
+
+use serde_json::{Map, Value};
+
+use crate::subject::SubjectError;
+use crate::util::{clip, new_event_id, CLIP};
+
+use super::decode::{decode_cloudevent, decode_fast, decode_legacy, time_from_unix};
+use super::{DecodeError, Event, CONTENT_TYPE, CORE_ATTRIBUTES, MAX_EVENT_BYTES, SEQ, SIG, SIGKEY, SITE};
+
+/// The signature carried by a signed [`EventRecord`], as found on the wire.
+///
+/// Kept as received (the signature text is not checked by decoding), so a record decodes and
+/// re-encodes byte for byte; [`crate::signature::Verifier`] judges it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct EventSignature {
+    /// Id of the signing key (extension `sigkey`), see [`crate::signature::key_id`].
+    pub key_id: String,
+    /// The 64-byte Ed25519 signature in standard base64 with padding (extension `sig`).
+    pub sig: String,
+}
+
+/// One event with its envelope: what producers publish, streams store and consumers apply.
+///
+/// Invariants, established by [`EventRecord::new`] and checked by [`EventRecord::decode`]:
+/// `source == data.source()`, `subject == data.identity()`, and for lifecycle events the
+/// inner `id` equals `id`. `time` must lie in years 0000–9999 (RFC 3339).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventRecord {
+    /// Event id (UUIDv7 for events Chorus creates): the dedupe key.
+    pub id: String,
+    /// CloudEvents `source`, fixed per family.
+    pub source: String,
+    /// CloudEvents `subject`: the node identity ([`Event::identity`]).
+    pub subject: String,
+    /// When the event happened (CloudEvents `time`).
+    pub time: DateTime<Utc>,
+    /// Per-producer sequence (extension `seq`); 0 = unsequenced.
+    pub seq: u64,
+    /// Producing site (extension `site`).
+    pub site: Option<String>,
+    /// Signature of the record (extensions `sigkey` and `sig`), if signed; see
+    /// [`crate::signature::sign_record`].
+    pub signature: Option<EventSignature>,
+    /// The typed document (CloudEvents `data`).
+    pub data: Event,
+}
+
+impl EventRecord {
+    /// Wraps `data` in an envelope. The id is the lifecycle event's own id (as Choria does)
+    /// or a fresh UUIDv7; `time` is the document's timestamp, so an event replayed from an
+    /// outbox keeps its original occurrence time (a timestamp outside years 0000–9999 falls
+    /// back to now). `seq` must come from the producer's persistent counter, starting at 1.
+    pub fn new(data: impl Into<Event>, seq: u64) -> Self {
+        let data = data.into();
+        let id = match &data {
+            Event::Lifecycle(l) => l.id().to_owned(),
+            _ => new_event_id(),
+        };
+        let time = time_from_unix(data.timestamp()).unwrap_or_else(|| {
+            // Second precision, like the timestamp it stands in for.
+            let now = Utc::now().timestamp();
+            DateTime::from_timestamp(now, 0).unwrap_or_default()
+        });
+        EventRecord {
+            id,
+            source: data.source().to_owned(),
+            subject: data.identity().to_owned(),
+            time,
+            seq,
+            site: None,
+            signature: None,
+            data,
+        }
+    }
+
+    /// Sets the producing site.
+    pub fn with_site(mut self, site: impl Into<String>) -> Self {
+        self.site = Some(site.into());
+        self
+    }
+
+    /// The CloudEvents form, built with the CloudEvents SDK, for callers that use an SDK
+    /// protocol binding. `type`, `source` and the data's `protocol` are written from the
+    /// variant, so they are always canonical and consistent.
+    pub fn to_cloudevent(&self) -> cloudevents::Event {
+        let mut builder = EventBuilderV10::new()
+            .id(self.id.clone())
+            .source(self.data.source())
+            .ty(self.data.event_type())
+            .subject(self.subject.clone())
+            .time(self.time)
+            .data(CONTENT_TYPE, self.data.to_data());
+        if self.seq != 0 {
+            // CloudEvents integers are JSON numbers; the SDK holds them as i64, so the (never
+            // expected) top half of u64 goes out as a decimal string, which decode accepts.
+            builder = match i64::try_from(self.seq) {
+                Ok(seq) => builder.extension(SEQ, seq),
+                Err(_) => builder.extension(SEQ, self.seq.to_string()),
+            };
+        }
+        if let Some(site) = &self.site {
+            builder = builder.extension(SITE, site.as_str());
+        }
+        if let Some(signature) = &self.signature {
+            builder = builder.extension(SIGKEY, signature.key_id.as_str()).extension(SIG, signature.sig.as_str());
+        }
+        // build() fails only for a missing id/type/source or an empty source; all are set
+        // and the source is a non-empty constant.
+        builder.build().expect("all required CloudEvents attributes are set")
+    }
+
+    /// Encodes as CloudEvents 1.0 structured-mode JSON. The output is deterministic (the same
+    /// record always gives the same bytes), with extensions after the core attributes.
+    ///
+    /// Encoding does not enforce [`MAX_EVENT_BYTES`]: a producer carrying large RPC data should
+    /// check the length and dead-letter or truncate, since consumers will refuse the event.
+    pub fn encode(&self) -> Vec<u8> {
+        let event = self.to_cloudevent();
+        // The SDK keeps extensions in a HashMap; re-order them so output does not vary
+        // between calls (hash chains, caches and tests compare bytes).
+        let wire = serde_json::to_value(&event).expect("a CloudEvent always serializes to JSON");
+        let out = match wire {
+            Value::Object(map) => {
+                let mut core = Map::with_capacity(map.len());
+                let mut extensions = Vec::new();
+                for (key, value) in map {
+                    if CORE_ATTRIBUTES.contains(&key.as_str()) {
+                        core.insert(key, value);
+                    } else {
+                        extensions.push((key, value));
+                    }
+                }
+                extensions.sort_by(|a, b| a.0.cmp(&b.0));
+                core.extend(extensions);
+                Value::Object(core)
+            }
+            other => other,
+        };
+        serde_json::to_vec(&out).expect("a JSON value always serializes")
+    }
+
+    /// Decodes untrusted bytes: a CloudEvents 1.0 structured JSON event of a known type, or
+    /// Choria's legacy bare lifecycle document (`{"protocol":"io.choria.lifecycle.v1.startup",
+    /// ...}` or `choria:lifecycle:startup:1`), which gets `seq` 0 and no site. Never panics.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        if bytes.len() <= MAX_EVENT_BYTES {
+            if let Some(record) = decode_fast(bytes) {
+                return Ok(record);
+            }
+        }
+        Self::decode_general(bytes)
+    }
+
+    /// Decoding through a JSON tree: every input, and the errors. [`EventRecord::decode`]
+    /// comes here whenever its fast path does not succeed, so both give the same results.
+    /// Public for the fuzz target and tests that compare the two paths.
+    #[doc(hidden)]
+    pub fn decode_general(bytes: &[u8]) -> Result<Self, DecodeError> {
+        if bytes.len() > MAX_EVENT_BYTES {
+            return Err(DecodeError::Oversize { size: bytes.len(), max: MAX_EVENT_BYTES });
+        }
+        let value: Value =
+            serde_json::from_slice(bytes).map_err(|e| DecodeError::NotJson(clip(&e.to_string(), CLIP)))?;
+        Self::from_value(value)
+    }
+
+    /// The NATS subject to publish this event on (see [`crate::subject`]).
+    pub fn nats_subject(&self) -> Result<String, SubjectError> {
+        crate::subject::for_event(&self.data)
+    }
+
+    fn from_value(value: Value) -> Result<Self, DecodeError> {
+        let Value::Object(map) = value else {
+            return Err(DecodeError::NotAnObject);
+        };
+        if map.get("specversion").is_some_and(|v| !v.is_null()) {
+            return decode_cloudevent(map);
+        }
+        match map.get("protocol") {
+            Some(Value::String(p)) if p.starts_with("io.choria.lifecycle") || p.starts_with("choria:lifecycle:") => {
+                decode_legacy(map)
+            }
+            _ => Err(DecodeError::MissingAttribute("specversion")),
+        }
+    }
+}
+
+impl From<&EventRecord> for cloudevents::Event {
+    fn from(record: &EventRecord) -> Self {
+        record.to_cloudevent()
+    }
+}
+
+impl TryFrom<cloudevents::Event> for EventRecord {
+    type Error = DecodeError;
+
+    /// Applies the same checks as [`EventRecord::decode`] to an event received through a
+    /// CloudEvents SDK binding.
+    fn try_from(event: cloudevents::Event) -> Result<Self, DecodeError> {
+        let value = serde_json::to_value(&event).map_err(|e| DecodeError::NotJson(clip(&e.to_string(), CLIP)))?;
+        EventRecord::from_value(value)
+    }
+}

@@ -1,0 +1,63 @@
+//! Argument groups shared by the commands, declared once so every command names and defaults
+//! them the same way.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use chorus_backbone::embedded::EmbeddedBackbone;
+use chorus_backbone::jetstream::{JetStreamBackbone, NatsConfig};
+use chorus_backbone::Backbone;
+
+/// Where the streams are: NATS (`--nats`, or `CHORUS_NATS`), or the embedded store under
+/// `--data` (`<data>/streams`, the same place for every command).
+#[derive(clap::Args, Clone, Debug)]
+pub struct StreamArgs {
+    /// NATS server(s) holding the streams, comma separated; without it, the embedded store
+    /// in --data.
+    #[arg(long, env = "CHORUS_NATS")]
+    pub nats: Option<String>,
+    /// Chorus's data directory: the embedded store (`streams/`), views (`views/`), and other
+    /// local state live under it.
+    #[arg(long, default_value = "chorus-data")]
+    pub data: PathBuf,
+}
+
+impl StreamArgs {
+    /// The embedded store's directory.
+    pub fn streams_dir(&self) -> PathBuf {
+        self.data.join("streams")
+    }
+
+    /// The default directory of local views.
+    pub fn views_dir(&self) -> PathBuf {
+        self.data.join("views")
+    }
+
+    /// Whether the streams are in the embedded store (no --nats).
+    pub fn embedded(&self) -> bool {
+        self.nats.is_none()
+    }
+
+    /// Opens the backbone the arguments name.
+    pub async fn open(&self) -> anyhow::Result<Arc<dyn Backbone>> {
+        open_backbone(self.nats.as_deref(), &self.streams_dir()).await
+    }
+}
+
+/// The backbone at NATS `nats` (comma-separated URLs), or the embedded store in `streams`.
+pub async fn open_backbone(nats: Option<&str>, streams: &Path) -> anyhow::Result<Arc<dyn Backbone>> {
+    Ok(match nats {
+        Some(urls) => Arc::new(
+            JetStreamBackbone::connect(&NatsConfig::from_url_list(urls))
+                .await
+                .with_context(|| format!("connecting to {urls}"))?,
+        ),
+        None => Arc::new(EmbeddedBackbone::open_path(streams).with_context(|| {
+            format!(
+                "opening the embedded store {} (one process at a time: is another chorus using it?)",
+                streams.display()
+            )
+        })?),
+    })
+}

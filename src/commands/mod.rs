@@ -1,0 +1,17 @@
+//! One module per `chorus` command.
+
+pub mod aaa;
+pub mod agent;
+pub mod audit_export;
+pub mod backup;
+pub mod bench;
+pub mod broker;
+pub mod dashboard;
+pub mod events;
+pub mod inventory;
+pub mod provision;
+pub mod replicate;
+pub mod rpc;
+pub mod security;
+pub mod simulate;
+pub mod up;

@@ -1,0 +1,80 @@
+//! `chorus provision`: configures nodes that start in provisioning mode, over RPC.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use chorus_backbone::jetstream::NatsConfig;
+use chorus_consumers::provisioner::{Provisioner, ProvisionerConfig};
+use chorus_platform::{ensure_platform_streams, StreamLimits};
+use chorus_rpc::NatsTransport;
+use chorus_runtime::{Ops, Services, Shutdown};
+
+use crate::args::StreamArgs;
+use crate::signal::until_signal_or_failure;
+
+/// Arguments of `chorus provision`.
+#[derive(clap::Args)]
+pub struct ProvisionArgs {
+    /// Provisioner configuration (YAML): steps, components, state_dir, concurrency, sweep
+    /// interval, backoff; see docs/CONSUMERS.md.
+    #[arg(long, short)]
+    config: PathBuf,
+    #[command(flatten)]
+    streams: StreamArgs,
+    /// NATS server(s) the nodes answer RPC on, comma-separated [default: --nats]; required
+    /// when the streams are in the embedded store.
+    #[arg(long)]
+    rpc_nats: Option<String>,
+    /// Serve `/metrics` (Prometheus) and `/healthz` on this address, e.g. 127.0.0.1:9102.
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+}
+
+/// Runs the provisioner until SIGTERM or Ctrl-C, or until it fails (attempts in progress
+/// finish their step).
+pub async fn run(args: ProvisionArgs) -> anyhow::Result<()> {
+    let config = ProvisionerConfig::load(&args.config)?;
+    let backbone = args.streams.open().await?;
+    if args.streams.embedded() {
+        ensure_platform_streams(&*backbone, &StreamLimits::default()).await?;
+    }
+    let rpc_urls = args
+        .rpc_nats
+        .as_deref()
+        .or(args.streams.nats.as_deref())
+        .context("nodes are reached over NATS: give --rpc-nats URL with the embedded store")?;
+    let client = NatsConfig::from_url_list(rpc_urls).connect(None).await.context("connecting to NATS for RPC")?;
+    let steps = config.steps.len();
+    let provisioner =
+        Provisioner::start(backbone, Arc::new(NatsTransport::new(client)), config, Shutdown::new()).await?;
+    let monitor = provisioner.monitor();
+    let http_stop = Shutdown::new();
+    let http = match args.listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?;
+            eprintln!("metrics on http://{}/metrics, health on /healthz", listener.local_addr()?);
+            let ops = Ops::new().with(Arc::new(monitor.clone()));
+            let stop = http_stop.clone();
+            Some(tokio::spawn(async move { ops.serve(listener, axum::Router::new(), stop).await }))
+        }
+        None => None,
+    };
+    let mut services = Services::new();
+    services.push(provisioner);
+    eprintln!("chorus provision running ({steps} steps); SIGTERM to stop");
+    until_signal_or_failure(&services).await;
+    let stats = monitor.stats();
+    let counts = monitor.counts()?;
+    let stopped = services.stop().await;
+    http_stop.request();
+    if let Some(http) = http {
+        http.await??;
+    }
+    drop(monitor);
+    eprintln!(
+        "provisioned {} nodes in this run ({} failed attempts, {} retries, {} dead-lettered); {} provisioned, {} pending, {} failed in total",
+        stats.provisioned, stats.failed, stats.retries, stats.dead_lettered, counts.provisioned, counts.pending, counts.failed
+    );
+    Ok(stopped?)
+}

@@ -1,0 +1,237 @@
+//! `chorus up`: the whole platform in one process, started as a list of services under one
+//! shutdown and stopped in reverse order.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_trait::async_trait;
+use chorus_backbone::jetstream::NatsConfig;
+use chorus_consumers::audit_export::{AuditExport, ExportConfig, JsonlConfig, SinkConfig};
+use chorus_consumers::dashboard::{Views, ViewsOptions};
+use chorus_consumers::inventory::StatusPolicy;
+use chorus_consumers::provisioner::{Provisioner, ProvisionerConfig, Step};
+use chorus_platform::{ensure_platform_streams, BackboneSink, StreamLimits};
+use chorus_producers::machine::{Machine, Manifest};
+use chorus_producers::simulator::{SimConfig, Simulator};
+use chorus_rpc::{LocalTransport, NatsTransport, RequestOptions, RpcClient, Transport};
+use chorus_runtime::{Health, Service, ServiceError, Services, Shutdown, Tasks};
+
+use crate::args::StreamArgs;
+use crate::signal::terminated;
+
+/// `chorus up`: simulated nodes with their agents and autonomous agents, the inventory, the
+/// audit export and the dashboard, on the embedded backbone (or JetStream with `--nats`).
+#[derive(clap::Args)]
+pub struct UpArgs {
+    /// Simulated nodes.
+    #[arg(long, default_value_t = 300)]
+    nodes: usize,
+    /// Where the dashboard listens; its URL is printed.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// The streams (embedded under --data, or NATS with --nats), the views and the audit
+    /// file. Kept between runs: a restart resumes the inventory where it stopped.
+    #[command(flatten)]
+    streams: StreamArgs,
+    /// Alive interval of the simulated nodes; short so the dashboard's rates move.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    alive_interval: Duration,
+    /// Simulated nodes that also run the demo autonomous agent (every transition and watcher
+    /// state is an event in CHORUS_MACHINE).
+    #[arg(long, default_value_t = 20)]
+    machines: usize,
+    /// New nodes that start in provisioning mode (component `provision_mode_server`); the
+    /// provisioner configures each once over RPC and records a provisioned event.
+    #[arg(long, default_value_t = 50)]
+    new_nodes: usize,
+}
+
+/// The demo autonomous agent of `chorus up`: a node alternating between idle and busy on
+/// timers, so CHORUS_MACHINE fills without running scripts on the host.
+const DEMO_MACHINE: &str = r#"
+name: demo
+version: "1.0.0"
+initial_state: idle
+transitions:
+  - { name: work, from: [idle], destination: busy }
+  - { name: rest, from: [busy], destination: idle }
+watchers:
+  - name: idle_timer
+    type: timer
+    state_match: [idle]
+    fail_transition: work
+    properties: { timer: 40s, splay: true }
+  - name: busy_timer
+    type: timer
+    state_match: [busy]
+    fail_transition: rest
+    properties: { timer: 20s, splay: true }
+"#;
+
+/// Starts the platform, serves until SIGTERM or Ctrl-C, then stops every service in reverse
+/// order and reports every error.
+pub async fn run(args: UpArgs) -> anyhow::Result<()> {
+    let data = args.streams.data.clone();
+    std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
+    let engine = if args.streams.embedded() { "the embedded store" } else { "NATS JetStream" };
+    println!("Chorus: starting on {engine} (data in {})", data.display());
+    let backbone = args.streams.open().await?;
+    ensure_platform_streams(&*backbone, &StreamLimits::default()).await?;
+    let shutdown = Shutdown::new();
+    let mut services = Services::new();
+    // The demo machines' scripts directory, removed once every service has stopped.
+    let machine_dir = tempfile::tempdir()?;
+    if let Err(e) = start(&args, backbone, &shutdown, machine_dir.path(), &mut services).await {
+        eprintln!("chorus up: {e:#}; stopping what started");
+        if let Err(stop) = services.stop().await {
+            eprintln!("{stop}");
+        }
+        return Err(e);
+    }
+    terminated().await;
+    println!("stopping: shutdown events, then views and exports");
+    services.stop().await?;
+    Ok(())
+}
+
+/// Starts every service of the platform into `services`, in dependency order: views first
+/// (the page fills as nodes start), then the audit export, the fleet, the provisioner and
+/// the demo operator.
+async fn start(
+    args: &UpArgs,
+    backbone: Arc<dyn chorus_backbone::Backbone>,
+    shutdown: &Shutdown,
+    machine_dir: &std::path::Path,
+    services: &mut Services,
+) -> anyhow::Result<()> {
+    let data = &args.streams.data;
+    let options = ViewsOptions {
+        state: args.streams.views_dir(),
+        listen: args.listen,
+        rebuild: false,
+        policy: StatusPolicy::default(),
+    };
+    let views = Views::start(backbone.clone(), &options, None, shutdown.child()).await?;
+    let url = views.url().to_string();
+    services.push(views);
+
+    let audit_file = data.join("audit.jsonl");
+    let export = ExportConfig::new(SinkConfig::Jsonl(JsonlConfig { path: audit_file.clone() }));
+    services.push(
+        AuditExport::start(backbone.clone(), export, shutdown.child()).await.context("starting the audit export")?,
+    );
+
+    // The fleet.
+    let mut config = SimConfig::new(args.nodes);
+    config.alive_interval = args.alive_interval;
+    let sim = Arc::new(Simulator::new(config, Arc::new(BackboneSink(backbone.clone())))?);
+    let transport: Arc<dyn Transport> = match &args.streams.nats {
+        Some(urls) => Arc::new(NatsTransport::new(NatsConfig::from_url_list(urls).connect(None).await?)),
+        None => Arc::new(LocalTransport::new()),
+    };
+    // The demo fleet lets the demo operator call rpcutil (read-only); everything else stays
+    // denied by default, as on a real fleet.
+    let policy_dir = data.join("policy");
+    std::fs::create_dir_all(&policy_dir)?;
+    std::fs::write(
+        policy_dir.join("rpcutil.policy"),
+        "policy default deny\nallow\tchorus=demo-operator choria=provisioner\t*\t*\t*\n",
+    )?;
+    let storm = sim.startup_storm().await?;
+    services.push(sim.clone().start("simulated fleet", shutdown.child()));
+    let rpc = sim.host_rpc(transport.clone(), "choria", Some(policy_dir.clone())).await?;
+    println!(
+        "{} simulated nodes started ({} startup events in {:.2?}); {} answer RPC",
+        args.nodes,
+        storm.events,
+        storm.took,
+        rpc.node_count()
+    );
+    services.push(rpc);
+
+    // The provisioner, and new nodes for it: they start in provisioning mode and are
+    // configured over RPC (rpcutil ping then get_fact stand in for Choria's
+    // choria_provision steps), each exactly once.
+    let mut provisioning = ProvisionerConfig::new(vec![
+        Step::new("rpcutil", "ping"),
+        Step::new("rpcutil", "get_fact")
+            .with_data(serde_json::json!({"fact": "os"}).as_object().cloned().unwrap_or_default()),
+    ]);
+    provisioning.state_dir = data.join("provisioner");
+    let provisioner = Provisioner::start(backbone.clone(), transport.clone(), provisioning, shutdown.child())
+        .await
+        .context("starting the provisioner")?;
+    services.push(provisioner);
+    let mut fresh = SimConfig::new(args.new_nodes.max(1));
+    fresh.prefix = "new".into();
+    fresh.component = "provision_mode_server".into();
+    fresh.alive_interval = args.alive_interval;
+    let new_nodes = Arc::new(Simulator::new(fresh, Arc::new(BackboneSink(backbone.clone())))?);
+    services.push(new_nodes.host_rpc(transport.clone(), "choria", Some(policy_dir)).await?);
+    if args.new_nodes > 0 {
+        new_nodes.startup_storm().await?;
+        println!("{} new nodes started in provisioning mode", args.new_nodes);
+    }
+    services.push(new_nodes.clone().start("new nodes", shutdown.child()));
+
+    let manifest = Manifest::from_yaml(DEMO_MACHINE).context("the demo machine manifest")?;
+    let mut machines = 0;
+    for node in sim.nodes().iter().take(args.machines) {
+        let dir = machine_dir.to_path_buf();
+        services.push(Machine::start(manifest.clone(), &*node.identity, dir, node.emitter.clone(), shutdown.child())?);
+        machines += 1;
+    }
+    println!("{machines} nodes run the demo autonomous agent");
+    // A demo operator pings the fleet every minute: every request and reply is recorded in
+    // CHORUS_RPC and exported to the audit file.
+    let client = RpcClient::new(transport.clone(), "chorus=demo-operator", "choria");
+    services.push(DemoOperator::start(client, args.nodes, shutdown.child()));
+    println!("\nDashboard: {url}\n  JSON: {url}api/summary  {url}api/nodes  Prometheus: {url}metrics");
+    println!("Audit records: {}\nPress Ctrl-C to stop.", audit_file.display());
+    Ok(())
+}
+
+/// The demo operator: an `rpcutil ping` of the fleet every minute.
+struct DemoOperator {
+    tasks: Tasks,
+}
+
+impl DemoOperator {
+    fn start(client: RpcClient, nodes: usize, shutdown: Shutdown) -> Self {
+        let mut tasks = Tasks::new("demo operator", shutdown);
+        let stop = tasks.shutdown().clone();
+        tasks.spawn("ping", async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.requested() => return Ok::<_, ServiceError>(()),
+                }
+                let options =
+                    RequestOptions { expected: Some(nodes), timeout: Duration::from_secs(10), ..Default::default() };
+                match client.call("rpcutil", "ping", Default::default(), options).await {
+                    Ok(r) => tracing::info!(replies = r.replies.len(), "demo operator: rpcutil ping"),
+                    Err(e) => tracing::warn!(error = %e, "demo operator: rpcutil ping failed"),
+                }
+            }
+        });
+        DemoOperator { tasks }
+    }
+}
+
+#[async_trait]
+impl Service for DemoOperator {
+    fn name(&self) -> &str {
+        "demo operator"
+    }
+
+    fn health(&self) -> Health {
+        self.tasks.health()
+    }
+
+    async fn stop(&mut self) -> Result<(), ServiceError> {
+        self.tasks.stop().await
+    }
+}

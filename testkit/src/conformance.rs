@@ -1,0 +1,454 @@
+//! The conformance suite: one set of behaviours every [`Backbone`] engine must show.
+//!
+//! Each case takes a fresh backbone and a unique stream name, so the same cases run unchanged
+//! against the embedded store, a single nats-server and a 3-node JetStream cluster (see
+//! `tests/conformance.rs`). A case panics with a message naming what differed.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chorus_backbone::{
+    Backbone, BackboneError, ConsumerConfig, Message, ReplayOptions, StartPosition, StoredMessage, StreamConfig,
+};
+use futures::future::BoxFuture;
+use futures::StreamExt;
+
+/// A case of the suite: `(backbone, stream name, replicas)`.
+pub type Case = fn(Arc<dyn Backbone>, String, usize) -> BoxFuture<'static, ()>;
+
+/// Every case, by name, so harnesses can generate one test per case.
+pub const CASES: &[(&str, Case)] = &[
+    ("publish_and_read_back", |b, s, r| Box::pin(publish_and_read_back(b, s, r))),
+    ("dedupe_by_event_id", |b, s, r| Box::pin(dedupe_by_event_id(b, s, r))),
+    ("no_stream_for_subject_is_an_error", |b, s, r| Box::pin(no_stream_for_subject_is_an_error(b, s, r))),
+    ("invalid_messages_are_refused", |b, s, r| Box::pin(invalid_messages_are_refused(b, s, r))),
+    ("consumer_ack_and_redelivery", |b, s, r| Box::pin(consumer_ack_and_redelivery(b, s, r))),
+    ("consumer_nak_redelivers", |b, s, r| Box::pin(consumer_nak_redelivers(b, s, r))),
+    ("consumer_resumes_by_name", |b, s, r| Box::pin(consumer_resumes_by_name(b, s, r))),
+    ("consumer_filters_and_start", |b, s, r| Box::pin(consumer_filters_and_start(b, s, r))),
+    ("consumer_waits_for_new_messages", |b, s, r| Box::pin(consumer_waits_for_new_messages(b, s, r))),
+    ("replay_from_sequence_and_time", |b, s, r| Box::pin(replay_from_sequence_and_time(b, s, r))),
+    ("replay_follows_new_messages", |b, s, r| Box::pin(replay_follows_new_messages(b, s, r))),
+    ("retention_limits", |b, s, r| Box::pin(retention_limits(b, s, r))),
+    ("retention_by_age", |b, s, r| Box::pin(retention_by_age(b, s, r))),
+    ("ensure_stream_is_idempotent_and_updates", |b, s, r| Box::pin(ensure_stream_is_idempotent_and_updates(b, s, r))),
+    ("concurrent_publishers", |b, s, r| Box::pin(concurrent_publishers(b, s, r))),
+    ("delete_stream_and_consumer", |b, s, r| Box::pin(delete_stream_and_consumer(b, s, r))),
+    ("purge_below_a_sequence", |b, s, r| Box::pin(purge_below_a_sequence(b, s, r))),
+];
+
+fn subject_of(stream: &str, leaf: &str) -> String {
+    format!("{}.{leaf}", stream.to_lowercase())
+}
+
+/// A stream capturing `<stream lowercased>.>`.
+pub fn stream_config(stream: &str, replicas: usize) -> StreamConfig {
+    let mut c = StreamConfig::new(stream, vec![format!("{}.>", stream.to_lowercase())]);
+    c.replicas = replicas;
+    c
+}
+
+/// `n` messages `<prefix>-<i>` on `<stream>.<leaf>`.
+pub fn messages(stream: &str, leaf: &str, prefix: &str, range: std::ops::Range<usize>) -> Vec<Message> {
+    range
+        .map(|i| {
+            Message::new(
+                format!("{prefix}-{i}"),
+                subject_of(stream, leaf),
+                format!("payload {prefix} {i}").into_bytes(),
+            )
+        })
+        .collect()
+}
+
+/// Reads a whole stream with a finite replay.
+pub async fn read_all(b: &dyn Backbone, stream: &str) -> Vec<StoredMessage> {
+    let mut out = Vec::new();
+    let mut r = b.replay(stream, ReplayOptions::default()).await.expect("replay");
+    while let Some(m) = tokio::time::timeout(Duration::from_secs(20), r.next()).await.expect("replay stalled") {
+        out.push(m.expect("replay item"));
+    }
+    out
+}
+
+async fn fetch_n(c: &mut dyn chorus_backbone::Consumer, n: usize, within: Duration) -> Vec<chorus_backbone::Delivery> {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut out = Vec::new();
+    while out.len() < n && tokio::time::Instant::now() < deadline {
+        out.extend(c.fetch(n - out.len(), Duration::from_millis(500)).await.expect("fetch"));
+    }
+    out
+}
+
+async fn publish_and_read_back(b: Arc<dyn Backbone>, stream: String, replicas: usize) {
+    let info = b.ensure_stream(&stream_config(&stream, replicas)).await.unwrap();
+    assert_eq!(info.messages, 0);
+    let acks = b.publish_batch(messages(&stream, "a", "m", 0..100)).await.unwrap();
+    let seqs: Vec<u64> = acks.iter().map(|a| a.sequence).collect();
+    assert_eq!(seqs, (1..=100).collect::<Vec<_>>(), "sequences are assigned in publish order");
+    assert!(acks.iter().all(|a| !a.duplicate && a.stream == stream));
+    let one = b.publish(Message::new("single", subject_of(&stream, "b"), &b"x"[..])).await.unwrap();
+    assert_eq!(one.sequence, 101);
+    let info = b.stream_info(&stream).await.unwrap();
+    assert_eq!((info.messages, info.first_sequence, info.last_sequence), (101, 1, 101));
+    assert!(info.bytes > 0);
+    let m = b.get(&stream, 5).await.unwrap().expect("message 5");
+    assert_eq!((m.id.as_str(), m.subject.as_str(), m.sequence), ("m-4", subject_of(&stream, "a").as_str(), 5));
+    assert_eq!(&m.payload[..], b"payload m 4");
+    assert!(b.get(&stream, 1000).await.unwrap().is_none());
+    let all = read_all(&*b, &stream).await;
+    assert_eq!(all.len(), 101);
+    assert!(all.windows(2).all(|w| w[0].sequence < w[1].sequence && w[0].time <= w[1].time));
+    assert!(matches!(b.stream_info("NO_SUCH_STREAM").await, Err(BackboneError::NotFound { .. })));
+}
+
+async fn dedupe_by_event_id(b: Arc<dyn Backbone>, stream: String, replicas: usize) {
+    b.ensure_stream(&stream_config(&stream, replicas)).await.unwrap();
+    let m = Message::new("evt-1", subject_of(&stream, "a"), &b"one"[..]);
+    let first = b.publish(m.clone()).await.unwrap();
+    let again = b.publish(m.clone()).await.unwrap();
+    assert!(!first.duplicate);
+    assert!(again.duplicate, "second publish of the same id is reported as a duplicate");
+    assert_eq!(again.sequence, first.sequence, "a duplicate reports the original's sequence");
+    // Within one batch too, and mixed with new ids.
+    let batch = vec![
+        m.clone(),
+        Message::new("evt-2", subject_of(&stream, "a"), &b"two"[..]),
+        Message::new("evt-2", subject_of(&stream, "a"), &b"two"[..]),
+    ];
+    let acks = b.publish_batch(batch).await.unwrap();
+    assert_eq!(acks.iter().map(|a| a.duplicate).collect::<Vec<_>>(), vec![true, false, true]);
+    let info = b.stream_info(&stream).await.unwrap();
+    assert_eq!(info.messages, 2, "each id stored once");
+    let ids: Vec<String> = read_all(&*b, &stream).await.into_iter().map(|m| m.id).collect();
+    assert_eq!(ids, vec!["evt-1", "evt-2"]);
+}
+
+async fn no_stream_for_subject_is_an_error(b: Arc<dyn Backbone>, stream: String, replicas: usize) {
+    b.ensure_stream(&stream_config(&stream, replicas)).await.unwrap();
+    let err = b.publish(Message::new("x", "nobody.listens.here", &b""[..])).await.unwrap_err();
+    assert!(matches!(err, BackboneError::NoStreamForSubject(_)), "got {err:?}");
+}
+
+async fn invalid_messages_are_refused(b: Arc<dyn Backbone>, stream: String, replicas: usize) {
+    b.ensure_stream(&stream_config(&stream, replicas)).await.unwrap();
+    for bad in [
+        Message::new("", subject_of(&stream, "a"), &b""[..]),
+        Message::new("has space", subject_of(&stream, "a"), &b""[..]),
+        Message::new("ok", format!("{}.*", stream.to_lowercase()), &b""[..]),
+        Message::new("ok", format!("{}..a", stream.to_lowercase()), &b""[..]),
+    ] {
+        assert!(matches!(b.publish(bad.clone()).await, Err(BackboneError::InvalidMessage(_))), "{bad:?} accepted");
+    }
+    let mut bad_stream = stream_config(&stream, replicas);
+    bad_stream.name = "has.dot".into();
+    assert!(matches!(b.ensure_stream(&bad_stream).await, Err(BackboneError::Config(_))));
+    assert_eq!(b.stream_info(&stream).await.unwrap().messages, 0);
+}
+
+async fn consumer_ack_and_redelivery(b: Arc<dyn Backbone>, stream: String, replicas: usize) {
+    b.ensure_stream(&stream_config(&stream, replicas)).await.unwrap();
+    b.publish_batch(messages(&stream, "a", "m", 0..10)).await.unwrap();
+    let cfg = ConsumerConfig::new("worker").with_ack_wait(Duration::from_secs(1));
+    let mut c = b.consumer(&stream, &cfg).await.unwrap();
+    let got = fetch_n(&mut *c, 10, Duration::from_secs(10)).await;
+    assert_eq!(got.iter().map(|d| d.message.sequence).collect::<Vec<_>>(), (1..=10).collect::<Vec<_>>());
+    assert!(got.iter().all(|d| d.delivered == 1));
+    for d in got.iter().filter(|d| d.message.sequence % 2 == 0) {
+        d.ack().await.unwrap();
+    }
+    // The five unacknowledged come back after ack_wait, marked as redeliveries.
+    let again = fetch_n(&mut *c, 5, Duration::from_secs(10)).await;
+    let mut seqs: Vec<u64> = again.iter().map(|d| d.message.sequence).collect();
+    seqs.sort();
+    assert_eq!(seqs, vec![1, 3, 5, 7, 9]);
+    assert!(again.iter().all(|d| d.delivered == 2), "redeliveries count deliveries");
+    for d in &again {
+        d.ack().await.unwrap();
+    }
+    let none = c.fetch(10, Duration::from_millis(1500)).await.unwrap();
+    assert!(none.is_empty(), "acknowledged messages are not redelivered: {none:?}");
+}
+
+async fn consumer_nak_redelivers(b: Arc<dyn Backbone>, stream: String, replicas: usize) {
+    b.ensure_stream(&stream_config(&stream, replicas)).await.unwrap();
+    b.publish_batch(messages(&stream, "a", "m", 0..1)).await.unwrap();
+    let cfg = ConsumerConfig::new("naker").with_ack_wait(Duration::from_secs(30));
+    let mut c = b.consumer(&stream, &cfg).await.unwrap();
+    let got = fetch_n(&mut *c, 1, Duration::from_secs(10)).await;
+    got[0].nak(None).await.unwrap();
+    let again = fetch_n(&mut *c, 1, Duration::from_secs(5)).await;
+    assert_eq!(again.len(), 1, "a nak'd message comes back well before ack_wait");
+    assert_eq!(again[0].message.id, "m-0");
+    assert_eq!(again[0].delivered, 2);
+    again[0].ack().await.unwrap();
+}
+
+async fn consumer_resumes_by_name(b: Arc<dyn Backbone>, stream: String, replicas: usize) {
+    b.ensure_stream(&stream_config(&stream, replicas)).await.unwrap();
+    b.publish_batch(messages(&stream, "a", "m", 0..100)).await.unwrap();
+    let cfg = ConsumerConfig::new("resumer").with_ack_wait(Duration::from_secs(2));
+    {
+        let mut c = b.consumer(&stream, &cfg).await.unwrap();
+        let got = fetch_n(&mut *c, 40, Duration::from_secs(10)).await;
+        assert_eq!(got.len(), 40);
+        for d in &got {
+            d.ack().await.unwrap();
+        }
+        // Acks are asynchronous on JetStream: the lag settles at 60 shortly after.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let mut lag = c.pending().await.unwrap();
+        while lag != 60 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            lag = c.pending().await.unwrap();
+        }
+        assert_eq!(lag, 60, "pending counts the unacknowledged");
+    }
+    // A new handle with the same durable name resumes after the acknowledged ones.
+    let mut c = b.consumer(&stream, &cfg).await.unwrap();
+    let mut seen = BTreeSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while seen.len() < 60 && tokio::time::Instant::now() < deadline {
+        for d in c.fetch(100, Duration::from_millis(500)).await.unwrap() {
+            assert!(d.message.sequence > 40, "acknowledged message {} delivered again", d.message.sequence);
+            seen.insert(d.message.sequence);
+            d.ack().await.unwrap();
+        }
+    }
+    assert_eq!(seen, (41..=100).collect());
+}
+
+async fn consumer_filters_and_start(b: Arc<dyn Backbone>, stream: String, replicas: usize) {
+    b.ensure_stream(&stream_config(&stream, replicas)).await.unwrap();
+    let mut batch = Vec::new();
+    for i in 0..30 {
+        let leaf = ["alive.server", "startup.server", "alive.provision"][i % 3];
+        batch.push(Message::new(format!("f-{i}"), subject_of(&stream, leaf), &b"x"[..]));
+    }
+    b.publish_batch(batch).await.unwrap();
+    let one = ConsumerConfig::new("alive").with_filter(subject_of(&stream, "alive.*"));
+    let mut c = b.consumer(&stream, &one).await.unwrap();
+    let got = fetch_n(&mut *c, 20, Duration::from_secs(10)).await;
+    assert_eq!(got.len(), 20);
+    assert!(got.iter().all(|d| d.message.subject.contains(".alive.")));
+    for d in &got {
+        d.ack().await.unwrap();
+    }
+    assert!(c.fetch(10, Duration::from_millis(300)).await.unwrap().is_empty());
+
+    let two = ConsumerConfig::new("two")
+        .with_filter(subject_of(&stream, "startup.*"))
+        .with_filter(subject_of(&stream, "*.provision"));
+    let mut c = b.consumer(&stream, &two).await.unwrap();
+    let got = fetch_n(&mut *c, 20, Duration::from_secs(10)).await;
+    assert_eq!(got.len(), 20, "two filters select the union");
+    assert!(got.iter().all(|d| !d.message.subject.ends_with("alive.server")));
+    for d in &got {
+        d.ack().await.unwrap();
+    }
+
+    let from = ConsumerConfig::new("from25").with_start(StartPosition::Sequence(25));
+    let mut c = b.consumer(&stream, &from).await.unwrap();
+    let got = fetch_n(&mut *c, 6, Duration::from_secs(10)).await;
+    assert_eq!(got.iter().map(|d| d.message.sequence).collect::<Vec<_>>(), (25..=30).collect::<Vec<_>>());
+
+    let new = ConsumerConfig::new("newonly").with_start(StartPosition::New);
+    let mut c = b.consumer(&stream, &new).await.unwrap();
+    assert!(c.fetch(10, Duration::from_millis(300)).await.unwrap().is_empty());
+    b.publish(Message::new("late", subject_of(&stream, "alive.server"), &b"x"[..])).await.unwrap();
+    let got = fetch_n(&mut *c, 1, Duration::from_secs(10)).await;
+    assert_eq!(got[0].message.id, "late");
+}
+
+async fn consumer_waits_for_new_messages(b: Arc<dyn Backbone>, stream: String, replicas: usize) {
+    b.ensure_stream(&stream_config(&stream, replicas)).await.unwrap();
+    let mut c = b.consumer(&stream, &ConsumerConfig::new("waiter")).await.unwrap();
+    let publisher = {
+        let b = b.clone();
+        let stream = stream.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            b.publish_batch(messages(&stream, "a", "w", 0..3)).await.unwrap();
+        })
+    };
+    let started = std::time::Instant::now();
+    let got = c.fetch(10, Duration::from_secs(10)).await.unwrap();
+    assert!(!got.is_empty(), "fetch returns messages published while it waits");
+    assert!(started.elapsed() < Duration::from_secs(8), "fetch returned as soon as messages came");
+    publisher.await.unwrap();
+}
+
+async fn replay_from_sequence_and_time(b: Arc<dyn Backbone>, stream: String, replicas: usize) {
+    b.ensure_stream(&stream_config(&stream, replicas)).await.unwrap();
+    b.publish_batch(messages(&stream, "a", "early", 0..50)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let between = chrono::Utc::now();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    b.publish_batch(messages(&stream, "b", "late", 0..50)).await.unwrap();
+
+    let collect = |opts: ReplayOptions| {
+        let b = b.clone();
+        let stream = stream.clone();
+        async move {
+            let mut r = b.replay(&stream, opts).await.unwrap();
+            let mut out = Vec::new();
+            while let Some(m) = tokio::time::timeout(Duration::from_secs(20), r.next()).await.expect("replay stalled") {
+                out.push(m.unwrap());
+            }
+            out
+        }
+    };
+    let from_seq = collect(ReplayOptions { start: StartPosition::Sequence(60), ..Default::default() }).await;
+    assert_eq!(from_seq.iter().map(|m| m.sequence).collect::<Vec<_>>(), (60..=100).collect::<Vec<_>>());
+    let from_time = collect(ReplayOptions { start: StartPosition::Time(between), ..Default::default() }).await;
+    assert_eq!(from_time.len(), 50, "replay from a time starts at the first message stored after it");
+    assert!(from_time.iter().all(|m| m.id.starts_with("late-")));
+    let filtered =
+        collect(ReplayOptions { filter_subjects: vec![subject_of(&stream, "a")], ..Default::default() }).await;
+    assert_eq!(filtered.len(), 50);
+    assert!(filtered.iter().all(|m| m.id.starts_with("early-")));
+    let past_end = collect(ReplayOptions { start: StartPosition::Sequence(1000), ..Default::default() }).await;
+    assert!(past_end.is_empty());
+    let none = collect(ReplayOptions { filter_subjects: vec![subject_of(&stream, "zzz")], ..Default::default() }).await;
+    assert!(none.is_empty(), "a filter matching nothing ends at once");
+}
+
+async fn replay_follows_new_messages(b: Arc<dyn Backbone>, stream: String, replicas: usize) {
+    b.ensure_stream(&stream_config(&stream, replicas)).await.unwrap();
+    b.publish_batch(messages(&stream, "a", "old", 0..5)).await.unwrap();
+    let mut r = b.replay(&stream, ReplayOptions { follow: true, ..Default::default() }).await.unwrap();
+    for i in 0..5 {
+        let m = tokio::time::timeout(Duration::from_secs(10), r.next()).await.unwrap().unwrap().unwrap();
+        assert_eq!(m.id, format!("old-{i}"));
+    }
+    b.publish_batch(messages(&stream, "a", "new", 0..3)).await.unwrap();
+    for i in 0..3 {
+        let m =
+            tokio::time::timeout(Duration::from_secs(10), r.next()).await.expect("follow delivers").unwrap().unwrap();
+        assert_eq!(m.id, format!("new-{i}"));
+    }
+}
+
+async fn retention_limits(b: Arc<dyn Backbone>, stream: String, replicas: usize) {
+    let mut cfg = stream_config(&stream, replicas);
+    cfg.max_messages = 10;
+    b.ensure_stream(&cfg).await.unwrap();
+    b.publish_batch(messages(&stream, "a", "m", 0..25)).await.unwrap();
+    let info = b.stream_info(&stream).await.unwrap();
+    assert_eq!((info.messages, info.first_sequence, info.last_sequence), (10, 16, 25));
+    let all = read_all(&*b, &stream).await;
+    assert_eq!(all.first().unwrap().id, "m-15");
+    assert!(b.get(&stream, 3).await.unwrap().is_none());
+
+    let other = format!("{stream}B");
+    let mut cfg = stream_config(&other, replicas);
+    cfg.max_bytes = 2_000;
+    b.ensure_stream(&cfg).await.unwrap();
+    let big: Vec<Message> =
+        (0..20).map(|i| Message::new(format!("big-{i}"), subject_of(&other, "a"), vec![b'x'; 300])).collect();
+    b.publish_batch(big).await.unwrap();
+    let info = b.stream_info(&other).await.unwrap();
+    assert!(info.bytes <= 2_000, "max_bytes holds: {}", info.bytes);
+    assert!(info.messages >= 4 && info.messages < 20, "oldest removed first: {info:?}");
+    assert_eq!(info.last_sequence, 20);
+}
+
+async fn retention_by_age(b: Arc<dyn Backbone>, stream: String, replicas: usize) {
+    let mut cfg = stream_config(&stream, replicas);
+    cfg.max_age = Some(Duration::from_secs(1));
+    cfg.dedupe_window = Duration::from_secs(1);
+    b.ensure_stream(&cfg).await.unwrap();
+    b.publish_batch(messages(&stream, "a", "m", 0..5)).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let info = b.stream_info(&stream).await.unwrap();
+        if info.messages == 0 {
+            assert_eq!(info.last_sequence, 5, "the last sequence stays after expiry");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "messages older than max_age were not removed: {info:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let ack = b.publish(Message::new("after", subject_of(&stream, "a"), &b""[..])).await.unwrap();
+    assert_eq!(ack.sequence, 6, "sequences continue after expiry");
+}
+
+async fn ensure_stream_is_idempotent_and_updates(b: Arc<dyn Backbone>, stream: String, replicas: usize) {
+    let cfg = stream_config(&stream, replicas);
+    b.ensure_stream(&cfg).await.unwrap();
+    b.publish_batch(messages(&stream, "a", "m", 0..20)).await.unwrap();
+    let again = b.ensure_stream(&cfg).await.unwrap();
+    assert_eq!(again.messages, 20, "ensuring an existing stream keeps its messages");
+    let mut smaller = cfg.clone();
+    smaller.max_messages = 5;
+    let updated = b.ensure_stream(&smaller).await.unwrap();
+    let info = b.stream_info(&stream).await.unwrap();
+    assert!(updated.messages <= 20);
+    assert_eq!(info.messages, 5, "lowering max_messages applies to the stored messages");
+    let mut wider = smaller.clone();
+    wider.subjects.push(format!("{}extra.>", stream.to_lowercase()));
+    b.ensure_stream(&wider).await.unwrap();
+    let ack = b.publish(Message::new("x", format!("{}extra.q", stream.to_lowercase()), &b""[..])).await.unwrap();
+    assert_eq!(ack.stream, stream);
+}
+
+async fn concurrent_publishers(b: Arc<dyn Backbone>, stream: String, replicas: usize) {
+    b.ensure_stream(&stream_config(&stream, replicas)).await.unwrap();
+    let mut tasks = Vec::new();
+    for p in 0..4 {
+        let b = b.clone();
+        let stream = stream.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut seqs = Vec::new();
+            for chunk in 0..10 {
+                let acks = b.publish_batch(messages(&stream, "a", &format!("p{p}c{chunk}"), 0..100)).await.unwrap();
+                seqs.extend(acks.into_iter().map(|a| a.sequence));
+            }
+            seqs
+        }));
+    }
+    let mut all = BTreeSet::new();
+    for t in tasks {
+        for s in t.await.unwrap() {
+            assert!(all.insert(s), "sequence {s} given twice");
+        }
+    }
+    assert_eq!(all, (1..=4000).collect());
+    assert_eq!(b.stream_info(&stream).await.unwrap().messages, 4000);
+}
+
+async fn delete_stream_and_consumer(b: Arc<dyn Backbone>, stream: String, replicas: usize) {
+    b.ensure_stream(&stream_config(&stream, replicas)).await.unwrap();
+    b.publish_batch(messages(&stream, "a", "m", 0..3)).await.unwrap();
+    drop(b.consumer(&stream, &ConsumerConfig::new("gone")).await.unwrap());
+    assert_eq!(b.stream_info(&stream).await.unwrap().consumers, 1);
+    b.delete_consumer(&stream, "gone").await.unwrap();
+    assert_eq!(b.stream_info(&stream).await.unwrap().consumers, 0);
+    assert!(matches!(b.delete_consumer(&stream, "gone").await, Err(BackboneError::NotFound { .. })));
+    b.delete_stream(&stream).await.unwrap();
+    assert!(matches!(b.stream_info(&stream).await, Err(BackboneError::NotFound { .. })));
+    assert!(matches!(
+        b.publish(Message::new("z", subject_of(&stream, "a"), &b""[..])).await,
+        Err(BackboneError::NoStreamForSubject(_))
+    ));
+    // The name can be used again, starting empty.
+    b.ensure_stream(&stream_config(&stream, replicas)).await.unwrap();
+    assert_eq!(b.stream_info(&stream).await.unwrap().messages, 0);
+}
+
+async fn purge_below_a_sequence(b: Arc<dyn Backbone>, stream: String, replicas: usize) {
+    b.ensure_stream(&stream_config(&stream, replicas)).await.unwrap();
+    b.publish_batch(messages(&stream, "a", "m", 0..30)).await.unwrap();
+    assert_eq!(b.purge(&stream, 11).await.unwrap(), 10, "messages 1..=10 purged");
+    let info = b.stream_info(&stream).await.unwrap();
+    assert_eq!((info.messages, info.first_sequence, info.last_sequence), (20, 11, 30));
+    assert!(b.get(&stream, 10).await.unwrap().is_none());
+    assert_eq!(read_all(&*b, &stream).await.first().unwrap().sequence, 11);
+    assert_eq!(b.purge(&stream, 5).await.unwrap(), 0, "purging below the first sequence removes nothing");
+    assert_eq!(b.purge(&stream, 31).await.unwrap(), 20, "purge everything");
+    let info = b.stream_info(&stream).await.unwrap();
+    assert_eq!((info.messages, info.last_sequence), (0, 30));
+    let ack = b.publish(Message::new("after-purge", subject_of(&stream, "a"), &b""[..])).await.unwrap();
+    assert_eq!(ack.sequence, 31, "sequences are not reused after a purge");
+}

@@ -1,0 +1,331 @@
+//! The AAA service (`chorus aaa`) against a real nats-server: login with right and wrong
+//! passwords; expired tokens, wrong tenants and agents outside the token refused; allowed
+//! requests signed, and the signature verified by an RPC server that runs only signed
+//! requests. Every decision is checked in `CHORUS_AUDIT`: count, decision and reason.
+//!
+//! The service is started the way `chorus aaa --config` starts it ([`chorus_aaa::start`]), with its
+//! audit records going straight to JetStream, so each record is stored before the HTTP
+//! answer is sent and the counts below are exact.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chorus_aaa::{AaaClient, AaaConfig, AaaError, AaaSigner, RunningAaa};
+use chorus_backbone::jetstream::{JetStreamBackbone, NatsAuth, NatsConfig};
+use chorus_backbone::Backbone;
+use chorus_broker::BrokerConfig;
+use chorus_keys::parse_public_key;
+use chorus_platform::BackboneSink;
+use chorus_platform::Emitter;
+use chorus_platform::{ensure_platform_streams, StreamLimits};
+use chorus_rpc::agents::RpcUtil;
+use chorus_rpc::{NatsTransport, NodeContext, RequestOptions, RpcClient, RpcServer, ServerOptions, Transport};
+use chorus_runtime::{Service as _, Shutdown};
+use chorus_schemas::signature::Verifier;
+use chorus_schemas::{AuditAction, AuditRecord, Event, EventRecord, RpcRequest, StatusCode};
+use chorus_testkit::conformance::read_all;
+use chorus_testkit::nats::NatsServer;
+
+struct Aaa {
+    running: RunningAaa,
+    client: AaaClient,
+    dir: tempfile::TempDir,
+}
+
+/// Starts the service from a configuration file, as `chorus aaa --config` does. Users:
+/// alice (tenant acme, `rpcutil.*` and `puppet.status`), gina (tenant globex, `*`).
+async fn start_aaa(audit: NatsConfig) -> Aaa {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for key in ["jwt.pem", "signer.pem"] {
+        chorus_keys::Ed25519FileSigner::generate(d.join(key)).unwrap();
+    }
+    let alice = chorus_aaa::hash_password("alice-pw").unwrap();
+    let gina = chorus_aaa::hash_password("gina-pw").unwrap();
+    std::fs::write(
+        d.join("users.yaml"),
+        format!(
+            r#"users:
+  - {{username: alice, password_hash: "{alice}", callerid: up=alice, tenant: acme, agents: ["rpcutil.*", "puppet.status"], properties: {{team: web}}}}
+  - {{username: gina, password_hash: "{gina}", callerid: up=gina, tenant: globex, agents: ["*"]}}
+"#
+        ),
+    )
+    .unwrap();
+    let config = AaaConfig {
+        audit: chorus_aaa::config::AuditConfig { nats: Some(audit), state_dir: None },
+        ..AaaConfig::from_yaml(&format!(
+            r#"
+identity: aaa1.example.net
+site: london
+listen: 127.0.0.1:0
+users_file: {d}/users.yaml
+tenants:
+  acme: {{collectives: [acme]}}
+  globex: {{collectives: [globex]}}
+jwt: {{key: {{key_file: {d}/jwt.pem}}, validity: 1h}}
+signer: {{key: {{key_file: {d}/signer.pem}}}}
+audit: {{state_dir: {d}/unused}}
+"#,
+            d = d.display()
+        ))
+        .unwrap()
+    };
+    let running = chorus_aaa::start(&config, Shutdown::new(), Duration::from_secs(5)).await.unwrap();
+    let client = AaaClient::new(&format!("http://{}", running.addr), None).unwrap();
+    Aaa { running, client, dir }
+}
+
+async fn site(server: &NatsServer) -> Arc<dyn Backbone> {
+    let b: Arc<dyn Backbone> = Arc::new(JetStreamBackbone::connect(&NatsConfig::new([server.url()])).await.unwrap());
+    ensure_platform_streams(&*b, &StreamLimits::default()).await.unwrap();
+    b
+}
+
+/// Every audit record in `CHORUS_AUDIT`, in order, with the subject it was stored under.
+async fn audit_records(b: &dyn Backbone) -> Vec<(String, AuditRecord)> {
+    read_all(b, "CHORUS_AUDIT")
+        .await
+        .into_iter()
+        .map(|m| {
+            let record = EventRecord::decode(&m.payload).expect("audit events decode");
+            assert_eq!(record.subject, "aaa1.example.net", "the signer is the event's node identity");
+            let Event::Audit(a) = record.data else { panic!("not an audit record: {record:?}") };
+            (m.subject, a)
+        })
+        .collect()
+}
+
+fn request(callerid: &str, collective: &str, agent: &str, action: &str) -> RpcRequest {
+    RpcRequest::new(callerid, "laptop.example.net", collective, agent, action, Default::default())
+}
+
+fn refused_code(result: Result<impl std::fmt::Debug, AaaError>, status: u16) -> String {
+    match result {
+        Err(AaaError::Refused { status: s, code, .. }) if s == status => code,
+        other => panic!("expected a {status} refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_with_right_and_wrong_password() {
+    let server = NatsServer::start().unwrap();
+    let b = site(&server).await;
+    let mut aaa = start_aaa(NatsConfig::new([server.url()])).await;
+
+    assert_eq!(refused_code(aaa.client.login("alice", "alice-pw-wrong").await, 401), "bad_credentials");
+    assert_eq!(refused_code(aaa.client.login("mallory", "whatever").await, 401), "bad_credentials");
+    let grant = aaa.client.login("alice", "alice-pw").await.unwrap();
+    assert_eq!(grant.callerid, "up=alice");
+    let claims = aaa.running.service.tokens().verify(&grant.token).unwrap();
+    assert_eq!((claims.tenant.as_str(), claims.collectives.as_slice()), ("acme", &["acme".to_string()][..]));
+    assert_eq!(claims.agents, ["rpcutil.*", "puppet.status"]);
+    assert_eq!(claims.exp - claims.iat, 3600, "default validity 1h");
+    assert_eq!(claims.user_properties["team"], "web");
+
+    let records = audit_records(&*b).await;
+    assert_eq!(records.len(), 3, "{records:#?}");
+    let (subject, wrong) = &records[0];
+    assert_eq!(subject, "chorus.audit.deny.london");
+    assert_eq!((wrong.callerid.as_str(), wrong.action), ("up=alice", AuditAction::Deny));
+    assert_eq!(wrong.reason.as_deref(), Some("bad username or password"));
+    assert_eq!(records[1].1.callerid, "unknown=mallory");
+    assert_eq!(records[1].1.action, AuditAction::Deny);
+    let (subject, ok) = &records[2];
+    assert_eq!(subject, "chorus.audit.allow.london");
+    assert_eq!((ok.action, ok.reason.as_deref()), (AuditAction::Allow, None));
+    assert_eq!(ok.jti.as_deref(), Some(claims.jti.as_str()), "the login record names the token it issued");
+    assert_eq!(ok.request["action"], "login");
+    let all = serde_json::to_string(&records.iter().map(|r| &r.1).collect::<Vec<_>>()).unwrap();
+    assert!(!all.contains("alice-pw"), "a password reached the audit trail");
+    aaa.running.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_token_is_refused_and_audited() {
+    let server = NatsServer::start().unwrap();
+    let b = site(&server).await;
+    let mut aaa = start_aaa(NatsConfig::new([server.url()])).await;
+    let tokens = aaa.running.service.tokens();
+    // A token the service itself issued two hours ago for one hour.
+    let users = chorus_aaa::Users::load(&aaa.dir.path().join("users.yaml")).unwrap();
+    let issued = chrono::Utc::now().timestamp() - 7200;
+    let claims = tokens.claims_for(users.get("alice").unwrap(), &["acme".into()], issued);
+    let expired = tokens.sign(&claims).unwrap();
+
+    let code = refused_code(aaa.client.sign(&expired, &request("up=alice", "acme", "rpcutil", "ping")).await, 401);
+    assert_eq!(code, "token_expired");
+
+    let records = audit_records(&*b).await;
+    assert_eq!(records.len(), 1, "{records:#?}");
+    let (subject, r) = &records[0];
+    assert_eq!(subject, "chorus.audit.deny.london");
+    assert_eq!((r.action, r.reason.as_deref()), (AuditAction::Deny, Some("token expired")));
+    assert_eq!(r.callerid, "up=alice");
+    assert_eq!(r.request["agent"], "rpcutil", "the refused request is in the record");
+    aaa.running.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_tenant_is_refused_and_audited() {
+    let server = NatsServer::start().unwrap();
+    let b = site(&server).await;
+    let mut aaa = start_aaa(NatsConfig::new([server.url()])).await;
+    let alice = aaa.client.login("alice", "alice-pw").await.unwrap();
+    let jti = aaa.running.service.tokens().verify(&alice.token).unwrap().jti;
+
+    // alice (acme) addressing globex's collective, even with an agent she may call.
+    let code =
+        refused_code(aaa.client.sign(&alice.token, &request("up=alice", "globex", "rpcutil", "ping")).await, 403);
+    assert_eq!(code, "wrong_tenant");
+    // Pretending to be gina does not help: the caller must be the token's.
+    let code = refused_code(aaa.client.sign(&alice.token, &request("up=gina", "globex", "rpcutil", "ping")).await, 403);
+    assert_eq!(code, "caller_mismatch");
+
+    let records = audit_records(&*b).await;
+    assert_eq!(records.len(), 3, "login, two denials: {records:#?}");
+    let (subject, wrong) = &records[1];
+    assert_eq!(subject, "chorus.audit.deny.london");
+    assert_eq!(wrong.action, AuditAction::Deny);
+    let reason = wrong.reason.as_deref().unwrap();
+    assert!(
+        reason.starts_with("wrong tenant") && reason.contains("\"globex\"") && reason.contains("\"acme\""),
+        "{reason}"
+    );
+    assert_eq!(wrong.jti.as_deref(), Some(jti.as_str()));
+    assert!(records[2].1.reason.as_deref().unwrap().contains("does not match the token"), "{:?}", records[2].1.reason);
+    aaa.running.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_outside_the_tokens_agents_is_refused_and_audited() {
+    let server = NatsServer::start().unwrap();
+    let b = site(&server).await;
+    let mut aaa = start_aaa(NatsConfig::new([server.url()])).await;
+    let alice = aaa.client.login("alice", "alice-pw").await.unwrap();
+
+    for (agent, action) in [("puppet", "run"), ("shell", "run")] {
+        let code = refused_code(aaa.client.sign(&alice.token, &request("up=alice", "acme", agent, action)).await, 403);
+        assert_eq!(code, "agent_not_allowed");
+    }
+    // puppet.status is listed explicitly, rpcutil by wildcard.
+    aaa.client.sign(&alice.token, &request("up=alice", "acme", "puppet", "status")).await.unwrap();
+
+    let records = audit_records(&*b).await;
+    let decisions: Vec<(AuditAction, Option<&str>)> =
+        records.iter().map(|(_, r)| (r.action, r.reason.as_deref())).collect();
+    assert_eq!(
+        decisions,
+        [
+            (AuditAction::Allow, None),
+            (AuditAction::Deny, Some(r#"agent not allowed: puppet.run is not in ["rpcutil.*", "puppet.status"]"#)),
+            (AuditAction::Deny, Some(r#"agent not allowed: shell.run is not in ["rpcutil.*", "puppet.status"]"#)),
+            (AuditAction::Allow, None),
+        ]
+    );
+    aaa.running.stop().await.unwrap();
+}
+
+/// The whole chain on a broker configured by `chorus broker config`: the AAA service audits
+/// as the least-privilege `aaa` user; an RPC client holding no key has its request signed;
+/// the node runs only requests signed by the AAA service's key (fetched from `/keys`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allowed_request_is_signed_audited_and_run_by_a_verifying_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker: BrokerConfig = serde_yaml::from_str(&format!(
+        r#"
+jetstream: {{store_dir: {store}}}
+bcrypt_cost: 4
+tenants:
+  acme:
+    collectives: [acme]
+    users:
+      - {{user: acme-admin, role: admin, password: acme-admin-pw}}
+      - {{user: acme-aaa, role: aaa, password: acme-aaa-pw}}
+      - {{user: acme-agent, role: agent, password: acme-agent-pw}}
+      - {{user: acme-client, role: client, password: acme-client-pw}}
+  globex:
+    collectives: [globex]
+    users: [{{user: globex-admin, role: admin, password: globex-admin-pw}}]
+"#,
+        store = dir.path().join("unused").display()
+    ))
+    .unwrap();
+    let server = NatsServer::builder().base_config(&broker.render_nats_conf().unwrap()).start().unwrap();
+    let as_user = |user: &str| {
+        let mut c = NatsConfig::new([server.url()]);
+        c.auth = NatsAuth::UserPassword { user: user.into(), password: format!("{user}-pw") };
+        c.request_timeout = Duration::from_secs(5);
+        c.publish_retry_for = Duration::from_secs(5);
+        c
+    };
+    let admin: Arc<dyn Backbone> = Arc::new(JetStreamBackbone::connect(&as_user("acme-admin")).await.unwrap());
+    ensure_platform_streams(&*admin, &StreamLimits::default()).await.unwrap();
+    let mut aaa = start_aaa(as_user("acme-aaa")).await;
+
+    // The node: trusts the AAA service's request key; its policy would allow anyone.
+    let keys = aaa.client.keys().await.unwrap();
+    let verifier = Verifier::new().with_key(&parse_public_key(&keys.request.public_key_pem).unwrap()).unwrap();
+    let policies = dir.path().join("policy");
+    std::fs::create_dir_all(&policies).unwrap();
+    std::fs::write(policies.join("rpcutil.policy"), "policy default deny\nallow\t*\t*\t*\t*\n").unwrap();
+    let agent_conn = as_user("acme-agent").connect(None).await.unwrap();
+    let node_site: Arc<dyn Backbone> =
+        Arc::new(JetStreamBackbone::from_client(agent_conn.clone(), &as_user("acme-agent")));
+    let emitter = Arc::new(Emitter::new(Arc::new(BackboneSink(node_site)), 1, Some("london".into())));
+    let options = ServerOptions { verifier: Some(Arc::new(verifier)), ..Default::default() };
+    let node_transport: Arc<dyn Transport> = Arc::new(NatsTransport::new(agent_conn));
+    let server_rpc = RpcServer::new(node_transport, vec![Arc::new(RpcUtil)], Some(policies), options).unwrap();
+    server_rpc.add_node(NodeContext::new("node1.acme.net", "acme"), emitter).await.unwrap();
+
+    // The caller logs in and holds nothing but the token.
+    let grant = aaa.client.login("alice", "alice-pw").await.unwrap();
+    let client_conn = as_user("acme-client").connect(None).await.unwrap();
+    let transport: Arc<dyn Transport> = Arc::new(NatsTransport::new(client_conn));
+    let signed_rpc = RpcClient::new(transport.clone(), grant.callerid.clone(), "acme")
+        .with_senderid("laptop.acme.net")
+        .with_request_signer(Arc::new(AaaSigner::new(aaa.client.clone(), grant.token.clone())));
+    let options = RequestOptions { expected: Some(1), timeout: Duration::from_secs(30), ..Default::default() };
+    let results = signed_rpc.call("rpcutil", "ping", Default::default(), options.clone()).await.unwrap();
+    let signed_requestid = results.request.requestid.clone();
+    assert_eq!(results.replies.len(), 1);
+    assert_eq!(results.replies[0].statuscode, StatusCode::Ok, "{:?}", results.replies[0]);
+
+    // Refused by the signer: nothing is sent.
+    let e = signed_rpc.call("shell", "run", Default::default(), options.clone()).await.unwrap_err();
+    assert!(e.to_string().contains("agent_not_allowed"), "{e}");
+
+    // The same request unsigned: the node refuses it although its policy allows it.
+    let unsigned_rpc = RpcClient::new(transport, grant.callerid.clone(), "acme").with_senderid("laptop.acme.net");
+    let results = unsigned_rpc.call("rpcutil", "ping", Default::default(), options).await.unwrap();
+    assert_eq!(results.replies.len(), 1);
+    let refused = &results.replies[0];
+    assert_eq!((refused.statuscode, refused.authorized), (StatusCode::Aborted, false), "{refused:?}");
+    assert!(refused.policy.as_deref().unwrap_or_default().contains("signature"), "{refused:?}");
+
+    let records = audit_records(&*admin).await;
+    let decisions: Vec<(AuditAction, &str, &str)> = records
+        .iter()
+        .map(|(_, r)| {
+            (
+                r.action,
+                r.request.get("agent").and_then(|v| v.as_str()).unwrap_or("-"),
+                r.reason.as_deref().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(records.len(), 3, "{decisions:#?}");
+    assert_eq!((records[0].1.action, records[0].1.request["action"].as_str()), (AuditAction::Allow, Some("login")));
+    let (subject, allow) = &records[1];
+    assert_eq!(subject, "chorus.audit.allow.london");
+    assert_eq!((allow.action, allow.callerid.as_str()), (AuditAction::Allow, "up=alice"));
+    assert_eq!(allow.request["requestid"], signed_requestid.as_str(), "the allow record is the request the node ran");
+    assert_eq!(records[2].1.action, AuditAction::Deny);
+    assert!(records[2].1.reason.as_deref().unwrap().starts_with("agent not allowed: shell.run"));
+
+    // Audit records exist only in acme's account.
+    let globex = as_user("globex-admin");
+    let globex: Arc<dyn Backbone> = Arc::new(JetStreamBackbone::connect(&globex).await.unwrap());
+    assert!(globex.stream_info("CHORUS_AUDIT").await.is_err(), "globex has no audit stream of acme's");
+    aaa.running.stop().await.unwrap();
+}

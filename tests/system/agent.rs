@@ -1,0 +1,291 @@
+//! The node agent against a real nats-server: lifecycle events arrive; a 60 s broker outage
+//! loses no event and keeps per-node order; an autonomous agent's transitions arrive as
+//! events; RPC is denied without a policy, allowed by one, and both are recorded.
+
+use chorus_runtime::{Service as _, Shutdown};
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chorus_backbone::jetstream::{JetStreamBackbone, NatsConfig};
+use chorus_backbone::Backbone;
+use chorus_platform::{ensure_platform_streams, StreamLimits};
+use chorus_producers::agent::{AgentConfig, NodeAgent};
+use chorus_rpc::{NatsTransport, RequestOptions, RpcClient, Target};
+use chorus_schemas::lifecycle::Lifecycle;
+use chorus_schemas::{Event, EventRecord};
+use chorus_testkit::conformance::read_all;
+use chorus_testkit::nats::NatsServer;
+
+async fn site(server: &NatsServer) -> Arc<dyn Backbone> {
+    let b: Arc<dyn Backbone> = Arc::new(JetStreamBackbone::connect(&NatsConfig::new([server.url()])).await.unwrap());
+    ensure_platform_streams(&*b, &StreamLimits::default()).await.unwrap();
+    b
+}
+
+fn agent_config(identity: &str, server: &NatsServer, dir: &std::path::Path) -> AgentConfig {
+    let mut c = AgentConfig::new(identity, dir.join(identity));
+    let mut nats = NatsConfig::new([server.url()]);
+    nats.request_timeout = Duration::from_secs(2);
+    nats.publish_retry_for = Duration::from_secs(5);
+    c.nats = Some(nats);
+    c.alive_interval = Duration::from_secs(1);
+    c.alive_splay = Some(Duration::ZERO);
+    c.version = "1.2.3".into();
+    c
+}
+
+/// Every event of `identity` in `streams`, decoded.
+async fn events_of(b: &dyn Backbone, streams: &[&str], identity: &str) -> Vec<EventRecord> {
+    let mut out = Vec::new();
+    for s in streams {
+        for m in read_all(b, s).await {
+            let r = EventRecord::decode(&m.payload).expect("stored events decode");
+            if r.subject == identity {
+                out.push(r);
+            }
+        }
+    }
+    out
+}
+
+async fn wait_for<F: Fn(&[EventRecord]) -> bool>(
+    b: &dyn Backbone,
+    streams: &[&str],
+    identity: &str,
+    what: &str,
+    ok: F,
+) -> Vec<EventRecord> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let evs = events_of(b, streams, identity).await;
+        if ok(&evs) {
+            return evs;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}; have {} events", evs.len());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The RPC records (requests and replies) of one request in `CHORUS_RPC`.
+async fn rpc_records(b: &dyn Backbone, requestid: &str) -> Vec<EventRecord> {
+    read_all(b, "CHORUS_RPC")
+        .await
+        .iter()
+        .filter_map(|m| EventRecord::decode(&m.payload).ok())
+        .filter(|r| match &r.data {
+            Event::RpcRequest(q) => q.requestid == requestid,
+            Event::RpcReply(p) => p.requestid == requestid,
+            _ => false,
+        })
+        .collect()
+}
+
+fn lifecycle_type(r: &EventRecord) -> Option<&'static str> {
+    match &r.data {
+        Event::Lifecycle(l) => Some(l.lifecycle_type().as_str()),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_events_arrive_with_component_and_version() {
+    let server = NatsServer::start().unwrap();
+    let b = site(&server).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent =
+        NodeAgent::start(agent_config("life.example.net", &server, dir.path()), Shutdown::new()).await.unwrap();
+    let evs = wait_for(&*b, &["CHORUS_LIFECYCLE"], "life.example.net", "startup and two alive events", |e| {
+        e.iter().filter(|r| lifecycle_type(r) == Some("alive")).count() >= 2
+    })
+    .await;
+    assert_eq!(lifecycle_type(&evs[0]), Some("startup"), "startup comes first");
+    for r in &evs {
+        let Event::Lifecycle(l) = &r.data else { unreachable!() };
+        assert_eq!(l.component(), "server");
+        assert!(r.nats_subject().unwrap().starts_with("choria.lifecycle.event."));
+    }
+    if let Event::Lifecycle(Lifecycle::Startup(s)) = &evs[0].data {
+        assert_eq!(s.version, "1.2.3");
+    }
+    agent.stop().await.unwrap();
+    let evs = wait_for(&*b, &["CHORUS_LIFECYCLE"], "life.example.net", "shutdown event", |e| {
+        e.iter().any(|r| lifecycle_type(r) == Some("shutdown"))
+    })
+    .await;
+    assert_eq!(lifecycle_type(evs.last().unwrap()), Some("shutdown"));
+    let seqs: Vec<u64> = evs.iter().map(|r| r.seq).collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "per-node sequence has no gap: {seqs:?}");
+}
+
+const CYCLE_MACHINE: &str = r#"
+name: cycle
+version: "1.0.0"
+initial_state: "off"
+transitions:
+  - {name: turn_on, from: ["off"], destination: "on"}
+  - {name: turn_off, from: ["on"], destination: "off"}
+watchers:
+  - name: check
+    type: exec
+    state_match: ["off"]
+    success_transition: turn_on
+    interval: 1s
+    properties: {command: "true"}
+  - name: hold
+    type: timer
+    state_match: ["on"]
+    fail_transition: turn_off
+    properties: {timer: 1s}
+"#;
+
+/// The broker is stopped for 60 s while the node keeps producing (alive events every second,
+/// a machine cycling states); after the restart every event arrives, once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_down_60s_loses_no_event_and_keeps_order() {
+    let mut server = NatsServer::start().unwrap();
+    let b = site(&server).await;
+    let dir = tempfile::tempdir().unwrap();
+    let machines = dir.path().join("machines");
+    std::fs::create_dir_all(machines.join("cycle")).unwrap();
+    std::fs::write(machines.join("cycle/machine.yaml"), CYCLE_MACHINE).unwrap();
+    let mut cfg = agent_config("outage.example.net", &server, dir.path());
+    cfg.machines_dir = Some(machines);
+    cfg.shutdown_drain = Duration::from_secs(60);
+    let mut agent = NodeAgent::start(cfg, Shutdown::new()).await.unwrap();
+    let streams = ["CHORUS_LIFECYCLE", "CHORUS_MACHINE"];
+    wait_for(&*b, &streams, "outage.example.net", "a transition before the outage", |e| {
+        e.iter().any(|r| matches!(r.data, Event::Transition(_)))
+    })
+    .await;
+
+    server.stop().unwrap();
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let backlog = agent.outbox().stats().backlog();
+    assert!(backlog >= 60, "the node kept producing into its outbox during the outage: {backlog}");
+    server.restart().unwrap();
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    while agent.outbox().stats().backlog() > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "outbox did not drain: {}", agent.outbox().stats().backlog());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    agent.stop().await.unwrap();
+    let b = site(&server).await;
+    let evs = wait_for(&*b, &streams, "outage.example.net", "the shutdown event", |e| {
+        e.iter().any(|r| lifecycle_type(r) == Some("shutdown"))
+    })
+    .await;
+
+    let ids: BTreeSet<&str> = evs.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(ids.len(), evs.len(), "no event stored twice");
+    let mut seqs: Vec<u64> = evs.iter().map(|r| r.seq).collect();
+    seqs.sort();
+    let expected: Vec<u64> = (1..=seqs.len() as u64).collect();
+    assert_eq!(seqs, expected, "every event of the node arrived (sequences 1..=n, no gap)");
+    for s in streams {
+        let in_stream: Vec<u64> = events_of(&*b, &[s], "outage.example.net").await.iter().map(|r| r.seq).collect();
+        assert!(in_stream.windows(2).all(|w| w[0] < w[1]), "{s}: per-node order kept");
+    }
+    let transitions = evs.iter().filter(|r| matches!(r.data, Event::Transition(_))).count();
+    let watcher_states = evs.iter().filter(|r| matches!(r.data, Event::Watcher(_))).count();
+    let alive = evs.iter().filter(|r| lifecycle_type(r) == Some("alive")).count();
+    assert!(transitions >= 10, "the machine kept cycling through the outage: {transitions} transitions");
+    assert!(watcher_states >= 20, "watcher states recorded: {watcher_states}");
+    assert!(alive >= 55, "alive events recorded through the outage: {alive}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rpc_is_denied_without_policy_allowed_with_one_and_recorded() {
+    let server = NatsServer::start().unwrap();
+    let b = site(&server).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut open =
+        NodeAgent::start(agent_config("nopolicy.example.net", &server, dir.path()), Shutdown::new()).await.unwrap();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    std::fs::write(policies.join("rpcutil.policy"), "policy default deny\nallow\tchoria=tester\tping\t*\t*\n").unwrap();
+    let mut cfg = agent_config("policy.example.net", &server, dir.path());
+    cfg.policy_dir = Some(policies);
+    let mut guarded = NodeAgent::start(cfg, Shutdown::new()).await.unwrap();
+
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let rpc = RpcClient::new(Arc::new(NatsTransport::new(client)), "choria=tester", "choria")
+        .with_senderid("client.example.net");
+    let options = RequestOptions {
+        expected: Some(2),
+        timeout: Duration::from_secs(10),
+        target: Target::Broadcast,
+        ..Default::default()
+    };
+    let results = rpc.call("rpcutil", "ping", Default::default(), options).await.unwrap();
+    assert_eq!(results.summary.replies, 2, "{:?}", results.summary);
+    assert_eq!(results.summary.ok, 1);
+    assert_eq!(results.summary.denied, 1);
+    let denied = results.replies.iter().find(|r| !r.authorized).unwrap();
+    assert_eq!(denied.identity, "nopolicy.example.net");
+    let allowed = results.replies.iter().find(|r| r.authorized).unwrap();
+    assert_eq!(allowed.identity, "policy.example.net");
+
+    // Both decisions are recorded by the nodes: the request and the reply, in CHORUS_RPC.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let records = rpc_records(&*b, &results.request.requestid).await;
+        let replies: Vec<(String, bool)> = records
+            .iter()
+            .filter_map(|r| match &r.data {
+                Event::RpcReply(p) => Some((p.identity.clone(), p.authorized)),
+                _ => None,
+            })
+            .collect();
+        let requests = records.iter().filter(|r| matches!(r.data, Event::RpcRequest(_))).count();
+        if requests == 2 && replies.len() == 2 {
+            assert!(replies.contains(&("nopolicy.example.net".into(), false)), "{replies:?}");
+            assert!(replies.contains(&("policy.example.net".into(), true)), "{replies:?}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "RPC records missing: {requests} requests, {replies:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    open.stop().await.unwrap();
+    guarded.stop().await.unwrap();
+}
+
+/// 1,000 simulated nodes in one process answer one broadcast over a single connection, and
+/// each records the request and reply with its own sequence after its startup event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulated_nodes_answer_rpc_and_record_it() {
+    use chorus_platform::BackboneSink;
+    use chorus_producers::simulator::{SimConfig, Simulator};
+    let server = NatsServer::start().unwrap();
+    let b = site(&server).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("rpcutil.policy"), "policy default deny\nallow\t*\tping\t*\t*\n").unwrap();
+    let sim = Simulator::new(SimConfig::new(1000), Arc::new(BackboneSink(b.clone()))).unwrap();
+    sim.startup_storm().await.unwrap();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let _rpc = sim
+        .host_rpc(Arc::new(NatsTransport::new(client.clone())), "choria", Some(dir.path().to_path_buf()))
+        .await
+        .unwrap();
+    let rpc = RpcClient::new(Arc::new(NatsTransport::new(client)), "choria=tester", "choria");
+    let options = RequestOptions { expected: Some(1000), timeout: Duration::from_secs(30), ..Default::default() };
+    let results = rpc.call("rpcutil", "ping", Default::default(), options).await.unwrap();
+    assert_eq!((results.summary.replies, results.summary.ok), (1000, 1000), "{:?}", results.summary);
+    let node = sim.nodes()[7].identity.to_string();
+    // The reply record carries the node's identity; the request record the sender's (as in
+    // Choria's audit), so the node's own records are startup (1), request (2), reply (3).
+    let evs =
+        wait_for(&*b, &["CHORUS_LIFECYCLE", "CHORUS_RPC"], &node, "the node's reply record", |e| e.len() >= 2).await;
+    let seqs: Vec<u64> = evs.iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, vec![1, 3], "startup then reply, one per-node sequence");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let n = rpc_records(&*b, &results.request.requestid).await.len();
+        if n == 2000 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{n} of 2000 RPC records stored");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

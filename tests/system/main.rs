@@ -1,0 +1,19 @@
+//! The Chorus system tests, one test binary with a module per area. Every test runs the real
+//! parts (nats-server processes, SoftHSM2, rsyslog, headless Chromium, the `chorus` binary)
+//! through `chorus-testkit`.
+
+mod aaa;
+mod agent;
+mod backup;
+mod broker;
+mod conformance;
+mod dashboard;
+mod docs;
+mod durability;
+mod fuzz;
+mod provision;
+mod replicate;
+mod security;
+mod siem;
+mod up;
+mod views;

@@ -1,0 +1,254 @@
+//! The provisioner against a real nats-server: a startup storm of 1,000 simulated nodes in
+//! provisioning mode, hosting RPC over one connection, ends with every node provisioned
+//! exactly once: one successful request per node and step (counted from the RPC records the
+//! nodes store in `CHORUS_RPC`) and one `provisioned` event per node in `CHORUS_LIFECYCLE`,
+//! across a restart of the provisioner in the middle, a full replay of the stream, copies of
+//! every startup event stored again, and 100 nodes that refuse the provisioner until they are
+//! fixed.
+
+use chorus_runtime::{Service as _, Shutdown};
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chorus_backbone::jetstream::{JetStreamBackbone, NatsConfig};
+use chorus_backbone::{Backbone, Message};
+use chorus_consumers::provisioner::{NodeStatus, Provisioner, ProvisionerConfig, Step};
+use chorus_platform::deadletter::DeadLetter;
+use chorus_platform::BackboneSink;
+use chorus_platform::{ensure_platform_streams, StreamLimits};
+use chorus_producers::simulator::{SimConfig, Simulator};
+use chorus_rpc::{agents, Agent, NatsTransport, NodeContext, RpcServer, ServerOptions, Transport};
+use chorus_runtime::Backoff;
+use chorus_schemas::lifecycle::{Alive, Lifecycle};
+use chorus_schemas::{Event, EventRecord, StatusCode};
+use chorus_testkit::conformance::read_all;
+use chorus_testkit::nats::NatsServer;
+
+const NODES: usize = 1000;
+/// Nodes whose Action Policy refuses the provisioner until they are "fixed".
+const BROKEN: Range<usize> = 900..1000;
+const CALLERID: &str = "choria=provisioner";
+const STARTUP_SUBJECT: &str = "choria.lifecycle.event.startup.provision_mode_server";
+
+async fn site(server: &NatsServer) -> Arc<dyn Backbone> {
+    let b: Arc<dyn Backbone> = Arc::new(JetStreamBackbone::connect(&NatsConfig::new([server.url()])).await.unwrap());
+    ensure_platform_streams(&*b, &StreamLimits::default()).await.unwrap();
+    b
+}
+
+fn config(state_dir: std::path::PathBuf) -> ProvisionerConfig {
+    let mut fact = serde_json::Map::new();
+    fact.insert("fact".into(), "group".into());
+    let mut c =
+        ProvisionerConfig::new(vec![Step::new("rpcutil", "ping"), Step::new("rpcutil", "get_fact").with_data(fact)]);
+    c.state_dir = state_dir;
+    c.concurrency = 50;
+    c.sweep_interval = Duration::from_millis(500);
+    c.backoff = Backoff::doubling(Duration::from_millis(500), Duration::from_secs(2));
+    c
+}
+
+/// Waits (bounded, so a hang fails instead of blocking CI) until `ok` holds.
+async fn until<F: Fn(&Provisioner) -> bool>(p: &Provisioner, what: &str, ok: F) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    while !ok(p) {
+        assert!(
+            !chorus_runtime::Service::failed(p),
+            "the provisioner stopped while waiting for {what}: {:?}",
+            p.monitor().health()
+        );
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}: {:?} {:?}",
+            p.stats(),
+            p.counts().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Stores every provisioning-mode startup event again under a new message id, as a replicator
+/// or an outbox re-sending after the dedupe window would: the stream keeps both copies.
+async fn store_startups_again(b: &dyn Backbone, tag: &str) -> usize {
+    let copies: Vec<Message> = read_all(b, "CHORUS_LIFECYCLE")
+        .await
+        .into_iter()
+        .filter(|m| m.subject == STARTUP_SUBJECT && !m.id.contains("-copy-"))
+        .filter(|m| matches!(EventRecord::decode(&m.payload), Ok(r) if matches!(r.data, Event::Lifecycle(Lifecycle::Startup(_)))))
+        .map(|m| Message::new(format!("{}-copy-{tag}", m.id), m.subject, m.payload))
+        .collect();
+    let n = copies.len();
+    b.publish_batch(copies).await.unwrap();
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_storm_of_1000_nodes_provisions_each_exactly_once() {
+    let server = NatsServer::start().unwrap();
+    let b = site(&server).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (allow, deny) = (dir.path().join("allow"), dir.path().join("deny"));
+    std::fs::create_dir_all(&allow).unwrap();
+    std::fs::create_dir_all(&deny).unwrap(); // no policy file: every request denied
+    std::fs::write(
+        allow.join("rpcutil.policy"),
+        format!("policy default deny\nallow\t{CALLERID}\tping get_fact\t*\t*\n"),
+    )
+    .unwrap();
+
+    let mut sim_config = SimConfig::new(NODES);
+    sim_config.prefix = "new".into();
+    sim_config.component = "provision_mode_server".into();
+    let sim = Simulator::new(sim_config, Arc::new(BackboneSink(b.clone()))).unwrap();
+    let identity = |i: usize| sim.nodes()[i].identity.to_string();
+    let context = |i: usize| NodeContext::new(identity(i), "choria");
+
+    // Every node answers RPC over one connection; the broken ones from a server that denies.
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let transport: Arc<dyn Transport> = Arc::new(NatsTransport::new(client));
+    let good = sim.host_rpc(transport.clone(), "choria", Some(allow)).await.unwrap();
+    let rpcutil: Vec<Arc<dyn Agent>> = vec![Arc::new(agents::RpcUtil)];
+    let options = ServerOptions { wildcard_directed: true, ..Default::default() };
+    let broken = RpcServer::new(transport.clone(), rpcutil, Some(deny), options).unwrap();
+    for i in BROKEN {
+        assert!(good.remove_node("choria", &identity(i)));
+        broken.add_node(context(i), sim.nodes()[i].emitter.clone()).await.unwrap();
+    }
+
+    // Two malformed messages where the provisioner reads, then the storm.
+    b.publish(Message::new("junk-not-json", STARTUP_SUBJECT, &b"{not json"[..])).await.unwrap();
+    let alive = EventRecord::new(Alive::new("odd.example.net", "provision_mode_server", "1.0", None), 1);
+    b.publish(Message::new(alive.id.clone(), STARTUP_SUBJECT, alive.encode())).await.unwrap();
+    let storm = sim.startup_storm().await.unwrap();
+    assert_eq!(storm.events, NODES);
+
+    // First provisioner, stopped in the middle of the work.
+    let state = dir.path().join("state");
+    let mut p1 =
+        Provisioner::start(b.clone(), transport.clone(), config(state.clone()), Shutdown::new()).await.unwrap();
+    until(&p1, "300 nodes provisioned", |p| p.stats().provisioned >= 300).await;
+    let counters = p1.stats_handle();
+    p1.stop().await.unwrap();
+    drop(p1); // releases the state store for the next provisioner
+    let first = counters.snapshot(); // including the attempts that finished while stopping
+    assert_eq!(first.dead_lettered, 2, "{first:?}");
+
+    // Every startup stored a second time, and the durable consumer removed: the restarted
+    // provisioner replays the whole stream (originals, copies, the first one's events).
+    assert_eq!(store_startups_again(&*b, "1").await, NODES);
+    b.delete_consumer("CHORUS_LIFECYCLE", "provisioner").await.unwrap();
+    let mut p2 =
+        Provisioner::start(b.clone(), transport.clone(), config(state.clone()), Shutdown::new()).await.unwrap();
+    until(&p2, "every broken node failed at least once", |p| {
+        BROKEN
+            .clone()
+            .all(|i| p.node(&identity(i)).unwrap().is_some_and(|n| n.status == NodeStatus::Failed && n.attempts >= 1))
+    })
+    .await;
+    let failed = p2.node(&identity(BROKEN.start)).unwrap().unwrap();
+    assert!(failed.last_error.as_deref().unwrap_or("").contains("step 1 (rpcutil#ping): denied"), "{failed:?}");
+
+    // The broken nodes are fixed: the sweep retries them.
+    for i in BROKEN {
+        assert!(broken.remove_node("choria", &identity(i)));
+        good.add_node(context(i), sim.nodes()[i].emitter.clone()).await.unwrap();
+    }
+    until(&p2, "all nodes provisioned", |p| p.counts().unwrap().provisioned == NODES as u64).await;
+
+    // Another copy of every startup while it runs: all recognised as duplicates.
+    let before = p2.stats().duplicate_startups;
+    assert_eq!(store_startups_again(&*b, "2").await, NODES);
+    until(&p2, "the second copies read", |p| p.stats().duplicate_startups >= before + NODES as u64).await;
+    let second = p2.stats();
+    assert_eq!(second.in_flight, 0, "{second:?}");
+    assert_eq!(first.provisioned + second.provisioned, NODES as u64, "{first:?} {second:?}");
+    assert!(second.retries >= BROKEN.len() as u64, "{second:?}");
+    assert_eq!(second.reprovisions, 0, "{second:?}");
+    // It read every original startup, the first copies and the second copies, all duplicates.
+    assert!(second.startups >= 3 * NODES as u64, "{second:?}");
+    assert_eq!(second.duplicate_startups, second.startups, "{second:?}");
+    p2.stop().await.unwrap();
+
+    // Exactly one provisioned event per node, numbered 1..=1000 by the provisioner.
+    let lifecycle: Vec<EventRecord> =
+        read_all(&*b, "CHORUS_LIFECYCLE").await.iter().filter_map(|m| EventRecord::decode(&m.payload).ok()).collect();
+    let provisioned: Vec<&EventRecord> =
+        lifecycle.iter().filter(|r| matches!(r.data, Event::Lifecycle(Lifecycle::Provisioned(_)))).collect();
+    assert_eq!(provisioned.len(), NODES);
+    let identities: BTreeSet<String> = provisioned.iter().map(|r| r.subject.clone()).collect();
+    assert_eq!(identities, (0..NODES).map(identity).collect::<BTreeSet<_>>(), "one per node");
+    assert!(provisioned.iter().all(|r| matches!(&r.data, Event::Lifecycle(l) if l.component() == "provisioner")));
+    let mut seqs: Vec<u64> = provisioned.iter().map(|r| r.seq).collect();
+    seqs.sort();
+    assert_eq!(seqs, (1..=NODES as u64).collect::<Vec<_>>(), "one sequence across the restart, no gap");
+
+    // What each node received, from the records the nodes themselves stored.
+    let rpc: Vec<EventRecord> =
+        read_all(&*b, "CHORUS_RPC").await.iter().filter_map(|m| EventRecord::decode(&m.payload).ok()).collect();
+    let requests = rpc.iter().filter(|r| matches!(&r.data, Event::RpcRequest(q) if q.callerid == CALLERID)).count();
+    let mut replies: BTreeMap<(String, String, bool), usize> = BTreeMap::new();
+    for r in &rpc {
+        if let Event::RpcReply(p) = &r.data {
+            if p.callerid == CALLERID {
+                let ok = p.authorized && p.statuscode == StatusCode::Ok;
+                *replies.entry((p.identity.clone(), p.action.clone(), ok)).or_default() += 1;
+            }
+        }
+    }
+    let count =
+        |i: usize, action: &str, ok: bool| replies.get(&(identity(i), action.to_string(), ok)).copied().unwrap_or(0);
+    // On a failure, everything the node recorded, to tell a repeated request from a repeated
+    // record of one request.
+    let history = |i: usize| -> Vec<String> {
+        rpc.iter()
+            .filter(|r| r.subject == identity(i))
+            .map(|r| match &r.data {
+                Event::RpcReply(p) => format!(
+                    "reply id={} seq={} time={} request={} {} ok={} {}",
+                    r.id,
+                    r.seq,
+                    r.time,
+                    p.requestid,
+                    p.action,
+                    p.authorized && p.statuscode == StatusCode::Ok,
+                    p.statusmsg
+                ),
+                Event::RpcRequest(q) => {
+                    format!("request id={} seq={} time={} request={} {}", r.id, r.seq, r.time, q.requestid, q.action)
+                }
+                _ => format!("other id={}", r.id),
+            })
+            .collect()
+    };
+    for i in 0..NODES {
+        assert_eq!(
+            (count(i, "ping", true), count(i, "get_fact", true)),
+            (1, 1),
+            "node {} ran each step once; it recorded:\n{}\nits provisioner record: {:?}",
+            identity(i),
+            history(i).join("\n"),
+            lifecycle
+                .iter()
+                .filter(|r| r.subject == identity(i))
+                .map(|r| (r.id.clone(), r.time, r.data.event_type()))
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(count(i, "get_fact", false), 0, "node {}", identity(i));
+        if BROKEN.contains(&i) {
+            assert!(count(i, "ping", false) >= 1, "node {} refused before it was fixed", identity(i));
+        } else {
+            assert_eq!(count(i, "ping", false), 0, "node {}", identity(i));
+        }
+    }
+    let reply_records: usize = replies.values().sum();
+    assert_eq!(requests, reply_records, "every request a node acted on was answered once");
+
+    // The malformed messages were dead-lettered once each, with their reasons.
+    let letters: Vec<DeadLetter> =
+        read_all(&*b, "CHORUS_DEADLETTER").await.iter().map(|m| DeadLetter::from_message(m).unwrap()).collect();
+    let codes: BTreeSet<(&str, &str)> = letters.iter().map(|l| (l.origin.as_str(), l.code.as_str())).collect();
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    assert_eq!(codes, BTreeSet::from([("provisioner", "not_json"), ("provisioner", "rejected")]));
+}

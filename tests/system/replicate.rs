@@ -1,0 +1,381 @@
+//! The stream replicator against real nats-servers: crashes and restarts on every side end
+//! with the target holding exactly the source's events (count and ids), no loss and no
+//! duplicate; sites federated into a hub over a leafnode with rewrite, sampling, provenance
+//! and loop prevention; an embedded outbox copied to JetStream.
+
+use chorus_runtime::{Service as _, Shutdown};
+use std::collections::{BTreeMap, HashSet};
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chorus_backbone::embedded::EmbeddedBackbone;
+use chorus_backbone::jetstream::{JetStreamBackbone, NatsConfig};
+use chorus_backbone::{Backbone, Message};
+use chorus_platform::{ensure_platform_streams, StreamLimits};
+use chorus_replicator::{LinkConfig, Replicator, ReplicatorConfig};
+use chorus_schemas::lifecycle::{Alive, Startup};
+use chorus_schemas::subject::CHORUS_LIFECYCLE;
+use chorus_schemas::EventRecord;
+use chorus_testkit::conformance::read_all;
+use chorus_testkit::nats::{LeafnodeSites, NatsServer};
+
+async fn js(url: &str) -> Arc<dyn Backbone> {
+    Arc::new(JetStreamBackbone::connect(&NatsConfig::from_url_list(url)).await.expect("connect"))
+}
+
+/// Startup events of nodes `<prefix>-<i>` for i in `range`, as producers publish them.
+fn startups(prefix: &str, range: std::ops::Range<usize>, site: Option<&str>) -> Vec<Message> {
+    range
+        .map(|i| {
+            let mut r = EventRecord::new(Startup::new(format!("{prefix}-{i}"), "server", "1.0.0"), 1);
+            if let Some(site) = site {
+                r = r.with_site(site);
+            }
+            Message::new(r.id.clone(), r.nats_subject().unwrap(), r.encode())
+        })
+        .collect()
+}
+
+async fn publish_all(b: &dyn Backbone, messages: Vec<Message>) {
+    for chunk in messages.chunks(500) {
+        b.publish_batch(chunk.to_vec()).await.expect("publish");
+    }
+}
+
+async fn count(b: &dyn Backbone, stream: &str) -> u64 {
+    b.stream_info(stream).await.map(|i| i.messages).unwrap_or(0)
+}
+
+/// Waits until `stream` in `b` holds `n` messages, failing with what it saw.
+async fn wait_for_count(b: &dyn Backbone, stream: &str, n: u64, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let c = count(b, stream).await;
+        if c >= n {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{stream} holds {c} of {n} after {within:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Target holds exactly the source's events: same count, same ids, no id twice.
+async fn assert_same_events(source: &dyn Backbone, target: &dyn Backbone, stream: &str) -> usize {
+    let src: Vec<String> = read_all(source, stream).await.into_iter().map(|m| m.id).collect();
+    let dst: Vec<String> = read_all(target, stream).await.into_iter().map(|m| m.id).collect();
+    let dst_set: HashSet<&String> = dst.iter().collect();
+    assert_eq!(dst_set.len(), dst.len(), "the target holds {} duplicate ids", dst.len() - dst_set.len());
+    let missing = src.iter().filter(|id| !dst_set.contains(id)).count();
+    assert_eq!(missing, 0, "{missing} of {} source events are missing from the target", src.len());
+    assert_eq!(dst.len(), src.len(), "target holds events the source does not");
+    src.len()
+}
+
+fn link_yaml(name: &str, source: &str, target: &str, stream: &str, batch: usize) -> String {
+    format!(
+        "  - name: {name}\n    source: {{ nats: {{ servers: [\"{source}\"] }} }}\n    target: {{ nats: {{ servers: [\"{target}\"] }} }}\n    batch: {batch}\n    max_backoff: 500ms\n    streams:\n      - stream: {stream}\n"
+    )
+}
+
+fn spawn_replicator(config: &std::path::Path) -> Child {
+    Command::new(chorus_testkit::workspace_bin("chorus").expect("the chorus binary"))
+        .arg("replicate")
+        .arg("--config")
+        .arg(config)
+        .spawn()
+        .expect("spawn chorus replicate")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicator_killed_mid_copy_resumes_without_loss_or_duplicates() {
+    let src = NatsServer::start().unwrap();
+    let dst = NatsServer::start().unwrap();
+    let (source, target) = (js(&src.url()).await, js(&dst.url()).await);
+    ensure_platform_streams(&*source, &StreamLimits::default()).await.unwrap();
+    ensure_platform_streams(&*target, &StreamLimits::default()).await.unwrap();
+    publish_all(&*source, startups("pre", 0..20_000, Some("east"))).await;
+
+    let state = tempfile::tempdir().unwrap();
+    let config = state.path().join("replicate.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir: {}\nlinks:\n{}",
+            state.path().join("state").display(),
+            link_yaml("east", &src.url(), &dst.url(), CHORUS_LIFECYCLE, 200)
+        ),
+    )
+    .unwrap();
+    ReplicatorConfig::load(&config).expect("the test's config is valid");
+
+    // Events keep arriving at the source while the replicator is killed and restarted.
+    let producer = {
+        let source = source.clone();
+        tokio::spawn(async move {
+            for round in 0..40 {
+                publish_all(&*source, startups(&format!("live{round}"), 0..1_000, Some("east"))).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    let mut child = spawn_replicator(&config);
+    for kill_at in [5_000u64, 25_000] {
+        wait_for_count(&*target, CHORUS_LIFECYCLE, kill_at, Duration::from_secs(120)).await;
+        child.kill().unwrap(); // SIGKILL: no chance to finish a batch or its checkpoint
+        child.wait().unwrap();
+        let copied = count(&*target, CHORUS_LIFECYCLE).await;
+        let at_source = count(&*source, CHORUS_LIFECYCLE).await;
+        assert!(copied < at_source, "killed after the copy finished ({copied} of {at_source}): not mid-copy");
+        child = spawn_replicator(&config);
+    }
+    producer.await.unwrap();
+    wait_for_count(&*target, CHORUS_LIFECYCLE, 60_000, Duration::from_secs(120)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(assert_same_events(&*source, &*target, CHORUS_LIFECYCLE).await, 60_000);
+}
+
+/// Runs a replicator in-process from `src` to `dst` while a producer publishes 30 batches,
+/// calls `disrupt` in the middle, and checks the target ends with exactly the source's events.
+async fn copy_through(mut src: NatsServer, mut dst: NatsServer, disrupt: fn(&mut NatsServer, &mut NatsServer)) {
+    let (source, target) = (js(&src.url()).await, js(&dst.url()).await);
+    ensure_platform_streams(&*source, &StreamLimits::default()).await.unwrap();
+    ensure_platform_streams(&*target, &StreamLimits::default()).await.unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "state_dir: {}\nlinks:\n{}",
+        state.path().display(),
+        link_yaml("east", &src.url(), &dst.url(), CHORUS_LIFECYCLE, 500)
+    );
+    let config = ReplicatorConfig::from_yaml(&yaml).unwrap();
+    let mut handle = Replicator::from_config(&config).await.unwrap().start(Shutdown::new()).await.unwrap();
+    let producer = {
+        let source = source.clone();
+        tokio::spawn(async move {
+            for round in 0..30 {
+                // The backbone retries through the outage with the same ids.
+                publish_all(&*source, startups(&format!("r{round}"), 0..1_000, None)).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    wait_for_count(&*target, CHORUS_LIFECYCLE, 8_000, Duration::from_secs(60)).await;
+    assert!(count(&*target, CHORUS_LIFECYCLE).await < 30_000, "disrupted after the copy finished: not mid-copy");
+    tokio::task::block_in_place(|| disrupt(&mut src, &mut dst));
+    tokio::time::timeout(Duration::from_secs(120), producer)
+        .await
+        .expect("the producer's publishes did not complete within 120 s of the disruption")
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while count(&*target, CHORUS_LIFECYCLE).await < 30_000 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "target holds {} of 30000 after 120 s; replicator health: {:?}\n{}",
+            count(&*target, CHORUS_LIFECYCLE).await,
+            handle.copiers(),
+            handle.metrics().encode()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        handle.wait_caught_up(Duration::from_secs(60)).await,
+        "replicator did not catch up: {:?}",
+        handle.copiers()
+    );
+    let metrics = handle.metrics().encode();
+    handle.stop().await.unwrap();
+    assert_eq!(assert_same_events(&*source, &*target, CHORUS_LIFECYCLE).await, 30_000);
+    assert!(metrics.contains("chorus_replicator_copied_total"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_server_restart_loses_and_duplicates_nothing() {
+    copy_through(NatsServer::start().unwrap(), NatsServer::start().unwrap(), |src, _| {
+        src.kill().unwrap();
+        std::thread::sleep(Duration::from_secs(2));
+        src.restart().unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_server_restart_loses_and_duplicates_nothing() {
+    copy_through(NatsServer::start().unwrap(), NatsServer::start().unwrap(), |_, dst| {
+        dst.kill().unwrap();
+        std::thread::sleep(Duration::from_secs(2));
+        dst.restart().unwrap();
+    })
+    .await;
+}
+
+fn alive_at(identity: &str, version: &str, timestamp: i64) -> Message {
+    let mut a = Alive::new(identity, "server", version, Some(60));
+    a.timestamp = timestamp;
+    let r = EventRecord::new(a, 1);
+    Message::new(r.id.clone(), r.nats_subject().unwrap(), r.encode())
+}
+
+/// Two sites over leafnodes into one hub, the replicator connected only to the hub and
+/// reaching each site's JetStream through its domain; plus the hub copied back to site0
+/// (publishes do not follow domains, so the down-link connects to site0).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sites_federate_into_a_hub_with_rewrite_sampling_provenance_and_no_loops() {
+    let sites =
+        LeafnodeSites::start_named(&["site0".into(), "site1".into()], &["choria.>", "chorus.>", "sites.>"]).unwrap();
+    sites.wait_connected(Duration::from_secs(10)).unwrap();
+    let hub_url = sites.hub.url();
+    let site = |name: &str| {
+        let mut c = NatsConfig::from_url_list(&hub_url);
+        c.domain = Some(name.into());
+        c
+    };
+    // Producers publish at their own site; the replicator reaches the sites only through
+    // the hub's leafnodes, by JetStream domain.
+    let site0 = js(&sites.sites[0].url()).await;
+    let site1 = js(&sites.sites[1].url()).await;
+    ensure_platform_streams(&*site0, &StreamLimits::default()).await.unwrap();
+    ensure_platform_streams(&*site1, &StreamLimits::default()).await.unwrap();
+    let via_hub = JetStreamBackbone::connect(&site("site0")).await.unwrap();
+    assert_eq!(
+        via_hub.stream_info(CHORUS_LIFECYCLE).await.unwrap().messages,
+        0,
+        "site0's JetStream is reachable from the hub"
+    );
+    let site0_local = site0.clone();
+
+    // site0: legacy producers without a site; 10 nodes beating every 60 s for 20 minutes,
+    // upgraded at minute 12. site1: producers that stamp their site.
+    publish_all(&*site0, startups("s0", 0..200, None)).await;
+    let t0 = 1_700_000_000i64;
+    let mut alives = Vec::new();
+    for k in 0..20i64 {
+        for n in 0..10 {
+            alives.push(alive_at(&format!("s0-{n}"), if k >= 12 { "2.0.0" } else { "1.0.0" }, t0 + 60 * k));
+        }
+    }
+    publish_all(&*site0, alives).await;
+    publish_all(&*site1, startups("s1", 0..300, Some("site1"))).await;
+
+    let state = tempfile::tempdir().unwrap();
+    let hub_stream = "  target_stream: { name: HUB_LIFECYCLE, subjects: [\"sites.*.choria.lifecycle.>\"] }";
+    let yaml = format!(
+        r#"state_dir: {state}
+listen: 127.0.0.1:0
+links:
+  - name: site0-hub
+    source: {{ nats: {{ servers: ["{hub}"], domain: site0 }} }}
+    target: {{ nats: {{ servers: ["{hub}"] }} }}
+    source_site: site0
+    target_site: hub
+    sampling: {{ interval: 5m }}
+    streams:
+      - stream: CHORUS_LIFECYCLE
+        rewrite: [{{ from: "choria.lifecycle.>", to: "sites.site0.choria.lifecycle.>" }}]
+        {hub_stream}
+  - name: site1-hub
+    source: {{ nats: {{ servers: ["{hub}"], domain: site1 }} }}
+    target: {{ nats: {{ servers: ["{hub}"] }} }}
+    source_site: site1
+    target_site: hub
+    streams:
+      - stream: CHORUS_LIFECYCLE
+        rewrite: [{{ from: "choria.lifecycle.>", to: "sites.site1.choria.lifecycle.>" }}]
+        {hub_stream}
+  - name: hub-site0
+    source: {{ nats: {{ servers: ["{hub}"] }} }}
+    target: {{ nats: {{ servers: ["{site0}"] }} }}
+    target_site: site0
+    streams:
+      - stream: HUB_LIFECYCLE
+        target_stream: {{ name: FROM_HUB, subjects: ["sites.>"] }}
+"#,
+        state = state.path().display(),
+        hub = hub_url,
+        site0 = sites.sites[0].url(),
+        hub_stream = hub_stream.trim_start(),
+    );
+    let config = ReplicatorConfig::from_yaml(&yaml).unwrap();
+    let mut handle = Replicator::from_config(&config).await.unwrap().start(Shutdown::new()).await.unwrap();
+    // Sampling: per node k = 0, 5, 10, then 12 (version changed), 17 → 5 of 20 alive events.
+    let expected_hub = 200 + 10 * 5 + 300;
+    let hub = js(&hub_url).await;
+    wait_for_count(&*hub, "HUB_LIFECYCLE", expected_hub, Duration::from_secs(60)).await;
+    wait_for_count(&*site0_local, "FROM_HUB", 300, Duration::from_secs(60)).await;
+    assert!(handle.wait_caught_up(Duration::from_secs(30)).await, "{:?}", handle.copiers());
+
+    let mut by_site: BTreeMap<(String, String), usize> = BTreeMap::new();
+    for m in read_all(&*hub, "HUB_LIFECYCLE").await {
+        let r = EventRecord::decode(&m.payload).expect("copied events stay valid");
+        let site = r.site.clone().expect("every copied event carries its site");
+        assert!(m.subject.starts_with(&format!("sites.{site}.choria.lifecycle.event.")), "{} from {site}", m.subject);
+        *by_site.entry((site, r.data.event_type().to_string())).or_default() += 1;
+    }
+    assert_eq!(by_site.get(&("site0".into(), "io.choria.lifecycle.v1.startup".into())), Some(&200));
+    assert_eq!(by_site.get(&("site0".into(), "io.choria.lifecycle.v1.alive".into())), Some(&50));
+    assert_eq!(by_site.get(&("site1".into(), "io.choria.lifecycle.v1.startup".into())), Some(&300));
+    assert_eq!(count(&*hub, "HUB_LIFECYCLE").await, expected_hub);
+
+    // Back to site0: only site1's events; site0's own were stopped by loop prevention.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let back = read_all(&*site0_local, "FROM_HUB").await;
+    assert_eq!(back.len(), 300);
+    assert!(back.iter().all(|m| EventRecord::decode(&m.payload).unwrap().site.as_deref() == Some("site1")));
+
+    let addr = handle.local_addr().expect("metrics listener");
+    let metrics = http_get(addr, "/metrics").await;
+    assert!(
+        metrics.contains(
+            r#"chorus_replicator_skipped_total{link="site0-hub",stream="CHORUS_LIFECYCLE",reason="sampled"} 150"#
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics
+            .contains(r#"chorus_replicator_skipped_total{link="hub-site0",stream="HUB_LIFECYCLE",reason="loop"} 250"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"chorus_replicator_copied_total{link="site1-hub",stream="CHORUS_LIFECYCLE"} 300"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains("chorus_replicator_lag_events"), "{metrics}");
+    let health = http_get(addr, "/healthz").await;
+    assert!(health.starts_with("HTTP/1.1 200") && health.contains(r#""healthy":true"#), "{health}");
+    handle.stop().await.unwrap();
+}
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+/// A node's embedded outbox copied to JetStream with the library, as `chorus up` wires it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_store_copies_to_jetstream_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox: Arc<dyn Backbone> = Arc::new(EmbeddedBackbone::open_path(dir.path().join("outbox")).unwrap());
+    let server = NatsServer::start().unwrap();
+    let hub = js(&server.url()).await;
+    ensure_platform_streams(&*outbox, &StreamLimits::default()).await.unwrap();
+    ensure_platform_streams(&*hub, &StreamLimits::default()).await.unwrap();
+    publish_all(&*outbox, startups("n", 0..5_000, Some("edge"))).await;
+    let link: LinkConfig = serde_yaml::from_str(
+        "name: outbox\nsource: { embedded: { path: unused } }\ntarget: { nats: { servers: [unused] } }\nstreams: [ { stream: CHORUS_LIFECYCLE } ]\n",
+    )
+    .unwrap();
+    let mut r = Replicator::new(&dir.path().join("state")).unwrap();
+    r.add_link(link, outbox.clone(), hub.clone());
+    let mut handle = r.start(Shutdown::new()).await.unwrap();
+    publish_all(&*outbox, startups("m", 0..5_000, Some("edge"))).await;
+    wait_for_count(&*hub, CHORUS_LIFECYCLE, 10_000, Duration::from_secs(60)).await;
+    assert!(handle.wait_caught_up(Duration::from_secs(30)).await);
+    assert_eq!(handle.checkpoint("outbox", CHORUS_LIFECYCLE).unwrap(), 10_000);
+    handle.stop().await.unwrap();
+    assert_eq!(assert_same_events(&*outbox, &*hub, CHORUS_LIFECYCLE).await, 10_000);
+}
