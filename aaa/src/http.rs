@@ -226,7 +226,7 @@ impl TlsListener {
                 tokio::spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(stream)) => {
-                            let _ = tx.send((stream, peer)).await;
+                            tx.send((stream, peer)).await.ok();
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "aaa: TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "aaa: TLS handshake timed out"),

@@ -184,7 +184,7 @@ async fn rpc_client_gets_requests_signed_over_http() {
     let url = format!("http://{}", listener.local_addr().unwrap());
     let (stop, mut stopped) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(http::serve(listener, None, f.service.clone(), async move {
-        let _ = stopped.wait_for(|s| *s).await;
+        stopped.wait_for(|s| *s).await.ok();
     }));
 
     let aaa = AaaClient::new(&url, None).unwrap();
@@ -216,6 +216,6 @@ async fn rpc_client_gets_requests_signed_over_http() {
     let body = aaa.sign_json(&grant.token, serde_json::json!([1, 2])).await.unwrap_err();
     assert!(matches!(&body, AaaError::Refused { status: 403, code, .. } if code == "malformed_request"), "{body}");
 
-    let _ = stop.send(true);
+    stop.send(true).ok();
     server.await.unwrap().unwrap();
 }

@@ -157,7 +157,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         wait_count(&*hub, "NAIVE", expected).await?;
         let backlog = started.elapsed().mul_f64(args.events as f64 / expected as f64);
         let live_lag = live_burst(&*site, &*hub, "NAIVE", to_messages(next_live()), expected).await?;
-        let _ = stop.send(true);
+        stop.send(true).ok();
         copier.await??;
         results.push(Measured { name: "naive consume-then-publish", backlog, live_lag });
     }

@@ -26,7 +26,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let (_server, url) = super::nats_url(args.nats.as_deref())?;
     let backbone: Arc<dyn Backbone> = Arc::new(JetStreamBackbone::connect(&NatsConfig::new([url.clone()])).await?);
     for (name, _) in chorus_schemas::subject::streams() {
-        let _ = backbone.delete_stream(name).await;
+        backbone.delete_stream(name).await.ok();
     }
     ensure_platform_streams(&*backbone, &StreamLimits::default()).await?;
     let before = resident_bytes().unwrap_or(0);
@@ -52,7 +52,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .collect();
     let client = async_nats::connect(&url).await?;
     let js = async_nats::jetstream::new(client);
-    let _ = js.delete_stream("RAW_SIM").await;
+    js.delete_stream("RAW_SIM").await.ok();
     let took = super::raw_publish(&js, "RAW_SIM", "rawsim", &records, 2048).await?;
     let raw = super::rate(records.len(), took);
     let per_node = after.saturating_sub(before) as f64 / args.nodes as f64;

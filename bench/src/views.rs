@@ -138,7 +138,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let client = config.connect(None).await?;
     let b: Arc<dyn Backbone> = Arc::new(JetStreamBackbone::from_client(client.clone(), &config));
     for (name, _) in chorus_schemas::subject::streams() {
-        let _ = b.delete_stream(name).await;
+        b.delete_stream(name).await.ok();
     }
     let n = preload(&b, &args).await?;
     let nodes = args.nodes.min(args.events).max(1) as u64;

@@ -102,8 +102,8 @@ impl Copier {
             async move { me.checkpoint(acked_rx).await }
         });
         me.publish(rx, acked, stop).await;
-        let _ = reader.await;
-        let _ = checkpoint.await;
+        reader.await.ok();
+        checkpoint.await.ok();
         lag.abort();
     }
 

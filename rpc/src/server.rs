@@ -519,7 +519,8 @@ impl Core {
         // Signature required and not valid: recorded and refused, the policy not consulted.
         if let Some(e) = refused {
             RpcStats::bump(&stats.denied);
-            let _ = self.record_request(node, request).await;
+            // Refused either way; a failure to record is logged by record_request.
+            self.record_request(node, request).await.ok();
             let reason = format!("request signature refused ({}): {e}", e.code());
             return self.answer(node, RpcReply::denied(request, identity, reason), reply_to).await;
         }
@@ -536,7 +537,7 @@ impl Core {
                 reply.authorized = false;
                 reply.policy = Some("not evaluated: unknown agent or action".into());
                 // Nothing runs, so a failure to record (already logged) changes nothing.
-                let _ = self.record_request(node, request).await;
+                self.record_request(node, request).await.ok();
                 reply
             }
             Some(registered) => {

@@ -39,8 +39,7 @@ pub trait Observable: Send + Sync {
 
     /// Adds its metrics, as they are now, to `registry` (a fresh one per scrape). The
     /// default adds none.
-    async fn collect(&self, registry: &mut Registry) -> Result<(), BoxError> {
-        let _ = registry;
+    async fn collect(&self, _registry: &mut Registry) -> Result<(), BoxError> {
         Ok(())
     }
 }

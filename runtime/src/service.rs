@@ -458,7 +458,7 @@ mod tests {
         });
         let (fail, failed) = tokio::sync::oneshot::channel::<()>();
         tasks.spawn("fragile", async move {
-            let _ = failed.await;
+            failed.await.ok();
             Err(Fire)
         });
         assert!(tasks.health().healthy);

@@ -200,24 +200,24 @@ impl Rsyslog {
             let deadline = Instant::now() + STOP_GRACE;
             while child.try_wait().map_err(wait_err)?.is_none() {
                 if Instant::now() >= deadline {
-                    let _ = child.kill();
+                    child.kill().ok();
                     child.wait().map_err(wait_err)?;
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        let _ = std::fs::remove_file(&self.pid_path);
+        std::fs::remove_file(&self.pid_path).ok();
         Ok(())
     }
 
     /// SIGKILL and wait: a crash, losing whatever rsyslog held in memory.
     pub fn kill(&mut self) -> Result<()> {
         if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
+            child.kill().ok();
             child.wait().map_err(|e| HarnessError::io("waiting for killed rsyslogd", e))?;
         }
-        let _ = std::fs::remove_file(&self.pid_path);
+        std::fs::remove_file(&self.pid_path).ok();
         Ok(())
     }
 
@@ -231,7 +231,7 @@ impl Rsyslog {
             match self.launch() {
                 Ok(()) => return Ok(()),
                 Err(e) if e.is_port_conflict() && Instant::now() < deadline => {
-                    let _ = self.kill();
+                    self.kill().ok();
                     std::thread::sleep(Duration::from_millis(250));
                 }
                 Err(e) => return Err(e),
@@ -276,7 +276,8 @@ impl Rsyslog {
             .open(&self.log_path)
             .map_err(|e| HarnessError::io("opening the rsyslogd log", e))?;
         let mut marker = log.try_clone().map_err(|e| HarnessError::io("duplicating the log handle", e))?;
-        let _ = writeln!(marker, "---- chorus-tests: starting {} on port {} ----", self.binary.display(), self.port);
+        writeln!(marker, "---- chorus-tests: starting {} on port {} ----", self.binary.display(), self.port)
+            .map_err(|e| HarnessError::io("writing the rsyslogd log", e))?;
         let stderr = log.try_clone().map_err(|e| HarnessError::io("duplicating the log handle", e))?;
         let mut command = Command::new(&self.binary);
         command
@@ -305,7 +306,7 @@ impl Rsyslog {
                 .find(|l| l.contains("Could not create tcp listener") || l.contains("Address already in use"))
             {
                 let line = line.trim().to_owned();
-                let _ = self.kill();
+                self.kill().ok();
                 return Err(HarnessError::PortInUse {
                     server: format!("rsyslogd on port {}", self.port),
                     detail: line,
@@ -324,7 +325,7 @@ impl Rsyslog {
                 return Ok(());
             }
             if Instant::now() >= deadline {
-                let _ = self.kill();
+                self.kill().ok();
                 return Err(HarnessError::Rsyslog(format!(
                     "not listening on {address} after {READY_TIMEOUT:?}\n{}",
                     self.log_tail(40)
@@ -337,7 +338,7 @@ impl Rsyslog {
 
 impl Drop for Rsyslog {
     fn drop(&mut self) {
-        let _ = self.kill();
+        self.kill().ok();
     }
 }
 

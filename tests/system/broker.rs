@@ -121,7 +121,7 @@ async fn watched(server: &NatsServer, user: &str, pki: &Pki) -> (async_nats::Cli
             let tx = tx.clone();
             async move {
                 if let async_nats::Event::ServerError(e) = event {
-                    let _ = tx.send(e.to_string());
+                    tx.send(e.to_string()).ok();
                 }
             }
         })
@@ -470,8 +470,8 @@ exec "$NATS_SERVER" -c "$NATS_CONF""#;
 
 impl Drop for NamespacedServer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.child.kill().ok();
+        self.child.wait().ok();
     }
 }
 

@@ -122,7 +122,7 @@ async fn cluster_node_killed_mid_publish_loses_no_acknowledged_event() {
     assert_eq!(dups, 0, "no duplicate deliveries once acknowledged");
     // The killed node comes back and catches up.
     cluster.restart_node(0).unwrap();
-    let _ = b.publish(Message::new("after-restart", "kill.a", &b""[..])).await.unwrap();
+    b.publish(Message::new("after-restart", "kill.a", &b""[..])).await.unwrap();
 }
 
 /// A server killed and restarted while one large batch has a full window of publishes in

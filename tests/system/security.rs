@@ -122,10 +122,10 @@ fn the_token_key_is_generated_once_never_leaves_and_reopens_by_label() {
         use cryptoki::session::UserType;
         let ctx = Pkcs11::new(chorus_keys::DEFAULT_PKCS11_MODULE).unwrap();
         // Already initialized in this process by the signers.
-        let _ = ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK));
+        ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)).ok();
         let slot = cryptoki::slot::Slot::try_from(generated.slot_id()).unwrap();
         let session = ctx.open_ro_session(slot).unwrap();
-        let _ = session.login(UserType::User, Some(&PIN.into()));
+        session.login(UserType::User, Some(&PIN.into())).ok();
         let private = session
             .find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY), Attribute::Label(b"events".to_vec())])
             .unwrap();

@@ -34,7 +34,7 @@ fn up_fills_the_dashboard(nats: Option<&str>) {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in stdout.lines().map_while(Result::ok) {
-            let _ = tx.send(line);
+            tx.send(line).ok();
         }
     });
     let mut printed = Vec::new();

@@ -112,7 +112,7 @@ async fn follow_while<F: std::future::Future<Output = ()>>(b: &Arc<dyn Backbone>
     let task = tokio::spawn(async move {
         let r = p
             .run(async {
-                let _ = stopped.await;
+                stopped.await.ok();
             })
             .await;
         drop(p);
@@ -361,7 +361,7 @@ async fn malformed_events_are_dead_lettered_and_the_projector_keeps_going() {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         p.run(async {
-            let _ = stopped.await;
+            stopped.await.ok();
         })
         .await
     });

@@ -312,7 +312,7 @@ mod tests {
         assert!(b.finish().is_none());
         b.push_message(&msgs[0], 1).unwrap();
         assert_eq!(b.count(), 1);
-        let _ = b.finish();
+        assert!(b.finish().is_some());
         for r in records(&v).unwrap() {
             b.push_record(r.unwrap()).unwrap();
         }
@@ -354,7 +354,7 @@ mod tests {
             for byte in [0u8, 1, 0x7f, 0xff] {
                 let mut x = v.clone();
                 x[i] = byte;
-                let _ = read_all(&x);
+                read_all(&x).ok();
             }
         }
     }

@@ -226,7 +226,9 @@ impl EmbeddedConsumer {
 
 impl Drop for EmbeddedConsumer {
     fn drop(&mut self) {
-        let _ = self.shared.persist();
+        if let Err(e) = self.shared.persist() {
+            tracing::warn!(error = %e, "consumer position not saved when the consumer was dropped");
+        }
     }
 }
 

@@ -218,16 +218,20 @@ pub(crate) struct Inner {
 impl Drop for Inner {
     fn drop(&mut self) {
         for c in self.consumers.get_mut().unwrap().values() {
-            let _ = c.persist();
+            if let Err(e) = c.persist() {
+                tracing::warn!(store = %self.path.display(), error = %e, "consumer position not saved at close");
+            }
         }
         self.writer.get_mut().unwrap().take();
         if let Some(t) = self.writer_thread.get_mut().unwrap().take() {
             // Normally stopped by `Closer` already; never join from the writer thread itself.
-            if t.thread().id() != std::thread::current().id() {
-                let _ = t.join();
+            if t.thread().id() != std::thread::current().id() && t.join().is_err() {
+                tracing::error!(store = %self.path.display(), "the writer thread panicked");
             }
         }
-        let _ = self.db.flush();
+        if let Err(e) = self.db.flush() {
+            tracing::warn!(store = %self.path.display(), error = %e, "store not flushed at close");
+        }
     }
 }
 
@@ -242,7 +246,9 @@ impl Drop for Closer {
         self.0.writer.lock().unwrap().take();
         let thread = self.0.writer_thread.lock().unwrap().take();
         if let Some(t) = thread {
-            let _ = t.join();
+            if t.join().is_err() {
+                tracing::error!(store = %self.0.path.display(), "the writer thread panicked");
+            }
         }
     }
 }

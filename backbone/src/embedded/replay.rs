@@ -38,7 +38,7 @@ pub(crate) fn start(handle: Arc<StreamHandle>, options: ReplayOptions) -> Result
                     Ok(true)
                 });
                 if let Err(e) = read {
-                    let _ = tx.send(Err(e)).await;
+                    tx.send(Err(e)).await.ok();
                     return;
                 }
                 for m in batch {

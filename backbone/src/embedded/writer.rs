@@ -225,15 +225,15 @@ impl Writer {
                 Op::EnsureStream { config, reply } => {
                     // Admin ops are rare: commit what is queued before them, keeping order.
                     self.commit_publishes(inner, std::mem::take(&mut publishes));
-                    let _ = reply.send(self.ensure_stream(inner, config).map(|_| Reply::Done));
+                    reply.send(self.ensure_stream(inner, config).map(|_| Reply::Done)).ok();
                 }
                 Op::DeleteStream { name, reply } => {
                     self.commit_publishes(inner, std::mem::take(&mut publishes));
-                    let _ = reply.send(self.delete_stream(inner, &name).map(|_| Reply::Done));
+                    reply.send(self.delete_stream(inner, &name).map(|_| Reply::Done)).ok();
                 }
                 Op::Purge { name, below, reply } => {
                     self.commit_publishes(inner, std::mem::take(&mut publishes));
-                    let _ = reply.send(self.purge(inner, &name, below).map(Reply::Purged));
+                    reply.send(self.purge(inner, &name, below).map(Reply::Purged)).ok();
                 }
             }
         }
@@ -337,7 +337,7 @@ impl Writer {
                 (Err(e), _) => Err(BackboneError::storage("writing a group of publishes", e.clone())),
                 (Ok(()), r) => r.map(Reply::Acks),
             };
-            let _ = reply.send(result);
+            reply.send(result).ok();
         }
     }
 

@@ -392,8 +392,8 @@ mod tests {
                     }
                     let body = r#"{"text":"Success","code":0}"#;
                     let response = format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
-                    let _ = tls.write_all(response.as_bytes()).await;
-                    let _ = tls.shutdown().await;
+                    tls.write_all(response.as_bytes()).await.ok();
+                    tls.shutdown().await.ok();
                 });
             }
         });

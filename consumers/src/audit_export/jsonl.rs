@@ -68,7 +68,7 @@ fn append(path: &Path, file: Option<File>, buf: &[u8]) -> (Option<File>, io::Res
     match file.write_all(buf).and_then(|_| file.sync_data()) {
         Ok(()) => (Some(file), Ok(())),
         Err(e) => {
-            let _ = file.set_len(before);
+            file.set_len(before).ok();
             (None, Err(e))
         }
     }

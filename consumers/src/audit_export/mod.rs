@@ -220,7 +220,7 @@ impl Exporter {
                     consumer,
                     batch: config.batch_size,
                     wait: config.fetch_wait,
-                    backoff: config.backoff.clone(),
+                    backoff: config.backoff,
                     stats: stats.clone(),
                     tx: tx.clone(),
                     stop: stop.clone(),
@@ -369,7 +369,7 @@ impl Exporter {
             let key: Key = (Arc::from(d.message.stream.as_str()), d.message.sequence);
             if self.recent.contains(&key) {
                 self.stats.redeliveries_skipped.inc();
-                let _ = d.ack().await;
+                d.ack().await.ok();
                 continue;
             }
             if let Some(&index) = self.in_flight.get(&key) {

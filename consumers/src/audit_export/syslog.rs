@@ -95,7 +95,7 @@ impl SyslogSink {
             .await
             .map_err(|_| SinkError(format!("connecting to {address}: timed out")))?
             .map_err(|e| SinkError(format!("connecting to {address}: {e}")))?;
-        let _ = tcp.set_nodelay(true);
+        tcp.set_nodelay(true).ok();
         let fd = tcp.as_raw_fd();
         Ok(match &self.tls {
             None => Conn { io: Box::new(tcp), fd },
@@ -215,7 +215,7 @@ impl Sink for SyslogSink {
 
     async fn close(&mut self) {
         if let Some(mut conn) = self.conn.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(1), conn.io.shutdown()).await;
+            tokio::time::timeout(Duration::from_secs(1), conn.io.shutdown()).await.ok();
         }
     }
 }
@@ -310,7 +310,7 @@ mod tests {
                     }
                     all.extend_from_slice(&buf[..n]);
                 }
-                let _ = out.send(all);
+                out.send(all).ok();
             });
         }
     }
@@ -368,7 +368,7 @@ mod tests {
         loop {
             tries += 1;
             assert!(tries < 200, "never reconnected");
-            let _ = sink.confirmed().await;
+            sink.confirmed().await.ok();
             if stats.connects.get() >= 2 {
                 break;
             }

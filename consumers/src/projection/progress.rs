@@ -84,7 +84,8 @@ impl Progress {
     /// after it. Returns at once if the projector is gone.
     pub async fn wait_for(&self, sequence: u64) {
         let mut rx = self.committed.subscribe();
-        let _ = rx.wait_for(|s| *s >= sequence).await;
+        // An error means the projector is gone: nothing more will be committed.
+        rx.wait_for(|s| *s >= sequence).await.ok();
     }
 
     /// A receiver that sees each newly committed sequence (intermediate ones may be skipped

@@ -207,7 +207,7 @@ async fn run_follows_new_events_until_shutdown() {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         p.run(async {
-            let _ = stopped.await;
+            stopped.await.ok();
         })
         .await
     });

@@ -95,7 +95,7 @@ pub(super) async fn consume(
             }
         }
         for identity in now_due {
-            let _ = due.send(identity);
+            due.send(identity).ok();
         }
         if deliveries.len() < cfg.batch_size
             && !*shared.caught_up.borrow()

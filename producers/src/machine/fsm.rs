@@ -162,7 +162,7 @@ pub(crate) async fn run(
                     }
                     Err(e) => debug!(machine = %instance.machine, error = %e, "transition not fired"),
                 }
-                let _ = reply.send(result.map(|_| fsm.state().to_string()));
+                reply.send(result.map(|_| fsm.state().to_string())).ok();
             }
         }
     }

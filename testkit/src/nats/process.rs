@@ -58,7 +58,7 @@ pub(crate) fn spawn_tied_to_process(mut command: Command) -> io::Result<Child> {
             .name("chorus-nats-spawner".into())
             .spawn(move || {
                 for (mut command, reply) in rx {
-                    let _ = reply.send(command.spawn());
+                    reply.send(command.spawn()).ok();
                 }
             })
             .expect("failed to start the nats-server spawner thread");
@@ -79,7 +79,7 @@ pub(crate) fn read_from(path: &Path, offset: u64) -> String {
     let mut out = Vec::new();
     if let Ok(mut file) = File::open(path) {
         if file.seek(SeekFrom::Start(offset)).is_ok() {
-            let _ = file.read_to_end(&mut out);
+            file.read_to_end(&mut out).ok();
         }
     }
     String::from_utf8_lossy(&out).into_owned()

@@ -264,7 +264,7 @@ impl NatsServer {
             return Ok(());
         };
         // On an already exited (unreaped) child, kill is a harmless no-op.
-        let _ = child.kill();
+        child.kill().ok();
         child.wait().map_err(|e| HarnessError::io("waiting for killed nats-server", e))?;
         tracing::debug!(server = %self.settings.server_name, "nats-server killed");
         Ok(())
@@ -296,7 +296,7 @@ impl NatsServer {
                     server = %self.settings.server_name,
                     "nats-server ignored SIGTERM for {STOP_GRACE:?}; killing it"
                 );
-                let _ = child.kill();
+                child.kill().ok();
                 child.wait().map_err(wait_err)?;
                 break;
             }
@@ -327,7 +327,7 @@ impl NatsServer {
                     std::thread::sleep(RESTART_PORT_BACKOFF);
                 }
                 Err(err) => {
-                    let _ = self.kill();
+                    self.kill().ok();
                     return Err(err);
                 }
             }
@@ -573,7 +573,7 @@ impl NatsServer {
 
 impl Drop for NatsServer {
     fn drop(&mut self) {
-        let _ = self.kill();
+        self.kill().ok();
     }
 }
 

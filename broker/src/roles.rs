@@ -1,0 +1,121 @@
+//! What each component may publish and subscribe to: least privilege per role.
+
+use serde::{Deserialize, Serialize};
+
+/// What a user is for. Permissions are per tenant account, scoped to the tenant's
+/// collectives `C` (JetStream API subjects are the account's own):
+///
+/// | Role | May publish | May subscribe |
+/// |---|---|---|
+/// | `agent` | `choria.lifecycle.>`, `choria.machine.>`, `chorus.rpc.request.C.>`, `chorus.rpc.reply.C.>`, `C.reply.>`, stream lookups, `_INBOX.>` | `C.broadcast.agent.>`, `C.node.>`, `_INBOX.>` |
+/// | `client` | `C.broadcast.agent.>`, `C.node.>`, `_INBOX.>` | `C.reply.>`, `_INBOX.>` |
+/// | `aaa` | `chorus.audit.>`, stream lookups | `_INBOX.>` |
+/// | `consumer` | JetStream reads (stream info, message get, consumers, acks), `chorus.deadletter.>` | `_INBOX.>`, `choria.lifecycle.>`, `choria.machine.>` |
+/// | `replicator` | the JetStream API except stream deletion, acks and flow control, every event subject | `_INBOX.>` |
+/// | `admin` | `>` | `>` |
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// A node agent (or the simulator): publishes its events and RPC replies, receives
+    /// requests for its collectives.
+    Agent,
+    /// An RPC caller (`chorus rpc`): sends requests to its collectives, reads replies.
+    Client,
+    /// The AAA service: publishes audit records.
+    Aaa,
+    /// Projections and exporters: read streams through durable consumers, dead-letter.
+    Consumer,
+    /// The stream replicator: reads and writes streams.
+    Replicator,
+    /// Operators and provisioning: everything in the tenant's account.
+    Admin,
+}
+
+impl Role {
+    /// Lower-case name, as written in the configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Agent => "agent",
+            Role::Client => "client",
+            Role::Aaa => "aaa",
+            Role::Consumer => "consumer",
+            Role::Replicator => "replicator",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+/// Publish and subscribe permissions of one user.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Permissions {
+    /// Subjects the user may publish to.
+    pub publish_allow: Vec<String>,
+    /// Subjects the user may not publish to even when `publish_allow` matches.
+    pub publish_deny: Vec<String>,
+    /// Subjects the user may subscribe to.
+    pub subscribe_allow: Vec<String>,
+}
+
+/// Stream lookups a publisher needs to tell "no stream for this subject" from a hiccup.
+const STREAM_LOOKUP: &[&str] = &["$JS.API.INFO", "$JS.API.STREAM.NAMES", "$JS.API.STREAM.INFO.>"];
+
+/// Every event subject Chorus publishes (the platform streams' filters).
+const EVENT_SUBJECTS: &[&str] =
+    &["choria.lifecycle.>", "choria.machine.>", "chorus.rpc.>", "chorus.audit.>", "chorus.deadletter.>"];
+
+/// The permissions of `role` for a tenant with `collectives`.
+pub fn permissions(role: Role, collectives: &[String]) -> Permissions {
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let per = |pattern: &str| collectives.iter().map(|c| pattern.replace("{c}", c)).collect::<Vec<_>>();
+    let mut p = Permissions::default();
+    match role {
+        Role::Agent => {
+            p.publish_allow = s(&["choria.lifecycle.>", "choria.machine.>"]);
+            p.publish_allow.extend(per("chorus.rpc.request.{c}.>"));
+            p.publish_allow.extend(per("chorus.rpc.reply.{c}.>"));
+            p.publish_allow.extend(per("{c}.reply.>"));
+            p.publish_allow.extend(s(STREAM_LOOKUP));
+            // The RPC transport's flush is an echo through the connection's own inbox.
+            p.publish_allow.push("_INBOX.>".into());
+            p.subscribe_allow = per("{c}.broadcast.agent.>");
+            p.subscribe_allow.extend(per("{c}.node.>"));
+            p.subscribe_allow.push("_INBOX.>".into());
+        }
+        Role::Client => {
+            p.publish_allow = per("{c}.broadcast.agent.>");
+            p.publish_allow.extend(per("{c}.node.>"));
+            p.publish_allow.push("_INBOX.>".into());
+            p.subscribe_allow = per("{c}.reply.>");
+            p.subscribe_allow.push("_INBOX.>".into());
+        }
+        Role::Aaa => {
+            p.publish_allow = s(&["chorus.audit.>"]);
+            p.publish_allow.extend(s(STREAM_LOOKUP));
+            p.subscribe_allow = s(&["_INBOX.>"]);
+        }
+        Role::Consumer => {
+            p.publish_allow = s(STREAM_LOOKUP);
+            p.publish_allow.extend(s(&[
+                "$JS.API.STREAM.LIST",
+                "$JS.API.STREAM.MSG.GET.>",
+                "$JS.API.DIRECT.GET.>",
+                "$JS.API.CONSUMER.>",
+                "$JS.ACK.>",
+                "$JS.FC.>",
+                "chorus.deadletter.>",
+            ]));
+            p.subscribe_allow = s(&["_INBOX.>", "choria.lifecycle.>", "choria.machine.>"]);
+        }
+        Role::Replicator => {
+            p.publish_allow = s(&["$JS.API.>", "$JS.ACK.>", "$JS.FC.>"]);
+            p.publish_allow.extend(s(EVENT_SUBJECTS));
+            p.publish_deny = s(&["$JS.API.STREAM.DELETE.>"]);
+            p.subscribe_allow = s(&["_INBOX.>"]);
+        }
+        Role::Admin => {
+            p.publish_allow = s(&[">"]);
+            p.subscribe_allow = s(&[">"]);
+        }
+    }
+    p
+}
