@@ -5,7 +5,7 @@
 //! | `POST /login` | `{"username", "password"}` | 200 `{"token", "expires_at", "callerid"}`; 401 on bad credentials |
 //! | `POST /sign` | `{"token", "request": <RPC request record>}` | 200 [`SignedRequest`]; 401 for a refused token, 403 for a refused request |
 //! | `GET /keys` | — | the token and request public keys (PEM) with their key ids, for verifiers |
-//! | `GET /healthz` | — | `ok` |
+//! | `GET /healthz` | — | JSON health (503 when a task of the service failed) |
 //!
 //! Errors are `{"error": "<reason>", "code": "<snake_case>"}`. Every login and every sign
 //! call with a JSON body is a decision and is audited; when the audit record cannot be
@@ -80,14 +80,10 @@ pub struct KeysBody {
     pub request: PublishedKey,
 }
 
-/// The API routes over `service`.
+/// The API routes over `service` (`/healthz` and `/metrics` come from the runtime's ops
+/// router, see [`serve`]).
 pub fn router(service: Arc<AaaService>) -> Router {
-    Router::new()
-        .route("/login", post(login))
-        .route("/sign", post(sign))
-        .route("/keys", get(keys))
-        .route("/healthz", get(|| async { "ok" }))
-        .with_state(service)
+    Router::new().route("/login", post(login)).route("/sign", post(sign)).route("/keys", get(keys)).with_state(service)
 }
 
 fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
@@ -161,14 +157,16 @@ async fn keys(State(service): State<Arc<AaaService>>) -> Json<KeysBody> {
     })
 }
 
-/// Serves the API on `listener` (HTTPS with `tls`) until `shutdown` completes.
+/// Serves the API and `ops` (`/healthz`, `/metrics`) on `listener` (HTTPS with `tls`) until
+/// `shutdown` completes.
 pub async fn serve(
     listener: TcpListener,
     tls: Option<rustls::ServerConfig>,
     service: Arc<AaaService>,
+    ops: chorus_runtime::Ops,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = router(service);
+    let app = ops.router().merge(router(service));
     match tls {
         None => axum::serve(listener, app).with_graceful_shutdown(shutdown).await,
         Some(config) => axum::serve(TlsListener::new(listener, config), app).with_graceful_shutdown(shutdown).await,

@@ -168,7 +168,8 @@ pub async fn start(config: &AaaConfig, shutdown: Shutdown, drain: Duration) -> R
         .map_err(|source| AaaError::Io { context: format!("listen {}", config.listen), source })?;
     let addr = listener.local_addr().map_err(|source| AaaError::Io { context: "listen".into(), source })?;
     let shutdown = tasks.shutdown().requested_owned();
-    tasks.spawn("http", http::serve(listener, tls, service.clone(), shutdown));
+    let ops = chorus_runtime::Ops::new().with(Arc::new(tasks.monitor()));
+    tasks.spawn("http", http::serve(listener, tls, service.clone(), ops, shutdown));
     Ok(RunningAaa { addr, service, tasks, drain })
 }
 

@@ -183,7 +183,7 @@ async fn rpc_client_gets_requests_signed_over_http() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let (stop, mut stopped) = tokio::sync::watch::channel(false);
-    let server = tokio::spawn(http::serve(listener, None, f.service.clone(), async move {
+    let server = tokio::spawn(http::serve(listener, None, f.service.clone(), chorus_runtime::Ops::new(), async move {
         stopped.wait_for(|s| *s).await.ok();
     }));
 

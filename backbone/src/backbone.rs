@@ -16,6 +16,7 @@ pub type MessageStream = Pin<Box<dyn Stream<Item = Result<StoredMessage>> + Send
 /// What to replay from a stream.
 #[derive(Clone, Debug, Default)]
 pub struct ReplayOptions {
+    /// Where the replay starts (default: the oldest message still stored).
     pub start: StartPosition,
     /// Only subjects matching one of these filters (empty = all).
     pub filter_subjects: Vec<String>,

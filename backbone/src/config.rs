@@ -149,16 +149,19 @@ impl ConsumerConfig {
         }
     }
 
+    /// Adds a subject filter; with filters, only messages matching one of them are delivered.
     pub fn with_filter(mut self, filter: impl Into<String>) -> Self {
         self.filter_subjects.push(filter.into());
         self
     }
 
+    /// Sets where the consumer starts when it is first created.
     pub fn with_start(mut self, start: StartPosition) -> Self {
         self.start = start;
         self
     }
 
+    /// Sets how long a delivery may stay unacknowledged before it is redelivered.
     pub fn with_ack_wait(mut self, ack_wait: Duration) -> Self {
         self.ack_wait = ack_wait;
         self

@@ -72,13 +72,18 @@ pub fn rate(n: usize, took: Duration) -> f64 {
 
 /// A row of a result table: what was measured, events/s, and the ratio to its baseline.
 pub struct Row {
+    /// What was measured, as shown in the table.
     pub name: String,
+    /// Events processed in the measured run.
     pub events: usize,
+    /// Wall time of the run (the median of the rounds where there are several).
     pub took: Duration,
+    /// Rate (events/s) this row is compared with; `None` for a baseline row itself.
     pub baseline: Option<f64>,
 }
 
 impl Row {
+    /// Events per second.
     pub fn rate(&self) -> f64 {
         rate(self.events, self.took)
     }

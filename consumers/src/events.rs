@@ -36,15 +36,23 @@ pub struct EventFilter {
 /// letters, foreign producers) come with `event: None` and the reason.
 #[derive(Clone, Debug, Serialize)]
 pub struct ShownEvent {
+    /// Stream the event was read from.
     pub stream: String,
+    /// Sequence in that stream.
     pub sequence: u64,
+    /// When the stream stored it.
     pub stored: DateTime<Utc>,
+    /// Subject it was published on.
     pub subject: String,
+    /// Event id (the backbone's dedupe key).
     pub id: String,
+    /// The stored CloudEvent as JSON; none when it does not decode.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub event: Option<serde_json::Value>,
+    /// Why the message does not decode; none for a decoded event.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The decoded event, for filtering; not serialized.
     #[serde(skip)]
     pub record: Option<EventRecord>,
 }

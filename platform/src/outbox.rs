@@ -45,8 +45,10 @@ fn forwarder_config() -> ConsumerConfig {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutboxLimits {
+    /// Backlog (events) at which new alive events are collapsed instead of queued (default 10,000).
     #[serde(default = "default_collapse")]
     pub collapse_alive_after: u64,
+    /// Backlog (events) at which new watcher state events are dropped (default 100,000).
     #[serde(default = "default_drop")]
     pub drop_watcher_states_after: u64,
 }
@@ -71,8 +73,11 @@ pub struct OutboxStats {
     pub stored: AtomicU64,
     /// Highest outbox sequence the site acknowledged (everything at or below it is forwarded).
     pub forwarded: AtomicU64,
+    /// Alive events collapsed (not queued) because the backlog reached `collapse_alive_after`.
     pub collapsed_alive: AtomicU64,
+    /// Watcher state events dropped because the backlog reached `drop_watcher_states_after`.
     pub dropped_watcher_states: AtomicU64,
+    /// Failed publishes of a batch to the site, each retried after a backoff pause.
     pub forward_errors: AtomicU64,
 }
 
@@ -103,6 +108,7 @@ impl Outbox {
         Ok(Outbox { store, limits, stats })
     }
 
+    /// Live counters, shared by every clone of this outbox.
     pub fn stats(&self) -> &Arc<OutboxStats> {
         &self.stats
     }

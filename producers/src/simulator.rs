@@ -22,12 +22,15 @@ use crate::ProducerError;
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SimConfig {
+    /// Number of simulated nodes.
     pub nodes: usize,
     /// Identities are `<prefix>-<n>.<domain>`.
     #[serde(default = "default_prefix")]
     pub prefix: String,
+    /// Domain part of every identity (default `example.net`).
     #[serde(default = "default_domain")]
     pub domain: String,
+    /// Lifecycle component of every node (default `server`).
     #[serde(default = "default_component")]
     pub component: String,
     /// Versions handed out round-robin, weighted by repetition (a realistic rollout mix).
@@ -42,6 +45,7 @@ pub struct SimConfig {
     /// Publishes in flight during the startup storm.
     #[serde(default = "default_publishers")]
     pub publishers: usize,
+    /// Site stamped on every event (the `site` extension); none when unset.
     #[serde(default)]
     pub site: Option<String>,
 }
@@ -69,6 +73,7 @@ fn default_publishers() -> usize {
 }
 
 impl SimConfig {
+    /// `nodes` simulated nodes, everything else at its default.
     pub fn new(nodes: usize) -> Self {
         SimConfig {
             nodes,
@@ -112,6 +117,7 @@ impl Config for SimConfig {
 
 /// One simulated node: kept small, the simulator holds tens of thousands.
 pub struct SimNode {
+    /// The node's identity, `<prefix>-<n>.<domain>` with `n` zero-padded to 6 digits.
     pub identity: Box<str>,
     version: u16,
     /// Numbers this node's events, lifecycle and RPC records alike (one sequence per node).
@@ -123,11 +129,14 @@ pub struct SimNode {
 /// Figures of a burst of events.
 #[derive(Clone, Debug)]
 pub struct Burst {
+    /// Events stored.
     pub events: usize,
+    /// Wall time from the first store call until the last one returned.
     pub took: Duration,
 }
 
 impl Burst {
+    /// Events per second.
     pub fn rate(&self) -> f64 {
         self.events as f64 / self.took.as_secs_f64().max(1e-9)
     }
@@ -141,6 +150,8 @@ pub struct Simulator {
 }
 
 impl Simulator {
+    /// Validates `config` and builds the node table: versions handed out round-robin, alive slots
+    /// random within the interval. Nothing is emitted yet.
     pub fn new(config: SimConfig, sink: Arc<dyn EventSink>) -> Result<Self, ProducerError> {
         config.validate()?;
         let interval = config.alive_interval.as_secs().max(1) as u32;
@@ -155,10 +166,12 @@ impl Simulator {
         Ok(Simulator { config, nodes, sink })
     }
 
+    /// The configuration it was built with.
     pub fn config(&self) -> &SimConfig {
         &self.config
     }
 
+    /// The simulated nodes; index `n` is the node with identity number `n`.
     pub fn nodes(&self) -> &[SimNode] {
         &self.nodes
     }

@@ -40,6 +40,7 @@ pub struct ReplicatorConfig {
     /// Address of the `/metrics` and `/healthz` endpoint; none when unset.
     #[serde(default)]
     pub listen: Option<SocketAddr>,
+    /// The links to run; at least one, names unique.
     pub links: Vec<LinkConfig>,
 }
 
@@ -50,8 +51,10 @@ pub struct ReplicatorConfig {
 pub struct LinkConfig {
     /// Names the link in metrics and checkpoints: letters, digits, `-`, `_`.
     pub name: String,
+    /// Backbone the events are read from.
     #[serde(with = "serde_yaml::with::singleton_map")]
     pub source: EndpointConfig,
+    /// Backbone the events are copied into.
     #[serde(with = "serde_yaml::with::singleton_map")]
     pub target: EndpointConfig,
     /// Site stamped as provenance (the CloudEvents `site` extension) on copied events that
@@ -62,7 +65,9 @@ pub struct LinkConfig {
     /// the loop of a two-way (site ⇄ hub) setup.
     #[serde(default)]
     pub target_site: Option<String>,
+    /// Streams this link copies; at least one.
     pub streams: Vec<StreamLink>,
+    /// Samples events on the configured subjects (alive events by default); unset = every event is copied.
     #[serde(default)]
     pub sampling: Option<SamplingConfig>,
     /// Most events per target publish batch.

@@ -1,8 +1,8 @@
 //! Prometheus metrics and health of the copiers, per link and stream.
 //!
 //! * `chorus_replicator_copied_total` — events the target acknowledged.
-//! * `chorus_replicator_skipped_total{reason}` — `sampled` (alive sampling) or `loop` (the
-//!   event came from the target's site).
+//! * `chorus_replicator_skipped_total{reason}` — `sampled` (alive sampling), `loop` (the
+//!   event came from the target's site) or `duplicate` (the target already held it).
 //! * `chorus_replicator_errors_total{side}` — `source`, `target` or `checkpoint` failures,
 //!   each followed by a retry.
 //! * `chorus_replicator_lag_events` — source messages not yet copied.
@@ -19,26 +19,40 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+/// Labels of a per-stream metric: the link and the source stream.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StreamLabels {
+    /// Link name, from the configuration.
     pub link: String,
+    /// Source stream name.
     pub stream: String,
 }
 
+/// Labels of a per-stream metric split by cause.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
+    /// Link name, from the configuration.
     pub link: String,
+    /// Source stream name.
     pub stream: String,
+    /// Why an event was skipped (`sampled`, `loop`, `duplicate`) or which side failed
+    /// (`source`, `target`, `checkpoint`).
     pub reason: String,
 }
 
 /// The metric families of one replicator process.
 pub struct Metrics {
+    /// Events the target acknowledged as newly stored (duplicates it dropped are not counted).
     pub copied: Family<StreamLabels, Counter>,
+    /// Events not copied, by reason: `sampled`, `loop`, or `duplicate` (the target had it).
     pub skipped: Family<ReasonLabels, Counter>,
+    /// Failures by side (`source`, `target`, `checkpoint`); each is retried.
     pub errors: Family<ReasonLabels, Counter>,
+    /// Source messages past the checkpoint, not yet copied.
     pub lag_events: Family<StreamLabels, Gauge>,
+    /// Age in seconds of the newest copied event while behind; 0 when caught up.
     pub lag_seconds: Family<StreamLabels, Gauge<f64, AtomicU64>>,
+    /// Last source sequence acknowledged by the target and checkpointed.
     pub checkpoint: Family<StreamLabels, Gauge>,
     health: Mutex<Vec<Arc<CopierHealth>>>,
 }
@@ -62,7 +76,7 @@ impl Metrics {
     /// caller's `chorus_replicator` prefix).
     pub fn register(&self, registry: &mut Registry) {
         registry.register("copied", "Events the target acknowledged", self.copied.clone());
-        registry.register("skipped", "Events not copied, by reason (sampled, loop)", self.skipped.clone());
+        registry.register("skipped", "Events not copied, by reason (sampled, loop, duplicate)", self.skipped.clone());
         registry.register(
             "errors",
             "Failures, by side (source, target, checkpoint); each is retried",
@@ -100,7 +114,9 @@ impl Metrics {
 /// One copier's live state, shared with the health endpoint.
 #[derive(Debug)]
 pub struct CopierHealth {
+    /// Link name.
     pub link: String,
+    /// Source stream the copier reads.
     pub stream: String,
     state: Mutex<HealthState>,
     pub(crate) checkpoint: AtomicU64,
@@ -118,12 +134,19 @@ struct HealthState {
 /// What `/healthz` reports for one copier.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct HealthReport {
+    /// Link name.
     pub link: String,
+    /// Source stream the copier reads.
     pub stream: String,
+    /// False once the copier has failed without progress for 30 seconds or more.
     pub healthy: bool,
+    /// Last source sequence acknowledged by the target and checkpointed.
     pub checkpoint: u64,
+    /// Source messages not yet copied, refreshed once a second.
     pub lag_events: u64,
+    /// Seconds since the copier started failing without progress; none while it progresses.
     pub failing_for_seconds: Option<f64>,
+    /// Latest failure as `<side>: <error>`; kept after the copier recovers.
     pub last_error: Option<String>,
 }
 
@@ -154,6 +177,7 @@ impl CopierHealth {
         self.state.lock().expect("health lock").failing_since = None;
     }
 
+    /// The copier's state as `/healthz` reports it.
     pub fn report(&self) -> HealthReport {
         let s = self.state.lock().expect("health lock");
         let failing_for = s.failing_since.map(|t| t.elapsed());

@@ -16,7 +16,9 @@ use crate::error::{ReplicatorError, Result};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RewriteRule {
+    /// Subject filter to match, e.g. `choria.lifecycle.>`.
     pub from: String,
+    /// Template of the new subject, e.g. `sites.east.choria.lifecycle.>`.
     pub to: String,
 }
 

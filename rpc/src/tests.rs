@@ -171,10 +171,21 @@ async fn shell_is_denied_unless_its_policy_allows_it() {
     assert!(denied.replies[0].policy.as_deref().unwrap().starts_with("no policy file for agent shell"));
 
     write_policy(dir.path(), "shell", "allow\tup=bob\trun\tcountry=/^u/\tbase\n");
-    // Policy files are re-read within a second of changing.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    let ran = c.call("shell", "run", data, opts()).await.unwrap();
-    let reply = &ran.replies[0];
+    // Policy files are re-read within a second of changing: asked again until it is.
+    let reply = chorus_testkit::eventually("the new shell policy to apply", Duration::from_secs(10), || {
+        let (c, data) = (&c, data.clone());
+        async move {
+            let ran = c.call("shell", "run", data, opts()).await.map_err(|e| e.to_string())?;
+            let reply = ran.replies.into_iter().next().ok_or("no reply")?;
+            if reply.authorized {
+                Ok(reply)
+            } else {
+                Err(format!("still denied: {:?}", reply.policy))
+            }
+        }
+    })
+    .await;
+    let reply = &reply;
     assert_eq!(reply.statuscode, StatusCode::Ok, "{reply:?}");
     assert_eq!(reply.data["stdout"], "hi\n");
     assert_eq!(reply.data["exitcode"], 0);
@@ -443,10 +454,8 @@ async fn works_over_a_real_nats_server() {
             .await
             .unwrap();
         client_side.flush().await.unwrap();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while server.stats().malformed == 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        chorus_testkit::eventually_true("the garbage counted", Duration::from_secs(5), || server.stats().malformed > 0)
+            .await;
         assert_eq!(server.stats().malformed, 1);
         drop(server);
     }

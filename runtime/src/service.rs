@@ -339,6 +339,17 @@ impl TaskMonitor {
     }
 }
 
+#[async_trait]
+impl crate::ops::Observable for TaskMonitor {
+    fn name(&self) -> &str {
+        &self.service
+    }
+
+    fn health(&self) -> Health {
+        TaskMonitor::health(self)
+    }
+}
+
 fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
     panic
         .downcast_ref::<&str>()

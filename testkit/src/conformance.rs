@@ -14,6 +14,8 @@ use chorus_backbone::{
 use futures::future::BoxFuture;
 use futures::StreamExt;
 
+use crate::eventually;
+
 /// A case of the suite: `(backbone, stream name, replicas)`.
 pub type Case = fn(Arc<dyn Backbone>, String, usize) -> BoxFuture<'static, ()>;
 
@@ -197,13 +199,19 @@ async fn consumer_resumes_by_name(b: Arc<dyn Backbone>, stream: String, replicas
             d.ack().await.unwrap();
         }
         // Acks are asynchronous on JetStream: the lag settles at 60 shortly after.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        let mut lag = c.pending().await.unwrap();
-        while lag != 60 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            lag = c.pending().await.unwrap();
-        }
-        assert_eq!(lag, 60, "pending counts the unacknowledged");
+        let c = tokio::sync::Mutex::new(c);
+        eventually("pending to count the 60 unacknowledged", Duration::from_secs(5), || {
+            let c = &c;
+            async move {
+                let lag = c.lock().await.pending().await.unwrap();
+                if lag == 60 {
+                    Ok(())
+                } else {
+                    Err(format!("pending is {lag}, not 60"))
+                }
+            }
+        })
+        .await;
     }
     // A new handle with the same durable name resumes after the acknowledged ones.
     let mut c = b.consumer(&stream, &cfg).await.unwrap();
@@ -360,16 +368,19 @@ async fn retention_by_age(b: Arc<dyn Backbone>, stream: String, replicas: usize)
     cfg.dedupe_window = Duration::from_secs(1);
     b.ensure_stream(&cfg).await.unwrap();
     b.publish_batch(messages(&stream, "a", "m", 0..5)).await.unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let info = b.stream_info(&stream).await.unwrap();
-        if info.messages == 0 {
-            assert_eq!(info.last_sequence, 5, "the last sequence stays after expiry");
-            break;
+    let info = eventually("messages older than max_age to be removed", Duration::from_secs(15), || {
+        let (b, stream) = (&*b, stream.as_str());
+        async move {
+            let info = b.stream_info(stream).await.unwrap();
+            if info.messages == 0 {
+                Ok(info)
+            } else {
+                Err(format!("messages older than max_age were not removed: {info:?}"))
+            }
         }
-        assert!(tokio::time::Instant::now() < deadline, "messages older than max_age were not removed: {info:?}");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    })
+    .await;
+    assert_eq!(info.last_sequence, 5, "the last sequence stays after expiry");
     let ack = b.publish(Message::new("after", subject_of(&stream, "a"), &b""[..])).await.unwrap();
     assert_eq!(ack.sequence, 6, "sequences continue after expiry");
 }

@@ -6,10 +6,15 @@ use std::path::{Path, PathBuf};
 /// PEM files of a generated CA, server and client.
 #[derive(Debug, Clone)]
 pub struct Pki {
+    /// CA certificate (`ca.pem`) that signed the server and client certificates.
     pub ca: PathBuf,
+    /// Server certificate (`server.pem`) for `localhost` and `127.0.0.1`.
     pub server_cert: PathBuf,
+    /// Private key of the server certificate (`server-key.pem`).
     pub server_key: PathBuf,
+    /// Client certificate (`client.pem`) for the client name given to [`generate`].
     pub client_cert: PathBuf,
+    /// Private key of the client certificate (`client-key.pem`).
     pub client_key: PathBuf,
 }
 

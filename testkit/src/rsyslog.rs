@@ -113,8 +113,11 @@ impl RsyslogBuilder {
 pub struct Received {
     /// PRI as rsyslog decoded it (`%pri%`).
     pub pri: u8,
+    /// HOSTNAME as rsyslog parsed it (`%hostname%`).
     pub hostname: String,
+    /// APP-NAME as rsyslog parsed it (`%app-name%`).
     pub app_name: String,
+    /// MSGID as rsyslog parsed it (`%msgid%`).
     pub msgid: String,
     /// The STRUCTURED-DATA as received (escapes kept), `-` when none.
     pub structured_data: String,
@@ -147,6 +150,7 @@ impl Rsyslog {
         Self::builder().start()
     }
 
+    /// A builder, to listen with TLS or run a specific `rsyslogd`.
     pub fn builder() -> RsyslogBuilder {
         RsyslogBuilder::default()
     }

@@ -15,6 +15,7 @@ use chorus_rpc::{NatsTransport, RequestOptions, RpcClient, Target};
 use chorus_schemas::lifecycle::Lifecycle;
 use chorus_schemas::{Event, EventRecord};
 use chorus_testkit::conformance::read_all;
+use chorus_testkit::eventually;
 use chorus_testkit::nats::NatsServer;
 
 async fn site(server: &NatsServer) -> Arc<dyn Backbone> {
@@ -56,15 +57,18 @@ async fn wait_for<F: Fn(&[EventRecord]) -> bool>(
     what: &str,
     ok: F,
 ) -> Vec<EventRecord> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let evs = events_of(b, streams, identity).await;
-        if ok(&evs) {
-            return evs;
+    eventually(what, Duration::from_secs(60), || {
+        let ok = &ok;
+        async move {
+            let evs = events_of(b, streams, identity).await;
+            if ok(&evs) {
+                Ok(evs)
+            } else {
+                Err(format!("have {} events", evs.len()))
+            }
         }
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}; have {} events", evs.len());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
+    .await
 }
 
 /// The RPC records (requests and replies) of one request in `CHORUS_RPC`.
@@ -165,11 +169,12 @@ async fn broker_down_60s_loses_no_event_and_keeps_order() {
     assert!(backlog >= 60, "the node kept producing into its outbox during the outage: {backlog}");
     server.restart().unwrap();
 
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
-    while agent.outbox().stats().backlog() > 0 {
-        assert!(tokio::time::Instant::now() < deadline, "outbox did not drain: {}", agent.outbox().stats().backlog());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    eventually("the outbox to drain", Duration::from_secs(90), || {
+        let backlog = agent.outbox().stats().backlog();
+        let result = if backlog > 0 { Err(format!("outbox did not drain: {backlog}")) } else { Ok(()) };
+        async move { result }
+    })
+    .await;
     agent.stop().await.unwrap();
     let b = site(&server).await;
     let evs = wait_for(&*b, &streams, "outage.example.net", "the shutdown event", |e| {
@@ -228,25 +233,28 @@ async fn rpc_is_denied_without_policy_allowed_with_one_and_recorded() {
     assert_eq!(allowed.identity, "policy.example.net");
 
     // Both decisions are recorded by the nodes: the request and the reply, in CHORUS_RPC.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let records = rpc_records(&*b, &results.request.requestid).await;
-        let replies: Vec<(String, bool)> = records
-            .iter()
-            .filter_map(|r| match &r.data {
-                Event::RpcReply(p) => Some((p.identity.clone(), p.authorized)),
-                _ => None,
-            })
-            .collect();
-        let requests = records.iter().filter(|r| matches!(r.data, Event::RpcRequest(_))).count();
-        if requests == 2 && replies.len() == 2 {
-            assert!(replies.contains(&("nopolicy.example.net".into(), false)), "{replies:?}");
-            assert!(replies.contains(&("policy.example.net".into(), true)), "{replies:?}");
-            break;
+    let replies = eventually("both requests and replies in CHORUS_RPC", Duration::from_secs(30), || {
+        let (b, requestid) = (&*b, &results.request.requestid);
+        async move {
+            let records = rpc_records(b, requestid).await;
+            let replies: Vec<(String, bool)> = records
+                .iter()
+                .filter_map(|r| match &r.data {
+                    Event::RpcReply(p) => Some((p.identity.clone(), p.authorized)),
+                    _ => None,
+                })
+                .collect();
+            let requests = records.iter().filter(|r| matches!(r.data, Event::RpcRequest(_))).count();
+            if requests == 2 && replies.len() == 2 {
+                Ok(replies)
+            } else {
+                Err(format!("RPC records missing: {requests} requests, {replies:?}"))
+            }
         }
-        assert!(tokio::time::Instant::now() < deadline, "RPC records missing: {requests} requests, {replies:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
+    .await;
+    assert!(replies.contains(&("nopolicy.example.net".into(), false)), "{replies:?}");
+    assert!(replies.contains(&("policy.example.net".into(), true)), "{replies:?}");
     open.stop().await.unwrap();
     guarded.stop().await.unwrap();
 }
@@ -279,13 +287,16 @@ async fn simulated_nodes_answer_rpc_and_record_it() {
         wait_for(&*b, &["CHORUS_LIFECYCLE", "CHORUS_RPC"], &node, "the node's reply record", |e| e.len() >= 2).await;
     let seqs: Vec<u64> = evs.iter().map(|r| r.seq).collect();
     assert_eq!(seqs, vec![1, 3], "startup then reply, one per-node sequence");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let n = rpc_records(&*b, &results.request.requestid).await.len();
-        if n == 2000 {
-            break;
+    eventually("all 2000 RPC records stored", Duration::from_secs(30), || {
+        let (b, requestid) = (&*b, &results.request.requestid);
+        async move {
+            let n = rpc_records(b, requestid).await.len();
+            if n == 2000 {
+                Ok(())
+            } else {
+                Err(format!("{n} of 2000 RPC records stored"))
+            }
         }
-        assert!(tokio::time::Instant::now() < deadline, "{n} of 2000 RPC records stored");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
+    .await;
 }

@@ -15,7 +15,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chorus_backbone::jetstream::{JetStreamBackbone, NatsAuth, NatsConfig};
 use chorus_backbone::{Backbone, BackboneError, Message};
@@ -28,6 +28,7 @@ use chorus_schemas::lifecycle::Alive;
 use chorus_schemas::{AuditAction, AuditRecord, EventRecord};
 use chorus_testkit::nats::{nats_server_binary, NatsServer};
 use chorus_testkit::pki::Pki;
+use chorus_testkit::{eventually, eventually_blocking};
 use tokio::sync::mpsc;
 
 // ---------------------------------------------------------------------------------------
@@ -314,16 +315,19 @@ async fn agent_and_client_work_within_their_permissions() {
     assert_eq!(results.summary.ok, 1, "{:?}", results.summary);
 
     // The agent's startup event and RPC records reached the tenant's streams.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let lifecycle = admin.stream_info("CHORUS_LIFECYCLE").await.unwrap().messages;
-        let rpc_records = admin.stream_info("CHORUS_RPC").await.unwrap().messages;
-        if lifecycle >= 1 && rpc_records >= 2 {
-            break;
+    eventually("the agent's events in the tenant's streams", Duration::from_secs(60), || {
+        let admin = &*admin;
+        async move {
+            let lifecycle = admin.stream_info("CHORUS_LIFECYCLE").await.unwrap().messages;
+            let rpc_records = admin.stream_info("CHORUS_RPC").await.unwrap().messages;
+            if lifecycle >= 1 && rpc_records >= 2 {
+                Ok(())
+            } else {
+                Err(format!("agent events not forwarded: lifecycle {lifecycle}, rpc {rpc_records}"))
+            }
         }
-        assert!(Instant::now() < deadline, "agent events not forwarded: lifecycle {lifecycle}, rpc {rpc_records}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
     agent.stop().await.unwrap();
 }
 
@@ -399,13 +403,13 @@ exec "$NATS_SERVER" -c "$NATS_CONF""#;
         let ns = PathBuf::from(format!("/proc/{}/ns/net", child.id()));
         let mut server = NamespacedServer { child, ns, log, _dir: dir };
         // Until unshare(2) has run, the child's namespace is still the host's.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::fs::read_link(&server.ns).ok().as_ref() == Some(&host_ns) || std::fs::read_link(&server.ns).is_err()
-        {
+        eventually_blocking("the server in a new network namespace", Duration::from_secs(30), || {
+            if std::fs::read_link(&server.ns).is_ok_and(|ns| ns != host_ns) {
+                return Ok(());
+            }
             server.assert_running();
-            assert!(Instant::now() < deadline, "no new network namespace: {}", server.log_text());
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            Err(format!("no new network namespace: {}", server.log_text()))
+        });
         server
     }
 
@@ -456,15 +460,14 @@ exec "$NATS_SERVER" -c "$NATS_CONF""#;
 
     /// Waits until a client from `from` gets the server's INFO on `to`.
     fn wait_ready(&mut self, from: IpAddr, to: SocketAddr) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
+        let what = format!("the server's INFO on {to} for a client from {from}");
+        eventually_blocking(&what, Duration::from_secs(30), || {
             self.assert_running();
             match self.connect(from, to, true) {
-                Ok(info) if info.starts_with("INFO ") => return,
-                other => assert!(Instant::now() < deadline, "not ready: {other:?}\n{}", self.log_text()),
+                Ok(info) if info.starts_with("INFO ") => Ok(()),
+                other => Err(format!("not ready: {other:?}\n{}", self.log_text())),
             }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        })
     }
 }
 

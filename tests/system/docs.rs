@@ -1,1 +1,143 @@
+//! Every configuration example in the documentation is parsed as the configuration it shows,
+//! so the docs cannot drift from the code: a renamed or removed field fails here, because
+//! every configuration refuses unknown fields.
+//!
+//! An example is also validated; the only failures allowed are about files the example names
+//! that do not exist on this machine (`/etc/chorus/...`).
 
+use std::path::{Path, PathBuf};
+
+use chorus_runtime::{Config, ConfigError};
+use serde::de::DeserializeOwned;
+
+/// A `yaml` code block of a Markdown file.
+struct Example {
+    file: String,
+    line: usize,
+    text: String,
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is in the repository").to_path_buf()
+}
+
+fn examples() -> Vec<Example> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(repo().join("docs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "md"))
+        .collect();
+    files.push(repo().join("README.md"));
+    files.sort();
+    let mut out = Vec::new();
+    for path in files {
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut lines = text.lines().enumerate();
+        while let Some((i, line)) = lines.next() {
+            let fence = line.trim_start();
+            if fence == "```yaml" || fence == "```yml" {
+                let indent = line.len() - fence.len();
+                let mut body = String::new();
+                for (_, l) in lines.by_ref() {
+                    if l.trim_start().starts_with("```") {
+                        break;
+                    }
+                    body.push_str(l.get(indent..).unwrap_or(l.trim_start()));
+                    body.push('\n');
+                }
+                let file = path.strip_prefix(repo()).unwrap().display().to_string();
+                out.push(Example { file, line: i + 1, text: body });
+            }
+        }
+    }
+    out
+}
+
+/// Parses `example` as `T` and validates it; a validation error must name a missing file
+/// that the example mentions.
+fn check<T: Config>(example: &Example) -> Result<(), String> {
+    let config: T = chorus_runtime::config::parse(&example.text).map_err(|e| e.to_string())?;
+    validate_or_missing_file(example, config.validate())
+}
+
+/// As [`check`] for a section that is not a whole configuration file.
+fn check_section<T: DeserializeOwned>(
+    example: &Example,
+    validate: impl FnOnce(&T) -> Result<(), ConfigError>,
+) -> Result<(), String> {
+    let section: T = chorus_runtime::config::parse(&example.text).map_err(|e| e.to_string())?;
+    validate_or_missing_file(example, validate(&section))
+}
+
+fn validate_or_missing_file(example: &Example, result: Result<(), ConfigError>) -> Result<(), String> {
+    let Err(e) = result else { return Ok(()) };
+    let text = e.to_string();
+    let missing = example
+        .text
+        .split(|c: char| c.is_whitespace() || matches!(c, ',' | '{' | '}' | '[' | ']' | '"'))
+        .filter(|w| w.starts_with('/') && !Path::new(w).exists())
+        .any(|path| text.contains(path));
+    if missing {
+        Ok(())
+    } else {
+        Err(format!("does not validate: {text}"))
+    }
+}
+
+#[test]
+fn every_yaml_example_in_the_docs_is_a_configuration_that_parses() {
+    let examples = examples();
+    assert!(examples.len() >= 10, "found only {} examples", examples.len());
+    let mut failures = Vec::new();
+    for example in &examples {
+        let first_key = example
+            .text
+            .lines()
+            .find(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+            .and_then(|l| l.split(':').next())
+            .unwrap_or("")
+            .trim()
+            .to_string();
+        let result = match (example.file.as_str(), first_key.as_str()) {
+            ("docs/AGENT.md", "identity") => check::<chorus_producers::agent::AgentConfig>(example),
+            ("docs/CONSUMERS.md", "steps") => check::<chorus_consumers::provisioner::ProvisionerConfig>(example),
+            ("docs/CONSUMERS.md", "consumer" | "sink") => {
+                check::<chorus_consumers::audit_export::ExportConfig>(example)
+            }
+            ("docs/OPERATIONS.md", "servers") => {
+                check_section::<chorus_backbone::jetstream::NatsConfig>(example, |n| n.validate())
+            }
+            ("docs/REPLICATOR.md", "state_dir") => check::<chorus_replicator::ReplicatorConfig>(example),
+            ("docs/SECURITY.md", "pkcs11") => check_section::<chorus_keys::KeyConfig>(example, |_| Ok(())),
+            ("docs/SECURITY.md", "identity") => check::<chorus_aaa::AaaConfig>(example),
+            ("docs/SECURITY.md", "users") => check::<chorus_aaa::UsersFile>(example).and_then(|()| {
+                let file = chorus_runtime::config::parse(&example.text).map_err(|e| e.to_string())?;
+                chorus_aaa::Users::new(file).map(|_| ()).map_err(|e| e.to_string())
+            }),
+            ("docs/SECURITY.md", "server_name") => check::<chorus_broker::BrokerConfig>(example),
+            _ => Err(format!(
+                "an example whose configuration this test does not know (first key {first_key:?}): \
+                 add it to the table in tests/system/docs.rs"
+            )),
+        };
+        if let Err(e) = result {
+            failures.push(format!("{}:{}: {e}", example.file, example.line));
+        }
+    }
+    assert!(failures.is_empty(), "documentation examples that do not parse:\n{}", failures.join("\n"));
+}
+
+#[test]
+fn the_example_machine_manifests_load() {
+    let dir = repo().join("docs/examples/machines");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let manifest = entry.unwrap().path().join("machine.yaml");
+        if manifest.exists() {
+            chorus_producers::machine::Manifest::load(&manifest)
+                .unwrap_or_else(|e| panic!("{}: {e}", manifest.display()));
+            seen += 1;
+        }
+    }
+    assert!(seen >= 1, "no machine manifest under {}", dir.display());
+}

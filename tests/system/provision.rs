@@ -24,6 +24,7 @@ use chorus_runtime::Backoff;
 use chorus_schemas::lifecycle::{Alive, Lifecycle};
 use chorus_schemas::{Event, EventRecord, StatusCode};
 use chorus_testkit::conformance::read_all;
+use chorus_testkit::eventually;
 use chorus_testkit::nats::NatsServer;
 
 const NODES: usize = 1000;
@@ -52,21 +53,20 @@ fn config(state_dir: std::path::PathBuf) -> ProvisionerConfig {
 
 /// Waits (bounded, so a hang fails instead of blocking CI) until `ok` holds.
 async fn until<F: Fn(&Provisioner) -> bool>(p: &Provisioner, what: &str, ok: F) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
-    while !ok(p) {
-        assert!(
-            !chorus_runtime::Service::failed(p),
-            "the provisioner stopped while waiting for {what}: {:?}",
-            p.monitor().health()
-        );
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}: {:?} {:?}",
-            p.stats(),
-            p.counts().unwrap()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(what, Duration::from_secs(180), || {
+        let result = if ok(p) {
+            Ok(())
+        } else {
+            assert!(
+                !chorus_runtime::Service::failed(p),
+                "the provisioner stopped while waiting for {what}: {:?}",
+                p.monitor().health()
+            );
+            Err(format!("{:?} {:?}", p.stats(), p.counts()))
+        };
+        async move { result }
+    })
+    .await
 }
 
 /// Stores every provisioning-mode startup event again under a new message id, as a replicator

@@ -18,6 +18,7 @@ use chorus_schemas::lifecycle::{Alive, Startup};
 use chorus_schemas::subject::CHORUS_LIFECYCLE;
 use chorus_schemas::EventRecord;
 use chorus_testkit::conformance::read_all;
+use chorus_testkit::eventually;
 use chorus_testkit::nats::{LeafnodeSites, NatsServer};
 
 async fn js(url: &str) -> Arc<dyn Backbone> {
@@ -49,15 +50,15 @@ async fn count(b: &dyn Backbone, stream: &str) -> u64 {
 
 /// Waits until `stream` in `b` holds `n` messages, failing with what it saw.
 async fn wait_for_count(b: &dyn Backbone, stream: &str, n: u64, within: Duration) {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
+    eventually(&format!("{stream} to hold {n} messages"), within, || async move {
         let c = count(b, stream).await;
         if c >= n {
-            return;
+            Ok(())
+        } else {
+            Err(format!("{stream} holds {c} of {n}"))
         }
-        assert!(tokio::time::Instant::now() < deadline, "{stream} holds {c} of {n} after {within:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await
 }
 
 /// Target holds exactly the source's events: same count, same ids, no id twice.
@@ -98,10 +99,12 @@ async fn replicator_killed_mid_copy_resumes_without_loss_or_duplicates() {
 
     let state = tempfile::tempdir().unwrap();
     let config = state.path().join("replicate.yaml");
+    let ops: std::net::SocketAddr =
+        format!("127.0.0.1:{}", chorus_testkit::nats::free_port().unwrap()).parse().unwrap();
     std::fs::write(
         &config,
         format!(
-            "state_dir: {}\nlinks:\n{}",
+            "state_dir: {}\nlisten: {ops}\nlinks:\n{}",
             state.path().join("state").display(),
             link_yaml("east", &src.url(), &dst.url(), CHORUS_LIFECYCLE, 200)
         ),
@@ -131,7 +134,24 @@ async fn replicator_killed_mid_copy_resumes_without_loss_or_duplicates() {
     }
     producer.await.unwrap();
     wait_for_count(&*target, CHORUS_LIFECYCLE, 60_000, Duration::from_secs(120)).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The replicator has checkpointed the whole source: it has nothing left to send.
+    let last = source.stream_info(CHORUS_LIFECYCLE).await.unwrap().last_sequence;
+    eventually("the replicator's checkpoint at the source's end", Duration::from_secs(60), || async move {
+        let health = tokio::time::timeout(Duration::from_secs(5), try_http_get(ops, "/healthz")).await;
+        let body = match health {
+            Ok(Ok(b)) => b,
+            other => return Err(format!("{other:?}")),
+        };
+        let json: serde_json::Value = serde_json::from_str(body.split("\r\n\r\n").nth(1).unwrap_or_default())
+            .map_err(|e| format!("{e}: {body}"))?;
+        let copier = &json["services"][0]["copiers"][0];
+        if copier["checkpoint"] == last && copier["lag_events"] == 0 {
+            Ok(())
+        } else {
+            Err(copier.to_string())
+        }
+    })
+    .await;
     child.kill().unwrap();
     child.wait().unwrap();
     assert_eq!(assert_same_events(&*source, &*target, CHORUS_LIFECYCLE).await, 60_000);
@@ -168,17 +188,19 @@ async fn copy_through(mut src: NatsServer, mut dst: NatsServer, disrupt: fn(&mut
         .await
         .expect("the producer's publishes did not complete within 120 s of the disruption")
         .unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    while count(&*target, CHORUS_LIFECYCLE).await < 30_000 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "target holds {} of 30000 after 120 s; replicator health: {:?}\n{}",
-            count(&*target, CHORUS_LIFECYCLE).await,
-            handle.copiers(),
-            handle.metrics().encode()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    eventually("the target to hold 30000 events", Duration::from_secs(120), || {
+        let (target, handle) = (&*target, &handle);
+        async move {
+            let c = count(target, CHORUS_LIFECYCLE).await;
+            if c >= 30_000 {
+                Ok(())
+            } else {
+                let (copiers, metrics) = (handle.copiers(), handle.metrics().encode());
+                Err(format!("target holds {c} of 30000; replicator health: {copiers:?}\n{metrics}"))
+            }
+        }
+    })
+    .await;
     assert!(
         handle.wait_caught_up(Duration::from_secs(60)).await,
         "replicator did not catch up: {:?}",
@@ -317,8 +339,8 @@ links:
     assert_eq!(by_site.get(&("site1".into(), "io.choria.lifecycle.v1.startup".into())), Some(&300));
     assert_eq!(count(&*hub, "HUB_LIFECYCLE").await, expected_hub);
 
-    // Back to site0: only site1's events; site0's own were stopped by loop prevention.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Back to site0 (every copier caught up, above): only site1's events; site0's own were
+    // stopped by loop prevention.
     let back = read_all(&*site0_local, "FROM_HUB").await;
     assert_eq!(back.len(), 300);
     assert!(back.iter().all(|m| EventRecord::decode(&m.payload).unwrap().site.as_deref() == Some("site1")));
@@ -347,12 +369,17 @@ links:
 }
 
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    try_http_get(addr, path).await.unwrap()
+}
+
+/// `GET path` over HTTP/1.1: the whole response, status line and headers included.
+async fn try_http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await?;
     let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
+    s.read_to_string(&mut out).await?;
+    Ok(out)
 }
 
 /// A node's embedded outbox copied to JetStream with the library, as `chorus up` wires it.

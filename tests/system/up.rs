@@ -8,6 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use chorus_testkit::chromium::wait_for_dom;
+use chorus_testkit::eventually_blocking;
 
 #[test]
 fn chorus_up_dashboard_fills_with_nodes_in_chromium() {
@@ -64,14 +65,9 @@ fn up_fills_the_dashboard(nats: Option<&str>) {
 
     let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(status.success());
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let exit = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(std::time::Instant::now() < deadline, "chorus up did not stop within 30 s of SIGTERM");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let exit = eventually_blocking("chorus up to stop after SIGTERM", Duration::from_secs(30), || {
+        child.try_wait().unwrap().ok_or_else(|| "chorus up still running after SIGTERM".to_string())
+    });
     assert!(exit.success(), "chorus up exited with {exit}");
     assert!(data.path().join("audit.jsonl").exists(), "the audit export file is created");
 }

@@ -65,6 +65,7 @@ fn default_max_group() -> usize {
 }
 
 impl EmbeddedConfig {
+    /// A store in `path` with the default cache (256 MiB) and group size (16,384 messages).
     pub fn new(path: impl Into<PathBuf>) -> Self {
         EmbeddedConfig { path: path.into(), cache_capacity: default_cache(), max_group: default_max_group() }
     }

@@ -22,21 +22,6 @@ async fn replay_all(b: &EmbeddedBackbone, opts: ReplayOptions) -> Vec<StoredMess
     out
 }
 
-/// Opens the store again after dropping it. sled's I/O threads may hold its files (and lock) a
-/// moment after the last handle is gone, so a lock conflict is retried for a while.
-async fn reopen(path: &std::path::Path) -> EmbeddedBackbone {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        match EmbeddedBackbone::open_path(path) {
-            Ok(b) => return b,
-            Err(e) if e.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(10)).await
-            }
-            Err(e) => panic!("reopening: {e}"),
-        }
-    }
-}
-
 /// (first sequence, message count) of every chunk of stream `T`.
 fn chunks(b: &EmbeddedBackbone) -> Vec<(u64, u64)> {
     chunk_sizes(b).into_iter().map(|(first, count, _)| (first, count)).collect()
@@ -171,7 +156,8 @@ async fn retention_cuts_into_a_chunk_and_survives_reopen() {
         let info = b.stream_info("T").await.unwrap();
         assert_eq!((info.messages, info.first_sequence, info.last_sequence), (5, 33, 37));
     }
-    let b = reopen(dir.path()).await;
+    let b = EmbeddedBackbone::open_path(dir.path())
+        .expect("reopening (the store waits out the lock a closing handle holds)");
     let info = b.stream_info("T").await.unwrap();
     assert_eq!((info.messages, info.first_sequence, info.last_sequence), (5, 33, 37));
     let all = replay_all(&b, ReplayOptions::default()).await;
@@ -192,7 +178,8 @@ async fn reopen_recounts_from_chunks_and_rebuilds_dedupe() {
         // Lose the saved counters, as a crash between a write and its stats would.
         b.inner.meta.remove(b"stats/T").unwrap();
     }
-    let b = reopen(dir.path()).await;
+    let b = EmbeddedBackbone::open_path(dir.path())
+        .expect("reopening (the store waits out the lock a closing handle holds)");
     let info = b.stream_info("T").await.unwrap();
     let bytes: u64 = batch.iter().map(codec::stored_size).sum();
     assert_eq!((info.messages, info.first_sequence, info.last_sequence, info.bytes), (3000, 1, 3000, bytes));

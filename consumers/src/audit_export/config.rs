@@ -267,18 +267,31 @@ fn validate_tls(tls: &TlsClientConfig) -> Result<(), String> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Facility {
+    /// 0, kernel messages.
     Kern,
+    /// 1, user-level messages.
     User,
+    /// 2, mail system.
     Mail,
+    /// 3, system daemons.
     Daemon,
+    /// 4, security/authorization messages.
     Auth,
+    /// 5, messages generated internally by syslogd.
     Syslog,
+    /// 6, line printer subsystem.
     Lpr,
+    /// 7, network news subsystem.
     News,
+    /// 8, UUCP subsystem.
     Uucp,
+    /// 9, clock daemon (cron).
     Cron,
+    /// 10, security/authorization messages (private).
     Authpriv,
+    /// 11, FTP daemon.
     Ftp,
+    /// 12, NTP subsystem.
     Ntp,
     /// 13, log audit.
     Audit,
@@ -286,13 +299,21 @@ pub enum Facility {
     Alert,
     /// 15, clock daemon.
     Clock,
+    /// 16, local use 0.
     Local0,
+    /// 17, local use 1.
     Local1,
+    /// 18, local use 2.
     Local2,
+    /// 19, local use 3.
     Local3,
+    /// 20, local use 4.
     Local4,
+    /// 21, local use 5.
     Local5,
+    /// 22, local use 6.
     Local6,
+    /// 23, local use 7.
     Local7,
 }
 
@@ -307,18 +328,26 @@ impl Facility {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Severity {
+    /// 0, system is unusable.
     #[serde(alias = "emerg")]
     Emergency,
+    /// 1, action must be taken immediately.
     Alert,
+    /// 2, critical conditions.
     #[serde(alias = "crit")]
     Critical,
+    /// 3, error conditions.
     #[serde(alias = "err")]
     Error,
+    /// 4, warning conditions.
     #[serde(alias = "warn")]
     Warning,
+    /// 5, normal but significant condition.
     Notice,
+    /// 6, informational messages.
     #[serde(alias = "informational")]
     Info,
+    /// 7, debug-level messages.
     Debug,
 }
 

@@ -44,6 +44,8 @@ enum Answer {
 }
 
 impl HecSink {
+    /// Builds the HTTP client: reads the token and sets up TLS for an `https` URL; sends nothing.
+    /// Fails on a bad URL, an unreadable token or bad TLS settings.
     pub fn new(config: &HecConfig, hostname: HostnameSource) -> Result<Self, ExportError> {
         let bad = |m: String| ExportError::Config(ConfigError::message(m));
         let base = reqwest::Url::parse(&config.url).map_err(|e| bad(format!("sink.url: {e}")))?;

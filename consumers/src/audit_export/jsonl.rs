@@ -23,6 +23,7 @@ pub struct JsonlSink {
 }
 
 impl JsonlSink {
+    /// A sink appending to `path`; the file is opened (created if missing) on the first batch.
     pub fn new(path: impl Into<PathBuf>) -> Self {
         JsonlSink { path: path.into(), file: None, accepted: 0 }
     }

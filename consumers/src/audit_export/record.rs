@@ -10,12 +10,16 @@ use super::config::HostnameSource;
 /// Decision carried by a record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Decision {
+    /// Authorized: an audit `allow`, or an RPC reply with `authorized` true.
     Allow,
+    /// Refused by policy: an audit `deny`, or an RPC reply with `authorized` false.
     Deny,
+    /// An audit record with decision `unknown`.
     Unknown,
 }
 
 impl Decision {
+    /// Lowercase name as exported: `allow`, `deny` or `unknown`.
     pub fn as_str(self) -> &'static str {
         match self {
             Decision::Allow => "allow",
@@ -30,13 +34,17 @@ impl Decision {
 pub struct ExportRecord {
     /// Stream and sequence it was read from.
     pub stream: String,
+    /// Sequence in that stream.
     pub sequence: u64,
     /// The decoded event.
     pub event: EventRecord,
     /// The CloudEvent as compact JSON (one line), every attribute of the stored document kept.
     pub cloudevent: String,
+    /// Caller id of the request (audit or RPC record).
     pub callerid: String,
+    /// RPC agent, e.g. `rpcutil`; none when an audit record's request does not name one.
     pub agent: Option<String>,
+    /// RPC action, e.g. `ping`; none when an audit record's request does not name one.
     pub action: Option<String>,
     /// The decision: an audit record's action, an RPC reply's `authorized`; none for requests.
     pub decision: Option<Decision>,
@@ -51,6 +59,7 @@ pub struct ExportRecord {
 pub struct Rejection {
     /// Stable short code (`not_json`, `unexpected_type`, ...).
     pub code: String,
+    /// Human-readable explanation, stored with the dead letter and logged.
     pub reason: String,
 }
 

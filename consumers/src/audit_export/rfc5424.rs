@@ -32,6 +32,8 @@ pub struct Formatter {
 }
 
 impl Formatter {
+    /// A formatter with the facility, severities, APP-NAME and SD-ID of `config`, naming the
+    /// host after `hostname`.
     pub fn new(config: &SyslogConfig, hostname: HostnameSource) -> Self {
         Formatter {
             facility: config.facility.code(),

@@ -12,6 +12,7 @@ use super::record::{ExportRecord, Rejection};
 pub struct SinkError(pub String);
 
 impl SinkError {
+    /// An error whose text is `message`.
     pub fn new(message: impl std::fmt::Display) -> Self {
         SinkError(message.to_string())
     }
@@ -78,15 +79,22 @@ pub struct ExportStats {
 /// A point-in-time copy of [`ExportStats`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StatsSnapshot {
+    /// Records the SIEM accepted and that were acknowledged to the backbone.
     pub exported: u64,
+    /// Failed attempts, each followed by a pause and a retry.
     pub retries: u64,
+    /// Records sent to the dead-letter stream.
     pub dead_lettered: u64,
+    /// Records written again after a reconnect (possible duplicates at the SIEM).
     pub resent: u64,
+    /// Connections (re)established to the SIEM.
     pub connects: u64,
+    /// Backbone redeliveries of records already exported, acknowledged without sending.
     pub redeliveries_skipped: u64,
 }
 
 impl ExportStats {
+    /// The current counts, read one counter at a time (not an atomic snapshot of all).
     pub fn snapshot(&self) -> StatsSnapshot {
         StatsSnapshot {
             exported: self.exported.get(),

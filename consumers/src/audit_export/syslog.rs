@@ -63,6 +63,8 @@ pub struct SyslogSink {
 }
 
 impl SyslogSink {
+    /// Prepares the formatter and, when configured, TLS; connects on the first send. `stats` counts
+    /// its connects and re-sent records. Fails on bad TLS settings.
     pub fn new(config: SyslogConfig, hostname: HostnameSource, stats: ExportStats) -> Result<Self, ExportError> {
         let tls = match &config.tls {
             Some(settings) => {

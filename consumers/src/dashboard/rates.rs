@@ -15,8 +15,11 @@ const WINDOW: Duration = Duration::from_secs(60);
 /// Rate of one stream, as `/api/rates` returns it.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct RateSample {
+    /// Stream name.
     pub stream: String,
+    /// The stream's last sequence at the newest sample (0 before the first).
     pub last_sequence: u64,
+    /// Messages the stream held at the newest sample.
     pub messages: u64,
     /// Events per second over the last minute (or since the first sample).
     pub per_second: f64,

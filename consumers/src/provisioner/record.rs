@@ -34,7 +34,9 @@ pub struct EventRef {
 /// What the provisioner knows about one node; one atomic sled value.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeRecord {
+    /// Node identity; the record's key in the state store.
     pub identity: String,
+    /// Where the node is in provisioning.
     pub status: NodeStatus,
     /// The provisioning-mode startup being served (the node's current boot).
     pub startup: Option<EventRef>,

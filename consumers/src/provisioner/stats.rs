@@ -79,7 +79,10 @@ impl ProvisionerStats {
 /// Nodes by status, from the state store.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusCounts {
+    /// Nodes waiting for, or in, their first attempt of the current boot.
     pub pending: u64,
+    /// Nodes whose last attempt failed, waiting for a retry.
     pub failed: u64,
+    /// Nodes provisioned.
     pub provisioned: u64,
 }

@@ -272,11 +272,11 @@ mod in_process {
     }
 
     async fn until<F: Fn(&Provisioner) -> bool>(p: &Provisioner, what: &str, ok: F) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while !ok(p) {
-            assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}: {:?}", p.stats());
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        chorus_testkit::eventually(what, Duration::from_secs(30), || {
+            let result = if ok(p) { Ok(()) } else { Err(format!("{:?}", p.stats())) };
+            async move { result }
+        })
+        .await
     }
 
     fn status(p: &Provisioner, identity: &str) -> Option<NodeStatus> {

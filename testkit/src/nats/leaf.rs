@@ -13,8 +13,11 @@ use crate::Result;
 /// the same subjects unless that is wanted.
 #[derive(Debug)]
 pub struct LeafnodeSites {
+    /// The hub server (JetStream domain `hub`), accepting leafnodes on `leaf_port`.
     pub hub: NatsServer,
+    /// The site servers, in the order of their names.
     pub sites: Vec<NatsServer>,
+    /// Loopback port on which the hub accepts leafnode connections.
     pub leaf_port: u16,
 }
 
