@@ -9,12 +9,14 @@
 //! * [`backoff`]: the one exponential [`Backoff`] between retries.
 //! * [`store`]: local state in sled: opening with lock retry, group-commit flushes.
 //! * [`tls`]: TLS client settings and the one rustls client builder.
+//! * [`logging`]: how every Chorus program logs.
 //!
 //! The runtime sits below the backbone and knows nothing of events or streams; the
 //! platform's own streams and the ways onto them are `chorus-platform`.
 
 pub mod backoff;
 pub mod config;
+pub mod logging;
 pub mod ops;
 pub mod service;
 pub mod store;

@@ -379,6 +379,40 @@ pub trait Service: Send + Sync {
     async fn stop(&mut self) -> Result<(), ServiceError>;
 }
 
+/// Implements [`Service`] for a type whose job is done by one [`Tasks`] field: its name,
+/// health, failure and stop all come from the tasks.
+///
+/// ```ignore
+/// struct Exporter { stats: Stats, tasks: Tasks }
+/// chorus_runtime::service_of_tasks!(Exporter, tasks);
+/// ```
+#[macro_export]
+macro_rules! service_of_tasks {
+    ($ty:ty, $field:ident) => {
+        #[$crate::service::__async_trait]
+        impl $crate::Service for $ty {
+            fn name(&self) -> &str {
+                self.$field.service()
+            }
+
+            fn health(&self) -> $crate::Health {
+                self.$field.health()
+            }
+
+            fn failed(&self) -> bool {
+                self.$field.failed()
+            }
+
+            async fn stop(&mut self) -> ::std::result::Result<(), $crate::ServiceError> {
+                self.$field.stop().await
+            }
+        }
+    };
+}
+
+#[doc(hidden)]
+pub use async_trait::async_trait as __async_trait;
+
 /// Services started in order under one shutdown.
 #[derive(Default)]
 pub struct Services {

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use async_trait::async_trait;
 use chorus_backbone::jetstream::NatsConfig;
 use chorus_consumers::audit_export::{AuditExport, ExportConfig, JsonlConfig, SinkConfig};
 use chorus_consumers::dashboard::{Views, ViewsOptions};
@@ -16,7 +15,7 @@ use chorus_platform::{ensure_platform_streams, BackboneSink, StreamLimits};
 use chorus_producers::machine::{Machine, Manifest};
 use chorus_producers::simulator::{SimConfig, Simulator};
 use chorus_rpc::{LocalTransport, NatsTransport, RequestOptions, RpcClient, Transport};
-use chorus_runtime::{Health, Service, ServiceError, Services, Shutdown, Tasks};
+use chorus_runtime::{ServiceError, Services, Shutdown, Tasks};
 
 use crate::args::StreamArgs;
 use crate::signal::terminated;
@@ -221,17 +220,4 @@ impl DemoOperator {
     }
 }
 
-#[async_trait]
-impl Service for DemoOperator {
-    fn name(&self) -> &str {
-        "demo operator"
-    }
-
-    fn health(&self) -> Health {
-        self.tasks.health()
-    }
-
-    async fn stop(&mut self) -> Result<(), ServiceError> {
-        self.tasks.stop().await
-    }
-}
+chorus_runtime::service_of_tasks!(DemoOperator, tasks);

@@ -42,10 +42,9 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use chorus_backbone::{Backbone, BackboneError, Consumer, ConsumerConfig, Delivery};
 use chorus_platform::deadletter::{self, DeadLetter};
-use chorus_runtime::{Config as _, ConfigError, Health, Service, ServiceError, Shutdown, Tasks};
+use chorus_runtime::{Config as _, ConfigError, Shutdown, Tasks};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -106,26 +105,7 @@ impl AuditExport {
     }
 }
 
-#[async_trait]
-impl Service for AuditExport {
-    fn name(&self) -> &str {
-        "audit export"
-    }
-
-    fn health(&self) -> Health {
-        self.tasks.health()
-    }
-
-    fn failed(&self) -> bool {
-        self.tasks.failed()
-    }
-
-    /// Stops the exporter: the batch in hand is finished (unless the SIEM is down), settled
-    /// records are acknowledged, the rest is left to be redelivered.
-    async fn stop(&mut self) -> Result<(), ServiceError> {
-        self.tasks.stop().await
-    }
-}
+chorus_runtime::service_of_tasks!(AuditExport, tasks);
 
 /// Runs the exporter until `shutdown` is requested. Fails only on an invalid configuration
 /// or when the consumers cannot be opened at start.

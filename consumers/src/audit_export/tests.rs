@@ -13,6 +13,7 @@ use chorus_schemas::{AuditAction, AuditRecord, EventRecord, RpcReply, RpcRequest
 use futures::StreamExt;
 
 use super::*;
+use chorus_runtime::Service as _;
 
 async fn backbone(dir: &std::path::Path) -> Arc<dyn Backbone> {
     let b: Arc<dyn Backbone> = Arc::new(EmbeddedBackbone::open_path(dir).unwrap());

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chorus_backbone::Backbone;
-use chorus_runtime::{Health, Observable, Ops, Service, ServiceError, Shutdown, Tasks};
+use chorus_runtime::{Health, Observable, Ops, Shutdown, Tasks};
 use chorus_schemas::signature::Verifier;
 
 use super::{Dashboard, StreamRates};
@@ -108,25 +108,7 @@ impl Views {
     }
 }
 
-#[async_trait]
-impl Service for Views {
-    fn name(&self) -> &str {
-        "views"
-    }
-
-    fn health(&self) -> Health {
-        self.tasks.health()
-    }
-
-    fn failed(&self) -> bool {
-        self.tasks.failed()
-    }
-
-    /// Stops the server and the projection; every committed batch stays committed.
-    async fn stop(&mut self) -> Result<(), ServiceError> {
-        self.tasks.stop().await
-    }
-}
+chorus_runtime::service_of_tasks!(Views, tasks);
 
 /// What the dashboard's `/metrics` and `/healthz` report.
 struct ViewsMonitor {
