@@ -10,6 +10,7 @@ mod conformance;
 mod dashboard;
 mod docs;
 mod durability;
+mod floors;
 mod fuzz;
 mod provision;
 mod replicate;
