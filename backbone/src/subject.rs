@@ -77,6 +77,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn wildcards_match_like_nats_for_rpc_subjects() {
+        assert!(matches("a.b.c", "a.b.c"));
+        assert!(!matches("a.b.c", "a.b"));
+        assert!(!matches("a.b", "a.b.c"));
+        assert!(matches("a.*.c", "a.x.c"));
+        assert!(!matches("a.*.c", "a.x.y.c"));
+        assert!(matches("a.>", "a.b"));
+        assert!(matches("a.>", "a.b.c.d"));
+        assert!(!matches("a.>", "a"));
+        assert!(matches("choria.node.>", "choria.node.n1.example.net"));
+        assert!(!matches("choria.node.*", "choria.node.n1.example.net"));
+    }
+
+    #[test]
     fn wildcard_matching_follows_nats() {
         assert!(matches("choria.lifecycle.>", "choria.lifecycle.event.alive.server"));
         assert!(!matches("choria.lifecycle.>", "choria.lifecycle"));

@@ -139,12 +139,6 @@ pub(crate) fn validate_subject(subject: &str, wildcards: bool) -> Result<(), Rpc
     }
 }
 
-/// Whether `subject` (no wildcards) matches `pattern` (may have wildcards).
-/// The same rule the backbone applies to stream and consumer filters.
-pub(crate) fn subject_matches(pattern: &str, subject: &str) -> bool {
-    chorus_backbone::subject::matches(pattern, subject)
-}
-
 /// RPC over core NATS. Cheap to clone; all clones share the connection.
 #[derive(Debug, Clone)]
 pub struct NatsTransport {
@@ -335,7 +329,7 @@ impl Transport for LocalTransport {
             }
         }
         for (_, pattern, tx) in &subs.wildcard {
-            if subject_matches(pattern, subject) {
+            if chorus_backbone::subject::matches(pattern, subject) {
                 self.deliver(tx, &message);
             }
         }
@@ -371,20 +365,6 @@ impl Transport for LocalTransport {
 mod tests {
     use super::*;
     use std::time::Duration;
-
-    #[test]
-    fn wildcards_match_like_nats() {
-        assert!(subject_matches("a.b.c", "a.b.c"));
-        assert!(!subject_matches("a.b.c", "a.b"));
-        assert!(!subject_matches("a.b", "a.b.c"));
-        assert!(subject_matches("a.*.c", "a.x.c"));
-        assert!(!subject_matches("a.*.c", "a.x.y.c"));
-        assert!(subject_matches("a.>", "a.b"));
-        assert!(subject_matches("a.>", "a.b.c.d"));
-        assert!(!subject_matches("a.>", "a"));
-        assert!(subject_matches("choria.node.>", "choria.node.n1.example.net"));
-        assert!(!subject_matches("choria.node.*", "choria.node.n1.example.net"));
-    }
 
     #[test]
     fn subjects_are_validated() {
