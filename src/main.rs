@@ -55,9 +55,12 @@ enum Command {
     /// TLS) and nftables rules from a broker description.
     #[command(subcommand)]
     Broker(broker::BrokerCommand),
-    /// Signing keys for events and RPC requests: in a file or on a PKCS#11 token.
+    /// Keys (Ed25519 or P-256) in a file or on a PKCS#11 token: create one, show one.
     #[command(subcommand)]
-    Security(security::SecurityCommand),
+    Keys(keys::KeysCommand),
+    /// Credentials binding a key to a caller id or a node identity: issue, show, verify.
+    #[command(subcommand)]
+    Credential(credential::CredentialCommand),
     /// The whole platform in one process: simulated nodes, inventory, audit export, dashboard.
     Up(up::UpArgs),
     /// The inventory projection and the version dashboard over existing streams.
@@ -83,7 +86,8 @@ fn main() -> anyhow::Result<()> {
             Command::Restore(args) => backup::restore(args).await,
             Command::Aaa(args) => aaa::run(args).await,
             Command::Broker(cmd) => broker::run(cmd),
-            Command::Security(cmd) => security::run(cmd),
+            Command::Keys(cmd) => keys::run(cmd),
+            Command::Credential(cmd) => credential::run(cmd),
             Command::Up(args) => up::run(args).await,
             Command::Dashboard(args) => dashboard::run(args).await,
         }

@@ -1,20 +1,25 @@
-//! The calling side of the AAA service: log in, have requests signed, and plug the signer
-//! into an [`RpcClient`](chorus_rpc::RpcClient) so the client never holds a key.
+//! The calling side of the AAA service: log in with a key, have requests signed, and plug
+//! the signer into an [`RpcClient`](chorus_rpc::RpcClient). The client's key needs no
+//! credential of its own: the token is bound to it at login, every request sent for signing
+//! is signed by it, and the service signs for the caller with its delegator credential.
 //!
 //! ```no_run
-//! # async fn demo(transport: std::sync::Arc<dyn chorus_producers::rpc::Transport>) -> Result<(), Box<dyn std::error::Error>> {
+//! # async fn demo(transport: std::sync::Arc<dyn chorus_rpc::Transport>) -> Result<(), Box<dyn std::error::Error>> {
 //! use std::sync::Arc;
 //! use chorus_aaa::client::{AaaClient, AaaSigner};
+//! use chorus_keys::{Algorithm, FileSigner};
 //! use chorus_rpc::RpcClient;
 //!
 //! let aaa = AaaClient::new("https://aaa.example.net:8443", Some("/etc/chorus/ca.pem".as_ref()))?;
-//! let grant = aaa.login("alice", "s3cret").await?;
+//! let key = Arc::new(FileSigner::random(Algorithm::Ed25519)); // this session's key
+//! let grant = aaa.login("alice", "s3cret", key.as_ref()).await?;
 //! let rpc = RpcClient::new(transport, grant.callerid.clone(), "acme")
-//!     .with_request_signer(Arc::new(AaaSigner::new(aaa, grant.token)));
+//!     .with_request_signer(Arc::new(AaaSigner::new(aaa, grant.token, key)));
 //! # Ok(()) }
 //! ```
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -22,10 +27,12 @@ use chorus_schemas::RpcRequest;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use chorus_rpc::{RequestEnvelope, RequestSigner, RpcError, SignedRequest};
+use chorus_keys::Signer;
+use chorus_rpc::signed::request_signing_bytes;
+use chorus_rpc::{RequestEnvelope, RequestSigner, RpcError};
 
-use crate::http::{ErrorBody, KeysBody, LoginBody, SignBody};
-use crate::signer::LoginGrant;
+use crate::http::{ErrorBody, KeysBody, SignBody};
+use crate::signer::{login_message, signature_of, LoginAttempt, LoginGrant};
 use crate::AaaError;
 
 /// HTTP client of one AAA service.
@@ -59,19 +66,36 @@ impl AaaClient {
         &self.base
     }
 
-    /// Logs in; the grant's token is what [`AaaClient::sign`] needs.
-    pub async fn login(&self, username: &str, password: &str) -> Result<LoginGrant, AaaError> {
-        self.post("/login", &LoginBody { username: username.into(), password: password.into() }).await
+    /// Logs in, proving possession of `key`: the token is bound to it, and
+    /// [`AaaClient::sign`] needs both.
+    pub async fn login(&self, username: &str, password: &str, key: &dyn Signer) -> Result<LoginGrant, AaaError> {
+        let timestamp = chrono::Utc::now().timestamp();
+        let signature = signature_of(key, &login_message(timestamp, username, key.public_key()))?;
+        let attempt = LoginAttempt {
+            username: username.into(),
+            password: password.into(),
+            public_key: key.public_key().to_text(),
+            timestamp,
+            signature,
+        };
+        self.post("/login", &attempt).await
     }
 
-    /// Has `request` signed for the holder of `token`.
-    pub async fn sign(&self, token: &str, request: &RpcRequest) -> Result<SignedRequest, AaaError> {
-        self.sign_json(token, serde_json::to_value(request)?).await
+    /// Has `request` signed for the holder of `token`, proving possession of its `key`.
+    pub async fn sign(&self, token: &str, request: &RpcRequest, key: &dyn Signer) -> Result<RequestEnvelope, AaaError> {
+        let signature = signature_of(key, &request_signing_bytes(request))?;
+        self.sign_json(token, serde_json::to_value(request)?, Some(signature)).await
     }
 
-    /// [`AaaClient::sign`] with any JSON as the request (for tools and tests).
-    pub async fn sign_json(&self, token: &str, request: serde_json::Value) -> Result<SignedRequest, AaaError> {
-        self.post("/sign", &SignBody { token: token.into(), request }).await
+    /// [`AaaClient::sign`] with any JSON as the request and any signature (for tools and
+    /// tests).
+    pub async fn sign_json(
+        &self,
+        token: &str,
+        request: serde_json::Value,
+        signature: Option<String>,
+    ) -> Result<RequestEnvelope, AaaError> {
+        self.post("/sign", &SignBody { token: token.into(), request, signature }).await
     }
 
     /// The service's public keys.
@@ -105,28 +129,39 @@ impl AaaClient {
     }
 }
 
-/// A [`RequestSigner`] that has every request signed by the AAA service with a caller token.
-#[derive(Clone, Debug)]
+/// A [`RequestSigner`] that has every request signed by the AAA service with a caller token
+/// and the key it is bound to.
+#[derive(Clone)]
 pub struct AaaSigner {
     client: AaaClient,
     token: String,
+    key: Arc<dyn Signer>,
 }
 
 impl AaaSigner {
-    /// Signs with `token` (from [`AaaClient::login`]).
-    pub fn new(client: AaaClient, token: impl Into<String>) -> Self {
-        AaaSigner { client, token: token.into() }
+    /// Signs with `token` (from [`AaaClient::login`]) and the `key` it was issued for.
+    pub fn new(client: AaaClient, token: impl Into<String>, key: Arc<dyn Signer>) -> Self {
+        AaaSigner { client, token: token.into(), key }
+    }
+}
+
+impl std::fmt::Debug for AaaSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AaaSigner").field("client", &self.client).field("key_id", &self.key.key_id()).finish()
     }
 }
 
 #[async_trait]
 impl RequestSigner for AaaSigner {
     async fn sign(&self, request: RpcRequest) -> Result<RequestEnvelope, RpcError> {
-        let signed =
-            self.client.sign(&self.token, &request).await.map_err(|e| RpcError::Unauthorized(e.to_string()))?;
+        let signed = self
+            .client
+            .sign(&self.token, &request, self.key.as_ref())
+            .await
+            .map_err(|e| RpcError::Unauthorized(e.to_string()))?;
         if signed.request != request {
             return Err(RpcError::Unauthorized("the AAA service signed a different request".into()));
         }
-        Ok(signed.into_envelope(Some(self.token.clone())))
+        Ok(signed)
     }
 }

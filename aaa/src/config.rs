@@ -12,12 +12,18 @@
 //!   globex: {collectives: [globex]}
 //! jwt:
 //!   key: {key_file: /etc/chorus/aaa-jwt.pem}      # or {pkcs11: {...}}
+//!   previous_keys: [/etc/chorus/aaa-jwt-2025.pub]  # still accepted (key rotation)
 //!   issuer: chorus-aaa
 //!   validity: 1h
 //!   max_validity: 24h                              # longer-lived tokens are refused
 //!   leeway: 30s
 //! signer:
-//!   key: {key_file: /etc/chorus/aaa-signer.pem}    # the request key; clients hold none
+//!   key: {key_file: /etc/chorus/aaa-signer.pem}    # signs requests for callers
+//!   credential: /etc/chorus/aaa-signer.cred        # client credential with the delegator right
+//!   max_ttl: 5m                                    # requests asking for longer are refused
+//! login:
+//!   per_user: {burst: 5, every: 12s}               # attempts at once, then one more per `every`
+//!   per_address: {burst: 20, every: 3s}
 //! audit:
 //!   nats: {servers: [tls://broker:4222], auth: {type: user_password, user: acme-aaa, password: ...}}
 //!   state_dir: /var/lib/chorus/aaa                 # optional outbox: audit survives broker outages
@@ -52,8 +58,11 @@ pub struct AaaConfig {
     pub tenants: BTreeMap<String, TenantSpec>,
     /// Caller tokens.
     pub jwt: JwtConfig,
-    /// The request-signing key.
+    /// The request signer: its key and delegator credential.
     pub signer: SignerConfig,
+    /// Limits on login attempts.
+    #[serde(default)]
+    pub login: LoginLimits,
     /// Where audit records go.
     pub audit: AuditConfig,
 }
@@ -86,6 +95,10 @@ pub struct TenantSpec {
 pub struct JwtConfig {
     /// The token-signing key.
     pub key: KeyConfig,
+    /// Public keys of earlier token keys whose tokens are still accepted until they expire
+    /// (rotation: sign with the new key, keep the old one here for one `max_validity`).
+    #[serde(default)]
+    pub previous_keys: Vec<PathBuf>,
     /// `iss` of issued tokens, required on presented ones.
     #[serde(default = "default_issuer")]
     pub issuer: String,
@@ -113,12 +126,60 @@ fn default_leeway() -> Duration {
     Duration::from_secs(30)
 }
 
-/// The request-signing key.
+/// The request signer: nodes accept its signature for a caller because its credential,
+/// issued by the fleet's issuer, carries the delegator right.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SignerConfig {
     /// Where the key is.
     pub key: KeyConfig,
+    /// Its client credential (`chorus credential issue --client --delegator`).
+    pub credential: PathBuf,
+    /// Longest TTL a request may ask for; nodes enforce their own maximum too.
+    #[serde(default = "default_max_ttl", with = "humantime_serde")]
+    pub max_ttl: Duration,
+}
+
+fn default_max_ttl() -> Duration {
+    chorus_rpc::security::DEFAULT_MAX_TTL
+}
+
+/// How many login attempts are answered, per user and per client address; the others get
+/// 429 `rate_limited` (and are audited) without the password being looked at.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoginLimits {
+    /// Attempts for one user name, from anywhere.
+    #[serde(default = "default_per_user")]
+    pub per_user: Limit,
+    /// Attempts from one client address, for any user.
+    #[serde(default = "default_per_address")]
+    pub per_address: Limit,
+}
+
+impl Default for LoginLimits {
+    fn default() -> Self {
+        LoginLimits { per_user: default_per_user(), per_address: default_per_address() }
+    }
+}
+
+/// `burst` attempts at once, then one more every `every`.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limit {
+    /// Attempts allowed at once.
+    pub burst: u32,
+    /// Time for one more attempt to be allowed.
+    #[serde(with = "humantime_serde")]
+    pub every: Duration,
+}
+
+fn default_per_user() -> Limit {
+    Limit { burst: 5, every: Duration::from_secs(12) }
+}
+
+fn default_per_address() -> Limit {
+    Limit { burst: 20, every: Duration::from_secs(3) }
 }
 
 /// Where audit records go.
@@ -186,6 +247,14 @@ impl Config for AaaConfig {
         if self.jwt.max_validity < self.jwt.validity {
             return bad("jwt.max_validity", "must not be shorter than jwt.validity".into());
         }
+        if self.signer.max_ttl < Duration::from_secs(1) {
+            return bad("signer.max_ttl", "must be >= 1s".into());
+        }
+        for (field, limit) in [("login.per_user", self.login.per_user), ("login.per_address", self.login.per_address)] {
+            if limit.burst == 0 || limit.every.is_zero() {
+                return bad(field, "burst and every must be > 0".into());
+            }
+        }
         if self.audit.nats.is_none() && self.audit.state_dir.is_none() {
             return bad("audit", "set nats (the CHORUS_AUDIT stream) and/or state_dir".into());
         }
@@ -208,7 +277,7 @@ users_file: /etc/chorus/users.yaml
 tenants:
   acme: {collectives: [acme]}
 jwt: {key: {key_file: /k/jwt.pem}, validity: 15m}
-signer: {key: {key_file: /k/signer.pem}}
+signer: {key: {key_file: /k/signer.pem}, credential: /k/signer.cred}
 audit: {state_dir: /var/lib/chorus/aaa}
 "#;
 

@@ -2,9 +2,9 @@
 //!
 //! | Method and path | Body | Answer |
 //! |---|---|---|
-//! | `POST /login` | `{"username", "password"}` | 200 `{"token", "expires_at", "callerid"}`; 401 on bad credentials |
-//! | `POST /sign` | `{"token", "request": <RPC request record>}` | 200 [`SignedRequest`]; 401 for a refused token, 403 for a refused request |
-//! | `GET /keys` | — | the token and request public keys (PEM) with their key ids, for verifiers |
+//! | `POST /login` | [`LoginAttempt`]: `{"username", "password", "public_key", "timestamp", "signature"}` | 200 `{"token", "expires_at", "callerid"}`; 401 on bad credentials or proof; 429 when rate-limited |
+//! | `POST /sign` | `{"token", "request": <RPC request record>, "signature": "<key id>:<base64>"}` | 200 the signed [`RequestEnvelope`]; 401 for a refused token or proof, 403 for a refused request |
+//! | `GET /keys` | — | the token keys accepted and the signer's key and credential |
 //! | `GET /healthz` | — | JSON health (503 when a task of the service failed) |
 //!
 //! Errors are `{"error": "<reason>", "code": "<snake_case>"}`. Every login and every sign
@@ -17,30 +17,20 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
-use chorus_keys::public_key_pem;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::net::{TcpListener, TcpStream};
 
-use chorus_rpc::SignedRequest;
+use chorus_rpc::RequestEnvelope;
 
-use crate::signer::{AaaService, Decision, Denial};
+use crate::signer::{AaaService, Decision, Denial, LoginAttempt};
 use crate::AaaError;
-
-/// Body of `POST /login`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct LoginBody {
-    /// Login name.
-    pub username: String,
-    /// Password.
-    pub password: String,
-}
 
 /// Body of `POST /sign`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -49,6 +39,9 @@ pub struct SignBody {
     pub token: String,
     /// The RPC request record to sign.
     pub request: Value,
+    /// `<key id>:<base64>` signature of the request by the key the token is bound to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
 }
 
 /// Error answer.
@@ -74,10 +67,12 @@ pub struct PublishedKey {
 pub struct KeysBody {
     /// Identity of the service.
     pub identity: String,
-    /// Key that signs caller tokens.
-    pub jwt: PublishedKey,
-    /// Key that signs requests.
-    pub request: PublishedKey,
+    /// Keys whose caller tokens are accepted, the current one first.
+    pub jwt: Vec<PublishedKey>,
+    /// Key that signs requests for callers.
+    pub signer: PublishedKey,
+    /// Its credential (with the delegator right), as nodes see it.
+    pub signer_credential: String,
 }
 
 /// The API routes over `service` (`/healthz` and `/metrics` come from the runtime's ops
@@ -110,32 +105,54 @@ fn failed(e: AaaError) -> Response {
     }
 }
 
-async fn login(State(service): State<Arc<AaaService>>, body: Bytes) -> Response {
+async fn login(
+    State(service): State<Arc<AaaService>>,
+    ConnectInfo(ClientAddr(client)): ConnectInfo<ClientAddr>,
+    body: Bytes,
+) -> Response {
     let value: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
         Err(e) => return error(StatusCode::BAD_REQUEST, "bad_json", format!("body is not JSON: {e}")),
     };
-    let username = value.get("username").and_then(Value::as_str).unwrap_or_default();
-    let password = value.get("password").and_then(Value::as_str).unwrap_or_default();
-    match service.login(username, password).await {
+    let text = |field: &str| value.get(field).and_then(Value::as_str).unwrap_or_default().to_string();
+    let attempt = LoginAttempt {
+        username: text("username"),
+        password: text("password"),
+        public_key: text("public_key"),
+        timestamp: value.get("timestamp").and_then(Value::as_i64).unwrap_or_default(),
+        signature: text("signature"),
+    };
+    match service.login(attempt, Some(client)).await {
         Ok(Decision::Allow(grant)) => Json(grant).into_response(),
-        Ok(Decision::Deny { denial, audited }) => denied(&denial, audited, StatusCode::UNAUTHORIZED),
+        Ok(Decision::Deny { denial, audited }) => {
+            let status = if matches!(denial, Denial::RateLimited(_)) {
+                StatusCode::TOO_MANY_REQUESTS
+            } else {
+                StatusCode::UNAUTHORIZED
+            };
+            denied(&denial, audited, status)
+        }
         Err(e) => failed(e),
     }
 }
 
-async fn sign(State(service): State<Arc<AaaService>>, body: Bytes) -> Response {
+async fn sign(
+    State(service): State<Arc<AaaService>>,
+    ConnectInfo(ClientAddr(client)): ConnectInfo<ClientAddr>,
+    body: Bytes,
+) -> Response {
     let value: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
         Err(e) => return error(StatusCode::BAD_REQUEST, "bad_json", format!("body is not JSON: {e}")),
     };
     let token = value.get("token").and_then(Value::as_str).unwrap_or_default().to_string();
     let request = value.get("request").cloned().unwrap_or(Value::Null);
-    match service.sign(&token, request).await {
-        Ok(Decision::Allow(signed)) => Json::<SignedRequest>(signed).into_response(),
+    let signature = value.get("signature").and_then(Value::as_str);
+    match service.sign(&token, request, signature, Some(client)).await {
+        Ok(Decision::Allow(signed)) => Json::<RequestEnvelope>(signed).into_response(),
         Ok(Decision::Deny { denial, audited }) => {
-            let status =
-                if matches!(denial, Denial::Token(_)) { StatusCode::UNAUTHORIZED } else { StatusCode::FORBIDDEN };
+            let unauthenticated = matches!(denial, Denial::Token(_) | Denial::BadProof(_) | Denial::UserRevoked(_));
+            let status = if unauthenticated { StatusCode::UNAUTHORIZED } else { StatusCode::FORBIDDEN };
             denied(&denial, audited, status)
         }
         Err(e) => failed(e),
@@ -143,17 +160,17 @@ async fn sign(State(service): State<Arc<AaaService>>, body: Bytes) -> Response {
 }
 
 async fn keys(State(service): State<Arc<AaaService>>) -> Json<KeysBody> {
-    let request = service.request_key();
+    let published =
+        |key: &chorus_keys::PublicKey| PublishedKey { key_id: key.key_id().to_string(), public_key_pem: key.to_pem() };
+    let current = service.tokens().signer().public_key();
+    let mut jwt = vec![published(current)];
+    jwt.extend(service.tokens().keys().values().filter(|k| *k != current).map(published));
+    let signer = service.signer();
     Json(KeysBody {
         identity: service.identity().to_string(),
-        jwt: PublishedKey {
-            key_id: service.tokens().key_id().to_string(),
-            public_key_pem: public_key_pem(&service.tokens().public_key()),
-        },
-        request: PublishedKey {
-            key_id: request.key_id().to_string(),
-            public_key_pem: public_key_pem(&request.public_key()),
-        },
+        jwt,
+        signer: published(signer.signer().public_key()),
+        signer_credential: signer.token().to_string(),
     })
 }
 
@@ -166,10 +183,27 @@ pub async fn serve(
     ops: chorus_runtime::Ops,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = ops.router().merge(router(service));
+    // The client's address goes into every audit record.
+    let app = ops.router().merge(router(service)).into_make_service_with_connect_info::<ClientAddr>();
     match tls {
         None => axum::serve(listener, app).with_graceful_shutdown(shutdown).await,
         Some(config) => axum::serve(TlsListener::new(listener, config), app).with_graceful_shutdown(shutdown).await,
+    }
+}
+
+/// The address a request came from, over HTTP or HTTPS.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientAddr(pub SocketAddr);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TcpListener>> for ClientAddr {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, TcpListener>) -> Self {
+        ClientAddr(*stream.remote_addr())
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>> for ClientAddr {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
+        ClientAddr(*stream.remote_addr())
     }
 }
 
@@ -194,8 +228,9 @@ pub fn tls_config(cert_file: &std::path::Path, key_file: &std::path::Path) -> Re
 }
 
 /// Accepts TCP connections and completes TLS handshakes in their own tasks (a slow or
-/// broken client does not hold up the others); hands out finished TLS streams.
-struct TlsListener {
+/// broken client does not hold up the others); hands out finished TLS streams. Public only
+/// because [`ClientAddr`] names it.
+pub struct TlsListener {
     local: SocketAddr,
     ready: tokio::sync::mpsc::Receiver<(tokio_rustls::server::TlsStream<TcpStream>, SocketAddr)>,
     _acceptor: tokio::task::JoinHandle<()>,

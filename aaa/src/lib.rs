@@ -1,8 +1,10 @@
-//! Centralised AAA after Choria's `aaasvc`: users log in with a password and get a
-//! short-lived token (JWT); a signer checks each RPC request against the token and signs the
-//! allowed ones with a key that only the service holds. Every decision — allow or deny, with
-//! the reason — is an [`AuditRecord`](chorus_schemas::AuditRecord) event on the backbone
-//! (`CHORUS_AUDIT`), so the SIEM export sees all of them.
+//! Centralised AAA after Choria's `aaasvc`: users log in with a password and a key of their
+//! own and get a short-lived token (JWT) bound to that key; a signer checks each RPC request,
+//! signed by that key, against the token and the users file as it is now, and signs the
+//! allowed ones for the caller with its own key, whose credential carries the delegator
+//! right. Every decision — allow or deny, with the reason and the client's address — is an
+//! [`AuditRecord`](chorus_schemas::AuditRecord) event on the backbone (`CHORUS_AUDIT`), so
+//! the SIEM export sees all of them.
 //!
 //! * [`config`]: the service's YAML configuration (`chorus aaa --config FILE`).
 //! * [`users`]: the users file, argon2id password hashes, agent allow lists.
@@ -41,7 +43,7 @@ mod tests;
 pub use client::{AaaClient, AaaSigner};
 pub use config::AaaConfig;
 pub use jwt::{Claims, TokenAuthority, TokenError};
-pub use signer::{AaaService, Decision, Denial, LoginGrant};
+pub use signer::{AaaService, Decision, Denial, LoginAttempt, LoginGrant};
 pub use users::{hash_password, verify_password, User, Users, UsersFile};
 
 /// Errors of the AAA service and its client.
@@ -114,14 +116,27 @@ pub async fn start(config: &AaaConfig, shutdown: Shutdown, drain: Duration) -> R
     config.validate()?;
     let users = Users::load(&config.users_file)?;
     let jwt_key = config.jwt.key.open().map_err(|e| ConfigError::invalid("jwt.key", &e).with_source(e))?;
-    let request_key = config.signer.key.open().map_err(|e| ConfigError::invalid("signer.key", &e).with_source(e))?;
+    let mut previous = Vec::new();
+    for (i, path) in config.jwt.previous_keys.iter().enumerate() {
+        let key = chorus_keys::PublicKey::read_file(path)
+            .map_err(|e| ConfigError::invalid(format!("jwt.previous_keys[{i}]"), &e).with_source(e))?;
+        previous.push(key);
+    }
+    let signer = chorus_identity::Identity::load(
+        &config.signer.key,
+        &config.signer.credential,
+        chorus_identity::Role::Client,
+        None,
+    )
+    .map_err(|e| ConfigError::invalid("signer", &e).with_source(e))?;
     let tokens = TokenAuthority::new(
         jwt_key,
         config.jwt.issuer.clone(),
         config.jwt.validity,
         config.jwt.max_validity,
         config.jwt.leeway,
-    );
+    )
+    .with_previous_keys(previous);
 
     let mut tasks = Tasks::new("aaa", shutdown);
     let site: Option<Arc<dyn Backbone>> = match &config.audit.nats {
@@ -149,15 +164,20 @@ pub async fn start(config: &AaaConfig, shutdown: Shutdown, drain: Duration) -> R
         None => (Arc::new(BackboneSink(site.expect("validated: nats or state_dir"))), 1),
     };
     let emitter = Arc::new(Emitter::new(sink, next_seq, Some(config.site.clone())));
-    let service = Arc::new(AaaService::new(
-        config.identity.clone(),
-        config.site.clone(),
-        users,
-        config.tenant_collectives(),
-        tokens,
-        request_key,
-        emitter,
-    )?);
+    let service = Arc::new(
+        AaaService::new(
+            config.identity.clone(),
+            config.site.clone(),
+            users,
+            config.tenant_collectives(),
+            tokens,
+            signer,
+            &config.login,
+            emitter,
+        )?
+        .with_users_file(config.users_file.clone())
+        .with_max_ttl(config.signer.max_ttl),
+    );
 
     let tls = match &config.tls {
         Some(t) => Some(http::tls_config(&t.cert_file, &t.key_file)?),

@@ -159,6 +159,10 @@ pub struct UserSpec {
     /// A bcrypt hash (`$2a$…`, `$2b$…`), used as it is.
     #[serde(default)]
     pub password_hash: Option<String>,
+    /// The caller id of a `client` user (required for clients): it may read the replies to
+    /// this caller only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callerid: Option<String>,
 }
 
 fn default_role() -> Role {
@@ -289,6 +293,25 @@ impl UserSpec {
         }
         if matches!(&self.password, Some(p) if p.is_empty()) {
             return Err(ConfigError::message(format!("{at} ({}): password is empty", self.user)));
+        }
+        match (&self.role, &self.callerid) {
+            (Role::Client, None) => {
+                return Err(ConfigError::message(format!(
+                    "{at} ({}): a client names its callerid (replies are private to it)",
+                    self.user
+                )))
+            }
+            (Role::Client, Some(c)) if !c.contains('=') || c.chars().any(char::is_whitespace) => {
+                return Err(ConfigError::message(format!("{at} ({}): callerid {c:?} is not kind=name", self.user)))
+            }
+            (Role::Client, Some(_)) | (_, None) => {}
+            (role, Some(_)) => {
+                return Err(ConfigError::message(format!(
+                    "{at} ({}): callerid is for clients, not {}",
+                    self.user,
+                    role.as_str()
+                )))
+            }
         }
         Ok(())
     }

@@ -89,7 +89,7 @@ impl BrokerConfig {
             }
             emit!(w, "    users: [");
             for u in &tenant.users {
-                let p = permissions(u.role, &tenant.collectives);
+                let p = permissions(u.role, &tenant.collectives, u.callerid.as_deref());
                 emit!(w, "      # {}: {}", u.user, u.role.as_str());
                 emit!(w, "      {{");
                 emit!(w, "        user: {}", q(&u.user));
@@ -101,7 +101,11 @@ impl BrokerConfig {
                     emit_part!(w, ", deny: {}", list(&p.publish_deny));
                 }
                 emit!(w, " }}");
-                emit!(w, "          subscribe {{ allow: {} }}", list(&p.subscribe_allow));
+                emit_part!(w, "          subscribe {{ allow: {}", list(&p.subscribe_allow));
+                if !p.subscribe_deny.is_empty() {
+                    emit_part!(w, ", deny: {}", list(&p.subscribe_deny));
+                }
+                emit!(w, " }}");
                 emit!(w, "        }}");
                 emit!(w, "      }}");
             }

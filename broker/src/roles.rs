@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 ///
 /// | Role | May publish | May subscribe |
 /// |---|---|---|
-/// | `agent` | `choria.lifecycle.>`, `choria.machine.>`, `chorus.rpc.request.C.>`, `chorus.rpc.reply.C.>`, `C.reply.>`, stream lookups, `_INBOX.>` | `C.broadcast.agent.>`, `C.node.>`, `_INBOX.>` |
-/// | `client` | `C.broadcast.agent.>`, `C.node.>`, `_INBOX.>` | `C.reply.>`, `_INBOX.>` |
+/// | `agent` | `choria.lifecycle.>`, `choria.machine.>`, `chorus.rpc.request.C.>`, `chorus.rpc.reply.C.>`, `chorus.audit.deny.>`, `chorus.audit.unknown.>`, `C.reply.>`, stream lookups, `_INBOX.>` | `C.broadcast.agent.>`, `C.node.>`, `_INBOX.>` |
+/// | `client` | `C.broadcast.agent.>`, `C.node.>`, `_INBOX.>` | `C.reply.<reply token of its caller id>.>`, `_INBOX.>` |
 /// | `aaa` | `chorus.audit.>`, stream lookups | `_INBOX.>` |
 /// | `consumer` | JetStream reads (stream info, message get, consumers, acks), `chorus.deadletter.>` | `_INBOX.>`, `choria.lifecycle.>`, `choria.machine.>` |
 /// | `replicator` | the JetStream API except stream deletion, acks and flow control, every event subject | `_INBOX.>` |
@@ -19,7 +19,8 @@ pub enum Role {
     /// A node agent (or the simulator): publishes its events and RPC replies, receives
     /// requests for its collectives.
     Agent,
-    /// An RPC caller (`chorus rpc`): sends requests to its collectives, reads replies.
+    /// An RPC caller (`chorus rpc`): sends requests to its collectives, reads the replies
+    /// to its own caller id only.
     Client,
     /// The AAA service: publishes audit records.
     Aaa,
@@ -54,6 +55,8 @@ pub struct Permissions {
     pub publish_deny: Vec<String>,
     /// Subjects the user may subscribe to.
     pub subscribe_allow: Vec<String>,
+    /// Subjects the user may not subscribe to even when `subscribe_allow` matches.
+    pub subscribe_deny: Vec<String>,
 }
 
 /// Stream lookups a publisher needs to tell "no stream for this subject" from a hiccup.
@@ -63,8 +66,9 @@ const STREAM_LOOKUP: &[&str] = &["$JS.API.INFO", "$JS.API.STREAM.NAMES", "$JS.AP
 const EVENT_SUBJECTS: &[&str] =
     &["choria.lifecycle.>", "choria.machine.>", "chorus.rpc.>", "chorus.audit.>", "chorus.deadletter.>"];
 
-/// The permissions of `role` for a tenant with `collectives`.
-pub fn permissions(role: Role, collectives: &[String]) -> Permissions {
+/// The permissions of `role` for a tenant with `collectives`; a client's replies are those
+/// of `callerid` only.
+pub fn permissions(role: Role, collectives: &[String], callerid: Option<&str>) -> Permissions {
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
     let per = |pattern: &str| collectives.iter().map(|c| pattern.replace("{c}", c)).collect::<Vec<_>>();
     let mut p = Permissions::default();
@@ -74,6 +78,8 @@ pub fn permissions(role: Role, collectives: &[String]) -> Permissions {
             p.publish_allow.extend(per("chorus.rpc.request.{c}.>"));
             p.publish_allow.extend(per("chorus.rpc.reply.{c}.>"));
             p.publish_allow.extend(per("{c}.reply.>"));
+            // Refusals of requests, and policy lines that cannot be used, are audited.
+            p.publish_allow.extend(s(&["chorus.audit.deny.>", "chorus.audit.unknown.>"]));
             p.publish_allow.extend(s(STREAM_LOOKUP));
             // The RPC transport's flush is an echo through the connection's own inbox.
             p.publish_allow.push("_INBOX.>".into());
@@ -85,7 +91,9 @@ pub fn permissions(role: Role, collectives: &[String]) -> Permissions {
             p.publish_allow = per("{c}.broadcast.agent.>");
             p.publish_allow.extend(per("{c}.node.>"));
             p.publish_allow.push("_INBOX.>".into());
-            p.subscribe_allow = per("{c}.reply.>");
+            // Private replies: only this caller's reply subjects (validated: clients name one).
+            let token = chorus_identity::reply_token(callerid.unwrap_or_default());
+            p.subscribe_allow = per(&format!("{{c}}.reply.{token}.>"));
             p.subscribe_allow.push("_INBOX.>".into());
         }
         Role::Aaa => {
@@ -117,5 +125,16 @@ pub fn permissions(role: Role, collectives: &[String]) -> Permissions {
             p.subscribe_allow = s(&[">"]);
         }
     }
+    p
+}
+
+/// The permissions of `role` on a connection from outside the client networks: Choria's
+/// "node only" — whatever the role, it cannot send requests or read replies.
+pub fn node_only(role: Role, collectives: &[String], callerid: Option<&str>) -> Permissions {
+    let mut p = permissions(role, collectives, callerid);
+    let per = |pattern: &str| collectives.iter().map(|c| pattern.replace("{c}", c)).collect::<Vec<_>>();
+    p.publish_deny.extend(per("{c}.broadcast.>"));
+    p.publish_deny.extend(per("{c}.node.>"));
+    p.subscribe_deny.extend(per("{c}.reply.>"));
     p
 }

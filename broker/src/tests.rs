@@ -3,7 +3,15 @@ use std::collections::BTreeMap;
 use super::*;
 
 fn user(name: &str, role: Role) -> UserSpec {
-    UserSpec { user: name.into(), role, password: Some(format!("{name}-pw")), password_file: None, password_hash: None }
+    let callerid = (role == Role::Client).then(|| format!("up={name}"));
+    UserSpec {
+        user: name.into(),
+        role,
+        password: Some(format!("{name}-pw")),
+        password_file: None,
+        password_hash: None,
+        callerid,
+    }
 }
 
 fn sample() -> BrokerConfig {
@@ -63,16 +71,24 @@ fn renders_accounts_users_and_hashes() {
 
 #[test]
 fn agent_permissions_are_scoped_to_its_collectives() {
-    let p = permissions(Role::Agent, &["acme".into()]);
+    let p = permissions(Role::Agent, &["acme".into()], None);
     assert!(p.subscribe_allow.contains(&"acme.broadcast.agent.>".to_string()));
     assert!(p.publish_allow.contains(&"chorus.rpc.reply.acme.>".to_string()));
-    assert!(!p.publish_allow.iter().any(|s| s == ">" || s.starts_with("chorus.audit")));
+    assert!(!p.publish_allow.iter().any(|s| s == ">" || s == "chorus.audit.>" || s.starts_with("chorus.audit.allow")));
+    assert!(p.publish_allow.contains(&"chorus.audit.deny.>".to_string()), "refusals are audited by the node");
     assert!(!p.subscribe_allow.iter().any(|s| s.starts_with("choria.")), "agents do not read others' events");
-    let c = permissions(Role::Client, &["acme".into()]);
+    let c = permissions(Role::Client, &["acme".into()], Some("up=alice"));
     assert!(
         !c.publish_allow.iter().any(|s| s.starts_with("choria.") || s.starts_with("chorus.")),
         "clients forge no events"
     );
+    let private = format!("acme.reply.{}.>", chorus_identity::reply_token("up=alice"));
+    assert!(c.subscribe_allow.contains(&private), "{:?}", c.subscribe_allow);
+    assert!(!c.subscribe_allow.contains(&"acme.reply.>".to_string()), "no other caller's replies");
+    // From outside the client networks, nobody sends requests or reads replies.
+    let outside = node_only(Role::Admin, &["acme".into()], None);
+    assert!(outside.publish_deny.contains(&"acme.node.>".to_string()));
+    assert!(outside.subscribe_deny.contains(&"acme.reply.>".to_string()));
 }
 
 #[test]

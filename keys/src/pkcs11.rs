@@ -1,9 +1,11 @@
-//! An Ed25519 key held by a PKCS#11 token (an HSM, a smart card, SoftHSM2).
+//! A key held by a PKCS#11 token (an HSM, a smart card, SoftHSM2): Ed25519 or ECDSA P-256.
 //!
 //! The private key never leaves the token: [`Pkcs11Signer::sign`] hands the message to the
-//! token, which signs it with `CKM_EDDSA` (pure Ed25519). The public key is read from the
-//! token's public key object with the same label (`CKA_EC_POINT`), and checked against the
-//! private key once at start by signing and verifying a probe message.
+//! token, which signs it with `CKM_EDDSA` (pure Ed25519) or, for a P-256 key, signs its
+//! SHA-256 digest with `CKM_ECDSA` (the mechanism every EC token has; the digest is made
+//! here). The public key is read from the token's public key object with the same label
+//! (`CKA_EC_POINT`), and checked against the private key once at start by signing and
+//! verifying a probe message.
 //!
 //! ```yaml
 //! # e.g. the `signer:` section of a service configuration
@@ -27,16 +29,19 @@ use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHan
 use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
-use ed25519_dalek::{Signature, VerifyingKey};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
-use crate::{key_id, SignError, Signer};
+use crate::{Algorithm, PublicKey, SignError, Signer};
 
 /// Where Debian installs SoftHSM2's PKCS#11 module.
 pub const DEFAULT_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 
 /// DER of the Ed25519 curve OID (1.3.101.112), the `CKA_EC_PARAMS` of an Ed25519 key.
 const ED25519_OID: [u8; 5] = [0x06, 0x03, 0x2b, 0x65, 0x70];
+/// DER of the P-256 curve OID (1.2.840.10045.3.1.7, prime256v1), the `CKA_EC_PARAMS` of a
+/// P-256 key.
+const P256_OID: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
 
 /// How to reach a key on a PKCS#11 token.
 #[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -61,7 +66,7 @@ pub struct Pkcs11Config {
     /// An environment variable holding the user PIN.
     #[serde(default)]
     pub pin_env: Option<String>,
-    /// `CKA_LABEL` of the Ed25519 key pair (private and public key objects).
+    /// `CKA_LABEL` of the key pair (private and public key objects).
     pub key_label: String,
 }
 
@@ -194,8 +199,8 @@ fn open_session(ctx: &Pkcs11, slot: Slot, pin: &AuthPin, rw: bool) -> Result<Ses
     }
 }
 
-fn ed25519_template(class: ObjectClass, label: &str) -> Vec<Attribute> {
-    vec![Attribute::Class(class), Attribute::KeyType(KeyType::EC_EDWARDS), Attribute::Label(label.as_bytes().to_vec())]
+fn key_template(class: ObjectClass, label: &str) -> Vec<Attribute> {
+    vec![Attribute::Class(class), Attribute::Label(label.as_bytes().to_vec())]
 }
 
 /// The single object matching `template`.
@@ -208,13 +213,32 @@ fn find_one(session: &Session, template: &[Attribute], what: &str) -> Result<Obj
     }
 }
 
-/// The 32-byte public key from a `CKA_EC_POINT`: a DER OCTET STRING around it (PKCS#11
-/// 3.0), or the raw bytes (some older tokens).
-fn parse_ec_point(point: &[u8]) -> Option<[u8; 32]> {
-    match point {
-        [0x04, 0x20, rest @ ..] if rest.len() == 32 => rest.try_into().ok(),
-        raw if raw.len() == 32 => raw.try_into().ok(),
-        _ => None,
+/// The public key from a `CKA_EC_POINT`: a DER OCTET STRING around the raw key (PKCS#11
+/// 3.0), or the raw bytes (some older tokens). Ed25519 keys are 32 bytes, P-256 points 65.
+fn parse_ec_point(algorithm: Algorithm, point: &[u8]) -> Option<PublicKey> {
+    let len = match algorithm {
+        Algorithm::Ed25519 => 32,
+        Algorithm::EcdsaP256 => 65,
+    };
+    let raw = match point {
+        [0x04, l, rest @ ..] if usize::from(*l) == len && rest.len() == len => rest,
+        raw if raw.len() == len => raw,
+        _ => return None,
+    };
+    match algorithm {
+        Algorithm::Ed25519 => PublicKey::ed25519(raw.try_into().ok()?).ok(),
+        Algorithm::EcdsaP256 => PublicKey::p256(raw).ok(),
+    }
+}
+
+/// The algorithm of a key from its `CKA_KEY_TYPE` and `CKA_EC_PARAMS`.
+fn algorithm_of(key_type: KeyType, params: &[u8]) -> Option<Algorithm> {
+    if key_type == KeyType::EC_EDWARDS && (params == ED25519_OID || is_edwards25519_name(params)) {
+        Some(Algorithm::Ed25519)
+    } else if key_type == KeyType::EC && params == P256_OID {
+        Some(Algorithm::EcdsaP256)
+    } else {
+        None
     }
 }
 
@@ -224,7 +248,7 @@ struct Open {
     key: ObjectHandle,
 }
 
-/// An Ed25519 key held by a PKCS#11 token; see the module documentation.
+/// A key held by a PKCS#11 token; see the module documentation.
 ///
 /// Thread-safe: the logged-in session is behind a mutex (PKCS#11 sessions are not to be
 /// used from two threads at once); a session the token dropped is reopened once.
@@ -233,8 +257,7 @@ pub struct Pkcs11Signer {
     slot: Slot,
     pin: AuthPin,
     label: String,
-    public_key: [u8; 32],
-    key_id: String,
+    public_key: PublicKey,
     open: Mutex<Option<Open>>,
 }
 
@@ -243,14 +266,15 @@ impl fmt::Debug for Pkcs11Signer {
         f.debug_struct("Pkcs11Signer")
             .field("slot", &self.slot.id())
             .field("key_label", &self.label)
-            .field("key_id", &self.key_id)
+            .field("algorithm", &self.public_key.algorithm())
+            .field("key_id", &self.public_key.key_id())
             .finish_non_exhaustive()
     }
 }
 
 impl Pkcs11Signer {
-    /// Opens the token, logs in, finds the key pair labelled `key_label` and checks that the
-    /// private and public key objects belong together.
+    /// Opens the token, logs in, finds the key pair labelled `key_label` (Ed25519 or P-256)
+    /// and checks that the private and public key objects belong together.
     pub fn open(config: &Pkcs11Config) -> Result<Self, SignError> {
         let ctx = context(&config.module)?;
         let slot = find_slot(&ctx, config)?;
@@ -259,55 +283,57 @@ impl Pkcs11Signer {
         let label = config.key_label.as_str();
         let key = find_one(
             &session,
-            &ed25519_template(ObjectClass::PRIVATE_KEY, label),
-            &format!("Ed25519 private key labelled {label:?}"),
+            &key_template(ObjectClass::PRIVATE_KEY, label),
+            &format!("private key labelled {label:?}"),
         )?;
         let public = find_one(
             &session,
-            &ed25519_template(ObjectClass::PUBLIC_KEY, label),
-            &format!("Ed25519 public key labelled {label:?}"),
+            &key_template(ObjectClass::PUBLIC_KEY, label),
+            &format!("public key labelled {label:?}"),
         )?;
         let attributes = session
-            .get_attributes(public, &[AttributeType::EcPoint, AttributeType::EcParams])
+            .get_attributes(public, &[AttributeType::KeyType, AttributeType::EcPoint, AttributeType::EcParams])
             .map_err(key_err("reading the public key"))?;
-        let mut point = None;
+        let (mut key_type, mut point, mut params) = (None, None, None);
         for attribute in attributes {
             match attribute {
+                Attribute::KeyType(t) => key_type = Some(t),
                 Attribute::EcPoint(p) => point = Some(p),
-                Attribute::EcParams(params) if params != ED25519_OID && !is_edwards25519_name(&params) => {
-                    return Err(SignError::Key(format!("pkcs11: key {label:?} is not on curve Ed25519")))
-                }
+                Attribute::EcParams(p) => params = Some(p),
                 _ => {}
             }
         }
+        let algorithm = key_type
+            .zip(params.as_deref())
+            .and_then(|(t, p)| algorithm_of(t, p))
+            .ok_or_else(|| SignError::Key(format!("pkcs11: key {label:?} is neither Ed25519 nor ECDSA P-256")))?;
         let public_key = point
             .as_deref()
-            .and_then(parse_ec_point)
-            .ok_or_else(|| SignError::Key(format!("pkcs11: key {label:?} has no 32-byte CKA_EC_POINT")))?;
+            .and_then(|p| parse_ec_point(algorithm, p))
+            .ok_or_else(|| SignError::Key(format!("pkcs11: key {label:?} has no usable {algorithm} CKA_EC_POINT")))?;
         let signer = Pkcs11Signer {
             ctx,
             slot,
             pin,
             label: label.to_owned(),
-            key_id: key_id(&public_key),
             public_key,
             open: Mutex::new(Some(Open { session, key })),
         };
         // The public key object could be another key's: prove they are a pair.
         let probe = b"chorus pkcs11 key pair check";
         let sig = signer.sign(probe)?;
-        let verifying = VerifyingKey::from_bytes(&public_key)
-            .map_err(|e| SignError::Key(format!("pkcs11: key {label:?}: bad public key: {e}")))?;
-        verifying.verify_strict(probe, &Signature::from_bytes(&sig)).map_err(|_| {
-            SignError::Key(format!("pkcs11: the public key labelled {label:?} does not match the private key"))
-        })?;
+        if !signer.public_key.verify(probe, &sig) {
+            return Err(SignError::Key(format!(
+                "pkcs11: the public key labelled {label:?} does not match the private key"
+            )));
+        }
         Ok(signer)
     }
 
-    /// Generates an Ed25519 key pair labelled `key_label` on the token (the private key
-    /// sensitive and not extractable) and opens it. Refuses when a key with that label is
-    /// there already. For `chorus security keygen` and tests.
-    pub fn generate(config: &Pkcs11Config) -> Result<Self, SignError> {
+    /// Generates a key pair of `algorithm` labelled `key_label` on the token (the private
+    /// key sensitive and not extractable) and opens it. Refuses when a key with that label
+    /// is there already. For `chorus keys new` and tests.
+    pub fn generate(config: &Pkcs11Config, algorithm: Algorithm) -> Result<Self, SignError> {
         let ctx = context(&config.module)?;
         let slot = find_slot(&ctx, config)?;
         let pin = config.resolve_pin()?;
@@ -320,6 +346,10 @@ impl Pkcs11Signer {
                 config.key_label
             )));
         }
+        let (mechanism, params) = match algorithm {
+            Algorithm::Ed25519 => (Mechanism::EccEdwardsKeyPairGen, ED25519_OID.to_vec()),
+            Algorithm::EcdsaP256 => (Mechanism::EccKeyPairGen, P256_OID.to_vec()),
+        };
         let id = label.clone();
         let public = [
             Attribute::Token(true),
@@ -327,7 +357,7 @@ impl Pkcs11Signer {
             Attribute::Verify(true),
             Attribute::Label(label.clone()),
             Attribute::Id(id.clone()),
-            Attribute::EcParams(ED25519_OID.to_vec()),
+            Attribute::EcParams(params),
         ];
         let private = [
             Attribute::Token(true),
@@ -339,8 +369,8 @@ impl Pkcs11Signer {
             Attribute::Id(id),
         ];
         session
-            .generate_key_pair(&Mechanism::EccEdwardsKeyPairGen, &public, &private)
-            .map_err(|e| SignError::Failed(format!("pkcs11 generating an Ed25519 key pair: {}", short(&e))))?;
+            .generate_key_pair(&mechanism, &public, &private)
+            .map_err(|e| SignError::Failed(format!("pkcs11 generating a {algorithm} key pair: {}", short(&e))))?;
         drop(session);
         Self::open(config)
     }
@@ -359,15 +389,20 @@ impl Pkcs11Signer {
         let session = open_session(&self.ctx, self.slot, &self.pin, false)?;
         let key = find_one(
             &session,
-            &ed25519_template(ObjectClass::PRIVATE_KEY, &self.label),
-            &format!("Ed25519 private key labelled {:?}", self.label),
+            &key_template(ObjectClass::PRIVATE_KEY, &self.label),
+            &format!("private key labelled {:?}", self.label),
         )?;
         Ok(Open { session, key })
     }
 
-    fn sign_in(open: &Open, message: &[u8]) -> Result<Vec<u8>, CkError> {
-        let mechanism = Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure));
-        open.session.sign(&mechanism, open.key, message)
+    fn sign_in(&self, open: &Open, message: &[u8]) -> Result<Vec<u8>, CkError> {
+        match self.public_key.algorithm() {
+            Algorithm::Ed25519 => {
+                let mechanism = Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure));
+                open.session.sign(&mechanism, open.key, message)
+            }
+            Algorithm::EcdsaP256 => open.session.sign(&Mechanism::Ecdsa, open.key, &Sha256::digest(message)),
+        }
     }
 }
 
@@ -395,29 +430,33 @@ fn session_lost(e: &CkError) -> bool {
 }
 
 impl Signer for Pkcs11Signer {
-    fn key_id(&self) -> &str {
-        &self.key_id
-    }
-
-    fn public_key(&self) -> [u8; 32] {
-        self.public_key
+    fn public_key(&self) -> &PublicKey {
+        &self.public_key
     }
 
     fn sign(&self, message: &[u8]) -> Result<[u8; 64], SignError> {
         let mut guard = self.open.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut result = match guard.as_ref() {
-            Some(open) => Self::sign_in(open, message),
+            Some(open) => self.sign_in(open, message),
             None => Err(CkError::Pkcs11(RvError::SessionHandleInvalid, cryptoki::context::Function::Sign)),
         };
         if matches!(&result, Err(e) if session_lost(e)) {
             *guard = None;
             let open = self.reopen()?;
-            result = Self::sign_in(&open, message);
+            result = self.sign_in(&open, message);
             *guard = Some(open);
         }
         let sig = result.map_err(|e| SignError::Failed(format!("pkcs11 signing: {}", short(&e))))?;
-        sig.as_slice().try_into().map_err(|_| {
+        let sig: [u8; 64] = sig.as_slice().try_into().map_err(|_| {
             SignError::Failed(format!("pkcs11: the token returned a {}-byte signature, not 64", sig.len()))
+        })?;
+        Ok(match self.public_key.algorithm() {
+            Algorithm::Ed25519 => sig,
+            // Low-S form, so a signature has one encoding (tokens may return either).
+            Algorithm::EcdsaP256 => match p256::ecdsa::Signature::from_slice(&sig) {
+                Ok(s) => s.normalize_s().unwrap_or(s).to_bytes().into(),
+                Err(_) => sig,
+            },
         })
     }
 }

@@ -68,25 +68,27 @@ impl EventSink for MemorySink {
     }
 }
 
-/// Signs every record with the producer's key before passing it on, so consumers holding the
-/// matching public key can tell the node's own events from forged ones. Wraps any sink (the
-/// outbox, the backbone), so what is stored and forwarded is already signed.
+/// Signs every record with the producer's key, its node credential beside the signature,
+/// before passing it on, so consumers trusting the issuer can tell the node's own events
+/// from forged or misattributed ones. Wraps any sink (the outbox, the backbone), so what is
+/// stored and forwarded is already signed.
 pub struct SigningSink {
     inner: Arc<dyn EventSink>,
-    signer: Arc<dyn chorus_keys::Signer>,
+    identity: chorus_identity::Identity,
 }
 
 impl SigningSink {
-    /// Signs with `signer`, then stores in `inner`.
-    pub fn new(inner: Arc<dyn EventSink>, signer: Arc<dyn chorus_keys::Signer>) -> Self {
-        SigningSink { inner, signer }
+    /// Signs as `identity`, then stores in `inner`.
+    pub fn new(inner: Arc<dyn EventSink>, identity: chorus_identity::Identity) -> Self {
+        SigningSink { inner, identity }
     }
 }
 
 #[async_trait]
 impl EventSink for SigningSink {
     async fn store(&self, records: Vec<EventRecord>) -> Result<(), PlatformError> {
-        let signed = records.into_iter().map(|r| r.signed(&*self.signer)).collect::<Result<Vec<_>, _>>()?;
+        let (signer, token) = (self.identity.signer(), Some(self.identity.token()));
+        let signed = records.into_iter().map(|r| r.signed(&**signer, token)).collect::<Result<Vec<_>, _>>()?;
         self.inner.store(signed).await
     }
 }
@@ -105,6 +107,11 @@ impl Emitter {
     /// one past the last event this producer stored).
     pub fn new(sink: Arc<dyn EventSink>, next_seq: u64, site: Option<String>) -> Self {
         Emitter { sink, next_seq: AtomicU64::new(next_seq.max(1)), site, order: tokio::sync::Mutex::new(()) }
+    }
+
+    /// The site stamped on this producer's events, if any.
+    pub fn site(&self) -> Option<&str> {
+        self.site.as_deref()
     }
 
     /// Stamps a document without storing it (for callers that batch).

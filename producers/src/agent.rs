@@ -12,10 +12,13 @@ use async_trait::async_trait;
 use chorus_backbone::embedded::EmbeddedBackbone;
 use chorus_backbone::jetstream::{JetStreamBackbone, NatsConfig};
 use chorus_backbone::Backbone;
+use chorus_identity::{Identity, Issuers, Role};
 use chorus_keys::KeyConfig;
 use chorus_platform::{Emitter, EventSink, Outbox, OutboxLimits, SigningSink};
 use chorus_rpc::agents::{RpcUtil, Shell};
-use chorus_rpc::{Agent, NatsTransport, NodeContext, RpcServer, Transport};
+use chorus_rpc::{
+    Agent, NatsTransport, NodeContext, PolicySettings, RequestSecurity, RpcServer, ServerOptions, Transport,
+};
 use chorus_runtime::{Config, ConfigError, Health, Service, ServiceError, Shutdown, Tasks};
 use serde::{Deserialize, Serialize};
 
@@ -56,6 +59,10 @@ pub struct AgentConfig {
     /// Directory of Action Policy files; without one every RPC request is denied.
     #[serde(default)]
     pub policy_dir: Option<PathBuf>,
+    /// How the policy directory is read: Choria's authorizer (`action_policy`,
+    /// `rego_policy`) and its default-policy settings.
+    #[serde(default)]
+    pub policy: PolicySettings,
     /// Interval of alive events.
     #[serde(default = "default_alive", with = "humantime_serde")]
     pub alive_interval: Duration,
@@ -71,10 +78,53 @@ pub struct AgentConfig {
     /// Longest wait at shutdown for the outbox to drain to the site.
     #[serde(default = "default_drain", with = "humantime_serde")]
     pub shutdown_drain: Duration,
-    /// Sign every event with this key (an Ed25519 key file, or a key on a PKCS#11 token
-    /// that never leaves it), so consumers can refuse forged events.
+    /// Who the node is (its key and credential) and whom it believes (trusted issuers).
     #[serde(default)]
-    pub signing: Option<KeyConfig>,
+    pub security: SecurityConfig,
+}
+
+/// The node's identity and the callers it accepts (see docs/SECURITY.md).
+///
+/// With `issuers`, every RPC request must be signed by its caller under a client credential
+/// of one of them, and the node signs its events and replies with `key` under its node
+/// `credential`. Without, caller ids are taken on trust; an agent whose Action Policy names
+/// callers then refuses to start unless `insecure: true` says that is intended.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecurityConfig {
+    /// Trusted issuer public keys: files, or directories of `*.pem`/`*.pub` files.
+    #[serde(default)]
+    pub issuers: Vec<PathBuf>,
+    /// The node's key (a key file, or a key on a PKCS#11 token that never leaves it).
+    #[serde(default)]
+    pub key: Option<KeyConfig>,
+    /// The node credential for `key` (`chorus credential issue --node`).
+    #[serde(default)]
+    pub credential: Option<PathBuf>,
+    /// Run without authenticating callers although the policies name some: every caller id
+    /// is then whatever the client writes. Warned about at start and in health.
+    #[serde(default)]
+    pub insecure: bool,
+    /// Longest TTL a request may ask for; longer ones are refused (a captured request is
+    /// replayable only within its TTL, and each node runs a request once).
+    #[serde(default = "default_max_ttl", with = "humantime_serde")]
+    pub max_request_ttl: Duration,
+}
+
+impl Default for SecurityConfig {
+    fn default() -> Self {
+        SecurityConfig {
+            issuers: Vec::new(),
+            key: None,
+            credential: None,
+            insecure: false,
+            max_request_ttl: default_max_ttl(),
+        }
+    }
+}
+
+fn default_max_ttl() -> Duration {
+    chorus_rpc::security::DEFAULT_MAX_TTL
 }
 
 fn default_component() -> String {
@@ -107,12 +157,13 @@ impl AgentConfig {
             state_dir: state_dir.into(),
             machines_dir: None,
             policy_dir: None,
+            policy: PolicySettings::default(),
             alive_interval: default_alive(),
             alive_splay: None,
             outbox: OutboxLimits::default(),
             nats: None,
             shutdown_drain: default_drain(),
-            signing: None,
+            security: SecurityConfig::default(),
         }
     }
 
@@ -140,6 +191,22 @@ impl Config for AgentConfig {
         if let Some(n) = &self.nats {
             n.validate().map_err(|e| e.within("nats"))?;
         }
+        let security = &self.security;
+        if security.key.is_some() != security.credential.is_some() {
+            return Err(ConfigError::invalid("security", "key and credential go together"));
+        }
+        if !security.issuers.is_empty() && security.insecure {
+            return Err(ConfigError::invalid("security.insecure", "cannot be set together with issuers"));
+        }
+        if !security.issuers.is_empty() && security.key.is_none() {
+            return Err(ConfigError::invalid(
+                "security.key",
+                "a node that checks its callers signs its replies and events: set key and credential",
+            ));
+        }
+        if security.max_request_ttl < Duration::from_secs(1) {
+            return Err(ConfigError::invalid("security.max_request_ttl", "must be >= 1s"));
+        }
         Ok(())
     }
 }
@@ -157,6 +224,8 @@ pub struct NodeAgent {
     /// is forwarded too.
     delivery: Tasks,
     stopped: bool,
+    /// Why callers are not authenticated, when they are not; shown in health.
+    insecure: Option<String>,
 }
 
 impl NodeAgent {
@@ -164,12 +233,13 @@ impl NodeAgent {
     /// forwarder and RPC.
     pub async fn start(config: AgentConfig, shutdown: Shutdown) -> Result<Self, ProducerError> {
         config.validate()?;
+        let security = Security::open(&config)?;
         let store = EmbeddedBackbone::open_path(config.state_dir.join("outbox"))?;
         let outbox = Outbox::open(store, config.outbox.clone()).await?;
         let next_seq = outbox.next_producer_seq().await?;
-        let sink: Arc<dyn EventSink> = match &config.signing {
+        let sink: Arc<dyn EventSink> = match &security.identity {
             None => Arc::new(outbox.clone()),
-            Some(key) => Arc::new(SigningSink::new(Arc::new(outbox.clone()), key.open()?)),
+            Some(identity) => Arc::new(SigningSink::new(Arc::new(outbox.clone()), identity.clone())),
         };
         let emitter = Arc::new(Emitter::new(sink, next_seq, config.site.clone()));
         let node = NodeIdentity {
@@ -213,11 +283,29 @@ impl NodeAgent {
                 classes: config.classes.clone(),
                 version: config.version.clone(),
                 machines: machines.iter().map(|m| m.instance().machine.clone()).collect(),
+                provision_mode: config.component == chorus_schemas::lifecycle::PROVISION_MODE_COMPONENT,
             };
             let agents: Vec<Arc<dyn Agent>> = vec![Arc::new(RpcUtil), Arc::new(Shell)];
-            rpc = Some(RpcServer::start(transport, ctx, agents, config.policy_dir.clone(), emitter.clone()).await?);
+            let options = ServerOptions {
+                security: security.requests.clone(),
+                policy: config.policy.clone(),
+                ..Default::default()
+            };
+            let server = RpcServer::new(transport, agents, config.policy_dir.clone(), options)?;
+            server.add_node(ctx, emitter.clone(), security.identity.clone()).await?;
+            rpc = Some(server);
         }
-        Ok(NodeAgent { config, lifecycle, outbox, machines, rpc, tasks, delivery, stopped: false })
+        Ok(NodeAgent {
+            config,
+            lifecycle,
+            outbox,
+            machines,
+            rpc,
+            tasks,
+            delivery,
+            stopped: false,
+            insecure: security.warning,
+        })
     }
 
     /// The node's outbox.
@@ -248,11 +336,16 @@ impl Service for NodeAgent {
     }
 
     fn health(&self) -> Health {
-        self.tasks
+        let health = self
+            .tasks
             .health()
             .and(self.delivery.health())
             .with("outbox_backlog", self.outbox.stats().backlog())
-            .with("machines", self.machines.len())
+            .with("machines", self.machines.len());
+        match &self.insecure {
+            Some(warning) => health.with("security", format!("INSECURE: {warning}")),
+            None => health.with("security", "callers authenticated"),
+        }
     }
 
     fn failed(&self) -> bool {
@@ -303,6 +396,61 @@ impl Service for NodeAgent {
     }
 }
 
+/// What the agent's security configuration amounts to once opened.
+struct Security {
+    /// The node's key and credential.
+    identity: Option<Identity>,
+    /// The checks on incoming requests, when callers are authenticated.
+    requests: Option<Arc<RequestSecurity>>,
+    /// Why callers are not authenticated, when they are not.
+    warning: Option<String>,
+}
+
+impl Security {
+    /// Opens the key, reads and checks the credential against the issuers, and refuses an
+    /// agent whose policies name callers it cannot authenticate (unless told `insecure`).
+    fn open(config: &AgentConfig) -> Result<Self, ProducerError> {
+        let security = &config.security;
+        let invalid = |field: &str, e: &dyn std::fmt::Display| ConfigError::invalid(field, e.to_string());
+        let identity = match (&security.key, &security.credential) {
+            (Some(key), Some(credential)) => Some(
+                Identity::load(key, credential, Role::Node, Some(&config.identity))
+                    .map_err(|e| invalid("security.credential", &e))?,
+            ),
+            _ => None,
+        };
+        if security.issuers.is_empty() {
+            let warning = if security.insecure {
+                "security.insecure is set: RPC caller ids are not authenticated".to_string()
+            } else {
+                if let Some(at) = config.policy_dir.as_deref().and_then(chorus_rpc::policy::first_named_caller) {
+                    return Err(ConfigError::invalid(
+                        "security.issuers",
+                        format!(
+                            "the Action Policy names callers ({at}) but no issuer is configured, so caller ids \
+                             cannot be authenticated; set security.issuers (or security.insecure: true to run \
+                             without)"
+                        ),
+                    )
+                    .into());
+                }
+                "no security.issuers: RPC caller ids are not authenticated".to_string()
+            };
+            tracing::warn!(identity = %config.identity, "{warning}");
+            return Ok(Security { identity, requests: None, warning: Some(warning) });
+        }
+        let issuers = Arc::new(Issuers::from_paths(&security.issuers).map_err(|e| invalid("security.issuers", &e))?);
+        let identity = identity.expect("validated: issuers need a key and credential");
+        // The node's own credential must be one its peers will accept.
+        issuers
+            .verify(identity.token(), Role::Node, chrono::Utc::now().timestamp())
+            .map_err(|e| invalid("security.credential", &format!("not accepted by the configured issuers: {e}")))?;
+        let tenant = identity.credential().claims().tenant.clone();
+        let requests = RequestSecurity::new(issuers).with_max_ttl(security.max_request_ttl).with_tenant(tenant);
+        Ok(Security { identity: Some(identity), requests: Some(Arc::new(requests)), warning: None })
+    }
+}
+
 /// Starts every `machine.yaml` under the machines directory; a bad manifest is reported with
 /// the field at fault and skipped, the others run.
 fn start_machines(config: &AgentConfig, emitter: &Arc<Emitter>, shutdown: &Shutdown) -> Vec<MachineHandle> {
@@ -340,17 +488,27 @@ mod signing_tests {
     use chorus_backbone::Backbone;
     use futures::StreamExt;
 
-    /// An agent configured with a key signs every event it stores; a verifier trusting the
-    /// key accepts them, one trusting another key refuses them.
+    /// An agent configured with a key and node credential signs every event it stores; a
+    /// verifier trusting the issuer accepts them, one trusting another issuer refuses them.
     #[tokio::test]
     async fn an_agent_with_a_signing_key_signs_every_event() {
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("node.key");
-        let signer = chorus_keys::Ed25519FileSigner::generate(&key).unwrap();
+        let signer = chorus_keys::FileSigner::generate(&key, chorus_keys::Algorithm::EcdsaP256).unwrap();
+        let issuer = chorus_keys::FileSigner::random(chorus_keys::Algorithm::Ed25519);
+        let spec = chorus_identity::CredentialSpec::node(
+            "n1.example.net",
+            chorus_keys::Signer::public_key(&signer).clone(),
+            Duration::from_secs(3600),
+        );
+        let credential =
+            chorus_identity::Credential::issue(&issuer, &spec, chrono::Utc::now().timestamp() - 60).unwrap();
+        std::fs::write(dir.path().join("node.cred"), credential.token()).unwrap();
         let yaml = format!(
-            "identity: n1.example.net\nstate_dir: {}\nsigning: {{ key_file: {} }}\n",
+            "identity: n1.example.net\nstate_dir: {}\nsecurity: {{ key: {{ key_file: {} }}, credential: {}, insecure: true }}\n",
             dir.path().join("state").display(),
-            key.display()
+            key.display(),
+            dir.path().join("node.cred").display(),
         );
         let path = dir.path().join("agent.yaml");
         std::fs::write(&path, yaml).unwrap();
@@ -361,15 +519,17 @@ mod signing_tests {
 
         let store =
             chorus_backbone::embedded::EmbeddedBackbone::open_path(dir.path().join("state").join("outbox")).unwrap();
-        let mut trusted = chorus_schemas::signature::Verifier::new();
-        trusted.trust_signer(&signer).unwrap();
-        let mut other = chorus_schemas::signature::Verifier::new();
-        other.trust_signer(&chorus_keys::Ed25519FileSigner::random()).unwrap();
+        let issuers = |key: &chorus_keys::FileSigner| {
+            let issuers = chorus_identity::Issuers::new().with(chorus_keys::Signer::public_key(key).clone());
+            chorus_schemas::signature::Verifier::new(Arc::new(issuers))
+        };
+        let trusted = issuers(&issuer);
+        let other = issuers(&chorus_keys::FileSigner::random(chorus_keys::Algorithm::Ed25519));
         let mut replay = store.replay(chorus_platform::outbox::OUTBOX_STREAM, Default::default()).await.unwrap();
         let mut seen = 0;
         while let Some(m) = replay.next().await {
             let record = chorus_schemas::EventRecord::decode(&m.unwrap().payload).unwrap();
-            trusted.verify(&record).expect("signed with the agent's key");
+            trusted.verify(&record).expect("signed with the agent's key under its credential");
             assert!(other.verify(&record).is_err(), "another key does not verify it");
             seen += 1;
         }

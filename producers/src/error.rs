@@ -20,4 +20,7 @@ pub enum ProducerError {
     /// The signing key could not be opened.
     #[error("signing key: {0}")]
     Signing(#[from] chorus_keys::SignError),
+    /// A credential could not be issued or read.
+    #[error("identity: {0}")]
+    Identity(#[source] chorus_identity::CredentialError),
 }

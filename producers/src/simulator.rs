@@ -9,8 +9,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use chorus_platform::{Emitter, EventSink, PlatformError};
-use chorus_rpc::{agents, Agent, NodeContext, RpcServer, ServerOptions, Transport};
+use chorus_identity::{Credential, CredentialSpec, Identity};
+use chorus_keys::{Algorithm, FileSigner, Signer};
+use chorus_platform::{Emitter, EventSink, PlatformError, SigningSink};
+use chorus_rpc::{agents, Agent, NodeContext, RequestSecurity, RpcServer, ServerOptions, Transport};
 use chorus_runtime::{Config, ConfigError, Health, Service, ServiceError, Shutdown, Tasks};
 use chorus_schemas::lifecycle::{Alive, Startup};
 use chorus_schemas::{Event, EventRecord};
@@ -124,6 +126,9 @@ pub struct SimNode {
     pub emitter: Arc<Emitter>,
     /// Second within the alive interval at which this node sends its alive event.
     slot: u32,
+    /// Its key and node credential, when the fleet has identities
+    /// ([`Simulator::with_identities`]): its events and replies are signed.
+    pub signing: Option<Identity>,
 }
 
 /// Figures of a burst of events.
@@ -161,9 +166,27 @@ impl Simulator {
                 version: (n % config.versions.len()) as u16,
                 emitter: Arc::new(Emitter::new(sink.clone(), 1, config.site.clone())),
                 slot: fastrand::u32(0..interval),
+                signing: None,
             })
             .collect();
         Ok(Simulator { config, nodes, sink })
+    }
+
+    /// Gives every node its own Ed25519 key and a node credential from `issuer`, valid
+    /// `validity`: every event it emits and every reply it sends is then signed, as a real
+    /// agent with `security.key` signs.
+    pub fn with_identities(mut self, issuer: &dyn Signer, validity: Duration) -> Result<Self, ProducerError> {
+        let now = chrono::Utc::now().timestamp();
+        for node in &mut self.nodes {
+            let key = FileSigner::random(Algorithm::Ed25519);
+            let spec = CredentialSpec::node(&*node.identity, key.public_key().clone(), validity);
+            let credential = Credential::issue(issuer, &spec, now).map_err(ProducerError::Identity)?;
+            let identity = Identity::new(Arc::new(key), credential).map_err(ProducerError::Identity)?;
+            let sink: Arc<dyn EventSink> = Arc::new(SigningSink::new(self.sink.clone(), identity.clone()));
+            node.emitter = Arc::new(Emitter::new(sink, 1, self.config.site.clone()));
+            node.signing = Some(identity);
+        }
+        Ok(self)
     }
 
     /// The configuration it was built with.
@@ -181,21 +204,26 @@ impl Simulator {
         &self.config.versions[self.nodes[i].version as usize]
     }
 
-    fn stamp(&self, i: usize, data: impl Into<Event>) -> EventRecord {
-        self.nodes[i].emitter.stamp(data)
+    fn stamp(&self, i: usize, data: impl Into<Event>) -> Result<EventRecord, PlatformError> {
+        let node = &self.nodes[i];
+        let record = node.emitter.stamp(data);
+        match &node.signing {
+            None => Ok(record),
+            Some(identity) => Ok(record.signed(&**identity.signer(), Some(identity.token()))?),
+        }
     }
 
     /// Stores events of `indices` built by `make`, `batch` per store, `publishers` at a time.
     async fn burst<F>(&self, indices: Vec<usize>, make: F) -> Result<Burst, PlatformError>
     where
-        F: Fn(&Self, usize) -> EventRecord,
+        F: Fn(&Self, usize) -> Result<EventRecord, PlatformError>,
     {
         let started = Instant::now();
         let events = indices.len();
         let mut in_flight = futures::stream::FuturesUnordered::new();
         use futures::StreamExt;
         for chunk in indices.chunks(self.config.batch) {
-            let records: Vec<EventRecord> = chunk.iter().map(|&i| make(self, i)).collect();
+            let records = chunk.iter().map(|&i| make(self, i)).collect::<Result<Vec<EventRecord>, _>>()?;
             let sink = self.sink.clone();
             in_flight.push(async move { sink.store(records).await });
             if in_flight.len() >= self.config.publishers {
@@ -313,22 +341,26 @@ impl Service for SimulatedFleet {
 impl Simulator {
     /// Hosts an RPC server for every simulated node on `transport`: one subscription per agent
     /// and one wildcard for directed requests serve all of them. Each node records its RPC
-    /// requests and replies with its own sequence, like a real agent.
+    /// requests and replies with its own sequence, like a real agent, and signs its replies
+    /// when it has an identity. With `security`, callers are authenticated as a real agent
+    /// with `security.issuers` does.
     pub async fn host_rpc(
         &self,
         transport: Arc<dyn Transport>,
         collective: &str,
         policy_dir: Option<std::path::PathBuf>,
+        security: Option<Arc<RequestSecurity>>,
     ) -> Result<RpcServer, ProducerError> {
         let agents: Vec<Arc<dyn Agent>> = vec![Arc::new(agents::RpcUtil)];
-        let options = ServerOptions { wildcard_directed: true, ..Default::default() };
+        let options = ServerOptions { wildcard_directed: true, security, ..Default::default() };
         let server = RpcServer::new(transport, agents, policy_dir, options)?;
         for (i, node) in self.nodes.iter().enumerate() {
             let mut ctx = NodeContext::new(node.identity.to_string(), collective);
             ctx.version = self.version_of(i).to_string();
             ctx.facts.insert("simulated".into(), true.into());
             ctx.facts.insert("group".into(), format!("g{}", i % 10).into());
-            server.add_node(ctx, node.emitter.clone()).await?;
+            ctx.provision_mode = self.config.component == chorus_schemas::lifecycle::PROVISION_MODE_COMPONENT;
+            server.add_node(ctx, node.emitter.clone(), node.signing.clone()).await?;
         }
         Ok(server)
     }

@@ -6,6 +6,12 @@
 //! until the timeout, or until `expected` nodes have answered when the caller knows how
 //! many should (after discovery, or for directed requests), which also lets the summary
 //! count the nodes that never answered.
+//!
+//! A client with an [`Identity`] signs every request as its caller
+//! ([`RpcClient::signed`]); one that trusts issuers ([`RpcClient::with_trust`]) accepts only
+//! replies signed by the node they claim to come from. A reply that fails that check is not
+//! a reply: it is counted as `unverified` and kept aside with the reason
+//! ([`ReplyStream::rejected`]), never shown as ok.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -20,8 +26,10 @@ use chorus_schemas::rpc::{Filter, JsonObject};
 use chorus_schemas::{RpcReply, RpcRequest, StatusCode};
 use futures::{Stream, StreamExt};
 
-use super::transport::{broadcast_subject, node_subject, reply_inbox, RequestEnvelope, Subscription, Transport};
+use super::signed::{parse_signature, reply_signing_bytes, ReplyEnvelope, RequestEnvelope};
+use super::transport::{broadcast_subject, node_subject, reply_inbox, Subscription, Transport};
 use super::RpcError;
+use chorus_identity::{Identity, Issuers, Role};
 
 /// Which nodes a request is sent to. The discovery filter still applies on the nodes.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -74,6 +82,53 @@ pub trait RequestSigner: Send + Sync {
     async fn sign(&self, request: RpcRequest) -> Result<RequestEnvelope, RpcError>;
 }
 
+/// A client's identity and the issuers whose nodes it believes, as configuration files name
+/// them:
+///
+/// ```yaml
+/// security:
+///   key: {key_file: /etc/chorus/provisioner.key}   # or {pkcs11: {...}}
+///   credential: /etc/chorus/provisioner.cred       # chorus credential issue --client
+///   issuers: [/etc/chorus/issuer.pub]              # replies must be signed by their node
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientSecurity {
+    /// The client's key.
+    pub key: chorus_keys::KeyConfig,
+    /// Its client credential; the caller id is the credential's.
+    pub credential: std::path::PathBuf,
+    /// Trusted issuers (files or directories); without, replies are not checked.
+    #[serde(default)]
+    pub issuers: Vec<std::path::PathBuf>,
+}
+
+impl ClientSecurity {
+    /// A client in `collective` signing as the credential's caller and, with issuers,
+    /// accepting only replies signed by their node.
+    pub fn client(&self, transport: Arc<dyn Transport>, collective: impl Into<String>) -> Result<RpcClient, RpcError> {
+        let identity = Identity::load(&self.key, &self.credential, Role::Client, None)
+            .map_err(|e| RpcError::Invalid(format!("credential: {e}")))?;
+        let mut client = RpcClient::signed(transport, identity, collective);
+        if !self.issuers.is_empty() {
+            let issuers = Issuers::from_paths(&self.issuers).map_err(|e| RpcError::Invalid(format!("issuers: {e}")))?;
+            client = client.with_trust(Arc::new(issuers));
+        }
+        Ok(client)
+    }
+}
+
+/// Signs every request with the caller's own key and credential.
+#[derive(Clone, Debug)]
+pub struct CallerSigner(pub Identity);
+
+#[async_trait]
+impl RequestSigner for CallerSigner {
+    async fn sign(&self, request: RpcRequest) -> Result<RequestEnvelope, RpcError> {
+        RequestEnvelope::signed(request, &self.0).map_err(|e| RpcError::Unauthorized(e.to_string()))
+    }
+}
+
 /// Makes RPC requests as one caller in one collective.
 #[derive(Clone)]
 pub struct RpcClient {
@@ -82,6 +137,7 @@ pub struct RpcClient {
     collective: String,
     senderid: String,
     request_signer: Option<Arc<dyn RequestSigner>>,
+    trust: Option<Arc<Issuers>>,
 }
 
 impl RpcClient {
@@ -94,7 +150,22 @@ impl RpcClient {
             collective: collective.into(),
             senderid: local_hostname(),
             request_signer: None,
+            trust: None,
         }
+    }
+
+    /// A client calling as the caller `identity`'s credential names, signing every request
+    /// with its key.
+    pub fn signed(transport: Arc<dyn Transport>, identity: Identity, collective: impl Into<String>) -> Self {
+        let callerid = identity.subject().to_string();
+        Self::new(transport, callerid, collective).with_request_signer(Arc::new(CallerSigner(identity)))
+    }
+
+    /// Accepts only replies signed by the node they claim to be from, with a node credential
+    /// of one of `issuers`.
+    pub fn with_trust(mut self, issuers: Arc<Issuers>) -> Self {
+        self.trust = Some(issuers);
+        self
     }
 
     /// Has every request signed by `signer` (e.g. the AAA service) before it is published.
@@ -148,7 +219,7 @@ impl RpcClient {
         };
         let payload = Bytes::from(serde_json::to_vec(&envelope)?);
 
-        let inbox = reply_inbox(&self.collective);
+        let inbox = reply_inbox(&self.collective, &self.callerid);
         // No flush needed: a transport orders its own subscribe before its own publish, and
         // nodes can only answer after the request was published.
         let replies = self.transport.subscribe(&inbox).await?;
@@ -166,6 +237,8 @@ impl RpcClient {
             expected,
             responders: HashSet::new(),
             counts: Counts::default(),
+            trust: self.trust.clone(),
+            rejected: Vec::new(),
             started,
             finished: None,
         })
@@ -184,7 +257,7 @@ impl RpcClient {
         while let Some(reply) = stream.next().await {
             replies.push(reply);
         }
-        Ok(RpcResults { summary: stream.summary(), request: stream.request, replies })
+        Ok(RpcResults { summary: stream.summary(), rejected: stream.rejected, request: stream.request, replies })
     }
 }
 
@@ -205,8 +278,20 @@ pub struct RpcResults {
     pub request: RpcRequest,
     /// Replies in arrival order.
     pub replies: Vec<RpcReply>,
+    /// Replies refused by the signature check, with the reason.
+    pub rejected: Vec<RejectedReply>,
     /// Tallies over the replies.
     pub summary: RpcSummary,
+}
+
+/// A reply the client would not accept: unsigned, forged, or signed by another node than it
+/// claims to be from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RejectedReply {
+    /// The identity the reply claims.
+    pub identity: String,
+    /// Why it was refused.
+    pub reason: String,
 }
 
 /// Tallies of the replies to one request.
@@ -228,6 +313,8 @@ pub struct RpcSummary {
     pub no_response: Option<usize>,
     /// Messages on the inbox that were not a reply to this request.
     pub ignored: usize,
+    /// Replies to this request refused by the signature check (see [`RpcResults::rejected`]).
+    pub unverified: usize,
     /// From publishing the request until the stream ended (or until now, before that).
     pub elapsed: Duration,
 }
@@ -239,6 +326,7 @@ struct Counts {
     denied: usize,
     failed: usize,
     ignored: usize,
+    unverified: usize,
 }
 
 /// The replies to one request as they arrive. Dropping it stops listening.
@@ -250,6 +338,8 @@ pub struct ReplyStream {
     /// Identities that answered, so a node answering twice is not counted twice.
     responders: HashSet<String>,
     counts: Counts,
+    trust: Option<Arc<Issuers>>,
+    rejected: Vec<RejectedReply>,
     started: Instant,
     finished: Option<Instant>,
 }
@@ -265,6 +355,11 @@ impl ReplyStream {
         self.expected
     }
 
+    /// Replies refused so far by the signature check.
+    pub fn rejected(&self) -> &[RejectedReply] {
+        &self.rejected
+    }
+
     /// Tallies so far (final once the stream has ended).
     pub fn summary(&self) -> RpcSummary {
         let c = self.counts;
@@ -277,6 +372,7 @@ impl ReplyStream {
             expected: self.expected,
             no_response: self.expected.map(|e| e.saturating_sub(self.responders.len())),
             ignored: c.ignored,
+            unverified: c.unverified,
             elapsed: self.finished.unwrap_or_else(Instant::now) - self.started,
         }
     }
@@ -302,13 +398,20 @@ impl Stream for ReplyStream {
         loop {
             match this.replies.poll_next_unpin(cx) {
                 Poll::Ready(Some(message)) => {
-                    let reply = match serde_json::from_slice::<RpcReply>(&message.payload) {
-                        Ok(r) if r.requestid == this.request.requestid => r,
-                        Ok(_) | Err(_) => {
+                    let (reply, signed) = match decode_reply(&message.payload) {
+                        Some((r, signed)) if r.requestid == this.request.requestid => (r, signed),
+                        _ => {
                             this.counts.ignored += 1;
                             continue;
                         }
                     };
+                    if let Some(issuers) = &this.trust {
+                        if let Err(reason) = check_reply(&reply, signed.as_ref(), issuers, &this.request) {
+                            this.counts.unverified += 1;
+                            this.rejected.push(RejectedReply { identity: reply.identity, reason });
+                            continue;
+                        }
+                    }
                     let c = &mut this.counts;
                     c.replies += 1;
                     if reply.statuscode == StatusCode::Ok {
@@ -337,6 +440,47 @@ impl std::fmt::Debug for ReplyStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ReplyStream").field("summary", &self.summary()).finish()
     }
+}
+
+/// A reply as received: the record, and its signature and sender credential when signed.
+fn decode_reply(payload: &[u8]) -> Option<(RpcReply, Option<(String, String)>)> {
+    // Signed replies are an envelope with a `reply` member; unsigned ones the bare record.
+    if let Ok(envelope) = serde_json::from_slice::<ReplyEnvelope>(payload) {
+        return Some((envelope.reply, Some((envelope.signature, envelope.sender))));
+    }
+    serde_json::from_slice::<RpcReply>(payload).ok().map(|r| (r, None))
+}
+
+/// Whether `reply` is signed by the node it claims to come from, under a node credential of
+/// a trusted issuer that covers the request's collective.
+fn check_reply(
+    reply: &RpcReply,
+    signed: Option<&(String, String)>,
+    issuers: &Issuers,
+    request: &RpcRequest,
+) -> Result<(), String> {
+    let (signature, sender) = signed.ok_or("unsigned reply")?;
+    let credential = issuers
+        .verify(sender, Role::Node, chrono::Utc::now().timestamp())
+        .map_err(|e| format!("sender credential refused ({}): {e}", e.code()))?;
+    if credential.subject() != reply.identity {
+        return Err(format!(
+            "reply from {:?} signed with the credential of {:?}",
+            reply.identity,
+            credential.subject()
+        ));
+    }
+    if !credential.allows_collective(&request.collective) {
+        return Err(format!("{:?} has no credential for collective {:?}", reply.identity, request.collective));
+    }
+    let (key_id, bytes) = parse_signature(signature).map_err(|e| format!("reply signature: {e}"))?;
+    if key_id != credential.public_key().key_id() {
+        return Err(format!("reply signed by key {key_id:.40}, not the sender credential's"));
+    }
+    if !credential.public_key().verify(&reply_signing_bytes(reply), &bytes) {
+        return Err("reply signature does not verify (tampered or forged)".into());
+    }
+    Ok(())
 }
 
 /// This host's name, the default `senderid`.

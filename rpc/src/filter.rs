@@ -4,14 +4,16 @@
 //! server hosts, so regular expressions are built once per request, not once per node.
 //!
 //! Semantics after Choria (`protocol/filter.go`): facts, classes and agents are ANDed,
-//! identities ORed; a value written `/regex/` matches by regular expression. Compound
-//! filters are not evaluated yet, and a request carrying one matches no node: running an
-//! action on nodes the caller did not select is worse than not running it.
+//! identities ORed; a value written `/regex/` matches by regular expression. Facts and
+//! classes match exactly as in Choria and as Action Policy does ([`crate::facts`]).
+//! Compound filters are not evaluated yet, and a request carrying one matches no node:
+//! running an action on nodes the caller did not select is worse than not running it.
 
 use chorus_schemas::rpc::{FactFilter, Filter};
 use regex::Regex;
 
-use super::{fact_text, NodeContext, RpcError};
+use super::facts::{class_matches, FactMatcher, FactOp};
+use super::{NodeContext, RpcError};
 
 /// A name or a `/regex/`.
 #[derive(Debug)]
@@ -45,83 +47,13 @@ fn regex_body(text: &str) -> Option<&str> {
     (text.len() >= 2 && text.starts_with('/') && text.ends_with('/')).then(|| &text[1..text.len() - 1])
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Op {
-    Eq,
-    Ne,
-    Lt,
-    Gt,
-    Le,
-    Ge,
-}
-
-#[derive(Debug)]
-enum FactTest {
-    Compare(Op, String),
-    Regex(Regex),
-}
-
-#[derive(Debug)]
-struct CompiledFact {
-    fact: String,
-    test: FactTest,
-}
-
-impl CompiledFact {
-    fn new(f: &FactFilter) -> Result<Self, String> {
-        let regex = |body: &str| Regex::new(body).map_err(|e| format!("fact {}: bad regex: {e}", f.fact));
-        let test = match f.operator.as_str() {
-            "=~" => FactTest::Regex(regex(regex_body(&f.value).unwrap_or(&f.value))?),
-            "==" | "=" => match regex_body(&f.value) {
-                Some(body) => FactTest::Regex(regex(body)?),
-                None => FactTest::Compare(Op::Eq, f.value.clone()),
-            },
-            "!=" => FactTest::Compare(Op::Ne, f.value.clone()),
-            "<" => FactTest::Compare(Op::Lt, f.value.clone()),
-            ">" => FactTest::Compare(Op::Gt, f.value.clone()),
-            "<=" => FactTest::Compare(Op::Le, f.value.clone()),
-            ">=" => FactTest::Compare(Op::Ge, f.value.clone()),
-            other => return Err(format!("fact {}: unknown operator {other:?}", f.fact)),
-        };
-        Ok(CompiledFact { fact: f.fact.clone(), test })
-    }
-
-    fn matches(&self, node: &NodeContext) -> bool {
-        let Some(value) = node.fact(&self.fact) else {
-            return false;
-        };
-        let value = fact_text(value);
-        match &self.test {
-            FactTest::Regex(re) => re.is_match(&value),
-            FactTest::Compare(op, want) => {
-                // Numbers compare as numbers (so 9 < 10), anything else as text.
-                let ordering = match (value.parse::<f64>(), want.parse::<f64>()) {
-                    (Ok(a), Ok(b)) => a.partial_cmp(&b),
-                    _ => Some(value.as_ref().cmp(want.as_str())),
-                };
-                let Some(ordering) = ordering else {
-                    return false;
-                };
-                match op {
-                    Op::Eq => ordering.is_eq(),
-                    Op::Ne => ordering.is_ne(),
-                    Op::Lt => ordering.is_lt(),
-                    Op::Gt => ordering.is_gt(),
-                    Op::Le => ordering.is_le(),
-                    Op::Ge => ordering.is_ge(),
-                }
-            }
-        }
-    }
-}
-
 /// A discovery filter ready to test many nodes.
 #[derive(Debug)]
 pub(crate) struct CompiledFilter {
     all: bool,
     compound: bool,
-    facts: Vec<CompiledFact>,
-    classes: Vec<Pattern>,
+    facts: Vec<FactMatcher>,
+    classes: Vec<String>,
     agents: Vec<Pattern>,
     identities: Vec<Pattern>,
 }
@@ -139,8 +71,12 @@ impl CompiledFilter {
         Ok(CompiledFilter {
             all: filter.is_empty(),
             compound: !filter.compound.is_empty(),
-            facts: filter.fact.iter().map(CompiledFact::new).collect::<Result<_, _>>()?,
-            classes: patterns(&filter.cf_class, "class")?,
+            facts: filter
+                .fact
+                .iter()
+                .map(|f| FactMatcher::new(&f.fact, &f.operator, &f.value))
+                .collect::<Result<_, _>>()?,
+            classes: filter.cf_class.clone(),
             agents: patterns(&filter.agent, "agent")?,
             identities: patterns(&filter.identity, "identity")?,
         })
@@ -155,37 +91,26 @@ impl CompiledFilter {
             return false;
         }
         (self.identities.is_empty() || self.identities.iter().any(|p| p.matches(&node.identity)))
-            && self.facts.iter().all(|f| f.matches(node))
-            && self.classes.iter().all(|p| p.any(&node.classes))
+            && self.facts.iter().all(|f| f.matches(node.fact(f.fact())))
+            && self.classes.iter().all(|c| class_matches(c, &node.classes))
             && self.agents.iter().all(|p| p.any(agents))
     }
 }
 
 /// Parses a command-line fact filter such as `country=uk`, `os.release>=12` or
-/// `env=~/^prod/` (also `env=/^prod/`) into a [`FactFilter`].
+/// `env=~/^prod/` (also `env=/^prod/`) into a [`FactFilter`], as Choria parses `-F`.
 pub fn parse_fact_filter(text: &str) -> Result<FactFilter, RpcError> {
-    // Longest operators first, so `>=` is not read as `>` followed by `=...`.
-    const OPERATORS: [&str; 8] = ["=~", "==", "!=", "<=", ">=", "=", "<", ">"];
-    let found = OPERATORS
-        .iter()
-        .filter_map(|op| text.find(op).map(|at| (at, *op)))
-        .min_by_key(|(at, op)| (*at, usize::MAX - op.len()));
-    let Some((at, op)) = found else {
-        return Err(RpcError::Invalid(format!("fact filter {text:?} has no operator")));
-    };
-    let fact = text[..at].trim();
-    let value = text[at + op.len()..].trim();
-    if fact.is_empty() {
-        return Err(RpcError::Invalid(format!("fact filter {text:?} has no fact name")));
+    let matcher = FactMatcher::parse(text).map_err(RpcError::Invalid)?;
+    if matcher.op() == FactOp::Re {
+        // Choria lets a bad regex match nothing; on the command line it is a typo to report.
+        regex::Regex::new(matcher.value().trim_matches('/'))
+            .map_err(|e| RpcError::Invalid(format!("fact filter {text:?}: bad regex: {e}")))?;
     }
-    let operator = match op {
-        "=" if regex_body(value).is_some() => "=~",
-        "=" => "==",
-        other => other,
-    };
-    let filter = FactFilter { fact: fact.to_string(), operator: operator.to_string(), value: value.to_string() };
-    CompiledFact::new(&filter).map_err(RpcError::Invalid)?;
-    Ok(filter)
+    Ok(FactFilter {
+        fact: matcher.fact().to_string(),
+        operator: matcher.op().as_str().to_string(),
+        value: matcher.value().to_string(),
+    })
 }
 
 #[cfg(test)]

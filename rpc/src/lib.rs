@@ -4,18 +4,21 @@
 //! * [`transport`]: how requests and replies move — core NATS ([`NatsTransport`]) or
 //!   in-process channels ([`LocalTransport`], so `chorus up` needs no server) — and the
 //!   subjects Choria uses.
-//! * [`policy`]: MCollective/Choria Action Policy files; no policy means no access.
+//! * [`policy`]: Choria's Action Policy and Rego policies; no policy means no access.
+//! * [`facts`]: fact and class matching as Choria does it (discovery and policy alike).
 //! * [`agents`]: the [`Agent`] trait and the built-in `rpcutil` and `shell` agents.
 //! * [`server`]: [`RpcServer`], which hosts one node or tens of thousands of simulated
 //!   ones on a handful of subscriptions, and records every request it acts on, and its
 //!   reply, as events.
 //! * [`client`]: [`RpcClient`], a stream of replies or a collected result with a summary.
-//! * [`signed`]: the signed-request envelope: how a request is signed, carried and checked.
+//! * [`signed`]: signed requests and replies: what is signed, how it travels.
+//! * [`security`]: the node's checks of who sent a request ([`RequestSecurity`]).
 //!
 //! The wire format is deliberately flat JSON — `{"request": RpcRequest}` out,
 //! [`RpcReply`](chorus_schemas::RpcReply) back — rather than Choria's nested base64 layers:
 //! the records *are* the protocol, so what is recorded is exactly what was sent. A signature
-//! travels beside the request in [`RequestEnvelope`] ([`signed`]).
+//! and the signer's credential travel beside the request in [`RequestEnvelope`] and beside
+//! the reply in [`ReplyEnvelope`] ([`signed`]).
 //!
 //! This crate is the protocol both sides share: the node agent and the simulator serve it,
 //! the provisioner and the command line call it, the AAA service signs for it. It sits
@@ -26,8 +29,10 @@ use thiserror::Error;
 
 pub mod agents;
 pub mod client;
+pub mod facts;
 mod filter;
 pub mod policy;
+pub mod security;
 pub mod server;
 pub mod signed;
 pub mod transport;
@@ -36,12 +41,16 @@ pub mod transport;
 mod tests;
 
 pub use agents::{ActionContext, ActionReply, Agent};
-pub use client::{ReplyStream, RequestOptions, RequestSigner, RpcClient, RpcResults, RpcSummary, Target};
+pub use client::{
+    CallerSigner, ClientSecurity, RejectedReply, ReplyStream, RequestOptions, RequestSigner, RpcClient, RpcResults,
+    RpcSummary, Target,
+};
 pub use filter::parse_fact_filter;
-pub use policy::{ActionPolicy, PolicyDecision, PolicyError};
+pub use policy::{ActionPolicy, PolicyDecision, PolicySettings, Provider};
+pub use security::{Caller, Refusal, RequestSecurity};
 pub use server::{RpcServer, ServerOptions, StatsSnapshot};
-pub use signed::{sign_request, verify_signed_request, SignedRequest};
-pub use transport::{LocalTransport, NatsTransport, RequestEnvelope, Subscription, Transport, TransportMessage};
+pub use signed::{ReplyEnvelope, RequestEnvelope};
+pub use transport::{LocalTransport, NatsTransport, Subscription, Transport, TransportMessage};
 
 /// What a node is, as its agents, its discovery filter and its Action Policy see it.
 ///
@@ -62,6 +71,9 @@ pub struct NodeContext {
     pub version: String,
     /// Autonomous agents (machines) the node runs, reported by `rpcutil inventory`.
     pub machines: Vec<String>,
+    /// Whether the node is in provisioning mode (Choria's `provision_mode`, seen by Rego
+    /// policies).
+    pub provision_mode: bool,
 }
 
 impl NodeContext {
@@ -74,6 +86,7 @@ impl NodeContext {
             classes: Vec::new(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             machines: Vec::new(),
+            provision_mode: false,
         }
     }
 
@@ -92,15 +105,6 @@ impl NodeContext {
             };
         }
         Some(current)
-    }
-}
-
-/// A fact value as the text that filters and policies compare against: strings as they
-/// are, everything else as JSON.
-pub(crate) fn fact_text(value: &Value) -> std::borrow::Cow<'_, str> {
-    match value {
-        Value::String(s) => std::borrow::Cow::Borrowed(s),
-        other => std::borrow::Cow::Owned(other.to_string()),
     }
 }
 

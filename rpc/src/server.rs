@@ -15,13 +15,15 @@
 //!
 //! 1. TTL: accepted only if `now - ttl < time < now + ttl`; otherwise ignored and counted.
 //! 2. Discovery filter: a node it does not select ignores the request silently.
-//!    With [`ServerOptions::verifier`], a request without a valid signature by a trusted
-//!    key is then recorded and refused (`Aborted`, with the reason); nothing else runs.
+//!    With [`ServerOptions::security`], a request whose caller is not proven (see
+//!    [`crate::security`]), or that this node already ran, is then recorded, audited and
+//!    refused (`Aborted`, with the code and reason); nothing else runs.
 //! 3. Unknown agent or action: `UnknownAction`, the policy is not consulted.
 //! 4. Action Policy: denied requests get Choria's `Aborted` reply with the reason.
 //! 5. The request is recorded as an `RpcRequest` event. If that fails the action is not
 //!    run: an action nobody can audit is not performed.
-//! 6. The agent runs; the reply is recorded as an `RpcReply` event and then sent.
+//! 6. The agent runs; the reply is recorded as an `RpcReply` event and then sent, signed by
+//!    the node's key when the node has one.
 //!
 //! Malformed messages (bad JSON, oversized, on the wrong subject) are logged and counted,
 //! never fatal.
@@ -29,7 +31,6 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
 
 use bytes::Bytes;
 use chorus_runtime::{Health, Service, ServiceError};
@@ -41,13 +42,16 @@ use tokio::task::JoinHandle;
 
 use super::agents::{ActionContext, Agent};
 use super::filter::CompiledFilter;
-use super::policy::{ActionPolicy, DEFAULT_RECHECK};
+use super::policy::{ActionPolicy, PolicySettings, Prepared};
+use super::security::{Caller, Refusal, RequestSecurity};
+use super::signed::{ReplyEnvelope, RequestEnvelope};
 use super::transport::{
-    broadcast_subject, node_subject, validate_subject, RequestEnvelope, Subscription, Transport, TransportMessage,
-    MAX_PAYLOAD,
+    broadcast_subject, node_subject, validate_subject, Subscription, Transport, TransportMessage, MAX_PAYLOAD,
 };
 use super::{NodeContext, RpcError};
+use chorus_identity::{Identity, Role};
 use chorus_platform::Emitter;
+use chorus_schemas::{AuditAction, AuditRecord};
 
 /// Tuning of an [`RpcServer`]. The defaults suit a real node agent.
 #[derive(Debug, Clone)]
@@ -61,14 +65,14 @@ pub struct ServerOptions {
     pub max_in_flight: usize,
     /// Hosted nodes one request is processed on at once.
     pub node_concurrency: usize,
-    /// How often Action Policy files are checked for changes.
-    pub policy_recheck: Duration,
-    /// When set, only requests whose envelope carries a signature by a key it trusts (the
-    /// AAA service's request key, see [`crate::signed::verify_signed_request`]) are run.
-    /// Unsigned, forged or tampered requests on a node the request selects are recorded
-    /// and answered `Aborted`, unauthorized, with the reason (`request signature refused
-    /// (<code>): ...`) in the reply's `policy`, and counted as denied.
-    pub verifier: Option<Arc<chorus_schemas::signature::Verifier>>,
+    /// How the policy directory is read (provider, default policy, unconfigured files).
+    pub policy: PolicySettings,
+    /// When set, only requests whose caller is proven are run, each once per node (see
+    /// [`crate::security`]). Refused requests on a node the request selects are recorded,
+    /// audited, answered `Aborted`, unauthorized, with the reason (`request refused
+    /// (<code>): ...`) in the reply's `policy`, and counted as denied. Without it caller ids
+    /// are taken on trust: the fleet is only as safe as its broker accounts.
+    pub security: Option<Arc<RequestSecurity>>,
 }
 
 impl Default for ServerOptions {
@@ -77,8 +81,8 @@ impl Default for ServerOptions {
             wildcard_directed: false,
             max_in_flight: 256,
             node_concurrency: 256,
-            policy_recheck: DEFAULT_RECHECK,
-            verifier: None,
+            policy: PolicySettings::default(),
+            security: None,
         }
     }
 }
@@ -152,6 +156,10 @@ impl std::ops::AddAssign for StatsSnapshot {
 struct HostedNode {
     ctx: NodeContext,
     emitter: Arc<Emitter>,
+    /// Its key and credential: replies are signed with it.
+    identity: Option<Identity>,
+    /// Server-wide number, for the replay check.
+    number: u64,
     stats: RpcStats,
 }
 
@@ -164,6 +172,18 @@ struct RegisteredAgent {
 enum Destination {
     Broadcast,
     Node(String),
+}
+
+/// One request as it reaches the hosted nodes: decoded, authenticated and its policy read
+/// once for all of them.
+#[derive(Clone, Copy)]
+struct Delivery<'a> {
+    request: &'a RpcRequest,
+    filter: &'a CompiledFilter,
+    reply_to: Option<&'a str>,
+    caller: Option<&'a Result<Caller, Refusal>>,
+    policy: &'a Prepared,
+    now: i64,
 }
 
 /// State shared by the server handle and its subscription tasks.
@@ -190,6 +210,8 @@ pub struct RpcServer {
     listeners: Mutex<HashMap<String, JoinHandle<()>>>,
     /// Serializes [`RpcServer::add_node`], which subscribes across awaits.
     adding: tokio::sync::Mutex<()>,
+    /// Numbers handed to added nodes.
+    numbers: AtomicU64,
 }
 
 impl RpcServer {
@@ -203,7 +225,7 @@ impl RpcServer {
         emitter: Arc<Emitter>,
     ) -> Result<Self, RpcError> {
         let server = Self::new(transport, agents, policy_dir, ServerOptions::default())?;
-        server.add_node(ctx, emitter).await?;
+        server.add_node(ctx, emitter, None).await?;
         Ok(server)
     }
 
@@ -233,7 +255,7 @@ impl RpcServer {
             transport,
             agents: registered,
             agent_names,
-            policy: ActionPolicy::with_recheck(policy_dir, options.policy_recheck),
+            policy: ActionPolicy::new(policy_dir, options.policy.clone()),
             nodes: RwLock::new(HashMap::new()),
             stats: RpcStats::default(),
             in_flight: Arc::new(Semaphore::new(options.max_in_flight.max(1))),
@@ -244,13 +266,37 @@ impl RpcServer {
             core: Arc::new(core),
             listeners: Mutex::new(HashMap::new()),
             adding: tokio::sync::Mutex::new(()),
+            numbers: AtomicU64::new(0),
         })
     }
 
     /// Hosts another node, recording its events through `emitter` (normally one emitter
-    /// per node, since each node numbers its own events). Returns once the node's
+    /// per node, since each node numbers its own events) and signing its replies as
+    /// `identity` (its key and node credential) when given. Returns once the node's
     /// subscriptions are in place, so a request published afterwards reaches it.
-    pub async fn add_node(&self, ctx: NodeContext, emitter: Arc<Emitter>) -> Result<(), RpcError> {
+    pub async fn add_node(
+        &self,
+        ctx: NodeContext,
+        emitter: Arc<Emitter>,
+        identity: Option<Identity>,
+    ) -> Result<(), RpcError> {
+        if let Some(identity) = &identity {
+            let credential = identity.credential();
+            if credential.role() != Role::Node || credential.subject() != ctx.identity {
+                return Err(RpcError::Invalid(format!(
+                    "node {}: its credential is a {} credential for {:?}",
+                    ctx.identity,
+                    credential.role(),
+                    credential.subject()
+                )));
+            }
+            if !credential.allows_collective(&ctx.collective) {
+                return Err(RpcError::Invalid(format!(
+                    "node {}: its credential does not cover collective {}",
+                    ctx.identity, ctx.collective
+                )));
+            }
+        }
         let _adding = self.adding.lock().await;
         let directed = node_subject(&ctx.collective, &ctx.identity);
         validate_subject(&directed, false)?;
@@ -282,7 +328,8 @@ impl RpcServer {
             self.core.transport.flush().await?;
         }
 
-        let node = Arc::new(HostedNode { ctx, emitter, stats: RpcStats::default() });
+        let number = self.numbers.fetch_add(1, Ordering::Relaxed);
+        let node = Arc::new(HostedNode { ctx, emitter, identity, number, stats: RpcStats::default() });
         let mut nodes = self.core.nodes.write().unwrap_or_else(|e| e.into_inner());
         nodes.entry(node.ctx.collective.clone()).or_default().insert(node.ctx.identity.clone(), node);
         Ok(())
@@ -431,11 +478,12 @@ impl Core {
             Ok(envelope) => envelope,
             Err(e) => return self.malformed(&message, &e.to_string()),
         };
-        let refused = self
+        let now = chrono::Utc::now().timestamp();
+        let caller = self
             .options
-            .verifier
+            .security
             .as_deref()
-            .and_then(|verifier| crate::signed::verify_signed_request(&envelope, verifier).err());
+            .map(|security| security.authenticate(&envelope, message.reply.as_deref(), now));
         let request = envelope.request;
         let destination = if message.subject == broadcast_subject(&request.collective, &request.agent) {
             Destination::Broadcast
@@ -464,7 +512,6 @@ impl Core {
             return;
         }
 
-        let now = chrono::Utc::now().timestamp();
         let ttl = i64::try_from(request.ttl).unwrap_or(i64::MAX);
         if !(now.saturating_sub(ttl) < request.time && request.time < now.saturating_add(ttl)) {
             tracing::debug!(requestid = %request.requestid, time = request.time, ttl, "RPC request outside its TTL; ignored");
@@ -487,26 +534,52 @@ impl Core {
             }
         };
 
-        if let Some(e) = &refused {
-            tracing::warn!(requestid = %request.requestid, callerid = %request.callerid, code = e.code(), "refusing RPC request: {e}");
+        if let Some(Err(refusal)) = &caller {
+            tracing::warn!(requestid = %request.requestid, callerid = %request.callerid, code = refusal.code, "refusing RPC request: {}", refusal.reason);
         }
-        let (request, filter, reply_to, refused) = (&request, &filter, message.reply.as_deref(), refused.as_ref());
+        // The policy files are read once for every node this request reaches.
+        let policy = self.policy.prepare(&request.agent);
+        if !policy.problems().is_empty() {
+            self.report_policy_problems(&targets[0], &request, &policy).await;
+        }
+        let delivery = Delivery {
+            request: &request,
+            filter: &filter,
+            reply_to: message.reply.as_deref(),
+            caller: caller.as_ref(),
+            policy: &policy,
+            now,
+        };
+        let delivery = &delivery;
         futures::stream::iter(targets)
             .for_each_concurrent(self.options.node_concurrency.max(1), |node| async move {
-                self.process(&node, request, filter, reply_to, refused).await
+                self.process(&node, delivery).await
             })
             .await;
     }
 
+    /// Audits the policy lines that cannot be used, once per change of the file.
+    async fn report_policy_problems(&self, node: &HostedNode, request: &RpcRequest, policy: &Prepared) {
+        let site = node.emitter.site().unwrap_or("local");
+        for problem in policy.problems() {
+            let mut audit = AuditRecord::new(
+                node.ctx.identity.clone(),
+                site,
+                request.callerid.clone(),
+                AuditAction::Unknown,
+                JsonObject::new(),
+            );
+            audit.reason = Some(problem.to_string());
+            audit.code = Some("policy_line_unusable".into());
+            if let Err(e) = node.emitter.emit(audit).await {
+                tracing::error!(identity = %node.ctx.identity, error = %e, "cannot record a policy problem");
+            }
+        }
+    }
+
     /// Steps 2 to 6 on one node.
-    async fn process(
-        &self,
-        node: &HostedNode,
-        request: &RpcRequest,
-        filter: &CompiledFilter,
-        reply_to: Option<&str>,
-        refused: Option<&chorus_schemas::signature::VerifyError>,
-    ) {
+    async fn process(&self, node: &HostedNode, delivery: &Delivery<'_>) {
+        let Delivery { request, filter, reply_to, caller, policy, now } = *delivery;
         let stats = &node.stats;
         RpcStats::bump(&stats.total);
         if !filter.matches(&node.ctx, &self.agent_names) {
@@ -516,13 +589,20 @@ impl Core {
         RpcStats::bump(&stats.passed);
         let identity = node.ctx.identity.as_str();
 
-        // Signature required and not valid: recorded and refused, the policy not consulted.
-        if let Some(e) = refused {
-            RpcStats::bump(&stats.denied);
-            // Refused either way; a failure to record is logged by record_request.
-            self.record_request(node, request).await.ok();
-            let reason = format!("request signature refused ({}): {e}", e.code());
-            return self.answer(node, RpcReply::denied(request, identity, reason), reply_to).await;
+        // Caller not proven, or a request this node already ran: recorded, audited and
+        // refused, the policy not consulted.
+        if let (Some(caller), Some(security)) = (caller, self.options.security.as_deref()) {
+            let refusal = match caller {
+                Err(refusal) => Some(refusal.clone()),
+                Ok(_) if !security.first(request, node.number, now) => Some(Refusal {
+                    code: "replayed",
+                    reason: format!("request {} was already run on this node", request.requestid),
+                }),
+                Ok(_) => None,
+            };
+            if let Some(refusal) = refusal {
+                return self.refuse(node, request, refusal, reply_to).await;
+            }
         }
 
         let registered = self.agents.get(&request.agent).filter(|a| a.actions.contains(&request.action));
@@ -541,7 +621,7 @@ impl Core {
                 reply
             }
             Some(registered) => {
-                let decision = self.policy.authorize(request, &node.ctx);
+                let decision = policy.decide(request, &node.ctx, &self.agent_names);
                 let recorded = self.record_request(node, request).await;
                 if !decision.allowed {
                     RpcStats::bump(&stats.denied);
@@ -570,6 +650,25 @@ impl Core {
         self.answer(node, reply, reply_to).await;
     }
 
+    /// Refuses a request whose caller is not proven: counted as denied, recorded, audited
+    /// with the code and reason, and answered.
+    async fn refuse(&self, node: &HostedNode, request: &RpcRequest, refusal: Refusal, reply_to: Option<&str>) {
+        RpcStats::bump(&node.stats.denied);
+        // Refused either way; a failure to record is logged by record_request.
+        self.record_request(node, request).await.ok();
+        let site = node.emitter.site().unwrap_or("local");
+        let document = serde_json::to_value(request).ok().and_then(|v| v.as_object().cloned()).unwrap_or_default();
+        let mut audit =
+            AuditRecord::new(node.ctx.identity.clone(), site, request.callerid.clone(), AuditAction::Deny, document);
+        audit.reason = Some(refusal.reason.clone());
+        audit.code = Some(refusal.code.to_string());
+        if let Err(e) = node.emitter.emit(audit).await {
+            tracing::error!(identity = %node.ctx.identity, requestid = %request.requestid, error = %e, "cannot record the audit event of a refused request");
+        }
+        let reason = format!("request refused ({}): {}", refusal.code, refusal.reason);
+        self.answer(node, RpcReply::denied(request, &node.ctx.identity, reason), reply_to).await;
+    }
+
     /// Records the request on the node's event stream.
     async fn record_request(&self, node: &HostedNode, request: &RpcRequest) -> Result<(), String> {
         node.emitter.emit(request.clone()).await.map(drop).map_err(|e| {
@@ -578,12 +677,13 @@ impl Core {
         })
     }
 
-    /// Records the reply, then sends it (if the caller asked for replies).
+    /// Records the reply, then sends it (if the caller asked for replies), signed by the
+    /// node's key when it has one.
     async fn answer(&self, node: &HostedNode, mut reply: RpcReply, reply_to: Option<&str>) {
-        let mut payload = match serde_json::to_vec(&reply) {
+        let mut payload = match encode_reply(node, &reply) {
             Ok(p) => p,
             Err(e) => {
-                tracing::error!(error = %e, "cannot encode RPC reply");
+                tracing::error!(identity = %node.ctx.identity, error = %e, "cannot sign or encode RPC reply");
                 return;
             }
         };
@@ -591,7 +691,7 @@ impl Core {
             reply.statuscode = StatusCode::UnknownError;
             reply.statusmsg = format!("reply of {} bytes exceeds the maximum payload", payload.len());
             reply.data = JsonObject::new();
-            payload = serde_json::to_vec(&reply).unwrap_or_default();
+            payload = encode_reply(node, &reply).unwrap_or_default();
         }
         if let Err(e) = node.emitter.emit(reply.clone()).await {
             tracing::error!(identity = %node.ctx.identity, requestid = %reply.requestid, error = %e, "cannot record RPC reply");
@@ -603,5 +703,16 @@ impl Core {
                 tracing::warn!(identity = %node.ctx.identity, error = %e, "cannot send RPC reply")
             }
         }
+    }
+}
+
+/// The reply as sent: signed with its node credential when the node has a key, else bare.
+fn encode_reply(node: &HostedNode, reply: &RpcReply) -> Result<Vec<u8>, String> {
+    match &node.identity {
+        Some(identity) => {
+            let envelope = ReplyEnvelope::signed(reply.clone(), identity).map_err(|e| e.to_string())?;
+            serde_json::to_vec(&envelope).map_err(|e| e.to_string())
+        }
+        None => serde_json::to_vec(reply).map_err(|e| e.to_string()),
     }
 }

@@ -72,7 +72,7 @@ async fn fleet(
     let server = RpcServer::new(transport, agents(), policy_dir.map(Path::to_path_buf), options).unwrap();
     for (identity, country) in [("n1", "uk"), ("n2", "de"), ("n3.example.net", "uk")] {
         let emitter = Arc::new(Emitter::new(sink.clone(), 1, None));
-        server.add_node(node(identity, country), emitter).await.unwrap();
+        server.add_node(node(identity, country), emitter, None).await.unwrap();
     }
     server
 }
@@ -247,10 +247,11 @@ async fn directed_requests_reach_one_node() {
 }
 
 /// Publishes `payload` as a broadcast with a reply inbox and returns what came back
-/// within 300 ms.
+/// within 300 ms (of paused time: the test runtime advances the clock only once every task
+/// is idle, so this counts every reply the servers will ever send).
 async fn raw_broadcast(transport: &Arc<dyn Transport>, payload: Vec<u8>) -> usize {
     use futures::StreamExt;
-    let inbox = transport::reply_inbox(COLLECTIVE);
+    let inbox = transport::reply_inbox(COLLECTIVE, CALLER);
     let mut sub = transport.subscribe(&inbox).await.unwrap();
     let subject = transport::broadcast_subject(COLLECTIVE, "rpcutil");
     transport.publish(&subject, Some(&inbox), Bytes::from(payload)).await.unwrap();
@@ -261,7 +262,7 @@ async fn raw_broadcast(transport: &Arc<dyn Transport>, payload: Vec<u8>) -> usiz
     n
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn expired_requests_are_ignored() {
     let dir = tempfile::tempdir().unwrap();
     allow_bob(dir.path());
@@ -282,7 +283,7 @@ async fn expired_requests_are_ignored() {
     assert!(sink.records().is_empty());
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn malformed_requests_are_counted_and_the_server_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
     allow_bob(dir.path());
@@ -389,9 +390,9 @@ async fn rejects_bad_nodes_and_agents() {
     let transport: Arc<dyn Transport> = Arc::new(LocalTransport::new());
     let server = RpcServer::new(transport.clone(), agents(), None, ServerOptions::default()).unwrap();
     let emitter = || Arc::new(Emitter::new(Arc::new(MemorySink::default()), 1, None));
-    server.add_node(node("n1", "uk"), emitter()).await.unwrap();
-    assert!(matches!(server.add_node(node("n1", "uk"), emitter()).await, Err(RpcError::DuplicateNode(_))));
-    assert!(server.add_node(node("bad id", "uk"), emitter()).await.is_err());
+    server.add_node(node("n1", "uk"), emitter(), None).await.unwrap();
+    assert!(matches!(server.add_node(node("n1", "uk"), emitter(), None).await, Err(RpcError::DuplicateNode(_))));
+    assert!(server.add_node(node("bad id", "uk"), emitter(), None).await.is_err());
     assert!(RpcServer::new(
         transport.clone(),
         vec![Arc::new(RpcUtil), Arc::new(RpcUtil)],
@@ -413,7 +414,7 @@ async fn one_server_hosts_many_nodes() {
     const N: usize = 2000;
     for i in 0..N {
         let emitter = Arc::new(Emitter::new(sink.clone(), 1, None));
-        server.add_node(node(&format!("sim{i}.example.net"), "uk"), emitter).await.unwrap();
+        server.add_node(node(&format!("sim{i}.example.net"), "uk"), emitter, None).await.unwrap();
     }
     let results = client(transport.clone())
         .call("rpcutil", "ping", JsonObject::new(), RequestOptions { expected: Some(N), ..options(20_000) })
@@ -461,73 +462,248 @@ async fn works_over_a_real_nats_server() {
     }
 }
 
-/// Signs every request with a key, as the AAA service does.
-struct KeySigner(chorus_keys::Ed25519FileSigner);
+/// An issuer, and the keys and credentials it gives callers and nodes.
+struct Issuer(chorus_keys::FileSigner);
 
-#[async_trait]
-impl RequestSigner for KeySigner {
-    async fn sign(&self, request: RpcRequest) -> Result<super::transport::RequestEnvelope, RpcError> {
-        let signed = crate::signed::sign_request(request, &self.0, "aaa.example.net")
-            .map_err(|e| RpcError::Invalid(e.to_string()))?;
-        Ok(signed.into_envelope(None))
+impl Issuer {
+    fn new() -> Self {
+        Issuer(chorus_keys::FileSigner::random(chorus_keys::Algorithm::Ed25519))
+    }
+
+    fn issuers(&self) -> Arc<chorus_identity::Issuers> {
+        use chorus_keys::Signer;
+        Arc::new(chorus_identity::Issuers::new().with(self.0.public_key().clone()))
+    }
+
+    fn identity(
+        &self,
+        spec: impl FnOnce(chorus_keys::PublicKey) -> chorus_identity::CredentialSpec,
+    ) -> chorus_identity::Identity {
+        use chorus_keys::Signer;
+        let key = chorus_keys::FileSigner::random(chorus_keys::Algorithm::Ed25519);
+        let spec = spec(key.public_key().clone());
+        let credential = chorus_identity::Credential::issue(&self.0, &spec, chrono::Utc::now().timestamp()).unwrap();
+        chorus_identity::Identity::new(Arc::new(key), credential).unwrap()
+    }
+
+    /// A caller allowed rpcutil only.
+    fn caller(&self, callerid: &str) -> chorus_identity::Identity {
+        self.identity(|key| {
+            let mut spec = chorus_identity::CredentialSpec::client(callerid, key, Duration::from_secs(3600));
+            spec.agents = vec!["rpcutil.*".into()];
+            spec
+        })
+    }
+
+    fn node(&self, identity: &str) -> chorus_identity::Identity {
+        self.identity(|key| chorus_identity::CredentialSpec::node(identity, key, Duration::from_secs(3600)))
     }
 }
 
-/// Tampers with the request after a valid signature was made.
-struct Tamperer(KeySigner);
+/// Signs with one identity's key but presents another's credential, or changes the request
+/// after signing: what an attacker would try.
+enum Forger {
+    Tamper(chorus_identity::Identity),
+    Delegate(chorus_identity::Identity),
+}
 
 #[async_trait]
-impl RequestSigner for Tamperer {
-    async fn sign(&self, request: RpcRequest) -> Result<super::transport::RequestEnvelope, RpcError> {
-        let mut envelope = self.0.sign(request).await?;
-        envelope.request.action = "daemon_stats".into();
-        Ok(envelope)
+impl RequestSigner for Forger {
+    async fn sign(&self, request: RpcRequest) -> Result<RequestEnvelope, RpcError> {
+        match self {
+            Forger::Tamper(identity) => {
+                let mut envelope = RequestEnvelope::signed(request, identity).unwrap();
+                envelope.request.action = "daemon_stats".into();
+                Ok(envelope)
+            }
+            Forger::Delegate(identity) => Ok(RequestEnvelope::delegated(request, identity).unwrap()),
+        }
     }
+}
+
+/// The audit records a memory sink holds: (caller, code).
+fn audits(sink: &MemorySink) -> Vec<(String, String)> {
+    sink.records()
+        .into_iter()
+        .filter_map(|r| match r.data {
+            Event::Audit(a) => Some((a.callerid, a.code.unwrap_or_default())),
+            _ => None,
+        })
+        .collect()
 }
 
 #[tokio::test]
-async fn a_server_with_a_verifier_runs_only_requests_signed_by_a_trusted_key() {
-    use chorus_keys::{Ed25519FileSigner, Signer};
-    use chorus_schemas::signature::Verifier;
+async fn a_secure_server_runs_only_requests_proven_to_come_from_their_caller() {
     let dir = tempfile::tempdir().unwrap();
     allow_bob(dir.path());
+    let issuer = Issuer::new();
     let transport: Arc<dyn Transport> = Arc::new(LocalTransport::new());
     let sink = Arc::new(MemorySink::default());
-    let seed = [7u8; 32];
-    let key = Ed25519FileSigner::from_seed(&seed);
-    let verifier = Arc::new(Verifier::new().with_key(&key.public_key()).unwrap());
-    let server_options = ServerOptions { verifier: Some(verifier), ..Default::default() };
+    let security = Arc::new(RequestSecurity::new(issuer.issuers()));
+    let server_options = ServerOptions { security: Some(security), ..Default::default() };
     let server = RpcServer::new(transport.clone(), agents(), Some(dir.path().into()), server_options).unwrap();
     let emitter = Arc::new(Emitter::new(sink.clone(), 1, None));
-    server.add_node(node("n1", "uk"), emitter).await.unwrap();
-    let trusted = || KeySigner(Ed25519FileSigner::from_seed(&seed));
-    let ping = |client: RpcClient| async move {
-        let results = client
-            .call("rpcutil", "ping", JsonObject::new(), RequestOptions { expected: Some(1), ..options(10_000) })
-            .await
-            .unwrap();
-        assert_eq!(results.replies.len(), 1);
+    server.add_node(node("n1", "uk"), emitter, Some(issuer.node("n1"))).await.unwrap();
+    let bob = issuer.caller(CALLER);
+    let call = |client: RpcClient, agent: &'static str, ttl: u64| async move {
+        let options = RequestOptions { expected: Some(1), ttl, ..options(10_000) };
+        let results = client.call(agent, "ping", JsonObject::new(), options).await.unwrap();
+        assert_eq!(results.replies.len(), 1, "{results:?}");
         results.replies.into_iter().next().unwrap()
     };
+    let refused = |reply: RpcReply, code: &str| {
+        assert_eq!((reply.statuscode, reply.authorized), (StatusCode::Aborted, false), "{reply:?}");
+        let policy = reply.policy.unwrap_or_default();
+        assert!(policy.contains(&format!("refused ({code})")), "wanted {code}: {policy}");
+    };
+    let signed = || RpcClient::signed(transport.clone(), bob.clone(), COLLECTIVE).with_trust(issuer.issuers());
 
-    let signed = ping(client(transport.clone()).with_request_signer(Arc::new(trusted()))).await;
-    assert_eq!(signed.statuscode, StatusCode::Ok, "{signed:?}");
+    // The caller's own signed request runs, and its reply is signed by the node.
+    let ok = signed()
+        .call("rpcutil", "ping", JsonObject::new(), RequestOptions { expected: Some(1), ..options(10_000) })
+        .await
+        .unwrap();
+    assert_eq!((ok.summary.ok, ok.summary.unverified), (1, 0), "{ok:?}");
 
-    let unsigned = ping(client(transport.clone())).await;
-    assert_eq!((unsigned.statuscode, unsigned.authorized), (StatusCode::Aborted, false));
-    assert!(unsigned.policy.as_deref().unwrap().contains("refused (unsigned)"), "{unsigned:?}");
+    refused(call(client(transport.clone()), "rpcutil", 60).await, "unsigned");
+    // bob's key and credential, claiming to be someone else.
+    let forged = RpcClient::new(transport.clone(), "up=admin", COLLECTIVE)
+        .with_request_signer(Arc::new(CallerSigner(bob.clone())));
+    refused(call(forged, "rpcutil", 60).await, "caller_mismatch");
+    let stranger = Issuer::new().caller(CALLER);
+    refused(call(RpcClient::signed(transport.clone(), stranger, COLLECTIVE), "rpcutil", 60).await, "unknown_issuer");
+    let tampered = client(transport.clone()).with_request_signer(Arc::new(Forger::Tamper(bob.clone())));
+    refused(call(tampered, "rpcutil", 60).await, "bad_signature");
+    refused(call(signed(), "shell", 60).await, "agent_not_allowed");
+    refused(call(signed(), "rpcutil", 3600).await, "ttl_too_long");
+    // A caller signing for another without the delegator right.
+    let mallory = issuer.caller("up=mallory");
+    let posing = client(transport.clone()).with_request_signer(Arc::new(Forger::Delegate(mallory)));
+    refused(call(posing, "rpcutil", 60).await, "not_delegator");
+    // A real delegator may sign for bob.
+    let aaa = issuer.identity(|key| {
+        let mut spec = chorus_identity::CredentialSpec::client("aaa=aaa1", key, Duration::from_secs(3600));
+        spec.delegator = true;
+        spec
+    });
+    let delegated = client(transport.clone()).with_request_signer(Arc::new(Forger::Delegate(aaa)));
+    assert_eq!(call(delegated, "rpcutil", 60).await.statuscode, StatusCode::Ok);
 
-    let stranger =
-        ping(client(transport.clone()).with_request_signer(Arc::new(KeySigner(Ed25519FileSigner::random())))).await;
-    assert!(stranger.policy.as_deref().unwrap().contains("refused (unknown_key)"), "{stranger:?}");
+    // Every refusal is recorded and audited with its code.
+    let codes: Vec<String> = audits(&sink).into_iter().map(|(_, code)| code).collect();
+    assert_eq!(
+        codes,
+        [
+            "unsigned",
+            "caller_mismatch",
+            "unknown_issuer",
+            "bad_signature",
+            "agent_not_allowed",
+            "ttl_too_long",
+            "not_delegator"
+        ]
+    );
+    assert_eq!(server.stats().denied, 7);
+    assert_eq!(sink.requests().len(), 9);
+}
 
-    let tampered = ping(client(transport.clone()).with_request_signer(Arc::new(Tamperer(trusted())))).await;
-    assert_eq!(tampered.statuscode, StatusCode::Aborted);
-    assert!(tampered.policy.as_deref().unwrap().contains("refused (bad_signature)"), "{tampered:?}");
+#[tokio::test(start_paused = true)]
+async fn a_signed_request_runs_once_per_node_and_answers_only_its_caller() {
+    use futures::StreamExt;
+    let dir = tempfile::tempdir().unwrap();
+    allow_bob(dir.path());
+    let issuer = Issuer::new();
+    let transport: Arc<dyn Transport> = Arc::new(LocalTransport::new());
+    let sink = Arc::new(MemorySink::default());
+    let options_ = ServerOptions {
+        security: Some(Arc::new(RequestSecurity::new(issuer.issuers()))),
+        wildcard_directed: true,
+        ..Default::default()
+    };
+    let server = RpcServer::new(transport.clone(), agents(), Some(dir.path().into()), options_).unwrap();
+    for id in ["n1", "n2"] {
+        let emitter = Arc::new(Emitter::new(sink.clone(), 1, None));
+        server.add_node(node(id, "uk"), emitter, Some(issuer.node(id))).await.unwrap();
+    }
+    let bob = issuer.caller(CALLER);
+    let request = RpcRequest::new(CALLER, "c", COLLECTIVE, "rpcutil", "ping", JsonObject::new());
+    let payload = serde_json::to_vec(&RequestEnvelope::signed(request, &bob).unwrap()).unwrap();
+    // First delivery: both nodes run it. The same bytes again, broadcast or directed: refused.
+    assert_eq!(raw_broadcast(&transport, payload.clone()).await, 2);
+    assert_eq!(raw_broadcast(&transport, payload.clone()).await, 2);
+    let inbox = transport::reply_inbox(COLLECTIVE, CALLER);
+    let mut sub = transport.subscribe(&inbox).await.unwrap();
+    transport
+        .publish(&transport::node_subject(COLLECTIVE, "n1"), Some(&inbox), Bytes::from(payload.clone()))
+        .await
+        .unwrap();
+    let replay = tokio::time::timeout(Duration::from_secs(1), sub.next()).await.unwrap().unwrap();
+    let replay: ReplyEnvelope = serde_json::from_slice(&replay.payload).unwrap();
+    assert!(replay.reply.policy.unwrap().contains("refused (replayed)"));
+    assert_eq!(server.stats().passed, 5);
+    let ran = sink.replies().into_iter().filter(|r| r.statuscode == StatusCode::Ok).count();
+    assert_eq!(ran, 2, "each node ran it once");
 
-    // Every request and reply is recorded, refused ones included.
-    assert_eq!(sink.requests().len(), 4);
-    let policies: Vec<Option<String>> = sink.replies().into_iter().map(|r| r.policy).collect();
-    assert_eq!(policies.iter().filter(|p| p.as_deref().is_some_and(|p| p.contains("signature refused"))).count(), 3);
-    assert_eq!(server.stats().denied, 3);
+    // A fresh signed request with its replies pointed at another caller's inbox.
+    let request = RpcRequest::new(CALLER, "c", COLLECTIVE, "rpcutil", "ping", JsonObject::new());
+    let payload = serde_json::to_vec(&RequestEnvelope::signed(request, &bob).unwrap()).unwrap();
+    let elsewhere = transport::reply_inbox(COLLECTIVE, "up=mallory");
+    let mut stolen = transport.subscribe(&elsewhere).await.unwrap();
+    transport
+        .publish(&transport::broadcast_subject(COLLECTIVE, "rpcutil"), Some(&elsewhere), Bytes::from(payload))
+        .await
+        .unwrap();
+    let refusal = tokio::time::timeout(Duration::from_secs(1), stolen.next()).await.unwrap().unwrap();
+    let refusal: ReplyEnvelope = serde_json::from_slice(&refusal.payload).unwrap();
+    assert!(refusal.reply.policy.unwrap().contains("refused (reply_subject_not_bound)"));
+    let codes: Vec<String> = audits(&sink).into_iter().map(|(_, c)| c).collect();
+    assert_eq!(codes, ["replayed", "replayed", "replayed", "reply_subject_not_bound", "reply_subject_not_bound"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_trusts_issuers_accepts_only_replies_signed_by_their_node() {
+    use futures::StreamExt;
+    let issuer = Issuer::new();
+    let transport: Arc<dyn Transport> = Arc::new(LocalTransport::new());
+    let dir = tempfile::tempdir().unwrap();
+    allow_bob(dir.path());
+    let sink = Arc::new(MemorySink::default());
+    let server =
+        RpcServer::new(transport.clone(), agents(), Some(dir.path().into()), ServerOptions::default()).unwrap();
+    let emitter = || Arc::new(Emitter::new(sink.clone(), 1, None));
+    server.add_node(node("n1", "uk"), emitter(), Some(issuer.node("n1"))).await.unwrap();
+    // n2 has no key: its replies are unsigned.
+    server.add_node(node("n2", "uk"), emitter(), None).await.unwrap();
+    // A node credential for n3 cannot be used by n1's server for another identity.
+    assert!(server.add_node(node("n1b", "uk"), emitter(), Some(issuer.node("n3"))).await.is_err());
+
+    // An impostor answers every broadcast as n3, signing with its own n4 credential.
+    let impostor = issuer.node("n4");
+    let mut requests = transport.subscribe(&transport::broadcast_subject(COLLECTIVE, "rpcutil")).await.unwrap();
+    let fake = transport.clone();
+    tokio::spawn(async move {
+        while let Some(message) = requests.next().await {
+            let envelope: RequestEnvelope = serde_json::from_slice(&message.payload).unwrap();
+            let reply = RpcReply::new(&envelope.request, "n3", StatusCode::Ok, JsonObject::new());
+            let signed = ReplyEnvelope::signed(reply, &impostor).unwrap();
+            fake.publish(message.reply.as_deref().unwrap(), None, Bytes::from(serde_json::to_vec(&signed).unwrap()))
+                .await
+                .unwrap();
+        }
+    });
+
+    let results = client(transport.clone())
+        .with_trust(issuer.issuers())
+        .call("rpcutil", "ping", JsonObject::new(), RequestOptions { expected: Some(3), ..options(10_000) })
+        .await
+        .unwrap();
+    assert_eq!(identities(&results.replies), ["n1"]);
+    assert_eq!((results.summary.ok, results.summary.unverified, results.summary.no_response), (1, 2, Some(2)));
+    let mut rejected: Vec<(String, String)> =
+        results.rejected.iter().map(|r| (r.identity.clone(), r.reason.clone())).collect();
+    rejected.sort();
+    assert_eq!(rejected[0].0, "n2");
+    assert_eq!(rejected[0].1, "unsigned reply");
+    assert_eq!(rejected[1].0, "n3");
+    assert!(rejected[1].1.contains("credential of \"n4\""), "{}", rejected[1].1);
 }

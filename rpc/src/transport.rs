@@ -12,7 +12,7 @@
 //! |---|---|
 //! | broadcast to every node with an agent | `<collective>.broadcast.agent.<agent>` |
 //! | directed to one node | `<collective>.node.<identity>` |
-//! | replies | `<collective>.reply.<unique>` |
+//! | replies | `<collective>.reply.<caller token>.<unique>` |
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -22,9 +22,7 @@ use std::task::{Context, Poll};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use chorus_schemas::RpcRequest;
 use futures::{Stream, StreamExt};
-use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use super::RpcError;
@@ -44,33 +42,12 @@ pub fn node_subject(collective: &str, identity: &str) -> String {
     format!("{collective}.node.{identity}")
 }
 
-/// A fresh, unguessable reply inbox `<collective>.reply.<32 hex digits>`.
-pub fn reply_inbox(collective: &str) -> String {
-    format!("{collective}.reply.{}", uuid::Uuid::new_v4().simple())
-}
-
-/// What travels on a request subject: the request, plus room for its authentication.
-///
-/// `signature` and `caller_jwt` are reserved for signed requests (a later change) so that
-/// adding them does not change the shape of unsigned messages: both are left off the wire
-/// when absent, and servers today ignore them.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RequestEnvelope {
-    /// The request record, exactly as it will be recorded.
-    pub request: RpcRequest,
-    /// Reserved: signature over the encoded request.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub signature: Option<String>,
-    /// Reserved: the caller's JWT.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub caller_jwt: Option<String>,
-}
-
-impl RequestEnvelope {
-    /// An unsigned envelope.
-    pub fn new(request: RpcRequest) -> Self {
-        RequestEnvelope { request, signature: None, caller_jwt: None }
-    }
+/// A fresh, unguessable reply inbox of `callerid`:
+/// `<collective>.reply.<reply token of the caller>.<32 hex digits>`. The caller's token
+/// ([`chorus_identity::reply_token`]) makes the subject private: the broker lets only the
+/// caller subscribe there, and nodes that check callers answer nowhere else.
+pub fn reply_inbox(collective: &str, callerid: &str) -> String {
+    format!("{collective}.reply.{}.{}", chorus_identity::reply_token(callerid), uuid::Uuid::new_v4().simple())
 }
 
 /// One message as received.
@@ -364,7 +341,6 @@ impl Transport for LocalTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[test]
     fn subjects_are_validated() {
@@ -377,20 +353,10 @@ mod tests {
         assert!(validate_subject("", true).is_err());
     }
 
-    #[test]
-    fn envelope_reserves_signature_fields() {
-        let req = RpcRequest::new("up=a", "c", "choria", "rpcutil", "ping", Default::default());
-        let json = serde_json::to_value(RequestEnvelope::new(req.clone())).unwrap();
-        assert_eq!(json.as_object().unwrap().len(), 1, "unsigned envelope is just the request");
-        let signed: RequestEnvelope = serde_json::from_value(serde_json::json!({
-            "request": req, "signature": "abc", "caller_jwt": "jwt"
-        }))
-        .unwrap();
-        assert_eq!(signed.signature.as_deref(), Some("abc"));
-    }
-
-    async fn next(sub: &mut Subscription) -> Option<TransportMessage> {
-        tokio::time::timeout(Duration::from_millis(200), sub.next()).await.ok().flatten()
+    /// The next message already delivered, if any: the local transport delivers during
+    /// `publish`, so nothing more can arrive later for what was published before.
+    fn next(sub: &mut Subscription) -> Option<TransportMessage> {
+        futures::FutureExt::now_or_never(sub.next()).flatten()
     }
 
     #[tokio::test]
@@ -400,11 +366,11 @@ mod tests {
         let mut wild = t.subscribe("c.node.>").await.unwrap();
         let mut other = t.subscribe("c.node.n2").await.unwrap();
         t.publish("c.node.n1.example", Some("c.reply.x"), Bytes::from_static(b"hi")).await.unwrap();
-        let m = next(&mut exact).await.unwrap();
+        let m = next(&mut exact).unwrap();
         assert_eq!(m.reply.as_deref(), Some("c.reply.x"));
         assert_eq!(m.payload, Bytes::from_static(b"hi"));
-        assert_eq!(next(&mut wild).await.unwrap().subject, "c.node.n1.example");
-        assert!(next(&mut other).await.is_none());
+        assert_eq!(next(&mut wild).unwrap().subject, "c.node.n1.example");
+        assert!(next(&mut other).is_none());
         assert!(t.publish("c.*", None, Bytes::new()).await.is_err());
     }
 

@@ -19,7 +19,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use chorus_keys::Signer;
+use chorus_keys::{Algorithm, Signer};
 use rustls::client::ResolvesClientCert;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, SubjectPublicKeyInfoDer};
@@ -111,7 +111,8 @@ pub fn client_config(settings: &TlsClientConfig) -> Result<ClientConfig, ConfigE
 }
 
 /// A rustls client configuration trusting the CAs of `ca_file` (PEM) and authenticating with
-/// the certificate chain of `cert_file` (PEM, leaf first), whose Ed25519 key `signer` holds.
+/// the certificate chain of `cert_file` (PEM, leaf first), whose key (Ed25519 or P-256)
+/// `signer` holds.
 /// Fails when the leaf certificate is not for the signer's public key.
 pub fn client_config_with_signer(
     ca_file: &Path,
@@ -120,15 +121,24 @@ pub fn client_config_with_signer(
 ) -> Result<ClientConfig, ConfigError> {
     let roots = roots(Some(ca_file))?;
     let chain = read_certs(cert_file, "tls.cert_file")?;
-    let spki = [&ED25519_SPKI_PREFIX[..], &signer.public_key()[..]].concat();
+    let spki = signer.public_key().to_spki_der();
     // The leaf's SubjectPublicKeyInfo appears verbatim in its DER.
     if !chain[0].as_ref().windows(spki.len()).any(|w| w == spki.as_slice()) {
         return Err(ConfigError::invalid(
             "tls.cert_file",
-            format!("{}: the certificate is not for the Ed25519 key {}", cert_file.display(), signer.key_id()),
+            format!(
+                "{}: the certificate is not for the {} key {}",
+                cert_file.display(),
+                signer.algorithm(),
+                signer.key_id()
+            ),
         ));
     }
-    let key = Arc::new(SignerKey { signer, spki });
+    let scheme = match signer.algorithm() {
+        Algorithm::Ed25519 => (SignatureScheme::ED25519, SignatureAlgorithm::ED25519),
+        Algorithm::EcdsaP256 => (SignatureScheme::ECDSA_NISTP256_SHA256, SignatureAlgorithm::ECDSA),
+    };
+    let key = Arc::new(SignerKey { signer, spki, scheme });
     let certified = Arc::new(CertifiedKey::new(chain, key));
     Ok(builder()?.with_root_certificates(roots).with_client_cert_resolver(Arc::new(OneCert(certified))))
 }
@@ -175,13 +185,11 @@ fn read_certs(path: &Path, field: &str) -> Result<Vec<CertificateDer<'static>>, 
     Ok(certs)
 }
 
-/// DER prefix of an Ed25519 SubjectPublicKeyInfo (RFC 8410), before the 32 key bytes.
-const ED25519_SPKI_PREFIX: [u8; 12] = [0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00];
-
 /// A rustls signing key that signs through a [`Signer`].
 struct SignerKey {
     signer: Arc<dyn Signer>,
     spki: Vec<u8>,
+    scheme: (SignatureScheme, SignatureAlgorithm),
 }
 
 impl std::fmt::Debug for SignerKey {
@@ -193,8 +201,8 @@ impl std::fmt::Debug for SignerKey {
 impl SigningKey for SignerKey {
     fn choose_scheme(&self, offered: &[SignatureScheme]) -> Option<Box<dyn rustls::sign::Signer>> {
         offered
-            .contains(&SignatureScheme::ED25519)
-            .then(|| Box::new(SignerHandle(self.signer.clone())) as Box<dyn rustls::sign::Signer>)
+            .contains(&self.scheme.0)
+            .then(|| Box::new(SignerHandle(self.signer.clone(), self.scheme.0)) as Box<dyn rustls::sign::Signer>)
     }
 
     fn public_key(&self) -> Option<SubjectPublicKeyInfoDer<'_>> {
@@ -202,11 +210,11 @@ impl SigningKey for SignerKey {
     }
 
     fn algorithm(&self) -> SignatureAlgorithm {
-        SignatureAlgorithm::ED25519
+        self.scheme.1
     }
 }
 
-struct SignerHandle(Arc<dyn Signer>);
+struct SignerHandle(Arc<dyn Signer>, SignatureScheme);
 
 impl std::fmt::Debug for SignerHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -216,11 +224,18 @@ impl std::fmt::Debug for SignerHandle {
 
 impl rustls::sign::Signer for SignerHandle {
     fn sign(&self, message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
-        self.0.sign(message).map(|sig| sig.to_vec()).map_err(|e| rustls::Error::General(format!("client key: {e}")))
+        let sig = self.0.sign(message).map_err(|e| rustls::Error::General(format!("client key: {e}")))?;
+        match self.0.algorithm() {
+            Algorithm::Ed25519 => Ok(sig.to_vec()),
+            // TLS carries ECDSA signatures DER-encoded, not as r || s.
+            Algorithm::EcdsaP256 => {
+                chorus_keys::ecdsa_der(&sig).map_err(|e| rustls::Error::General(format!("client key: {e}")))
+            }
+        }
     }
 
     fn scheme(&self) -> SignatureScheme {
-        SignatureScheme::ED25519
+        self.1
     }
 }
 
@@ -231,7 +246,14 @@ struct OneCert(Arc<CertifiedKey>);
 
 impl ResolvesClientCert for OneCert {
     fn resolve(&self, _hints: &[&[u8]], sigschemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
-        sigschemes.contains(&SignatureScheme::ED25519).then(|| self.0.clone())
+        let scheme = self.0.key.algorithm();
+        sigschemes
+            .iter()
+            .any(|s| match scheme {
+                SignatureAlgorithm::ED25519 => *s == SignatureScheme::ED25519,
+                _ => *s == SignatureScheme::ECDSA_NISTP256_SHA256,
+            })
+            .then(|| self.0.clone())
     }
 
     fn has_certs(&self) -> bool {

@@ -55,6 +55,14 @@ pub struct AuditRecord {
     /// Why the request was denied (token invalid, policy refused, ...). Not in Choria.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Stable snake_case name of the reason (`bad_signature`, `replayed`, `rate_limited`,
+    /// ...), for rules and dashboards. Not in Choria.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    /// Network address of the client the decision was about (`ip` or `ip:port`), where the
+    /// decider saw one. Not in Choria.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
     /// Id (`jti` claim) of the caller's token, to tie the decision to a credential. Not in Choria.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jti: Option<String>,
@@ -84,6 +92,8 @@ impl AuditRecord {
             time: now_unix(),
             request,
             reason: None,
+            code: None,
+            client: None,
             jti: None,
             signer: signer.into(),
         }

@@ -14,6 +14,9 @@ use crate::util::{each_variant, new_event_id, now_unix};
 /// CloudEvents `source` of every lifecycle event, as Choria sets it.
 pub const SOURCE: &str = "io.choria.lifecycle";
 
+/// The component of nodes in provisioning mode, as Choria names it.
+pub const PROVISION_MODE_COMPONENT: &str = "provision_mode_server";
+
 /// The six lifecycle event types. The lower-case name is both the 5th segment of the
 /// protocol (`io.choria.lifecycle.v1.<type>`) and the 4th token of the NATS subject.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -126,18 +126,23 @@ pub fn envelope_schema() -> Value {
             },
             "site": { "description": "Site where the event was produced.", "type": "string" },
             "sigkey": {
-                "description": "Id of the Ed25519 key that signed the event (first 16 bytes of the SHA-256 of the public key, hex); present with sig.",
+                "description": "Id of the key that signed the event (first 16 bytes of the SHA-256 of the public key, hex); present with sig.",
                 "type": "string",
                 "minLength": 1
             },
             "sig": {
-                "description": "Ed25519 signature (standard base64) of the event without sig and sigkey; see docs/SECURITY.md; present with sigkey.",
+                "description": "Signature (Ed25519, or P-256 r||s; standard base64) of the event without sig, sigkey and sigcred; see docs/SECURITY.md; present with sigkey.",
+                "type": "string",
+                "minLength": 1
+            },
+            "sigcred": {
+                "description": "The signer's node credential (a JWS issued by a trusted issuer binding the key to the node); see docs/SECURITY.md.",
                 "type": "string",
                 "minLength": 1
             }
         },
         "required": ["specversion", "id", "type", "source", "data"],
-        "dependentRequired": { "sig": ["sigkey"], "sigkey": ["sig"] },
+        "dependentRequired": { "sig": ["sigkey"], "sigkey": ["sig"], "sigcred": ["sigkey", "sig"] },
         "allOf": type_source_rules
     })
 }

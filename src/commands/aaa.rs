@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use chorus_aaa::AaaConfig;
-use chorus_keys::{Ed25519FileSigner, Signer as _};
+use chorus_keys::{Algorithm, FileSigner, Signer as _};
 use chorus_runtime::{Services, Shutdown};
 
 use crate::signal::until_signal_or_failure;
@@ -29,12 +29,15 @@ enum AaaCommand {
     /// Print an argon2id hash of a password read from standard input (one line), for the
     /// users file's `password_hash`.
     HashPassword,
-    /// Create a new Ed25519 key (PKCS#8 PEM, mode 0600) for `jwt.key` or `signer.key`, and
-    /// print its key id and public key.
+    /// Create a new key (PKCS#8 PEM, mode 0600) for `jwt.key` or `signer.key`, and print its
+    /// key id and public key.
     Keygen {
         /// Where to write the private key; an existing file is never overwritten.
         #[arg(long)]
         out: PathBuf,
+        /// ed25519, or p256.
+        #[arg(long, default_value = "ed25519")]
+        algorithm: Algorithm,
     },
 }
 
@@ -46,10 +49,10 @@ pub async fn run(args: AaaArgs) -> anyhow::Result<()> {
             println!("{}", chorus_aaa::hash_password(&password)?);
             Ok(())
         }
-        (Some(AaaCommand::Keygen { out }), _) => {
-            let key = Ed25519FileSigner::generate(&out).with_context(|| format!("creating {}", out.display()))?;
+        (Some(AaaCommand::Keygen { out, algorithm }), _) => {
+            let key = FileSigner::generate(&out, algorithm).with_context(|| format!("creating {}", out.display()))?;
             eprintln!("wrote {} (key id {})", out.display(), key.key_id());
-            print!("{}", key.public_key_pem());
+            print!("{}", key.public_key().to_pem());
             Ok(())
         }
         (None, Some(config)) => serve(config).await,

@@ -25,8 +25,9 @@ pub struct DashboardArgs {
     /// Rebuild the inventory from the first event.
     #[arg(long)]
     rebuild: bool,
-    /// Accept only events signed by these public keys (files, or directories of `.pub`
-    /// files); forged and unsigned events go to the dead-letter stream with the reason.
+    /// Accept only events signed by the node they are about, under a node credential of
+    /// these issuers (public key files, or directories of `.pem`/`.pub` files); forged,
+    /// unsigned and misattributed events go to the dead-letter stream with the reason.
     #[arg(long)]
     trust: Vec<PathBuf>,
 }
@@ -37,8 +38,8 @@ pub async fn run(args: DashboardArgs) -> anyhow::Result<()> {
     let verifier = if args.trust.is_empty() {
         None
     } else {
-        let (dirs, files): (Vec<PathBuf>, Vec<PathBuf>) = args.trust.iter().cloned().partition(|p| p.is_dir());
-        Some(Verifier::from_paths(files, dirs).map_err(|e| anyhow::anyhow!("--trust: {e}"))?)
+        let issuers = chorus_identity::Issuers::from_paths(&args.trust).map_err(|e| anyhow::anyhow!("--trust: {e}"))?;
+        Some(Verifier::new(std::sync::Arc::new(issuers)))
     };
     let options = ViewsOptions {
         state: args.state.clone().unwrap_or_else(|| args.streams.views_dir()),

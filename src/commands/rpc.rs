@@ -6,7 +6,9 @@ use std::time::Duration;
 use anyhow::Context as _;
 use chorus_aaa::{AaaClient, AaaSigner};
 use chorus_backbone::jetstream::NatsConfig;
-use chorus_rpc::{parse_fact_filter, NatsTransport, RequestOptions, RpcClient, Target};
+use chorus_identity::{Identity, Issuers, Role};
+use chorus_keys::{Algorithm, FileSigner, KeyConfig, Signer};
+use chorus_rpc::{parse_fact_filter, CallerSigner, NatsTransport, RequestOptions, RpcClient, Target};
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -25,9 +27,21 @@ pub struct RpcArgs {
     /// The collective (sub-network) to address.
     #[arg(long, default_value = "choria")]
     collective: String,
-    /// Caller id the request is made as.
-    #[arg(long, env = "CHORUS_CALLERID", default_value = "choria=cli")]
-    callerid: String,
+    /// Caller id the request is made as, on fleets that do not authenticate callers. With
+    /// --credential the caller id is the credential's.
+    #[arg(long, env = "CHORUS_CALLERID")]
+    callerid: Option<String>,
+    /// Your key (a file or a PKCS#11 URI): every request is signed with it.
+    #[arg(long, env = "CHORUS_KEY", requires = "credential")]
+    key: Option<String>,
+    /// Your client credential for that key (`chorus credential issue --client`).
+    #[arg(long, env = "CHORUS_CREDENTIAL", requires = "key")]
+    credential: Option<std::path::PathBuf>,
+    /// Trusted issuers (public key files or directories, comma-separated): only replies
+    /// signed by the node they claim to come from are counted; the others are shown as
+    /// unverified.
+    #[arg(long = "issuer", env = "CHORUS_ISSUERS", value_delimiter = ',')]
+    issuers: Vec<std::path::PathBuf>,
     /// Discovery filter on facts, e.g. `-F country=uk` (repeatable).
     #[arg(short = 'F', long = "wf")]
     facts: Vec<String>,
@@ -43,14 +57,18 @@ pub struct RpcArgs {
     /// Print every reply as JSON.
     #[arg(long)]
     json: bool,
-    /// Have requests signed by a Chorus AAA service (`chorus aaa`) instead of holding a key:
-    /// its URL, e.g. https://aaa.example.net:8443. Needs a token (`--token` or
-    /// CHORUS_AAA_TOKEN), or a login with --user and CHORUS_AAA_PASSWORD.
-    #[arg(long, env = "CHORUS_AAA_URL")]
+    /// Have requests signed by a Chorus AAA service (`chorus aaa`) instead of holding a
+    /// credential: its URL, e.g. https://aaa.example.net:8443. Needs a login with --user and
+    /// CHORUS_AAA_PASSWORD (with a fresh key for this run), or a token and the key it was
+    /// issued for (--token and --aaa-key).
+    #[arg(long, env = "CHORUS_AAA_URL", conflicts_with = "credential")]
     aaa: Option<String>,
     /// JWT from the AAA service's /login.
-    #[arg(long, env = "CHORUS_AAA_TOKEN", hide_env_values = true)]
+    #[arg(long, env = "CHORUS_AAA_TOKEN", hide_env_values = true, requires = "aaa_key")]
     token: Option<String>,
+    /// The key the --token was issued for (a file or a PKCS#11 URI).
+    #[arg(long, env = "CHORUS_AAA_KEY")]
+    aaa_key: Option<String>,
     /// Log in to the AAA service as this user (password from CHORUS_AAA_PASSWORD).
     #[arg(long)]
     user: Option<String>,
@@ -63,19 +81,44 @@ pub struct RpcArgs {
 pub async fn run(args: RpcArgs) -> anyhow::Result<()> {
     let nats = NatsConfig::from_url_list(&args.nats);
     let client = nats.connect(None).await?;
-    let mut rpc = RpcClient::new(Arc::new(NatsTransport::new(client)), &args.callerid, &args.collective);
+    let transport = Arc::new(NatsTransport::new(client));
+    let mut rpc = match (&args.key, &args.credential) {
+        (Some(key), Some(credential)) => {
+            let key = KeyConfig::parse(key).context("--key")?;
+            let identity = Identity::load(&key, credential, Role::Client, None).context("--credential")?;
+            let subject = identity.subject().to_string();
+            if let Some(callerid) = &args.callerid {
+                anyhow::ensure!(*callerid == subject, "--callerid {callerid} is not the credential's caller {subject}");
+            }
+            RpcClient::new(transport, subject, &args.collective).with_request_signer(Arc::new(CallerSigner(identity)))
+        }
+        _ => RpcClient::new(transport, args.callerid.as_deref().unwrap_or("choria=cli"), &args.collective),
+    };
     if let Some(url) = &args.aaa {
         let aaa = AaaClient::new(url, args.aaa_ca.as_deref())?;
-        let token = match (&args.token, &args.user) {
-            (Some(token), _) => token.clone(),
+        let (token, key, callerid): (String, Arc<dyn Signer>, Option<String>) = match (&args.token, &args.user) {
+            (Some(token), _) => {
+                let key = args.aaa_key.as_deref().context("--token needs --aaa-key, the key it was issued for")?;
+                (token.clone(), KeyConfig::parse(key)?.open().context("--aaa-key")?, None)
+            }
             (None, Some(user)) => {
                 let password =
                     std::env::var("CHORUS_AAA_PASSWORD").context("--user needs the password in CHORUS_AAA_PASSWORD")?;
-                aaa.login(user, &password).await?.token
+                let key: Arc<dyn Signer> = Arc::new(FileSigner::random(Algorithm::Ed25519));
+                let grant = aaa.login(user, &password, key.as_ref()).await?;
+                (grant.token, key, Some(grant.callerid))
             }
-            (None, None) => anyhow::bail!("--aaa needs --token (or CHORUS_AAA_TOKEN) or --user"),
+            (None, None) => {
+                anyhow::bail!("--aaa needs --user (password in CHORUS_AAA_PASSWORD), or --token and --aaa-key")
+            }
         };
-        rpc = rpc.with_request_signer(Arc::new(AaaSigner::new(aaa, token)));
+        if let Some(callerid) = callerid {
+            rpc = RpcClient::new(Arc::new(NatsTransport::new(nats.connect(None).await?)), callerid, &args.collective);
+        }
+        rpc = rpc.with_request_signer(Arc::new(AaaSigner::new(aaa, token, key)));
+    }
+    if !args.issuers.is_empty() {
+        rpc = rpc.with_trust(Arc::new(Issuers::from_paths(&args.issuers).context("--issuer")?));
     }
     let mut data = serde_json::Map::new();
     for kv in &args.inputs {
@@ -116,18 +159,22 @@ pub async fn run(args: RpcArgs) -> anyhow::Result<()> {
     for f in &failures {
         println!("{f}");
     }
+    for rejected in stream.rejected() {
+        println!("{:<40} UNVERIFIED: {}", rejected.identity, rejected.reason);
+    }
     let s = stream.summary();
     println!(
-        "\n{} replies: {} ok, {} denied, {} failed{} in {:.2?} (request {})",
+        "\n{} replies: {} ok, {} denied, {} failed{}{} in {:.2?} (request {})",
         s.replies,
         s.ok,
         s.denied,
         s.failed,
+        if s.unverified > 0 { format!(", {} unverified", s.unverified) } else { String::new() },
         s.no_response.map(|n| format!(", {n} did not respond")).unwrap_or_default(),
         s.elapsed,
         s.requestid
     );
-    if s.ok < s.replies || s.no_response.unwrap_or(0) > 0 {
+    if s.ok < s.replies || s.unverified > 0 || s.no_response.unwrap_or(0) > 0 {
         std::process::exit(1);
     }
     Ok(())

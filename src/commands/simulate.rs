@@ -56,7 +56,8 @@ pub async fn run(args: SimulateArgs) -> anyhow::Result<()> {
     services.push(sim.clone().start("simulated fleet", Shutdown::new()));
     if let Some(urls) = &args.streams.nats {
         let client = NatsConfig::from_url_list(urls).connect(None).await?;
-        let server = sim.host_rpc(Arc::new(NatsTransport::new(client)), "choria", args.policy_dir.clone()).await?;
+        let server =
+            sim.host_rpc(Arc::new(NatsTransport::new(client)), "choria", args.policy_dir.clone(), None).await?;
         println!("{} simulated nodes answer RPC in collective choria", server.node_count());
         services.push(server);
     }

@@ -11,10 +11,14 @@ use chorus_consumers::audit_export::{AuditExport, ExportConfig, JsonlConfig, Sin
 use chorus_consumers::dashboard::{Views, ViewsOptions};
 use chorus_consumers::inventory::StatusPolicy;
 use chorus_consumers::provisioner::{Provisioner, ProvisionerConfig, Step};
+use chorus_identity::{Credential, CredentialSpec, Identity, Issuers};
+use chorus_keys::{Algorithm, FileSigner, KeyConfig, Signer};
 use chorus_platform::{ensure_platform_streams, BackboneSink, StreamLimits};
 use chorus_producers::machine::{Machine, Manifest};
 use chorus_producers::simulator::{SimConfig, Simulator};
-use chorus_rpc::{LocalTransport, NatsTransport, RequestOptions, RpcClient, Transport};
+use chorus_rpc::{
+    ClientSecurity, LocalTransport, NatsTransport, RequestOptions, RequestSecurity, RpcClient, Transport,
+};
 use chorus_runtime::{ServiceError, Services, Shutdown, Tasks};
 
 use crate::args::StreamArgs;
@@ -122,10 +126,19 @@ async fn start(
         AuditExport::start(backbone.clone(), export, shutdown.child()).await.context("starting the audit export")?,
     );
 
+    // Identity: an issuer for this platform, a key and node credential for every simulated
+    // node, client credentials for the demo operator and the provisioner. Every request is
+    // signed by its caller and every reply by its node, as on a real secure fleet.
+    let identity = PlatformIdentity::open(&data.join("identity"))?;
+    let security = Some(Arc::new(RequestSecurity::new(identity.issuers.clone())));
+
     // The fleet.
     let mut config = SimConfig::new(args.nodes);
     config.alive_interval = args.alive_interval;
-    let sim = Arc::new(Simulator::new(config, Arc::new(BackboneSink(backbone.clone())))?);
+    let sim = Arc::new(
+        Simulator::new(config, Arc::new(BackboneSink(backbone.clone())))?
+            .with_identities(&identity.issuer, CREDENTIAL_VALIDITY)?,
+    );
     let transport: Arc<dyn Transport> = match &args.streams.nats {
         Some(urls) => Arc::new(NatsTransport::new(NatsConfig::from_url_list(urls).connect(None).await?)),
         None => Arc::new(LocalTransport::new()),
@@ -140,7 +153,7 @@ async fn start(
     )?;
     let storm = sim.startup_storm().await?;
     services.push(sim.clone().start("simulated fleet", shutdown.child()));
-    let rpc = sim.host_rpc(transport.clone(), "choria", Some(policy_dir.clone())).await?;
+    let rpc = sim.host_rpc(transport.clone(), "choria", Some(policy_dir.clone()), security.clone()).await?;
     println!(
         "{} simulated nodes started ({} startup events in {:.2?}); {} answer RPC",
         args.nodes,
@@ -159,6 +172,7 @@ async fn start(
             .with_data(serde_json::json!({"fact": "os"}).as_object().cloned().unwrap_or_default()),
     ]);
     provisioning.state_dir = data.join("provisioner");
+    provisioning.security = Some(identity.client_files("choria=provisioner")?);
     let provisioner = Provisioner::start(backbone.clone(), transport.clone(), provisioning, shutdown.child())
         .await
         .context("starting the provisioner")?;
@@ -167,8 +181,11 @@ async fn start(
     fresh.prefix = "new".into();
     fresh.component = "provision_mode_server".into();
     fresh.alive_interval = args.alive_interval;
-    let new_nodes = Arc::new(Simulator::new(fresh, Arc::new(BackboneSink(backbone.clone())))?);
-    services.push(new_nodes.host_rpc(transport.clone(), "choria", Some(policy_dir)).await?);
+    let new_nodes = Arc::new(
+        Simulator::new(fresh, Arc::new(BackboneSink(backbone.clone())))?
+            .with_identities(&identity.issuer, CREDENTIAL_VALIDITY)?,
+    );
+    services.push(new_nodes.host_rpc(transport.clone(), "choria", Some(policy_dir), security).await?);
     if args.new_nodes > 0 {
         new_nodes.startup_storm().await?;
         println!("{} new nodes started in provisioning mode", args.new_nodes);
@@ -185,11 +202,65 @@ async fn start(
     println!("{machines} nodes run the demo autonomous agent");
     // A demo operator pings the fleet every minute: every request and reply is recorded in
     // CHORUS_RPC and exported to the audit file.
-    let client = RpcClient::new(transport.clone(), "chorus=demo-operator", "choria");
+    let client = RpcClient::signed(transport.clone(), identity.client("chorus=demo-operator")?, "choria")
+        .with_trust(identity.issuers.clone());
     services.push(DemoOperator::start(client, args.nodes, shutdown.child()));
     println!("\nDashboard: {url}\n  JSON: {url}api/summary  {url}api/nodes  Prometheus: {url}metrics");
     println!("Audit records: {}\nPress Ctrl-C to stop.", audit_file.display());
     Ok(())
+}
+
+/// How long the credentials `chorus up` issues are valid (they are issued again at every start).
+const CREDENTIAL_VALIDITY: Duration = Duration::from_secs(30 * 86_400);
+
+/// The issuer of a `chorus up` platform, kept in `<data>/identity` so events signed in an
+/// earlier run still verify.
+struct PlatformIdentity {
+    dir: std::path::PathBuf,
+    issuer: FileSigner,
+    issuers: Arc<Issuers>,
+}
+
+impl PlatformIdentity {
+    /// Opens (or creates) the issuer key in `dir` and writes its public key beside it.
+    fn open(dir: &std::path::Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let path = dir.join("issuer.key");
+        let issuer =
+            if path.exists() { FileSigner::load(&path)? } else { FileSigner::generate(&path, Algorithm::Ed25519)? };
+        std::fs::write(dir.join("issuer.pub"), issuer.public_key().to_pem())?;
+        let issuers = Arc::new(Issuers::new().with(issuer.public_key().clone()));
+        Ok(PlatformIdentity { dir: dir.to_path_buf(), issuer, issuers })
+    }
+
+    /// A fresh key and client credential for `callerid`, in memory.
+    fn client(&self, callerid: &str) -> anyhow::Result<Identity> {
+        let key = FileSigner::random(Algorithm::Ed25519);
+        let spec = CredentialSpec::client(callerid, key.public_key().clone(), CREDENTIAL_VALIDITY);
+        let credential = Credential::issue(&self.issuer, &spec, chrono::Utc::now().timestamp())?;
+        Ok(Identity::new(Arc::new(key), credential)?)
+    }
+
+    /// A key and client credential for `callerid` written to files, as a service's
+    /// configuration names them.
+    fn client_files(&self, callerid: &str) -> anyhow::Result<ClientSecurity> {
+        let name = callerid.replace(['=', '/'], "-");
+        let key_path = self.dir.join(format!("{name}.key"));
+        let key = if key_path.exists() {
+            FileSigner::load(&key_path)?
+        } else {
+            FileSigner::generate(&key_path, Algorithm::Ed25519)?
+        };
+        let spec = CredentialSpec::client(callerid, key.public_key().clone(), CREDENTIAL_VALIDITY);
+        let credential = Credential::issue(&self.issuer, &spec, chrono::Utc::now().timestamp())?;
+        let credential_path = self.dir.join(format!("{name}.cred"));
+        std::fs::write(&credential_path, format!("{}\n", credential.token()))?;
+        Ok(ClientSecurity {
+            key: KeyConfig::KeyFile(key_path),
+            credential: credential_path,
+            issuers: vec![self.dir.join("issuer.pub")],
+        })
+    }
 }
 
 /// The demo operator: an `rpcutil ping` of the fleet every minute.

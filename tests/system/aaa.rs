@@ -1,7 +1,8 @@
 //! The AAA service (`chorus aaa`) against a real nats-server: login with right and wrong
 //! passwords; expired tokens, wrong tenants and agents outside the token refused; allowed
-//! requests signed, and the signature verified by an RPC server that runs only signed
-//! requests. Every decision is checked in `CHORUS_AUDIT`: count, decision and reason.
+//! requests signed for the caller by the service's delegator credential, and accepted by a
+//! node that authenticates every caller. Every decision is checked in `CHORUS_AUDIT`:
+//! count, decision and reason.
 //!
 //! The service is started the way `chorus aaa --config` starts it ([`chorus_aaa::start`]), with its
 //! audit records going straight to JetStream, so each record is stored before the HTTP
@@ -14,32 +15,55 @@ use chorus_aaa::{AaaClient, AaaConfig, AaaError, AaaSigner, RunningAaa};
 use chorus_backbone::jetstream::{JetStreamBackbone, NatsAuth, NatsConfig};
 use chorus_backbone::Backbone;
 use chorus_broker::BrokerConfig;
-use chorus_keys::parse_public_key;
+use chorus_keys::{Algorithm, FileSigner, Signer};
 use chorus_platform::BackboneSink;
 use chorus_platform::Emitter;
 use chorus_platform::{ensure_platform_streams, StreamLimits};
 use chorus_rpc::agents::RpcUtil;
-use chorus_rpc::{NatsTransport, NodeContext, RequestOptions, RpcClient, RpcServer, ServerOptions, Transport};
+use chorus_rpc::{
+    NatsTransport, NodeContext, RequestOptions, RequestSecurity, RpcClient, RpcServer, ServerOptions, Transport,
+};
 use chorus_runtime::{Service as _, Shutdown};
-use chorus_schemas::signature::Verifier;
 use chorus_schemas::{AuditAction, AuditRecord, Event, EventRecord, RpcRequest, StatusCode};
+
+use crate::issuer::TestIssuer;
 use chorus_testkit::conformance::read_all;
 use chorus_testkit::nats::NatsServer;
 
-struct Aaa {
-    running: RunningAaa,
-    client: AaaClient,
-    dir: tempfile::TempDir,
+pub struct Aaa {
+    pub running: RunningAaa,
+    pub client: AaaClient,
+    pub dir: tempfile::TempDir,
+    /// The fleet's issuer, which gave the service its delegator credential.
+    pub issuer: TestIssuer,
+    /// The key this test's client logs in with.
+    pub key: Arc<FileSigner>,
+}
+
+impl Aaa {
+    /// Logs `user` in with the test client's key.
+    pub async fn login(&self, user: &str, password: &str) -> Result<chorus_aaa::LoginGrant, AaaError> {
+        self.client.login(user, password, self.key.as_ref()).await
+    }
+
+    /// Has `request` signed with `token` and the test client's key.
+    pub async fn sign(&self, token: &str, request: &RpcRequest) -> Result<chorus_rpc::RequestEnvelope, AaaError> {
+        self.client.sign(token, request, self.key.as_ref()).await
+    }
 }
 
 /// Starts the service from a configuration file, as `chorus aaa --config` does. Users:
 /// alice (tenant acme, `rpcutil.*` and `puppet.status`), gina (tenant globex, `*`).
-async fn start_aaa(audit: NatsConfig) -> Aaa {
+pub async fn start_aaa(audit: NatsConfig) -> Aaa {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    for key in ["jwt.pem", "signer.pem"] {
-        chorus_keys::Ed25519FileSigner::generate(d.join(key)).unwrap();
-    }
+    FileSigner::generate(d.join("jwt.pem"), Algorithm::Ed25519).unwrap();
+    let issuer = TestIssuer::new();
+    issuer.files(d, "signer", |key| {
+        let mut spec = chorus_identity::CredentialSpec::client("aaa=aaa1", key, Duration::from_secs(86_400));
+        spec.delegator = true;
+        spec
+    });
     let alice = chorus_aaa::hash_password("alice-pw").unwrap();
     let gina = chorus_aaa::hash_password("gina-pw").unwrap();
     std::fs::write(
@@ -64,7 +88,7 @@ tenants:
   acme: {{collectives: [acme]}}
   globex: {{collectives: [globex]}}
 jwt: {{key: {{key_file: {d}/jwt.pem}}, validity: 1h}}
-signer: {{key: {{key_file: {d}/signer.pem}}}}
+signer: {{key: {{key_file: {d}/signer.key}}, credential: {d}/signer.cred}}
 audit: {{state_dir: {d}/unused}}
 "#,
             d = d.display()
@@ -73,17 +97,17 @@ audit: {{state_dir: {d}/unused}}
     };
     let running = chorus_aaa::start(&config, Shutdown::new(), Duration::from_secs(5)).await.unwrap();
     let client = AaaClient::new(&format!("http://{}", running.addr), None).unwrap();
-    Aaa { running, client, dir }
+    Aaa { running, client, dir, issuer, key: Arc::new(FileSigner::random(Algorithm::Ed25519)) }
 }
 
-async fn site(server: &NatsServer) -> Arc<dyn Backbone> {
+pub async fn site(server: &NatsServer) -> Arc<dyn Backbone> {
     let b: Arc<dyn Backbone> = Arc::new(JetStreamBackbone::connect(&NatsConfig::new([server.url()])).await.unwrap());
     ensure_platform_streams(&*b, &StreamLimits::default()).await.unwrap();
     b
 }
 
 /// Every audit record in `CHORUS_AUDIT`, in order, with the subject it was stored under.
-async fn audit_records(b: &dyn Backbone) -> Vec<(String, AuditRecord)> {
+pub async fn audit_records(b: &dyn Backbone) -> Vec<(String, AuditRecord)> {
     read_all(b, "CHORUS_AUDIT")
         .await
         .into_iter()
@@ -96,11 +120,11 @@ async fn audit_records(b: &dyn Backbone) -> Vec<(String, AuditRecord)> {
         .collect()
 }
 
-fn request(callerid: &str, collective: &str, agent: &str, action: &str) -> RpcRequest {
+pub fn request(callerid: &str, collective: &str, agent: &str, action: &str) -> RpcRequest {
     RpcRequest::new(callerid, "laptop.example.net", collective, agent, action, Default::default())
 }
 
-fn refused_code(result: Result<impl std::fmt::Debug, AaaError>, status: u16) -> String {
+pub fn refused_code(result: Result<impl std::fmt::Debug, AaaError>, status: u16) -> String {
     match result {
         Err(AaaError::Refused { status: s, code, .. }) if s == status => code,
         other => panic!("expected a {status} refusal, got {other:?}"),
@@ -113,9 +137,9 @@ async fn login_with_right_and_wrong_password() {
     let b = site(&server).await;
     let mut aaa = start_aaa(NatsConfig::new([server.url()])).await;
 
-    assert_eq!(refused_code(aaa.client.login("alice", "alice-pw-wrong").await, 401), "bad_credentials");
-    assert_eq!(refused_code(aaa.client.login("mallory", "whatever").await, 401), "bad_credentials");
-    let grant = aaa.client.login("alice", "alice-pw").await.unwrap();
+    assert_eq!(refused_code(aaa.login("alice", "alice-pw-wrong").await, 401), "bad_credentials");
+    assert_eq!(refused_code(aaa.login("mallory", "whatever").await, 401), "bad_credentials");
+    let grant = aaa.login("alice", "alice-pw").await.unwrap();
     assert_eq!(grant.callerid, "up=alice");
     let claims = aaa.running.service.tokens().verify(&grant.token).unwrap();
     assert_eq!((claims.tenant.as_str(), claims.collectives.as_slice()), ("acme", &["acme".to_string()][..]));
@@ -150,10 +174,10 @@ async fn expired_token_is_refused_and_audited() {
     // A token the service itself issued two hours ago for one hour.
     let users = chorus_aaa::Users::load(&aaa.dir.path().join("users.yaml")).unwrap();
     let issued = chrono::Utc::now().timestamp() - 7200;
-    let claims = tokens.claims_for(users.get("alice").unwrap(), &["acme".into()], issued);
+    let claims = tokens.claims_for(users.get("alice").unwrap(), &["acme".into()], aaa.key.public_key().clone(), issued);
     let expired = tokens.sign(&claims).unwrap();
 
-    let code = refused_code(aaa.client.sign(&expired, &request("up=alice", "acme", "rpcutil", "ping")).await, 401);
+    let code = refused_code(aaa.sign(&expired, &request("up=alice", "acme", "rpcutil", "ping")).await, 401);
     assert_eq!(code, "token_expired");
 
     let records = audit_records(&*b).await;
@@ -171,15 +195,14 @@ async fn wrong_tenant_is_refused_and_audited() {
     let server = NatsServer::start().unwrap();
     let b = site(&server).await;
     let mut aaa = start_aaa(NatsConfig::new([server.url()])).await;
-    let alice = aaa.client.login("alice", "alice-pw").await.unwrap();
+    let alice = aaa.login("alice", "alice-pw").await.unwrap();
     let jti = aaa.running.service.tokens().verify(&alice.token).unwrap().jti;
 
     // alice (acme) addressing globex's collective, even with an agent she may call.
-    let code =
-        refused_code(aaa.client.sign(&alice.token, &request("up=alice", "globex", "rpcutil", "ping")).await, 403);
+    let code = refused_code(aaa.sign(&alice.token, &request("up=alice", "globex", "rpcutil", "ping")).await, 403);
     assert_eq!(code, "wrong_tenant");
     // Pretending to be gina does not help: the caller must be the token's.
-    let code = refused_code(aaa.client.sign(&alice.token, &request("up=gina", "globex", "rpcutil", "ping")).await, 403);
+    let code = refused_code(aaa.sign(&alice.token, &request("up=gina", "globex", "rpcutil", "ping")).await, 403);
     assert_eq!(code, "caller_mismatch");
 
     let records = audit_records(&*b).await;
@@ -194,6 +217,7 @@ async fn wrong_tenant_is_refused_and_audited() {
     );
     assert_eq!(wrong.jti.as_deref(), Some(jti.as_str()));
     assert!(records[2].1.reason.as_deref().unwrap().contains("does not match the token"), "{:?}", records[2].1.reason);
+    assert!(records.iter().all(|(_, r)| r.client.as_deref().is_some_and(|c| c.starts_with("127.0.0.1:"))));
     aaa.running.stop().await.unwrap();
 }
 
@@ -202,14 +226,14 @@ async fn request_outside_the_tokens_agents_is_refused_and_audited() {
     let server = NatsServer::start().unwrap();
     let b = site(&server).await;
     let mut aaa = start_aaa(NatsConfig::new([server.url()])).await;
-    let alice = aaa.client.login("alice", "alice-pw").await.unwrap();
+    let alice = aaa.login("alice", "alice-pw").await.unwrap();
 
     for (agent, action) in [("puppet", "run"), ("shell", "run")] {
-        let code = refused_code(aaa.client.sign(&alice.token, &request("up=alice", "acme", agent, action)).await, 403);
+        let code = refused_code(aaa.sign(&alice.token, &request("up=alice", "acme", agent, action)).await, 403);
         assert_eq!(code, "agent_not_allowed");
     }
     // puppet.status is listed explicitly, rpcutil by wildcard.
-    aaa.client.sign(&alice.token, &request("up=alice", "acme", "puppet", "status")).await.unwrap();
+    aaa.sign(&alice.token, &request("up=alice", "acme", "puppet", "status")).await.unwrap();
 
     let records = audit_records(&*b).await;
     let decisions: Vec<(AuditAction, Option<&str>)> =
@@ -227,8 +251,9 @@ async fn request_outside_the_tokens_agents_is_refused_and_audited() {
 }
 
 /// The whole chain on a broker configured by `chorus broker config`: the AAA service audits
-/// as the least-privilege `aaa` user; an RPC client holding no key has its request signed;
-/// the node runs only requests signed by the AAA service's key (fetched from `/keys`).
+/// as the least-privilege `aaa` user; an RPC client holding no credential has its request
+/// signed for it; the node, trusting the fleet's issuer, runs it as the caller, and refuses
+/// the same request unsigned.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn allowed_request_is_signed_audited_and_run_by_a_verifying_node() {
     let dir = tempfile::tempdir().unwrap();
@@ -243,7 +268,7 @@ tenants:
       - {{user: acme-admin, role: admin, password: acme-admin-pw}}
       - {{user: acme-aaa, role: aaa, password: acme-aaa-pw}}
       - {{user: acme-agent, role: agent, password: acme-agent-pw}}
-      - {{user: acme-client, role: client, password: acme-client-pw}}
+      - {{user: acme-client, role: client, password: acme-client-pw, callerid: up=alice}}
   globex:
     collectives: [globex]
     users: [{{user: globex-admin, role: admin, password: globex-admin-pw}}]
@@ -263,9 +288,8 @@ tenants:
     ensure_platform_streams(&*admin, &StreamLimits::default()).await.unwrap();
     let mut aaa = start_aaa(as_user("acme-aaa")).await;
 
-    // The node: trusts the AAA service's request key; its policy would allow anyone.
-    let keys = aaa.client.keys().await.unwrap();
-    let verifier = Verifier::new().with_key(&parse_public_key(&keys.request.public_key_pem).unwrap()).unwrap();
+    // The node: trusts the fleet's issuer; its policy would allow anyone.
+    let security = Arc::new(RequestSecurity::new(aaa.issuer.issuers()));
     let policies = dir.path().join("policy");
     std::fs::create_dir_all(&policies).unwrap();
     std::fs::write(policies.join("rpcutil.policy"), "policy default deny\nallow\t*\t*\t*\t*\n").unwrap();
@@ -273,18 +297,20 @@ tenants:
     let node_site: Arc<dyn Backbone> =
         Arc::new(JetStreamBackbone::from_client(agent_conn.clone(), &as_user("acme-agent")));
     let emitter = Arc::new(Emitter::new(Arc::new(BackboneSink(node_site)), 1, Some("london".into())));
-    let options = ServerOptions { verifier: Some(Arc::new(verifier)), ..Default::default() };
+    let options = ServerOptions { security: Some(security), ..Default::default() };
     let node_transport: Arc<dyn Transport> = Arc::new(NatsTransport::new(agent_conn));
     let server_rpc = RpcServer::new(node_transport, vec![Arc::new(RpcUtil)], Some(policies), options).unwrap();
-    server_rpc.add_node(NodeContext::new("node1.acme.net", "acme"), emitter).await.unwrap();
+    let node_identity = aaa.issuer.node("node1.acme.net");
+    server_rpc.add_node(NodeContext::new("node1.acme.net", "acme"), emitter, Some(node_identity)).await.unwrap();
 
     // The caller logs in and holds nothing but the token.
-    let grant = aaa.client.login("alice", "alice-pw").await.unwrap();
+    let grant = aaa.login("alice", "alice-pw").await.unwrap();
     let client_conn = as_user("acme-client").connect(None).await.unwrap();
     let transport: Arc<dyn Transport> = Arc::new(NatsTransport::new(client_conn));
     let signed_rpc = RpcClient::new(transport.clone(), grant.callerid.clone(), "acme")
         .with_senderid("laptop.acme.net")
-        .with_request_signer(Arc::new(AaaSigner::new(aaa.client.clone(), grant.token.clone())));
+        .with_request_signer(Arc::new(AaaSigner::new(aaa.client.clone(), grant.token.clone(), aaa.key.clone())))
+        .with_trust(aaa.issuer.issuers());
     let options = RequestOptions { expected: Some(1), timeout: Duration::from_secs(30), ..Default::default() };
     let results = signed_rpc.call("rpcutil", "ping", Default::default(), options.clone()).await.unwrap();
     let signed_requestid = results.request.requestid.clone();
@@ -301,7 +327,7 @@ tenants:
     assert_eq!(results.replies.len(), 1);
     let refused = &results.replies[0];
     assert_eq!((refused.statuscode, refused.authorized), (StatusCode::Aborted, false), "{refused:?}");
-    assert!(refused.policy.as_deref().unwrap_or_default().contains("signature"), "{refused:?}");
+    assert!(refused.policy.as_deref().unwrap_or_default().contains("refused (unsigned)"), "{refused:?}");
 
     let records = audit_records(&*admin).await;
     let decisions: Vec<(AuditAction, &str, &str)> = records

@@ -273,7 +273,7 @@ async fn simulated_nodes_answer_rpc_and_record_it() {
     sim.startup_storm().await.unwrap();
     let client = async_nats::connect(server.url()).await.unwrap();
     let _rpc = sim
-        .host_rpc(Arc::new(NatsTransport::new(client.clone())), "choria", Some(dir.path().to_path_buf()))
+        .host_rpc(Arc::new(NatsTransport::new(client.clone())), "choria", Some(dir.path().to_path_buf()), None)
         .await
         .unwrap();
     let rpc = RpcClient::new(Arc::new(NatsTransport::new(client)), "choria=tester", "choria");

@@ -12,8 +12,9 @@ use std::process::Command;
 /// top.
 const FLOORS: &[(&str, u32)] = &[
     ("chorus-keys", 0),
-    ("chorus-schemas", 1),
+    ("chorus-identity", 1),
     ("chorus-runtime", 1),
+    ("chorus-schemas", 2),
     ("chorus-backbone", 2),
     ("chorus-testkit", 3),
     ("chorus-platform", 3),

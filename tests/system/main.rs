@@ -12,6 +12,7 @@ mod docs;
 mod durability;
 mod floors;
 mod fuzz;
+mod issuer;
 mod provision;
 mod replicate;
 mod security;

@@ -108,13 +108,13 @@ async fn startup_storm_of_1000_nodes_provisions_each_exactly_once() {
     // Every node answers RPC over one connection; the broken ones from a server that denies.
     let client = async_nats::connect(server.url()).await.unwrap();
     let transport: Arc<dyn Transport> = Arc::new(NatsTransport::new(client));
-    let good = sim.host_rpc(transport.clone(), "choria", Some(allow)).await.unwrap();
+    let good = sim.host_rpc(transport.clone(), "choria", Some(allow), None).await.unwrap();
     let rpcutil: Vec<Arc<dyn Agent>> = vec![Arc::new(agents::RpcUtil)];
     let options = ServerOptions { wildcard_directed: true, ..Default::default() };
     let broken = RpcServer::new(transport.clone(), rpcutil, Some(deny), options).unwrap();
     for i in BROKEN {
         assert!(good.remove_node("choria", &identity(i)));
-        broken.add_node(context(i), sim.nodes()[i].emitter.clone()).await.unwrap();
+        broken.add_node(context(i), sim.nodes()[i].emitter.clone(), None).await.unwrap();
     }
 
     // Two malformed messages where the provisioner reads, then the storm.
@@ -153,7 +153,7 @@ async fn startup_storm_of_1000_nodes_provisions_each_exactly_once() {
     // The broken nodes are fixed: the sweep retries them.
     for i in BROKEN {
         assert!(broken.remove_node("choria", &identity(i)));
-        good.add_node(context(i), sim.nodes()[i].emitter.clone()).await.unwrap();
+        good.add_node(context(i), sim.nodes()[i].emitter.clone(), None).await.unwrap();
     }
     until(&p2, "all nodes provisioned", |p| p.counts().unwrap().provisioned == NODES as u64).await;
 

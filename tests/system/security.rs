@@ -1,8 +1,10 @@
-//! Signatures and PKCS#11 against a real SoftHSM2 token and a real nats-server:
+//! Signatures and PKCS#11 against a real SoftHSM2 token and a real nats-server, with both
+//! algorithms (Ed25519, and ECDSA P-256 for tokens without Ed25519):
 //!
-//! * events (and RPC request records) signed with an Ed25519 key generated on the token verify,
-//!   and a projector with a verifier dead-letters unsigned, tampered and untrusted events
-//!   with the reason while applying the rest;
+//! * keys generated on the token never leave it and reopen by label;
+//! * events (and RPC request records) signed with a node key on the token, under its node
+//!   credential, verify; a projector trusting the issuer dead-letters unsigned, tampered,
+//!   foreign and misattributed events with the reason while applying the rest;
 //! * mutual TLS to nats-server (`verify: true`) with the client certificate's private key on
 //!   the token, and events published and replayed through that connection.
 //!
@@ -17,7 +19,8 @@ use std::sync::Arc;
 use chorus_backbone::jetstream::{JetStreamBackbone, NatsConfig};
 use chorus_backbone::Backbone;
 use chorus_consumers::projection::{Projector, ProjectorOptions, Store, Txn, View, ViewError};
-use chorus_keys::{Ed25519FileSigner, KeyConfig, Pkcs11Config, Pkcs11Signer, Signer};
+use chorus_identity::{Credential, CredentialSpec, Issuers};
+use chorus_keys::{Algorithm, FileSigner, KeyConfig, Pkcs11Config, Pkcs11Signer, Signer};
 use chorus_platform::deadletter::DeadLetter;
 use chorus_platform::ensure_platform_streams;
 use chorus_platform::to_message;
@@ -92,31 +95,34 @@ fn the_token_key_is_generated_once_never_leaves_and_reopens_by_label() {
     wrong.pin = Some("0000".into());
     let err = Pkcs11Signer::open(&wrong).unwrap_err();
     assert!(err.to_string().contains("pkcs11 login") && err.to_string().contains("wrong PIN"), "{err}");
-    let generated = Pkcs11Signer::generate(&hsm.config("events")).unwrap();
-    // A second key with the same label is refused.
-    let err = Pkcs11Signer::generate(&hsm.config("events")).unwrap_err();
-    assert!(err.to_string().contains("already has objects labelled"), "{err}");
+    for algorithm in [Algorithm::Ed25519, Algorithm::EcdsaP256] {
+        let label = format!("events-{algorithm}");
+        let generated = Pkcs11Signer::generate(&hsm.config(&label), algorithm).unwrap();
+        assert_eq!(generated.algorithm(), algorithm);
+        // A second key with the same label is refused.
+        let err = Pkcs11Signer::generate(&hsm.config(&label), algorithm).unwrap_err();
+        assert!(err.to_string().contains("already has objects labelled"), "{err}");
 
-    // Reopened from another signer (PIN from a file this time): the same key.
-    let pin_file = hsm.path("pin");
-    std::fs::write(&pin_file, format!("{PIN}\n")).unwrap();
-    let mut config = hsm.config("events");
-    config.pin = None;
-    config.pin_file = Some(pin_file);
-    let reopened = Pkcs11Signer::open(&config).unwrap();
-    assert_eq!(reopened.public_key(), generated.public_key());
-    assert_eq!(reopened.key_id(), generated.key_id());
-    assert_eq!(reopened.key_id(), chorus_keys::key_id(&generated.public_key()));
+        // Reopened from another signer (PIN from a file this time): the same key.
+        let pin_file = hsm.path("pin");
+        std::fs::write(&pin_file, format!("{PIN}\n")).unwrap();
+        let mut config = hsm.config(&label);
+        config.pin = None;
+        config.pin_file = Some(pin_file);
+        let reopened = Pkcs11Signer::open(&config).unwrap();
+        assert_eq!(reopened.public_key(), generated.public_key());
+        assert_eq!(reopened.key_id(), chorus_keys::key_id(generated.public_key().as_bytes()));
 
-    // The token signs pure Ed25519: an ordinary verifier accepts its signatures.
-    let verifier = Verifier::new().with_key(&generated.public_key()).unwrap();
-    let sig = reopened.sign(b"message").unwrap();
-    assert_eq!(verifier.verify_bytes(reopened.key_id(), b"message", &sig), Ok(()));
-    // Ed25519 is deterministic: both handles give the same signature.
-    assert_eq!(generated.sign(b"message").unwrap(), sig);
+        // The token's signatures check with the public key alone, as any verifier does.
+        let sig = reopened.sign(b"message").unwrap();
+        assert!(generated.public_key().verify(b"message", &sig), "{algorithm}");
+        assert!(!generated.public_key().verify(b"messagE", &sig), "{algorithm}");
+        if algorithm == Algorithm::Ed25519 {
+            // Ed25519 is deterministic: both handles give the same signature.
+            assert_eq!(generated.sign(b"message").unwrap(), sig);
+        }
 
-    // The private key is sensitive and not extractable: its value cannot be read.
-    {
+        // The private key is sensitive and not extractable: its value cannot be read.
         use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
         use cryptoki::object::{Attribute, AttributeInfo, AttributeType, ObjectClass};
         use cryptoki::session::UserType;
@@ -127,7 +133,7 @@ fn the_token_key_is_generated_once_never_leaves_and_reopens_by_label() {
         let session = ctx.open_ro_session(slot).unwrap();
         session.login(UserType::User, Some(&PIN.into())).ok();
         let private = session
-            .find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY), Attribute::Label(b"events".to_vec())])
+            .find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY), Attribute::Label(label.as_bytes().to_vec())])
             .unwrap();
         assert_eq!(private.len(), 1);
         let info = session.get_attribute_info(private[0], &[AttributeType::Value]).unwrap();
@@ -142,8 +148,8 @@ fn the_token_key_is_generated_once_never_leaves_and_reopens_by_label() {
 
     // Unknown key label, unknown token: clear errors at open.
     let err = Pkcs11Signer::open(&hsm.config("absent")).unwrap_err();
-    assert!(err.to_string().contains("no Ed25519 private key labelled \"absent\""), "{err}");
-    let mut other_token = hsm.config("events");
+    assert!(err.to_string().contains("no private key labelled \"absent\""), "{err}");
+    let mut other_token = hsm.config("events-ed25519");
     other_token.token_label = Some("nope".into());
     assert!(Pkcs11Signer::open(&other_token).unwrap_err().to_string().contains("no token labelled"));
 }
@@ -167,29 +173,40 @@ impl View for Versions {
 #[test]
 fn token_signed_events_verify_and_a_projector_dead_letters_forged_and_unsigned_ones() {
     let hsm = SoftHsm::init();
-    let signer = Arc::new(Pkcs11Signer::generate(&hsm.config("events")).unwrap());
-    let stranger = Ed25519FileSigner::generate(hsm.path("stranger.pem")).unwrap();
-    let trust = hsm.path("trusted");
-    std::fs::create_dir(&trust).unwrap();
-    std::fs::write(trust.join("events.pem"), chorus_keys::public_key_pem(&signer.public_key())).unwrap();
-    let mut verifier = Verifier::new();
-    assert_eq!(verifier.trust_dir(&trust).unwrap(), 1);
-    let verifier = Arc::new(verifier);
+    for algorithm in [Algorithm::Ed25519, Algorithm::EcdsaP256] {
+        token_signed_events(&hsm, algorithm);
+    }
+}
+
+/// n1's key on the token, with a node credential for n1 from the issuer the projector trusts.
+fn token_signed_events(hsm: &SoftHsm, algorithm: Algorithm) {
+    let signer = Arc::new(Pkcs11Signer::generate(&hsm.config(&format!("n1-{algorithm}")), algorithm).unwrap());
+    let issuer = FileSigner::random(Algorithm::EcdsaP256);
+    let now = chrono::Utc::now().timestamp() - 60;
+    let node = |identity: &str, key: &dyn Signer, issuer: &FileSigner| {
+        let spec = CredentialSpec::node(identity, key.public_key().clone(), std::time::Duration::from_secs(3600));
+        Credential::issue(issuer, &spec, now).unwrap().token().to_string()
+    };
+    let n1 = node("n1.example.net", &*signer, &issuer);
+    let stranger = FileSigner::random(algorithm);
+    let stranger_cred = node("n4.example.net", &stranger, &FileSigner::random(Algorithm::Ed25519));
+    let verifier = Arc::new(Verifier::new(Arc::new(Issuers::new().with(issuer.public_key().clone()))));
+    let sign = |r: EventRecord| r.signed(&*signer, Some(&n1)).unwrap();
 
     // Signed on the token, through the wire format, verified.
-    let good = alive("n1.example.net", "1.0.0", 1).signed(&*signer).unwrap();
+    let good = sign(alive("n1.example.net", "1.0.0", 1));
     let decoded = EventRecord::decode(&good.encode()).unwrap();
-    assert_eq!(verifier.verify(&decoded), Ok(signer.key_id()));
+    assert_eq!(verifier.verify(&decoded).unwrap().identity, "n1.example.net");
 
     // RPC request records are signed and verified the same way.
     let mut data = chorus_schemas::rpc::JsonObject::new();
     data.insert("service".into(), "nginx".into());
-    let request =
-        EventRecord::new(RpcRequest::new("choria=ops", "ops.example.net", "choria", "service", "restart", data), 1)
-            .signed(&*signer)
-            .unwrap();
+    let request = sign(EventRecord::new(
+        RpcRequest::new("choria=ops", "ops.example.net", "choria", "service", "restart", data),
+        1,
+    ));
     let decoded = EventRecord::decode(&request.encode()).unwrap();
-    assert_eq!(verifier.verify(&decoded), Ok(signer.key_id()));
+    assert!(verifier.verify(&decoded).is_ok());
     let mut escalated = decoded.clone();
     if let Event::RpcRequest(r) = &mut escalated.data {
         r.action = "stop".into();
@@ -197,17 +214,19 @@ fn token_signed_events_verify_and_a_projector_dead_letters_forged_and_unsigned_o
     assert_eq!(verifier.verify(&escalated), Err(VerifyError::BadSignature(signer.key_id().into())));
 
     // Tampered after signing: the payload changed on the wire, signature kept.
-    let signed = alive("n2.example.net", "1.0.0", 2).signed(&*signer).unwrap();
+    let signed = sign(alive("n1.example.net", "1.0.0", 2));
     let mut wire: serde_json::Value = serde_json::from_slice(&signed.encode()).unwrap();
     wire["data"]["version"] = "6.6.6".into();
     let tampered = serde_json::to_vec(&wire).unwrap();
 
     let unsigned = alive("n3.example.net", "1.0.0", 3);
-    let by_stranger = alive("n4.example.net", "1.0.0", 4).signed(&stranger).unwrap();
-    // A stranger's signature claiming the token's key id: forged.
-    let mut forged = alive("n5.example.net", "1.0.0", 5).signed(&stranger).unwrap();
+    let by_stranger = alive("n4.example.net", "1.0.0", 4).signed(&stranger, Some(&stranger_cred)).unwrap();
+    // A stranger's signature claiming the token's key id and credential: forged.
+    let mut forged = alive("n1.example.net", "1.0.0", 5).signed(&stranger, Some(&n1)).unwrap();
     forged.signature.as_mut().unwrap().key_id = signer.key_id().to_owned();
-    let last = alive("n6.example.net", "2.0.0", 6).signed(&*signer).unwrap();
+    // n1's key signing an event about n5: refused.
+    let misattributed = sign(alive("n5.example.net", "1.0.0", 6));
+    let last = sign(alive("n1.example.net", "2.0.0", 7));
 
     let server = NatsServer::start().unwrap();
     runtime().block_on(async {
@@ -222,6 +241,7 @@ fn token_signed_events_verify_and_a_projector_dead_letters_forged_and_unsigned_o
             to_message(&unsigned).unwrap(),
             to_message(&by_stranger).unwrap(),
             to_message(&forged).unwrap(),
+            to_message(&misattributed).unwrap(),
             to_message(&last).unwrap(),
         ];
         backbone.publish_batch(messages).await.unwrap();
@@ -231,11 +251,10 @@ fn token_signed_events_verify_and_a_projector_dead_letters_forged_and_unsigned_o
         let mut projector =
             Projector::new(backbone.clone(), CHORUS_LIFECYCLE, &store, Versions).unwrap().with_options(options);
         let stats = projector.catch_up().await.unwrap();
-        assert_eq!((stats.applied, stats.dead_lettered, stats.checkpoint), (2, 4, 6));
+        assert_eq!((stats.applied, stats.dead_lettered, stats.checkpoint), (2, 5, 7));
         let state = projector.state();
-        assert_eq!(state.get_json::<String>(b"node/n1.example.net").unwrap().as_deref(), Some("1.0.0"));
-        assert_eq!(state.get_json::<String>(b"node/n6.example.net").unwrap().as_deref(), Some("2.0.0"));
-        for refused in ["n2", "n3", "n4", "n5"] {
+        assert_eq!(state.get_json::<String>(b"node/n1.example.net").unwrap().as_deref(), Some("2.0.0"));
+        for refused in ["n3", "n4", "n5"] {
             let key = format!("node/{refused}.example.net");
             assert_eq!(state.get_json::<String>(key.as_bytes()).unwrap(), None, "{refused} was applied");
         }
@@ -246,13 +265,21 @@ fn token_signed_events_verify_and_a_projector_dead_letters_forged_and_unsigned_o
             .map(|m| DeadLetter::from_message(m).unwrap())
             .collect();
         let summary: Vec<(u64, &str)> = letters.iter().map(|l| (l.sequence, l.code.as_str())).collect();
-        assert_eq!(summary, vec![(2, "bad_signature"), (3, "unsigned"), (4, "unknown_key"), (5, "bad_signature")]);
+        assert_eq!(
+            summary,
+            vec![
+                (2, "bad_signature"),
+                (3, "unsigned"),
+                (4, "unknown_issuer"),
+                (5, "bad_signature"),
+                (6, "wrong_identity")
+            ]
+        );
         assert!(letters.iter().all(|l| l.origin == "signed_versions" && l.stream == CHORUS_LIFECYCLE));
         assert!(letters[0].reason.contains("tampered or forged"), "{}", letters[0].reason);
         assert!(letters[0].payload.as_deref().unwrap().contains("6.6.6"));
         assert_eq!(letters[1].reason, "event is not signed");
-        assert!(letters[2].reason.contains(stranger.key_id()), "{}", letters[2].reason);
-        assert!(letters[3].reason.contains(signer.key_id()), "{}", letters[3].reason);
+        assert!(letters[4].reason.contains("n5.example.net"), "{}", letters[4].reason);
     });
 }
 
@@ -266,19 +293,22 @@ struct Pki {
 }
 
 /// The token's public key, for rcgen to put in a certificate.
-struct TokenPublicKey([u8; 32]);
+struct TokenPublicKey(chorus_keys::PublicKey);
 
 impl rcgen::PublicKeyData for TokenPublicKey {
     fn der_bytes(&self) -> &[u8] {
-        &self.0
+        self.0.as_bytes()
     }
 
     fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
-        &rcgen::PKCS_ED25519
+        match self.0.algorithm() {
+            Algorithm::Ed25519 => &rcgen::PKCS_ED25519,
+            Algorithm::EcdsaP256 => &rcgen::PKCS_ECDSA_P256_SHA256,
+        }
     }
 }
 
-fn pki(dir: &Path, client_key: [u8; 32]) -> Pki {
+fn pki(dir: &Path, client_key: chorus_keys::PublicKey) -> Pki {
     use rcgen::{
         BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
     };
@@ -321,9 +351,16 @@ fn pki(dir: &Path, client_key: [u8; 32]) -> Pki {
 #[test]
 fn mutual_tls_to_nats_with_the_client_key_held_by_the_token() {
     let hsm = SoftHsm::init();
-    let token = hsm.config("nats-client");
-    let signer = Arc::new(Pkcs11Signer::generate(&token).unwrap());
-    let pki = pki(hsm.dir.path(), signer.public_key());
+    for algorithm in [Algorithm::Ed25519, Algorithm::EcdsaP256] {
+        mutual_tls_with(&hsm, algorithm);
+    }
+}
+
+fn mutual_tls_with(hsm: &SoftHsm, algorithm: Algorithm) {
+    let token = hsm.config(&format!("nats-client-{algorithm}"));
+    let signer = Arc::new(Pkcs11Signer::generate(&token, algorithm).unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path(), signer.public_key().clone());
 
     let server = NatsServer::builder()
         .extra_config(&format!(
@@ -363,9 +400,9 @@ fn mutual_tls_to_nats_with_the_client_key_held_by_the_token() {
         );
 
         // A certificate for another key is refused before any connection is made.
-        let stranger: Arc<dyn Signer> = Arc::new(Ed25519FileSigner::random());
+        let stranger: Arc<dyn Signer> = Arc::new(FileSigner::random(algorithm));
         let err = client_config_with_signer(&pki.ca, &pki.client_cert, stranger).unwrap_err();
-        assert!(err.to_string().contains("not for the Ed25519 key"), "{err}");
+        assert!(err.to_string().contains(&format!("not for the {algorithm} key")), "{err}");
 
         // With the token-held key: connected, events published and replayed through TLS.
         let token_key = KeyConfig::Pkcs11(token.clone()).open().unwrap();
@@ -374,15 +411,17 @@ fn mutual_tls_to_nats_with_the_client_key_held_by_the_token() {
         let backbone = JetStreamBackbone::connect_with_tls(&config, Some(tls)).await.unwrap();
         ensure_platform_streams(&backbone, &Default::default()).await.unwrap();
         let records: Vec<EventRecord> =
-            (1..=5).map(|i| alive(&format!("n{i}.example.net"), "1.0.0", i).signed(&*signer).unwrap()).collect();
+            (1..=5).map(|i| alive(&format!("n{i}.example.net"), "1.0.0", i).signed(&*signer, None).unwrap()).collect();
         backbone.publish_batch(records.iter().map(|r| to_message(r).unwrap()).collect()).await.unwrap();
         let stored = read_all(&backbone, CHORUS_LIFECYCLE).await;
         assert_eq!(stored.len(), records.len());
-        let verifier = Verifier::new().with_key(&signer.public_key()).unwrap();
         for (message, sent) in stored.iter().zip(&records) {
             let record = EventRecord::decode(&message.payload).unwrap();
             assert_eq!(&record, sent);
-            assert_eq!(verifier.verify(&record), Ok(signer.key_id()));
+            let signature = record.signature.as_ref().unwrap();
+            let sig = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, &signature.sig).unwrap();
+            let bytes = chorus_schemas::signature::signing_bytes(&record);
+            assert!(signer.public_key().verify(&bytes, &sig));
         }
 
         // The server saw a TLS client that presented our certificate.

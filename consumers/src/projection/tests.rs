@@ -162,38 +162,48 @@ async fn malformed_and_rejected_events_are_dead_lettered_and_passed() {
 }
 
 #[tokio::test]
-async fn with_a_verifier_unsigned_and_forged_events_are_dead_lettered_and_passed() {
-    use chorus_keys::{Ed25519FileSigner, Signer as _};
+async fn with_a_verifier_unsigned_forged_and_misattributed_events_are_dead_lettered_and_passed() {
+    use chorus_identity::{Credential, CredentialSpec, Issuers};
+    use chorus_keys::{Algorithm, FileSigner, Signer as _};
     use chorus_schemas::signature::Verifier;
     let (_dir, b) = backbone().await;
     let store = Store::temporary().unwrap();
-    let trusted = Ed25519FileSigner::random();
-    let stranger = Ed25519FileSigner::random();
+    let issuer = FileSigner::random(Algorithm::Ed25519);
+    // A node key and credential per node, from the trusted issuer or from a stranger.
+    let node = |identity: &str, issuer: &FileSigner| {
+        let key = FileSigner::random(Algorithm::Ed25519);
+        let spec = CredentialSpec::node(identity, key.public_key().clone(), std::time::Duration::from_secs(3600));
+        let credential = Credential::issue(issuer, &spec, chrono::Utc::now().timestamp() - 60).unwrap();
+        (key, credential.token().to_string())
+    };
     let alive = |n: &str| EventRecord::new(Alive::new(n, "server", "1", None), 1);
-    let mut forged = alive("n2").signed(&trusted).unwrap();
+    let sign = |r: EventRecord, (key, cred): &(FileSigner, String)| r.signed(key, Some(cred)).unwrap();
+    let (n1, n2, n4) = (node("n1", &issuer), node("n2", &issuer), node("n4", &issuer));
+    let mut forged = sign(alive("n2"), &n2);
     if let chorus_schemas::Event::Lifecycle(chorus_schemas::Lifecycle::Alive(a)) = &mut forged.data {
         a.version = "6.6.6".into();
     }
     let batch = [
-        alive("n1").signed(&trusted).unwrap(),
+        sign(alive("n1"), &n1),
         alive("n2"),
         forged,
-        alive("n3").signed(&stranger).unwrap(),
-        alive("n4").signed(&trusted).unwrap(),
+        sign(alive("n3"), &node("n3", &FileSigner::random(Algorithm::Ed25519))),
+        sign(alive("n4"), &n4),
+        sign(alive("n5"), &n4),
     ];
     b.publish_batch(batch.iter().map(|r| chorus_platform::to_message(r).unwrap()).collect()).await.unwrap();
-    let verifier = Arc::new(Verifier::new().with_key(&trusted.public_key()).unwrap());
+    let verifier = Arc::new(Verifier::new(Arc::new(Issuers::new().with(issuer.public_key().clone()))));
     let options = ProjectorOptions { verifier: Some(verifier), ..Default::default() };
     let mut p = Projector::new(b.clone(), "CHORUS_LIFECYCLE", &store, Counting).unwrap().with_options(options);
     let stats = p.catch_up().await.unwrap();
-    assert_eq!((stats.applied, stats.dead_lettered, stats.checkpoint), (2, 3, 5));
+    assert_eq!((stats.applied, stats.dead_lettered, stats.checkpoint), (2, 4, 6));
     let mut r = b.replay("CHORUS_DEADLETTER", ReplayOptions::default()).await.unwrap();
     let mut summary = Vec::new();
     while let Some(m) = r.next().await {
         let l = DeadLetter::from_message(&m.unwrap()).unwrap();
         summary.push((l.sequence, l.code));
     }
-    let expected = [(2, "unsigned"), (3, "bad_signature"), (4, "unknown_key")];
+    let expected = [(2, "unsigned"), (3, "bad_signature"), (4, "unknown_issuer"), (6, "wrong_identity")];
     assert_eq!(summary, expected.map(|(s, c)| (s, c.to_owned())));
 }
 

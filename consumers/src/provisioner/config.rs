@@ -71,9 +71,14 @@ pub struct ProvisionerConfig {
     /// Collective the nodes are reached in.
     #[serde(default = "default_collective")]
     pub collective: String,
-    /// Caller id of the requests (what the nodes' Action Policy sees).
+    /// Caller id of the requests (what the nodes' Action Policy sees), on fleets that do not
+    /// authenticate callers; with `security` it is the credential's.
     #[serde(default = "default_callerid")]
     pub callerid: String,
+    /// The provisioner's key and client credential, and the issuers whose nodes it believes:
+    /// requests are signed, and only replies signed by their node count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security: Option<chorus_rpc::ClientSecurity>,
     /// Sender id of the requests; this host's name when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub senderid: Option<String>,
@@ -162,6 +167,7 @@ impl ProvisionerConfig {
             state_dir: default_state_dir(),
             collective: default_collective(),
             callerid: default_callerid(),
+            security: None,
             senderid: None,
             step_timeout: default_step_timeout(),
             ttl: default_ttl(),

@@ -132,7 +132,10 @@ impl Provisioner {
         let store = StateStore::open(&config.state_dir)?;
         deadletter::ensure_stream(&*backbone).await?;
         let consumer = backbone.consumer(CHORUS_LIFECYCLE, &config.consumer_config()).await?;
-        let mut rpc = RpcClient::new(transport, config.callerid.clone(), config.collective.clone());
+        let mut rpc = match &config.security {
+            Some(security) => security.client(transport, config.collective.clone())?,
+            None => RpcClient::new(transport, config.callerid.clone(), config.collective.clone()),
+        };
         if let Some(sender) = &config.senderid {
             rpc = rpc.with_senderid(sender.clone());
         }

@@ -23,4 +23,7 @@ pub enum ProvisionerError {
     /// The backbone failed (opening the consumer, creating the dead-letter stream).
     #[error("backbone: {0}")]
     Backbone(#[from] BackboneError),
+    /// The RPC client could not be set up (its key, credential or issuers).
+    #[error("provisioner security: {0}")]
+    Rpc(#[from] chorus_rpc::RpcError),
 }

@@ -104,8 +104,7 @@ pub use error::ProvisionerError;
 pub use record::{EventRef, NodeRecord, NodeStatus, ProvisionedOutcome, StartupOutcome};
 pub use stats::{ProvisionerStats, StatsSnapshot, StatusCounts};
 
-/// The component of nodes in provisioning mode, as Choria names it.
-pub const PROVISION_MODE_COMPONENT: &str = "provision_mode_server";
+pub use chorus_schemas::lifecycle::PROVISION_MODE_COMPONENT;
 
 /// Subject filter of every `provisioned` lifecycle event, whoever published it.
 pub const PROVISIONED_FILTER: &str = "choria.lifecycle.event.provisioned.*";

@@ -222,7 +222,7 @@ mod in_process {
     impl Site {
         async fn host(&self, identity: &str) {
             let emitter = Arc::new(Emitter::new(Arc::new(BackboneSink(self.backbone.clone())), 1, None));
-            self.server.add_node(NodeContext::new(identity, "choria"), emitter).await.unwrap();
+            self.server.add_node(NodeContext::new(identity, "choria"), emitter, None).await.unwrap();
         }
 
         async fn startup(&self, identity: &str, component: &str) -> EventRecord {

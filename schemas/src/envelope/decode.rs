@@ -16,7 +16,7 @@ use crate::rpc::{RpcReply, RpcRequest};
 use crate::util::{clip, CLIP};
 
 use super::event::kind_source;
-use super::{DecodeError, Event, EventKind, EventRecord, EventSignature, SEQ, SIG, SIGKEY, SITE};
+use super::{DecodeError, Event, EventKind, EventRecord, EventSignature, SEQ, SIG, SIGCRED, SIGKEY, SITE};
 
 /// The CloudEvents `source` that goes with a known `type`.
 pub(crate) fn source_for_type(ty: &str) -> Option<&'static str> {
@@ -161,6 +161,8 @@ struct Wire<'a> {
     #[serde(borrow)]
     sig: Option<Cow<'a, str>>,
     #[serde(borrow)]
+    sigcred: Option<Cow<'a, str>>,
+    #[serde(borrow)]
     data_base64: Option<&'a RawValue>,
     #[serde(borrow)]
     data: Option<&'a RawValue>,
@@ -218,6 +220,7 @@ impl Attributes for Wire<'_> {
             SITE => &mut self.site,
             SIGKEY => &mut self.sigkey,
             SIG => &mut self.sig,
+            SIGCRED => &mut self.sigcred,
             _ => return Ok(None),
         };
         Ok(field.take().map(Cow::into_owned))
@@ -269,7 +272,11 @@ pub(super) fn decode_cloudevent(mut map: impl Attributes) -> Result<EventRecord,
     let time = map.string("time")?.map(|t| parse_time(&t)).transpose()?;
     let seq = map.seq()?;
     let site = map.string(SITE)?;
+    let credential = map.string(SIGCRED)?;
     let signature = match (map.string(SIGKEY)?, map.string(SIG)?) {
+        (None, None) if credential.is_some() => {
+            return Err(invalid(SIGCRED, "present without `sigkey` and `sig`".into()))
+        }
         (None, None) => None,
         (Some(key_id), Some(sig)) => {
             if key_id.is_empty() {
@@ -278,7 +285,10 @@ pub(super) fn decode_cloudevent(mut map: impl Attributes) -> Result<EventRecord,
             if sig.is_empty() {
                 return Err(invalid(SIG, "must not be empty".into()));
             }
-            Some(EventSignature { key_id, sig })
+            if credential.as_deref().is_some_and(str::is_empty) {
+                return Err(invalid(SIGCRED, "must not be empty".into()));
+            }
+            Some(EventSignature { key_id, sig, credential })
         }
         (Some(_), None) => return Err(invalid(SIG, "absent while `sigkey` is set; they go together".into())),
         (None, Some(_)) => return Err(invalid(SIGKEY, "absent while `sig` is set; they go together".into())),

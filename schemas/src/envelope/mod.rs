@@ -6,9 +6,10 @@
 //!   projections apply each event once. `0` means "unsequenced" (every Choria-produced event)
 //!   and is left off the wire; Chorus producers therefore start at 1.
 //! * `site` — where the event was produced, kept when events are replicated between sites.
-//! * `sigkey` and `sig` — an optional Ed25519 signature of the record (key id and base64
-//!   signature), see [`crate::signature`]. Decoding keeps them as received; checking them is
-//!   the [`crate::signature::Verifier`]'s job.
+//! * `sigkey`, `sig` and `sigcred` — an optional signature of the record (key id, base64
+//!   signature, and the producer's credential binding that key to the node), see
+//!   [`crate::signature`]. Decoding keeps them as received; checking them is the
+//!   [`crate::signature::Verifier`]'s job.
 //!
 //! The CloudEvents `id` is the event id and the dedupe key (use it as `Nats-Msg-Id`).
 //! Decoding treats its input as hostile: it never panics, bounds size and nesting, and says
@@ -29,6 +30,8 @@ pub(crate) const SITE: &str = "site";
 pub(crate) const SIGKEY: &str = "sigkey";
 /// Name of the signature extension attribute.
 pub(crate) const SIG: &str = "sig";
+/// Name of the signer's credential extension attribute.
+pub(crate) const SIGCRED: &str = "sigcred";
 /// Context attributes defined by CloudEvents 1.0 itself; everything else is an extension.
 pub(crate) const CORE_ATTRIBUTES: [&str; 10] =
     ["specversion", "id", "type", "source", "datacontenttype", "dataschema", "subject", "time", "data", "data_base64"];

@@ -9,7 +9,7 @@ use crate::subject::SubjectError;
 use crate::util::{clip, new_event_id, CLIP};
 
 use super::decode::{decode_cloudevent, decode_fast, decode_legacy, time_from_unix};
-use super::{DecodeError, Event, CONTENT_TYPE, CORE_ATTRIBUTES, MAX_EVENT_BYTES, SEQ, SIG, SIGKEY, SITE};
+use super::{DecodeError, Event, CONTENT_TYPE, CORE_ATTRIBUTES, MAX_EVENT_BYTES, SEQ, SIG, SIGCRED, SIGKEY, SITE};
 
 /// The signature carried by a signed [`EventRecord`], as found on the wire.
 ///
@@ -17,10 +17,14 @@ use super::{DecodeError, Event, CONTENT_TYPE, CORE_ATTRIBUTES, MAX_EVENT_BYTES, 
 /// re-encodes byte for byte; [`crate::signature::Verifier`] judges it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct EventSignature {
-    /// Id of the signing key (extension `sigkey`), see [`crate::signature::key_id`].
+    /// Id of the signing key (extension `sigkey`), see [`chorus_keys::key_id`].
     pub key_id: String,
-    /// The 64-byte Ed25519 signature in standard base64 with padding (extension `sig`).
+    /// The 64-byte signature (Ed25519, or P-256 `r || s`) in standard base64 with padding
+    /// (extension `sig`).
     pub sig: String,
+    /// The producer's credential (extension `sigcred`): an issuer's statement that the key
+    /// speaks for the node the event is about. Not covered by `sig` (the issuer signed it).
+    pub credential: Option<String>,
 }
 
 /// One event with its envelope: what producers publish, streams store and consumers apply.
@@ -42,7 +46,7 @@ pub struct EventRecord {
     pub seq: u64,
     /// Producing site (extension `site`).
     pub site: Option<String>,
-    /// Signature of the record (extensions `sigkey` and `sig`), if signed; see
+    /// Signature of the record (extensions `sigkey`, `sig`, `sigcred`), if signed; see
     /// [`crate::signature::sign_record`].
     pub signature: Option<EventSignature>,
     /// The typed document (CloudEvents `data`).
@@ -107,6 +111,9 @@ impl EventRecord {
         }
         if let Some(signature) = &self.signature {
             builder = builder.extension(SIGKEY, signature.key_id.as_str()).extension(SIG, signature.sig.as_str());
+            if let Some(credential) = &signature.credential {
+                builder = builder.extension(SIGCRED, credential.as_str());
+            }
         }
         // build() fails only for a missing id/type/source or an empty source; all are set
         // and the source is a non-empty constant.

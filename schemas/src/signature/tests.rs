@@ -1,55 +1,78 @@
+use std::sync::Arc;
+use std::time::Duration;
+
 use serde_json::Value;
 
 use super::*;
 use crate::envelope::{DecodeError, EventRecord, EventSignature};
 use crate::lifecycle::Alive;
 use crate::tests::samples::samples;
-use chorus_keys::{Ed25519FileSigner, Signer};
+use chorus_identity::{Credential, CredentialSpec, Issuers};
+use chorus_keys::{Algorithm, FileSigner, Signer};
 
-/// RFC 8032 section 7.1, test 1.
-const SEED_HEX: &str = "9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60";
-const KEY_ID: &str = "21fe31dfa154a261626bf854046fd227";
+const NODE: &str = "node1.example.net";
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// An issuer, and nodes whose keys it vouches for.
+struct Fleet {
+    issuer: FileSigner,
+    verifier: Verifier,
 }
 
-fn signer() -> Ed25519FileSigner {
-    Ed25519FileSigner::from_text(SEED_HEX).unwrap()
+impl Fleet {
+    fn new() -> Self {
+        let issuer = FileSigner::random(Algorithm::Ed25519);
+        let verifier = Verifier::new(Arc::new(Issuers::new().with(issuer.public_key().clone())));
+        Fleet { issuer, verifier }
+    }
+
+    /// A key of `algorithm` for `identity` and its node credential, valid ten years from 2020.
+    fn node(&self, identity: &str, algorithm: Algorithm) -> (FileSigner, String) {
+        let key = FileSigner::random(algorithm);
+        let spec = CredentialSpec::node(identity, key.public_key().clone(), Duration::from_secs(10 * 365 * 86_400));
+        let credential = Credential::issue(&self.issuer, &spec, 1_577_836_800).unwrap();
+        (key, credential.token().to_string())
+    }
 }
 
 fn alive() -> EventRecord {
-    EventRecord::new(Alive::new("node1.example.net", "server", "0.1.0", Some(1800)), 7)
+    EventRecord::new(Alive::new(NODE, "server", "0.1.0", Some(1800)), 7)
+}
+
+fn sign(record: EventRecord, node: &(FileSigner, String)) -> EventRecord {
+    record.signed(&node.0, Some(&node.1)).unwrap()
 }
 
 #[test]
-fn every_sample_signs_survives_the_wire_and_verifies() {
-    let s = signer();
-    let verifier = Verifier::new().with_key(&s.public_key()).unwrap();
-    for (ty, record) in samples() {
-        let signed = record.clone().signed(&s).unwrap();
-        assert_eq!(signed.signature.as_ref().unwrap().key_id, KEY_ID);
-        assert_eq!(verifier.verify(&signed), Ok(KEY_ID), "{ty}");
-        let bytes = signed.encode();
-        let wire: Value = serde_json::from_slice(&bytes).unwrap();
-        assert_eq!(wire["sigkey"], KEY_ID, "{ty}");
-        assert!(wire["sig"].is_string(), "{ty}");
-        let decoded = EventRecord::decode(&bytes).unwrap();
-        assert_eq!(decoded, signed, "{ty}");
-        assert_eq!(decoded.encode(), bytes, "{ty}");
-        assert_eq!(verifier.verify(&decoded), Ok(KEY_ID), "{ty}");
-        // The signed bytes are those of the record without its signature.
-        assert_eq!(signing_bytes(&signed), signing_bytes(&record), "{ty}");
-        assert_eq!(verifier.verify(&record), Err(VerifyError::Unsigned), "{ty}");
+fn every_sample_signs_survives_the_wire_and_verifies_with_both_algorithms() {
+    let fleet = Fleet::new();
+    for algorithm in [Algorithm::Ed25519, Algorithm::EcdsaP256] {
+        for (ty, record) in samples() {
+            let node = fleet.node(&record.subject, algorithm);
+            let signed = sign(record.clone(), &node);
+            let key_id = node.0.key_id();
+            assert_eq!(signed.signature.as_ref().unwrap().key_id, key_id);
+            assert_eq!(fleet.verifier.verify(&signed).unwrap().identity, record.subject, "{ty}");
+            let bytes = signed.encode();
+            let wire: Value = serde_json::from_slice(&bytes).unwrap();
+            assert_eq!(wire["sigkey"], key_id, "{ty}");
+            assert!(wire["sig"].is_string(), "{ty}");
+            assert_eq!(wire["sigcred"], node.1.as_str(), "{ty}");
+            let decoded = EventRecord::decode(&bytes).unwrap();
+            assert_eq!(decoded, signed, "{ty}");
+            assert_eq!(decoded.encode(), bytes, "{ty}");
+            assert!(fleet.verifier.verify(&decoded).is_ok(), "{ty}");
+            // The signed bytes are those of the record without its signature.
+            assert_eq!(signing_bytes(&signed), signing_bytes(&record), "{ty}");
+            assert_eq!(fleet.verifier.verify(&record), Err(VerifyError::Unsigned), "{ty}");
+        }
     }
 }
 
 #[test]
 fn key_order_on_the_wire_does_not_matter() {
-    let s = signer();
-    let verifier = Verifier::new().with_key(&s.public_key()).unwrap();
+    let fleet = Fleet::new();
     let (_, request) = samples().into_iter().find(|(ty, _)| *ty == "io.choria.rpc.v1.request").unwrap();
-    let bytes = request.signed(&s).unwrap().encode();
+    let bytes = sign(request, &fleet.node("any-node", Algorithm::Ed25519)).encode();
     // Re-serialize with every object's keys reversed.
     fn reverse(v: &Value) -> String {
         match v {
@@ -65,7 +88,7 @@ fn key_order_on_the_wire_does_not_matter() {
     let shuffled = reverse(&serde_json::from_slice(&bytes).unwrap());
     assert_ne!(shuffled.as_bytes(), &bytes[..]);
     let decoded = EventRecord::decode(shuffled.as_bytes()).unwrap();
-    assert_eq!(verifier.verify(&decoded), Ok(KEY_ID));
+    assert!(fleet.verifier.verify(&decoded).is_ok());
 }
 
 /// Changes one thing of the wire JSON of a signed record and decodes it.
@@ -77,11 +100,11 @@ fn tampered(bytes: &[u8], change: impl FnOnce(&mut Value)) -> EventRecord {
 
 #[test]
 fn any_change_after_signing_is_a_bad_signature() {
-    let s = signer();
-    let verifier = Verifier::new().with_key(&s.public_key()).unwrap();
-    let signed = alive().with_site("london").signed(&s).unwrap();
+    let fleet = Fleet::new();
+    let node = fleet.node(NODE, Algorithm::Ed25519);
+    let signed = sign(alive().with_site("london"), &node);
     let bytes = signed.encode();
-    let bad = Err(VerifyError::BadSignature(KEY_ID.into()));
+    let bad = Err(VerifyError::BadSignature(node.0.key_id().into()));
     type Change = Box<dyn FnOnce(&mut Value)>;
     let changes: Vec<(&str, Change)> = vec![
         ("data", Box::new(|v| v["data"]["version"] = "9.9.9".into())),
@@ -94,24 +117,17 @@ fn any_change_after_signing_is_a_bad_signature() {
                 v.as_object_mut().unwrap().remove("site");
             }),
         ),
-        ("time", Box::new(|v| v["time"] = "2030-01-01T00:00:00Z".into())),
-        (
-            "subject and identity",
-            Box::new(|v| {
-                v["subject"] = "evil".into();
-                v["data"]["identity"] = "evil".into();
-            }),
-        ),
+        ("time", Box::new(|v| v["time"] = "2025-01-01T00:00:00Z".into())),
     ];
     for (what, change) in changes {
         let record = tampered(&bytes, change);
-        assert_eq!(verifier.verify(&record), bad, "{what}");
+        assert_eq!(fleet.verifier.verify(&record), bad, "{what}");
     }
     // A signature of another record does not transfer.
-    let other = alive().signed(&s).unwrap();
+    let other = sign(alive(), &node);
     let mut swapped = signed.clone();
     swapped.signature = other.signature.clone();
-    assert_eq!(verifier.verify(&swapped), bad);
+    assert_eq!(fleet.verifier.verify(&swapped), bad);
     // Flipping one bit of the signature.
     let mut flipped = signed.clone();
     let mut raw =
@@ -119,56 +135,92 @@ fn any_change_after_signing_is_a_bad_signature() {
             .unwrap();
     raw[5] ^= 1;
     flipped.signature.as_mut().unwrap().sig = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, raw);
-    assert_eq!(verifier.verify(&flipped), bad);
+    assert_eq!(fleet.verifier.verify(&flipped), bad);
+}
+
+#[test]
+fn a_node_key_cannot_sign_another_nodes_events() {
+    let fleet = Fleet::new();
+    let other = fleet.node("other.example.net", Algorithm::Ed25519);
+    // The other node signs an event about NODE with its own (valid) credential.
+    let err = fleet.verifier.verify(&sign(alive(), &other)).unwrap_err();
+    assert_eq!(err.code(), "wrong_identity");
+    assert!(err.to_string().contains("other.example.net"), "{err}");
+    // Changing the subject and identity after signing is caught too: bad signature first of
+    // all, and the identity no longer matches the credential.
+    let node = fleet.node(NODE, Algorithm::Ed25519);
+    let bytes = sign(alive(), &node).encode();
+    let moved = tampered(&bytes, |v| {
+        v["subject"] = "evil".into();
+        v["data"]["identity"] = "evil".into();
+    });
+    assert_eq!(fleet.verifier.verify(&moved).unwrap_err().code(), "wrong_identity");
+    // Someone else's credential beside our signature: the keys differ.
+    let mut mixed = sign(alive(), &node);
+    mixed.signature.as_mut().unwrap().credential = Some(other.1.clone());
+    assert_eq!(fleet.verifier.verify(&mixed).unwrap_err().code(), "key_mismatch");
 }
 
 #[test]
 fn a_site_stamped_by_the_replicator_keeps_the_signature_valid() {
-    let s = signer();
-    let verifier = Verifier::new().with_key(&s.public_key()).unwrap();
-    let bytes = alive().signed(&s).unwrap().encode();
+    let fleet = Fleet::new();
+    let bytes = sign(alive(), &fleet.node(NODE, Algorithm::EcdsaP256)).encode();
     let stamped = tampered(&bytes, |v| v["site"] = "east".into());
     assert_eq!(stamped.site.as_deref(), Some("east"));
-    assert_eq!(verifier.verify(&stamped), Ok(KEY_ID));
+    assert!(fleet.verifier.verify(&stamped).is_ok());
 }
 
 #[test]
-fn unsigned_unknown_key_and_malformed_signatures_are_told_apart() {
-    let s = signer();
-    let verifier = Verifier::new().with_key(&s.public_key()).unwrap();
-    assert_eq!(verifier.verify(&alive()), Err(VerifyError::Unsigned));
-    assert_eq!(VerifyError::Unsigned.code(), "unsigned");
+fn every_refusal_has_its_own_code() {
+    let fleet = Fleet::new();
+    let node = fleet.node(NODE, Algorithm::Ed25519);
+    assert_eq!(fleet.verifier.verify(&alive()).unwrap_err().code(), "unsigned");
 
-    let stranger = Ed25519FileSigner::random();
-    let by_stranger = alive().signed(&stranger).unwrap();
-    let err = verifier.verify(&by_stranger).unwrap_err();
-    assert_eq!(err, VerifyError::UnknownKey(stranger.key_id().into()));
-    assert_eq!(err.code(), "unknown_key");
-    assert!(err.to_string().contains(stranger.key_id()));
+    // Signed without a credential.
+    let bare = alive().signed(&node.0, None).unwrap();
+    assert_eq!(fleet.verifier.verify(&bare).unwrap_err().code(), "no_credential");
 
-    // Someone else's signature under our key id: forged.
-    let mut forged = by_stranger.clone();
-    forged.signature.as_mut().unwrap().key_id = KEY_ID.into();
-    let err = verifier.verify(&forged).unwrap_err();
-    assert_eq!(err, VerifyError::BadSignature(KEY_ID.into()));
-    assert_eq!(err.code(), "bad_signature");
+    // A credential from an issuer nobody trusts.
+    let stranger = Fleet::new().node(NODE, Algorithm::Ed25519);
+    let err = fleet.verifier.verify(&sign(alive(), &stranger)).unwrap_err();
+    assert_eq!(err.code(), "unknown_issuer", "{err}");
+
+    // A credential that was not valid at the event's time.
+    let key = FileSigner::random(Algorithm::Ed25519);
+    let spec = CredentialSpec::node(NODE, key.public_key().clone(), Duration::from_secs(3600));
+    let expired = Credential::issue(&fleet.issuer, &spec, 1_000_000_000).unwrap();
+    let err = fleet.verifier.verify(&alive().signed(&key, Some(expired.token())).unwrap()).unwrap_err();
+    assert_eq!(err.code(), "credential_expired", "{err}");
+
+    // A client credential is not a node's.
+    let spec = CredentialSpec::client("up=alice", key.public_key().clone(), Duration::from_secs(3600));
+    let client = Credential::issue(&fleet.issuer, &spec, chrono::Utc::now().timestamp()).unwrap();
+    let err = fleet.verifier.verify(&alive().signed(&key, Some(client.token())).unwrap()).unwrap_err();
+    assert_eq!(err.code(), "wrong_credential_role", "{err}");
+
+    // Someone else's signature under the node's key id: forged.
+    let mut forged = sign(alive(), &stranger);
+    let sig = forged.signature.as_mut().unwrap();
+    sig.key_id = node.0.key_id().into();
+    sig.credential = Some(node.1.clone());
+    assert_eq!(fleet.verifier.verify(&forged).unwrap_err().code(), "bad_signature");
 
     for (sig, reason) in [("not base64!", "not base64"), ("AAAA", "3 bytes, expected 64")] {
         let mut record = alive();
-        record.signature = Some(EventSignature { key_id: KEY_ID.into(), sig: sig.into() });
-        let err = verifier.verify(&record).unwrap_err();
+        record.signature =
+            Some(EventSignature { key_id: node.0.key_id().into(), sig: sig.into(), credential: Some(node.1.clone()) });
+        let err = fleet.verifier.verify(&record).unwrap_err();
         assert_eq!(err.code(), "malformed_signature");
         assert!(err.to_string().contains(reason), "{err}");
         // Decoding keeps a malformed signature, so the verifier can say why it is refused.
         assert_eq!(EventRecord::decode(&record.encode()).unwrap(), record);
     }
-    // No key trusted: every signature is by an unknown key.
-    assert_eq!(Verifier::new().verify(&alive().signed(&s).unwrap()).unwrap_err().code(), "unknown_key");
 }
 
 #[test]
 fn decode_wants_sig_and_sigkey_together_and_non_empty() {
-    let bytes = alive().signed(&signer()).unwrap().encode();
+    let fleet = Fleet::new();
+    let bytes = sign(alive(), &fleet.node(NODE, Algorithm::Ed25519)).encode();
     let v: Value = serde_json::from_slice(&bytes).unwrap();
     for (drop, attribute) in [("sig", "sig"), ("sigkey", "sigkey")] {
         let mut w = v.clone();
@@ -176,53 +228,28 @@ fn decode_wants_sig_and_sigkey_together_and_non_empty() {
         let err = EventRecord::decode(&serde_json::to_vec(&w).unwrap()).unwrap_err();
         assert!(matches!(err, DecodeError::InvalidAttribute { attribute: a, .. } if a == attribute), "{err}");
     }
-    for (field, value) in [("sig", Value::from("")), ("sigkey", Value::from("")), ("sig", Value::from(5))] {
+    for (field, value) in [
+        ("sig", Value::from("")),
+        ("sigkey", Value::from("")),
+        ("sig", Value::from(5)),
+        ("sigcred", Value::from("")),
+        ("sigcred", Value::from(1)),
+    ] {
         let mut w = v.clone();
         w[field] = value;
         let err = EventRecord::decode(&serde_json::to_vec(&w).unwrap()).unwrap_err();
         assert!(matches!(err, DecodeError::InvalidAttribute { attribute: a, .. } if a == field), "{err}");
     }
+    // A credential alone is not a signature.
+    let mut w = v.clone();
+    w.as_object_mut().unwrap().remove("sig");
+    w.as_object_mut().unwrap().remove("sigkey");
+    let err = EventRecord::decode(&serde_json::to_vec(&w).unwrap()).unwrap_err();
+    assert!(matches!(err, DecodeError::InvalidAttribute { attribute: "sigcred", .. }), "{err}");
     // null means absent, as for every CloudEvents attribute.
     let mut w = v.clone();
-    w["sig"] = Value::Null;
-    w["sigkey"] = Value::Null;
+    for field in ["sig", "sigkey", "sigcred"] {
+        w[field] = Value::Null;
+    }
     assert_eq!(EventRecord::decode(&serde_json::to_vec(&w).unwrap()).unwrap().signature, None);
-}
-
-#[test]
-fn verifier_trusts_key_files_and_directories() {
-    let dir = tempfile::tempdir().unwrap();
-    let a = Ed25519FileSigner::generate(dir.path().join("a.key")).unwrap();
-    let b = Ed25519FileSigner::random();
-    let trust = dir.path().join("trusted");
-    std::fs::create_dir(&trust).unwrap();
-    std::fs::write(trust.join("a.pem"), a.public_key_pem()).unwrap();
-    std::fs::write(trust.join("b.pub"), hex(&b.public_key())).unwrap();
-    std::fs::write(trust.join("README"), "not a key, not read").unwrap();
-    let mut verifier = Verifier::new();
-    assert_eq!(verifier.trust_dir(&trust).unwrap(), 2);
-    let mut ids: Vec<String> = vec![a.key_id().into(), b.key_id().into()];
-    ids.sort();
-    assert_eq!(verifier.key_ids().collect::<Vec<_>>(), ids);
-    assert!(verifier.verify(&alive().signed(&a).unwrap()).is_ok());
-    assert!(verifier.verify(&alive().signed(&b).unwrap()).is_ok());
-
-    std::fs::write(trust.join("broken.pem"), "garbage").unwrap();
-    let err = Verifier::new().trust_dir(&trust).unwrap_err();
-    assert!(err.to_string().contains("broken.pem"), "{err}");
-
-    let single = Verifier::from_paths([trust.join("a.pem")], []).unwrap();
-    assert_eq!(single.key_ids().collect::<Vec<_>>(), vec![a.key_id()]);
-    // The private key file is not a public key.
-    assert!(Verifier::new().trust_file(dir.path().join("a.key")).is_err());
-}
-
-#[test]
-fn raw_bytes_verify_against_a_trusted_key() {
-    let s = signer();
-    let verifier = Verifier::new().with_key(&s.public_key()).unwrap();
-    let sig = s.sign(b"hello").unwrap();
-    assert_eq!(verifier.verify_bytes(KEY_ID, b"hello", &sig), Ok(()));
-    assert_eq!(verifier.verify_bytes(KEY_ID, b"hellO", &sig), Err(VerifyError::BadSignature(KEY_ID.into())));
-    assert!(matches!(verifier.verify_bytes("nope", b"hello", &sig), Err(VerifyError::UnknownKey(_))));
 }

@@ -1,0 +1,56 @@
+//! `chorus keys`: signing keys (Ed25519 or P-256) in a file or on a PKCS#11 token (see
+//! docs/SECURITY.md, "Keys").
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use chorus_keys::{Algorithm, FileSigner, KeyConfig, Pkcs11Signer, Signer};
+
+/// Subcommands of `chorus keys`.
+#[derive(clap::Subcommand)]
+pub enum KeysCommand {
+    /// Create a key: a PKCS#8 PEM file (mode 0600, never overwritten) or a key pair on a
+    /// PKCS#11 token (private key sensitive, not extractable). Prints its key id and public
+    /// key (SPKI PEM), what `chorus credential issue` and trust directories need.
+    New(KeyArgs),
+    /// Print the key id and public key (SPKI PEM) of an existing key.
+    Show(KeyArgs),
+}
+
+/// Which key.
+#[derive(clap::Args)]
+pub struct KeyArgs {
+    /// The key: a file, or a PKCS#11 URI such as
+    /// `pkcs11:token=chorus;object=node?pin-source=/etc/chorus/pin` (PIN from
+    /// CHORUS_PKCS11_PIN when the URI names none).
+    #[arg(long)]
+    key: String,
+    /// Algorithm of a new key: ed25519, or p256 for tokens and smart cards without Ed25519.
+    #[arg(long, default_value = "ed25519")]
+    algorithm: Algorithm,
+    /// Also write the public key (SPKI PEM) to this file.
+    #[arg(long)]
+    public_out: Option<PathBuf>,
+}
+
+/// Runs a `keys` subcommand.
+pub fn run(command: KeysCommand) -> anyhow::Result<()> {
+    let (args, create) = match &command {
+        KeysCommand::New(args) => (args, true),
+        KeysCommand::Show(args) => (args, false),
+    };
+    let key = KeyConfig::parse(&args.key).context("--key")?;
+    let signer: Box<dyn Signer> = match (&key, create) {
+        (KeyConfig::KeyFile(path), true) => Box::new(FileSigner::generate(path, args.algorithm)?),
+        (KeyConfig::Pkcs11(token), true) => Box::new(Pkcs11Signer::generate(token, args.algorithm)?),
+        (KeyConfig::KeyFile(path), false) => Box::new(FileSigner::load(path)?),
+        (KeyConfig::Pkcs11(token), false) => Box::new(Pkcs11Signer::open(token)?),
+    };
+    let pem = signer.public_key().to_pem();
+    if let Some(out) = &args.public_out {
+        std::fs::write(out, &pem).with_context(|| format!("writing {}", out.display()))?;
+    }
+    println!("key id: {} ({})", signer.key_id(), signer.algorithm());
+    print!("{pem}");
+    Ok(())
+}
