@@ -536,3 +536,53 @@ mod signing_tests {
         assert!(seen >= 2, "startup and shutdown at least, got {seen}");
     }
 }
+
+#[cfg(test)]
+mod secure_by_default_tests {
+    use super::*;
+
+    fn with_policy(dir: &std::path::Path, policy: &str) -> AgentConfig {
+        let policies = dir.join("policies");
+        std::fs::create_dir_all(&policies).unwrap();
+        std::fs::write(policies.join("rpcutil.policy"), policy).unwrap();
+        let mut config = AgentConfig::new("n1.example.net", dir.join("state"));
+        config.policy_dir = Some(policies);
+        config
+    }
+
+    /// Policies that name callers need callers that are authenticated: without an issuer the
+    /// agent does not start, and the error says which line and what to set.
+    #[tokio::test]
+    async fn an_agent_whose_policies_name_callers_refuses_to_start_without_an_issuer() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = with_policy(dir.path(), "policy default deny\nallow\tchoria=alice\tping\t*\t*\n");
+        let error = NodeAgent::start(config, Shutdown::new()).await.err().expect("refused").to_string();
+        assert!(error.contains("security.issuers"), "{error}");
+        assert!(error.contains("choria=alice") || error.contains("rpcutil.policy"), "{error}");
+    }
+
+    /// `insecure: true` starts it, and health says INSECURE for as long as it runs.
+    #[tokio::test]
+    async fn an_insecure_agent_starts_and_says_so_in_health() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = with_policy(dir.path(), "policy default deny\nallow\tchoria=alice\tping\t*\t*\n");
+        config.security.insecure = true;
+        let mut agent = NodeAgent::start(config, Shutdown::new()).await.unwrap();
+        let health = serde_json::to_value(agent.health()).unwrap();
+        let security = health["security"].as_str().unwrap().to_string();
+        agent.stop().await.unwrap();
+        assert!(security.starts_with("INSECURE:"), "{health}");
+    }
+
+    /// Policies that name no caller (everyone, or nobody) need no issuer: the agent starts,
+    /// and health still says callers are not authenticated.
+    #[tokio::test]
+    async fn an_agent_whose_policies_name_no_caller_starts_and_reports_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = with_policy(dir.path(), "policy default deny\nallow\t*\tping\t*\t*\n");
+        let mut agent = NodeAgent::start(config, Shutdown::new()).await.unwrap();
+        let health = serde_json::to_value(agent.health()).unwrap();
+        agent.stop().await.unwrap();
+        assert!(health["security"].as_str().unwrap().starts_with("INSECURE:"), "{health}");
+    }
+}

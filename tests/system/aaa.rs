@@ -28,6 +28,7 @@ use chorus_schemas::{AuditAction, AuditRecord, Event, EventRecord, RpcRequest, S
 
 use crate::issuer::TestIssuer;
 use chorus_testkit::conformance::read_all;
+use chorus_testkit::eventually;
 use chorus_testkit::nats::NatsServer;
 
 pub struct Aaa {
@@ -38,12 +39,22 @@ pub struct Aaa {
     pub issuer: TestIssuer,
     /// The key this test's client logs in with.
     pub key: Arc<FileSigner>,
+    audit: NatsConfig,
 }
 
 impl Aaa {
     /// Logs `user` in with the test client's key.
     pub async fn login(&self, user: &str, password: &str) -> Result<chorus_aaa::LoginGrant, AaaError> {
         self.client.login(user, password, self.key.as_ref()).await
+    }
+
+    /// Stops the service and starts it again in the same directory with `jwt` as its `jwt:`
+    /// section (the users, signer and audit stay).
+    pub async fn restart(&mut self, jwt: &str) {
+        self.running.stop().await.unwrap();
+        let config = aaa_config(self.dir.path(), self.audit.clone(), jwt, "");
+        self.running = chorus_aaa::start(&config, Shutdown::new(), Duration::from_secs(5)).await.unwrap();
+        self.client = AaaClient::new(&format!("http://{}", self.running.addr), None).unwrap();
     }
 
     /// Has `request` signed with `token` and the test client's key.
@@ -55,6 +66,11 @@ impl Aaa {
 /// Starts the service from a configuration file, as `chorus aaa --config` does. Users:
 /// alice (tenant acme, `rpcutil.*` and `puppet.status`), gina (tenant globex, `*`).
 pub async fn start_aaa(audit: NatsConfig) -> Aaa {
+    start_aaa_with(audit, "").await
+}
+
+/// As [`start_aaa`], with more top-level configuration (e.g. `login:` limits).
+pub async fn start_aaa_with(audit: NatsConfig, more: &str) -> Aaa {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     FileSigner::generate(d.join("jwt.pem"), Algorithm::Ed25519).unwrap();
@@ -76,7 +92,16 @@ pub async fn start_aaa(audit: NatsConfig) -> Aaa {
         ),
     )
     .unwrap();
-    let config = AaaConfig {
+    let jwt = format!("{{key: {{key_file: {}/jwt.pem}}, validity: 1h}}", d.display());
+    let config = aaa_config(d, audit.clone(), &jwt, more);
+    let running = chorus_aaa::start(&config, Shutdown::new(), Duration::from_secs(5)).await.unwrap();
+    let client = AaaClient::new(&format!("http://{}", running.addr), None).unwrap();
+    Aaa { running, client, dir, issuer, key: Arc::new(FileSigner::random(Algorithm::Ed25519)), audit }
+}
+
+/// The service's configuration in directory `d`, with `jwt` as its `jwt:` section.
+fn aaa_config(d: &std::path::Path, audit: NatsConfig, jwt: &str, more: &str) -> AaaConfig {
+    AaaConfig {
         audit: chorus_aaa::config::AuditConfig { nats: Some(audit), state_dir: None },
         ..AaaConfig::from_yaml(&format!(
             r#"
@@ -87,17 +112,15 @@ users_file: {d}/users.yaml
 tenants:
   acme: {{collectives: [acme]}}
   globex: {{collectives: [globex]}}
-jwt: {{key: {{key_file: {d}/jwt.pem}}, validity: 1h}}
+jwt: {jwt}
 signer: {{key: {{key_file: {d}/signer.key}}, credential: {d}/signer.cred}}
 audit: {{state_dir: {d}/unused}}
+{more}
 "#,
             d = d.display()
         ))
         .unwrap()
-    };
-    let running = chorus_aaa::start(&config, Shutdown::new(), Duration::from_secs(5)).await.unwrap();
-    let client = AaaClient::new(&format!("http://{}", running.addr), None).unwrap();
-    Aaa { running, client, dir, issuer, key: Arc::new(FileSigner::random(Algorithm::Ed25519)) }
+    }
 }
 
 pub async fn site(server: &NatsServer) -> Arc<dyn Backbone> {
@@ -106,16 +129,21 @@ pub async fn site(server: &NatsServer) -> Arc<dyn Backbone> {
     b
 }
 
-/// Every audit record in `CHORUS_AUDIT`, in order, with the subject it was stored under.
+/// The AAA service's audit records in `CHORUS_AUDIT`, in order, with the subject each was
+/// stored under.
 pub async fn audit_records(b: &dyn Backbone) -> Vec<(String, AuditRecord)> {
+    audit_records_of(b, "aaa1.example.net").await
+}
+
+/// The audit records `identity` (the AAA service or a node) stored in `CHORUS_AUDIT`.
+pub async fn audit_records_of(b: &dyn Backbone, identity: &str) -> Vec<(String, AuditRecord)> {
     read_all(b, "CHORUS_AUDIT")
         .await
         .into_iter()
-        .map(|m| {
+        .filter_map(|m| {
             let record = EventRecord::decode(&m.payload).expect("audit events decode");
-            assert_eq!(record.subject, "aaa1.example.net", "the signer is the event's node identity");
             let Event::Audit(a) = record.data else { panic!("not an audit record: {record:?}") };
-            (m.subject, a)
+            (record.subject == identity).then_some((m.subject, a))
         })
         .collect()
 }
@@ -349,9 +377,129 @@ tenants:
     assert_eq!(records[2].1.action, AuditAction::Deny);
     assert!(records[2].1.reason.as_deref().unwrap().starts_with("agent not allowed: shell.run"));
 
+    // The node's refusal is audited by the node, with its reason.
+    let refusals = eventually("the node's audited refusal", Duration::from_secs(30), || {
+        let admin = &*admin;
+        async move {
+            let records = audit_records_of(admin, "node1.acme.net").await;
+            if records.is_empty() {
+                Err("no audit record from the node yet".to_string())
+            } else {
+                Ok(records)
+            }
+        }
+    })
+    .await;
+    assert_eq!(refusals.len(), 1, "{refusals:#?}");
+    let (subject, refusal) = &refusals[0];
+    assert_eq!((subject.as_str(), refusal.action), ("chorus.audit.deny.london", AuditAction::Deny));
+    assert_eq!(refusal.code.as_deref(), Some("unsigned"), "{refusal:?}");
+
     // Audit records exist only in acme's account.
     let globex = as_user("globex-admin");
     let globex: Arc<dyn Backbone> = Arc::new(JetStreamBackbone::connect(&globex).await.unwrap());
     assert!(globex.stream_info("CHORUS_AUDIT").await.is_err(), "globex has no audit stream of acme's");
+    aaa.running.stop().await.unwrap();
+}
+
+/// The refusals `code` in the audit trail, once there (the audit record is stored before the
+/// answer, so it is there at once).
+async fn audited(b: &dyn Backbone, code: &str) -> Vec<AuditRecord> {
+    audit_records(b).await.into_iter().map(|(_, r)| r).filter(|r| r.code.as_deref() == Some(code)).collect()
+}
+
+/// Alice logs in and is then deleted from the users file (written anew, as configuration
+/// management does): her unexpired token signs nothing more. Gina, still in the file, goes
+/// on signing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_user_with_a_live_token_is_refused_and_audited() {
+    let server = NatsServer::start().unwrap();
+    let b = site(&server).await;
+    let mut aaa = start_aaa(NatsConfig::new([server.url()])).await;
+    let alice = aaa.login("alice", "alice-pw").await.unwrap();
+    let gina = aaa.login("gina", "gina-pw").await.unwrap();
+    aaa.sign(&alice.token, &request("up=alice", "acme", "rpcutil", "ping")).await.unwrap();
+
+    let users = aaa.dir.path().join("users.yaml");
+    let kept: String = std::fs::read_to_string(&users)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.contains("username: alice"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let next = users.with_extension("new");
+    std::fs::write(&next, kept).unwrap();
+    std::fs::rename(&next, &users).unwrap();
+
+    let code = refused_code(aaa.sign(&alice.token, &request("up=alice", "acme", "rpcutil", "ping")).await, 401);
+    assert_eq!(code, "user_revoked");
+    aaa.sign(&gina.token, &request("up=gina", "globex", "rpcutil", "ping")).await.expect("gina still signs");
+
+    let refusals = audited(&*b, "user_revoked").await;
+    assert_eq!(refusals.len(), 1, "{refusals:#?}");
+    assert_eq!((refusals[0].action, refusals[0].callerid.as_str()), (AuditAction::Deny, "up=alice"));
+    assert!(refusals[0].client.is_some(), "the client address is recorded: {:?}", refusals[0]);
+    aaa.running.stop().await.unwrap();
+}
+
+/// The token key is rotated: during the overlap (old key under `previous_keys`) tokens of
+/// the old key still sign and new logins get tokens of the new key; once the old key is
+/// removed its tokens are refused, and audited, while new tokens go on signing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotated_token_key_keeps_old_tokens_until_removed() {
+    let server = NatsServer::start().unwrap();
+    let b = site(&server).await;
+    let mut aaa = start_aaa(NatsConfig::new([server.url()])).await;
+    let ping = request("up=alice", "acme", "rpcutil", "ping");
+    let old = aaa.login("alice", "alice-pw").await.unwrap();
+
+    let d = aaa.dir.path().to_path_buf();
+    let previous = FileSigner::load(d.join("jwt.pem")).unwrap();
+    std::fs::write(d.join("jwt-old.pub"), previous.public_key().to_pem()).unwrap();
+    FileSigner::generate(d.join("jwt-new.pem"), Algorithm::EcdsaP256).unwrap();
+    let overlap = format!(
+        "{{key: {{key_file: {d}/jwt-new.pem}}, previous_keys: [{d}/jwt-old.pub], validity: 1h}}",
+        d = d.display()
+    );
+    aaa.restart(&overlap).await;
+    aaa.sign(&old.token, &ping).await.expect("an old token signs during the overlap");
+    let new = aaa.login("alice", "alice-pw").await.unwrap();
+    assert_ne!(new.token, old.token);
+    let keys = aaa.client.keys().await.unwrap();
+    assert_eq!(keys.jwt.len(), 2, "both token keys are published during the overlap: {keys:?}");
+
+    aaa.restart(&format!("{{key: {{key_file: {d}/jwt-new.pem}}, validity: 1h}}", d = d.display())).await;
+    assert_eq!(refused_code(aaa.sign(&old.token, &ping).await, 401), "token_unknown_key");
+    aaa.sign(&new.token, &ping).await.expect("a token of the current key signs");
+
+    let refusals = audited(&*b, "token_unknown_key").await;
+    assert_eq!(refusals.len(), 1, "{refusals:#?}");
+    assert_eq!(refusals[0].action, AuditAction::Deny);
+    aaa.running.stop().await.unwrap();
+}
+
+/// Guessing alice's password: after three attempts the service answers 429 without looking
+/// at the password (the right one included) and audits each refusal with the client
+/// address; gina, another user, logs in meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_brute_force_is_rate_limited_and_audited() {
+    let server = NatsServer::start().unwrap();
+    let b = site(&server).await;
+    let limits = "login: {per_user: {burst: 3, every: 1h}, per_address: {burst: 50, every: 1s}}";
+    let mut aaa = start_aaa_with(NatsConfig::new([server.url()]), limits).await;
+    for guess in ["123456", "password", "alice"] {
+        assert_eq!(refused_code(aaa.login("alice", guess).await, 401), "bad_credentials");
+    }
+    assert_eq!(refused_code(aaa.login("alice", "qwerty").await, 429), "rate_limited");
+    assert_eq!(refused_code(aaa.login("alice", "alice-pw").await, 429), "rate_limited", "the password is not tried");
+    let gina = aaa.login("gina", "gina-pw").await.expect("another user logs in");
+    assert_eq!(gina.callerid, "up=gina");
+
+    let limited = audited(&*b, "rate_limited").await;
+    assert_eq!(limited.len(), 2, "{limited:#?}");
+    for r in &limited {
+        assert_eq!((r.action, r.request["username"].as_str()), (AuditAction::Deny, Some("alice")), "{r:?}");
+        assert!(r.client.as_deref().unwrap_or_default().starts_with("127.0.0.1"), "{r:?}");
+    }
     aaa.running.stop().await.unwrap();
 }

@@ -18,6 +18,8 @@ use chorus_testkit::conformance::read_all;
 use chorus_testkit::eventually;
 use chorus_testkit::nats::NatsServer;
 
+use crate::issuer::TestIssuer;
+
 async fn site(server: &NatsServer) -> Arc<dyn Backbone> {
     let b: Arc<dyn Backbone> = Arc::new(JetStreamBackbone::connect(&NatsConfig::new([server.url()])).await.unwrap());
     ensure_platform_streams(&*b, &StreamLimits::default()).await.unwrap();
@@ -34,6 +36,15 @@ fn agent_config(identity: &str, server: &NatsServer, dir: &std::path::Path) -> A
     c.alive_splay = Some(Duration::ZERO);
     c.version = "1.2.3".into();
     c
+}
+
+/// Authenticates the agent's callers with `issuer` and gives the node its own key and
+/// credential.
+fn secure(cfg: &mut AgentConfig, issuer: &TestIssuer, dir: &std::path::Path) {
+    let (key, credential) = issuer.node_files(dir, &cfg.identity);
+    cfg.security.issuers = vec![issuer.write_public(dir)];
+    cfg.security.key = Some(key);
+    cfg.security.credential = Some(credential);
 }
 
 /// Every event of `identity` in `streams`, decoded.
@@ -205,17 +216,21 @@ async fn rpc_is_denied_without_policy_allowed_with_one_and_recorded() {
     let server = NatsServer::start().unwrap();
     let b = site(&server).await;
     let dir = tempfile::tempdir().unwrap();
-    let mut open =
-        NodeAgent::start(agent_config("nopolicy.example.net", &server, dir.path()), Shutdown::new()).await.unwrap();
+    let issuer = TestIssuer::new();
+    let mut cfg = agent_config("nopolicy.example.net", &server, dir.path());
+    secure(&mut cfg, &issuer, dir.path());
+    let mut open = NodeAgent::start(cfg, Shutdown::new()).await.unwrap();
     let policies = dir.path().join("policies");
     std::fs::create_dir_all(&policies).unwrap();
     std::fs::write(policies.join("rpcutil.policy"), "policy default deny\nallow\tchoria=tester\tping\t*\t*\n").unwrap();
     let mut cfg = agent_config("policy.example.net", &server, dir.path());
     cfg.policy_dir = Some(policies);
+    secure(&mut cfg, &issuer, dir.path());
     let mut guarded = NodeAgent::start(cfg, Shutdown::new()).await.unwrap();
 
     let client = async_nats::connect(server.url()).await.unwrap();
-    let rpc = RpcClient::new(Arc::new(NatsTransport::new(client)), "choria=tester", "choria")
+    let rpc = RpcClient::signed(Arc::new(NatsTransport::new(client)), issuer.client("choria=tester", &["rpcutil.*"]), "choria")
+        .with_trust(issuer.issuers())
         .with_senderid("client.example.net");
     let options = RequestOptions {
         expected: Some(2),

@@ -31,6 +31,8 @@ use chorus_testkit::pki::Pki;
 use chorus_testkit::{eventually, eventually_blocking};
 use tokio::sync::mpsc;
 
+use crate::issuer::TestIssuer;
+
 // ---------------------------------------------------------------------------------------
 // PKI and the broker description
 // ---------------------------------------------------------------------------------------
@@ -68,7 +70,7 @@ tenants:
     users:
       - {{user: acme-admin, role: admin, password: acme-admin-pw}}
       - {{user: acme-agent, role: agent, password: acme-agent-pw}}
-      - {{user: acme-client, role: client, password: acme-client-pw}}
+      - {{user: acme-client, role: client, password: acme-client-pw, callerid: up=alice}}
       - {{user: acme-aaa, role: aaa, password_hash: "{aaa_hash}"}}
       - {{user: acme-consumer, role: consumer, password: acme-consumer-pw}}
   globex:
@@ -306,10 +308,17 @@ async fn agent_and_client_work_within_their_permissions() {
     cfg.collective = "acme".into();
     cfg.nats = Some(nats_config(&server, "acme-agent", &pki));
     cfg.policy_dir = Some(policies);
+    let issuer = TestIssuer::new();
+    let (key, credential) = issuer.node_files(dir.path(), "node1.acme.net");
+    cfg.security.issuers = vec![issuer.write_public(dir.path())];
+    cfg.security.key = Some(key);
+    cfg.security.credential = Some(credential);
     let mut agent = NodeAgent::start(cfg, Shutdown::new()).await.unwrap();
 
     let client = nats_config(&server, "acme-client", &pki).connect(None).await.unwrap();
-    let rpc = RpcClient::new(Arc::new(NatsTransport::new(client)), "up=alice", "acme").with_senderid("laptop.acme.net");
+    let rpc = RpcClient::signed(Arc::new(NatsTransport::new(client)), issuer.client("up=alice", &["*"]), "acme")
+        .with_trust(issuer.issuers())
+        .with_senderid("laptop.acme.net");
     let options = RequestOptions { expected: Some(1), timeout: Duration::from_secs(30), ..Default::default() };
     let results = rpc.call("rpcutil", "ping", Default::default(), options).await.unwrap();
     assert_eq!(results.summary.ok, 1, "{:?}", results.summary);

@@ -52,15 +52,6 @@ impl TestIssuer {
         })
     }
 
-    /// A delegator (an AAA signer) for `callerid`.
-    pub fn delegator(&self, callerid: &str) -> Identity {
-        self.identity(|key| {
-            let mut spec = CredentialSpec::client(callerid, key, DAY);
-            spec.delegator = true;
-            spec
-        })
-    }
-
     pub fn node(&self, identity: &str) -> Identity {
         self.identity(|key| CredentialSpec::node(identity, key, DAY))
     }

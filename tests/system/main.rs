@@ -12,6 +12,7 @@ mod docs;
 mod durability;
 mod floors;
 mod fuzz;
+mod identity;
 mod issuer;
 mod provision;
 mod replicate;
