@@ -8,7 +8,7 @@
 //!
 //! * [`config`]: the service's YAML configuration (`chorus aaa --config FILE`).
 //! * [`users`]: the users file, argon2id password hashes, agent allow lists.
-//! * [`jwt`]: caller tokens (EdDSA JWTs signed through the [`Signer`] trait).
+//! * [`jwt`]: caller tokens (EdDSA or ES256 JWTs, by the key's algorithm, signed through the [`Signer`] trait).
 //! * [`signer`]: [`AaaService`], the login and signing decisions and their audit records
 //!   (the signed request format itself is protocol: `chorus_rpc::signed`).
 //! * [`http`]: the axum HTTP API (`POST /login`, `POST /sign`, `GET /keys`).

@@ -77,20 +77,28 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         eprintln!("round {} done", round + 1);
     }
     let n = events.len();
-    let raw_pub =
-        Row { name: "raw async-nats JetStream publish".into(), events: n, took: median(raw_pub), baseline: None };
-    let raw_con =
-        Row { name: "raw async-nats pull consume + ack".into(), events: n, took: median(raw_con), baseline: None };
+    let raw_pub = Row {
+        name: "raw async-nats JetStream publish".into(),
+        events: n,
+        took: super::median(raw_pub),
+        baseline: None,
+    };
+    let raw_con = Row {
+        name: "raw async-nats pull consume + ack".into(),
+        events: n,
+        took: super::median(raw_con),
+        baseline: None,
+    };
     let chorus_pub = Row {
         name: "chorus JetStream publish_batch".into(),
         events: n,
-        took: median(chorus_pub),
+        took: super::median(chorus_pub),
         baseline: Some(raw_pub.rate()),
     };
     let chorus_con = Row {
         name: "chorus JetStream consumer fetch + ack".into(),
         events: n,
-        took: median(chorus_con),
+        took: super::median(chorus_con),
         baseline: Some(raw_con.rate()),
     };
     print_table(
@@ -173,11 +181,6 @@ async fn publish_consume(
     }
     let consume = Row { name: String::new(), events: n, took: started.elapsed(), baseline: None };
     Ok((publish, consume))
-}
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
 }
 
 /// A durable pull consumer acknowledging every message.

@@ -5,6 +5,7 @@
 
 mod backbone;
 mod replicate;
+mod rpc;
 mod simulate;
 mod views;
 
@@ -28,6 +29,8 @@ enum BenchCommand {
     Simulate(simulate::Args),
     /// Site → hub copy rate and lag: the replicator vs a native JetStream mirror and a naive copier.
     Replicate(replicate::Args),
+    /// RPC round trip to many nodes: unsigned vs signed requests and replies, vs raw async-nats.
+    Rpc(rpc::Args),
     /// Inventory projection rate vs raw consume of the same lifecycle stream, and from the embedded store.
     Views(views::Args),
 }
@@ -45,6 +48,7 @@ async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Simulate(args) => simulate::run(args).await,
         BenchCommand::Replicate(args) => replicate::run(args).await,
         BenchCommand::Views(args) => views::run(args).await,
+        BenchCommand::Rpc(args) => rpc::run(args).await,
     }
 }
 
@@ -60,6 +64,22 @@ pub struct CommonArgs {
     /// Skip the embedded store.
     #[arg(long)]
     no_embedded: bool,
+}
+
+/// The median of measurements of interleaved rounds (the upper one of an even count).
+pub fn median<T: Ord + Copy>(mut v: Vec<T>) -> T {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// CPU time (user + system) this process has used so far: the difference over a measured run
+/// divided by its events is the CPU per event.
+pub fn process_cpu() -> Duration {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
 /// Events per second.

@@ -127,11 +127,6 @@ async fn raw_ordered(js: &jetstream::Context, n: u64) -> anyhow::Result<Duration
     Ok(started.elapsed())
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let (_server, url) = super::nats_url(args.common.nats.as_deref())?;
     let config = NatsConfig::new([url.clone()]);
@@ -169,31 +164,31 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let raw = Row {
         name: "raw async-nats ordered consumer (read and drop)".into(),
         events: n,
-        took: median(raw),
+        took: super::median(raw),
         baseline: None,
     };
     let replay = Row {
         name: "chorus backbone replay (read and drop)".into(),
         events: n,
-        took: median(replay),
+        took: super::median(replay),
         baseline: Some(raw.rate()),
     };
     let decoded = Row {
         name: "chorus backbone replay + decode (no view, no store)".into(),
         events: n,
-        took: median(decoded),
+        took: super::median(decoded),
         baseline: Some(raw.rate()),
     };
     let noop = Row {
         name: "chorus projection, no-op view (replay, decode, checkpoint commit + flush)".into(),
         events: n,
-        took: median(noop),
+        took: super::median(noop),
         baseline: Some(raw.rate()),
     };
     let proj = Row {
         name: "chorus inventory projection (replay, decode, apply, sled commit + flush)".into(),
         events: n,
-        took: median(projected),
+        took: super::median(projected),
         baseline: Some(raw.rate()),
     };
     let ratio = proj.rate() / raw.rate();

@@ -43,6 +43,11 @@ pub struct BrokerConfig {
     /// Networks allowed to reach the broker, for the nftables rule set.
     #[serde(default)]
     pub firewall: Option<FirewallConfig>,
+    /// Choria's client networks (`client_hosts`): connections from them get their user's
+    /// permissions, connections from anywhere else node-only permissions (they can answer
+    /// requests, not send them or read replies). See [`ClientNetworks`].
+    #[serde(default)]
+    pub client_networks: Option<ClientNetworks>,
     /// bcrypt cost (4..=31) of hashes generated from clear passwords.
     #[serde(default = "default_cost")]
     pub bcrypt_cost: u32,
@@ -107,6 +112,26 @@ pub struct FirewallConfig {
     /// CIDRs allowed to reach the monitoring port; every other source is refused.
     #[serde(default)]
     pub allowed_monitor: Vec<String>,
+}
+
+/// Where clients may connect from, Choria's `client_hosts` meaning: nats-server has no
+/// per-source permissions, so the broker becomes two servers. The main server (JetStream,
+/// full permissions) listens on `internal_port`; a generated edge server listens on
+/// `listen` with the same users holding node-only permissions and joins the main server's
+/// tenant accounts over leafnode connections on loopback `leafnode_port`. The nftables rules
+/// send connections from `networks` to the main server and refuse the internal port to
+/// everyone else, so the same user gets its full permissions only from a client network.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientNetworks {
+    /// CIDRs (`10.1.0.0/16`, `2001:db8::/32`, or single addresses) whose connections are
+    /// clients.
+    pub networks: Vec<String>,
+    /// Port of the main server, on the `listen` address; connections from `networks` to
+    /// the `listen` port are redirected here.
+    pub internal_port: u16,
+    /// Loopback port where the main server accepts the edge server's leafnode connections.
+    pub leafnode_port: u16,
 }
 
 /// One tenant: a NATS account with its own subjects and JetStream.
@@ -216,6 +241,23 @@ impl BrokerConfig {
             }
             if !fw.allowed_monitor.is_empty() && self.monitor.is_none() {
                 return bad("firewall.allowed_monitor is set but there is no monitor listener".into());
+            }
+        }
+        if let Some(cn) = &self.client_networks {
+            if cn.networks.is_empty() {
+                return bad("client_networks.networks must list at least one network".into());
+            }
+            for c in &cn.networks {
+                parse_cidr(c).map_err(|e| ConfigError::message(format!("client_networks: {e}")))?;
+            }
+            let (_, port) = parse_host_port("listen", &self.listen)?;
+            let ports = [port, cn.internal_port, cn.leafnode_port];
+            if ports.iter().collect::<BTreeSet<_>>().len() != 3 || ports.contains(&0) {
+                return bad(format!(
+                    "client_networks: the listen port {port}, internal_port {} and leafnode_port {} must be three \
+                     different ports",
+                    cn.internal_port, cn.leafnode_port
+                ));
             }
         }
         if self.tenants.is_empty() {

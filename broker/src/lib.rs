@@ -49,8 +49,8 @@ mod roles;
 mod tests;
 
 pub use config::{
-    parse_cidr, AccountJetStream, BrokerConfig, BrokerJetStream, BrokerTls, FirewallConfig, TenantConfig, UserSpec,
-    DEFAULT_BCRYPT_COST, SYSTEM_ACCOUNT,
+    parse_cidr, AccountJetStream, BrokerConfig, BrokerJetStream, BrokerTls, ClientNetworks, FirewallConfig,
+    TenantConfig, UserSpec, DEFAULT_BCRYPT_COST, SYSTEM_ACCOUNT,
 };
 pub use password::{hash_password, is_bcrypt};
 pub use render::RenderedBroker;

@@ -47,6 +47,7 @@ fn sample() -> BrokerConfig {
             allowed_clients: vec!["10.0.0.0/8".into(), "2001:db8::/32".into()],
             allowed_monitor: vec!["127.0.0.1".into()],
         }),
+        client_networks: None,
         bcrypt_cost: 4,
         tenants,
     }
@@ -163,4 +164,32 @@ fn reads_yaml_like_json() {
         serde_json::json!({"jetstream": {"store_dir": "/d"}, "tenants": {}, "nope": 1})
     )
     .is_err());
+}
+
+/// With client networks, the main server moves to the internal port and accepts the edge
+/// server's leafnode users; the edge server has the same users with node-only permissions,
+/// and the rules send client networks to the main server.
+#[test]
+fn client_networks_render_an_edge_server_and_redirect_rules() {
+    let mut c = sample();
+    c.client_networks =
+        Some(ClientNetworks { networks: vec!["10.1.0.0/16".into()], internal_port: 4223, leafnode_port: 7422 });
+    let rendered = c.render().unwrap();
+    assert!(rendered.nats_conf.contains("listen: \"10.0.0.5:4223\""), "{}", rendered.nats_conf);
+    assert!(rendered.nats_conf.contains("listen: \"127.0.0.1:7422\""), "{}", rendered.nats_conf);
+    assert!(rendered.nats_conf.contains("account: \"acme\""), "{}", rendered.nats_conf);
+    let edge = rendered.edge_conf.as_deref().unwrap();
+    assert!(edge.contains("listen: \"10.0.0.5:4222\""), "{edge}");
+    assert!(!edge.contains("jetstream"), "the edge stores nothing: {edge}");
+    assert!(edge.contains("deny: [\"globex.broadcast.>\", \"globex_dev.broadcast.>\""), "{edge}");
+    assert!(edge.contains("nats-leaf://leafnode-acme:"), "{edge}");
+    let secret = edge.split("nats-leaf://leafnode-acme:").nth(1).unwrap().split('@').next().unwrap();
+    assert!(!rendered.nats_conf.contains(secret), "the main server holds only the hash of the leafnode secret");
+    let nft = rendered.nftables.unwrap();
+    assert!(nft.contains("tcp dport 4222 ip saddr 10.1.0.0/16 redirect to :4223"), "{nft}");
+    assert!(nft.contains("tcp dport 4223 reject with tcp reset"), "{nft}");
+
+    c.client_networks.as_mut().unwrap().internal_port = 4222;
+    let e = c.validate().unwrap_err().to_string();
+    assert!(e.contains("three different ports"), "{e}");
 }

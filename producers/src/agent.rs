@@ -226,7 +226,13 @@ pub struct NodeAgent {
     stopped: bool,
     /// Why callers are not authenticated, when they are not; shown in health.
     insecure: Option<String>,
+    /// When the node credential expires (Unix seconds): after that its peers refuse its
+    /// replies and events, so health turns bad a day before and says so.
+    credential_expires: Option<i64>,
 }
+
+/// How long before its node credential expires an agent reports it in health.
+const CREDENTIAL_WARNING: i64 = 86_400;
 
 impl NodeAgent {
     /// Starts the agent under `shutdown`: outbox, startup event, alive events, machines,
@@ -305,6 +311,7 @@ impl NodeAgent {
             delivery,
             stopped: false,
             insecure: security.warning,
+            credential_expires: security.identity.as_ref().map(|i| i.credential().claims().exp),
         })
     }
 
@@ -342,9 +349,19 @@ impl Service for NodeAgent {
             .and(self.delivery.health())
             .with("outbox_backlog", self.outbox.stats().backlog())
             .with("machines", self.machines.len());
-        match &self.insecure {
+        let health = match &self.insecure {
             Some(warning) => health.with("security", format!("INSECURE: {warning}")),
             None => health.with("security", "callers authenticated"),
+        };
+        let Some(expires) = self.credential_expires else { return health };
+        let left = expires - chrono::Utc::now().timestamp();
+        let health = health.with("credential_expires", expires);
+        if left <= 0 {
+            health.and(Health::failing("the node credential has expired: peers refuse its replies and events"))
+        } else if left < CREDENTIAL_WARNING {
+            health.and(Health::failing(format!("the node credential expires in {}s: renew it", left)))
+        } else {
+            health
         }
     }
 

@@ -13,7 +13,7 @@
 //! a reply: it is counted as `unverified` and kept aside with the reason
 //! ([`ReplyStream::rejected`]), never shown as ok.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -27,9 +27,10 @@ use chorus_schemas::{RpcReply, RpcRequest, StatusCode};
 use futures::{Stream, StreamExt};
 
 use super::signed::{parse_signature, reply_signing_bytes, ReplyEnvelope, RequestEnvelope};
-use super::transport::{broadcast_subject, node_subject, reply_inbox, Subscription, Transport};
+use super::transport::{broadcast_subject, node_subject, reply_inbox, Subscription, Transport, TransportMessage};
 use super::RpcError;
-use chorus_identity::{Identity, Issuers, Role};
+use chorus_identity::{Credential, Identity, Issuers, Role};
+use chorus_keys::PublicKey;
 
 /// Which nodes a request is sent to. The discovery filter still applies on the nodes.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -239,6 +240,8 @@ impl RpcClient {
             counts: Counts::default(),
             trust: self.trust.clone(),
             rejected: Vec::new(),
+            ready: VecDeque::new(),
+            closed: false,
             started,
             finished: None,
         })
@@ -340,9 +343,16 @@ pub struct ReplyStream {
     counts: Counts,
     trust: Option<Arc<Issuers>>,
     rejected: Vec<RejectedReply>,
+    /// Replies accepted and not yet handed out, in arrival order.
+    ready: VecDeque<RpcReply>,
+    /// The subscription has ended.
+    closed: bool,
     started: Instant,
     finished: Option<Instant>,
 }
+
+/// Replies taken from the subscription at once, so their signatures are checked together.
+const VERIFY_BATCH: usize = 256;
 
 impl ReplyStream {
     /// The request as sent (with its `requestid`).
@@ -392,47 +402,92 @@ impl Stream for ReplyStream {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<RpcReply>> {
         let this = &mut *self;
-        if this.finished.is_some() || this.complete() {
-            return this.finish();
-        }
         loop {
-            match this.replies.poll_next_unpin(cx) {
-                Poll::Ready(Some(message)) => {
-                    let (reply, signed) = match decode_reply(&message.payload) {
-                        Some((r, signed)) if r.requestid == this.request.requestid => (r, signed),
-                        _ => {
-                            this.counts.ignored += 1;
-                            continue;
-                        }
-                    };
-                    if let Some(issuers) = &this.trust {
-                        if let Err(reason) = check_reply(&reply, signed.as_ref(), issuers, &this.request) {
-                            this.counts.unverified += 1;
-                            this.rejected.push(RejectedReply { identity: reply.identity, reason });
-                            continue;
-                        }
-                    }
-                    let c = &mut this.counts;
-                    c.replies += 1;
-                    if reply.statuscode == StatusCode::Ok {
-                        c.ok += 1;
-                    } else if !reply.authorized && reply.statuscode == StatusCode::Aborted {
-                        c.denied += 1;
-                    } else {
-                        c.failed += 1;
-                    }
-                    this.responders.insert(reply.identity.clone());
-                    return Poll::Ready(Some(reply));
-                }
-                Poll::Ready(None) => return this.finish(),
-                Poll::Pending => {
-                    return match this.deadline.as_mut().poll(cx) {
-                        Poll::Ready(()) => this.finish(),
-                        Poll::Pending => Poll::Pending,
-                    };
+            if this.finished.is_some() || this.complete() {
+                return this.finish();
+            }
+            if let Some(reply) = this.ready.pop_front() {
+                this.count(&reply);
+                return Poll::Ready(Some(reply));
+            }
+            // Everything that has arrived (up to a batch), then checked together.
+            let mut batch = Vec::new();
+            while !this.closed && batch.len() < VERIFY_BATCH {
+                match this.replies.poll_next_unpin(cx) {
+                    Poll::Ready(Some(message)) => batch.push(message),
+                    Poll::Ready(None) => this.closed = true,
+                    Poll::Pending => break,
                 }
             }
+            if !batch.is_empty() {
+                this.accept(batch);
+                continue;
+            }
+            if this.closed {
+                return this.finish();
+            }
+            return match this.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => this.finish(),
+                Poll::Pending => Poll::Pending,
+            };
         }
+    }
+}
+
+impl ReplyStream {
+    /// Sorts arrived messages into replies to this request that are accepted (queued in
+    /// `ready`), refused by the signature check (`rejected`) and anything else (`ignored`).
+    /// With trust, the signatures of the batch are checked in one go and, only if that
+    /// fails, one by one to find the bad ones.
+    fn accept(&mut self, batch: Vec<TransportMessage>) {
+        let mut checks: Vec<(RpcReply, SignedReply)> = Vec::with_capacity(batch.len());
+        for message in batch {
+            let (reply, signed) = match decode_reply(&message.payload) {
+                Some((r, signed)) if r.requestid == self.request.requestid => (r, signed),
+                _ => {
+                    self.counts.ignored += 1;
+                    continue;
+                }
+            };
+            let Some(issuers) = &self.trust else {
+                self.ready.push_back(reply);
+                continue;
+            };
+            match check_reply(&reply, signed.as_ref(), issuers, &self.request) {
+                Ok(check) => checks.push((reply, check)),
+                Err(reason) => self.reject(reply, reason),
+            }
+        }
+        let items: Vec<(&PublicKey, &[u8], &[u8; 64])> =
+            checks.iter().map(|(_, c)| (c.credential.public_key(), c.bytes.as_slice(), &c.signature)).collect();
+        let all_valid = PublicKey::verify_all(&items);
+        drop(items);
+        for (reply, check) in checks {
+            if all_valid || check.credential.public_key().verify(&check.bytes, &check.signature) {
+                self.ready.push_back(reply);
+            } else {
+                self.reject(reply, "reply signature does not verify (tampered or forged)".into());
+            }
+        }
+    }
+
+    fn reject(&mut self, reply: RpcReply, reason: String) {
+        self.counts.unverified += 1;
+        self.rejected.push(RejectedReply { identity: reply.identity, reason });
+    }
+
+    /// Tallies a reply as it is handed out.
+    fn count(&mut self, reply: &RpcReply) {
+        let c = &mut self.counts;
+        c.replies += 1;
+        if reply.statuscode == StatusCode::Ok {
+            c.ok += 1;
+        } else if !reply.authorized && reply.statuscode == StatusCode::Aborted {
+            c.denied += 1;
+        } else {
+            c.failed += 1;
+        }
+        self.responders.insert(reply.identity.clone());
     }
 }
 
@@ -451,14 +506,22 @@ fn decode_reply(payload: &[u8]) -> Option<(RpcReply, Option<(String, String)>)> 
     serde_json::from_slice::<RpcReply>(payload).ok().map(|r| (r, None))
 }
 
-/// Whether `reply` is signed by the node it claims to come from, under a node credential of
-/// a trusted issuer that covers the request's collective.
+/// A reply's signature, ready to be checked against its sender's key.
+struct SignedReply {
+    credential: Arc<Credential>,
+    bytes: Vec<u8>,
+    signature: [u8; 64],
+}
+
+/// Whether `reply` is signed, under a node credential of a trusted issuer for the node it
+/// claims to come from that covers the request's collective, by that credential's key:
+/// everything but the signature itself, which the caller checks (in a batch).
 fn check_reply(
     reply: &RpcReply,
     signed: Option<&(String, String)>,
     issuers: &Issuers,
     request: &RpcRequest,
-) -> Result<(), String> {
+) -> Result<SignedReply, String> {
     let (signature, sender) = signed.ok_or("unsigned reply")?;
     let credential = issuers
         .verify(sender, Role::Node, chrono::Utc::now().timestamp())
@@ -473,14 +536,11 @@ fn check_reply(
     if !credential.allows_collective(&request.collective) {
         return Err(format!("{:?} has no credential for collective {:?}", reply.identity, request.collective));
     }
-    let (key_id, bytes) = parse_signature(signature).map_err(|e| format!("reply signature: {e}"))?;
+    let (key_id, signature) = parse_signature(signature).map_err(|e| format!("reply signature: {e}"))?;
     if key_id != credential.public_key().key_id() {
         return Err(format!("reply signed by key {key_id:.40}, not the sender credential's"));
     }
-    if !credential.public_key().verify(&reply_signing_bytes(reply), &bytes) {
-        return Err("reply signature does not verify (tampered or forged)".into());
-    }
-    Ok(())
+    Ok(SignedReply { credential, bytes: reply_signing_bytes(reply), signature })
 }
 
 /// This host's name, the default `senderid`.

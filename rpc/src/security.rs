@@ -31,6 +31,9 @@ use crate::signed::{parse_signature, request_signing_bytes, RequestEnvelope};
 /// enough that a captured request is useless soon.
 pub const DEFAULT_MAX_TTL: Duration = Duration::from_secs(300);
 
+/// The refusal of a request that asks for replies on a subject not bound to its caller.
+pub const REPLY_SUBJECT_NOT_BOUND: &str = "reply_subject_not_bound";
+
 /// Why a request was refused: a stable code and a reason for the audit record and reply.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
@@ -171,7 +174,7 @@ impl RequestSecurity {
             let own = format!("{}.reply.{}.", request.collective, reply_token(&request.callerid));
             if !reply_to.starts_with(&own) {
                 return Err(Refusal::new(
-                    "reply_subject_not_bound",
+                    REPLY_SUBJECT_NOT_BOUND,
                     format!("replies for {:?} must go to {own}*, not {reply_to:.80}", request.callerid),
                 ));
             }

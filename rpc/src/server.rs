@@ -43,7 +43,7 @@ use tokio::task::JoinHandle;
 use super::agents::{ActionContext, Agent};
 use super::filter::CompiledFilter;
 use super::policy::{ActionPolicy, PolicySettings, Prepared};
-use super::security::{Caller, Refusal, RequestSecurity};
+use super::security::{Caller, Refusal, RequestSecurity, REPLY_SUBJECT_NOT_BOUND};
 use super::signed::{ReplyEnvelope, RequestEnvelope};
 use super::transport::{
     broadcast_subject, node_subject, validate_subject, Subscription, Transport, TransportMessage, MAX_PAYLOAD,
@@ -176,15 +176,19 @@ enum Destination {
 
 /// One request as it reaches the hosted nodes: decoded, authenticated and its policy read
 /// once for all of them.
-#[derive(Clone, Copy)]
-struct Delivery<'a> {
-    request: &'a RpcRequest,
-    filter: &'a CompiledFilter,
-    reply_to: Option<&'a str>,
-    caller: Option<&'a Result<Caller, Refusal>>,
-    policy: &'a Prepared,
+struct Delivery {
+    request: RpcRequest,
+    filter: CompiledFilter,
+    reply_to: Option<String>,
+    caller: Option<Result<Caller, Refusal>>,
+    policy: Prepared,
     now: i64,
 }
+
+/// Hosted nodes a request reaches, above which their work is spread over the runtime's
+/// worker threads (each node signs its records and reply: CPU work that one task would
+/// otherwise do alone for a whole simulated fleet).
+const SPREAD_ABOVE: usize = 64;
 
 /// State shared by the server handle and its subscription tasks.
 struct Core {
@@ -470,7 +474,7 @@ impl Core {
     }
 
     /// Handles one message on every hosted node it may concern.
-    async fn handle(&self, message: TransportMessage) {
+    async fn handle(self: &Arc<Self>, message: TransportMessage) {
         if message.payload.len() > MAX_PAYLOAD {
             return self.malformed(&message, "larger than the maximum payload");
         }
@@ -542,19 +546,32 @@ impl Core {
         if !policy.problems().is_empty() {
             self.report_policy_problems(&targets[0], &request, &policy).await;
         }
-        let delivery = Delivery {
-            request: &request,
-            filter: &filter,
-            reply_to: message.reply.as_deref(),
-            caller: caller.as_ref(),
-            policy: &policy,
-            now,
-        };
-        let delivery = &delivery;
+        let delivery = Arc::new(Delivery { request, filter, reply_to: message.reply, caller, policy, now });
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let concurrency = self.options.node_concurrency.max(1);
+        if targets.len() <= SPREAD_ABOVE || workers == 1 {
+            return self.process_all(targets, &delivery, concurrency).await;
+        }
+        let share = targets.len().div_ceil(workers);
+        let mut targets = targets;
+        let mut parts = Vec::with_capacity(workers);
+        while !targets.is_empty() {
+            let rest = targets.split_off(share.min(targets.len()));
+            let part = std::mem::replace(&mut targets, rest);
+            let (core, delivery) = (Arc::clone(self), Arc::clone(&delivery));
+            let concurrency = concurrency.div_ceil(workers);
+            parts.push(tokio::spawn(async move { core.process_all(part, &delivery, concurrency).await }));
+        }
+        for part in parts {
+            if let Err(e) = part.await {
+                tracing::error!(requestid = %delivery.request.requestid, error = %e, "RPC processing task failed");
+            }
+        }
+    }
+
+    async fn process_all(&self, targets: Vec<Arc<HostedNode>>, delivery: &Delivery, concurrency: usize) {
         futures::stream::iter(targets)
-            .for_each_concurrent(self.options.node_concurrency.max(1), |node| async move {
-                self.process(&node, delivery).await
-            })
+            .for_each_concurrent(concurrency, |node| async move { self.process(&node, delivery).await })
             .await;
     }
 
@@ -578,8 +595,9 @@ impl Core {
     }
 
     /// Steps 2 to 6 on one node.
-    async fn process(&self, node: &HostedNode, delivery: &Delivery<'_>) {
-        let Delivery { request, filter, reply_to, caller, policy, now } = *delivery;
+    async fn process(&self, node: &HostedNode, delivery: &Delivery) {
+        let Delivery { request, filter, reply_to, caller, policy, now } = delivery;
+        let (reply_to, caller, now) = (reply_to.as_deref(), caller.as_ref(), *now);
         let stats = &node.stats;
         RpcStats::bump(&stats.total);
         if !filter.matches(&node.ctx, &self.agent_names) {
@@ -666,6 +684,9 @@ impl Core {
             tracing::error!(identity = %node.ctx.identity, requestid = %request.requestid, error = %e, "cannot record the audit event of a refused request");
         }
         let reason = format!("request refused ({}): {}", refusal.code, refusal.reason);
+        // A request asking for replies on another caller's subject gets none: the refusal
+        // is recorded and audited, not sent where its sender could not read it anyway.
+        let reply_to = reply_to.filter(|_| refusal.code != REPLY_SUBJECT_NOT_BOUND);
         self.answer(node, RpcReply::denied(request, &node.ctx.identity, reason), reply_to).await;
     }
 

@@ -707,3 +707,48 @@ async fn a_client_that_trusts_issuers_accepts_only_replies_signed_by_their_node(
     assert_eq!(rejected[1].0, "n3");
     assert!(rejected[1].1.contains("credential of \"n4\""), "{}", rejected[1].1);
 }
+
+/// A policy line Chorus cannot use is audited (`policy_line_unusable`, naming file and
+/// line) once per version of the file: again after the file changes, not on every request.
+/// The valid lines still decide.
+#[tokio::test]
+async fn unusable_policy_lines_are_audited_once_per_change_of_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let broken = concat!(
+        "policy default deny\n",
+        "allow\tup=bob\tping\t*\t*\n",
+        "allow\tup=bob\tstatus\t(puppet().enabled=false and environment=production) or environment=development\t*\n",
+    );
+    write_policy(dir.path(), "rpcutil", broken);
+    let transport: Arc<dyn Transport> = Arc::new(LocalTransport::new());
+    let sink = Arc::new(MemorySink::default());
+    let _server = fleet(transport.clone(), Some(dir.path()), true, sink.clone()).await;
+    let ping = || async {
+        let options = RequestOptions { expected: Some(3), ..options(5000) };
+        client(transport.clone()).call("rpcutil", "ping", JsonObject::new(), options).await.unwrap()
+    };
+    let unusable = || -> Vec<String> {
+        sink.records()
+            .into_iter()
+            .filter_map(|r| match r.data {
+                Event::Audit(a) if a.code.as_deref() == Some("policy_line_unusable") => a.reason,
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(ping().await.summary.ok, 3, "the valid line still allows bob");
+    assert_eq!(ping().await.summary.ok, 3);
+    let reasons = unusable();
+    assert_eq!(reasons.len(), 1, "reported once, not per request or node: {reasons:?}");
+    assert!(reasons[0].contains("rpcutil.policy") && reasons[0].contains(":3"), "{reasons:?}");
+
+    // The file changes (the broken line now line 4): reported again, once.
+    std::fs::write(dir.path().join("rpcutil.policy"), format!("# edited\n{broken}")).unwrap();
+    let edited = std::time::SystemTime::now() + Duration::from_secs(5);
+    std::fs::File::options().write(true).open(dir.path().join("rpcutil.policy")).unwrap().set_modified(edited).unwrap();
+    assert_eq!(ping().await.summary.ok, 3);
+    assert_eq!(ping().await.summary.ok, 3);
+    let reasons = unusable();
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert!(reasons[1].contains(":4"), "{reasons:?}");
+}

@@ -5,8 +5,9 @@
 //! The client key may be a PEM file ([`TlsClientConfig::key_file`]) or any
 //! [`chorus_keys::Signer`] ([`client_config_with_signer`]): a key held by a PKCS#11 token
 //! never leaves it, and the handshake's `CertificateVerify` is signed through the token.
-//! Only the signature scheme `ed25519` is offered for such a key; brokers built with Go's
-//! crypto/tls (nats-server) accept it.
+//! The one signature scheme of the key's algorithm is offered for such a key (`ed25519`, or
+//! `ecdsa_secp256r1_sha256` for P-256); brokers built with Go's crypto/tls (nats-server)
+//! accept both.
 //!
 //! ```no_run
 //! use chorus_runtime::tls::{client_config, TlsClientConfig};

@@ -11,7 +11,8 @@ use chorus_broker::{self as broker, BrokerConfig};
 #[derive(clap::Subcommand)]
 pub enum BrokerCommand {
     /// Generate nats-server.conf (one account per tenant, least-privilege users, bcrypt
-    /// hashes, TLS) and, with a `firewall` section, an nftables rule set.
+    /// hashes, TLS) and, with a `firewall` or `client_networks` section, an nftables rule set
+    /// (and with `client_networks` the edge server's configuration).
     Config {
         /// Broker description (YAML); see docs/SECURITY.md.
         #[arg(long, short)]
@@ -22,6 +23,10 @@ pub enum BrokerCommand {
         /// Where to write the nftables rules (default: next to --out, `.nft`).
         #[arg(long)]
         nftables: Option<PathBuf>,
+        /// With `client_networks`: where to write the edge server's configuration (default:
+        /// next to --out, `.edge.conf`). Run it beside the main server.
+        #[arg(long)]
+        edge_out: Option<PathBuf>,
     },
     /// Print a bcrypt hash (as nats-server reads it) of a password read from standard
     /// input, for `password_hash`.
@@ -35,7 +40,7 @@ pub enum BrokerCommand {
 /// Runs a `broker` subcommand.
 pub fn run(command: BrokerCommand) -> anyhow::Result<()> {
     match command {
-        BrokerCommand::Config { config, out, nftables } => {
+        BrokerCommand::Config { config, out, nftables, edge_out } => {
             let description = BrokerConfig::load(&config)?;
             let rendered = description.render().map_err(|e| e.in_file(&config))?;
             write_private(&out, &rendered.nats_conf)?;
@@ -44,6 +49,14 @@ pub fn run(command: BrokerCommand) -> anyhow::Result<()> {
                 let path = nftables.unwrap_or_else(|| out.with_extension("nft"));
                 write_private(&path, &rules)?;
                 eprintln!("wrote {} (load with: nft -f {})", path.display(), path.display());
+            }
+            if let Some(edge) = rendered.edge_conf {
+                let path = edge_out.unwrap_or_else(|| out.with_extension("edge.conf"));
+                write_private(&path, &edge)?;
+                eprintln!(
+                    "wrote {} (the edge server for connections from outside the client networks)",
+                    path.display()
+                );
             }
             Ok(())
         }

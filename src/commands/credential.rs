@@ -142,8 +142,7 @@ fn issue(args: IssueArgs) -> anyhow::Result<()> {
     let credential = Credential::issue(issuer.as_ref(), &spec, chrono::Utc::now().timestamp())?;
     match &args.out {
         Some(out) => {
-            std::fs::write(out, format!("{}\n", credential.token()))
-                .with_context(|| format!("writing {}", out.display()))?;
+            write_public(out, &format!("{}\n", credential.token()))?;
             eprintln!(
                 "wrote {} ({} credential for {:?}, key {})",
                 out.display(),
@@ -155,4 +154,13 @@ fn issue(args: IssueArgs) -> anyhow::Result<()> {
         None => println!("{}", credential.token()),
     }
     Ok(())
+}
+
+/// Writes a credential file readable by everyone (mode 0644 whatever the umask): it is
+/// public, it only says whom a key speaks for.
+fn write_public(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))
+        .with_context(|| format!("setting the mode of {}", path.display()))
 }

@@ -12,8 +12,15 @@ pub enum KeysCommand {
     /// Create a key: a PKCS#8 PEM file (mode 0600, never overwritten) or a key pair on a
     /// PKCS#11 token (private key sensitive, not extractable). Prints its key id and public
     /// key (SPKI PEM), what `chorus credential issue` and trust directories need.
-    New(KeyArgs),
-    /// Print the key id and public key (SPKI PEM) of an existing key.
+    New {
+        #[command(flatten)]
+        key: KeyArgs,
+        /// Algorithm of the new key: ed25519, or p256 for tokens and smart cards without
+        /// Ed25519.
+        #[arg(long, default_value = "ed25519")]
+        algorithm: Algorithm,
+    },
+    /// Print the key id, algorithm and public key (SPKI PEM) of an existing key.
     Show(KeyArgs),
 }
 
@@ -25,9 +32,6 @@ pub struct KeyArgs {
     /// CHORUS_PKCS11_PIN when the URI names none).
     #[arg(long)]
     key: String,
-    /// Algorithm of a new key: ed25519, or p256 for tokens and smart cards without Ed25519.
-    #[arg(long, default_value = "ed25519")]
-    algorithm: Algorithm,
     /// Also write the public key (SPKI PEM) to this file.
     #[arg(long)]
     public_out: Option<PathBuf>,
@@ -36,15 +40,15 @@ pub struct KeyArgs {
 /// Runs a `keys` subcommand.
 pub fn run(command: KeysCommand) -> anyhow::Result<()> {
     let (args, create) = match &command {
-        KeysCommand::New(args) => (args, true),
-        KeysCommand::Show(args) => (args, false),
+        KeysCommand::New { key, algorithm } => (key, Some(*algorithm)),
+        KeysCommand::Show(args) => (args, None),
     };
     let key = KeyConfig::parse(&args.key).context("--key")?;
     let signer: Box<dyn Signer> = match (&key, create) {
-        (KeyConfig::KeyFile(path), true) => Box::new(FileSigner::generate(path, args.algorithm)?),
-        (KeyConfig::Pkcs11(token), true) => Box::new(Pkcs11Signer::generate(token, args.algorithm)?),
-        (KeyConfig::KeyFile(path), false) => Box::new(FileSigner::load(path)?),
-        (KeyConfig::Pkcs11(token), false) => Box::new(Pkcs11Signer::open(token)?),
+        (KeyConfig::KeyFile(path), Some(algorithm)) => Box::new(FileSigner::generate(path, algorithm)?),
+        (KeyConfig::Pkcs11(token), Some(algorithm)) => Box::new(Pkcs11Signer::generate(token, algorithm)?),
+        (KeyConfig::KeyFile(path), None) => Box::new(FileSigner::load(path)?),
+        (KeyConfig::Pkcs11(token), None) => Box::new(Pkcs11Signer::open(token)?),
     };
     let pem = signer.public_key().to_pem();
     if let Some(out) = &args.public_out {

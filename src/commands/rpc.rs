@@ -54,6 +54,10 @@ pub struct RpcArgs {
     /// How long to wait for replies.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     timeout: Duration,
+    /// How long nodes accept the request after it was made; nodes refuse TTLs above their
+    /// maximum (default 5m), and run each request once within it.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    ttl: Duration,
     /// Print every reply as JSON.
     #[arg(long)]
     json: bool,
@@ -99,7 +103,8 @@ pub async fn run(args: RpcArgs) -> anyhow::Result<()> {
         let (token, key, callerid): (String, Arc<dyn Signer>, Option<String>) = match (&args.token, &args.user) {
             (Some(token), _) => {
                 let key = args.aaa_key.as_deref().context("--token needs --aaa-key, the key it was issued for")?;
-                (token.clone(), KeyConfig::parse(key)?.open().context("--aaa-key")?, None)
+                let claims = chorus_aaa::Claims::read_unverified(token).context("--token")?;
+                (token.clone(), KeyConfig::parse(key)?.open().context("--aaa-key")?, Some(claims.callerid))
             }
             (None, Some(user)) => {
                 let password =
@@ -113,6 +118,9 @@ pub async fn run(args: RpcArgs) -> anyhow::Result<()> {
             }
         };
         if let Some(callerid) = callerid {
+            if let Some(given) = &args.callerid {
+                anyhow::ensure!(*given == callerid, "--callerid {given} is not the token's caller {callerid}");
+            }
             rpc = RpcClient::new(Arc::new(NatsTransport::new(nats.connect(None).await?)), callerid, &args.collective);
         }
         rpc = rpc.with_request_signer(Arc::new(AaaSigner::new(aaa, token, key)));
@@ -137,6 +145,7 @@ pub async fn run(args: RpcArgs) -> anyhow::Result<()> {
     };
     options.expected = args.expect.or(if args.identities.is_empty() { None } else { Some(args.identities.len()) });
     options.timeout = args.timeout;
+    options.ttl = args.ttl.as_secs().max(1);
     let bar = match options.expected {
         Some(n) => ProgressBar::new(n as u64),
         None => ProgressBar::new_spinner(),

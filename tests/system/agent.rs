@@ -229,9 +229,13 @@ async fn rpc_is_denied_without_policy_allowed_with_one_and_recorded() {
     let mut guarded = NodeAgent::start(cfg, Shutdown::new()).await.unwrap();
 
     let client = async_nats::connect(server.url()).await.unwrap();
-    let rpc = RpcClient::signed(Arc::new(NatsTransport::new(client)), issuer.client("choria=tester", &["rpcutil.*"]), "choria")
-        .with_trust(issuer.issuers())
-        .with_senderid("client.example.net");
+    let rpc = RpcClient::signed(
+        Arc::new(NatsTransport::new(client)),
+        issuer.client("choria=tester", &["rpcutil.*"]),
+        "choria",
+    )
+    .with_trust(issuer.issuers())
+    .with_senderid("client.example.net");
     let options = RequestOptions {
         expected: Some(2),
         timeout: Duration::from_secs(10),

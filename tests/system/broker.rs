@@ -29,6 +29,7 @@ use chorus_schemas::{AuditAction, AuditRecord, EventRecord};
 use chorus_testkit::nats::{nats_server_binary, NatsServer};
 use chorus_testkit::pki::Pki;
 use chorus_testkit::{eventually, eventually_blocking};
+use futures::StreamExt as _;
 use tokio::sync::mpsc;
 
 use crate::issuer::TestIssuer;
@@ -374,9 +375,20 @@ struct NamespacedServer {
 
 impl NamespacedServer {
     fn start(conf: &str, nftables: Option<&str>) -> Self {
+        Self::start_with(conf, nftables, None, "")
+    }
+
+    /// As [`NamespacedServer::start`], with shell `setup` run first in the namespace (e.g.
+    /// more addresses on `lo`) and, with `edge`, a second nats-server beside the first. Both
+    /// run in a PID namespace of their own too, so they die together with the test.
+    fn start_with(conf: &str, nftables: Option<&str>, edge: Option<&str>, setup: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let conf_path = dir.path().join("nats-server.conf");
         std::fs::write(&conf_path, conf).unwrap();
+        let edge_path = dir.path().join("edge.conf");
+        if let Some(edge) = edge {
+            std::fs::write(&edge_path, edge).unwrap();
+        }
         let nft_path = dir.path().join("rules.nft");
         if let Some(rules) = nftables {
             std::fs::write(&nft_path, rules).unwrap();
@@ -389,11 +401,15 @@ impl NamespacedServer {
         let script = r#"set -e
 [ "$(readlink /proc/self/ns/net)" != "$HOST_NS" ] || { echo "not in a new network namespace" >&2; exit 97; }
 ip link set lo up
+eval "$SETUP"
 if [ -n "$NFT_RULES" ]; then nft -f "$NFT_RULES"; fi
-exec "$NATS_SERVER" -c "$NATS_CONF""#;
+if [ -n "$EDGE_CONF" ]; then "$NATS_SERVER" -c "$EDGE_CONF" & fi
+"$NATS_SERVER" -c "$NATS_CONF""#;
         let mut cmd = Command::new("unshare");
-        cmd.args(["--net", "--", "sh", "-c", script])
+        cmd.args(["--net", "--pid", "--fork", "--kill-child", "--", "sh", "-c", script])
             .env("HOST_NS", &host_ns)
+            .env("SETUP", setup)
+            .env("EDGE_CONF", if edge.is_some() { edge_path.as_os_str() } else { std::ffi::OsStr::new("") })
             .env("NFT_RULES", if nftables.is_some() { nft_path.as_os_str() } else { std::ffi::OsStr::new("") })
             .env("NATS_SERVER", nats_server_binary().unwrap())
             .env("NATS_CONF", &conf_path)
@@ -432,9 +448,12 @@ exec "$NATS_SERVER" -c "$NATS_CONF""#;
         }
     }
 
-    /// Connects from `from` to `to` inside the namespace and returns the server's first line
-    /// (its INFO), or the connection error.
-    fn connect(&self, from: IpAddr, to: SocketAddr, read_info: bool) -> std::io::Result<String> {
+    /// Runs `work` on a thread of its own inside the namespace (sockets it opens are the
+    /// namespace's), on a runtime of that thread.
+    fn run<T: Send + 'static, F: std::future::Future<Output = std::io::Result<T>>>(
+        &self,
+        work: impl FnOnce() -> F + Send + 'static,
+    ) -> std::io::Result<T> {
         let ns = self.ns.clone();
         std::thread::spawn(move || {
             let file = std::fs::File::open(&ns)?;
@@ -442,29 +461,34 @@ exec "$NATS_SERVER" -c "$NATS_CONF""#;
             if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) } != 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            rt.block_on(async move {
-                let socket = match from {
-                    IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-                    IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
-                };
-                socket.bind(SocketAddr::new(from, 0))?;
-                let stream = tokio::time::timeout(Duration::from_secs(10), socket.connect(to))
-                    .await
-                    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
-                if !read_info {
-                    return Ok(String::new());
-                }
-                let stream = stream.into_std()?;
-                stream.set_nonblocking(false)?;
-                stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-                let mut line = String::new();
-                BufReader::new(&stream).read_line(&mut line)?;
-                Ok(line)
-            })
+            tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(work())
         })
         .join()
         .unwrap()
+    }
+
+    /// Connects from `from` to `to` inside the namespace and returns the server's first line
+    /// (its INFO), or the connection error.
+    fn connect(&self, from: IpAddr, to: SocketAddr, read_info: bool) -> std::io::Result<String> {
+        self.run(move || async move {
+            let socket = match from {
+                IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+                IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+            };
+            socket.bind(SocketAddr::new(from, 0))?;
+            let stream = tokio::time::timeout(Duration::from_secs(10), socket.connect(to))
+                .await
+                .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+            if !read_info {
+                return Ok(String::new());
+            }
+            let stream = stream.into_std()?;
+            stream.set_nonblocking(false)?;
+            stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+            let mut line = String::new();
+            BufReader::new(&stream).read_line(&mut line)?;
+            Ok(line)
+        })
     }
 
     /// Waits until a client from `from` gets the server's INFO on `to`.
@@ -549,4 +573,156 @@ fn generated_nftables_rules_admit_only_the_configured_networks() {
     }
     server.connect(ip("127.0.0.1"), monitor_port, false).expect("the monitoring port admits 127.0.0.1");
     assert!(refused(server.connect(ip("127.0.0.2"), monitor_port, false)), "127.0.0.2 reached the monitoring port");
+}
+
+/// Choria's client networks: the same client user connecting from a client network gets its
+/// permissions (the main server); from anywhere else it lands on the edge server with
+/// node-only permissions: it cannot send requests or read replies (refused by the broker and
+/// logged as permissions violations) while an agent connecting from there still answers
+/// requests and stores events through the edge's leafnode link.
+#[test]
+fn connections_from_outside_the_client_networks_get_node_only_permissions() {
+    let store = tempfile::tempdir().unwrap();
+    let config = generate(&format!(
+        r#"
+server_name: hq
+listen: "0.0.0.0:4222"
+jetstream: {{store_dir: {store}}}
+bcrypt_cost: 4
+client_networks: {{networks: [10.1.0.0/16], internal_port: 4223, leafnode_port: 7422}}
+tenants:
+  acme:
+    collectives: [acme]
+    users:
+      - {{user: acme-agent, role: agent, password: acme-agent-pw}}
+      - {{user: acme-client, role: client, password: acme-client-pw, callerid: up=alice}}
+      - {{user: acme-admin, role: admin, password: acme-admin-pw}}
+"#,
+        store = store.path().display()
+    ));
+    let rendered = config.render().unwrap();
+    let mut server = NamespacedServer::start_with(
+        &rendered.nats_conf,
+        rendered.nftables.as_deref(),
+        rendered.edge_conf.as_deref(),
+        "ip addr add 10.1.0.1/32 dev lo; ip addr add 10.9.0.1/32 dev lo",
+    );
+    let (inside, outside): (IpAddr, IpAddr) = ("10.1.0.1".parse().unwrap(), "10.9.0.1".parse().unwrap());
+    let port = |ip: IpAddr, port: u16| SocketAddr::new(ip, port);
+    server.wait_ready(inside, port(inside, 4222));
+    server.wait_ready(outside, port(outside, 4222));
+    let info = |from: IpAddr| server.connect(from, port(from, 4222), true).unwrap();
+    assert!(info(inside).contains(r#""server_name":"hq""#), "a client network reaches the main server");
+    assert!(info(outside).contains(r#""server_name":"hq-edge""#), "other sources reach the edge server");
+    assert!(refused(server.connect(outside, port(outside, 4223), true)), "the internal port is the client networks'");
+
+    let violations = server
+        .run(move || async move {
+            let connect = |ip: IpAddr, user: &str| {
+                let (tx, rx) = mpsc::unbounded_channel();
+                let options = async_nats::ConnectOptions::with_user_and_password(user.into(), pw(user)).event_callback(
+                    move |event| {
+                        let tx = tx.clone();
+                        async move {
+                            if let async_nats::Event::ServerError(e) = event {
+                                tx.send(e.to_string()).ok();
+                            }
+                        }
+                    },
+                );
+                async move {
+                    let client = options.connect(format!("nats://{ip}:4222")).await.map_err(std::io::Error::other)?;
+                    Ok::<_, std::io::Error>((client, rx))
+                }
+            };
+            fn io(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> std::io::Error {
+                std::io::Error::other(e)
+            }
+            let (admin, _) = connect(inside, "acme-admin").await?;
+            let (alice, _) = connect(inside, "acme-client").await?;
+            let (agent, _) = connect(outside, "acme-agent").await?;
+            let (stranger, mut errors) = connect(outside, "acme-client").await?;
+
+            // The agent outside answers a request the client inside sends.
+            let mut requests = agent.subscribe("acme.broadcast.agent.rpcutil").await.map_err(io)?;
+            agent.flush().await.map_err(io)?;
+            let answering = agent.clone();
+            tokio::spawn(async move {
+                while let Some(request) = requests.next().await {
+                    if let Some(reply) = request.reply {
+                        answering.publish(reply, "pong".into()).await.ok();
+                    }
+                }
+            });
+            let inbox = format!("acme.reply.{}.test", chorus_identity::reply_token("up=alice"));
+            let mut replies = alice.subscribe(inbox.clone()).await.map_err(io)?;
+            let answered = tokio::time::timeout(Duration::from_secs(30), async {
+                // Until the leafnode link carries the agent's interest, requests find nobody.
+                loop {
+                    alice.publish_with_reply("acme.broadcast.agent.rpcutil", inbox.clone(), "ping".into()).await.ok();
+                    alice.flush().await.ok();
+                    // (A "no responders" status comes back while nobody listens.)
+                    if let Ok(Some(reply)) = tokio::time::timeout(Duration::from_millis(500), replies.next()).await {
+                        if reply.status.is_none() {
+                            return reply;
+                        }
+                    }
+                }
+            })
+            .await
+            .map_err(|_| io("no answer from the agent outside"))?;
+            assert_eq!(&answered.payload[..], b"pong");
+
+            // The agent outside stores an event in the main server's JetStream.
+            let js = async_nats::jetstream::new(admin);
+            js.create_stream(async_nats::jetstream::stream::Config {
+                name: "CHORUS_LIFECYCLE".into(),
+                subjects: vec!["choria.lifecycle.>".into()],
+                ..Default::default()
+            })
+            .await
+            .map_err(io)?;
+            let agent_js = async_nats::jetstream::new(agent);
+            let ack = tokio::time::timeout(Duration::from_secs(30), async {
+                agent_js.publish("choria.lifecycle.event.alive.server", "{}".into()).await?.await
+            })
+            .await
+            .map_err(|_| io("no JetStream acknowledgement through the edge"))?
+            .map_err(io)?;
+            assert_eq!(ack.stream, "CHORUS_LIFECYCLE");
+
+            // The same client user from outside: no requests, no replies.
+            stranger.publish("acme.broadcast.agent.rpcutil", "ping".into()).await.map_err(io)?;
+            stranger.publish("acme.node.web1.acme.net", "ping".into()).await.map_err(io)?;
+            let _eavesdrop =
+                stranger.subscribe(format!("acme.reply.{}.>", chorus_identity::reply_token("up=alice"))).await;
+            stranger.flush().await.map_err(io)?;
+            let mut seen = Vec::new();
+            tokio::time::timeout(Duration::from_secs(30), async {
+                while seen.len() < 3 {
+                    match errors.recv().await {
+                        Some(e) if e.to_lowercase().contains("permissions violation") => seen.push(e),
+                        Some(_) => {}
+                        None => break,
+                    }
+                }
+            })
+            .await
+            .map_err(|_| io(format!("violations seen: {seen:?}")))?;
+            Ok(seen)
+        })
+        .unwrap();
+    let joined = violations.join("\n").to_lowercase();
+    assert!(joined.contains(r#"publish to "acme.broadcast.agent.rpcutil""#), "{joined}");
+    assert!(joined.contains(r#"publish to "acme.node.web1.acme.net""#), "{joined}");
+    assert!(joined.contains("subscription to"), "{joined}");
+    // The broker's log records each refusal.
+    eventually_blocking("the edge server's log of the violations", Duration::from_secs(30), || {
+        let log = server.log_text();
+        if log.matches("Violation").count() >= 3 {
+            Ok(())
+        } else {
+            Err(log)
+        }
+    });
 }

@@ -246,7 +246,11 @@ async fn request_replayed_within_its_ttl_runs_once() {
     let envelope: ReplyEnvelope = serde_json::from_slice(&answer.payload).unwrap();
     assert_eq!(envelope.reply.requestid, results.request.requestid);
     assert!(!envelope.reply.authorized, "{:?}", envelope.reply);
-    assert!(envelope.reply.policy.as_deref().unwrap().starts_with("request refused (replayed)"), "{:?}", envelope.reply);
+    assert!(
+        envelope.reply.policy.as_deref().unwrap().starts_with("request refused (replayed)"),
+        "{:?}",
+        envelope.reply
+    );
 
     let record = fleet.audited(&results.request.requestid).await;
     assert_eq!((record.action, record.code.as_deref()), (AuditAction::Deny, Some("replayed")));
@@ -285,7 +289,8 @@ async fn agent_outside_the_credential_is_refused_and_audited() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_key_cannot_sign_another_nodes_events() {
     let fleet = Fleet::start().await;
-    let node1 = Identity::load(&fleet.node_key, &fleet.node_credential, chorus_identity::Role::Node, Some(NODE)).unwrap();
+    let node1 =
+        Identity::load(&fleet.node_key, &fleet.node_credential, chorus_identity::Role::Node, Some(NODE)).unwrap();
     let node2 = fleet.issuer.node("node2.acme.net");
     let alive = |identity: &Identity, claims: &str, version: &str, seq: u64| {
         EventRecord::new(Alive::new(claims, "server", version, Some(300)), seq)
@@ -401,7 +406,8 @@ async fn forged_reply_is_counted_unverified_never_ok() {
     let forger = fleet.connect("acme-agent").await;
     let mut requests = forger.subscribe(node_subject("acme", GHOST)).await.unwrap();
     forger.flush().await.unwrap();
-    let node1 = Identity::load(&fleet.node_key, &fleet.node_credential, chorus_identity::Role::Node, Some(NODE)).unwrap();
+    let node1 =
+        Identity::load(&fleet.node_key, &fleet.node_credential, chorus_identity::Role::Node, Some(NODE)).unwrap();
     let rogue = TestIssuer::new().node(GHOST);
     let forging = tokio::spawn(async move {
         let message = requests.next().await.unwrap();

@@ -57,10 +57,12 @@ pub struct ProjectorOptions {
     /// recent writes without a store lookup (about 100-200 bytes each for the inventory); 0
     /// disables it.
     pub cache_entries: usize,
-    /// When set, only events signed by a key it trusts are applied; unsigned, forged or
-    /// tampered events go to the dead-letter stream with the reason
-    /// ([`chorus_schemas::signature::VerifyError::code`]: `unsigned`, `unknown_key`,
-    /// `bad_signature`, `malformed_signature`) and the projector goes on.
+    /// When set, only events signed by their node's key under a node credential of a trusted
+    /// issuer are applied; unsigned, forged, tampered or misattributed events go to the
+    /// dead-letter stream with the reason ([`chorus_schemas::signature::VerifyError::code`]:
+    /// `unsigned`, `no_credential`, the credential's codes such as `unknown_issuer`,
+    /// `key_mismatch`, `wrong_identity`, `bad_signature`, `malformed_signature`) and the
+    /// projector goes on.
     pub verifier: Option<std::sync::Arc<chorus_schemas::signature::Verifier>>,
 }
 

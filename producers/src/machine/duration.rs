@@ -70,7 +70,11 @@ pub fn parse_duration(input: &str) -> Result<Duration, DurationError> {
         let frac_part = &frac_part[..frac_part.len().min(18)];
         if !frac_part.is_empty() {
             let frac: u128 = frac_part.parse().map_err(|_| err("invalid fraction"))?;
-            value += frac * unit_nanos / 10u128.pow(frac_part.len() as u32);
+            // Checked: an integer part just below u128::MAX in nanoseconds plus a fraction
+            // overflows (and wrapped to a short duration in release builds).
+            value = value
+                .checked_add(frac * unit_nanos / 10u128.pow(frac_part.len() as u32))
+                .ok_or_else(|| err("too large"))?;
         }
         total = total.checked_add(value).ok_or_else(|| err("too large"))?;
         if total > u64::MAX as u128 {
@@ -172,7 +176,8 @@ mod tests {
 
     #[test]
     fn rejects_bad_durations() {
-        for bad in ["", "5", "1x", "-1s", "s", "1.s.", "1h-2m", "99999999999999999999h"] {
+        let fraction_overflow = "340282366920938463463374607431.999999999s";
+        for bad in ["", "5", "1x", "-1s", "s", "1.s.", "1h-2m", "99999999999999999999h", fraction_overflow] {
             assert!(parse_duration(bad).is_err(), "{bad:?} should not parse");
         }
         let e = parse_duration("10").unwrap_err();

@@ -21,7 +21,7 @@
 //! Lines that cannot be used are reported once per change ([`Prepared::problems`]) so the
 //! server can log and audit them.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -122,7 +122,9 @@ pub struct ActionPolicy {
     dir: Option<PathBuf>,
     settings: PolicySettings,
     parsed: Mutex<HashMap<PathBuf, (Vec<u8>, Parsed)>>,
-    reported: Mutex<HashSet<String>>,
+    /// Problems reported, with the parsed file version (its address) they were reported for:
+    /// a changed file reports its problems again, an unchanged one does not.
+    reported: Mutex<HashMap<String, usize>>,
 }
 
 /// What one request is decided with, read once for all the nodes it reaches.
@@ -172,7 +174,7 @@ type Read = Option<Result<Parsed, String>>;
 impl ActionPolicy {
     /// Policies from `dir` read as `settings` say; `None` denies every request.
     pub fn new(dir: Option<PathBuf>, settings: PolicySettings) -> Self {
-        ActionPolicy { dir, settings, parsed: Mutex::new(HashMap::new()), reported: Mutex::new(HashSet::new()) }
+        ActionPolicy { dir, settings, parsed: Mutex::new(HashMap::new()), reported: Mutex::new(HashMap::new()) }
     }
 
     /// The policy directory, if any.
@@ -192,8 +194,11 @@ impl ActionPolicy {
         let mut problems = Vec::new();
         if let Ready::Policy { file, groups, .. } = &ready {
             let mut reported = self.reported.lock().unwrap_or_else(|e| e.into_inner());
-            for problem in file.problems().iter().chain(groups.problems()) {
-                if reported.insert(problem.to_string()) {
+            let file_version = Arc::as_ptr(file) as usize;
+            let groups_version = Arc::as_ptr(groups) as usize;
+            let versioned = file.problems().iter().map(|p| (p, file_version));
+            for (problem, version) in versioned.chain(groups.problems().iter().map(|p| (p, groups_version))) {
+                if reported.insert(problem.to_string(), version) != Some(version) {
                     tracing::warn!(%problem, "action policy line cannot be used");
                     problems.push(problem.clone());
                 }

@@ -91,6 +91,11 @@ impl EventRecord {
     /// protocol binding. `type`, `source` and the data's `protocol` are written from the
     /// variant, so they are always canonical and consistent.
     pub fn to_cloudevent(&self) -> cloudevents::Event {
+        self.cloudevent(true)
+    }
+
+    /// [`EventRecord::to_cloudevent`], with or without the signature attributes.
+    fn cloudevent(&self, with_signature: bool) -> cloudevents::Event {
         let mut builder = EventBuilderV10::new()
             .id(self.id.clone())
             .source(self.data.source())
@@ -109,7 +114,7 @@ impl EventRecord {
         if let Some(site) = &self.site {
             builder = builder.extension(SITE, site.as_str());
         }
-        if let Some(signature) = &self.signature {
+        if let Some(signature) = self.signature.as_ref().filter(|_| with_signature) {
             builder = builder.extension(SIGKEY, signature.key_id.as_str()).extension(SIG, signature.sig.as_str());
             if let Some(credential) = &signature.credential {
                 builder = builder.extension(SIGCRED, credential.as_str());
@@ -118,6 +123,13 @@ impl EventRecord {
         // build() fails only for a missing id/type/source or an empty source; all are set
         // and the source is a non-empty constant.
         builder.build().expect("all required CloudEvents attributes are set")
+    }
+
+    /// The JSON document of the event without its signature attributes (`sigkey`, `sig`,
+    /// `sigcred`): what a signature covers, once put in canonical form. Built directly, not by
+    /// encoding and parsing again (signing is on the path of every recorded RPC).
+    pub(crate) fn unsigned_value(&self) -> Value {
+        serde_json::to_value(self.cloudevent(false)).expect("a CloudEvent always serializes to JSON")
     }
 
     /// Encodes as CloudEvents 1.0 structured-mode JSON. The output is deterministic (the same

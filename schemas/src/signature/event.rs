@@ -11,14 +11,7 @@ use chorus_keys::{SignError, Signer};
 /// The bytes a signature of `record` covers (see [What is signed](super#what-is-signed)).
 /// The record's own `signature` (with its credential) is left out.
 pub fn signing_bytes(record: &EventRecord) -> Vec<u8> {
-    let mut unsigned = record.clone();
-    unsigned.signature = None;
-    let encoded = unsigned.encode();
-    match serde_json::from_slice(&encoded) {
-        Ok(value) => canonical_json(&value),
-        // encode() always writes JSON; keep a defined result regardless.
-        Err(_) => encoded,
-    }
+    canonical_json(&record.unsigned_value())
 }
 
 /// Signs `record` with `signer`, setting its `signature` (replacing any previous one) and

@@ -1,0 +1,216 @@
+//! `chorus bench rpc`: one broadcast `rpcutil ping` answered by N simulated nodes in this
+//! process, round trip until every reply is in, three ways in interleaved rounds on one
+//! private nats-server:
+//!
+//! * raw async-nats: one subscription answers for N "nodes" with a JSON reply each, and the
+//!   client counts N replies: what a user would write without Chorus (no policy, no records,
+//!   no signatures), the floor;
+//! * Chorus unsigned: the RPC server of N simulated nodes (policy decision, request and reply
+//!   recorded as events, reply sent) and the RPC client;
+//! * Chorus signed: the same with every node holding its own key and node credential and
+//!   every caller authenticated: the request signed by the caller's key and checked by the
+//!   nodes (issuer → credential → signature, replay cache), every recorded event and every
+//!   reply signed by its node, every reply verified by the client.
+//!
+//! Recorded events go to a sink that drops them (after signing, in the signed fleet), so the
+//! figures are RPC and signing, not the event store, which `chorus bench backbone` measures.
+//! CPU is this process's (client and nodes), per reply.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use async_trait::async_trait;
+use bytes::Bytes;
+use chorus_identity::{Credential, CredentialSpec, Identity, Issuers};
+use chorus_keys::{Algorithm, FileSigner, Signer};
+use chorus_platform::{EventSink, PlatformError};
+use chorus_producers::simulator::{SimConfig, Simulator};
+use chorus_rpc::{NatsTransport, RequestOptions, RequestSecurity, RpcClient, Transport};
+use chorus_schemas::{EventRecord, RpcReply, RpcRequest, StatusCode};
+use futures::StreamExt;
+
+/// Arguments of `chorus bench rpc`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Simulated nodes answering each request.
+    #[arg(long, default_value_t = 10_000)]
+    nodes: usize,
+    /// Interleaved rounds of the three measurements; the median is reported.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Use this NATS server instead of starting a private nats-server.
+    #[arg(long)]
+    nats: Option<String>,
+}
+
+/// Drops what it is given: the nodes' records are produced (and signed) but not stored.
+struct Discard;
+
+#[async_trait]
+impl EventSink for Discard {
+    async fn store(&self, _records: Vec<EventRecord>) -> Result<(), PlatformError> {
+        Ok(())
+    }
+}
+
+/// One measured round trip: wall time and this process's CPU time.
+#[derive(Clone, Copy)]
+struct Round {
+    took: Duration,
+    cpu: Duration,
+}
+
+async fn measure<F: std::future::Future<Output = anyhow::Result<()>>>(run: F) -> anyhow::Result<Round> {
+    let (cpu, started) = (super::process_cpu(), Instant::now());
+    run.await?;
+    Ok(Round { took: started.elapsed(), cpu: super::process_cpu().saturating_sub(cpu) })
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let n = args.nodes;
+    let (_server, url) = super::nats_url(args.nats.as_deref())?;
+    let connect = || async_nats::connect(url.clone());
+    let transport = |c: async_nats::Client| -> Arc<dyn Transport> { Arc::new(NatsTransport::new(c)) };
+    let policies = tempfile::tempdir()?;
+    std::fs::write(policies.path().join("rpcutil.policy"), "policy default deny\nallow\t*\tping\t*\t*\n")?;
+    let day = Duration::from_secs(86_400);
+
+    // The fleets, each on its own connection, as a real fleet's nodes have their own.
+    let plain = Simulator::new(SimConfig { prefix: "plain".into(), ..SimConfig::new(n) }, Arc::new(Discard))?;
+    let _plain_server =
+        plain.host_rpc(transport(connect().await?), "plain", Some(policies.path().to_path_buf()), None).await?;
+    let issuer = FileSigner::random(Algorithm::Ed25519);
+    let issuers = Arc::new(Issuers::new().with(issuer.public_key().clone()));
+    let signed = Simulator::new(SimConfig { prefix: "signed".into(), ..SimConfig::new(n) }, Arc::new(Discard))?
+        .with_identities(&issuer, day)?;
+    let security = Arc::new(RequestSecurity::new(issuers.clone()));
+    let _signed_server = signed
+        .host_rpc(transport(connect().await?), "signed", Some(policies.path().to_path_buf()), Some(security))
+        .await?;
+    let raw_responder = tokio::spawn(raw_nodes(connect().await?, n));
+
+    let plain_client = RpcClient::new(transport(connect().await?), "choria=bench", "plain");
+    let caller_key = FileSigner::random(Algorithm::Ed25519);
+    let credential = Credential::issue(
+        &issuer,
+        &CredentialSpec::client("choria=bench", caller_key.public_key().clone(), day),
+        chrono::Utc::now().timestamp() - 60,
+    )?;
+    let caller = Identity::new(Arc::new(caller_key), credential)?;
+    let signed_client = RpcClient::signed(transport(connect().await?), caller, "signed").with_trust(issuers);
+    let raw_client = connect().await?;
+
+    let options = RequestOptions { expected: Some(n), timeout: Duration::from_secs(300), ..Default::default() };
+    let call = |client: &RpcClient| {
+        let (client, options) = (client.clone(), options.clone());
+        async move {
+            let results = client.call("rpcutil", "ping", Default::default(), options).await?;
+            let s = &results.summary;
+            anyhow::ensure!(s.ok == n && s.unverified == 0, "{n} nodes asked, {s:?}");
+            Ok(())
+        }
+    };
+    // A warm-up round of each, not measured (first-use allocations, credential cache).
+    raw_round(&raw_client, n).await?;
+    call(&plain_client).await?;
+    call(&signed_client).await?;
+
+    let (mut raw, mut unsigned, mut with_signatures) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..args.rounds.max(1) {
+        raw.push(measure(raw_round(&raw_client, n)).await?);
+        unsigned.push(measure(call(&plain_client)).await?);
+        with_signatures.push(measure(call(&signed_client)).await?);
+        eprintln!("round {} done", round + 1);
+    }
+    raw_responder.abort();
+
+    let median = |rounds: &[Round]| {
+        (super::median(rounds.iter().map(|r| r.took).collect()), super::median(rounds.iter().map(|r| r.cpu).collect()))
+    };
+    let (raw, unsigned, with_signatures) = (median(&raw), median(&unsigned), median(&with_signatures));
+    println!("\n### RPC round trip: one broadcast ping, {n} simulated nodes (median of {} rounds)\n", args.rounds);
+    println!("| measurement | replies | round trip s | replies/s | CPU µs per reply | vs raw | vs unsigned |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    let row = |name: &str, (took, cpu): (Duration, Duration)| {
+        println!(
+            "| {name} | {n} | {:.3} | {:.0} | {:.1} | {:.2} | {:.2} |",
+            took.as_secs_f64(),
+            super::rate(n, took),
+            cpu.as_secs_f64() * 1e6 / n as f64,
+            took.as_secs_f64() / raw.0.as_secs_f64(),
+            took.as_secs_f64() / unsigned.0.as_secs_f64(),
+        )
+    };
+    row("raw async-nats (one subscription answers for every node)", raw);
+    row("chorus, unsigned", unsigned);
+    row("chorus, signed requests, events and replies", with_signatures);
+    let overhead = with_signatures.0.as_secs_f64() / unsigned.0.as_secs_f64() - 1.0;
+    println!("\nsigning adds {:.0}% to the round trip (goal: at most 20%)", overhead * 100.0);
+    signature_costs(unsigned.1.as_secs_f64() * 1e6 / n as f64)?;
+    Ok(())
+}
+
+/// What one signature costs on this machine, against the CPU of a whole unsigned reply: the
+/// floor under any design that signs each reply on its node and checks it at the client.
+fn signature_costs(unsigned_cpu_per_reply: f64) -> anyhow::Result<()> {
+    const N: usize = 2_000;
+    let message = vec![b'x'; 600];
+    println!("\n### What one signature costs (µs, {N} operations on a 600-byte message)\n");
+    println!("| algorithm | sign | verify | verify in batches of 256 | floor per reply (sign + verify) vs unsigned reply CPU |");
+    println!("|---|---:|---:|---:|---:|");
+    for algorithm in [Algorithm::Ed25519, Algorithm::EcdsaP256] {
+        let key = FileSigner::random(algorithm);
+        let per_op = |started: Instant| started.elapsed().as_secs_f64() * 1e6 / N as f64;
+        let started = Instant::now();
+        let signatures = (0..N).map(|_| key.sign(&message)).collect::<Result<Vec<_>, _>>()?;
+        let sign = per_op(started);
+        let public = key.public_key();
+        let started = Instant::now();
+        anyhow::ensure!(signatures.iter().all(|s| public.verify(&message, s)), "a fresh signature does not verify");
+        let verify = per_op(started);
+        let items: Vec<(&chorus_keys::PublicKey, &[u8], &[u8; 64])> =
+            signatures.iter().map(|s| (public, message.as_slice(), s)).collect();
+        let started = Instant::now();
+        anyhow::ensure!(items.chunks(256).all(chorus_keys::PublicKey::verify_all), "a batch does not verify");
+        let batch = per_op(started);
+        let floor = sign + batch.min(verify);
+        println!(
+            "| {algorithm} | {sign:.1} | {verify:.1} | {batch:.1} | {floor:.1} µs = {:.0}% of {unsigned_cpu_per_reply:.1} µs |",
+            floor / unsigned_cpu_per_reply * 100.0
+        );
+    }
+    Ok(())
+}
+
+/// The raw responder: one subscription on the broadcast subject answers each request with a
+/// JSON reply for each of `n` nodes.
+async fn raw_nodes(client: async_nats::Client, n: usize) -> anyhow::Result<()> {
+    let mut requests = client.subscribe("raw.broadcast.agent.rpcutil").await?;
+    while let Some(message) = requests.next().await {
+        let request: RpcRequest = serde_json::from_slice(&message.payload)?;
+        let reply_to = message.reply.context("raw request without reply subject")?;
+        for i in 0..n {
+            let mut data = chorus_schemas::rpc::JsonObject::new();
+            data.insert("pong".into(), chrono::Utc::now().timestamp().into());
+            let reply = RpcReply::new(&request, format!("raw-{i:06}.example.net"), StatusCode::Ok, data);
+            client.publish(reply_to.clone(), Bytes::from(serde_json::to_vec(&reply)?)).await?;
+        }
+        client.flush().await?;
+    }
+    Ok(())
+}
+
+/// One raw round trip: publish the request, count `n` replies.
+async fn raw_round(client: &async_nats::Client, n: usize) -> anyhow::Result<()> {
+    let inbox = client.new_inbox();
+    let mut replies = client.subscribe(inbox.clone()).await?;
+    let request = RpcRequest::new("choria=bench", "bench", "raw", "rpcutil", "ping", Default::default());
+    client.publish_with_reply("raw.broadcast.agent.rpcutil", inbox, Bytes::from(serde_json::to_vec(&request)?)).await?;
+    client.flush().await?;
+    for _ in 0..n {
+        let reply = replies.next().await.context("raw replies ended")?;
+        let _: RpcReply = serde_json::from_slice(&reply.payload)?;
+    }
+    Ok(())
+}
