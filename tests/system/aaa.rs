@@ -12,9 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chorus_aaa::{AaaClient, AaaConfig, AaaError, AaaSigner, RunningAaa};
-use chorus_backbone::jetstream::{JetStreamBackbone, NatsAuth, NatsConfig};
+use chorus_backbone::jetstream::{JetStreamBackbone, NatsConfig};
 use chorus_backbone::Backbone;
-use chorus_broker::BrokerConfig;
 use chorus_keys::{Algorithm, FileSigner, Signer};
 use chorus_platform::BackboneSink;
 use chorus_platform::Emitter;
@@ -27,6 +26,7 @@ use chorus_runtime::{Service as _, Shutdown};
 use chorus_schemas::{AuditAction, AuditRecord, Event, EventRecord, RpcRequest, StatusCode};
 
 use crate::issuer::TestIssuer;
+use crate::tenants::{as_user, broker};
 use chorus_testkit::conformance::read_all;
 use chorus_testkit::eventually;
 use chorus_testkit::nats::NatsServer;
@@ -285,33 +285,21 @@ async fn request_outside_the_tokens_agents_is_refused_and_audited() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn allowed_request_is_signed_audited_and_run_by_a_verifying_node() {
     let dir = tempfile::tempdir().unwrap();
-    let broker: BrokerConfig = serde_yaml::from_str(&format!(
-        r#"
-jetstream: {{store_dir: {store}}}
-bcrypt_cost: 4
-tenants:
-  acme:
+    let server = broker(
+        &dir.path().join("unused"),
+        r#"  acme:
     collectives: [acme]
     users:
-      - {{user: acme-admin, role: admin, password: acme-admin-pw}}
-      - {{user: acme-aaa, role: aaa, password: acme-aaa-pw}}
-      - {{user: acme-agent, role: agent, password: acme-agent-pw}}
-      - {{user: acme-client, role: client, password: acme-client-pw, callerid: up=alice}}
+      - {user: acme-admin, role: admin, password: acme-admin-pw}
+      - {user: acme-aaa, role: aaa, password: acme-aaa-pw}
+      - {user: acme-agent, role: agent, password: acme-agent-pw}
+      - {user: acme-client, role: client, password: acme-client-pw, callerid: up=alice}
   globex:
     collectives: [globex]
-    users: [{{user: globex-admin, role: admin, password: globex-admin-pw}}]
+    users: [{user: globex-admin, role: admin, password: globex-admin-pw}]
 "#,
-        store = dir.path().join("unused").display()
-    ))
-    .unwrap();
-    let server = NatsServer::builder().base_config(&broker.render_nats_conf().unwrap()).start().unwrap();
-    let as_user = |user: &str| {
-        let mut c = NatsConfig::new([server.url()]);
-        c.auth = NatsAuth::UserPassword { user: user.into(), password: format!("{user}-pw") };
-        c.request_timeout = Duration::from_secs(5);
-        c.publish_retry_for = Duration::from_secs(5);
-        c
-    };
+    );
+    let as_user = |user: &str| as_user(&server, user);
     let admin: Arc<dyn Backbone> = Arc::new(JetStreamBackbone::connect(&as_user("acme-admin")).await.unwrap());
     ensure_platform_streams(&*admin, &StreamLimits::default()).await.unwrap();
     let mut aaa = start_aaa(as_user("acme-aaa")).await;

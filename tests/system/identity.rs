@@ -12,9 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use chorus_backbone::jetstream::{JetStreamBackbone, NatsAuth, NatsConfig};
+use chorus_backbone::jetstream::JetStreamBackbone;
 use chorus_backbone::Backbone;
-use chorus_broker::BrokerConfig;
 use chorus_consumers::inventory::Inventory;
 use chorus_consumers::projection::{ProjectorOptions, Store};
 use chorus_identity::{Credential, CredentialSpec, Identity};
@@ -38,6 +37,7 @@ use tokio::sync::mpsc;
 
 use crate::aaa::audit_records_of;
 use crate::issuer::TestIssuer;
+use crate::tenants::{as_user, broker};
 
 const NODE: &str = "node1.acme.net";
 const DAY: Duration = Duration::from_secs(86_400);
@@ -56,24 +56,17 @@ struct Fleet {
 impl Fleet {
     async fn start() -> Fleet {
         let dir = tempfile::tempdir().unwrap();
-        let broker: BrokerConfig = serde_yaml::from_str(&format!(
-            r#"
-jetstream: {{store_dir: {store}}}
-bcrypt_cost: 4
-tenants:
-  acme:
+        let server = broker(
+            &dir.path().join("unused"),
+            r#"  acme:
     collectives: [acme]
     users:
-      - {{user: acme-admin, role: admin, password: acme-admin-pw}}
-      - {{user: acme-agent, role: agent, password: acme-agent-pw}}
-      - {{user: acme-alice, role: client, password: acme-alice-pw, callerid: up=alice}}
-      - {{user: acme-bob, role: client, password: acme-bob-pw, callerid: up=bob}}
+      - {user: acme-admin, role: admin, password: acme-admin-pw}
+      - {user: acme-agent, role: agent, password: acme-agent-pw}
+      - {user: acme-alice, role: client, password: acme-alice-pw, callerid: up=alice}
+      - {user: acme-bob, role: client, password: acme-bob-pw, callerid: up=bob}
 "#,
-            store = dir.path().join("unused").display()
-        ))
-        .unwrap();
-        broker.validate().unwrap();
-        let server = NatsServer::builder().base_config(&broker.render_nats_conf().unwrap()).start().unwrap();
+        );
         let admin: Arc<dyn Backbone> =
             Arc::new(JetStreamBackbone::connect(&as_user(&server, "acme-admin")).await.unwrap());
         ensure_platform_streams(&*admin, &StreamLimits::default()).await.unwrap();
@@ -137,14 +130,6 @@ tenants:
     async fn stop(mut self) {
         self.agent.stop().await.unwrap();
     }
-}
-
-fn as_user(server: &NatsServer, user: &str) -> NatsConfig {
-    let mut c = NatsConfig::new([server.url()]);
-    c.auth = NatsAuth::UserPassword { user: user.into(), password: format!("{user}-pw") };
-    c.request_timeout = Duration::from_secs(5);
-    c.publish_retry_for = Duration::from_secs(5);
-    c
 }
 
 fn to_node(expected: usize) -> RequestOptions {

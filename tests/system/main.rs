@@ -18,5 +18,6 @@ mod provision;
 mod replicate;
 mod security;
 mod siem;
+mod tenants;
 mod up;
 mod views;
