@@ -226,13 +226,16 @@ pub struct NodeAgent {
     stopped: bool,
     /// Why callers are not authenticated, when they are not; shown in health.
     insecure: Option<String>,
-    /// When the node credential expires (Unix seconds): after that its peers refuse its
-    /// replies and events, so health turns bad a day before and says so.
-    credential_expires: Option<i64>,
+    /// When the node credential expires (Unix seconds), and from when health warns about it:
+    /// after expiry peers refuse the node's replies and events.
+    credential_expires: Option<(i64, i64)>,
 }
 
-/// How long before its node credential expires an agent reports it in health.
-const CREDENTIAL_WARNING: i64 = 86_400;
+/// How long before its node credential expires an agent reports it in health: a tenth of
+/// its validity, at most a day (so credentials renewed daily do not warn all day).
+fn credential_warning_from(issued: i64, expires: i64) -> i64 {
+    expires - ((expires - issued) / 10).clamp(0, 86_400)
+}
 
 impl NodeAgent {
     /// Starts the agent under `shutdown`: outbox, startup event, alive events, machines,
@@ -311,7 +314,10 @@ impl NodeAgent {
             delivery,
             stopped: false,
             insecure: security.warning,
-            credential_expires: security.identity.as_ref().map(|i| i.credential().claims().exp),
+            credential_expires: security.identity.as_ref().map(|i| {
+                let claims = i.credential().claims();
+                (claims.exp, credential_warning_from(claims.iat, claims.exp))
+            }),
         })
     }
 
@@ -353,13 +359,13 @@ impl Service for NodeAgent {
             Some(warning) => health.with("security", format!("INSECURE: {warning}")),
             None => health.with("security", "callers authenticated"),
         };
-        let Some(expires) = self.credential_expires else { return health };
-        let left = expires - chrono::Utc::now().timestamp();
+        let Some((expires, warn_from)) = self.credential_expires else { return health };
+        let now = chrono::Utc::now().timestamp();
         let health = health.with("credential_expires", expires);
-        if left <= 0 {
+        if now >= expires {
             health.and(Health::failing("the node credential has expired: peers refuse its replies and events"))
-        } else if left < CREDENTIAL_WARNING {
-            health.and(Health::failing(format!("the node credential expires in {}s: renew it", left)))
+        } else if now >= warn_from {
+            health.and(Health::failing(format!("the node credential expires in {}s: renew it", expires - now)))
         } else {
             health
         }
@@ -601,5 +607,30 @@ mod secure_by_default_tests {
         let health = serde_json::to_value(agent.health()).unwrap();
         agent.stop().await.unwrap();
         assert!(health["security"].as_str().unwrap().starts_with("INSECURE:"), "{health}");
+    }
+
+    /// A node credential about to expire turns health bad, naming it, before peers start
+    /// refusing the node's replies and events.
+    #[tokio::test]
+    async fn a_node_credential_about_to_expire_shows_in_health() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("node.key");
+        let signer = chorus_keys::FileSigner::generate(&key, chorus_keys::Algorithm::Ed25519).unwrap();
+        let issuer = chorus_keys::FileSigner::random(chorus_keys::Algorithm::Ed25519);
+        let public = chorus_keys::Signer::public_key(&signer).clone();
+        // Issued 59 minutes ago for an hour: in the last tenth of its validity.
+        let spec = chorus_identity::CredentialSpec::node("n1.example.net", public, Duration::from_secs(3600));
+        let issued = chrono::Utc::now().timestamp() - 59 * 60;
+        let credential = chorus_identity::Credential::issue(&issuer, &spec, issued).unwrap();
+        std::fs::write(dir.path().join("node.cred"), credential.token()).unwrap();
+        let mut config = AgentConfig::new("n1.example.net", dir.path().join("state"));
+        config.security.key = Some(chorus_keys::KeyConfig::KeyFile(key));
+        config.security.credential = Some(dir.path().join("node.cred"));
+        let mut agent = NodeAgent::start(config, Shutdown::new()).await.unwrap();
+        let health = agent.health();
+        agent.stop().await.unwrap();
+        assert!(!health.healthy, "{health:?}");
+        assert!(health.reason.as_deref().unwrap().contains("node credential expires"), "{health:?}");
+        assert_eq!(health.details["credential_expires"], credential.claims().exp);
     }
 }
