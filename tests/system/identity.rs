@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use chorus_backbone::jetstream::JetStreamBackbone;
+use chorus_backbone::jetstream::{JetStreamBackbone, NatsConfig};
 use chorus_backbone::Backbone;
 use chorus_consumers::inventory::Inventory;
 use chorus_consumers::projection::{ProjectorOptions, Store};
@@ -30,8 +30,8 @@ use chorus_schemas::signature::Verifier;
 use chorus_schemas::subject::{CHORUS_DEADLETTER, CHORUS_LIFECYCLE};
 use chorus_schemas::{AuditAction, AuditRecord, EventRecord, RpcReply, RpcRequest, StatusCode};
 use chorus_testkit::conformance::read_all;
-use chorus_testkit::eventually;
 use chorus_testkit::nats::NatsServer;
+use chorus_testkit::{eventually, eventually_blocking};
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
@@ -427,4 +427,104 @@ async fn forged_reply_is_counted_unverified_never_ok() {
     assert!(reasons.iter().any(|r| r.contains("unsigned") || r.contains("not signed")), "{reasons:?}");
     assert!(reasons.iter().any(|r| r.contains(NODE)), "the node1-signed forgery names node1: {reasons:?}");
     fleet.stop().await;
+}
+
+/// `chorus` with `args`: its exit status and standard output (standard error on failure in
+/// the message).
+fn chorus(args: &[&str]) -> (bool, String) {
+    let output = std::process::Command::new(chorus_testkit::workspace_bin("chorus").expect("the chorus binary"))
+        .args(args)
+        .env("CHORUS_LOG", "warn")
+        .env_remove("CHORUS_KEY")
+        .env_remove("CHORUS_CREDENTIAL")
+        .env_remove("CHORUS_ISSUERS")
+        .output()
+        .expect("chorus runs");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    (output.status.success(), format!("{stdout}{}", String::from_utf8_lossy(&output.stderr)))
+}
+
+/// The operator's path of docs/SECURITY.md, with the `chorus` binary only: an issuer key, a
+/// node key (P-256) and its node credential, a caller's key and a credential for `ping`
+/// only, a `chorus agent` that checks callers, and `chorus rpc`: the signed ping succeeds and
+/// is verified; the same caller id unsigned, and an action outside the credential, are
+/// refused with their codes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_path_keys_credentials_agent_and_rpc_on_the_command_line() {
+    let server = NatsServer::start().unwrap();
+    let site: Arc<dyn Backbone> = Arc::new(JetStreamBackbone::connect(&NatsConfig::new([server.url()])).await.unwrap());
+    ensure_platform_streams(&*site, &StreamLimits::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = |name: &str| dir.path().join(name).display().to_string();
+    std::fs::create_dir_all(dir.path().join("issuers")).unwrap();
+    std::fs::create_dir_all(dir.path().join("policy")).unwrap();
+    let run = |args: &[&str]| {
+        let (ok, out) = chorus(args);
+        assert!(ok, "chorus {args:?}:\n{out}");
+        out
+    };
+    run(&["keys", "new", "--key", &d("issuer.key"), "--public-out", &d("issuers/issuer.pem")]);
+    run(&["keys", "new", "--key", &d("node.key"), "--algorithm", "p256", "--public-out", &d("node.pub")]);
+    let issue = |role: &str, who: &str, public: &str, out: &str, more: &[&str]| {
+        let (issuer, public, out) = (d("issuer.key"), d(public), d(out));
+        let mut args = vec!["credential", "issue", "--issuer-key", &issuer, role, who];
+        args.extend(["--public-key", &public, "--out", &out]);
+        args.extend(more);
+        run(&args);
+    };
+    issue("--node", "web1.example.net", "node.pub", "node.cred", &[]);
+    run(&["keys", "new", "--key", &d("alice.key"), "--public-out", &d("alice.pub")]);
+    issue("--client", "up=alice", "alice.pub", "alice.cred", &["--agents", "rpcutil.ping"]);
+    let shown =
+        run(&["credential", "verify", "--issuer", &d("issuers/issuer.pem"), "--role", "client", &d("alice.cred")]);
+    assert!(shown.contains("up=alice"), "{shown}");
+
+    std::fs::write(dir.path().join("policy/rpcutil.policy"), "policy default deny\nallow\tup=alice\t*\t*\t*\n")
+        .unwrap();
+    std::fs::write(
+        dir.path().join("agent.yaml"),
+        format!(
+            "identity: web1.example.net\nstate_dir: {state}\npolicy_dir: {policy}\nnats: {{servers: [{url}]}}\n\
+             security: {{issuers: [{issuers}], key: {{key_file: {key}}}, credential: {cred}}}\n",
+            state = d("state"),
+            policy = d("policy"),
+            url = server.url(),
+            issuers = d("issuers"),
+            key = d("node.key"),
+            cred = d("node.cred"),
+        ),
+    )
+    .unwrap();
+    let mut agent = std::process::Command::new(chorus_testkit::workspace_bin("chorus").unwrap())
+        .args(["agent", "--config", &d("agent.yaml")])
+        .env("CHORUS_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+
+    let url = server.url();
+    let rpc = |action: &str, signed: bool| {
+        let mut args = vec!["rpc", "rpcutil", action, "-I", "web1.example.net", "--nats", &url, "--json"];
+        let (key, cred, issuers) = (d("alice.key"), d("alice.cred"), d("issuers"));
+        if signed {
+            args.extend(["--key", &key, "--credential", &cred]);
+        } else {
+            args.extend(["--callerid", "up=alice"]);
+        }
+        args.extend(["--issuer", &issuers, "--timeout", "5s"]);
+        chorus(&args)
+    };
+    // Until the agent has subscribed, nobody answers.
+    let out =
+        eventually_blocking("the agent answering a signed ping", Duration::from_secs(60), || match rpc("ping", true) {
+            (true, out) => Ok(out),
+            (false, out) => Err(out),
+        });
+    assert!(out.contains("1 replies: 1 ok"), "{out}");
+    let (ok, out) = rpc("ping", false);
+    assert!(!ok && out.contains("request refused (unsigned)"), "{out}");
+    let (ok, out) = rpc("inventory", true);
+    assert!(!ok && out.contains("request refused (agent_not_allowed)"), "{out}");
+    agent.kill().ok();
+    agent.wait().ok();
 }
