@@ -762,3 +762,49 @@ async fn unusable_policy_lines_are_audited_once_per_change_of_the_file() {
     assert_eq!(reasons.len(), 2, "{reasons:?}");
     assert!(reasons[1].contains(":4"), "{reasons:?}");
 }
+
+/// A caller credential limited to a tenant or to collectives is refused by nodes of another
+/// tenant (`wrong_tenant`) and in other collectives (`collective_not_allowed`), audited; the
+/// same caller within its limits runs.
+#[tokio::test]
+async fn credentials_limited_to_a_tenant_or_collectives_are_refused_outside_them() {
+    let dir = tempfile::tempdir().unwrap();
+    allow_bob(dir.path());
+    let issuer = Issuer::new();
+    let transport: Arc<dyn Transport> = Arc::new(LocalTransport::new());
+    let sink = Arc::new(MemorySink::default());
+    let security = RequestSecurity::new(issuer.issuers()).with_tenant(Some("acme".into()));
+    let server_options = ServerOptions { security: Some(Arc::new(security)), ..Default::default() };
+    let server = RpcServer::new(transport.clone(), agents(), Some(dir.path().into()), server_options).unwrap();
+    server
+        .add_node(node("n1", "uk"), Arc::new(Emitter::new(sink.clone(), 1, None)), Some(issuer.node("n1")))
+        .await
+        .unwrap();
+    let limited = |tenant: &str, collectives: &[&str]| {
+        let (tenant, collectives) = (tenant.to_string(), collectives.iter().map(|c| c.to_string()).collect());
+        issuer.identity(move |key| {
+            let mut spec = chorus_identity::CredentialSpec::client(CALLER, key, Duration::from_secs(3600));
+            spec.tenant = Some(tenant);
+            spec.collectives = collectives;
+            spec
+        })
+    };
+    let ping = |identity: chorus_identity::Identity| {
+        let client = RpcClient::signed(transport.clone(), identity, COLLECTIVE).with_trust(issuer.issuers());
+        async move {
+            let options = RequestOptions { expected: Some(1), ..options(10_000) };
+            let results = client.call("rpcutil", "ping", JsonObject::new(), options).await.unwrap();
+            assert_eq!(results.replies.len(), 1, "{results:?}");
+            results.replies.into_iter().next().unwrap()
+        }
+    };
+    let refused = |reply: RpcReply, code: &str| {
+        assert_eq!((reply.statuscode, reply.authorized), (StatusCode::Aborted, false), "{reply:?}");
+        assert!(reply.policy.unwrap_or_default().contains(&format!("refused ({code})")), "wanted {code}");
+    };
+    refused(ping(limited("globex", &[COLLECTIVE])).await, "wrong_tenant");
+    refused(ping(limited("acme", &["elsewhere"])).await, "collective_not_allowed");
+    assert_eq!(ping(limited("acme", &[COLLECTIVE])).await.statuscode, StatusCode::Ok);
+    let codes: Vec<String> = audits(&sink).into_iter().map(|(_, code)| code).collect();
+    assert_eq!(codes, ["wrong_tenant", "collective_not_allowed"]);
+}
