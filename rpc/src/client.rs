@@ -196,6 +196,7 @@ impl RpcClient {
         data: JsonObject,
         options: RequestOptions,
     ) -> Result<ReplyStream, RpcError> {
+        super::check_filter(&options.filter)?;
         let mut request =
             RpcRequest::new(self.callerid.clone(), self.senderid.clone(), self.collective.clone(), agent, action, data);
         request.filter = options.filter;

@@ -68,6 +68,11 @@ impl CompiledFilter {
                 .map(|v| Pattern::new(v).map_err(|e| format!("{what} {v:?}: bad regex: {e}")))
                 .collect::<Result<Vec<_>, _>>()
         };
+        for class in &filter.cf_class {
+            if let Some(body) = regex_body(class) {
+                Regex::new(body).map_err(|e| format!("class {class:?}: bad regex: {e}"))?;
+            }
+        }
         Ok(CompiledFilter {
             all: filter.is_empty(),
             compound: !filter.compound.is_empty(),
@@ -95,6 +100,16 @@ impl CompiledFilter {
             && self.classes.iter().all(|c| class_matches(c, &node.classes))
             && self.agents.iter().all(|p| p.any(agents))
     }
+}
+
+/// Checks `filter` as a client must before sending it: every regex and fact operator
+/// compiles, and it has no compound (`-S`) expression, which nodes cannot evaluate yet. A
+/// request with a filter nodes cannot use would reach no node and look like an empty fleet.
+pub fn check_filter(filter: &Filter) -> Result<(), RpcError> {
+    if !filter.compound.is_empty() {
+        return Err(RpcError::Invalid("compound (-S) filters are not supported yet; nothing was sent".into()));
+    }
+    CompiledFilter::new(filter).map(drop).map_err(|e| RpcError::Invalid(format!("filter: {e}; nothing was sent")))
 }
 
 /// Parses a command-line fact filter such as `country=uk`, `os.release>=12` or

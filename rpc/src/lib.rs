@@ -45,7 +45,7 @@ pub use client::{
     CallerSigner, ClientSecurity, RejectedReply, ReplyStream, RequestOptions, RequestSigner, RpcClient, RpcResults,
     RpcSummary, Target,
 };
-pub use filter::parse_fact_filter;
+pub use filter::{check_filter, parse_fact_filter};
 pub use policy::{ActionPolicy, PolicyDecision, PolicySettings, Provider};
 pub use security::{Caller, Refusal, RequestSecurity};
 pub use server::{RpcServer, ServerOptions, StatsSnapshot};

@@ -808,3 +808,39 @@ async fn credentials_limited_to_a_tenant_or_collectives_are_refused_outside_them
     let codes: Vec<String> = audits(&sink).into_iter().map(|(_, code)| code).collect();
     assert_eq!(codes, ["wrong_tenant", "collective_not_allowed"]);
 }
+
+/// A filter nodes cannot use (a bad regex, a bad fact operator, a compound expression) is an
+/// error on the client, and no node receives anything.
+#[tokio::test]
+async fn a_filter_nodes_cannot_use_is_an_error_and_nothing_is_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    allow_bob(dir.path());
+    let transport: Arc<dyn Transport> = Arc::new(LocalTransport::new());
+    let sink = Arc::new(MemorySink::default());
+    let server = fleet(transport.clone(), Some(dir.path()), true, sink.clone()).await;
+    let bad = [
+        chorus_schemas::rpc::Filter { identity: vec!["/n[1/".into()], ..Default::default() },
+        chorus_schemas::rpc::Filter { cf_class: vec!["/(/".into()], ..Default::default() },
+        chorus_schemas::rpc::Filter {
+            fact: vec![chorus_schemas::rpc::FactFilter {
+                fact: "country".into(),
+                operator: "~~".into(),
+                value: "uk".into(),
+            }],
+            ..Default::default()
+        },
+        chorus_schemas::rpc::Filter { compound: vec![vec![JsonObject::new()]], ..Default::default() },
+    ];
+    for filter in bad {
+        let options = RequestOptions { filter: filter.clone(), ..options(1000) };
+        let error = client(transport.clone()).call("rpcutil", "ping", JsonObject::new(), options).await.unwrap_err();
+        assert!(error.to_string().contains("nothing was sent"), "{filter:?}: {error}");
+    }
+    assert_eq!(server.stats().total, 0, "a node received a request");
+    assert!(sink.requests().is_empty());
+    // A regex identity filter that compiles selects by pattern.
+    let filter = chorus_schemas::rpc::Filter { identity: vec!["/^n[12]$/".into()], ..Default::default() };
+    let options = RequestOptions { filter, expected: Some(2), ..options(5000) };
+    let results = client(transport).call("rpcutil", "ping", JsonObject::new(), options).await.unwrap();
+    assert_eq!(identities(&results.replies), ["n1", "n2"]);
+}

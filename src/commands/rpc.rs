@@ -45,7 +45,15 @@ pub struct RpcArgs {
     /// Discovery filter on facts, e.g. `-F country=uk` (repeatable).
     #[arg(short = 'F', long = "wf")]
     facts: Vec<String>,
-    /// Only these nodes (repeatable); requests are sent directly to each.
+    /// Only nodes with this configuration-management class, exact or `/regex/`
+    /// (repeatable: all must match).
+    #[arg(short = 'C', long = "wc")]
+    classes: Vec<String>,
+    /// Only nodes with this agent, exact or `/regex/` (repeatable: all must match).
+    #[arg(short = 'A', long = "wa")]
+    agents: Vec<String>,
+    /// Only these nodes (repeatable). Exact identities are addressed directly; a `/regex/`
+    /// is a discovery filter on a broadcast request.
     #[arg(short = 'I', long = "identity")]
     identities: Vec<String>,
     /// Nodes expected to reply (stop waiting once they have; report those that did not).
@@ -138,12 +146,23 @@ pub async fn run(args: RpcArgs) -> anyhow::Result<()> {
     for f in &args.facts {
         options.filter.fact.push(parse_fact_filter(f)?);
     }
-    options.target = match args.identities.len() {
-        0 => Target::Broadcast,
-        1 => Target::Node(args.identities[0].clone()),
-        _ => Target::Nodes(args.identities.clone()),
-    };
-    options.expected = args.expect.or(if args.identities.is_empty() { None } else { Some(args.identities.len()) });
+    options.filter.cf_class = args.classes.clone();
+    options.filter.agent = args.agents.clone();
+    let is_regex = |i: &String| i.len() >= 2 && i.starts_with('/') && i.ends_with('/');
+    let (patterns, exact): (Vec<String>, Vec<String>) = args.identities.iter().cloned().partition(is_regex);
+    if !patterns.is_empty() {
+        // Any identity may match: the exact ones join the patterns in the filter.
+        options.filter.identity = patterns.into_iter().chain(exact).collect();
+        options.target = Target::Broadcast;
+        options.expected = args.expect;
+    } else {
+        options.target = match exact.len() {
+            0 => Target::Broadcast,
+            1 => Target::Node(exact[0].clone()),
+            _ => Target::Nodes(exact.clone()),
+        };
+        options.expected = args.expect.or(if exact.is_empty() { None } else { Some(exact.len()) });
+    }
     options.timeout = args.timeout;
     options.ttl = args.ttl.as_secs().max(1);
     let bar = match options.expected {

@@ -7,12 +7,42 @@ use serde_json::{json, Value};
 
 use super::{string_input, ActionContext, ActionReply, Agent};
 
-/// Choria's `rpcutil` agent: `ping`, `inventory`, `agent_inventory`, `get_fact` and
-/// `daemon_stats`, answering from the node's context alone.
+/// Choria's `rpcutil` agent, every action of its DDL (`agent_inventory`, `collective_info`,
+/// `daemon_stats`, `get_config_item`, `get_data`, `get_fact`, `get_facts`, `inventory`,
+/// `ping`) with the output names Choria's tools read, answering from the node's context.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RpcUtil;
 
-const ACTIONS: [&str; 5] = ["ping", "inventory", "agent_inventory", "get_fact", "daemon_stats"];
+const ACTIONS: [&str; 9] = [
+    "agent_inventory",
+    "collective_info",
+    "daemon_stats",
+    "get_config_item",
+    "get_data",
+    "get_fact",
+    "get_facts",
+    "inventory",
+    "ping",
+];
+
+/// Fact names `get_facts` accepts, comma-separated (its DDL's validation).
+fn fact_list(text: &str) -> Option<Vec<&str>> {
+    let names: Vec<&str> = text.split(',').map(str::trim).collect();
+    let valid = |n: &&str| !n.is_empty() && n.chars().all(|c| c.is_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    names.iter().all(valid).then_some(names)
+}
+
+/// The node's configuration items `get_config_item` knows, by Choria's names.
+fn config_item(node: &crate::NodeContext, item: &str) -> Option<Value> {
+    Some(match item {
+        "identity" => json!(node.identity),
+        "main_collective" => json!(node.collective),
+        "collectives" => json!([node.collective]),
+        "version" => json!(node.version),
+        "plugin.choria.server.provision" | "provision_mode" => json!(node.provision_mode),
+        _ => return None,
+    })
+}
 
 fn object(value: Value) -> JsonObject {
     match value {
@@ -43,7 +73,39 @@ impl Agent for RpcUtil {
                 "main_collective": node.collective,
                 "collectives": [node.collective],
                 "machines": node.machines,
+                // Chorus has no data plugins, and upgrades come from packages.
+                "data_plugins": [],
+                "upgradable": false,
             }))),
+            "collective_info" => ActionReply::ok(object(json!({
+                "main_collective": node.collective,
+                "collectives": [node.collective],
+            }))),
+            "get_config_item" => match string_input(data, "item") {
+                Ok(item) => match config_item(node, item) {
+                    Some(value) => ActionReply::ok(object(json!({ "item": item, "value": value }))),
+                    None => ActionReply::error(StatusCode::Aborted, "Unknown key"),
+                },
+                Err(reply) => reply,
+            },
+            "get_data" => match string_input(data, "source") {
+                Ok(_) => ActionReply::error(StatusCode::Aborted, "Unknown data plugin"),
+                Err(reply) => reply,
+            },
+            "get_facts" => match string_input(data, "facts").map(|text| (text, fact_list(text))) {
+                Ok((_, Some(names))) => {
+                    let values: JsonObject = names
+                        .into_iter()
+                        .map(|n| (n.to_string(), node.fact(n).cloned().unwrap_or(Value::Null)))
+                        .collect();
+                    ActionReply::ok(object(json!({ "values": values })))
+                }
+                Ok((text, None)) => ActionReply::error(
+                    StatusCode::InvalidData,
+                    format!("facts: {text:?} is not a comma-separated list of fact names"),
+                ),
+                Err(reply) => reply,
+            },
             "agent_inventory" => ActionReply::ok(object(json!({
                 "agents": ctx.agents.iter().map(|a| json!({"agent": a, "name": a})).collect::<Vec<_>>(),
             }))),
@@ -64,13 +126,101 @@ impl Agent for RpcUtil {
                     "ttlexpired": s.ttl_expired,
                     "replies": s.replies,
                     "malformed": s.malformed,
+                    // Choria's names: requests that decoded as requests, and those that did not.
+                    "validated": s.total,
+                    "unvalidated": s.malformed,
                     "agents": ctx.agents,
                     "pid": std::process::id(),
                     "starttime": ctx.started,
                     "version": node.version,
+                    "threads": [format!(
+                        "Chorus {} with {} worker threads",
+                        env!("CARGO_PKG_VERSION"),
+                        std::thread::available_parallelism().map_or(1, |n| n.get())
+                    )],
+                    "times": {"cstime": 0, "cutime": 0, "stime": 0, "utime": 0},
+                    "configfile": "",
+                    "events": 0,
                 })))
             }
             other => ActionReply::error(StatusCode::UnknownAction, format!("unknown action {other} for agent rpcutil")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::NodeContext;
+    use chorus_schemas::RpcRequest;
+
+    async fn call(action: &str, data: Value) -> ActionReply {
+        let mut node = NodeContext::new("n1.example.net", "choria");
+        node.facts = object(json!({"country": "uk", "os": {"family": "debian"}}));
+        let request = RpcRequest::new("choria=ops", "ops", "choria", "rpcutil", action, object(data.clone()));
+        let agents = vec!["rpcutil".to_string()];
+        let ctx =
+            ActionContext { request: &request, node: &node, agents: &agents, stats: Default::default(), started: 1 };
+        RpcUtil.handle(action, &object(data), &ctx).await
+    }
+
+    fn keys(reply: &ActionReply) -> Vec<&str> {
+        let mut keys: Vec<&str> = reply.data.keys().map(String::as_str).collect();
+        keys.sort();
+        keys
+    }
+
+    /// Every action of Choria's rpcutil DDL, with the outputs its DDL declares.
+    #[tokio::test]
+    async fn every_action_of_the_rpcutil_ddl_answers_with_its_outputs() {
+        assert_eq!(RpcUtil.actions(), ACTIONS.map(String::from));
+        assert_eq!(keys(&call("collective_info", json!({})).await), ["collectives", "main_collective"]);
+        let inventory = call("inventory", json!({})).await;
+        for key in [
+            "agents",
+            "classes",
+            "collectives",
+            "data_plugins",
+            "facts",
+            "machines",
+            "main_collective",
+            "upgradable",
+            "version",
+        ] {
+            assert!(inventory.data.contains_key(key), "inventory lacks {key}: {:?}", keys(&inventory));
+        }
+        let stats = call("daemon_stats", json!({})).await;
+        for key in [
+            "agents",
+            "configfile",
+            "events",
+            "filtered",
+            "passed",
+            "pid",
+            "replies",
+            "starttime",
+            "threads",
+            "times",
+            "total",
+            "ttlexpired",
+            "unvalidated",
+            "validated",
+            "version",
+        ] {
+            assert!(stats.data.contains_key(key), "daemon_stats lacks {key}");
+        }
+        let facts = call("get_facts", json!({"facts": "country, os.family,missing"})).await;
+        assert_eq!(facts.data["values"], json!({"country": "uk", "os.family": "debian", "missing": null}));
+        assert_eq!(call("get_facts", json!({"facts": "country;rm -rf"})).await.status, StatusCode::InvalidData);
+        assert_eq!(call("get_facts", json!({})).await.status, StatusCode::MissingData);
+        let item = call("get_config_item", json!({"item": "main_collective"})).await;
+        assert_eq!(
+            (item.data["item"].as_str(), item.data["value"].as_str()),
+            (Some("main_collective"), Some("choria"))
+        );
+        let unknown = call("get_config_item", json!({"item": "plugin.nope"})).await;
+        assert_eq!((unknown.status, unknown.message.as_str()), (StatusCode::Aborted, "Unknown key"));
+        let data = call("get_data", json!({"source": "sysctl"})).await;
+        assert_eq!((data.status, data.message.as_str()), (StatusCode::Aborted, "Unknown data plugin"));
     }
 }
