@@ -33,7 +33,7 @@ enum Command {
     /// Run many simulated nodes in this process (startup storm, alive events).
     Simulate(simulate::SimulateArgs),
     /// Make an RPC request to the fleet and summarise the replies.
-    Rpc(rpc::RpcArgs),
+    Rpc(Box<rpc::RpcArgs>),
     /// The inventory of nodes, built from the lifecycle stream: list, show, summary, serve.
     Inventory(inventory::InventoryArgs),
     /// Export audit and RPC records to a SIEM (syslog RFC 5424/5425, Splunk HEC, JSON lines).
@@ -76,7 +76,7 @@ fn main() -> anyhow::Result<()> {
             Command::Bench(args) => bench::run(args),
             Command::Agent(args) => agent::run(args).await,
             Command::Simulate(args) => simulate::run(args).await,
-            Command::Rpc(args) => rpc::run(args).await,
+            Command::Rpc(args) => rpc::run(*args).await,
             Command::Inventory(args) => inventory::run(args).await,
             Command::AuditExport(args) => audit_export::run(args).await,
             Command::Provision(args) => provision::run(args).await,
