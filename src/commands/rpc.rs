@@ -45,6 +45,10 @@ pub struct RpcArgs {
     /// Discovery filter on facts, e.g. `-F country=uk` (repeatable).
     #[arg(short = 'F', long = "wf")]
     facts: Vec<String>,
+    /// Fact and class filters in one (Choria's `-W`): space-separated parts, each a fact
+    /// filter when it reads as one (`os.family=debian`), else a class (`apache`).
+    #[arg(short = 'W', long = "with")]
+    with: Vec<String>,
     /// Only nodes with this configuration-management class, exact or `/regex/`
     /// (repeatable: all must match).
     #[arg(short = 'C', long = "wc")]
@@ -147,6 +151,9 @@ pub async fn run(args: RpcArgs) -> anyhow::Result<()> {
         options.filter.fact.push(parse_fact_filter(f)?);
     }
     options.filter.cf_class = args.classes.clone();
+    for combined in &args.with {
+        add_combined(&mut options.filter, combined)?;
+    }
     options.filter.agent = args.agents.clone();
     let is_regex = |i: &String| i.len() >= 2 && i.starts_with('/') && i.ends_with('/');
     let (patterns, exact): (Vec<String>, Vec<String>) = args.identities.iter().cloned().partition(is_regex);
@@ -206,4 +213,40 @@ pub async fn run(args: RpcArgs) -> anyhow::Result<()> {
         std::process::exit(1);
     }
     Ok(())
+}
+
+/// Adds a combined filter (`-W`): space-separated parts, each a fact filter when it reads as
+/// one, else a class, as Choria splits them. A part that starts or ends with an operator is
+/// a fact filter written with spaces (`os.family = debian`), which Choria would take as
+/// three classes matching nothing: refused.
+fn add_combined(filter: &mut chorus_schemas::rpc::Filter, combined: &str) -> anyhow::Result<()> {
+    let operator = |c: char| matches!(c, '=' | '<' | '>' | '!' | '~');
+    for part in combined.split(' ').filter(|p| !p.is_empty()) {
+        anyhow::ensure!(
+            !part.starts_with(operator) && !part.ends_with(operator),
+            "-W {combined:?}: {part:?} belongs to a fact filter written with spaces; write it without them"
+        );
+        match parse_fact_filter(part) {
+            Ok(fact) => filter.fact.push(fact),
+            Err(_) => filter.cf_class.push(part.to_string()),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::add_combined;
+
+    #[test]
+    fn combined_filters_split_into_facts_and_classes() {
+        let mut filter = chorus_schemas::rpc::Filter::default();
+        add_combined(&mut filter, "apache  os.family=debian /^web/ cpus>=4").unwrap();
+        assert_eq!(filter.cf_class, ["apache", "/^web/"]);
+        let facts: Vec<(&str, &str, &str)> =
+            filter.fact.iter().map(|f| (f.fact.as_str(), f.operator.as_str(), f.value.as_str())).collect();
+        assert_eq!(facts, [("os.family", "==", "debian"), ("cpus", ">=", "4")]);
+        let error = add_combined(&mut filter, "os.family = debian").unwrap_err().to_string();
+        assert!(error.contains("written with spaces"), "{error}");
+    }
 }
