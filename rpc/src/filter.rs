@@ -12,6 +12,7 @@
 use chorus_schemas::rpc::{FactFilter, Filter};
 use regex::Regex;
 
+use super::compound::Compound;
 use super::facts::{class_matches, FactMatcher, FactOp};
 use super::{NodeContext, RpcError};
 
@@ -51,7 +52,7 @@ fn regex_body(text: &str) -> Option<&str> {
 #[derive(Debug)]
 pub(crate) struct CompiledFilter {
     all: bool,
-    compound: bool,
+    compounds: Vec<Compound>,
     facts: Vec<FactMatcher>,
     classes: Vec<String>,
     agents: Vec<Pattern>,
@@ -75,7 +76,7 @@ impl CompiledFilter {
         }
         Ok(CompiledFilter {
             all: filter.is_empty(),
-            compound: !filter.compound.is_empty(),
+            compounds: filter.compound.iter().map(|entry| compound(entry)).collect::<Result<_, _>>()?,
             facts: filter
                 .fact
                 .iter()
@@ -92,23 +93,29 @@ impl CompiledFilter {
         if self.all {
             return true;
         }
-        if self.compound {
-            return false;
-        }
         (self.identities.is_empty() || self.identities.iter().any(|p| p.matches(&node.identity)))
             && self.facts.iter().all(|f| f.matches(node.fact(f.fact())))
             && self.classes.iter().all(|c| class_matches(c, &node.classes))
             && self.agents.iter().all(|p| p.any(agents))
+            && self.compounds.iter().all(|c| c.matches(node, agents))
     }
 }
 
-/// Checks `filter` as a client must before sending it: every regex and fact operator
-/// compiles, and it has no compound (`-S`) expression, which nodes cannot evaluate yet. A
-/// request with a filter nodes cannot use would reach no node and look like an empty fleet.
-pub fn check_filter(filter: &Filter) -> Result<(), RpcError> {
-    if !filter.compound.is_empty() {
-        return Err(RpcError::Invalid("compound (-S) filters are not supported yet; nothing was sent".into()));
+/// One compound entry as Choria encodes it: a list holding one `{"expr": "..."}`.
+fn compound(entry: &[chorus_schemas::rpc::JsonObject]) -> Result<Compound, String> {
+    match entry {
+        [object] => match object.get("expr") {
+            Some(serde_json::Value::String(text)) => Compound::compile(text),
+            _ => Err("a compound filter entry without an \"expr\" string".into()),
+        },
+        _ => Err(format!("a compound filter entry of {} statements (expected one expression)", entry.len())),
     }
+}
+
+/// Checks `filter` as a client must before sending it: every regex, fact operator and
+/// compound expression compiles. A request with a filter nodes cannot use would reach no
+/// node and look like an empty fleet.
+pub fn check_filter(filter: &Filter) -> Result<(), RpcError> {
     CompiledFilter::new(filter).map(drop).map_err(|e| RpcError::Invalid(format!("filter: {e}; nothing was sent")))
 }
 
@@ -182,7 +189,14 @@ mod tests {
         assert!(matches(f(&[], &["webserver"], &["rpcutil"])));
         assert!(!matches(f(&[], &["webserver", "db"], &[])));
         assert!(!matches(f(&[], &[], &["shell"])));
-        let compound = Filter { compound: vec![vec![Default::default()]], ..Default::default() };
-        assert!(!matches(compound));
+        // Compound entries as Choria encodes them: one {"expr": ...} each; all must hold.
+        let compound = |exprs: &[&str]| Filter {
+            compound: exprs.iter().map(|e| vec![json!({"expr": e}).as_object().unwrap().clone()]).collect(),
+            ..Default::default()
+        };
+        assert!(matches(compound(&[r#"with("country=uk") and with("webserver")"#, r#"with("rpcutil")"#])));
+        assert!(!matches(compound(&[r#"with("country=uk")"#, r#"with("db")"#])));
+        let shapeless = Filter { compound: vec![vec![Default::default()]], ..Default::default() };
+        assert!(CompiledFilter::new(&shapeless).is_err(), "an entry without an expression is refused");
     }
 }

@@ -29,6 +29,7 @@ use thiserror::Error;
 
 pub mod agents;
 pub mod client;
+mod compound;
 pub mod facts;
 mod filter;
 pub mod policy;

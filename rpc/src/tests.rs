@@ -830,6 +830,10 @@ async fn a_filter_nodes_cannot_use_is_an_error_and_nothing_is_sent() {
             ..Default::default()
         },
         chorus_schemas::rpc::Filter { compound: vec![vec![JsonObject::new()]], ..Default::default() },
+        chorus_schemas::rpc::Filter {
+            compound: vec![vec![serde_json::json!({"expr": "with(\"uk\" and"}).as_object().unwrap().clone()]],
+            ..Default::default()
+        },
     ];
     for filter in bad {
         let options = RequestOptions { filter: filter.clone(), ..options(1000) };
@@ -838,6 +842,17 @@ async fn a_filter_nodes_cannot_use_is_an_error_and_nothing_is_sent() {
     }
     assert_eq!(server.stats().total, 0, "a node received a request");
     assert!(sink.requests().is_empty());
+    // A compound filter selects by expression (n1 and n3 are in the uk).
+    let filter = chorus_schemas::rpc::Filter {
+        compound: vec![vec![serde_json::json!({"expr": "with(\"country=uk\") && fact(\"country\") != \"de\""})
+            .as_object()
+            .unwrap()
+            .clone()]],
+        ..Default::default()
+    };
+    let by_expression = RequestOptions { filter, expected: Some(2), ..options(5000) };
+    let results = client(transport.clone()).call("rpcutil", "ping", JsonObject::new(), by_expression).await.unwrap();
+    assert_eq!(identities(&results.replies), ["n1", "n3.example.net"]);
     // A regex identity filter that compiles selects by pattern.
     let filter = chorus_schemas::rpc::Filter { identity: vec!["/^n[12]$/".into()], ..Default::default() };
     let options = RequestOptions { filter, expected: Some(2), ..options(5000) };

@@ -49,6 +49,11 @@ pub struct RpcArgs {
     /// filter when it reads as one (`os.family=debian`), else a class (`apache`).
     #[arg(short = 'W', long = "with")]
     with: Vec<String>,
+    /// A compound filter in Choria's expression language (repeatable: all must hold), e.g.
+    /// `-S 'with("customer=acme") and (with("/^web/") or fact("cpus") >= 8)'`; checked before
+    /// anything is sent.
+    #[arg(short = 'S', long = "select")]
+    select: Vec<String>,
     /// Only nodes with this configuration-management class, exact or `/regex/`
     /// (repeatable: all must match).
     #[arg(short = 'C', long = "wc")]
@@ -151,6 +156,11 @@ pub async fn run(args: RpcArgs) -> anyhow::Result<()> {
         options.filter.fact.push(parse_fact_filter(f)?);
     }
     options.filter.cf_class = args.classes.clone();
+    for expression in &args.select {
+        let mut entry = serde_json::Map::new();
+        entry.insert("expr".into(), expression.clone().into());
+        options.filter.compound.push(vec![entry]);
+    }
     for combined in &args.with {
         add_combined(&mut options.filter, combined)?;
     }

@@ -525,6 +525,19 @@ async fn the_operator_path_keys_credentials_agent_and_rpc_on_the_command_line() 
     assert!(!ok && out.contains("request refused (unsigned)"), "{out}");
     let (ok, out) = rpc("inventory", true);
     assert!(!ok && out.contains("request refused (agent_not_allowed)"), "{out}");
+    // Targeting by compound expression: a node that matches answers; a malformed expression
+    // is an error before anything is sent.
+    let (key, cred, issuers) = (d("alice.key"), d("alice.cred"), d("issuers"));
+    let signed = ["--nats", &url, "--key", &key, "--credential", &cred, "--issuer", &issuers, "--timeout", "5s"];
+    let select = |expression: &str| {
+        let mut args = vec!["rpc", "rpcutil", "ping", "-S", expression, "--expect", "1"];
+        args.extend(signed);
+        chorus(&args)
+    };
+    let (ok, out) = select(r#"with("rpcutil") and not with("/^nginx/")"#);
+    assert!(ok && out.contains("1 replies: 1 ok"), "{out}");
+    let (ok, out) = select(r#"with("rpcutil") and"#);
+    assert!(!ok && out.contains("compound filter") && out.contains("nothing was sent"), "{out}");
     agent.kill().ok();
     agent.wait().ok();
 }
