@@ -30,6 +30,7 @@ use thiserror::Error;
 pub mod agents;
 pub mod client;
 mod compound;
+pub mod ddl;
 pub mod facts;
 mod filter;
 pub mod policy;

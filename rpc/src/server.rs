@@ -649,6 +649,16 @@ impl Core {
                     reply.statusmsg = format!("not run: the request could not be recorded: {e}");
                     reply.policy = Some(decision.reason);
                     reply
+                } else if let Some(Err((code, message))) = registered
+                    .agent
+                    .ddl()
+                    .and_then(|ddl| ddl.action(&request.action))
+                    .map(|action| action.validate(&request.data))
+                {
+                    let mut reply = RpcReply::new(request, identity, code, JsonObject::new());
+                    reply.statusmsg = message;
+                    reply.policy = Some(decision.reason);
+                    reply
                 } else {
                     let ctx = ActionContext {
                         request,

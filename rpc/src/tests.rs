@@ -1058,3 +1058,43 @@ async fn every_filter_kind_selects_exactly_the_nodes_an_oracle_selects() {
         assert!(results.replies.iter().all(|r| r.statuscode == StatusCode::Ok), "{name}");
     }
 }
+
+/// Nodes check inputs against the agent's DDL before it runs: a missing required input is
+/// `MissingData`, a wrong one `InvalidData`, both `Validation failed: …`; valid input runs.
+#[tokio::test]
+async fn nodes_check_inputs_against_the_agents_ddl_before_it_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    allow_bob(dir.path());
+    write_policy(dir.path(), "shell", "policy default deny\nallow\tup=bob\t*\t*\t*\n");
+    let transport: Arc<dyn Transport> = Arc::new(LocalTransport::new());
+    let sink = Arc::new(MemorySink::default());
+    let _server = fleet(transport.clone(), Some(dir.path()), true, sink.clone()).await;
+    let call = |agent: &'static str, action: &'static str, data: serde_json::Value| {
+        let transport = transport.clone();
+        async move {
+            let options = RequestOptions { target: Target::Node("n1".into()), ..options(5000) };
+            let data = data.as_object().unwrap().clone();
+            let results = client(transport).call(agent, action, data, options).await.unwrap();
+            results.replies.into_iter().next().unwrap()
+        }
+    };
+    let missing = call("rpcutil", "get_fact", json!({})).await;
+    assert_eq!(missing.statuscode, StatusCode::MissingData, "{missing:?}");
+    assert!(missing.statusmsg.starts_with("Validation failed: "), "{}", missing.statusmsg);
+    let wrong = call("shell", "run", json!({"command": 5})).await;
+    assert_eq!(wrong.statuscode, StatusCode::InvalidData, "{wrong:?}");
+    assert!(wrong.statusmsg.contains("is not a string"), "{}", wrong.statusmsg);
+    let undeclared = call("rpcutil", "ping", json!({"extra": 1})).await;
+    assert_eq!(undeclared.statuscode, StatusCode::InvalidData, "{undeclared:?}");
+    let ok = call("rpcutil", "get_fact", json!({"fact": "country"})).await;
+    assert_eq!((ok.statuscode, &ok.data["value"]), (StatusCode::Ok, &json!("uk")));
+    // The built-in DDLs describe every action the agents have.
+    for agent in [&RpcUtil as &dyn Agent, &Shell] {
+        let ddl = agent.ddl().unwrap();
+        let mut described: Vec<String> = ddl.actions.iter().map(|a| a.action.clone()).collect();
+        described.sort();
+        let mut actions = agent.actions();
+        actions.sort();
+        assert_eq!(described, actions, "{}", agent.name());
+    }
+}

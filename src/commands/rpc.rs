@@ -54,6 +54,10 @@ pub struct RpcArgs {
     /// anything is sent.
     #[arg(short = 'S', long = "select")]
     select: Vec<String>,
+    /// The agent's description (Choria JSON DDL) when it is not a built-in agent: inputs are
+    /// typed, checked and defaulted by it before anything is sent.
+    #[arg(long)]
+    ddl: Option<std::path::PathBuf>,
     /// Only nodes with this configuration-management class, exact or `/regex/`
     /// (repeatable: all must match).
     #[arg(short = 'C', long = "wc")]
@@ -145,12 +149,15 @@ pub async fn run(args: RpcArgs) -> anyhow::Result<()> {
     if !args.issuers.is_empty() {
         rpc = rpc.with_trust(Arc::new(Issuers::from_paths(&args.issuers).context("--issuer")?));
     }
-    let mut data = serde_json::Map::new();
-    for kv in &args.inputs {
-        let (k, v) = kv.split_once('=').with_context(|| format!("input {kv:?} is not key=value"))?;
-        let value = serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.to_string()));
-        data.insert(k.to_string(), value);
-    }
+    let pairs = args
+        .inputs
+        .iter()
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').with_context(|| format!("input {kv:?} is not key=value"))?;
+            Ok((k.to_string(), v.to_string()))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let data = inputs(&args, &pairs)?;
     let mut options = RequestOptions::default();
     for f in &args.facts {
         options.filter.fact.push(parse_fact_filter(f)?);
@@ -223,6 +230,28 @@ pub async fn run(args: RpcArgs) -> anyhow::Result<()> {
         std::process::exit(1);
     }
     Ok(())
+}
+
+/// The request's inputs from `key=value` pairs: typed, checked and defaulted by the agent's
+/// DDL (built in, or `--ddl`), as Choria's client does; without one, values that read as
+/// JSON are sent as JSON, with a warning that nothing checked them.
+fn inputs(args: &RpcArgs, pairs: &[(String, String)]) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
+    let loaded = match &args.ddl {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            Some(chorus_rpc::ddl::Ddl::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?)
+        }
+        None => None,
+    };
+    let Some(ddl) = loaded.as_ref().or_else(|| chorus_rpc::agents::builtin_ddl(&args.agent)) else {
+        eprintln!("no DDL for agent {}: inputs are sent unchecked (give one with --ddl)", args.agent);
+        return Ok(pairs
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.clone()))))
+            .collect());
+    };
+    let action = ddl.action(&args.action).with_context(|| format!("unknown action {}#{}", args.agent, args.action))?;
+    action.inputs_from_text(pairs).map_err(|e| anyhow::anyhow!("invalid input: {e}; nothing was sent"))
 }
 
 /// Adds a combined filter (`-W`): space-separated parts, each a fact filter when it reads as

@@ -538,6 +538,11 @@ async fn the_operator_path_keys_credentials_agent_and_rpc_on_the_command_line() 
     assert!(ok && out.contains("1 replies: 1 ok"), "{out}");
     let (ok, out) = select(r#"with("rpcutil") and"#);
     assert!(!ok && out.contains("compound filter") && out.contains("nothing was sent"), "{out}");
+    // Inputs are checked against the agent's DDL before anything is sent.
+    let mut args = vec!["rpc", "rpcutil", "get_fact", "facts=country"];
+    args.extend(signed);
+    let (ok, out) = chorus(&args);
+    assert!(!ok && out.contains("invalid input") && out.contains("has not been declared"), "{out}");
     agent.kill().ok();
     agent.wait().ok();
 }

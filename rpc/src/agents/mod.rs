@@ -9,6 +9,7 @@ use async_trait::async_trait;
 use chorus_schemas::rpc::JsonObject;
 use chorus_schemas::{RpcRequest, StatusCode};
 
+use super::ddl::Ddl;
 use super::server::StatsSnapshot;
 use super::NodeContext;
 
@@ -74,9 +75,30 @@ pub trait Agent: Send + Sync {
     fn actions(&self) -> Vec<String>;
 
     /// Performs `action` (one of [`Agent::actions`]) with inputs `data`, after the request
-    /// was authorized.
+    /// was authorized and its inputs checked against [`Agent::ddl`].
     async fn handle(&self, action: &str, data: &JsonObject, ctx: &ActionContext<'_>) -> ActionReply;
+
+    /// The agent's description (Choria's JSON DDL), whose inputs nodes check before
+    /// [`Agent::handle`] and clients before sending. `None`: inputs are the agent's business.
+    fn ddl(&self) -> Option<&Ddl> {
+        None
+    }
 }
+
+/// The description of a built-in agent, by name: what `chorus rpc` checks inputs against.
+pub fn builtin_ddl(agent: &str) -> Option<&'static Ddl> {
+    match agent {
+        "rpcutil" => Some(&RPCUTIL_DDL),
+        "shell" => Some(&SHELL_DDL),
+        _ => None,
+    }
+}
+
+static RPCUTIL_DDL: std::sync::LazyLock<Ddl> = std::sync::LazyLock::new(|| {
+    Ddl::parse(include_str!("ddl/rpcutil.json")).expect("the built-in rpcutil DDL is valid")
+});
+static SHELL_DDL: std::sync::LazyLock<Ddl> =
+    std::sync::LazyLock::new(|| Ddl::parse(include_str!("ddl/shell.json")).expect("the built-in shell DDL is valid"));
 
 /// Reads a required string input, or says why not.
 pub(crate) fn string_input<'a>(data: &'a JsonObject, name: &str) -> Result<&'a str, ActionReply> {

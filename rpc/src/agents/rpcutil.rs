@@ -57,6 +57,10 @@ impl Agent for RpcUtil {
         "rpcutil"
     }
 
+    fn ddl(&self) -> Option<&crate::ddl::Ddl> {
+        super::builtin_ddl("rpcutil")
+    }
+
     fn actions(&self) -> Vec<String> {
         ACTIONS.iter().map(|a| a.to_string()).collect()
     }

@@ -44,6 +44,10 @@ impl Agent for Shell {
         "shell"
     }
 
+    fn ddl(&self) -> Option<&crate::ddl::Ddl> {
+        super::builtin_ddl("shell")
+    }
+
     fn actions(&self) -> Vec<String> {
         vec!["run".into()]
     }
