@@ -61,6 +61,9 @@ enum Command {
     /// Credentials binding a key to a caller id or a node identity: issue, show, verify.
     #[command(subcommand)]
     Credential(credential::CredentialCommand),
+    /// Agents' descriptions (DDL): list the agents, or document one.
+    #[command(subcommand)]
+    Plugin(plugin::PluginCommand),
     /// The whole platform in one process: simulated nodes, inventory, audit export, dashboard.
     Up(up::UpArgs),
     /// The inventory projection and the version dashboard over existing streams.
@@ -88,6 +91,7 @@ fn main() -> anyhow::Result<()> {
             Command::Broker(cmd) => broker::run(cmd),
             Command::Keys(cmd) => keys::run(cmd),
             Command::Credential(cmd) => credential::run(cmd),
+            Command::Plugin(cmd) => plugin::run(cmd),
             Command::Up(args) => up::run(args).await,
             Command::Dashboard(args) => dashboard::run(args).await,
         }

@@ -11,6 +11,7 @@ pub mod dashboard;
 pub mod events;
 pub mod inventory;
 pub mod keys;
+pub mod plugin;
 pub mod provision;
 pub mod replicate;
 pub mod rpc;

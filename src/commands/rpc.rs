@@ -82,6 +82,10 @@ pub struct RpcArgs {
     /// Print every reply as JSON.
     #[arg(long)]
     json: bool,
+    /// Which replies to print: ok, failed, all or none (default: as the action's DDL says,
+    /// else failed).
+    #[arg(long, value_enum)]
+    display: Option<Display>,
     /// Have requests signed by a Chorus AAA service (`chorus aaa`) instead of holding a
     /// credential: its URL, e.g. https://aaa.example.net:8443. Needs a login with --user and
     /// CHORUS_AAA_PASSWORD (with a fresh key for this run), or a token and the key it was
@@ -157,7 +161,8 @@ pub async fn run(args: RpcArgs) -> anyhow::Result<()> {
             Ok((k.to_string(), v.to_string()))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let data = inputs(&args, &pairs)?;
+    let ddl = agent_ddl(&args)?;
+    let data = inputs(&args, ddl.as_ref(), &pairs)?;
     let mut options = RequestOptions::default();
     for f in &args.facts {
         options.filter.fact.push(parse_fact_filter(f)?);
@@ -198,18 +203,24 @@ pub async fn run(args: RpcArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let mut stream = rpc.request(&args.agent, &args.action, data, options).await?;
-    let mut failures = Vec::new();
+    let display = args.display.unwrap_or_else(|| Display::of_action(ddl.as_ref(), &args.action));
+    let mut shown = Vec::new();
     while let Some(reply) = stream.next().await {
         bar.inc(1);
+        let ok = reply.statuscode as u8 == 0 && reply.authorized;
         if args.json {
             bar.suspend(|| println!("{}", serde_json::to_string(&reply).unwrap_or_default()));
-        } else if reply.statuscode as u8 != 0 || !reply.authorized {
-            failures.push(format!("{:<40} {}", reply.identity, reply.statusmsg));
+        } else if display.shows(ok) {
+            shown.push(if ok {
+                format!("{:<40} {}", reply.identity, serde_json::Value::Object(reply.data.clone()))
+            } else {
+                format!("{:<40} {}", reply.identity, reply.statusmsg)
+            });
         }
     }
     bar.finish_and_clear();
-    for f in &failures {
-        println!("{f}");
+    for line in &shown {
+        println!("{line}");
     }
     for rejected in stream.rejected() {
         println!("{:<40} UNVERIFIED: {}", rejected.identity, rejected.reason);
@@ -232,18 +243,59 @@ pub async fn run(args: RpcArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The request's inputs from `key=value` pairs: typed, checked and defaulted by the agent's
-/// DDL (built in, or `--ddl`), as Choria's client does; without one, values that read as
-/// JSON are sent as JSON, with a warning that nothing checked them.
-fn inputs(args: &RpcArgs, pairs: &[(String, String)]) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
-    let loaded = match &args.ddl {
+/// Which replies `chorus rpc` prints (Choria's `--display`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Display {
+    /// Replies with status OK.
+    Ok,
+    /// Replies with another status, or denied.
+    Failed,
+    /// Every reply.
+    All,
+    /// None: the summary only.
+    None,
+}
+
+impl Display {
+    /// What the action's DDL asks for (`ok`, `failed`, `always`); `failed` without one.
+    fn of_action(ddl: Option<&chorus_rpc::ddl::Ddl>, action: &str) -> Self {
+        match ddl.and_then(|d| d.action(action)).and_then(|a| a.display.as_deref()) {
+            Some("ok") => Display::Ok,
+            Some("always") => Display::All,
+            _ => Display::Failed,
+        }
+    }
+
+    fn shows(self, ok: bool) -> bool {
+        match self {
+            Display::Ok => ok,
+            Display::Failed => !ok,
+            Display::All => true,
+            Display::None => false,
+        }
+    }
+}
+
+/// The agent's description: `--ddl`, else the built-in one, else none.
+fn agent_ddl(args: &RpcArgs) -> anyhow::Result<Option<chorus_rpc::ddl::Ddl>> {
+    match &args.ddl {
         Some(path) => {
             let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-            Some(chorus_rpc::ddl::Ddl::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?)
+            Ok(Some(chorus_rpc::ddl::Ddl::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?))
         }
-        None => None,
-    };
-    let Some(ddl) = loaded.as_ref().or_else(|| chorus_rpc::agents::builtin_ddl(&args.agent)) else {
+        None => Ok(chorus_rpc::agents::builtin_ddl(&args.agent).cloned()),
+    }
+}
+
+/// The request's inputs from `key=value` pairs: typed, checked and defaulted by the agent's
+/// DDL, as Choria's client does; without one, values that read as JSON are sent as JSON,
+/// with a warning that nothing checked them.
+fn inputs(
+    args: &RpcArgs,
+    ddl: Option<&chorus_rpc::ddl::Ddl>,
+    pairs: &[(String, String)],
+) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
+    let Some(ddl) = ddl else {
         eprintln!("no DDL for agent {}: inputs are sent unchecked (give one with --ddl)", args.agent);
         return Ok(pairs
             .iter()

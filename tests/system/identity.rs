@@ -538,6 +538,20 @@ async fn the_operator_path_keys_credentials_agent_and_rpc_on_the_command_line() 
     assert!(ok && out.contains("1 replies: 1 ok"), "{out}");
     let (ok, out) = select(r#"with("rpcutil") and"#);
     assert!(!ok && out.contains("compound filter") && out.contains("nothing was sent"), "{out}");
+    // Replies shown as the action's DDL says (rpcutil: always), or as --display says.
+    let shown = |display: Option<&str>| {
+        let mut args = vec!["rpc", "rpcutil", "ping", "-I", "web1.example.net"];
+        args.extend(signed);
+        if let Some(display) = display {
+            args.extend(["--display", display]);
+        }
+        let (ok, out) = chorus(&args);
+        assert!(ok, "{out}");
+        out
+    };
+    assert!(shown(None).contains("\"pong\""), "rpcutil's DDL displays every reply");
+    assert!(!shown(Some("none")).contains("\"pong\""), "--display none shows the summary only");
+    assert!(!shown(Some("failed")).contains("\"pong\""));
     // Inputs are checked against the agent's DDL before anything is sent.
     let mut args = vec!["rpc", "rpcutil", "get_fact", "facts=country"];
     args.extend(signed);

@@ -85,6 +85,9 @@ pub trait Agent: Send + Sync {
     }
 }
 
+/// The agents built into Chorus, by name.
+pub const BUILTIN: [&str; 2] = ["rpcutil", "shell"];
+
 /// The description of a built-in agent, by name: what `chorus rpc` checks inputs against.
 pub fn builtin_ddl(agent: &str) -> Option<&'static Ddl> {
     match agent {
