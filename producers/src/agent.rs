@@ -15,7 +15,7 @@ use chorus_backbone::Backbone;
 use chorus_identity::{Identity, Issuers, Role};
 use chorus_keys::KeyConfig;
 use chorus_platform::{Emitter, EventSink, Outbox, OutboxLimits, SigningSink};
-use chorus_rpc::agents::{RpcUtil, Shell};
+use chorus_rpc::agents::{ExternalAgent, RpcUtil, Shell};
 use chorus_rpc::{
     Agent, NatsTransport, NodeContext, PolicySettings, RequestSecurity, RpcServer, ServerOptions, Transport,
 };
@@ -59,6 +59,11 @@ pub struct AgentConfig {
     /// Directory of Action Policy files; without one every RPC request is denied.
     #[serde(default)]
     pub policy_dir: Option<PathBuf>,
+    /// Directory of external agents (Choria's external-agent protocol): `X.json` DDLs with
+    /// `"provider": "external"` beside their executables; each agent's configuration file
+    /// is `<agent>.cfg` there. Loaded at start; the ones left out are named in health.
+    #[serde(default)]
+    pub agents_dir: Option<PathBuf>,
     /// How the policy directory is read: Choria's authorizer (`action_policy`,
     /// `rego_policy`) and its default-policy settings.
     #[serde(default)]
@@ -157,6 +162,7 @@ impl AgentConfig {
             state_dir: state_dir.into(),
             machines_dir: None,
             policy_dir: None,
+            agents_dir: None,
             policy: PolicySettings::default(),
             alive_interval: default_alive(),
             alive_splay: None,
@@ -226,6 +232,8 @@ pub struct NodeAgent {
     stopped: bool,
     /// Why callers are not authenticated, when they are not; shown in health.
     insecure: Option<String>,
+    /// External agents left out at start, with the reason; shown in health.
+    skipped_agents: Vec<String>,
     /// When the node credential expires (Unix seconds), and from when health warns about it:
     /// after expiry peers refuse the node's replies and events.
     credential_expires: Option<(i64, i64)>,
@@ -284,6 +292,7 @@ impl NodeAgent {
         });
 
         let mut rpc = None;
+        let mut skipped_agents = Vec::new();
         if let Some(transport) = transport {
             let ctx = NodeContext {
                 identity: config.identity.clone(),
@@ -294,7 +303,15 @@ impl NodeAgent {
                 machines: machines.iter().map(|m| m.instance().machine.clone()).collect(),
                 provision_mode: config.component == chorus_schemas::lifecycle::PROVISION_MODE_COMPONENT,
             };
-            let agents: Vec<Arc<dyn Agent>> = vec![Arc::new(RpcUtil), Arc::new(Shell)];
+            let mut agents: Vec<Arc<dyn Agent>> = vec![Arc::new(RpcUtil), Arc::new(Shell)];
+            if let Some(dir) = &config.agents_dir {
+                let loaded = ExternalAgent::load_dir(dir, dir).await;
+                for (path, reason) in &loaded.skipped {
+                    tracing::warn!(ddl = %path.display(), "external agent left out: {reason}");
+                    skipped_agents.push(format!("{}: {reason}", path.display()));
+                }
+                agents.extend(loaded.agents.into_iter().map(|a| Arc::new(a) as Arc<dyn Agent>));
+            }
             let options = ServerOptions {
                 security: security.requests.clone(),
                 policy: config.policy.clone(),
@@ -314,6 +331,7 @@ impl NodeAgent {
             delivery,
             stopped: false,
             insecure: security.warning,
+            skipped_agents,
             credential_expires: security.identity.as_ref().map(|i| {
                 let claims = i.credential().claims();
                 (claims.exp, credential_warning_from(claims.iat, claims.exp))
@@ -358,6 +376,11 @@ impl Service for NodeAgent {
         let health = match &self.insecure {
             Some(warning) => health.with("security", format!("INSECURE: {warning}")),
             None => health.with("security", "callers authenticated"),
+        };
+        let health = if self.skipped_agents.is_empty() {
+            health
+        } else {
+            health.with("external_agents_left_out", &self.skipped_agents)
         };
         let Some((expires, warn_from)) = self.credential_expires else { return health };
         let now = chrono::Utc::now().timestamp();

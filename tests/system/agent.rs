@@ -319,3 +319,71 @@ async fn simulated_nodes_answer_rpc_and_record_it() {
     })
     .await;
 }
+
+/// An external agent written in Python (Choria's external-agent protocol) answers through
+/// `chorus rpc`: inputs typed and defaulted by its DDL on the client, run with the node's
+/// facts, outputs returned; input its DDL rejects never reaches the node; a request that
+/// skips the client's check is refused by the node before the program runs; a program that
+/// fails says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_external_python_agent_answers_through_chorus_rpc() {
+    let server = NatsServer::start().unwrap();
+    let _site = site(&server).await;
+    let dir = tempfile::tempdir().unwrap();
+    let agents = dir.path().join("agents");
+    std::fs::create_dir_all(&agents).unwrap();
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("system/data/parrot");
+    for file in ["parrot", "parrot.json"] {
+        std::fs::copy(data.join(file), agents.join(file)).unwrap();
+    }
+    let policies = dir.path().join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    std::fs::write(policies.join("parrot.policy"), "policy default allow\n").unwrap();
+    let mut cfg = agent_config("parrot.example.net", &server, dir.path());
+    cfg.agents_dir = Some(agents.clone());
+    cfg.policy_dir = Some(policies);
+    cfg.facts.insert("country".into(), "uk".into());
+    let mut agent = NodeAgent::start(cfg, Shutdown::new()).await.unwrap();
+
+    let url = server.url();
+    let ddl = agents.join("parrot.json").display().to_string();
+    let rpc = |action: &str, inputs: &[&str]| {
+        let mut args = vec!["rpc", "parrot", action, "-I", "parrot.example.net", "--nats", &url, "--ddl", &ddl];
+        args.extend(inputs);
+        args.extend(["--timeout", "20s", "--json"]);
+        crate::identity::chorus(&args)
+    };
+    let (ok, out) = rpc("echo", &["message=hi", "repeat=3"]);
+    assert!(ok, "{out}");
+    let reply: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert_eq!(reply["data"], serde_json::json!({"message": "hi hi hi", "length": 8, "country": "uk"}), "{out}");
+    // The DDL's default fills in repeat on the client.
+    let (ok, out) = rpc("echo", &["message=123"]);
+    assert!(ok && out.contains(r#""message":"123""#), "a string input stays a string: {out}");
+
+    let (ok, out) = rpc("echo", &["message=a;b"]);
+    assert!(!ok && out.contains("may not contain ';'") && out.contains("nothing was sent"), "{out}");
+
+    // A client that does not check: the node does, before the program runs.
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let unchecked = RpcClient::new(Arc::new(NatsTransport::new(client)), "choria=tester", "choria");
+    let options = RequestOptions {
+        target: Target::Node("parrot.example.net".into()),
+        timeout: Duration::from_secs(20),
+        ..Default::default()
+    };
+    let data = serde_json::json!({"message": 5}).as_object().unwrap().clone();
+    let results = unchecked.call("parrot", "echo", data, options.clone()).await.unwrap();
+    let refused = &results.replies[0];
+    assert_eq!(refused.statuscode, chorus_schemas::StatusCode::InvalidData, "{refused:?}");
+    assert!(refused.statusmsg.contains("Validation failed") && refused.statusmsg.contains("is not a string"));
+
+    let results = unchecked.call("parrot", "fail", Default::default(), options).await.unwrap();
+    let failed = &results.replies[0];
+    assert_eq!(failed.statuscode, chorus_schemas::StatusCode::Aborted, "{failed:?}");
+    assert!(
+        failed.statusmsg.contains("Could not call external agent parrot#fail")
+            && failed.statusmsg.contains("exit status 3")
+    );
+    agent.stop().await.unwrap();
+}

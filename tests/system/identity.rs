@@ -431,7 +431,7 @@ async fn forged_reply_is_counted_unverified_never_ok() {
 
 /// `chorus` with `args`: its exit status and standard output (standard error on failure in
 /// the message).
-fn chorus(args: &[&str]) -> (bool, String) {
+pub fn chorus(args: &[&str]) -> (bool, String) {
     let output = std::process::Command::new(chorus_testkit::workspace_bin("chorus").expect("the chorus binary"))
         .args(args)
         .env("CHORUS_LOG", "warn")

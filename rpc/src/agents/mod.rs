@@ -13,11 +13,15 @@ use super::ddl::Ddl;
 use super::server::StatsSnapshot;
 use super::NodeContext;
 
+mod external;
+mod process;
 mod rpcutil;
 mod shell;
 
+pub use external::{ExternalAgent, Loaded};
+pub use process::MAX_OUTPUT;
 pub use rpcutil::RpcUtil;
-pub use shell::{Shell, MAX_OUTPUT};
+pub use shell::Shell;
 
 /// What an action produced: MCORPC's `statuscode`, `statusmsg` and `data`.
 #[derive(Debug, Clone, PartialEq)]

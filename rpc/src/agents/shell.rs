@@ -4,30 +4,19 @@
 //! therefore only reachable through an Action Policy that allows it; with no policy it is
 //! denied like everything else.
 
-use std::os::unix::process::ExitStatusExt;
-use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chorus_schemas::rpc::JsonObject;
 use chorus_schemas::StatusCode;
 use serde_json::{json, Value};
-use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::time::Instant;
 
-use super::{string_input, ActionContext, ActionReply, Agent};
-
-/// Most bytes of stdout (and, separately, of stderr) kept in a reply, so a chatty command
-/// cannot produce a reply too large to send. The rest is read and discarded, so the
-/// command never blocks on a full pipe.
-pub const MAX_OUTPUT: usize = 128 * 1024;
+use super::{process, string_input, ActionContext, ActionReply, Agent};
 
 /// Timeout when the request gives none.
 const DEFAULT_TIMEOUT: u64 = 60;
 /// Longest timeout a request may ask for.
 const MAX_TIMEOUT: u64 = 3600;
-/// How long output is still awaited after the command's process group was killed.
-const KILL_GRACE: Duration = Duration::from_secs(2);
 
 /// The `shell` agent with its one action, `run`: inputs `command` (string) and
 /// `timeout_secs` (1..=3600, default 60); outputs `stdout`, `stderr`, `exitcode`,
@@ -76,97 +65,24 @@ impl Agent for Shell {
     }
 }
 
-/// Output of one pipe.
-#[derive(Default)]
-struct Captured {
-    bytes: Vec<u8>,
-    truncated: bool,
-}
-
-/// Reads `pipe` to its end, keeping the first [`MAX_OUTPUT`] bytes.
-async fn read_capped(pipe: Option<impl AsyncRead + Unpin>) -> Captured {
-    let mut captured = Captured::default();
-    let Some(mut pipe) = pipe else {
-        return captured;
-    };
-    let mut buf = [0u8; 8192];
-    loop {
-        match pipe.read(&mut buf).await {
-            Ok(0) | Err(_) => return captured,
-            Ok(n) => {
-                let room = MAX_OUTPUT - captured.bytes.len();
-                captured.bytes.extend_from_slice(&buf[..n.min(room)]);
-                captured.truncated |= n > room;
-            }
-        }
-    }
-}
-
-fn kill_group(pgid: Option<u32>) {
-    if let Some(pgid) = pgid.and_then(|p| i32::try_from(p).ok()) {
-        // SAFETY: killpg only sends a signal; the group was created for this command.
-        unsafe {
-            libc::killpg(pgid, libc::SIGKILL);
-        }
-    }
-}
-
-/// Exit code as a shell reports it: the code, or 128 + signal number.
-fn exit_code(status: ExitStatus) -> i32 {
-    status.code().or_else(|| status.signal().map(|s| 128 + s)).unwrap_or(-1)
-}
-
 async fn run(command: &str, timeout: Duration) -> ActionReply {
-    let mut child = match tokio::process::Command::new("sh")
-        .arg("-c")
-        .arg(command)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true)
-        .spawn()
-    {
-        Ok(child) => child,
+    let mut sh = tokio::process::Command::new("sh");
+    sh.arg("-c").arg(command);
+    let finished = match process::run(sh, timeout).await {
+        Ok(finished) => finished,
         Err(e) => return ActionReply::error(StatusCode::UnknownError, format!("cannot start sh: {e}")),
     };
-    let pgid = child.id();
-    let deadline = Instant::now() + timeout;
-    let stdout = tokio::spawn(read_capped(child.stdout.take()));
-    let stderr = tokio::spawn(read_capped(child.stderr.take()));
-    let output = async { (stdout.await.unwrap_or_default(), stderr.await.unwrap_or_default()) };
-    tokio::pin!(output);
-
-    let mut timed_out = false;
-    let status = match tokio::time::timeout_at(deadline, child.wait()).await {
-        Ok(status) => status.ok(),
-        Err(_) => {
-            timed_out = true;
-            kill_group(pgid);
-            child.wait().await.ok()
-        }
-    };
-    // Output ends when every process holding the pipes is gone; a background process of a
-    // finished command may keep them open, and then it too meets the deadline.
-    let (out, err) = match tokio::time::timeout_at(deadline, &mut output).await {
-        Ok(captured) => captured,
-        Err(_) => {
-            timed_out = true;
-            kill_group(pgid);
-            tokio::time::timeout(KILL_GRACE, &mut output).await.unwrap_or_default()
-        }
-    };
     let data = match json!({
-        "stdout": String::from_utf8_lossy(&out.bytes),
-        "stderr": String::from_utf8_lossy(&err.bytes),
-        "exitcode": status.map(exit_code).unwrap_or(-1),
-        "timed_out": timed_out,
-        "truncated": out.truncated || err.truncated,
+        "stdout": String::from_utf8_lossy(&finished.stdout.bytes),
+        "stderr": String::from_utf8_lossy(&finished.stderr.bytes),
+        "exitcode": finished.exit_code(),
+        "timed_out": finished.timed_out,
+        "truncated": finished.stdout.truncated || finished.stderr.truncated,
     }) {
         Value::Object(map) => map,
         _ => unreachable!("json! object literal"),
     };
-    if timed_out {
+    if finished.timed_out {
         ActionReply {
             status: StatusCode::Aborted,
             message: format!("command timed out after {}s", timeout.as_secs()),
@@ -209,7 +125,7 @@ mod tests {
     #[tokio::test]
     async fn output_is_capped() {
         let r = run("head -c 300000 /dev/zero", Duration::from_secs(10)).await;
-        assert_eq!(r.data["stdout"].as_str().unwrap().len(), MAX_OUTPUT);
+        assert_eq!(r.data["stdout"].as_str().unwrap().len(), super::super::MAX_OUTPUT);
         assert_eq!(r.data["truncated"], true);
     }
 }
