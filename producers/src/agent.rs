@@ -15,7 +15,7 @@ use chorus_backbone::Backbone;
 use chorus_identity::{Identity, Issuers, Role};
 use chorus_keys::KeyConfig;
 use chorus_platform::{Emitter, EventSink, Outbox, OutboxLimits, SigningSink};
-use chorus_rpc::agents::{ExternalAgent, RpcUtil, Shell};
+use chorus_rpc::agents::{self as rpc_agents, ExternalAgent, RpcUtil, Shell};
 use chorus_rpc::{
     Agent, NatsTransport, NodeContext, PolicySettings, RequestSecurity, RpcServer, ServerOptions, Transport,
 };
@@ -303,7 +303,8 @@ impl NodeAgent {
                 machines: machines.iter().map(|m| m.instance().machine.clone()).collect(),
                 provision_mode: config.component == chorus_schemas::lifecycle::PROVISION_MODE_COMPONENT,
             };
-            let mut agents: Vec<Arc<dyn Agent>> = vec![Arc::new(RpcUtil), Arc::new(Shell)];
+            let mut agents: Vec<Arc<dyn Agent>> =
+                vec![Arc::new(RpcUtil), Arc::new(rpc_agents::Service), Arc::new(Shell)];
             if let Some(dir) = &config.agents_dir {
                 let loaded = ExternalAgent::load_dir(dir, dir).await;
                 for (path, reason) in &loaded.skipped {

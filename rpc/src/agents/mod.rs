@@ -16,11 +16,13 @@ use super::NodeContext;
 mod external;
 mod process;
 mod rpcutil;
+mod service;
 mod shell;
 
 pub use external::{ExternalAgent, Loaded};
 pub use process::MAX_OUTPUT;
 pub use rpcutil::RpcUtil;
+pub use service::Service;
 pub use shell::Shell;
 
 /// What an action produced: MCORPC's `statuscode`, `statusmsg` and `data`.
@@ -90,12 +92,13 @@ pub trait Agent: Send + Sync {
 }
 
 /// The agents built into Chorus, by name.
-pub const BUILTIN: [&str; 2] = ["rpcutil", "shell"];
+pub const BUILTIN: [&str; 3] = ["rpcutil", "service", "shell"];
 
 /// The description of a built-in agent, by name: what `chorus rpc` checks inputs against.
 pub fn builtin_ddl(agent: &str) -> Option<&'static Ddl> {
     match agent {
         "rpcutil" => Some(&RPCUTIL_DDL),
+        "service" => Some(&SERVICE_DDL),
         "shell" => Some(&SHELL_DDL),
         _ => None,
     }
@@ -103,6 +106,9 @@ pub fn builtin_ddl(agent: &str) -> Option<&'static Ddl> {
 
 static RPCUTIL_DDL: std::sync::LazyLock<Ddl> = std::sync::LazyLock::new(|| {
     Ddl::parse(include_str!("ddl/rpcutil.json")).expect("the built-in rpcutil DDL is valid")
+});
+static SERVICE_DDL: std::sync::LazyLock<Ddl> = std::sync::LazyLock::new(|| {
+    Ddl::parse(include_str!("ddl/service.json")).expect("the built-in service DDL is valid")
 });
 static SHELL_DDL: std::sync::LazyLock<Ddl> =
     std::sync::LazyLock::new(|| Ddl::parse(include_str!("ddl/shell.json")).expect("the built-in shell DDL is valid"));
