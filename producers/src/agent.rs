@@ -304,7 +304,7 @@ impl NodeAgent {
                 provision_mode: config.component == chorus_schemas::lifecycle::PROVISION_MODE_COMPONENT,
             };
             let mut agents: Vec<Arc<dyn Agent>> =
-                vec![Arc::new(RpcUtil), Arc::new(rpc_agents::Service), Arc::new(Shell)];
+                vec![Arc::new(RpcUtil), Arc::new(rpc_agents::Package), Arc::new(rpc_agents::Service), Arc::new(Shell)];
             if let Some(dir) = &config.agents_dir {
                 let loaded = ExternalAgent::load_dir(dir, dir).await;
                 for (path, reason) in &loaded.skipped {

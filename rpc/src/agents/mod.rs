@@ -14,12 +14,14 @@ use super::server::StatsSnapshot;
 use super::NodeContext;
 
 mod external;
+mod package;
 mod process;
 mod rpcutil;
 mod service;
 mod shell;
 
 pub use external::{ExternalAgent, Loaded};
+pub use package::Package;
 pub use process::MAX_OUTPUT;
 pub use rpcutil::RpcUtil;
 pub use service::Service;
@@ -92,11 +94,12 @@ pub trait Agent: Send + Sync {
 }
 
 /// The agents built into Chorus, by name.
-pub const BUILTIN: [&str; 3] = ["rpcutil", "service", "shell"];
+pub const BUILTIN: [&str; 4] = ["package", "rpcutil", "service", "shell"];
 
 /// The description of a built-in agent, by name: what `chorus rpc` checks inputs against.
 pub fn builtin_ddl(agent: &str) -> Option<&'static Ddl> {
     match agent {
+        "package" => Some(&PACKAGE_DDL),
         "rpcutil" => Some(&RPCUTIL_DDL),
         "service" => Some(&SERVICE_DDL),
         "shell" => Some(&SHELL_DDL),
@@ -106,6 +109,9 @@ pub fn builtin_ddl(agent: &str) -> Option<&'static Ddl> {
 
 static RPCUTIL_DDL: std::sync::LazyLock<Ddl> = std::sync::LazyLock::new(|| {
     Ddl::parse(include_str!("ddl/rpcutil.json")).expect("the built-in rpcutil DDL is valid")
+});
+static PACKAGE_DDL: std::sync::LazyLock<Ddl> = std::sync::LazyLock::new(|| {
+    Ddl::parse(include_str!("ddl/package.json")).expect("the built-in package DDL is valid")
 });
 static SERVICE_DDL: std::sync::LazyLock<Ddl> = std::sync::LazyLock::new(|| {
     Ddl::parse(include_str!("ddl/service.json")).expect("the built-in service DDL is valid")

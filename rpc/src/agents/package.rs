@@ -1,0 +1,291 @@
+//! `package`: Choria's package agent (`status`, `install`, `update`, `uninstall`, `purge`,
+//! `refresh`) with its DDL's inputs and outputs, driving apt (`apt-get`, `dpkg-query`) or
+//! dnf (`dnf`, `rpm`), whichever is on `PATH`.
+//!
+//! Answers as Choria's: installing an installed package without a version, or updating or
+//! removing an absent one, fails with the package's properties in the reply. Package names
+//! and versions go to the package manager as arguments of their own, never through a
+//! shell (and the DDL refuses shell metacharacters before that). One package command at a
+//! time per process.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chorus_schemas::rpc::JsonObject;
+use chorus_schemas::StatusCode;
+use serde_json::{json, Value};
+
+use super::{process, string_input, ActionContext, ActionReply, Agent};
+
+/// How long one package-manager command may take.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(170);
+
+static PACKAGE_MANAGER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The `package` agent.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Package;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Manager {
+    Apt,
+    Dnf,
+}
+
+impl Manager {
+    /// apt when `apt-get` is on `PATH`, else dnf when `dnf` is.
+    fn find() -> Option<Manager> {
+        let on_path = |name: &str| {
+            std::env::var_os("PATH")
+                .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(name).is_file()))
+        };
+        if on_path("apt-get") {
+            Some(Manager::Apt)
+        } else if on_path("dnf") {
+            Some(Manager::Dnf)
+        } else {
+            None
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Manager::Apt => "apt",
+            Manager::Dnf => "dnf",
+        }
+    }
+
+    /// The command for `action` on `package` (at `version`, for install).
+    fn command(self, action: &str, package: &str, version: Option<&str>) -> (&'static str, Vec<String>) {
+        let pkg = package.to_string();
+        match (self, action) {
+            (Manager::Apt, "install") => {
+                let target = version.map_or(pkg, |v| format!("{package}={v}"));
+                (
+                    "apt-get",
+                    vec![
+                        "install".into(),
+                        "-y".into(),
+                        "-q".into(),
+                        "-o".into(),
+                        "DPkg::Options::=--force-confold".into(),
+                        target,
+                    ],
+                )
+            }
+            (Manager::Apt, "update") => {
+                ("apt-get", vec!["install".into(), "-y".into(), "-q".into(), "--only-upgrade".into(), pkg])
+            }
+            (Manager::Apt, "uninstall") => ("apt-get", vec!["remove".into(), "-y".into(), "-q".into(), pkg]),
+            (Manager::Apt, "purge") => ("apt-get", vec!["purge".into(), "-y".into(), "-q".into(), pkg]),
+            (Manager::Apt, _) => ("apt-get", vec!["update".into(), "-q".into()]),
+            (Manager::Dnf, "install") => {
+                let target = version.map_or(pkg, |v| format!("{package}-{v}"));
+                ("dnf", vec!["install".into(), "-y".into(), target])
+            }
+            (Manager::Dnf, "update") => ("dnf", vec!["upgrade".into(), "-y".into(), pkg]),
+            (Manager::Dnf, "uninstall" | "purge") => ("dnf", vec!["remove".into(), "-y".into(), pkg]),
+            (Manager::Dnf, _) => ("dnf", vec!["makecache".into()]),
+        }
+    }
+}
+
+/// Runs a program: exit code and its output (stdout then stderr).
+async fn run(program: &str, args: &[String]) -> Result<(i32, String), String> {
+    let mut command = tokio::process::Command::new(program);
+    command
+        .args(args)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .env("APT_LISTBUGS_FRONTEND", "none")
+        .env("APT_LISTCHANGES_FRONTEND", "none");
+    let finished = process::run(command, COMMAND_TIMEOUT).await.map_err(|e| format!("cannot run {program}: {e}"))?;
+    if finished.timed_out {
+        return Err(format!("{program} did not finish within {}s", COMMAND_TIMEOUT.as_secs()));
+    }
+    let mut output = String::from_utf8_lossy(&finished.stdout.bytes).into_owned();
+    output.push_str(&String::from_utf8_lossy(&finished.stderr.bytes));
+    Ok((finished.exit_code(), output.trim_end().to_string()))
+}
+
+/// The package's properties (the DDL's outputs); `ensure` is `absent` when not installed.
+async fn properties(manager: Manager, package: &str) -> Result<JsonObject, String> {
+    let absent = || json!({"name": package, "ensure": "absent", "provider": manager.name()});
+    let value = match manager {
+        Manager::Apt => {
+            let format = "${Package} ${Version} ${Architecture} ${db:Status-Status}".to_string();
+            let (code, out) = run("dpkg-query", &["-W".into(), format!("-f={format}"), package.into()]).await?;
+            let fields: Vec<&str> = out.split_whitespace().collect();
+            match fields.as_slice() {
+                [name, full, arch, "installed"] if code == 0 => {
+                    let (epoch, rest) = full.split_once(':').unwrap_or(("0", full));
+                    let (version, release) = rest.rsplit_once('-').unwrap_or((rest, ""));
+                    json!({"name": name, "ensure": full, "epoch": epoch, "version": version, "release": release,
+                           "arch": arch, "provider": "apt"})
+                }
+                _ => absent(),
+            }
+        }
+        Manager::Dnf => {
+            let format = "%{NAME} %|EPOCH?{%{EPOCH}}:{0}| %{VERSION} %{RELEASE} %{ARCH}".to_string();
+            let (code, out) = run("rpm", &["-q".into(), package.into(), "--queryformat".into(), format]).await?;
+            match out.split_whitespace().collect::<Vec<_>>().as_slice() {
+                [name, epoch, version, release, arch] if code == 0 => {
+                    json!({"name": name, "ensure": format!("{version}-{release}"), "epoch": epoch, "version": version,
+                           "release": release, "arch": arch, "provider": "dnf"})
+                }
+                _ => absent(),
+            }
+        }
+    };
+    Ok(value.as_object().cloned().unwrap_or_default())
+}
+
+fn reply(status: StatusCode, message: impl Into<String>, data: JsonObject) -> ActionReply {
+    ActionReply { status, message: message.into(), data }
+}
+
+#[async_trait]
+impl Agent for Package {
+    fn name(&self) -> &str {
+        "package"
+    }
+
+    fn ddl(&self) -> Option<&crate::ddl::Ddl> {
+        super::builtin_ddl("package")
+    }
+
+    fn actions(&self) -> Vec<String> {
+        ["install", "purge", "refresh", "status", "uninstall", "update"].map(String::from).to_vec()
+    }
+
+    async fn handle(&self, action: &str, data: &JsonObject, _ctx: &ActionContext<'_>) -> ActionReply {
+        let Some(manager) = Manager::find() else {
+            return ActionReply::error(StatusCode::Aborted, "no package manager found on PATH (apt-get or dnf)");
+        };
+        let _one_at_a_time = PACKAGE_MANAGER.lock().await;
+        if action == "refresh" {
+            let (program, args) = manager.command("refresh", "", None);
+            return match run(program, &args).await {
+                Ok((code, output)) => {
+                    let data = json!({"output": output, "exitcode": code}).as_object().cloned().unwrap_or_default();
+                    let status = if code == 0 { StatusCode::Ok } else { StatusCode::Aborted };
+                    reply(status, if code == 0 { "OK".to_string() } else { format!("{program} failed") }, data)
+                }
+                Err(e) => ActionReply::error(StatusCode::Aborted, e),
+            };
+        }
+        let package = match string_input(data, "package") {
+            Ok(p) => p,
+            Err(reply) => return reply,
+        };
+        let version = data.get("version").and_then(Value::as_str);
+        let before = match properties(manager, package).await {
+            Ok(p) => p,
+            Err(e) => return ActionReply::error(StatusCode::Aborted, e),
+        };
+        let installed = before.get("ensure").and_then(Value::as_str) != Some("absent");
+        match (action, installed) {
+            ("status", _) => return reply(StatusCode::Ok, "OK", before),
+            ("install", true) if version.is_none() => {
+                return reply(StatusCode::UnknownError, "Package is already installed", before)
+            }
+            ("update" | "uninstall" | "purge", false) => {
+                return reply(StatusCode::UnknownError, "Package is not present on the system", before)
+            }
+            _ => {}
+        }
+        let (program, args) = manager.command(action, package, version);
+        let outcome = run(program, &args).await;
+        let mut after = match properties(manager, package).await {
+            Ok(p) => p,
+            Err(e) => return ActionReply::error(StatusCode::Aborted, e),
+        };
+        match outcome {
+            Ok((0, output)) => {
+                after.insert("output".into(), output.into());
+                reply(StatusCode::Ok, "OK", after)
+            }
+            Ok((code, output)) => {
+                after.insert("output".into(), output.into());
+                reply(StatusCode::Aborted, format!("{program} {action} {package} failed (exit {code})"), after)
+            }
+            Err(e) => reply(StatusCode::Aborted, e, after),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::NodeContext;
+    use chorus_schemas::RpcRequest;
+
+    /// Stand-in `apt-get` and `dpkg-query`, first on PATH: a package is installed when a
+    /// file of its name holds its version.
+    fn stand_ins() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display();
+        let apt = format!(
+            r#"#!/bin/sh
+verb="$1"; for last; do :; done; pkg="${{last%%=*}}"; want="${{last#*=}}"
+case "$verb" in
+  install) if [ "$pkg" = broken ]; then echo "E: Unable to locate package broken"; exit 100; fi
+           if [ "$want" = "$last" ]; then want="1.0-1"; fi; echo "$want" > "{d}/$pkg"; echo "Setting up $pkg ($want)" ;;
+  remove|purge) rm -f "{d}/$pkg"; echo "Removing $pkg" ;;
+  update) echo "Reading package lists..." ;;
+esac
+"#
+        );
+        let dpkg = format!(
+            r#"#!/bin/sh
+for last; do :; done
+if [ -f "{d}/$last" ]; then printf '%s %s amd64 installed' "$last" "$(cat "{d}/$last")"; else echo "dpkg-query: no packages found matching $last" >&2; exit 1; fi
+"#
+        );
+        for (name, script) in [("apt-get", apt), ("dpkg-query", dpkg)] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, script).unwrap();
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        }
+        let path_var = format!("{}:{}", dir.path().display(), std::env::var("PATH").unwrap_or_default());
+        // SAFETY of set_var: nextest runs each test in a process of its own.
+        std::env::set_var("PATH", path_var);
+        dir
+    }
+
+    async fn call(action: &str, data: Value) -> ActionReply {
+        let node = NodeContext::new("n1", "choria");
+        let data = data.as_object().cloned().unwrap();
+        let request = RpcRequest::new("choria=ops", "ops", "choria", "package", action, data.clone());
+        let ctx = ActionContext { request: &request, node: &node, agents: &[], stats: Default::default(), started: 0 };
+        Package.handle(action, &data, &ctx).await
+    }
+
+    #[tokio::test]
+    async fn packages_install_update_and_uninstall_through_apt() {
+        let _apt = stand_ins();
+        let status = call("status", json!({"package": "nginx"})).await;
+        assert_eq!((status.status, &status.data["ensure"]), (StatusCode::Ok, &json!("absent")));
+        let installed = call("install", json!({"package": "nginx", "version": "1:1.22.1-9"})).await;
+        assert_eq!(installed.status, StatusCode::Ok, "{installed:?}");
+        let d = &installed.data;
+        assert_eq!(
+            (&d["ensure"], &d["epoch"], &d["version"], &d["release"]),
+            (&json!("1:1.22.1-9"), &json!("1"), &json!("1.22.1"), &json!("9"))
+        );
+        assert_eq!((&d["provider"], &d["arch"]), (&json!("apt"), &json!("amd64")));
+        assert!(d["output"].as_str().unwrap().contains("Setting up nginx"), "{d:?}");
+        let again = call("install", json!({"package": "nginx"})).await;
+        assert_eq!((again.status, again.message.as_str()), (StatusCode::UnknownError, "Package is already installed"));
+        assert_eq!(call("update", json!({"package": "nginx"})).await.status, StatusCode::Ok);
+        let removed = call("uninstall", json!({"package": "nginx"})).await;
+        assert_eq!((removed.status, &removed.data["ensure"]), (StatusCode::Ok, &json!("absent")));
+        let absent = call("purge", json!({"package": "nginx"})).await;
+        assert_eq!(absent.message, "Package is not present on the system");
+        let broken = call("install", json!({"package": "broken"})).await;
+        assert_eq!(broken.status, StatusCode::Aborted);
+        assert!(broken.data["output"].as_str().unwrap().contains("Unable to locate"), "{broken:?}");
+        let refreshed = call("refresh", json!({})).await;
+        assert_eq!((refreshed.status, &refreshed.data["exitcode"]), (StatusCode::Ok, &json!(0)));
+    }
+}
