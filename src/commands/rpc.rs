@@ -62,6 +62,11 @@ pub struct RpcArgs {
     /// (repeatable: all must match).
     #[arg(short = 'C', long = "wc")]
     classes: Vec<String>,
+    /// Send to the nodes named in this file, directly: one identity per line (`#` comments,
+    /// YAML `- ` items), a JSON list, or the JSON lines of an earlier `chorus rpc --json`
+    /// (chaining: the nodes that answered one request receive the next).
+    #[arg(long, conflicts_with = "identities")]
+    nodes: Option<std::path::PathBuf>,
     /// Only nodes with this agent, exact or `/regex/` (repeatable: all must match).
     #[arg(short = 'A', long = "wa")]
     agents: Vec<String>,
@@ -178,7 +183,16 @@ pub async fn run(args: RpcArgs) -> anyhow::Result<()> {
     }
     options.filter.agent = args.agents.clone();
     let is_regex = |i: &String| i.len() >= 2 && i.starts_with('/') && i.ends_with('/');
-    let (patterns, exact): (Vec<String>, Vec<String>) = args.identities.iter().cloned().partition(is_regex);
+    let named = match &args.nodes {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            let nodes = read_nodes(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            anyhow::ensure!(!nodes.is_empty(), "{} names no node; nothing was sent", path.display());
+            nodes
+        }
+        None => args.identities.clone(),
+    };
+    let (patterns, exact): (Vec<String>, Vec<String>) = named.into_iter().partition(is_regex);
     if !patterns.is_empty() {
         // Any identity may match: the exact ones join the patterns in the filter.
         options.filter.identity = patterns.into_iter().chain(exact).collect();
@@ -306,6 +320,37 @@ fn inputs(
     action.inputs_from_text(pairs).map_err(|e| anyhow::anyhow!("invalid input: {e}; nothing was sent"))
 }
 
+/// The node identities in a nodes file (see `--nodes`), in order, each once.
+fn read_nodes(text: &str) -> anyhow::Result<Vec<String>> {
+    let mut nodes: Vec<String> = Vec::new();
+    let mut add = |identity: &str| -> anyhow::Result<()> {
+        anyhow::ensure!(
+            !identity.is_empty() && !identity.contains(char::is_whitespace),
+            "{identity:?} is not a node identity"
+        );
+        if !nodes.iter().any(|n| n == identity) {
+            nodes.push(identity.to_string());
+        }
+        Ok(())
+    };
+    if let Ok(serde_json::Value::Array(items)) = serde_json::from_str::<serde_json::Value>(text) {
+        for item in items {
+            add(item.as_str().context("a JSON nodes list holds identity strings")?)?;
+        }
+    } else {
+        for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+            if line.starts_with('{') {
+                let reply: serde_json::Value = serde_json::from_str(line).context("a JSON line that is not JSON")?;
+                let identity = reply.get("identity").or_else(|| reply.get("sender")).and_then(|v| v.as_str());
+                add(identity.context("a JSON line without an identity")?)?;
+            } else {
+                add(line.strip_prefix("- ").unwrap_or(line).trim())?;
+            }
+        }
+    }
+    Ok(nodes)
+}
+
 /// Adds a combined filter (`-W`): space-separated parts, each a fact filter when it reads as
 /// one, else a class, as Choria splits them. A part that starts or ends with an operator is
 /// a fact filter written with spaces (`os.family = debian`), which Choria would take as
@@ -328,6 +373,22 @@ fn add_combined(filter: &mut chorus_schemas::rpc::Filter, combined: &str) -> any
 #[cfg(test)]
 mod tests {
     use super::add_combined;
+
+    #[test]
+    fn nodes_files_of_every_form_give_their_identities() {
+        let read = |text: &str| super::read_nodes(text).unwrap();
+        assert_eq!(
+            read("# web\nweb1.example.net\n\nweb2.example.net\nweb1.example.net\n"),
+            ["web1.example.net", "web2.example.net"]
+        );
+        assert_eq!(read("- a.example.net\n- b.example.net\n"), ["a.example.net", "b.example.net"]);
+        assert_eq!(read(r#"["a", "b"]"#), ["a", "b"]);
+        let chained = r#"{"identity":"n1","statuscode":0,"data":{}}
+{"identity":"n2","statuscode":1,"data":{}}"#;
+        assert_eq!(read(chained), ["n1", "n2"]);
+        assert!(super::read_nodes("web1 web2").is_err(), "two names on one line");
+        assert!(super::read_nodes(r#"{"statuscode":0}"#).is_err());
+    }
 
     #[test]
     fn combined_filters_split_into_facts_and_classes() {

@@ -552,6 +552,18 @@ async fn the_operator_path_keys_credentials_agent_and_rpc_on_the_command_line() 
     assert!(shown(None).contains("\"pong\""), "rpcutil's DDL displays every reply");
     assert!(!shown(Some("none")).contains("\"pong\""), "--display none shows the summary only");
     assert!(!shown(Some("failed")).contains("\"pong\""));
+    // Chaining: the JSON replies of one request name the nodes of the next.
+    let mut args = vec!["rpc", "rpcutil", "ping", "-I", "web1.example.net", "--json"];
+    args.extend(signed);
+    let (ok, out) = chorus(&args);
+    assert!(ok, "{out}");
+    let replies: String = out.lines().filter(|l| l.starts_with('{')).map(|l| format!("{l}\n")).collect();
+    std::fs::write(dir.path().join("answered.jsonl"), replies).unwrap();
+    let answered = d("answered.jsonl");
+    let mut args = vec!["rpc", "rpcutil", "ping", "--nodes", &answered];
+    args.extend(signed);
+    let (ok, out) = chorus(&args);
+    assert!(ok && out.contains("1 replies: 1 ok"), "{out}");
     // Inputs are checked against the agent's DDL before anything is sent.
     let mut args = vec!["rpc", "rpcutil", "get_fact", "facts=country"];
     args.extend(signed);
