@@ -129,3 +129,21 @@ pub(crate) fn string_input<'a>(data: &'a JsonObject, name: &str) -> Result<&'a s
         Some(_) => Err(ActionReply::error(StatusCode::InvalidData, format!("input {name} must be a string"))),
     }
 }
+
+/// For tests of agents that run system tools: stand-in executables, made by `scripts` from
+/// the directory they live in (where they may keep state), put first on `PATH`. Each test
+/// runs in a process of its own (nextest), so changing `PATH` touches no other test.
+#[cfg(test)]
+pub(crate) fn stand_ins_on_path(
+    scripts: impl Fn(&std::path::Path) -> Vec<(&'static str, String)>,
+) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, script) in scripts(dir.path()) {
+        let path = dir.path().join(name);
+        std::fs::write(&path, script).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    let path_var = format!("{}:{}", dir.path().display(), std::env::var("PATH").unwrap_or_default());
+    std::env::set_var("PATH", path_var);
+    dir
+}

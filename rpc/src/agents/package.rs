@@ -223,34 +223,27 @@ mod tests {
     /// Stand-in `apt-get` and `dpkg-query`, first on PATH: a package is installed when a
     /// file of its name holds its version.
     fn stand_ins() -> tempfile::TempDir {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path().display();
-        let apt = format!(
-            r#"#!/bin/sh
-verb="$1"; for last; do :; done; pkg="${{last%%=*}}"; want="${{last#*=}}"
-case "$verb" in
-  install) if [ "$pkg" = broken ]; then echo "E: Unable to locate package broken"; exit 100; fi
-           if [ "$want" = "$last" ]; then want="1.0-1"; fi; echo "$want" > "{d}/$pkg"; echo "Setting up $pkg ($want)" ;;
-  remove|purge) rm -f "{d}/$pkg"; echo "Removing $pkg" ;;
-  update) echo "Reading package lists..." ;;
-esac
-"#
-        );
-        let dpkg = format!(
-            r#"#!/bin/sh
-for last; do :; done
-if [ -f "{d}/$last" ]; then printf '%s %s amd64 installed' "$last" "$(cat "{d}/$last")"; else echo "dpkg-query: no packages found matching $last" >&2; exit 1; fi
-"#
-        );
-        for (name, script) in [("apt-get", apt), ("dpkg-query", dpkg)] {
-            let path = dir.path().join(name);
-            std::fs::write(&path, script).unwrap();
-            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-        }
-        let path_var = format!("{}:{}", dir.path().display(), std::env::var("PATH").unwrap_or_default());
-        // SAFETY of set_var: nextest runs each test in a process of its own.
-        std::env::set_var("PATH", path_var);
-        dir
+        super::super::stand_ins_on_path(|dir| {
+            let d = dir.display();
+            let apt = format!(
+                r#"#!/bin/sh
+    verb="$1"; for last; do :; done; pkg="${{last%%=*}}"; want="${{last#*=}}"
+    case "$verb" in
+      install) if [ "$pkg" = broken ]; then echo "E: Unable to locate package broken"; exit 100; fi
+               if [ "$want" = "$last" ]; then want="1.0-1"; fi; echo "$want" > "{d}/$pkg"; echo "Setting up $pkg ($want)" ;;
+      remove|purge) rm -f "{d}/$pkg"; echo "Removing $pkg" ;;
+      update) echo "Reading package lists..." ;;
+    esac
+    "#
+            );
+            let dpkg = format!(
+                r#"#!/bin/sh
+    for last; do :; done
+    if [ -f "{d}/$last" ]; then printf '%s %s amd64 installed' "$last" "$(cat "{d}/$last")"; else echo "dpkg-query: no packages found matching $last" >&2; exit 1; fi
+    "#
+            );
+            vec![("apt-get", apt), ("dpkg-query", dpkg)]
+        })
     }
 
     async fn call(action: &str, data: Value) -> ActionReply {

@@ -111,9 +111,9 @@ mod tests {
     /// A stand-in `systemctl`, first on PATH: services are files in a directory, running
     /// when the file says so; `broken` cannot be started.
     fn stand_in() -> tempfile::TempDir {
-        let dir = tempfile::tempdir().unwrap();
-        let script = format!(
-            r#"#!/bin/sh
+        super::super::stand_ins_on_path(|dir| {
+            let script = format!(
+                r#"#!/bin/sh
 verb="$1"; svc="$4"; state="{dir}/$svc"
 case "$verb" in
   is-active) if [ "$(cat "$state" 2>/dev/null)" = running ]; then echo active; else echo inactive; exit 3; fi ;;
@@ -122,15 +122,10 @@ case "$verb" in
   *) exit 2 ;;
 esac
 "#,
-            dir = dir.path().display()
-        );
-        let path = dir.path().join("systemctl");
-        std::fs::write(&path, script).unwrap();
-        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-        let path_var = format!("{}:{}", dir.path().display(), std::env::var("PATH").unwrap_or_default());
-        // SAFETY of set_var: nextest runs each test in a process of its own.
-        std::env::set_var("PATH", path_var);
-        dir
+                dir = dir.display()
+            );
+            vec![("systemctl", script)]
+        })
     }
 
     async fn call(action: &str, service: &str) -> ActionReply {
