@@ -227,20 +227,20 @@ mod tests {
             let d = dir.display();
             let apt = format!(
                 r#"#!/bin/sh
-    verb="$1"; for last; do :; done; pkg="${{last%%=*}}"; want="${{last#*=}}"
-    case "$verb" in
-      install) if [ "$pkg" = broken ]; then echo "E: Unable to locate package broken"; exit 100; fi
-               if [ "$want" = "$last" ]; then want="1.0-1"; fi; echo "$want" > "{d}/$pkg"; echo "Setting up $pkg ($want)" ;;
-      remove|purge) rm -f "{d}/$pkg"; echo "Removing $pkg" ;;
-      update) echo "Reading package lists..." ;;
-    esac
-    "#
+verb="$1"; for last; do :; done; pkg="${{last%%=*}}"; want="${{last#*=}}"
+case "$verb" in
+  install) if [ "$pkg" = broken ]; then echo "E: Unable to locate package broken"; exit 100; fi
+           if [ "$want" = "$last" ]; then want="1.0-1"; fi; echo "$want" > "{d}/$pkg"; echo "Setting up $pkg ($want)" ;;
+  remove|purge) rm -f "{d}/$pkg"; echo "Removing $pkg" ;;
+  update) echo "Reading package lists..." ;;
+esac
+"#
             );
             let dpkg = format!(
                 r#"#!/bin/sh
-    for last; do :; done
-    if [ -f "{d}/$last" ]; then printf '%s %s amd64 installed' "$last" "$(cat "{d}/$last")"; else echo "dpkg-query: no packages found matching $last" >&2; exit 1; fi
-    "#
+for last; do :; done
+if [ -f "{d}/$last" ]; then printf '%s %s amd64 installed' "$last" "$(cat "{d}/$last")"; else echo "dpkg-query: no packages found matching $last" >&2; exit 1; fi
+"#
             );
             vec![("apt-get", apt), ("dpkg-query", dpkg)]
         })
