@@ -196,6 +196,8 @@ struct Core {
     agents: HashMap<String, RegisteredAgent>,
     /// Sorted agent names, as reported by `rpcutil` and matched by agent filters.
     agent_names: Vec<String>,
+    /// The agents' DDL metadata, for `rpcutil agent_inventory`.
+    descriptions: std::collections::BTreeMap<String, crate::ddl::Metadata>,
     policy: ActionPolicy,
     /// collective → identity → node.
     nodes: RwLock<HashMap<String, HashMap<String, Arc<HostedNode>>>>,
@@ -255,10 +257,15 @@ impl RpcServer {
         }
         let mut agent_names: Vec<String> = registered.keys().cloned().collect();
         agent_names.sort();
+        let descriptions = registered
+            .iter()
+            .filter_map(|(name, r)| r.agent.ddl().map(|ddl| (name.clone(), ddl.metadata.clone())))
+            .collect();
         let core = Core {
             transport,
             agents: registered,
             agent_names,
+            descriptions,
             policy: ActionPolicy::new(policy_dir, options.policy.clone()),
             nodes: RwLock::new(HashMap::new()),
             stats: RpcStats::default(),
@@ -664,6 +671,7 @@ impl Core {
                         request,
                         node: &node.ctx,
                         agents: &self.agent_names,
+                        descriptions: &self.descriptions,
                         stats: self.node_snapshot(node),
                         started: self.started,
                     };

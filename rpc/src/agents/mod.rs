@@ -65,6 +65,9 @@ pub struct ActionContext<'a> {
     pub node: &'a NodeContext,
     /// Names of every agent the node has, sorted.
     pub agents: &'a [String],
+    /// What the agents' descriptions say of them (name, version, author, ...), by name, for
+    /// those that have one.
+    pub descriptions: &'a std::collections::BTreeMap<String, crate::ddl::Metadata>,
     /// The node's RPC counters at the time the request arrived.
     pub stats: StatsSnapshot,
     /// When the server hosting the node started, Unix seconds.

@@ -250,7 +250,14 @@ if [ -f "{d}/$last" ]; then printf '%s %s amd64 installed' "$last" "$(cat "{d}/$
         let node = NodeContext::new("n1", "choria");
         let data = data.as_object().cloned().unwrap();
         let request = RpcRequest::new("choria=ops", "ops", "choria", "package", action, data.clone());
-        let ctx = ActionContext { request: &request, node: &node, agents: &[], stats: Default::default(), started: 0 };
+        let ctx = ActionContext {
+            request: &request,
+            node: &node,
+            agents: &[],
+            descriptions: &Default::default(),
+            stats: Default::default(),
+            started: 0,
+        };
         Package.handle(action, &data, &ctx).await
     }
 

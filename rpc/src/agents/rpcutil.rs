@@ -110,8 +110,23 @@ impl Agent for RpcUtil {
                 ),
                 Err(reply) => reply,
             },
+            // Each agent's description flattened with its name, as Choria sends them; an agent
+            // without a description is listed by name only.
             "agent_inventory" => ActionReply::ok(object(json!({
-                "agents": ctx.agents.iter().map(|a| json!({"agent": a, "name": a})).collect::<Vec<_>>(),
+                "agents": ctx
+                    .agents
+                    .iter()
+                    .map(|a| {
+                        let mut item = ctx
+                            .descriptions
+                            .get(a)
+                            .and_then(|m| serde_json::to_value(m).ok())
+                            .and_then(|v| v.as_object().cloned())
+                            .unwrap_or_else(|| object(json!({ "name": a })));
+                        item.insert("agent".into(), json!(a));
+                        Value::Object(item)
+                    })
+                    .collect::<Vec<_>>(),
             }))),
             "get_fact" => match string_input(data, "fact") {
                 Ok(fact) => ActionReply::ok(object(json!({
@@ -163,8 +178,15 @@ mod tests {
         node.facts = object(json!({"country": "uk", "os": {"family": "debian"}}));
         let request = RpcRequest::new("choria=ops", "ops", "choria", "rpcutil", action, object(data.clone()));
         let agents = vec!["rpcutil".to_string()];
-        let ctx =
-            ActionContext { request: &request, node: &node, agents: &agents, stats: Default::default(), started: 1 };
+        let descriptions = [("rpcutil".to_string(), RpcUtil.ddl().unwrap().metadata.clone())].into_iter().collect();
+        let ctx = ActionContext {
+            request: &request,
+            node: &node,
+            agents: &agents,
+            descriptions: &descriptions,
+            stats: Default::default(),
+            started: 1,
+        };
         RpcUtil.handle(action, &object(data), &ctx).await
     }
 
@@ -192,6 +214,12 @@ mod tests {
             "version",
         ] {
             assert!(inventory.data.contains_key(key), "inventory lacks {key}: {:?}", keys(&inventory));
+        }
+        let inventory = call("agent_inventory", json!({})).await;
+        let rpcutil = &inventory.data["agents"][0];
+        assert_eq!((&rpcutil["agent"], &rpcutil["name"]), (&json!("rpcutil"), &json!("rpcutil")));
+        for key in ["author", "description", "license", "timeout", "url", "version"] {
+            assert!(rpcutil.get(key).is_some(), "agent_inventory lacks {key}: {rpcutil}");
         }
         let stats = call("daemon_stats", json!({})).await;
         for key in [

@@ -132,7 +132,14 @@ esac
         let node = NodeContext::new("n1", "choria");
         let data = json!({ "service": service }).as_object().cloned().unwrap();
         let request = RpcRequest::new("choria=ops", "ops", "choria", "service", action, data.clone());
-        let ctx = ActionContext { request: &request, node: &node, agents: &[], stats: Default::default(), started: 0 };
+        let ctx = ActionContext {
+            request: &request,
+            node: &node,
+            agents: &[],
+            descriptions: &Default::default(),
+            stats: Default::default(),
+            started: 0,
+        };
         Service.handle(action, &data, &ctx).await
     }
 
