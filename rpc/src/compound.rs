@@ -14,6 +14,7 @@ use expr::{Context, Environment, Program, Value};
 use serde_json::Value as Json;
 
 use super::facts::{class_matches, FactMatcher};
+use super::filter::Pattern;
 use super::NodeContext;
 
 /// The functions compound filters may call besides expr's own, with their arity.
@@ -97,12 +98,7 @@ fn with(needle: &str, facts: &Value, classes: &[String], agents: &[String]) -> b
     if let Ok(matcher) = FactMatcher::parse(needle) {
         return matcher.matches(lookup(facts, matcher.fact()).map(to_json).as_ref());
     }
-    class_matches(needle, classes) || agents.iter().any(|a| a == needle || regex_matches(needle, a))
-}
-
-fn regex_matches(pattern: &str, text: &str) -> bool {
-    let body = pattern.strip_prefix('/').and_then(|p| p.strip_suffix('/'));
-    body.and_then(|b| regex::Regex::new(b).ok()).is_some_and(|re| re.is_match(text))
+    class_matches(needle, classes) || Pattern::new(needle).is_ok_and(|agent| agent.any(agents))
 }
 
 fn strings(value: &Value) -> Vec<String> {

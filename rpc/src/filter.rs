@@ -18,13 +18,13 @@ use super::{NodeContext, RpcError};
 
 /// A name or a `/regex/`.
 #[derive(Debug)]
-enum Pattern {
+pub(crate) enum Pattern {
     Exact(String),
     Regex(Regex),
 }
 
 impl Pattern {
-    fn new(text: &str) -> Result<Self, regex::Error> {
+    pub(crate) fn new(text: &str) -> Result<Self, regex::Error> {
         match regex_body(text) {
             Some(body) => Regex::new(body).map(Pattern::Regex),
             None => Ok(Pattern::Exact(text.to_string())),
@@ -38,7 +38,7 @@ impl Pattern {
         }
     }
 
-    fn any(&self, values: &[String]) -> bool {
+    pub(crate) fn any(&self, values: &[String]) -> bool {
         values.iter().any(|v| self.matches(v))
     }
 }
