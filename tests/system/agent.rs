@@ -351,7 +351,7 @@ async fn an_external_python_agent_answers_through_chorus_rpc() {
         let mut args = vec!["rpc", "parrot", action, "-I", "parrot.example.net", "--nats", &url, "--ddl", &ddl];
         args.extend(inputs);
         args.extend(["--timeout", "20s", "--json"]);
-        crate::identity::chorus(&args)
+        crate::cli::chorus(&args)
     };
     let (ok, out) = rpc("echo", &["message=hi", "repeat=3"]);
     assert!(ok, "{out}");

@@ -4,7 +4,6 @@
 //! around it), in order; restoring the same file again stores nothing twice.
 
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 
 use chorus_backbone::embedded::EmbeddedBackbone;
@@ -14,16 +13,12 @@ use chorus_producers::simulator::{SimConfig, Simulator};
 use chorus_schemas::subject::CHORUS_LIFECYCLE;
 use chorus_testkit::conformance::read_all;
 
-/// Runs `chorus ARGS` and returns its standard error (where it reports counts).
+/// Runs `chorus ARGS`, which must succeed, and returns what it printed (it reports counts
+/// on standard error).
 fn chorus(args: &[&str]) -> String {
-    let output = Command::new(chorus_testkit::workspace_bin("chorus").expect("the chorus binary"))
-        .args(args)
-        .env("CHORUS_LOG", "warn")
-        .output()
-        .expect("running chorus");
-    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-    assert!(output.status.success(), "chorus {args:?} failed: {stderr}");
-    stderr
+    let (ok, said) = crate::cli::chorus(args);
+    assert!(ok, "chorus {args:?} failed: {said}");
+    said
 }
 
 async fn open(data: &Path) -> Arc<dyn Backbone> {

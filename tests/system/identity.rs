@@ -36,6 +36,7 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 
 use crate::aaa::audit_records_of;
+use crate::cli::chorus;
 use crate::issuer::TestIssuer;
 use crate::tenants::{as_user, broker};
 
@@ -427,21 +428,6 @@ async fn forged_reply_is_counted_unverified_never_ok() {
     assert!(reasons.iter().any(|r| r.contains("unsigned") || r.contains("not signed")), "{reasons:?}");
     assert!(reasons.iter().any(|r| r.contains(NODE)), "the node1-signed forgery names node1: {reasons:?}");
     fleet.stop().await;
-}
-
-/// `chorus` with `args`: its exit status and standard output (standard error on failure in
-/// the message).
-pub fn chorus(args: &[&str]) -> (bool, String) {
-    let output = std::process::Command::new(chorus_testkit::workspace_bin("chorus").expect("the chorus binary"))
-        .args(args)
-        .env("CHORUS_LOG", "warn")
-        .env_remove("CHORUS_KEY")
-        .env_remove("CHORUS_CREDENTIAL")
-        .env_remove("CHORUS_ISSUERS")
-        .output()
-        .expect("chorus runs");
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    (output.status.success(), format!("{stdout}{}", String::from_utf8_lossy(&output.stderr)))
 }
 
 /// The operator's path of docs/SECURITY.md, with the `chorus` binary only: an issuer key, a

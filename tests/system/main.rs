@@ -6,6 +6,7 @@ mod aaa;
 mod agent;
 mod backup;
 mod broker;
+mod cli;
 mod conformance;
 mod dashboard;
 mod docs;
