@@ -198,6 +198,9 @@ struct Core {
     agent_names: Vec<String>,
     /// The agents' DDL metadata, for `rpcutil agent_inventory`.
     descriptions: std::collections::BTreeMap<String, crate::ddl::Metadata>,
+    /// Worker threads the hosted nodes' work is spread over (read once: on Linux it reads
+    /// the cgroup's CPU limit from files).
+    workers: usize,
     policy: ActionPolicy,
     /// collective → identity → node.
     nodes: RwLock<HashMap<String, HashMap<String, Arc<HostedNode>>>>,
@@ -266,6 +269,7 @@ impl RpcServer {
             agents: registered,
             agent_names,
             descriptions,
+            workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
             policy: ActionPolicy::new(policy_dir, options.policy.clone()),
             nodes: RwLock::new(HashMap::new()),
             stats: RpcStats::default(),
@@ -554,7 +558,7 @@ impl Core {
             self.report_policy_problems(&targets[0], &request, &policy).await;
         }
         let delivery = Arc::new(Delivery { request, filter, reply_to: message.reply, caller, policy, now });
-        let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let workers = self.workers;
         let concurrency = self.options.node_concurrency.max(1);
         if targets.len() <= SPREAD_ABOVE || workers == 1 {
             return self.process_all(targets, &delivery, concurrency).await;
