@@ -117,13 +117,24 @@ async fn replicator_killed_mid_copy_resumes_without_loss_or_duplicates() {
         let source = source.clone();
         tokio::spawn(async move {
             for round in 0..40 {
-                publish_all(&*source, startups(&format!("live{round}"), 0..1_000, Some("east"))).await;
+                publish_all(&*source, startups(&format!("live{round}"), 0..500, Some("east"))).await;
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         })
     };
+    // Each kill comes while the source is at least 15,000 events ahead of the kill point,
+    // so the replicator is mid-copy however fast it runs: 20,000 events published before the
+    // first kill at 5,000, and a burst of 20,000 published before the second.
     let mut child = spawn_replicator(&config);
-    for kill_at in [5_000u64, 25_000] {
+    for burst in [None, Some("burst")] {
+        let kill_at = match burst {
+            None => 5_000,
+            Some(name) => {
+                let before = count(&*source, CHORUS_LIFECYCLE).await;
+                publish_all(&*source, startups(name, 0..20_000, Some("east"))).await;
+                before + 2_000
+            }
+        };
         wait_for_count(&*target, CHORUS_LIFECYCLE, kill_at, Duration::from_secs(120)).await;
         child.kill().unwrap(); // SIGKILL: no chance to finish a batch or its checkpoint
         child.wait().unwrap();
