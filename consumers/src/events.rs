@@ -188,6 +188,9 @@ pub fn one_line(e: &ShownEvent) -> String {
                 chorus_schemas::Event::RpcRequest(q) => format!("{}#{} by {}", q.agent, q.action, q.callerid),
                 chorus_schemas::Event::RpcReply(p) => format!("{}#{} status={}", p.agent, p.action, p.statuscode as u8),
                 chorus_schemas::Event::Audit(a) => format!("{} {}", a.action.as_str(), a.callerid),
+                chorus_schemas::Event::Registration(g) => {
+                    format!("{} facts, {} agents", g.content.facts.len(), g.content.agents.len())
+                }
             };
             let kind = match r.data.kind() {
                 EventKind::Lifecycle => r.data.event_type().rsplit('.').next().unwrap_or("lifecycle"),

@@ -23,6 +23,7 @@ use chorus_runtime::{Config, ConfigError, Health, Service, ServiceError, Shutdow
 use serde::{Deserialize, Serialize};
 
 use crate::lifecycle::{LifecycleEmitter, NodeIdentity};
+use crate::registration::{self, FactSources, RegistrationConfig, RegistrationStatus};
 use crate::machine::{Machine, MachineHandle, Manifest};
 use crate::ProducerError;
 
@@ -48,9 +49,20 @@ pub struct AgentConfig {
     /// Facts, matched by discovery filters and Action Policy.
     #[serde(default)]
     pub facts: serde_json::Map<String, serde_json::Value>,
+    /// A YAML or JSON file of facts, merged over `facts` and read again every
+    /// `registration.check_interval`: a change is applied and published at once.
+    #[serde(default)]
+    pub facts_file: Option<PathBuf>,
+    /// A program (and its arguments) printing a JSON object of facts, merged over the file's
+    /// and run as often as the file is read.
+    #[serde(default)]
+    pub facts_command: Option<Vec<String>>,
     /// Configuration-management classes, matched by class filters and Action Policy.
     #[serde(default)]
     pub classes: Vec<String>,
+    /// When the node publishes its registration (metadata for discovery).
+    #[serde(default)]
+    pub registration: RegistrationConfig,
     /// Where the outbox and other node state live.
     pub state_dir: PathBuf,
     /// Directory of autonomous agents: one sub-directory per machine with a `machine.yaml`.
@@ -158,7 +170,10 @@ impl AgentConfig {
             collective: default_collective(),
             site: None,
             facts: Default::default(),
+            facts_file: None,
+            facts_command: None,
             classes: Vec::new(),
+            registration: RegistrationConfig::default(),
             state_dir: state_dir.into(),
             machines_dir: None,
             policy_dir: None,
@@ -194,6 +209,12 @@ impl Config for AgentConfig {
         if self.alive_interval < Duration::from_secs(1) {
             return Err(ConfigError::invalid("alive_interval", "must be >= 1s"));
         }
+        if self.facts_command.as_ref().is_some_and(|c| c.is_empty()) {
+            return Err(ConfigError::invalid("facts_command", "names no program"));
+        }
+        if self.registration.interval < Duration::from_secs(1) {
+            return Err(ConfigError::invalid("registration.interval", "must be >= 1s"));
+        }
         if let Some(n) = &self.nats {
             n.validate().map_err(|e| e.within("nats"))?;
         }
@@ -223,7 +244,8 @@ pub struct NodeAgent {
     lifecycle: LifecycleEmitter,
     outbox: Outbox,
     machines: Vec<MachineHandle>,
-    rpc: Option<RpcServer>,
+    rpc: Option<Arc<RpcServer>>,
+    registration: Option<Arc<RegistrationStatus>>,
     /// Alive events.
     tasks: Tasks,
     /// The outbox forwarder, stopped only after the shutdown event is stored, so that event
@@ -292,12 +314,24 @@ impl NodeAgent {
         });
 
         let mut rpc = None;
+        let mut registration = None;
         let mut skipped_agents = Vec::new();
         if let Some(transport) = transport {
+            let sources = FactSources {
+                inline: config.facts.clone(),
+                file: config.facts_file.clone(),
+                command: config.facts_command.clone(),
+            };
+            // A source that cannot be read now is retried by the registration loop, which
+            // reports it in health; the node starts with the facts it has.
+            let facts = sources.read().await.unwrap_or_else(|e| {
+                tracing::warn!("facts: {e}");
+                config.facts.clone()
+            });
             let ctx = NodeContext {
                 identity: config.identity.clone(),
                 collective: config.collective.clone(),
-                facts: config.facts.clone(),
+                facts,
                 classes: config.classes.clone(),
                 version: config.version.clone(),
                 machines: machines.iter().map(|m| m.instance().machine.clone()).collect(),
@@ -320,6 +354,24 @@ impl NodeAgent {
             };
             let server = RpcServer::new(transport, agents, config.policy_dir.clone(), options)?;
             server.add_node(ctx, emitter.clone(), security.identity.clone()).await?;
+            let server = Arc::new(server);
+            if config.registration.enabled {
+                let status = Arc::new(RegistrationStatus::default());
+                let run = registration::run(
+                    server.clone(),
+                    config.collective.clone(),
+                    config.identity.clone(),
+                    sources,
+                    config.registration.clone(),
+                    status.clone(),
+                    tasks.shutdown().clone(),
+                );
+                tasks.spawn("registration", async move {
+                    run.await;
+                    Ok::<_, ProducerError>(())
+                });
+                registration = Some(status);
+            }
             rpc = Some(server);
         }
         Ok(NodeAgent {
@@ -328,6 +380,7 @@ impl NodeAgent {
             outbox,
             machines,
             rpc,
+            registration,
             tasks,
             delivery,
             stopped: false,
@@ -352,7 +405,7 @@ impl NodeAgent {
 
     /// Its RPC server, when connected to a broker.
     pub fn rpc(&self) -> Option<&RpcServer> {
-        self.rpc.as_ref()
+        self.rpc.as_deref()
     }
 
     /// Its lifecycle events.
@@ -377,6 +430,13 @@ impl Service for NodeAgent {
         let health = match &self.insecure {
             Some(warning) => health.with("security", format!("INSECURE: {warning}")),
             None => health.with("security", "callers authenticated"),
+        };
+        let health = match &self.registration {
+            None => health,
+            Some(r) => match r.problem() {
+                None => health.with("registrations", r.published()),
+                Some(p) => health.with("registrations", r.published()).and(Health::failing(format!("registration: {p}"))),
+            },
         };
         let health = if self.skipped_agents.is_empty() {
             health
@@ -411,10 +471,8 @@ impl Service for NodeAgent {
         if let Err(e) = self.tasks.stop().await {
             failures.extend(e.failures);
         }
-        if let Some(mut rpc) = self.rpc.take() {
-            if let Err(e) = rpc.stop().await {
-                failures.extend(e.failures);
-            }
+        if let Some(rpc) = self.rpc.take() {
+            rpc.close().await;
         }
         for m in &mut self.machines {
             if let Err(e) = m.stop().await {

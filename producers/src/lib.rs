@@ -4,6 +4,7 @@
 //! * [`machine`]: autonomous agents, finite state machines from YAML manifests with watchers.
 //! * [`agent`]: the node agent that runs all of the above with the outbox and the RPC
 //!   server (`chorus agent`), as a runtime service.
+//! * [`registration`]: the node's metadata (facts, classes, agents) published for discovery.
 //! * [`simulator`]: thousands of simulated nodes in one process over a few connections.
 //!
 //! What they emit goes through `chorus-platform` (emitter, outbox); the RPC server they
@@ -13,6 +14,7 @@ pub mod agent;
 pub mod error;
 pub mod lifecycle;
 pub mod machine;
+pub mod registration;
 pub mod simulator;
 
 pub use error::ProducerError;

@@ -109,7 +109,7 @@ fn strings(value: &Value) -> Vec<String> {
 }
 
 /// The value at a dotted path (`os.family`, `disks.0.size`).
-fn lookup<'a>(value: &'a Value, path: &str) -> Option<&'a Value> {
+pub(crate) fn lookup<'a>(value: &'a Value, path: &str) -> Option<&'a Value> {
     path.split('.').try_fold(value, |v, key| match v {
         Value::Map(map) => map.get(key),
         Value::Array(items) => key.parse::<usize>().ok().and_then(|i| items.get(i)),
@@ -118,7 +118,7 @@ fn lookup<'a>(value: &'a Value, path: &str) -> Option<&'a Value> {
 }
 
 /// Equal as Choria's `include` compares: numbers by value whatever their type.
-fn same(a: &Value, b: &Value) -> bool {
+pub(crate) fn same(a: &Value, b: &Value) -> bool {
     match (number(a), number(b)) {
         (Some(x), Some(y)) => x == y,
         _ => a == b,
@@ -133,7 +133,7 @@ fn number(v: &Value) -> Option<f64> {
     }
 }
 
-fn from_json(json: &Json) -> Value {
+pub(crate) fn from_json(json: &Json) -> Value {
     match json {
         Json::Null => Value::Nil,
         Json::Bool(b) => Value::Bool(*b),

@@ -5,9 +5,10 @@
 //!
 //! Semantics after Choria (`protocol/filter.go`): facts, classes and agents are ANDed,
 //! identities ORed; a value written `/regex/` matches by regular expression. Facts and
-//! classes match exactly as in Choria and as Action Policy does ([`crate::facts`]).
-//! Compound filters are not evaluated yet, and a request carrying one matches no node:
-//! running an action on nodes the caller did not select is worse than not running it.
+//! classes match exactly as in Choria and as Action Policy does ([`crate::facts`]);
+//! compound expressions as in [`crate::compound`]. The same matcher serves nodes (does this
+//! request concern me?) and inventory discovery (which registered nodes does it concern?),
+//! so the two can never disagree.
 
 use chorus_schemas::rpc::{FactFilter, Filter};
 use regex::Regex;
@@ -50,7 +51,7 @@ fn regex_body(text: &str) -> Option<&str> {
 
 /// A discovery filter ready to test many nodes.
 #[derive(Debug)]
-pub(crate) struct CompiledFilter {
+pub struct CompiledFilter {
     all: bool,
     compounds: Vec<Compound>,
     facts: Vec<FactMatcher>,
@@ -62,7 +63,7 @@ pub(crate) struct CompiledFilter {
 impl CompiledFilter {
     /// Compiles `filter`; an invalid regex or operator is an error (the request then
     /// concerns no node).
-    pub(crate) fn new(filter: &Filter) -> Result<Self, String> {
+    pub fn new(filter: &Filter) -> Result<Self, String> {
         let patterns = |values: &[String], what: &str| {
             values
                 .iter()
@@ -89,7 +90,7 @@ impl CompiledFilter {
     }
 
     /// Whether the node with `agents` matches.
-    pub(crate) fn matches(&self, node: &NodeContext, agents: &[String]) -> bool {
+    pub fn matches(&self, node: &NodeContext, agents: &[String]) -> bool {
         if self.all {
             return true;
         }

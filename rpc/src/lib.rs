@@ -11,6 +11,7 @@
 //!   ones on a handful of subscriptions, and records every request it acts on, and its
 //!   reply, as events.
 //! * [`client`]: [`RpcClient`], a stream of replies or a collected result with a summary.
+//! * [`replies`]: `--filter-replies` expressions and DDL aggregate summaries.
 //! * [`signed`]: signed requests and replies: what is signed, how it travels.
 //! * [`security`]: the node's checks of who sent a request ([`RequestSecurity`]).
 //!
@@ -33,6 +34,7 @@ mod compound;
 pub mod ddl;
 pub mod facts;
 mod filter;
+pub mod replies;
 pub mod policy;
 pub mod security;
 pub mod server;
@@ -47,7 +49,7 @@ pub use client::{
     CallerSigner, ClientSecurity, RejectedReply, ReplyStream, RequestOptions, RequestSigner, RpcClient, RpcResults,
     RpcSummary, Target,
 };
-pub use filter::{check_filter, parse_fact_filter};
+pub use filter::{check_filter, parse_fact_filter, CompiledFilter};
 pub use policy::{ActionPolicy, PolicyDecision, PolicySettings, Provider};
 pub use security::{Caller, Refusal, RequestSecurity};
 pub use server::{RpcServer, ServerOptions, StatsSnapshot};

@@ -36,6 +36,7 @@ use bytes::Bytes;
 use chorus_runtime::{Health, Service, ServiceError};
 use chorus_schemas::rpc::JsonObject;
 use chorus_schemas::{RpcReply, RpcRequest, StatusCode};
+use chorus_schemas::registration::{AgentMetadata, BuildInfo, InventoryContent, MachineSummary, NodeStatus, Registration};
 use futures::StreamExt;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
@@ -153,14 +154,15 @@ impl std::ops::AddAssign for StatsSnapshot {
 }
 
 /// One hosted node.
-struct HostedNode {
-    ctx: NodeContext,
-    emitter: Arc<Emitter>,
+pub(crate) struct HostedNode {
+    pub(crate) ctx: NodeContext,
+    pub(crate) emitter: Arc<Emitter>,
     /// Its key and credential: replies are signed with it.
-    identity: Option<Identity>,
+    pub(crate) identity: Option<Identity>,
     /// Server-wide number, for the replay check.
-    number: u64,
-    stats: RpcStats,
+    pub(crate) number: u64,
+    /// Shared with the node's next context when [`RpcServer::update_node`] replaces it.
+    pub(crate) stats: Arc<RpcStats>,
 }
 
 struct RegisteredAgent {
@@ -344,7 +346,7 @@ impl RpcServer {
         }
 
         let number = self.numbers.fetch_add(1, Ordering::Relaxed);
-        let node = Arc::new(HostedNode { ctx, emitter, identity, number, stats: RpcStats::default() });
+        let node = Arc::new(HostedNode { ctx, emitter, identity, number, stats: Arc::default() });
         let mut nodes = self.core.nodes.write().unwrap_or_else(|e| e.into_inner());
         nodes.entry(node.ctx.collective.clone()).or_default().insert(node.ctx.identity.clone(), node);
         Ok(())
@@ -391,6 +393,89 @@ impl RpcServer {
         &self.core.agent_names
     }
 
+    /// A hosted node's context, as requests see it now.
+    pub fn node(&self, collective: &str, identity: &str) -> Option<NodeContext> {
+        Some(self.core.nodes_read().get(collective)?.get(identity)?.ctx.clone())
+    }
+
+    /// Replaces a hosted node's context (new facts or classes, say): requests that arrive
+    /// afterwards are filtered and judged against it. Its counters, emitter and key stay.
+    pub fn update_node(&self, ctx: NodeContext) -> Result<(), RpcError> {
+        let mut nodes = self.core.nodes.write().unwrap_or_else(|e| e.into_inner());
+        let slot = nodes
+            .get_mut(&ctx.collective)
+            .and_then(|c| c.get_mut(&ctx.identity))
+            .ok_or_else(|| RpcError::Invalid(format!("node {} is not hosted in {}", ctx.identity, ctx.collective)))?;
+        let old = Arc::clone(slot);
+        *slot = Arc::new(HostedNode {
+            ctx,
+            emitter: old.emitter.clone(),
+            identity: old.identity.clone(),
+            number: old.number,
+            stats: old.stats.clone(),
+        });
+        Ok(())
+    }
+
+    /// What a hosted node is, in Choria's registration format: its facts, classes,
+    /// collective, version and machines, the agents it runs with their descriptions'
+    /// metadata, and its counters. `None` when the node is not hosted here.
+    pub fn registration(&self, collective: &str, identity: &str) -> Option<InventoryContent> {
+        let node = Arc::clone(self.core.nodes_read().get(collective)?.get(identity)?);
+        let agents = self
+            .core
+            .agent_names
+            .iter()
+            .map(|name| match self.core.descriptions.get(name) {
+                Some(m) => AgentMetadata {
+                    name: name.clone(),
+                    version: m.version.clone(),
+                    license: m.license.clone(),
+                    author: m.author.clone(),
+                    timeout: m.timeout,
+                    url: m.url.clone(),
+                    description: m.description.clone(),
+                    provider: m.provider.clone(),
+                },
+                None => AgentMetadata { name: name.clone(), ..Default::default() },
+            })
+            .collect();
+        let ctx = &node.ctx;
+        Some(InventoryContent {
+            agents,
+            classes: ctx.classes.clone(),
+            facts: ctx.facts.clone(),
+            status: NodeStatus {
+                identity: ctx.identity.clone(),
+                uptime: (chrono::Utc::now().timestamp() - self.core.started).max(0) as u64,
+                connected_server: String::new(),
+                last_message: 0,
+                provisioning_mode: ctx.provision_mode,
+            },
+            collectives: vec![ctx.collective.clone()],
+            build_info: BuildInfo { version: ctx.version.clone(), sha: String::new() },
+            machines: ctx.machines.iter().map(|m| MachineSummary { name: m.clone(), ..Default::default() }).collect(),
+        })
+    }
+
+    /// Publishes a hosted node's [`registration`](Self::registration) through its own
+    /// emitter (so it is signed and numbered like its other events). `Ok(None)` when the
+    /// node is not hosted here.
+    pub async fn register(
+        &self,
+        collective: &str,
+        identity: &str,
+    ) -> Result<Option<chorus_schemas::EventRecord>, chorus_platform::PlatformError> {
+        let Some(content) = self.registration(collective, identity) else {
+            return Ok(None);
+        };
+        let emitter = match self.core.nodes_read().get(collective).and_then(|c| c.get(identity)) {
+            Some(node) => node.emitter.clone(),
+            None => return Ok(None),
+        };
+        emitter.emit(Registration::new(content)).await.map(Some)
+    }
+
     fn lock_listeners(&self) -> std::sync::MutexGuard<'_, HashMap<String, JoinHandle<()>>> {
         self.listeners.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -418,9 +503,18 @@ impl Service for RpcServer {
         health.with("nodes", self.node_count())
     }
 
-    /// Stops reading requests, then waits (up to 10 s) for those being processed: their
-    /// replies and records are sent.
+    /// See [`RpcServer::close`].
     async fn stop(&mut self) -> Result<(), ServiceError> {
+        self.close().await;
+        Ok(())
+    }
+}
+
+impl RpcServer {
+    /// Stops reading requests, then waits (up to 10 s) for those being processed: their
+    /// replies and records are sent. Takes `&self` so a server shared with its node's
+    /// registration loop can be stopped.
+    pub async fn close(&self) {
         for (_, task) in self.lock_listeners().drain() {
             task.abort();
         }
@@ -428,7 +522,6 @@ impl Service for RpcServer {
         if tokio::time::timeout(STOP_GRACE, self.core.in_flight.acquire_many(all)).await.is_err() {
             tracing::warn!("rpc server stopped with requests still being processed");
         }
-        Ok(())
     }
 }
 

@@ -16,6 +16,7 @@ use schemars::{JsonSchema, SchemaGenerator};
 use serde_json::{json, Map, Value};
 
 use crate::audit::AuditRecord;
+use crate::registration::Registration;
 use crate::envelope::{source_for_type, Event, CONTENT_TYPE};
 use crate::lifecycle::{Alive, Governor, Provisioned, Shutdown, Startup, Upgraded};
 use crate::machine::{Transition, WatcherState};
@@ -32,9 +33,16 @@ pub const ENVELOPE_SCHEMA_FILE: &str = "envelope.json";
 /// `envelope.json`. This is exactly the content of `schemas/json/`.
 pub fn json_schemas() -> Vec<(String, Value)> {
     let mut schemas: Vec<(String, Value)> =
-        Event::TYPES.iter().map(|ty| (format!("{ty}.json"), event_schema(ty).unwrap_or(Value::Null))).collect();
+        Event::TYPES.iter().map(|ty| (schema_file(ty), event_schema(ty).unwrap_or(Value::Null))).collect();
     schemas.push((ENVELOPE_SCHEMA_FILE.to_owned(), envelope_schema()));
     schemas
+}
+
+/// The file name of the schema of CloudEvents type `event_type`: `<type>.json`, with the
+/// colons of Choria's registration protocol (`choria:registration:inventorycontent:1`)
+/// spelled as dots, since some file systems refuse colons.
+pub fn schema_file(event_type: &str) -> String {
+    format!("{}.json", event_type.replace(':', "."))
 }
 
 /// The schema of the `data` document of CloudEvents type `event_type`, or `None` for a type
@@ -51,6 +59,7 @@ pub fn event_schema(event_type: &str) -> Option<Value> {
         RpcRequest::PROTOCOL => generate::<RpcRequest>(),
         RpcReply::PROTOCOL => generate::<RpcReply>(),
         AuditRecord::PROTOCOL => generate::<AuditRecord>(),
+        Registration::PROTOCOL => generate::<Registration>(),
         other => {
             let watcher_type = other
                 .strip_prefix("io.choria.machine.watcher.")?
@@ -65,7 +74,7 @@ pub fn event_schema(event_type: &str) -> Option<Value> {
     let description = map.remove("description");
     let mut out = Map::new();
     out.insert("$schema".into(), map.remove("$schema").unwrap_or(Value::Null));
-    out.insert("$id".into(), Value::String(format!("{SCHEMA_BASE_URL}{event_type}.json")));
+    out.insert("$id".into(), Value::String(format!("{SCHEMA_BASE_URL}{}", schema_file(event_type))));
     out.insert("title".into(), Value::String(event_type.to_owned()));
     map.remove("title");
     if let Some(description) = description {
@@ -80,7 +89,7 @@ pub fn event_schema(event_type: &str) -> Option<Value> {
 
 /// The schema of the CloudEvents envelope Chorus writes and accepts (structured mode, JSON).
 pub fn envelope_schema() -> Value {
-    let sources = [lifecycle::SOURCE, machine::SOURCE, rpc::SOURCE, audit::SOURCE];
+    let sources = [lifecycle::SOURCE, machine::SOURCE, rpc::SOURCE, audit::SOURCE, crate::registration::SOURCE];
     let type_source_rules: Vec<Value> = Event::TYPES
         .iter()
         .map(|ty| {

@@ -17,6 +17,7 @@
 //! | RPC requests | `chorus.rpc.request.<collective>.<agent>` |
 //! | RPC replies | `chorus.rpc.reply.<collective>.<agent>` |
 //! | audit | `chorus.audit.<decision>.<site>` |
+//! | registration | `choria.registration.<identity>` (Choria's documented custom target) |
 //! | dead letters | `chorus.deadletter.<origin>` |
 //!
 //! Every variable token is validated: a component such as `web.prod` would otherwise shift
@@ -25,6 +26,12 @@
 use crate::audit::AuditAction;
 use crate::envelope::Event;
 use crate::lifecycle::LifecycleType;
+
+/// Stream of node registrations (each node's metadata, republished on change and on an
+/// interval).
+pub const CHORUS_REGISTRATION: &str = "CHORUS_REGISTRATION";
+/// Subjects of [`CHORUS_REGISTRATION`].
+pub const CHORUS_REGISTRATION_SUBJECTS: &[&str] = &["choria.registration.>"];
 
 /// Stream of lifecycle events.
 pub const CHORUS_LIFECYCLE: &str = "CHORUS_LIFECYCLE";
@@ -55,12 +62,13 @@ pub const MACHINE_TRANSITION: &str = "choria.machine.transition";
 pub const MAX_TOKEN_BYTES: usize = 255;
 
 /// Every stream as (name, subject filters), for whoever creates streams.
-pub fn streams() -> [(&'static str, &'static [&'static str]); 5] {
+pub fn streams() -> [(&'static str, &'static [&'static str]); 6] {
     [
         (CHORUS_LIFECYCLE, CHORUS_LIFECYCLE_SUBJECTS),
         (CHORUS_MACHINE, CHORUS_MACHINE_SUBJECTS),
         (CHORUS_RPC, CHORUS_RPC_SUBJECTS),
         (CHORUS_AUDIT, CHORUS_AUDIT_SUBJECTS),
+        (CHORUS_REGISTRATION, CHORUS_REGISTRATION_SUBJECTS),
         (CHORUS_DEADLETTER, CHORUS_DEADLETTER_SUBJECTS),
     ]
 }
@@ -153,6 +161,15 @@ pub fn audit(decision: AuditAction, site: &str) -> Result<String, SubjectError> 
     Ok(format!("chorus.audit.{}.{site}", decision.as_str()))
 }
 
+/// `choria.registration.<identity>`: an identity is usually a FQDN, so its dots make
+/// several tokens, each validated (no wildcards, no empty token).
+pub fn registration(identity: &str) -> Result<String, SubjectError> {
+    for token in identity.split('.') {
+        validate_token("identity", token)?;
+    }
+    Ok(format!("choria.registration.{identity}"))
+}
+
 /// `chorus.deadletter.<origin>`, where `origin` names the stream or consumer that gave up.
 pub fn deadletter(origin: &str) -> Result<String, SubjectError> {
     validate_token("dead-letter origin", origin)?;
@@ -168,6 +185,7 @@ pub(crate) fn for_event(event: &Event) -> Result<String, SubjectError> {
         Event::RpcRequest(r) => rpc_request(&r.collective, &r.agent),
         Event::RpcReply(r) => rpc_reply(&r.collective, &r.agent),
         Event::Audit(a) => audit(a.action, &a.site),
+        Event::Registration(r) => registration(r.identity()),
     }
 }
 

@@ -66,17 +66,22 @@ impl Views {
     ) -> Result<Views, ViewsError> {
         let store = Store::open(&options.state)?;
         let mut projector = Inventory::projector(backbone.clone(), &store)?;
+        let mut registrations = Inventory::registration_projector(backbone.clone(), &store)?;
         if let Some(verifier) = verifier {
-            projector =
-                projector.with_options(ProjectorOptions { verifier: Some(Arc::new(verifier)), ..Default::default() });
+            let options = ProjectorOptions { verifier: Some(Arc::new(verifier)), ..Default::default() };
+            projector = projector.with_options(options.clone());
+            registrations = registrations.with_options(options);
         }
         if options.rebuild {
             projector.rebuild()?;
+            registrations.rebuild()?;
         }
         let inventory = Inventory::open(&store, options.policy.clone())?.with_progress(projector.progress());
         let mut tasks = Tasks::new("views", shutdown);
         let stop = tasks.shutdown().requested_owned();
         tasks.spawn("inventory projection", async move { projector.run(stop).await.map(|_| ()) });
+        let stop = tasks.shutdown().requested_owned();
+        tasks.spawn("registration projection", async move { registrations.run(stop).await.map(|_| ()) });
         let streams = chorus_schemas::subject::streams().iter().map(|(name, _)| name.to_string()).collect();
         let rates = StreamRates::new(streams);
         let sampler = rates.clone();

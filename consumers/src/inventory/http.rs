@@ -18,6 +18,9 @@ use crate::projection::ProjectionError;
 /// * `GET /api/nodes?status=&component=&version=&identity=&limit=` — [`Inventory::list`]
 /// * `GET /api/nodes/{identity}` — [`Inventory::get`], 404 when unknown
 /// * `GET /api/summary` — [`Inventory::summary`]
+/// * `GET /api/metadata/{identity}` — [`Inventory::metadata`], 404 when it never registered
+/// * `POST /api/discover` with [`DiscoverRequest`] — [`Inventory::discover`]; a filter that
+///   does not compile is a 400 naming the problem
 ///
 /// Queries scan the store, so they run on the blocking pool, not on the async workers.
 pub fn router(inventory: Inventory) -> Router {
@@ -25,6 +28,8 @@ pub fn router(inventory: Inventory) -> Router {
         .route("/api/nodes", get(list_nodes))
         .route("/api/nodes/{identity}", get(show_node))
         .route("/api/summary", get(summary))
+        .route("/api/metadata/{identity}", get(show_metadata))
+        .route("/api/discover", axum::routing::post(discover))
         .with_state(inventory)
 }
 
@@ -73,4 +78,40 @@ async fn show_node(State(inv): State<Inventory>, Path(identity): Path<String>) -
 
 async fn summary(State(inv): State<Inventory>) -> Result<Json<Summary>, ApiError> {
     query(inv, |inv, now| inv.summary(now)).await.map(Json)
+}
+
+/// The body of `POST /api/discover`.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoverRequest {
+    /// The request's filter, as it travels with the request.
+    #[serde(default)]
+    pub filter: chorus_schemas::rpc::Filter,
+    /// The collective to discover in (default `choria`).
+    #[serde(default = "default_collective")]
+    pub collective: String,
+}
+
+fn default_collective() -> String {
+    "choria".into()
+}
+
+async fn show_metadata(
+    State(inv): State<Inventory>,
+    Path(identity): Path<String>,
+) -> Result<Json<super::NodeMetadata>, ApiError> {
+    let id = identity.clone();
+    query(inv, move |inv, _| inv.metadata(&id))
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("node {identity:?} has not registered")))
+}
+
+async fn discover(
+    State(inv): State<Inventory>,
+    Json(request): Json<DiscoverRequest>,
+) -> Result<Json<super::Discovered>, ApiError> {
+    let filter = chorus_rpc::CompiledFilter::new(&request.filter)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("filter: {e}")))?;
+    query(inv, move |inv, now| inv.discover(&filter, &request.collective, now)).await.map(Json)
 }

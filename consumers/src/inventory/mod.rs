@@ -15,8 +15,13 @@
 //! count, so a late, stale alive cannot resurrect a node that has since shut down. Ties keep
 //! stream order. The fold is deterministic, so a rebuild gives the same state.
 //!
+//! Beside it, each node's latest registration (facts, classes, agents, collectives) is kept
+//! from `CHORUS_REGISTRATION` ([`MetadataView`]), and [`Inventory::discover`] selects nodes
+//! by a request's filter over it, with the nodes' own filter code.
+//!
 //! Queries: [`Inventory`] (list with [`NodeFilter`], get, counts, versions per component,
-//! [`Summary`]); HTTP: [`router`] (`GET /api/nodes`, `/api/nodes/{identity}`, `/api/summary`).
+//! [`Summary`], metadata, discovery); HTTP: [`router`] (`GET /api/nodes`,
+//! `/api/nodes/{identity}`, `/api/summary`, `/api/metadata/{identity}`, `POST /api/discover`).
 
 /// Name of the inventory view (store tree, `chorus.deadletter.inventory`).
 pub const VIEW_NAME: &str = "inventory";
@@ -34,6 +39,7 @@ fn node_key(identity: &str) -> Vec<u8> {
 
 mod codec;
 mod http;
+mod metadata;
 mod node;
 mod query;
 mod view;
@@ -41,7 +47,8 @@ mod view;
 #[cfg(test)]
 mod tests;
 
-pub use http::{router, serve};
+pub use http::{router, serve, DiscoverRequest};
 pub use node::{Node, NodeView, Status, StatusPolicy};
-pub use query::{glob_match, Inventory, NodeFilter, StatusCounts, Summary};
+pub use metadata::{AgentVersion, MetadataView, NodeMetadata, METADATA_VIEW};
+pub use query::{glob_match, Discovered, Inventory, NodeFilter, StatusCounts, Summary};
 pub use view::InventoryView;

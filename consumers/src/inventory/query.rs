@@ -4,15 +4,17 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use chorus_backbone::Backbone;
-use chorus_schemas::subject::CHORUS_LIFECYCLE;
+use chorus_schemas::subject::{CHORUS_LIFECYCLE, CHORUS_REGISTRATION};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::codec::read_node;
 use super::node::{Node, NodeView, Status, StatusPolicy};
+use super::metadata::{metadata_key, MetadataView, NodeMetadata, METADATA_VIEW};
 use super::view::InventoryView;
+use chorus_rpc::CompiledFilter;
 use super::{node_key, VIEW_NAME};
-use crate::projection::{Progress, ProgressSnapshot, ProjectionError, Projector, Store, ViewState};
+use crate::projection::{ViewError, Progress, ProgressSnapshot, ProjectionError, Projector, Store, ViewState};
 
 /// Which nodes to list. Every set field must match. Deserializes from URL query parameters.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -123,24 +125,106 @@ pub struct Summary {
 #[derive(Clone)]
 pub struct Inventory {
     state: ViewState,
+    /// The registration view, when this inventory has one.
+    metadata: Option<ViewState>,
     policy: StatusPolicy,
     progress: Option<Arc<Progress>>,
+}
+
+/// What inventory discovery found: what `POST /api/discover` returns.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Discovered {
+    /// Identities the filter selects, in identity order.
+    pub nodes: Vec<String>,
+    /// Nodes with a registration in the collective, whether selected or not.
+    pub registered: u64,
+    /// Selected nodes left out because the inventory knows them to be shut down or expired.
+    pub down: Vec<String>,
+    /// The oldest registration among the selected nodes: how stale the selection may be.
+    pub oldest: Option<DateTime<Utc>>,
+    /// Last stream sequence applied to the registration view.
+    pub checkpoint: u64,
+    /// When the selection was made.
+    pub at: DateTime<Utc>,
 }
 
 impl Inventory {
     /// Queries over `state` (the inventory view's state) with `policy` deciding statuses.
     pub fn new(state: ViewState, policy: StatusPolicy) -> Self {
-        Inventory { state, policy, progress: None }
+        Inventory { state, metadata: None, policy, progress: None }
     }
 
-    /// Queries over the inventory kept in `store`.
+    /// Queries over the inventory kept in `store`: lifecycle and registrations.
     pub fn open(store: &Store, policy: StatusPolicy) -> Result<Self, ProjectionError> {
-        Ok(Self::new(store.state(VIEW_NAME)?, policy))
+        let mut inventory = Self::new(store.state(VIEW_NAME)?, policy);
+        inventory.metadata = Some(store.state(METADATA_VIEW)?);
+        Ok(inventory)
     }
 
     /// A projector that builds the inventory in `store` from `CHORUS_LIFECYCLE`.
     pub fn projector(backbone: Arc<dyn Backbone>, store: &Store) -> Result<Projector<InventoryView>, ProjectionError> {
         Projector::new(backbone, CHORUS_LIFECYCLE, store, InventoryView::default())
+    }
+
+    /// A projector that keeps each node's latest registration in `store`, from
+    /// `CHORUS_REGISTRATION`: what inventory discovery selects on.
+    pub fn registration_projector(
+        backbone: Arc<dyn Backbone>,
+        store: &Store,
+    ) -> Result<Projector<MetadataView>, ProjectionError> {
+        Projector::new(backbone, CHORUS_REGISTRATION, store, MetadataView)
+    }
+
+    /// A node's latest registration, `None` when it never registered (or this inventory
+    /// keeps no registrations).
+    pub fn metadata(&self, identity: &str) -> Result<Option<NodeMetadata>, ProjectionError> {
+        let Some(state) = &self.metadata else { return Ok(None) };
+        Ok(state.get_json(&metadata_key(identity))?)
+    }
+
+    /// The registered nodes of `collective` that `filter` selects, checked with the nodes'
+    /// own filter code against their latest registrations. Nodes the inventory knows to be
+    /// shut down or expired are left out (and named): they would not answer.
+    pub fn discover(
+        &self,
+        filter: &CompiledFilter,
+        collective: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Discovered, ProjectionError> {
+        let mut found = Discovered {
+            nodes: Vec::new(),
+            registered: 0,
+            down: Vec::new(),
+            oldest: None,
+            checkpoint: 0,
+            at: now,
+        };
+        let Some(state) = &self.metadata else { return Ok(found) };
+        found.checkpoint = state.checkpoint()?;
+        for kv in state.scan_prefix(&metadata_key("")) {
+            let (key, value) = kv?;
+            let metadata: NodeMetadata = serde_json::from_slice(&value).map_err(|e| ViewError::Corrupt {
+                key: String::from_utf8_lossy(&key).into_owned(),
+                reason: e.to_string(),
+            })?;
+            if !metadata.collectives.iter().any(|c| c == collective) {
+                continue;
+            }
+            found.registered += 1;
+            if !metadata.matches(filter, collective) {
+                continue;
+            }
+            let down = self
+                .get(&metadata.identity, now)?
+                .is_some_and(|n| matches!(n.status, Status::Shutdown | Status::Expired));
+            if down {
+                found.down.push(metadata.identity);
+            } else {
+                found.oldest = Some(found.oldest.map_or(metadata.registered, |o| o.min(metadata.registered)));
+                found.nodes.push(metadata.identity);
+            }
+        }
+        Ok(found)
     }
 
     /// Reports `progress` (from the projector feeding this store) in [`Summary::projection`].

@@ -15,7 +15,7 @@ use super::NodeContext;
 
 mod external;
 mod package;
-mod process;
+pub mod process;
 mod rpcutil;
 mod service;
 mod shell;

@@ -1,6 +1,7 @@
 //! Running a program for an agent: its own process group, stdin closed, stdout and stderr
 //! captured up to a limit, and at the deadline the whole group killed, so a program's
-//! background children cannot outlive it. `shell` and external agents run through here.
+//! background children cannot outlive it. `shell`, external agents and the node's fact
+//! command run through here.
 
 use std::os::unix::process::ExitStatusExt;
 use std::process::{ExitStatus, Stdio};
@@ -18,7 +19,7 @@ pub const MAX_OUTPUT: usize = 128 * 1024;
 const KILL_GRACE: Duration = Duration::from_secs(2);
 
 /// How a program ended.
-pub(crate) struct Finished {
+pub struct Finished {
     /// Its exit status, if it could be collected.
     pub status: Option<ExitStatus>,
     /// Its standard output.
@@ -38,7 +39,7 @@ impl Finished {
 
 /// Output of one pipe.
 #[derive(Default)]
-pub(crate) struct Captured {
+pub struct Captured {
     /// The bytes kept.
     pub bytes: Vec<u8>,
     /// Whether more came.
@@ -75,7 +76,7 @@ fn kill_group(pgid: Option<u32>) {
 
 /// Runs `command` (stdin closed, in a process group of its own) until it ends or `timeout`
 /// passes, when its whole group is killed.
-pub(crate) async fn run(mut command: tokio::process::Command, timeout: Duration) -> std::io::Result<Finished> {
+pub async fn run(mut command: tokio::process::Command, timeout: Duration) -> std::io::Result<Finished> {
     let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

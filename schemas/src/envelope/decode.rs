@@ -12,6 +12,7 @@ use serde_json::{Map, Value};
 use crate::lifecycle;
 use crate::lifecycle::{Lifecycle, LifecycleType};
 use crate::machine::{Transition, WatcherDetails, WatcherState};
+use crate::registration::Registration;
 use crate::rpc::{RpcReply, RpcRequest};
 use crate::util::{clip, CLIP};
 
@@ -43,6 +44,8 @@ impl Known {
             EventKind::RpcRequest
         } else if ty == RpcReply::PROTOCOL {
             EventKind::RpcReply
+        } else if ty == Registration::PROTOCOL {
+            EventKind::Registration
         } else {
             EventKind::Audit
         };
@@ -371,6 +374,7 @@ pub(super) fn decode_data(known: Known, data: &(impl Document + ?Sized)) -> Resu
         EventKind::RpcRequest => Event::RpcRequest(data.typed(ty)?),
         EventKind::RpcReply => Event::RpcReply(data.typed(ty)?),
         EventKind::Audit => Event::Audit(data.typed(ty)?),
+        EventKind::Registration => Event::Registration(data.typed(ty)?),
     };
 
     let rule = |path: &str, message: String| DecodeError::InvalidData { ty, path: path.into(), message };

@@ -3,6 +3,7 @@
 use serde_json::Value;
 
 use crate::audit::AuditRecord;
+use crate::registration::Registration;
 use crate::lifecycle::{Alive, Governor, Lifecycle, Provisioned, Shutdown, Startup, Upgraded};
 use crate::machine::{Transition, WatcherState};
 use crate::rpc::{RpcReply, RpcRequest};
@@ -23,6 +24,8 @@ pub enum EventKind {
     RpcReply,
     /// A signer audit record.
     Audit,
+    /// A node's registration (its metadata).
+    Registration,
 }
 
 impl EventKind {
@@ -35,6 +38,7 @@ impl EventKind {
             EventKind::RpcRequest => "rpc_request",
             EventKind::RpcReply => "rpc_reply",
             EventKind::Audit => "audit",
+            EventKind::Registration => "registration",
         }
     }
 }
@@ -55,12 +59,14 @@ pub enum Event {
     RpcReply(RpcReply),
     /// A signer audit record (`io.choria.signer.v1.signature_audit`).
     Audit(AuditRecord),
+    /// A node's registration (`choria:registration:inventorycontent:1`).
+    Registration(Registration),
 }
 
 impl Event {
     /// Every CloudEvents `type` Chorus decodes, in a stable order. Each has a JSON Schema
     /// named `<type>.json`.
-    pub const TYPES: [&'static str; 14] = [
+    pub const TYPES: [&'static str; 15] = [
         Startup::PROTOCOL,
         Alive::PROTOCOL,
         Shutdown::PROTOCOL,
@@ -75,6 +81,7 @@ impl Event {
         RpcRequest::PROTOCOL,
         RpcReply::PROTOCOL,
         AuditRecord::PROTOCOL,
+        Registration::PROTOCOL,
     ];
 
     /// The CloudEvents `type` (= protocol), e.g. `io.choria.lifecycle.v1.alive`. Derived from
@@ -87,6 +94,7 @@ impl Event {
             Event::RpcRequest(_) => RpcRequest::PROTOCOL,
             Event::RpcReply(_) => RpcReply::PROTOCOL,
             Event::Audit(_) => AuditRecord::PROTOCOL,
+            Event::Registration(_) => Registration::PROTOCOL,
         }
     }
 
@@ -99,6 +107,7 @@ impl Event {
             Event::RpcRequest(_) => EventKind::RpcRequest,
             Event::RpcReply(_) => EventKind::RpcReply,
             Event::Audit(_) => EventKind::Audit,
+            Event::Registration(_) => EventKind::Registration,
         }
     }
 
@@ -119,6 +128,7 @@ impl Event {
             Event::RpcRequest(r) => &r.senderid,
             Event::RpcReply(r) => &r.identity,
             Event::Audit(a) => &a.signer,
+            Event::Registration(r) => r.identity(),
         }
     }
 
@@ -131,6 +141,7 @@ impl Event {
             Event::RpcRequest(r) => r.time,
             Event::RpcReply(r) => r.time,
             Event::Audit(a) => a.time,
+            Event::Registration(r) => r.timestamp,
         }
     }
 
@@ -142,6 +153,7 @@ impl Event {
             Event::RpcRequest(r) => &r.protocol,
             Event::RpcReply(r) => &r.protocol,
             Event::Audit(a) => &a.protocol,
+            Event::Registration(r) => &r.protocol,
         }
     }
 
@@ -150,6 +162,7 @@ impl Event {
         match self {
             Event::RpcRequest(_) => "senderid",
             Event::Audit(_) => "signer",
+            Event::Registration(_) => "content.status.identity",
             _ => "identity",
         }
     }
@@ -163,6 +176,7 @@ impl Event {
             Event::RpcRequest(r) => serde_json::to_value(r),
             Event::RpcReply(r) => serde_json::to_value(r),
             Event::Audit(a) => serde_json::to_value(a),
+            Event::Registration(r) => serde_json::to_value(r),
         };
         // Structs of strings, integers and JSON objects with string keys always serialize.
         let mut value = value.expect("event documents always serialize");
@@ -197,6 +211,7 @@ into_event! {
     RpcRequest => |v| Event::RpcRequest(v),
     RpcReply => |v| Event::RpcReply(v),
     AuditRecord => |v| Event::Audit(v),
+    Registration => |v| Event::Registration(v),
 }
 
 pub(super) fn kind_source(kind: EventKind) -> &'static str {
@@ -205,5 +220,6 @@ pub(super) fn kind_source(kind: EventKind) -> &'static str {
         EventKind::Transition | EventKind::Watcher => machine::SOURCE,
         EventKind::RpcRequest | EventKind::RpcReply => rpc::SOURCE,
         EventKind::Audit => audit::SOURCE,
+        EventKind::Registration => crate::registration::SOURCE,
     }
 }

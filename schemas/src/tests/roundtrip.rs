@@ -246,12 +246,14 @@ fn accessors() {
             EventKind::Watcher,
             EventKind::RpcRequest,
             EventKind::RpcReply,
-            EventKind::Audit
+            EventKind::Audit,
+            EventKind::Registration
         ]
     );
     assert_eq!(by_type[11].data.identity(), "client1.example.net");
     assert_eq!(by_type[12].data.identity(), "node1.example.net");
     assert_eq!(by_type[13].data.identity(), "aaa1.example.net");
+    assert_eq!(by_type[14].data.identity(), "node1.example.net");
     for r in &by_type {
         assert_eq!(r.data.timestamp() / 10, super::samples::T / 10);
         assert_eq!(r.subject, r.data.identity());
@@ -278,6 +280,7 @@ fn nats_subjects_of_samples() {
             "chorus.rpc.request.choria.service",
             "chorus.rpc.reply.choria.service",
             "chorus.audit.deny.london",
+            "choria.registration.node1.example.net",
         ]
     );
 }

@@ -10,6 +10,7 @@ use crate::lifecycle::{Alive, Governor, GovernorEventType, Provisioned, Shutdown
 use crate::machine::{
     ExecDetails, FileDetails, MachineInstance, ScheduleDetails, TimerDetails, Transition, WatcherDetails, WatcherState,
 };
+use crate::registration::{AgentMetadata, BuildInfo, InventoryContent, MachineSummary, NodeStatus, Registration};
 use crate::rpc::{FactFilter, Filter, JsonObject, RpcReply, RpcRequest, StatusCode};
 
 /// Fixed time of every sample: 2024-04-22T08:00:00Z.
@@ -91,6 +92,32 @@ pub(crate) fn samples() -> Vec<(&'static str, EventRecord)> {
     audit.reason = Some("token expired".into());
     audit.jti = Some("2fJ6tkaSVYZrLfgUhZy2Ww".into());
 
+    let mut registration = Registration::new(InventoryContent {
+        agents: vec![AgentMetadata {
+            name: "rpcutil".into(),
+            version: "0.1.0".into(),
+            license: "Apache-2.0".into(),
+            author: "Chorus".into(),
+            timeout: 10,
+            url: "https://choria.io".into(),
+            description: "General helpful actions".into(),
+            provider: None,
+        }],
+        classes: vec!["roles::web".into()],
+        facts: object(json!({"country": "uk", "cpus": 8, "os": {"family": "debian"}})),
+        status: NodeStatus {
+            identity: "node1.example.net".into(),
+            uptime: 3600,
+            connected_server: "nats://broker1:4222".into(),
+            last_message: T,
+            provisioning_mode: false,
+        },
+        collectives: vec!["choria".into()],
+        build_info: BuildInfo { version: "0.1.0".into(), sha: String::new() },
+        machines: vec![MachineSummary { name: "HVAC".into(), version: "1.0.0".into(), state: "idle".into() }],
+    });
+    registration.timestamp = T + 3;
+
     let watcher = |details: WatcherDetails, name: &str| {
         let mut w = WatcherState::new(&instance(), name, details);
         w.timestamp = T;
@@ -139,6 +166,7 @@ pub(crate) fn samples() -> Vec<(&'static str, EventRecord)> {
         record(request, 12),
         record(reply, 13),
         record(audit, 14),
+        record(registration, 15),
     ];
     records.into_iter().map(|r| (r.data.event_type(), r)).collect()
 }

@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 
 use super::samples::*;
 use crate::envelope::{Event, EventRecord};
-use crate::schema::{event_schema, json_schemas, ENVELOPE_SCHEMA_FILE, SCHEMA_BASE_URL};
+use crate::schema::{event_schema, json_schemas, schema_file, ENVELOPE_SCHEMA_FILE, SCHEMA_BASE_URL};
 
 fn bless() -> bool {
     std::env::var_os("CHORUS_BLESS").is_some_and(|v| v == "1")
@@ -81,7 +81,7 @@ fn checked_in_schemas_are_current() {
 #[test]
 fn checked_in_fuzz_seeds_are_current() {
     let mut expected: Vec<(String, String)> =
-        samples().into_iter().map(|(ty, r)| (format!("{ty}.json"), String::from_utf8(r.encode()).unwrap())).collect();
+        samples().into_iter().map(|(ty, r)| (schema_file(ty), String::from_utf8(r.encode()).unwrap())).collect();
     for (name, text) in [
         ("choria-startup.json", CHORIA_STARTUP),
         ("choria-legacy-shutdown.json", CHORIA_LEGACY_SHUTDOWN),
@@ -112,8 +112,8 @@ fn errors(validator: &jsonschema::Validator, instance: &Value) -> Vec<String> {
 #[test]
 fn schema_ids_and_protocol_constants() {
     for ty in Event::TYPES {
-        let schema = load(&format!("{ty}.json"));
-        assert_eq!(schema["$id"], format!("{SCHEMA_BASE_URL}{ty}.json"));
+        let schema = load(&schema_file(ty));
+        assert_eq!(schema["$id"], format!("{SCHEMA_BASE_URL}{}", schema_file(ty)));
         assert_eq!(schema["title"], ty);
         assert_eq!(schema["properties"]["protocol"]["const"], ty);
         assert!(schema["description"].is_string(), "{ty} has no description");
@@ -136,7 +136,7 @@ fn encoded_events_validate_against_checked_in_schemas() {
         let wire: Value = serde_json::from_slice(&bytes).unwrap();
         let ty = wire["type"].as_str().unwrap().to_owned();
         assert_eq!(errors(&envelope, &wire), Vec::<String>::new(), "{ty} envelope");
-        assert_eq!(errors(&validator(&format!("{ty}.json")), &wire["data"]), Vec::<String>::new(), "{ty} data");
+        assert_eq!(errors(&validator(&schema_file(&ty)), &wire["data"]), Vec::<String>::new(), "{ty} data");
     }
 }
 
@@ -157,7 +157,7 @@ fn wrong_type(value: &Value) -> Value {
 fn wrong_field_types_fail_schema_and_decode() {
     let envelope = validator(ENVELOPE_SCHEMA_FILE);
     for (ty, record) in samples() {
-        let schema = validator(&format!("{ty}.json"));
+        let schema = validator(&schema_file(ty));
         let wire: Value = serde_json::from_slice(&record.encode()).unwrap();
         let data = wire["data"].as_object().unwrap();
         for (field, value) in data {
@@ -208,7 +208,7 @@ fn a_wrong_typed_startup_fails_validation() {
 fn empty_strings_agree_between_schema_and_decode() {
     let mut rejected = std::collections::BTreeSet::new();
     for (ty, record) in samples() {
-        let schema = validator(&format!("{ty}.json"));
+        let schema = validator(&schema_file(ty));
         let wire: Value = serde_json::from_slice(&record.encode()).unwrap();
         for (field, value) in wire["data"].as_object().unwrap() {
             if !value.is_string() {
