@@ -34,6 +34,11 @@ enum Command {
     Simulate(simulate::SimulateArgs),
     /// Make an RPC request to the fleet and summarise the replies.
     Rpc(Box<rpc::RpcArgs>),
+    /// List the nodes a filter selects (broadcast, inventory, a nodes file or an external
+    /// command).
+    Discover(Box<discover::DiscoverArgs>),
+    /// Show the values of one fact across the selected nodes, with how many have each.
+    Facts(Box<discover::FactsArgs>),
     /// The inventory of nodes, built from the lifecycle stream: list, show, summary, serve.
     Inventory(inventory::InventoryArgs),
     /// Export audit and RPC records to a SIEM (syslog RFC 5424/5425, Splunk HEC, JSON lines).
@@ -80,6 +85,8 @@ fn main() -> anyhow::Result<()> {
             Command::Agent(args) => agent::run(args).await,
             Command::Simulate(args) => simulate::run(args).await,
             Command::Rpc(args) => rpc::run(*args).await,
+            Command::Discover(args) => discover::discover(*args).await,
+            Command::Facts(args) => discover::facts(*args).await,
             Command::Inventory(args) => inventory::run(args).await,
             Command::AuditExport(args) => audit_export::run(args).await,
             Command::Provision(args) => provision::run(args).await,

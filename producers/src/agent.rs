@@ -23,8 +23,8 @@ use chorus_runtime::{Config, ConfigError, Health, Service, ServiceError, Shutdow
 use serde::{Deserialize, Serialize};
 
 use crate::lifecycle::{LifecycleEmitter, NodeIdentity};
-use crate::registration::{self, FactSources, RegistrationConfig, RegistrationStatus};
 use crate::machine::{Machine, MachineHandle, Manifest};
+use crate::registration::{self, FactSources, RegistrationConfig, RegistrationStatus};
 use crate::ProducerError;
 
 /// Configuration of a node agent (YAML or JSON).
@@ -435,7 +435,9 @@ impl Service for NodeAgent {
             None => health,
             Some(r) => match r.problem() {
                 None => health.with("registrations", r.published()),
-                Some(p) => health.with("registrations", r.published()).and(Health::failing(format!("registration: {p}"))),
+                Some(p) => {
+                    health.with("registrations", r.published()).and(Health::failing(format!("registration: {p}")))
+                }
             },
         };
         let health = if self.skipped_agents.is_empty() {

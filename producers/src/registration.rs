@@ -74,9 +74,8 @@ impl FactSources {
     pub async fn read(&self) -> Result<Map<String, Value>, String> {
         let mut facts = self.inline.clone();
         if let Some(path) = &self.file {
-            let text = tokio::fs::read_to_string(path)
-                .await
-                .map_err(|e| format!("fact file {}: {e}", path.display()))?;
+            let text =
+                tokio::fs::read_to_string(path).await.map_err(|e| format!("fact file {}: {e}", path.display()))?;
             let value: Value = serde_yaml::from_str(&text).map_err(|e| format!("fact file {}: {e}", path.display()))?;
             facts.extend(object(value).map_err(|e| format!("fact file {}: {e}", path.display()))?);
         }

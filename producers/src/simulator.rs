@@ -359,10 +359,27 @@ impl Simulator {
             ctx.version = self.version_of(i).to_string();
             ctx.facts.insert("simulated".into(), true.into());
             ctx.facts.insert("group".into(), format!("g{}", i % 10).into());
+            // Varied enough for filters to select real subsets: country, OS, size, role.
+            let role = ["web", "db", "cache"][i % 3];
+            ctx.facts.insert("country".into(), ["uk", "us", "de", "fr"][i % 4].into());
+            let family = ["debian", "redhat"][(i / 7) % 2];
+            ctx.facts.insert("os".into(), serde_json::json!({ "family": family }));
+            ctx.facts.insert("cpus".into(), [2, 4, 8, 16, 32][i % 5].into());
+            ctx.facts.insert("role".into(), role.into());
+            ctx.classes = vec!["base".into(), format!("role::{role}")];
             ctx.provision_mode = self.config.component == chorus_schemas::lifecycle::PROVISION_MODE_COMPONENT;
             server.add_node(ctx, node.emitter.clone(), node.signing.clone()).await?;
         }
         Ok(server)
+    }
+}
+
+impl Simulator {
+    /// Publishes every simulated node's registration (their metadata, for inventory
+    /// discovery) through `server`, which must host them; returns how many were published.
+    pub async fn register(&self, server: &RpcServer, collective: &str) -> Result<usize, ProducerError> {
+        let identities = self.nodes.iter().map(|n| n.identity.to_string());
+        Ok(crate::registration::register_all(server, collective, identities).await?)
     }
 }
 

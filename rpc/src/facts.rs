@@ -117,6 +117,11 @@ impl FactMatcher {
         Ok(FactMatcher { fact: fact.to_string(), op, value: value.to_string(), regex })
     }
 
+    /// Whether a regex test's pattern compiled (always true for other tests).
+    pub fn has_regex(&self) -> bool {
+        self.op != FactOp::Re || self.regex.is_some()
+    }
+
     /// The fact name (dotted path).
     pub fn fact(&self) -> &str {
         &self.fact

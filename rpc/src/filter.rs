@@ -117,7 +117,14 @@ fn compound(entry: &[chorus_schemas::rpc::JsonObject]) -> Result<Compound, Strin
 /// compound expression compiles. A request with a filter nodes cannot use would reach no
 /// node and look like an empty fleet.
 pub fn check_filter(filter: &Filter) -> Result<(), RpcError> {
-    CompiledFilter::new(filter).map(drop).map_err(|e| RpcError::Invalid(format!("filter: {e}; nothing was sent")))
+    let invalid = |e: String| RpcError::Invalid(format!("filter: {e}; nothing was sent"));
+    let compiled = CompiledFilter::new(filter).map_err(invalid)?;
+    // A node takes a fact regex that does not compile as matching nothing (as Choria does);
+    // a client must not send one.
+    if let Some(bad) = compiled.facts.iter().find(|f| f.op() == FactOp::Re && !f.has_regex()) {
+        return Err(invalid(format!("fact filter {:?}: the regex does not compile", bad.value())));
+    }
+    Ok(())
 }
 
 /// Parses a command-line fact filter such as `country=uk`, `os.release>=12` or

@@ -34,9 +34,11 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
 use chorus_runtime::{Health, Service, ServiceError};
+use chorus_schemas::registration::{
+    AgentMetadata, BuildInfo, InventoryContent, MachineSummary, NodeStatus, Registration,
+};
 use chorus_schemas::rpc::JsonObject;
 use chorus_schemas::{RpcReply, RpcRequest, StatusCode};
-use chorus_schemas::registration::{AgentMetadata, BuildInfo, InventoryContent, MachineSummary, NodeStatus, Registration};
 use futures::StreamExt;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;

@@ -38,7 +38,7 @@ mod tests;
 pub use audit::{AuditAction, AuditRecord};
 pub use envelope::{DecodeError, Event, EventKind, EventRecord, EventSignature, CONTENT_TYPE, MAX_EVENT_BYTES};
 pub use lifecycle::{Lifecycle, LifecycleType};
-pub use registration::Registration;
 pub use machine::{MachineInstance, Transition, WatcherDetails, WatcherState};
+pub use registration::Registration;
 pub use rpc::{RpcReply, RpcRequest, StatusCode};
 pub use subject::SubjectError;

@@ -16,10 +16,10 @@ use schemars::{JsonSchema, SchemaGenerator};
 use serde_json::{json, Map, Value};
 
 use crate::audit::AuditRecord;
-use crate::registration::Registration;
 use crate::envelope::{source_for_type, Event, CONTENT_TYPE};
 use crate::lifecycle::{Alive, Governor, Provisioned, Shutdown, Startup, Upgraded};
 use crate::machine::{Transition, WatcherState};
+use crate::registration::Registration;
 use crate::rpc::{RpcReply, RpcRequest};
 use crate::{audit, lifecycle, machine, rpc};
 

@@ -8,7 +8,10 @@ use chorus_aaa::{AaaClient, AaaSigner};
 use chorus_backbone::jetstream::NatsConfig;
 use chorus_identity::{Identity, Issuers, Role};
 use chorus_keys::{Algorithm, FileSigner, KeyConfig, Signer};
-use chorus_rpc::{parse_fact_filter, CallerSigner, NatsTransport, RequestOptions, RpcClient, Target};
+use chorus_rpc::replies::{ReplyFilter, Summaries};
+use chorus_rpc::{CallerSigner, NatsTransport, RequestOptions, RpcClient, Target};
+
+use super::targeting::TargetArgs;
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -21,12 +24,62 @@ pub struct RpcArgs {
     action: String,
     /// Action inputs as key=value (values parsed as JSON when they are JSON).
     inputs: Vec<String>,
+    #[command(flatten)]
+    client: ClientArgs,
+    #[command(flatten)]
+    target: TargetArgs,
+    /// The agent's description (Choria JSON DDL) when it is not a built-in agent: inputs are
+    /// typed, checked and defaulted by it before anything is sent.
+    #[arg(long)]
+    ddl: Option<std::path::PathBuf>,
+    /// Nodes expected to reply to a broadcast (stop waiting once they have; report those
+    /// that did not). With a discovery step, the discovered nodes are expected.
+    #[arg(long)]
+    expect: Option<usize>,
+    /// How long to wait for replies (per batch).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+    /// How long nodes accept the request after it was made; nodes refuse TTLs above their
+    /// maximum (default 5m), and run each request once within it.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    ttl: Duration,
+    /// Send to this many discovered nodes at a time.
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Pause between batches.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration, requires = "batch")]
+    batch_sleep: Duration,
+    /// Send to only this many of the discovered nodes (`N`) or this share of them (`N%`),
+    /// chosen at random.
+    #[arg(long)]
+    limit: Option<String>,
+    /// Seed of the --limit choice, to choose the same nodes again.
+    #[arg(long, requires = "limit")]
+    limit_seed: Option<u64>,
+    /// Keep only replies this expression selects (Choria's `--filter-replies`): they are
+    /// shown, summarised and written as JSON; the rest are only counted. E.g.
+    /// `ok() && data("ensure") == "5.3.3"`.
+    #[arg(long)]
+    filter_replies: Option<String>,
+    /// Print every kept reply as a JSON line (a nodes file for the next request).
+    #[arg(long, conflicts_with = "table")]
+    json: bool,
+    /// Print the kept replies as a table of the action's outputs.
+    #[arg(long)]
+    table: bool,
+    /// Which replies to print: ok, failed, all or none (default: as the action's DDL says,
+    /// else failed).
+    #[arg(long, value_enum)]
+    display: Option<Display>,
+}
+
+/// Who the caller is and how requests reach the fleet: shared by every command that
+/// makes requests.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ClientArgs {
     /// NATS server(s), comma-separated.
     #[arg(long, env = "CHORUS_NATS", default_value = "nats://127.0.0.1:4222")]
     nats: String,
-    /// The collective (sub-network) to address.
-    #[arg(long, default_value = "choria")]
-    collective: String,
     /// Caller id the request is made as, on fleets that do not authenticate callers. With
     /// --credential the caller id is the credential's.
     #[arg(long, env = "CHORUS_CALLERID")]
@@ -42,55 +95,6 @@ pub struct RpcArgs {
     /// unverified.
     #[arg(long = "issuer", env = "CHORUS_ISSUERS", value_delimiter = ',')]
     issuers: Vec<std::path::PathBuf>,
-    /// Discovery filter on facts, e.g. `-F country=uk` (repeatable).
-    #[arg(short = 'F', long = "wf")]
-    facts: Vec<String>,
-    /// Fact and class filters in one (Choria's `-W`): space-separated parts, each a fact
-    /// filter when it reads as one (`os.family=debian`), else a class (`apache`).
-    #[arg(short = 'W', long = "with")]
-    with: Vec<String>,
-    /// A compound filter in Choria's expression language (repeatable: all must hold), e.g.
-    /// `-S 'with("customer=acme") and (with("/^web/") or fact("cpus") >= 8)'`; checked before
-    /// anything is sent.
-    #[arg(short = 'S', long = "select")]
-    select: Vec<String>,
-    /// The agent's description (Choria JSON DDL) when it is not a built-in agent: inputs are
-    /// typed, checked and defaulted by it before anything is sent.
-    #[arg(long)]
-    ddl: Option<std::path::PathBuf>,
-    /// Only nodes with this configuration-management class, exact or `/regex/`
-    /// (repeatable: all must match).
-    #[arg(short = 'C', long = "wc")]
-    classes: Vec<String>,
-    /// Send to the nodes named in this file, directly: one identity per line (`#` comments,
-    /// YAML `- ` items), a JSON list, or the JSON lines of an earlier `chorus rpc --json`
-    /// (chaining: the nodes that answered one request receive the next).
-    #[arg(long, conflicts_with = "identities")]
-    nodes: Option<std::path::PathBuf>,
-    /// Only nodes with this agent, exact or `/regex/` (repeatable: all must match).
-    #[arg(short = 'A', long = "wa")]
-    agents: Vec<String>,
-    /// Only these nodes (repeatable). Exact identities are addressed directly; a `/regex/`
-    /// is a discovery filter on a broadcast request.
-    #[arg(short = 'I', long = "identity")]
-    identities: Vec<String>,
-    /// Nodes expected to reply (stop waiting once they have; report those that did not).
-    #[arg(long)]
-    expect: Option<usize>,
-    /// How long to wait for replies.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-    timeout: Duration,
-    /// How long nodes accept the request after it was made; nodes refuse TTLs above their
-    /// maximum (default 5m), and run each request once within it.
-    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
-    ttl: Duration,
-    /// Print every reply as JSON.
-    #[arg(long)]
-    json: bool,
-    /// Which replies to print: ok, failed, all or none (default: as the action's DDL says,
-    /// else failed).
-    #[arg(long, value_enum)]
-    display: Option<Display>,
     /// Have requests signed by a Chorus AAA service (`chorus aaa`) instead of holding a
     /// credential: its URL, e.g. https://aaa.example.net:8443. Needs a login with --user and
     /// CHORUS_AAA_PASSWORD (with a fresh key for this run), or a token and the key it was
@@ -111,53 +115,65 @@ pub struct RpcArgs {
     aaa_ca: Option<std::path::PathBuf>,
 }
 
+impl ClientArgs {
+    /// A client for `collective`, signing as these options say.
+    pub async fn connect(&self, collective: &str) -> anyhow::Result<RpcClient> {
+        let args = self;
+        let nats = NatsConfig::from_url_list(&args.nats);
+        let client = nats.connect(None).await?;
+        let transport = Arc::new(NatsTransport::new(client));
+        let mut rpc = match (&args.key, &args.credential) {
+            (Some(key), Some(credential)) => {
+                let key = KeyConfig::parse(key).context("--key")?;
+                let identity = Identity::load(&key, credential, Role::Client, None).context("--credential")?;
+                let subject = identity.subject().to_string();
+                if let Some(callerid) = &args.callerid {
+                    anyhow::ensure!(
+                        *callerid == subject,
+                        "--callerid {callerid} is not the credential's caller {subject}"
+                    );
+                }
+                RpcClient::new(transport, subject, collective).with_request_signer(Arc::new(CallerSigner(identity)))
+            }
+            _ => RpcClient::new(transport, args.callerid.as_deref().unwrap_or("choria=cli"), collective),
+        };
+        if let Some(url) = &args.aaa {
+            let aaa = AaaClient::new(url, args.aaa_ca.as_deref())?;
+            let (token, key, callerid): (String, Arc<dyn Signer>, Option<String>) = match (&args.token, &args.user) {
+                (Some(token), _) => {
+                    let key = args.aaa_key.as_deref().context("--token needs --aaa-key, the key it was issued for")?;
+                    let claims = chorus_aaa::Claims::read_unverified(token).context("--token")?;
+                    (token.clone(), KeyConfig::parse(key)?.open().context("--aaa-key")?, Some(claims.callerid))
+                }
+                (None, Some(user)) => {
+                    let password = std::env::var("CHORUS_AAA_PASSWORD")
+                        .context("--user needs the password in CHORUS_AAA_PASSWORD")?;
+                    let key: Arc<dyn Signer> = Arc::new(FileSigner::random(Algorithm::Ed25519));
+                    let grant = aaa.login(user, &password, key.as_ref()).await?;
+                    (grant.token, key, Some(grant.callerid))
+                }
+                (None, None) => {
+                    anyhow::bail!("--aaa needs --user (password in CHORUS_AAA_PASSWORD), or --token and --aaa-key")
+                }
+            };
+            if let Some(callerid) = callerid {
+                if let Some(given) = &args.callerid {
+                    anyhow::ensure!(*given == callerid, "--callerid {given} is not the token's caller {callerid}");
+                }
+                rpc = RpcClient::new(Arc::new(NatsTransport::new(nats.connect(None).await?)), callerid, collective);
+            }
+            rpc = rpc.with_request_signer(Arc::new(AaaSigner::new(aaa, token, key)));
+        }
+        if !args.issuers.is_empty() {
+            rpc = rpc.with_trust(Arc::new(Issuers::from_paths(&args.issuers).context("--issuer")?));
+        }
+        Ok(rpc)
+    }
+}
+
 /// Makes an RPC request, showing replies as they arrive and a summary at the end.
 pub async fn run(args: RpcArgs) -> anyhow::Result<()> {
-    let nats = NatsConfig::from_url_list(&args.nats);
-    let client = nats.connect(None).await?;
-    let transport = Arc::new(NatsTransport::new(client));
-    let mut rpc = match (&args.key, &args.credential) {
-        (Some(key), Some(credential)) => {
-            let key = KeyConfig::parse(key).context("--key")?;
-            let identity = Identity::load(&key, credential, Role::Client, None).context("--credential")?;
-            let subject = identity.subject().to_string();
-            if let Some(callerid) = &args.callerid {
-                anyhow::ensure!(*callerid == subject, "--callerid {callerid} is not the credential's caller {subject}");
-            }
-            RpcClient::new(transport, subject, &args.collective).with_request_signer(Arc::new(CallerSigner(identity)))
-        }
-        _ => RpcClient::new(transport, args.callerid.as_deref().unwrap_or("choria=cli"), &args.collective),
-    };
-    if let Some(url) = &args.aaa {
-        let aaa = AaaClient::new(url, args.aaa_ca.as_deref())?;
-        let (token, key, callerid): (String, Arc<dyn Signer>, Option<String>) = match (&args.token, &args.user) {
-            (Some(token), _) => {
-                let key = args.aaa_key.as_deref().context("--token needs --aaa-key, the key it was issued for")?;
-                let claims = chorus_aaa::Claims::read_unverified(token).context("--token")?;
-                (token.clone(), KeyConfig::parse(key)?.open().context("--aaa-key")?, Some(claims.callerid))
-            }
-            (None, Some(user)) => {
-                let password =
-                    std::env::var("CHORUS_AAA_PASSWORD").context("--user needs the password in CHORUS_AAA_PASSWORD")?;
-                let key: Arc<dyn Signer> = Arc::new(FileSigner::random(Algorithm::Ed25519));
-                let grant = aaa.login(user, &password, key.as_ref()).await?;
-                (grant.token, key, Some(grant.callerid))
-            }
-            (None, None) => {
-                anyhow::bail!("--aaa needs --user (password in CHORUS_AAA_PASSWORD), or --token and --aaa-key")
-            }
-        };
-        if let Some(callerid) = callerid {
-            if let Some(given) = &args.callerid {
-                anyhow::ensure!(*given == callerid, "--callerid {given} is not the token's caller {callerid}");
-            }
-            rpc = RpcClient::new(Arc::new(NatsTransport::new(nats.connect(None).await?)), callerid, &args.collective);
-        }
-        rpc = rpc.with_request_signer(Arc::new(AaaSigner::new(aaa, token, key)));
-    }
-    if !args.issuers.is_empty() {
-        rpc = rpc.with_trust(Arc::new(Issuers::from_paths(&args.issuers).context("--issuer")?));
-    }
+    let rpc = args.client.connect(&args.target.collective).await?;
     let pairs = args
         .inputs
         .iter()
@@ -166,49 +182,49 @@ pub async fn run(args: RpcArgs) -> anyhow::Result<()> {
             Ok((k.to_string(), v.to_string()))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    // Everything that can be refused is checked before anything is sent: inputs, filters,
+    // the reply filter and the limit.
     let ddl = agent_ddl(&args)?;
     let data = inputs(&args, ddl.as_ref(), &pairs)?;
-    let mut options = RequestOptions::default();
-    for f in &args.facts {
-        options.filter.fact.push(parse_fact_filter(f)?);
-    }
-    options.filter.cf_class = args.classes.clone();
-    for expression in &args.select {
-        let mut entry = serde_json::Map::new();
-        entry.insert("expr".into(), expression.clone().into());
-        options.filter.compound.push(vec![entry]);
-    }
-    for combined in &args.with {
-        add_combined(&mut options.filter, combined)?;
-    }
-    options.filter.agent = args.agents.clone();
-    let is_regex = |i: &String| i.len() >= 2 && i.starts_with('/') && i.ends_with('/');
-    let named = match &args.nodes {
-        Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-            let nodes = read_nodes(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-            anyhow::ensure!(!nodes.is_empty(), "{} names no node; nothing was sent", path.display());
-            nodes
+    let filter = args.target.filter()?;
+    let reply_filter =
+        args.filter_replies.as_deref().map(ReplyFilter::compile).transpose().map_err(anyhow::Error::msg)?;
+    let limit = args.limit.as_deref().map(Limit::parse).transpose()?;
+    anyhow::ensure!(args.batch != Some(0), "--batch 0 sends nothing");
+    let action = ddl.as_ref().and_then(|d| d.action(&args.action));
+
+    // Discovery, when there is a step: the nodes, each then addressed directly.
+    let mut targets: Option<Vec<String>> = match args.target.method() {
+        Some(method) => {
+            let mut discovery_filter = filter.clone();
+            if !discovery_filter.agent.contains(&args.agent) {
+                discovery_filter.agent.push(args.agent.clone());
+            }
+            let started = std::time::Instant::now();
+            let found = args.target.discover(method, &rpc, &discovery_filter).await?;
+            for note in &found.notes {
+                eprintln!("{note}");
+            }
+            anyhow::ensure!(!found.nodes.is_empty(), "did not discover any nodes; nothing was sent");
+            eprintln!("discovered {} nodes in {:.2?}", found.nodes.len(), started.elapsed());
+            Some(found.nodes)
         }
-        None => args.identities.clone(),
+        None => Some(args.target.exact_identities()).filter(|nodes| !nodes.is_empty()),
     };
-    let (patterns, exact): (Vec<String>, Vec<String>) = named.into_iter().partition(is_regex);
-    if !patterns.is_empty() {
-        // Any identity may match: the exact ones join the patterns in the filter.
-        options.filter.identity = patterns.into_iter().chain(exact).collect();
-        options.target = Target::Broadcast;
-        options.expected = args.expect;
-    } else {
-        options.target = match exact.len() {
-            0 => Target::Broadcast,
-            1 => Target::Node(exact[0].clone()),
-            _ => Target::Nodes(exact.clone()),
-        };
-        options.expected = args.expect.or(if exact.is_empty() { None } else { Some(exact.len()) });
+    if let Some(limit) = limit {
+        let nodes =
+            targets.as_mut().context("--limit chooses among discovered nodes: give a discovery method (--dm)")?;
+        limit.apply(nodes, args.limit_seed);
     }
-    options.timeout = args.timeout;
-    options.ttl = args.ttl.as_secs().max(1);
-    let bar = match options.expected {
+    let batches: Vec<Option<Vec<String>>> = match (&targets, args.batch) {
+        (Some(nodes), Some(size)) => nodes.chunks(size).map(|c| Some(c.to_vec())).collect(),
+        (Some(nodes), None) => vec![Some(nodes.clone())],
+        (None, Some(_)) => anyhow::bail!("--batch sends to discovered nodes: give a discovery method (--dm)"),
+        (None, None) => vec![None],
+    };
+
+    let expected = targets.as_ref().map(Vec::len).or(args.expect);
+    let bar = match expected {
         Some(n) => ProgressBar::new(n as u64),
         None => ProgressBar::new_spinner(),
     };
@@ -216,45 +232,191 @@ pub async fn run(args: RpcArgs) -> anyhow::Result<()> {
         ProgressStyle::with_template("{spinner} {pos}/{len} replies {wide_bar} {elapsed}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let mut stream = rpc.request(&args.agent, &args.action, data, options).await?;
     let display = args.display.unwrap_or_else(|| Display::of_action(ddl.as_ref(), &args.action));
+    let mut summaries = action.map(Summaries::of).unwrap_or_default();
+    let mut table = Vec::new();
     let mut shown = Vec::new();
-    while let Some(reply) = stream.next().await {
-        bar.inc(1);
-        let ok = reply.statuscode as u8 == 0 && reply.authorized;
-        if args.json {
-            bar.suspend(|| println!("{}", serde_json::to_string(&reply).unwrap_or_default()));
-        } else if display.shows(ok) {
-            shown.push(if ok {
-                format!("{:<40} {}", reply.identity, serde_json::Value::Object(reply.data.clone()))
-            } else {
-                format!("{:<40} {}", reply.identity, reply.statusmsg)
-            });
+    let mut tally = Tally::default();
+    let mut responders = std::collections::HashSet::new();
+    let mut rejected = Vec::new();
+    let started = std::time::Instant::now();
+    let last = batches.len() - 1;
+    for (i, batch) in batches.into_iter().enumerate() {
+        let mut options = RequestOptions { filter: filter.clone(), timeout: args.timeout, ..Default::default() };
+        options.ttl = args.ttl.as_secs().max(1);
+        match batch {
+            Some(nodes) if nodes.len() == 1 => options.target = Target::Node(nodes[0].clone()),
+            Some(nodes) => options.target = Target::Nodes(nodes),
+            None => {
+                options.target = Target::Broadcast;
+                options.expected = args.expect;
+            }
+        }
+        let mut stream = rpc.request(&args.agent, &args.action, data.clone(), options).await?;
+        while let Some(reply) = stream.next().await {
+            bar.inc(1);
+            responders.insert(reply.identity.clone());
+            if reply_filter.as_ref().is_some_and(|f| !f.matches(&reply)) {
+                continue;
+            }
+            let ok = reply.statuscode as u8 == 0 && reply.authorized;
+            summaries.add(&reply.data);
+            if args.json {
+                bar.suspend(|| println!("{}", serde_json::to_string(&reply).unwrap_or_default()));
+            } else if args.table {
+                table.push(reply);
+            } else if display.shows(ok) {
+                shown.push(if ok {
+                    format!("{:<40} {}", reply.identity, serde_json::Value::Object(reply.data.clone()))
+                } else {
+                    format!("{:<40} {}", reply.identity, reply.statusmsg)
+                });
+            }
+        }
+        tally.add(&stream.summary());
+        rejected.extend(stream.rejected().iter().map(|r| format!("{:<40} UNVERIFIED: {}", r.identity, r.reason)));
+        if i < last && !args.batch_sleep.is_zero() {
+            tokio::time::sleep(args.batch_sleep).await;
         }
     }
     bar.finish_and_clear();
     for line in &shown {
         println!("{line}");
     }
-    for rejected in stream.rejected() {
-        println!("{:<40} UNVERIFIED: {}", rejected.identity, rejected.reason);
+    if args.table {
+        print_table(&table, action);
     }
-    let s = stream.summary();
+    for line in &rejected {
+        println!("{line}");
+    }
+    let silent: Vec<&String> = match &targets {
+        Some(nodes) => nodes.iter().filter(|n| !responders.contains(*n)).collect(),
+        None => Vec::new(),
+    };
+    if !silent.is_empty() {
+        println!("\nNo response from:\n");
+        for node in &silent {
+            println!("   {node}");
+        }
+    }
+    if !summaries.is_empty() && !args.json {
+        println!("\n{}", summaries.render().trim_end());
+    }
+    let no_response = match &targets {
+        Some(_) => Some(silent.len()),
+        None => args.expect.map(|n| n.saturating_sub(responders.len())),
+    };
     println!(
-        "\n{} replies: {} ok, {} denied, {} failed{}{} in {:.2?} (request {})",
-        s.replies,
-        s.ok,
-        s.denied,
-        s.failed,
-        if s.unverified > 0 { format!(", {} unverified", s.unverified) } else { String::new() },
-        s.no_response.map(|n| format!(", {n} did not respond")).unwrap_or_default(),
-        s.elapsed,
-        s.requestid
+        "\n{} replies: {} ok, {} denied, {} failed{}{} in {:.2?}",
+        tally.replies,
+        tally.ok,
+        tally.denied,
+        tally.failed,
+        if tally.unverified > 0 { format!(", {} unverified", tally.unverified) } else { String::new() },
+        no_response.filter(|n| *n > 0).map(|n| format!(", {n} did not respond")).unwrap_or_default(),
+        started.elapsed(),
     );
-    if s.ok < s.replies || s.unverified > 0 || s.no_response.unwrap_or(0) > 0 {
+    if tally.ok < tally.replies || tally.unverified > 0 || no_response.unwrap_or(0) > 0 {
         std::process::exit(1);
     }
     Ok(())
+}
+
+/// Reply counts over every batch.
+#[derive(Default)]
+struct Tally {
+    replies: usize,
+    ok: usize,
+    denied: usize,
+    failed: usize,
+    unverified: usize,
+}
+
+impl Tally {
+    fn add(&mut self, s: &chorus_rpc::RpcSummary) {
+        self.replies += s.replies;
+        self.ok += s.ok;
+        self.denied += s.denied;
+        self.failed += s.failed;
+        self.unverified += s.unverified;
+    }
+}
+
+/// `--limit`: a number of nodes or a share of them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Limit {
+    Count(usize),
+    Percent(f64),
+}
+
+impl Limit {
+    fn parse(text: &str) -> anyhow::Result<Self> {
+        let bad = || anyhow::anyhow!("--limit {text:?}: expected a number of nodes (5) or a share (10%) above 0");
+        let limit = match text.strip_suffix('%') {
+            Some(p) => Limit::Percent(p.trim().parse::<f64>().map_err(|_| bad())?),
+            None => Limit::Count(text.trim().parse::<usize>().map_err(|_| bad())?),
+        };
+        match limit {
+            Limit::Count(0) => Err(bad()),
+            Limit::Percent(p) if !(p > 0.0 && p <= 100.0) => Err(bad()),
+            _ => Ok(limit),
+        }
+    }
+
+    /// Keeps a random choice of `nodes` (the same one for the same seed), in their order.
+    fn apply(self, nodes: &mut Vec<String>, seed: Option<u64>) {
+        let keep = match self {
+            Limit::Count(n) => n.min(nodes.len()),
+            Limit::Percent(p) => ((nodes.len() as f64 * p / 100.0).ceil() as usize).clamp(1, nodes.len()),
+        };
+        let mut rng = match seed {
+            Some(seed) => fastrand::Rng::with_seed(seed),
+            None => fastrand::Rng::new(),
+        };
+        let mut chosen: Vec<usize> = (0..nodes.len()).collect();
+        rng.shuffle(&mut chosen);
+        chosen.truncate(keep);
+        chosen.sort_unstable();
+        *nodes = chosen.into_iter().map(|i| nodes[i].clone()).collect();
+    }
+}
+
+/// The kept replies as a table: identity, status, then the action's outputs (or every data
+/// key when there is no description).
+fn print_table(replies: &[chorus_schemas::RpcReply], action: Option<&chorus_rpc::ddl::Action>) {
+    let columns: Vec<String> = match action {
+        Some(a) => a.output.keys().cloned().collect(),
+        None => {
+            let mut keys: Vec<String> = replies.iter().flat_map(|r| r.data.keys().cloned()).collect();
+            keys.sort();
+            keys.dedup();
+            keys
+        }
+    };
+    let cell = |v: Option<&serde_json::Value>| match v {
+        None | Some(serde_json::Value::Null) => String::new(),
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(other) => other.to_string(),
+    };
+    let mut rows = vec![std::iter::once("IDENTITY".to_string())
+        .chain(std::iter::once("STATUS".to_string()))
+        .chain(columns.iter().map(|c| c.to_uppercase()))
+        .collect::<Vec<_>>()];
+    for r in replies {
+        let status = if r.statuscode as u8 == 0 && r.authorized { "ok".to_string() } else { r.statusmsg.clone() };
+        rows.push(
+            std::iter::once(r.identity.clone())
+                .chain(std::iter::once(status))
+                .chain(columns.iter().map(|c| cell(r.data.get(c))))
+                .collect(),
+        );
+    }
+    let widths: Vec<usize> =
+        (0..rows[0].len()).map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0)).collect();
+    for row in rows {
+        let line: Vec<String> = row.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        println!("{}", line.join("  ").trim_end());
+    }
 }
 
 /// Which replies `chorus rpc` prints (Choria's `--display`).
@@ -318,87 +480,4 @@ fn inputs(
     };
     let action = ddl.action(&args.action).with_context(|| format!("unknown action {}#{}", args.agent, args.action))?;
     action.inputs_from_text(pairs).map_err(|e| anyhow::anyhow!("invalid input: {e}; nothing was sent"))
-}
-
-/// The node identities in a nodes file (see `--nodes`), in order, each once.
-fn read_nodes(text: &str) -> anyhow::Result<Vec<String>> {
-    let mut nodes: Vec<String> = Vec::new();
-    let mut add = |identity: &str| -> anyhow::Result<()> {
-        anyhow::ensure!(
-            !identity.is_empty() && !identity.contains(char::is_whitespace),
-            "{identity:?} is not a node identity"
-        );
-        if !nodes.iter().any(|n| n == identity) {
-            nodes.push(identity.to_string());
-        }
-        Ok(())
-    };
-    if let Ok(serde_json::Value::Array(items)) = serde_json::from_str::<serde_json::Value>(text) {
-        for item in items {
-            add(item.as_str().context("a JSON nodes list holds identity strings")?)?;
-        }
-    } else {
-        for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
-            if line.starts_with('{') {
-                let reply: serde_json::Value = serde_json::from_str(line).context("a JSON line that is not JSON")?;
-                let identity = reply.get("identity").or_else(|| reply.get("sender")).and_then(|v| v.as_str());
-                add(identity.context("a JSON line without an identity")?)?;
-            } else {
-                add(line.strip_prefix("- ").unwrap_or(line).trim())?;
-            }
-        }
-    }
-    Ok(nodes)
-}
-
-/// Adds a combined filter (`-W`): space-separated parts, each a fact filter when it reads as
-/// one, else a class, as Choria splits them. A part that starts or ends with an operator is
-/// a fact filter written with spaces (`os.family = debian`), which Choria would take as
-/// three classes matching nothing: refused.
-fn add_combined(filter: &mut chorus_schemas::rpc::Filter, combined: &str) -> anyhow::Result<()> {
-    let operator = |c: char| matches!(c, '=' | '<' | '>' | '!' | '~');
-    for part in combined.split(' ').filter(|p| !p.is_empty()) {
-        anyhow::ensure!(
-            !part.starts_with(operator) && !part.ends_with(operator),
-            "-W {combined:?}: {part:?} belongs to a fact filter written with spaces; write it without them"
-        );
-        match parse_fact_filter(part) {
-            Ok(fact) => filter.fact.push(fact),
-            Err(_) => filter.cf_class.push(part.to_string()),
-        }
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::add_combined;
-
-    #[test]
-    fn nodes_files_of_every_form_give_their_identities() {
-        let read = |text: &str| super::read_nodes(text).unwrap();
-        assert_eq!(
-            read("# web\nweb1.example.net\n\nweb2.example.net\nweb1.example.net\n"),
-            ["web1.example.net", "web2.example.net"]
-        );
-        assert_eq!(read("- a.example.net\n- b.example.net\n"), ["a.example.net", "b.example.net"]);
-        assert_eq!(read(r#"["a", "b"]"#), ["a", "b"]);
-        let chained = r#"{"identity":"n1","statuscode":0,"data":{}}
-{"identity":"n2","statuscode":1,"data":{}}"#;
-        assert_eq!(read(chained), ["n1", "n2"]);
-        assert!(super::read_nodes("web1 web2").is_err(), "two names on one line");
-        assert!(super::read_nodes(r#"{"statuscode":0}"#).is_err());
-    }
-
-    #[test]
-    fn combined_filters_split_into_facts_and_classes() {
-        let mut filter = chorus_schemas::rpc::Filter::default();
-        add_combined(&mut filter, "apache  os.family=debian /^web/ cpus>=4").unwrap();
-        assert_eq!(filter.cf_class, ["apache", "/^web/"]);
-        let facts: Vec<(&str, &str, &str)> =
-            filter.fact.iter().map(|f| (f.fact.as_str(), f.operator.as_str(), f.value.as_str())).collect();
-        assert_eq!(facts, [("os.family", "==", "debian"), ("cpus", ">=", "4")]);
-        let error = add_combined(&mut filter, "os.family = debian").unwrap_err().to_string();
-        assert!(error.contains("written with spaces"), "{error}");
-    }
 }

@@ -58,7 +58,8 @@ pub async fn run(args: SimulateArgs) -> anyhow::Result<()> {
         let client = NatsConfig::from_url_list(urls).connect(None).await?;
         let server =
             sim.host_rpc(Arc::new(NatsTransport::new(client)), "choria", args.policy_dir.clone(), None).await?;
-        println!("{} simulated nodes answer RPC in collective choria", server.node_count());
+        let registered = sim.register(&server, "choria").await?;
+        println!("{} simulated nodes answer RPC in collective choria ({registered} registered)", server.node_count());
         services.push(server);
     }
     until_signal_or_failure(&services).await;

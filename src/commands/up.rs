@@ -154,6 +154,7 @@ async fn start(
     let storm = sim.startup_storm().await?;
     services.push(sim.clone().start("simulated fleet", shutdown.child()));
     let rpc = sim.host_rpc(transport.clone(), "choria", Some(policy_dir.clone()), security.clone()).await?;
+    sim.register(&rpc, "choria").await?;
     println!(
         "{} simulated nodes started ({} startup events in {:.2?}); {} answer RPC",
         args.nodes,
@@ -185,7 +186,9 @@ async fn start(
         Simulator::new(fresh, Arc::new(BackboneSink(backbone.clone())))?
             .with_identities(&identity.issuer, CREDENTIAL_VALIDITY)?,
     );
-    services.push(new_nodes.host_rpc(transport.clone(), "choria", Some(policy_dir), security).await?);
+    let new_rpc = new_nodes.host_rpc(transport.clone(), "choria", Some(policy_dir), security).await?;
+    new_nodes.register(&new_rpc, "choria").await?;
+    services.push(new_rpc);
     if args.new_nodes > 0 {
         new_nodes.startup_storm().await?;
         println!("{} new nodes started in provisioning mode", args.new_nodes);

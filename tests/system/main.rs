@@ -19,6 +19,7 @@ mod provision;
 mod replicate;
 mod security;
 mod siem;
+mod targeting;
 mod tenants;
 mod up;
 mod views;

@@ -78,7 +78,8 @@ impl NodeMetadata {
     /// Whether `filter` selects this node in `collective`: the node's own check, so
     /// inventory discovery and the nodes agree on the same metadata.
     pub fn matches(&self, filter: &CompiledFilter, collective: &str) -> bool {
-        self.collectives.iter().any(|c| c == collective) && filter.matches(&self.context(collective), &self.agent_names())
+        self.collectives.iter().any(|c| c == collective)
+            && filter.matches(&self.context(collective), &self.agent_names())
     }
 }
 

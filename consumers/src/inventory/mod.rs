@@ -48,7 +48,7 @@ mod view;
 mod tests;
 
 pub use http::{router, serve, DiscoverRequest};
-pub use node::{Node, NodeView, Status, StatusPolicy};
 pub use metadata::{AgentVersion, MetadataView, NodeMetadata, METADATA_VIEW};
+pub use node::{Node, NodeView, Status, StatusPolicy};
 pub use query::{glob_match, Discovered, Inventory, NodeFilter, StatusCounts, Summary};
 pub use view::InventoryView;

@@ -9,12 +9,12 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::codec::read_node;
-use super::node::{Node, NodeView, Status, StatusPolicy};
 use super::metadata::{metadata_key, MetadataView, NodeMetadata, METADATA_VIEW};
+use super::node::{Node, NodeView, Status, StatusPolicy};
 use super::view::InventoryView;
-use chorus_rpc::CompiledFilter;
 use super::{node_key, VIEW_NAME};
-use crate::projection::{ViewError, Progress, ProgressSnapshot, ProjectionError, Projector, Store, ViewState};
+use crate::projection::{Progress, ProgressSnapshot, ProjectionError, Projector, Store, ViewError, ViewState};
+use chorus_rpc::CompiledFilter;
 
 /// Which nodes to list. Every set field must match. Deserializes from URL query parameters.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -191,14 +191,8 @@ impl Inventory {
         collective: &str,
         now: DateTime<Utc>,
     ) -> Result<Discovered, ProjectionError> {
-        let mut found = Discovered {
-            nodes: Vec::new(),
-            registered: 0,
-            down: Vec::new(),
-            oldest: None,
-            checkpoint: 0,
-            at: now,
-        };
+        let mut found =
+            Discovered { nodes: Vec::new(), registered: 0, down: Vec::new(), oldest: None, checkpoint: 0, at: now };
         let Some(state) = &self.metadata else { return Ok(found) };
         found.checkpoint = state.checkpoint()?;
         for kv in state.scan_prefix(&metadata_key("")) {

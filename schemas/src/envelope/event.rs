@@ -3,9 +3,9 @@
 use serde_json::Value;
 
 use crate::audit::AuditRecord;
-use crate::registration::Registration;
 use crate::lifecycle::{Alive, Governor, Lifecycle, Provisioned, Shutdown, Startup, Upgraded};
 use crate::machine::{Transition, WatcherState};
+use crate::registration::Registration;
 use crate::rpc::{RpcReply, RpcRequest};
 use crate::{audit, lifecycle, machine, rpc};
 
