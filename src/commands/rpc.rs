@@ -293,10 +293,13 @@ pub async fn run(args: RpcArgs) -> anyhow::Result<()> {
         Some(nodes) => nodes.iter().filter(|n| !responders.contains(*n)).collect(),
         None => Vec::new(),
     };
+    // With --json, stdout holds only replies (the next request's nodes file); the rest
+    // goes to stderr.
+    let say = |line: String| if args.json { eprintln!("{line}") } else { println!("{line}") };
     if !silent.is_empty() {
-        println!("\nNo response from:\n");
+        say("\nNo response from:\n".into());
         for node in &silent {
-            println!("   {node}");
+            say(format!("   {node}"));
         }
     }
     if !summaries.is_empty() && !args.json {
@@ -306,7 +309,7 @@ pub async fn run(args: RpcArgs) -> anyhow::Result<()> {
         Some(_) => Some(silent.len()),
         None => args.expect.map(|n| n.saturating_sub(responders.len())),
     };
-    println!(
+    say(format!(
         "\n{} replies: {} ok, {} denied, {} failed{}{} in {:.2?}",
         tally.replies,
         tally.ok,
@@ -315,7 +318,7 @@ pub async fn run(args: RpcArgs) -> anyhow::Result<()> {
         if tally.unverified > 0 { format!(", {} unverified", tally.unverified) } else { String::new() },
         no_response.filter(|n| *n > 0).map(|n| format!(", {n} did not respond")).unwrap_or_default(),
         started.elapsed(),
-    );
+    ));
     if tally.ok < tally.replies || tally.unverified > 0 || no_response.unwrap_or(0) > 0 {
         std::process::exit(1);
     }

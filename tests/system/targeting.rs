@@ -293,3 +293,160 @@ async fn every_filter_kind_selects_exactly_the_nodes_an_oracle_selects_by_broadc
         assert!(check_filter(&bad).is_err(), "{bad:?}");
     }
 }
+
+/// The operator's command line against a real nats-server: 300 simulated nodes register,
+/// the inventory API serves their registrations, and `chorus discover`, `chorus facts` and
+/// `chorus rpc` select by inventory and by broadcast alike; batches, limits and reply
+/// filters act on the discovered nodes; malformed input is refused before anything is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discover_facts_and_rpc_on_the_command_line_by_inventory_and_broadcast() {
+    use crate::cli::chorus;
+    use chorus_backbone::jetstream::{JetStreamBackbone, NatsConfig};
+    use chorus_consumers::dashboard::{Views, ViewsOptions};
+    use chorus_producers::simulator::{SimConfig, Simulator};
+    use chorus_rpc::NatsTransport;
+    use chorus_runtime::{Service as _, Shutdown};
+
+    let server = chorus_testkit::nats::NatsServer::start().unwrap();
+    let nats = server.url();
+    let backbone: Arc<dyn Backbone> =
+        Arc::new(JetStreamBackbone::connect(&NatsConfig::new([nats.clone()])).await.unwrap());
+    ensure_platform_streams(&*backbone, &StreamLimits::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("rpcutil.policy"), "policy default deny\nallow\tchoria=cli\t*\t*\t*\n").unwrap();
+    let sim = Simulator::new(SimConfig::new(300), Arc::new(BackboneSink(backbone.clone()))).unwrap();
+    let client = async_nats::connect(&nats).await.unwrap();
+    let rpc = sim
+        .host_rpc(Arc::new(NatsTransport::new(client)), COLLECTIVE, Some(dir.path().to_path_buf()), None)
+        .await
+        .unwrap();
+    assert_eq!(sim.register(&rpc, COLLECTIVE).await.unwrap(), 300);
+    let options = ViewsOptions {
+        state: dir.path().join("views"),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        rebuild: false,
+        policy: Default::default(),
+    };
+    let mut views = Views::start(backbone.clone(), &options, None, Shutdown::new()).await.unwrap();
+    let url = views.url().trim_end_matches('/').to_string();
+    // The simulator's facts: country is uk for every fourth node.
+    let uk: Vec<String> = (0..300).filter(|i| i % 4 == 0).map(|i| sim.config().identity(i)).collect();
+    chorus_testkit::eventually("every registration in the inventory", Duration::from_secs(30), || {
+        let inventory = views.inventory().clone();
+        async move {
+            let found =
+                inventory.discover(&CompiledFilter::new(&Filter::default()).unwrap(), COLLECTIVE, chrono::Utc::now());
+            match found {
+                Ok(d) if d.registered == 300 => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        }
+    })
+    .await;
+
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    // discover: by inventory (no traffic to the nodes) and by broadcast, the same nodes.
+    let (ok, out) = chorus(&["discover", "--nats", &nats, "--inventory", &url, "-F", "country=uk", "--json"]);
+    assert!(ok, "{out}");
+    let json_start = out.find('[').unwrap();
+    let listed: Vec<String> =
+        serde_json::Deserializer::from_str(&out[json_start..]).into_iter().next().unwrap().unwrap();
+    assert_eq!(sorted(listed), sorted(uk.clone()));
+    assert!(out.contains("inventory: 75 of 300 registered nodes selected"), "{out}");
+    let (ok, out) = chorus(&["discover", "--nats", &nats, "--dm", "broadcast", "-F", "country=uk"]);
+    assert!(ok && out.contains("Discovered 75 nodes"), "{out}");
+
+    // facts: each value with its count.
+    let (ok, out) = chorus(&["facts", "country", "--nats", &nats, "--inventory", &url]);
+    assert!(ok, "{out}");
+    for country in ["uk", "us", "de", "fr"] {
+        assert!(out.contains(&format!("{country}  found 75 times")), "{out}");
+    }
+
+    // rpc: inventory discovery, half of the nodes at random (the same half for a seed), in
+    // batches of 10; every chosen node answers, as JSON lines.
+    let half = [
+        "rpc",
+        "rpcutil",
+        "ping",
+        "--nats",
+        &nats,
+        "--inventory",
+        &url,
+        "-F",
+        "country=uk",
+        "--limit",
+        "50%",
+        "--limit-seed",
+        "7",
+        "--batch",
+        "10",
+        "--json",
+    ];
+    let (ok, out) = chorus(&half);
+    assert!(ok, "{out}");
+    let answered = |out: &str| -> Vec<String> {
+        sorted(
+            out.lines()
+                .filter(|l| l.starts_with('{'))
+                .map(|l| {
+                    serde_json::from_str::<serde_json::Value>(l).unwrap()["identity"].as_str().unwrap().to_string()
+                })
+                .collect(),
+        )
+    };
+    let first = answered(&out);
+    assert_eq!(first.len(), 38, "{out}");
+    assert!(first.iter().all(|n| uk.contains(n)));
+    assert_eq!(answered(&chorus(&half).1), first, "the same seed chooses the same nodes");
+
+    // Chaining: the JSON lines of one request are the nodes of the next; a reply filter
+    // keeps some replies for display and JSON, counting all.
+    let chained = dir.path().join("chained.jsonl");
+    let lines: Vec<&str> = out.lines().filter(|l| l.starts_with('{')).collect();
+    std::fs::write(&chained, lines.join("\n")).unwrap();
+    let kept = format!(r#"ok() && sender() == "{}""#, first[0]);
+    let (ok, out) = chorus(&[
+        "rpc",
+        "rpcutil",
+        "ping",
+        "--nats",
+        &nats,
+        "--nodes",
+        chained.to_str().unwrap(),
+        "--filter-replies",
+        &kept,
+        "--json",
+    ]);
+    assert!(ok, "{out}");
+    assert_eq!(answered(&out), [first[0].clone()]);
+    assert!(out.contains("38 replies: 38 ok"), "{out}");
+
+    // Summaries from the DDL and the table of outputs.
+    let (ok, out) =
+        chorus(&["rpc", "rpcutil", "collective_info", "--nats", &nats, "--inventory", &url, "-I", &uk[0], "--table"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("Summary of All Collectives:"), "{out}");
+    assert!(out.contains("MAIN_COLLECTIVE"), "{out}");
+
+    // Malformed input: refused before anything is sent.
+    let before = rpc.stats().total;
+    for bad in [
+        vec!["-F", "name=~/(/"],
+        vec!["-S", "with("],
+        vec!["--filter-replies", "ok("],
+        vec!["--limit", "0"],
+        vec!["--limit", "abc"],
+        vec!["-I", "/(/"],
+    ] {
+        let mut args = vec!["rpc", "rpcutil", "ping", "--nats", &nats, "--inventory", &url];
+        args.extend(bad.iter().copied());
+        let (ok, out) = chorus(&args);
+        assert!(!ok, "{bad:?} was accepted: {out}");
+    }
+    assert_eq!(rpc.stats().total, before, "a refused command sent nothing");
+    views.stop().await.unwrap();
+}
