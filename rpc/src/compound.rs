@@ -35,15 +35,21 @@ static ENVIRONMENT: LazyLock<Environment<'static>> = LazyLock::new(|| {
         };
         Ok(call.ctx.get("facts").and_then(|facts| lookup(facts, path)).cloned().unwrap_or(Value::Nil))
     });
-    env.add_function("include", |call| {
-        let [haystack, needle] = call.args.as_slice() else {
-            expr::bail!("include() takes a list and a value");
-        };
-        let Value::Array(items) = haystack else { return Ok(Value::Bool(false)) };
-        Ok(Value::Bool(items.iter().any(|item| same(item, needle))))
+    env.add_function("include", |call| match include(&call.args) {
+        Some(found) => Ok(Value::Bool(found)),
+        None => expr::bail!("include() takes a list and a value"),
     });
     env
 });
+
+/// `include(list, value)`: whether the list holds the value (numbers compared by value;
+/// false when the first argument is not a list), as Choria's compound filters and reply
+/// filters both offer it. `None` for the wrong number of arguments.
+pub(crate) fn include(args: &[Value]) -> Option<bool> {
+    let [haystack, needle] = args else { return None };
+    let Value::Array(items) = haystack else { return Some(false) };
+    Some(items.iter().any(|item| same(item, needle)))
+}
 
 /// One compiled compound expression.
 #[derive(Debug, Clone)]
@@ -118,7 +124,7 @@ pub(crate) fn lookup<'a>(value: &'a Value, path: &str) -> Option<&'a Value> {
 }
 
 /// Equal as Choria's `include` compares: numbers by value whatever their type.
-pub(crate) fn same(a: &Value, b: &Value) -> bool {
+fn same(a: &Value, b: &Value) -> bool {
     match (number(a), number(b)) {
         (Some(x), Some(y)) => x == y,
         _ => a == b,

@@ -12,7 +12,7 @@ use chorus_schemas::{RpcReply, StatusCode};
 use expr::{Context, Environment, Program, Value};
 use serde_json::{Map, Value as Json};
 
-use super::compound::{from_json, lookup, same};
+use super::compound::{from_json, include, lookup};
 
 /// Status tests `--filter-replies` may call, with the status each is true for.
 const STATUS_FUNCTIONS: [(&str, StatusCode); 6] = [
@@ -38,12 +38,9 @@ static ENVIRONMENT: LazyLock<Environment<'static>> = LazyLock::new(|| {
         Ok(call.ctx.get("reply_data").and_then(|d| lookup(d, path)).cloned().unwrap_or(Value::Nil))
     });
     env.add_function("sender", |call| Ok(call.ctx.get("sender").cloned().unwrap_or(Value::Nil)));
-    env.add_function("include", |call| {
-        let [haystack, needle] = call.args.as_slice() else {
-            expr::bail!("include() takes a list and a value");
-        };
-        let Value::Array(items) = haystack else { return Ok(Value::Bool(false)) };
-        Ok(Value::Bool(items.iter().any(|item| same(item, needle))))
+    env.add_function("include", |call| match include(&call.args) {
+        Some(found) => Ok(Value::Bool(found)),
+        None => expr::bail!("include() takes a list and a value"),
     });
     env
 });
