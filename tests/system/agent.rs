@@ -168,7 +168,8 @@ async fn broker_down_60s_loses_no_event_and_keeps_order() {
     cfg.machines_dir = Some(machines);
     cfg.shutdown_drain = Duration::from_secs(60);
     let mut agent = NodeAgent::start(cfg, Shutdown::new()).await.unwrap();
-    let streams = ["CHORUS_LIFECYCLE", "CHORUS_MACHINE"];
+    // Every stream the node writes to: its events are numbered across them.
+    let streams = ["CHORUS_LIFECYCLE", "CHORUS_MACHINE", "CHORUS_REGISTRATION"];
     wait_for(&*b, &streams, "outage.example.net", "a transition before the outage", |e| {
         e.iter().any(|r| matches!(r.data, Event::Transition(_)))
     })
@@ -385,5 +386,78 @@ async fn an_external_python_agent_answers_through_chorus_rpc() {
         failed.statusmsg.contains("Could not call external agent parrot#fail")
             && failed.statusmsg.contains("exit status 3")
     );
+    agent.stop().await.unwrap();
+}
+
+/// A node registers its facts (inline, from a file and from a command), classes and agents
+/// after its splay, and again as soon as its fact file changes, when its RPC server already
+/// filters on the new facts; a fact file it cannot read turns its health failing with the
+/// reason until it can, and the last good facts stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_registers_its_facts_and_again_when_they_change() {
+    use chorus_producers::registration::RegistrationConfig;
+    let server = NatsServer::start().unwrap();
+    let b = site(&server).await;
+    let dir = tempfile::tempdir().unwrap();
+    let facts = dir.path().join("facts.yaml");
+    std::fs::write(&facts, "country: uk\nrole: web\n").unwrap();
+    let identity = "facts.example.net";
+    let mut cfg = agent_config(identity, &server, dir.path());
+    cfg.facts.insert("rack".into(), "r1".into());
+    cfg.facts.insert("country".into(), "overridden".into());
+    cfg.facts_file = Some(facts.clone());
+    cfg.facts_command = Some(vec!["sh".into(), "-c".into(), r#"echo '{"cpus": 8}'"#.into()]);
+    cfg.classes = vec!["role::web".into()];
+    cfg.registration = RegistrationConfig {
+        enabled: true,
+        interval: Duration::from_secs(3600),
+        splay: Duration::ZERO,
+        check_interval: Duration::from_millis(200),
+    };
+    let mut agent = NodeAgent::start(cfg, Shutdown::new()).await.unwrap();
+    let registrations = |evs: &[EventRecord]| -> Vec<chorus_schemas::Registration> {
+        evs.iter()
+            .filter_map(|r| match &r.data {
+                Event::Registration(g) => Some(g.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    let streams = ["CHORUS_REGISTRATION"];
+    let evs = wait_for(&*b, &streams, identity, "a registration", |e| !registrations(e).is_empty()).await;
+    let first = &registrations(&evs)[0].content;
+    assert_eq!(first.facts["country"], "uk", "the file's facts win over inline ones");
+    assert_eq!((&first.facts["rack"], &first.facts["cpus"]), (&"r1".into(), &8.into()));
+    assert_eq!(first.classes, ["role::web"]);
+    assert_eq!(first.collectives, ["choria"]);
+    assert_eq!(first.build_info.version, "1.2.3");
+    assert!(first.agents.iter().any(|a| a.name == "rpcutil" && !a.version.is_empty()), "{:?}", first.agents);
+
+    std::fs::write(&facts, "country: ie\nrole: web\n").unwrap();
+    wait_for(&*b, &streams, identity, "a registration with the new facts", |e| {
+        registrations(e).iter().any(|r| r.content.facts["country"] == "ie")
+    })
+    .await;
+    let ctx = agent.rpc().unwrap().node("choria", identity).unwrap();
+    assert_eq!(ctx.facts["country"], "ie", "requests filter on the facts the node registered");
+
+    std::fs::write(&facts, "[this is not an object").unwrap();
+    eventually("health to show the unreadable fact file", Duration::from_secs(30), || {
+        let health = agent.health();
+        let result = match &health.reason {
+            Some(reason) if !health.healthy && reason.contains("fact file") => Ok(()),
+            _ => Err(format!("{health:?}")),
+        };
+        async move { result }
+    })
+    .await;
+    assert_eq!(agent.rpc().unwrap().node("choria", identity).unwrap().facts["country"], "ie", "last good facts kept");
+    std::fs::write(&facts, "country: ie\n").unwrap();
+    eventually("health to recover", Duration::from_secs(30), || {
+        let health = agent.health();
+        let result = if health.healthy { Ok(()) } else { Err(format!("{health:?}")) };
+        async move { result }
+    })
+    .await;
     agent.stop().await.unwrap();
 }

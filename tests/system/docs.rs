@@ -99,7 +99,9 @@ fn every_yaml_example_in_the_docs_is_a_configuration_that_parses() {
             .trim()
             .to_string();
         let result = match (example.file.as_str(), first_key.as_str()) {
-            ("docs/AGENT.md", "identity") => check::<chorus_producers::agent::AgentConfig>(example),
+            ("docs/AGENT.md" | "docs/TARGETING.md", "identity") => {
+                check::<chorus_producers::agent::AgentConfig>(example)
+            }
             ("docs/CONSUMERS.md", "steps") => check::<chorus_consumers::provisioner::ProvisionerConfig>(example),
             ("docs/CONSUMERS.md", "consumer" | "sink") => {
                 check::<chorus_consumers::audit_export::ExportConfig>(example)
