@@ -11,6 +11,7 @@
 //!   ones on a handful of subscriptions, and records every request it acts on, and its
 //!   reply, as events.
 //! * [`client`]: [`RpcClient`], a stream of replies or a collected result with a summary.
+//! * [`relay`]: a transport over HTTP, for clients of a platform without a broker.
 //! * [`replies`]: `--filter-replies` expressions and DDL aggregate summaries.
 //! * [`signed`]: signed requests and replies: what is signed, how it travels.
 //! * [`security`]: the node's checks of who sent a request ([`RequestSecurity`]).
@@ -35,6 +36,7 @@ pub mod ddl;
 pub mod facts;
 mod filter;
 pub mod policy;
+pub mod relay;
 pub mod replies;
 pub mod security;
 pub mod server;

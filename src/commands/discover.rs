@@ -23,7 +23,8 @@ pub struct DiscoverArgs {
 
 /// Prints the nodes the filter selects, by the discovery method in effect (broadcast when
 /// none is given).
-pub async fn discover(args: DiscoverArgs) -> anyhow::Result<()> {
+pub async fn discover(mut args: DiscoverArgs) -> anyhow::Result<()> {
+    args.target.inventory_from(&args.client);
     let rpc = args.client.connect(&args.target.collective).await?;
     let nodes = find(&args.target, &rpc).await?;
     if args.json {
@@ -84,7 +85,8 @@ pub struct FactsArgs {
 
 /// Asks the discovered nodes for one fact (`rpcutil get_fact`) and prints each value with
 /// how many nodes have it, least common first.
-pub async fn facts(args: FactsArgs) -> anyhow::Result<()> {
+pub async fn facts(mut args: FactsArgs) -> anyhow::Result<()> {
+    args.target.inventory_from(&args.client);
     let rpc = args.client.connect(&args.target.collective).await?;
     let nodes = find(&args.target, &rpc).await?;
     anyhow::ensure!(!nodes.is_empty(), "did not discover any nodes");
@@ -98,10 +100,11 @@ pub async fn facts(args: FactsArgs) -> anyhow::Result<()> {
     };
     let mut stream = rpc.request("rpcutil", "get_fact", data, options).await?;
     let mut values: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    let mut ok = 0;
+    let (mut ok, mut failed) = (0, 0);
     while let Some(reply) = stream.next().await {
         if reply.statuscode as u8 != 0 {
             eprintln!("{}: {}", reply.identity, reply.statusmsg);
+            failed += 1;
             continue;
         }
         ok += 1;
@@ -136,7 +139,10 @@ pub async fn facts(args: FactsArgs) -> anyhow::Result<()> {
             println!();
         }
     }
-    let silent = nodes.len() - values.values().map(Vec::len).sum::<usize>();
+    if failed > 0 {
+        println!("\n{failed} of {} discovered nodes answered with an error (above)", nodes.len());
+    }
+    let silent = nodes.len() - ok - failed;
     if silent > 0 {
         println!("\n{silent} of {} discovered nodes did not answer", nodes.len());
     }

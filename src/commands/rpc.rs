@@ -8,8 +8,9 @@ use chorus_aaa::{AaaClient, AaaSigner};
 use chorus_backbone::jetstream::NatsConfig;
 use chorus_identity::{Identity, Issuers, Role};
 use chorus_keys::{Algorithm, FileSigner, KeyConfig, Signer};
+use chorus_rpc::relay::HttpTransport;
 use chorus_rpc::replies::{ReplyFilter, Summaries};
-use chorus_rpc::{CallerSigner, NatsTransport, RequestOptions, RpcClient, Target};
+use chorus_rpc::{CallerSigner, NatsTransport, RequestOptions, RpcClient, Target, Transport};
 
 use super::targeting::TargetArgs;
 use futures::StreamExt;
@@ -80,6 +81,11 @@ pub struct ClientArgs {
     /// NATS server(s), comma-separated.
     #[arg(long, env = "CHORUS_NATS", default_value = "nats://127.0.0.1:4222")]
     nats: String,
+    /// Reach the fleet through a platform's HTTP relay instead of NATS, e.g. the
+    /// `chorus up` dashboard at http://127.0.0.1:8080 (its inventory is then the default
+    /// discovery).
+    #[arg(long, env = "CHORUS_URL")]
+    pub url: Option<String>,
     /// Caller id the request is made as, on fleets that do not authenticate callers. With
     /// --credential the caller id is the credential's.
     #[arg(long, env = "CHORUS_CALLERID")]
@@ -119,9 +125,10 @@ impl ClientArgs {
     /// A client for `collective`, signing as these options say.
     pub async fn connect(&self, collective: &str) -> anyhow::Result<RpcClient> {
         let args = self;
-        let nats = NatsConfig::from_url_list(&args.nats);
-        let client = nats.connect(None).await?;
-        let transport = Arc::new(NatsTransport::new(client));
+        let transport: Arc<dyn Transport> = match &args.url {
+            Some(url) => Arc::new(HttpTransport::new(url)),
+            None => Arc::new(NatsTransport::new(NatsConfig::from_url_list(&args.nats).connect(None).await?)),
+        };
         let mut rpc = match (&args.key, &args.credential) {
             (Some(key), Some(credential)) => {
                 let key = KeyConfig::parse(key).context("--key")?;
@@ -133,9 +140,10 @@ impl ClientArgs {
                         "--callerid {callerid} is not the credential's caller {subject}"
                     );
                 }
-                RpcClient::new(transport, subject, collective).with_request_signer(Arc::new(CallerSigner(identity)))
+                RpcClient::new(transport.clone(), subject, collective)
+                    .with_request_signer(Arc::new(CallerSigner(identity)))
             }
-            _ => RpcClient::new(transport, args.callerid.as_deref().unwrap_or("choria=cli"), collective),
+            _ => RpcClient::new(transport.clone(), args.callerid.as_deref().unwrap_or("choria=cli"), collective),
         };
         if let Some(url) = &args.aaa {
             let aaa = AaaClient::new(url, args.aaa_ca.as_deref())?;
@@ -160,7 +168,7 @@ impl ClientArgs {
                 if let Some(given) = &args.callerid {
                     anyhow::ensure!(*given == callerid, "--callerid {given} is not the token's caller {callerid}");
                 }
-                rpc = RpcClient::new(Arc::new(NatsTransport::new(nats.connect(None).await?)), callerid, collective);
+                rpc = RpcClient::new(transport.clone(), callerid, collective);
             }
             rpc = rpc.with_request_signer(Arc::new(AaaSigner::new(aaa, token, key)));
         }
@@ -172,7 +180,8 @@ impl ClientArgs {
 }
 
 /// Makes an RPC request, showing replies as they arrive and a summary at the end.
-pub async fn run(args: RpcArgs) -> anyhow::Result<()> {
+pub async fn run(mut args: RpcArgs) -> anyhow::Result<()> {
+    args.target.inventory_from(&args.client);
     let rpc = args.client.connect(&args.target.collective).await?;
     let pairs = args
         .inputs

@@ -99,13 +99,18 @@ impl TargetArgs {
             add_combined(&mut filter, combined)?;
         }
         filter.agent = self.agents.clone();
-        let (patterns, _): (Vec<String>, Vec<String>) = self.identities.iter().cloned().partition(|i| is_regex(i));
-        if !patterns.is_empty() {
-            // Any identity may match: exact ones join the patterns.
-            filter.identity = self.identities.clone();
-        }
+        // Any identity may match, exact or `/regex/`; exact ones alone are also addressed
+        // directly when there is no discovery step.
+        filter.identity = self.identities.clone();
         chorus_rpc::check_filter(&filter)?;
         Ok(filter)
+    }
+
+    /// With `--url` (a platform's relay) and no `--inventory`, that platform's inventory.
+    pub fn inventory_from(&mut self, client: &super::rpc::ClientArgs) {
+        if self.inventory.is_none() {
+            self.inventory.clone_from(&client.url);
+        }
     }
 
     /// The discovery method in effect, `None` when the request is simply broadcast.

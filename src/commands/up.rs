@@ -116,7 +116,14 @@ async fn start(
         rebuild: false,
         policy: StatusPolicy::default(),
     };
-    let views = Views::start(backbone.clone(), &options, None, shutdown.child()).await?;
+    // The transport the nodes listen on: NATS with --nats, else in this process, relayed
+    // over the dashboard's HTTP (`chorus rpc --url`) so a second terminal can reach it.
+    let transport: Arc<dyn Transport> = match &args.streams.nats {
+        Some(urls) => Arc::new(NatsTransport::new(NatsConfig::from_url_list(urls).connect(None).await?)),
+        None => Arc::new(LocalTransport::new()),
+    };
+    let relay = chorus_rpc::relay::router(transport.clone());
+    let views = Views::start_with_routes(backbone.clone(), &options, None, relay, shutdown.child()).await?;
     let url = views.url().to_string();
     services.push(views);
 
@@ -139,17 +146,14 @@ async fn start(
         Simulator::new(config, Arc::new(BackboneSink(backbone.clone())))?
             .with_identities(&identity.issuer, CREDENTIAL_VALIDITY)?,
     );
-    let transport: Arc<dyn Transport> = match &args.streams.nats {
-        Some(urls) => Arc::new(NatsTransport::new(NatsConfig::from_url_list(urls).connect(None).await?)),
-        None => Arc::new(LocalTransport::new()),
-    };
-    // The demo fleet lets the demo operator call rpcutil (read-only); everything else stays
-    // denied by default, as on a real fleet.
+    // The demo fleet lets the demo operator and you (`chorus=operator`, whose key and
+    // credential are written to <data>/identity) call rpcutil (read-only); everything else
+    // stays denied by default, as on a real fleet.
     let policy_dir = data.join("policy");
     std::fs::create_dir_all(&policy_dir)?;
     std::fs::write(
         policy_dir.join("rpcutil.policy"),
-        "policy default deny\nallow\tchorus=demo-operator choria=provisioner\t*\t*\t*\n",
+        "policy default deny\nallow\tchorus=demo-operator chorus=operator choria=provisioner\t*\t*\t*\n",
     )?;
     let storm = sim.startup_storm().await?;
     services.push(sim.clone().start("simulated fleet", shutdown.child()));
@@ -208,7 +212,15 @@ async fn start(
     let client = RpcClient::signed(transport.clone(), identity.client("chorus=demo-operator")?, "choria")
         .with_trust(identity.issuers.clone());
     services.push(DemoOperator::start(client, args.nodes, shutdown.child()));
+    let operator = identity.client_files("chorus=operator")?;
+    let KeyConfig::KeyFile(key) = &operator.key else { anyhow::bail!("the operator key is a file") };
     println!("\nDashboard: {url}\n  JSON: {url}api/summary  {url}api/nodes  Prometheus: {url}metrics");
+    println!(
+        "From another terminal:\n  chorus rpc rpcutil ping --url {url} --key {} --credential {} --issuer {}",
+        key.display(),
+        operator.credential.display(),
+        operator.issuers.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(",")
+    );
     println!("Audit records: {}\nPress Ctrl-C to stop.", audit_file.display());
     Ok(())
 }

@@ -49,6 +49,12 @@ fn up_fills_the_dashboard(nats: Option<&str>) {
         printed.push(line);
     };
     assert_eq!(url, format!("http://127.0.0.1:{port}/"));
+    let hint = loop {
+        let line = rx.recv_timeout(Duration::from_secs(60)).expect("the second-terminal command is printed");
+        if let Some(command) = line.trim().strip_prefix("chorus ") {
+            break command.split_whitespace().map(str::to_string).collect::<Vec<_>>();
+        }
+    };
 
     let (dom, ok) = wait_for_dom(&url, Duration::from_secs(60), |dom| {
         // 400 nodes and the 50 new nodes (provisioning mode) `chorus up` starts by default.
@@ -63,6 +69,8 @@ fn up_fills_the_dashboard(nats: Option<&str>) {
         assert!(dom.contains(&format!(r#"data-version="{version}""#)), "version {version} not shown:\n{dom}");
     }
 
+    second_terminal(&url, &hint);
+
     let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(status.success());
     let exit = eventually_blocking("chorus up to stop after SIGTERM", Duration::from_secs(30), || {
@@ -70,4 +78,41 @@ fn up_fills_the_dashboard(nats: Option<&str>) {
     });
     assert!(exit.success(), "chorus up exited with {exit}");
     assert!(data.path().join("audit.jsonl").exists(), "the audit export file is created");
+}
+
+/// What a second terminal does with the command `chorus up` printed: RPC through its
+/// relay, signed as the operator, and discovery and facts from its inventory.
+fn second_terminal(url: &str, hint: &[String]) {
+    let args: Vec<&str> = hint.iter().map(String::as_str).collect();
+    // The 50 new nodes wait to be provisioned: only the provisioner may call them.
+    let (_, out) = crate::cli::chorus(&[&args[..], &["--display", "none"]].concat());
+    assert!(out.contains("450 replies: 400 ok, 50 denied"), "{out}");
+    // Credentials: everything after the action.
+    let security = &args[3..];
+    fn with<'a>(command: &[&'a str], security: &[&'a str]) -> Vec<&'a str> {
+        [command, security].concat()
+    }
+    // The simulator's facts: country is uk for every fourth node (100 of 400, 13 of the 50
+    // new nodes, which the inventory knows but which refuse the operator).
+    eventually_blocking("the inventory to know every registration", Duration::from_secs(60), || {
+        let (ok, out) = crate::cli::chorus(&with(&["facts", "country"], security));
+        if ok
+            && out.contains("uk  found 100 times")
+            && out.contains("50 of 450 discovered nodes answered with an error")
+        {
+            Ok(())
+        } else {
+            Err(out)
+        }
+    });
+    let (ok, out) = crate::cli::chorus(&with(&["discover", "-F", "country=uk", "-C", "role::web"], security));
+    assert!(ok && out.contains("Discovered 39 nodes"), "{out}");
+    let (ok, out) = crate::cli::chorus(&with(
+        &["rpc", "rpcutil", "ping", "-F", "cpus>=16", "-I", "/^sim-/", "--limit", "10"],
+        security,
+    ));
+    assert!(ok && out.contains("10 replies: 10 ok"), "{out}");
+    // Without the operator's key the fleet refuses, through the relay as over NATS.
+    let (ok, out) = crate::cli::chorus(&["rpc", "rpcutil", "ping", "--url", url, "--display", "all"]);
+    assert!(!ok && (out.contains("denied") || out.contains("refused")), "{out}");
 }

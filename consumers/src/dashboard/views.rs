@@ -64,6 +64,18 @@ impl Views {
         verifier: Option<Verifier>,
         shutdown: Shutdown,
     ) -> Result<Views, ViewsError> {
+        Self::start_with_routes(backbone, options, verifier, axum::Router::new(), shutdown).await
+    }
+
+    /// [`Views::start`], serving `routes` beside the dashboard's (e.g. the RPC relay of
+    /// `chorus up`).
+    pub async fn start_with_routes(
+        backbone: Arc<dyn Backbone>,
+        options: &ViewsOptions,
+        verifier: Option<Verifier>,
+        routes: axum::Router,
+        shutdown: Shutdown,
+    ) -> Result<Views, ViewsError> {
         let store = Store::open(&options.state)?;
         let mut projector = Inventory::projector(backbone.clone(), &store)?;
         let mut registrations = Inventory::registration_projector(backbone.clone(), &store)?;
@@ -98,7 +110,8 @@ impl Views {
         let monitor = Arc::new(ViewsMonitor { dashboard: dashboard.clone(), tasks: tasks.monitor() });
         let ops = Ops::new().with(monitor);
         let stop = tasks.shutdown().clone();
-        tasks.spawn("http", async move { ops.serve(listener, dashboard.router(), stop).await });
+        let router = dashboard.router().merge(routes);
+        tasks.spawn("http", async move { ops.serve(listener, router, stop).await });
         Ok(Views { url: format!("http://{addr}/"), inventory, tasks })
     }
 
