@@ -187,6 +187,11 @@ impl RpcClient {
         &self.callerid
     }
 
+    /// The collective requests are made in.
+    pub fn collective(&self) -> &str {
+        &self.collective
+    }
+
     /// Publishes a request and returns the stream of its replies, which ends at the
     /// timeout or once the expected number of nodes answered.
     pub async fn request(

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use chorus_backbone::jetstream::NatsConfig;
 use chorus_consumers::audit_export::{AuditExport, ExportConfig, JsonlConfig, SinkConfig};
-use chorus_consumers::dashboard::{Views, ViewsOptions};
+use chorus_consumers::dashboard::{Actions, Views, ViewsOptions};
 use chorus_consumers::inventory::StatusPolicy;
 use chorus_consumers::provisioner::{Provisioner, ProvisionerConfig, Step};
 use chorus_identity::{Credential, CredentialSpec, Identity, Issuers};
@@ -122,8 +122,18 @@ async fn start(
         Some(urls) => Arc::new(NatsTransport::new(NatsConfig::from_url_list(urls).connect(None).await?)),
         None => Arc::new(LocalTransport::new()),
     };
-    let relay = chorus_rpc::relay::router(transport.clone());
-    let views = Views::start_with_routes(backbone.clone(), &options, None, relay, shutdown.child()).await?;
+    // Identity: an issuer for this platform, a key and node credential for every simulated
+    // node, client credentials for the demo operator, the dashboard and the provisioner.
+    // Every request is signed by its caller and every reply by its node, as on a real
+    // secure fleet.
+    let identity = PlatformIdentity::open(&data.join("identity"))?;
+    let security = Some(Arc::new(RequestSecurity::new(identity.issuers.clone())));
+    let dashboard = RpcClient::signed(transport.clone(), identity.client("chorus=dashboard")?, "choria")
+        .with_trust(identity.issuers.clone());
+    let routes = |inventory: &chorus_consumers::inventory::Inventory| {
+        chorus_rpc::relay::router(transport.clone()).merge(Actions::new(dashboard, inventory.clone()).router())
+    };
+    let views = Views::start_with_routes(backbone.clone(), &options, None, routes, shutdown.child()).await?;
     let url = views.url().to_string();
     services.push(views);
 
@@ -133,12 +143,6 @@ async fn start(
         AuditExport::start(backbone.clone(), export, shutdown.child()).await.context("starting the audit export")?,
     );
 
-    // Identity: an issuer for this platform, a key and node credential for every simulated
-    // node, client credentials for the demo operator and the provisioner. Every request is
-    // signed by its caller and every reply by its node, as on a real secure fleet.
-    let identity = PlatformIdentity::open(&data.join("identity"))?;
-    let security = Some(Arc::new(RequestSecurity::new(identity.issuers.clone())));
-
     // The fleet.
     let mut config = SimConfig::new(args.nodes);
     config.alive_interval = args.alive_interval;
@@ -146,14 +150,14 @@ async fn start(
         Simulator::new(config, Arc::new(BackboneSink(backbone.clone())))?
             .with_identities(&identity.issuer, CREDENTIAL_VALIDITY)?,
     );
-    // The demo fleet lets the demo operator and you (`chorus=operator`, whose key and
-    // credential are written to <data>/identity) call rpcutil (read-only); everything else
-    // stays denied by default, as on a real fleet.
+    // The demo fleet lets the demo operator, the dashboard's action page and you
+    // (`chorus=operator`, whose key and credential are written to <data>/identity) call
+    // rpcutil (read-only); everything else stays denied by default, as on a real fleet.
     let policy_dir = data.join("policy");
     std::fs::create_dir_all(&policy_dir)?;
     std::fs::write(
         policy_dir.join("rpcutil.policy"),
-        "policy default deny\nallow\tchorus=demo-operator chorus=operator choria=provisioner\t*\t*\t*\n",
+        "policy default deny\nallow\tchorus=demo-operator chorus=operator chorus=dashboard choria=provisioner\t*\t*\t*\n",
     )?;
     let storm = sim.startup_storm().await?;
     services.push(sim.clone().start("simulated fleet", shutdown.child()));
@@ -215,6 +219,7 @@ async fn start(
     let operator = identity.client_files("chorus=operator")?;
     let KeyConfig::KeyFile(key) = &operator.key else { anyhow::bail!("the operator key is a file") };
     println!("\nDashboard: {url}\n  JSON: {url}api/summary  {url}api/nodes  Prometheus: {url}metrics");
+    println!("  Run an action: {url}rpc");
     println!(
         "From another terminal:\n  chorus rpc rpcutil ping --url {url} --key {} --credential {} --issuer {}",
         key.display(),

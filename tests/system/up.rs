@@ -70,6 +70,7 @@ fn up_fills_the_dashboard(nats: Option<&str>) {
     }
 
     second_terminal(&url, &hint);
+    action_page(&url);
 
     let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(status.success());
@@ -115,4 +116,23 @@ fn second_terminal(url: &str, hint: &[String]) {
     // Without the operator's key the fleet refuses, through the relay as over NATS.
     let (ok, out) = crate::cli::chorus(&["rpc", "rpcutil", "ping", "--url", url, "--display", "all"]);
     assert!(!ok && (out.contains("denied") || out.contains("refused")), "{out}");
+}
+
+/// The dashboard's action page, in Chromium: a ping of the nodes a filter selects, the
+/// replies filling the page, and a filter that does not compile refused with nothing sent.
+fn action_page(url: &str) {
+    // country=uk among the 400 simulated nodes (the new nodes refuse the dashboard).
+    let page = format!("{url}rpc?agent=rpcutil&action=ping&fact=country%3Duk&identity=%2F%5Esim-%2F&run=1");
+    let (dom, ok) = wait_for_dom(&page, Duration::from_secs(60), |dom| {
+        dom.contains(r#"data-done="true""#) && dom.contains(r#"id="rpc-ok">100<"#)
+    })
+    .expect("chromium runs");
+    assert!(ok, "the action page never showed 100 ok replies:\n{dom}");
+    assert_eq!(dom.matches(r#"<tr class="reply">"#).count(), 100, "{dom}");
+    assert!(dom.contains(r#"id="rpc-discovered">100<"#) && dom.contains(r#"id="rpc-silent">0<"#), "{dom}");
+
+    let bad = format!("{url}rpc?agent=rpcutil&action=ping&fact=name%3D~%2F(%2F&run=1");
+    let (dom, ok) =
+        wait_for_dom(&bad, Duration::from_secs(30), |dom| dom.contains("Nothing was sent.")).expect("chromium");
+    assert!(ok && dom.contains("regex"), "a malformed filter is refused on the page:\n{dom}");
 }

@@ -8,8 +8,11 @@
 //!
 //! Routes: `/` (page), `/api/summary`, `/api/nodes`, `/api/nodes/{identity}` (from
 //! [`crate::inventory::router`]), `/api/rates`, `/api/events`; `/metrics` and `/healthz` come
-//! from the runtime's ops router ([`Views`] serves them together).
+//! from the runtime's ops router ([`Views`] serves them together). Where the platform gives
+//! the dashboard an RPC client (`chorus up`), [`Actions`] adds `/rpc`, a page to run an
+//! action on a filter and watch the replies arrive.
 
+mod actions;
 mod rates;
 mod views;
 
@@ -25,6 +28,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use crate::inventory::{Inventory, Status};
+pub use actions::{ActionRequest, Actions};
 pub use rates::{RateSample, StreamRates};
 pub use views::{Views, ViewsError, ViewsOptions};
 

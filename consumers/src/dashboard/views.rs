@@ -64,16 +64,16 @@ impl Views {
         verifier: Option<Verifier>,
         shutdown: Shutdown,
     ) -> Result<Views, ViewsError> {
-        Self::start_with_routes(backbone, options, verifier, axum::Router::new(), shutdown).await
+        Self::start_with_routes(backbone, options, verifier, |_| axum::Router::new(), shutdown).await
     }
 
-    /// [`Views::start`], serving `routes` beside the dashboard's (e.g. the RPC relay of
-    /// `chorus up`).
+    /// [`Views::start`], serving the routes `routes` makes (given the inventory) beside the
+    /// dashboard's: `chorus up` adds its RPC relay and the action page.
     pub async fn start_with_routes(
         backbone: Arc<dyn Backbone>,
         options: &ViewsOptions,
         verifier: Option<Verifier>,
-        routes: axum::Router,
+        routes: impl FnOnce(&Inventory) -> axum::Router,
         shutdown: Shutdown,
     ) -> Result<Views, ViewsError> {
         let store = Store::open(&options.state)?;
@@ -110,7 +110,7 @@ impl Views {
         let monitor = Arc::new(ViewsMonitor { dashboard: dashboard.clone(), tasks: tasks.monitor() });
         let ops = Ops::new().with(monitor);
         let stop = tasks.shutdown().clone();
-        let router = dashboard.router().merge(routes);
+        let router = dashboard.router().merge(routes(&inventory));
         tasks.spawn("http", async move { ops.serve(listener, router, stop).await });
         Ok(Views { url: format!("http://{addr}/"), inventory, tasks })
     }
