@@ -15,13 +15,11 @@ use chorus_backbone::Backbone;
 use chorus_identity::{Identity, Issuers, Role};
 use chorus_keys::KeyConfig;
 use chorus_platform::{Emitter, EventSink, Outbox, OutboxLimits, SigningSink};
-use chorus_rpc::agents::{self as rpc_agents, ExternalAgent, RpcUtil, Shell};
-use chorus_rpc::{
-    Agent, NatsTransport, NodeContext, PolicySettings, RequestSecurity, RpcServer, ServerOptions, Transport,
-};
+use chorus_rpc::{NatsTransport, NodeContext, PolicySettings, RequestSecurity, RpcServer, ServerOptions, Transport};
 use chorus_runtime::{Config, ConfigError, Health, Service, ServiceError, Shutdown, Tasks};
 use serde::{Deserialize, Serialize};
 
+use crate::agents_dir;
 use crate::lifecycle::{LifecycleEmitter, NodeIdentity};
 use crate::machine::{Machine, MachineHandle, Manifest};
 use crate::registration::{self, FactSources, RegistrationConfig, RegistrationStatus};
@@ -73,9 +71,13 @@ pub struct AgentConfig {
     pub policy_dir: Option<PathBuf>,
     /// Directory of external agents (Choria's external-agent protocol): `X.json` DDLs with
     /// `"provider": "external"` beside their executables; each agent's configuration file
-    /// is `<agent>.cfg` there. Loaded at start; the ones left out are named in health.
+    /// is `<agent>.cfg` there. Loaded at start and again when the directory changes; the
+    /// ones left out are named in health.
     #[serde(default)]
     pub agents_dir: Option<PathBuf>,
+    /// How often the agents directory is checked for changes.
+    #[serde(default = "default_agents_reload", with = "humantime_serde")]
+    pub agents_reload_interval: Duration,
     /// How the policy directory is read: Choria's authorizer (`action_policy`,
     /// `rego_policy`) and its default-policy settings.
     #[serde(default)]
@@ -140,6 +142,10 @@ impl Default for SecurityConfig {
     }
 }
 
+fn default_agents_reload() -> Duration {
+    Duration::from_secs(30)
+}
+
 fn default_max_ttl() -> Duration {
     chorus_rpc::security::DEFAULT_MAX_TTL
 }
@@ -178,6 +184,7 @@ impl AgentConfig {
             machines_dir: None,
             policy_dir: None,
             agents_dir: None,
+            agents_reload_interval: default_agents_reload(),
             policy: PolicySettings::default(),
             alive_interval: default_alive(),
             alive_splay: None,
@@ -255,7 +262,8 @@ pub struct NodeAgent {
     /// Why callers are not authenticated, when they are not; shown in health.
     insecure: Option<String>,
     /// External agents left out at start, with the reason; shown in health.
-    skipped_agents: Vec<String>,
+    /// External agents left out, and why (kept current by the reload loop).
+    skipped_agents: Arc<std::sync::Mutex<Vec<String>>>,
     /// When the node credential expires (Unix seconds), and from when health warns about it:
     /// after expiry peers refuse the node's replies and events.
     credential_expires: Option<(i64, i64)>,
@@ -315,7 +323,7 @@ impl NodeAgent {
 
         let mut rpc = None;
         let mut registration = None;
-        let mut skipped_agents = Vec::new();
+        let skipped_agents = Arc::new(std::sync::Mutex::new(Vec::new()));
         if let Some(transport) = transport {
             let sources = FactSources {
                 inline: config.facts.clone(),
@@ -337,16 +345,8 @@ impl NodeAgent {
                 machines: machines.iter().map(|m| m.instance().machine.clone()).collect(),
                 provision_mode: config.component == chorus_schemas::lifecycle::PROVISION_MODE_COMPONENT,
             };
-            let mut agents: Vec<Arc<dyn Agent>> =
-                vec![Arc::new(RpcUtil), Arc::new(rpc_agents::Package), Arc::new(rpc_agents::Service), Arc::new(Shell)];
-            if let Some(dir) = &config.agents_dir {
-                let loaded = ExternalAgent::load_dir(dir, dir).await;
-                for (path, reason) in &loaded.skipped {
-                    tracing::warn!(ddl = %path.display(), "external agent left out: {reason}");
-                    skipped_agents.push(format!("{}: {reason}", path.display()));
-                }
-                agents.extend(loaded.agents.into_iter().map(|a| Arc::new(a) as Arc<dyn Agent>));
-            }
+            let (agents, left_out) = agents_dir::load(config.agents_dir.as_deref()).await;
+            *skipped_agents.lock().unwrap_or_else(|e| e.into_inner()) = left_out;
             let options = ServerOptions {
                 security: security.requests.clone(),
                 policy: config.policy.clone(),
@@ -355,6 +355,19 @@ impl NodeAgent {
             let server = RpcServer::new(transport, agents, config.policy_dir.clone(), options)?;
             server.add_node(ctx, emitter.clone(), security.identity.clone()).await?;
             let server = Arc::new(server);
+            if let Some(dir) = &config.agents_dir {
+                let watch = agents_dir::watch(
+                    server.clone(),
+                    dir.clone(),
+                    config.agents_reload_interval,
+                    skipped_agents.clone(),
+                    tasks.shutdown().clone(),
+                );
+                tasks.spawn("external agents", async move {
+                    watch.await;
+                    Ok::<_, ProducerError>(())
+                });
+            }
             if config.registration.enabled {
                 let status = Arc::new(RegistrationStatus::default());
                 let run = registration::run(
@@ -440,11 +453,8 @@ impl Service for NodeAgent {
                 }
             },
         };
-        let health = if self.skipped_agents.is_empty() {
-            health
-        } else {
-            health.with("external_agents_left_out", &self.skipped_agents)
-        };
+        let skipped = self.skipped_agents.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let health = if skipped.is_empty() { health } else { health.with("external_agents_left_out", &skipped) };
         let Some((expires, warn_from)) = self.credential_expires else { return health };
         let now = chrono::Utc::now().timestamp();
         let health = health.with("credential_expires", expires);

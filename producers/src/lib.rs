@@ -2,6 +2,7 @@
 //!
 //! * [`lifecycle`]: startup, alive (interval with splay), shutdown, provisioned, upgraded.
 //! * [`machine`]: autonomous agents, finite state machines from YAML manifests with watchers.
+//! * [`agents_dir`]: the built-in agents and the external ones, reloaded on change.
 //! * [`agent`]: the node agent that runs all of the above with the outbox and the RPC
 //!   server (`chorus agent`), as a runtime service.
 //! * [`registration`]: the node's metadata (facts, classes, agents) published for discovery.
@@ -11,6 +12,7 @@
 //! host is `chorus-rpc`.
 
 pub mod agent;
+pub mod agents_dir;
 pub mod error;
 pub mod lifecycle;
 pub mod machine;

@@ -3,8 +3,8 @@
 //! inventory can answer discovery without asking the nodes.
 //!
 //! A node publishes after a random splay at start (a fleet restarting together does not
-//! publish in one burst), whenever its facts change (re-read every `check_interval` from the
-//! fact file and command), and every `interval` regardless, so a view that lost a message
+//! publish in one burst), whenever its facts or agents change (facts re-read every
+//! `check_interval` from the fact file and command), and every `interval` regardless, so a view that lost a message
 //! converges. Choria republishes only on its interval; publishing on change is what lets
 //! inventory discovery be trusted minutes, not an interval, after a fact changes.
 
@@ -181,8 +181,15 @@ pub async fn run(
     republish.tick().await;
     let mut publish = true;
     let mut publish_problem: Option<String> = None;
+    let mut agents = server.agents();
     loop {
         let mut read_problem = None;
+        // External agents added or removed while the node runs change what it is.
+        let now = server.agents();
+        if now != agents {
+            agents = now;
+            publish = true;
+        }
         if sources.is_dynamic() {
             match sources.read().await {
                 Ok(facts) => {
@@ -212,7 +219,7 @@ pub async fn run(
         status.set_problem(read_problem.or_else(|| publish_problem.clone()));
         tokio::select! {
             _ = republish.tick() => publish = true,
-            _ = check.tick(), if sources.is_dynamic() || publish => {}
+            _ = check.tick() => {}
             _ = shutdown.requested() => return,
         }
     }

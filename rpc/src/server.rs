@@ -182,11 +182,46 @@ enum Destination {
 /// once for all of them.
 struct Delivery {
     request: RpcRequest,
+    /// The agents as they were when the request arrived.
+    agents: Arc<AgentSet>,
     filter: CompiledFilter,
     reply_to: Option<String>,
     caller: Option<Result<Caller, Refusal>>,
     policy: Prepared,
     now: i64,
+}
+
+/// The agents a server's nodes have.
+struct AgentSet {
+    agents: HashMap<String, RegisteredAgent>,
+    /// Sorted agent names, as reported by `rpcutil` and matched by agent filters.
+    names: Vec<String>,
+    /// The agents' DDL metadata, for `rpcutil agent_inventory` and registration.
+    descriptions: std::collections::BTreeMap<String, crate::ddl::Metadata>,
+}
+
+impl AgentSet {
+    fn new(agents: Vec<Arc<dyn Agent>>) -> Result<Self, RpcError> {
+        let mut registered = HashMap::new();
+        for agent in agents {
+            let name = agent.name().to_string();
+            validate_subject(&name, false).map_err(|e| RpcError::Invalid(format!("agent name: {e}")))?;
+            if name.contains('.') {
+                return Err(RpcError::Invalid(format!("agent name {name:?} contains a dot")));
+            }
+            let actions = agent.actions().into_iter().collect();
+            if registered.insert(name.clone(), RegisteredAgent { agent, actions }).is_some() {
+                return Err(RpcError::Invalid(format!("agent {name} registered twice")));
+            }
+        }
+        let mut names: Vec<String> = registered.keys().cloned().collect();
+        names.sort();
+        let descriptions = registered
+            .iter()
+            .filter_map(|(name, r)| r.agent.ddl().map(|ddl| (name.clone(), ddl.metadata.clone())))
+            .collect();
+        Ok(AgentSet { agents: registered, names, descriptions })
+    }
 }
 
 /// Hosted nodes a request reaches, above which their work is spread over the runtime's
@@ -197,11 +232,8 @@ const SPREAD_ABOVE: usize = 64;
 /// State shared by the server handle and its subscription tasks.
 struct Core {
     transport: Arc<dyn Transport>,
-    agents: HashMap<String, RegisteredAgent>,
-    /// Sorted agent names, as reported by `rpcutil` and matched by agent filters.
-    agent_names: Vec<String>,
-    /// The agents' DDL metadata, for `rpcutil agent_inventory`.
-    descriptions: std::collections::BTreeMap<String, crate::ddl::Metadata>,
+    /// The agents; replaced whole by [`RpcServer::set_agents`], read once per request.
+    agents: RwLock<Arc<AgentSet>>,
     /// Worker threads the hosted nodes' work is spread over (read once: on Linux it reads
     /// the cgroup's CPU limit from files).
     workers: usize,
@@ -250,29 +282,9 @@ impl RpcServer {
         policy_dir: Option<std::path::PathBuf>,
         options: ServerOptions,
     ) -> Result<Self, RpcError> {
-        let mut registered = HashMap::new();
-        for agent in agents {
-            let name = agent.name().to_string();
-            validate_subject(&name, false).map_err(|e| RpcError::Invalid(format!("agent name: {e}")))?;
-            if name.contains('.') {
-                return Err(RpcError::Invalid(format!("agent name {name:?} contains a dot")));
-            }
-            let actions = agent.actions().into_iter().collect();
-            if registered.insert(name.clone(), RegisteredAgent { agent, actions }).is_some() {
-                return Err(RpcError::Invalid(format!("agent {name} registered twice")));
-            }
-        }
-        let mut agent_names: Vec<String> = registered.keys().cloned().collect();
-        agent_names.sort();
-        let descriptions = registered
-            .iter()
-            .filter_map(|(name, r)| r.agent.ddl().map(|ddl| (name.clone(), ddl.metadata.clone())))
-            .collect();
         let core = Core {
             transport,
-            agents: registered,
-            agent_names,
-            descriptions,
+            agents: RwLock::new(Arc::new(AgentSet::new(agents)?)),
             workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
             policy: ActionPolicy::new(policy_dir, options.policy.clone()),
             nodes: RwLock::new(HashMap::new()),
@@ -327,7 +339,7 @@ impl RpcServer {
         }
 
         let mut subjects: Vec<String> =
-            self.core.agent_names.iter().map(|agent| broadcast_subject(&ctx.collective, agent)).collect();
+            self.core.agent_set().names.iter().map(|agent| broadcast_subject(&ctx.collective, agent)).collect();
         subjects.push(if self.core.options.wildcard_directed {
             format!("{}.node.>", ctx.collective)
         } else {
@@ -391,8 +403,43 @@ impl RpcServer {
     }
 
     /// Names of the agents every hosted node has, sorted.
-    pub fn agents(&self) -> &[String] {
-        &self.core.agent_names
+    pub fn agents(&self) -> Vec<String> {
+        self.core.agent_set().names.clone()
+    }
+
+    /// Replaces the agents every hosted node has (external agents added, changed or removed
+    /// while the node runs): requests that arrive afterwards see the new set. Broadcast
+    /// subscriptions follow: new agents are subscribed in every hosted collective before
+    /// the swap, those of removed agents end after it.
+    pub async fn set_agents(&self, agents: Vec<Arc<dyn Agent>>) -> Result<(), RpcError> {
+        let set = Arc::new(AgentSet::new(agents)?);
+        let _adding = self.adding.lock().await;
+        let collectives: Vec<String> = self.core.nodes_read().keys().cloned().collect();
+        let wanted: HashSet<String> =
+            collectives.iter().flat_map(|c| set.names.iter().map(move |agent| broadcast_subject(c, agent))).collect();
+        let mut added = false;
+        for subject in &wanted {
+            if self.lock_listeners().contains_key(subject) {
+                continue;
+            }
+            let subscription = self.core.transport.subscribe(subject).await?;
+            let task = tokio::spawn(listen(Arc::clone(&self.core), subject.clone(), subscription));
+            self.lock_listeners().insert(subject.clone(), task);
+            added = true;
+        }
+        if added {
+            self.core.transport.flush().await?;
+        }
+        *self.core.agents.write().unwrap_or_else(|e| e.into_inner()) = set;
+        let broadcast = |s: &str| s.split('.').nth(1) == Some("broadcast");
+        self.lock_listeners().retain(|subject, task| {
+            let keep = !broadcast(subject) || wanted.contains(subject);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        Ok(())
     }
 
     /// A hosted node's context, as requests see it now.
@@ -424,11 +471,11 @@ impl RpcServer {
     /// metadata, and its counters. `None` when the node is not hosted here.
     pub fn registration(&self, collective: &str, identity: &str) -> Option<InventoryContent> {
         let node = Arc::clone(self.core.nodes_read().get(collective)?.get(identity)?);
-        let agents = self
-            .core
-            .agent_names
+        let set = self.core.agent_set();
+        let agents = set
+            .names
             .iter()
-            .map(|name| match self.core.descriptions.get(name) {
+            .map(|name| match set.descriptions.get(name) {
                 Some(m) => AgentMetadata {
                     name: name.clone(),
                     version: m.version.clone(),
@@ -537,7 +584,7 @@ impl Drop for RpcServer {
 
 impl std::fmt::Debug for RpcServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RpcServer").field("agents", &self.core.agent_names).field("nodes", &self.node_count()).finish()
+        f.debug_struct("RpcServer").field("agents", &self.agents()).field("nodes", &self.node_count()).finish()
     }
 }
 
@@ -558,6 +605,10 @@ async fn listen(core: Arc<Core>, subject: String, mut subscription: Subscription
 }
 
 impl Core {
+    fn agent_set(&self) -> Arc<AgentSet> {
+        Arc::clone(&self.agents.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
     fn nodes_read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, HashMap<String, Arc<HostedNode>>>> {
         self.nodes.read().unwrap_or_else(|e| e.into_inner())
     }
@@ -652,7 +703,8 @@ impl Core {
         if !policy.problems().is_empty() {
             self.report_policy_problems(&targets[0], &request, &policy).await;
         }
-        let delivery = Arc::new(Delivery { request, filter, reply_to: message.reply, caller, policy, now });
+        let agents = self.agent_set();
+        let delivery = Arc::new(Delivery { request, agents, filter, reply_to: message.reply, caller, policy, now });
         let workers = self.workers;
         let concurrency = self.options.node_concurrency.max(1);
         if targets.len() <= SPREAD_ABOVE || workers == 1 {
@@ -702,11 +754,11 @@ impl Core {
 
     /// Steps 2 to 6 on one node.
     async fn process(&self, node: &HostedNode, delivery: &Delivery) {
-        let Delivery { request, filter, reply_to, caller, policy, now } = delivery;
+        let Delivery { request, agents, filter, reply_to, caller, policy, now } = delivery;
         let (reply_to, caller, now) = (reply_to.as_deref(), caller.as_ref(), *now);
         let stats = &node.stats;
         RpcStats::bump(&stats.total);
-        if !filter.matches(&node.ctx, &self.agent_names) {
+        if !filter.matches(&node.ctx, &agents.names) {
             RpcStats::bump(&stats.filtered);
             return;
         }
@@ -729,11 +781,11 @@ impl Core {
             }
         }
 
-        let registered = self.agents.get(&request.agent).filter(|a| a.actions.contains(&request.action));
+        let registered = agents.agents.get(&request.agent).filter(|a| a.actions.contains(&request.action));
         let reply = match registered {
             None => {
                 let mut reply = RpcReply::new(request, identity, StatusCode::UnknownAction, JsonObject::new());
-                reply.statusmsg = if self.agents.contains_key(&request.agent) {
+                reply.statusmsg = if agents.agents.contains_key(&request.agent) {
                     format!("Unknown action {} for agent {}", request.action, request.agent)
                 } else {
                     format!("Unknown agent {}", request.agent)
@@ -745,7 +797,7 @@ impl Core {
                 reply
             }
             Some(registered) => {
-                let decision = policy.decide(request, &node.ctx, &self.agent_names);
+                let decision = policy.decide(request, &node.ctx, &agents.names);
                 let recorded = self.record_request(node, request).await;
                 if !decision.allowed {
                     RpcStats::bump(&stats.denied);
@@ -769,8 +821,8 @@ impl Core {
                     let ctx = ActionContext {
                         request,
                         node: &node.ctx,
-                        agents: &self.agent_names,
-                        descriptions: &self.descriptions,
+                        agents: &agents.names,
+                        descriptions: &agents.descriptions,
                         stats: self.node_snapshot(node),
                         started: self.started,
                     };

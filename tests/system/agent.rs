@@ -461,3 +461,82 @@ async fn the_node_registers_its_facts_and_again_when_they_change() {
     .await;
     agent.stop().await.unwrap();
 }
+
+/// External agents follow their directory while the node runs: one copied in answers
+/// (and the node registers again with it), one removed is an unknown agent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_agents_are_loaded_and_unloaded_while_the_node_runs() {
+    let server = NatsServer::start().unwrap();
+    let b = site(&server).await;
+    let dir = tempfile::tempdir().unwrap();
+    let agents = dir.path().join("agents");
+    std::fs::create_dir_all(&agents).unwrap();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    std::fs::write(policies.join("parrot.policy"), "policy default allow\n").unwrap();
+    let identity = "reload.example.net";
+    let mut cfg = agent_config(identity, &server, dir.path());
+    cfg.agents_dir = Some(agents.clone());
+    cfg.agents_reload_interval = Duration::from_millis(200);
+    cfg.policy_dir = Some(policies);
+    cfg.registration.splay = Duration::ZERO;
+    cfg.registration.check_interval = Duration::from_millis(200);
+    let mut agent = NodeAgent::start(cfg, Shutdown::new()).await.unwrap();
+    assert!(!agent.rpc().unwrap().agents().contains(&"parrot".to_string()));
+
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let rpc = RpcClient::new(Arc::new(NatsTransport::new(client)), "choria=tester", "choria");
+    let echo = || {
+        let rpc = rpc.clone();
+        async move {
+            let options = RequestOptions {
+                target: Target::Node(identity.into()),
+                timeout: Duration::from_secs(20),
+                ..Default::default()
+            };
+            let data = serde_json::json!({"message": "hi", "repeat": 1}).as_object().unwrap().clone();
+            rpc.call("parrot", "echo", data, options).await.unwrap().replies.into_iter().next().unwrap()
+        }
+    };
+    let before = echo().await;
+    assert_eq!(before.statuscode, chorus_schemas::StatusCode::UnknownAction, "{before:?}");
+
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("system/data/parrot");
+    for file in ["parrot", "parrot.json"] {
+        std::fs::copy(data.join(file), agents.join(file)).unwrap();
+    }
+    eventually("the parrot agent to answer", Duration::from_secs(30), || {
+        let echo = echo();
+        async move {
+            let reply = echo.await;
+            if reply.statuscode == chorus_schemas::StatusCode::Ok {
+                Ok(())
+            } else {
+                Err(format!("{reply:?}"))
+            }
+        }
+    })
+    .await;
+    wait_for(&*b, &["CHORUS_REGISTRATION"], identity, "a registration naming parrot", |evs| {
+        evs.iter().any(|r| match &r.data {
+            Event::Registration(g) => g.content.agents.iter().any(|a| a.name == "parrot"),
+            _ => false,
+        })
+    })
+    .await;
+
+    std::fs::remove_file(agents.join("parrot.json")).unwrap();
+    eventually("the parrot agent to be gone", Duration::from_secs(30), || {
+        let echo = echo();
+        async move {
+            let reply = echo.await;
+            if reply.statusmsg.contains("Unknown agent parrot") {
+                Ok(())
+            } else {
+                Err(format!("{reply:?}"))
+            }
+        }
+    })
+    .await;
+    agent.stop().await.unwrap();
+}
