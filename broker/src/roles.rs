@@ -7,10 +7,10 @@ use serde::{Deserialize, Serialize};
 ///
 /// | Role | May publish | May subscribe |
 /// |---|---|---|
-/// | `agent` | `choria.lifecycle.>`, `choria.machine.>`, `chorus.rpc.request.C.>`, `chorus.rpc.reply.C.>`, `chorus.audit.deny.>`, `chorus.audit.unknown.>`, `C.reply.>`, stream lookups, `_INBOX.>` | `C.broadcast.agent.>`, `C.node.>`, `_INBOX.>` |
+/// | `agent` | `choria.lifecycle.>`, `choria.machine.>`, `choria.registration.>`, `chorus.rpc.request.C.>`, `chorus.rpc.reply.C.>`, `chorus.audit.deny.>`, `chorus.audit.unknown.>`, `C.reply.>`, stream lookups, `_INBOX.>` | `C.broadcast.agent.>`, `C.node.>`, `_INBOX.>` |
 /// | `client` | `C.broadcast.agent.>`, `C.node.>`, `_INBOX.>` | `C.reply.<reply token of its caller id>.>`, `_INBOX.>` |
 /// | `aaa` | `chorus.audit.>`, stream lookups | `_INBOX.>` |
-/// | `consumer` | JetStream reads (stream info, message get, consumers, acks), `chorus.deadletter.>` | `_INBOX.>`, `choria.lifecycle.>`, `choria.machine.>` |
+/// | `consumer` | JetStream reads (stream info, message get, consumers, acks), `chorus.deadletter.>` | `_INBOX.>`, `choria.lifecycle.>`, `choria.machine.>`, `choria.registration.>` |
 /// | `replicator` | the JetStream API except stream deletion, acks and flow control, every event subject | `_INBOX.>` |
 /// | `admin` | `>` | `>` |
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -62,10 +62,6 @@ pub struct Permissions {
 /// Stream lookups a publisher needs to tell "no stream for this subject" from a hiccup.
 const STREAM_LOOKUP: &[&str] = &["$JS.API.INFO", "$JS.API.STREAM.NAMES", "$JS.API.STREAM.INFO.>"];
 
-/// Every event subject Chorus publishes (the platform streams' filters).
-const EVENT_SUBJECTS: &[&str] =
-    &["choria.lifecycle.>", "choria.machine.>", "chorus.rpc.>", "chorus.audit.>", "chorus.deadletter.>"];
-
 /// The permissions of `role` for a tenant with `collectives`; a client's replies are those
 /// of `callerid` only.
 pub fn permissions(role: Role, collectives: &[String], callerid: Option<&str>) -> Permissions {
@@ -74,7 +70,7 @@ pub fn permissions(role: Role, collectives: &[String], callerid: Option<&str>) -
     let mut p = Permissions::default();
     match role {
         Role::Agent => {
-            p.publish_allow = s(&["choria.lifecycle.>", "choria.machine.>"]);
+            p.publish_allow = s(&["choria.lifecycle.>", "choria.machine.>", "choria.registration.>"]);
             p.publish_allow.extend(per("chorus.rpc.request.{c}.>"));
             p.publish_allow.extend(per("chorus.rpc.reply.{c}.>"));
             p.publish_allow.extend(per("{c}.reply.>"));
@@ -112,11 +108,13 @@ pub fn permissions(role: Role, collectives: &[String], callerid: Option<&str>) -
                 "$JS.FC.>",
                 "chorus.deadletter.>",
             ]));
-            p.subscribe_allow = s(&["_INBOX.>", "choria.lifecycle.>", "choria.machine.>"]);
+            p.subscribe_allow = s(&["_INBOX.>", "choria.lifecycle.>", "choria.machine.>", "choria.registration.>"]);
         }
         Role::Replicator => {
             p.publish_allow = s(&["$JS.API.>", "$JS.ACK.>", "$JS.FC.>"]);
-            p.publish_allow.extend(s(EVENT_SUBJECTS));
+            // Every event subject: the platform streams' filters.
+            let events = chorus_schemas::subject::streams();
+            p.publish_allow.extend(events.iter().flat_map(|(_, subjects)| s(subjects)));
             p.publish_deny = s(&["$JS.API.STREAM.DELETE.>"]);
             p.subscribe_allow = s(&["_INBOX.>"]);
         }
