@@ -238,3 +238,74 @@ impl Transport for HttpTransport {
 fn tokio_stream_of(mut rx: mpsc::UnboundedReceiver<TransportMessage>) -> impl futures::Stream<Item = TransportMessage> {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agents::RpcUtil;
+    use crate::{LocalTransport, NodeContext, RequestOptions, RpcClient, RpcServer, ServerOptions};
+    use chorus_platform::{Emitter, MemorySink};
+
+    /// A relay on a free loopback port over `transport`.
+    async fn relay_on(transport: Arc<dyn Transport>) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, router(transport)).await });
+        url
+    }
+
+    /// A client with no broker reaches nodes on an in-process transport through the relay,
+    /// and what the relay refuses (other subjects, wildcard inboxes) is refused with a reason.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_and_replies_cross_the_relay_and_nothing_else_does() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("rpcutil.policy"), "policy default allow\n").unwrap();
+        let local: Arc<dyn Transport> = Arc::new(LocalTransport::new());
+        let options = ServerOptions { wildcard_directed: true, ..Default::default() };
+        let server = RpcServer::new(local.clone(), vec![Arc::new(RpcUtil)], Some(dir.path().into()), options).unwrap();
+        let sink = Arc::new(MemorySink::default());
+        for n in ["n1", "n2", "n3"] {
+            let emitter = Arc::new(Emitter::new(sink.clone(), 1, None));
+            server.add_node(NodeContext::new(n, "choria"), emitter, None).await.unwrap();
+        }
+        let url = relay_on(local).await;
+        let client = RpcClient::new(Arc::new(HttpTransport::new(&url)), "choria=relayed", "choria");
+        let options = RequestOptions { expected: Some(3), timeout: Duration::from_secs(10), ..Default::default() };
+        let results = client.call("rpcutil", "ping", chorus_schemas::rpc::JsonObject::new(), options).await.unwrap();
+        assert_eq!((results.summary.replies, results.summary.ok), (3, 3), "{:?}", results.summary);
+        let direct = RequestOptions { target: crate::Target::Node("n2".into()), ..Default::default() };
+        let results = client.call("rpcutil", "ping", chorus_schemas::rpc::JsonObject::new(), direct).await.unwrap();
+        assert_eq!(results.replies.len(), 1);
+        assert_eq!(results.replies[0].identity, "n2");
+
+        let http = reqwest::Client::new();
+        let post = |exchange: serde_json::Value| {
+            let http = http.clone();
+            let url = format!("{url}/api/relay");
+            async move {
+                let response = http
+                    .post(url)
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .body(exchange.to_string())
+                    .send()
+                    .await
+                    .unwrap();
+                (response.status().as_u16(), response.text().await.unwrap())
+            }
+        };
+        let payload = base64::engine::general_purpose::STANDARD.encode(b"{}");
+        let (status, body) = post(serde_json::json!({
+            "inbox": "choria.reply.x.1", "messages": [{"subject": "choria.reply.someone.1", "payload": payload}]
+        }))
+        .await;
+        assert_eq!(status, 400, "{body}");
+        assert!(body.contains("only request subjects are relayed"), "{body}");
+        let (status, body) = post(serde_json::json!({"inbox": "choria.reply.>", "messages": []})).await;
+        assert_eq!(status, 400, "a wildcard inbox would read other callers' replies: {body}");
+        let (status, body) = post(serde_json::json!({
+            "inbox": "choria.reply.x.2", "messages": [{"subject": "choria.node.n1", "payload": "not base64!"}]
+        }))
+        .await;
+        assert_eq!(status, 400, "{body}");
+    }
+}
