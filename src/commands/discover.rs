@@ -44,15 +44,13 @@ async fn find(target: &TargetArgs, rpc: &chorus_rpc::RpcClient) -> anyhow::Resul
     if !filter.agent.iter().any(|a| a == "rpcutil") {
         filter.agent.push("rpcutil".into());
     }
-    let exact = target.exact_identities();
-    let method = target.method().unwrap_or(Method::Broadcast);
-    if method == Method::Broadcast && !exact.is_empty() && filter.fact.is_empty() && filter.cf_class.is_empty() {
-        // Choria's shortcut: only exact identities, so no traffic; absent ones show up as
-        // not responding to the request that follows.
-        if filter.compound.is_empty() {
-            return Ok(exact);
-        }
-    }
+    let method = match target.method() {
+        Some(method) => method,
+        // Exact identities alone name the nodes (Choria's shortcut, no traffic); absent
+        // ones show up as not responding to the request that follows.
+        None if !target.exact_identities().is_empty() => return Ok(target.exact_identities()),
+        None => Method::Broadcast,
+    };
     let found = target.discover(method, rpc, &filter).await?;
     for note in &found.notes {
         eprintln!("{note}");

@@ -54,8 +54,9 @@ pub struct TargetArgs {
     /// the nodes that answered one request receive the next).
     #[arg(long, conflicts_with = "identities")]
     pub nodes: Option<std::path::PathBuf>,
-    /// Discovery method (default: file with --nodes, inventory with --inventory, else no
-    /// discovery step: the request itself is broadcast).
+    /// Discovery method (default: none for exact `-I` identities alone, which are addressed
+    /// directly; file with --nodes; inventory with --inventory; else no discovery step: the
+    /// request itself is broadcast).
     #[arg(long = "dm", value_enum)]
     pub method: Option<Method>,
     /// The inventory API (`chorus inventory serve`, `chorus up`), e.g.
@@ -115,6 +116,17 @@ impl TargetArgs {
 
     /// The discovery method in effect, `None` when the request is simply broadcast.
     pub fn method(&self) -> Option<Method> {
+        // Choria's shortcut: only exact identities name the nodes already (and a node that
+        // never registered is still reached); absent ones show as not responding.
+        let only_exact = !self.exact_identities().is_empty()
+            && self.facts.is_empty()
+            && self.classes.is_empty()
+            && self.agents.is_empty()
+            && self.with.is_empty()
+            && self.select.is_empty();
+        if self.method.is_none() && only_exact {
+            return None;
+        }
         self.method.or(if self.nodes.is_some() {
             Some(Method::File)
         } else if self.inventory.is_some() {

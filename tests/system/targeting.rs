@@ -431,7 +431,7 @@ async fn discover_facts_and_rpc_on_the_command_line_by_inventory_and_broadcast()
     assert!(ok, "{out}");
     assert!(out.contains("Summary of All Collectives:"), "{out}");
     assert!(out.contains("MAIN_COLLECTIVE"), "{out}");
-    assert!(out.contains("1 replies: 1 ok"), "-I selects one node with inventory discovery too: {out}");
+    assert!(out.contains("1 replies: 1 ok"), "-I alone addresses its node directly, inventory or not: {out}");
 
     // Malformed input: refused before anything is sent.
     let before = rpc.stats().total;
