@@ -122,27 +122,29 @@ async fn replicator_killed_mid_copy_resumes_without_loss_or_duplicates() {
             }
         })
     };
-    // Each kill comes while the source is at least 15,000 events ahead of the kill point,
-    // so the replicator is mid-copy however fast it runs: 20,000 events published before the
-    // first kill at 5,000, and a burst of 20,000 published before the second.
-    let mut child = spawn_replicator(&config);
-    for burst in [None, Some("burst")] {
-        let kill_at = match burst {
-            None => 5_000,
-            Some(name) => {
-                let before = count(&*source, CHORUS_LIFECYCLE).await;
-                publish_all(&*source, startups(name, 0..20_000, Some("east"))).await;
-                before + 2_000
-            }
-        };
-        wait_for_count(&*target, CHORUS_LIFECYCLE, kill_at, Duration::from_secs(120)).await;
+    // Each kill comes while the replicator has a backlog of at least 15,000 events, however
+    // fast it copies: 20,000 events are published before it first starts (killed at 5,000),
+    // and a burst of 20,000 while it is down (killed 2,000 into it).
+    let kill = |child: &mut std::process::Child| {
         child.kill().unwrap(); // SIGKILL: no chance to finish a batch or its checkpoint
         child.wait().unwrap();
+    };
+    let mid_copy = || async {
         let copied = count(&*target, CHORUS_LIFECYCLE).await;
         let at_source = count(&*source, CHORUS_LIFECYCLE).await;
         assert!(copied < at_source, "killed after the copy finished ({copied} of {at_source}): not mid-copy");
-        child = spawn_replicator(&config);
-    }
+        copied
+    };
+    let mut child = spawn_replicator(&config);
+    wait_for_count(&*target, CHORUS_LIFECYCLE, 5_000, Duration::from_secs(120)).await;
+    kill(&mut child);
+    let copied = mid_copy().await;
+    publish_all(&*source, startups("burst", 0..20_000, Some("east"))).await;
+    child = spawn_replicator(&config);
+    wait_for_count(&*target, CHORUS_LIFECYCLE, copied + 2_000, Duration::from_secs(120)).await;
+    kill(&mut child);
+    mid_copy().await;
+    child = spawn_replicator(&config);
     producer.await.unwrap();
     wait_for_count(&*target, CHORUS_LIFECYCLE, 60_000, Duration::from_secs(120)).await;
     // The replicator has checkpointed the whole source: it has nothing left to send.
