@@ -136,6 +136,23 @@ pub(crate) fn string_input<'a>(data: &'a JsonObject, name: &str) -> Result<&'a s
 /// For tests of agents that run system tools: stand-in executables, made by `scripts` from
 /// the directory they live in (where they may keep state), put first on `PATH`. Each test
 /// runs in a process of its own (nextest), so changing `PATH` touches no other test.
+/// Runs `action` of `agent` with `data` on a bare node (`n1`, no facts, no other agents),
+/// as the server would after its checks: for agent tests.
+#[cfg(test)]
+pub(crate) async fn handle_on_bare_node(agent: &dyn Agent, action: &str, data: &JsonObject) -> ActionReply {
+    let node = NodeContext::new("n1", "choria");
+    let request = RpcRequest::new("choria=ops", "ops", "choria", agent.name(), action, data.clone());
+    let ctx = ActionContext {
+        request: &request,
+        node: &node,
+        agents: &[],
+        descriptions: &Default::default(),
+        stats: Default::default(),
+        started: 0,
+    };
+    agent.handle(action, data, &ctx).await
+}
+
 #[cfg(test)]
 pub(crate) fn stand_ins_on_path(
     scripts: impl Fn(&std::path::Path) -> Vec<(&'static str, String)>,

@@ -401,8 +401,6 @@ impl Agent for Package {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::NodeContext;
-    use chorus_schemas::RpcRequest;
 
     /// Stand-in `apt-get` and `dpkg-query`, first on PATH: a package is installed when a
     /// file of its name holds its version.
@@ -431,18 +429,7 @@ if [ -f "{d}/$last" ]; then printf '%s %s amd64 installed' "$last" "$(cat "{d}/$
     }
 
     async fn call(action: &str, data: Value) -> ActionReply {
-        let node = NodeContext::new("n1", "choria");
-        let data = data.as_object().cloned().unwrap();
-        let request = RpcRequest::new("choria=ops", "ops", "choria", "package", action, data.clone());
-        let ctx = ActionContext {
-            request: &request,
-            node: &node,
-            agents: &[],
-            descriptions: &Default::default(),
-            stats: Default::default(),
-            started: 0,
-        };
-        Package.handle(action, &data, &ctx).await
+        super::super::handle_on_bare_node(&Package, action, &data.as_object().cloned().unwrap()).await
     }
 
     #[tokio::test]

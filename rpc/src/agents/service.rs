@@ -105,8 +105,6 @@ impl Agent for Service {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::NodeContext;
-    use chorus_schemas::RpcRequest;
 
     /// A stand-in `systemctl`, first on PATH: services are files in a directory, running
     /// when the file says so; `broken` cannot be started.
@@ -129,18 +127,8 @@ esac
     }
 
     async fn call(action: &str, service: &str) -> ActionReply {
-        let node = NodeContext::new("n1", "choria");
         let data = json!({ "service": service }).as_object().cloned().unwrap();
-        let request = RpcRequest::new("choria=ops", "ops", "choria", "service", action, data.clone());
-        let ctx = ActionContext {
-            request: &request,
-            node: &node,
-            agents: &[],
-            descriptions: &Default::default(),
-            stats: Default::default(),
-            started: 0,
-        };
-        Service.handle(action, &data, &ctx).await
+        super::super::handle_on_bare_node(&Service, action, &data).await
     }
 
     #[tokio::test]
