@@ -117,14 +117,59 @@ fn compound(entry: &[chorus_schemas::rpc::JsonObject]) -> Result<Compound, Strin
 /// compound expression compiles. A request with a filter nodes cannot use would reach no
 /// node and look like an empty fleet.
 pub fn check_filter(filter: &Filter) -> Result<(), RpcError> {
-    let invalid = |e: String| RpcError::Invalid(format!("filter: {e}; nothing was sent"));
-    let compiled = CompiledFilter::new(filter).map_err(invalid)?;
-    // A node takes a fact regex that does not compile as matching nothing (as Choria does);
-    // a client must not send one.
-    if let Some(bad) = compiled.facts.iter().find(|f| f.op() == FactOp::Re && !f.has_regex()) {
-        return Err(invalid(format!("fact filter {:?}: the regex does not compile", bad.value())));
+    CompiledFilter::checked(filter).map(drop)
+}
+
+impl CompiledFilter {
+    /// Compiles `filter` as a client must check it ([`check_filter`]), for a client that
+    /// also selects nodes with it (inventory discovery), so it is compiled once.
+    pub fn checked(filter: &Filter) -> Result<Self, RpcError> {
+        let invalid = |e: String| RpcError::Invalid(format!("filter: {e}; nothing was sent"));
+        let compiled = CompiledFilter::new(filter).map_err(invalid)?;
+        // A node takes a fact regex that does not compile as matching nothing (as Choria
+        // does); a client must not send one.
+        if let Some(bad) = compiled.facts.iter().find(|f| f.op() == FactOp::Re && !f.has_regex()) {
+            return Err(invalid(format!("fact filter {:?}: the regex does not compile", bad.value())));
+        }
+        Ok(compiled)
     }
-    Ok(())
+}
+
+/// A filter from its command-line parts (Choria's `-F`, `-C`, `-A`, `-I`, `-S`), checked
+/// as [`check_filter`] checks it: the one way the command line and the dashboard build one.
+pub fn filter_from_parts(
+    facts: &[String],
+    classes: &[String],
+    agents: &[String],
+    identities: &[String],
+    compound: &[String],
+) -> Result<Filter, RpcError> {
+    let filter = Filter {
+        fact: facts.iter().map(|f| parse_fact_filter(f)).collect::<Result<_, _>>()?,
+        cf_class: classes.to_vec(),
+        agent: agents.to_vec(),
+        identity: identities.to_vec(),
+        compound: compound
+            .iter()
+            .map(|expr| {
+                let mut entry = chorus_schemas::rpc::JsonObject::new();
+                entry.insert("expr".into(), expr.clone().into());
+                vec![entry]
+            })
+            .collect(),
+    };
+    check_filter(&filter)?;
+    Ok(filter)
+}
+
+/// The filter a discovery step selects with: the request's, with the called agent as an
+/// agent filter (as Choria adds it), so only nodes that have the agent are found.
+pub fn discovery_filter(filter: &Filter, agent: &str) -> Filter {
+    let mut discovery = filter.clone();
+    if !discovery.agent.iter().any(|a| a == agent) {
+        discovery.agent.push(agent.to_string());
+    }
+    discovery
 }
 
 /// Parses a command-line fact filter such as `country=uk`, `os.release>=12` or

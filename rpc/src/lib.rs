@@ -51,7 +51,7 @@ pub use client::{
     CallerSigner, ClientSecurity, RejectedReply, ReplyStream, RequestOptions, RequestSigner, RpcClient, RpcResults,
     RpcSummary, Target,
 };
-pub use filter::{check_filter, parse_fact_filter, CompiledFilter};
+pub use filter::{check_filter, discovery_filter, filter_from_parts, parse_fact_filter, CompiledFilter};
 pub use policy::{ActionPolicy, PolicyDecision, PolicySettings, Provider};
 pub use security::{Caller, Refusal, RequestSecurity};
 pub use server::{RpcServer, ServerOptions, StatsSnapshot};

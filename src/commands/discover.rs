@@ -40,10 +40,7 @@ pub async fn discover(mut args: DiscoverArgs) -> anyhow::Result<()> {
 
 /// The nodes `target` selects among those with `rpcutil` (every Chorus and Choria node).
 async fn find(target: &TargetArgs, rpc: &chorus_rpc::RpcClient) -> anyhow::Result<Vec<String>> {
-    let mut filter = target.filter()?;
-    if !filter.agent.iter().any(|a| a == "rpcutil") {
-        filter.agent.push("rpcutil".into());
-    }
+    let filter = chorus_rpc::discovery_filter(&target.filter()?, "rpcutil");
     let method = match target.method() {
         Some(method) => method,
         // Exact identities alone name the nodes (Choria's shortcut, no traffic); absent

@@ -205,10 +205,7 @@ pub async fn run(mut args: RpcArgs) -> anyhow::Result<()> {
     // Discovery, when there is a step: the nodes, each then addressed directly.
     let mut targets: Option<Vec<String>> = match args.target.method() {
         Some(method) => {
-            let mut discovery_filter = filter.clone();
-            if !discovery_filter.agent.contains(&args.agent) {
-                discovery_filter.agent.push(args.agent.clone());
-            }
+            let discovery_filter = chorus_rpc::discovery_filter(&filter, &args.agent);
             let started = std::time::Instant::now();
             let found = args.target.discover(method, &rpc, &discovery_filter).await?;
             for note in &found.notes {

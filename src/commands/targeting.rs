@@ -86,25 +86,13 @@ impl TargetArgs {
     /// anything is sent. `agent` (the agent to be called) is added as an agent filter when
     /// a discovery step selects the nodes, as Choria does.
     pub fn filter(&self) -> anyhow::Result<Filter> {
-        let mut filter = Filter::default();
-        for f in &self.facts {
-            filter.fact.push(parse_fact_filter(f)?);
-        }
-        filter.cf_class = self.classes.clone();
-        for expression in &self.select {
-            let mut entry = serde_json::Map::new();
-            entry.insert("expr".into(), expression.clone().into());
-            filter.compound.push(vec![entry]);
-        }
+        let (mut facts, mut classes) = (self.facts.clone(), self.classes.clone());
         for combined in &self.with {
-            add_combined(&mut filter, combined)?;
+            split_combined(combined, &mut facts, &mut classes)?;
         }
-        filter.agent = self.agents.clone();
         // Any identity may match, exact or `/regex/`; exact ones alone are also addressed
         // directly when there is no discovery step.
-        filter.identity = self.identities.clone();
-        chorus_rpc::check_filter(&filter)?;
-        Ok(filter)
+        Ok(chorus_rpc::filter_from_parts(&facts, &classes, &self.agents, &self.identities, &self.select)?)
     }
 
     /// With `--url` (a platform's relay) and no `--inventory`, that platform's inventory.
@@ -325,11 +313,11 @@ pub fn read_nodes(text: &str) -> anyhow::Result<Vec<String>> {
     Ok(nodes)
 }
 
-/// Adds a combined filter (`-W`): space-separated parts, each a fact filter when it reads as
-/// one, else a class, as Choria splits them. A part that starts or ends with an operator is
-/// a fact filter written with spaces (`os.family = debian`), which Choria would take as
-/// three classes matching nothing: refused.
-fn add_combined(filter: &mut Filter, combined: &str) -> anyhow::Result<()> {
+/// Splits a combined filter (`-W`) into `facts` and `classes`: space-separated parts, each
+/// a fact filter when it reads as one, else a class, as Choria splits them. A part that
+/// starts or ends with an operator is a fact filter written with spaces (`os.family =
+/// debian`), which Choria would take as three classes matching nothing: refused.
+fn split_combined(combined: &str, facts: &mut Vec<String>, classes: &mut Vec<String>) -> anyhow::Result<()> {
     let operator = |c: char| matches!(c, '=' | '<' | '>' | '!' | '~');
     for part in combined.split(' ').filter(|p| !p.is_empty()) {
         anyhow::ensure!(
@@ -337,8 +325,8 @@ fn add_combined(filter: &mut Filter, combined: &str) -> anyhow::Result<()> {
             "-W {combined:?}: {part:?} belongs to a fact filter written with spaces; write it without them"
         );
         match parse_fact_filter(part) {
-            Ok(fact) => filter.fact.push(fact),
-            Err(_) => filter.cf_class.push(part.to_string()),
+            Ok(_) => facts.push(part.to_string()),
+            Err(_) => classes.push(part.to_string()),
         }
     }
     Ok(())
@@ -346,7 +334,7 @@ fn add_combined(filter: &mut Filter, combined: &str) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::add_combined;
+    use super::split_combined;
 
     #[test]
     fn nodes_files_of_every_form_give_their_identities() {
@@ -366,13 +354,14 @@ mod tests {
 
     #[test]
     fn combined_filters_split_into_facts_and_classes() {
-        let mut filter = chorus_schemas::rpc::Filter::default();
-        add_combined(&mut filter, "apache  os.family=debian /^web/ cpus>=4").unwrap();
-        assert_eq!(filter.cf_class, ["apache", "/^web/"]);
+        let (mut facts, mut classes) = (Vec::new(), Vec::new());
+        split_combined("apache  os.family=debian /^web/ cpus>=4", &mut facts, &mut classes).unwrap();
+        assert_eq!(classes, ["apache", "/^web/"]);
+        let filter = chorus_rpc::filter_from_parts(&facts, &classes, &[], &[], &[]).unwrap();
         let facts: Vec<(&str, &str, &str)> =
             filter.fact.iter().map(|f| (f.fact.as_str(), f.operator.as_str(), f.value.as_str())).collect();
         assert_eq!(facts, [("os.family", "==", "debian"), ("cpus", ">=", "4")]);
-        let error = add_combined(&mut filter, "os.family = debian").unwrap_err().to_string();
+        let error = split_combined("os.family = debian", &mut Vec::new(), &mut Vec::new()).unwrap_err().to_string();
         assert!(error.contains("written with spaces"), "{error}");
     }
 }

@@ -24,7 +24,7 @@ use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use chorus_rpc::{check_filter, parse_fact_filter, CompiledFilter, RequestOptions, RpcClient, Target};
+use chorus_rpc::{discovery_filter, filter_from_parts, CompiledFilter, RequestOptions, RpcClient, Target};
 use chorus_schemas::rpc::{Filter, JsonObject};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -89,21 +89,14 @@ pub struct ActionRequest {
 }
 
 impl ActionRequest {
+    /// The filter, from the form's lines: blank ones (empty text areas) are no filter.
     fn filter(&self) -> Result<Filter, String> {
-        let mut filter = Filter::default();
-        for f in self.facts.iter().filter(|f| !f.trim().is_empty()) {
-            filter.fact.push(parse_fact_filter(f.trim()).map_err(|e| e.to_string())?);
-        }
-        filter.cf_class = self.classes.iter().filter(|c| !c.trim().is_empty()).map(|c| c.trim().into()).collect();
-        filter.agent = self.agents.iter().filter(|a| !a.trim().is_empty()).map(|a| a.trim().into()).collect();
-        filter.identity = self.identities.iter().filter(|i| !i.trim().is_empty()).map(|i| i.trim().into()).collect();
-        if let Some(expr) = self.compound.as_deref().map(str::trim).filter(|e| !e.is_empty()) {
-            let mut entry = JsonObject::new();
-            entry.insert("expr".into(), expr.into());
-            filter.compound.push(vec![entry]);
-        }
-        check_filter(&filter).map_err(|e| e.to_string())?;
-        Ok(filter)
+        let lines = |v: &[String]| -> Vec<String> {
+            v.iter().map(|l| l.trim()).filter(|l| !l.is_empty()).map(String::from).collect()
+        };
+        let (facts, classes, agents) = (lines(&self.facts), lines(&self.classes), lines(&self.agents));
+        let (identities, compound) = (lines(&self.identities), lines(self.compound.as_slice()));
+        filter_from_parts(&facts, &classes, &agents, &identities, &compound).map_err(|e| e.to_string())
     }
 }
 
@@ -205,13 +198,9 @@ async fn run(State(actions): State<Actions>, Json(request): Json<ActionRequest>)
         Ok(filter) => filter,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
-    let mut discovery_filter = filter.clone();
-    if !discovery_filter.agent.contains(&request.agent) {
-        discovery_filter.agent.push(request.agent.clone());
-    }
-    let compiled = match CompiledFilter::new(&discovery_filter) {
+    let compiled = match CompiledFilter::checked(&discovery_filter(&filter, &request.agent)) {
         Ok(c) => c,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
     };
     if !actions.jobs.make_room() {
         return error(StatusCode::TOO_MANY_REQUESTS, format!("{MAX_JOBS} requests are running; wait for one to end"));

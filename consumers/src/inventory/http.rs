@@ -111,8 +111,7 @@ async fn discover(
     State(inv): State<Inventory>,
     Json(request): Json<DiscoverRequest>,
 ) -> Result<Json<super::Discovered>, ApiError> {
-    chorus_rpc::check_filter(&request.filter).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
-    let filter = chorus_rpc::CompiledFilter::new(&request.filter)
-        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("filter: {e}")))?;
+    let filter = chorus_rpc::CompiledFilter::checked(&request.filter)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
     query(inv, move |inv, now| inv.discover(&filter, &request.collective, now)).await.map(Json)
 }
