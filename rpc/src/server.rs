@@ -444,7 +444,7 @@ impl RpcServer {
 
     /// A hosted node's context, as requests see it now.
     pub fn node(&self, collective: &str, identity: &str) -> Option<NodeContext> {
-        Some(self.core.nodes_read().get(collective)?.get(identity)?.ctx.clone())
+        Some(self.hosted(collective, identity)?.ctx.clone())
     }
 
     /// Replaces a hosted node's context (new facts or classes, say): requests that arrive
@@ -470,7 +470,14 @@ impl RpcServer {
     /// collective, version and machines, the agents it runs with their descriptions'
     /// metadata, and its counters. `None` when the node is not hosted here.
     pub fn registration(&self, collective: &str, identity: &str) -> Option<InventoryContent> {
-        let node = Arc::clone(self.core.nodes_read().get(collective)?.get(identity)?);
+        self.hosted(collective, identity).map(|node| self.registration_of(&node))
+    }
+
+    fn hosted(&self, collective: &str, identity: &str) -> Option<Arc<HostedNode>> {
+        Some(Arc::clone(self.core.nodes_read().get(collective)?.get(identity)?))
+    }
+
+    fn registration_of(&self, node: &HostedNode) -> InventoryContent {
         let set = self.core.agent_set();
         let agents = set
             .names
@@ -490,7 +497,7 @@ impl RpcServer {
             })
             .collect();
         let ctx = &node.ctx;
-        Some(InventoryContent {
+        InventoryContent {
             agents,
             classes: ctx.classes.clone(),
             facts: ctx.facts.clone(),
@@ -504,7 +511,7 @@ impl RpcServer {
             collectives: vec![ctx.collective.clone()],
             build_info: BuildInfo { version: ctx.version.clone(), sha: String::new() },
             machines: ctx.machines.iter().map(|m| MachineSummary { name: m.clone(), ..Default::default() }).collect(),
-        })
+        }
     }
 
     /// Publishes a hosted node's [`registration`](Self::registration) through its own
@@ -515,14 +522,10 @@ impl RpcServer {
         collective: &str,
         identity: &str,
     ) -> Result<Option<chorus_schemas::EventRecord>, chorus_platform::PlatformError> {
-        let Some(content) = self.registration(collective, identity) else {
+        let Some(node) = self.hosted(collective, identity) else {
             return Ok(None);
         };
-        let emitter = match self.core.nodes_read().get(collective).and_then(|c| c.get(identity)) {
-            Some(node) => node.emitter.clone(),
-            None => return Ok(None),
-        };
-        emitter.emit(Registration::new(content)).await.map(Some)
+        node.emitter.emit(Registration::new(self.registration_of(&node))).await.map(Some)
     }
 
     fn lock_listeners(&self) -> std::sync::MutexGuard<'_, HashMap<String, JoinHandle<()>>> {
