@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::agents_dir;
 use crate::lifecycle::{LifecycleEmitter, NodeIdentity};
 use crate::machine::{Machine, MachineHandle, Manifest};
-use crate::registration::{self, FactSources, RegistrationConfig, RegistrationStatus};
+use crate::registration::{FactSources, Registrar, RegistrationConfig, RegistrationStatus};
 use crate::ProducerError;
 
 /// Configuration of a node agent (YAML or JSON).
@@ -332,7 +332,9 @@ impl NodeAgent {
             };
             // A source that cannot be read now is retried by the registration loop, which
             // reports it in health; the node starts with the facts it has.
-            let facts = sources.read().await.unwrap_or_else(|e| {
+            let read = sources.read().await;
+            let read_at_start = read.is_ok();
+            let facts = read.unwrap_or_else(|e| {
                 tracing::warn!("facts: {e}");
                 config.facts.clone()
             });
@@ -370,15 +372,15 @@ impl NodeAgent {
             }
             if config.registration.enabled {
                 let status = Arc::new(RegistrationStatus::default());
-                let run = registration::run(
-                    server.clone(),
-                    config.collective.clone(),
-                    config.identity.clone(),
+                let registrar = Registrar {
+                    server: server.clone(),
+                    collective: config.collective.clone(),
+                    identity: config.identity.clone(),
                     sources,
-                    config.registration.clone(),
-                    status.clone(),
-                    tasks.shutdown().clone(),
-                );
+                    config: config.registration.clone(),
+                    status: status.clone(),
+                };
+                let run = registrar.run(read_at_start, tasks.shutdown().clone());
                 tasks.spawn("registration", async move {
                     run.await;
                     Ok::<_, ProducerError>(())

@@ -159,68 +159,82 @@ impl RegistrationStatus {
     }
 }
 
-/// Publishes one hosted node's registration until `shutdown`: after a splay, on a change
-/// of its facts, and every interval. Fact changes are applied to the node's context first,
-/// so requests filter on the facts its registration announces.
-pub async fn run(
-    server: Arc<RpcServer>,
-    collective: String,
-    identity: String,
-    sources: FactSources,
-    config: RegistrationConfig,
-    status: Arc<RegistrationStatus>,
-    shutdown: Shutdown,
-) {
-    tokio::select! {
-        _ = tokio::time::sleep(random_splay(config.splay)) => {}
-        _ = shutdown.requested() => return,
-    }
-    let mut republish = tokio::time::interval(config.interval);
-    let mut check = tokio::time::interval(config.check_interval.max(Duration::from_millis(100)));
-    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    republish.tick().await;
-    let mut publish = true;
-    let mut publish_problem: Option<String> = None;
-    let mut agents = server.agents();
-    loop {
-        let mut read_problem = None;
-        // External agents added or removed while the node runs change what it is.
-        let now = server.agents();
-        if now != agents {
-            agents = now;
-            publish = true;
+/// One hosted node's registration loop: what it publishes and where its facts come from.
+pub struct Registrar {
+    /// The server hosting the node.
+    pub server: Arc<RpcServer>,
+    /// The node's collective.
+    pub collective: String,
+    /// The node's identity.
+    pub identity: String,
+    /// Where its facts come from.
+    pub sources: FactSources,
+    /// When it publishes.
+    pub config: RegistrationConfig,
+    /// What the loop has done, for health.
+    pub status: Arc<RegistrationStatus>,
+}
+
+impl Registrar {
+    /// Publishes the node's registration until `shutdown`: after a splay, on a change of its
+    /// facts or agents, and every interval. Fact changes are applied to the node's context
+    /// first, so requests filter on the facts its registration announces. `read_at_start`
+    /// says the node was started with facts just read from the sources, so they are read
+    /// again only at the next check (a fact command such as facter can take seconds).
+    pub async fn run(self, read_at_start: bool, shutdown: Shutdown) {
+        let Registrar { server, collective, identity, sources, config, status } = self;
+        tokio::select! {
+            _ = tokio::time::sleep(random_splay(config.splay)) => {}
+            _ = shutdown.requested() => return,
         }
-        if sources.is_dynamic() {
-            match sources.read().await {
-                Ok(facts) => {
-                    if let Some(mut ctx) = server.node(&collective, &identity).filter(|c| c.facts != facts) {
-                        ctx.facts = facts;
-                        match server.update_node(ctx) {
-                            Ok(()) => publish = true,
-                            Err(e) => read_problem = Some(e.to_string()),
+        let mut republish = tokio::time::interval(config.interval);
+        let mut check = tokio::time::interval(config.check_interval.max(Duration::from_millis(100)));
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        republish.tick().await;
+        let mut publish = true;
+        let mut publish_problem: Option<String> = None;
+        let mut agents = server.agents();
+        let mut read_facts = !read_at_start;
+        loop {
+            let mut read_problem = None;
+            // External agents added or removed while the node runs change what it is.
+            let now = server.agents();
+            if now != agents {
+                agents = now;
+                publish = true;
+            }
+            if sources.is_dynamic() && std::mem::replace(&mut read_facts, true) {
+                match sources.read().await {
+                    Ok(facts) => {
+                        if let Some(mut ctx) = server.node(&collective, &identity).filter(|c| c.facts != facts) {
+                            ctx.facts = facts;
+                            match server.update_node(ctx) {
+                                Ok(()) => publish = true,
+                                Err(e) => read_problem = Some(e.to_string()),
+                            }
                         }
                     }
+                    Err(e) => read_problem = Some(e),
                 }
-                Err(e) => read_problem = Some(e),
             }
-        }
-        if publish {
-            match server.register(&collective, &identity).await {
-                Ok(_) => {
-                    status.published.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    republish.reset();
-                    publish = false;
-                    publish_problem = None;
+            if publish {
+                match server.register(&collective, &identity).await {
+                    Ok(_) => {
+                        status.published.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        republish.reset();
+                        publish = false;
+                        publish_problem = None;
+                    }
+                    // Retried at the next check.
+                    Err(e) => publish_problem = Some(format!("not published: {e}")),
                 }
-                // Retried at the next check.
-                Err(e) => publish_problem = Some(format!("not published: {e}")),
             }
-        }
-        status.set_problem(read_problem.or_else(|| publish_problem.clone()));
-        tokio::select! {
-            _ = republish.tick() => publish = true,
-            _ = check.tick() => {}
-            _ = shutdown.requested() => return,
+            status.set_problem(read_problem.or_else(|| publish_problem.clone()));
+            tokio::select! {
+                _ = republish.tick() => publish = true,
+                _ = check.tick() => {}
+                _ = shutdown.requested() => return,
+            }
         }
     }
 }
