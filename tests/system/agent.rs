@@ -124,10 +124,14 @@ async fn lifecycle_events_arrive_with_component_and_version() {
         assert_eq!(s.version, "1.2.3");
     }
     agent.stop().await.unwrap();
-    let evs = wait_for(&*b, &["CHORUS_LIFECYCLE"], "life.example.net", "shutdown event", |e| {
+    // Every stream the node writes to: its events are numbered across them (its
+    // registration may come between two lifecycle events).
+    let streams = ["CHORUS_LIFECYCLE", "CHORUS_REGISTRATION"];
+    let mut evs = wait_for(&*b, &streams, "life.example.net", "shutdown event", |e| {
         e.iter().any(|r| lifecycle_type(r) == Some("shutdown"))
     })
     .await;
+    evs.sort_by_key(|r| r.seq);
     assert_eq!(lifecycle_type(evs.last().unwrap()), Some("shutdown"));
     let seqs: Vec<u64> = evs.iter().map(|r| r.seq).collect();
     assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "per-node sequence has no gap: {seqs:?}");
