@@ -320,6 +320,9 @@ async fn jsonl_every_record_and_dead_letters() {
     };
     wait_until("every record in the file", Duration::from_secs(60), || lines().len() >= expected.len()).await;
     wait_until("the dead letter", Duration::from_secs(60), || exporter.stats().dead_lettered.get() == 1).await;
+    // A record is written before it is counted: wait for the count to catch up with the file.
+    let written = expected.len() as u64;
+    wait_until("every record counted", Duration::from_secs(60), || exporter.stats().exported.get() >= written).await;
     let stats = exporter.stats().snapshot();
     exporter.stop().await.unwrap();
 
