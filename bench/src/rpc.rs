@@ -45,6 +45,9 @@ pub struct Args {
     /// Leave out the signed fleet (raw and unsigned only: quicker, and a cleaner profile).
     #[arg(long)]
     without_signing: bool,
+    /// Leave out the inventory discovery measurement (the round trips alone, for profiling).
+    #[arg(long)]
+    without_discovery: bool,
 }
 
 /// Drops what it is given: the nodes' records are produced (and signed) but not stored.
@@ -117,7 +120,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     // A warm-up round of each, not measured (first-use allocations, credential cache).
     raw_round(&raw_client, n).await?;
     call(&plain_client).await?;
-    call(&signed_client).await?;
+    if !args.without_signing {
+        call(&signed_client).await?;
+    }
 
     let (mut raw, mut unsigned, mut with_signatures) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..args.rounds.max(1) {
@@ -161,7 +166,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         raw.0.as_secs_f64() / unsigned.0.as_secs_f64()
     );
     signature_costs(unsigned.1.as_secs_f64() * 1e6 / n as f64)?;
-    inventory_discovery(&plain_server, &plain, "plain", args.rounds.max(1)).await?;
+    if !args.without_discovery {
+        inventory_discovery(&plain_server, &plain, "plain", args.rounds.max(1)).await?;
+    }
     Ok(())
 }
 

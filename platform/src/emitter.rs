@@ -123,12 +123,20 @@ impl Emitter {
         }
     }
 
-    /// Stamps and durably stores one event.
+    /// Stamps and durably stores one event, and returns it as stored.
     pub async fn emit(&self, data: impl Into<Event>) -> Result<EventRecord, PlatformError> {
         let _order = self.order.lock().await;
         let record = self.stamp(data);
         self.sink.store(vec![record.clone()]).await?;
         Ok(record)
+    }
+
+    /// Stamps and durably stores one event, for callers that do not need it back: saves the
+    /// copy [`Emitter::emit`] makes (an RPC server records two events per node per request).
+    pub async fn record(&self, data: impl Into<Event>) -> Result<(), PlatformError> {
+        let _order = self.order.lock().await;
+        let record = self.stamp(data);
+        self.sink.store(vec![record]).await
     }
 
     /// The sink events go to.

@@ -504,12 +504,25 @@ impl std::fmt::Debug for ReplyStream {
 }
 
 /// A reply as received: the record, and its signature and sender credential when signed.
+/// Signed replies are an envelope with a `reply` member; unsigned ones the bare record.
+/// The form tried first is the one the first member names (nodes write `reply` first), so
+/// a reply is parsed once; the other form is still tried if that fails, whatever the order.
 fn decode_reply(payload: &[u8]) -> Option<(RpcReply, Option<(String, String)>)> {
-    // Signed replies are an envelope with a `reply` member; unsigned ones the bare record.
-    if let Ok(envelope) = serde_json::from_slice::<ReplyEnvelope>(payload) {
-        return Some((envelope.reply, Some((envelope.signature, envelope.sender))));
+    let envelope =
+        || serde_json::from_slice::<ReplyEnvelope>(payload).ok().map(|e| (e.reply, Some((e.signature, e.sender))));
+    let bare = || serde_json::from_slice::<RpcReply>(payload).ok().map(|r| (r, None));
+    if first_member_is(payload, b"reply") {
+        envelope().or_else(bare)
+    } else {
+        bare().or_else(envelope)
     }
-    serde_json::from_slice::<RpcReply>(payload).ok().map(|r| (r, None))
+}
+
+/// Whether the JSON object in `payload` starts with the member `name`.
+fn first_member_is(payload: &[u8], name: &[u8]) -> bool {
+    let mut rest = payload.trim_ascii_start().strip_prefix(b"{").unwrap_or_default().trim_ascii_start();
+    rest = rest.strip_prefix(b"\"").unwrap_or_default();
+    rest.strip_prefix(name).is_some_and(|r| r.first() == Some(&b'"'))
 }
 
 /// A reply's signature, ready to be checked against its sender's key.
@@ -555,4 +568,32 @@ fn local_hostname() -> String {
         .iter()
         .find_map(|p| std::fs::read_to_string(p).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()))
         .unwrap_or_else(|| "localhost".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply() -> RpcReply {
+        let request = RpcRequest::new("choria=a", "s", "c", "rpcutil", "ping", Default::default());
+        RpcReply::new(&request, "n1", StatusCode::Ok, Default::default())
+    }
+
+    #[test]
+    fn replies_decode_in_either_form_and_member_order() {
+        let bare = serde_json::to_vec(&reply()).unwrap();
+        assert!(matches!(decode_reply(&bare), Some((r, None)) if r.identity == "n1"));
+        let envelope = serde_json::json!({"reply": reply(), "signature": "k:s", "sender": "cred"});
+        let signed = serde_json::to_vec(&envelope).unwrap();
+        assert!(first_member_is(&signed, b"reply"));
+        assert!(matches!(decode_reply(&signed), Some((_, Some((s, c)))) if s == "k:s" && c == "cred"));
+        // Another writer's member order: still an envelope, found by the fallback.
+        let reordered = format!(
+            r#" {{ "sender":"cred", "signature":"k:s", "reply":{} }}"#,
+            serde_json::to_string(&reply()).unwrap()
+        );
+        assert!(matches!(decode_reply(reordered.as_bytes()), Some((r, Some(_))) if r.identity == "n1"));
+        assert!(decode_reply(b"{\"reply\": 3}").is_none());
+        assert!(decode_reply(b"not json").is_none());
+    }
 }

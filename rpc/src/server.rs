@@ -864,7 +864,7 @@ impl Core {
 
     /// Records the request on the node's event stream.
     async fn record_request(&self, node: &HostedNode, request: &RpcRequest) -> Result<(), String> {
-        node.emitter.emit(request.clone()).await.map(drop).map_err(|e| {
+        node.emitter.record(request.clone()).await.map_err(|e| {
             tracing::error!(identity = %node.ctx.identity, requestid = %request.requestid, error = %e, "cannot record RPC request");
             e.to_string()
         })
@@ -886,8 +886,10 @@ impl Core {
             reply.data = JsonObject::new();
             payload = encode_reply(node, &reply).unwrap_or_default();
         }
-        if let Err(e) = node.emitter.emit(reply.clone()).await {
-            tracing::error!(identity = %node.ctx.identity, requestid = %reply.requestid, error = %e, "cannot record RPC reply");
+        // Encoded above, so the record takes the reply itself.
+        let requestid = reply.requestid.clone();
+        if let Err(e) = node.emitter.record(reply).await {
+            tracing::error!(identity = %node.ctx.identity, %requestid, error = %e, "cannot record RPC reply");
         }
         let Some(reply_to) = reply_to else { return };
         match self.transport.publish(reply_to, None, Bytes::from(payload)).await {
