@@ -9,7 +9,15 @@
 //! A payload that is exactly one JSON object (every CloudEvent, with no whitespace around
 //! it) is written as JSON, readable with `jq`; any other payload (a JSON string, text, bytes
 //! that are not UTF-8, JSON with surrounding whitespace) is written as standard base64, so
-//! restoring gives back the same bytes whatever they were.
+//! restoring gives back the same bytes whatever they were. Headers other than the id are
+//! kept (`headers`, by name).
+//!
+//! Every line has an id: a message stored without one (go-choria publishes without
+//! `Nats-Msg-Id`) gets one derived from its stream, sequence and store time
+//! ([`StoredMessage::copy_id`]), so restoring a file twice stores each message once.
+//! A restore carries each message's original store time in the `Chorus-Stored-Time` header
+//! and a replay reports that time, so replay → restore (into an empty stream) → replay writes
+//! the same file, byte for byte.
 
 use std::io::{BufRead, Write};
 
@@ -19,7 +27,11 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use crate::message::{copy_headers, derived_id, Headers};
 use crate::{Message, StoredMessage};
+
+/// The header a restored message carries its original store time in (RFC 3339, ns).
+pub const STORED_TIME_HEADER: &str = "Chorus-Stored-Time";
 
 /// One line of a backup.
 #[derive(Debug, Serialize, Deserialize)]
@@ -27,12 +39,16 @@ use crate::{Message, StoredMessage};
 pub struct BackupLine {
     /// The message's sequence in the stream it was read from.
     pub sequence: u64,
-    /// When the stream stored it.
+    /// When it was first stored (a restored message keeps its original's time).
     pub time: DateTime<Utc>,
     /// Its subject.
     pub subject: String,
-    /// Its id (`Nats-Msg-Id`), the dedupe key of a restore.
+    /// Its id (`Nats-Msg-Id`, or derived when it was stored without one), the dedupe key
+    /// of a restore.
     pub id: String,
+    /// Its other headers, by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Headers,
     /// The payload, when it is exactly one JSON object.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payload: Option<Box<RawValue>>,
@@ -73,11 +89,21 @@ impl BackupLine {
             Some(raw) => (Some(raw), None),
             None => (None, Some(base64::engine::general_purpose::STANDARD.encode(&message.payload))),
         };
+        let original = message
+            .headers
+            .iter()
+            .find(|(name, _)| name == STORED_TIME_HEADER)
+            .and_then(|(_, value)| DateTime::parse_from_rfc3339(value).ok().map(|t| t.with_timezone(&Utc)));
+        let headers = match original {
+            Some(_) => message.headers.iter().filter(|(name, _)| name != STORED_TIME_HEADER).cloned().collect(),
+            None => message.headers.clone(),
+        };
         BackupLine {
             sequence: message.sequence,
-            time: message.time,
+            time: original.unwrap_or(message.time),
             subject: message.subject.clone(),
-            id: message.id.clone(),
+            id: message.copy_id(),
+            headers,
             payload,
             payload_base64,
         }
@@ -95,9 +121,15 @@ impl BackupLine {
         }
     }
 
-    /// The message to publish on restore.
+    /// The message to publish on restore: its id (derived, for a line written without one
+    /// by an older replay), headers less the directives meant for the original's stream,
+    /// and its original store time.
     pub fn to_message(&self) -> Result<Message, String> {
-        Ok(Message::new(self.id.clone(), self.subject.clone(), self.payload_bytes()?))
+        let id = if self.id.is_empty() { derived_id("restore", self.sequence, self.time) } else { self.id.clone() };
+        let mut headers = copy_headers(&self.headers);
+        headers.retain(|(name, _)| name != STORED_TIME_HEADER);
+        headers.push((STORED_TIME_HEADER.into(), self.time.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)));
+        Ok(Message::new(id, self.subject.clone(), self.payload_bytes()?).with_headers(headers))
     }
 }
 
@@ -140,6 +172,7 @@ mod tests {
             id: "id-3".into(),
             subject: "a.b".into(),
             payload: Bytes::copy_from_slice(payload),
+            headers: Vec::new(),
         }
     }
 
@@ -168,6 +201,43 @@ mod tests {
             let m = line.to_message().unwrap();
             assert_eq!((m.id.as_str(), m.subject.as_str()), ("id-3", "a.b"));
         }
+    }
+
+    #[test]
+    fn ids_are_derived_and_headers_and_store_time_travel_through_a_restore() {
+        let mut original = stored(b"{}");
+        original.id = String::new();
+        original.headers = vec![("Nats-Expected-Stream".into(), "OLD".into()), ("X-A".into(), "1".into())];
+        let line = BackupLine::of(&original);
+        assert_eq!(line.id, "S-3-1700000000000000005", "derived from stream, sequence and store time");
+        assert_eq!(line.headers, original.headers, "a replay shows every header");
+        let message = line.to_message().unwrap();
+        assert_eq!(message.id, line.id);
+        assert_eq!(
+            message.headers,
+            vec![
+                (STORED_TIME_HEADER.to_string(), "2023-11-14T22:13:20.000000005Z".to_string()),
+                ("X-A".into(), "1".into())
+            ],
+            "less the directive, plus the original store time"
+        );
+        // Stored again (later, elsewhere), it reads back as the line it came from.
+        let restored = StoredMessage {
+            stream: "T".into(),
+            time: Utc::now(),
+            id: message.id.clone(),
+            headers: message.headers.clone(),
+            ..original.clone()
+        };
+        let again = BackupLine::of(&restored);
+        assert_eq!(
+            serde_json::to_string(&again).unwrap(),
+            serde_json::to_string(&BackupLine {
+                headers: vec![("X-A".into(), "1".into())],
+                ..BackupLine::of(&original)
+            })
+            .unwrap()
+        );
     }
 
     #[test]

@@ -5,6 +5,17 @@ use std::fmt;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 
+/// Message headers other than the event id, in name order (NATS keeps no order between
+/// names; a name may appear more than once). Events Chorus publishes have none; other
+/// publishers' messages keep theirs through every engine, replay, restore and replication.
+pub type Headers = Vec<(String, String)>;
+
+/// Headers that instruct the stream that stores a message (optimistic concurrency, rollups,
+/// per-message TTL) rather than describe it: a copy of a stored message (restore,
+/// replication) leaves them out, since they were meant for the stream that stored the
+/// original and would refuse or roll up the copy.
+const DIRECTIVES: [&str; 3] = ["Nats-Expected-", "Nats-Rollup", "Nats-TTL"];
+
 /// A message to publish: the event id is the dedupe key, so publishing the same id twice
 /// (a retry, a replicated copy) stores it once.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -15,12 +26,21 @@ pub struct Message {
     pub subject: String,
     /// Body, stored and delivered unchanged.
     pub payload: Bytes,
+    /// Headers besides the id, stored and delivered unchanged (empty for Chorus's events).
+    pub headers: Headers,
 }
 
 impl Message {
     /// A message to publish; id and subject are checked when it is published, not here.
     pub fn new(id: impl Into<String>, subject: impl Into<String>, payload: impl Into<Bytes>) -> Self {
-        Message { id: id.into(), subject: subject.into(), payload: payload.into() }
+        Message { id: id.into(), subject: subject.into(), payload: payload.into(), headers: Headers::new() }
+    }
+
+    /// The same message with `headers` (sorted by name, as they are stored).
+    pub fn with_headers(mut self, mut headers: Headers) -> Self {
+        headers.sort();
+        self.headers = headers;
+        self
     }
 
     /// Rejects what neither engine can store faithfully.
@@ -31,7 +51,24 @@ impl Message {
                 self.id
             )));
         }
+        for (name, value) in &self.headers {
+            let bad_name = name.is_empty()
+                || name.len() > u16::MAX as usize
+                || name.eq_ignore_ascii_case(crate::jetstream::MSG_ID_HEADER)
+                || name.bytes().any(|b| b == b':' || !b.is_ascii_graphic());
+            if bad_name || value.len() > u16::MAX as usize || value.contains(['\r', '\n']) {
+                return Err(crate::BackboneError::InvalidMessage(format!(
+                    "header {name:?}: {value:?} cannot be stored (names are printable ASCII without ':', \
+                     values have no line breaks, the id goes in the id)"
+                )));
+            }
+        }
         crate::subject::validate_publish_subject(&self.subject)
+    }
+
+    /// Bytes of the headers as both engines count them against `max_bytes`.
+    pub(crate) fn headers_size(&self) -> usize {
+        self.headers.iter().map(|(n, v)| n.len() + v.len()).sum()
     }
 }
 
@@ -56,12 +93,52 @@ pub struct StoredMessage {
     pub sequence: u64,
     /// When the stream stored it (stream time, not the event's own time).
     pub time: DateTime<Utc>,
-    /// Event id it was published with (the dedupe key).
+    /// Event id it was published with (the dedupe key); empty when its publisher gave none,
+    /// as go-choria does (see [`StoredMessage::copy_id`]).
     pub id: String,
     /// Subject it was published on.
     pub subject: String,
     /// Body as published.
     pub payload: Bytes,
+    /// Headers besides the id, as published.
+    pub headers: Headers,
+}
+
+impl StoredMessage {
+    /// The id a copy of this message is published with (restore, replication): its own, or,
+    /// for a message stored without one, one derived from where and when it was stored
+    /// (`<stream>-<sequence>-<store time ns>`), so copying it again (a resumed restore, a
+    /// restarted replicator) stores it once, while two stored copies of one event (a
+    /// publisher that sent it twice) stay two, as they were.
+    pub fn copy_id(&self) -> String {
+        if self.id.is_empty() {
+            derived_id(&self.stream, self.sequence, self.time)
+        } else {
+            self.id.clone()
+        }
+    }
+
+    /// The message that publishes a copy of this one: [`StoredMessage::copy_id`], the same
+    /// subject, payload and headers, less the headers that instructed the original's stream.
+    pub fn to_copy(&self) -> Message {
+        Message::new(self.copy_id(), self.subject.clone(), self.payload.clone())
+            .with_headers(copy_headers(&self.headers))
+    }
+}
+
+/// The id of a message stored without one, from where and when it was stored.
+pub fn derived_id(stream: &str, sequence: u64, time: DateTime<Utc>) -> String {
+    format!("{stream}-{sequence}-{}", time.timestamp_nanos_opt().unwrap_or_default())
+}
+
+/// The headers a copy of a stored message is published with: all but the directives meant
+/// for the stream that stored the original.
+pub fn copy_headers(headers: &Headers) -> Headers {
+    headers.iter().filter(|(name, _)| !is_directive(name)).cloned().collect()
+}
+
+fn is_directive(name: &str) -> bool {
+    DIRECTIVES.iter().any(|d| name.as_bytes().get(..d.len()).is_some_and(|p| p.eq_ignore_ascii_case(d.as_bytes())))
 }
 
 impl fmt::Debug for StoredMessage {
@@ -73,6 +150,7 @@ impl fmt::Debug for StoredMessage {
             .field("id", &self.id)
             .field("subject", &self.subject)
             .field("payload_len", &self.payload.len())
+            .field("headers", &self.headers)
             .finish()
     }
 }

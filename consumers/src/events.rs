@@ -256,6 +256,7 @@ mod tests {
             id: alive.id.clone(),
             subject: "choria.lifecycle.event.alive.server".into(),
             payload: alive.encode().into(),
+            headers: Vec::new(),
         }))
         .contains("web-1.example.net"));
     }

@@ -150,6 +150,7 @@ mod tests {
             id: "evt-1".into(),
             subject: "choria.lifecycle.event.alive.server".into(),
             payload: bytes::Bytes::copy_from_slice(payload),
+            headers: Vec::new(),
         }
     }
 

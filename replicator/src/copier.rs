@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chorus_backbone::message::copy_headers;
 use chorus_backbone::{Backbone, Message, ReplayOptions, StartPosition, StoredMessage};
 use chorus_runtime::{Backoff, Retry, Shutdown};
 use futures::StreamExt;
@@ -211,6 +212,9 @@ impl Copier {
     /// copied. Events the copier cannot read are copied unchanged: consumers dead-letter
     /// them with the reason, the replicator does not silently drop them.
     fn prepare(&self, m: StoredMessage, sampler: Option<&mut Sampler>) -> Option<Message> {
+        // Another publisher's message (go-choria's have no id) is copied with a derived id and
+        // its headers, so a restarted copier stores it once and the copy is the original.
+        let (id, headers) = (m.copy_id(), copy_headers(&m.headers));
         let mut payload = m.payload;
         if self.source_site.is_some() || self.target_site.is_some() {
             let peek: Option<Peek> = serde_json::from_slice(&payload).ok();
@@ -235,7 +239,7 @@ impl Copier {
             Cow::Borrowed(_) => m.subject,
             Cow::Owned(s) => s,
         };
-        Some(Message { id: m.id, subject, payload })
+        Some(Message::new(id, subject, payload).with_headers(headers))
     }
 
     /// Publishes batches in order, retrying each until the target stores it, then moves the

@@ -22,7 +22,7 @@ pub struct ReplayArgs {
     stream: String,
     #[command(flatten)]
     source: Source,
-    /// Output file (JSON lines: sequence, time, subject, id, payload or payload_base64);
+    /// Output file (JSON lines: sequence, time, subject, id, headers, payload or payload_base64);
     /// standard output if unset.
     #[arg(long)]
     out: Option<PathBuf>,

@@ -23,6 +23,7 @@ pub type Case = fn(Arc<dyn Backbone>, String, usize) -> BoxFuture<'static, ()>;
 pub const CASES: &[(&str, Case)] = &[
     ("publish_and_read_back", |b, s, r| Box::pin(publish_and_read_back(b, s, r))),
     ("dedupe_by_event_id", |b, s, r| Box::pin(dedupe_by_event_id(b, s, r))),
+    ("headers_are_kept", |b, s, r| Box::pin(headers_are_kept(b, s, r))),
     ("no_stream_for_subject_is_an_error", |b, s, r| Box::pin(no_stream_for_subject_is_an_error(b, s, r))),
     ("invalid_messages_are_refused", |b, s, r| Box::pin(invalid_messages_are_refused(b, s, r))),
     ("consumer_ack_and_redelivery", |b, s, r| Box::pin(consumer_ack_and_redelivery(b, s, r))),
@@ -127,6 +128,30 @@ async fn dedupe_by_event_id(b: Arc<dyn Backbone>, stream: String, replicas: usiz
     assert_eq!(ids, vec!["evt-1", "evt-2"]);
 }
 
+async fn headers_are_kept(b: Arc<dyn Backbone>, stream: String, replicas: usize) {
+    b.ensure_stream(&stream_config(&stream, replicas)).await.unwrap();
+    let headers = vec![
+        ("Traceparent".to_string(), "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".to_string()),
+        ("X-Choria".into(), "a value with spaces".into()),
+        ("X-Choria".into(), "second value".into()),
+    ];
+    let with = Message::new("h-1", subject_of(&stream, "a"), &b"\xff\x00"[..]).with_headers(headers.clone());
+    b.publish(with).await.unwrap();
+    b.publish(Message::new("h-2", subject_of(&stream, "a"), &b"none"[..])).await.unwrap();
+    let all = read_all(&*b, &stream).await;
+    assert_eq!(all[0].headers, headers, "headers come back by name, every value");
+    assert_eq!((all[0].id.as_str(), &all[0].payload[..]), ("h-1", &b"\xff\x00"[..]));
+    assert!(all[1].headers.is_empty());
+    assert_eq!(b.get(&stream, 1).await.unwrap().unwrap().headers, headers);
+    let mut consumer = b.consumer(&stream, &ConsumerConfig::new("headers")).await.unwrap();
+    let delivered = fetch_n(&mut *consumer, 2, Duration::from_secs(10)).await;
+    assert_eq!(delivered[0].message.headers, headers, "a consumer sees them too");
+    // A copy keeps them, less the directives meant for the original's stream.
+    let mut directed = all[0].clone();
+    directed.headers.push(("Nats-Expected-Last-Sequence".into(), "0".into()));
+    assert_eq!(directed.to_copy().headers, headers);
+}
+
 async fn no_stream_for_subject_is_an_error(b: Arc<dyn Backbone>, stream: String, replicas: usize) {
     b.ensure_stream(&stream_config(&stream, replicas)).await.unwrap();
     let err = b.publish(Message::new("x", "nobody.listens.here", &b""[..])).await.unwrap_err();
@@ -140,6 +165,9 @@ async fn invalid_messages_are_refused(b: Arc<dyn Backbone>, stream: String, repl
         Message::new("has space", subject_of(&stream, "a"), &b""[..]),
         Message::new("ok", format!("{}.*", stream.to_lowercase()), &b""[..]),
         Message::new("ok", format!("{}..a", stream.to_lowercase()), &b""[..]),
+        Message::new("ok", subject_of(&stream, "a"), &b""[..]).with_headers(vec![("Bad Name".into(), "v".into())]),
+        Message::new("ok", subject_of(&stream, "a"), &b""[..]).with_headers(vec![("N".into(), "line\nbreak".into())]),
+        Message::new("ok", subject_of(&stream, "a"), &b""[..]).with_headers(vec![("nats-msg-id".into(), "x".into())]),
     ] {
         assert!(matches!(b.publish(bad.clone()).await, Err(BackboneError::InvalidMessage(_))), "{bad:?} accepted");
     }

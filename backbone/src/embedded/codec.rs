@@ -2,7 +2,11 @@
 //!
 //! A message is one record:
 //! `[version=1][time ns: i64 BE][id len: u16 BE][id][subject len: u16 BE][subject][payload…]`:
-//! fixed-width header fields so a time lookup (binary search by time) reads 9 bytes.
+//! fixed-width header fields so a time lookup (binary search by time) reads 9 bytes. A
+//! message with headers (another publisher's, restored or replicated) is a version 2 record,
+//! the same with `[headers len: u32 BE]` then `(name len: u16 BE, name, value len: u16 BE,
+//! value)…` before the payload; messages without headers stay version 1, so stores written
+//! before headers existed read unchanged.
 //!
 //! Records are stored in chunks, one sled entry per chunk, keyed by the big-endian sequence of
 //! the chunk's first record ([`seq_key`]); the records of a chunk have consecutive sequences:
@@ -13,9 +17,11 @@
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 
+use crate::message::Headers;
 use crate::{BackboneError, Message, Result, StoredMessage};
 
 const VERSION: u8 = 1;
+const VERSION_HEADERS: u8 = 2;
 /// Version byte, time and the two field lengths.
 const RECORD_HEADER: usize = 13;
 
@@ -36,17 +42,36 @@ pub(crate) fn key_seq(key: &[u8]) -> Result<u64> {
 
 /// Length of the record of `m`.
 pub(crate) fn record_len(m: &Message) -> usize {
-    RECORD_HEADER + m.id.len() + m.subject.len() + m.payload.len()
+    RECORD_HEADER + m.id.len() + m.subject.len() + m.payload.len() + headers_len(m)
+}
+
+/// Length of the headers block of `m` (0 without headers).
+fn headers_len(m: &Message) -> usize {
+    if m.headers.is_empty() {
+        0
+    } else {
+        4 + m.headers.iter().map(|(n, v)| 4 + n.len() + v.len()).sum::<usize>()
+    }
 }
 
 /// Appends the record of `m` to `out`.
+/// Field lengths were checked by [`Message::validate`].
 pub(crate) fn encode_into(out: &mut Vec<u8>, m: &Message, time_ns: i64) {
-    out.push(VERSION);
+    out.push(if m.headers.is_empty() { VERSION } else { VERSION_HEADERS });
     out.extend_from_slice(&time_ns.to_be_bytes());
-    out.extend_from_slice(&(m.id.len() as u16).to_be_bytes());
-    out.extend_from_slice(m.id.as_bytes());
-    out.extend_from_slice(&(m.subject.len() as u16).to_be_bytes());
-    out.extend_from_slice(m.subject.as_bytes());
+    let field = |out: &mut Vec<u8>, bytes: &[u8]| {
+        out.extend_from_slice(&(bytes.len() as u16).to_be_bytes());
+        out.extend_from_slice(bytes);
+    };
+    field(out, m.id.as_bytes());
+    field(out, m.subject.as_bytes());
+    if !m.headers.is_empty() {
+        out.extend_from_slice(&((headers_len(m) - 4) as u32).to_be_bytes());
+        for (name, value) in &m.headers {
+            field(out, name.as_bytes());
+            field(out, value.as_bytes());
+        }
+    }
     out.extend_from_slice(&m.payload);
 }
 
@@ -59,7 +84,7 @@ pub(crate) fn encode(m: &Message, time_ns: i64) -> Vec<u8> {
 
 /// Bytes a message counts against `max_bytes`.
 pub(crate) fn stored_size(m: &Message) -> u64 {
-    (m.id.len() + m.subject.len() + m.payload.len()) as u64
+    (m.id.len() + m.subject.len() + m.payload.len() + m.headers_size()) as u64
 }
 
 fn corrupt(what: &str) -> BackboneError {
@@ -71,7 +96,7 @@ fn corrupt_chunk(what: &str) -> BackboneError {
 }
 
 pub(crate) fn time_ns(v: &[u8]) -> Result<i64> {
-    if v.len() < 9 || v[0] != VERSION {
+    if v.len() < 9 || !(v[0] == VERSION || v[0] == VERSION_HEADERS) {
         return Err(corrupt("bad header"));
     }
     Ok(i64::from_be_bytes(v[1..9].try_into().unwrap()))
@@ -81,28 +106,45 @@ struct Parts<'a> {
     time_ns: i64,
     id: &'a str,
     subject: &'a str,
+    /// The headers block (after its length), empty for a version 1 record.
+    headers: &'a [u8],
     payload: &'a [u8],
+}
+
+/// Reads a `[len: u16 BE][bytes]` field of `v` at `*at`, moving `*at` past it.
+fn field<'a>(v: &'a [u8], at: &mut usize) -> Result<&'a [u8]> {
+    let len_bytes = v.get(*at..*at + 2).ok_or_else(|| corrupt("truncated"))?;
+    let len = u16::from_be_bytes([len_bytes[0], len_bytes[1]]) as usize;
+    let bytes = v.get(*at + 2..*at + 2 + len).ok_or_else(|| corrupt("truncated"))?;
+    *at += 2 + len;
+    Ok(bytes)
 }
 
 fn parts(v: &[u8]) -> Result<Parts<'_>> {
     let time_ns = time_ns(v)?;
     let mut at = 9;
-    let mut field = |v: &'_ [u8]| -> Result<std::ops::Range<usize>> {
-        let len_bytes = v.get(at..at + 2).ok_or_else(|| corrupt("truncated"))?;
-        let len = u16::from_be_bytes([len_bytes[0], len_bytes[1]]) as usize;
-        let r = at + 2..at + 2 + len;
-        if r.end > v.len() {
-            return Err(corrupt("truncated"));
-        }
-        at = r.end;
-        Ok(r)
-    };
-    let id = field(v)?;
-    let subject = field(v)?;
-    let id = std::str::from_utf8(&v[id]).map_err(|_| corrupt("id not utf-8"))?;
-    let subject = std::str::from_utf8(&v[subject.clone()]).map_err(|_| corrupt("subject not utf-8"))?;
-    let payload_at = RECORD_HEADER + id.len() + subject.len();
-    Ok(Parts { time_ns, id, subject, payload: &v[payload_at..] })
+    let id = std::str::from_utf8(field(v, &mut at)?).map_err(|_| corrupt("id not utf-8"))?;
+    let subject = std::str::from_utf8(field(v, &mut at)?).map_err(|_| corrupt("subject not utf-8"))?;
+    let mut headers: &[u8] = &[];
+    if v[0] == VERSION_HEADERS {
+        let len_bytes = v.get(at..at + 4).ok_or_else(|| corrupt("truncated"))?;
+        let len = u32::from_be_bytes(len_bytes.try_into().expect("four bytes")) as usize;
+        headers = v.get(at + 4..at + 4 + len).ok_or_else(|| corrupt("truncated headers"))?;
+        at += 4 + len;
+    }
+    Ok(Parts { time_ns, id, subject, headers, payload: &v[at..] })
+}
+
+/// The headers of a record's headers block.
+fn headers(block: &[u8]) -> Result<Headers> {
+    let (mut out, mut at) = (Headers::new(), 0);
+    let text = |b: &[u8]| std::str::from_utf8(b).map(str::to_owned).map_err(|_| corrupt("header not utf-8"));
+    while at < block.len() {
+        let name = text(field(block, &mut at)?)?;
+        let value = text(field(block, &mut at)?)?;
+        out.push((name, value));
+    }
+    Ok(out)
 }
 
 pub(crate) fn id_of(v: &[u8]) -> Result<(i64, &str)> {
@@ -112,7 +154,9 @@ pub(crate) fn id_of(v: &[u8]) -> Result<(i64, &str)> {
 
 pub(crate) fn size_of(v: &[u8]) -> Result<u64> {
     let p = parts(v)?;
-    Ok((p.id.len() + p.subject.len() + p.payload.len()) as u64)
+    let headers: usize =
+        if p.headers.is_empty() { 0 } else { headers(p.headers)?.iter().map(|(n, v)| n.len() + v.len()).sum() };
+    Ok((p.id.len() + p.subject.len() + p.payload.len() + headers) as u64)
 }
 
 pub(crate) fn subject_of(v: &[u8]) -> Result<&str> {
@@ -128,6 +172,7 @@ pub(crate) fn decode(stream: &str, seq: u64, v: &[u8]) -> Result<StoredMessage> 
         id: p.id.to_string(),
         subject: p.subject.to_string(),
         payload: Bytes::copy_from_slice(p.payload),
+        headers: headers(p.headers)?,
     })
 }
 
@@ -253,6 +298,24 @@ impl<'a> Iterator for Records<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn headers_round_trip_in_a_version_2_record() {
+        let headers =
+            vec![("B-Trace".to_string(), "x y".to_string()), ("A".into(), "1".into()), ("A".into(), "".into())];
+        let m = Message::new("id-1", "a.b", &b"\xff payload"[..]).with_headers(headers);
+        let v = encode(&m, 42);
+        assert_eq!(v[0], VERSION_HEADERS);
+        let d = decode("S", 7, &v).unwrap();
+        assert_eq!((&d.headers, &d.payload[..], d.id.as_str()), (&m.headers, &b"\xff payload"[..], "id-1"));
+        assert_eq!(size_of(&v).unwrap(), stored_size(&m));
+        assert_eq!(v.len(), record_len(&m));
+        for cut in 0..v.len() - 10 {
+            assert!(decode("S", 1, &v[..cut]).is_err(), "cut at {cut}");
+        }
+        // Without headers, the record is the version 1 record it always was.
+        assert_eq!(encode(&Message::new("id-1", "a.b", &b"p"[..]), 42)[0], VERSION);
+    }
 
     #[test]
     fn round_trip_and_corruption_is_an_error() {

@@ -18,7 +18,7 @@ pub(crate) trait Classify {
 }
 
 /// JetStream API error codes that describe a passing state of the server or its cluster.
-fn transient_code(api: &ApiError) -> bool {
+pub(crate) fn transient_code(api: &ApiError) -> bool {
     matches!(
         api.error_code(),
         ErrorCode::CLUSTER_NOT_AVAILABLE

@@ -19,6 +19,7 @@ use chrono::{DateTime, Utc};
 use futures::stream::FuturesOrdered;
 use futures::StreamExt;
 
+use crate::message::Headers;
 use crate::{
     Backbone, BackboneError, Consumer, ConsumerConfig, Message, MessageStream, PublishAck, ReplayOptions, Result,
     StartPosition, StoredMessage, StreamConfig, StreamInfo,
@@ -135,10 +136,7 @@ impl JetStreamBackbone {
     async fn publish_retrying(&self, m: &Message, started: Instant) -> Result<PublishAck> {
         self.retrying_since(started, || async {
             let attempt = async {
-                let fut = self
-                    .js
-                    .send_publish(m.subject.clone(), Publish::build().message_id(&m.id).payload(m.payload.clone()))
-                    .await?;
+                let fut = self.js.send_publish(m.subject.clone(), publish_of(m)).await?;
                 fut.await
             };
             match attempt.await {
@@ -217,8 +215,7 @@ pub(crate) fn server_filter(filters: &[String]) -> String {
 }
 
 pub(crate) fn stored(stream: &str, sequence: u64, time: DateTime<Utc>, msg: &async_nats::Message) -> StoredMessage {
-    let id =
-        msg.headers.as_ref().and_then(|h| h.get(MSG_ID_HEADER)).map(|v| v.as_str().to_string()).unwrap_or_default();
+    let (id, headers) = msg.headers.as_ref().map(id_and_headers).unwrap_or_default();
     StoredMessage {
         stream: stream.to_string(),
         sequence,
@@ -226,7 +223,67 @@ pub(crate) fn stored(stream: &str, sequence: u64, time: DateTime<Utc>, msg: &asy
         id,
         subject: msg.subject.to_string(),
         payload: msg.payload.clone(),
+        headers,
     }
+}
+
+/// The event id (`Nats-Msg-Id`, empty when there is none) and the other headers, by name.
+fn id_and_headers(map: &async_nats::HeaderMap) -> (String, Headers) {
+    let id = map.get(MSG_ID_HEADER).map(|v| v.as_str().to_string()).unwrap_or_default();
+    let mut headers: Headers = map
+        .iter()
+        .filter(|(name, _)| !name.to_string().eq_ignore_ascii_case(MSG_ID_HEADER))
+        .flat_map(|(name, values)| values.iter().map(move |v| (name.to_string(), v.as_str().to_string())))
+        .collect();
+    headers.sort();
+    (id, headers)
+}
+
+/// The answer of the stream message get API.
+#[derive(serde::Deserialize)]
+struct MsgGetResponse {
+    message: MsgGetMessage,
+}
+
+#[derive(serde::Deserialize)]
+struct MsgGetMessage {
+    subject: String,
+    seq: u64,
+    #[serde(default)]
+    hdrs: Option<String>,
+    #[serde(default)]
+    data: Option<String>,
+    time: DateTime<Utc>,
+}
+
+/// The event id and the other headers of a NATS header block (`NATS/1.0` then
+/// `Name: value` lines), every value of a repeated name kept, as delivered messages are.
+fn parse_headers(block: &[u8]) -> (String, Headers) {
+    let (mut id, mut headers) = (String::new(), Headers::new());
+    let text = String::from_utf8_lossy(block);
+    for line in text.split("\r\n").skip(1) {
+        let Some((name, value)) = line.split_once(':') else { continue };
+        if name.eq_ignore_ascii_case(MSG_ID_HEADER) {
+            id = value.trim().to_string();
+        } else {
+            headers.push((name.to_string(), value.trim().to_string()));
+        }
+    }
+    headers.sort();
+    (id, headers)
+}
+
+/// The JetStream publish of `m`: its id as `Nats-Msg-Id`, then its other headers.
+fn publish_of(m: &Message) -> Publish {
+    if m.headers.is_empty() {
+        return Publish::build().message_id(&m.id).payload(m.payload.clone());
+    }
+    let mut headers = async_nats::HeaderMap::new();
+    for (name, value) in &m.headers {
+        headers.append(name.as_str(), value.as_str());
+    }
+    headers.insert(MSG_ID_HEADER, m.id.as_str());
+    Publish::build().headers(headers).payload(m.payload.clone())
 }
 
 fn stream_config(c: &StreamConfig) -> stream::Config {
@@ -316,10 +373,7 @@ impl Backbone for JetStreamBackbone {
                 let (j, ack) = inflight.next().await.expect("the window is not empty");
                 acks.push(self.settle(&messages[j], ack, started).await?);
             }
-            let sent = self
-                .js
-                .send_publish(m.subject.clone(), Publish::build().message_id(&m.id).payload(m.payload.clone()))
-                .await;
+            let sent = self.js.send_publish(m.subject.clone(), publish_of(m)).await;
             inflight.push_back(async move {
                 let ack = match sent {
                     Ok(fut) => fut.await.ok().map(to_ack),
@@ -430,27 +484,39 @@ impl Backbone for JetStreamBackbone {
         Ok(r.purged)
     }
 
+    /// The stream's message get API, called directly: async-nats's `get_raw_message` keeps
+    /// only the last value of a header given more than once.
     async fn get(&self, stream: &str, sequence: u64) -> Result<Option<StoredMessage>> {
-        let s = self.get_stream(stream).await?;
-        match s.get_raw_message(sequence).await {
-            Ok(m) => {
-                let id = m.headers.get(MSG_ID_HEADER).map(|v| v.as_str().to_string()).unwrap_or_default();
-                Ok(Some(StoredMessage {
-                    stream: stream.to_string(),
-                    sequence: m.sequence,
-                    time: to_chrono(m.time),
-                    id,
-                    subject: m.subject.to_string(),
-                    payload: m.payload,
-                }))
+        use async_nats::jetstream::response::Response;
+        self.get_stream(stream).await?; // NotFound for a missing stream, as elsewhere
+        let request = serde_json::json!({ "seq": sequence });
+        let response: Response<MsgGetResponse> =
+            self.js.request(format!("STREAM.MSG.GET.{stream}"), &request).await.map_err(BackboneError::from)?;
+        let m = match response {
+            Response::Ok(ok) => ok.message,
+            Response::Err { error } if error.error_code() == ErrorCode::NO_MESSAGE_FOUND => return Ok(None),
+            Response::Err { error } => {
+                return Err(BackboneError::Nats { transient: errors::transient_code(&error), source: Box::new(error) })
             }
-            Err(e) => match e.kind() {
-                stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
-                stream::LastRawMessageErrorKind::JetStream(api) if api.error_code() == ErrorCode::NO_MESSAGE_FOUND => {
-                    Ok(None)
-                }
-                _ => Err(BackboneError::from(e)),
-            },
-        }
+        };
+        let base64 = |field: &str, text: Option<&str>| {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD
+                .decode(text.unwrap_or_default())
+                .map_err(|e| BackboneError::Corrupt(format!("{stream} message {sequence}: {field}: {e}")))
+        };
+        let (id, headers) = match m.hdrs.as_deref() {
+            Some(h) => parse_headers(&base64("hdrs", Some(h))?),
+            None => Default::default(),
+        };
+        Ok(Some(StoredMessage {
+            stream: stream.to_string(),
+            sequence: m.seq,
+            time: m.time,
+            id,
+            subject: m.subject,
+            payload: base64("data", m.data.as_deref())?.into(),
+            headers,
+        }))
     }
 }

@@ -174,6 +174,7 @@ pub(crate) mod tests {
             id: format!("m{sequence}"),
             subject: "chorus.audit.deny.london".into(),
             payload: bytes::Bytes::copy_from_slice(payload),
+            headers: Vec::new(),
         }
     }
 
