@@ -50,6 +50,10 @@ enum Command {
     /// Follow events across the streams, with filters (kind, type, node, since).
     #[command(subcommand)]
     Events(events::EventsCommand),
+    /// The platform streams on a broker: create and size them, adopt existing ones, show,
+    /// change. No other command changes an existing stream.
+    #[command(subcommand)]
+    Streams(streams::StreamsCommand),
     /// Write a stream out as JSON lines (backups, audits, moving data).
     Replay(backup::ReplayArgs),
     /// Publish a file written by `chorus replay` (ids dedupe: safe to repeat).
@@ -97,6 +101,7 @@ fn main() -> anyhow::Result<()> {
             Command::Provision(args) => provision::run(args).await,
             Command::Replicate(args) => replicate::run(args).await,
             Command::Events(cmd) => events::run(cmd).await,
+            Command::Streams(cmd) => streams::run(cmd).await,
             Command::Replay(args) => backup::replay(args).await,
             Command::Restore(args) => backup::restore(args).await,
             Command::Aaa(args) => aaa::run(args).await,

@@ -35,8 +35,18 @@ pub trait Backbone: Send + Sync + 'static {
     /// Short engine name for logs and benchmarks ("embedded", "jetstream").
     fn engine(&self) -> &'static str;
 
-    /// Creates the stream or updates its limits and subjects to match `config`.
+    /// Creates the stream if there is none of that name. An existing stream is left exactly
+    /// as it is (replicas, limits, retention, subjects): operators own their streams, and a
+    /// change is only ever made on purpose, with [`Backbone::update_stream`].
     async fn ensure_stream(&self, config: &StreamConfig) -> Result<StreamInfo>;
+
+    /// Changes an existing stream's limits and subjects to `config` (`NotFound` when there
+    /// is no such stream): what `chorus streams edit` does.
+    async fn update_stream(&self, config: &StreamConfig) -> Result<StreamInfo>;
+
+    /// The configuration a stream has now, as [`StreamConfig`] (a stream created by another
+    /// tool included), so a caller can compare it with what it would create.
+    async fn stream_config(&self, stream: &str) -> Result<StreamConfig>;
 
     /// Current counters of a stream.
     async fn stream_info(&self, stream: &str) -> Result<StreamInfo>;

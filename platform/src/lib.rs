@@ -23,4 +23,4 @@ pub mod streams;
 pub use emitter::{to_message, BackboneSink, Emitter, EventSink, MemorySink, SigningSink};
 pub use error::PlatformError;
 pub use outbox::{Outbox, OutboxLimits, OutboxStats};
-pub use streams::{ensure_platform_streams, StreamLimits};
+pub use streams::{drift, ensure_platform_streams, platform_streams, StreamDrift, StreamLimits};

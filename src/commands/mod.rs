@@ -17,5 +17,6 @@ pub mod provision;
 pub mod replicate;
 pub mod rpc;
 pub mod simulate;
+pub mod streams;
 pub mod targeting;
 pub mod up;

@@ -35,7 +35,12 @@ pub const CASES: &[(&str, Case)] = &[
     ("replay_follows_new_messages", |b, s, r| Box::pin(replay_follows_new_messages(b, s, r))),
     ("retention_limits", |b, s, r| Box::pin(retention_limits(b, s, r))),
     ("retention_by_age", |b, s, r| Box::pin(retention_by_age(b, s, r))),
-    ("ensure_stream_is_idempotent_and_updates", |b, s, r| Box::pin(ensure_stream_is_idempotent_and_updates(b, s, r))),
+    ("ensure_stream_never_changes_an_existing_one", |b, s, r| {
+        Box::pin(ensure_stream_never_changes_an_existing_one(b, s, r))
+    }),
+    ("update_stream_changes_limits_and_subjects", |b, s, r| {
+        Box::pin(update_stream_changes_limits_and_subjects(b, s, r))
+    }),
     ("concurrent_publishers", |b, s, r| Box::pin(concurrent_publishers(b, s, r))),
     ("delete_stream_and_consumer", |b, s, r| Box::pin(delete_stream_and_consumer(b, s, r))),
     ("purge_below_a_sequence", |b, s, r| Box::pin(purge_below_a_sequence(b, s, r))),
@@ -413,21 +418,40 @@ async fn retention_by_age(b: Arc<dyn Backbone>, stream: String, replicas: usize)
     assert_eq!(ack.sequence, 6, "sequences continue after expiry");
 }
 
-async fn ensure_stream_is_idempotent_and_updates(b: Arc<dyn Backbone>, stream: String, replicas: usize) {
+async fn ensure_stream_never_changes_an_existing_one(b: Arc<dyn Backbone>, stream: String, replicas: usize) {
     let cfg = stream_config(&stream, replicas);
     b.ensure_stream(&cfg).await.unwrap();
+    assert_eq!(b.stream_config(&stream).await.unwrap(), cfg, "created as asked");
     b.publish_batch(messages(&stream, "a", "m", 0..20)).await.unwrap();
     let again = b.ensure_stream(&cfg).await.unwrap();
     assert_eq!(again.messages, 20, "ensuring an existing stream keeps its messages");
+    let mut other = cfg.clone();
+    other.max_messages = 5;
+    other.max_age = Some(Duration::from_secs(3600));
+    other.dedupe_window = Duration::from_secs(60);
+    other.subjects.push(format!("{}extra.>", stream.to_lowercase()));
+    let kept = b.ensure_stream(&other).await.unwrap();
+    assert_eq!(kept.messages, 20, "ensure never applies limits to an existing stream");
+    assert_eq!(b.stream_config(&stream).await.unwrap(), cfg, "nor changes its configuration");
+    assert!(matches!(b.stream_config("NO_SUCH_STREAM").await, Err(BackboneError::NotFound { .. })));
+}
+
+async fn update_stream_changes_limits_and_subjects(b: Arc<dyn Backbone>, stream: String, replicas: usize) {
+    let cfg = stream_config(&stream, replicas);
+    let mut missing = cfg.clone();
+    missing.name = format!("{stream}_MISSING");
+    assert!(matches!(b.update_stream(&missing).await, Err(BackboneError::NotFound { .. })));
+    b.ensure_stream(&cfg).await.unwrap();
+    b.publish_batch(messages(&stream, "a", "m", 0..20)).await.unwrap();
     let mut smaller = cfg.clone();
     smaller.max_messages = 5;
-    let updated = b.ensure_stream(&smaller).await.unwrap();
+    b.update_stream(&smaller).await.unwrap();
     let info = b.stream_info(&stream).await.unwrap();
-    assert!(updated.messages <= 20);
     assert_eq!(info.messages, 5, "lowering max_messages applies to the stored messages");
+    assert_eq!(b.stream_config(&stream).await.unwrap(), smaller);
     let mut wider = smaller.clone();
     wider.subjects.push(format!("{}extra.>", stream.to_lowercase()));
-    b.ensure_stream(&wider).await.unwrap();
+    b.update_stream(&wider).await.unwrap();
     let ack = b.publish(Message::new("x", format!("{}extra.q", stream.to_lowercase()), &b""[..])).await.unwrap();
     assert_eq!(ack.stream, stream);
 }

@@ -19,6 +19,7 @@ mod provision;
 mod replicate;
 mod security;
 mod siem;
+mod streams;
 mod targeting;
 mod tenants;
 mod up;

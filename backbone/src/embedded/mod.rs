@@ -348,8 +348,21 @@ impl Backbone for EmbeddedBackbone {
         config.validate()?;
         let name = config.name.clone();
         let config = config.clone();
-        self.submit(|reply| writer::Op::EnsureStream { config, reply }).await?;
+        self.submit(|reply| writer::Op::EnsureStream { config, update: false, reply }).await?;
         self.stream_info(&name).await
+    }
+
+    async fn update_stream(&self, config: &StreamConfig) -> Result<StreamInfo> {
+        config.validate()?;
+        self.stream(&config.name)?;
+        let name = config.name.clone();
+        let config = config.clone();
+        self.submit(|reply| writer::Op::EnsureStream { config, update: true, reply }).await?;
+        self.stream_info(&name).await
+    }
+
+    async fn stream_config(&self, stream: &str) -> Result<StreamConfig> {
+        Ok(self.stream(stream)?.config.read().unwrap().clone())
     }
 
     async fn stream_info(&self, stream: &str) -> Result<StreamInfo> {

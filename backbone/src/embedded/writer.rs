@@ -26,10 +26,26 @@ pub(crate) const CHUNK_MAX_MESSAGES: u32 = 1024;
 pub(crate) const CHUNK_TARGET_BYTES: usize = 6 * 1024;
 
 pub(crate) enum Op {
-    Publish { messages: Vec<Message>, reply: oneshot::Sender<Result<Reply>>, _permit: OwnedSemaphorePermit },
-    EnsureStream { config: StreamConfig, reply: oneshot::Sender<Result<Reply>> },
-    DeleteStream { name: String, reply: oneshot::Sender<Result<Reply>> },
-    Purge { name: String, below: u64, reply: oneshot::Sender<Result<Reply>> },
+    Publish {
+        messages: Vec<Message>,
+        reply: oneshot::Sender<Result<Reply>>,
+        _permit: OwnedSemaphorePermit,
+    },
+    /// Creates the stream; changes an existing one only with `update`.
+    EnsureStream {
+        config: StreamConfig,
+        update: bool,
+        reply: oneshot::Sender<Result<Reply>>,
+    },
+    DeleteStream {
+        name: String,
+        reply: oneshot::Sender<Result<Reply>>,
+    },
+    Purge {
+        name: String,
+        below: u64,
+        reply: oneshot::Sender<Result<Reply>>,
+    },
 }
 
 pub(crate) enum Reply {
@@ -222,10 +238,10 @@ impl Writer {
         for op in group {
             match op {
                 Op::Publish { messages, reply, _permit } => publishes.push((messages, reply, _permit)),
-                Op::EnsureStream { config, reply } => {
+                Op::EnsureStream { config, update, reply } => {
                     // Admin ops are rare: commit what is queued before them, keeping order.
                     self.commit_publishes(inner, std::mem::take(&mut publishes));
-                    reply.send(self.ensure_stream(inner, config).map(|_| Reply::Done)).ok();
+                    reply.send(self.ensure_stream(inner, config, update).map(|_| Reply::Done)).ok();
                 }
                 Op::DeleteStream { name, reply } => {
                     self.commit_publishes(inner, std::mem::take(&mut publishes));
@@ -240,8 +256,11 @@ impl Writer {
         self.commit_publishes(inner, publishes);
     }
 
-    fn ensure_stream(&mut self, inner: &Inner, config: StreamConfig) -> Result<()> {
+    fn ensure_stream(&mut self, inner: &Inner, config: StreamConfig, update: bool) -> Result<()> {
         let mut streams = inner.streams.write().unwrap();
+        if !update && streams.contains_key(&config.name) {
+            return Ok(());
+        }
         for (name, other) in streams.iter() {
             if *name == config.name {
                 continue;

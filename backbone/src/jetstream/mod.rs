@@ -323,24 +323,42 @@ impl Backbone for JetStreamBackbone {
 
     async fn ensure_stream(&self, config: &StreamConfig) -> Result<StreamInfo> {
         config.validate()?;
-        let cfg = stream_config(config);
-        let info = match self.js.get_stream(&config.name).await {
-            Ok(_) => self.js.update_stream(cfg).await.map_err(|e| BackboneError::Refused {
-                operation: format!("updating stream {}", config.name),
-                source: Box::new(e),
-            })?,
-            Err(_) => self
-                .js
-                .create_stream(cfg)
-                .await
-                .map_err(|e| BackboneError::Refused {
-                    operation: format!("creating stream {}", config.name),
-                    source: Box::new(e),
-                })?
-                .cached_info()
-                .clone(),
-        };
+        match self.get_stream(&config.name).await {
+            // Left as it is: see the trait. Its info is fresh from the lookup.
+            Ok(existing) => return Ok(info_of(existing.cached_info())),
+            Err(BackboneError::NotFound { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        let created = self.js.create_stream(stream_config(config)).await.map_err(|e| BackboneError::Refused {
+            operation: format!("creating stream {}", config.name),
+            source: Box::new(e),
+        })?;
+        Ok(info_of(created.cached_info()))
+    }
+
+    async fn update_stream(&self, config: &StreamConfig) -> Result<StreamInfo> {
+        config.validate()?;
+        self.get_stream(&config.name).await?;
+        let info = self.js.update_stream(stream_config(config)).await.map_err(|e| BackboneError::Refused {
+            operation: format!("updating stream {}", config.name),
+            source: Box::new(e),
+        })?;
         Ok(info_of(&info))
+    }
+
+    async fn stream_config(&self, stream: &str) -> Result<StreamConfig> {
+        let s = self.get_stream(stream).await?;
+        let c = &s.cached_info().config;
+        let limit = |v: i64| u64::try_from(v).unwrap_or(0);
+        Ok(StreamConfig {
+            name: c.name.clone(),
+            subjects: c.subjects.clone(),
+            max_messages: limit(c.max_messages),
+            max_bytes: limit(c.max_bytes),
+            max_age: (!c.max_age.is_zero()).then_some(c.max_age),
+            dedupe_window: c.duplicate_window,
+            replicas: c.num_replicas,
+        })
     }
 
     async fn stream_info(&self, stream: &str) -> Result<StreamInfo> {
