@@ -48,6 +48,12 @@ pub trait Backbone: Send + Sync + 'static {
     /// tool included), so a caller can compare it with what it would create.
     async fn stream_config(&self, stream: &str) -> Result<StreamConfig>;
 
+    /// Whether the engine reaches its server now (the embedded store always does). For
+    /// health reports: calls made while it does not are retried or fail as usual.
+    fn connected(&self) -> bool {
+        true
+    }
+
     /// Current counters of a stream.
     async fn stream_info(&self, stream: &str) -> Result<StreamInfo>;
 

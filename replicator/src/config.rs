@@ -111,8 +111,9 @@ pub struct StreamLink {
     /// Subject rewrites applied before publishing; the first matching rule wins.
     #[serde(default)]
     pub rewrite: Vec<RewriteRule>,
-    /// Created (or updated) on the target at start; otherwise the target must already have
-    /// a stream capturing the (rewritten) subjects.
+    /// Created on the target when it has no stream of that name (an existing one is left
+    /// as it is); otherwise the target must already have a stream capturing the
+    /// (rewritten) subjects.
     #[serde(default)]
     pub target_stream: Option<StreamConfig>,
 }

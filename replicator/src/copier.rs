@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chorus_backbone::message::copy_headers;
-use chorus_backbone::{Backbone, Message, ReplayOptions, StartPosition, StoredMessage};
+use chorus_backbone::{Backbone, Message, ReplayOptions, StartPosition, StoredMessage, StreamConfig};
 use chorus_runtime::{Backoff, Retry, Shutdown};
 use futures::StreamExt;
 use serde::Deserialize;
@@ -27,6 +27,9 @@ pub(crate) struct Copier {
     pub stream: String,
     pub source: Arc<dyn Backbone>,
     pub target: Arc<dyn Backbone>,
+    /// Created on the target (if missing) before the first publish, retried while the
+    /// target is unreachable, so a replicator can start before its hub.
+    pub target_stream: Option<StreamConfig>,
     pub filter_subjects: Vec<String>,
     pub rewrites: Vec<Rewrite>,
     pub source_site: Option<String>,
@@ -247,6 +250,15 @@ impl Copier {
     /// fast source meets few, large, pipelined publishes.
     async fn publish(&self, mut rx: mpsc::Receiver<Batch>, acked: watch::Sender<(u64, i64)>, stop: Shutdown) {
         let labels = self.labels();
+        if let Some(cfg) = &self.target_stream {
+            let mut backoff = self.backoff();
+            while let Err(e) = self.target.ensure_stream(cfg).await {
+                self.fail("target", format!("creating stream {}: {e}", cfg.name));
+                if !backoff.wait(&stop).await {
+                    return;
+                }
+            }
+        }
         loop {
             let first = tokio::select! {
                 b = rx.recv() => b,
@@ -328,6 +340,7 @@ impl Copier {
                 _ = tick.tick() => {}
                 _ = stop.requested() => return,
             }
+            self.health.reachability(self.source.connected(), self.target.connected());
             let Ok(info) = self.source.stream_info(&self.stream).await else { continue };
             let done = self.health.checkpoint.load(Ordering::Relaxed);
             let lag = info.last_sequence.saturating_sub(done);

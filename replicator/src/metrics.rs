@@ -129,6 +129,8 @@ pub struct CopierHealth {
 struct HealthState {
     failing_since: Option<std::time::Instant>,
     last_error: Option<String>,
+    /// The side (`source`, `target`) whose server is unreachable, and since when.
+    unreachable: Option<(&'static str, std::time::Instant)>,
 }
 
 /// What `/healthz` reports for one copier.
@@ -138,7 +140,7 @@ pub struct HealthReport {
     pub link: String,
     /// Source stream the copier reads.
     pub stream: String,
-    /// False once the copier has failed without progress for 30 seconds or more.
+    /// False once the copier has failed without progress for 3 seconds or more.
     pub healthy: bool,
     /// Last source sequence acknowledged by the target and checkpointed.
     pub checkpoint: u64,
@@ -150,9 +152,10 @@ pub struct HealthReport {
     pub last_error: Option<String>,
 }
 
-/// A copier counts as unhealthy once it has failed without progress for this long: brief
-/// broker restarts are normal and retried.
-const UNHEALTHY_AFTER: std::time::Duration = std::time::Duration::from_secs(30);
+/// A copier counts as unhealthy once it has failed without progress for this long: long
+/// enough that one failed call retried at once is not reported, short enough that an
+/// unreachable site or hub shows in `/healthz` within seconds (it is still retried).
+const UNHEALTHY_AFTER: std::time::Duration = std::time::Duration::from_secs(3);
 
 impl CopierHealth {
     pub(crate) fn new(link: &str, stream: &str) -> Self {
@@ -172,6 +175,24 @@ impl CopierHealth {
         s.last_error = Some(error);
     }
 
+    /// Records whether the source and target servers are reachable (checked once a second):
+    /// a copier waiting on an unreachable server is failing even while no call has failed yet.
+    pub(crate) fn reachability(&self, source: bool, target: bool) {
+        let mut s = self.state.lock().expect("health lock");
+        let side = match (source, target) {
+            (false, _) => "source",
+            (_, false) => "target",
+            _ => {
+                s.unreachable = None;
+                return;
+            }
+        };
+        if s.unreachable.is_none_or(|(was, _)| was != side) {
+            s.unreachable = Some((side, std::time::Instant::now()));
+            s.last_error = Some(format!("{side}: server unreachable, reconnecting"));
+        }
+    }
+
     pub(crate) fn progressed(&self, checkpoint: u64) {
         self.checkpoint.store(checkpoint, Ordering::Relaxed);
         self.state.lock().expect("health lock").failing_since = None;
@@ -180,7 +201,11 @@ impl CopierHealth {
     /// The copier's state as `/healthz` reports it.
     pub fn report(&self) -> HealthReport {
         let s = self.state.lock().expect("health lock");
-        let failing_for = s.failing_since.map(|t| t.elapsed());
+        let since = match (s.failing_since, s.unreachable.map(|(_, t)| t)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let failing_for = since.map(|t| t.elapsed());
         HealthReport {
             link: self.link.clone(),
             stream: self.stream.clone(),

@@ -71,14 +71,15 @@ impl Replicator {
         self
     }
 
-    /// Creates configured target streams, then starts one copier per (link, stream) under
-    /// `shutdown`, and `/metrics` and `/healthz` when a listen address is set.
+    /// Starts one copier per (link, stream) under `shutdown` (each creates its configured
+    /// target stream when it can reach the target), and `/metrics` and `/healthz` when a
+    /// listen address is set.
     pub async fn start(self, shutdown: Shutdown) -> Result<ReplicatorHandle> {
         let mut tasks = Tasks::new("replicator", shutdown);
         for (link, source, target) in self.links {
             for s in &link.streams {
                 if let Some(cfg) = &s.target_stream {
-                    target.ensure_stream(cfg).await?;
+                    cfg.validate()?;
                 }
                 let rewrites = s.rewrite.iter().map(Rewrite::new).collect::<Result<Vec<_>>>()?;
                 let health = Arc::new(CopierHealth::new(&link.name, &s.stream));
@@ -88,6 +89,7 @@ impl Replicator {
                     stream: s.stream.clone(),
                     source: source.clone(),
                     target: target.clone(),
+                    target_stream: s.target_stream.clone(),
                     filter_subjects: s.filter_subjects.clone(),
                     rewrites,
                     source_site: link.source_site.clone(),
@@ -121,9 +123,14 @@ impl Replicator {
     }
 }
 
+/// Opens an endpoint. A NATS one connects in the background, so the replicator starts while
+/// a site or its hub is down: the copiers retry with backoff and health says so meanwhile.
 async fn connect(endpoint: &EndpointConfig) -> Result<Arc<dyn Backbone>> {
     Ok(match endpoint {
-        EndpointConfig::Nats(n) => Arc::new(JetStreamBackbone::connect(n).await?),
+        EndpointConfig::Nats(n) => {
+            let n = chorus_backbone::jetstream::NatsConfig { retry_on_initial_connect: true, ..n.clone() };
+            Arc::new(JetStreamBackbone::connect(&n).await?)
+        }
         EndpointConfig::Embedded(e) => Arc::new(EmbeddedBackbone::open(e.clone())?),
     })
 }

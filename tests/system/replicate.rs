@@ -419,3 +419,65 @@ async fn embedded_store_copies_to_jetstream_exactly() {
     handle.stop().await.unwrap();
     assert_eq!(assert_same_events(&*outbox, &*hub, CHORUS_LIFECYCLE).await, 10_000);
 }
+
+/// `chorus replicate` started while its hub is down says so in `/healthz` (503, the target's
+/// error), and once the hub is up copies everything once, go-choria's id-less events too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicator_started_with_its_hub_down_copies_everything_once_the_hub_is_up() {
+    let src = NatsServer::start().unwrap();
+    let mut dst = NatsServer::start().unwrap();
+    let (source, target) = (js(&src.url()).await, js(&dst.url()).await);
+    ensure_platform_streams(&*source, &StreamLimits::default()).await.unwrap();
+    ensure_platform_streams(&*target, &StreamLimits::default()).await.unwrap();
+    publish_all(&*source, startups("pre", 0..3_000, Some("east"))).await;
+    // As go-choria publishes: no Nats-Msg-Id, one event stored twice.
+    let raw = async_nats::jetstream::new(async_nats::connect(src.url()).await.unwrap());
+    for payload in [
+        &b"{\"protocol\":\"io.choria.lifecycle.v1.alive\"}"[..],
+        &b"{\"protocol\":\"io.choria.lifecycle.v1.alive\"}"[..],
+        b"not json",
+    ] {
+        raw.publish("choria.lifecycle.event.alive.server", bytes::Bytes::copy_from_slice(payload))
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    tokio::task::block_in_place(|| dst.stop()).unwrap();
+
+    let state = tempfile::tempdir().unwrap();
+    let config = state.path().join("replicate.yaml");
+    let ops: std::net::SocketAddr =
+        format!("127.0.0.1:{}", chorus_testkit::nats::free_port().unwrap()).parse().unwrap();
+    let yaml = format!(
+        "state_dir: {}\nlisten: {ops}\nlinks:\n{}",
+        state.path().join("state").display(),
+        link_yaml("east", &src.url(), &dst.url(), CHORUS_LIFECYCLE, 500)
+    );
+    std::fs::write(&config, yaml).unwrap();
+    let mut child = spawn_replicator(&config);
+    eventually("the replicator to report its hub down", Duration::from_secs(30), || async move {
+        match tokio::time::timeout(Duration::from_secs(5), try_http_get(ops, "/healthz")).await {
+            Ok(Ok(body)) if body.starts_with("HTTP/1.1 503") && body.contains("target: ") => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert!(child.try_wait().unwrap().is_none(), "the replicator keeps running while its hub is down");
+
+    tokio::task::block_in_place(|| dst.restart()).unwrap();
+    wait_for_count(&*target, CHORUS_LIFECYCLE, 3_003, Duration::from_secs(60)).await;
+    eventually("healthy again", Duration::from_secs(30), || async move {
+        match tokio::time::timeout(Duration::from_secs(5), try_http_get(ops, "/healthz")).await {
+            Ok(Ok(body)) if body.starts_with("HTTP/1.1 200") => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // Exactly the source's messages: ids as the source has them, derived for the id-less.
+    let src_ids: Vec<String> = read_all(&*source, CHORUS_LIFECYCLE).await.iter().map(|m| m.copy_id()).collect();
+    let dst_ids: Vec<String> = read_all(&*target, CHORUS_LIFECYCLE).await.into_iter().map(|m| m.id).collect();
+    assert_eq!(dst_ids, src_ids);
+}

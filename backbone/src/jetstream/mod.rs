@@ -321,6 +321,10 @@ impl Backbone for JetStreamBackbone {
         "jetstream"
     }
 
+    fn connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
     async fn ensure_stream(&self, config: &StreamConfig) -> Result<StreamInfo> {
         config.validate()?;
         match self.get_stream(&config.name).await {
