@@ -152,7 +152,7 @@ async fn retention_cuts_into_a_chunk_and_survives_reopen() {
 
         // A lower byte limit applies at once to the stored messages.
         cfg.max_bytes = 5 * 17;
-        b.ensure_stream(&cfg).await.unwrap();
+        b.update_stream(&cfg).await.unwrap();
         let info = b.stream_info("T").await.unwrap();
         assert_eq!((info.messages, info.first_sequence, info.last_sequence), (5, 33, 37));
     }

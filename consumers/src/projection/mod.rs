@@ -49,6 +49,7 @@ use chorus_backbone::BackboneError;
 use chorus_schemas::subject::SubjectError;
 use sled::IVec;
 
+mod identity;
 mod progress;
 mod projector;
 mod store;

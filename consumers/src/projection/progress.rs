@@ -14,6 +14,9 @@ pub struct Progress {
     applied: AtomicU64,
     dead_lettered: AtomicU64,
     batches: AtomicU64,
+    duplicates: AtomicU64,
+    conflicts: AtomicU64,
+    pub(super) clock_skewed: AtomicU64,
     committed: tokio::sync::watch::Sender<u64>,
 }
 
@@ -37,6 +40,18 @@ pub struct ProgressSnapshot {
     pub dead_lettered: u64,
     /// Batches committed by this process.
     pub batches: u64,
+    /// Events skipped by this process because the same event (source and id, same payload)
+    /// was already applied: published twice without a message id.
+    #[serde(default)]
+    pub duplicates: u64,
+    /// Events not applied by this process because another payload was already applied under
+    /// their source and id (dead-lettered as `conflict`; included in `dead_lettered`).
+    #[serde(default)]
+    pub conflicts: u64,
+    /// Events whose time was ahead of the time the stream stored them by more than the
+    /// allowed skew: applied at the store time instead.
+    #[serde(default)]
+    pub clock_skewed: u64,
 }
 
 impl Progress {
@@ -49,6 +64,9 @@ impl Progress {
             applied: AtomicU64::new(0),
             dead_lettered: AtomicU64::new(0),
             batches: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+            conflicts: AtomicU64::new(0),
+            clock_skewed: AtomicU64::new(0),
             committed: tokio::sync::watch::channel(checkpoint).0,
         }
     }
@@ -77,6 +95,9 @@ impl Progress {
             applied: self.applied.load(Ordering::Relaxed),
             dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
             batches: self.batches.load(Ordering::Relaxed),
+            duplicates: self.duplicates.load(Ordering::Relaxed),
+            conflicts: self.conflicts.load(Ordering::Relaxed),
+            clock_skewed: self.clock_skewed.load(Ordering::Relaxed),
         }
     }
 
@@ -98,6 +119,8 @@ impl Progress {
         self.applied.fetch_add(c.applied, Ordering::Relaxed);
         self.dead_lettered.fetch_add(c.dead_lettered, Ordering::Relaxed);
         self.batches.fetch_add(c.batches, Ordering::Relaxed);
+        self.duplicates.fetch_add(c.duplicates, Ordering::Relaxed);
+        self.conflicts.fetch_add(c.conflicts, Ordering::Relaxed);
         self.applied_sequence.store(c.sequence, Ordering::Release);
         self.stream_last_sequence.fetch_max(c.sequence, Ordering::AcqRel);
         self.committed.send_replace(c.sequence);
@@ -113,6 +136,10 @@ pub struct RunStats {
     pub dead_lettered: u64,
     /// Batches committed.
     pub batches: u64,
+    /// Events skipped as repeats of an applied event (same source, id and payload).
+    pub duplicates: u64,
+    /// Events dead-lettered because another payload was applied under their source and id.
+    pub conflicts: u64,
     /// The view's checkpoint at the end.
     pub checkpoint: u64,
 }
@@ -124,4 +151,6 @@ pub(super) struct Committed {
     pub(super) applied: u64,
     pub(super) dead_lettered: u64,
     pub(super) batches: u64,
+    pub(super) duplicates: u64,
+    pub(super) conflicts: u64,
 }

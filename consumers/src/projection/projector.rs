@@ -12,6 +12,7 @@ use chorus_schemas::subject::validate_token;
 use chorus_schemas::EventRecord;
 use futures::StreamExt;
 
+use super::identity::{Identities, Seen};
 use super::progress::{Committed, Progress, RunStats};
 use super::store::{Store, Txn, ViewState, WriteCache};
 use super::{ProjectionError, ViewError};
@@ -64,6 +65,17 @@ pub struct ProjectorOptions {
     /// `key_mismatch`, `wrong_identity`, `bad_signature`, `malformed_signature`) and the
     /// projector goes on.
     pub verifier: Option<std::sync::Arc<chorus_schemas::signature::Verifier>>,
+    /// How many of the latest stream sequences' event identities (CloudEvents source and
+    /// id) are remembered, so an event stored twice without a message id is applied once
+    /// and a changed copy under an applied id is dead-lettered as a `conflict` (see
+    /// [`super::identity`]); 0 turns the check off. About 150 bytes each.
+    pub remember_events: u64,
+    /// An event whose time is ahead of the time the stream stored it by more than this
+    /// cannot be right (nothing is stored before it happens): it is applied at the store
+    /// time instead, so a clock years ahead never makes old state win over newer state, and
+    /// counted ([`ProgressSnapshot::clock_skewed`](super::ProgressSnapshot)). Events older
+    /// than their store time are normal (an outbox forwarding after an outage).
+    pub max_clock_skew: Duration,
 }
 
 impl Default for ProjectorOptions {
@@ -74,6 +86,8 @@ impl Default for ProjectorOptions {
             flush: true,
             cache_entries: 250_000,
             verifier: None,
+            remember_events: 100_000,
+            max_clock_skew: Duration::from_secs(300),
         }
     }
 }
@@ -91,6 +105,9 @@ pub struct Projector<V: View> {
     checkpoint: u64,
     dead_letters: u64,
     cache: WriteCache,
+    identities: Identities,
+    /// Whether `identities` holds what the window before the checkpoint says.
+    identities_loaded: bool,
 }
 
 impl<V: View> Projector<V> {
@@ -119,12 +136,16 @@ impl<V: View> Projector<V> {
             checkpoint,
             dead_letters,
             cache: WriteCache::new(ProjectorOptions::default().cache_entries),
+            identities: Identities::new(ProjectorOptions::default().remember_events),
+            identities_loaded: false,
         })
     }
 
     /// Replaces the tuning.
     pub fn with_options(mut self, options: ProjectorOptions) -> Self {
         self.cache = WriteCache::new(options.cache_entries);
+        self.identities = Identities::new(options.remember_events);
+        self.identities_loaded = false;
         self.options = options;
         self
     }
@@ -136,6 +157,8 @@ impl<V: View> Projector<V> {
         self.checkpoint = 0;
         self.dead_letters = 0;
         self.cache = WriteCache::new(self.options.cache_entries);
+        self.identities.clear();
+        self.identities_loaded = true;
         self.progress = Arc::new(Progress::new(self.view.name(), &self.stream, 0));
         Ok(())
     }
@@ -177,6 +200,35 @@ impl<V: View> Projector<V> {
         Ok(info.first_sequence)
     }
 
+    /// Reads the identities of the window before the checkpoint, deciding about each event as
+    /// the run that applied it did, so the memory is what an uninterrupted run would hold.
+    async fn load_identities(&mut self, first: u64) -> Result<(), ProjectionError> {
+        self.identities.clear();
+        let window = self.identities.window();
+        if window > 0 && self.checkpoint > 0 {
+            let start = self.checkpoint.saturating_sub(window - 1).max(first).max(1);
+            let options = ReplayOptions {
+                start: StartPosition::Sequence(start),
+                filter_subjects: self.view.filter_subjects(),
+                follow: false,
+            };
+            let mut replay = self.backbone.replay(&self.stream, options).await?;
+            while let Some(message) = replay.next().await {
+                let message = message?;
+                if message.sequence > self.checkpoint {
+                    break;
+                }
+                let Ok(record) = EventRecord::decode(&message.payload) else { continue };
+                if self.options.verifier.as_deref().is_some_and(|v| v.verify(&record).is_err()) {
+                    continue;
+                }
+                self.identities.check(message.sequence, &record, &message.payload);
+            }
+        }
+        self.identities_loaded = true;
+        Ok(())
+    }
+
     async fn consume(&mut self, follow: bool, shutdown: impl Future<Output = ()>) -> Result<RunStats, ProjectionError> {
         let first = self.refresh_stream_last().await?;
         // Without it the first malformed event would stop the projector after all.
@@ -189,6 +241,9 @@ impl<V: View> Projector<V> {
                 first,
                 "events after the view's checkpoint were removed by retention; the view misses them (rebuild to re-base it)"
             );
+        }
+        if !self.identities_loaded {
+            self.load_identities(first).await?;
         }
         let options = ReplayOptions {
             start: StartPosition::Sequence(self.checkpoint + 1),
@@ -203,8 +258,12 @@ impl<V: View> Projector<V> {
         let group = max_batch.min(READ_GROUP);
         let groups_per_batch = (max_batch / group).max(1);
         let (tx, mut rx) = tokio::sync::mpsc::channel(groups_per_batch * 2);
-        let verifier = self.options.verifier.clone();
-        let reader = AbortOnDrop(tokio::spawn(read_and_decode(replay, self.checkpoint, group, verifier, tx)));
+        let decode = Decode {
+            verifier: self.options.verifier.clone(),
+            max_skew: chrono::Duration::from_std(self.options.max_clock_skew).unwrap_or(chrono::Duration::MAX),
+            progress: self.progress.clone(),
+        };
+        let reader = AbortOnDrop(tokio::spawn(read_and_decode(replay, self.checkpoint, group, decode, tx)));
         let mut stats = RunStats { checkpoint: self.checkpoint, ..Default::default() };
         let mut tick = tokio::time::interval(self.options.stream_info_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -266,7 +325,7 @@ impl<V: View> Projector<V> {
         let mut txn = Txn::new(&self.state, Some(&self.cache), READ_GROUP);
         let mut letters = Vec::new();
         let mut last = self.checkpoint;
-        let mut applied = 0u64;
+        let (mut applied, mut duplicates, mut conflicts) = (0u64, 0u64, 0u64);
         let mut failure = None;
         for item in items {
             let (message, record) = match item {
@@ -297,12 +356,32 @@ impl<V: View> Projector<V> {
             if message.sequence <= last {
                 continue;
             }
+            match self.identities.check(message.sequence, &record, &message.payload) {
+                Seen::New => {}
+                Seen::Duplicate { .. } => {
+                    duplicates += 1;
+                    last = message.sequence;
+                    continue;
+                }
+                Seen::Conflict { sequence } => {
+                    let reason = format!(
+                        "event {} from {} was applied at sequence {sequence} with another payload; this copy is not applied",
+                        record.id, record.source
+                    );
+                    letters.push(DeadLetter::new(&name, &message, "conflict", reason));
+                    conflicts += 1;
+                    last = message.sequence;
+                    continue;
+                }
+            }
             match self.view.apply(message.sequence, &record, &mut txn) {
                 Ok(()) => applied += 1,
                 Err(ViewError::Reject(reason)) => letters.push(DeadLetter::new(&name, &message, "rejected", reason)),
                 Err(source) => {
                     let sequence = message.sequence;
                     let stream = self.stream.clone();
+                    // Nothing of the batch is committed: what it remembered is re-read.
+                    self.identities_loaded = false;
                     return BatchOutcome {
                         committed: None,
                         result: Err(ProjectionError::View { view: name, stream, sequence, source }),
@@ -321,14 +400,20 @@ impl<V: View> Projector<V> {
             };
             match stored {
                 Ok(writes) => self.cache.absorb(writes),
-                Err(e) => return BatchOutcome { committed: None, result: Err(e) },
+                Err(e) => {
+                    self.identities_loaded = false;
+                    return BatchOutcome { committed: None, result: Err(e) };
+                }
             }
             self.checkpoint = last;
             self.dead_letters += dead;
             stats.applied += applied;
             stats.dead_lettered += dead;
             stats.batches += 1;
-            committed = Some(Committed { sequence: last, applied, dead_lettered: dead, batches: 1 });
+            stats.duplicates += duplicates;
+            stats.conflicts += conflicts;
+            committed =
+                Some(Committed { sequence: last, applied, dead_lettered: dead, batches: 1, duplicates, conflicts });
         }
         BatchOutcome { committed, result: failure.map_or(Ok(()), Err) }
     }
@@ -352,13 +437,38 @@ enum Item {
 /// instead of per message.
 const READ_GROUP: usize = 256;
 
+/// How the reader turns messages into items.
+struct Decode {
+    verifier: Option<std::sync::Arc<chorus_schemas::signature::Verifier>>,
+    max_skew: chrono::Duration,
+    progress: Arc<Progress>,
+}
+
+impl Decode {
+    fn item(&self, m: StoredMessage) -> Item {
+        let mut record = match EventRecord::decode(&m.payload) {
+            Ok(record) => record,
+            Err(e) => return Item::Malformed(m, e),
+        };
+        if let Some(Err(e)) = self.verifier.as_deref().map(|v| v.verify(&record).map(|_| ())) {
+            return Item::Unverified(m, e);
+        }
+        if record.time.signed_duration_since(m.time) > self.max_skew {
+            tracing::debug!(sequence = m.sequence, time = %record.time, stored = %m.time, "event time ahead of its store time; applied at the store time");
+            self.progress.clock_skewed.fetch_add(1, Ordering::Relaxed);
+            record.time = m.time;
+        }
+        Item::Event(m, record)
+    }
+}
+
 /// Reads the replay, decodes each message, and sends the results in order, in groups of what
 /// was ready (at most `group`).
 async fn read_and_decode(
     replay: chorus_backbone::MessageStream,
     checkpoint: u64,
     group: usize,
-    verifier: Option<std::sync::Arc<chorus_schemas::signature::Verifier>>,
+    decode: Decode,
     tx: tokio::sync::mpsc::Sender<Vec<Item>>,
 ) {
     let mut groups = replay.ready_chunks(group);
@@ -368,13 +478,7 @@ async fn read_and_decode(
         for next in group {
             items.push(match next {
                 Ok(m) if m.sequence <= checkpoint => continue,
-                Ok(m) => match EventRecord::decode(&m.payload) {
-                    Ok(record) => match verifier.as_deref().map(|v| v.verify(&record).map(|_| ())) {
-                        Some(Err(e)) => Item::Unverified(m, e),
-                        _ => Item::Event(m, record),
-                    },
-                    Err(e) => Item::Malformed(m, e),
-                },
+                Ok(m) => decode.item(m),
                 Err(e) => {
                     failed = true;
                     Item::Failed(e)
@@ -427,6 +531,8 @@ impl Flusher {
         w.applied += c.applied;
         w.dead_lettered += c.dead_lettered;
         w.batches += c.batches;
+        w.duplicates += c.duplicates;
+        w.conflicts += c.conflicts;
     }
 
     /// Starts flushing what is waiting, if anything.

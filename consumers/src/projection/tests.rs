@@ -247,3 +247,96 @@ async fn view_names_must_be_subject_tokens() {
     let store = Store::temporary().unwrap();
     assert!(matches!(Projector::new(b, "CHORUS_LIFECYCLE", &store, Bad), Err(ProjectionError::InvalidName { .. })));
 }
+
+/// The same CloudEvent stored under several message ids (as go-choria publishes, without
+/// `Nats-Msg-Id`): the view applies it once, a changed copy is a dead-lettered conflict, and
+/// a projector started later (restart) still knows the identities before its checkpoint.
+#[tokio::test]
+async fn an_event_is_applied_once_per_source_and_id_whoever_stores_it_and_however_often() {
+    let (_dir, b) = backbone().await;
+    let record = EventRecord::new(Alive::new("n1", "server", "1.0", Some(60)), 1);
+    let payload = record.encode();
+    // The same event id, another version: a changed copy.
+    let changed = EventRecord::decode(
+        String::from_utf8(payload.clone()).unwrap().replace(r#""version":"1.0""#, r#""version":"2.0""#).as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(changed.id, record.id);
+    let copy =
+        |n: usize, payload: Vec<u8>| Message::new(format!("copy-{n}"), "choria.lifecycle.event.alive.server", payload);
+    b.publish_batch(vec![copy(1, payload.clone()), copy(2, payload.clone()), copy(3, changed.encode())]).await.unwrap();
+    b.publish_batch((0..4).map(event).collect()).await.unwrap();
+
+    let store = Store::temporary().unwrap();
+    let mut p = Projector::new(b.clone(), "CHORUS_LIFECYCLE", &store, Counting).unwrap();
+    let stats = p.catch_up().await.unwrap();
+    assert_eq!((stats.applied, stats.duplicates, stats.conflicts, stats.dead_lettered), (5, 1, 1, 1), "{stats:?}");
+    let applied = |p: &Projector<Counting>| p.state().get_json::<u64>(format!("id/{}", record.id).as_bytes()).unwrap();
+    assert_eq!(applied(&p), Some(1));
+    let snapshot = p.progress().snapshot();
+    assert_eq!((snapshot.duplicates, snapshot.conflicts), (1, 1));
+    let letters: Vec<DeadLetter> = {
+        let mut r = b.replay("CHORUS_DEADLETTER", ReplayOptions::default()).await.unwrap();
+        let mut out = Vec::new();
+        while let Some(m) = r.next().await {
+            out.push(serde_json::from_slice(&m.unwrap().payload).unwrap());
+        }
+        out
+    };
+    assert_eq!(letters.len(), 1);
+    assert_eq!((letters[0].code.as_str(), letters[0].sequence), ("conflict", 3));
+    assert!(letters[0].reason.contains("applied at sequence 1"), "{}", letters[0].reason);
+
+    // Restarted: the identities before the checkpoint are read again from the stream.
+    drop(p);
+    b.publish(copy(4, payload.clone())).await.unwrap();
+    b.publish(copy(5, changed.encode())).await.unwrap();
+    let mut p = Projector::new(b.clone(), "CHORUS_LIFECYCLE", &store, Counting).unwrap();
+    let stats = p.catch_up().await.unwrap();
+    assert_eq!((stats.applied, stats.duplicates, stats.conflicts), (0, 1, 1), "{stats:?}");
+    assert_eq!(applied(&p), Some(1));
+
+    // A rebuild decides the same way.
+    p.rebuild().unwrap();
+    let stats = p.catch_up().await.unwrap();
+    assert_eq!((stats.applied, stats.duplicates, stats.conflicts), (5, 2, 2), "{stats:?}");
+
+    // With the check off, every copy is applied (what the stream's own dedupe alone gives).
+    let off = ProjectorOptions { remember_events: 0, ..Default::default() };
+    let mut p = Projector::new(b.clone(), "CHORUS_LIFECYCLE", &Store::temporary().unwrap(), Counting)
+        .unwrap()
+        .with_options(off);
+    p.catch_up().await.unwrap();
+    assert_eq!(applied(&p), Some(5));
+}
+
+/// An event stamped years ahead is applied at the time the stream stored it, and counted.
+#[tokio::test]
+async fn an_event_from_the_future_is_applied_at_its_store_time() {
+    let (_dir, b) = backbone().await;
+    let mut future = EventRecord::new(Alive::new("n1", "server", "1.0", Some(60)), 1);
+    future.time = chrono::Utc::now() + chrono::Duration::days(3650);
+    let mut recent = EventRecord::new(Alive::new("n1", "server", "1.0", Some(60)), 2);
+    recent.time = chrono::Utc::now() - chrono::Duration::seconds(10);
+    b.publish_batch(vec![chorus_platform::to_message(&future).unwrap(), chorus_platform::to_message(&recent).unwrap()])
+        .await
+        .unwrap();
+
+    /// Keeps the latest event time it was given.
+    struct Latest;
+    impl View for Latest {
+        fn name(&self) -> &str {
+            "latest"
+        }
+        fn apply(&mut self, _seq: u64, record: &EventRecord, txn: &mut Txn<'_>) -> Result<(), ViewError> {
+            let latest: Option<chrono::DateTime<chrono::Utc>> = txn.get_json(b"latest")?;
+            txn.insert_json(b"latest", &latest.map_or(record.time, |l| l.max(record.time)))
+        }
+    }
+    let store = Store::temporary().unwrap();
+    let mut p = Projector::new(b.clone(), "CHORUS_LIFECYCLE", &store, Latest).unwrap();
+    p.catch_up().await.unwrap();
+    let latest: chrono::DateTime<chrono::Utc> = p.state().get_json(b"latest").unwrap().unwrap();
+    assert!(latest <= chrono::Utc::now(), "the future event was applied at its store time: {latest}");
+    assert_eq!(p.progress().snapshot().clock_skewed, 1);
+}
