@@ -21,6 +21,12 @@ pub struct StreamArgs {
     /// local state live under it.
     #[arg(long, default_value = "chorus-data")]
     pub data: PathBuf,
+    /// Read a platform stream's subjects from another stream, e.g.
+    /// `--use-stream CHORUS_LIFECYCLE=CHORIA_EVENTS` (repeatable). Without it, a stream that
+    /// already captures the subjects (Choria Streams' `CHORIA_EVENTS`, `CHORIA_MACHINE`) is
+    /// found and used.
+    #[arg(long, value_name = "PLATFORM=STREAM", value_parser = chorus_platform::StreamMap::parse_entry)]
+    pub use_stream: Vec<(String, String)>,
 }
 
 impl StreamArgs {
@@ -32,6 +38,11 @@ impl StreamArgs {
     /// The default directory of local views.
     pub fn views_dir(&self) -> PathBuf {
         self.data.join("views")
+    }
+
+    /// The streams the operator named with `--use-stream`.
+    pub fn stream_map(&self) -> chorus_platform::StreamMap {
+        self.use_stream.iter().fold(chorus_platform::StreamMap::default(), |m, (p, s)| m.with(p, s))
     }
 
     /// Whether the streams are in the embedded store (no --nats).

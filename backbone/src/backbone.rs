@@ -48,6 +48,10 @@ pub trait Backbone: Send + Sync + 'static {
     /// tool included), so a caller can compare it with what it would create.
     async fn stream_config(&self, stream: &str) -> Result<StreamConfig>;
 
+    /// Every stream's configuration, by name: how a component finds the streams that already
+    /// capture its subjects (Choria's `CHORIA_EVENTS`, say) instead of failing to create its own.
+    async fn streams(&self) -> Result<Vec<StreamConfig>>;
+
     /// Whether the engine reaches its server now (the embedded store always does). For
     /// health reports: calls made while it does not are retried or fail as usual.
     fn connected(&self) -> bool {

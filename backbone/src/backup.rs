@@ -27,11 +27,9 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::message::{copy_headers, derived_id, Headers};
+pub use crate::message::STORED_TIME_HEADER;
+use crate::message::{copy_headers, derived_id, stored_time_value, Headers};
 use crate::{Message, StoredMessage};
-
-/// The header a restored message carries its original store time in (RFC 3339, ns).
-pub const STORED_TIME_HEADER: &str = "Chorus-Stored-Time";
 
 /// One line of a backup.
 #[derive(Debug, Serialize, Deserialize)]
@@ -128,7 +126,7 @@ impl BackupLine {
         let id = if self.id.is_empty() { derived_id("restore", self.sequence, self.time) } else { self.id.clone() };
         let mut headers = copy_headers(&self.headers);
         headers.retain(|(name, _)| name != STORED_TIME_HEADER);
-        headers.push((STORED_TIME_HEADER.into(), self.time.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)));
+        headers.push((STORED_TIME_HEADER.into(), stored_time_value(self.time)));
         Ok(Message::new(id, self.subject.clone(), self.payload_bytes()?).with_headers(headers))
     }
 }

@@ -10,6 +10,10 @@ use chrono::{DateTime, Utc};
 /// publishers' messages keep theirs through every engine, replay, restore and replication.
 pub type Headers = Vec<(String, String)>;
 
+/// The header a copied message (restore, replication) carries its original's store time in
+/// (RFC 3339, ns): the time the event was first stored, which a copy keeps.
+pub const STORED_TIME_HEADER: &str = "Chorus-Stored-Time";
+
 /// Headers that instruct the stream that stores a message (optimistic concurrency, rollups,
 /// per-message TTL) rather than describe it: a copy of a stored message (restore,
 /// replication) leaves them out, since they were meant for the stream that stored the
@@ -118,17 +122,41 @@ impl StoredMessage {
         }
     }
 
+    /// When the event was first stored: the time a copy carries in
+    /// [`STORED_TIME_HEADER`], else this stream's store time.
+    pub fn first_stored(&self) -> DateTime<Utc> {
+        self.headers
+            .iter()
+            .find(|(name, _)| name == STORED_TIME_HEADER)
+            .and_then(|(_, value)| DateTime::parse_from_rfc3339(value).ok())
+            .map_or(self.time, |t| t.with_timezone(&Utc))
+    }
+
+    /// The headers a copy of this message is published with: its own, less the directives
+    /// that instructed the original's stream, with [`STORED_TIME_HEADER`] set to
+    /// [`StoredMessage::first_stored`].
+    pub fn copy_headers(&self) -> Headers {
+        let mut headers = copy_headers(&self.headers);
+        headers.retain(|(name, _)| name != STORED_TIME_HEADER);
+        headers.push((STORED_TIME_HEADER.into(), stored_time_value(self.first_stored())));
+        headers
+    }
+
     /// The message that publishes a copy of this one: [`StoredMessage::copy_id`], the same
-    /// subject, payload and headers, less the headers that instructed the original's stream.
+    /// subject and payload, and [`StoredMessage::copy_headers`].
     pub fn to_copy(&self) -> Message {
-        Message::new(self.copy_id(), self.subject.clone(), self.payload.clone())
-            .with_headers(copy_headers(&self.headers))
+        Message::new(self.copy_id(), self.subject.clone(), self.payload.clone()).with_headers(self.copy_headers())
     }
 }
 
 /// The id of a message stored without one, from where and when it was stored.
 pub fn derived_id(stream: &str, sequence: u64, time: DateTime<Utc>) -> String {
     format!("{stream}-{sequence}-{}", time.timestamp_nanos_opt().unwrap_or_default())
+}
+
+/// [`STORED_TIME_HEADER`]'s value for `time`.
+pub fn stored_time_value(time: DateTime<Utc>) -> String {
+    time.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
 }
 
 /// The headers a copy of a stored message is published with: all but the directives meant

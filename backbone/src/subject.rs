@@ -22,6 +22,34 @@ pub fn matches(filter: &str, subject: &str) -> bool {
     }
 }
 
+/// Whether two subject filters can match a common subject (streams must not share one).
+pub fn filters_overlap(a: &str, b: &str) -> bool {
+    let (mut ta, mut tb) = (a.split('.'), b.split('.'));
+    loop {
+        match (ta.next(), tb.next()) {
+            (Some(">"), Some(_)) | (Some(_), Some(">")) => return true,
+            (Some(x), Some(y)) if x == "*" || y == "*" || x == y => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// Whether every subject `inner` matches is also matched by `outer` (`choria.lifecycle.>`
+/// covers `choria.lifecycle.event.>`, not the other way round).
+pub fn filter_covers(outer: &str, inner: &str) -> bool {
+    let (mut to, mut ti) = (outer.split('.'), inner.split('.'));
+    loop {
+        match (to.next(), ti.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(t)) if t != ">" => {}
+            (Some(x), Some(y)) if x == y && x != "*" && x != ">" => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
 /// Whether `filter` matches any of `filters` (an empty list matches everything).
 pub fn matches_any(filters: &[String], subject: &str) -> bool {
     filters.is_empty() || filters.iter().any(|f| matches(f, subject))
@@ -75,6 +103,22 @@ pub fn validate_filter(filter: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn overlapping_and_covering_filters() {
+        assert!(filters_overlap("a.>", "a.b.c"));
+        assert!(filters_overlap("a.*.c", "a.b.*"));
+        assert!(!filters_overlap("a.b", "a.c"));
+        assert!(!filters_overlap("a.b", "a.b.c"));
+        assert!(filters_overlap(">", "x"));
+        assert!(filter_covers("choria.lifecycle.>", "choria.lifecycle.event.>"));
+        assert!(filter_covers("choria.lifecycle.>", "choria.lifecycle.>"));
+        assert!(!filter_covers("choria.lifecycle.event.>", "choria.lifecycle.>"));
+        assert!(filter_covers("a.*.c", "a.b.c"));
+        assert!(!filter_covers("a.b.c", "a.*.c"));
+        assert!(!filter_covers("a.*", "a.>"));
+        assert!(filter_covers(">", "a.>"));
+    }
 
     #[test]
     fn wildcards_match_like_nats_for_rpc_subjects() {

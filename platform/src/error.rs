@@ -17,4 +17,7 @@ pub enum PlatformError {
     /// A sink other than a backbone (an in-memory sink, a custom one) cannot store now.
     #[error("event sink unavailable: {0}")]
     Unavailable(String),
+    /// The streams configured for the platform's subjects cannot be used.
+    #[error("{0}")]
+    Streams(String),
 }

@@ -23,4 +23,7 @@ pub mod streams;
 pub use emitter::{to_message, BackboneSink, Emitter, EventSink, MemorySink, SigningSink};
 pub use error::PlatformError;
 pub use outbox::{Outbox, OutboxLimits, OutboxStats};
-pub use streams::{drift, ensure_platform_streams, platform_streams, StreamDrift, StreamLimits};
+pub use streams::{
+    capturing, drift, ensure_platform_streams, platform_streams, resolve_platform_streams, PlatformStreams,
+    StreamDrift, StreamLimits, StreamMap,
+};

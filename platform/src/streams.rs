@@ -86,27 +86,149 @@ pub fn drift(existing: &StreamConfig, wanted: &StreamConfig) -> Vec<StreamDrift>
     out
 }
 
+/// Which stream holds each platform stream's subjects on one backbone: Chorus's own
+/// (`CHORUS_LIFECYCLE`), one that already captured them (Choria Streams' `CHORIA_EVENTS`
+/// captures `choria.lifecycle.>`), or one an operator named. Components read through it,
+/// so a Chorus component sits beside a Choria broker's streams instead of fighting them.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct StreamMap(std::collections::BTreeMap<String, String>);
+
+impl Default for StreamMap {
+    /// Every platform stream under its own name.
+    fn default() -> Self {
+        StreamMap(chorus_schemas::subject::streams().iter().map(|(n, _)| (n.to_string(), n.to_string())).collect())
+    }
+}
+
+impl StreamMap {
+    /// The stream that holds `platform`'s subjects (`platform` itself when unmapped).
+    pub fn get<'a>(&'a self, platform: &'a str) -> &'a str {
+        self.0.get(platform).map_or(platform, String::as_str)
+    }
+
+    /// The same map with `platform`'s subjects read from `stream`.
+    pub fn with(mut self, platform: impl Into<String>, stream: impl Into<String>) -> Self {
+        self.0.insert(platform.into(), stream.into());
+        self
+    }
+
+    /// `(platform stream, stream used)` pairs.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(a, b)| (a.as_str(), b.as_str()))
+    }
+
+    /// Parses `PLATFORM=STREAM` (as `--use-stream` takes it).
+    pub fn parse_entry(text: &str) -> Result<(String, String), String> {
+        let (platform, stream) = text.split_once('=').ok_or_else(|| format!("{text:?}: expected PLATFORM=STREAM"))?;
+        let known: Vec<&str> = chorus_schemas::subject::streams().iter().map(|(n, _)| *n).collect();
+        if !known.contains(&platform) {
+            return Err(format!("{platform:?} is not a platform stream ({})", known.join(", ")));
+        }
+        if stream.is_empty() {
+            return Err(format!("{text:?}: no stream named"));
+        }
+        Ok((platform.to_string(), stream.to_string()))
+    }
+}
+
+/// The platform streams as found (and made) on a backbone.
+#[derive(Clone, Debug)]
+pub struct PlatformStreams {
+    /// Which stream holds each platform stream's subjects.
+    pub streams: StreamMap,
+    /// How the streams used differ from what Chorus would create (reported, never applied).
+    pub drifts: Vec<StreamDrift>,
+    /// Platform streams with no stream at all (only when not creating).
+    pub missing: Vec<String>,
+}
+
 /// Creates the lifecycle, machine, RPC, audit, registration and dead-letter streams that
-/// are missing. Existing ones are never changed (replicas, limits, retention): how each
-/// differs from what Chorus would create is logged once here and returned.
+/// are missing. A stream that already captures a platform stream's subjects (Choria's, or
+/// one named in `overrides`) is used instead, so creating never fails on an overlap it could
+/// use. Existing streams are never changed (replicas, limits, retention): how each differs
+/// from what Chorus would create is logged and returned.
 pub async fn ensure_platform_streams(
     b: &dyn Backbone,
     limits: &StreamLimits,
-) -> Result<Vec<StreamDrift>, PlatformError> {
-    let mut drifts = Vec::new();
-    for cfg in platform_streams(limits) {
-        b.ensure_stream(&cfg).await?;
-        let existing = b.stream_config(&cfg.name).await?;
-        for d in drift(&existing, &cfg) {
+) -> Result<PlatformStreams, PlatformError> {
+    resolve_platform_streams(b, limits, &StreamMap::default(), true).await
+}
+
+/// Finds which stream holds each platform stream's subjects: the one named in `overrides`
+/// when it differs from the platform name, else the platform stream itself, else the
+/// existing stream that captures most of its subjects; creates what is still missing when
+/// `create` (else lists it in [`PlatformStreams::missing`]). What is used is logged.
+pub async fn resolve_platform_streams(
+    b: &dyn Backbone,
+    limits: &StreamLimits,
+    overrides: &StreamMap,
+    create: bool,
+) -> Result<PlatformStreams, PlatformError> {
+    let mut existing = b.streams().await?;
+    let mut out = PlatformStreams { streams: StreamMap::default(), drifts: Vec::new(), missing: Vec::new() };
+    for wanted in platform_streams(limits) {
+        let named = overrides.get(&wanted.name);
+        let found = if named != wanted.name {
+            match existing.iter().find(|s| s.name == named) {
+                Some(s) => Some(s.clone()),
+                None => {
+                    return Err(PlatformError::Streams(format!(
+                        "stream {named} (configured for {}'s subjects) does not exist",
+                        wanted.name
+                    )))
+                }
+            }
+        } else {
+            capturing(&existing, &wanted).cloned()
+        };
+        let used = match found {
+            Some(s) => s,
+            None if create => {
+                b.ensure_stream(&wanted).await?;
+                existing.push(wanted.clone());
+                wanted.clone()
+            }
+            None => {
+                out.missing.push(wanted.name.clone());
+                continue;
+            }
+        };
+        if used.name != wanted.name {
+            tracing::info!("{}'s subjects are captured by stream {}: using it", wanted.name, used.name);
+            out.streams = out.streams.with(wanted.name.clone(), used.name.clone());
+        }
+        for d in drift(&used, &wanted) {
             if d.field == "subjects" {
-                tracing::warn!(
-                    "{d}: events on the missing subjects are not stored there; change it with `chorus streams edit`"
-                );
+                tracing::warn!("{d}: events on the missing subjects are not stored there");
             } else {
                 tracing::info!("{d}: left as it is (change it with `chorus streams edit`)");
             }
-            drifts.push(d);
+            out.drifts.push(d);
         }
     }
-    Ok(drifts)
+    Ok(out)
+}
+
+/// The existing stream for `wanted`'s subjects: the one of its name, else the one that
+/// captures most of them (ties: by name).
+pub fn capturing<'a>(existing: &'a [StreamConfig], wanted: &StreamConfig) -> Option<&'a StreamConfig> {
+    if let Some(own) = existing.iter().find(|s| s.name == wanted.name) {
+        return Some(own);
+    }
+    let score = |s: &StreamConfig| {
+        let covered = wanted
+            .subjects
+            .iter()
+            .filter(|w| s.subjects.iter().any(|x| chorus_backbone::subject::filter_covers(x, w)))
+            .count();
+        let overlaps =
+            wanted.subjects.iter().any(|w| s.subjects.iter().any(|x| chorus_backbone::subject::filters_overlap(x, w)));
+        (covered, overlaps)
+    };
+    existing
+        .iter()
+        .map(|s| (score(s), s))
+        .filter(|((_, overlaps), _)| *overlaps)
+        .max_by(|(a, sa), (b, sb)| a.cmp(b).then_with(|| sb.name.cmp(&sa.name)))
+        .map(|(_, s)| s)
 }

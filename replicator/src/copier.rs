@@ -9,7 +9,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chorus_backbone::message::copy_headers;
 use chorus_backbone::{Backbone, Message, ReplayOptions, StartPosition, StoredMessage, StreamConfig};
 use chorus_runtime::{Backoff, Retry, Shutdown};
 use futures::StreamExt;
@@ -216,8 +215,9 @@ impl Copier {
     /// them with the reason, the replicator does not silently drop them.
     fn prepare(&self, m: StoredMessage, sampler: Option<&mut Sampler>) -> Option<Message> {
         // Another publisher's message (go-choria's have no id) is copied with a derived id and
-        // its headers, so a restarted copier stores it once and the copy is the original.
-        let (id, headers) = (m.copy_id(), copy_headers(&m.headers));
+        // its headers, so a restarted copier stores it once and the copy is the original; the
+        // copy carries the original's store time (views check event clocks against it).
+        let (id, headers) = (m.copy_id(), m.copy_headers());
         let mut payload = m.payload;
         if self.source_site.is_some() || self.target_site.is_some() {
             let peek: Option<Peek> = serde_json::from_slice(&payload).ok();

@@ -46,6 +46,7 @@ pub async fn run(args: DashboardArgs) -> anyhow::Result<()> {
         listen: args.listen,
         rebuild: args.rebuild,
         policy: StatusPolicy::default(),
+        streams: args.streams.stream_map(),
     };
     let views = Views::start(backbone, &options, verifier, Shutdown::new()).await?;
     println!("Dashboard: {}", views.url());

@@ -16,7 +16,9 @@ use chorus_backbone::Backbone;
 use chorus_consumers::dashboard::{Views, ViewsOptions};
 use chorus_consumers::inventory::{Inventory, InventoryView, NodeFilter, NodeView, Status, StatusPolicy};
 use chorus_consumers::projection::{Projector, Store};
+use chorus_platform::{resolve_platform_streams, StreamLimits};
 use chorus_runtime::{Services, Shutdown};
+use chorus_schemas::subject::CHORUS_LIFECYCLE;
 use chrono::Utc;
 
 use crate::args::StreamArgs;
@@ -98,7 +100,13 @@ impl InventoryArgs {
     async fn projector(&self, backbone: Arc<dyn Backbone>) -> anyhow::Result<(Store, Projector<InventoryView>)> {
         let state = self.state();
         let store = Store::open(&state).with_context(|| format!("opening view store {}", state.display()))?;
-        let mut projector = Inventory::projector(backbone, &store)?;
+        let found =
+            resolve_platform_streams(&*backbone, &StreamLimits::default(), &self.streams.stream_map(), false).await?;
+        anyhow::ensure!(
+            !found.missing.iter().any(|m| m == CHORUS_LIFECYCLE),
+            "no stream holds the lifecycle subjects (choria.lifecycle.>): `chorus streams create` creates {CHORUS_LIFECYCLE}"
+        );
+        let mut projector = Inventory::projector_on(backbone, &found.streams, &store)?;
         if self.rebuild {
             projector.rebuild()?;
         }
@@ -199,7 +207,13 @@ fn print_nodes(nodes: &[NodeView], now: chrono::DateTime<Utc>) {
 /// Follows the stream and serves the API (the dashboard's, which includes the inventory's
 /// JSON routes) until SIGTERM or until the projection fails.
 async fn serve(args: &InventoryArgs, backbone: Arc<dyn Backbone>, listen: SocketAddr) -> anyhow::Result<()> {
-    let options = ViewsOptions { state: args.state(), listen, rebuild: args.rebuild, policy: args.policy() };
+    let options = ViewsOptions {
+        state: args.state(),
+        listen,
+        rebuild: args.rebuild,
+        policy: args.policy(),
+        streams: args.streams.stream_map(),
+    };
     let views = Views::start(backbone, &options, None, Shutdown::new()).await?;
     eprintln!("inventory API on {}api/summary, /api/nodes, /api/nodes/{{identity}}; SIGTERM to stop", views.url());
     let inventory = views.inventory().clone();

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use anyhow::Context as _;
-use chorus_backbone::{Backbone, BackboneError, StreamConfig};
-use chorus_platform::{drift, platform_streams, StreamLimits};
+use chorus_backbone::StreamConfig;
+use chorus_platform::{capturing, drift, platform_streams, StreamLimits};
 
 use crate::args::StreamArgs;
 
@@ -114,24 +114,22 @@ fn wanted(sizes: &Sizes) -> Vec<StreamConfig> {
 
 async fn create(args: CreateArgs) -> anyhow::Result<()> {
     let backbone = args.streams.open().await?;
+    let mut existing = backbone.streams().await?;
     for cfg in wanted(&args.sizes) {
-        let existed = exists(&*backbone, &cfg.name).await?;
-        backbone.ensure_stream(&cfg).await.with_context(|| format!("creating {}", cfg.name))?;
-        if !existed {
+        let Some(used) = capturing(&existing, &cfg).cloned() else {
+            backbone.ensure_stream(&cfg).await.with_context(|| format!("creating {}", cfg.name))?;
             println!("{}: created ({})", cfg.name, describe(&cfg));
+            existing.push(cfg);
             continue;
-        }
-        let existing = backbone.stream_config(&cfg.name).await?;
-        let differences = drift(&existing, &cfg);
+        };
+        let differences = drift(&used, &cfg);
+        let whose = if used.name == cfg.name { String::new() } else { format!(" {} holds its subjects:", used.name) };
         if differences.is_empty() {
-            println!("{}: exists, as asked", cfg.name);
+            println!("{}:{whose} exists, as asked", cfg.name);
         } else {
-            println!("{}: exists, adopted as it is ({})", cfg.name, describe(&existing));
+            println!("{}:{whose} exists, adopted as it is ({})", cfg.name, describe(&used));
             for d in differences {
-                println!(
-                    "  {} {} here, {} asked: `chorus streams edit {}` changes it",
-                    d.field, d.existing, d.chorus, cfg.name
-                );
+                println!("  {} {} here, {} asked: `chorus streams edit` changes it", d.field, d.existing, d.chorus);
             }
         }
     }
@@ -146,20 +144,21 @@ async fn info(args: InfoArgs) -> anyhow::Result<()> {
             "stream", "messages", "bytes", "replicas", "max age", "max bytes", "dedupe"
         );
     }
+    let existing = backbone.streams().await?;
     for wanted in wanted(&Sizes::default()) {
         let name = &wanted.name;
-        if !exists(&*backbone, name).await? {
+        let Some(config) = capturing(&existing, &wanted).cloned() else {
             match args.json {
                 true => println!("{}", serde_json::json!({"stream": name, "exists": false})),
                 false => println!("{name:<22} {:>10}  missing: `chorus streams create` creates it", "-"),
             }
             continue;
-        }
-        let (config, info) = (backbone.stream_config(name).await?, backbone.stream_info(name).await?);
+        };
+        let info = backbone.stream_info(&config.name).await?;
         let missing: Vec<String> = wanted.subjects.iter().filter(|s| !config.subjects.contains(s)).cloned().collect();
         if args.json {
             let line = serde_json::json!({
-                "stream": name, "exists": true, "messages": info.messages, "bytes": info.bytes,
+                "stream": name, "exists": true, "held_by": config.name, "messages": info.messages, "bytes": info.bytes,
                 "first_sequence": info.first_sequence, "last_sequence": info.last_sequence,
                 "consumers": info.consumers, "config": config, "missing_subjects": missing,
             });
@@ -168,7 +167,10 @@ async fn info(args: InfoArgs) -> anyhow::Result<()> {
         }
         let age = config.max_age.map_or("-".to_string(), |a| humantime::format_duration(a).to_string());
         let bytes = if config.max_bytes == 0 { "-".to_string() } else { config.max_bytes.to_string() };
-        let notes = if missing.is_empty() { String::new() } else { format!("missing subjects {missing:?}") };
+        let mut notes = if config.name == *name { String::new() } else { format!("held by {} ", config.name) };
+        if !missing.is_empty() {
+            notes.push_str(&format!("missing subjects {missing:?}"));
+        }
         println!(
             "{name:<22} {:>10} {:>12} {:>8} {age:>10} {bytes:>12} {:>8}  {notes}",
             info.messages,
@@ -194,13 +196,10 @@ async fn edit(args: EditArgs) -> anyhow::Result<()> {
         args.stream,
         all.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", ")
     );
+    let existing = backbone.streams().await?;
     for wanted in selected {
-        let current = match backbone.stream_config(&wanted.name).await {
-            Ok(c) => c,
-            Err(BackboneError::NotFound { .. }) => {
-                anyhow::bail!("{} does not exist: `chorus streams create` creates it", wanted.name)
-            }
-            Err(e) => return Err(e.into()),
+        let Some(current) = capturing(&existing, wanted).cloned() else {
+            anyhow::bail!("{} does not exist: `chorus streams create` creates it", wanted.name)
         };
         let mut changed = args.sizes.apply(current.clone());
         if args.add_missing_subjects {
@@ -214,18 +213,10 @@ async fn edit(args: EditArgs) -> anyhow::Result<()> {
             println!("{}: unchanged", wanted.name);
             continue;
         }
-        backbone.update_stream(&changed).await.with_context(|| format!("changing {}", wanted.name))?;
-        println!("{}: {} -> {}", wanted.name, describe(&current), describe(&changed));
+        backbone.update_stream(&changed).await.with_context(|| format!("changing {}", current.name))?;
+        println!("{}: {} -> {}", current.name, describe(&current), describe(&changed));
     }
     Ok(())
-}
-
-async fn exists(backbone: &dyn Backbone, name: &str) -> anyhow::Result<bool> {
-    match backbone.stream_info(name).await {
-        Ok(_) => Ok(true),
-        Err(BackboneError::NotFound { .. }) => Ok(false),
-        Err(e) => Err(e.into()),
-    }
 }
 
 fn describe(c: &StreamConfig) -> String {

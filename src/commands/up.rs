@@ -115,6 +115,7 @@ async fn start(
         listen: args.listen,
         rebuild: false,
         policy: StatusPolicy::default(),
+        streams: args.streams.stream_map(),
     };
     // The transport the nodes listen on: NATS with --nats, else in this process, relayed
     // over the dashboard's HTTP (`chorus rpc --url`) so a second terminal can reach it.

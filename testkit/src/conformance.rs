@@ -154,7 +154,12 @@ async fn headers_are_kept(b: Arc<dyn Backbone>, stream: String, replicas: usize)
     // A copy keeps them, less the directives meant for the original's stream.
     let mut directed = all[0].clone();
     directed.headers.push(("Nats-Expected-Last-Sequence".into(), "0".into()));
-    assert_eq!(directed.to_copy().headers, headers);
+    let copy = directed.to_copy();
+    let stored_time = (chorus_backbone::message::STORED_TIME_HEADER.to_string(), directed.first_stored());
+    assert_eq!(copy.headers.len(), headers.len() + 1, "{:?}", copy.headers);
+    assert!(headers.iter().all(|h| copy.headers.contains(h)), "{:?}", copy.headers);
+    let carried = copy.headers.iter().find(|(n, _)| *n == stored_time.0).map(|(_, v)| v.clone()).unwrap();
+    assert_eq!(chrono::DateTime::parse_from_rfc3339(&carried).unwrap(), stored_time.1, "the original's store time");
 }
 
 async fn no_stream_for_subject_is_an_error(b: Arc<dyn Backbone>, stream: String, replicas: usize) {
@@ -433,6 +438,7 @@ async fn ensure_stream_never_changes_an_existing_one(b: Arc<dyn Backbone>, strea
     let kept = b.ensure_stream(&other).await.unwrap();
     assert_eq!(kept.messages, 20, "ensure never applies limits to an existing stream");
     assert_eq!(b.stream_config(&stream).await.unwrap(), cfg, "nor changes its configuration");
+    assert!(b.streams().await.unwrap().contains(&cfg), "listed with its configuration");
     assert!(matches!(b.stream_config("NO_SUCH_STREAM").await, Err(BackboneError::NotFound { .. })));
 }
 

@@ -24,6 +24,7 @@ async fn dashboard_in_chromium_shows_the_versions_of_simulated_nodes() {
         listen: "127.0.0.1:0".parse().unwrap(),
         rebuild: false,
         policy: StatusPolicy::default(),
+        streams: Default::default(),
     };
     let mut views = Views::start(backbone.clone(), &options, None, Shutdown::new()).await.unwrap();
     let url = views.url().to_string();

@@ -6,6 +6,7 @@ mod aaa;
 mod agent;
 mod backup;
 mod broker;
+mod choria;
 mod cli;
 mod conformance;
 mod dashboard;

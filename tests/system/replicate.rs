@@ -21,7 +21,7 @@ use chorus_testkit::conformance::read_all;
 use chorus_testkit::eventually;
 use chorus_testkit::nats::{LeafnodeSites, NatsServer};
 
-async fn js(url: &str) -> Arc<dyn Backbone> {
+pub(crate) async fn js(url: &str) -> Arc<dyn Backbone> {
     Arc::new(JetStreamBackbone::connect(&NatsConfig::from_url_list(url)).await.expect("connect"))
 }
 
@@ -44,12 +44,12 @@ async fn publish_all(b: &dyn Backbone, messages: Vec<Message>) {
     }
 }
 
-async fn count(b: &dyn Backbone, stream: &str) -> u64 {
+pub(crate) async fn count(b: &dyn Backbone, stream: &str) -> u64 {
     b.stream_info(stream).await.map(|i| i.messages).unwrap_or(0)
 }
 
 /// Waits until `stream` in `b` holds `n` messages, failing with what it saw.
-async fn wait_for_count(b: &dyn Backbone, stream: &str, n: u64, within: Duration) {
+pub(crate) async fn wait_for_count(b: &dyn Backbone, stream: &str, n: u64, within: Duration) {
     eventually(&format!("{stream} to hold {n} messages"), within, || async move {
         let c = count(b, stream).await;
         if c >= n {
@@ -73,13 +73,13 @@ async fn assert_same_events(source: &dyn Backbone, target: &dyn Backbone, stream
     src.len()
 }
 
-fn link_yaml(name: &str, source: &str, target: &str, stream: &str, batch: usize) -> String {
+pub(crate) fn link_yaml(name: &str, source: &str, target: &str, stream: &str, batch: usize) -> String {
     format!(
         "  - name: {name}\n    source: {{ nats: {{ servers: [\"{source}\"] }} }}\n    target: {{ nats: {{ servers: [\"{target}\"] }} }}\n    batch: {batch}\n    max_backoff: 500ms\n    streams:\n      - stream: {stream}\n"
     )
 }
 
-fn spawn_replicator(config: &std::path::Path) -> Child {
+pub(crate) fn spawn_replicator(config: &std::path::Path) -> Child {
     Command::new(chorus_testkit::workspace_bin("chorus").expect("the chorus binary"))
         .arg("replicate")
         .arg("--config")
@@ -386,7 +386,7 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
 }
 
 /// `GET path` over HTTP/1.1: the whole response, status line and headers included.
-async fn try_http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<String> {
+pub(crate) async fn try_http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await?;
     s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await?;

@@ -46,7 +46,7 @@ async fn streams_sized_by_the_operator_keep_their_replicas_after_every_chorus_co
     let said = chorus(&["streams", "create", "--nats", &urls]);
     assert_eq!(said.matches("exists, adopted as it is").count(), 6, "{said}");
     assert!(said.contains("replicas 3 here, 1 asked"), "{said}");
-    let drifts = ensure_platform_streams(&*b, &StreamLimits::default()).await.unwrap();
+    let drifts = ensure_platform_streams(&*b, &StreamLimits::default()).await.unwrap().drifts;
     assert_eq!(drifts.iter().filter(|d| d.field == "replicas").count(), 6, "reported: {drifts:?}");
     chorus_platform::deadletter::ensure_stream(&*b).await.unwrap();
     assert_eq!(sizes(&*b).await, sized, "no command changed a stream");

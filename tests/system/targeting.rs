@@ -326,6 +326,7 @@ async fn discover_facts_and_rpc_on_the_command_line_by_inventory_and_broadcast()
         listen: "127.0.0.1:0".parse().unwrap(),
         rebuild: false,
         policy: Default::default(),
+        streams: Default::default(),
     };
     let mut views = Views::start(backbone.clone(), &options, None, Shutdown::new()).await.unwrap();
     let url = views.url().trim_end_matches('/').to_string();

@@ -365,6 +365,13 @@ impl Backbone for EmbeddedBackbone {
         Ok(self.stream(stream)?.config.read().unwrap().clone())
     }
 
+    async fn streams(&self) -> Result<Vec<StreamConfig>> {
+        let streams = self.inner.streams.read().unwrap();
+        let mut out: Vec<StreamConfig> = streams.values().map(|h| h.config.read().unwrap().clone()).collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
     async fn stream_info(&self, stream: &str) -> Result<StreamInfo> {
         let h = self.stream(stream)?;
         Ok(h.info(self.consumer_count(stream)))

@@ -268,7 +268,7 @@ impl Writer {
             let other_cfg = other.config.read().unwrap();
             for a in &config.subjects {
                 for b in &other_cfg.subjects {
-                    if filters_overlap(a, b) {
+                    if crate::subject::filters_overlap(a, b) {
                         return Err(BackboneError::invalid_config(format!(
                             "stream {}: subject {a:?} overlaps {b:?} of stream {name}",
                             config.name
@@ -582,34 +582,5 @@ fn group_len(op: &Op) -> usize {
     match op {
         Op::Publish { messages, .. } => messages.len(),
         _ => 1,
-    }
-}
-
-/// Whether two subject filters can match a common subject (streams must not share one).
-pub(crate) fn filters_overlap(a: &str, b: &str) -> bool {
-    let (ta, tb): (Vec<&str>, Vec<&str>) = (a.split('.').collect(), b.split('.').collect());
-    let mut i = 0;
-    loop {
-        match (ta.get(i), tb.get(i)) {
-            (Some(&">"), Some(_)) | (Some(_), Some(&">")) => return true,
-            (Some(x), Some(y)) if *x == "*" || *y == "*" || x == y => {}
-            (None, None) => return true,
-            _ => return false,
-        }
-        i += 1;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::filters_overlap;
-
-    #[test]
-    fn overlapping_filters_are_found() {
-        assert!(filters_overlap("a.>", "a.b.c"));
-        assert!(filters_overlap("a.*.c", "a.b.*"));
-        assert!(!filters_overlap("a.b", "a.c"));
-        assert!(!filters_overlap("a.b", "a.b.c"));
-        assert!(filters_overlap(">", "x"));
     }
 }

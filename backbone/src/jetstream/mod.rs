@@ -286,6 +286,20 @@ fn publish_of(m: &Message) -> Publish {
     Publish::build().headers(headers).payload(m.payload.clone())
 }
 
+/// A JetStream stream's configuration as a [`StreamConfig`] (unlimited as 0, no age as none).
+fn config_of(c: &stream::Config) -> StreamConfig {
+    let limit = |v: i64| u64::try_from(v).unwrap_or(0);
+    StreamConfig {
+        name: c.name.clone(),
+        subjects: c.subjects.clone(),
+        max_messages: limit(c.max_messages),
+        max_bytes: limit(c.max_bytes),
+        max_age: (!c.max_age.is_zero()).then_some(c.max_age),
+        dedupe_window: c.duplicate_window,
+        replicas: c.num_replicas,
+    }
+}
+
 fn stream_config(c: &StreamConfig) -> stream::Config {
     let limit = |v: u64| if v == 0 { -1 } else { v as i64 };
     stream::Config {
@@ -352,17 +366,24 @@ impl Backbone for JetStreamBackbone {
 
     async fn stream_config(&self, stream: &str) -> Result<StreamConfig> {
         let s = self.get_stream(stream).await?;
-        let c = &s.cached_info().config;
-        let limit = |v: i64| u64::try_from(v).unwrap_or(0);
-        Ok(StreamConfig {
-            name: c.name.clone(),
-            subjects: c.subjects.clone(),
-            max_messages: limit(c.max_messages),
-            max_bytes: limit(c.max_bytes),
-            max_age: (!c.max_age.is_zero()).then_some(c.max_age),
-            dedupe_window: c.duplicate_window,
-            replicas: c.num_replicas,
-        })
+        Ok(config_of(&s.cached_info().config))
+    }
+
+    async fn streams(&self) -> Result<Vec<StreamConfig>> {
+        let mut out: Vec<StreamConfig> = self
+            .retrying(|| async {
+                let mut list = self.js.streams();
+                let mut out = Vec::new();
+                while let Some(info) = list.next().await {
+                    out.push(config_of(
+                        &info.map_err(|e| BackboneError::Nats { transient: true, source: Box::new(e) })?.config,
+                    ));
+                }
+                Ok(out)
+            })
+            .await?;
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
     }
 
     async fn stream_info(&self, stream: &str) -> Result<StreamInfo> {

@@ -10,6 +10,9 @@ use chorus_backbone::Backbone;
 use chorus_runtime::{Health, Observable, Ops, Shutdown, Tasks};
 use chorus_schemas::signature::Verifier;
 
+use chorus_platform::{resolve_platform_streams, StreamLimits, StreamMap};
+use chorus_schemas::subject::{CHORUS_LIFECYCLE, CHORUS_REGISTRATION};
+
 use super::{Dashboard, StreamRates};
 use crate::inventory::{Inventory, StatusPolicy};
 use crate::projection::{ProjectionError, ProjectorOptions, Store};
@@ -45,6 +48,9 @@ pub struct ViewsOptions {
     pub rebuild: bool,
     /// When nodes count as missing and expired.
     pub policy: StatusPolicy,
+    /// Streams named by the operator for the platform's subjects; the others are found on
+    /// the backbone (see [`chorus_platform::resolve_platform_streams`]).
+    pub streams: StreamMap,
 }
 
 /// The running inventory projection, stream rates and dashboard: a runtime [`Service`].
@@ -77,8 +83,8 @@ impl Views {
         shutdown: Shutdown,
     ) -> Result<Views, ViewsError> {
         let store = Store::open(&options.state)?;
-        let mut projector = Inventory::projector(backbone.clone(), &store)?;
-        let mut registrations = Inventory::registration_projector(backbone.clone(), &store)?;
+        let mut projector = Inventory::projector_on(backbone.clone(), &options.streams, &store)?;
+        let mut registrations = Inventory::registration_projector_on(backbone.clone(), &options.streams, &store)?;
         if let Some(verifier) = verifier {
             let options = ProjectorOptions { verifier: Some(Arc::new(verifier)), ..Default::default() };
             projector = projector.with_options(options.clone());
@@ -89,11 +95,22 @@ impl Views {
             registrations.rebuild()?;
         }
         let inventory = Inventory::open(&store, options.policy.clone())?.with_progress(projector.progress());
+        let registration_progress = registrations.progress();
         let mut tasks = Tasks::new("views", shutdown);
-        let stop = tasks.shutdown().requested_owned();
-        tasks.spawn("inventory projection", async move { projector.run(stop).await.map(|_| ()) });
-        let stop = tasks.shutdown().requested_owned();
-        tasks.spawn("registration projection", async move { registrations.run(stop).await.map(|_| ()) });
+        let (source, overrides, stop) = (backbone.clone(), options.streams.clone(), tasks.shutdown().clone());
+        tasks.spawn("inventory projection", async move {
+            if wait_for_stream(&*source, &overrides, CHORUS_LIFECYCLE, &mut projector, &stop).await? {
+                projector.run(stop.requested_owned()).await?;
+            }
+            Ok::<_, ProjectionError>(())
+        });
+        let (source, overrides, stop) = (backbone.clone(), options.streams.clone(), tasks.shutdown().clone());
+        tasks.spawn("registration projection", async move {
+            if wait_for_stream(&*source, &overrides, CHORUS_REGISTRATION, &mut registrations, &stop).await? {
+                registrations.run(stop.requested_owned()).await?;
+            }
+            Ok::<_, ProjectionError>(())
+        });
         let streams = chorus_schemas::subject::streams().iter().map(|(name, _)| name.to_string()).collect();
         let rates = StreamRates::new(streams);
         let sampler = rates.clone();
@@ -107,7 +124,11 @@ impl Views {
             .map_err(|source| ViewsError::Listen { addr: options.listen, source })?;
         let addr = listener.local_addr().map_err(|source| ViewsError::Listen { addr: options.listen, source })?;
         let dashboard = Dashboard::new(inventory.clone(), rates).with_events(backbone);
-        let monitor = Arc::new(ViewsMonitor { dashboard: dashboard.clone(), tasks: tasks.monitor() });
+        let monitor = Arc::new(ViewsMonitor {
+            dashboard: dashboard.clone(),
+            registrations: registration_progress,
+            tasks: tasks.monitor(),
+        });
         let ops = Ops::new().with(monitor);
         let stop = tasks.shutdown().clone();
         let router = dashboard.router().merge(routes(&inventory));
@@ -128,9 +149,46 @@ impl Views {
 
 chorus_runtime::service_of_tasks!(Views, tasks);
 
+/// Waits until the stream that holds `platform`'s subjects exists, saying why in the
+/// projector's progress meanwhile, then points the projector at it. `false`: shut down first.
+async fn wait_for_stream<V: crate::projection::View>(
+    backbone: &dyn Backbone,
+    overrides: &StreamMap,
+    platform: &str,
+    projector: &mut crate::projection::Projector<V>,
+    stop: &Shutdown,
+) -> Result<bool, ProjectionError> {
+    let mut retry = chorus_runtime::Backoff {
+        initial: Duration::from_millis(200),
+        max: Duration::from_secs(5),
+        ..Default::default()
+    }
+    .retry();
+    let progress = projector.progress();
+    loop {
+        let why = match resolve_platform_streams(backbone, &StreamLimits::default(), overrides, false).await {
+            Ok(found) if !found.missing.iter().any(|m| m == platform) => {
+                progress.set_waiting(None);
+                projector.read_from(found.streams.get(platform))?;
+                return Ok(true);
+            }
+            Ok(_) => format!("no stream holds the {platform} subjects yet (`chorus streams create` creates it)"),
+            Err(e) => format!("cannot list the streams: {e}"),
+        };
+        if progress.snapshot().waiting.as_deref() != Some(why.as_str()) {
+            tracing::warn!(view = %progress.snapshot().view, "{why}; retrying");
+            progress.set_waiting(Some(why));
+        }
+        if !retry.wait(stop).await {
+            return Ok(false);
+        }
+    }
+}
+
 /// What the dashboard's `/metrics` and `/healthz` report.
 struct ViewsMonitor {
     dashboard: Dashboard,
+    registrations: Arc<crate::projection::Progress>,
     tasks: chorus_runtime::TaskMonitor,
 }
 
@@ -140,9 +198,18 @@ impl Observable for ViewsMonitor {
         "views"
     }
 
+    /// Not ready while the lifecycle stream cannot be read (missing, server unreachable):
+    /// the inventory would be empty, not true. A missing registration stream (a Choria fleet
+    /// without Chorus agents) only leaves inventory discovery without metadata: a detail.
     fn health(&self) -> Health {
         let progress = self.dashboard.inventory().progress();
-        self.tasks.health().with("inventory", progress)
+        let waiting = progress.as_ref().and_then(|p| p.waiting.clone());
+        let health =
+            self.tasks.health().with("inventory", progress).with("registrations", self.registrations.snapshot());
+        match waiting {
+            Some(why) => health.and(Health::failing(format!("inventory not ready: {why}"))),
+            None => health,
+        }
     }
 
     async fn collect(

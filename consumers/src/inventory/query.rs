@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use chorus_backbone::Backbone;
+use chorus_platform::StreamMap;
 use chorus_schemas::subject::{CHORUS_LIFECYCLE, CHORUS_REGISTRATION};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -163,7 +164,17 @@ impl Inventory {
 
     /// A projector that builds the inventory in `store` from `CHORUS_LIFECYCLE`.
     pub fn projector(backbone: Arc<dyn Backbone>, store: &Store) -> Result<Projector<InventoryView>, ProjectionError> {
-        Projector::new(backbone, CHORUS_LIFECYCLE, store, InventoryView::default())
+        Self::projector_on(backbone, &StreamMap::default(), store)
+    }
+
+    /// A projector that builds the inventory in `store` from the stream that holds the
+    /// lifecycle subjects in `streams` (Choria's `CHORIA_EVENTS` beside a Choria broker).
+    pub fn projector_on(
+        backbone: Arc<dyn Backbone>,
+        streams: &StreamMap,
+        store: &Store,
+    ) -> Result<Projector<InventoryView>, ProjectionError> {
+        Projector::new(backbone, streams.get(CHORUS_LIFECYCLE), store, InventoryView::default())
     }
 
     /// A projector that keeps each node's latest registration in `store`, from
@@ -172,7 +183,17 @@ impl Inventory {
         backbone: Arc<dyn Backbone>,
         store: &Store,
     ) -> Result<Projector<MetadataView>, ProjectionError> {
-        Projector::new(backbone, CHORUS_REGISTRATION, store, MetadataView)
+        Self::registration_projector_on(backbone, &StreamMap::default(), store)
+    }
+
+    /// [`Inventory::registration_projector`] from the stream that holds the registration
+    /// subjects in `streams`.
+    pub fn registration_projector_on(
+        backbone: Arc<dyn Backbone>,
+        streams: &StreamMap,
+        store: &Store,
+    ) -> Result<Projector<MetadataView>, ProjectionError> {
+        Projector::new(backbone, streams.get(CHORUS_REGISTRATION), store, MetadataView)
     }
 
     /// A node's latest registration, `None` when it never registered (or this inventory

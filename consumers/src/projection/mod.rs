@@ -69,6 +69,10 @@ const CHECKPOINT_KEY: &[u8] = b"\0checkpoint";
 /// Messages dead-lettered so far, u64 big-endian, committed with the checkpoint so a rebuild
 /// reproduces it.
 const DEAD_LETTERS_KEY: &[u8] = b"\0dead_letters";
+/// The stream the view is built from: its checkpoint is a sequence of that stream, so a view
+/// pointed at another stream (Choria's `CHORIA_EVENTS` instead of `CHORUS_LIFECYCLE`) is
+/// rebuilt rather than resumed at a meaningless sequence.
+const STREAM_KEY: &[u8] = b"\0stream";
 
 /// Why a projection stopped. Malformed events are not errors (they are dead-lettered); these
 /// are failures of the store, of the backbone, or of a view's own logic.

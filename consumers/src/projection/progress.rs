@@ -8,7 +8,9 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug)]
 pub struct Progress {
     view: String,
-    stream: String,
+    stream: std::sync::RwLock<String>,
+    /// Why the projector is not running yet (its stream missing, its server unreachable).
+    waiting: std::sync::RwLock<Option<String>>,
     applied_sequence: AtomicU64,
     pub(super) stream_last_sequence: AtomicU64,
     applied: AtomicU64,
@@ -40,6 +42,10 @@ pub struct ProgressSnapshot {
     pub dead_lettered: u64,
     /// Batches committed by this process.
     pub batches: u64,
+    /// Why the projector does not run yet (its stream is missing, its server unreachable):
+    /// it waits and retries, and starts by itself once it can.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
     /// Events skipped by this process because the same event (source and id, same payload)
     /// was already applied: published twice without a message id.
     #[serde(default)]
@@ -58,7 +64,8 @@ impl Progress {
     pub(super) fn new(view: &str, stream: &str, checkpoint: u64) -> Self {
         Progress {
             view: view.into(),
-            stream: stream.into(),
+            stream: std::sync::RwLock::new(stream.into()),
+            waiting: std::sync::RwLock::new(None),
             applied_sequence: AtomicU64::new(checkpoint),
             stream_last_sequence: AtomicU64::new(0),
             applied: AtomicU64::new(0),
@@ -82,13 +89,23 @@ impl Progress {
         self.stream_last_sequence.load(Ordering::Acquire).saturating_sub(self.applied_sequence())
     }
 
+    /// Says why the projector is not running yet (`None`: it runs).
+    pub fn set_waiting(&self, why: Option<String>) {
+        *self.waiting.write().expect("progress lock") = why;
+    }
+
+    pub(super) fn set_stream(&self, stream: &str) {
+        *self.stream.write().expect("progress lock") = stream.to_string();
+    }
+
     /// The counters now.
     pub fn snapshot(&self) -> ProgressSnapshot {
         let applied_sequence = self.applied_sequence();
         let last = self.stream_last_sequence.load(Ordering::Acquire).max(applied_sequence);
         ProgressSnapshot {
             view: self.view.clone(),
-            stream: self.stream.clone(),
+            stream: self.stream.read().expect("progress lock").clone(),
+            waiting: self.waiting.read().expect("progress lock").clone(),
             applied_sequence,
             stream_last_sequence: last,
             lag: last - applied_sequence,

@@ -122,7 +122,15 @@ impl<V: View> Projector<V> {
         validate_token("view name", &name)
             .map_err(|source| ProjectionError::InvalidName { name: name.clone(), source })?;
         let stream = stream.into();
-        let state = store.state(&name)?;
+        let mut state = store.state(&name)?;
+        match state.stream()? {
+            Some(built_from) if built_from != stream && state.checkpoint()? > 0 => {
+                tracing::warn!(view = %name, %built_from, %stream, "the view was built from another stream: rebuilding it");
+                state = store.reset(&name)?;
+            }
+            _ => {}
+        }
+        state.set_stream(&stream)?;
         let checkpoint = state.checkpoint()?;
         let dead_letters = state.dead_letters()?;
         Ok(Projector {
@@ -154,12 +162,34 @@ impl<V: View> Projector<V> {
     /// Take [`ViewState`]s for queries after this call.
     pub fn rebuild(&mut self) -> Result<(), ProjectionError> {
         self.state = self.store.reset(self.view.name())?;
+        self.state.set_stream(&self.stream)?;
         self.checkpoint = 0;
         self.dead_letters = 0;
         self.cache = WriteCache::new(self.options.cache_entries);
         self.identities.clear();
         self.identities_loaded = true;
         self.progress = Arc::new(Progress::new(self.view.name(), &self.stream, 0));
+        Ok(())
+    }
+
+    /// Reads `stream` instead of the stream it was made for (found once it exists: Choria's
+    /// `CHORIA_EVENTS` holding the lifecycle subjects, say). Only before the view holds
+    /// anything: a view built from one stream is not resumed on another (its checkpoint is
+    /// a sequence of the first); [`Projector::new`] rebuilds such a view.
+    pub fn read_from(&mut self, stream: &str) -> Result<(), ProjectionError> {
+        if stream == self.stream {
+            return Ok(());
+        }
+        if self.checkpoint > 0 {
+            return Err(ProjectionError::Corrupt(format!(
+                "view {} is built from stream {} and cannot continue from {stream}: rebuild it",
+                self.view.name(),
+                self.stream
+            )));
+        }
+        self.state.set_stream(stream)?;
+        self.stream = stream.to_string();
+        self.progress.set_stream(stream);
         Ok(())
     }
 
@@ -453,10 +483,12 @@ impl Decode {
         if let Some(Err(e)) = self.verifier.as_deref().map(|v| v.verify(&record).map(|_| ())) {
             return Item::Unverified(m, e);
         }
-        if record.time.signed_duration_since(m.time) > self.max_skew {
-            tracing::debug!(sequence = m.sequence, time = %record.time, stored = %m.time, "event time ahead of its store time; applied at the store time");
+        // A copy (replicated, restored) is checked against when its original was stored.
+        let stored = m.first_stored();
+        if record.time.signed_duration_since(stored) > self.max_skew {
+            tracing::debug!(sequence = m.sequence, time = %record.time, %stored, "event time ahead of its store time; applied at the store time");
             self.progress.clock_skewed.fetch_add(1, Ordering::Relaxed);
-            record.time = m.time;
+            record.time = stored;
         }
         Item::Event(m, record)
     }

@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sled::IVec;
 
-use super::{be_u64, ProjectionError, ViewError, CHECKPOINT_KEY, DEAD_LETTERS_KEY, RESERVED};
+use super::{be_u64, ProjectionError, ViewError, CHECKPOINT_KEY, DEAD_LETTERS_KEY, RESERVED, STREAM_KEY};
 
 /// The local sled database holding any number of views. Cheap to clone.
 ///
@@ -110,6 +110,23 @@ impl ViewState {
     /// The last stream sequence whose effects are in this state (0 = none).
     pub fn checkpoint(&self) -> Result<u64, ProjectionError> {
         be_u64(self.tree.get(CHECKPOINT_KEY)?, "checkpoint")
+    }
+
+    /// The stream this state was built from (`None` before its first projector, or for a
+    /// store written before streams were recorded).
+    pub fn stream(&self) -> Result<Option<String>, ProjectionError> {
+        match self.tree.get(STREAM_KEY)? {
+            None => Ok(None),
+            Some(v) => String::from_utf8(v.to_vec())
+                .map(Some)
+                .map_err(|_| ProjectionError::Corrupt("the view's stream name is not UTF-8".into())),
+        }
+    }
+
+    /// Records the stream this state is built from.
+    pub(super) fn set_stream(&self, stream: &str) -> Result<(), ProjectionError> {
+        self.tree.insert(STREAM_KEY, stream.as_bytes())?;
+        Ok(())
     }
 
     /// Messages dead-lettered while building this state.
