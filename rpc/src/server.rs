@@ -56,6 +56,9 @@ use chorus_identity::{Identity, Role};
 use chorus_platform::Emitter;
 use chorus_schemas::{AuditAction, AuditRecord};
 
+/// How long a node's start waits for a transport that is still connecting.
+const CONNECTING_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Tuning of an [`RpcServer`]. The defaults suit a real node agent.
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
@@ -301,6 +304,20 @@ impl RpcServer {
         })
     }
 
+    /// Flushes new subscriptions, so publishers elsewhere reach them once this returns. A
+    /// transport still connecting gets a moment; a broker that stays unreachable must not
+    /// hold a node's start (it runs offline, its events go to its outbox, and a SIGTERM
+    /// stops it): the subscriptions are sent first when the connection is made.
+    async fn flush_subscriptions(&self) -> Result<(), RpcError> {
+        if self.core.transport.connected() {
+            return self.core.transport.flush().await;
+        }
+        if tokio::time::timeout(CONNECTING_GRACE, self.core.transport.flush()).await.is_err() {
+            tracing::info!("broker unreachable: RPC requests reach the node once it connects");
+        }
+        Ok(())
+    }
+
     /// Hosts another node, recording its events through `emitter` (normally one emitter
     /// per node, since each node numbers its own events) and signing its replies as
     /// `identity` (its key and node credential) when given. Returns once the node's
@@ -356,7 +373,7 @@ impl RpcServer {
             added = true;
         }
         if added {
-            self.core.transport.flush().await?;
+            self.flush_subscriptions().await?;
         }
 
         let number = self.numbers.fetch_add(1, Ordering::Relaxed);
@@ -428,7 +445,7 @@ impl RpcServer {
             added = true;
         }
         if added {
-            self.core.transport.flush().await?;
+            self.flush_subscriptions().await?;
         }
         *self.core.agents.write().unwrap_or_else(|e| e.into_inner()) = set;
         let broadcast = |s: &str| s.split('.').nth(1) == Some("broadcast");

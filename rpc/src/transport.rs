@@ -79,6 +79,12 @@ pub trait Transport: Send + Sync {
     /// subscriptions made before. (Writing to the socket is not enough: the server orders
     /// each connection's traffic, not traffic across connections.)
     async fn flush(&self) -> Result<(), RpcError>;
+
+    /// Whether the transport reaches its server now (always, in process): a node does not
+    /// wait on a flush that only a reconnection could answer.
+    fn connected(&self) -> bool {
+        true
+    }
 }
 
 /// The messages of one subscription, in arrival order. Dropping it unsubscribes.
@@ -143,6 +149,10 @@ impl NatsTransport {
 
 #[async_trait]
 impl Transport for NatsTransport {
+    fn connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
     async fn publish(&self, subject: &str, reply: Option<&str>, payload: Bytes) -> Result<(), RpcError> {
         validate_subject(subject, false)?;
         let result = match reply {

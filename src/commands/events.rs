@@ -9,7 +9,7 @@ use chorus_consumers::events::{one_line, parse_since, tail, EventFilter};
 use futures::StreamExt;
 
 use crate::args::StreamArgs;
-use crate::signal::terminated;
+use crate::signal::request_on_signal;
 
 /// Where the streams are: a running `chorus up` or dashboard (`--url`), NATS, or an embedded
 /// store no other process holds.
@@ -135,7 +135,9 @@ async fn tail_events(args: TailArgs) -> anyhow::Result<()> {
     }
     let backbone = args.source.backbone().await?;
     let mut stream = tail(backbone, filter).await?;
-    while let Some(item) = tokio::select! { item = stream.next() => item, _ = terminated() => None } {
+    let stop = chorus_runtime::Shutdown::new();
+    request_on_signal(&stop);
+    while let Some(item) = tokio::select! { item = stream.next() => item, _ = stop.requested() => None } {
         let e = item?;
         if args.json {
             serde_json::to_writer(&mut out, &e)?;

@@ -544,3 +544,69 @@ async fn external_agents_are_loaded_and_unloaded_while_the_node_runs() {
     .await;
     agent.stop().await.unwrap();
 }
+
+/// An agent started while its broker is down, stopped with SIGTERM at once, exits cleanly
+/// with its startup and shutdown events kept in its outbox; started again once the broker is
+/// back, it delivers them first, in order, before its new ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_started_with_its_broker_down_stops_on_sigterm_and_delivers_later() {
+    use std::process::{Command, Stdio};
+    let mut server = NatsServer::start().unwrap();
+    let b = site(&server).await;
+    tokio::task::block_in_place(|| server.stop()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agent.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "identity: down1.example.net\nstate_dir: {}\nnats: {{servers: [{}], request_timeout: 2s}}\n\
+             alive_interval: 1h\nshutdown_drain: 2s\n",
+            dir.path().join("state").display(),
+            server.url()
+        ),
+    )
+    .unwrap();
+    let run_agent = || {
+        Command::new(chorus_testkit::workspace_bin("chorus").unwrap())
+            .args(["agent", "--config", config.to_str().unwrap()])
+            .env("CHORUS_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let stop = |mut agent: std::process::Child| {
+        let (lines, _reader) = chorus_testkit::child::whole_lines(agent.stderr.take().unwrap());
+        // Up to "running" (or at once: a signal before it must stop the agent as cleanly).
+        let _ = lines.recv_timeout(Duration::from_secs(30));
+        assert!(Command::new("kill").args(["-TERM", &agent.id().to_string()]).status().unwrap().success());
+        let exit =
+            chorus_testkit::eventually_blocking("the agent to stop after SIGTERM", Duration::from_secs(30), || {
+                agent.try_wait().unwrap().ok_or_else(|| "still running".to_string())
+            });
+        assert!(exit.success(), "the agent exited with {exit}");
+    };
+    stop(run_agent());
+
+    tokio::task::block_in_place(|| server.restart()).unwrap();
+    let agent = run_agent();
+    let events = wait_for(&*b, &["CHORUS_LIFECYCLE"], "down1.example.net", "both runs' startups", |evs| {
+        evs.iter().filter(|e| lifecycle_type(e) == Some("startup")).count() == 2
+    })
+    .await;
+    stop(agent);
+    let events = wait_for(&*b, &["CHORUS_LIFECYCLE"], "down1.example.net", "the second shutdown", |evs| {
+        evs.len() >= events.len() + 1 && evs.iter().filter(|e| lifecycle_type(e) == Some("shutdown")).count() == 2
+    })
+    .await;
+    let kinds: Vec<_> = events.iter().filter_map(lifecycle_type).collect();
+    assert_eq!(kinds, vec!["startup", "shutdown", "startup", "shutdown"], "in order, each once");
+    // The node's own sequence has no gap (its registrations are numbered with the rest).
+    let mut seqs: Vec<u64> = events_of(&*b, &["CHORUS_LIFECYCLE", "CHORUS_REGISTRATION"], "down1.example.net")
+        .await
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "no gap in the node's sequence");
+}
