@@ -6,9 +6,10 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use chorus_backbone::jetstream::NatsConfig;
 use chorus_consumers::provisioner::{Provisioner, ProvisionerConfig};
-use chorus_platform::{ensure_platform_streams, StreamLimits};
+use chorus_platform::{resolve_platform_streams, StreamLimits};
 use chorus_rpc::NatsTransport;
 use chorus_runtime::{Ops, Services, Shutdown};
+use chorus_schemas::subject::CHORUS_LIFECYCLE;
 
 use crate::args::StreamArgs;
 use crate::signal::until_signal_or_failure;
@@ -34,10 +35,23 @@ pub struct ProvisionArgs {
 /// Runs the provisioner until SIGTERM or Ctrl-C, or until it fails (attempts in progress
 /// finish their step).
 pub async fn run(args: ProvisionArgs) -> anyhow::Result<()> {
-    let config = ProvisionerConfig::load(&args.config)?;
+    let mut config = ProvisionerConfig::load(&args.config)?;
     let backbone = args.streams.open().await?;
-    if args.streams.embedded() {
-        ensure_platform_streams(&*backbone, &StreamLimits::default()).await?;
+    // The embedded store is the provisioner's own: its streams are made. On a broker, the
+    // stream that holds the lifecycle subjects is found (Choria's CHORIA_EVENTS, say).
+    let found = resolve_platform_streams(
+        &*backbone,
+        &StreamLimits::default(),
+        &args.streams.stream_map(),
+        args.streams.embedded(),
+    )
+    .await?;
+    if config.stream.is_none() {
+        anyhow::ensure!(
+            !found.missing.iter().any(|m| m == CHORUS_LIFECYCLE),
+            "no stream holds the lifecycle subjects (choria.lifecycle.>): `chorus streams create` creates {CHORUS_LIFECYCLE}"
+        );
+        config.stream = Some(found.streams.get(CHORUS_LIFECYCLE).to_string());
     }
     let rpc_urls = args
         .rpc_nats

@@ -481,3 +481,39 @@ async fn replicator_started_with_its_hub_down_copies_everything_once_the_hub_is_
     let dst_ids: Vec<String> = read_all(&*target, CHORUS_LIFECYCLE).await.into_iter().map(|m| m.id).collect();
     assert_eq!(dst_ids, src_ids);
 }
+
+/// A replicator started before its source stream exists is not ready (503, the source's
+/// error) and copies everything once the stream appears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicator_started_before_its_source_stream_exists_copies_it_once_it_appears() {
+    let (src, dst) = (NatsServer::start().unwrap(), NatsServer::start().unwrap());
+    let (source, target) = (js(&src.url()).await, js(&dst.url()).await);
+    ensure_platform_streams(&*target, &StreamLimits::default()).await.unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let config = state.path().join("replicate.yaml");
+    let ops: std::net::SocketAddr =
+        format!("127.0.0.1:{}", chorus_testkit::nats::free_port().unwrap()).parse().unwrap();
+    let yaml = format!(
+        "state_dir: {}\nlisten: {ops}\nlinks:\n{}",
+        state.path().join("state").display(),
+        link_yaml("east", &src.url(), &dst.url(), CHORUS_LIFECYCLE, 500)
+    );
+    std::fs::write(&config, yaml).unwrap();
+    let mut child = spawn_replicator(&config);
+    let health = |want: &'static str| async move {
+        match tokio::time::timeout(Duration::from_secs(5), try_http_get(ops, "/healthz")).await {
+            Ok(Ok(body)) if body.starts_with(want) => Ok(body),
+            other => Err(format!("{other:?}")),
+        }
+    };
+    let body =
+        eventually("503 while the source stream is missing", Duration::from_secs(10), || health("HTTP/1.1 503")).await;
+    assert!(body.contains("source: "), "{body}");
+    ensure_platform_streams(&*source, &StreamLimits::default()).await.unwrap();
+    publish_all(&*source, startups("late", 0..1_000, None)).await;
+    wait_for_count(&*target, CHORUS_LIFECYCLE, 1_000, Duration::from_secs(60)).await;
+    eventually("200 once it copies", Duration::from_secs(30), || health("HTTP/1.1 200")).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(assert_same_events(&*source, &*target, CHORUS_LIFECYCLE).await, 1_000);
+}

@@ -56,10 +56,15 @@ fn default_backoff() -> Backoff {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProvisionerConfig {
-    /// Durable consumer name on `CHORUS_LIFECYCLE`; dead letters go to
+    /// Durable consumer name on the lifecycle stream; dead letters go to
     /// `chorus.deadletter.<consumer>`.
     #[serde(default = "default_consumer")]
     pub consumer: String,
+    /// The stream the lifecycle events are read from. Unset: `chorus provision` uses the
+    /// one that holds the lifecycle subjects on the broker (`CHORUS_LIFECYCLE`, or Choria's
+    /// `CHORIA_EVENTS` beside a Choria broker).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<String>,
     /// Components whose startup events mean "this node needs provisioning".
     #[serde(default = "default_components")]
     pub components: Vec<String>,
@@ -158,10 +163,16 @@ fn default_ack_wait() -> Duration {
 }
 
 impl ProvisionerConfig {
+    /// The stream the lifecycle events are read from (`CHORUS_LIFECYCLE` unless set).
+    pub fn lifecycle_stream(&self) -> &str {
+        self.stream.as_deref().unwrap_or(chorus_schemas::subject::CHORUS_LIFECYCLE)
+    }
+
     /// Defaults with these steps.
     pub fn new(steps: Vec<Step>) -> Self {
         ProvisionerConfig {
             consumer: default_consumer(),
+            stream: None,
             components: default_components(),
             steps,
             state_dir: default_state_dir(),

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use chorus_platform::to_message;
 use chorus_rpc::{RequestOptions, Target};
 use chorus_schemas::lifecycle::Provisioned;
-use chorus_schemas::subject::CHORUS_LIFECYCLE;
 use chorus_schemas::{EventRecord, StatusCode};
 use chrono::Utc;
 use tokio::sync::mpsc;
@@ -183,7 +182,7 @@ impl Shared {
             Ok(ack) => {
                 let seen = EventRef {
                     event_id: event.id.clone(),
-                    sequence: if ack.stream == CHORUS_LIFECYCLE { ack.sequence } else { 0 },
+                    sequence: if ack.stream == self.config.lifecycle_stream() { ack.sequence } else { 0 },
                     time: event.time,
                     component: self.config.event_component.clone(),
                 };

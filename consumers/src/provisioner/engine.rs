@@ -8,7 +8,6 @@ use chorus_platform::deadletter::{self};
 use chorus_platform::{BackboneSink, Emitter, EventSink};
 use chorus_rpc::{RpcClient, Transport};
 use chorus_runtime::{Config, Health, Service, ServiceError, Shutdown, TaskMonitor, Tasks};
-use chorus_schemas::subject::CHORUS_LIFECYCLE;
 use tokio::sync::{mpsc, watch, Semaphore};
 
 use super::config::ProvisionerConfig;
@@ -118,8 +117,8 @@ pub(super) enum Applied {
 }
 
 impl Provisioner {
-    /// Opens the state in `config.state_dir`, the durable consumer on `CHORUS_LIFECYCLE` (which
-    /// must exist) and the dead-letter stream (created when missing), and starts provisioning
+    /// Opens the state in `config.state_dir`, the durable consumer on the lifecycle stream
+    /// ([`ProvisionerConfig::lifecycle_stream`], which must exist) and the dead-letter stream (created when missing), and starts provisioning
     /// under `shutdown`. Requests go out on `transport` as `config.callerid` in
     /// `config.collective`.
     pub async fn start(
@@ -131,7 +130,7 @@ impl Provisioner {
         config.validate()?;
         let store = StateStore::open(&config.state_dir)?;
         deadletter::ensure_stream(&*backbone).await?;
-        let consumer = backbone.consumer(CHORUS_LIFECYCLE, &config.consumer_config()).await?;
+        let consumer = backbone.consumer(config.lifecycle_stream(), &config.consumer_config()).await?;
         let mut rpc = match &config.security {
             Some(security) => security.client(transport, config.collective.clone())?,
             None => RpcClient::new(transport, config.callerid.clone(), config.collective.clone()),
