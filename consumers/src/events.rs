@@ -18,7 +18,8 @@ pub struct EventFilter {
     /// `audit`); empty = all. Decides which streams are read.
     #[serde(default)]
     pub kinds: Vec<String>,
-    /// Event type, full (`io.choria.lifecycle.v1.alive`) or its last part (`alive`).
+    /// Event type, full (`io.choria.lifecycle.v1.alive`), its last part (`alive`), or a
+    /// watcher's type (`nagios`, `exec`, ...).
     #[serde(default)]
     pub types: Vec<String>,
     /// Node identity glob (`web-*.example.net`).
@@ -102,8 +103,15 @@ impl EventFilter {
             return false;
         }
         let ty = record.data.event_type();
+        let watcher = match &record.data {
+            chorus_schemas::Event::Watcher(w) => Some(w.watcher_type()),
+            _ => None,
+        };
         if !self.types.is_empty()
-            && !self.types.iter().any(|t| t == ty || ty.rsplit(['.', ':']).next() == Some(t.as_str()))
+            && !self
+                .types
+                .iter()
+                .any(|t| t == ty || ty.rsplit(['.', ':']).next() == Some(t.as_str()) || watcher == Some(t.as_str()))
         {
             return false;
         }
@@ -143,8 +151,22 @@ pub async fn tail(
     backbone: Arc<dyn Backbone>,
     filter: EventFilter,
 ) -> Result<BoxStream<'static, Result<ShownEvent, chorus_backbone::BackboneError>>, chorus_backbone::BackboneError> {
+    // The streams that hold each platform stream's subjects (Choria's CHORIA_MACHINE, say).
+    let found = chorus_platform::resolve_platform_streams(
+        &*backbone,
+        &chorus_platform::StreamLimits::default(),
+        &chorus_platform::StreamMap::default(),
+        false,
+    )
+    .await
+    .map_err(|e| match e {
+        chorus_platform::PlatformError::Backbone(e) => e,
+        other => chorus_backbone::BackboneError::InvalidMessage(other.to_string()),
+    })?;
+    let mut names: Vec<&str> = filter.streams().into_iter().map(|s| found.streams.get(s)).collect();
+    names.dedup();
     let mut streams = Vec::new();
-    for stream in filter.streams() {
+    for stream in names {
         let options = ReplayOptions {
             start: filter.since.map(StartPosition::Time).unwrap_or(StartPosition::First),
             filter_subjects: Vec::new(),
@@ -184,7 +206,12 @@ pub fn one_line(e: &ShownEvent) -> String {
             let detail = match &r.data {
                 chorus_schemas::Event::Lifecycle(l) => format!("component={}", l.component()),
                 chorus_schemas::Event::Transition(t) => format!("{} {} → {}", t.machine, t.from_state, t.to_state),
-                chorus_schemas::Event::Watcher(w) => format!("{} {}", w.machine, w.name),
+                chorus_schemas::Event::Watcher(w) => match &w.details {
+                    chorus_schemas::machine::WatcherDetails::Nagios(n) => {
+                        format!("{} {} {} {}", w.machine, w.name, n.status, n.output)
+                    }
+                    _ => format!("{} {} {}", w.machine, w.name, w.watcher_type()),
+                },
                 chorus_schemas::Event::RpcRequest(q) => format!("{}#{} by {}", q.agent, q.action, q.callerid),
                 chorus_schemas::Event::RpcReply(p) => format!("{}#{} status={}", p.agent, p.action, p.statuscode as u8),
                 chorus_schemas::Event::Audit(a) => format!("{} {}", a.action.as_str(), a.callerid),

@@ -105,7 +105,7 @@ pub struct WatcherState {
 
 impl WatcherState {
     /// Watcher types Chorus decodes, in the order they are listed in schemas and docs.
-    pub const TYPES: [&'static str; 4] = ["exec", "file", "schedule", "timer"];
+    pub const TYPES: [&'static str; 5] = ["exec", "file", "schedule", "timer", "nagios"];
 
     /// The state of watcher `name` of `instance`, stamped now.
     pub fn new(instance: &MachineInstance, name: impl Into<String>, details: WatcherDetails) -> Self {
@@ -130,8 +130,8 @@ impl WatcherState {
 /// Type-specific part of a watcher state; the variant is the watcher `type` field.
 ///
 /// Only the watcher types whose fields Chorus models are here. Events of other Choria watcher
-/// types (nagios, kv, metric, ...) fail to decode with [`crate::DecodeError::UnknownType`],
-/// which consumers treat as "not mine" rather than as corruption.
+/// types (kv, metric, ...) fail to decode with [`crate::DecodeError::UnknownType`], which
+/// consumers treat as "not mine" rather than as corruption.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum WatcherDetails {
@@ -143,6 +143,8 @@ pub enum WatcherDetails {
     Schedule(ScheduleDetails),
     /// A `timer` watcher changed state.
     Timer(TimerDetails),
+    /// A `nagios` watcher ran its check (what Choria Scout is built on).
+    Nagios(NagiosDetails),
 }
 
 impl WatcherDetails {
@@ -153,6 +155,7 @@ impl WatcherDetails {
             WatcherDetails::File(_) => "file",
             WatcherDetails::Schedule(_) => "schedule",
             WatcherDetails::Timer(_) => "timer",
+            WatcherDetails::Nagios(_) => "nagios",
         }
     }
 
@@ -163,6 +166,7 @@ impl WatcherDetails {
             WatcherDetails::File(_) => "io.choria.machine.watcher.file.v1.state",
             WatcherDetails::Schedule(_) => "io.choria.machine.watcher.schedule.v1.state",
             WatcherDetails::Timer(_) => "io.choria.machine.watcher.timer.v1.state",
+            WatcherDetails::Nagios(_) => "io.choria.machine.watcher.nagios.v1.state",
         }
     }
 }
@@ -202,4 +206,34 @@ pub struct TimerDetails {
     pub state: String,
     /// Timer length in nanoseconds (Go `time.Duration`).
     pub timer: u64,
+}
+
+/// Fields of a `nagios` watcher state: a Nagios-compatible check and its result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct NagiosDetails {
+    /// The check plugin (command line), or empty for a builtin check.
+    #[serde(default)]
+    pub plugin: String,
+    /// `OK`, `WARNING`, `CRITICAL` or `UNKNOWN` (kept as text so a newer state decodes).
+    pub status: String,
+    /// The plugin's exit code: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.
+    pub status_code: i64,
+    /// The plugin's output (first line, without performance data).
+    #[serde(default)]
+    pub output: String,
+    /// When the check ran (Unix seconds).
+    #[serde(default)]
+    pub check_time: i64,
+    /// Performance data, as Choria parses it (label, value, unit, ...).
+    #[serde(default)]
+    pub perfdata: Vec<serde_json::Value>,
+    /// How long the check took, seconds.
+    #[serde(default)]
+    pub runtime: Option<serde_json::Number>,
+    /// The latest results, newest last (Choria keeps 15).
+    #[serde(default)]
+    pub history: Vec<serde_json::Value>,
+    /// Operator annotations of the check.
+    #[serde(default)]
+    pub annotations: std::collections::BTreeMap<String, String>,
 }

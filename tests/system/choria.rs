@@ -135,6 +135,25 @@ async fn beside_choria_streams_every_event_is_applied_once_and_no_stream_is_chan
     for (subject, payload) in &events {
         js_ctx.publish(subject.clone(), Bytes::from(payload.clone())).await.unwrap().await.unwrap();
     }
+    // A Scout check result, as go-choria's nagios watcher publishes it (a CloudEvent).
+    let nagios = serde_json::json!({
+        "specversion": "1.0", "id": "7d0e6a3c-4c38-4b8e-9a55-3b7f0c1e2d4f", "source": "io.choria.machine",
+        "type": "io.choria.machine.watcher.nagios.v1.state", "subject": "choria-1",
+        "datacontenttype": "application/json", "time": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        "data": {
+            "protocol": "io.choria.machine.watcher.nagios.v1.state", "identity": "choria-1", "id": "machine-1",
+            "version": "1.0.0", "timestamp": now, "type": "nagios", "machine": "scout", "name": "check_disk",
+            "plugin": "/usr/lib/nagios/plugins/check_disk -w 10% -c 5%", "status": "CRITICAL", "status_code": 2,
+            "output": "DISK CRITICAL - free space: / 3%", "check_time": now, "perfdata": [], "runtime": 0.05,
+            "history": [], "annotations": {}
+        }
+    });
+    js_ctx
+        .publish("choria.machine.watcher.nagios.state", Bytes::from(serde_json::to_vec(&nagios).unwrap()))
+        .await
+        .unwrap()
+        .await
+        .unwrap();
 
     // Chorus's own producers beside them: their streams are created where missing, the
     // lifecycle subjects go to CHORIA_EVENTS.
@@ -203,6 +222,21 @@ async fn beside_choria_streams_every_event_is_applied_once_and_no_stream_is_chan
         }
     })
     .await;
+    // The check is shown, counted, and found by `chorus events tail`.
+    let body = eventually("the dashboard to show the check", Duration::from_secs(30), || async move {
+        let (_, body) = get(listen, "/api/checks").await?;
+        let checks: serde_json::Value = serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))?;
+        if checks["counts"]["CRITICAL"] == 1 {
+            Ok(checks)
+        } else {
+            Err(body)
+        }
+    })
+    .await;
+    assert_eq!(body["checks"][0]["check"], "check_disk", "{body}");
+    let tail =
+        chorus_stdout(&["events", "tail", "--nats", &url, "--kind", "watcher", "--type", "nagios", "--no-follow"]);
+    assert!(tail.contains("scout check_disk CRITICAL DISK CRITICAL"), "{tail}");
     let (_, health) = get(listen, "/healthz").await.unwrap();
     assert!(health.contains(r#""stream":"CHORIA_EVENTS""#), "{health}");
     assert!(health.contains(r#""duplicates":1"#) && health.contains(r#""conflicts":1"#), "{health}");

@@ -11,7 +11,7 @@ use chorus_runtime::{Health, Observable, Ops, Shutdown, Tasks};
 use chorus_schemas::signature::Verifier;
 
 use chorus_platform::{resolve_platform_streams, StreamLimits, StreamMap};
-use chorus_schemas::subject::{CHORUS_LIFECYCLE, CHORUS_REGISTRATION};
+use chorus_schemas::subject::{CHORUS_LIFECYCLE, CHORUS_MACHINE, CHORUS_REGISTRATION};
 
 use super::{Dashboard, StreamRates};
 use crate::inventory::{Inventory, StatusPolicy};
@@ -85,14 +85,17 @@ impl Views {
         let store = Store::open(&options.state)?;
         let mut projector = Inventory::projector_on(backbone.clone(), &options.streams, &store)?;
         let mut registrations = Inventory::registration_projector_on(backbone.clone(), &options.streams, &store)?;
+        let mut checks = Inventory::checks_projector_on(backbone.clone(), &options.streams, &store)?;
         if let Some(verifier) = verifier {
             let options = ProjectorOptions { verifier: Some(Arc::new(verifier)), ..Default::default() };
             projector = projector.with_options(options.clone());
-            registrations = registrations.with_options(options);
+            registrations = registrations.with_options(options.clone());
+            checks = checks.with_options(options);
         }
         if options.rebuild {
             projector.rebuild()?;
             registrations.rebuild()?;
+            checks.rebuild()?;
         }
         let inventory = Inventory::open(&store, options.policy.clone())?.with_progress(projector.progress());
         let registration_progress = registrations.progress();
@@ -108,6 +111,13 @@ impl Views {
         tasks.spawn("registration projection", async move {
             if wait_for_stream(&*source, &overrides, CHORUS_REGISTRATION, &mut registrations, &stop).await? {
                 registrations.run(stop.requested_owned()).await?;
+            }
+            Ok::<_, ProjectionError>(())
+        });
+        let (source, overrides, stop) = (backbone.clone(), options.streams.clone(), tasks.shutdown().clone());
+        tasks.spawn("check projection", async move {
+            if wait_for_stream(&*source, &overrides, CHORUS_MACHINE, &mut checks, &stop).await? {
+                checks.run(stop.requested_owned()).await?;
             }
             Ok::<_, ProjectionError>(())
         });

@@ -29,8 +29,33 @@ pub fn router(inventory: Inventory) -> Router {
         .route("/api/nodes/{identity}", get(show_node))
         .route("/api/summary", get(summary))
         .route("/api/metadata/{identity}", get(show_metadata))
+        .route("/api/checks", get(list_checks))
         .route("/api/discover", axum::routing::post(discover))
         .with_state(inventory)
+}
+
+/// Query of `/api/checks`: `status` (`CRITICAL`, ...), `node` (a glob).
+#[derive(serde::Deserialize)]
+struct ChecksQuery {
+    status: Option<String>,
+    node: Option<String>,
+}
+
+/// The latest result of every check, with counts by status: `{"counts": {...}, "checks": [...]}`.
+async fn list_checks(
+    State(inventory): State<Inventory>,
+    axum::extract::Query(q): axum::extract::Query<ChecksQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let all = inventory
+        .checks(None, q.node.as_deref())
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let mut counts = std::collections::BTreeMap::<String, u64>::new();
+    for c in &all {
+        *counts.entry(c.status.clone()).or_default() += 1;
+    }
+    let checks: Vec<_> =
+        all.into_iter().filter(|c| q.status.as_deref().is_none_or(|s| c.status.eq_ignore_ascii_case(s))).collect();
+    Ok(Json(serde_json::json!({ "counts": counts, "checks": checks })))
 }
 
 /// Serves [`router`] on `listener` until `shutdown` completes.

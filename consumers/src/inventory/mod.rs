@@ -19,6 +19,9 @@
 //! from `CHORUS_REGISTRATION` ([`MetadataView`]), and [`Inventory::discover`] selects nodes
 //! by a request's filter over it, with the nodes' own filter code.
 //!
+//! And each node's Scout-style check results (`nagios` watchers) from the machine stream
+//! ([`ChecksView`], `GET /api/checks`).
+//!
 //! Queries: [`Inventory`] (list with [`NodeFilter`], get, counts, versions per component,
 //! [`Summary`], metadata, discovery); HTTP: [`router`] (`GET /api/nodes`,
 //! `/api/nodes/{identity}`, `/api/summary`, `/api/metadata/{identity}`, `POST /api/discover`).
@@ -37,6 +40,7 @@ fn node_key(identity: &str) -> Vec<u8> {
     key
 }
 
+mod checks;
 mod codec;
 mod http;
 mod metadata;
@@ -47,6 +51,7 @@ mod view;
 #[cfg(test)]
 mod tests;
 
+pub use checks::{CheckState, ChecksView, CHECKS_VIEW};
 pub use http::{router, serve, DiscoverRequest};
 pub use metadata::{AgentVersion, MetadataView, NodeMetadata, METADATA_VIEW};
 pub use node::{Node, NodeView, Status, StatusPolicy};

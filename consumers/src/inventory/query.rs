@@ -5,10 +5,11 @@ use std::sync::Arc;
 
 use chorus_backbone::Backbone;
 use chorus_platform::StreamMap;
-use chorus_schemas::subject::{CHORUS_LIFECYCLE, CHORUS_REGISTRATION};
+use chorus_schemas::subject::{CHORUS_LIFECYCLE, CHORUS_MACHINE, CHORUS_REGISTRATION};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use super::checks::{CheckState, ChecksView, CHECKS_VIEW, CHECK_PREFIX};
 use super::codec::read_node;
 use super::metadata::{metadata_key, MetadataView, NodeMetadata, METADATA_VIEW};
 use super::node::{Node, NodeView, Status, StatusPolicy};
@@ -128,6 +129,8 @@ pub struct Inventory {
     state: ViewState,
     /// The registration view, when this inventory has one.
     metadata: Option<ViewState>,
+    /// The check view, when this inventory has one.
+    checks: Option<ViewState>,
     policy: StatusPolicy,
     progress: Option<Arc<Progress>>,
 }
@@ -152,13 +155,14 @@ pub struct Discovered {
 impl Inventory {
     /// Queries over `state` (the inventory view's state) with `policy` deciding statuses.
     pub fn new(state: ViewState, policy: StatusPolicy) -> Self {
-        Inventory { state, metadata: None, policy, progress: None }
+        Inventory { state, metadata: None, checks: None, policy, progress: None }
     }
 
     /// Queries over the inventory kept in `store`: lifecycle and registrations.
     pub fn open(store: &Store, policy: StatusPolicy) -> Result<Self, ProjectionError> {
         let mut inventory = Self::new(store.state(VIEW_NAME)?, policy);
         inventory.metadata = Some(store.state(METADATA_VIEW)?);
+        inventory.checks = Some(store.state(CHECKS_VIEW)?);
         Ok(inventory)
     }
 
@@ -194,6 +198,39 @@ impl Inventory {
         store: &Store,
     ) -> Result<Projector<MetadataView>, ProjectionError> {
         Projector::new(backbone, streams.get(CHORUS_REGISTRATION), store, MetadataView)
+    }
+
+    /// A projector that keeps the latest result of every node's `nagios` checks in
+    /// `store`, from the stream that holds the machine subjects in `streams`.
+    pub fn checks_projector_on(
+        backbone: Arc<dyn Backbone>,
+        streams: &StreamMap,
+        store: &Store,
+    ) -> Result<Projector<ChecksView>, ProjectionError> {
+        Projector::new(backbone, streams.get(CHORUS_MACHINE), store, ChecksView)
+    }
+
+    /// The latest check results, by node, machine and check; only those of `status` when
+    /// given, and of nodes matching the `node` glob.
+    pub fn checks(&self, status: Option<&str>, node: Option<&str>) -> Result<Vec<CheckState>, ProjectionError> {
+        let Some(state) = &self.checks else { return Ok(Vec::new()) };
+        let mut out = Vec::new();
+        for item in state.scan_prefix(CHECK_PREFIX) {
+            let (key, value) = item?;
+            let check: CheckState = serde_json::from_slice(&value).map_err(|e| {
+                ProjectionError::State(ViewError::Corrupt {
+                    key: String::from_utf8_lossy(&key).into(),
+                    reason: e.to_string(),
+                })
+            })?;
+            if status.is_some_and(|s| !check.status.eq_ignore_ascii_case(s))
+                || node.is_some_and(|n| !glob_match(n, &check.identity))
+            {
+                continue;
+            }
+            out.push(check);
+        }
+        Ok(out)
     }
 
     /// A node's latest registration, `None` when it never registered (or this inventory

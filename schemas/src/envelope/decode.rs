@@ -442,6 +442,7 @@ pub(super) fn decode_watcher(ty: &'static str, data: &(impl Document + ?Sized)) 
         "file" => WatcherDetails::File(data.typed(ty)?),
         "schedule" => WatcherDetails::Schedule(data.typed(ty)?),
         "timer" => WatcherDetails::Timer(data.typed(ty)?),
+        "nagios" => WatcherDetails::Nagios(data.typed(ty)?),
         _ => return Err(DecodeError::UnknownType(ty.into())),
     };
     Ok(WatcherState {

@@ -66,7 +66,7 @@ pub enum Event {
 impl Event {
     /// Every CloudEvents `type` Chorus decodes, in a stable order. Each has a JSON Schema
     /// named `<type>.json`.
-    pub const TYPES: [&'static str; 15] = [
+    pub const TYPES: [&'static str; 16] = [
         Startup::PROTOCOL,
         Alive::PROTOCOL,
         Shutdown::PROTOCOL,
@@ -78,6 +78,7 @@ impl Event {
         "io.choria.machine.watcher.file.v1.state",
         "io.choria.machine.watcher.schedule.v1.state",
         "io.choria.machine.watcher.timer.v1.state",
+        "io.choria.machine.watcher.nagios.v1.state",
         RpcRequest::PROTOCOL,
         RpcReply::PROTOCOL,
         AuditRecord::PROTOCOL,

@@ -124,7 +124,7 @@ fn invalid_attributes() {
 #[test]
 fn unknown_types() {
     for ty in [
-        "io.choria.machine.watcher.nagios.v1.state",
+        "io.choria.machine.watcher.kv.v1.state",
         "com.example.thing",
         "io.choria.lifecycle.v1.reboot",
         "IO.CHORIA.LIFECYCLE.V1.STARTUP",

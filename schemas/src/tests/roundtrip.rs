@@ -244,16 +244,17 @@ fn accessors() {
             EventKind::Watcher,
             EventKind::Watcher,
             EventKind::Watcher,
+            EventKind::Watcher,
             EventKind::RpcRequest,
             EventKind::RpcReply,
             EventKind::Audit,
             EventKind::Registration
         ]
     );
-    assert_eq!(by_type[11].data.identity(), "client1.example.net");
-    assert_eq!(by_type[12].data.identity(), "node1.example.net");
-    assert_eq!(by_type[13].data.identity(), "aaa1.example.net");
-    assert_eq!(by_type[14].data.identity(), "node1.example.net");
+    assert_eq!(by_type[12].data.identity(), "client1.example.net");
+    assert_eq!(by_type[13].data.identity(), "node1.example.net");
+    assert_eq!(by_type[14].data.identity(), "aaa1.example.net");
+    assert_eq!(by_type[15].data.identity(), "node1.example.net");
     for r in &by_type {
         assert_eq!(r.data.timestamp() / 10, super::samples::T / 10);
         assert_eq!(r.subject, r.data.identity());
@@ -277,6 +278,7 @@ fn nats_subjects_of_samples() {
             "choria.machine.watcher.file.state",
             "choria.machine.watcher.schedule.state",
             "choria.machine.watcher.timer.state",
+            "choria.machine.watcher.nagios.state",
             "chorus.rpc.request.choria.service",
             "chorus.rpc.reply.choria.service",
             "chorus.audit.deny.london",

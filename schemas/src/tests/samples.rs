@@ -8,7 +8,8 @@ use crate::audit::{AuditAction, AuditRecord};
 use crate::envelope::{Event, EventRecord};
 use crate::lifecycle::{Alive, Governor, GovernorEventType, Provisioned, Shutdown, Startup, Upgraded};
 use crate::machine::{
-    ExecDetails, FileDetails, MachineInstance, ScheduleDetails, TimerDetails, Transition, WatcherDetails, WatcherState,
+    ExecDetails, FileDetails, MachineInstance, NagiosDetails, ScheduleDetails, TimerDetails, Transition,
+    WatcherDetails, WatcherState,
 };
 use crate::registration::{AgentMetadata, BuildInfo, InventoryContent, MachineSummary, NodeStatus, Registration};
 use crate::rpc::{FactFilter, Filter, JsonObject, RpcReply, RpcRequest, StatusCode};
@@ -163,10 +164,27 @@ pub(crate) fn samples() -> Vec<(&'static str, EventRecord)> {
             ),
             11,
         ),
-        record(request, 12),
-        record(reply, 13),
-        record(audit, 14),
-        record(registration, 15),
+        record(
+            watcher(
+                WatcherDetails::Nagios(NagiosDetails {
+                    plugin: "/usr/lib/nagios/plugins/check_load -w 1 -c 2".into(),
+                    status: "WARNING".into(),
+                    status_code: 1,
+                    output: "WARNING - load average: 1.20, 0.90, 0.70".into(),
+                    check_time: 1_606_924_953,
+                    perfdata: vec![serde_json::json!({"label": "load1", "value": 1.2, "unit": ""})],
+                    runtime: serde_json::Number::from_f64(0.012),
+                    history: vec![],
+                    annotations: [("team".to_string(), "ops".to_string())].into(),
+                }),
+                "check_load",
+            ),
+            12,
+        ),
+        record(request, 13),
+        record(reply, 14),
+        record(audit, 15),
+        record(registration, 16),
     ];
     records.into_iter().map(|r| (r.data.event_type(), r)).collect()
 }
