@@ -79,6 +79,9 @@ pub struct OutboxStats {
     pub dropped_watcher_states: AtomicU64,
     /// Failed publishes of a batch to the site, each retried after a backoff pause.
     pub forward_errors: AtomicU64,
+    /// Problems told to the operator: once per kind of failure until forwarding recovers,
+    /// however many retries fail meanwhile.
+    pub problems_reported: AtomicU64,
 }
 
 impl OutboxStats {
@@ -150,6 +153,7 @@ impl Outbox {
         let batch = batch.max(1);
         let mut consumer = self.store.consumer(OUTBOX_STREAM, &forwarder_config()).await?;
         let mut retry = FORWARD_BACKOFF.retry();
+        let mut said: Option<String> = None;
         loop {
             if shutdown.is_requested() && self.stats.backlog() == 0 {
                 return Ok(());
@@ -171,12 +175,23 @@ impl Outbox {
             loop {
                 match site.publish_batch(messages.clone()).await {
                     Ok(_) => {
+                        if let Some(problem) = said.take() {
+                            tracing::info!(was = %problem, "site stores events again; forwarding the outbox");
+                        }
                         retry.reset();
                         break;
                     }
                     Err(e) => {
                         self.stats.forward_errors.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(error = %e, backlog = self.stats.backlog(), "site backbone unavailable; outbox keeps the events");
+                        // Said once per kind of failure, not at every retry.
+                        let problem = forward_problem(&e);
+                        if said.as_deref() != Some(problem.as_str()) {
+                            tracing::warn!(backlog = self.stats.backlog(), error = %e, "{problem}; the outbox keeps the events and retries");
+                            self.stats.problems_reported.fetch_add(1, Ordering::Relaxed);
+                            said = Some(problem);
+                        } else {
+                            tracing::debug!(error = %e, "forwarding still failing");
+                        }
                         tokio::time::sleep(retry.next_delay()).await;
                     }
                 }
@@ -190,6 +205,19 @@ impl Outbox {
             // Keep the newest forwarded event: it carries the producer's last sequence.
             self.store.purge(OUTBOX_STREAM, last_seq).await?;
         }
+    }
+}
+
+/// What a failed forward means for an operator, and what to do about it.
+fn forward_problem(e: &chorus_backbone::BackboneError) -> String {
+    match e {
+        chorus_backbone::BackboneError::NoStreamForSubject(subject) => format!(
+            "the site has no stream for {subject}: its platform streams are missing; \
+             run `chorus streams create --nats <site>` (operators own the streams)"
+        ),
+        chorus_backbone::BackboneError::Timeout { .. } => "the site does not answer in time".into(),
+        chorus_backbone::BackboneError::Connect { .. } => "the site is unreachable".into(),
+        other => format!("the site refuses events ({})", other.to_string().split(':').next().unwrap_or_default()),
     }
 }
 
@@ -248,5 +276,43 @@ mod tests {
         let outbox = Outbox::open(reopened, OutboxLimits::default()).await.unwrap();
         assert_eq!(outbox.next_producer_seq().await.unwrap(), 4);
         assert_eq!(outbox.stats().backlog(), 0);
+    }
+
+    /// A site without the platform's streams: the forwarder says what to run once, however
+    /// often it retries, and delivers everything once the streams exist.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_site_without_streams_is_reported_once_and_caught_up_when_they_appear() {
+        let dir = tempfile::tempdir().unwrap();
+        let site = EmbeddedBackbone::open_path(dir.path().join("site")).unwrap();
+        let outbox =
+            Outbox::open(EmbeddedBackbone::open_path(dir.path().join("outbox")).unwrap(), OutboxLimits::default())
+                .await
+                .unwrap();
+        let emitter = Emitter::new(Arc::new(outbox.clone()), 1, None);
+        for _ in 0..3 {
+            emitter.emit(Startup::new("n1.example.net", "server", "1.0.0")).await.unwrap();
+        }
+        let shutdown = Shutdown::new();
+        let forwarder = tokio::spawn({
+            let (outbox, shutdown) = (outbox.clone(), shutdown.clone());
+            let site: Arc<dyn Backbone> = Arc::new(site.clone());
+            async move { outbox.forward(site, 10, shutdown).await }
+        });
+        let stats = outbox.stats().clone();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while stats.forward_errors.load(Ordering::Relaxed) < 4 {
+            assert!(std::time::Instant::now() < deadline, "the forwarder did not retry");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(stats.problems_reported.load(Ordering::Relaxed), 1, "said once, not at every retry");
+        site.ensure_stream(&StreamConfig::new("SITE", vec![">".into()])).await.unwrap();
+        while stats.backlog() > 0 {
+            assert!(std::time::Instant::now() < deadline, "the backlog was not forwarded");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        shutdown.request();
+        forwarder.await.unwrap().unwrap();
+        assert_eq!(site.stream_info("SITE").await.unwrap().messages, 3);
+        assert_eq!(stats.problems_reported.load(Ordering::Relaxed), 1);
     }
 }
