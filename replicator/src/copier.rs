@@ -116,6 +116,48 @@ impl Copier {
         self.health.failed(format!("{side}: {error}"));
     }
 
+    /// Reports source sequences `from..=to` as lost to retention: metric, health warning,
+    /// and a gap record on the target's dead-letter stream (`chorus.deadletter.replicator`,
+    /// id derived from link, stream and range, so a restart records it once).
+    async fn record_gap(&self, from: u64, to: u64, stop: &Shutdown) {
+        let events = to - from + 1;
+        let what = format!(
+            "source: {events} events of {} (sequences {from} to {to}) were removed by its retention before they were copied",
+            self.stream
+        );
+        tracing::warn!(link = %self.link, stream = %self.stream, from, to, "{what}");
+        self.metrics.gap_events.get_or_create(&self.labels()).inc_by(events);
+        self.health.gap(events, what.clone());
+        let record = serde_json::json!({
+            "origin": "replicator",
+            "code": "gap",
+            "link": self.link,
+            "stream": self.stream,
+            "from_sequence": from,
+            "to_sequence": to,
+            "events": events,
+            "reason": what,
+            "detected": chrono::Utc::now(),
+        });
+        let message = Message::new(
+            format!("gap-{}-{}-{from}-{to}", self.link, self.stream),
+            "chorus.deadletter.replicator",
+            serde_json::to_vec(&record).unwrap_or_default(),
+        );
+        let mut backoff = self.backoff();
+        for _ in 0..5 {
+            match self.target.publish(message.clone()).await {
+                Ok(_) => return,
+                Err(e) => {
+                    self.fail("target", format!("recording the gap: {e}"));
+                    if !backoff.wait(stop).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
     /// Replays the source from `next` and sends prepared batches; reopens the replay after a
     /// source failure from the first sequence not yet handed to the publisher.
     async fn read(
@@ -126,7 +168,21 @@ impl Copier {
         stop: Shutdown,
     ) {
         let mut backoff = self.backoff();
+        // A link that never copied starts at the oldest event left; from then on, events
+        // the source's retention removed before they were copied are a gap: said, counted
+        // and recorded on the target, never skipped silently.
+        let mut started = next > 1;
         loop {
+            if let Ok(info) = self.source.stream_info(&self.stream).await {
+                if info.first_sequence > next && started {
+                    self.record_gap(next, info.first_sequence - 1, &stop).await;
+                    next = info.first_sequence;
+                } else if info.first_sequence > next {
+                    tracing::info!(link = %self.link, stream = %self.stream, first = info.first_sequence, "a new link starts at the oldest event left");
+                    next = info.first_sequence;
+                }
+                started = true;
+            }
             let options = ReplayOptions {
                 start: StartPosition::Sequence(next),
                 filter_subjects: self.filter_subjects.clone(),

@@ -54,6 +54,8 @@ pub struct Metrics {
     pub lag_seconds: Family<StreamLabels, Gauge<f64, AtomicU64>>,
     /// Last source sequence acknowledged by the target and checkpointed.
     pub checkpoint: Family<StreamLabels, Gauge>,
+    /// Source events removed by the source's retention before they were copied.
+    pub gap_events: Family<StreamLabels, Counter>,
     health: Mutex<Vec<Arc<CopierHealth>>>,
 }
 
@@ -66,6 +68,7 @@ impl Default for Metrics {
             lag_events: Family::default(),
             lag_seconds: Family::default(),
             checkpoint: Family::default(),
+            gap_events: Family::default(),
             health: Mutex::new(Vec::new()),
         }
     }
@@ -89,6 +92,11 @@ impl Metrics {
             self.lag_seconds.clone(),
         );
         registry.register("checkpoint", "Last source sequence acknowledged by the target", self.checkpoint.clone());
+        registry.register(
+            "gap_events",
+            "Source events removed by retention before they were copied",
+            self.gap_events.clone(),
+        );
     }
 
     /// The exposition of every family in the OpenMetrics text format (for tests and tools
@@ -123,6 +131,8 @@ pub struct CopierHealth {
     pub(crate) lag: AtomicU64,
     /// Stream time (Unix ms) of the newest copied message, for the lag in seconds.
     pub(crate) newest_time: std::sync::atomic::AtomicI64,
+    /// Source events removed by retention before they were copied.
+    pub(crate) gap_events: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -150,6 +160,9 @@ pub struct HealthReport {
     pub failing_for_seconds: Option<f64>,
     /// Latest failure as `<side>: <error>`; kept after the copier recovers.
     pub last_error: Option<String>,
+    /// Source events removed by the source's retention before they were copied: a warning
+    /// (the copier goes on from the oldest event left), with a gap record on the target.
+    pub gap_events: u64,
 }
 
 /// A copier counts as unhealthy once it has failed without progress for this long: long
@@ -166,6 +179,7 @@ impl CopierHealth {
             checkpoint: AtomicU64::new(0),
             lag: AtomicU64::new(0),
             newest_time: std::sync::atomic::AtomicI64::new(0),
+            gap_events: AtomicU64::new(0),
         }
     }
 
@@ -193,6 +207,12 @@ impl CopierHealth {
         }
     }
 
+    /// Records events lost to the source's retention (a warning, not a failure).
+    pub(crate) fn gap(&self, events: u64, what: String) {
+        self.gap_events.fetch_add(events, Ordering::Relaxed);
+        self.state.lock().expect("health lock").last_error = Some(what);
+    }
+
     pub(crate) fn progressed(&self, checkpoint: u64) {
         self.checkpoint.store(checkpoint, Ordering::Relaxed);
         self.state.lock().expect("health lock").failing_since = None;
@@ -214,6 +234,7 @@ impl CopierHealth {
             lag_events: self.lag.load(Ordering::Relaxed),
             failing_for_seconds: failing_for.map(|d| d.as_secs_f64()),
             last_error: s.last_error.clone(),
+            gap_events: self.gap_events.load(Ordering::Relaxed),
         }
     }
 }

@@ -517,3 +517,54 @@ async fn replicator_started_before_its_source_stream_exists_copies_it_once_it_ap
     child.wait().unwrap();
     assert_eq!(assert_same_events(&*source, &*target, CHORUS_LIFECYCLE).await, 1_000);
 }
+
+/// Events the source's retention removes before the replicator copied them are a gap: it
+/// is counted, shown in health and recorded on the target, and copying goes on from the
+/// oldest event left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_removed_by_retention_before_they_were_copied_are_a_recorded_gap() {
+    let (src, dst) = (NatsServer::start().unwrap(), NatsServer::start().unwrap());
+    let (source, target) = (js(&src.url()).await, js(&dst.url()).await);
+    let mut limited = chorus_backbone::StreamConfig::new(CHORUS_LIFECYCLE, vec!["choria.lifecycle.>".into()]);
+    limited.max_messages = 200;
+    source.ensure_stream(&limited).await.unwrap();
+    ensure_platform_streams(&*target, &StreamLimits::default()).await.unwrap();
+    publish_all(&*source, startups("first", 0..100, None)).await;
+    let state = tempfile::tempdir().unwrap();
+    let ops: std::net::SocketAddr =
+        format!("127.0.0.1:{}", chorus_testkit::nats::free_port().unwrap()).parse().unwrap();
+    let yaml = format!(
+        "state_dir: {}\nlisten: {ops}\nlinks:\n{}",
+        state.path().display(),
+        link_yaml("east", &src.url(), &dst.url(), CHORUS_LIFECYCLE, 50)
+    );
+    let config = ReplicatorConfig::from_yaml(&yaml).unwrap();
+    let mut handle = Replicator::from_config(&config).await.unwrap().start(Shutdown::new()).await.unwrap();
+    wait_for_count(&*target, CHORUS_LIFECYCLE, 100, Duration::from_secs(60)).await;
+    assert!(handle.wait_caught_up(Duration::from_secs(30)).await, "{:?}", handle.copiers());
+    handle.stop().await.unwrap();
+    drop(handle); // its checkpoint store, which the next one opens
+
+    // While it is stopped, 500 more arrive; the source keeps the newest 200 (401..=600).
+    publish_all(&*source, startups("later", 0..500, None)).await;
+    let mut handle = Replicator::from_config(&config).await.unwrap().start(Shutdown::new()).await.unwrap();
+    wait_for_count(&*target, CHORUS_LIFECYCLE, 300, Duration::from_secs(60)).await;
+    assert!(handle.wait_caught_up(Duration::from_secs(30)).await, "{:?}", handle.copiers());
+    let gaps: Vec<serde_json::Value> = read_all(&*target, "CHORUS_DEADLETTER")
+        .await
+        .iter()
+        .filter(|m| m.subject == "chorus.deadletter.replicator")
+        .map(|m| serde_json::from_slice(&m.payload).unwrap())
+        .collect();
+    assert_eq!(gaps.len(), 1, "{gaps:?}");
+    assert_eq!((gaps[0]["from_sequence"].as_u64(), gaps[0]["to_sequence"].as_u64()), (Some(101), Some(400)));
+    let health = http_get(ops, "/healthz").await;
+    assert!(health.contains(r#""gap_events":300"#), "{health}");
+    let metrics = http_get(ops, "/metrics").await;
+    assert!(
+        metrics.contains(r#"chorus_replicator_gap_events_total{link="east",stream="CHORUS_LIFECYCLE"} 300"#),
+        "{metrics}"
+    );
+    handle.stop().await.unwrap();
+    assert_eq!(count(&*target, CHORUS_LIFECYCLE).await, 300, "the 100 copied before, the 200 left after the gap");
+}
