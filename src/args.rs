@@ -54,6 +54,21 @@ impl StreamArgs {
     pub async fn open(&self) -> anyhow::Result<Arc<dyn Backbone>> {
         open_backbone(self.nats.as_deref(), &self.streams_dir()).await
     }
+
+    /// Opens the backbone for a long-running service: a NATS connection is made in the
+    /// background, so the service starts while its broker is down (it reports not ready
+    /// and retries) instead of exiting.
+    pub async fn open_for_service(&self) -> anyhow::Result<Arc<dyn Backbone>> {
+        match self.nats.as_deref() {
+            Some(urls) => {
+                let config = NatsConfig { retry_on_initial_connect: true, ..NatsConfig::from_url_list(urls) };
+                Ok(Arc::new(
+                    JetStreamBackbone::connect(&config).await.with_context(|| format!("connecting to {urls}"))?,
+                ))
+            }
+            None => self.open().await,
+        }
+    }
 }
 
 /// The backbone at NATS `nats` (comma-separated URLs), or the embedded store in `streams`.

@@ -34,7 +34,7 @@ pub struct DashboardArgs {
 
 /// Serves the dashboard until SIGTERM, or until the projection fails.
 pub async fn run(args: DashboardArgs) -> anyhow::Result<()> {
-    let backbone = args.streams.open().await?;
+    let backbone = args.streams.open_for_service().await?;
     let verifier = if args.trust.is_empty() {
         None
     } else {

@@ -277,3 +277,38 @@ async fn beside_choria_streams_every_event_is_applied_once_and_no_stream_is_chan
     );
     assert_eq!(hub_inventory, oracle, "the hub's inventory");
 }
+
+/// A dashboard started while its broker is down runs, says it is not ready and why, and
+/// shows the fleet once the broker and its streams are there, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dashboard_started_with_its_broker_down_becomes_ready_by_itself() {
+    let mut broker = NatsServer::start().unwrap();
+    let url = broker.url();
+    tokio::task::block_in_place(|| broker.stop()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let listen: std::net::SocketAddr = format!("127.0.0.1:{}", free_port().unwrap()).parse().unwrap();
+    let mut dashboard = spawn_dashboard(&url, listen, dir.path());
+    eventually("the dashboard to say its broker is unreachable", Duration::from_secs(10), || async move {
+        match get(listen, "/healthz").await {
+            Ok((503, body)) if body.contains("the broker is unreachable") => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    tokio::task::block_in_place(|| broker.restart()).unwrap();
+    chorus(&["streams", "create", "--nats", &url]);
+    chorus(&["simulate", "--nats", &url, "--nodes", "5", "--once"]);
+    eventually("the dashboard to show the fleet", Duration::from_secs(60), || async move {
+        let (status, _) = get(listen, "/healthz").await?;
+        let (_, body) = get(listen, "/api/nodes").await?;
+        let nodes: serde_json::Value = serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))?;
+        match (status, nodes.as_array().map(Vec::len)) {
+            (200, Some(5)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert!(dashboard.try_wait().unwrap().is_none(), "still running");
+    dashboard.kill().unwrap();
+    dashboard.wait().unwrap();
+}

@@ -175,8 +175,13 @@ async fn wait_for_stream<V: crate::projection::View>(
     }
     .retry();
     let progress = projector.progress();
+    progress.set_waiting(Some(format!("looking for the stream that holds the {platform} subjects")));
     loop {
-        let why = match resolve_platform_streams(backbone, &StreamLimits::default(), overrides, false).await {
+        let resolved = match backbone.connected() {
+            true => resolve_platform_streams(backbone, &StreamLimits::default(), overrides, false).await,
+            false => Err(chorus_platform::PlatformError::Streams("the broker is unreachable".into())),
+        };
+        let why = match resolved {
             Ok(found) if !found.missing.iter().any(|m| m == platform) => {
                 progress.set_waiting(None);
                 projector.read_from(found.streams.get(platform))?;
