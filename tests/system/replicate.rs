@@ -79,6 +79,24 @@ pub(crate) fn link_yaml(name: &str, source: &str, target: &str, stream: &str, ba
     )
 }
 
+/// `chorus replicate` as a process: one link `east` copying `CHORUS_LIFECYCLE` from `source`
+/// to `target`, serving `/healthz` and `/metrics` on the address returned (with the state
+/// directory, kept while the process runs).
+fn replicator_process(source: &str, target: &str) -> (tempfile::TempDir, Child, std::net::SocketAddr) {
+    let state = tempfile::tempdir().unwrap();
+    let config = state.path().join("replicate.yaml");
+    let ops: std::net::SocketAddr =
+        format!("127.0.0.1:{}", chorus_testkit::nats::free_port().unwrap()).parse().unwrap();
+    let yaml = format!(
+        "state_dir: {}\nlisten: {ops}\nlinks:\n{}",
+        state.path().join("state").display(),
+        link_yaml("east", source, target, CHORUS_LIFECYCLE, 500)
+    );
+    std::fs::write(&config, yaml).unwrap();
+    let child = spawn_replicator(&config);
+    (state, child, ops)
+}
+
 pub(crate) fn spawn_replicator(config: &std::path::Path) -> Child {
     Command::new(chorus_testkit::workspace_bin("chorus").expect("the chorus binary"))
         .arg("replicate")
@@ -445,17 +463,7 @@ async fn replicator_started_with_its_hub_down_copies_everything_once_the_hub_is_
     }
     tokio::task::block_in_place(|| dst.stop()).unwrap();
 
-    let state = tempfile::tempdir().unwrap();
-    let config = state.path().join("replicate.yaml");
-    let ops: std::net::SocketAddr =
-        format!("127.0.0.1:{}", chorus_testkit::nats::free_port().unwrap()).parse().unwrap();
-    let yaml = format!(
-        "state_dir: {}\nlisten: {ops}\nlinks:\n{}",
-        state.path().join("state").display(),
-        link_yaml("east", &src.url(), &dst.url(), CHORUS_LIFECYCLE, 500)
-    );
-    std::fs::write(&config, yaml).unwrap();
-    let mut child = spawn_replicator(&config);
+    let (_state, mut child, ops) = replicator_process(&src.url(), &dst.url());
     eventually("the replicator to report its hub down", Duration::from_secs(30), || async move {
         match tokio::time::timeout(Duration::from_secs(5), try_http_get(ops, "/healthz")).await {
             Ok(Ok(body)) if body.starts_with("HTTP/1.1 503") && body.contains("target: ") => Ok(()),
@@ -489,17 +497,7 @@ async fn replicator_started_before_its_source_stream_exists_copies_it_once_it_ap
     let (src, dst) = (NatsServer::start().unwrap(), NatsServer::start().unwrap());
     let (source, target) = (js(&src.url()).await, js(&dst.url()).await);
     ensure_platform_streams(&*target, &StreamLimits::default()).await.unwrap();
-    let state = tempfile::tempdir().unwrap();
-    let config = state.path().join("replicate.yaml");
-    let ops: std::net::SocketAddr =
-        format!("127.0.0.1:{}", chorus_testkit::nats::free_port().unwrap()).parse().unwrap();
-    let yaml = format!(
-        "state_dir: {}\nlisten: {ops}\nlinks:\n{}",
-        state.path().join("state").display(),
-        link_yaml("east", &src.url(), &dst.url(), CHORUS_LIFECYCLE, 500)
-    );
-    std::fs::write(&config, yaml).unwrap();
-    let mut child = spawn_replicator(&config);
+    let (_state, mut child, ops) = replicator_process(&src.url(), &dst.url());
     let health = |want: &'static str| async move {
         match tokio::time::timeout(Duration::from_secs(5), try_http_get(ops, "/healthz")).await {
             Ok(Ok(body)) if body.starts_with(want) => Ok(body),
