@@ -62,9 +62,14 @@ impl StreamArgs {
         match self.nats.as_deref() {
             Some(urls) => {
                 let config = NatsConfig { retry_on_initial_connect: true, ..NatsConfig::from_url_list(urls) };
-                Ok(Arc::new(
-                    JetStreamBackbone::connect(&config).await.with_context(|| format!("connecting to {urls}"))?,
-                ))
+                let backbone =
+                    JetStreamBackbone::connect(&config).await.with_context(|| format!("connecting to {urls}"))?;
+                // A broker that is up is connected in a moment; one that is down is not waited for.
+                let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(3);
+                while !backbone.connected() && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                Ok(Arc::new(backbone))
             }
             None => self.open().await,
         }

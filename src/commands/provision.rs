@@ -36,29 +36,25 @@ pub struct ProvisionArgs {
 /// finish their step).
 pub async fn run(args: ProvisionArgs) -> anyhow::Result<()> {
     let mut config = ProvisionerConfig::load(&args.config)?;
-    let backbone = args.streams.open().await?;
+    let backbone = args.streams.open_for_service().await?;
     // The embedded store is the provisioner's own: its streams are made. On a broker, the
-    // stream that holds the lifecycle subjects is found (Choria's CHORIA_EVENTS, say).
-    let found = resolve_platform_streams(
-        &*backbone,
-        &StreamLimits::default(),
-        &args.streams.stream_map(),
-        args.streams.embedded(),
-    )
-    .await?;
-    if config.stream.is_none() {
-        anyhow::ensure!(
-            !found.missing.iter().any(|m| m == CHORUS_LIFECYCLE),
-            "no stream holds the lifecycle subjects (choria.lifecycle.>): `chorus streams create` creates {CHORUS_LIFECYCLE}"
-        );
-        config.stream = Some(found.streams.get(CHORUS_LIFECYCLE).to_string());
+    // stream that holds the lifecycle subjects is found (Choria's CHORIA_EVENTS, say); a
+    // broker that is down, or streams not there yet, are waited for by the provisioner.
+    if args.streams.embedded() || backbone.connected() {
+        let overrides = args.streams.stream_map();
+        let found =
+            resolve_platform_streams(&*backbone, &StreamLimits::default(), &overrides, args.streams.embedded()).await?;
+        if config.stream.is_none() && !found.missing.iter().any(|m| m == CHORUS_LIFECYCLE) {
+            config.stream = Some(found.streams.get(CHORUS_LIFECYCLE).to_string());
+        }
     }
     let rpc_urls = args
         .rpc_nats
         .as_deref()
         .or(args.streams.nats.as_deref())
         .context("nodes are reached over NATS: give --rpc-nats URL with the embedded store")?;
-    let client = NatsConfig::from_url_list(rpc_urls).connect(None).await.context("connecting to NATS for RPC")?;
+    let rpc_nats = NatsConfig { retry_on_initial_connect: true, ..NatsConfig::from_url_list(rpc_urls) };
+    let client = rpc_nats.connect(None).await.context("connecting to NATS for RPC")?;
     let steps = config.steps.len();
     let provisioner =
         Provisioner::start(backbone, Arc::new(NatsTransport::new(client)), config, Shutdown::new()).await?;

@@ -252,3 +252,36 @@ async fn startup_storm_of_1000_nodes_provisions_each_exactly_once() {
     assert_eq!(letters.len(), 2, "{letters:?}");
     assert_eq!(codes, BTreeSet::from([("provisioner", "not_json"), ("provisioner", "rejected")]));
 }
+
+/// A provisioner started before its streams exist runs, says why it is not ready, and
+/// reads the stream from its start once it appears: no event missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provisioner_started_before_its_streams_exist_waits_and_misses_nothing() {
+    let server = NatsServer::start().unwrap();
+    let b: Arc<dyn Backbone> = Arc::new(JetStreamBackbone::connect(&NatsConfig::new([server.url()])).await.unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let transport: Arc<dyn Transport> = Arc::new(NatsTransport::new(client));
+    let mut provisioner =
+        Provisioner::start(b.clone(), transport, config(dir.path().join("state")), Shutdown::new()).await.unwrap();
+    let monitor = provisioner.monitor();
+    eventually("the provisioner to say why it is not ready", Duration::from_secs(5), || {
+        let health = monitor.health();
+        let result = match (health.healthy, health.reason.as_deref()) {
+            (false, Some(reason)) if reason.contains("`chorus streams create`") => Ok(()),
+            other => Err(format!("{other:?}")),
+        };
+        async move { result }
+    })
+    .await;
+    ensure_platform_streams(&*b, &StreamLimits::default()).await.unwrap();
+    let sim = Simulator::new(
+        SimConfig { component: "provision_mode_server".into(), prefix: "late".into(), ..SimConfig::new(3) },
+        Arc::new(BackboneSink(b.clone())),
+    )
+    .unwrap();
+    sim.startup_storm().await.unwrap();
+    until(&provisioner, "the three startups read", |p| p.nodes().map(|n| n.len() == 3).unwrap_or(false)).await;
+    assert!(monitor.health().reason.is_none_or(|r| !r.contains("not reading")), "{:?}", monitor.health());
+    provisioner.stop().await.unwrap();
+}

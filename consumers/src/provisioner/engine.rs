@@ -4,7 +4,6 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use chorus_backbone::Backbone;
-use chorus_platform::deadletter::{self};
 use chorus_platform::{BackboneSink, Emitter, EventSink};
 use chorus_rpc::{RpcClient, Transport};
 use chorus_runtime::{Config, Health, Service, ServiceError, Shutdown, TaskMonitor, Tasks};
@@ -41,6 +40,8 @@ pub(super) struct Shared {
     pub(super) shutdown: Shutdown,
     /// True once the consumer has read everything stored when it started.
     pub(super) caught_up: watch::Sender<bool>,
+    /// Why the provisioner cannot read its stream yet (missing, broker unreachable).
+    pub(super) waiting: Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -89,11 +90,16 @@ impl Monitor {
     /// has been read (before that nothing is provisioned, which is normal after a start).
     pub fn health(&self) -> Health {
         let stats = self.stats();
-        self.tasks
+        let health = self
+            .tasks
             .health()
             .with("caught_up", self.caught_up())
             .with("in_flight", stats.in_flight)
-            .with("queued", stats.queued)
+            .with("queued", stats.queued);
+        match self.shared.waiting.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            Some(why) => health.and(Health::failing(format!("not reading its stream: {why}"))),
+            None => health,
+        }
     }
 }
 
@@ -117,8 +123,9 @@ pub(super) enum Applied {
 }
 
 impl Provisioner {
-    /// Opens the state in `config.state_dir`, the durable consumer on the lifecycle stream
-    /// ([`ProvisionerConfig::lifecycle_stream`], which must exist) and the dead-letter stream (created when missing), and starts provisioning
+    /// Opens the state in `config.state_dir`, then (in its consumer task, retried until it
+    /// can) the dead-letter stream and the durable consumer on the lifecycle stream
+    /// ([`ProvisionerConfig::lifecycle_stream`]) and the dead-letter stream (created when missing), and starts provisioning
     /// under `shutdown`. Requests go out on `transport` as `config.callerid` in
     /// `config.collective`.
     pub async fn start(
@@ -129,8 +136,6 @@ impl Provisioner {
     ) -> Result<Provisioner, ProvisionerError> {
         config.validate()?;
         let store = StateStore::open(&config.state_dir)?;
-        deadletter::ensure_stream(&*backbone).await?;
-        let consumer = backbone.consumer(config.lifecycle_stream(), &config.consumer_config()).await?;
         let mut rpc = match &config.security {
             Some(security) => security.client(transport, config.collective.clone())?,
             None => RpcClient::new(transport, config.callerid.clone(), config.collective.clone()),
@@ -154,9 +159,12 @@ impl Provisioner {
             in_flight: Mutex::new(HashSet::new()),
             shutdown: tasks.shutdown().clone(),
             caught_up: watch::channel(false).0,
+            waiting: Mutex::new(Some("starting".into())),
         });
         let mut tasks = tasks;
-        tasks.spawn("consume", super::consume::consume(shared.clone(), consumer, due_tx));
+        // The stream is opened by the consumer task, retried while it is missing or the broker
+        // is down, so the provisioner starts either way (not ready meanwhile, with the reason).
+        tasks.spawn("consume", super::consume::consume(shared.clone(), due_tx));
         tasks.spawn("dispatch", super::dispatch::dispatch_loop(shared.clone(), due_rx));
         Ok(Provisioner { shared, tasks, stopped: false })
     }
