@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 pub use crate::message::STORED_TIME_HEADER;
-use crate::message::{copy_headers, derived_id, stored_time_value, Headers};
+use crate::message::{copy_headers, derived_id, Headers};
 use crate::{Message, StoredMessage};
 
 /// One line of a backup.
@@ -87,11 +87,7 @@ impl BackupLine {
             Some(raw) => (Some(raw), None),
             None => (None, Some(base64::engine::general_purpose::STANDARD.encode(&message.payload))),
         };
-        let original = message
-            .headers
-            .iter()
-            .find(|(name, _)| name == STORED_TIME_HEADER)
-            .and_then(|(_, value)| DateTime::parse_from_rfc3339(value).ok().map(|t| t.with_timezone(&Utc)));
+        let original = message.carried_store_time();
         let headers = match original {
             Some(_) => message.headers.iter().filter(|(name, _)| name != STORED_TIME_HEADER).cloned().collect(),
             None => message.headers.clone(),
@@ -124,9 +120,7 @@ impl BackupLine {
     /// and its original store time.
     pub fn to_message(&self) -> Result<Message, String> {
         let id = if self.id.is_empty() { derived_id("restore", self.sequence, self.time) } else { self.id.clone() };
-        let mut headers = copy_headers(&self.headers);
-        headers.retain(|(name, _)| name != STORED_TIME_HEADER);
-        headers.push((STORED_TIME_HEADER.into(), stored_time_value(self.time)));
+        let headers = copy_headers(&self.headers, self.time);
         Ok(Message::new(id, self.subject.clone(), self.payload_bytes()?).with_headers(headers))
     }
 }

@@ -122,24 +122,26 @@ impl StoredMessage {
         }
     }
 
-    /// When the event was first stored: the time a copy carries in
-    /// [`STORED_TIME_HEADER`], else this stream's store time.
-    pub fn first_stored(&self) -> DateTime<Utc> {
+    /// The original store time this message carries in [`STORED_TIME_HEADER`] when it is
+    /// a copy (restored, replicated); `None` otherwise.
+    pub fn carried_store_time(&self) -> Option<DateTime<Utc>> {
         self.headers
             .iter()
             .find(|(name, _)| name == STORED_TIME_HEADER)
             .and_then(|(_, value)| DateTime::parse_from_rfc3339(value).ok())
-            .map_or(self.time, |t| t.with_timezone(&Utc))
+            .map(|t| t.with_timezone(&Utc))
     }
 
-    /// The headers a copy of this message is published with: its own, less the directives
-    /// that instructed the original's stream, with [`STORED_TIME_HEADER`] set to
-    /// [`StoredMessage::first_stored`].
+    /// When the event was first stored: [`StoredMessage::carried_store_time`], else this
+    /// stream's store time.
+    pub fn first_stored(&self) -> DateTime<Utc> {
+        self.carried_store_time().unwrap_or(self.time)
+    }
+
+    /// The headers a copy of this message is published with (see [`copy_headers`]), stamped
+    /// with [`StoredMessage::first_stored`].
     pub fn copy_headers(&self) -> Headers {
-        let mut headers = copy_headers(&self.headers);
-        headers.retain(|(name, _)| name != STORED_TIME_HEADER);
-        headers.push((STORED_TIME_HEADER.into(), stored_time_value(self.first_stored())));
-        headers
+        copy_headers(&self.headers, self.first_stored())
     }
 
     /// The message that publishes a copy of this one: [`StoredMessage::copy_id`], the same
@@ -159,10 +161,14 @@ pub fn stored_time_value(time: DateTime<Utc>) -> String {
     time.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
 }
 
-/// The headers a copy of a stored message is published with: all but the directives meant
-/// for the stream that stored the original.
-pub fn copy_headers(headers: &Headers) -> Headers {
-    headers.iter().filter(|(name, _)| !is_directive(name)).cloned().collect()
+/// The headers a copy of a message first stored at `first_stored` is published with: its
+/// `headers` less the directives meant for the stream that stored the original, with
+/// [`STORED_TIME_HEADER`] set to `first_stored` (replacing any it carried).
+pub fn copy_headers(headers: &Headers, first_stored: DateTime<Utc>) -> Headers {
+    let mut out: Headers =
+        headers.iter().filter(|(name, _)| !is_directive(name) && name != STORED_TIME_HEADER).cloned().collect();
+    out.push((STORED_TIME_HEADER.into(), stored_time_value(first_stored)));
+    out
 }
 
 fn is_directive(name: &str) -> bool {

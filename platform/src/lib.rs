@@ -24,6 +24,6 @@ pub use emitter::{to_message, BackboneSink, Emitter, EventSink, MemorySink, Sign
 pub use error::PlatformError;
 pub use outbox::{Outbox, OutboxLimits, OutboxStats};
 pub use streams::{
-    capturing, drift, ensure_platform_streams, platform_streams, resolve_platform_streams, PlatformStreams,
-    StreamDrift, StreamLimits, StreamMap,
+    capturing, drift, ensure_platform_streams, missing_subjects, platform_streams, resolve_platform_streams,
+    PlatformStreams, StreamDrift, StreamLimits, StreamMap,
 };

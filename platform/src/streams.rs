@@ -79,18 +79,29 @@ pub fn drift(existing: &StreamConfig, wanted: &StreamConfig) -> Vec<StreamDrift>
         humantime::format_duration(existing.dedupe_window).to_string(),
         humantime::format_duration(wanted.dedupe_window).to_string(),
     );
-    let missing: Vec<&String> = wanted.subjects.iter().filter(|s| !existing.subjects.contains(s)).collect();
+    let missing = missing_subjects(existing, wanted);
     if !missing.is_empty() {
         differ("subjects", format!("{:?}", existing.subjects), format!("{:?} (missing {missing:?})", wanted.subjects));
     }
     out
 }
 
+/// The subjects of `wanted` that no subject filter of `existing` covers: events on them are
+/// not stored in `existing`.
+pub fn missing_subjects(existing: &StreamConfig, wanted: &StreamConfig) -> Vec<String> {
+    wanted
+        .subjects
+        .iter()
+        .filter(|w| !existing.subjects.iter().any(|x| chorus_backbone::subject::filter_covers(x, w)))
+        .cloned()
+        .collect()
+}
+
 /// Which stream holds each platform stream's subjects on one backbone: Chorus's own
 /// (`CHORUS_LIFECYCLE`), one that already captured them (Choria Streams' `CHORIA_EVENTS`
 /// captures `choria.lifecycle.>`), or one an operator named. Components read through it,
 /// so a Chorus component sits beside a Choria broker's streams instead of fighting them.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StreamMap(std::collections::BTreeMap<String, String>);
 
 impl Default for StreamMap {
@@ -110,11 +121,6 @@ impl StreamMap {
     pub fn with(mut self, platform: impl Into<String>, stream: impl Into<String>) -> Self {
         self.0.insert(platform.into(), stream.into());
         self
-    }
-
-    /// `(platform stream, stream used)` pairs.
-    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.0.iter().map(|(a, b)| (a.as_str(), b.as_str()))
     }
 
     /// Parses `PLATFORM=STREAM` (as `--use-stream` takes it).
@@ -140,6 +146,13 @@ pub struct PlatformStreams {
     pub drifts: Vec<StreamDrift>,
     /// Platform streams with no stream at all (only when not creating).
     pub missing: Vec<String>,
+}
+
+impl PlatformStreams {
+    /// The stream that holds `platform`'s subjects, `None` when there is none.
+    pub fn holding<'a>(&'a self, platform: &'a str) -> Option<&'a str> {
+        (!self.missing.iter().any(|m| m == platform)).then(|| self.streams.get(platform))
+    }
 }
 
 /// Creates the lifecycle, machine, RPC, audit, registration and dead-letter streams that
@@ -216,11 +229,7 @@ pub fn capturing<'a>(existing: &'a [StreamConfig], wanted: &StreamConfig) -> Opt
         return Some(own);
     }
     let score = |s: &StreamConfig| {
-        let covered = wanted
-            .subjects
-            .iter()
-            .filter(|w| s.subjects.iter().any(|x| chorus_backbone::subject::filter_covers(x, w)))
-            .count();
+        let covered = wanted.subjects.len() - missing_subjects(s, wanted).len();
         let overlaps =
             wanted.subjects.iter().any(|w| s.subjects.iter().any(|x| chorus_backbone::subject::filters_overlap(x, w)));
         (covered, overlaps)

@@ -103,7 +103,7 @@ impl InventoryArgs {
         let found =
             resolve_platform_streams(&*backbone, &StreamLimits::default(), &self.streams.stream_map(), false).await?;
         anyhow::ensure!(
-            !found.missing.iter().any(|m| m == CHORUS_LIFECYCLE),
+            found.holding(CHORUS_LIFECYCLE).is_some(),
             "no stream holds the lifecycle subjects (choria.lifecycle.>): `chorus streams create` creates {CHORUS_LIFECYCLE}"
         );
         let mut projector = Inventory::projector_on(backbone, &found.streams, &store)?;

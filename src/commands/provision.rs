@@ -44,8 +44,8 @@ pub async fn run(args: ProvisionArgs) -> anyhow::Result<()> {
         let overrides = args.streams.stream_map();
         let found =
             resolve_platform_streams(&*backbone, &StreamLimits::default(), &overrides, args.streams.embedded()).await?;
-        if config.stream.is_none() && !found.missing.iter().any(|m| m == CHORUS_LIFECYCLE) {
-            config.stream = Some(found.streams.get(CHORUS_LIFECYCLE).to_string());
+        if config.stream.is_none() {
+            config.stream = found.holding(CHORUS_LIFECYCLE).map(String::from);
         }
     }
     let rpc_urls = args

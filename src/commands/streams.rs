@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use chorus_backbone::StreamConfig;
-use chorus_platform::{capturing, drift, platform_streams, StreamLimits};
+use chorus_platform::{capturing, drift, missing_subjects, platform_streams, StreamLimits};
 
 use crate::args::StreamArgs;
 
@@ -155,7 +155,7 @@ async fn info(args: InfoArgs) -> anyhow::Result<()> {
             continue;
         };
         let info = backbone.stream_info(&config.name).await?;
-        let missing: Vec<String> = wanted.subjects.iter().filter(|s| !config.subjects.contains(s)).cloned().collect();
+        let missing = missing_subjects(&config, &wanted);
         if args.json {
             let line = serde_json::json!({
                 "stream": name, "exists": true, "held_by": config.name, "messages": info.messages, "bytes": info.bytes,
@@ -203,11 +203,7 @@ async fn edit(args: EditArgs) -> anyhow::Result<()> {
         };
         let mut changed = args.sizes.apply(current.clone());
         if args.add_missing_subjects {
-            for s in &wanted.subjects {
-                if !changed.subjects.contains(s) {
-                    changed.subjects.push(s.clone());
-                }
-            }
+            changed.subjects.extend(missing_subjects(&current, wanted));
         }
         if changed == current {
             println!("{}: unchanged", wanted.name);

@@ -154,8 +154,11 @@ pub(crate) fn id_of(v: &[u8]) -> Result<(i64, &str)> {
 
 pub(crate) fn size_of(v: &[u8]) -> Result<u64> {
     let p = parts(v)?;
-    let headers: usize =
-        if p.headers.is_empty() { 0 } else { headers(p.headers)?.iter().map(|(n, v)| n.len() + v.len()).sum() };
+    // Names and values are the block's fields: their lengths, without decoding them.
+    let (mut at, mut headers) = (0, 0);
+    while at < p.headers.len() {
+        headers += field(p.headers, &mut at)?.len();
+    }
     Ok((p.id.len() + p.subject.len() + p.payload.len() + headers) as u64)
 }
 

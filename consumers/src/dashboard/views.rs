@@ -100,27 +100,17 @@ impl Views {
         let inventory = Inventory::open(&store, options.policy.clone())?.with_progress(projector.progress());
         let registration_progress = registrations.progress();
         let mut tasks = Tasks::new("views", shutdown);
-        let (source, overrides, stop) = (backbone.clone(), options.streams.clone(), tasks.shutdown().clone());
-        tasks.spawn("inventory projection", async move {
-            if wait_for_stream(&*source, &overrides, CHORUS_LIFECYCLE, &mut projector, &stop).await? {
-                projector.run(stop.requested_owned()).await?;
-            }
-            Ok::<_, ProjectionError>(())
-        });
-        let (source, overrides, stop) = (backbone.clone(), options.streams.clone(), tasks.shutdown().clone());
-        tasks.spawn("registration projection", async move {
-            if wait_for_stream(&*source, &overrides, CHORUS_REGISTRATION, &mut registrations, &stop).await? {
-                registrations.run(stop.requested_owned()).await?;
-            }
-            Ok::<_, ProjectionError>(())
-        });
-        let (source, overrides, stop) = (backbone.clone(), options.streams.clone(), tasks.shutdown().clone());
-        tasks.spawn("check projection", async move {
-            if wait_for_stream(&*source, &overrides, CHORUS_MACHINE, &mut checks, &stop).await? {
-                checks.run(stop.requested_owned()).await?;
-            }
-            Ok::<_, ProjectionError>(())
-        });
+        let stop = tasks.shutdown().clone();
+        let (source, overrides) = (&backbone, &options.streams);
+        tasks.spawn(
+            "inventory projection",
+            follow_stream(source.clone(), overrides.clone(), CHORUS_LIFECYCLE, projector, stop.clone()),
+        );
+        tasks.spawn(
+            "registration projection",
+            follow_stream(source.clone(), overrides.clone(), CHORUS_REGISTRATION, registrations, stop.clone()),
+        );
+        tasks.spawn("check projection", follow_stream(source.clone(), overrides.clone(), CHORUS_MACHINE, checks, stop));
         let streams = chorus_schemas::subject::streams().iter().map(|(name, _)| name.to_string()).collect();
         let rates = StreamRates::new(streams);
         let sampler = rates.clone();
@@ -159,6 +149,21 @@ impl Views {
 
 chorus_runtime::service_of_tasks!(Views, tasks);
 
+/// Runs `projector` on the stream that holds `platform`'s subjects, once there is one, until
+/// `stop`.
+async fn follow_stream<V: crate::projection::View>(
+    backbone: Arc<dyn Backbone>,
+    overrides: StreamMap,
+    platform: &'static str,
+    mut projector: crate::projection::Projector<V>,
+    stop: Shutdown,
+) -> Result<(), ProjectionError> {
+    if wait_for_stream(&*backbone, &overrides, platform, &mut projector, &stop).await? {
+        projector.run(stop.requested_owned()).await?;
+    }
+    Ok(())
+}
+
 /// Waits until the stream that holds `platform`'s subjects exists, saying why in the
 /// projector's progress meanwhile, then points the projector at it. `false`: shut down first.
 async fn wait_for_stream<V: crate::projection::View>(
@@ -181,13 +186,13 @@ async fn wait_for_stream<V: crate::projection::View>(
             true => resolve_platform_streams(backbone, &StreamLimits::default(), overrides, false).await,
             false => Err(chorus_platform::PlatformError::Streams("the broker is unreachable".into())),
         };
-        let why = match resolved {
-            Ok(found) if !found.missing.iter().any(|m| m == platform) => {
+        let why = match resolved.as_ref().map(|found| found.holding(platform)) {
+            Ok(Some(stream)) => {
                 progress.set_waiting(None);
-                projector.read_from(found.streams.get(platform))?;
+                projector.read_from(stream)?;
                 return Ok(true);
             }
-            Ok(_) => format!("no stream holds the {platform} subjects yet (`chorus streams create` creates it)"),
+            Ok(None) => format!("no stream holds the {platform} subjects yet (`chorus streams create` creates it)"),
             Err(e) => format!("cannot list the streams: {e}"),
         };
         if progress.snapshot().waiting.as_deref() != Some(why.as_str()) {

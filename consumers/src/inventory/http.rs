@@ -46,9 +46,8 @@ async fn list_checks(
     State(inventory): State<Inventory>,
     axum::extract::Query(q): axum::extract::Query<ChecksQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let all = inventory
-        .checks(None, q.node.as_deref())
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let all =
+        inventory.checks(q.node.as_deref()).map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     let mut counts = std::collections::BTreeMap::<String, u64>::new();
     for c in &all {
         *counts.entry(c.status.clone()).or_default() += 1;

@@ -15,7 +15,7 @@ use super::metadata::{metadata_key, MetadataView, NodeMetadata, METADATA_VIEW};
 use super::node::{Node, NodeView, Status, StatusPolicy};
 use super::view::InventoryView;
 use super::{node_key, VIEW_NAME};
-use crate::projection::{Progress, ProgressSnapshot, ProjectionError, Projector, Store, ViewError, ViewState};
+use crate::projection::{Progress, ProgressSnapshot, ProjectionError, Projector, Store, ViewState};
 use chorus_rpc::CompiledFilter;
 
 /// Which nodes to list. Every set field must match. Deserializes from URL query parameters.
@@ -210,25 +210,16 @@ impl Inventory {
         Projector::new(backbone, streams.get(CHORUS_MACHINE), store, ChecksView)
     }
 
-    /// The latest check results, by node, machine and check; only those of `status` when
-    /// given, and of nodes matching the `node` glob.
-    pub fn checks(&self, status: Option<&str>, node: Option<&str>) -> Result<Vec<CheckState>, ProjectionError> {
+    /// The latest check results, by node, machine and check; only those of nodes matching
+    /// the `node` glob when given.
+    pub fn checks(&self, node: Option<&str>) -> Result<Vec<CheckState>, ProjectionError> {
         let Some(state) = &self.checks else { return Ok(Vec::new()) };
         let mut out = Vec::new();
-        for item in state.scan_prefix(CHECK_PREFIX) {
-            let (key, value) = item?;
-            let check: CheckState = serde_json::from_slice(&value).map_err(|e| {
-                ProjectionError::State(ViewError::Corrupt {
-                    key: String::from_utf8_lossy(&key).into(),
-                    reason: e.to_string(),
-                })
-            })?;
-            if status.is_some_and(|s| !check.status.eq_ignore_ascii_case(s))
-                || node.is_some_and(|n| !glob_match(n, &check.identity))
-            {
-                continue;
+        for check in state.scan_json::<CheckState>(CHECK_PREFIX) {
+            let check = check?;
+            if node.is_none_or(|n| glob_match(n, &check.identity)) {
+                out.push(check);
             }
-            out.push(check);
         }
         Ok(out)
     }
@@ -253,12 +244,8 @@ impl Inventory {
             Discovered { nodes: Vec::new(), registered: 0, down: Vec::new(), oldest: None, checkpoint: 0, at: now };
         let Some(state) = &self.metadata else { return Ok(found) };
         found.checkpoint = state.checkpoint()?;
-        for kv in state.scan_prefix(&metadata_key("")) {
-            let (key, value) = kv?;
-            let metadata: NodeMetadata = serde_json::from_slice(&value).map_err(|e| ViewError::Corrupt {
-                key: String::from_utf8_lossy(&key).into_owned(),
-                reason: e.to_string(),
-            })?;
+        for metadata in state.scan_json::<NodeMetadata>(&metadata_key("")) {
+            let metadata = metadata?;
             if !metadata.collectives.iter().any(|c| c == collective) {
                 continue;
             }

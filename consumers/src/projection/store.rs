@@ -152,6 +152,11 @@ impl ViewState {
             .map(|kv| kv.map_err(ViewError::from))
     }
 
+    /// The JSON values of the committed entries whose key starts with `prefix`, in key order.
+    pub fn scan_json<T: DeserializeOwned>(&self, prefix: &[u8]) -> impl Iterator<Item = Result<T, ViewError>> + '_ {
+        self.scan_prefix(prefix).map(|kv| kv.and_then(|(key, value)| from_json(&key, &value)))
+    }
+
     /// Every entry, framework keys included: two states with equal dumps are the same view at
     /// the same checkpoint. For tests and rebuild checks.
     pub fn dump(&self) -> Result<BTreeMap<Vec<u8>, Vec<u8>>, ProjectionError> {

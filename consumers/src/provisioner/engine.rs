@@ -123,10 +123,10 @@ pub(super) enum Applied {
 }
 
 impl Provisioner {
-    /// Opens the state in `config.state_dir`, then (in its consumer task, retried until it
-    /// can) the dead-letter stream and the durable consumer on the lifecycle stream
-    /// ([`ProvisionerConfig::lifecycle_stream`]) and the dead-letter stream (created when missing), and starts provisioning
-    /// under `shutdown`. Requests go out on `transport` as `config.callerid` in
+    /// Opens the state in `config.state_dir` and starts provisioning under `shutdown`; its
+    /// consumer task opens the dead-letter stream (created when missing) and the durable
+    /// consumer on the lifecycle stream ([`ProvisionerConfig::lifecycle_stream`]), retried
+    /// until it can. Requests go out on `transport` as `config.callerid` in
     /// `config.collective`.
     pub async fn start(
         backbone: Arc<dyn Backbone>,
