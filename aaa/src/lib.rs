@@ -106,6 +106,8 @@ pub struct RunningAaa {
     pub service: Arc<AaaService>,
     tasks: Tasks,
     drain: Duration,
+    /// The audit outbox, when one is used: its faults and forwarding show in health.
+    outbox: Option<Outbox>,
 }
 
 /// Starts the service described by `config` under `shutdown`: keys, users, audit sink,
@@ -149,16 +151,21 @@ pub async fn start(config: &AaaConfig, shutdown: Shutdown, drain: Duration) -> R
         }
         None => None,
     };
+    let mut audit_outbox = None;
     let (sink, next_seq): (Arc<dyn EventSink>, u64) = match &config.audit.state_dir {
         Some(dir) => {
             let store = EmbeddedBackbone::open_path(dir.join("outbox"))?;
-            let outbox = Outbox::open(store, OutboxLimits::default()).await.map_err(AaaError::Audit)?;
+            let outbox = Outbox::open(store, OutboxLimits::default())
+                .await
+                .map_err(AaaError::Audit)?
+                .expecting(chorus_schemas::subject::CHORUS_AUDIT_SUBJECTS.iter().copied());
             let next = outbox.next_producer_seq().await.map_err(AaaError::Audit)?;
             if let Some(site) = site {
                 let forwarder = outbox.clone();
                 let shutdown = tasks.shutdown().clone();
                 tasks.spawn("audit forwarder", async move { forwarder.forward(site, 1_000, shutdown).await });
             }
+            audit_outbox = Some(outbox.clone());
             (Arc::new(outbox), next)
         }
         None => (Arc::new(BackboneSink(site.expect("validated: nats or state_dir"))), 1),
@@ -190,7 +197,7 @@ pub async fn start(config: &AaaConfig, shutdown: Shutdown, drain: Duration) -> R
     let shutdown = tasks.shutdown().requested_owned();
     let ops = chorus_runtime::Ops::new().with(Arc::new(tasks.monitor()));
     tasks.spawn("http", http::serve(listener, tls, service.clone(), ops, shutdown));
-    Ok(RunningAaa { addr, service, tasks, drain })
+    Ok(RunningAaa { addr, service, tasks, drain, outbox: audit_outbox })
 }
 
 #[async_trait]
@@ -200,7 +207,10 @@ impl Service for RunningAaa {
     }
 
     fn health(&self) -> Health {
-        self.tasks.health()
+        match &self.outbox {
+            Some(outbox) => self.tasks.health().and(outbox.health()),
+            None => self.tasks.health(),
+        }
     }
 
     fn failed(&self) -> bool {

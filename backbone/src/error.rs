@@ -118,8 +118,8 @@ impl BackboneError {
         BackboneError::Config(chorus_runtime::ConfigError::message(message))
     }
 
-    /// A storage failure while doing `context`.
-    pub(crate) fn storage(context: impl Into<String>, source: impl Into<Source>) -> Self {
+    /// A storage failure while doing `context` (also for stores built on the embedded engine).
+    pub fn storage(context: impl Into<String>, source: impl Into<Source>) -> Self {
         BackboneError::Storage { context: context.into(), source: source.into() }
     }
 

@@ -440,7 +440,7 @@ impl Service for NodeAgent {
             .tasks
             .health()
             .and(self.delivery.health())
-            .with("outbox_backlog", self.outbox.stats().backlog())
+            .and(self.outbox.health())
             .with("machines", self.machines.len());
         let health = match &self.insecure {
             Some(warning) => health.with("security", format!("INSECURE: {warning}")),

@@ -14,6 +14,7 @@
 //! * [`conformance`] — the suite every backbone engine is held to.
 //! * [`eventually()`] — the one way tests wait for something to become true.
 //! * [`workspace_bin`] — the workspace's programs (`chorus`, test helpers) for system tests.
+//! * [`disk::SmallDisk`] — a size-limited tmpfs to fill (a full disk) and free under a test.
 //!
 //! The harness is a leaf: it depends on nothing above the backbone, so every crate can use
 //! it in its own tests without a dependency cycle.
@@ -34,6 +35,7 @@ pub mod bins;
 pub mod child;
 pub mod chromium;
 pub mod conformance;
+pub mod disk;
 mod error;
 mod eventually;
 pub mod nats;

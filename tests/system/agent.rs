@@ -15,8 +15,8 @@ use chorus_rpc::{NatsTransport, RequestOptions, RpcClient, Target};
 use chorus_schemas::lifecycle::Lifecycle;
 use chorus_schemas::{Event, EventRecord};
 use chorus_testkit::conformance::read_all;
-use chorus_testkit::eventually;
 use chorus_testkit::nats::NatsServer;
+use chorus_testkit::{eventually, eventually_true};
 
 use crate::issuer::TestIssuer;
 
@@ -609,4 +609,70 @@ async fn an_agent_started_with_its_broker_down_stops_on_sigterm_and_delivers_lat
         .collect();
     seqs.sort_unstable();
     assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "no gap in the node's sequence");
+}
+
+/// The disk under a running agent's state directory fills up: its events are refused (never
+/// acknowledged unstored) and its health says why; once the disk is freed the very next event
+/// is stored, without a restart, and every event from then on reaches the site once, in
+/// order. Twice: a healed store heals again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_filled_and_freed_under_a_running_agent_heals_without_a_restart() {
+    use std::sync::atomic::Ordering;
+    let server = NatsServer::start().unwrap();
+    let b = site(&server).await;
+    let disk = chorus_testkit::disk::SmallDisk::mount(32 << 20).expect("a tmpfs for the agent's state");
+    let mut agent =
+        NodeAgent::start(agent_config("full.example.net", &server, disk.path()), Shutdown::new()).await.unwrap();
+    let streams = ["CHORUS_LIFECYCLE", "CHORUS_REGISTRATION"];
+    wait_for(&*b, &streams, "full.example.net", "the startup", |e| {
+        e.iter().any(|r| lifecycle_type(r) == Some("startup"))
+    })
+    .await;
+    let lifecycle = agent.lifecycle().clone();
+    let mut markers = Vec::new();
+    for fault in ["first", "second"] {
+        let filler = tokio::task::block_in_place(|| disk.fill()).unwrap();
+        // Events go on being stored while the store's files have room already allocated;
+        // the first that needs a new block is refused, not claimed stored.
+        let mut produced = 0;
+        while lifecycle.alive(Duration::from_secs(1)).await.is_ok() {
+            produced += 1;
+            assert!(produced < 100_000, "{fault}: the full disk never refused an event");
+        }
+        eprintln!("{fault} fault: {produced} events stored on the full disk before one was refused");
+        let health = agent.health();
+        assert!(
+            !health.healthy && health.reason.as_deref().is_some_and(|r| r.contains("cannot store events")),
+            "{fault}: {health:?}"
+        );
+        assert!(lifecycle.alive(Duration::from_secs(1)).await.is_err(), "{fault}: an event claimed stored");
+        assert!(agent.outbox().stats().refused_by_storage.load(Ordering::Relaxed) > 0);
+
+        disk.free(&filler).unwrap();
+        // The first event after the repair is stored: no restart, no waiting for a retry.
+        let marker = lifecycle.alive(Duration::from_secs(1)).await.expect("stored once the disk is repaired");
+        markers.push(marker.seq);
+        eventually_true("health to recover", Duration::from_secs(30), || agent.health().healthy).await;
+    }
+    // A few more events on the healed store, then the shutdown event.
+    let last = markers[1];
+    wait_for(&*b, &streams, "full.example.net", "events after the repair", |e| e.iter().any(|r| r.seq > last + 2))
+        .await;
+    agent.stop().await.unwrap();
+    let events = wait_for(&*b, &streams, "full.example.net", "the shutdown", |e| {
+        e.iter().any(|r| lifecycle_type(r) == Some("shutdown"))
+    })
+    .await;
+    let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
+    let unique: BTreeSet<u64> = seqs.iter().copied().collect();
+    assert_eq!(unique.len(), seqs.len(), "an event reached the site twice");
+    let newest = *unique.last().unwrap();
+    let missing: Vec<u64> = (markers[1]..=newest).filter(|s| !unique.contains(s)).collect();
+    assert!(missing.is_empty(), "events produced after the repair lost: {missing:?}");
+    // What is missing was refused to its producer (an event refused mid-write may still have
+    // reached the disk and be delivered: refused never means stored-and-claimed-lost).
+    let refused = agent.outbox().stats().refused_by_storage.load(Ordering::Relaxed);
+    let lost = (1..=newest).filter(|s| !unique.contains(s)).count() as u64;
+    assert!(lost <= refused, "{lost} events lost but only {refused} refused");
+    assert_eq!(agent.outbox().storage_faults(), 2);
 }

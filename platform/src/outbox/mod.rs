@@ -12,6 +12,12 @@
 //! governor events, machine transitions, RPC records and audit records are never dropped:
 //! they are bounded only by the disk. Forwarded events are purged from the outbox, all but the
 //! newest, which keeps the producer's last sequence for the next start.
+//!
+//! Storage faults heal (see [`healing`]): when the disk is full or the directory read-only,
+//! events are refused with the error (never acknowledged unstored), health says so, and the
+//! store is reopened without a restart as soon as the directory takes writes again.
+
+mod healing;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -20,11 +26,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chorus_backbone::embedded::EmbeddedBackbone;
 use chorus_backbone::{Backbone, ConsumerConfig, Message, StreamConfig};
-use chorus_runtime::{Backoff, Shutdown};
+use chorus_runtime::{Backoff, Health, Shutdown};
 use chorus_schemas::lifecycle::Lifecycle;
 use chorus_schemas::{Event, EventRecord};
 use serde::{Deserialize, Serialize};
 
+use self::healing::HealingStore;
 use crate::emitter::to_message;
 use crate::{EventSink, PlatformError};
 
@@ -34,6 +41,13 @@ const FORWARDER: &str = "forwarder";
 
 /// Pauses between attempts to reach an unavailable site: from 100 ms doubling to 5 s.
 pub const FORWARD_BACKOFF: Backoff = Backoff::doubling(Duration::from_millis(100), Duration::from_secs(5));
+
+/// Pause of the forwarder between attempts to reopen a broken outbox store (each attempt
+/// is a write probe first, so it is cheap while the disk stays broken).
+const STORE_RETRY: Duration = Duration::from_millis(500);
+
+/// How often an idle forwarder checks that the site could take the expected subjects.
+const SITE_CHECK: Duration = Duration::from_secs(5);
 
 /// The forwarder's durable consumer. A long ack_wait: a batch in hand is retried by the
 /// forwarder until delivered, never redelivered behind its back (which could reorder events).
@@ -82,9 +96,34 @@ pub struct OutboxStats {
     /// Problems told to the operator: once per kind of failure until forwarding recovers,
     /// however many retries fail meanwhile.
     pub problems_reported: AtomicU64,
+    /// Events refused because the outbox could not store them (disk full, read-only): lost,
+    /// and said so to their producer, never acknowledged.
+    pub refused_by_storage: AtomicU64,
+    /// Why the site does not take events now, while it does not (said once per kind).
+    pub forward_problem: std::sync::Mutex<Option<String>>,
 }
 
 impl OutboxStats {
+    /// Records why the site does not take events; said once per kind of problem, not at
+    /// every retry.
+    fn site_problem(&self, problem: String, error: &dyn std::fmt::Display) {
+        let mut current = self.forward_problem.lock().unwrap_or_else(|e| e.into_inner());
+        if current.as_deref() == Some(problem.as_str()) {
+            tracing::debug!(%error, "forwarding still failing");
+            return;
+        }
+        tracing::warn!(backlog = self.backlog(), %error, "{problem}; the outbox keeps the events and retries");
+        self.problems_reported.fetch_add(1, Ordering::Relaxed);
+        *current = Some(problem);
+    }
+
+    /// Records that the site takes events again.
+    fn site_recovered(&self) {
+        if let Some(problem) = self.forward_problem.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            tracing::info!(was = %problem, "site stores events again; forwarding the outbox");
+        }
+    }
+
     /// Events waiting to be forwarded.
     pub fn backlog(&self) -> u64 {
         self.stored.load(Ordering::SeqCst).saturating_sub(self.forwarded.load(Ordering::SeqCst))
@@ -94,9 +133,11 @@ impl OutboxStats {
 /// The node's local, durable event queue; an [`EventSink`].
 #[derive(Clone)]
 pub struct Outbox {
-    store: EmbeddedBackbone,
+    store: Arc<HealingStore>,
     limits: OutboxLimits,
     stats: Arc<OutboxStats>,
+    /// Subjects the site must capture, checked while the forwarder is idle.
+    expected: Arc<[String]>,
 }
 
 impl Outbox {
@@ -108,7 +149,61 @@ impl Outbox {
         let stats = Arc::new(OutboxStats::default());
         stats.stored.store(info.last_sequence, Ordering::SeqCst);
         stats.forwarded.store(info.last_sequence.saturating_sub(waiting), Ordering::SeqCst);
-        Ok(Outbox { store, limits, stats })
+        Ok(Outbox { store: Arc::new(HealingStore::new(store)), limits, stats, expected: Arc::new([]) })
+    }
+
+    /// Subjects (filters) the site must have streams for; the forwarder checks them while
+    /// idle (every 5 s), so health reports missing streams or an unreachable site before
+    /// anything waits to be forwarded. Subjects of events already waiting are checked by
+    /// forwarding them.
+    pub fn expecting(mut self, subjects: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.expected = subjects.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Why the outbox cannot store events now (disk full, read-only directory), while it
+    /// cannot: for health. Cleared as soon as it stores again.
+    pub fn storage_fault(&self) -> Option<String> {
+        self.store.fault()
+    }
+
+    /// The outbox's part of its service's health: failing while it cannot store (a storage
+    /// fault) or the site does not take what it forwards (unreachable, streams missing),
+    /// with the backlog and what was refused.
+    pub fn health(&self) -> Health {
+        let stats = &self.stats;
+        let mut health = Health::ok().with("outbox_backlog", stats.backlog());
+        let refused = stats.refused_by_storage.load(Ordering::Relaxed);
+        if refused > 0 {
+            health = health.with("outbox_refused_by_storage", refused);
+        }
+        if let Some(fault) = self.storage_fault() {
+            health = health.and(Health::failing(format!(
+                "the outbox cannot store events ({fault}): they are refused, not kept, until its directory takes writes again"
+            )));
+        }
+        if let Some(problem) = stats.forward_problem.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            health = health
+                .and(Health::failing(format!("forwarding: {problem}; {} events wait in the outbox", stats.backlog())));
+        }
+        health
+    }
+
+    /// Storage faults met since start, each healed or still open.
+    pub fn storage_faults(&self) -> u64 {
+        self.store.faults.load(Ordering::Relaxed)
+    }
+
+    /// The store, reopened first when a fault broke it and its directory takes writes again.
+    async fn healthy_store(&self) -> Result<(u64, EmbeddedBackbone), PlatformError> {
+        let was_broken = self.store.open().is_none();
+        let (generation, store) = self.store.heal().await?;
+        if was_broken {
+            // Counters follow what the reopened store holds (acknowledged before the fault).
+            let info = store.stream_info(OUTBOX_STREAM).await?;
+            self.stats.stored.fetch_max(info.last_sequence, Ordering::SeqCst);
+        }
+        Ok((generation, store))
     }
 
     /// Live counters, shared by every clone of this outbox.
@@ -120,8 +215,9 @@ impl Outbox {
     /// The newest event always stays in the outbox (purges keep it), so this never needs
     /// state of its own.
     pub async fn next_producer_seq(&self) -> Result<u64, PlatformError> {
-        let info = self.store.stream_info(OUTBOX_STREAM).await?;
-        let last = self.store.get(OUTBOX_STREAM, info.last_sequence).await?;
+        let (_, store) = self.healthy_store().await?;
+        let info = store.stream_info(OUTBOX_STREAM).await?;
+        let last = store.get(OUTBOX_STREAM, info.last_sequence).await?;
         Ok(last.and_then(|m| EventRecord::decode(&m.payload).ok()).map_or(1, |r| r.seq + 1))
     }
 
@@ -151,20 +247,59 @@ impl Outbox {
         shutdown: Shutdown,
     ) -> Result<(), PlatformError> {
         let batch = batch.max(1);
-        let mut consumer = self.store.consumer(OUTBOX_STREAM, &forwarder_config()).await?;
+        // The consumer of the store's current generation; let go of after a storage fault so
+        // that the store can be reopened (sled holds its lock while any handle lives).
+        let mut held: Option<(u64, Box<dyn chorus_backbone::Consumer>)> = None;
         let mut retry = FORWARD_BACKOFF.retry();
-        let mut said: Option<String> = None;
+        let mut site_checked: Option<std::time::Instant> = None;
         loop {
             if shutdown.is_requested() && self.stats.backlog() == 0 {
                 return Ok(());
             }
-            let deliveries = tokio::select! {
-                d = consumer.fetch(batch, Duration::from_millis(500)) => d?,
+            if held.as_ref().is_some_and(|(g, _)| *g != self.store.generation()) {
+                held = None;
+            }
+            let (generation, consumer) = match &mut held {
+                Some((g, c)) => (*g, c),
+                None => match self.open_forwarder().await {
+                    Ok(opened) => {
+                        let (g, c) = held.insert(opened);
+                        (*g, c)
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "outbox store not healed yet");
+                        tokio::select! {
+                            _ = tokio::time::sleep(STORE_RETRY) => {}
+                            _ = shutdown.requested(), if !shutdown.is_requested() => {}
+                        }
+                        if shutdown.is_requested() && self.store.open().is_none() {
+                            // Nothing can be read from a broken store: what waits stays on disk.
+                            return Ok(());
+                        }
+                        continue;
+                    }
+                },
+            };
+            let fetched = tokio::select! {
+                d = consumer.fetch(batch, Duration::from_millis(500)) => d,
                 _ = shutdown.requested(), if !shutdown.is_requested() => continue,
+            };
+            let deliveries = match fetched {
+                Ok(d) => d,
+                Err(e) if self.store.failed(generation, &e) => {
+                    held = None;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
             };
             if deliveries.is_empty() {
                 if shutdown.is_requested() {
                     return Ok(());
+                }
+                // Idle: whether the site could take what will come is still worth knowing.
+                if !self.expected.is_empty() && site_checked.is_none_or(|t| t.elapsed() >= SITE_CHECK) {
+                    site_checked = Some(std::time::Instant::now());
+                    self.check_site(site.as_ref()).await;
                 }
                 continue;
             }
@@ -175,35 +310,73 @@ impl Outbox {
             loop {
                 match site.publish_batch(messages.clone()).await {
                     Ok(_) => {
-                        if let Some(problem) = said.take() {
-                            tracing::info!(was = %problem, "site stores events again; forwarding the outbox");
-                        }
+                        self.stats.site_recovered();
                         retry.reset();
                         break;
                     }
                     Err(e) => {
                         self.stats.forward_errors.fetch_add(1, Ordering::Relaxed);
-                        // Said once per kind of failure, not at every retry.
-                        let problem = forward_problem(&e);
-                        if said.as_deref() != Some(problem.as_str()) {
-                            tracing::warn!(backlog = self.stats.backlog(), error = %e, "{problem}; the outbox keeps the events and retries");
-                            self.stats.problems_reported.fetch_add(1, Ordering::Relaxed);
-                            said = Some(problem);
-                        } else {
-                            tracing::debug!(error = %e, "forwarding still failing");
-                        }
+                        self.stats.site_problem(forward_problem(&e), &e);
                         tokio::time::sleep(retry.next_delay()).await;
                     }
                 }
             }
             let last = deliveries.last().expect("deliveries is not empty");
             let last_seq = last.message.sequence;
-            for d in &deliveries {
-                d.ack().await?;
+            let (_, store) = match self.store.open() {
+                Some(open) if open.0 == generation => open,
+                // Broken since the fetch: the batch is delivered again after the store is
+                // reopened, and the site's dedupe (event ids) stores it once.
+                _ => continue,
+            };
+            let acked = async {
+                for d in &deliveries {
+                    d.ack().await?;
+                }
+                // Keep the newest forwarded event: it carries the producer's last sequence.
+                store.purge(OUTBOX_STREAM, last_seq).await
+            };
+            match acked.await {
+                Ok(_) => {
+                    self.stats.forwarded.fetch_max(last_seq, Ordering::SeqCst);
+                }
+                Err(e) if self.store.failed(generation, &e) => held = None,
+                Err(e) => return Err(e.into()),
             }
-            self.stats.forwarded.fetch_max(last_seq, Ordering::SeqCst);
-            // Keep the newest forwarded event: it carries the producer's last sequence.
-            self.store.purge(OUTBOX_STREAM, last_seq).await?;
+        }
+    }
+
+    /// Whether the site is reachable and has streams for the subjects this outbox's producer
+    /// publishes on: checked while idle, so a problem shows in health before there is
+    /// anything to forward.
+    async fn check_site(&self, site: &dyn Backbone) {
+        let problem = match site.streams().await {
+            Ok(streams) => self
+                .expected
+                .iter()
+                .find(|subject| {
+                    !streams
+                        .iter()
+                        .any(|s| s.subjects.iter().any(|f| chorus_backbone::subject::filter_covers(f, subject)))
+                })
+                .map(|subject| chorus_backbone::BackboneError::NoStreamForSubject(subject.clone())),
+            Err(e) => Some(e),
+        };
+        match problem {
+            Some(e) => self.stats.site_problem(forward_problem(&e), &e),
+            None => self.stats.site_recovered(),
+        }
+    }
+
+    /// The forwarder's consumer on the current store, reopened first when broken.
+    async fn open_forwarder(&self) -> Result<(u64, Box<dyn chorus_backbone::Consumer>), PlatformError> {
+        let (generation, store) = self.healthy_store().await?;
+        match store.consumer(OUTBOX_STREAM, &forwarder_config()).await {
+            Ok(consumer) => Ok((generation, consumer)),
+            Err(e) => {
+                self.store.failed(generation, &e);
+                Err(e.into())
+            }
         }
     }
 }
@@ -228,7 +401,21 @@ impl EventSink for Outbox {
         if messages.is_empty() {
             return Ok(());
         }
-        let acks = self.store.publish_batch(messages).await?;
+        let count = messages.len() as u64;
+        let refused = |e: PlatformError| {
+            self.stats.refused_by_storage.fetch_add(count, Ordering::Relaxed);
+            e
+        };
+        let (generation, store) = self.healthy_store().await.map_err(refused)?;
+        let acks = match store.publish_batch(messages).await {
+            Ok(acks) => acks,
+            Err(e) => {
+                if self.store.failed(generation, &e) {
+                    return Err(refused(e.into()));
+                }
+                return Err(e.into());
+            }
+        };
         if let Some(last) = acks.iter().map(|a| a.sequence).max() {
             self.stats.stored.fetch_max(last, Ordering::SeqCst);
         }
