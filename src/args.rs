@@ -60,20 +60,24 @@ impl StreamArgs {
     /// and retries) instead of exiting.
     pub async fn open_for_service(&self) -> anyhow::Result<Arc<dyn Backbone>> {
         match self.nats.as_deref() {
-            Some(urls) => {
-                let config = NatsConfig { retry_on_initial_connect: true, ..NatsConfig::from_url_list(urls) };
-                let backbone =
-                    JetStreamBackbone::connect(&config).await.with_context(|| format!("connecting to {urls}"))?;
-                // A broker that is up is connected in a moment; one that is down is not waited for.
-                let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(3);
-                while !backbone.connected() && tokio::time::Instant::now() < deadline {
-                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                }
-                Ok(Arc::new(backbone))
-            }
+            Some(urls) => Ok(Arc::new(connect_for_service(NatsConfig::from_url_list(urls)).await?)),
             None => self.open().await,
         }
     }
+}
+
+/// Connects a long-running service to NATS in the background: it starts while its broker is
+/// down (reporting not ready and retrying) instead of exiting. A broker that is up is
+/// connected before this returns (up to 3 s).
+pub async fn connect_for_service(config: NatsConfig) -> anyhow::Result<JetStreamBackbone> {
+    let config = NatsConfig { retry_on_initial_connect: true, ..config };
+    let urls = config.servers.join(",");
+    let backbone = JetStreamBackbone::connect(&config).await.with_context(|| format!("connecting to {urls}"))?;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(3);
+    while !backbone.connected() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    Ok(backbone)
 }
 
 /// The backbone at NATS `nats` (comma-separated URLs), or the embedded store in `streams`.

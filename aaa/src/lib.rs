@@ -195,7 +195,10 @@ pub async fn start(config: &AaaConfig, shutdown: Shutdown, drain: Duration) -> R
         .map_err(|source| AaaError::Io { context: format!("listen {}", config.listen), source })?;
     let addr = listener.local_addr().map_err(|source| AaaError::Io { context: "listen".into(), source })?;
     let shutdown = tasks.shutdown().requested_owned();
-    let ops = chorus_runtime::Ops::new().with(Arc::new(tasks.monitor()));
+    let mut ops = chorus_runtime::Ops::new().with(Arc::new(tasks.monitor()));
+    if let Some(outbox) = &audit_outbox {
+        ops.add(Arc::new(outbox.clone()));
+    }
     tasks.spawn("http", http::serve(listener, tls, service.clone(), ops, shutdown));
     Ok(RunningAaa { addr, service, tasks, drain, outbox: audit_outbox })
 }

@@ -7,6 +7,8 @@
 //!   them to an [`EventSink`]: a backbone ([`BackboneSink`]), the node's outbox, or a
 //!   signing wrapper ([`SigningSink`]).
 //! * [`outbox`]: the node's durable local queue and the forwarder that ships it to the site.
+//! * [`reading`]: opening durable consumers on streams that may not exist yet, with the
+//!   reason shown in health.
 //! * [`deadletter`]: messages a consumer could not process, kept on `CHORUS_DEADLETTER`
 //!   with the reason.
 //!
@@ -18,11 +20,13 @@ pub mod deadletter;
 pub mod emitter;
 mod error;
 pub mod outbox;
+pub mod reading;
 pub mod streams;
 
 pub use emitter::{to_message, BackboneSink, Emitter, EventSink, MemorySink, SigningSink};
 pub use error::PlatformError;
 pub use outbox::{Outbox, OutboxLimits, OutboxStats};
+pub use reading::{open_consumer, ReadStatus};
 pub use streams::{
     capturing, drift, ensure_platform_streams, missing_subjects, platform_streams, resolve_platform_streams,
     PlatformStreams, StreamDrift, StreamLimits, StreamMap,

@@ -380,7 +380,9 @@ pub trait Service: Send + Sync {
 }
 
 /// Implements [`Service`] for a type whose job is done by one [`Tasks`] field: its name,
-/// health, failure and stop all come from the tasks.
+/// health, failure and stop all come from the tasks. With `health = method`, the type's own
+/// `fn method(&self) -> Health` is added to the tasks' health (a service that runs but is not
+/// ready, such as a consumer whose stream does not exist yet).
 ///
 /// ```ignore
 /// struct Exporter { stats: Stats, tasks: Tasks }
@@ -389,6 +391,12 @@ pub trait Service: Send + Sync {
 #[macro_export]
 macro_rules! service_of_tasks {
     ($ty:ty, $field:ident) => {
+        $crate::service_of_tasks!($ty, $field, |_s: &$ty| $crate::Health::ok());
+    };
+    ($ty:ty, $field:ident, health = $health:ident) => {
+        $crate::service_of_tasks!($ty, $field, |s: &$ty| s.$health());
+    };
+    ($ty:ty, $field:ident, $extra:expr) => {
         #[$crate::service::__async_trait]
         impl $crate::Service for $ty {
             fn name(&self) -> &str {
@@ -396,7 +404,8 @@ macro_rules! service_of_tasks {
             }
 
             fn health(&self) -> $crate::Health {
-                self.$field.health()
+                let extra: fn(&$ty) -> $crate::Health = $extra;
+                self.$field.health().and(extra(self))
             }
 
             fn failed(&self) -> bool {

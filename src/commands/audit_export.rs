@@ -4,13 +4,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use chorus_backbone::jetstream::JetStreamBackbone;
 use chorus_backbone::Backbone;
 use chorus_consumers::audit_export::{AuditExport, ExportConfig};
 use chorus_platform::{ensure_platform_streams, StreamLimits};
-use chorus_runtime::{Services, Shutdown};
+use chorus_runtime::{Ops, Services, Shutdown};
 
-use crate::args::StreamArgs;
+use crate::args::{connect_for_service, StreamArgs};
 use crate::signal::until_signal_or_failure;
 
 /// Arguments of `chorus audit-export`.
@@ -21,18 +20,22 @@ pub struct AuditExportArgs {
     /// present, wins over --nats.
     #[arg(long, short)]
     config: PathBuf,
+    /// Serve /metrics and /healthz here (503 with the reason while a stream is not read).
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
     #[command(flatten)]
     streams: StreamArgs,
 }
 
 /// Runs the exporter until SIGTERM or Ctrl-C, or until it fails; fails fast on a bad
-/// configuration.
+/// configuration, starts while its broker is down or its streams missing (not ready, with
+/// the reason, until it reads them).
 pub async fn run(args: AuditExportArgs) -> anyhow::Result<()> {
     let config = ExportConfig::load(&args.config)?;
     let backbone: Arc<dyn Backbone> = match &config.nats {
-        Some(nats) => Arc::new(JetStreamBackbone::connect(nats).await.context("connecting to NATS")?),
+        Some(nats) => Arc::new(connect_for_service(nats.clone()).await?),
         None => {
-            let backbone = args.streams.open().await?;
+            let backbone = args.streams.open_for_service().await?;
             // A private embedded store has nobody else to create the streams; on NATS they
             // belong to the platform and their limits are left alone.
             if args.streams.embedded() {
@@ -44,11 +47,26 @@ pub async fn run(args: AuditExportArgs) -> anyhow::Result<()> {
     let sink = config.sink.kind();
     let export = AuditExport::start(backbone, config, Shutdown::new()).await?;
     let stats = export.stats().clone();
+    let http_stop = Shutdown::new();
+    let http = match args.listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?;
+            eprintln!("metrics on http://{}/metrics, health on /healthz", listener.local_addr()?);
+            let ops = Ops::new().with(Arc::new(export.monitor()));
+            let stop = http_stop.clone();
+            Some(tokio::spawn(async move { ops.serve(listener, axum::Router::new(), stop).await }))
+        }
+        None => None,
+    };
     let mut services = Services::new();
     services.push(export);
     eprintln!("chorus audit-export to {sink} running; SIGTERM to stop");
     until_signal_or_failure(&services).await;
     let stopped = services.stop().await;
+    http_stop.request();
+    if let Some(http) = http {
+        http.await??;
+    }
     let stats = stats.snapshot();
     eprintln!(
         "exported {} records ({} dead-lettered, {} retries, {} re-sent after reconnects)",

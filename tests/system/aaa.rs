@@ -39,7 +39,7 @@ pub struct Aaa {
     pub issuer: TestIssuer,
     /// The key this test's client logs in with.
     pub key: Arc<FileSigner>,
-    audit: NatsConfig,
+    audit: chorus_aaa::config::AuditConfig,
 }
 
 impl Aaa {
@@ -71,6 +71,11 @@ pub async fn start_aaa(audit: NatsConfig) -> Aaa {
 
 /// As [`start_aaa`], with more top-level configuration (e.g. `login:` limits).
 pub async fn start_aaa_with(audit: NatsConfig, more: &str) -> Aaa {
+    start_aaa_audit(chorus_aaa::config::AuditConfig { nats: Some(audit), state_dir: None }, more).await
+}
+
+/// As [`start_aaa_with`], with the audit section given whole (an outbox in `state_dir`).
+pub async fn start_aaa_audit(audit: chorus_aaa::config::AuditConfig, more: &str) -> Aaa {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     FileSigner::generate(d.join("jwt.pem"), Algorithm::Ed25519).unwrap();
@@ -100,9 +105,9 @@ pub async fn start_aaa_with(audit: NatsConfig, more: &str) -> Aaa {
 }
 
 /// The service's configuration in directory `d`, with `jwt` as its `jwt:` section.
-fn aaa_config(d: &std::path::Path, audit: NatsConfig, jwt: &str, more: &str) -> AaaConfig {
+fn aaa_config(d: &std::path::Path, audit: chorus_aaa::config::AuditConfig, jwt: &str, more: &str) -> AaaConfig {
     AaaConfig {
-        audit: chorus_aaa::config::AuditConfig { nats: Some(audit), state_dir: None },
+        audit,
         ..AaaConfig::from_yaml(&format!(
             r#"
 identity: aaa1.example.net
@@ -489,5 +494,47 @@ async fn login_brute_force_is_rate_limited_and_audited() {
         assert_eq!((r.action, r.request["username"].as_str()), (AuditAction::Deny, Some("alice")), "{r:?}");
         assert!(r.client.as_deref().unwrap_or_default().starts_with("127.0.0.1"), "{r:?}");
     }
+    aaa.running.stop().await.unwrap();
+}
+
+/// An AAA service with an audit outbox, started before its broker has the platform streams:
+/// `/healthz` is 503 within 5 s saying what to run, logins work and are audited into the
+/// outbox meanwhile, and once the streams exist it is healthy and every record reaches
+/// `CHORUS_AUDIT`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aaa_started_before_its_streams_exist_is_not_ready_then_delivers_every_record() {
+    let server = NatsServer::start().unwrap();
+    let b: Arc<dyn Backbone> = Arc::new(JetStreamBackbone::connect(&NatsConfig::new([server.url()])).await.unwrap());
+    let state = tempfile::tempdir().unwrap();
+    let audit = chorus_aaa::config::AuditConfig {
+        nats: Some(NatsConfig::new([server.url()])),
+        state_dir: Some(state.path().to_path_buf()),
+    };
+    let mut aaa = start_aaa_audit(audit, "").await;
+    let ops = aaa.running.addr;
+    let health = |want: &'static str| async move {
+        match tokio::time::timeout(Duration::from_secs(5), crate::replicate::try_http_get(ops, "/healthz")).await {
+            Ok(Ok(body)) if body.starts_with(want) => Ok(body),
+            other => Err(format!("{other:?}")),
+        }
+    };
+    let body = eventually("503 while the streams are missing", Duration::from_secs(5), || health("HTTP/1.1 503")).await;
+    assert!(body.contains("chorus streams create"), "{body}");
+    aaa.login("alice", "alice-pw").await.unwrap();
+    assert_eq!(refused_code(aaa.login("alice", "wrong").await, 401), "bad_credentials");
+    ensure_platform_streams(&*b, &StreamLimits::default()).await.unwrap();
+    eventually("200 once the streams exist", Duration::from_secs(30), || health("HTTP/1.1 200")).await;
+    eventually("both records in CHORUS_AUDIT", Duration::from_secs(30), || {
+        let b = b.clone();
+        async move {
+            let n = audit_records(&*b).await.len();
+            if n == 2 {
+                Ok(())
+            } else {
+                Err(format!("{n} records"))
+            }
+        }
+    })
+    .await;
     aaa.running.stop().await.unwrap();
 }

@@ -676,3 +676,30 @@ async fn a_disk_filled_and_freed_under_a_running_agent_heals_without_a_restart()
     assert!(lost <= refused, "{lost} events lost but only {refused} refused");
     assert_eq!(agent.outbox().storage_faults(), 2);
 }
+
+/// An agent started on a broker without the platform streams runs, its health says within
+/// 5 s what to run, and once the streams exist it is healthy and its startup event arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_started_before_its_streams_exist_says_what_to_run_then_delivers() {
+    let server = NatsServer::start().unwrap();
+    let b: Arc<dyn Backbone> = Arc::new(JetStreamBackbone::connect(&NatsConfig::new([server.url()])).await.unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent =
+        NodeAgent::start(agent_config("early.example.net", &server, dir.path()), Shutdown::new()).await.unwrap();
+    eventually("health to say the streams are missing", Duration::from_secs(5), || {
+        let health = agent.health();
+        let result = match &health.reason {
+            Some(r) if !health.healthy && r.contains("chorus streams create") => Ok(()),
+            _ => Err(format!("{health:?}")),
+        };
+        async move { result }
+    })
+    .await;
+    ensure_platform_streams(&*b, &StreamLimits::default()).await.unwrap();
+    wait_for(&*b, &["CHORUS_LIFECYCLE"], "early.example.net", "the startup", |e| {
+        e.iter().any(|r| lifecycle_type(r) == Some("startup"))
+    })
+    .await;
+    eventually_true("health to recover", Duration::from_secs(30), || agent.health().healthy).await;
+    agent.stop().await.unwrap();
+}

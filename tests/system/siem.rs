@@ -346,3 +346,53 @@ async fn jsonl_every_record_and_dead_letters() {
     assert_eq!(letters[0].event_id, "garbage-1");
     assert_eq!(letters[0].payload_hex.as_deref().map(|h| &h[..4]), Some("fffe"));
 }
+
+/// `chorus audit-export` started before its streams exist (on a broker without them): it
+/// runs, `/healthz` is 503 within 5 s naming the missing streams and what to run, and once
+/// the streams exist it is healthy and exports every record, from the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exporter_started_before_its_streams_exist_waits_then_exports_everything() {
+    let server = NatsServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("audit.jsonl");
+    let config = dir.path().join("export.yaml");
+    std::fs::write(&config, format!("batch_size: 50\nsink: {{kind: jsonl, path: {}}}\n", out.display())).unwrap();
+    let ops: std::net::SocketAddr =
+        format!("127.0.0.1:{}", chorus_testkit::nats::free_port().unwrap()).parse().unwrap();
+    let mut child = std::process::Command::new(chorus_testkit::workspace_bin("chorus").unwrap())
+        .args(["audit-export", "--config", config.to_str().unwrap(), "--listen", &ops.to_string()])
+        .args(["--nats", &server.url()])
+        .env("CHORUS_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let health = |want: &'static str| async move {
+        match tokio::time::timeout(Duration::from_secs(5), crate::replicate::try_http_get(ops, "/healthz")).await {
+            Ok(Ok(body)) if body.starts_with(want) => Ok(body),
+            other => Err(format!("{other:?}")),
+        }
+    };
+    let body = chorus_testkit::eventually("503 while the streams are missing", Duration::from_secs(5), || {
+        health("HTTP/1.1 503")
+    })
+    .await;
+    assert!(body.contains("CHORUS_AUDIT") && body.contains("chorus streams create"), "{body}");
+    assert!(child.try_wait().unwrap().is_none(), "the exporter keeps running");
+
+    let b: Arc<dyn Backbone> = Arc::new(JetStreamBackbone::connect(&NatsConfig::new([server.url()])).await.unwrap());
+    ensure_platform_streams(&*b, &StreamLimits::default()).await.unwrap();
+    let mut published = Published::default();
+    publish(&*b, 40, "late", &mut published).await;
+    chorus_testkit::eventually("200 once it reads", Duration::from_secs(30), || health("HTTP/1.1 200")).await;
+    let expected = published.ids();
+    let ids = || -> BTreeSet<String> {
+        std::fs::read_to_string(&out)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| v["id"].as_str().map(str::to_owned))
+            .collect()
+    };
+    wait_until("every record exported", Duration::from_secs(60), || ids() == expected).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

@@ -42,8 +42,9 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use chorus_backbone::{Backbone, BackboneError, Consumer, ConsumerConfig, Delivery};
+use chorus_backbone::{Backbone, BackboneError, ConsumerConfig, Delivery};
 use chorus_platform::deadletter::{self, DeadLetter};
+use chorus_platform::{open_consumer, ReadStatus};
 use chorus_runtime::{Config as _, ConfigError, Shutdown, Tasks};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -82,6 +83,8 @@ pub fn build_sink(config: &ExportConfig, stats: &ExportStats) -> Result<Box<dyn 
 pub struct AuditExport {
     stats: ExportStats,
     tasks: Tasks,
+    /// Streams not read yet (missing, broker unreachable): not ready meanwhile.
+    reading: ReadStatus,
 }
 
 impl AuditExport {
@@ -94,9 +97,21 @@ impl AuditExport {
     ) -> Result<AuditExport, ExportError> {
         let stats = ExportStats::default();
         let mut tasks = Tasks::new("audit export", shutdown);
-        let exporter = Exporter::open(backbone, config, stats.clone(), tasks.shutdown().clone()).await?;
+        let reading = ReadStatus::starting(config.streams.iter().cloned());
+        let exporter =
+            Exporter::open(backbone, config, stats.clone(), reading.clone(), tasks.shutdown().clone()).await?;
         tasks.spawn("export", exporter.run());
-        Ok(AuditExport { stats, tasks })
+        Ok(AuditExport { stats, tasks, reading })
+    }
+
+    fn reading_health(&self) -> chorus_runtime::Health {
+        self.reading.health()
+    }
+
+    /// A view of the running exporter for `/healthz` and `/metrics` (usable after the
+    /// exporter was moved into whatever stops it).
+    pub fn monitor(&self) -> ExportMonitor {
+        ExportMonitor { stats: self.stats.clone(), tasks: self.tasks.monitor(), reading: self.reading.clone() }
     }
 
     /// The exporter's counters.
@@ -105,17 +120,65 @@ impl AuditExport {
     }
 }
 
-chorus_runtime::service_of_tasks!(AuditExport, tasks);
+/// The exporter seen from outside: healthy while it runs and reads every stream it was
+/// given; its counters as `chorus_audit_export_*` metrics.
+#[derive(Clone)]
+pub struct ExportMonitor {
+    stats: ExportStats,
+    tasks: chorus_runtime::TaskMonitor,
+    reading: ReadStatus,
+}
 
-/// Runs the exporter until `shutdown` is requested. Fails only on an invalid configuration
-/// or when the consumers cannot be opened at start.
+#[chorus_runtime::service::__async_trait]
+impl chorus_runtime::Observable for ExportMonitor {
+    fn name(&self) -> &str {
+        "audit-export"
+    }
+
+    fn health(&self) -> chorus_runtime::Health {
+        let s = self.stats.snapshot();
+        self.tasks
+            .health()
+            .and(self.reading.health())
+            .with("exported", s.exported)
+            .with("dead_lettered", s.dead_lettered)
+    }
+
+    async fn collect(
+        &self,
+        registry: &mut prometheus_client::registry::Registry,
+    ) -> Result<(), chorus_runtime::BoxError> {
+        let registry = registry.sub_registry_with_prefix("chorus_audit_export");
+        let s = self.stats.snapshot();
+        let counters = [
+            ("exported", "Records the SIEM accepted and that were acknowledged", s.exported),
+            ("retries", "Failed attempts, each followed by a pause and a retry", s.retries),
+            ("dead_lettered", "Records sent to the dead-letter stream", s.dead_lettered),
+            ("resent", "Records written again after a reconnect", s.resent),
+            ("connects", "Connections established to the SIEM", s.connects),
+            ("redeliveries_skipped", "Redeliveries of exported records acknowledged unsent", s.redeliveries_skipped),
+        ];
+        for (name, help, value) in counters {
+            let counter = prometheus_client::metrics::counter::Counter::<u64>::default();
+            counter.inc_by(value);
+            registry.register(name, help, counter);
+        }
+        Ok(())
+    }
+}
+
+chorus_runtime::service_of_tasks!(AuditExport, tasks, health = reading_health);
+
+/// Runs the exporter until `shutdown` is requested. Fails only on an invalid configuration;
+/// streams that are missing or a broker that is down are waited for.
 pub async fn run(
     backbone: Arc<dyn Backbone>,
     config: ExportConfig,
     stats: ExportStats,
     shutdown: Shutdown,
 ) -> Result<(), ExportError> {
-    Exporter::open(backbone, config, stats, shutdown).await?.run().await
+    let reading = ReadStatus::starting(config.streams.iter().cloned());
+    Exporter::open(backbone, config, stats, reading, shutdown).await?.run().await
 }
 
 /// (stream, sequence): a message's identity for this consumer.
@@ -179,25 +242,24 @@ impl Exporter {
         backbone: Arc<dyn Backbone>,
         config: ExportConfig,
         stats: ExportStats,
+        reading: ReadStatus,
         stop: Shutdown,
     ) -> Result<Self, ExportError> {
         config.validate()?;
         let sink = build_sink(&config, &stats)?;
-        deadletter::ensure_stream(&*backbone).await?;
         let consumer_config = config.consumer_config();
         let (tx, rx) = mpsc::channel(config.batch_size);
-        let mut consumers = Vec::new();
-        for stream in &config.streams {
-            consumers.push((stream.clone(), backbone.consumer(stream, &consumer_config).await?));
-        }
-        let fetchers = consumers
-            .into_iter()
-            .map(|(stream, consumer)| {
+        // Each fetcher opens its consumer (and the dead-letter stream) in its task, retried
+        // while the stream is missing or the broker down: the exporter starts either way.
+        let fetchers = config
+            .streams
+            .iter()
+            .map(|stream| {
                 let fetcher = Fetcher {
                     backbone: backbone.clone(),
-                    stream,
+                    stream: stream.clone(),
                     config: consumer_config.clone(),
-                    consumer,
+                    reading: reading.clone(),
                     batch: config.batch_size,
                     wait: config.fetch_wait,
                     backoff: config.backoff,
@@ -440,7 +502,7 @@ struct Fetcher {
     backbone: Arc<dyn Backbone>,
     stream: String,
     config: ConsumerConfig,
-    consumer: Box<dyn Consumer>,
+    reading: ReadStatus,
     batch: usize,
     wait: Duration,
     backoff: Backoff,
@@ -450,11 +512,16 @@ struct Fetcher {
 }
 
 impl Fetcher {
-    async fn run(mut self) {
+    async fn run(self) {
+        let Some(mut consumer) =
+            open_consumer(&*self.backbone, &self.stream, &self.config, &self.reading, &self.stop).await
+        else {
+            return;
+        };
         let mut failures = 0;
         loop {
             let fetched = tokio::select! {
-                r = self.consumer.fetch(self.batch, self.wait) => r,
+                r = consumer.fetch(self.batch, self.wait) => r,
                 _ = self.stop.requested() => return,
             };
             match fetched {
@@ -475,7 +542,7 @@ impl Fetcher {
                         _ = self.stop.requested() => return,
                     }
                     match self.backbone.consumer(&self.stream, &self.config).await {
-                        Ok(c) => self.consumer = c,
+                        Ok(c) => consumer = c,
                         Err(e) => tracing::warn!(stream = %self.stream, error = %e, "reopening the consumer failed"),
                     }
                 }

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chorus_backbone::{Consumer, StoredMessage};
+use chorus_backbone::StoredMessage;
 use chorus_platform::deadletter::{self, DeadLetter};
 use chorus_platform::Emitter;
 use chorus_rpc::transport::node_subject;
@@ -24,42 +24,23 @@ use super::stats::ProvisionerStats;
 /// Pauses between failed reads of the stream: 400 ms doubling up to 10 s.
 const READ_BACKOFF: Backoff = Backoff::doubling(Duration::from_millis(400), Duration::from_secs(10));
 
-/// Opens the dead-letter stream and the durable consumer, retrying while the stream is
-/// missing or the broker unreachable and saying why in health; `None` on shutdown.
-async fn open(shared: &Shared) -> Option<Box<dyn Consumer>> {
-    let cfg = &shared.config;
-    // Shorter than the read backoff: a stream that appears is used within 2 s.
-    let mut retry = Backoff::doubling(Duration::from_millis(200), Duration::from_secs(2)).retry();
-    loop {
-        let opened = match deadletter::ensure_stream(&*shared.backbone).await {
-            Ok(()) => shared.backbone.consumer(cfg.lifecycle_stream(), &cfg.consumer_config()).await,
-            Err(e) => Err(e),
-        };
-        let why = match opened {
-            Ok(consumer) => {
-                *shared.waiting.lock().unwrap_or_else(|e| e.into_inner()) = None;
-                return Some(consumer);
-            }
-            Err(e @ chorus_backbone::BackboneError::NotFound { .. }) => {
-                format!("{e} (`chorus streams create` creates the platform streams)")
-            }
-            Err(e) => e.to_string(),
-        };
-        tracing::warn!(stream = cfg.lifecycle_stream(), "provisioner: {why}; retrying");
-        *shared.waiting.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
-        if !retry.wait(&shared.shutdown).await {
-            return None;
-        }
-    }
-}
-
 /// Reads startup and provisioned events, records them, acknowledges them, and hands nodes
 /// that became due to the dispatcher.
 pub(super) async fn consume(shared: Arc<Shared>, due: mpsc::UnboundedSender<String>) -> Result<(), ProvisionerError> {
     let cfg = &shared.config;
     let shutdown = shared.shutdown.clone();
     let mut retry = READ_BACKOFF.retry();
-    let Some(mut consumer) = open(&shared).await else { return Ok(()) };
+    let Some(mut consumer) = chorus_platform::open_consumer(
+        &*shared.backbone,
+        cfg.lifecycle_stream(),
+        &cfg.consumer_config(),
+        &shared.reading,
+        &shutdown,
+    )
+    .await
+    else {
+        return Ok(());
+    };
     loop {
         if shutdown.is_requested() {
             return Ok(());

@@ -41,7 +41,7 @@ pub(super) struct Shared {
     /// True once the consumer has read everything stored when it started.
     pub(super) caught_up: watch::Sender<bool>,
     /// Why the provisioner cannot read its stream yet (missing, broker unreachable).
-    pub(super) waiting: Mutex<Option<String>>,
+    pub(super) reading: chorus_platform::ReadStatus,
 }
 
 impl Shared {
@@ -96,10 +96,7 @@ impl Monitor {
             .with("caught_up", self.caught_up())
             .with("in_flight", stats.in_flight)
             .with("queued", stats.queued);
-        match self.shared.waiting.lock().unwrap_or_else(|e| e.into_inner()).clone() {
-            Some(why) => health.and(Health::failing(format!("not reading its stream: {why}"))),
-            None => health,
-        }
+        health.and(self.shared.reading.health())
     }
 }
 
@@ -147,6 +144,7 @@ impl Provisioner {
         let emitter = Mutex::new(Emitter::new(sink.clone(), store.next_seq()?, config.site.clone()));
         let (due_tx, due_rx) = mpsc::unbounded_channel();
         let tasks = Tasks::new("provisioner", shutdown);
+        let reading = chorus_platform::ReadStatus::starting([config.lifecycle_stream()]);
         let shared = Arc::new(Shared {
             permits: Arc::new(Semaphore::new(config.concurrency)),
             config,
@@ -159,7 +157,7 @@ impl Provisioner {
             in_flight: Mutex::new(HashSet::new()),
             shutdown: tasks.shutdown().clone(),
             caught_up: watch::channel(false).0,
-            waiting: Mutex::new(Some("starting".into())),
+            reading,
         });
         let mut tasks = tasks;
         // The stream is opened by the consumer task, retried while it is missing or the broker

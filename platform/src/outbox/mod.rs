@@ -381,6 +381,18 @@ impl Outbox {
     }
 }
 
+/// An outbox is a part of its service's `/healthz` (see [`Outbox::health`]).
+#[async_trait]
+impl chorus_runtime::Observable for Outbox {
+    fn name(&self) -> &str {
+        "outbox"
+    }
+
+    fn health(&self) -> Health {
+        Outbox::health(self)
+    }
+}
+
 /// What a failed forward means for an operator, and what to do about it.
 fn forward_problem(e: &chorus_backbone::BackboneError) -> String {
     match e {
