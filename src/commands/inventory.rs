@@ -116,10 +116,12 @@ impl InventoryArgs {
 
 /// Brings the view up to date, then answers the query (or serves the API).
 pub async fn run(args: InventoryArgs) -> anyhow::Result<()> {
-    let backbone = args.streams.open().await?;
     if let InventoryCommand::Serve { listen } = &args.command {
+        // A service: started while its broker is down, it reports not ready and connects later.
+        let backbone = args.streams.open_for_service().await?;
         return serve(&args, backbone, *listen).await;
     }
+    let backbone = args.streams.open().await?;
     let (store, mut projector) = args.projector(backbone).await?;
     let stats = projector.catch_up().await?;
     if stats.dead_lettered > 0 {
