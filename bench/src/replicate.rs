@@ -226,7 +226,74 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         ours / ceiling_rate
     );
     println!("replicator / naive copier: {:.2} (goal ≥ 1.5)", ours / naive);
+    dedupe_memory(&events[..args.events], ours).await?;
     Ok(())
+}
+
+/// What the no-duplicate guarantee costs the target: the replicator re-sends a batch after a
+/// crash with the same ids, and the target drops them only while it remembers those ids (its
+/// `dedupe_window`). JetStream keeps every id of the window in memory. Measured as the
+/// resident memory of a fresh nats-server holding the events with their ids, minus that of
+/// another holding the same events without ids, per event; then scaled to the replicator's
+/// copy rate measured above.
+async fn dedupe_memory(events: &[(String, bytes::Bytes)], copy_rate: f64) -> anyhow::Result<()> {
+    use async_nats::jetstream::message::PublishMessage;
+    const WINDOW: Duration = Duration::from_secs(600);
+    let mut rss = Vec::new();
+    for with_ids in [true, false] {
+        let server = chorus_testkit::nats::NatsServer::start().context("starting a server")?;
+        let js = jetstream::new(async_nats::connect(&server.url()).await?);
+        js.create_stream(stream::Config {
+            name: "DEDUPE".into(),
+            subjects: vec!["bench.dedupe.>".into()],
+            duplicate_window: WINDOW,
+            ..Default::default()
+        })
+        .await?;
+        let mut inflight = std::collections::VecDeque::new();
+        for (id, payload) in events {
+            if inflight.len() >= 2048 {
+                let f: jetstream::context::PublishAckFuture = inflight.pop_front().expect("not empty");
+                f.await?;
+            }
+            let message = PublishMessage::build().payload(payload.clone());
+            let message = if with_ids { message.message_id(id) } else { message };
+            inflight.push_back(js.send_publish("bench.dedupe.event", message).await?);
+        }
+        for f in inflight {
+            f.await?;
+        }
+        let pid = server.pid().context("server pid")?;
+        rss.push(resident_bytes(pid)?);
+    }
+    let per_id = (rss[0] as f64 - rss[1] as f64) / events.len() as f64;
+    let window_ids = copy_rate * WINDOW.as_secs_f64();
+    println!("\n### The target's dedupe window (what the no-duplicate guarantee costs)\n");
+    println!(
+        "nats-server resident memory holding {} events: {:.1} MiB with their ids in a {}-minute window, {:.1} MiB without ids: **{per_id:.0} bytes per remembered id**",
+        events.len(),
+        rss[0] as f64 / 1048576.0,
+        WINDOW.as_secs() / 60,
+        rss[1] as f64 / 1048576.0
+    );
+    println!(
+        "at the replicator's copy rate ({copy_rate:.0} events/s) a {}-minute window remembers {window_ids:.0} ids: {:.0} MiB on the target server; at a steady fleet rate of 1,000 events/s: {:.1} MiB",
+        WINDOW.as_secs() / 60,
+        window_ids * per_id / 1048576.0,
+        1000.0 * WINDOW.as_secs_f64() * per_id / 1048576.0
+    );
+    Ok(())
+}
+
+/// Resident set size of process `pid`, in bytes (`VmRSS` of /proc/<pid>/status).
+fn resident_bytes(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .context("VmRSS in /proc/<pid>/status")?;
+    Ok(kib * 1024)
 }
 
 /// Publishes `burst` to the site at full speed, then returns how long after the last

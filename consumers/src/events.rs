@@ -210,7 +210,7 @@ pub fn one_line(e: &ShownEvent) -> String {
                     chorus_schemas::machine::WatcherDetails::Nagios(n) => {
                         format!("{} {} {} {}", w.machine, w.name, n.status, n.output)
                     }
-                    _ => format!("{} {} {}", w.machine, w.name, w.watcher_type()),
+                    _ => format!("{} {} {} {}", w.machine, w.name, w.watcher_type(), w.details.state()),
                 },
                 chorus_schemas::Event::RpcRequest(q) => format!("{}#{} by {}", q.agent, q.action, q.callerid),
                 chorus_schemas::Event::RpcReply(p) => format!("{}#{} status={}", p.agent, p.action, p.statuscode as u8),

@@ -105,7 +105,22 @@ pub struct WatcherState {
 
 impl WatcherState {
     /// Watcher types Chorus decodes, in the order they are listed in schemas and docs.
-    pub const TYPES: [&'static str; 5] = ["exec", "file", "schedule", "timer", "nagios"];
+    pub const TYPES: [&'static str; 14] = [
+        "exec",
+        "file",
+        "schedule",
+        "timer",
+        "nagios",
+        "kv",
+        "expression",
+        "metric",
+        "archive",
+        "machines",
+        "plugins",
+        "gossip",
+        "httpswitch",
+        "ccm_manifest",
+    ];
 
     /// The state of watcher `name` of `instance`, stamped now.
     pub fn new(instance: &MachineInstance, name: impl Into<String>, details: WatcherDetails) -> Self {
@@ -129,9 +144,12 @@ impl WatcherState {
 
 /// Type-specific part of a watcher state; the variant is the watcher `type` field.
 ///
-/// Only the watcher types whose fields Chorus models are here. Events of other Choria watcher
-/// types (kv, metric, ...) fail to decode with [`crate::DecodeError::UnknownType`], which
-/// consumers treat as "not mine" rather than as corruption.
+/// Every watcher type of current go-choria (`aagent/watchers/*`) is here, so every Choria
+/// watcher state a stream holds decodes, shows in `chorus events tail` and is counted by the
+/// dashboard. Fields Chorus does not act on are kept loosely typed (`serde_json::Value`), so a
+/// newer Choria changing their shape still decodes. A type Choria adds later fails to decode
+/// with [`crate::DecodeError::UnknownType`], which consumers treat as "not mine" rather than
+/// as corruption.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum WatcherDetails {
@@ -145,6 +163,26 @@ pub enum WatcherDetails {
     Timer(TimerDetails),
     /// A `nagios` watcher ran its check (what Choria Scout is built on).
     Nagios(NagiosDetails),
+    /// A `kv` watcher polled a key of a JetStream key-value bucket.
+    Kv(KvDetails),
+    /// An `expression` watcher evaluated its expressions over the machine's data and facts.
+    Expression(OutcomeDetails),
+    /// A `metric` watcher ran its command and gathered metrics.
+    Metric(MetricDetails),
+    /// An `archive` watcher fetched and unpacked an archive.
+    Archive(ArchiveDetails),
+    /// A `machines` watcher managed the autonomous agents of a signed specification.
+    Machines(ManagedDetails),
+    /// A `plugins` watcher (the newer name of `machines`) managed plugins.
+    Plugins(ManagedDetails),
+    /// A `gossip` watcher published its gossip.
+    Gossip(GossipDetails),
+    /// An `httpswitch` watcher (on/off switch over HTTP, Home Assistant).
+    #[serde(rename = "httpswitch")]
+    HttpSwitch(HttpSwitchDetails),
+    /// A `ccm_manifest` watcher applied a configuration-management manifest.
+    #[serde(rename = "ccm_manifest")]
+    CcmManifest(OutcomeDetails),
 }
 
 impl WatcherDetails {
@@ -156,6 +194,35 @@ impl WatcherDetails {
             WatcherDetails::Schedule(_) => "schedule",
             WatcherDetails::Timer(_) => "timer",
             WatcherDetails::Nagios(_) => "nagios",
+            WatcherDetails::Kv(_) => "kv",
+            WatcherDetails::Expression(_) => "expression",
+            WatcherDetails::Metric(_) => "metric",
+            WatcherDetails::Archive(_) => "archive",
+            WatcherDetails::Machines(_) => "machines",
+            WatcherDetails::Plugins(_) => "plugins",
+            WatcherDetails::Gossip(_) => "gossip",
+            WatcherDetails::HttpSwitch(_) => "httpswitch",
+            WatcherDetails::CcmManifest(_) => "ccm_manifest",
+        }
+    }
+
+    /// The watcher's state in one word, as an operator reads it: a check's status, a
+    /// schedule's or timer's or key's state, a switch's status, else the outcome of the last
+    /// run (`reported` for metrics, `published` for gossip, which have neither).
+    pub fn state(&self) -> &str {
+        match self {
+            WatcherDetails::Exec(d) => &d.previous_outcome,
+            WatcherDetails::File(d) => &d.previous_outcome,
+            WatcherDetails::Schedule(d) => &d.state,
+            WatcherDetails::Timer(d) => &d.state,
+            WatcherDetails::Nagios(d) => &d.status,
+            WatcherDetails::Kv(d) => &d.state,
+            WatcherDetails::Expression(d) | WatcherDetails::CcmManifest(d) => &d.previous_outcome,
+            WatcherDetails::Metric(_) => "reported",
+            WatcherDetails::Archive(d) => &d.previous_outcome,
+            WatcherDetails::Machines(d) | WatcherDetails::Plugins(d) => &d.previous_outcome,
+            WatcherDetails::Gossip(_) => "published",
+            WatcherDetails::HttpSwitch(d) => &d.status,
         }
     }
 
@@ -167,6 +234,15 @@ impl WatcherDetails {
             WatcherDetails::Schedule(_) => "io.choria.machine.watcher.schedule.v1.state",
             WatcherDetails::Timer(_) => "io.choria.machine.watcher.timer.v1.state",
             WatcherDetails::Nagios(_) => "io.choria.machine.watcher.nagios.v1.state",
+            WatcherDetails::Kv(_) => "io.choria.machine.watcher.kv.v1.state",
+            WatcherDetails::Expression(_) => "io.choria.machine.watcher.expression.v1.state",
+            WatcherDetails::Metric(_) => "io.choria.machine.watcher.metric.v1.state",
+            WatcherDetails::Archive(_) => "io.choria.machine.watcher.archive.v1.state",
+            WatcherDetails::Machines(_) => "io.choria.machine.watcher.machines.v1.state",
+            WatcherDetails::Plugins(_) => "io.choria.machine.watcher.plugins.v1.state",
+            WatcherDetails::Gossip(_) => "io.choria.machine.watcher.gossip.v1.state",
+            WatcherDetails::HttpSwitch(_) => "io.choria.machine.watcher.httpswitch.v1.state",
+            WatcherDetails::CcmManifest(_) => "io.choria.machine.watcher.ccm_manifest.v1.state",
         }
     }
 }
@@ -235,5 +311,117 @@ pub struct NagiosDetails {
     pub history: Vec<serde_json::Value>,
     /// Operator annotations of the check.
     #[serde(default)]
+    pub annotations: std::collections::BTreeMap<String, String>,
+}
+
+/// Fields of a `kv` watcher state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct KvDetails {
+    /// Outcome of the last poll: `changed`, `unchanged`, `error` or `skipped`.
+    #[serde(default)]
+    pub state: String,
+    /// The bucket.
+    #[serde(default)]
+    pub bucket: String,
+    /// The key.
+    #[serde(default)]
+    pub key: String,
+    /// `poll` or `watch`.
+    #[serde(default)]
+    pub mode: String,
+}
+
+/// Fields of watchers that only report how their last run went (`expression`,
+/// `ccm_manifest`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct OutcomeDetails {
+    /// Outcome of the last run, e.g. `success`, `fail`, `error`, `skipped`, `unknown`.
+    #[serde(default)]
+    pub previous_outcome: String,
+    /// Duration of the last run in nanoseconds, where the watcher reports one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_run_time: Option<u64>,
+}
+
+/// Fields of a `metric` watcher state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct MetricDetails {
+    /// The metrics of the last run.
+    pub metrics: MetricSample,
+}
+
+/// One run of a `metric` watcher's command (go-choria's `metricwatcher.Metric`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct MetricSample {
+    /// Labels of every metric of the run.
+    #[serde(default, deserialize_with = "crate::util::null_as_default")]
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Metric values by name.
+    #[serde(default, deserialize_with = "crate::util::null_as_default")]
+    pub metrics: std::collections::BTreeMap<String, serde_json::Number>,
+    /// When the command ran (Unix seconds).
+    #[serde(default)]
+    pub time: i64,
+}
+
+/// Fields of an `archive` watcher state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ArchiveDetails {
+    /// Where the archive comes from.
+    #[serde(default)]
+    pub source: String,
+    /// The file whose presence means the archive is unpacked.
+    #[serde(default)]
+    pub creates: String,
+    /// Outcome of the last run.
+    #[serde(default)]
+    pub previous_outcome: String,
+    /// Duration of the last run in nanoseconds.
+    #[serde(default)]
+    pub previous_run_time: u64,
+}
+
+/// Fields of a `machines` or `plugins` watcher state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ManagedDetails {
+    /// The machines a `machines` watcher manages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machines: Option<Vec<String>>,
+    /// The plugins a `plugins` watcher manages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plugins: Option<Vec<String>>,
+    /// Outcome of the last run.
+    #[serde(default)]
+    pub previous_outcome: String,
+    /// Duration of the last run in nanoseconds.
+    #[serde(default)]
+    pub previous_run_time: u64,
+}
+
+/// Fields of a `gossip` watcher state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct GossipDetails {
+    /// The subject it last published on.
+    #[serde(default)]
+    pub previous_subject: String,
+    /// What it last published.
+    #[serde(default)]
+    pub previous_payload: String,
+    /// When it last published (Unix seconds).
+    #[serde(default)]
+    pub previous_gossip: i64,
+}
+
+/// Fields of an `httpswitch` watcher state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct HttpSwitchDetails {
+    /// The switch's state as text.
+    #[serde(default)]
+    pub status: String,
+    /// Whether the switch is on.
+    #[serde(default)]
+    pub is_on: bool,
+    /// Operator annotations.
+    #[serde(default, deserialize_with = "crate::util::null_as_default")]
     pub annotations: std::collections::BTreeMap<String, String>,
 }

@@ -187,5 +187,34 @@ fn narrow_watcher(schema: &mut Value, watcher_type: &str) -> Option<()> {
     for name in details.get("required").and_then(Value::as_array).into_iter().flatten() {
         required.push(name.clone());
     }
+    // Types the details refer to (a metric watcher's sample), and what they refer to.
+    let mut kept = Map::new();
+    let mut pending = vec![details];
+    while let Some(value) = pending.pop() {
+        for name in references(&value) {
+            if let (false, Some(def)) = (kept.contains_key(&name), defs.get(&name)) {
+                kept.insert(name, def.clone());
+                pending.push(def.clone());
+            }
+        }
+    }
+    if !kept.is_empty() {
+        map.insert("$defs".into(), Value::Object(kept));
+    }
     Some(())
+}
+
+/// The `$defs` names `value` refers to (`"$ref": "#/$defs/<name>"`), anywhere inside it.
+fn references(value: &Value) -> Vec<String> {
+    match value {
+        Value::Object(map) => map
+            .iter()
+            .flat_map(|(k, v)| match (k.as_str(), v) {
+                ("$ref", Value::String(r)) => r.strip_prefix("#/$defs/").map(str::to_owned).into_iter().collect(),
+                _ => references(v),
+            })
+            .collect(),
+        Value::Array(items) => items.iter().flat_map(references).collect(),
+        _ => Vec::new(),
+    }
 }

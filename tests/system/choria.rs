@@ -154,6 +154,23 @@ async fn beside_choria_streams_every_event_is_applied_once_and_no_stream_is_chan
         .unwrap()
         .await
         .unwrap();
+    // And a key-value watcher's state, as go-choria's kv watcher publishes it.
+    let kv = serde_json::json!({
+        "specversion": "1.0", "id": "3b1f7c2e-9d4a-4f6b-8c1e-5a2d7e9f0b13", "source": "io.choria.machine",
+        "type": "io.choria.machine.watcher.kv.v1.state", "subject": "choria-2",
+        "datacontenttype": "application/json", "time": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        "data": {
+            "protocol": "io.choria.machine.watcher.kv.v1.state", "identity": "choria-2", "id": "machine-2",
+            "version": "1.0.0", "timestamp": now, "type": "kv", "machine": "config", "name": "setpoint",
+            "state": "changed", "key": "setpoint", "bucket": "HVAC", "mode": "poll"
+        }
+    });
+    js_ctx
+        .publish("choria.machine.watcher.kv.state", Bytes::from(serde_json::to_vec(&kv).unwrap()))
+        .await
+        .unwrap()
+        .await
+        .unwrap();
 
     // Chorus's own producers beside them: their streams are created where missing, the
     // lifecycle subjects go to CHORIA_EVENTS.
@@ -237,6 +254,13 @@ async fn beside_choria_streams_every_event_is_applied_once_and_no_stream_is_chan
     let tail =
         chorus_stdout(&["events", "tail", "--nats", &url, "--kind", "watcher", "--type", "nagios", "--no-follow"]);
     assert!(tail.contains("scout check_disk CRITICAL DISK CRITICAL"), "{tail}");
+    // Every watcher type is counted by type and state, and found by `events tail`.
+    let (_, body) = get(listen, "/api/watchers").await.unwrap();
+    let watchers: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(watchers["counts"]["kv"]["changed"], 1, "{body}");
+    assert_eq!(watchers["counts"]["nagios"]["CRITICAL"], 1, "{body}");
+    let tail = chorus_stdout(&["events", "tail", "--nats", &url, "--kind", "watcher", "--type", "kv", "--no-follow"]);
+    assert!(tail.contains("config setpoint kv") && tail.contains("choria-2"), "{tail}");
     let (_, health) = get(listen, "/healthz").await.unwrap();
     assert!(health.contains(r#""stream":"CHORIA_EVENTS""#), "{health}");
     assert!(health.contains(r#""duplicates":1"#) && health.contains(r#""conflicts":1"#), "{health}");

@@ -85,17 +85,17 @@ impl Views {
         let store = Store::open(&options.state)?;
         let mut projector = Inventory::projector_on(backbone.clone(), &options.streams, &store)?;
         let mut registrations = Inventory::registration_projector_on(backbone.clone(), &options.streams, &store)?;
-        let mut checks = Inventory::checks_projector_on(backbone.clone(), &options.streams, &store)?;
+        let mut watchers = Inventory::watchers_projector_on(backbone.clone(), &options.streams, &store)?;
         if let Some(verifier) = verifier {
             let options = ProjectorOptions { verifier: Some(Arc::new(verifier)), ..Default::default() };
             projector = projector.with_options(options.clone());
             registrations = registrations.with_options(options.clone());
-            checks = checks.with_options(options);
+            watchers = watchers.with_options(options);
         }
         if options.rebuild {
             projector.rebuild()?;
             registrations.rebuild()?;
-            checks.rebuild()?;
+            watchers.rebuild()?;
         }
         let inventory = Inventory::open(&store, options.policy.clone())?.with_progress(projector.progress());
         let registration_progress = registrations.progress();
@@ -110,7 +110,10 @@ impl Views {
             "registration projection",
             follow_stream(source.clone(), overrides.clone(), CHORUS_REGISTRATION, registrations, stop.clone()),
         );
-        tasks.spawn("check projection", follow_stream(source.clone(), overrides.clone(), CHORUS_MACHINE, checks, stop));
+        tasks.spawn(
+            "watcher projection",
+            follow_stream(source.clone(), overrides.clone(), CHORUS_MACHINE, watchers, stop),
+        );
         let streams = chorus_schemas::subject::streams().iter().map(|(name, _)| name.to_string()).collect();
         let rates = StreamRates::new(streams);
         let sampler = rates.clone();

@@ -30,6 +30,7 @@ pub fn router(inventory: Inventory) -> Router {
         .route("/api/summary", get(summary))
         .route("/api/metadata/{identity}", get(show_metadata))
         .route("/api/checks", get(list_checks))
+        .route("/api/watchers", get(list_watchers))
         .route("/api/discover", axum::routing::post(discover))
         .with_state(inventory)
 }
@@ -55,6 +56,32 @@ async fn list_checks(
     let checks: Vec<_> =
         all.into_iter().filter(|c| q.status.as_deref().is_none_or(|s| c.status.eq_ignore_ascii_case(s))).collect();
     Ok(Json(serde_json::json!({ "counts": counts, "checks": checks })))
+}
+
+/// Query of `/api/watchers`: `type` (`kv`, `nagios`, ...), `node` (a glob).
+#[derive(serde::Deserialize)]
+struct WatchersQuery {
+    #[serde(rename = "type")]
+    watcher_type: Option<String>,
+    node: Option<String>,
+}
+
+/// The latest state of every watcher, with counts by type and state:
+/// `{"counts": {"kv": {"changed": 3}, ...}, "watchers": [...]}`.
+async fn list_watchers(
+    State(inventory): State<Inventory>,
+    axum::extract::Query(q): axum::extract::Query<WatchersQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let all = inventory
+        .watchers(q.node.as_deref())
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let mut counts = std::collections::BTreeMap::<String, std::collections::BTreeMap<String, u64>>::new();
+    for w in &all {
+        *counts.entry(w.watcher_type.clone()).or_default().entry(w.state.clone()).or_default() += 1;
+    }
+    let watchers: Vec<_> =
+        all.into_iter().filter(|w| q.watcher_type.as_deref().is_none_or(|t| w.watcher_type == t)).collect();
+    Ok(Json(serde_json::json!({ "counts": counts, "watchers": watchers })))
 }
 
 /// Serves [`router`] on `listener` until `shutdown` completes.

@@ -19,12 +19,14 @@
 //! from `CHORUS_REGISTRATION` ([`MetadataView`]), and [`Inventory::discover`] selects nodes
 //! by a request's filter over it, with the nodes' own filter code.
 //!
-//! And each node's Scout-style check results (`nagios` watchers) from the machine stream
-//! ([`ChecksView`], `GET /api/checks`).
+//! And the latest state of each node's autonomous-agent watchers, of every Choria watcher
+//! type, with Scout-style check results for `nagios` watchers, from the machine stream
+//! ([`WatchersView`], `GET /api/watchers`, `GET /api/checks`).
 //!
 //! Queries: [`Inventory`] (list with [`NodeFilter`], get, counts, versions per component,
 //! [`Summary`], metadata, discovery); HTTP: [`router`] (`GET /api/nodes`,
-//! `/api/nodes/{identity}`, `/api/summary`, `/api/metadata/{identity}`, `POST /api/discover`).
+//! `/api/nodes/{identity}`, `/api/summary`, `/api/metadata/{identity}`, `/api/watchers`,
+//! `/api/checks`, `POST /api/discover`).
 
 /// Name of the inventory view (store tree, `chorus.deadletter.inventory`).
 pub const VIEW_NAME: &str = "inventory";
@@ -40,20 +42,20 @@ fn node_key(identity: &str) -> Vec<u8> {
     key
 }
 
-mod checks;
 mod codec;
 mod http;
 mod metadata;
 mod node;
 mod query;
 mod view;
+mod watchers;
 
 #[cfg(test)]
 mod tests;
 
-pub use checks::{CheckState, ChecksView, CHECKS_VIEW};
 pub use http::{router, serve, DiscoverRequest};
 pub use metadata::{AgentVersion, MetadataView, NodeMetadata, METADATA_VIEW};
 pub use node::{Node, NodeView, Status, StatusPolicy};
 pub use query::{glob_match, Discovered, Inventory, NodeFilter, StatusCounts, Summary};
 pub use view::InventoryView;
+pub use watchers::{CheckState, WatcherSummary, WatchersView, WATCHERS_VIEW};

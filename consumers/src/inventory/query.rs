@@ -9,11 +9,11 @@ use chorus_schemas::subject::{CHORUS_LIFECYCLE, CHORUS_MACHINE, CHORUS_REGISTRAT
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::checks::{CheckState, ChecksView, CHECKS_VIEW, CHECK_PREFIX};
 use super::codec::read_node;
 use super::metadata::{metadata_key, MetadataView, NodeMetadata, METADATA_VIEW};
 use super::node::{Node, NodeView, Status, StatusPolicy};
 use super::view::InventoryView;
+use super::watchers::{CheckState, WatcherSummary, WatchersView, CHECK_PREFIX, WATCHERS_VIEW, WATCHER_PREFIX};
 use super::{node_key, VIEW_NAME};
 use crate::projection::{Progress, ProgressSnapshot, ProjectionError, Projector, Store, ViewState};
 use chorus_rpc::CompiledFilter;
@@ -129,8 +129,8 @@ pub struct Inventory {
     state: ViewState,
     /// The registration view, when this inventory has one.
     metadata: Option<ViewState>,
-    /// The check view, when this inventory has one.
-    checks: Option<ViewState>,
+    /// The watcher view, when this inventory has one.
+    watchers: Option<ViewState>,
     policy: StatusPolicy,
     progress: Option<Arc<Progress>>,
 }
@@ -155,14 +155,14 @@ pub struct Discovered {
 impl Inventory {
     /// Queries over `state` (the inventory view's state) with `policy` deciding statuses.
     pub fn new(state: ViewState, policy: StatusPolicy) -> Self {
-        Inventory { state, metadata: None, checks: None, policy, progress: None }
+        Inventory { state, metadata: None, watchers: None, policy, progress: None }
     }
 
     /// Queries over the inventory kept in `store`: lifecycle and registrations.
     pub fn open(store: &Store, policy: StatusPolicy) -> Result<Self, ProjectionError> {
         let mut inventory = Self::new(store.state(VIEW_NAME)?, policy);
         inventory.metadata = Some(store.state(METADATA_VIEW)?);
-        inventory.checks = Some(store.state(CHECKS_VIEW)?);
+        inventory.watchers = Some(store.state(WATCHERS_VIEW)?);
         Ok(inventory)
     }
 
@@ -200,25 +200,41 @@ impl Inventory {
         Projector::new(backbone, streams.get(CHORUS_REGISTRATION), store, MetadataView)
     }
 
-    /// A projector that keeps the latest result of every node's `nagios` checks in
-    /// `store`, from the stream that holds the machine subjects in `streams`.
-    pub fn checks_projector_on(
+    /// A projector that keeps the latest state of every node's watchers (and the results of
+    /// its `nagios` checks) in `store`, from the stream that holds the machine subjects in
+    /// `streams`.
+    pub fn watchers_projector_on(
         backbone: Arc<dyn Backbone>,
         streams: &StreamMap,
         store: &Store,
-    ) -> Result<Projector<ChecksView>, ProjectionError> {
-        Projector::new(backbone, streams.get(CHORUS_MACHINE), store, ChecksView)
+    ) -> Result<Projector<WatchersView>, ProjectionError> {
+        Projector::new(backbone, streams.get(CHORUS_MACHINE), store, WatchersView)
     }
 
     /// The latest check results, by node, machine and check; only those of nodes matching
     /// the `node` glob when given.
     pub fn checks(&self, node: Option<&str>) -> Result<Vec<CheckState>, ProjectionError> {
-        let Some(state) = &self.checks else { return Ok(Vec::new()) };
+        self.scan_watchers(CHECK_PREFIX, node, |c: &CheckState| &c.identity)
+    }
+
+    /// The latest state of every watcher, by node, machine and watcher; only those of nodes
+    /// matching the `node` glob when given.
+    pub fn watchers(&self, node: Option<&str>) -> Result<Vec<WatcherSummary>, ProjectionError> {
+        self.scan_watchers(WATCHER_PREFIX, node, |w: &WatcherSummary| &w.identity)
+    }
+
+    fn scan_watchers<T: serde::de::DeserializeOwned>(
+        &self,
+        prefix: &[u8],
+        node: Option<&str>,
+        identity: impl Fn(&T) -> &str,
+    ) -> Result<Vec<T>, ProjectionError> {
+        let Some(state) = &self.watchers else { return Ok(Vec::new()) };
         let mut out = Vec::new();
-        for check in state.scan_json::<CheckState>(CHECK_PREFIX) {
-            let check = check?;
-            if node.is_none_or(|n| glob_match(n, &check.identity)) {
-                out.push(check);
+        for item in state.scan_json::<T>(prefix) {
+            let item = item?;
+            if node.is_none_or(|n| glob_match(n, identity(&item))) {
+                out.push(item);
             }
         }
         Ok(out)

@@ -443,6 +443,15 @@ pub(super) fn decode_watcher(ty: &'static str, data: &(impl Document + ?Sized)) 
         "schedule" => WatcherDetails::Schedule(data.typed(ty)?),
         "timer" => WatcherDetails::Timer(data.typed(ty)?),
         "nagios" => WatcherDetails::Nagios(data.typed(ty)?),
+        "kv" => WatcherDetails::Kv(data.typed(ty)?),
+        "expression" => WatcherDetails::Expression(data.typed(ty)?),
+        "metric" => WatcherDetails::Metric(data.typed(ty)?),
+        "archive" => WatcherDetails::Archive(data.typed(ty)?),
+        "machines" => WatcherDetails::Machines(data.typed(ty)?),
+        "plugins" => WatcherDetails::Plugins(data.typed(ty)?),
+        "gossip" => WatcherDetails::Gossip(data.typed(ty)?),
+        "httpswitch" => WatcherDetails::HttpSwitch(data.typed(ty)?),
+        "ccm_manifest" => WatcherDetails::CcmManifest(data.typed(ty)?),
         _ => return Err(DecodeError::UnknownType(ty.into())),
     };
     Ok(WatcherState {

@@ -66,7 +66,7 @@ pub enum Event {
 impl Event {
     /// Every CloudEvents `type` Chorus decodes, in a stable order. Each has a JSON Schema
     /// named `<type>.json`.
-    pub const TYPES: [&'static str; 16] = [
+    pub const TYPES: [&'static str; 25] = [
         Startup::PROTOCOL,
         Alive::PROTOCOL,
         Shutdown::PROTOCOL,
@@ -79,6 +79,15 @@ impl Event {
         "io.choria.machine.watcher.schedule.v1.state",
         "io.choria.machine.watcher.timer.v1.state",
         "io.choria.machine.watcher.nagios.v1.state",
+        "io.choria.machine.watcher.kv.v1.state",
+        "io.choria.machine.watcher.expression.v1.state",
+        "io.choria.machine.watcher.metric.v1.state",
+        "io.choria.machine.watcher.archive.v1.state",
+        "io.choria.machine.watcher.machines.v1.state",
+        "io.choria.machine.watcher.plugins.v1.state",
+        "io.choria.machine.watcher.gossip.v1.state",
+        "io.choria.machine.watcher.httpswitch.v1.state",
+        "io.choria.machine.watcher.ccm_manifest.v1.state",
         RpcRequest::PROTOCOL,
         RpcReply::PROTOCOL,
         AuditRecord::PROTOCOL,

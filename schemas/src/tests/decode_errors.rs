@@ -124,7 +124,8 @@ fn invalid_attributes() {
 #[test]
 fn unknown_types() {
     for ty in [
-        "io.choria.machine.watcher.kv.v1.state",
+        // A watcher type go-choria does not have (yet).
+        "io.choria.machine.watcher.teleport.v1.state",
         "com.example.thing",
         "io.choria.lifecycle.v1.reboot",
         "IO.CHORIA.LIFECYCLE.V1.STARTUP",

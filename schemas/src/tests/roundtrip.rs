@@ -245,16 +245,25 @@ fn accessors() {
             EventKind::Watcher,
             EventKind::Watcher,
             EventKind::Watcher,
+            EventKind::Watcher,
+            EventKind::Watcher,
+            EventKind::Watcher,
+            EventKind::Watcher,
+            EventKind::Watcher,
+            EventKind::Watcher,
+            EventKind::Watcher,
+            EventKind::Watcher,
+            EventKind::Watcher,
             EventKind::RpcRequest,
             EventKind::RpcReply,
             EventKind::Audit,
             EventKind::Registration
         ]
     );
-    assert_eq!(by_type[12].data.identity(), "client1.example.net");
-    assert_eq!(by_type[13].data.identity(), "node1.example.net");
-    assert_eq!(by_type[14].data.identity(), "aaa1.example.net");
-    assert_eq!(by_type[15].data.identity(), "node1.example.net");
+    assert_eq!(by_type[21].data.identity(), "client1.example.net");
+    assert_eq!(by_type[22].data.identity(), "node1.example.net");
+    assert_eq!(by_type[23].data.identity(), "aaa1.example.net");
+    assert_eq!(by_type[24].data.identity(), "node1.example.net");
     for r in &by_type {
         assert_eq!(r.data.timestamp() / 10, super::samples::T / 10);
         assert_eq!(r.subject, r.data.identity());
@@ -279,6 +288,15 @@ fn nats_subjects_of_samples() {
             "choria.machine.watcher.schedule.state",
             "choria.machine.watcher.timer.state",
             "choria.machine.watcher.nagios.state",
+            "choria.machine.watcher.kv.state",
+            "choria.machine.watcher.expression.state",
+            "choria.machine.watcher.metric.state",
+            "choria.machine.watcher.archive.state",
+            "choria.machine.watcher.machines.state",
+            "choria.machine.watcher.plugins.state",
+            "choria.machine.watcher.gossip.state",
+            "choria.machine.watcher.httpswitch.state",
+            "choria.machine.watcher.ccm_manifest.state",
             "chorus.rpc.request.choria.service",
             "chorus.rpc.reply.choria.service",
             "chorus.audit.deny.london",

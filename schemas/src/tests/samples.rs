@@ -8,8 +8,9 @@ use crate::audit::{AuditAction, AuditRecord};
 use crate::envelope::{Event, EventRecord};
 use crate::lifecycle::{Alive, Governor, GovernorEventType, Provisioned, Shutdown, Startup, Upgraded};
 use crate::machine::{
-    ExecDetails, FileDetails, MachineInstance, NagiosDetails, ScheduleDetails, TimerDetails, Transition,
-    WatcherDetails, WatcherState,
+    ArchiveDetails, ExecDetails, FileDetails, GossipDetails, HttpSwitchDetails, KvDetails, MachineInstance,
+    ManagedDetails, MetricDetails, MetricSample, NagiosDetails, OutcomeDetails, ScheduleDetails, TimerDetails,
+    Transition, WatcherDetails, WatcherState,
 };
 use crate::registration::{AgentMetadata, BuildInfo, InventoryContent, MachineSummary, NodeStatus, Registration};
 use crate::rpc::{FactFilter, Filter, JsonObject, RpcReply, RpcRequest, StatusCode};
@@ -181,10 +182,113 @@ pub(crate) fn samples() -> Vec<(&'static str, EventRecord)> {
             ),
             12,
         ),
-        record(request, 13),
-        record(reply, 14),
-        record(audit, 15),
-        record(registration, 16),
+        record(
+            watcher(
+                WatcherDetails::Kv(KvDetails {
+                    state: "changed".into(),
+                    bucket: "HVAC".into(),
+                    key: "setpoint".into(),
+                    mode: "poll".into(),
+                }),
+                "setpoint",
+            ),
+            13,
+        ),
+        record(
+            watcher(
+                WatcherDetails::Expression(OutcomeDetails {
+                    previous_outcome: "success".into(),
+                    previous_run_time: None,
+                }),
+                "too_hot",
+            ),
+            14,
+        ),
+        record(
+            watcher(
+                WatcherDetails::Metric(MetricDetails {
+                    metrics: MetricSample {
+                        labels: [("dc".to_string(), "lon".to_string())].into(),
+                        metrics: [("temperature".to_string(), serde_json::Number::from_f64(21.5).unwrap())].into(),
+                        time: T,
+                    },
+                }),
+                "temperature",
+            ),
+            15,
+        ),
+        record(
+            watcher(
+                WatcherDetails::Archive(ArchiveDetails {
+                    source: "https://repo.example.net/hvac.tgz".into(),
+                    creates: "/opt/hvac/bin".into(),
+                    previous_outcome: "success".into(),
+                    previous_run_time: 2_000_000_000,
+                }),
+                "bundle",
+            ),
+            16,
+        ),
+        record(
+            watcher(
+                WatcherDetails::Machines(ManagedDetails {
+                    machines: Some(vec!["hvac".into(), "facts".into()]),
+                    plugins: None,
+                    previous_outcome: "success".into(),
+                    previous_run_time: 5_000_000,
+                }),
+                "manager",
+            ),
+            17,
+        ),
+        record(
+            watcher(
+                WatcherDetails::Plugins(ManagedDetails {
+                    machines: None,
+                    plugins: Some(vec!["hvac".into()]),
+                    previous_outcome: "success".into(),
+                    previous_run_time: 5_000_000,
+                }),
+                "plugins",
+            ),
+            18,
+        ),
+        record(
+            watcher(
+                WatcherDetails::Gossip(GossipDetails {
+                    previous_subject: "choria.gossip.hvac".into(),
+                    previous_payload: "{\"online\":true}".into(),
+                    previous_gossip: T,
+                }),
+                "announce",
+            ),
+            19,
+        ),
+        record(
+            watcher(
+                WatcherDetails::HttpSwitch(HttpSwitchDetails {
+                    status: "on".into(),
+                    is_on: true,
+                    annotations: [("room".to_string(), "office".to_string())].into(),
+                }),
+                "fan",
+            ),
+            20,
+        ),
+        record(
+            watcher(
+                WatcherDetails::CcmManifest(OutcomeDetails {
+                    previous_outcome: "success".into(),
+                    previous_run_time: Some(3_000_000_000),
+                }),
+                "config",
+            ),
+            21,
+        ),
+        record(request, 22),
+        record(reply, 23),
+        record(audit, 24),
+        record(registration, 25),
     ];
     records.into_iter().map(|r| (r.data.event_type(), r)).collect()
 }

@@ -120,7 +120,7 @@ fn schema_ids_and_protocol_constants() {
         assert_eq!(Some(schema), event_schema(ty));
     }
     assert_eq!(load(ENVELOPE_SCHEMA_FILE)["$id"], format!("{SCHEMA_BASE_URL}{ENVELOPE_SCHEMA_FILE}"));
-    assert_eq!(event_schema("io.choria.machine.watcher.kv.v1.state"), None);
+    assert_eq!(event_schema("io.choria.machine.watcher.teleport.v1.state"), None);
 }
 
 /// Encoded samples of every type (and Choria's own events) validate against the checked-in
