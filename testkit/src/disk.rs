@@ -38,8 +38,9 @@ impl SmallDisk {
             let block = vec![0u8; chunk];
             while file.write_all(&block).is_ok() {}
         }
-        // Whatever the writes buffered is on the file system (tmpfs has no write-back).
-        let _ = file.sync_all();
+        // Whatever the writes buffered is on the file system (tmpfs has no write-back); a
+        // sync on a full tmpfs has nothing to report.
+        file.sync_all().ok();
         Ok(filler)
     }
 
@@ -52,7 +53,9 @@ impl SmallDisk {
 impl Drop for SmallDisk {
     fn drop(&mut self) {
         // Lazy: a process of the test may still hold files open on it.
-        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+        if let Err(e) = Command::new("umount").arg("-l").arg(&self.path).status() {
+            eprintln!("umount {}: {e}", self.path.display());
+        }
     }
 }
 

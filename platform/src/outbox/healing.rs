@@ -132,6 +132,7 @@ fn probe(dir: &Path) -> std::io::Result<()> {
         file.write_all(&[0u8; 4096])?;
         file.sync_all()
     })();
-    let _ = std::fs::remove_file(&path);
+    // Missing when the create failed; the probe's answer is the write's, not the cleanup's.
+    std::fs::remove_file(&path).ok();
     result
 }
