@@ -96,3 +96,41 @@ pub async fn open_backbone(nats: Option<&str>, streams: &Path) -> anyhow::Result
         })?),
     })
 }
+
+/// `/metrics` and `/healthz` of `part` served on `listen` (when given) until the returned
+/// server is stopped: what a long-running command's `--listen` does.
+pub struct OpsServer {
+    stop: chorus_runtime::Shutdown,
+    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+impl OpsServer {
+    /// Binds `listen` and serves `part` there; nothing when `listen` is `None`.
+    pub async fn start(
+        listen: Option<std::net::SocketAddr>,
+        part: Arc<dyn chorus_runtime::Observable>,
+    ) -> anyhow::Result<Self> {
+        let stop = chorus_runtime::Shutdown::new();
+        let task = match listen {
+            Some(addr) => {
+                let listener =
+                    tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?;
+                eprintln!("metrics on http://{}/metrics, health on /healthz", listener.local_addr()?);
+                let ops = chorus_runtime::Ops::new().with(part);
+                let stop = stop.clone();
+                Some(tokio::spawn(async move { ops.serve(listener, axum::Router::new(), stop).await }))
+            }
+            None => None,
+        };
+        Ok(OpsServer { stop, task })
+    }
+
+    /// Stops serving and waits for the server to end.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.stop.request();
+        if let Some(task) = self.task {
+            task.await??;
+        }
+        Ok(())
+    }
+}

@@ -44,6 +44,16 @@ pub trait Observable: Send + Sync {
     }
 }
 
+/// Registers monotonic counts, as they are now, as counters of `registry`: the one way a
+/// part turns its counters snapshot into metrics.
+pub fn register_counters(registry: &mut Registry, counters: &[(&str, &str, u64)]) {
+    for (name, help, value) in counters {
+        let counter = prometheus_client::metrics::counter::Counter::<u64>::default();
+        counter.inc_by(*value);
+        registry.register(*name, *help, counter);
+    }
+}
+
 /// The parts one `/metrics` and `/healthz` serve.
 #[derive(Clone, Default)]
 pub struct Ops {

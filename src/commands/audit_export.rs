@@ -3,13 +3,12 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::Context as _;
 use chorus_backbone::Backbone;
 use chorus_consumers::audit_export::{AuditExport, ExportConfig};
 use chorus_platform::{ensure_platform_streams, StreamLimits};
-use chorus_runtime::{Ops, Services, Shutdown};
+use chorus_runtime::{Services, Shutdown};
 
-use crate::args::{connect_for_service, StreamArgs};
+use crate::args::{connect_for_service, OpsServer, StreamArgs};
 use crate::signal::until_signal_or_failure;
 
 /// Arguments of `chorus audit-export`.
@@ -47,26 +46,13 @@ pub async fn run(args: AuditExportArgs) -> anyhow::Result<()> {
     let sink = config.sink.kind();
     let export = AuditExport::start(backbone, config, Shutdown::new()).await?;
     let stats = export.stats().clone();
-    let http_stop = Shutdown::new();
-    let http = match args.listen {
-        Some(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?;
-            eprintln!("metrics on http://{}/metrics, health on /healthz", listener.local_addr()?);
-            let ops = Ops::new().with(Arc::new(export.monitor()));
-            let stop = http_stop.clone();
-            Some(tokio::spawn(async move { ops.serve(listener, axum::Router::new(), stop).await }))
-        }
-        None => None,
-    };
+    let http = OpsServer::start(args.listen, Arc::new(export.monitor())).await?;
     let mut services = Services::new();
     services.push(export);
     eprintln!("chorus audit-export to {sink} running; SIGTERM to stop");
     until_signal_or_failure(&services).await;
     let stopped = services.stop().await;
-    http_stop.request();
-    if let Some(http) = http {
-        http.await??;
-    }
+    http.stop().await?;
     let stats = stats.snapshot();
     eprintln!(
         "exported {} records ({} dead-lettered, {} retries, {} re-sent after reconnects)",

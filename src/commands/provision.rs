@@ -8,10 +8,10 @@ use chorus_backbone::jetstream::NatsConfig;
 use chorus_consumers::provisioner::{Provisioner, ProvisionerConfig};
 use chorus_platform::{resolve_platform_streams, StreamLimits};
 use chorus_rpc::NatsTransport;
-use chorus_runtime::{Ops, Services, Shutdown};
+use chorus_runtime::{Services, Shutdown};
 use chorus_schemas::subject::CHORUS_LIFECYCLE;
 
-use crate::args::StreamArgs;
+use crate::args::{OpsServer, StreamArgs};
 use crate::signal::until_signal_or_failure;
 
 /// Arguments of `chorus provision`.
@@ -59,17 +59,7 @@ pub async fn run(args: ProvisionArgs) -> anyhow::Result<()> {
     let provisioner =
         Provisioner::start(backbone, Arc::new(NatsTransport::new(client)), config, Shutdown::new()).await?;
     let monitor = provisioner.monitor();
-    let http_stop = Shutdown::new();
-    let http = match args.listen {
-        Some(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?;
-            eprintln!("metrics on http://{}/metrics, health on /healthz", listener.local_addr()?);
-            let ops = Ops::new().with(Arc::new(monitor.clone()));
-            let stop = http_stop.clone();
-            Some(tokio::spawn(async move { ops.serve(listener, axum::Router::new(), stop).await }))
-        }
-        None => None,
-    };
+    let http = OpsServer::start(args.listen, Arc::new(monitor.clone())).await?;
     let mut services = Services::new();
     services.push(provisioner);
     eprintln!("chorus provision running ({steps} steps); SIGTERM to stop");
@@ -77,10 +67,7 @@ pub async fn run(args: ProvisionArgs) -> anyhow::Result<()> {
     let stats = monitor.stats();
     let counts = monitor.counts()?;
     let stopped = services.stop().await;
-    http_stop.request();
-    if let Some(http) = http {
-        http.await??;
-    }
+    http.stop().await?;
     drop(monitor);
     eprintln!(
         "provisioned {} nodes in this run ({} failed attempts, {} retries, {} dead-lettered); {} provisioned, {} pending, {} failed in total",

@@ -371,11 +371,16 @@ async fn an_exporter_started_before_its_streams_exist_waits_then_exports_everyth
             other => Err(format!("{other:?}")),
         }
     };
-    let body = chorus_testkit::eventually("503 while the streams are missing", Duration::from_secs(5), || {
-        health("HTTP/1.1 503")
-    })
-    .await;
-    assert!(body.contains("CHORUS_AUDIT") && body.contains("chorus streams create"), "{body}");
+    // 503 from the start ("starting"), then with the reason once the first attempt failed.
+    let reason = || async move {
+        let body = health("HTTP/1.1 503").await?;
+        if body.contains("CHORUS_AUDIT") && body.contains("chorus streams create") {
+            Ok(body)
+        } else {
+            Err(body)
+        }
+    };
+    chorus_testkit::eventually("503 naming the missing streams", Duration::from_secs(5), reason).await;
     assert!(child.try_wait().unwrap().is_none(), "the exporter keeps running");
 
     let b: Arc<dyn Backbone> = Arc::new(JetStreamBackbone::connect(&NatsConfig::new([server.url()])).await.unwrap());

@@ -158,11 +158,7 @@ impl chorus_runtime::Observable for ExportMonitor {
             ("connects", "Connections established to the SIEM", s.connects),
             ("redeliveries_skipped", "Redeliveries of exported records acknowledged unsent", s.redeliveries_skipped),
         ];
-        for (name, help, value) in counters {
-            let counter = prometheus_client::metrics::counter::Counter::<u64>::default();
-            counter.inc_by(value);
-            registry.register(name, help, counter);
-        }
+        chorus_runtime::register_counters(registry, &counters);
         Ok(())
     }
 }

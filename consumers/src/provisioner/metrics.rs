@@ -8,7 +8,6 @@
 use async_trait::async_trait;
 use chorus_runtime::{BoxError, Health, Observable};
 use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
@@ -35,11 +34,7 @@ pub fn register(registry: &mut Registry, stats: &StatsSnapshot, counts: &StatusC
         ("steps_ok", "Steps that succeeded", stats.steps_ok),
         ("dead_lettered", "Messages dead-lettered", stats.dead_lettered),
     ];
-    for (name, help, value) in counters {
-        let counter = Counter::<u64>::default();
-        counter.inc_by(value);
-        registry.register(name, help, counter);
-    }
+    chorus_runtime::register_counters(registry, &counters);
     let gauge = |v: u64| {
         let g = Gauge::<i64>::default();
         g.set(i64::try_from(v).unwrap_or(i64::MAX));

@@ -431,6 +431,8 @@ mod in_process {
         site.startup("c.example.net", PROVISION_MODE_COMPONENT).await;
         site.host("c.example.net").await;
         until(&p, "c provisioned", |p| status(p, "c.example.net") == Some(NodeStatus::Provisioned)).await;
+        // The node's record is written before the attempt's counters: wait for them to settle.
+        until(&p, "the attempt counted", |p| p.stats().in_flight == 0).await;
         let s = p.stats();
         assert_eq!(s.provisioned, 1, "only the new node: {s:?}");
         assert!(s.duplicate_startups >= 4, "{s:?}");
