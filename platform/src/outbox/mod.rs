@@ -196,13 +196,13 @@ impl Outbox {
 
     /// The store, reopened first when a fault broke it and its directory takes writes again.
     async fn healthy_store(&self) -> Result<(u64, EmbeddedBackbone), PlatformError> {
-        let was_broken = self.store.open().is_none();
-        let (generation, store) = self.store.heal().await?;
-        if was_broken {
-            // Counters follow what the reopened store holds (acknowledged before the fault).
-            let info = store.stream_info(OUTBOX_STREAM).await?;
-            self.stats.stored.fetch_max(info.last_sequence, Ordering::SeqCst);
+        if let Some(open) = self.store.open() {
+            return Ok(open);
         }
+        let (generation, store) = self.store.heal().await?;
+        // Counters follow what the reopened store holds (acknowledged before the fault).
+        let info = store.stream_info(OUTBOX_STREAM).await?;
+        self.stats.stored.fetch_max(info.last_sequence, Ordering::SeqCst);
         Ok((generation, store))
     }
 
@@ -265,6 +265,11 @@ impl Outbox {
                     Ok(opened) => {
                         let (g, c) = held.insert(opened);
                         (*g, c)
+                    }
+                    // Only a broken store is waited for; any other failure ends the task
+                    // (and shows in its service's health).
+                    Err(e) if !matches!(&e, PlatformError::Backbone(b) if healing::is_storage_fault(b)) => {
+                        return Err(e)
                     }
                     Err(e) => {
                         tracing::debug!(error = %e, "outbox store not healed yet");
