@@ -218,6 +218,10 @@ pub fn one_line(e: &ShownEvent) -> String {
                 chorus_schemas::Event::Registration(g) => {
                     format!("{} facts, {} agents", g.content.facts.len(), g.content.agents.len())
                 }
+                chorus_schemas::Event::Reaction(x) => match &x.action {
+                    Some(a) => format!("{} {} {}#{} {}", x.rule, x.outcome.as_str(), a.kind, a.index, a.detail),
+                    None => format!("{} {} key={} ({})", x.rule, x.outcome.as_str(), x.key, x.reason),
+                },
             };
             let kind = match r.data.kind() {
                 EventKind::Lifecycle => r.data.event_type().rsplit('.').next().unwrap_or("lifecycle"),

@@ -20,3 +20,4 @@ pub mod events;
 pub mod inventory;
 pub mod projection;
 pub mod provisioner;
+pub mod reactor;

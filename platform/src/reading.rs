@@ -33,11 +33,13 @@ impl ReadStatus {
         status
     }
 
-    fn waiting(&self, stream: String, why: String) {
+    /// Says `stream` is not read, and why (for readers that open their streams themselves).
+    pub fn waiting(&self, stream: String, why: String) {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(stream, why);
     }
 
-    fn reading(&self, stream: &str) {
+    /// Says `stream` is read again.
+    pub fn reading(&self, stream: &str) {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(stream);
     }
 

@@ -139,7 +139,8 @@ fn number(v: &Value) -> Option<f64> {
     }
 }
 
-pub(crate) fn from_json(json: &Json) -> Value {
+/// A JSON value as an expr value.
+pub fn from_json(json: &Json) -> Value {
     match json {
         Json::Null => Value::Nil,
         Json::Bool(b) => Value::Bool(*b),
@@ -150,7 +151,8 @@ pub(crate) fn from_json(json: &Json) -> Value {
     }
 }
 
-fn to_json(value: &Value) -> Json {
+/// An expr value as JSON (functions and other non-data values become null).
+pub fn to_json(value: &Value) -> Json {
     match value {
         Value::Integer(i) => Json::from(*i),
         Value::Float(f) => Json::from(*f),

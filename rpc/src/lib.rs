@@ -33,6 +33,11 @@ pub mod agents;
 pub mod client;
 mod compound;
 pub mod ddl;
+/// JSON and the values of expr, the expression language of compound filters, for other
+/// parts that evaluate expressions over documents (the reactor's rules).
+pub mod expression {
+    pub use crate::compound::{from_json, to_json};
+}
 pub mod facts;
 mod filter;
 pub mod policy;

@@ -19,6 +19,7 @@ use crate::audit::AuditRecord;
 use crate::envelope::{source_for_type, Event, CONTENT_TYPE};
 use crate::lifecycle::{Alive, Governor, Provisioned, Shutdown, Startup, Upgraded};
 use crate::machine::{Transition, WatcherState};
+use crate::reaction::Reaction;
 use crate::registration::Registration;
 use crate::rpc::{RpcReply, RpcRequest};
 use crate::{audit, lifecycle, machine, rpc};
@@ -60,6 +61,7 @@ pub fn event_schema(event_type: &str) -> Option<Value> {
         RpcReply::PROTOCOL => generate::<RpcReply>(),
         AuditRecord::PROTOCOL => generate::<AuditRecord>(),
         Registration::PROTOCOL => generate::<Registration>(),
+        Reaction::PROTOCOL => generate::<Reaction>(),
         other => {
             let watcher_type = other
                 .strip_prefix("io.choria.machine.watcher.")?
@@ -89,7 +91,14 @@ pub fn event_schema(event_type: &str) -> Option<Value> {
 
 /// The schema of the CloudEvents envelope Chorus writes and accepts (structured mode, JSON).
 pub fn envelope_schema() -> Value {
-    let sources = [lifecycle::SOURCE, machine::SOURCE, rpc::SOURCE, audit::SOURCE, crate::registration::SOURCE];
+    let sources = [
+        lifecycle::SOURCE,
+        machine::SOURCE,
+        rpc::SOURCE,
+        audit::SOURCE,
+        crate::registration::SOURCE,
+        crate::reaction::SOURCE,
+    ];
     let type_source_rules: Vec<Value> = Event::TYPES
         .iter()
         .map(|ty| {

@@ -19,6 +19,7 @@
 //! | audit | `chorus.audit.<decision>.<site>` |
 //! | registration | `choria.registration.<identity>` (Choria's documented custom target) |
 //! | dead letters | `chorus.deadletter.<origin>` |
+//! | reactor records | `chorus.reactor.<outcome>.<rule>` |
 //!
 //! Every variable token is validated: a component such as `web.prod` would otherwise shift
 //! every token after it and silently break consumers' wildcard filters. See `docs/SUBJECTS.md`.
@@ -54,6 +55,11 @@ pub const CHORUS_DEADLETTER: &str = "CHORUS_DEADLETTER";
 /// Subjects captured by [`CHORUS_DEADLETTER`].
 pub const CHORUS_DEADLETTER_SUBJECTS: &[&str] = &["chorus.deadletter.>"];
 
+/// Stream of the reactor's records: firings and action results.
+pub const CHORUS_REACTOR: &str = "CHORUS_REACTOR";
+/// Subjects captured by [`CHORUS_REACTOR`].
+pub const CHORUS_REACTOR_SUBJECTS: &[&str] = &["chorus.reactor.>"];
+
 /// Subject of every machine transition.
 pub const MACHINE_TRANSITION: &str = "choria.machine.transition";
 
@@ -62,7 +68,7 @@ pub const MACHINE_TRANSITION: &str = "choria.machine.transition";
 pub const MAX_TOKEN_BYTES: usize = 255;
 
 /// Every stream as (name, subject filters), for whoever creates streams.
-pub fn streams() -> [(&'static str, &'static [&'static str]); 6] {
+pub fn streams() -> [(&'static str, &'static [&'static str]); 7] {
     [
         (CHORUS_LIFECYCLE, CHORUS_LIFECYCLE_SUBJECTS),
         (CHORUS_MACHINE, CHORUS_MACHINE_SUBJECTS),
@@ -70,6 +76,7 @@ pub fn streams() -> [(&'static str, &'static [&'static str]); 6] {
         (CHORUS_AUDIT, CHORUS_AUDIT_SUBJECTS),
         (CHORUS_REGISTRATION, CHORUS_REGISTRATION_SUBJECTS),
         (CHORUS_DEADLETTER, CHORUS_DEADLETTER_SUBJECTS),
+        (CHORUS_REACTOR, CHORUS_REACTOR_SUBJECTS),
     ]
 }
 
@@ -176,6 +183,12 @@ pub fn deadletter(origin: &str) -> Result<String, SubjectError> {
     Ok(format!("chorus.deadletter.{origin}"))
 }
 
+/// `chorus.reactor.<outcome>.<rule>`.
+pub fn reaction(outcome: crate::ReactionOutcome, rule: &str) -> Result<String, SubjectError> {
+    validate_token("rule", rule)?;
+    Ok(format!("chorus.reactor.{}.{rule}", outcome.as_str()))
+}
+
 /// The subject an event is published on.
 pub(crate) fn for_event(event: &Event) -> Result<String, SubjectError> {
     match event {
@@ -186,6 +199,7 @@ pub(crate) fn for_event(event: &Event) -> Result<String, SubjectError> {
         Event::RpcReply(r) => rpc_reply(&r.collective, &r.agent),
         Event::Audit(a) => audit(a.action, &a.site),
         Event::Registration(r) => registration(r.identity()),
+        Event::Reaction(r) => reaction(r.outcome, &r.rule),
     }
 }
 

@@ -12,6 +12,7 @@ use serde_json::{Map, Value};
 use crate::lifecycle;
 use crate::lifecycle::{Lifecycle, LifecycleType};
 use crate::machine::{Transition, WatcherDetails, WatcherState};
+use crate::reaction::Reaction;
 use crate::registration::Registration;
 use crate::rpc::{RpcReply, RpcRequest};
 use crate::util::{clip, CLIP};
@@ -46,6 +47,8 @@ impl Known {
             EventKind::RpcReply
         } else if ty == Registration::PROTOCOL {
             EventKind::Registration
+        } else if ty == Reaction::PROTOCOL {
+            EventKind::Reaction
         } else {
             EventKind::Audit
         };
@@ -375,6 +378,7 @@ pub(super) fn decode_data(known: Known, data: &(impl Document + ?Sized)) -> Resu
         EventKind::RpcReply => Event::RpcReply(data.typed(ty)?),
         EventKind::Audit => Event::Audit(data.typed(ty)?),
         EventKind::Registration => Event::Registration(data.typed(ty)?),
+        EventKind::Reaction => Event::Reaction(data.typed(ty)?),
     };
 
     let rule = |path: &str, message: String| DecodeError::InvalidData { ty, path: path.into(), message };
@@ -405,6 +409,14 @@ pub(super) fn decode_data(known: Known, data: &(impl Document + ?Sized)) -> Resu
         if let Lifecycle::Governor(g) = l {
             if g.governor.is_empty() {
                 return Err(rule("governor", "must not be empty".into()));
+            }
+        }
+    }
+    if let Event::Reaction(r) = &event {
+        // Both name subject tokens and the dedupe key.
+        for (field, value) in [("rule", &r.rule), ("firing", &r.firing)] {
+            if value.is_empty() {
+                return Err(rule(field, "must not be empty".into()));
             }
         }
     }

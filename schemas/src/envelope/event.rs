@@ -5,9 +5,10 @@ use serde_json::Value;
 use crate::audit::AuditRecord;
 use crate::lifecycle::{Alive, Governor, Lifecycle, Provisioned, Shutdown, Startup, Upgraded};
 use crate::machine::{Transition, WatcherState};
+use crate::reaction::Reaction;
 use crate::registration::Registration;
 use crate::rpc::{RpcReply, RpcRequest};
-use crate::{audit, lifecycle, machine, rpc};
+use crate::{audit, lifecycle, machine, reaction, rpc};
 
 /// The broad family of an event, for routing and metrics without matching every type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -26,6 +27,8 @@ pub enum EventKind {
     Audit,
     /// A node's registration (its metadata).
     Registration,
+    /// A reactor's record of a firing or an action.
+    Reaction,
 }
 
 impl EventKind {
@@ -39,6 +42,7 @@ impl EventKind {
             EventKind::RpcReply => "rpc_reply",
             EventKind::Audit => "audit",
             EventKind::Registration => "registration",
+            EventKind::Reaction => "reaction",
         }
     }
 }
@@ -61,12 +65,14 @@ pub enum Event {
     Audit(AuditRecord),
     /// A node's registration (`choria:registration:inventorycontent:1`).
     Registration(Registration),
+    /// A reactor's record (`io.chorus.reactor.v1.reaction`).
+    Reaction(Reaction),
 }
 
 impl Event {
     /// Every CloudEvents `type` Chorus decodes, in a stable order. Each has a JSON Schema
     /// named `<type>.json`.
-    pub const TYPES: [&'static str; 25] = [
+    pub const TYPES: [&'static str; 26] = [
         Startup::PROTOCOL,
         Alive::PROTOCOL,
         Shutdown::PROTOCOL,
@@ -92,6 +98,7 @@ impl Event {
         RpcReply::PROTOCOL,
         AuditRecord::PROTOCOL,
         Registration::PROTOCOL,
+        Reaction::PROTOCOL,
     ];
 
     /// The CloudEvents `type` (= protocol), e.g. `io.choria.lifecycle.v1.alive`. Derived from
@@ -105,6 +112,7 @@ impl Event {
             Event::RpcReply(_) => RpcReply::PROTOCOL,
             Event::Audit(_) => AuditRecord::PROTOCOL,
             Event::Registration(_) => Registration::PROTOCOL,
+            Event::Reaction(_) => Reaction::PROTOCOL,
         }
     }
 
@@ -118,6 +126,7 @@ impl Event {
             Event::RpcReply(_) => EventKind::RpcReply,
             Event::Audit(_) => EventKind::Audit,
             Event::Registration(_) => EventKind::Registration,
+            Event::Reaction(_) => EventKind::Reaction,
         }
     }
 
@@ -139,6 +148,7 @@ impl Event {
             Event::RpcReply(r) => &r.identity,
             Event::Audit(a) => &a.signer,
             Event::Registration(r) => r.identity(),
+            Event::Reaction(r) => &r.reactor,
         }
     }
 
@@ -152,6 +162,7 @@ impl Event {
             Event::RpcReply(r) => r.time,
             Event::Audit(a) => a.time,
             Event::Registration(r) => r.timestamp,
+            Event::Reaction(r) => r.time,
         }
     }
 
@@ -164,6 +175,7 @@ impl Event {
             Event::RpcReply(r) => &r.protocol,
             Event::Audit(a) => &a.protocol,
             Event::Registration(r) => &r.protocol,
+            Event::Reaction(r) => &r.protocol,
         }
     }
 
@@ -173,6 +185,7 @@ impl Event {
             Event::RpcRequest(_) => "senderid",
             Event::Audit(_) => "signer",
             Event::Registration(_) => "content.status.identity",
+            Event::Reaction(_) => "reactor",
             _ => "identity",
         }
     }
@@ -187,6 +200,7 @@ impl Event {
             Event::RpcReply(r) => serde_json::to_value(r),
             Event::Audit(a) => serde_json::to_value(a),
             Event::Registration(r) => serde_json::to_value(r),
+            Event::Reaction(r) => serde_json::to_value(r),
         };
         // Structs of strings, integers and JSON objects with string keys always serialize.
         let mut value = value.expect("event documents always serialize");
@@ -222,6 +236,7 @@ into_event! {
     RpcReply => |v| Event::RpcReply(v),
     AuditRecord => |v| Event::Audit(v),
     Registration => |v| Event::Registration(v),
+    Reaction => |v| Event::Reaction(v),
 }
 
 pub(super) fn kind_source(kind: EventKind) -> &'static str {
@@ -231,5 +246,6 @@ pub(super) fn kind_source(kind: EventKind) -> &'static str {
         EventKind::RpcRequest | EventKind::RpcReply => rpc::SOURCE,
         EventKind::Audit => audit::SOURCE,
         EventKind::Registration => crate::registration::SOURCE,
+        EventKind::Reaction => reaction::SOURCE,
     }
 }

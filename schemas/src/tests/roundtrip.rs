@@ -257,13 +257,15 @@ fn accessors() {
             EventKind::RpcRequest,
             EventKind::RpcReply,
             EventKind::Audit,
-            EventKind::Registration
+            EventKind::Registration,
+            EventKind::Reaction
         ]
     );
     assert_eq!(by_type[21].data.identity(), "client1.example.net");
     assert_eq!(by_type[22].data.identity(), "node1.example.net");
     assert_eq!(by_type[23].data.identity(), "aaa1.example.net");
     assert_eq!(by_type[24].data.identity(), "node1.example.net");
+    assert_eq!(by_type[25].data.identity(), "reactor1");
     for r in &by_type {
         assert_eq!(r.data.timestamp() / 10, super::samples::T / 10);
         assert_eq!(r.subject, r.data.identity());
@@ -301,6 +303,7 @@ fn nats_subjects_of_samples() {
             "chorus.rpc.reply.choria.service",
             "chorus.audit.deny.london",
             "choria.registration.node1.example.net",
+            "chorus.reactor.succeeded.restart_nginx",
         ]
     );
 }

@@ -12,6 +12,7 @@ use crate::machine::{
     ManagedDetails, MetricDetails, MetricSample, NagiosDetails, OutcomeDetails, ScheduleDetails, TimerDetails,
     Transition, WatcherDetails, WatcherState,
 };
+use crate::reaction::{Reaction, ReactionAction, ReactionCause, ReactionOutcome};
 use crate::registration::{AgentMetadata, BuildInfo, InventoryContent, MachineSummary, NodeStatus, Registration};
 use crate::rpc::{FactFilter, Filter, JsonObject, RpcReply, RpcRequest, StatusCode};
 
@@ -93,6 +94,25 @@ pub(crate) fn samples() -> Vec<(&'static str, EventRecord)> {
     audit.time = T + 2;
     audit.reason = Some("token expired".into());
     audit.jti = Some("2fJ6tkaSVYZrLfgUhZy2Ww".into());
+
+    let mut reaction = Reaction::new(
+        "reactor1",
+        "restart_nginx",
+        ReactionOutcome::Succeeded,
+        "restart_nginx-CHORUS_MACHINE-42",
+        "node1.example.net",
+        "3 events within 1m",
+    );
+    reaction.time = T + 3;
+    reaction.cause = Some(ReactionCause {
+        stream: "CHORUS_MACHINE".into(),
+        sequence: 42,
+        event_id: "0190a0e4-1c4e-7cc0-8000-000000000001".into(),
+        event_type: "io.choria.machine.watcher.nagios.v1.state".into(),
+        subject: "node1.example.net".into(),
+    });
+    reaction.action =
+        Some(ReactionAction { index: 0, kind: "rpc".into(), detail: "1 of 1 nodes replied OK".into(), attempts: 1 });
 
     let mut registration = Registration::new(InventoryContent {
         agents: vec![AgentMetadata {
@@ -289,6 +309,7 @@ pub(crate) fn samples() -> Vec<(&'static str, EventRecord)> {
         record(reply, 23),
         record(audit, 24),
         record(registration, 25),
+        record(reaction, 26),
     ];
     records.into_iter().map(|r| (r.data.event_type(), r)).collect()
 }

@@ -228,6 +228,20 @@ fn empty_strings_agree_between_schema_and_decode() {
     // (`action` and `event_type` are enums in the audit and governor documents.)
     assert_eq!(
         rejected,
-        ["action", "event_type", "governor", "id", "identity", "protocol", "senderid", "signer", "type"]
+        [
+            "action",
+            "event_type",
+            "firing",
+            "governor",
+            "id",
+            "identity",
+            "outcome",
+            "protocol",
+            "reactor",
+            "rule",
+            "senderid",
+            "signer",
+            "type"
+        ]
     );
 }

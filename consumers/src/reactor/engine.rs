@@ -1,0 +1,550 @@
+//! The running reactor: readers, the evaluator, the actor; how it starts, reports and stops.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chorus_backbone::{Backbone, ReplayOptions, StartPosition, StoredMessage};
+use chorus_platform::deadletter::{self, DeadLetter};
+use chorus_platform::{to_message, ReadStatus};
+use chorus_rpc::{RpcClient, Transport};
+use chorus_runtime::{Backoff, Config, Health, Shutdown, TaskMonitor, Tasks};
+use chorus_schemas::reaction::{Reaction, ReactionAction, ReactionOutcome};
+use chorus_schemas::EventRecord;
+use futures::StreamExt;
+use serde_json::Value as Json;
+use tokio::sync::{mpsc, Semaphore};
+
+use super::actions::{Actuators, RECORD_BACKOFF};
+use super::config::ReactorConfig;
+use super::error::ReactorError;
+use super::rules::{Counts, Firing, Rules, Seen};
+use super::store::{Commit, ReactorStore};
+
+/// Pauses between failed reads of a stream.
+const READ_BACKOFF: Backoff = Backoff::doubling(Duration::from_millis(400), Duration::from_secs(10));
+
+/// The reactor's counters.
+#[derive(Debug, Default)]
+pub struct ReactorStats {
+    evaluated: AtomicU64,
+    matched: AtomicU64,
+    fired: AtomicU64,
+    suppressed: AtomicU64,
+    actions_succeeded: AtomicU64,
+    actions_failed: AtomicU64,
+    dead_lettered: AtomicU64,
+    pending: AtomicU64,
+}
+
+/// The counters at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    /// Events read and evaluated.
+    pub evaluated: u64,
+    /// Rule matches (an event matching two rules counts twice).
+    pub matched: u64,
+    /// Firings.
+    pub fired: u64,
+    /// Firings held back by a throttle or once-per-key.
+    pub suppressed: u64,
+    /// Actions that succeeded.
+    pub actions_succeeded: u64,
+    /// Actions that failed.
+    pub actions_failed: u64,
+    /// Messages that were not events, dead-lettered.
+    pub dead_lettered: u64,
+    /// Firings whose actions are not all done.
+    pub pending: u64,
+}
+
+impl ReactorStats {
+    fn snapshot(&self) -> StatsSnapshot {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        StatsSnapshot {
+            evaluated: g(&self.evaluated),
+            matched: g(&self.matched),
+            fired: g(&self.fired),
+            suppressed: g(&self.suppressed),
+            actions_succeeded: g(&self.actions_succeeded),
+            actions_failed: g(&self.actions_failed),
+            dead_lettered: g(&self.dead_lettered),
+            pending: g(&self.pending),
+        }
+    }
+}
+
+pub(super) struct Shared {
+    pub(super) config: ReactorConfig,
+    backbone: Arc<dyn Backbone>,
+    store: ReactorStore,
+    pub(super) stats: ReactorStats,
+    /// Streams read up to where they ended when their reader started.
+    caught_up: Mutex<HashMap<String, bool>>,
+    pub(super) reading: ReadStatus,
+    dry_run: bool,
+    shutdown: Shutdown,
+}
+
+/// A running reactor; a runtime [`Service`](chorus_runtime::Service).
+pub struct Reactor {
+    shared: Arc<Shared>,
+    tasks: Tasks,
+}
+
+chorus_runtime::service_of_tasks!(Reactor, tasks, health = reading_health);
+
+impl Reactor {
+    fn reading_health(&self) -> Health {
+        self.shared.reading.health()
+    }
+
+    /// Starts reading the rules' streams from the reactor's positions (or, for a stream
+    /// met for the first time, from its end) and acting on firings, with RPC actions over
+    /// `transport` when given. With `dry_run`, firings are printed on standard output and
+    /// recorded nowhere: no action runs and no position moves.
+    pub async fn start(
+        backbone: Arc<dyn Backbone>,
+        transport: Option<Arc<dyn Transport>>,
+        config: ReactorConfig,
+        dry_run: bool,
+        shutdown: Shutdown,
+    ) -> Result<Self, ReactorError> {
+        config.validate()?;
+        let mut rules = Rules::new(&config).map_err(ReactorError::Rules)?;
+        let store = ReactorStore::open(&config.state_dir, &config.name)?;
+        for (rule, key, state) in store.states()? {
+            rules.restore(rule, key, state);
+        }
+        let rpc = match transport {
+            None => None,
+            Some(t) => Some(match &config.security {
+                Some(security) => security.client(t, config.collective.clone())?,
+                None => RpcClient::new(t, config.callerid.clone(), config.collective.clone()),
+            }),
+        };
+        let streams = config.streams();
+        let shared = Arc::new(Shared {
+            reading: ReadStatus::starting(streams.iter().cloned()),
+            caught_up: Mutex::new(streams.iter().map(|s| (s.clone(), false)).collect()),
+            config,
+            backbone: backbone.clone(),
+            store,
+            stats: ReactorStats::default(),
+            dry_run,
+            shutdown: shutdown.clone(),
+        });
+        let pending = shared.store.firings()?;
+        shared.stats.pending.store(pending.len() as u64, Ordering::Relaxed);
+        let actuators = Arc::new(Actuators {
+            backbone,
+            rpc,
+            http: reqwest::Client::builder().build()?,
+            shutdown: shutdown.clone(),
+        });
+        let mut tasks = Tasks::new("reactor", shutdown);
+        let (read_tx, read_rx) = mpsc::channel(shared.config.batch_size * 4);
+        let (act_tx, act_rx) = mpsc::channel(shared.config.concurrency * 64);
+        for stream in streams {
+            tasks.spawn("read", read(shared.clone(), stream, read_tx.clone()));
+        }
+        drop(read_tx);
+        tasks.spawn("evaluate", evaluate(shared.clone(), rules, read_rx, act_tx, pending));
+        tasks.spawn("act", act(shared.clone(), actuators, act_rx));
+        Ok(Reactor { shared, tasks })
+    }
+
+    /// A view for `/metrics` and `/healthz`.
+    pub fn monitor(&self) -> Monitor {
+        Monitor { shared: self.shared.clone(), tasks: self.tasks.monitor() }
+    }
+
+    /// The counters now.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.shared.stats.snapshot()
+    }
+}
+
+/// A read-only view of a running reactor, for monitoring.
+#[derive(Clone)]
+pub struct Monitor {
+    pub(super) shared: Arc<Shared>,
+    pub(super) tasks: TaskMonitor,
+}
+
+impl Monitor {
+    /// The counters now.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.shared.stats.snapshot()
+    }
+
+    /// Failing when a task failed or a stream cannot be read.
+    pub fn health(&self) -> Health {
+        self.tasks.health().and(self.shared.reading.health())
+    }
+}
+
+/// Reads one stream from the reactor's position, following it; reopens after errors.
+async fn read(shared: Arc<Shared>, stream: String, out: mpsc::Sender<StoredMessage>) -> Result<(), ReactorError> {
+    let shutdown = shared.shutdown.clone();
+    let mut retry = READ_BACKOFF.retry();
+    let mut next: Option<u64> = None;
+    loop {
+        let opened = async {
+            let info = shared.backbone.stream_info(&stream).await?;
+            let from = match next {
+                Some(n) => n,
+                None => match shared.store.position(&stream)? {
+                    Some(p) => p + 1,
+                    None if shared.config.start == super::config::Start::First => 1,
+                    None => {
+                        // A stream met for the first time is read from its end; the
+                        // position is recorded now so events stored from here on are not
+                        // skipped by a restart.
+                        if !shared.dry_run {
+                            let mut commit = Commit::new();
+                            commit.position(&stream, info.last_sequence);
+                            shared.store.apply(commit).await?;
+                        }
+                        info.last_sequence + 1
+                    }
+                },
+            };
+            let options = ReplayOptions { start: StartPosition::Sequence(from), filter_subjects: vec![], follow: true };
+            let messages = shared.backbone.replay(&stream, options).await?;
+            Ok::<_, ReactorError>((messages, from, info.last_sequence))
+        };
+        let (mut messages, from, end) = match tokio::select! { r = opened => r, _ = shutdown.requested() => return Ok(()) }
+        {
+            Ok(o) => o,
+            Err(e) => {
+                shared.reading.waiting(stream.clone(), e.to_string());
+                tracing::warn!(%stream, error = %e, "reactor: cannot read the stream; retrying");
+                if !retry.wait(&shutdown).await {
+                    return Ok(());
+                }
+                continue;
+            }
+        };
+        shared.reading.reading(&stream);
+        retry.reset();
+        next = Some(from);
+        if from > end {
+            shared.set_caught_up(&stream);
+        }
+        loop {
+            let item = tokio::select! { m = messages.next() => m, _ = shutdown.requested() => return Ok(()) };
+            match item {
+                Some(Ok(m)) => {
+                    next = Some(m.sequence + 1);
+                    let at_end = m.sequence >= end;
+                    if out.send(m).await.is_err() {
+                        return Ok(());
+                    }
+                    if at_end {
+                        shared.set_caught_up(&stream);
+                    }
+                }
+                Some(Err(e)) => {
+                    shared.reading.waiting(stream.clone(), e.to_string());
+                    tracing::warn!(%stream, error = %e, "reactor: reading the stream failed; reopening");
+                    break;
+                }
+                None => break,
+            }
+        }
+        if !retry.wait(&shutdown).await {
+            return Ok(());
+        }
+    }
+}
+
+impl Shared {
+    fn set_caught_up(&self, stream: &str) {
+        self.caught_up.lock().unwrap_or_else(|e| e.into_inner()).insert(stream.to_owned(), true);
+    }
+
+    fn is_caught_up(&self, stream: &str) -> bool {
+        self.caught_up.lock().unwrap_or_else(|e| e.into_inner()).get(stream).copied().unwrap_or(false)
+    }
+
+    /// Publishes reactor records until they are stored (their ids make this idempotent).
+    async fn record(&self, records: Vec<Reaction>) -> Result<(), ReactorError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let messages = records
+            .into_iter()
+            .map(|r| {
+                let id = r.event_id();
+                let mut record = EventRecord::new(r, 0);
+                record.id = id;
+                if let Some(site) = &self.config.site {
+                    record = record.with_site(site.clone());
+                }
+                to_message(&record).map_err(|e| ReactorError::Rules(e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut retry = RECORD_BACKOFF.retry();
+        loop {
+            match self.backbone.publish_batch(messages.clone()).await {
+                Ok(_) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "reactor: recording reactions failed; retrying");
+                    if !retry.wait(&self.shutdown).await {
+                        return Err(e.into());
+                    }
+                }
+            }
+        }
+    }
+
+    /// The actions of the firing's rule, found by name (the configuration may have
+    /// changed since it fired); `None` when the rule is gone.
+    fn actions_of(&self, f: &Firing) -> Option<&[super::config::Action]> {
+        let rules = &self.config.rules;
+        rules
+            .get(f.rule)
+            .filter(|r| r.name == f.rule_name)
+            .or_else(|| rules.iter().find(|r| r.name == f.rule_name))
+            .map(|r| r.actions.as_slice())
+    }
+
+    fn fired_record(&self, f: &Firing) -> Reaction {
+        let mut r = Reaction::new(&self.config.name, &f.rule_name, ReactionOutcome::Fired, &f.id, &f.key, &f.reason);
+        r.cause = Some(f.cause.clone());
+        r.time = f.at_ms.div_euclid(1000);
+        r
+    }
+}
+
+/// An event as the rules see it, or why it is not one.
+fn parse(message: &StoredMessage) -> Result<(Json, i64), (String, String)> {
+    let fallback = message.time.timestamp_millis();
+    match serde_json::from_slice::<Json>(&message.payload) {
+        Ok(Json::Object(map)) if map.contains_key("specversion") => {
+            if !map.get("id").is_some_and(Json::is_string) || !map.get("type").is_some_and(Json::is_string) {
+                return Err(("not_cloudevent".into(), "a CloudEvent needs a string id and type".into()));
+            }
+            let time = map
+                .get("time")
+                .and_then(Json::as_str)
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                .map(|t| t.timestamp_millis())
+                .unwrap_or(fallback);
+            Ok((Json::Object(map), time))
+        }
+        _ => match EventRecord::decode(&message.payload) {
+            // Choria's bare lifecycle documents, as a CloudEvent.
+            Ok(record) => {
+                let time = record.time.timestamp_millis();
+                Ok((serde_json::to_value(record.to_cloudevent()).unwrap_or_default(), time))
+            }
+            Err(e) => Err((e.code().to_owned(), e.to_string())),
+        },
+    }
+}
+
+/// Evaluates events in batches; commits state, positions and firings together; hands
+/// firings to the actor.
+async fn evaluate(
+    shared: Arc<Shared>,
+    mut rules: Rules,
+    mut input: mpsc::Receiver<StoredMessage>,
+    actor: mpsc::Sender<Firing>,
+    pending: Vec<Firing>,
+) -> Result<(), ReactorError> {
+    let shutdown = shared.shutdown.clone();
+    // Announced again (deduplicated by id), then their remaining actions.
+    shared.record(pending.iter().map(|f| shared.fired_record(f)).collect()).await?;
+    for f in pending {
+        if actor.send(f).await.is_err() {
+            return Ok(());
+        }
+    }
+    let mut tick = tokio::time::interval(shared.config.tick);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut batch = Vec::with_capacity(shared.config.batch_size);
+    loop {
+        batch.clear();
+        let mut firings = Vec::new();
+        let mut counts = Counts::default();
+        tokio::select! {
+            biased;
+            _ = shutdown.requested() => return Ok(()),
+            n = input.recv_many(&mut batch, shared.config.batch_size) => {
+                if n == 0 {
+                    return Ok(());
+                }
+            }
+            _ = tick.tick() => {
+                let now = chrono::Utc::now().timestamp_millis();
+                rules.tick(now, &|s| shared.is_caught_up(s), &mut counts, &mut firings);
+            }
+        }
+        let mut commit = Commit::new();
+        let mut letters = Vec::new();
+        let mut positions: HashMap<&str, u64> = HashMap::new();
+        for m in &batch {
+            positions.insert(&m.stream, m.sequence);
+            match parse(m) {
+                Ok((event, time_ms)) => {
+                    let seen = Seen {
+                        stream: &m.stream,
+                        sequence: m.sequence,
+                        nats_subject: &m.subject,
+                        event: &event,
+                        time_ms,
+                    };
+                    rules.apply(&seen, &mut counts, &mut firings);
+                }
+                Err((code, reason)) => {
+                    tracing::warn!(stream = %m.stream, sequence = m.sequence, %reason, "reactor: dead-lettering");
+                    letters.push(DeadLetter::new(&shared.config.name, m, &code, reason));
+                }
+            }
+        }
+        let stats = &shared.stats;
+        stats.evaluated.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        stats.matched.fetch_add(counts.matched, Ordering::Relaxed);
+        stats.suppressed.fetch_add(counts.suppressed, Ordering::Relaxed);
+        if shared.dry_run {
+            for f in &firings {
+                println!("{}", serde_json::to_string(&shared.fired_record(f)).unwrap_or_default());
+            }
+            rules.take_dirty();
+            continue;
+        }
+        if batch.is_empty() && firings.is_empty() && !rules.has_dirty() {
+            continue;
+        }
+        for ((rule, key), state) in rules.take_dirty() {
+            commit.state(&rule, &key, state.as_ref());
+        }
+        for (stream, seq) in positions {
+            commit.position(stream, seq);
+        }
+        for f in &firings {
+            commit.firing(f);
+        }
+        if !letters.is_empty() {
+            let mut retry = RECORD_BACKOFF.retry();
+            while let Err(e) = deadletter::publish(&*shared.backbone, &letters).await {
+                tracing::warn!(error = %e, "reactor: dead letters not stored; retrying");
+                if !retry.wait(&shutdown).await {
+                    return Ok(());
+                }
+            }
+            stats.dead_lettered.fetch_add(letters.len() as u64, Ordering::Relaxed);
+        }
+        // The firings, the state that produced them and the position past their causes
+        // become durable at once: a crash before this re-evaluates the same events into
+        // the same firings; a crash after it finds them pending.
+        shared.store.apply(commit).await?;
+        stats.fired.fetch_add(firings.len() as u64, Ordering::Relaxed);
+        shared.record(firings.iter().map(|f| shared.fired_record(f)).collect()).await?;
+        // A firing without actions is done once announced; forgetting it need not be
+        // durable at once (announced again after a crash, it is deduplicated).
+        let (with_actions, done): (Vec<Firing>, Vec<Firing>) =
+            firings.into_iter().partition(|f| shared.actions_of(f).is_some_and(|a| !a.is_empty()));
+        if !done.is_empty() {
+            let mut commit = Commit::new();
+            for f in &done {
+                commit.done(&f.id);
+            }
+            shared.store.apply_lazily(commit)?;
+        }
+        stats.pending.fetch_add(with_actions.len() as u64, Ordering::Relaxed);
+        for f in with_actions {
+            if actor.send(f).await.is_err() {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Runs firings' actions, `concurrency` firings at once.
+async fn act(
+    shared: Arc<Shared>,
+    actuators: Arc<Actuators>,
+    mut firings: mpsc::Receiver<Firing>,
+) -> Result<(), ReactorError> {
+    let permits = Arc::new(Semaphore::new(shared.config.concurrency));
+    let mut running = tokio::task::JoinSet::new();
+    loop {
+        let firing = tokio::select! {
+            f = firings.recv() => f,
+            Some(done) = running.join_next(), if !running.is_empty() => {
+                done.map_err(|e| ReactorError::Rules(format!("an action task failed: {e}")))??;
+                continue;
+            }
+        };
+        let Some(firing) = firing else { break };
+        let permit = permits.clone().acquire_owned().await.expect("the semaphore is never closed");
+        let (shared, actuators) = (shared.clone(), actuators.clone());
+        running.spawn(async move {
+            let _permit = permit;
+            run_firing(&shared, &actuators, firing).await
+        });
+    }
+    while let Some(done) = running.join_next().await {
+        done.map_err(|e| ReactorError::Rules(format!("an action task failed: {e}")))??;
+    }
+    Ok(())
+}
+
+async fn run_firing(shared: &Shared, actuators: &Actuators, mut firing: Firing) -> Result<(), ReactorError> {
+    let actions = match shared.actions_of(&firing) {
+        Some(actions) => actions.to_vec(),
+        None => {
+            tracing::warn!(rule = %firing.rule_name, firing = %firing.id, "reactor: the rule is gone; its firing is dropped");
+            Vec::new()
+        }
+    };
+    while firing.next_action < actions.len() {
+        if shared.shutdown.is_requested() {
+            // Resumed from this action after the restart.
+            return Ok(());
+        }
+        let index = firing.next_action;
+        let action = &actions[index];
+        let outcome = actuators.run(&firing, index, action).await;
+        let counter = if outcome.ok { &shared.stats.actions_succeeded } else { &shared.stats.actions_failed };
+        counter.fetch_add(1, Ordering::Relaxed);
+        if !outcome.ok {
+            tracing::warn!(firing = %firing.id, action = index, detail = %outcome.detail, "reactor: action failed");
+        }
+        let mut record = Reaction::new(
+            &shared.config.name,
+            &firing.rule_name,
+            if outcome.ok { ReactionOutcome::Succeeded } else { ReactionOutcome::Failed },
+            &firing.id,
+            &firing.key,
+            &firing.reason,
+        );
+        record.cause = Some(firing.cause.clone());
+        record.action = Some(ReactionAction {
+            index: index as u32,
+            kind: action.kind().into(),
+            detail: outcome.detail,
+            attempts: outcome.attempts,
+        });
+        shared.record(vec![record]).await?;
+        firing.next_action += 1;
+        let mut commit = Commit::new();
+        if firing.next_action < actions.len() {
+            commit.firing(&firing);
+        } else {
+            commit.done(&firing.id);
+        }
+        shared.store.apply(commit).await?;
+    }
+    if actions.is_empty() {
+        let mut commit = Commit::new();
+        commit.done(&firing.id);
+        shared.store.apply(commit).await?;
+    }
+    shared.stats.pending.fetch_sub(1, Ordering::Relaxed);
+    Ok(())
+}

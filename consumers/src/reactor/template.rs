@@ -1,0 +1,204 @@
+//! Expressions and templates over an event, in expr: the language Choria's `-S` filters and
+//! machine expressions use, so a rule reads like the filters an operator already writes.
+//!
+//! An expression sees `event` (the whole CloudEvent: `event.type`, `event.subject`,
+//! `event.data.status`, ...), `data` (the event's data), `stream`, `sequence` and
+//! `nats_subject`. A template is text with `{{ expression }}` parts.
+
+use expr::{Context, Environment, Program, Value};
+use serde_json::Value as Json;
+
+/// One compiled expression.
+#[derive(Clone, Debug)]
+pub struct Expression {
+    text: String,
+    program: Program,
+}
+
+fn environment() -> &'static Environment<'static> {
+    static ENV: std::sync::LazyLock<Environment<'static>> = std::sync::LazyLock::new(Environment::new);
+    &ENV
+}
+
+impl Expression {
+    /// Compiles `text`; a syntax error names the expression.
+    pub fn compile(text: &str) -> Result<Self, String> {
+        if text.trim().is_empty() {
+            return Err("an empty expression".into());
+        }
+        let program = expr::compile(text).map_err(|e| format!("expression {text:?}: {e}"))?;
+        Ok(Expression { text: text.to_owned(), program })
+    }
+
+    /// Its value over `ctx`.
+    pub fn eval(&self, ctx: &Context) -> Result<Value, String> {
+        environment().run(&self.program, ctx).map_err(|e| format!("{}: {e}", self.text))
+    }
+
+    /// Whether it is true over `ctx`; an error or a value that is not `true` is false, as a
+    /// failing `-S` filter does not match.
+    pub fn holds(&self, ctx: &Context) -> bool {
+        matches!(self.eval(ctx), Ok(Value::Bool(true)))
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Part {
+    Text(String),
+    Expr(Expression),
+}
+
+/// Text with `{{ expression }}` parts.
+#[derive(Clone, Debug)]
+pub struct Template {
+    parts: Vec<Part>,
+}
+
+impl Template {
+    /// Compiles `text`; an unclosed `{{` or a bad expression is an error.
+    pub fn compile(text: &str) -> Result<Self, String> {
+        let mut parts = Vec::new();
+        let mut rest = text;
+        while let Some(start) = rest.find("{{") {
+            if start > 0 {
+                parts.push(Part::Text(rest[..start].to_owned()));
+            }
+            let after = &rest[start + 2..];
+            let end = after.find("}}").ok_or_else(|| format!("template {text:?}: `{{{{` without `}}}}`"))?;
+            parts.push(Part::Expr(Expression::compile(after[..end].trim())?));
+            rest = &after[end + 2..];
+        }
+        if !rest.is_empty() {
+            parts.push(Part::Text(rest.to_owned()));
+        }
+        Ok(Template { parts })
+    }
+
+    /// Whether the text has no expression in it.
+    pub fn is_literal(&self) -> bool {
+        self.parts.iter().all(|p| matches!(p, Part::Text(_)))
+    }
+
+    /// The text with every expression replaced by its value (strings as they are, other
+    /// values as JSON, nil as nothing).
+    pub fn render(&self, ctx: &Context) -> Result<String, String> {
+        let mut out = String::new();
+        for part in &self.parts {
+            match part {
+                Part::Text(t) => out.push_str(t),
+                Part::Expr(e) => match e.eval(ctx)? {
+                    Value::String(s) => out.push_str(&s),
+                    Value::Nil => {}
+                    other => out.push_str(&to_json(&other).to_string()),
+                },
+            }
+        }
+        Ok(out)
+    }
+
+    /// As [`Template::render`], but a template that is one expression gives its value with
+    /// its type (a number stays a number, an object an object).
+    pub fn render_json(&self, ctx: &Context) -> Result<Json, String> {
+        match self.parts.as_slice() {
+            [Part::Expr(e)] => Ok(to_json(&e.eval(ctx)?)),
+            _ => self.render(ctx).map(Json::String),
+        }
+    }
+}
+
+/// A JSON document whose strings (and object keys' values, at any depth) are templates.
+#[derive(Clone, Debug)]
+pub enum ValueTemplate {
+    /// A value without templates.
+    Plain(Json),
+    /// A string with `{{ }}` parts.
+    Text(Template),
+    /// An array with templates inside.
+    Array(Vec<ValueTemplate>),
+    /// An object with templates inside.
+    Object(Vec<(String, ValueTemplate)>),
+}
+
+impl ValueTemplate {
+    /// Compiles every string in `value`.
+    pub fn compile(value: &Json) -> Result<Self, String> {
+        Ok(match value {
+            Json::String(s) => {
+                let t = Template::compile(s)?;
+                if t.is_literal() {
+                    ValueTemplate::Plain(value.clone())
+                } else {
+                    ValueTemplate::Text(t)
+                }
+            }
+            Json::Array(items) => ValueTemplate::Array(items.iter().map(Self::compile).collect::<Result<_, _>>()?),
+            Json::Object(map) => ValueTemplate::Object(
+                map.iter().map(|(k, v)| Ok((k.clone(), Self::compile(v)?))).collect::<Result<_, String>>()?,
+            ),
+            other => ValueTemplate::Plain(other.clone()),
+        })
+    }
+
+    /// The document with every template rendered.
+    pub fn render(&self, ctx: &Context) -> Result<Json, String> {
+        Ok(match self {
+            ValueTemplate::Plain(v) => v.clone(),
+            ValueTemplate::Text(t) => t.render_json(ctx)?,
+            ValueTemplate::Array(items) => Json::Array(items.iter().map(|i| i.render(ctx)).collect::<Result<_, _>>()?),
+            ValueTemplate::Object(fields) => Json::Object(
+                fields.iter().map(|(k, v)| Ok((k.clone(), v.render(ctx)?))).collect::<Result<_, String>>()?,
+            ),
+        })
+    }
+}
+
+/// The context expressions see for one event.
+pub fn context(event: &Json, stream: &str, sequence: u64, nats_subject: &str) -> Context {
+    let mut ctx = Context::default();
+    let value = from_json(event);
+    if let Value::Map(map) = &value {
+        ctx.insert("data", map.get("data").cloned().unwrap_or(Value::Nil));
+    }
+    ctx.insert("event", value);
+    ctx.insert("stream", Value::String(stream.to_owned()));
+    ctx.insert("sequence", Value::Integer(i64::try_from(sequence).unwrap_or(i64::MAX)));
+    ctx.insert("nats_subject", Value::String(nats_subject.to_owned()));
+    ctx
+}
+
+pub(crate) use chorus_rpc::expression::{from_json, to_json};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn ctx() -> Context {
+        let event = json!({"id": "e1", "type": "t", "subject": "web1", "data": {"status": "CRITICAL", "n": 3}});
+        context(&event, "CHORUS_MACHINE", 7, "choria.machine.watcher.nagios.state")
+    }
+
+    #[test]
+    fn expressions_see_the_event() {
+        assert!(Expression::compile(r#"data.status == "CRITICAL" && event.subject == "web1""#).unwrap().holds(&ctx()));
+        assert!(Expression::compile(r#"stream == "CHORUS_MACHINE" && sequence == 7"#).unwrap().holds(&ctx()));
+        assert!(!Expression::compile("data.missing > 3").unwrap().holds(&ctx()), "an error does not hold");
+        assert!(!Expression::compile("data.n").unwrap().holds(&ctx()), "not a boolean does not hold");
+        assert!(Expression::compile("((").is_err());
+        assert!(Expression::compile(" ").is_err());
+    }
+
+    #[test]
+    fn templates_render_text_and_typed_values() {
+        let t = Template::compile("node {{ event.subject }} is {{ data.status }}").unwrap();
+        assert_eq!(t.render(&ctx()).unwrap(), "node web1 is CRITICAL");
+        assert_eq!(Template::compile("{{ data.n }}").unwrap().render_json(&ctx()).unwrap(), json!(3));
+        assert_eq!(Template::compile("n={{ data.n }}").unwrap().render_json(&ctx()).unwrap(), json!("n=3"));
+        assert!(Template::compile("{{ data.n").is_err());
+        let v = ValueTemplate::compile(&json!({"who": ["{{ event.subject }}"], "n": "{{ data.n + 1 }}", "k": 1}))
+            .unwrap()
+            .render(&ctx())
+            .unwrap();
+        assert_eq!(v, json!({"who": ["web1"], "n": 4, "k": 1}));
+    }
+}
