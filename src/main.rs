@@ -45,6 +45,9 @@ enum Command {
     AuditExport(audit_export::AuditExportArgs),
     /// Provision nodes that start in provisioning mode: configured RPC steps, once per node.
     Provision(provision::ProvisionArgs),
+    /// React to events: rules over the streams that run RPC requests, webhooks, commands or
+    /// publish events, exactly once per (rule, event).
+    React(react::ReactArgs),
     /// Copy streams between sites (site → hub, outbox → JetStream) without loss or duplicates.
     Replicate(replicate::ReplicateArgs),
     /// Follow events across the streams, with filters (kind, type, node, since).
@@ -99,6 +102,7 @@ fn main() -> anyhow::Result<()> {
             Command::Inventory(args) => inventory::run(args).await,
             Command::AuditExport(args) => audit_export::run(args).await,
             Command::Provision(args) => provision::run(args).await,
+            Command::React(args) => react::run(args).await,
             Command::Replicate(args) => replicate::run(args).await,
             Command::Events(cmd) => events::run(cmd).await,
             Command::Streams(cmd) => streams::run(cmd).await,

@@ -14,6 +14,7 @@ pub mod inventory;
 pub mod keys;
 pub mod plugin;
 pub mod provision;
+pub mod react;
 pub mod replicate;
 pub mod rpc;
 pub mod simulate;

@@ -17,6 +17,7 @@ mod fuzz;
 mod identity;
 mod issuer;
 mod provision;
+mod react;
 mod replicate;
 mod security;
 mod siem;

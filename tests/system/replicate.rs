@@ -26,7 +26,7 @@ pub(crate) async fn js(url: &str) -> Arc<dyn Backbone> {
 }
 
 /// Startup events of nodes `<prefix>-<i>` for i in `range`, as producers publish them.
-fn startups(prefix: &str, range: std::ops::Range<usize>, site: Option<&str>) -> Vec<Message> {
+pub(crate) fn startups(prefix: &str, range: std::ops::Range<usize>, site: Option<&str>) -> Vec<Message> {
     range
         .map(|i| {
             let mut r = EventRecord::new(Startup::new(format!("{prefix}-{i}"), "server", "1.0.0"), 1);
@@ -38,7 +38,7 @@ fn startups(prefix: &str, range: std::ops::Range<usize>, site: Option<&str>) -> 
         .collect()
 }
 
-async fn publish_all(b: &dyn Backbone, messages: Vec<Message>) {
+pub(crate) async fn publish_all(b: &dyn Backbone, messages: Vec<Message>) {
     for chunk in messages.chunks(500) {
         b.publish_batch(chunk.to_vec()).await.expect("publish");
     }

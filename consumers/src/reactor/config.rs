@@ -104,8 +104,9 @@ pub struct Rule {
     /// Fire at most once per key, ever.
     #[serde(default)]
     pub once_per_key: bool,
-    /// What a firing does, in order; an action that fails does not stop the next.
-    #[serde(default)]
+    /// What a firing does, in order; an action that fails does not stop the next. Each is
+    /// a map with one key, the kind (`- rpc: {...}`).
+    #[serde(default, with = "serde_yaml::with::singleton_map_recursive")]
     pub actions: Vec<Action>,
 }
 
@@ -384,21 +385,21 @@ impl Config for ReactorConfig {
 
 impl Rule {
     fn validate(&self, at: &dyn Fn(&str) -> String) -> Result<(), ConfigError> {
-        let bad = |field: &str, m: &str| Err(ConfigError::invalid(&at(field), m));
+        let bad = |field: &str, m: &str| Err(ConfigError::invalid(at(field), m));
         let m = &self.matches;
         chorus_schemas::subject::validate_token("stream", &m.stream)
-            .map_err(|e| ConfigError::invalid(&at("match.stream"), &e))?;
+            .map_err(|e| ConfigError::invalid(at("match.stream"), &e))?;
         for s in &m.subject {
-            chorus_backbone::subject::validate_filter(s).map_err(|e| ConfigError::invalid(&at("match.subject"), &e))?;
+            chorus_backbone::subject::validate_filter(s).map_err(|e| ConfigError::invalid(at("match.subject"), &e))?;
         }
         if m.types.iter().any(String::is_empty) {
             return bad("match.type", "must not be empty");
         }
         if let Some(e) = &m.expression {
-            Expression::compile(e).map_err(|e| ConfigError::invalid(&at("match.expression"), &e))?;
+            Expression::compile(e).map_err(|e| ConfigError::invalid(at("match.expression"), &e))?;
         }
         if let Some(k) = &self.key {
-            Template::compile(k).map_err(|e| ConfigError::invalid(&at("key"), &e))?;
+            Template::compile(k).map_err(|e| ConfigError::invalid(at("key"), &e))?;
         }
         if let Some(when) = &self.when {
             let given = [when.count.is_some(), when.absent_for.is_some(), when.changed.is_some()];
@@ -422,7 +423,7 @@ impl Rule {
                 return bad("debounce", "an absence already waits; debounce does not go with absent_for");
             }
             if let Some(c) = &when.changed {
-                Expression::compile(c).map_err(|e| ConfigError::invalid(&at("when.changed"), &e))?;
+                Expression::compile(c).map_err(|e| ConfigError::invalid(at("when.changed"), &e))?;
             }
         }
         if self.throttle.is_some_and(|d| d.is_zero()) {
@@ -436,10 +437,10 @@ impl Rule {
             let strings: Vec<(&str, String)> = match action {
                 Action::Rpc(r) => {
                     if r.agent.is_empty() || r.action.is_empty() {
-                        return Err(ConfigError::invalid(&field("agent"), "agent and action must be given"));
+                        return Err(ConfigError::invalid(field("agent"), "agent and action must be given"));
                     }
                     if r.timeout.is_zero() {
-                        return Err(ConfigError::invalid(&field("timeout"), "must be > 0"));
+                        return Err(ConfigError::invalid(field("timeout"), "must be > 0"));
                     }
                     let mut all = vec![("data", serde_json::to_string(&r.data).unwrap_or_default())];
                     for (name, list) in
@@ -451,18 +452,18 @@ impl Rule {
                 }
                 Action::Webhook(w) => {
                     if w.attempts == 0 {
-                        return Err(ConfigError::invalid(&field("attempts"), "must be > 0"));
+                        return Err(ConfigError::invalid(field("attempts"), "must be > 0"));
                     }
                     w.backoff.validate(&field("backoff"))?;
                     reqwest::Method::from_bytes(w.method.as_bytes())
-                        .map_err(|e| ConfigError::invalid(&field("method"), &e))?;
+                        .map_err(|e| ConfigError::invalid(field("method"), &e))?;
                     let mut all = vec![("url", w.url.clone())];
                     all.extend(w.headers.values().map(|v| ("headers", v.clone())));
                     all
                 }
                 Action::Command(c) => {
                     if c.run.is_empty() || c.run[0].is_empty() {
-                        return Err(ConfigError::invalid(&field("run"), "must name a program"));
+                        return Err(ConfigError::invalid(field("run"), "must name a program"));
                     }
                     let mut all: Vec<_> = c.run.iter().map(|s| ("run", s.clone())).collect();
                     all.extend(c.env.values().map(|v| ("env", v.clone())));
@@ -470,13 +471,13 @@ impl Rule {
                 }
                 Action::Publish(p) => {
                     if p.event_type.is_empty() {
-                        return Err(ConfigError::invalid(&field("type"), "must not be empty"));
+                        return Err(ConfigError::invalid(field("type"), "must not be empty"));
                     }
                     vec![("subject", p.subject.clone())]
                 }
             };
             for (name, text) in strings {
-                Template::compile(&text).map_err(|e| ConfigError::invalid(&field(name), &e))?;
+                Template::compile(&text).map_err(|e| ConfigError::invalid(field(name), &e))?;
             }
         }
         Ok(())

@@ -356,6 +356,13 @@ async fn evaluate(
     pending: Vec<Firing>,
 ) -> Result<(), ReactorError> {
     let shutdown = shared.shutdown.clone();
+    let mut retry = RECORD_BACKOFF.retry();
+    while let Err(e) = deadletter::ensure_stream(&*shared.backbone).await {
+        tracing::warn!(error = %e, "reactor: cannot make the dead-letter stream; retrying");
+        if !retry.wait(&shutdown).await {
+            return Ok(());
+        }
+    }
     // Announced again (deduplicated by id), then their remaining actions.
     shared.record(pending.iter().map(|f| shared.fired_record(f)).collect()).await?;
     for f in pending {
