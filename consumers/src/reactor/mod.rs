@@ -42,6 +42,9 @@ mod rules;
 mod store;
 mod template;
 
+#[cfg(test)]
+mod tests;
+
 pub use config::{
     Action, CommandAction, Match, PublishAction, ReactorConfig, RpcAction, Rule, Start, WebhookAction, When,
 };
