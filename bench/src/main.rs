@@ -4,6 +4,7 @@
 //! private nats-servers, and `chorus` does not.
 
 mod backbone;
+mod react;
 mod replicate;
 mod rpc;
 mod simulate;
@@ -27,6 +28,8 @@ enum BenchCommand {
     Backbone(backbone::Args),
     /// Simulated nodes in one process: startup storm stored, memory per node, events/s.
     Simulate(simulate::Args),
+    /// Reactor rule evaluation rate vs raw consume of the same lifecycle stream.
+    React(react::Args),
     /// Site → hub copy rate and lag: the replicator vs a native JetStream mirror and a naive copier.
     Replicate(replicate::Args),
     /// RPC round trip to many nodes: unsigned vs signed requests and replies, vs raw async-nats.
@@ -51,6 +54,7 @@ async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Backbone(args) => backbone::run(args).await,
         BenchCommand::Simulate(args) => simulate::run(args).await,
+        BenchCommand::React(args) => react::run(args).await,
         BenchCommand::Replicate(args) => replicate::run(args).await,
         BenchCommand::Views(args) => views::run(args).await,
         BenchCommand::Rpc(args) => rpc::run(args).await,

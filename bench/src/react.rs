@@ -1,0 +1,158 @@
+//! `chorus bench react`.
+//!
+//! One stream of simulated lifecycle events (a startup storm, then alive rounds), read in
+//! the same run on the same server by the raw baseline (an async-nats ordered consumer
+//! reading and dropping every message) and by the reactor: every event read, parsed and
+//! evaluated against the rules, state, positions and firings committed per batch. Two rule
+//! sets: an expression over every alive event (no state), and an absence rule per node (every
+//! event re-arms its node's deadline: one state write per event). CPU per event is the
+//! process's user + system time over the run.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use chorus_backbone::jetstream::{JetStreamBackbone, NatsConfig};
+use chorus_backbone::Backbone;
+use chorus_consumers::reactor::{Reactor, ReactorConfig};
+use chorus_platform::{ensure_platform_streams, BackboneSink, StreamLimits};
+use chorus_producers::simulator::{SimConfig, Simulator};
+use chorus_runtime::{Service as _, Shutdown};
+use chorus_schemas::subject::CHORUS_LIFECYCLE;
+
+use super::{print_table, process_cpu, Row};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Lifecycle events in the stream (one startup per node, then alive rounds).
+    #[arg(long, default_value_t = 100_000)]
+    events: usize,
+    /// Simulated nodes.
+    #[arg(long, default_value_t = 10_000)]
+    nodes: usize,
+    #[command(flatten)]
+    common: super::CommonArgs,
+}
+
+const EXPRESSION_RULES: &str = r#"
+  - name: old_version
+    match: {stream: CHORUS_LIFECYCLE, type: io.choria.lifecycle.v1.alive, expression: 'data.version == "0.0.0" && event.subject endsWith ".example"'}
+    actions: [{command: {run: ["true"]}}]
+"#;
+
+const ABSENCE_RULES: &str = r#"
+  - name: silent
+    match: {stream: CHORUS_LIFECYCLE, type: 'io.choria.lifecycle.v1.*'}
+    when: {absent_for: 24h}
+"#;
+
+async fn preload(b: &Arc<dyn Backbone>, args: &Args) -> anyhow::Result<u64> {
+    ensure_platform_streams(&**b, &StreamLimits::default()).await?;
+    let nodes = args.nodes.min(args.events).max(1);
+    let mut config = SimConfig::new(nodes);
+    config.alive_interval = Duration::from_secs(1);
+    let sim = Simulator::new(config, Arc::new(BackboneSink(b.clone())))?;
+    sim.startup_storm().await?;
+    let mut stored = nodes;
+    while stored < args.events {
+        stored += sim.alive_slot(0).await?.events;
+    }
+    Ok(b.stream_info(CHORUS_LIFECYCLE).await?.messages)
+}
+
+/// The reactor over the whole stream from a fresh state: wall time and CPU until every
+/// event is evaluated.
+async fn react(b: &Arc<dyn Backbone>, rules: &str, n: u64) -> anyhow::Result<(Duration, Duration)> {
+    let dir = tempfile::tempdir()?;
+    let config = ReactorConfig::from_yaml(&format!(
+        "name: bench\nstate_dir: {}\nstart: first\nrules:{rules}",
+        dir.path().display()
+    ))?;
+    let cpu = process_cpu();
+    let started = Instant::now();
+    let mut reactor = Reactor::start(b.clone(), None, config, false, Shutdown::new()).await?;
+    while reactor.stats().evaluated < n {
+        anyhow::ensure!(!reactor.failed(), "reactor failed: {:?}", reactor.health());
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let took = started.elapsed();
+    let cpu = process_cpu() - cpu;
+    reactor.stop().await?;
+    Ok((took, cpu))
+}
+
+async fn raw_ordered(js: &jetstream::Context, n: u64) -> anyhow::Result<(Duration, Duration)> {
+    use async_nats::jetstream::consumer::{pull, DeliverPolicy};
+    use futures::StreamExt;
+    let cpu = process_cpu();
+    let started = Instant::now();
+    let stream = js.get_stream(CHORUS_LIFECYCLE).await?;
+    let consumer = stream
+        .create_consumer(pull::OrderedConfig { deliver_policy: DeliverPolicy::All, ..Default::default() })
+        .await?;
+    let mut messages = consumer.messages().await?;
+    for _ in 0..n {
+        let m = messages.next().await.ok_or_else(|| anyhow::anyhow!("ordered consumer ended"))??;
+        drop(m);
+    }
+    Ok((started.elapsed(), process_cpu() - cpu))
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let (_server, url) = super::nats_url(args.common.nats.as_deref())?;
+    let config = NatsConfig::new([url.clone()]);
+    let client = config.connect(None).await?;
+    let b: Arc<dyn Backbone> = Arc::new(JetStreamBackbone::from_client(client.clone(), &config));
+    for (name, _) in chorus_schemas::subject::streams() {
+        b.delete_stream(name).await.ok();
+    }
+    let n = preload(&b, &args).await?;
+    println!("# chorus bench react: {n} lifecycle events of {} simulated nodes", args.nodes.min(args.events));
+    let js = jetstream::new(client);
+    let (mut raw, mut expr, mut absence) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..args.common.rounds.max(1) {
+        raw.push(raw_ordered(&js, n).await?);
+        expr.push(react(&b, EXPRESSION_RULES, n).await?);
+        absence.push(react(&b, ABSENCE_RULES, n).await?);
+        eprintln!("round {} done", round + 1);
+    }
+    let n = n as usize;
+    let per_event = |cpu: Duration| format!("{:.1} µs CPU/event", cpu.as_secs_f64() * 1e6 / n as f64);
+    let pick = |v: Vec<(Duration, Duration)>| super::median(v);
+    let (raw_t, raw_c) = pick(raw);
+    let (expr_t, expr_c) = pick(expr);
+    let (abs_t, abs_c) = pick(absence);
+    let raw = Row {
+        name: format!("raw async-nats ordered consumer, read and drop ({})", per_event(raw_c)),
+        events: n,
+        took: raw_t,
+        baseline: None,
+    };
+    let rows = [
+        Row {
+            name: format!("reactor: an expression rule over every alive event ({})", per_event(expr_c)),
+            events: n,
+            took: expr_t,
+            baseline: Some(raw.rate()),
+        },
+        Row {
+            name: format!("reactor: an absence rule per node, state written per event ({})", per_event(abs_c)),
+            events: n,
+            took: abs_t,
+            baseline: Some(raw.rate()),
+        },
+    ];
+    let ratio = rows[0].rate() / raw.rate();
+    let ratio_state = rows[1].rate() / raw.rate();
+    let mut all = vec![raw];
+    all.extend(rows);
+    print_table(
+        &format!(
+            "Reactor rule evaluation vs raw consume on JetStream (same stream, median of {} rounds)",
+            args.common.rounds.max(1)
+        ),
+        &all,
+    );
+    println!("\nratio {ratio:.2} (expression rule), {ratio_state:.2} (absence per node); goal >= 0.8");
+    Ok(())
+}
