@@ -90,6 +90,9 @@ pub trait Backbone: Send + Sync + 'static {
 
     /// Reads one message by sequence, `None` when it was never stored or has been removed.
     async fn get(&self, stream: &str, sequence: u64) -> Result<Option<StoredMessage>>;
+
+    /// Opens (creating if needed) a key-value bucket; an existing bucket is used as it is.
+    async fn bucket(&self, config: &crate::BucketConfig) -> Result<std::sync::Arc<dyn crate::Bucket>>;
 }
 
 /// A handle on a durable consumer.

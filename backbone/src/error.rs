@@ -88,6 +88,15 @@ pub enum BackboneError {
     /// The backbone was closed while the call was in flight.
     #[error("backbone closed")]
     Closed,
+    /// A key-value write that expected a revision (or no value) found another: someone else
+    /// wrote first. Not transient: read again and decide.
+    #[error("key {key:?} changed: {message}")]
+    WrongRevision {
+        /// The key.
+        key: String,
+        /// What was expected and found.
+        message: String,
+    },
 }
 
 impl From<sled::Error> for BackboneError {

@@ -19,6 +19,7 @@ pub mod config;
 pub mod embedded;
 pub mod error;
 pub mod jetstream;
+pub mod kv;
 pub mod message;
 pub mod subject;
 
@@ -27,4 +28,5 @@ mod backbone;
 pub use backbone::{Backbone, Consumer, MessageStream, ReplayOptions};
 pub use config::{ConsumerConfig, StartPosition, StreamConfig};
 pub use error::{BackboneError, Result, SharedError};
+pub use kv::{Bucket, BucketConfig, KvEntry, KvOperation, KvWatch};
 pub use message::{Delivery, Message, PublishAck, StoredMessage, StreamInfo};

@@ -44,6 +44,10 @@ pub const CASES: &[(&str, Case)] = &[
     ("concurrent_publishers", |b, s, r| Box::pin(concurrent_publishers(b, s, r))),
     ("delete_stream_and_consumer", |b, s, r| Box::pin(delete_stream_and_consumer(b, s, r))),
     ("purge_below_a_sequence", |b, s, r| Box::pin(purge_below_a_sequence(b, s, r))),
+    ("kv_put_get_create_update_delete", |b, s, r| Box::pin(kv_put_get_create_update_delete(b, s, r))),
+    ("kv_history_keys_and_watch", |b, s, r| Box::pin(kv_history_keys_and_watch(b, s, r))),
+    ("kv_values_expire_after_the_ttl", |b, s, r| Box::pin(kv_values_expire_after_the_ttl(b, s, r))),
+    ("kv_create_is_atomic_between_writers", |b, s, r| Box::pin(kv_create_is_atomic_between_writers(b, s, r))),
 ];
 
 fn subject_of(stream: &str, leaf: &str) -> String {
@@ -532,4 +536,101 @@ async fn purge_below_a_sequence(b: Arc<dyn Backbone>, stream: String, replicas: 
     assert_eq!((info.messages, info.last_sequence), (0, 30));
     let ack = b.publish(Message::new("after-purge", subject_of(&stream, "a"), &b""[..])).await.unwrap();
     assert_eq!(ack.sequence, 31, "sequences are not reused after a purge");
+}
+
+fn bucket_config(stream: &str, replicas: usize) -> chorus_backbone::BucketConfig {
+    let mut c = chorus_backbone::BucketConfig::new(format!("kv_{}", stream.to_lowercase()));
+    c.replicas = replicas;
+    c
+}
+
+fn wrong_revision<T: std::fmt::Debug>(r: chorus_backbone::Result<T>) -> bool {
+    matches!(r, Err(chorus_backbone::BackboneError::WrongRevision { .. }))
+}
+
+/// Put and get; create only when absent; update only at the current revision; delete.
+async fn kv_put_get_create_update_delete(b: Arc<dyn Backbone>, stream: String, replicas: usize) {
+    let kv = b.bucket(&bucket_config(&stream, replicas)).await.unwrap();
+    assert!(kv.get("a.b").await.unwrap().is_none());
+    let r1 = kv.put("a.b", "one".into()).await.unwrap();
+    let e = kv.get("a.b").await.unwrap().unwrap();
+    assert_eq!((e.value.as_ref(), e.revision, e.operation), (&b"one"[..], r1, chorus_backbone::KvOperation::Put));
+    assert!(wrong_revision(kv.create("a.b", "two".into()).await), "create over a value");
+    assert!(wrong_revision(kv.update("a.b", "two".into(), r1 + 100).await), "update at a wrong revision");
+    let r2 = kv.update("a.b", "two".into(), r1).await.unwrap();
+    assert!(r2 > r1);
+    assert!(wrong_revision(kv.update("a.b", "three".into(), r1).await), "update at a stale revision");
+    kv.delete("a.b").await.unwrap();
+    assert!(kv.get("a.b").await.unwrap().is_none());
+    let r3 = kv.create("a.b", "again".into()).await.expect("create after a delete");
+    assert!(r3 > r2);
+    assert!(kv.put("bad key", "x".into()).await.is_err(), "keys are checked");
+    // Opening the bucket again gives the same bucket.
+    let again = b.bucket(&bucket_config(&stream, replicas)).await.unwrap();
+    assert_eq!(again.get("a.b").await.unwrap().unwrap().revision, r3);
+}
+
+/// History keeps the configured number of values; keys lists live keys; a watch sees the
+/// current values, then every change.
+async fn kv_history_keys_and_watch(b: Arc<dyn Backbone>, stream: String, replicas: usize) {
+    let kv = b.bucket(&bucket_config(&stream, replicas).with_history(3)).await.unwrap();
+    for v in ["1", "2", "3", "4"] {
+        kv.put("k", v.to_string().into()).await.unwrap();
+    }
+    kv.put("other", "x".into()).await.unwrap();
+    let history: Vec<_> = kv.history("k").await.unwrap().into_iter().map(|e| e.value).collect();
+    assert_eq!(history, ["2", "3", "4"].map(bytes::Bytes::from));
+    kv.delete("other").await.unwrap();
+    assert_eq!(kv.keys().await.unwrap(), ["k"]);
+    let mut watch = kv.watch(">").await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(10), watch.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!((first.key.as_str(), first.value.as_ref()), ("k", &b"4"[..]));
+    kv.put("w.1", "new".into()).await.unwrap();
+    loop {
+        let e = tokio::time::timeout(Duration::from_secs(10), watch.next()).await.unwrap().unwrap().unwrap();
+        if e.key == "w.1" {
+            assert_eq!(e.value.as_ref(), b"new");
+            break;
+        }
+    }
+}
+
+/// A value not written again within the bucket's ttl is gone, and can be created again.
+async fn kv_values_expire_after_the_ttl(b: Arc<dyn Backbone>, stream: String, replicas: usize) {
+    let kv = b.bucket(&bucket_config(&stream, replicas).with_ttl(Duration::from_millis(1500))).await.unwrap();
+    kv.create("lease", "holder-1".into()).await.unwrap();
+    assert!(wrong_revision(kv.create("lease", "holder-2".into()).await));
+    let kv2 = kv.clone();
+    crate::eventually("the lease to expire", Duration::from_secs(30), move || {
+        let kv = kv2.clone();
+        async move {
+            match kv.create("lease", "holder-2".into()).await {
+                Ok(_) => Ok(()),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+    })
+    .await;
+    assert_eq!(kv.get("lease").await.unwrap().unwrap().value.as_ref(), b"holder-2");
+}
+
+/// Of many writers creating one key at once, exactly one succeeds.
+async fn kv_create_is_atomic_between_writers(b: Arc<dyn Backbone>, stream: String, replicas: usize) {
+    let kv = b.bucket(&bucket_config(&stream, replicas)).await.unwrap();
+    for round in 0..5 {
+        let key = format!("slot{round}");
+        let mut tasks = Vec::new();
+        for w in 0..10 {
+            let (kv, key) = (kv.clone(), key.clone());
+            tasks.push(tokio::spawn(async move { kv.create(&key, format!("w{w}").into()).await }));
+        }
+        let mut won = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(_) => won += 1,
+                Err(e) => assert!(matches!(e, chorus_backbone::BackboneError::WrongRevision { .. }), "{e}"),
+            }
+        }
+        assert_eq!(won, 1, "round {round}");
+    }
 }

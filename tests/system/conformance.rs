@@ -65,6 +65,10 @@ suite!(
     concurrent_publishers,
     delete_stream_and_consumer,
     purge_below_a_sequence,
+    kv_put_get_create_update_delete,
+    kv_history_keys_and_watch,
+    kv_values_expire_after_the_ttl,
+    kv_create_is_atomic_between_writers,
 );
 
 /// The whole suite against one 3-node cluster with R3 streams (one cluster start, many cases).

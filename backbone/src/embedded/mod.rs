@@ -21,6 +21,7 @@
 
 mod codec;
 mod consumer;
+mod kv;
 mod replay;
 #[cfg(test)]
 mod tests;
@@ -435,5 +436,9 @@ impl Backbone for EmbeddedBackbone {
 
     async fn get(&self, stream: &str, sequence: u64) -> Result<Option<StoredMessage>> {
         self.stream(stream)?.read(sequence)
+    }
+
+    async fn bucket(&self, config: &crate::BucketConfig) -> Result<Arc<dyn crate::Bucket>> {
+        self.open_bucket(config)
     }
 }

@@ -7,6 +7,7 @@
 mod connect;
 mod consumer;
 mod errors;
+mod kv;
 
 use std::time::{Duration, Instant};
 
@@ -561,5 +562,9 @@ impl Backbone for JetStreamBackbone {
             payload: base64("data", m.data.as_deref())?.into(),
             headers,
         }))
+    }
+
+    async fn bucket(&self, config: &crate::BucketConfig) -> Result<std::sync::Arc<dyn crate::Bucket>> {
+        self.open_bucket(config).await
     }
 }
