@@ -57,6 +57,10 @@ enum Command {
     /// change. No other command changes an existing stream.
     #[command(subcommand)]
     Streams(streams::StreamsCommand),
+    /// Key-value buckets: put, get, create, update, history, watch (JetStream KV on NATS).
+    Kv(kv::KvArgs),
+    /// Governors: fleet-wide semaphores with expiring leases (`run NAME -- COMMAND`).
+    Governor(governor::GovernorArgs),
     /// Write a stream out as JSON lines (backups, audits, moving data).
     Replay(backup::ReplayArgs),
     /// Publish a file written by `chorus replay` (ids dedupe: safe to repeat).
@@ -106,6 +110,8 @@ fn main() -> anyhow::Result<()> {
             Command::Replicate(args) => replicate::run(args).await,
             Command::Events(cmd) => events::run(cmd).await,
             Command::Streams(cmd) => streams::run(cmd).await,
+            Command::Kv(args) => kv::run(args).await,
+            Command::Governor(args) => governor::run(args).await,
             Command::Replay(args) => backup::replay(args).await,
             Command::Restore(args) => backup::restore(args).await,
             Command::Aaa(args) => aaa::run(args).await,

@@ -142,8 +142,9 @@ pub trait Bucket: Send + Sync {
     /// [`crate::BackboneError::WrongRevision`] when it is not.
     async fn update(&self, key: &str, value: Bytes, revision: u64) -> Result<u64>;
 
-    /// Deletes the key's value (its history keeps a delete).
-    async fn delete(&self, key: &str) -> Result<()>;
+    /// Deletes the key's value (its history keeps a delete); with `revision`, only when
+    /// that is the key's current revision ([`crate::BackboneError::WrongRevision`] else).
+    async fn delete(&self, key: &str, revision: Option<u64>) -> Result<()>;
 
     /// The key's kept values, oldest first, deletes included.
     async fn history(&self, key: &str) -> Result<Vec<KvEntry>>;

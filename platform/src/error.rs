@@ -20,4 +20,7 @@ pub enum PlatformError {
     /// The streams configured for the platform's subjects cannot be used.
     #[error("{0}")]
     Streams(String),
+    /// A request that cannot be made as given (a governor's name or definition).
+    #[error("{0}")]
+    Invalid(String),
 }

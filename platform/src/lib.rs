@@ -9,6 +9,7 @@
 //! * [`outbox`]: the node's durable local queue and the forwarder that ships it to the site.
 //! * [`reading`]: opening durable consumers on streams that may not exist yet, with the
 //!   reason shown in health.
+//! * [`governor`]: fleet-wide semaphores with expiring leases, on key-value buckets.
 //! * [`deadletter`]: messages a consumer could not process, kept on `CHORUS_DEADLETTER`
 //!   with the reason.
 //!
@@ -19,6 +20,7 @@
 pub mod deadletter;
 pub mod emitter;
 mod error;
+pub mod governor;
 pub mod outbox;
 pub mod reading;
 pub mod streams;

@@ -560,7 +560,8 @@ async fn kv_put_get_create_update_delete(b: Arc<dyn Backbone>, stream: String, r
     let r2 = kv.update("a.b", "two".into(), r1).await.unwrap();
     assert!(r2 > r1);
     assert!(wrong_revision(kv.update("a.b", "three".into(), r1).await), "update at a stale revision");
-    kv.delete("a.b").await.unwrap();
+    assert!(wrong_revision(kv.delete("a.b", Some(r1)).await), "delete at a stale revision");
+    kv.delete("a.b", Some(r2)).await.unwrap();
     assert!(kv.get("a.b").await.unwrap().is_none());
     let r3 = kv.create("a.b", "again".into()).await.expect("create after a delete");
     assert!(r3 > r2);
@@ -580,7 +581,7 @@ async fn kv_history_keys_and_watch(b: Arc<dyn Backbone>, stream: String, replica
     kv.put("other", "x".into()).await.unwrap();
     let history: Vec<_> = kv.history("k").await.unwrap().into_iter().map(|e| e.value).collect();
     assert_eq!(history, ["2", "3", "4"].map(bytes::Bytes::from));
-    kv.delete("other").await.unwrap();
+    kv.delete("other", None).await.unwrap();
     assert_eq!(kv.keys().await.unwrap(), ["k"]);
     let mut watch = kv.watch(">").await.unwrap();
     let first = tokio::time::timeout(Duration::from_secs(10), watch.next()).await.unwrap().unwrap().unwrap();

@@ -14,6 +14,7 @@ mod docs;
 mod durability;
 mod floors;
 mod fuzz;
+mod governor;
 mod identity;
 mod issuer;
 mod provision;

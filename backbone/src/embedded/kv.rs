@@ -175,8 +175,19 @@ impl Bucket for SledBucket {
         })
     }
 
-    async fn delete(&self, key: &str) -> Result<()> {
-        self.write(key, &[], KvOperation::Delete, |_| Ok(())).map(drop)
+    async fn delete(&self, key: &str, revision: Option<u64>) -> Result<()> {
+        self.write(key, &[], KvOperation::Delete, |current| match (revision, current) {
+            (None, _) => Ok(()),
+            (Some(r), Some(e)) if e.revision == r => Ok(()),
+            (Some(r), other) => Err(BackboneError::WrongRevision {
+                key: key.to_owned(),
+                message: format!(
+                    "expected revision {r}, found {}",
+                    other.map(|e| e.revision.to_string()).unwrap_or_else(|| "none".into())
+                ),
+            }),
+        })
+        .map(drop)
     }
 
     async fn history(&self, key: &str) -> Result<Vec<KvEntry>> {

@@ -113,9 +113,21 @@ impl Bucket for JsBucket {
         })
     }
 
-    async fn delete(&self, key: &str) -> Result<()> {
+    async fn delete(&self, key: &str, revision: Option<u64>) -> Result<()> {
         validate_key(key)?;
-        self.store.delete(key).await.map_err(nats)
+        let Err(e) = self.store.delete_expect_revision(key, revision).await else { return Ok(()) };
+        // async-nats does not type the server's "wrong last sequence" on deletes: a delete
+        // at a revision failed for that reason when the key is now at another revision.
+        if let Some(expected) = revision {
+            let now = self.store.entry(key).await.map_err(nats)?.filter(|e| e.operation == Operation::Put);
+            if now.as_ref().map(|e| e.revision) != Some(expected) {
+                return Err(BackboneError::WrongRevision {
+                    key: key.to_owned(),
+                    message: format!("expected revision {expected}"),
+                });
+            }
+        }
+        Err(nats(e))
     }
 
     async fn history(&self, key: &str) -> Result<Vec<KvEntry>> {
