@@ -9,6 +9,7 @@
 //! * [`outbox`]: the node's durable local queue and the forwarder that ships it to the site.
 //! * [`reading`]: opening durable consumers on streams that may not exist yet, with the
 //!   reason shown in health.
+//! * [`election`]: leader election for active-standby instances, on key-value buckets.
 //! * [`governor`]: fleet-wide semaphores with expiring leases, on key-value buckets.
 //! * [`deadletter`]: messages a consumer could not process, kept on `CHORUS_DEADLETTER`
 //!   with the reason.
@@ -18,6 +19,7 @@
 //! services.
 
 pub mod deadletter;
+pub mod election;
 pub mod emitter;
 mod error;
 pub mod governor;

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::process::{Child, Command};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chorus_backbone::{Backbone, Message, StreamConfig};
@@ -206,4 +207,112 @@ rules:
     assert_eq!(silent, want, "once per silence, never for a live node");
     let flapping: Vec<_> = records.iter().filter(|r| r.rule == "flapping").map(|r| r.time).collect();
     assert_eq!(flapping, [now - 7200 - 3600, now - 3600], "one firing per hour of event time");
+}
+
+/// Two reactors of one name, one elected; the leader is killed with SIGKILL while one of its
+/// webhook calls hangs. The standby takes over, skips every action the leader completed and
+/// runs the rest: each webhook key arrives once, but for the call the leader never saw
+/// answered, which comes again with the same idempotency key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_reactor_takes_over_from_a_killed_leader_without_a_double_action() {
+    use chorus_platform::election::Candidate;
+    const EVENTS: usize = 600;
+    const HELD: usize = 200;
+    let server = NatsServer::start().unwrap();
+    let b = js(&server.url()).await;
+    ensure_platform_streams(&*b, &StreamLimits::default()).await.unwrap();
+
+    // The webhook receiver: counts calls per idempotency key, and never answers the HELD-th.
+    let calls: Arc<std::sync::Mutex<BTreeMap<String, usize>>> = Arc::default();
+    let (held_tx, mut held_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let app = {
+        let calls = calls.clone();
+        axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |headers: axum::http::HeaderMap| {
+                let (calls, held_tx) = (calls.clone(), held_tx.clone());
+                async move {
+                    let key =
+                        headers.get("idempotency-key").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+                    let n = {
+                        let mut calls = calls.lock().unwrap();
+                        *calls.entry(key.clone()).or_default() += 1;
+                        calls.len()
+                    };
+                    if n == HELD && calls.lock().unwrap()[&key] == 1 {
+                        held_tx.send(key).ok();
+                        std::future::pending::<()>().await;
+                    }
+                    axum::http::StatusCode::OK
+                }
+            }),
+        )
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let work = tempfile::tempdir().unwrap();
+    let spawn = |i: usize| {
+        let config = work.path().join(format!("rules{i}.yaml"));
+        std::fs::write(
+            &config,
+            format!(
+                r#"name: ha
+state_dir: {}
+start: first
+concurrency: 1
+election: {{ttl: 2s, candidate: "instance{i}"}}
+rules:
+  - name: started
+    match: {{stream: CHORUS_LIFECYCLE, type: io.choria.lifecycle.v1.startup}}
+    actions:
+      - webhook: {{url: "http://{addr}/hook", timeout: 60s}}
+"#,
+                work.path().join(format!("state{i}")).display()
+            ),
+        )
+        .unwrap();
+        ReactorConfig::load(&config).expect("the test's config is valid");
+        let ops: std::net::SocketAddr =
+            format!("127.0.0.1:{}", chorus_testkit::nats::free_port().unwrap()).parse().unwrap();
+        spawn_reactor(&config, &server.url(), ops)
+    };
+    let mut instances = vec![spawn(0), spawn(1)];
+    publish_all(&*b, startups("node", 0..EVENTS, None)).await;
+    let held = tokio::time::timeout(Duration::from_secs(120), held_rx.recv()).await.expect("a call held").unwrap();
+
+    let leader = Candidate::leader_of(&*b, "ha", Duration::from_secs(2)).await.unwrap().expect("a leader");
+    let (dead, alive) = if instances[0].id() == leader.pid { (0, 1) } else { (1, 0) };
+    assert_eq!(instances[dead].id(), leader.pid, "the leader is one of the two instances");
+    instances[dead].kill().unwrap(); // SIGKILL
+    instances[dead].wait().unwrap();
+
+    let c = calls.clone();
+    eventually("every event's webhook called", Duration::from_secs(120), move || {
+        let c = c.clone();
+        async move {
+            let n = c.lock().unwrap().len();
+            if n == EVENTS {
+                Ok(())
+            } else {
+                Err(format!("{n} keys called"))
+            }
+        }
+    })
+    .await;
+    wait_for_count(&*b, CHORUS_REACTOR, 2 * EVENTS as u64, Duration::from_secs(120)).await;
+    let now_leader = Candidate::leader_of(&*b, "ha", Duration::from_secs(2)).await.unwrap().expect("a leader");
+    assert_eq!(now_leader.pid, instances[alive].id(), "the standby leads");
+    instances[alive].kill().unwrap();
+    instances[alive].wait().unwrap();
+
+    let calls = calls.lock().unwrap().clone();
+    let twice: Vec<_> = calls.iter().filter(|(_, n)| **n > 1).map(|(k, n)| (k.clone(), *n)).collect();
+    assert_eq!(twice, [(held.clone(), 2)], "only the call in flight at the kill is made again, with its key");
+    let records = reactions(&*b).await;
+    assert_eq!(records.len(), 2 * EVENTS, "one fired and one succeeded record per event");
+    let succeeded: std::collections::BTreeSet<_> =
+        records.iter().filter(|r| r.outcome == ReactionOutcome::Succeeded).map(|r| r.firing.clone()).collect();
+    assert_eq!(succeeded.len(), EVENTS);
 }

@@ -62,6 +62,12 @@ pub struct ReactorConfig {
     /// react to what happens from now on) or `first` (everything stored).
     #[serde(default)]
     pub start: Start,
+    /// Run as one of several instances of which only the elected leader acts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub election: Option<chorus_platform::election::ElectionConfig>,
+    /// The stream holding the reactor's records (a standby reads the leader's there).
+    #[serde(default = "default_records_stream")]
+    pub records_stream: String,
     /// How often timed conditions (absence, debounce) are checked.
     #[serde(default = "default_tick", with = "humantime_serde")]
     pub tick: Duration,
@@ -278,6 +284,9 @@ fn default_concurrency() -> usize {
 }
 fn default_batch_size() -> usize {
     512
+}
+fn default_records_stream() -> String {
+    chorus_schemas::subject::CHORUS_REACTOR.into()
 }
 fn default_tick() -> Duration {
     Duration::from_secs(1)

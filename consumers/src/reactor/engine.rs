@@ -1,12 +1,13 @@
 //! The running reactor: readers, the evaluator, the actor; how it starts, reports and stops.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chorus_backbone::{Backbone, ReplayOptions, StartPosition, StoredMessage};
 use chorus_platform::deadletter::{self, DeadLetter};
+use chorus_platform::election::{Candidate, Leadership};
 use chorus_platform::{to_message, ReadStatus};
 use chorus_rpc::{RpcClient, Transport};
 use chorus_runtime::{Backoff, Config, Health, Shutdown, TaskMonitor, Tasks};
@@ -77,14 +78,18 @@ impl ReactorStats {
 
 pub(super) struct Shared {
     pub(super) config: ReactorConfig,
-    backbone: Arc<dyn Backbone>,
-    store: ReactorStore,
+    pub(super) backbone: Arc<dyn Backbone>,
+    pub(super) store: ReactorStore,
     pub(super) stats: ReactorStats,
     /// Streams read up to where they ended when their reader started.
     caught_up: Mutex<HashMap<String, bool>>,
     pub(super) reading: ReadStatus,
     dry_run: bool,
-    shutdown: Shutdown,
+    pub(super) shutdown: Shutdown,
+    /// Whether this instance acts (always, unless it is in an election).
+    leadership: Leadership,
+    /// With an election: how far the follower has read the records stream.
+    followed: Option<Arc<AtomicU64>>,
 }
 
 /// A running reactor; a runtime [`Service`](chorus_runtime::Service).
@@ -125,8 +130,21 @@ impl Reactor {
             }),
         };
         let streams = config.streams();
+        let mut reading_streams = streams.clone();
+        let (leadership, campaign) = match (&config.election, dry_run) {
+            (Some(election), false) => {
+                reading_streams.push(config.records_stream.clone());
+                let candidate = Candidate::join(&*backbone, &config.name, election)
+                    .await
+                    .map_err(|e| ReactorError::Election(e.to_string()))?;
+                let (leadership, task) = candidate.campaign(shutdown.child());
+                (leadership, Some(task))
+            }
+            _ => (Leadership::alone(), None),
+        };
+        let followed = campaign.as_ref().map(|_| Arc::new(AtomicU64::new(0)));
         let shared = Arc::new(Shared {
-            reading: ReadStatus::starting(streams.iter().cloned()),
+            reading: ReadStatus::starting(reading_streams),
             caught_up: Mutex::new(streams.iter().map(|s| (s.clone(), false)).collect()),
             config,
             backbone: backbone.clone(),
@@ -134,9 +152,9 @@ impl Reactor {
             stats: ReactorStats::default(),
             dry_run,
             shutdown: shutdown.clone(),
+            leadership,
+            followed,
         });
-        let pending = shared.store.firings()?;
-        shared.stats.pending.store(pending.len() as u64, Ordering::Relaxed);
         let actuators = Arc::new(Actuators {
             backbone,
             rpc,
@@ -150,7 +168,14 @@ impl Reactor {
             tasks.spawn("read", read(shared.clone(), stream, read_tx.clone()));
         }
         drop(read_tx);
-        tasks.spawn("evaluate", evaluate(shared.clone(), rules, read_rx, act_tx, pending));
+        if let Some(seen) = &shared.followed {
+            tasks.spawn("follow", super::standby::follow(shared.clone(), seen.clone()));
+        }
+        if let Some(campaign) = campaign {
+            // The campaign ends with the shutdown (resigning when it led).
+            tasks.spawn("campaign", async move { campaign.await.map_err(|e| ReactorError::Election(e.to_string())) });
+        }
+        tasks.spawn("evaluate", evaluate(shared.clone(), rules, read_rx, act_tx));
         tasks.spawn("act", act(shared.clone(), actuators, act_rx));
         Ok(Reactor { shared, tasks })
     }
@@ -163,6 +188,11 @@ impl Reactor {
     /// The counters now.
     pub fn stats(&self) -> StatsSnapshot {
         self.shared.stats.snapshot()
+    }
+
+    /// Whether this instance acts now (always, unless it is in an election).
+    pub fn is_leader(&self) -> bool {
+        self.shared.leadership.is_leader()
     }
 }
 
@@ -300,6 +330,67 @@ impl Shared {
         }
     }
 
+    /// Becoming the leader: reads what a former leader did to its end, then announces and
+    /// hands on every pending firing from its first action not done. `false` at shutdown.
+    async fn take_over(&self, actor: &mpsc::Sender<Firing>) -> Result<bool, ReactorError> {
+        if let Some(seen) = &self.followed {
+            tracing::info!(reactor = %self.config.name, "reactor: leading; reading what was done before");
+            super::standby::catch_up(self, seen).await?;
+        }
+        let pending = self.settle_all(self.store.firings()?)?;
+        self.stats.pending.store(0, Ordering::Relaxed);
+        // Announced again (deduplicated by id), then their remaining actions.
+        self.dispatch(pending, actor).await
+    }
+
+    /// Announces firings (their `fired` records) and hands those with actions to the actor;
+    /// a firing without actions is done once announced, and forgetting it need not be
+    /// durable at once (announced again after a crash, it is deduplicated). `false` when the
+    /// actor is gone (shutdown).
+    async fn dispatch(&self, firings: Vec<Firing>, actor: &mpsc::Sender<Firing>) -> Result<bool, ReactorError> {
+        self.record(firings.iter().map(|f| self.fired_record(f)).collect()).await?;
+        let (with_actions, done): (Vec<Firing>, Vec<Firing>) =
+            firings.into_iter().partition(|f| self.actions_of(f).is_some_and(|a| !a.is_empty()));
+        if !done.is_empty() {
+            let mut commit = Commit::new();
+            for f in &done {
+                commit.done(&f.id);
+            }
+            self.store.apply_lazily(commit)?;
+        }
+        self.stats.pending.fetch_add(with_actions.len() as u64, Ordering::Relaxed);
+        for f in with_actions {
+            if actor.send(f).await.is_err() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// `firings` with what another instance recorded as done skipped; those with nothing
+    /// left to do are dropped from the store (lazily: forgetting need not be durable).
+    fn settle_all(&self, firings: Vec<Firing>) -> Result<Vec<Firing>, ReactorError> {
+        if self.followed.is_none() {
+            return Ok(firings);
+        }
+        let mut out = Vec::with_capacity(firings.len());
+        let mut commit = Commit::new();
+        for f in firings {
+            let actions = self.actions_of(&f).map_or(0, <[_]>::len);
+            if actions == 0 {
+                out.push(f);
+                continue;
+            }
+            let id = f.id.clone();
+            match super::standby::settle(self, f, actions)? {
+                Some(f) => out.push(f),
+                None => commit.done(&id),
+            }
+        }
+        self.store.apply_lazily(commit)?;
+        Ok(out)
+    }
+
     /// The actions of the firing's rule, found by name (the configuration may have
     /// changed since it fired); `None` when the rule is gone.
     fn actions_of(&self, f: &Firing) -> Option<&[super::config::Action]> {
@@ -353,7 +444,6 @@ async fn evaluate(
     mut rules: Rules,
     mut input: mpsc::Receiver<StoredMessage>,
     actor: mpsc::Sender<Firing>,
-    pending: Vec<Firing>,
 ) -> Result<(), ReactorError> {
     let shutdown = shared.shutdown.clone();
     let mut retry = RECORD_BACKOFF.retry();
@@ -363,23 +453,25 @@ async fn evaluate(
             return Ok(());
         }
     }
-    // Announced again (deduplicated by id), then their remaining actions.
-    shared.record(pending.iter().map(|f| shared.fired_record(f)).collect()).await?;
-    for f in pending {
-        if actor.send(f).await.is_err() {
-            return Ok(());
-        }
-    }
+    let mut leadership = shared.leadership.clone();
+    let mut leading = false;
     let mut tick = tokio::time::interval(shared.config.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut batch = Vec::with_capacity(shared.config.batch_size);
     loop {
+        if !shared.dry_run && leadership.is_leader() != leading {
+            leading = !leading;
+            if leading && !shared.take_over(&actor).await? {
+                return Ok(());
+            }
+        }
         batch.clear();
         let mut firings = Vec::new();
         let mut counts = Counts::default();
         tokio::select! {
             biased;
             _ = shutdown.requested() => return Ok(()),
+            _ = leadership.changed() => continue,
             n = input.recv_many(&mut batch, shared.config.batch_size) => {
                 if n == 0 {
                     return Ok(());
@@ -450,23 +542,13 @@ async fn evaluate(
         // the same firings; a crash after it finds them pending.
         shared.store.apply(commit).await?;
         stats.fired.fetch_add(firings.len() as u64, Ordering::Relaxed);
-        shared.record(firings.iter().map(|f| shared.fired_record(f)).collect()).await?;
-        // A firing without actions is done once announced; forgetting it need not be
-        // durable at once (announced again after a crash, it is deduplicated).
-        let (with_actions, done): (Vec<Firing>, Vec<Firing>) =
-            firings.into_iter().partition(|f| shared.actions_of(f).is_some_and(|a| !a.is_empty()));
-        if !done.is_empty() {
-            let mut commit = Commit::new();
-            for f in &done {
-                commit.done(&f.id);
-            }
-            shared.store.apply_lazily(commit)?;
+        if !leading {
+            // A standby keeps its firings pending; it acts on them if it takes over.
+            continue;
         }
-        stats.pending.fetch_add(with_actions.len() as u64, Ordering::Relaxed);
-        for f in with_actions {
-            if actor.send(f).await.is_err() {
-                return Ok(());
-            }
+        let firings = shared.settle_all(firings)?;
+        if !shared.dispatch(firings, &actor).await? {
+            return Ok(());
         }
     }
 }
@@ -479,6 +561,8 @@ async fn act(
 ) -> Result<(), ReactorError> {
     let permits = Arc::new(Semaphore::new(shared.config.concurrency));
     let mut running = tokio::task::JoinSet::new();
+    // Firings queued or running: one handed on again by a takeover is not run twice at once.
+    let in_flight: Arc<Mutex<HashSet<String>>> = Arc::default();
     loop {
         let firing = tokio::select! {
             f = firings.recv() => f,
@@ -488,11 +572,18 @@ async fn act(
             }
         };
         let Some(firing) = firing else { break };
+        if !in_flight.lock().unwrap_or_else(|e| e.into_inner()).insert(firing.id.clone()) {
+            shared.stats.pending.fetch_sub(1, Ordering::Relaxed);
+            continue;
+        }
         let permit = permits.clone().acquire_owned().await.expect("the semaphore is never closed");
-        let (shared, actuators) = (shared.clone(), actuators.clone());
+        let (shared, actuators, in_flight) = (shared.clone(), actuators.clone(), in_flight.clone());
         running.spawn(async move {
             let _permit = permit;
-            run_firing(&shared, &actuators, firing).await
+            let id = firing.id.clone();
+            let result = run_firing(&shared, &actuators, firing).await;
+            in_flight.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+            result
         });
     }
     while let Some(done) = running.join_next().await {
@@ -510,8 +601,8 @@ async fn run_firing(shared: &Shared, actuators: &Actuators, mut firing: Firing) 
         }
     };
     while firing.next_action < actions.len() {
-        if shared.shutdown.is_requested() {
-            // Resumed from this action after the restart.
+        if shared.shutdown.is_requested() || !shared.leadership.is_leader() {
+            // Resumed from this action after the restart, or by the next leader.
             return Ok(());
         }
         let index = firing.next_action;

@@ -29,6 +29,9 @@ pub enum ReactorError {
     /// The RPC client could not be set up (its key, credential or issuers).
     #[error("reactor security: {0}")]
     Rpc(#[from] chorus_rpc::RpcError),
+    /// The reactor's election could not be joined or ended badly.
+    #[error("reactor election: {0}")]
+    Election(String),
     /// The HTTP client for webhooks could not be built.
     #[error("reactor webhooks: {0}")]
     Http(#[from] reqwest::Error),

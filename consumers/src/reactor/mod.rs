@@ -30,6 +30,12 @@
 //!   streams read up to their end (a node is not called silent while its events are still
 //!   being read), and their firing is committed like any other before it acts.
 //!
+//! # Active-standby
+//!
+//! With `election:`, instances sharing a name elect a leader (see
+//! [`chorus_platform::election`]); every instance reads and evaluates, only the leader acts,
+//! and a standby that takes over skips what the leader recorded as done (see `standby`).
+//!
 //! Malformed messages go to `chorus.deadletter.<reactor>` with the reason; `--dry-run` prints
 //! the `fired` records and changes nothing.
 
@@ -39,6 +45,7 @@ mod engine;
 mod error;
 pub mod metrics;
 mod rules;
+mod standby;
 mod store;
 mod template;
 

@@ -11,6 +11,8 @@ use super::rules::{Firing, KeyState};
 const POSITION: &[u8] = b"p/";
 const STATE: &[u8] = b"k/";
 const FIRING: &[u8] = b"f/";
+const DONE: &[u8] = b"d/";
+const RECORDS: &[u8] = b"r/position";
 
 /// The reactor's sled tree.
 pub(super) struct ReactorStore {
@@ -60,6 +62,25 @@ impl Commit {
         self.empty = false;
     }
 
+    /// Notes that the actions of firing `id` before `next` are done (by whichever instance).
+    pub(super) fn actions_done(&mut self, id: &str, next: usize, at_ms: i64) {
+        let value = serde_json::to_vec(&(next, at_ms)).expect("a pair serializes");
+        self.batch.insert(key(DONE, &[id]), value);
+        self.empty = false;
+    }
+
+    /// Forgets a done note.
+    pub(super) fn forget_done(&mut self, id: &str) {
+        self.batch.remove(key(DONE, &[id]));
+        self.empty = false;
+    }
+
+    /// Position in the stream of the reactor's own records.
+    pub(super) fn records_position(&mut self, sequence: u64) {
+        self.batch.insert(RECORDS, &sequence.to_be_bytes());
+        self.empty = false;
+    }
+
     pub(super) fn done(&mut self, id: &str) {
         self.batch.remove(key(FIRING, &[id]));
         self.empty = false;
@@ -93,6 +114,32 @@ impl ReactorStore {
 
     pub(super) fn position(&self, stream: &str) -> Result<Option<u64>, ReactorError> {
         Ok(chorus_runtime::store::read_u64(self.tree.get(key(POSITION, &[stream]))?, "position")?)
+    }
+
+    /// How many actions of firing `id` are known done, if any are.
+    pub(super) fn actions_done(&self, id: &str) -> Result<Option<usize>, ReactorError> {
+        let Some(v) = self.tree.get(key(DONE, &[id]))? else { return Ok(None) };
+        let (next, _): (usize, i64) =
+            serde_json::from_slice(&v).map_err(|e| ReactorError::Corrupt(format!("done {id}: {e}")))?;
+        Ok(Some(next))
+    }
+
+    /// Done notes written before `before_ms`, as firing ids.
+    pub(super) fn done_before(&self, before_ms: i64) -> Result<Vec<String>, ReactorError> {
+        let mut out = Vec::new();
+        for item in self.tree.scan_prefix(DONE) {
+            let (k, v) = item?;
+            if let Ok((_, at)) = serde_json::from_slice::<(usize, i64)>(&v) {
+                if at < before_ms {
+                    out.push(String::from_utf8_lossy(&k[DONE.len()..]).into_owned());
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub(super) fn records_position(&self) -> Result<Option<u64>, ReactorError> {
+        Ok(chorus_runtime::store::read_u64(self.tree.get(RECORDS)?, "records position")?)
     }
 
     /// Every key's state as (rule, key, state).
