@@ -278,7 +278,7 @@ rules:
             format!("127.0.0.1:{}", chorus_testkit::nats::free_port().unwrap()).parse().unwrap();
         spawn_reactor(&config, &server.url(), ops)
     };
-    let mut instances = vec![spawn(0), spawn(1)];
+    let mut instances = [spawn(0), spawn(1)];
     publish_all(&*b, startups("node", 0..EVENTS, None)).await;
     let held = tokio::time::timeout(Duration::from_secs(120), held_rx.recv()).await.expect("a call held").unwrap();
 
