@@ -285,3 +285,111 @@ async fn a_provisioner_started_before_its_streams_exist_waits_and_misses_nothing
     assert!(monitor.health().reason.is_none_or(|r| !r.contains("not reading")), "{:?}", monitor.health());
     provisioner.stop().await.unwrap();
 }
+
+/// Two provisioners, one elected; the leader is killed with SIGKILL in the middle of a
+/// startup storm. The standby, which read every event too, takes over and provisions the
+/// rest: one `provisioned` event per node, none twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_provisioner_takes_over_from_a_killed_leader_without_provisioning_twice() {
+    use chorus_platform::election::Candidate;
+    const N: usize = 300;
+    let server = NatsServer::start().unwrap();
+    let b = site(&server).await;
+    let dir = tempfile::tempdir().unwrap();
+    let allow = dir.path().join("allow");
+    std::fs::create_dir_all(&allow).unwrap();
+    std::fs::write(
+        allow.join("rpcutil.policy"),
+        format!("policy default deny\nallow\t{CALLERID}\tping get_fact\t*\t*\n"),
+    )
+    .unwrap();
+    let mut sim_config = SimConfig::new(N);
+    sim_config.prefix = "ha".into();
+    sim_config.component = "provision_mode_server".into();
+    let sim = Simulator::new(sim_config, Arc::new(BackboneSink(b.clone()))).unwrap();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let transport: Arc<dyn Transport> = Arc::new(NatsTransport::new(client));
+    let _nodes = sim.host_rpc(transport, "choria", Some(allow), None).await.unwrap();
+
+    let ops: Vec<std::net::SocketAddr> =
+        (0..2).map(|_| format!("127.0.0.1:{}", chorus_testkit::nats::free_port().unwrap()).parse().unwrap()).collect();
+    let spawn = |i: usize| {
+        let config = dir.path().join(format!("provision{i}.yaml"));
+        std::fs::write(
+            &config,
+            format!(
+                "state_dir: {}\nconcurrency: 4\nsweep_interval: 500ms\nelection: {{ttl: 2s, candidate: p{i}}}\nsteps:\n  - {{agent: rpcutil, action: ping}}\n  - {{agent: rpcutil, action: get_fact, data: {{fact: group}}}}\n",
+                dir.path().join(format!("state{i}")).display()
+            ),
+        )
+        .unwrap();
+        std::process::Command::new(chorus_testkit::workspace_bin("chorus").unwrap())
+            .args(["provision", "--nats", &server.url(), "--listen", &ops[i].to_string(), "--config"])
+            .arg(&config)
+            .spawn()
+            .unwrap()
+    };
+    let mut instances = [spawn(0), spawn(1)];
+    sim.startup_storm().await.unwrap();
+    let provisioned = |b: Arc<dyn Backbone>| async move {
+        read_all(&*b, "CHORUS_LIFECYCLE")
+            .await
+            .iter()
+            .filter_map(|m| EventRecord::decode(&m.payload).ok())
+            .filter(|r| matches!(r.data, Event::Lifecycle(Lifecycle::Provisioned(_))))
+            .map(|r| r.subject)
+            .collect::<Vec<String>>()
+    };
+    let at_least = |n: usize| {
+        let b = b.clone();
+        async move {
+            eventually(&format!("{n} nodes provisioned"), Duration::from_secs(180), || {
+                let b = b.clone();
+                async move {
+                    let got = provisioned(b).await.len();
+                    if got >= n {
+                        Ok(())
+                    } else {
+                        Err(format!("{got} provisioned"))
+                    }
+                }
+            })
+            .await
+        }
+    };
+    at_least(60).await;
+    let leader = Candidate::leader_of(&*b, "provisioner", Duration::from_secs(2)).await.unwrap().expect("a leader");
+    let (dead, alive) = if instances[0].id() == leader.pid { (0, 1) } else { (1, 0) };
+    assert_eq!(instances[dead].id(), leader.pid, "the leader is one of the two instances");
+    instances[dead].kill().unwrap(); // SIGKILL
+    instances[dead].wait().unwrap();
+    let before = provisioned(b.clone()).await.len();
+    assert!(before < N, "killed after the storm was provisioned: not a takeover");
+
+    at_least(N).await;
+    let now_leader = Candidate::leader_of(&*b, "provisioner", Duration::from_secs(2)).await.unwrap().expect("a leader");
+    assert_eq!(now_leader.pid, instances[alive].id(), "the standby leads");
+    // The standby has nothing left to do: every node provisioned in its state, nothing in
+    // flight or queued, before it is stopped and the events are counted.
+    let addr = ops[alive];
+    eventually("the new leader idle with every node provisioned", Duration::from_secs(60), || async move {
+        let metrics = crate::replicate::try_http_get(addr, "/metrics").await.map_err(|e| e.to_string())?;
+        let done = [
+            format!("chorus_provisioner_nodes{{status=\"provisioned\"}} {N}"),
+            "chorus_provisioner_in_flight 0".to_string(),
+            "chorus_provisioner_queued 0".to_string(),
+        ];
+        if done.iter().all(|d| metrics.lines().any(|l| l == d)) {
+            Ok(())
+        } else {
+            Err(metrics.lines().filter(|l| l.starts_with("chorus_provisioner_")).collect::<Vec<_>>().join("; "))
+        }
+    })
+    .await;
+    instances[alive].kill().unwrap();
+    instances[alive].wait().unwrap();
+    let all = provisioned(b.clone()).await;
+    let distinct: BTreeSet<&String> = all.iter().collect();
+    assert_eq!(distinct.len(), N, "every node provisioned");
+    assert_eq!(all.len(), N, "no node provisioned twice");
+}

@@ -117,6 +117,12 @@ pub struct ProvisionerConfig {
     /// How long a fetch waits for events.
     #[serde(default = "default_fetch_wait", with = "humantime_serde")]
     pub fetch_wait: Duration,
+    /// Run as one of several instances of which only the elected leader provisions: every
+    /// instance reads the stream into its own state (`state_dir`, and a durable consumer
+    /// named `<consumer>-<candidate>`), so a standby that takes over knows every node the
+    /// leader provisioned. `candidate` must be given, one per instance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub election: Option<chorus_platform::election::ElectionConfig>,
     /// Redelivery of an event not acknowledged after this long.
     #[serde(default = "default_ack_wait", with = "humantime_serde")]
     pub ack_wait: Duration,
@@ -191,6 +197,7 @@ impl ProvisionerConfig {
             batch_size: default_batch_size(),
             fetch_wait: default_fetch_wait(),
             ack_wait: default_ack_wait(),
+            election: None,
         }
     }
 
@@ -215,8 +222,11 @@ impl ProvisionerConfig {
 
     /// The durable consumer the provisioner reads `CHORUS_LIFECYCLE` with.
     pub fn consumer_config(&self) -> ConsumerConfig {
-        let mut c =
-            ConsumerConfig::new(self.consumer.clone()).with_start(self.start.clone()).with_ack_wait(self.ack_wait);
+        let name = match self.election.as_ref().and_then(|e| e.candidate.as_deref()) {
+            Some(candidate) => format!("{}-{candidate}", self.consumer),
+            None => self.consumer.clone(),
+        };
+        let mut c = ConsumerConfig::new(name).with_start(self.start.clone()).with_ack_wait(self.ack_wait);
         c.filter_subjects = self.filter_subjects();
         c
     }
@@ -230,6 +240,14 @@ impl Config for ProvisionerConfig {
             validate_token("token", value).map_err(|e| ConfigError::invalid(field, &e).with_source(e))
         };
         token("consumer", &self.consumer)?;
+        if let Some(election) = &self.election {
+            match &election.candidate {
+                None => {
+                    return bad("election.candidate", "name this instance: each reads the stream with its own consumer")
+                }
+                Some(c) => token("election.candidate", c)?,
+            }
+        }
         self.consumer_config().validate().map_err(|e| ConfigError::invalid("consumer", &e).with_source(e))?;
         if self.components.is_empty() {
             return bad("components", "must list at least one component");

@@ -64,6 +64,7 @@ pub(super) async fn consume(shared: Arc<Shared>, due: mpsc::UnboundedSender<Stri
         };
         if deliveries.is_empty() {
             shared.caught_up.send_if_modified(|c| !std::mem::replace(c, true));
+            shared.idle.send_modify(|n| *n += 1);
             continue;
         }
         let mut letters = Vec::new();

@@ -28,26 +28,44 @@ pub(super) async fn dispatch_loop(
     let mut ticker = tokio::time::interval(shared.config.sweep_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut running: JoinSet<()> = JoinSet::new();
+    let mut leadership = shared.leadership.clone();
+    // Whether this instance provisions: it leads, and has read what the former leader did.
+    let mut acting = false;
     let result = loop {
         if shutdown.is_requested() {
             break Ok(());
         }
-        tokio::select! {
-            _ = shutdown.requested() => break Ok(()),
-            Some(identity) = due.recv() => {
-                if *caught_up.borrow() {
-                    shared.dispatch(identity, &mut running);
+        if leadership.is_leader() != acting {
+            acting = !acting;
+            if acting {
+                if !shared.read_to_now().await {
+                    break Ok(());
                 }
-            }
-            _ = ticker.tick() => {
+                tracing::info!("provisioner: leading");
                 if *caught_up.borrow() {
                     if let Err(e) = shared.sweep(&mut running) {
                         break Err(e);
                     }
                 }
             }
+        }
+        tokio::select! {
+            _ = shutdown.requested() => break Ok(()),
+            _ = leadership.changed() => {}
+            Some(identity) = due.recv() => {
+                if *caught_up.borrow() && acting {
+                    shared.dispatch(identity, &mut running);
+                }
+            }
+            _ = ticker.tick() => {
+                if *caught_up.borrow() && acting {
+                    if let Err(e) = shared.sweep(&mut running) {
+                        break Err(e);
+                    }
+                }
+            }
             Ok(()) = caught_up.changed() => {
-                if *caught_up.borrow_and_update() {
+                if *caught_up.borrow_and_update() && acting {
                     if let Err(e) = shared.sweep(&mut running) {
                         break Err(e);
                     }
@@ -65,6 +83,24 @@ pub(super) async fn dispatch_loop(
 }
 
 impl Shared {
+    /// Waits until everything stored in the stream now has been read (two fetches that
+    /// found nothing, the second started after this call), so a new leader knows what the
+    /// former one provisioned. `false` at shutdown.
+    async fn read_to_now(&self) -> bool {
+        if self.config.election.is_none() {
+            return true;
+        }
+        let mut idle = self.idle.subscribe();
+        let start = *idle.borrow_and_update();
+        while *idle.borrow_and_update() < start + 2 {
+            tokio::select! {
+                r = idle.changed() => if r.is_err() { return false },
+                _ = self.shutdown.requested() => return false,
+            }
+        }
+        true
+    }
+
     /// Starts an attempt for `identity` unless one is already waiting or running.
     fn dispatch(self: &Arc<Self>, identity: String, running: &mut JoinSet<()>) {
         if !self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).insert(identity.clone()) {
@@ -116,7 +152,7 @@ impl Shared {
                 ProvisionerStats::bump(&self.stats.retries);
             }
             for (i, step) in self.config.steps.iter().enumerate().skip(record.next_step) {
-                if self.shutdown.is_requested() {
+                if self.shutdown.is_requested() || !self.leadership.is_leader() {
                     return Ok(());
                 }
                 let result = self.run_step(identity, step).await;

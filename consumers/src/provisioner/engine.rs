@@ -4,6 +4,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use chorus_backbone::Backbone;
+use chorus_platform::election::{Candidate, Leadership};
 use chorus_platform::{BackboneSink, Emitter, EventSink};
 use chorus_rpc::{RpcClient, Transport};
 use chorus_runtime::{Config, Health, Service, ServiceError, Shutdown, TaskMonitor, Tasks};
@@ -42,6 +43,11 @@ pub(super) struct Shared {
     pub(super) caught_up: watch::Sender<bool>,
     /// Why the provisioner cannot read its stream yet (missing, broker unreachable).
     pub(super) reading: chorus_platform::ReadStatus,
+    /// Whether this instance provisions (always, unless it is in an election).
+    pub(super) leadership: Leadership,
+    /// Counts the fetches that found nothing to read: one that started after a moment
+    /// means everything stored before that moment has been read.
+    pub(super) idle: watch::Sender<u64>,
 }
 
 impl Shared {
@@ -145,6 +151,16 @@ impl Provisioner {
         let (due_tx, due_rx) = mpsc::unbounded_channel();
         let tasks = Tasks::new("provisioner", shutdown);
         let reading = chorus_platform::ReadStatus::starting([config.lifecycle_stream()]);
+        let (leadership, campaign) = match &config.election {
+            Some(election) => {
+                let candidate = Candidate::join(&*backbone, "provisioner", election)
+                    .await
+                    .map_err(|e| ProvisionerError::Election(e.to_string()))?;
+                let (leadership, task) = candidate.campaign(tasks.shutdown().child());
+                (leadership, Some(task))
+            }
+            None => (Leadership::alone(), None),
+        };
         let shared = Arc::new(Shared {
             permits: Arc::new(Semaphore::new(config.concurrency)),
             config,
@@ -158,8 +174,16 @@ impl Provisioner {
             shutdown: tasks.shutdown().clone(),
             caught_up: watch::channel(false).0,
             reading,
+            leadership,
+            idle: watch::channel(0).0,
         });
         let mut tasks = tasks;
+        if let Some(campaign) = campaign {
+            tasks.spawn(
+                "campaign",
+                async move { campaign.await.map_err(|e| ProvisionerError::Election(e.to_string())) },
+            );
+        }
         // The stream is opened by the consumer task, retried while it is missing or the broker
         // is down, so the provisioner starts either way (not ready meanwhile, with the reason).
         tasks.spawn("consume", super::consume::consume(shared.clone(), due_tx));
@@ -170,6 +194,11 @@ impl Provisioner {
     /// The counters now.
     pub fn stats(&self) -> StatsSnapshot {
         self.shared.stats.snapshot()
+    }
+
+    /// Whether this instance provisions now (always, unless it is in an election).
+    pub fn is_leader(&self) -> bool {
+        self.shared.leadership.is_leader()
     }
 
     /// The live counters, for a metrics exporter.

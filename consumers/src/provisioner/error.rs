@@ -23,6 +23,9 @@ pub enum ProvisionerError {
     /// The backbone failed (opening the consumer, creating the dead-letter stream).
     #[error("backbone: {0}")]
     Backbone(#[from] BackboneError),
+    /// The provisioner's election could not be joined or ended badly.
+    #[error("provisioner election: {0}")]
+    Election(String),
     /// The RPC client could not be set up (its key, credential or issuers).
     #[error("provisioner security: {0}")]
     Rpc(#[from] chorus_rpc::RpcError),
