@@ -42,6 +42,10 @@ pub struct ReplicatorConfig {
     pub listen: Option<SocketAddr>,
     /// The links to run; at least one, names unique.
     pub links: Vec<LinkConfig>,
+    /// Run as one of several instances of which only the elected leader copies; the
+    /// election and the checkpoints are kept on the first link's target.
+    #[serde(default)]
+    pub election: Option<chorus_platform::election::ElectionConfig>,
 }
 
 /// One source backbone copied into one target backbone. Many sites into one hub is one link

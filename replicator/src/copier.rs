@@ -82,7 +82,7 @@ impl Copier {
     /// reported through health, and retried, because giving up would lose events.
     pub async fn run(mut self, stop: Shutdown) {
         let start = loop {
-            match self.checkpoints.load(&self.key()) {
+            match self.checkpoints.load(&self.key()).await {
                 Ok(cp) => break cp,
                 Err(e) => {
                     self.fail("checkpoint", e.to_string());

@@ -14,6 +14,9 @@ pub enum ReplicatorError {
     /// A source or target backbone failed in a way retrying will not fix.
     #[error(transparent)]
     Backbone(#[from] chorus_backbone::BackboneError),
+    /// The replicator's election could not be joined or ended badly.
+    #[error("replicator election: {0}")]
+    Election(String),
     /// Reading a configuration file or binding the HTTP listener failed.
     #[error("{context}: {source}")]
     Io {

@@ -7,7 +7,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chorus_backbone::embedded::EmbeddedBackbone;
 use chorus_backbone::jetstream::JetStreamBackbone;
-use chorus_backbone::Backbone;
+use chorus_backbone::{Backbone, BucketConfig};
+use chorus_platform::election::{Candidate, ElectionConfig, Leadership};
 use chorus_runtime::{BoxError, Health, Observable, Ops, Service, ServiceError, Shutdown, TaskMonitor, Tasks};
 use prometheus_client::registry::Registry;
 
@@ -32,6 +33,7 @@ pub struct Replicator {
     metrics: Arc<Metrics>,
     links: Vec<Link>,
     listen: Option<SocketAddr>,
+    election: Option<ElectionConfig>,
 }
 
 impl Replicator {
@@ -42,7 +44,16 @@ impl Replicator {
             metrics: Arc::new(Metrics::default()),
             links: Vec::new(),
             listen: None,
+            election: None,
         })
+    }
+
+    /// Runs as one of several instances of which only the elected leader copies. The
+    /// election and the checkpoints are kept on the first link's target (the hub), so the
+    /// instance that takes over resumes from the leader's last checkpoint.
+    pub fn elect(&mut self, election: ElectionConfig) -> &mut Self {
+        self.election = Some(election);
+        self
     }
 
     /// Validates `config` and connects every endpoint it names.
@@ -50,6 +61,7 @@ impl Replicator {
         chorus_runtime::Config::validate(config)?;
         let mut r = Replicator::new(&config.state_dir)?;
         r.listen = config.listen;
+        r.election = config.election.clone();
         for link in &config.links {
             let source = connect(&link.source).await?;
             let target = connect(&link.target).await?;
@@ -74,8 +86,25 @@ impl Replicator {
     /// Starts one copier per (link, stream) under `shutdown` (each creates its configured
     /// target stream when it can reach the target), and `/metrics` and `/healthz` when a
     /// listen address is set.
-    pub async fn start(self, shutdown: Shutdown) -> Result<ReplicatorHandle> {
+    pub async fn start(mut self, shutdown: Shutdown) -> Result<ReplicatorHandle> {
         let mut tasks = Tasks::new("replicator", shutdown);
+        let leadership = match (&self.election, self.links.first()) {
+            (Some(election), Some((_, _, hub))) => {
+                let name = election.name.clone().unwrap_or_else(|| "replicator".into());
+                let bucket = hub.bucket(&BucketConfig::new(format!("REPLICATOR_{name}"))).await?;
+                self.checkpoints = Checkpoints::shared(bucket);
+                let candidate = Candidate::join(&**hub, "replicator", election)
+                    .await
+                    .map_err(|e| ReplicatorError::Election(e.to_string()))?;
+                let (leadership, campaign) = candidate.campaign(tasks.shutdown().child());
+                tasks.spawn(
+                    "campaign",
+                    async move { campaign.await.map_err(|e| ReplicatorError::Election(e.to_string())) },
+                );
+                leadership
+            }
+            _ => Leadership::alone(),
+        };
         for (link, source, target) in self.links {
             for s in &link.streams {
                 if let Some(cfg) = &s.target_stream {
@@ -84,27 +113,45 @@ impl Replicator {
                 let rewrites = s.rewrite.iter().map(Rewrite::new).collect::<Result<Vec<_>>>()?;
                 let health = Arc::new(CopierHealth::new(&link.name, &s.stream));
                 self.metrics.register_copier(health.clone());
-                let copier = Copier {
+                let (link, s, source, target) = (link.clone(), s.clone(), source.clone(), target.clone());
+                let (checkpoints, metrics) = (self.checkpoints.clone(), self.metrics.clone());
+                // A copier per leadership term (one term for a replicator alone).
+                let copier = move || Copier {
                     link: link.name.clone(),
                     stream: s.stream.clone(),
                     source: source.clone(),
                     target: target.clone(),
                     target_stream: s.target_stream.clone(),
                     filter_subjects: s.filter_subjects.clone(),
-                    rewrites,
+                    rewrites: rewrites.clone(),
                     source_site: link.source_site.clone(),
                     target_site: link.target_site.clone(),
                     sampler: link.sampling.as_ref().map(|c| Sampler::new(c.interval, c.subjects.clone())),
                     batch: link.batch,
                     max_backoff: link.max_backoff,
-                    checkpoints: self.checkpoints.clone(),
-                    metrics: self.metrics.clone(),
-                    health,
+                    checkpoints: checkpoints.clone(),
+                    metrics: metrics.clone(),
+                    health: health.clone(),
                 };
                 let stop = tasks.shutdown().clone();
+                let mut leadership = leadership.clone();
                 tasks.spawn("copier", async move {
-                    copier.run(stop).await;
-                    Ok::<_, ReplicatorError>(())
+                    loop {
+                        tokio::select! {
+                            _ = leadership.lead() => {}
+                            _ = stop.requested() => return Ok::<_, ReplicatorError>(()),
+                        }
+                        let term = stop.child();
+                        let run = copier().run(term.clone());
+                        tokio::pin!(run);
+                        tokio::select! {
+                            _ = &mut run => return Ok(()),
+                            _ = leadership.lost() => {
+                                term.request();
+                                run.await;
+                            }
+                        }
+                    }
                 });
             }
         }
@@ -195,8 +242,8 @@ impl ReplicatorHandle {
     }
 
     /// Last source sequence the target holds for a link's stream.
-    pub fn checkpoint(&self, link: &str, stream: &str) -> Result<u64> {
-        self.checkpoints.load(&Checkpoints::key(link, stream))
+    pub async fn checkpoint(&self, link: &str, stream: &str) -> Result<u64> {
+        self.checkpoints.load(&Checkpoints::key(link, stream)).await
     }
 
     /// Waits until every copier has copied up to its source stream's end (lag 0 on two

@@ -433,7 +433,7 @@ async fn embedded_store_copies_to_jetstream_exactly() {
     publish_all(&*outbox, startups("m", 0..5_000, Some("edge"))).await;
     wait_for_count(&*hub, CHORUS_LIFECYCLE, 10_000, Duration::from_secs(60)).await;
     assert!(handle.wait_caught_up(Duration::from_secs(30)).await);
-    assert_eq!(handle.checkpoint("outbox", CHORUS_LIFECYCLE).unwrap(), 10_000);
+    assert_eq!(handle.checkpoint("outbox", CHORUS_LIFECYCLE).await.unwrap(), 10_000);
     handle.stop().await.unwrap();
     assert_eq!(assert_same_events(&*outbox, &*hub, CHORUS_LIFECYCLE).await, 10_000);
 }
@@ -565,4 +565,72 @@ async fn events_removed_by_retention_before_they_were_copied_are_a_recorded_gap(
     );
     handle.stop().await.unwrap();
     assert_eq!(count(&*target, CHORUS_LIFECYCLE).await, 300, "the 100 copied before, the 200 left after the gap");
+}
+
+/// Two replicators of one link, one elected; the leader is killed with SIGKILL mid-copy while
+/// events keep arriving. The standby takes over from the leader's checkpoint (kept on the
+/// hub): the hub ends with exactly the site's events, none lost, none twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_replicator_takes_over_from_a_killed_leader_without_loss_or_duplicates() {
+    use chorus_platform::election::Candidate;
+    let src = NatsServer::start().unwrap();
+    let dst = NatsServer::start().unwrap();
+    let (source, target) = (js(&src.url()).await, js(&dst.url()).await);
+    ensure_platform_streams(&*source, &StreamLimits::default()).await.unwrap();
+    ensure_platform_streams(&*target, &StreamLimits::default()).await.unwrap();
+    publish_all(&*source, startups("pre", 0..20_000, Some("east"))).await;
+    let state = tempfile::tempdir().unwrap();
+    let spawn = |i: usize| {
+        let config = state.path().join(format!("replicate{i}.yaml"));
+        std::fs::write(
+            &config,
+            format!(
+                "state_dir: {}\nelection: {{ttl: 2s, candidate: r{i}}}\nlinks:\n{}",
+                state.path().join(format!("state{i}")).display(),
+                link_yaml("east", &src.url(), &dst.url(), CHORUS_LIFECYCLE, 200)
+            ),
+        )
+        .unwrap();
+        ReplicatorConfig::load(&config).expect("the test's config is valid");
+        spawn_replicator(&config)
+    };
+    let mut instances = [spawn(0), spawn(1)];
+    let producer = {
+        let source = source.clone();
+        tokio::spawn(async move {
+            for round in 0..20 {
+                publish_all(&*source, startups(&format!("live{round}"), 0..500, Some("east"))).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    wait_for_count(&*target, CHORUS_LIFECYCLE, 3_000, Duration::from_secs(120)).await;
+    let leader = Candidate::leader_of(&*target, "replicator", Duration::from_secs(2)).await.unwrap().expect("a leader");
+    let (dead, alive) = if instances[0].id() == leader.pid { (0, 1) } else { (1, 0) };
+    assert_eq!(instances[dead].id(), leader.pid, "the leader is one of the two instances");
+    instances[dead].kill().unwrap(); // SIGKILL
+    instances[dead].wait().unwrap();
+    let copied = count(&*target, CHORUS_LIFECYCLE).await;
+    assert!(copied < count(&*source, CHORUS_LIFECYCLE).await, "killed after the copy finished: not mid-copy");
+    producer.await.unwrap();
+    wait_for_count(&*target, CHORUS_LIFECYCLE, 30_000, Duration::from_secs(180)).await;
+    let now = Candidate::leader_of(&*target, "replicator", Duration::from_secs(2)).await.unwrap().expect("a leader");
+    assert_eq!(now.pid, instances[alive].id(), "the standby leads");
+    // Its checkpoint on the hub is at the source's end: nothing left to send.
+    let bucket = target.bucket(&chorus_backbone::BucketConfig::new("REPLICATOR_replicator")).await.unwrap();
+    let last = source.stream_info(CHORUS_LIFECYCLE).await.unwrap().last_sequence;
+    let b = &bucket;
+    eventually("the shared checkpoint at the source's end", Duration::from_secs(60), || async move {
+        let cp = b.get(&format!("east/{CHORUS_LIFECYCLE}")).await.map_err(|e| e.to_string())?;
+        let cp = cp.map(|e| u64::from_be_bytes(e.value.as_ref().try_into().unwrap())).unwrap_or(0);
+        if cp == last {
+            Ok(())
+        } else {
+            Err(format!("checkpoint {cp} of {last}"))
+        }
+    })
+    .await;
+    instances[alive].kill().unwrap();
+    instances[alive].wait().unwrap();
+    assert_eq!(assert_same_events(&*source, &*target, CHORUS_LIFECYCLE).await, 30_000);
 }
