@@ -13,6 +13,7 @@
 
 pub mod agent;
 pub mod agents_dir;
+pub mod enrolment;
 pub mod error;
 pub mod lifecycle;
 pub mod machine;

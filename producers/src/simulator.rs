@@ -351,7 +351,19 @@ impl Simulator {
         policy_dir: Option<std::path::PathBuf>,
         security: Option<Arc<RequestSecurity>>,
     ) -> Result<RpcServer, ProducerError> {
-        let agents: Vec<Arc<dyn Agent>> = vec![Arc::new(agents::RpcUtil)];
+        self.host(transport, collective, policy_dir, security, Vec::new()).await
+    }
+
+    async fn host(
+        &self,
+        transport: Arc<dyn Transport>,
+        collective: &str,
+        policy_dir: Option<std::path::PathBuf>,
+        security: Option<Arc<RequestSecurity>>,
+        extra: Vec<Arc<dyn Agent>>,
+    ) -> Result<RpcServer, ProducerError> {
+        let mut agents: Vec<Arc<dyn Agent>> = vec![Arc::new(agents::RpcUtil)];
+        agents.extend(extra);
         let options = ServerOptions { wildcard_directed: true, security, ..Default::default() };
         let server = RpcServer::new(transport, agents, policy_dir, options)?;
         for (i, node) in self.nodes.iter().enumerate() {
@@ -375,6 +387,28 @@ impl Simulator {
 }
 
 impl Simulator {
+    /// Hosts every simulated node as [`Simulator::host_rpc`] does, with the node side of
+    /// enrolment (`chorus_provision`) too, the nodes trusting `issuers`: for nodes in
+    /// provisioning mode. The returned enrollee tells what each node was configured with.
+    pub async fn host_enrolment(
+        &self,
+        transport: Arc<dyn Transport>,
+        collective: &str,
+        policy_dir: Option<std::path::PathBuf>,
+        issuers: chorus_identity::Issuers,
+    ) -> Result<(RpcServer, Arc<crate::enrolment::SimulatedEnrollee>), ProducerError> {
+        let nodes = self
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.identity.to_string(), (n.emitter.clone(), self.version_of(i).to_string())))
+            .collect();
+        let enrollee = Arc::new(crate::enrolment::SimulatedEnrollee::new(issuers, nodes));
+        let provision: Arc<dyn Agent> = Arc::new(agents::Provision::new(enrollee.clone()));
+        let server = self.host(transport, collective, policy_dir, None, vec![provision]).await?;
+        Ok((server, enrollee))
+    }
+
     /// Publishes every simulated node's registration (their metadata, for inventory
     /// discovery) through `server`, which must host them; returns how many were published.
     pub async fn register(&self, server: &RpcServer, collective: &str) -> Result<usize, ProducerError> {

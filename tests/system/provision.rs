@@ -393,3 +393,107 @@ async fn a_standby_provisioner_takes_over_from_a_killed_leader_without_provision
     assert_eq!(distinct.len(), N, "every node provisioned");
     assert_eq!(all.len(), N, "no node provisioned twice");
 }
+
+/// Enrolment of a startup storm of 1,000 simulated nodes: each proves it holds its key, gets
+/// a credential it verifies itself against the issuer of its image, the configuration and
+/// policies a helper script decided for it, and restarts as `server`; once each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_of_1000_nodes_in_provisioning_mode_is_enrolled_once_each() {
+    use chorus_identity::{Issuers, Role};
+    use chorus_keys::{Algorithm, FileSigner, Signer};
+    let server = NatsServer::start().unwrap();
+    let b = site(&server).await;
+    let dir = tempfile::tempdir().unwrap();
+    let issuer_file = dir.path().join("issuer.key");
+    let issuer = FileSigner::generate(&issuer_file, Algorithm::Ed25519).unwrap();
+    let mut issuers = Issuers::new();
+    issuers.trust(issuer.public_key().clone());
+    let policies = dir.path().join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    std::fs::write(
+        policies.join("chorus_provision.policy"),
+        format!("policy default deny\nallow\t{CALLERID}\tkey configure restart\t*\t*\n"),
+    )
+    .unwrap();
+    // The helper: any program reading the node on stdin and answering its configuration.
+    let helper = dir.path().join("helper.sh");
+    std::fs::write(
+        &helper,
+        "#!/bin/sh\ninput=$(cat)\nid=$(printf '%s' \"$input\" | sed 's/.*\"identity\":\"\\([^\"]*\\)\".*/\\1/')\nprintf '{\"configuration\":{\"identity\":\"%s\",\"plugin.choria.middleware_hosts\":\"nats://broker:4222\"},\"action_policies\":{\"rpcutil\":\"policy default allow\\\\n\"}}' \"$id\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&helper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+
+    let mut sim_config = SimConfig::new(NODES);
+    sim_config.prefix = "enrol".into();
+    sim_config.component = "provision_mode_server".into();
+    let sim = Simulator::new(sim_config, Arc::new(BackboneSink(b.clone()))).unwrap();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let transport: Arc<dyn Transport> = Arc::new(NatsTransport::new(client));
+    let (_nodes, enrollee) = sim.host_enrolment(transport.clone(), "choria", Some(policies), issuers).await.unwrap();
+
+    let config = ProvisionerConfig::from_yaml(&format!(
+        "state_dir: {}\nconcurrency: 50\nsweep_interval: 1s\nenrol:\n  issuer: {{key_file: {}}}\n  helper: [{}]\n",
+        dir.path().join("state").display(),
+        issuer_file.display(),
+        helper.display()
+    ))
+    .unwrap();
+    let started = std::time::Instant::now();
+    sim.startup_storm().await.unwrap();
+    let mut p = Provisioner::start(b.clone(), transport, config, Shutdown::new()).await.unwrap();
+    until(&p, "1000 nodes enrolled", |p| p.counts().unwrap().provisioned == NODES as u64).await;
+    let took = started.elapsed();
+    eprintln!(
+        "enrolled {NODES} nodes in {took:.1?} ({:.0} nodes per minute)",
+        NODES as f64 * 60.0 / took.as_secs_f64()
+    );
+    p.stop().await.unwrap();
+
+    // Every node holds a credential for its own key, from the trusted issuer, and the
+    // configuration and policies the helper decided for it.
+    let mut trusted = Issuers::new();
+    trusted.trust(issuer.public_key().clone());
+    for node in sim.nodes() {
+        let identity = node.identity.to_string();
+        let enrolment = enrollee.enrolment(&identity).unwrap_or_else(|| panic!("{identity} not enrolled"));
+        let credential = trusted.verify(&enrolment.credential, Role::Node, chrono::Utc::now().timestamp()).unwrap();
+        assert_eq!(credential.claims().sub, identity);
+        assert_eq!(enrolment.configuration["identity"], identity.as_str(), "the helper's decision for this node");
+        assert_eq!(enrolment.action_policies["rpcutil"], "policy default allow\n");
+    }
+    assert_eq!(enrollee.enrolled(), NODES);
+    // Counted once every node's restart (its startup as `server`, after the reply) is stored.
+    let b2 = b.clone();
+    eventually("every node restarted as server", Duration::from_secs(30), move || {
+        let b = b2.clone();
+        async move {
+            let n =
+                lifecycle_counts(&*b, &|l| matches!(l, Lifecycle::Startup(_)) && l.component() == "server").await.len();
+            if n == NODES {
+                Ok(())
+            } else {
+                Err(format!("{n} restarted"))
+            }
+        }
+    })
+    .await;
+    let provisioned = lifecycle_counts(&*b, &|l| matches!(l, Lifecycle::Provisioned(_))).await;
+    let restarted = lifecycle_counts(&*b, &|l| matches!(l, Lifecycle::Startup(_)) && l.component() == "server").await;
+    assert_eq!(provisioned.len(), NODES);
+    assert!(provisioned.values().all(|n| *n == 1), "a node provisioned twice");
+    assert!(restarted.values().all(|n| *n == 1), "a node restarted twice");
+}
+
+/// Lifecycle events per node, of those `f` selects.
+async fn lifecycle_counts(b: &dyn Backbone, f: &dyn Fn(&Lifecycle) -> bool) -> BTreeMap<String, usize> {
+    let mut per: BTreeMap<String, usize> = BTreeMap::new();
+    for m in read_all(b, "CHORUS_LIFECYCLE").await {
+        if let Ok(EventRecord { data: Event::Lifecycle(l), subject, .. }) = EventRecord::decode(&m.payload) {
+            if f(&l) {
+                *per.entry(subject).or_default() += 1;
+            }
+        }
+    }
+    per
+}

@@ -68,8 +68,13 @@ pub struct ProvisionerConfig {
     /// Components whose startup events mean "this node needs provisioning".
     #[serde(default = "default_components")]
     pub components: Vec<String>,
-    /// What to run on each node, in order.
+    /// What to run on each node, in order (after enrolment, when `enrol` is set).
+    #[serde(default)]
     pub steps: Vec<Step>,
+    /// Enrol nodes: issue each its credential for a key it proved it holds, push the
+    /// configuration a helper decides, and restart it into its normal component.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enrol: Option<super::enrol::EnrolConfig>,
     /// Directory of the provisioner's state (sled).
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
@@ -198,7 +203,23 @@ impl ProvisionerConfig {
             fetch_wait: default_fetch_wait(),
             ack_wait: default_ack_wait(),
             election: None,
+            enrol: None,
         }
+    }
+
+    /// The steps each node goes through: enrolment's first, the configured ones, then
+    /// enrolment's restart. A node's progress counts these.
+    pub fn effective_steps(&self) -> Vec<Step> {
+        let agent = chorus_rpc::agents::provision::AGENT;
+        let mut steps = Vec::new();
+        if self.enrol.is_some() {
+            steps.push(Step::new(agent, super::enrol::ENROL_ACTION));
+        }
+        steps.extend(self.steps.iter().cloned());
+        if self.enrol.as_ref().is_some_and(|e| e.restart) {
+            steps.push(Step::new(agent, super::enrol::RESTART_ACTION));
+        }
+        steps
     }
 
     /// Reads and validates a YAML (or JSON) file; errors name the file and the field.
@@ -255,8 +276,16 @@ impl Config for ProvisionerConfig {
         for (i, c) in self.components.iter().enumerate() {
             token(&format!("components[{i}]"), c)?;
         }
-        if self.steps.is_empty() {
-            return bad("steps", "must list at least one step");
+        if self.steps.is_empty() && self.enrol.is_none() {
+            return bad("steps", "must list at least one step (or enrol nodes)");
+        }
+        if let Some(enrol) = &self.enrol {
+            if enrol.helper.first().is_some_and(String::is_empty) {
+                return bad("enrol.helper", "must name a program");
+            }
+            if enrol.validity < Duration::from_secs(60) {
+                return bad("enrol.validity", "must be >= 1m");
+            }
         }
         for (i, s) in self.steps.iter().enumerate() {
             token(&format!("steps[{i}].agent"), &s.agent)?;

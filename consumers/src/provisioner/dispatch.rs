@@ -151,7 +151,7 @@ impl Shared {
             if record.attempts > 0 {
                 ProvisionerStats::bump(&self.stats.retries);
             }
-            for (i, step) in self.config.steps.iter().enumerate().skip(record.next_step) {
+            for (i, step) in self.steps.iter().enumerate().skip(record.next_step) {
                 if self.shutdown.is_requested() || !self.leadership.is_leader() {
                     return Ok(());
                 }
@@ -268,6 +268,12 @@ impl Shared {
             timeout,
             ttl: self.config.ttl,
         };
+        if let (Some(enroller), true) = (
+            &self.enroller,
+            step.agent == chorus_rpc::agents::provision::AGENT && step.action == super::enrol::ENROL_ACTION,
+        ) {
+            return enroller.enrol(&self.rpc, identity, &options).await;
+        }
         let results = self
             .rpc
             .call(&step.agent, &step.action, step.data.clone(), options)

@@ -48,6 +48,10 @@ pub(super) struct Shared {
     /// Counts the fetches that found nothing to read: one that started after a moment
     /// means everything stored before that moment has been read.
     pub(super) idle: watch::Sender<u64>,
+    /// The steps every node goes through ([`ProvisionerConfig::effective_steps`]).
+    pub(super) steps: Vec<super::config::Step>,
+    /// Issues credentials, when nodes are enrolled.
+    pub(super) enroller: Option<super::enrol::Enroller>,
 }
 
 impl Shared {
@@ -161,7 +165,17 @@ impl Provisioner {
             }
             None => (Leadership::alone(), None),
         };
+        let enroller = match &config.enrol {
+            Some(e) => Some(
+                super::enrol::Enroller::open(e)
+                    .map_err(|e| ProvisionerError::Config(chorus_runtime::ConfigError::message(e)))?,
+            ),
+            None => None,
+        };
+        let steps = config.effective_steps();
         let shared = Arc::new(Shared {
+            steps,
+            enroller,
             permits: Arc::new(Semaphore::new(config.concurrency)),
             config,
             backbone,

@@ -89,6 +89,7 @@ mod config;
 mod consume;
 mod dispatch;
 mod engine;
+mod enrol;
 mod error;
 pub mod metrics;
 mod record;
@@ -100,6 +101,7 @@ mod tests;
 
 pub use config::{ProvisionerConfig, Step};
 pub use engine::{Monitor, Provisioner};
+pub use enrol::EnrolConfig;
 pub use error::ProvisionerError;
 pub use record::{EventRef, NodeRecord, NodeStatus, ProvisionedOutcome, StartupOutcome};
 pub use stats::{ProvisionerStats, StatsSnapshot, StatusCounts};
