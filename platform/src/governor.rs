@@ -55,8 +55,15 @@ pub struct Lease {
     slot: u32,
     lost: watch::Receiver<bool>,
     stop: Shutdown,
-    renewer: tokio::task::JoinHandle<Option<u64>>,
+    renewer: Option<tokio::task::JoinHandle<Option<u64>>>,
     leases: Arc<dyn Bucket>,
+}
+
+impl Drop for Lease {
+    /// A lease dropped unreleased stops being renewed: it expires for the next claimant.
+    fn drop(&mut self) {
+        self.stop.request();
+    }
 }
 
 fn check_name(name: &str) -> Result<(), PlatformError> {
@@ -201,7 +208,7 @@ impl Governor {
                 }
             })
         };
-        Lease { slot, lost, stop, renewer, leases }
+        Lease { slot, lost, stop, renewer: Some(renewer), leases }
     }
 }
 
@@ -223,9 +230,12 @@ impl Lease {
     }
 
     /// Gives the lease back for the next claimant.
-    pub async fn release(self) -> Result<(), PlatformError> {
+    pub async fn release(mut self) -> Result<(), PlatformError> {
         self.stop.request();
-        let revision = self.renewer.await.ok().flatten();
+        let revision = match self.renewer.take() {
+            Some(renewer) => renewer.await.ok().flatten(),
+            None => None,
+        };
         if let Some(revision) = revision {
             match self.leases.delete(&format!("slot.{}", self.slot), Some(revision)).await {
                 Ok(()) | Err(BackboneError::WrongRevision { .. }) => {}

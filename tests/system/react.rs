@@ -316,3 +316,51 @@ rules:
         records.iter().filter(|r| r.outcome == ReactionOutcome::Succeeded).map(|r| r.firing.clone()).collect();
     assert_eq!(succeeded.len(), EVENTS);
 }
+
+/// A rule under a governor of capacity 1 runs its firings' actions one at a time, however
+/// many the reactor could run at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_under_a_governor_never_exceeds_its_capacity() {
+    use chorus_platform::governor::{Governor, GovernorSpec};
+    let server = NatsServer::start().unwrap();
+    let b = js(&server.url()).await;
+    ensure_platform_streams(&*b, &StreamLimits::default()).await.unwrap();
+    Governor::add(&*b, "one_at_a_time", GovernorSpec { capacity: 1, expires: Duration::from_secs(30) }).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("held.log");
+    let config = ReactorConfig::from_yaml(&format!(
+        r#"name: governed
+state_dir: {}
+start: first
+concurrency: 8
+rules:
+  - name: started
+    match: {{stream: CHORUS_LIFECYCLE, type: io.choria.lifecycle.v1.startup}}
+    governor: one_at_a_time
+    actions:
+      - command: {{run: [sh, -c, 'echo "+ $CHORUS_KEY" >> {log}; sleep 0.05; echo "- $CHORUS_KEY" >> {log}']}}
+"#,
+        dir.path().join("state").display(),
+        log = log.display()
+    ))
+    .unwrap();
+    let mut reactor = Reactor::start(b.clone(), None, config, false, Shutdown::new()).await.unwrap();
+    publish_all(&*b, startups("gov", 0..12, None)).await;
+    let l = &log;
+    eventually("every firing's command ran", Duration::from_secs(60), || async move {
+        let n = std::fs::read_to_string(l).unwrap_or_default().lines().filter(|x| x.starts_with('-')).count();
+        if n == 12 {
+            Ok(())
+        } else {
+            Err(format!("{n} done"))
+        }
+    })
+    .await;
+    reactor.stop().await.unwrap();
+    let (mut held, mut most) = (0i32, 0i32);
+    for line in std::fs::read_to_string(&log).unwrap().lines() {
+        held += if line.starts_with('+') { 1 } else { -1 };
+        most = most.max(held);
+    }
+    assert_eq!(most, 1, "two firings acted at once under a governor of capacity 1");
+}

@@ -40,7 +40,7 @@ impl Outcome {
     fn ok(detail: impl Into<String>) -> Self {
         Outcome { ok: true, detail: detail.into(), attempts: 1 }
     }
-    fn failed(detail: impl Into<String>) -> Self {
+    pub(super) fn failed(detail: impl Into<String>) -> Self {
         Outcome { ok: false, detail: detail.into(), attempts: 1 }
     }
 }

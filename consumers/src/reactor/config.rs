@@ -110,6 +110,13 @@ pub struct Rule {
     /// Fire at most once per key, ever.
     #[serde(default)]
     pub once_per_key: bool,
+    /// Run the actions under a lease of this governor (`chorus governor add`), so no more
+    /// firings act at once, fleet-wide, than its capacity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub governor: Option<String>,
+    /// How long a firing waits for a lease before its actions fail.
+    #[serde(default = "default_governor_timeout", with = "humantime_serde")]
+    pub governor_timeout: Duration,
     /// What a firing does, in order; an action that fails does not stop the next. Each is
     /// a map with one key, the kind (`- rpc: {...}`).
     #[serde(default, with = "serde_yaml::with::singleton_map_recursive")]
@@ -294,6 +301,9 @@ fn default_tick() -> Duration {
 fn default_stream() -> String {
     chorus_schemas::subject::CHORUS_LIFECYCLE.into()
 }
+fn default_governor_timeout() -> Duration {
+    Duration::from_secs(300)
+}
 fn default_rpc_timeout() -> Duration {
     Duration::from_secs(10)
 }
@@ -434,6 +444,13 @@ impl Rule {
             if let Some(c) = &when.changed {
                 Expression::compile(c).map_err(|e| ConfigError::invalid(at("when.changed"), &e))?;
             }
+        }
+        if self
+            .governor
+            .as_deref()
+            .is_some_and(|g| g.is_empty() || !g.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'))
+        {
+            return bad("governor", "a governor name: letters, digits, - and _");
         }
         if self.throttle.is_some_and(|d| d.is_zero()) {
             return bad("throttle", "must be > 0");

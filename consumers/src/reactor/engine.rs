@@ -8,6 +8,7 @@ use std::time::Duration;
 use chorus_backbone::{Backbone, ReplayOptions, StartPosition, StoredMessage};
 use chorus_platform::deadletter::{self, DeadLetter};
 use chorus_platform::election::{Candidate, Leadership};
+use chorus_platform::governor::Governor;
 use chorus_platform::{to_message, ReadStatus};
 use chorus_rpc::{RpcClient, Transport};
 use chorus_runtime::{Backoff, Config, Health, Shutdown, TaskMonitor, Tasks};
@@ -600,6 +601,24 @@ async fn run_firing(shared: &Shared, actuators: &Actuators, mut firing: Firing) 
             Vec::new()
         }
     };
+    let rule = shared.config.rules.iter().find(|r| r.name == firing.rule_name);
+    let mut lease = None;
+    let mut no_lease = None;
+    if let (Some(rule), true) = (rule, firing.next_action < actions.len()) {
+        if let Some(name) = &rule.governor {
+            let holder = format!("{}:{}", shared.config.name, firing.id);
+            let claimed = async {
+                let governor = Governor::open(&*shared.backbone, name).await?;
+                governor.claim(&holder, rule.governor_timeout, &shared.shutdown).await
+            };
+            match claimed.await {
+                Ok(Some(l)) => lease = Some(l),
+                Ok(None) if shared.shutdown.is_requested() => return Ok(()),
+                Ok(None) => no_lease = Some(format!("governor {name}: no lease within {:?}", rule.governor_timeout)),
+                Err(e) => no_lease = Some(format!("governor {name}: {e}")),
+            }
+        }
+    }
     while firing.next_action < actions.len() {
         if shared.shutdown.is_requested() || !shared.leadership.is_leader() {
             // Resumed from this action after the restart, or by the next leader.
@@ -607,7 +626,10 @@ async fn run_firing(shared: &Shared, actuators: &Actuators, mut firing: Firing) 
         }
         let index = firing.next_action;
         let action = &actions[index];
-        let outcome = actuators.run(&firing, index, action).await;
+        let outcome = match &no_lease {
+            Some(why) => super::actions::Outcome::failed(why.clone()),
+            None => actuators.run(&firing, index, action).await,
+        };
         let counter = if outcome.ok { &shared.stats.actions_succeeded } else { &shared.stats.actions_failed };
         counter.fetch_add(1, Ordering::Relaxed);
         if !outcome.ok {
@@ -637,6 +659,11 @@ async fn run_firing(shared: &Shared, actuators: &Actuators, mut firing: Firing) 
             commit.done(&firing.id);
         }
         shared.store.apply(commit).await?;
+    }
+    if let Some(lease) = lease {
+        if let Err(e) = lease.release().await {
+            tracing::warn!(firing = %firing.id, error = %e, "reactor: releasing the governor lease failed; it expires");
+        }
     }
     if actions.is_empty() {
         let mut commit = Commit::new();
