@@ -102,7 +102,10 @@ fn every_yaml_example_in_the_docs_is_a_configuration_that_parses() {
             ("docs/AGENT.md" | "docs/TARGETING.md", "identity") => {
                 check::<chorus_producers::agent::AgentConfig>(example)
             }
-            ("docs/CONSUMERS.md", "steps") => check::<chorus_consumers::provisioner::ProvisionerConfig>(example),
+            ("docs/CONSUMERS.md", "steps" | "enrol") => {
+                check::<chorus_consumers::provisioner::ProvisionerConfig>(example)
+            }
+            ("docs/REACTOR.md", "name") => check::<chorus_consumers::reactor::ReactorConfig>(example),
             ("docs/CONSUMERS.md", "consumer" | "sink") => {
                 check::<chorus_consumers::audit_export::ExportConfig>(example)
             }
