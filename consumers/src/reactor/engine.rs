@@ -505,6 +505,14 @@ async fn evaluate(
                 }
             }
         }
+        // Timed firings read their cause back: the state keeps only where it is.
+        for f in firings.iter_mut().filter(|f| f.event.is_null()) {
+            match shared.backbone.get(&f.cause.stream, f.cause.sequence).await {
+                Ok(Some(m)) => f.event = parse(&m).map(|(e, _)| e).unwrap_or_default(),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(firing = %f.id, error = %e, "reactor: reading the cause back failed"),
+            }
+        }
         let stats = &shared.stats;
         stats.evaluated.fetch_add(batch.len() as u64, Ordering::Relaxed);
         stats.matched.fetch_add(counts.matched, Ordering::Relaxed);

@@ -9,12 +9,11 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 
 use chorus_schemas::reaction::ReactionCause;
-use expr::Context;
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
 use super::config::{ReactorConfig, Rule};
-use super::template::{context, to_json, Expression, Template};
+use super::template::{to_json, EventContext, Expression, Template};
 
 /// One event as rules see it.
 pub struct Seen<'a> {
@@ -62,7 +61,8 @@ pub struct Firing {
     pub reason: String,
     /// The event that caused it.
     pub cause: ReactionCause,
-    /// The cause event, for the actions' templates.
+    /// The cause event, for the actions' templates (null until read back, for a timed
+    /// firing; null for good when its stream no longer holds it).
     pub event: Json,
     /// When it fired, Unix milliseconds (event time, or the deadline of a timed condition).
     pub at_ms: i64,
@@ -76,6 +76,9 @@ pub struct Armed {
     deadline_ms: i64,
     reason: String,
     cause: ReactionCause,
+    /// The cause event itself only when it fires at once; a timed firing reads it back
+    /// from its stream (keeping every armed key's last event would cost a copy per event).
+    #[serde(default, skip_serializing_if = "Json::is_null")]
     event: Json,
 }
 
@@ -207,7 +210,7 @@ impl Rules {
     /// Evaluates every rule of `event.stream` on `event`; firings are appended to `out`.
     pub fn apply(&mut self, event: &Seen<'_>, counts: &mut Counts, out: &mut Vec<Firing>) {
         let ty = event.attr("type");
-        let mut ctx: Option<Context> = None;
+        let mut ctx: Option<EventContext> = None;
         for index in 0..self.compiled.len() {
             let c = &self.compiled[index];
             let m = &c.rule.matches;
@@ -218,7 +221,7 @@ impl Rules {
                 continue;
             }
             if c.needs_context && ctx.is_none() {
-                ctx = Some(context(event.event, event.stream, event.sequence, event.nats_subject));
+                ctx = Some(EventContext::new(event.event, event.stream, event.sequence, event.nats_subject));
             }
             let ctx_ref = ctx.as_ref();
             if let (Some(e), Some(ctx)) = (&c.expression, ctx_ref) {
@@ -282,7 +285,7 @@ impl Rules {
                         deadline_ms: t + silence.as_millis() as i64,
                         reason: format!("no matching event for {}", humantime::format_duration(silence)),
                         cause: event.cause(),
-                        event: event.event.clone(),
+                        event: Json::Null,
                     });
                     None
                 } else {
@@ -301,7 +304,7 @@ impl Rules {
                 deadline_ms: t + debounce.as_millis() as i64,
                 reason: format!("{reason}, then quiet for {}", humantime::format_duration(debounce)),
                 cause: event.cause(),
-                event: event.event.clone(),
+                event: Json::Null,
             });
             return;
         }

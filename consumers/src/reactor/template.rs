@@ -5,7 +5,7 @@
 //! `event.data.status`, ...), `data` (the event's data), `stream`, `sequence` and
 //! `nats_subject`. A template is text with `{{ expression }}` parts.
 
-use expr::{Context, Environment, Program, Value};
+use expr::{Context, ContextProvider, Environment, Program, Value};
 use serde_json::Value as Json;
 
 /// One compiled expression.
@@ -31,13 +31,13 @@ impl Expression {
     }
 
     /// Its value over `ctx`.
-    pub fn eval(&self, ctx: &Context) -> Result<Value, String> {
+    pub fn eval(&self, ctx: &dyn ContextProvider) -> Result<Value, String> {
         environment().run(&self.program, ctx).map_err(|e| format!("{}: {e}", self.text))
     }
 
     /// Whether it is true over `ctx`; an error or a value that is not `true` is false, as a
     /// failing `-S` filter does not match.
-    pub fn holds(&self, ctx: &Context) -> bool {
+    pub fn holds(&self, ctx: &dyn ContextProvider) -> bool {
         matches!(self.eval(ctx), Ok(Value::Bool(true)))
     }
 }
@@ -81,7 +81,7 @@ impl Template {
 
     /// The text with every expression replaced by its value (strings as they are, other
     /// values as JSON, nil as nothing).
-    pub fn render(&self, ctx: &Context) -> Result<String, String> {
+    pub fn render(&self, ctx: &dyn ContextProvider) -> Result<String, String> {
         let mut out = String::new();
         for part in &self.parts {
             match part {
@@ -98,7 +98,7 @@ impl Template {
 
     /// As [`Template::render`], but a template that is one expression gives its value with
     /// its type (a number stays a number, an object an object).
-    pub fn render_json(&self, ctx: &Context) -> Result<Json, String> {
+    pub fn render_json(&self, ctx: &dyn ContextProvider) -> Result<Json, String> {
         match self.parts.as_slice() {
             [Part::Expr(e)] => Ok(to_json(&e.eval(ctx)?)),
             _ => self.render(ctx).map(Json::String),
@@ -140,7 +140,7 @@ impl ValueTemplate {
     }
 
     /// The document with every template rendered.
-    pub fn render(&self, ctx: &Context) -> Result<Json, String> {
+    pub fn render(&self, ctx: &dyn ContextProvider) -> Result<Json, String> {
         Ok(match self {
             ValueTemplate::Plain(v) => v.clone(),
             ValueTemplate::Text(t) => t.render_json(ctx)?,
@@ -152,7 +152,55 @@ impl ValueTemplate {
     }
 }
 
-/// The context expressions see for one event.
+/// What rule expressions see of one event, converted once and borrowed by every rule:
+/// `data` is the event's own `data`, not a copy.
+pub struct EventContext {
+    event: Value,
+    stream: Value,
+    sequence: Value,
+    nats_subject: Value,
+}
+
+impl EventContext {
+    /// The context of `event` read at `stream`/`sequence` under `nats_subject`.
+    pub fn new(event: &Json, stream: &str, sequence: u64, nats_subject: &str) -> Self {
+        EventContext {
+            event: from_json(event),
+            stream: Value::String(stream.to_owned()),
+            sequence: Value::Integer(i64::try_from(sequence).unwrap_or(i64::MAX)),
+            nats_subject: Value::String(nats_subject.to_owned()),
+        }
+    }
+}
+
+impl ContextProvider for EventContext {
+    fn get(&self, key: &str) -> Option<&Value> {
+        match key {
+            "event" => Some(&self.event),
+            "data" => match &self.event {
+                Value::Map(map) => map.get("data"),
+                _ => None,
+            },
+            "stream" => Some(&self.stream),
+            "sequence" => Some(&self.sequence),
+            "nats_subject" => Some(&self.nats_subject),
+            _ => None,
+        }
+    }
+
+    fn to_context(&self) -> Context {
+        let mut ctx = Context::default();
+        for key in ["event", "data", "stream", "sequence", "nats_subject"] {
+            if let Some(v) = self.get(key) {
+                ctx.insert(key, v.clone());
+            }
+        }
+        ctx
+    }
+}
+
+/// The context expressions see for one event, as an owned [`Context`] (for templates that
+/// add names of their own).
 pub fn context(event: &Json, stream: &str, sequence: u64, nats_subject: &str) -> Context {
     let mut ctx = Context::default();
     let value = from_json(event);
