@@ -15,7 +15,6 @@ use chorus_runtime::{Backoff, Config, Health, Shutdown, TaskMonitor, Tasks};
 use chorus_schemas::reaction::{Reaction, ReactionAction, ReactionOutcome};
 use chorus_schemas::EventRecord;
 use futures::StreamExt;
-use serde_json::Value as Json;
 use tokio::sync::{mpsc, Semaphore};
 
 use super::actions::{Actuators, RECORD_BACKOFF};
@@ -23,6 +22,7 @@ use super::config::ReactorConfig;
 use super::error::ReactorError;
 use super::rules::{Counts, Firing, Rules, Seen};
 use super::store::{Commit, ReactorStore};
+use super::template::{from_json, to_json, ExprValue};
 
 /// Pauses between failed reads of a stream.
 const READ_BACKOFF: Backoff = Backoff::doubling(Duration::from_millis(400), Duration::from_secs(10));
@@ -411,30 +411,31 @@ impl Shared {
     }
 }
 
-/// An event as the rules see it, or why it is not one.
-fn parse(message: &StoredMessage) -> Result<(Json, i64), (String, String)> {
+/// An event as the rules see it (read straight into expr values), or why it is not one.
+fn parse(message: &StoredMessage) -> Result<(expr::Value, i64), (String, String)> {
     let fallback = message.time.timestamp_millis();
-    match serde_json::from_slice::<Json>(&message.payload) {
-        Ok(Json::Object(map)) if map.contains_key("specversion") => {
-            if !map.get("id").is_some_and(Json::is_string) || !map.get("type").is_some_and(Json::is_string) {
+    if let Ok(ExprValue(expr::Value::Map(map))) = serde_json::from_slice::<ExprValue>(&message.payload) {
+        if map.contains_key("specversion") {
+            let is_text = |k: &str| matches!(map.get(k), Some(expr::Value::String(_)));
+            if !is_text("id") || !is_text("type") {
                 return Err(("not_cloudevent".into(), "a CloudEvent needs a string id and type".into()));
             }
             let time = map
                 .get("time")
-                .and_then(Json::as_str)
+                .and_then(expr::Value::as_string)
                 .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
                 .map(|t| t.timestamp_millis())
                 .unwrap_or(fallback);
-            Ok((Json::Object(map), time))
+            return Ok((expr::Value::Map(map), time));
         }
-        _ => match EventRecord::decode(&message.payload) {
-            // Choria's bare lifecycle documents, as a CloudEvent.
-            Ok(record) => {
-                let time = record.time.timestamp_millis();
-                Ok((serde_json::to_value(record.to_cloudevent()).unwrap_or_default(), time))
-            }
-            Err(e) => Err((e.code().to_owned(), e.to_string())),
-        },
+    }
+    match EventRecord::decode(&message.payload) {
+        // Choria's bare lifecycle documents, as a CloudEvent.
+        Ok(record) => {
+            let time = record.time.timestamp_millis();
+            Ok((from_json(&serde_json::to_value(record.to_cloudevent()).unwrap_or_default()), time))
+        }
+        Err(e) => Err((e.code().to_owned(), e.to_string())),
     }
 }
 
@@ -508,7 +509,7 @@ async fn evaluate(
         // Timed firings read their cause back: the state keeps only where it is.
         for f in firings.iter_mut().filter(|f| f.event.is_null()) {
             match shared.backbone.get(&f.cause.stream, f.cause.sequence).await {
-                Ok(Some(m)) => f.event = parse(&m).map(|(e, _)| e).unwrap_or_default(),
+                Ok(Some(m)) => f.event = parse(&m).map(|(e, _)| to_json(&e)).unwrap_or_default(),
                 Ok(None) => {}
                 Err(e) => tracing::warn!(firing = %f.id, error = %e, "reactor: reading the cause back failed"),
             }

@@ -23,15 +23,18 @@ pub struct Seen<'a> {
     pub sequence: u64,
     /// The NATS subject it was stored under.
     pub nats_subject: &'a str,
-    /// The CloudEvent as JSON.
-    pub event: &'a Json,
+    /// The CloudEvent, as expressions see it.
+    pub event: &'a expr::Value,
     /// Its `time`, Unix milliseconds (the stored time when it has none).
     pub time_ms: i64,
 }
 
 impl Seen<'_> {
     fn attr(&self, name: &str) -> &str {
-        self.event.get(name).and_then(Json::as_str).unwrap_or_default()
+        match self.event {
+            expr::Value::Map(map) => map.get(name).and_then(expr::Value::as_string).unwrap_or_default(),
+            _ => "",
+        }
     }
 
     fn cause(&self) -> ReactionCause {
@@ -309,7 +312,7 @@ impl Rules {
             return;
         }
         let id = format!("{}:{}:{}:{}", self.reactor, rule.name, event.stream, event.sequence);
-        let armed = Armed { deadline_ms: t, reason, cause: event.cause(), event: event.event.clone() };
+        let armed = Armed { deadline_ms: t, reason, cause: event.cause(), event: to_json(event.event) };
         if let Some(f) = fire(index, rule, key, state, id, armed, counts) {
             out.push(f);
         }
@@ -394,11 +397,12 @@ mod tests {
     fn feed(r: &mut Rules, events: &[(u64, Json)]) -> (Vec<Firing>, Counts) {
         let (mut out, mut counts) = (Vec::new(), Counts::default());
         for (seq, e) in events {
+            let value = super::super::template::from_json(e);
             let seen = Seen {
                 stream: "CHORUS_MACHINE",
                 sequence: *seq,
                 nats_subject: "choria.machine.watcher.nagios.state",
-                event: e,
+                event: &value,
                 time_ms: e["t"].as_i64().unwrap(),
             };
             r.apply(&seen, &mut counts, &mut out);

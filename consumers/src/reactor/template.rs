@@ -152,20 +152,20 @@ impl ValueTemplate {
     }
 }
 
-/// What rule expressions see of one event, converted once and borrowed by every rule:
-/// `data` is the event's own `data`, not a copy.
-pub struct EventContext {
-    event: Value,
+/// What rule expressions see of one event, borrowed by every rule: `event` is the event as
+/// read, `data` its own `data`, not copies.
+pub struct EventContext<'a> {
+    event: &'a Value,
     stream: Value,
     sequence: Value,
     nats_subject: Value,
 }
 
-impl EventContext {
+impl<'a> EventContext<'a> {
     /// The context of `event` read at `stream`/`sequence` under `nats_subject`.
-    pub fn new(event: &Json, stream: &str, sequence: u64, nats_subject: &str) -> Self {
+    pub fn new(event: &'a Value, stream: &str, sequence: u64, nats_subject: &str) -> Self {
         EventContext {
-            event: from_json(event),
+            event,
             stream: Value::String(stream.to_owned()),
             sequence: Value::Integer(i64::try_from(sequence).unwrap_or(i64::MAX)),
             nats_subject: Value::String(nats_subject.to_owned()),
@@ -173,10 +173,10 @@ impl EventContext {
     }
 }
 
-impl ContextProvider for EventContext {
+impl ContextProvider for EventContext<'_> {
     fn get(&self, key: &str) -> Option<&Value> {
         match key {
-            "event" => Some(&self.event),
+            "event" => Some(self.event),
             "data" => match &self.event {
                 Value::Map(map) => map.get("data"),
                 _ => None,
@@ -216,6 +216,67 @@ pub fn context(event: &Json, stream: &str, sequence: u64, nats_subject: &str) ->
 
 pub(crate) use chorus_rpc::expression::{from_json, to_json};
 
+/// An expr value read straight from JSON, without a `serde_json::Value` in between: the
+/// reactor reads every event into the form its expressions take, once.
+pub struct ExprValue(pub Value);
+
+impl<'de> serde::Deserialize<'de> for ExprValue {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(ExprVisitor)
+    }
+}
+
+struct ExprVisitor;
+
+impl<'de> serde::de::Visitor<'de> for ExprVisitor {
+    type Value = ExprValue;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<ExprValue, E> {
+        Ok(ExprValue(Value::Bool(v)))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<ExprValue, E> {
+        Ok(ExprValue(Value::Integer(v)))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<ExprValue, E> {
+        Ok(ExprValue(i64::try_from(v).map(Value::Integer).unwrap_or(Value::Float(v as f64))))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<ExprValue, E> {
+        Ok(ExprValue(Value::Float(v)))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<ExprValue, E> {
+        Ok(ExprValue(Value::String(v.to_owned())))
+    }
+    fn visit_string<E>(self, v: String) -> Result<ExprValue, E> {
+        Ok(ExprValue(Value::String(v)))
+    }
+    fn visit_unit<E>(self) -> Result<ExprValue, E> {
+        Ok(ExprValue(Value::Nil))
+    }
+    fn visit_none<E>(self) -> Result<ExprValue, E> {
+        Ok(ExprValue(Value::Nil))
+    }
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<ExprValue, D::Error> {
+        serde::Deserialize::deserialize(d)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<ExprValue, A::Error> {
+        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+        while let Some(ExprValue(v)) = seq.next_element()? {
+            items.push(v);
+        }
+        Ok(ExprValue(Value::Array(items)))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<ExprValue, A::Error> {
+        let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0));
+        while let Some((k, ExprValue(v))) = map.next_entry::<String, ExprValue>()? {
+            entries.push((k, v));
+        }
+        Ok(ExprValue(Value::Map(entries.into_iter().collect())))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -224,6 +285,13 @@ mod tests {
     fn ctx() -> Context {
         let event = json!({"id": "e1", "type": "t", "subject": "web1", "data": {"status": "CRITICAL", "n": 3}});
         context(&event, "CHORUS_MACHINE", 7, "choria.machine.watcher.nagios.state")
+    }
+
+    #[test]
+    fn json_reads_straight_into_expr_values() {
+        let text = r#"{"a": [1, 2.5, "x", null, true], "b": {"c": 18446744073709551615}}"#;
+        let ExprValue(v) = serde_json::from_str(text).unwrap();
+        assert_eq!(v, from_json(&serde_json::from_str::<Json>(text).unwrap()));
     }
 
     #[test]
