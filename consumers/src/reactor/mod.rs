@@ -57,5 +57,5 @@ pub use config::{
 };
 pub use engine::{Monitor, Reactor, StatsSnapshot};
 pub use error::ReactorError;
-pub use rules::{Firing, KeyState, Rules, Seen};
-pub use template::{Expression, Template};
+pub use rules::{Counts, Firing, KeyState, Rules, Seen};
+pub use template::{ExprValue, Expression, Template};
