@@ -313,6 +313,7 @@ impl NodeAgent {
         }
 
         let machines = start_machines(&config, &emitter, tasks.shutdown());
+        crate::machine::connect_subscriptions(&machines, tasks.shutdown());
         let alive = lifecycle.clone();
         let (interval, splay) = (config.alive_interval, config.alive_splay.unwrap_or(config.alive_interval));
         let stop = tasks.shutdown().clone();

@@ -121,6 +121,7 @@ pub(crate) async fn run(
     emitter: Arc<Emitter>,
     mut commands: mpsc::Receiver<Command>,
     state: watch::Sender<String>,
+    fired: tokio::sync::broadcast::Sender<String>,
     stop: Shutdown,
 ) {
     let mut throttle = TransitionThrottle::default();
@@ -156,6 +157,8 @@ pub(crate) async fn run(
                             warn!(machine = %instance.machine, transition = %name, error = %e, "could not emit transition event");
                         }
                         state.send_replace(to.clone());
+                        // Machines on the node that subscribe to it (none listening is fine).
+                        fired.send(name.clone()).ok();
                     }
                     Ok(Fired::Stayed) => {
                         debug!(machine = %instance.machine, transition = %name, "transition keeps the current state")

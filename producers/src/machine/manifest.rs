@@ -114,6 +114,18 @@ pub struct TransitionDef {
     pub destination: String,
     /// Free text for people reading the manifest.
     pub description: Option<String>,
+    /// Fire this transition when another machine on the node fires `event` (Choria's
+    /// `subscribe`, since 0.30.0).
+    pub subscribe: Vec<Subscription>,
+}
+
+/// A transition of another machine on the same node that fires one of this machine's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscription {
+    /// The other machine's name.
+    pub machine_name: String,
+    /// The transition it fires.
+    pub event: String,
 }
 
 /// A watcher: checks something while the machine is in one of `state_match` and fires
@@ -177,8 +189,9 @@ impl WatcherProperties {
         }
     }
 
-    /// Smallest `interval` the type accepts, and whether it takes one at all. Choria's
-    /// limits: polling faster than twice a second only burns CPU on every node.
+    /// Smallest `interval` the type accepts, and whether it uses one at all. Choria's
+    /// limits: polling faster than twice a second only burns CPU on every node. Schedule and
+    /// timer watchers accept an `interval` and ignore it, as Choria's do.
     fn min_interval(&self) -> Option<Duration> {
         match self {
             WatcherProperties::Exec(_) | WatcherProperties::File(_) => Some(Duration::from_millis(500)),
@@ -219,6 +232,10 @@ pub struct ScheduleProperties {
     pub schedules: Vec<String>,
     /// How long the schedule stays on after a match.
     pub duration: Duration,
+    /// Turn on up to this long after a match, at a random point picked when the watcher
+    /// starts (at most half the duration, as Choria requires), so a fleet does not start
+    /// together.
+    pub start_splay: Duration,
     /// On re-entering a matching state with the schedule unchanged, do not fire the
     /// transition again.
     pub skip_trigger_on_reenter: bool,
@@ -314,6 +331,15 @@ impl Manifest {
             if t.destination.trim().is_empty() {
                 return Err(err(format!("transitions[{i}].destination"), "missing"));
             }
+            for (j, sub) in t.subscribe.iter().enumerate() {
+                let at = |f: &str| format!("transitions[{i}].subscribe[{j}].{f}");
+                if sub.machine_name.trim().is_empty() {
+                    return Err(err(at("machine_name"), "missing"));
+                }
+                if sub.event.trim().is_empty() {
+                    return Err(err(at("event"), "missing"));
+                }
+            }
         }
 
         if self.watchers.is_empty() {
@@ -348,9 +374,6 @@ impl Manifest {
                 }
             }
             match (w.interval, w.properties.min_interval()) {
-                (Some(_), None) => {
-                    return Err(err(field("interval"), format!("not used by {kind} watchers")));
-                }
                 (Some(interval), Some(min)) if interval < min => {
                     return Err(err(
                         field("interval"),
@@ -404,6 +427,16 @@ impl Manifest {
                     }
                     if p.duration.is_zero() {
                         return Err(err(prop("duration"), "missing"));
+                    }
+                    if p.start_splay > p.duration / 2 {
+                        return Err(err(
+                            prop("start_splay"),
+                            format!(
+                                "{} is more than half the duration {}",
+                                format_duration(p.start_splay),
+                                format_duration(p.duration)
+                            ),
+                        ));
                     }
                 }
                 WatcherProperties::Timer(p) => {
@@ -469,6 +502,14 @@ struct RawTransition {
     from: Option<Vec<String>>,
     destination: Option<String>,
     description: Option<String>,
+    subscribe: Option<Vec<RawSubscription>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a subscription: a mapping with machine_name and event")]
+struct RawSubscription {
+    machine_name: Option<String>,
+    event: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -509,6 +550,7 @@ struct RawFile {
 struct RawSchedule {
     schedules: Option<Vec<String>>,
     duration: Option<GoDuration>,
+    start_splay: Option<GoDuration>,
     #[serde(default)]
     skip_trigger_on_reenter: bool,
 }
@@ -549,11 +591,26 @@ impl RawManifest {
             .into_iter()
             .enumerate()
             .map(|(i, t)| {
+                let subscribe = t
+                    .subscribe
+                    .unwrap_or_default()
+                    .into_iter()
+                    .enumerate()
+                    .map(|(j, s)| {
+                        Ok(Subscription {
+                            machine_name: required(s.machine_name, || {
+                                format!("transitions[{i}].subscribe[{j}].machine_name")
+                            })?,
+                            event: required(s.event, || format!("transitions[{i}].subscribe[{j}].event"))?,
+                        })
+                    })
+                    .collect::<Result<_, ManifestError>>()?;
                 Ok(TransitionDef {
                     name: required(t.name, || format!("transitions[{i}].name"))?,
                     from: t.from.unwrap_or_default(),
                     destination: required(t.destination, || format!("transitions[{i}].destination"))?,
                     description: optional(t.description),
+                    subscribe,
                 })
             })
             .collect::<Result<_, ManifestError>>()?;
@@ -606,6 +663,7 @@ impl RawWatcher {
                         None => return Err(ManifestError::invalid(format!("{field}.duration"), "missing")),
                     },
                     skip_trigger_on_reenter: p.skip_trigger_on_reenter,
+                    start_splay: p.start_splay.map_or(Duration::ZERO, |d| d.0),
                 })
             }
             "timer" => {
@@ -678,6 +736,59 @@ watchers:
     fn assert_err(from: &str, to: &str, expected: &str) {
         let e = err_after(from, to);
         assert!(e.starts_with(expected), "replacing {from:?} with {to:?}:\n got: {e}\nwant: {expected}…");
+    }
+
+    /// What Choria accepts, Chorus accepts with its meaning: `subscribe`, a schedule's
+    /// `start_splay`, an `interval` on schedule and timer watchers (which Choria ignores).
+    /// What Choria refuses stays refused: a timer's `success_transition` ("timer watcher
+    /// does not support success events"), a start splay over half the duration.
+    #[test]
+    fn choria_fields_are_accepted_with_their_meaning() {
+        let yaml = r#"
+name: M
+version: 1.0.0
+initial_state: idle
+transitions:
+  - name: go
+    from: [idle]
+    destination: busy
+    subscribe: [{machine_name: Other, event: started}]
+  - {name: stop, from: [busy], destination: idle}
+watchers:
+  - name: window
+    type: schedule
+    interval: 1m
+    state_match: [idle]
+    success_transition: go
+    fail_transition: stop
+    properties: {schedules: ["0 * * * *"], duration: 10m, start_splay: 5m}
+  - name: timeout
+    type: timer
+    interval: 10s
+    fail_transition: stop
+    properties: {timer: 1h}
+"#;
+        let m = Manifest::from_yaml(yaml).unwrap();
+        assert_eq!(
+            m.transitions[0].subscribe,
+            [Subscription { machine_name: "Other".into(), event: "started".into() }]
+        );
+        match &m.watchers[0].properties {
+            WatcherProperties::Schedule(p) => assert_eq!(p.start_splay, Duration::from_secs(300)),
+            other => panic!("{other:?}"),
+        }
+        let too_much =
+            Manifest::from_yaml(&yaml.replace("start_splay: 5m", "start_splay: 6m")).unwrap_err().to_string();
+        assert!(too_much.contains("watchers[0].properties.start_splay"), "{too_much}");
+        let timer_success = yaml.replace(
+            "    fail_transition: stop
+    properties: {timer: 1h}",
+            "    success_transition: go
+    properties: {timer: 1h}",
+        );
+        assert!(Manifest::from_yaml(&timer_success).unwrap_err().to_string().contains("success_transition"));
+        let no_event = yaml.replace("event: started", "event: ''");
+        assert!(Manifest::from_yaml(&no_event).unwrap_err().to_string().contains("subscribe[0].event"));
     }
 
     #[test]
@@ -813,11 +924,13 @@ watchers:
             "interval: 60",
             "watchers[0].interval: invalid type: integer `60`, expected a duration string",
         );
-        assert_err(
+        // Choria accepts an interval on a timer and ignores it; so does Chorus.
+        let timer = HVAC.replacen(
             "fail_transition: air_bad\n    properties: {timer",
             "fail_transition: air_bad\n    interval: 1s\n    properties: {timer",
-            "watchers[1].interval: not used by timer watchers",
+            1,
         );
+        assert!(Manifest::from_yaml(&timer).is_ok());
         assert_err(
             "interval: \"1m\"",
             "interval: \"1m\"\n    announce_interval: 10s",

@@ -47,8 +47,8 @@ use tracing::{info, warn};
 
 pub use duration::{parse_duration, DurationError};
 pub use manifest::{
-    ExecProperties, FileProperties, Manifest, ManifestError, ScheduleProperties, TimerProperties, TransitionDef,
-    WatcherDef, WatcherProperties,
+    ExecProperties, FileProperties, Manifest, ManifestError, ScheduleProperties, Subscription, TimerProperties,
+    TransitionDef, WatcherDef, WatcherProperties,
 };
 
 use chorus_platform::Emitter;
@@ -107,13 +107,24 @@ impl Machine {
         let mut tasks = Tasks::new(format!("machine {}", instance.machine), shutdown);
         let stop_rx = tasks.shutdown().clone();
         let (commands_tx, commands_rx) = mpsc::channel(64);
+        let (fired, _) = tokio::sync::broadcast::channel(64);
+        let subscriptions =
+            manifest.transitions.iter().flat_map(|t| t.subscribe.iter().map(|s| (t.name.clone(), s.clone()))).collect();
         info!(machine = %instance.machine, version = %instance.version, id = %instance.id,
             state = %manifest.initial_state, dir = %machine_dir.display(), "starting machine");
 
         tasks.spawn(
             "fsm",
-            fsm::run(Fsm::new(&manifest), instance.clone(), emitter.clone(), commands_rx, state_tx, stop_rx.clone())
-                .map(Ok::<_, MachineError>),
+            fsm::run(
+                Fsm::new(&manifest),
+                instance.clone(),
+                emitter.clone(),
+                commands_rx,
+                state_tx,
+                fired.clone(),
+                stop_rx.clone(),
+            )
+            .map(Ok::<_, MachineError>),
         );
 
         let splay = random_below(manifest.splay_start);
@@ -150,8 +161,49 @@ impl Machine {
             Ok(())
         });
 
-        Ok(MachineHandle { instance, state: state_rx, commands: commands_tx, tasks })
+        Ok(MachineHandle { instance, state: state_rx, commands: commands_tx, tasks, fired, subscriptions })
     }
+}
+
+/// Delivers transitions between the machines of one node as their manifests subscribe
+/// (Choria's `subscribe`): when machine A fires `event`, a machine whose transition
+/// subscribes `{machine_name: A, event}` fires that transition. Runs until `shutdown`;
+/// returns how many subscriptions were connected (one naming a machine that is not running
+/// is logged and left out).
+pub fn connect_subscriptions(machines: &[MachineHandle], shutdown: &Shutdown) -> usize {
+    let mut connected = 0;
+    for target in machines {
+        for (transition, sub) in &target.subscriptions {
+            let Some(source) = machines.iter().find(|m| m.instance.machine == sub.machine_name) else {
+                warn!(machine = %target.instance.machine, %transition, source = %sub.machine_name,
+                    "subscribed to a machine that does not run on this node");
+                continue;
+            };
+            let mut fired = source.fired.subscribe();
+            let commands = target.commands.clone();
+            let (event, transition, stop) = (sub.event.clone(), transition.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                loop {
+                    let name = tokio::select! {
+                        r = fired.recv() => r,
+                        _ = stop.requested() => return,
+                    };
+                    match name {
+                        Ok(name) if name == event => {
+                            let (reply, _) = oneshot::channel();
+                            if commands.send(Command::Transition { name: transition.clone(), reply }).await.is_err() {
+                                return;
+                            }
+                        }
+                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    }
+                }
+            });
+            connected += 1;
+        }
+    }
+    connected
 }
 
 /// A running machine. Dropping the handle stops the machine (without waiting for it).
@@ -160,6 +212,10 @@ pub struct MachineHandle {
     state: watch::Receiver<String>,
     commands: mpsc::Sender<Command>,
     tasks: Tasks,
+    /// The transitions the machine fires, for machines that subscribe to them.
+    fired: tokio::sync::broadcast::Sender<String>,
+    /// (own transition, what it subscribes to).
+    subscriptions: Vec<(String, manifest::Subscription)>,
 }
 
 impl MachineHandle {

@@ -536,3 +536,22 @@ async fn start_validates_the_manifest() {
         Machine::start(manifest, "n", f.dir.path().to_path_buf(), f.emitter.clone(), Shutdown::new()).err().unwrap();
     assert_eq!(e.to_string(), "watchers[0].success_transition: unknown transition \"air_goodd\"");
 }
+
+/// go-choria's own test machines (`aagent/machine/testdata`): `TestMachine` and
+/// `Subscriber`, whose `fire_1` subscribes to TestMachine's `fire_1`. Both load unchanged,
+/// and a transition of one fires the subscribed transition of the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transition_of_one_machine_fires_the_subscribed_transition_of_another() {
+    const TEST_MACHINE: &str = "name: TestMachine\nversion: 0.0.1\ninitial_state: unknown\nsplay_start: 0\n\ntransitions:\n  - name: fire_1\n    from: [unknown]\n    destination: one\n\n  - name: fire_2\n    from: [one]\n    destination: two\n\nwatchers:\n  - name: true_2\n    type: exec\n    state_match: [two]\n    fail_transition: fire_1\n    success_transition: fire_2\n    interval: \"1m\"\n    properties:\n      command: /usr/bin/true\n";
+    const SUBSCRIBER: &str = "name: Subscriber\nversion: 0.0.1\ninitial_state: unknown\nsplay_start: 0\n\ntransitions:\n  - name: fire_1\n    from: [unknown]\n    destination: one\n    subscribe:\n      - machine_name: TestMachine\n        event: fire_1\n\nwatchers:\n  - name: true_1\n    type: exec\n    state_match: [one]\n    fail_transition: fire_1\n    success_transition: fire_1\n    properties:\n      command: /usr/bin/true\n";
+    let f = fixture();
+    let machines = vec![f.start(TEST_MACHINE), f.start(SUBSCRIBER)];
+    assert_eq!(connect_subscriptions(&machines, &Shutdown::new()), 1);
+    assert_eq!(machines[1].state(), "unknown");
+    assert_eq!(machines[0].transition("fire_1").await.unwrap(), "one");
+    let records =
+        f.wait_for("the subscriber's fire_1", |r| transitions(r).iter().any(|t| t.machine == "Subscriber")).await;
+    let subscriber: Vec<_> = transitions(&records).into_iter().filter(|t| t.machine == "Subscriber").collect();
+    assert_eq!((subscriber[0].transition.as_str(), subscriber[0].to_state.as_str()), ("fire_1", "one"));
+    assert_eq!(machines[1].state(), "one");
+}

@@ -45,6 +45,9 @@ pub(super) async fn run(ctx: WatcherCtx, props: ScheduleProperties) {
     let mut check = tokio::time::interval(CHECK_EVERY);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
+    // One random offset for this watcher's life: every window opens that long after its
+    // match (Choria's start_splay), still closing at match + duration.
+    let splay = crate::machine::random_below(props.start_splay);
     let mut reported: Option<bool> = None;
     let mut away = true; // not yet checked in a matching state
     loop {
@@ -68,7 +71,8 @@ pub(super) async fn run(ctx: WatcherCtx, props: ScheduleProperties) {
             away = true;
             continue;
         }
-        let on = window_open(&schedules, props.duration, Utc::now(), &Local);
+        let since = chrono::Duration::from_std(splay).unwrap_or_default();
+        let on = window_open(&schedules, props.duration.saturating_sub(splay), Utc::now() - since, &Local);
         let reentered = std::mem::replace(&mut away, false);
         let changed = reported != Some(on);
         if changed || (reentered && !props.skip_trigger_on_reenter) {
