@@ -58,7 +58,7 @@ fn bad_configs_name_the_field() {
     let err = |yaml: &str| ProvisionerConfig::from_yaml(yaml).unwrap_err().to_string();
     assert!(err("steps: [{agent: a, action: b, bogus: 1}]").contains("steps[0].bogus: unknown field `bogus`"));
     assert!(err("stepz: []").contains("unknown field `stepz`"));
-    assert!(err("components: [a]").contains("missing field `steps`"));
+    assert!(err("components: [a]").contains("steps: must list at least one step (or enrol nodes)"));
     assert!(err("steps: []").contains("steps: must list at least one step"));
     assert!(err("steps: [{agent: a, action: b}]\ncomponents: []").contains("components: must list"));
     assert!(err("steps: [{agent: a, action: b}]\ncomponents: [web.prod]").contains("components[0]"));
