@@ -134,3 +134,11 @@ impl OpsServer {
         Ok(())
     }
 }
+
+/// The RPC transport of a service that calls nodes (provisioner, reactor): NATS at `urls`,
+/// connecting in the background so the service starts while the broker is down.
+pub async fn service_rpc_transport(urls: &str) -> anyhow::Result<Arc<dyn chorus_rpc::Transport>> {
+    let nats = NatsConfig { retry_on_initial_connect: true, ..NatsConfig::from_url_list(urls) };
+    let client = nats.connect(None).await.context("connecting to NATS for RPC")?;
+    Ok(Arc::new(chorus_rpc::NatsTransport::new(client)))
+}

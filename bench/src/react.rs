@@ -15,8 +15,6 @@ use async_nats::jetstream;
 use chorus_backbone::jetstream::{JetStreamBackbone, NatsConfig};
 use chorus_backbone::Backbone;
 use chorus_consumers::reactor::{Reactor, ReactorConfig};
-use chorus_platform::{ensure_platform_streams, BackboneSink, StreamLimits};
-use chorus_producers::simulator::{SimConfig, Simulator};
 use chorus_runtime::{Service as _, Shutdown};
 use chorus_schemas::subject::CHORUS_LIFECYCLE;
 
@@ -45,20 +43,6 @@ const ABSENCE_RULES: &str = r#"
     match: {stream: CHORUS_LIFECYCLE, type: 'io.choria.lifecycle.v1.*'}
     when: {absent_for: 24h}
 "#;
-
-async fn preload(b: &Arc<dyn Backbone>, args: &Args) -> anyhow::Result<u64> {
-    ensure_platform_streams(&**b, &StreamLimits::default()).await?;
-    let nodes = args.nodes.min(args.events).max(1);
-    let mut config = SimConfig::new(nodes);
-    config.alive_interval = Duration::from_secs(1);
-    let sim = Simulator::new(config, Arc::new(BackboneSink(b.clone())))?;
-    sim.startup_storm().await?;
-    let mut stored = nodes;
-    while stored < args.events {
-        stored += sim.alive_slot(0).await?.events;
-    }
-    Ok(b.stream_info(CHORUS_LIFECYCLE).await?.messages)
-}
 
 /// The reactor over the whole stream from a fresh state: wall time and CPU until every
 /// event is evaluated.
@@ -130,7 +114,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     for (name, _) in chorus_schemas::subject::streams() {
         b.delete_stream(name).await.ok();
     }
-    let n = preload(&b, &args).await?;
+    let n = super::views::preload_lifecycle(&b, args.events, args.nodes).await?;
     println!("# chorus bench react: {n} lifecycle events of {} simulated nodes", args.nodes.min(args.events));
     let js = jetstream::new(client);
     let (mut raw, mut expr, mut absence) = (Vec::new(), Vec::new(), Vec::new());

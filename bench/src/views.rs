@@ -40,17 +40,23 @@ pub struct Args {
     common: super::CommonArgs,
 }
 
-/// Fills `CHORUS_LIFECYCLE` of `b` with `events` simulated lifecycle events.
+/// Fills `CHORUS_LIFECYCLE` of `b` with `args.events` simulated lifecycle events.
 async fn preload(b: &Arc<dyn Backbone>, args: &Args) -> anyhow::Result<u64> {
+    preload_lifecycle(b, args.events, args.nodes).await
+}
+
+/// Fills `CHORUS_LIFECYCLE` of `b` with `events` lifecycle events of `nodes` simulated nodes:
+/// a startup storm, then alive rounds of every node. Returns the messages stored.
+pub(crate) async fn preload_lifecycle(b: &Arc<dyn Backbone>, events: usize, nodes: usize) -> anyhow::Result<u64> {
     ensure_platform_streams(&**b, &StreamLimits::default()).await?;
-    let nodes = args.nodes.min(args.events).max(1);
+    let nodes = nodes.min(events).max(1);
     let mut config = SimConfig::new(nodes);
     // Every node's alive slot is second 0, so each alive round is one event per node.
     config.alive_interval = Duration::from_secs(1);
     let sim = Simulator::new(config, Arc::new(BackboneSink(b.clone())))?;
     sim.startup_storm().await?;
     let mut stored = nodes;
-    while stored < args.events {
+    while stored < events {
         stored += sim.alive_slot(0).await?.events;
     }
     Ok(b.stream_info(CHORUS_LIFECYCLE).await?.messages)

@@ -4,10 +4,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use chorus_backbone::jetstream::NatsConfig;
 use chorus_consumers::provisioner::{Provisioner, ProvisionerConfig};
 use chorus_platform::{resolve_platform_streams, StreamLimits};
-use chorus_rpc::NatsTransport;
 use chorus_runtime::{Services, Shutdown};
 use chorus_schemas::subject::CHORUS_LIFECYCLE;
 
@@ -53,11 +51,9 @@ pub async fn run(args: ProvisionArgs) -> anyhow::Result<()> {
         .as_deref()
         .or(args.streams.nats.as_deref())
         .context("nodes are reached over NATS: give --rpc-nats URL with the embedded store")?;
-    let rpc_nats = NatsConfig { retry_on_initial_connect: true, ..NatsConfig::from_url_list(rpc_urls) };
-    let client = rpc_nats.connect(None).await.context("connecting to NATS for RPC")?;
-    let steps = config.steps.len();
-    let provisioner =
-        Provisioner::start(backbone, Arc::new(NatsTransport::new(client)), config, Shutdown::new()).await?;
+    let transport = crate::args::service_rpc_transport(rpc_urls).await?;
+    let steps = config.effective_steps().len();
+    let provisioner = Provisioner::start(backbone, transport, config, Shutdown::new()).await?;
     let monitor = provisioner.monitor();
     let http = OpsServer::start(args.listen, Arc::new(monitor.clone())).await?;
     let mut services = Services::new();

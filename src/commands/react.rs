@@ -4,10 +4,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use chorus_backbone::jetstream::NatsConfig;
 use chorus_consumers::reactor::{Reactor, ReactorConfig};
 use chorus_platform::{platform_streams, resolve_platform_streams, StreamLimits};
-use chorus_rpc::{NatsTransport, Transport};
+use chorus_rpc::Transport;
 use chorus_runtime::{Services, Shutdown};
 use chorus_schemas::subject::CHORUS_REACTOR;
 
@@ -59,11 +58,7 @@ pub async fn run(args: ReactArgs) -> anyhow::Result<()> {
         }
     }
     let transport: Option<Arc<dyn Transport>> = match args.rpc_nats.as_deref().or(args.streams.nats.as_deref()) {
-        Some(urls) => {
-            let nats = NatsConfig { retry_on_initial_connect: true, ..NatsConfig::from_url_list(urls) };
-            let client = nats.connect(None).await.context("connecting to NATS for RPC actions")?;
-            Some(Arc::new(NatsTransport::new(client)))
-        }
+        Some(urls) => Some(crate::args::service_rpc_transport(urls).await?),
         None => None,
     };
     let rules = config.rules.len();
