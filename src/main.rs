@@ -57,6 +57,8 @@ enum Command {
     /// change. No other command changes an existing stream.
     #[command(subcommand)]
     Streams(streams::StreamsCommand),
+    /// Scout checks on the nodes: status, trigger, maintenance, resume (Choria's `choria scout`).
+    Scout(scout::ScoutArgs),
     /// Key-value buckets: put, get, create, update, history, watch (JetStream KV on NATS).
     Kv(kv::KvArgs),
     /// Governors: fleet-wide semaphores with expiring leases (`run NAME -- COMMAND`).
@@ -111,6 +113,7 @@ fn main() -> anyhow::Result<()> {
             Command::Events(cmd) => events::run(cmd).await,
             Command::Streams(cmd) => streams::run(cmd).await,
             Command::Kv(args) => kv::run(args).await,
+            Command::Scout(args) => scout::run(args).await,
             Command::Governor(args) => governor::run(args).await,
             Command::Replay(args) => backup::replay(args).await,
             Command::Restore(args) => backup::restore(args).await,

@@ -348,7 +348,11 @@ impl NodeAgent {
                 machines: machines.iter().map(|m| m.instance().machine.clone()).collect(),
                 provision_mode: config.component == chorus_schemas::lifecycle::PROVISION_MODE_COMPONENT,
             };
-            let (agents, left_out) = agents_dir::load(config.agents_dir.as_deref()).await;
+            // Scout over the node's machines (Choria's `scout` agent: checks, trigger,
+            // maintenance, resume).
+            let remotes = machines.iter().map(MachineHandle::remote).collect();
+            let node_agents: Vec<Arc<dyn chorus_rpc::Agent>> = vec![Arc::new(crate::scout::Scout::new(remotes))];
+            let (agents, left_out) = agents_dir::load(config.agents_dir.as_deref(), &node_agents).await;
             *skipped_agents.lock().unwrap_or_else(|e| e.into_inner()) = left_out;
             let options = ServerOptions {
                 security: security.requests.clone(),
@@ -362,6 +366,7 @@ impl NodeAgent {
                 let watch = agents_dir::watch(
                     server.clone(),
                     dir.clone(),
+                    node_agents,
                     config.agents_reload_interval,
                     skipped_agents.clone(),
                     tasks.shutdown().clone(),

@@ -15,10 +15,12 @@ pub fn builtin() -> Vec<Arc<dyn Agent>> {
     vec![Arc::new(agents::RpcUtil), Arc::new(agents::Package), Arc::new(agents::Service), Arc::new(agents::Shell)]
 }
 
-/// The built-in agents and the external agents of `dir` that activate, and why the others
-/// were left out (`<ddl>: <reason>`, for health).
-pub async fn load(dir: Option<&Path>) -> (Vec<Arc<dyn Agent>>, Vec<String>) {
+/// The built-in agents, the node's own (`node`: scout over its machines) and the external
+/// agents of `dir` that activate, and why the others were left out (`<ddl>: <reason>`, for
+/// health).
+pub async fn load(dir: Option<&Path>, node: &[Arc<dyn Agent>]) -> (Vec<Arc<dyn Agent>>, Vec<String>) {
     let mut all = builtin();
+    all.extend(node.iter().cloned());
     let mut skipped = Vec::new();
     if let Some(dir) = dir {
         let loaded = ExternalAgent::load_dir(dir, dir).await;
@@ -61,6 +63,7 @@ fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
 pub async fn watch(
     server: Arc<RpcServer>,
     dir: PathBuf,
+    node: Vec<Arc<dyn Agent>>,
     every: Duration,
     skipped: Arc<Mutex<Vec<String>>>,
     shutdown: Shutdown,
@@ -79,7 +82,7 @@ pub async fn watch(
             continue;
         }
         let before = server.agents();
-        let (all, left_out) = load(Some(&dir)).await;
+        let (all, left_out) = load(Some(&dir), &node).await;
         match server.set_agents(all).await {
             Ok(()) => {
                 seen = now;

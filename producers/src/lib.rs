@@ -18,6 +18,7 @@ pub mod error;
 pub mod lifecycle;
 pub mod machine;
 pub mod registration;
+pub mod scout;
 pub mod simulator;
 
 pub use error::ProducerError;

@@ -19,6 +19,7 @@ pub mod provision;
 pub mod react;
 pub mod replicate;
 pub mod rpc;
+pub mod scout;
 pub mod simulate;
 pub mod streams;
 pub mod targeting;

@@ -703,3 +703,77 @@ async fn an_agent_started_before_its_streams_exist_says_what_to_run_then_deliver
     eventually_true("health to recover", Duration::from_secs(30), || agent.health().healthy).await;
     agent.stop().await.unwrap();
 }
+
+/// Scout on a node agent: a `nagios` check machine as Choria writes it runs its plugin and
+/// moves to CRITICAL; the `scout` agent puts it in maintenance, where a forced check is
+/// refused, and resumes it; every answer comes over RPC, as `chorus scout` sends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scout_checks_run_on_the_node_and_answer_the_scout_agent() {
+    let server = NatsServer::start().unwrap();
+    let _b = site(&server).await;
+    let dir = tempfile::tempdir().unwrap();
+    let issuer = TestIssuer::new();
+    let machine = dir.path().join("machines").join("check_disk");
+    std::fs::create_dir_all(&machine).unwrap();
+    std::fs::write(
+        machine.join("machine.yaml"),
+        "name: check_disk\nversion: 1.0.0\ninitial_state: UNKNOWN\ntransitions:\n  - {name: OK, from: [UNKNOWN, OK, WARNING, CRITICAL, FORCE_CHECK], destination: OK}\n  - {name: WARNING, from: [UNKNOWN, OK, WARNING, CRITICAL, FORCE_CHECK], destination: WARNING}\n  - {name: CRITICAL, from: [UNKNOWN, OK, WARNING, CRITICAL, FORCE_CHECK], destination: CRITICAL}\n  - {name: UNKNOWN, from: [UNKNOWN, OK, WARNING, CRITICAL, FORCE_CHECK], destination: UNKNOWN}\n  - {name: FORCE_CHECK, from: [UNKNOWN, OK, WARNING, CRITICAL], destination: FORCE_CHECK}\n  - {name: MAINTENANCE, from: [UNKNOWN, OK, WARNING, CRITICAL, FORCE_CHECK], destination: MAINTENANCE}\n  - {name: RESUME, from: [MAINTENANCE], destination: UNKNOWN}\nwatchers:\n  - name: check\n    type: nagios\n    state_match: [UNKNOWN, OK, WARNING, CRITICAL, FORCE_CHECK]\n    interval: 1h\n    properties: {plugin: \"sh -c 'echo DISK CRITICAL; exit 2'\"}\n",
+    )
+    .unwrap();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    std::fs::write(policies.join("scout.policy"), "policy default deny\nallow\tchoria=ops\t*\t*\t*\n").unwrap();
+    let mut cfg = agent_config("scout.example.net", &server, dir.path());
+    cfg.machines_dir = Some(dir.path().join("machines"));
+    cfg.policy_dir = Some(policies);
+    secure(&mut cfg, &issuer, dir.path());
+    let mut agent = NodeAgent::start(cfg, Shutdown::new()).await.unwrap();
+    let a = &agent;
+    eventually("the check CRITICAL", Duration::from_secs(30), || async move {
+        let s = a.machines()[0].state();
+        if s == "CRITICAL" {
+            Ok(())
+        } else {
+            Err(s)
+        }
+    })
+    .await;
+
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let rpc =
+        RpcClient::signed(Arc::new(NatsTransport::new(client)), issuer.client("choria=ops", &["scout.*"]), "choria")
+            .with_trust(issuer.issuers());
+    let call = |action: &'static str, data: serde_json::Value| {
+        let rpc = rpc.clone();
+        async move {
+            let options = RequestOptions {
+                target: Target::Node("scout.example.net".into()),
+                timeout: Duration::from_secs(10),
+                ..Default::default()
+            };
+            let results =
+                rpc.call("scout", action, data.as_object().cloned().unwrap_or_default(), options).await.unwrap();
+            assert_eq!(results.replies.len(), 1, "{results:?}");
+            results.replies[0].data.clone()
+        }
+    };
+    let status = call("checks", serde_json::json!({})).await;
+    assert_eq!(status["checks"][0]["state"], "CRITICAL");
+    let r = call("maintenance", serde_json::json!({"checks": ["check_disk"]})).await;
+    assert_eq!(r["transitioned"], serde_json::json!(["check_disk"]));
+    let r = call("trigger", serde_json::json!({})).await;
+    assert_eq!(r["failed"], serde_json::json!(["check_disk"]), "no forced check in maintenance");
+    let r = call("resume", serde_json::json!({})).await;
+    assert_eq!(r["transitioned"], serde_json::json!(["check_disk"]));
+    // Back from maintenance the check runs again: CRITICAL.
+    eventually("the check CRITICAL again", Duration::from_secs(30), || async move {
+        let s = a.machines()[0].state();
+        if s == "CRITICAL" {
+            Ok(())
+        } else {
+            Err(s)
+        }
+    })
+    .await;
+    agent.stop().await.unwrap();
+}

@@ -173,11 +173,13 @@ pub enum WatcherProperties {
     Schedule(ScheduleProperties),
     /// `type: timer`.
     Timer(TimerProperties),
+    /// `type: nagios`.
+    Nagios(NagiosProperties),
 }
 
 impl WatcherProperties {
     /// The watcher types Chorus runs.
-    pub const TYPES: [&'static str; 4] = ["exec", "file", "schedule", "timer"];
+    pub const TYPES: [&'static str; 5] = ["exec", "file", "nagios", "schedule", "timer"];
 
     /// The `type` name of this variant.
     pub fn watcher_type(&self) -> &'static str {
@@ -186,6 +188,7 @@ impl WatcherProperties {
             WatcherProperties::File(_) => "file",
             WatcherProperties::Schedule(_) => "schedule",
             WatcherProperties::Timer(_) => "timer",
+            WatcherProperties::Nagios(_) => "nagios",
         }
     }
 
@@ -194,7 +197,9 @@ impl WatcherProperties {
     /// timer watchers accept an `interval` and ignore it, as Choria's do.
     fn min_interval(&self) -> Option<Duration> {
         match self {
-            WatcherProperties::Exec(_) | WatcherProperties::File(_) => Some(Duration::from_millis(500)),
+            WatcherProperties::Exec(_) | WatcherProperties::File(_) | WatcherProperties::Nagios(_) => {
+                Some(Duration::from_millis(500))
+            }
             WatcherProperties::Schedule(_) | WatcherProperties::Timer(_) => None,
         }
     }
@@ -249,6 +254,23 @@ pub struct TimerProperties {
     /// Use a random length between zero and `timer` (picked once per machine start), so a
     /// fleet does not act in lockstep.
     pub splay: bool,
+}
+
+/// A Nagios-compatible check (Choria's Scout): a `plugin` command line, or a `builtin`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NagiosProperties {
+    /// The check plugin's command line (run with `sh -c` in the machine directory).
+    pub plugin: Option<String>,
+    /// A builtin check: `heartbeat` (always OK, with the time); Choria's `goss` and
+    /// `choria_status` are accepted and report UNKNOWN on Chorus nodes.
+    pub builtin: Option<String>,
+    /// The plugin is killed and the check is UNKNOWN after this long. Default 10 s.
+    pub timeout: Duration,
+    /// Operator annotations carried in every state event.
+    pub annotations: std::collections::BTreeMap<String, String>,
+    /// Choria's `gossfile`, `last_message`, `pubcert_expire`, `token_expire` (for its
+    /// builtins), accepted and kept.
+    pub extra: std::collections::BTreeMap<String, String>,
 }
 
 /// Exec commands get this long unless the manifest says otherwise (Choria's documented
@@ -439,6 +461,21 @@ impl Manifest {
                         ));
                     }
                 }
+                WatcherProperties::Nagios(p) => {
+                    match (&p.plugin, &p.builtin) {
+                        (Some(_), Some(_)) => return Err(err(prop("plugin"), "cannot set plugin and builtin")),
+                        (None, None) => return Err(err(prop("plugin"), "missing: give plugin or builtin")),
+                        (None, Some(b))
+                            if !["heartbeat", "choria_status"].contains(&b.as_str()) && !b.starts_with("goss") =>
+                        {
+                            return Err(err(prop("builtin"), format!("unsupported builtin {b:?}")));
+                        }
+                        _ => {}
+                    }
+                    if p.timeout.is_zero() {
+                        return Err(err(prop("timeout"), "must be more than 0"));
+                    }
+                }
                 WatcherProperties::Timer(p) => {
                     if w.success_transition.is_some() {
                         return Err(err(
@@ -553,6 +590,20 @@ struct RawSchedule {
     start_splay: Option<GoDuration>,
     #[serde(default)]
     skip_trigger_on_reenter: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "nagios properties: a mapping with plugin or builtin")]
+struct RawNagios {
+    plugin: Option<String>,
+    builtin: Option<String>,
+    timeout: Option<GoDuration>,
+    #[serde(default)]
+    annotations: std::collections::BTreeMap<String, String>,
+    gossfile: Option<String>,
+    last_message: Option<String>,
+    pubcert_expire: Option<String>,
+    token_expire: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -674,6 +725,25 @@ impl RawWatcher {
                         None => return Err(ManifestError::invalid(format!("{field}.timer"), "missing")),
                     },
                     splay: p.splay,
+                })
+            }
+            "nagios" => {
+                let p: RawNagios = properties(self.properties, &field)?;
+                let extra = [
+                    ("gossfile", p.gossfile),
+                    ("last_message", p.last_message),
+                    ("pubcert_expire", p.pubcert_expire),
+                    ("token_expire", p.token_expire),
+                ]
+                .into_iter()
+                .filter_map(|(k, v)| v.map(|v| (k.to_string(), v)))
+                .collect();
+                WatcherProperties::Nagios(NagiosProperties {
+                    plugin: optional(p.plugin),
+                    builtin: optional(p.builtin),
+                    timeout: p.timeout.map_or(DEFAULT_EXEC_TIMEOUT, |d| d.0),
+                    annotations: p.annotations,
+                    extra,
                 })
             }
             other => {
@@ -877,9 +947,10 @@ watchers:
     fn watcher_errors() {
         assert_err(
             "type: timer",
-            "type: nagios",
-            "watchers[1].type: unknown watcher type \"nagios\" (supported: exec, file, schedule, timer)",
+            "type: homekit",
+            "watchers[1].type: unknown watcher type \"homekit\" (supported: exec, file, nagios, schedule, timer)",
         );
+        assert_err("type: timer", "type: nagios", "watchers[1].properties.timer: unknown field `timer`");
         assert_err("    type: exec\n", "", "watchers[0].type: missing");
         assert_err("command: monitor.sh\n", "", "watchers[0].properties.command: missing");
         assert_err(

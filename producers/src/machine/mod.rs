@@ -47,8 +47,8 @@ use tracing::{info, warn};
 
 pub use duration::{parse_duration, DurationError};
 pub use manifest::{
-    ExecProperties, FileProperties, Manifest, ManifestError, ScheduleProperties, Subscription, TimerProperties,
-    TransitionDef, WatcherDef, WatcherProperties,
+    ExecProperties, FileProperties, Manifest, ManifestError, NagiosProperties, ScheduleProperties, Subscription,
+    TimerProperties, TransitionDef, WatcherDef, WatcherProperties,
 };
 
 use chorus_platform::Emitter;
@@ -242,6 +242,36 @@ impl MachineHandle {
         if self.tasks.shutdown().is_requested() {
             return Err(MachineError::Stopped);
         }
+        self.remote().transition(name).await
+    }
+
+    /// A cloneable handle that reads the state and fires transitions, for the node's agents.
+    pub fn remote(&self) -> MachineRemote {
+        MachineRemote { instance: self.instance.clone(), state: self.state.clone(), commands: self.commands.clone() }
+    }
+}
+
+/// What an RPC agent may do with a running machine: read it, fire its transitions.
+#[derive(Clone)]
+pub struct MachineRemote {
+    instance: MachineInstance,
+    state: watch::Receiver<String>,
+    commands: mpsc::Sender<Command>,
+}
+
+impl MachineRemote {
+    /// Identity, instance id, name and version.
+    pub fn instance(&self) -> &MachineInstance {
+        &self.instance
+    }
+
+    /// The current state.
+    pub fn state(&self) -> String {
+        self.state.borrow().clone()
+    }
+
+    /// Fires transition `name`, as [`MachineHandle::transition`].
+    pub async fn transition(&self, name: &str) -> Result<String, MachineError> {
         let (reply, result) = oneshot::channel();
         self.commands
             .send(Command::Transition { name: name.to_string(), reply })

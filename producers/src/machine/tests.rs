@@ -555,3 +555,83 @@ async fn a_transition_of_one_machine_fires_the_subscribed_transition_of_another(
     assert_eq!((subscriber[0].transition.as_str(), subscriber[0].to_state.as_str()), ("fire_1", "one"));
     assert_eq!(machines[1].state(), "one");
 }
+
+/// A Scout check as Choria writes it: the `nagios` watcher runs its plugin, publishes the
+/// state with output and performance data, and moves the machine to the state named after
+/// the result; FORCE_CHECK runs it at once; MAINTENANCE stops it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nagios_check_moves_the_machine_to_its_result() {
+    const SCOUT: &str = r#"
+name: check_disk
+version: 1.0.0
+initial_state: UNKNOWN
+transitions:
+  - {name: OK, from: [UNKNOWN, OK, WARNING, CRITICAL, FORCE_CHECK], destination: OK}
+  - {name: WARNING, from: [UNKNOWN, OK, WARNING, CRITICAL, FORCE_CHECK], destination: WARNING}
+  - {name: CRITICAL, from: [UNKNOWN, OK, WARNING, CRITICAL, FORCE_CHECK], destination: CRITICAL}
+  - {name: UNKNOWN, from: [UNKNOWN, OK, WARNING, CRITICAL, FORCE_CHECK], destination: UNKNOWN}
+  - {name: FORCE_CHECK, from: [UNKNOWN, OK, WARNING, CRITICAL], destination: FORCE_CHECK}
+  - {name: MAINTENANCE, from: [UNKNOWN, OK, WARNING, CRITICAL, FORCE_CHECK], destination: MAINTENANCE}
+  - {name: RESUME, from: [MAINTENANCE], destination: UNKNOWN}
+watchers:
+  - name: check
+    type: nagios
+    state_match: [UNKNOWN, OK, WARNING, CRITICAL, FORCE_CHECK]
+    interval: 1h
+    properties:
+      plugin: ./check.sh
+      timeout: 5s
+      annotations: {team: storage}
+"#;
+    let f = fixture();
+    std::fs::write(f.dir.path().join("code"), "1").unwrap();
+    let script = f.dir.path().join("check.sh");
+    std::fs::write(&script, "#!/bin/sh\nc=$(cat code)\necho \"DISK state $c | /=2643MB;5948;5958;0;5968\"\nexit $c\n")
+        .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let m = f.start(SCOUT);
+    let nagios = |r: &[EventRecord]| -> Vec<(String, String, Vec<serde_json::Value>)> {
+        r.iter()
+            .filter_map(|r| match &r.data {
+                Event::Watcher(WatcherState { details: WatcherDetails::Nagios(n), .. }) => {
+                    Some((n.status.clone(), n.output.clone(), n.perfdata.clone()))
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    let records = f.wait_for("a WARNING check", |r| !nagios(r).is_empty()).await;
+    let first = &nagios(&records)[0];
+    assert_eq!((first.0.as_str(), first.1.as_str()), ("WARNING", "DISK state 1"));
+    assert_eq!(first.2[0]["unit"], "MB");
+    eventually("the machine in WARNING", Duration::from_secs(10), || {
+        let s = m.state();
+        async move {
+            if s == "WARNING" {
+                Ok(())
+            } else {
+                Err(s)
+            }
+        }
+    })
+    .await;
+
+    // Fixed, then forced: checked at once (the interval is an hour), and OK.
+    std::fs::write(f.dir.path().join("code"), "0").unwrap();
+    m.transition("FORCE_CHECK").await.unwrap();
+    f.wait_for("an OK check", |r| nagios(r).iter().any(|n| n.0 == "OK")).await;
+    eventually("the machine in OK", Duration::from_secs(10), || {
+        let s = m.state();
+        async move {
+            if s == "OK" {
+                Ok(())
+            } else {
+                Err(s)
+            }
+        }
+    })
+    .await;
+    // In maintenance a forced check is refused by the machine itself.
+    m.transition("MAINTENANCE").await.unwrap();
+    assert!(m.transition("FORCE_CHECK").await.is_err());
+}

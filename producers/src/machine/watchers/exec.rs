@@ -7,14 +7,13 @@
 //! `environment`. It gets its own process group, which is killed on timeout or stop, so a
 //! script's children do not outlive it.
 
-use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
 
 use chorus_schemas::machine::ExecDetails;
 use chorus_schemas::WatcherDetails;
 use tracing::{debug, warn};
 
+use super::process::Ran;
 use super::{next_state, tick, ticker, WatcherCtx};
 use crate::machine::manifest::ExecProperties;
 
@@ -102,61 +101,22 @@ async fn execute(ctx: &WatcherCtx, props: &ExecProperties) -> Last {
 }
 
 async fn run_command(ctx: &WatcherCtx, props: &ExecProperties) -> Outcome {
-    let dir = &ctx.shared.machine_dir;
-    let mut paths: Vec<PathBuf> =
-        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
-    paths.push(dir.clone());
-    let path = std::env::join_paths(paths).unwrap_or_else(|_| dir.as_os_str().to_owned());
-
-    let mut cmd = tokio::process::Command::new("sh");
-    cmd.arg("-c")
-        .arg(&props.command)
-        .current_dir(dir)
-        .env_clear()
-        .env("PATH", path)
-        .env("MACHINE_NAME", &ctx.shared.instance.machine)
-        .env("MACHINE_WATCHER_NAME", &ctx.def.name)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    for entry in &props.environment {
-        if let Some((key, value)) = entry.split_once('=') {
-            cmd.env(key, value);
-        }
-    }
-    #[cfg(unix)]
-    cmd.process_group(0);
-
-    let child = match cmd.spawn() {
-        Ok(child) => child,
-        Err(e) => {
-            warn!(machine = %ctx.machine(), watcher = %ctx.name(), command = %props.command, error = %e, "could not start command");
-            return Outcome::Error;
-        }
-    };
-    // Killed on every path out of here except a normal exit: timeout, error, stop.
-    let group = ProcessGroup(child.id());
-    match tokio::time::timeout(props.timeout, child.wait_with_output()).await {
-        Ok(Ok(output)) => {
-            group.disarm();
-            let stdout = String::from_utf8_lossy(&output.stdout);
-            let stderr = String::from_utf8_lossy(&output.stderr);
+    match super::process::run(ctx, &props.command, props.timeout, &props.environment).await {
+        Ran::Exited { code: Some(0), stdout, stderr } => {
             debug!(machine = %ctx.machine(), watcher = %ctx.name(), command = %props.command,
-                status = %output.status, stdout = %tail(&stdout), stderr = %tail(&stderr), "command finished");
-            if output.status.success() {
-                Outcome::Success
-            } else {
-                warn!(machine = %ctx.machine(), watcher = %ctx.name(), command = %props.command,
-                    status = %output.status, stderr = %tail(&stderr), "command failed");
-                Outcome::Error
-            }
+                stdout = %tail(&stdout), stderr = %tail(&stderr), "command finished");
+            Outcome::Success
         }
-        Ok(Err(e)) => {
+        Ran::Exited { code, stderr, .. } => {
+            warn!(machine = %ctx.machine(), watcher = %ctx.name(), command = %props.command,
+                status = ?code, stderr = %tail(&stderr), "command failed");
+            Outcome::Error
+        }
+        Ran::Failed(e) => {
             warn!(machine = %ctx.machine(), watcher = %ctx.name(), command = %props.command, error = %e, "command failed");
             Outcome::Error
         }
-        Err(_) => {
+        Ran::TimedOut => {
             warn!(machine = %ctx.machine(), watcher = %ctx.name(), command = %props.command,
                 timeout = ?props.timeout, "command timed out, killing it");
             Outcome::Error
@@ -165,33 +125,11 @@ async fn run_command(ctx: &WatcherCtx, props: &ExecProperties) -> Outcome {
 }
 
 /// The end of a command's output, for logs.
-fn tail(s: &str) -> &str {
+pub(super) fn tail(s: &str) -> &str {
     let s = s.trim_end();
     let mut start = s.len().saturating_sub(1024);
     while !s.is_char_boundary(start) {
         start += 1;
     }
     &s[start..]
-}
-
-/// Kills the command's process group when dropped, unless disarmed after a normal exit.
-struct ProcessGroup(Option<u32>);
-
-impl ProcessGroup {
-    fn disarm(mut self) {
-        self.0 = None;
-    }
-}
-
-impl Drop for ProcessGroup {
-    fn drop(&mut self) {
-        #[cfg(unix)]
-        if let Some(pid) = self.0.and_then(|pid| i32::try_from(pid).ok()) {
-            // SAFETY: kill(2) with a negative pid signals the process group the command leads
-            // (it was started with process_group(0)); no memory is involved.
-            unsafe {
-                libc::kill(-pid, libc::SIGKILL);
-            }
-        }
-    }
 }

@@ -4,6 +4,8 @@
 
 mod exec;
 mod file;
+mod nagios;
+mod process;
 mod schedule;
 mod timer;
 
@@ -111,6 +113,7 @@ pub(crate) async fn run(ctx: WatcherCtx) {
         WatcherProperties::File(p) => file::run(ctx, p).await,
         WatcherProperties::Schedule(p) => schedule::run(ctx, p).await,
         WatcherProperties::Timer(p) => timer::run(ctx, p).await,
+        WatcherProperties::Nagios(p) => nagios::run(ctx, p).await,
     }
 }
 
