@@ -100,6 +100,10 @@ pub struct AgentConfig {
     /// Who the node is (its key and credential) and whom it believes (trusted issuers).
     #[serde(default)]
     pub security: SecurityConfig,
+    /// In provisioning mode: where enrolment writes what the provisioner gives the node
+    /// (`chorus_provision`, docs/CONSUMERS.md); without it the node cannot be enrolled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provisioning: Option<crate::enrolment::ProvisioningConfig>,
 }
 
 /// The node's identity and the callers it accepts (see docs/SECURITY.md).
@@ -192,6 +196,7 @@ impl AgentConfig {
             nats: None,
             shutdown_drain: default_drain(),
             security: SecurityConfig::default(),
+            provisioning: None,
         }
     }
 
@@ -248,6 +253,8 @@ impl Config for AgentConfig {
 /// A running node agent: a runtime [`Service`].
 pub struct NodeAgent {
     config: AgentConfig,
+    /// Asked for by enrolment: the node restarts into its normal component.
+    restart: Arc<tokio::sync::Notify>,
     lifecycle: LifecycleEmitter,
     outbox: Outbox,
     machines: Vec<MachineHandle>,
@@ -295,9 +302,15 @@ impl NodeAgent {
             version: config.version.clone(),
         };
         let lifecycle = LifecycleEmitter::new(node, emitter.clone());
-        lifecycle.startup().await?;
+        // A node in provisioning mode announces itself once it answers RPC: its startup is
+        // what the provisioner acts on, at once.
+        let provisioning = config.component == chorus_schemas::lifecycle::PROVISION_MODE_COMPONENT;
+        if !provisioning {
+            lifecycle.startup().await?;
+        }
 
         let mut tasks = Tasks::new(format!("agent {}", config.identity), shutdown);
+        let restart = Arc::new(tokio::sync::Notify::new());
         // Not a child of `shutdown`: the forwarder must outlive the shutdown event.
         let mut delivery = Tasks::new(format!("agent {} forwarder", config.identity), Shutdown::new());
         let mut transport: Option<Arc<dyn Transport>> = None;
@@ -351,7 +364,11 @@ impl NodeAgent {
             // Scout over the node's machines (Choria's `scout` agent: checks, trigger,
             // maintenance, resume).
             let remotes = machines.iter().map(MachineHandle::remote).collect();
-            let node_agents: Vec<Arc<dyn chorus_rpc::Agent>> = vec![Arc::new(crate::scout::Scout::new(remotes))];
+            let mut node_agents: Vec<Arc<dyn chorus_rpc::Agent>> = vec![Arc::new(crate::scout::Scout::new(remotes))];
+            if let (true, Some(p)) = (ctx.provision_mode, &config.provisioning) {
+                let enrollee = crate::enrolment::FileEnrollee::new(p.clone(), restart.clone())?;
+                node_agents.push(Arc::new(chorus_rpc::agents::Provision::new(Arc::new(enrollee))));
+            }
             let (agents, left_out) = agents_dir::load(config.agents_dir.as_deref(), &node_agents).await;
             *skipped_agents.lock().unwrap_or_else(|e| e.into_inner()) = left_out;
             let options = ServerOptions {
@@ -395,8 +412,12 @@ impl NodeAgent {
             }
             rpc = Some(server);
         }
+        if provisioning {
+            lifecycle.startup().await?;
+        }
         Ok(NodeAgent {
             config,
+            restart,
             lifecycle,
             outbox,
             machines,
@@ -412,6 +433,17 @@ impl NodeAgent {
                 (claims.exp, credential_warning_from(claims.iat, claims.exp))
             }),
         })
+    }
+
+    /// Resolves when enrolment asked the node to restart into its normal component (its
+    /// configuration was written): the process stops the agent and starts again.
+    pub async fn restart_requested(&self) {
+        self.restart.notified().await
+    }
+
+    /// What [`NodeAgent::restart_requested`] waits on, for a caller that hands the agent on.
+    pub fn restart_signal(&self) -> Arc<tokio::sync::Notify> {
+        self.restart.clone()
     }
 
     /// The node's outbox.

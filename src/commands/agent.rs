@@ -24,9 +24,22 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let shutdown = Shutdown::new();
     request_on_signal(&shutdown);
     let mut services = Services::new();
-    services.push(NodeAgent::start(config, shutdown.clone()).await?);
+    let agent = NodeAgent::start(config, shutdown.clone()).await?;
+    let restart = agent.restart_signal();
+    services.push(agent);
     eprintln!("chorus agent {identity} running; SIGTERM to stop");
-    until_shutdown_or_failure(&shutdown, &services).await;
+    let restarting = tokio::select! {
+        _ = until_shutdown_or_failure(&shutdown, &services) => false,
+        _ = restart.notified() => true,
+    };
     services.stop().await?;
+    if restarting {
+        // Enrolled: the configuration file now holds the node's normal configuration; the
+        // same command line starts the agent with it (its shutdown event was recorded).
+        eprintln!("chorus agent {identity} enrolled; restarting");
+        use std::os::unix::process::CommandExt as _;
+        let err = std::process::Command::new(std::env::current_exe()?).args(std::env::args_os().skip(1)).exec();
+        return Err(anyhow::anyhow!("restarting after enrolment: {err}"));
+    }
     Ok(())
 }

@@ -497,3 +497,79 @@ async fn lifecycle_counts(b: &dyn Backbone, f: &dyn Fn(&Lifecycle) -> bool) -> B
     }
     per
 }
+
+/// A real node agent in provisioning mode is enrolled: it proves its key, verifies and
+/// writes the credential, writes the configuration it is given over its own file, and
+/// restarts as `server`, signing its events with the new credential.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_agent_in_provisioning_mode_enrols_and_restarts_as_server() {
+    use chorus_identity::{Issuers, Role};
+    use chorus_keys::{Algorithm, FileSigner, Signer};
+    let server = NatsServer::start().unwrap();
+    let b = site(&server).await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let issuer_key = d.join("issuer.key");
+    let issuer = FileSigner::generate(&issuer_key, Algorithm::Ed25519).unwrap();
+    std::fs::write(d.join("issuer.pub"), issuer.public_key().to_pem()).unwrap();
+    let policies = d.join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    std::fs::write(
+        policies.join("chorus_provision.policy"),
+        format!("policy default deny\nallow\t{CALLERID}\tkey configure restart\t*\t*\n"),
+    )
+    .unwrap();
+    let identity = "new1.example.net";
+    let url = server.url();
+    let config = d.join("agent.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "identity: {identity}\ncomponent: provision_mode_server\nstate_dir: {d}/state\nnats: {{servers: [\"{url}\"]}}\npolicy_dir: {d}/policies\nalive_interval: 1h\nsecurity: {{insecure: true}}\nprovisioning:\n  issuers: [{d}/issuer.pub]\n  key_file: {d}/node.key\n  credential: {d}/node.cred\n  config: {d}/agent.yaml\n  policy_dir: {d}/policies\n",
+            d = d.display()
+        ),
+    )
+    .unwrap();
+    let mut agent = std::process::Command::new(chorus_testkit::workspace_bin("chorus").unwrap())
+        .args(["agent", "--config"])
+        .arg(&config)
+        .spawn()
+        .unwrap();
+
+    // What the node becomes: its normal configuration, with the key and credential enrolment gives it.
+    let provisioner = ProvisionerConfig::from_yaml(&format!(
+        "state_dir: {d}/provisioner\nsweep_interval: 500ms\nenrol:\n  issuer: {{key_file: {key}}}\n  configuration:\n    identity: {identity}\n    component: server\n    state_dir: {d}/state\n    nats: {{servers: [\"{url}\"]}}\n    alive_interval: 1h\n    security:\n      issuers: [{d}/issuer.pub]\n      key: {{key_file: {d}/node.key}}\n      credential: {d}/node.cred\n",
+        d = d.display(),
+        key = issuer_key.display(),
+    ))
+    .unwrap();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let transport: Arc<dyn Transport> = Arc::new(NatsTransport::new(client));
+    let mut p = Provisioner::start(b.clone(), transport, provisioner, Shutdown::new()).await.unwrap();
+    until(&p, "the node provisioned", |p| p.counts().unwrap().provisioned == 1).await;
+    p.stop().await.unwrap();
+
+    let b2 = b.clone();
+    let restarted = eventually("the node back as server, signing its events", Duration::from_secs(60), move || {
+        let b = b2.clone();
+        async move {
+            let found = read_all(&*b, "CHORUS_LIFECYCLE").await.into_iter().find_map(|m| {
+                let r = EventRecord::decode(&m.payload).ok()?;
+                matches!(&r.data, Event::Lifecycle(Lifecycle::Startup(s)) if s.component == "server").then_some(r)
+            });
+            found.ok_or_else(|| "no startup as server yet".to_string())
+        }
+    })
+    .await;
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    assert_eq!(restarted.subject, identity);
+    assert!(restarted.signature.is_some(), "signed with the enrolled key");
+    let mut issuers = Issuers::new();
+    issuers.trust(issuer.public_key().clone());
+    let token = std::fs::read_to_string(d.join("node.cred")).unwrap();
+    let credential = issuers.verify(&token, Role::Node, chrono::Utc::now().timestamp()).unwrap();
+    assert_eq!(credential.claims().sub, identity);
+    let written = std::fs::read_to_string(&config).unwrap();
+    assert!(written.contains("component: server") && !written.contains("provisioning"), "{written}");
+}
