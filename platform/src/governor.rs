@@ -186,20 +186,33 @@ impl Governor {
         let stop = Shutdown::new();
         let leases = self.leases.clone();
         let every = self.spec.expires / 3;
+        let give_up = self.spec.expires * 2 / 3;
         let key = format!("slot.{slot}");
         let renewer = {
             let (stop, leases) = (stop.clone(), leases.clone());
             tokio::spawn(async move {
                 let mut revision = revision;
+                let mut renewed = tokio::time::Instant::now();
                 loop {
                     tokio::select! {
                         _ = tokio::time::sleep(every) => {}
                         _ = stop.requested() => return Some(revision),
                     }
                     match leases.update(&key, value.clone(), revision).await {
-                        Ok(r) => revision = r,
+                        Ok(r) => {
+                            revision = r;
+                            renewed = tokio::time::Instant::now();
+                        }
                         Err(BackboneError::WrongRevision { .. }) => {
                             tracing::warn!(%key, "governor: the lease expired before it was renewed");
+                            lost_tx.send(true).ok();
+                            return None;
+                        }
+                        // Not renewed for two thirds of the expiry (the broker unreachable):
+                        // the lease may be gone there, and another claimant may hold the
+                        // slot; give it up rather than exceed the capacity.
+                        Err(e) if renewed.elapsed() >= give_up => {
+                            tracing::warn!(%key, error = %e, "governor: cannot renew the lease; giving it up");
                             lost_tx.send(true).ok();
                             return None;
                         }

@@ -91,6 +91,9 @@ pub(super) struct Shared {
     leadership: Leadership,
     /// With an election: how far the follower has read the records stream.
     followed: Option<Arc<AtomicU64>>,
+    /// Why the reactor's records cannot be stored now (the records stream missing, the
+    /// broker down): the reactor waits, and says so in health.
+    recording: Mutex<Option<String>>,
 }
 
 /// A running reactor; a runtime [`Service`](chorus_runtime::Service).
@@ -101,9 +104,21 @@ pub struct Reactor {
 
 chorus_runtime::service_of_tasks!(Reactor, tasks, health = reading_health);
 
+impl Shared {
+    /// Failing while a stream cannot be read or the records cannot be stored.
+    fn health(&self) -> Health {
+        let recording = self.recording.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let recorded = match recording {
+            Some(why) => Health::failing(why),
+            None => Health::ok(),
+        };
+        self.reading.health().and(recorded).with("leader", self.leadership.is_leader())
+    }
+}
+
 impl Reactor {
     fn reading_health(&self) -> Health {
-        self.shared.reading.health()
+        self.shared.health()
     }
 
     /// Starts reading the rules' streams from the reactor's positions (or, for a stream
@@ -155,6 +170,7 @@ impl Reactor {
             shutdown: shutdown.clone(),
             leadership,
             followed,
+            recording: Mutex::new(None),
         });
         let actuators = Arc::new(Actuators {
             backbone,
@@ -210,9 +226,9 @@ impl Monitor {
         self.shared.stats.snapshot()
     }
 
-    /// Failing when a task failed or a stream cannot be read.
+    /// Failing when a task failed, a stream cannot be read or the records cannot be stored.
     pub fn health(&self) -> Health {
-        self.tasks.health().and(self.shared.reading.health())
+        self.tasks.health().and(self.shared.health())
     }
 }
 
@@ -320,9 +336,14 @@ impl Shared {
         let mut retry = RECORD_BACKOFF.retry();
         loop {
             match self.backbone.publish_batch(messages.clone()).await {
-                Ok(_) => return Ok(()),
+                Ok(_) => {
+                    *self.recording.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                    return Ok(());
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "reactor: recording reactions failed; retrying");
+                    *self.recording.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some(format!("cannot record reactions (nothing acts meanwhile): {e}"));
                     if !retry.wait(&self.shutdown).await {
                         return Err(e.into());
                     }

@@ -138,3 +138,46 @@ fn configurations_are_checked_with_the_field_named() {
     assert!(err("rules:\n  - name: r\n    match: {expression: '(('}\n").contains("rules[0].match.expression"));
     assert!(err("rules: []\nbogus: 1\n").contains("bogus"));
 }
+
+/// Records that cannot be stored (no stream captures them yet) hold the reactor back and
+/// show in its health; once the stream exists they are stored and health recovers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_that_cannot_be_stored_show_in_health_until_they_can() {
+    use chorus_backbone::StreamConfig;
+    let dir = tempfile::tempdir().unwrap();
+    let b: Arc<dyn Backbone> = Arc::new(EmbeddedBackbone::open_path(dir.path().join("streams")).unwrap());
+    b.ensure_stream(&StreamConfig::new("CHORUS_LIFECYCLE", vec!["choria.lifecycle.>".into()])).await.unwrap();
+    let config = ReactorConfig::from_yaml(&format!(
+        "name: r\nstate_dir: {}\nstart: first\nrules:\n  - name: any\n    match: {{type: io.choria.lifecycle.v1.startup}}\n",
+        dir.path().join("state").display()
+    ))
+    .unwrap();
+    let mut reactor = Reactor::start(b.clone(), None, config, false, Shutdown::new()).await.unwrap();
+    let r = EventRecord::new(Startup::new("web1", "server", "1.0.0"), 1);
+    b.publish(Message::new(r.id.clone(), r.nats_subject().unwrap(), r.encode())).await.unwrap();
+    let monitor = reactor.monitor();
+    let m = &monitor;
+    eventually("health to say the records cannot be stored", Duration::from_secs(30), || async move {
+        let h = m.health();
+        match h.reason.as_deref() {
+            Some(why) if !h.healthy && why.contains("cannot record reactions") => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    b.ensure_stream(&StreamConfig::new(CHORUS_REACTOR, vec!["chorus.reactor.>".into()])).await.unwrap();
+    let b2 = b.clone();
+    eventually("the firing recorded and health back", Duration::from_secs(60), move || {
+        let (b, m) = (b2.clone(), monitor.clone());
+        async move {
+            let n = reactions(&*b).await.len();
+            if n == 1 && m.health().healthy {
+                Ok(())
+            } else {
+                Err(format!("{n} records, {:?}", m.health()))
+            }
+        }
+    })
+    .await;
+    reactor.stop().await.unwrap();
+}
