@@ -314,18 +314,20 @@ impl NodeAgent {
         // Not a child of `shutdown`: the forwarder must outlive the shutdown event.
         let mut delivery = Tasks::new(format!("agent {} forwarder", config.identity), Shutdown::new());
         let mut transport: Option<Arc<dyn Transport>> = None;
+        let mut site_backbone: Option<Arc<dyn Backbone>> = None;
         if let Some(nats) = &config.nats {
             let mut nats = nats.clone();
             nats.retry_on_initial_connect = true;
             let client = nats.connect(None).await?;
             let site: Arc<dyn Backbone> = Arc::new(JetStreamBackbone::from_client(client.clone(), &nats));
+            site_backbone = Some(site.clone());
             let forwarder = outbox.clone();
             let stop = delivery.shutdown().clone();
             delivery.spawn("forwarder", async move { forwarder.forward(site, 1_000, stop).await });
             transport = Some(Arc::new(NatsTransport::new(client)));
         }
 
-        let machines = start_machines(&config, &emitter, tasks.shutdown());
+        let machines = start_machines(&config, &emitter, site_backbone, tasks.shutdown());
         crate::machine::connect_subscriptions(&machines, tasks.shutdown());
         let alive = lifecycle.clone();
         let (interval, splay) = (config.alive_interval, config.alive_splay.unwrap_or(config.alive_interval));
@@ -610,7 +612,12 @@ impl Security {
 
 /// Starts every `machine.yaml` under the machines directory; a bad manifest is reported with
 /// the field at fault and skipped, the others run.
-fn start_machines(config: &AgentConfig, emitter: &Arc<Emitter>, shutdown: &Shutdown) -> Vec<MachineHandle> {
+fn start_machines(
+    config: &AgentConfig,
+    emitter: &Arc<Emitter>,
+    site: Option<Arc<dyn Backbone>>,
+    shutdown: &Shutdown,
+) -> Vec<MachineHandle> {
     let Some(dir) = &config.machines_dir else { return Vec::new() };
     let mut dirs: Vec<PathBuf> = match std::fs::read_dir(dir) {
         Ok(entries) => {
@@ -631,7 +638,14 @@ fn start_machines(config: &AgentConfig, emitter: &Arc<Emitter>, shutdown: &Shutd
                 continue;
             }
         };
-        match Machine::start(manifest, config.identity.clone(), d.clone(), emitter.clone(), shutdown.child()) {
+        match Machine::start_on(
+            manifest,
+            config.identity.clone(),
+            d.clone(),
+            emitter.clone(),
+            site.clone(),
+            shutdown.child(),
+        ) {
             Ok(h) => out.push(h),
             Err(e) => tracing::error!(machine = %d.display(), error = %e, "machine not started"),
         }

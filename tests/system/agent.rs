@@ -777,3 +777,61 @@ async fn scout_checks_run_on_the_node_and_answer_the_scout_agent() {
     .await;
     agent.stop().await.unwrap();
 }
+
+/// The exec watcher's `governor:` on two nodes: their commands never run at once under a
+/// governor of capacity 1, and each run is an `enter` and an `exit` governor event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_watchers_under_a_governor_take_turns_across_nodes() {
+    use chorus_platform::governor::{Governor, GovernorSpec};
+    use chorus_schemas::lifecycle::GovernorEventType;
+    let server = NatsServer::start().unwrap();
+    let b = site(&server).await;
+    Governor::add(&*b, "upgrades", GovernorSpec { capacity: 1, expires: Duration::from_secs(30) }).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("held.log");
+    let mut agents = Vec::new();
+    for node in ["g1.example.net", "g2.example.net"] {
+        let machine = dir.path().join(node).join("machines").join("upgrade");
+        std::fs::create_dir_all(&machine).unwrap();
+        std::fs::write(
+            machine.join("machine.yaml"),
+            format!(
+                "name: upgrade\nversion: 1.0.0\ninitial_state: run\ntransitions:\n  - {{name: again, from: [run], destination: run}}\nwatchers:\n  - name: upgrade\n    type: exec\n    state_match: [run]\n    interval: 500ms\n    properties:\n      command: \"echo + {node} >> {log}; sleep 0.1; echo - {node} >> {log}\"\n      governor: upgrades\n      governor_timeout: 1m\n",
+                log = log.display()
+            ),
+        )
+        .unwrap();
+        let mut cfg = agent_config(node, &server, dir.path());
+        cfg.machines_dir = Some(dir.path().join(node).join("machines"));
+        agents.push(NodeAgent::start(cfg, Shutdown::new()).await.unwrap());
+    }
+    let l = &log;
+    eventually("both nodes ran the command three times", Duration::from_secs(60), || async move {
+        let text = std::fs::read_to_string(l).unwrap_or_default();
+        let done = |n: &str| text.lines().filter(|x| x.starts_with('-') && x.ends_with(n)).count();
+        if done("g1.example.net") >= 3 && done("g2.example.net") >= 3 {
+            Ok(())
+        } else {
+            Err(text)
+        }
+    })
+    .await;
+    for a in &mut agents {
+        a.stop().await.unwrap();
+    }
+    let (mut held, mut most) = (0i32, 0i32);
+    for line in std::fs::read_to_string(&log).unwrap().lines() {
+        held += if line.starts_with('+') { 1 } else { -1 };
+        most = most.max(held);
+    }
+    assert_eq!(most, 1, "the two nodes ran the command at once under a governor of capacity 1");
+    let events = events_of(&*b, &["CHORUS_LIFECYCLE"], "g1.example.net").await;
+    let kinds: Vec<GovernorEventType> = events
+        .iter()
+        .filter_map(|r| match &r.data {
+            Event::Lifecycle(Lifecycle::Governor(g)) => Some(g.event_type),
+            _ => None,
+        })
+        .collect();
+    assert!(kinds.contains(&GovernorEventType::Enter) && kinds.contains(&GovernorEventType::Exit), "{kinds:?}");
+}

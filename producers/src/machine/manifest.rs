@@ -218,6 +218,11 @@ pub struct ExecProperties {
     /// Do not publish a state event after successful runs, only after failures; for checks
     /// that run often and are only interesting when they fail.
     pub suppress_success_announce: bool,
+    /// Run the command under a lease of this governor (`chorus governor add`), so no more
+    /// nodes run it at once than the governor's capacity (Choria's rolling upgrades).
+    pub governor: Option<String>,
+    /// How long to wait for a lease; the run fails without one. Default 5 min.
+    pub governor_timeout: Duration,
 }
 
 /// Watches a file for changes.
@@ -572,6 +577,8 @@ struct RawExec {
     environment: Option<Vec<String>>,
     #[serde(default)]
     suppress_success_announce: bool,
+    governor: Option<String>,
+    governor_timeout: Option<GoDuration>,
 }
 
 #[derive(Deserialize)]
@@ -696,6 +703,8 @@ impl RawWatcher {
                     timeout: p.timeout.map_or(DEFAULT_EXEC_TIMEOUT, |d| d.0),
                     environment: p.environment.unwrap_or_default(),
                     suppress_success_announce: p.suppress_success_announce,
+                    governor: optional(p.governor),
+                    governor_timeout: p.governor_timeout.map_or(Duration::from_secs(300), |d| d.0),
                 })
             }
             "file" => {

@@ -96,6 +96,18 @@ impl Machine {
         emitter: Arc<Emitter>,
         shutdown: Shutdown,
     ) -> Result<MachineHandle, MachineError> {
+        Self::start_on(manifest, identity, machine_dir, emitter, None, shutdown)
+    }
+
+    /// As [`Machine::start`], with the site's backbone, for watchers that use governors.
+    pub fn start_on(
+        manifest: Manifest,
+        identity: impl Into<String>,
+        machine_dir: PathBuf,
+        emitter: Arc<Emitter>,
+        backbone: Option<Arc<dyn chorus_backbone::Backbone>>,
+        shutdown: Shutdown,
+    ) -> Result<MachineHandle, MachineError> {
         manifest.validate()?;
         let instance = MachineInstance {
             identity: identity.into(),
@@ -135,6 +147,7 @@ impl Machine {
             state: state_rx.clone(),
             stop: stop_rx.clone(),
             commands: commands_tx.clone(),
+            backbone,
         };
         let stop = stop_rx;
         tasks.spawn("watchers", async move {

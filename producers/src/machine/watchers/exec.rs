@@ -96,7 +96,20 @@ pub(super) async fn run(ctx: WatcherCtx, props: ExecProperties) {
 
 async fn execute(ctx: &WatcherCtx, props: &ExecProperties) -> Last {
     let started = std::time::Instant::now();
-    let outcome = run_command(ctx, props).await;
+    let outcome = match &props.governor {
+        None => run_command(ctx, props).await,
+        Some(name) => match super::governed::enter(ctx, name, props.governor_timeout).await {
+            Ok(lease) => {
+                let outcome = run_command(ctx, props).await;
+                lease.exit(ctx).await;
+                outcome
+            }
+            Err(e) => {
+                warn!(machine = %ctx.machine(), watcher = %ctx.name(), governor = %name, error = %e, "cannot enter the governor");
+                Outcome::Error
+            }
+        },
+    };
     Last { outcome, run_time: started.elapsed() }
 }
 

@@ -4,6 +4,7 @@
 
 mod exec;
 mod file;
+mod governed;
 mod nagios;
 mod process;
 mod schedule;
@@ -32,6 +33,8 @@ pub(crate) struct Shared {
     pub(crate) state: watch::Receiver<String>,
     pub(crate) stop: Shutdown,
     pub(crate) commands: mpsc::Sender<Command>,
+    /// The site's backbone, for governors (none when the node runs offline).
+    pub(crate) backbone: Option<Arc<dyn chorus_backbone::Backbone>>,
 }
 
 /// One watcher's view of its machine.
