@@ -175,11 +175,13 @@ pub enum WatcherProperties {
     Timer(TimerProperties),
     /// `type: nagios`.
     Nagios(NagiosProperties),
+    /// `type: metric`.
+    Metric(MetricProperties),
 }
 
 impl WatcherProperties {
     /// The watcher types Chorus runs.
-    pub const TYPES: [&'static str; 5] = ["exec", "file", "nagios", "schedule", "timer"];
+    pub const TYPES: [&'static str; 6] = ["exec", "file", "metric", "nagios", "schedule", "timer"];
 
     /// The `type` name of this variant.
     pub fn watcher_type(&self) -> &'static str {
@@ -189,6 +191,7 @@ impl WatcherProperties {
             WatcherProperties::Schedule(_) => "schedule",
             WatcherProperties::Timer(_) => "timer",
             WatcherProperties::Nagios(_) => "nagios",
+            WatcherProperties::Metric(_) => "metric",
         }
     }
 
@@ -197,9 +200,10 @@ impl WatcherProperties {
     /// timer watchers accept an `interval` and ignore it, as Choria's do.
     fn min_interval(&self) -> Option<Duration> {
         match self {
-            WatcherProperties::Exec(_) | WatcherProperties::File(_) | WatcherProperties::Nagios(_) => {
-                Some(Duration::from_millis(500))
-            }
+            WatcherProperties::Exec(_)
+            | WatcherProperties::File(_)
+            | WatcherProperties::Nagios(_)
+            | WatcherProperties::Metric(_) => Some(Duration::from_millis(500)),
             WatcherProperties::Schedule(_) | WatcherProperties::Timer(_) => None,
         }
     }
@@ -275,6 +279,22 @@ pub struct NagiosProperties {
     pub annotations: std::collections::BTreeMap<String, String>,
     /// Choria's `gossfile`, `last_message`, `pubcert_expire`, `token_expire` (for its
     /// builtins), accepted and kept.
+    pub extra: std::collections::BTreeMap<String, String>,
+}
+
+/// Gathers metrics with a command (Choria's `metric` watcher): its output is a JSON
+/// `{"labels": {...}, "metrics": {"name": value}}`, or Nagios performance data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricProperties {
+    /// The command (run with `sh -c` in the machine directory).
+    pub command: String,
+    /// How often it runs (Choria puts it in the properties; the watcher's own `interval`
+    /// is used when this is absent).
+    pub interval: Option<Duration>,
+    /// Labels added to every metric.
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Choria's `skip_prometheus`, `store`, `http`, `graphite_host`, `graphite_port`,
+    /// `graphite_prefix`: accepted; Chorus publishes the metrics as state events only.
     pub extra: std::collections::BTreeMap<String, String>,
 }
 
@@ -466,6 +486,14 @@ impl Manifest {
                         ));
                     }
                 }
+                WatcherProperties::Metric(p) => {
+                    if p.command.trim().is_empty() {
+                        return Err(err(prop("command"), "missing"));
+                    }
+                    if p.interval.or(w.interval).is_none() {
+                        return Err(err(prop("interval"), "missing: how often the metrics are gathered"));
+                    }
+                }
                 WatcherProperties::Nagios(p) => {
                     match (&p.plugin, &p.builtin) {
                         (Some(_), Some(_)) => return Err(err(prop("plugin"), "cannot set plugin and builtin")),
@@ -597,6 +625,21 @@ struct RawSchedule {
     start_splay: Option<GoDuration>,
     #[serde(default)]
     skip_trigger_on_reenter: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "metric properties: a mapping with command and interval")]
+struct RawMetric {
+    command: Option<String>,
+    interval: Option<GoDuration>,
+    #[serde(default)]
+    labels: std::collections::BTreeMap<String, String>,
+    skip_prometheus: Option<bool>,
+    store: Option<bool>,
+    http: Option<bool>,
+    graphite_host: Option<String>,
+    graphite_port: Option<serde_yaml::Value>,
+    graphite_prefix: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -734,6 +777,31 @@ impl RawWatcher {
                         None => return Err(ManifestError::invalid(format!("{field}.timer"), "missing")),
                     },
                     splay: p.splay,
+                })
+            }
+            "metric" => {
+                let p: RawMetric = properties(self.properties, &field)?;
+                let flag = |b: Option<bool>| b.map(|b| b.to_string());
+                let port = p.graphite_port.map(|v| match v {
+                    serde_yaml::Value::String(s) => s,
+                    other => serde_yaml::to_string(&other).unwrap_or_default().trim().to_owned(),
+                });
+                let extra = [
+                    ("skip_prometheus", flag(p.skip_prometheus)),
+                    ("store", flag(p.store)),
+                    ("http", flag(p.http)),
+                    ("graphite_host", p.graphite_host),
+                    ("graphite_port", port),
+                    ("graphite_prefix", p.graphite_prefix),
+                ]
+                .into_iter()
+                .filter_map(|(k, v)| v.map(|v| (k.to_string(), v)))
+                .collect();
+                WatcherProperties::Metric(MetricProperties {
+                    command: required(p.command, || format!("{field}.command"))?,
+                    interval: p.interval.map(|d| d.0),
+                    labels: p.labels,
+                    extra,
                 })
             }
             "nagios" => {
@@ -957,7 +1025,7 @@ watchers:
         assert_err(
             "type: timer",
             "type: homekit",
-            "watchers[1].type: unknown watcher type \"homekit\" (supported: exec, file, nagios, schedule, timer)",
+            "watchers[1].type: unknown watcher type \"homekit\" (supported: exec, file, metric, nagios, schedule, timer)",
         );
         assert_err("type: timer", "type: nagios", "watchers[1].properties.timer: unknown field `timer`");
         assert_err("    type: exec\n", "", "watchers[0].type: missing");
@@ -1034,8 +1102,8 @@ watchers:
         );
         assert_err(
             "command: monitor.sh",
-            "command: monitor.sh\n      governor: hvac",
-            "watchers[0].properties.governor: unknown field `governor`, expected one of `command`",
+            "command: monitor.sh\n      disown: true",
+            "watchers[0].properties.disown: unknown field `disown`, expected one of `command`",
         );
         assert_err(
             "description: bad air",

@@ -635,3 +635,44 @@ watchers:
     m.transition("MAINTENANCE").await.unwrap();
     assert!(m.transition("FORCE_CHECK").await.is_err());
 }
+
+/// A `metric` watcher as Choria writes it (interval in its properties): its command's JSON
+/// becomes a `metric` state event with the manifest's labels.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_metric_watcher_publishes_what_its_command_gathers() {
+    const METRICS: &str = r#"
+name: metrics
+version: 1.0.0
+initial_state: gather
+transitions:
+  - {name: ok, from: [gather], destination: gather}
+watchers:
+  - name: disk
+    type: metric
+    state_match: [gather]
+    properties:
+      command: "echo '{\"labels\": {\"mount\": \"/\"}, \"metrics\": {\"free\": 42}}'"
+      interval: 1s
+      labels: {dc: lon}
+      skip_prometheus: true
+"#;
+    let f = fixture();
+    let _m = f.start(METRICS);
+    let records = f
+        .wait_for("a metric event", |r| {
+            r.iter().any(|r| matches!(&r.data, Event::Watcher(WatcherState { details: WatcherDetails::Metric(_), .. })))
+        })
+        .await;
+    let sample = records
+        .iter()
+        .find_map(|r| match &r.data {
+            Event::Watcher(WatcherState { details: WatcherDetails::Metric(m), .. }) => Some(m.metrics.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(sample.metrics["free"].as_i64(), Some(42));
+    assert_eq!(
+        (sample.labels["mount"].as_str(), sample.labels["dc"].as_str(), sample.labels["format"].as_str()),
+        ("/", "lon", "choria")
+    );
+}

@@ -5,6 +5,7 @@
 mod exec;
 mod file;
 mod governed;
+mod metric;
 mod nagios;
 mod process;
 mod schedule;
@@ -117,6 +118,7 @@ pub(crate) async fn run(ctx: WatcherCtx) {
         WatcherProperties::Schedule(p) => schedule::run(ctx, p).await,
         WatcherProperties::Timer(p) => timer::run(ctx, p).await,
         WatcherProperties::Nagios(p) => nagios::run(ctx, p).await,
+        WatcherProperties::Metric(p) => metric::run(ctx, p).await,
     }
 }
 

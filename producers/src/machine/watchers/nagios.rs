@@ -44,7 +44,7 @@ fn status(code: i64) -> &'static str {
 
 /// Nagios plugin output: `TEXT | perfdata` on the first line; perfdata entries are
 /// `label=value[UOM];[warn];[crit];[min];[max]`, space separated (labels may be quoted).
-fn parse_output(raw: &str) -> (String, Vec<Value>) {
+pub(super) fn parse_output(raw: &str) -> (String, Vec<Value>) {
     let first = raw.lines().next().unwrap_or_default();
     let (text, perf) = match first.split_once('|') {
         Some((t, p)) => (t.trim(), p.trim()),
