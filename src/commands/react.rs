@@ -51,6 +51,9 @@ pub async fn run(args: ReactArgs) -> anyhow::Result<()> {
                 backbone.ensure_stream(&wanted).await.context("creating the reactor's stream")?;
             }
         }
+        if let Some(actual) = found.holding(CHORUS_REACTOR) {
+            config.records_stream = actual.to_owned();
+        }
         for rule in &mut config.rules {
             if let Some(actual) = found.holding(&rule.matches.stream) {
                 rule.matches.stream = actual.to_owned();
