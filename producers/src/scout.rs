@@ -104,16 +104,7 @@ watchers:
     async fn call(agent: &Scout, action: &str, data: Value) -> ActionReply {
         let node = chorus_rpc::NodeContext::new("n1", "choria");
         let data = data.as_object().cloned().unwrap_or_default();
-        let request = chorus_schemas::RpcRequest::new("choria=ops", "ops", "choria", "scout", action, data.clone());
-        let ctx = ActionContext {
-            request: &request,
-            node: &node,
-            agents: &[],
-            descriptions: &Default::default(),
-            stats: Default::default(),
-            started: 0,
-        };
-        agent.handle(action, &data, &ctx).await
+        chorus_rpc::agents::handle_as(agent, &node, "choria=ops", action, &data).await
     }
 
     #[tokio::test]

@@ -138,21 +138,33 @@ pub(crate) fn string_input<'a>(data: &'a JsonObject, name: &str) -> Result<&'a s
 /// For tests of agents that run system tools: stand-in executables, made by `scripts` from
 /// the directory they live in (where they may keep state), put first on `PATH`. Each test
 /// runs in a process of its own (nextest), so changing `PATH` touches no other test.
-/// Runs `action` of `agent` with `data` on a bare node (`n1`, no facts, no other agents),
-/// as the server would after its checks: for agent tests.
-#[cfg(test)]
-pub(crate) async fn handle_on_bare_node(agent: &dyn Agent, action: &str, data: &JsonObject) -> ActionReply {
-    let node = NodeContext::new("n1", "choria");
-    let request = RpcRequest::new("choria=ops", "ops", "choria", agent.name(), action, data.clone());
+/// Runs `action` of `agent` with `data` on `node` for `callerid`, as the server would
+/// after its checks (policy, inputs): for tests of agents, here and in the crates that
+/// write agents (the node's scout agent).
+pub async fn handle_as(
+    agent: &dyn Agent,
+    node: &NodeContext,
+    callerid: &str,
+    action: &str,
+    data: &JsonObject,
+) -> ActionReply {
+    let request = RpcRequest::new(callerid, "test", node.collective.clone(), agent.name(), action, data.clone());
     let ctx = ActionContext {
         request: &request,
-        node: &node,
+        node,
         agents: &[],
         descriptions: &Default::default(),
         stats: Default::default(),
         started: 0,
     };
     agent.handle(action, data, &ctx).await
+}
+
+/// Runs `action` of `agent` with `data` on a bare node (`n1`, no facts, no other agents),
+/// as the server would after its checks: for agent tests.
+#[cfg(test)]
+pub(crate) async fn handle_on_bare_node(agent: &dyn Agent, action: &str, data: &JsonObject) -> ActionReply {
+    handle_as(agent, &NodeContext::new("n1", "choria"), "choria=ops", action, data).await
 }
 
 #[cfg(test)]

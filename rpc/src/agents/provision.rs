@@ -192,7 +192,6 @@ mod tests {
     use super::*;
     use chorus_identity::{Credential, CredentialSpec};
     use chorus_keys::{Algorithm, FileSigner};
-    use chorus_schemas::RpcRequest;
     use std::sync::Mutex;
 
     struct Node {
@@ -222,16 +221,7 @@ mod tests {
         let mut node = crate::NodeContext::new("n1", "choria");
         node.provision_mode = provision_mode;
         let data = data.as_object().cloned().unwrap_or_default();
-        let request = RpcRequest::new("choria=provisioner", "p", "choria", AGENT, action, data.clone());
-        let ctx = ActionContext {
-            request: &request,
-            node: &node,
-            agents: &[],
-            descriptions: &Default::default(),
-            stats: Default::default(),
-            started: 0,
-        };
-        agent.handle(action, &data, &ctx).await
+        super::super::handle_as(agent, &node, "choria=provisioner", action, &data).await
     }
 
     /// The node proves its key, and refuses every credential but one from its issuer, for
