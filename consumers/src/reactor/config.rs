@@ -9,7 +9,7 @@ use chorus_schemas::subject::validate_token;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::template::{Expression, Template};
+use super::template::{Expression, Template, ValueTemplate};
 
 /// Configuration of a reactor (YAML or JSON; unknown fields are refused).
 ///
@@ -460,6 +460,9 @@ impl Rule {
         }
         for (j, action) in self.actions.iter().enumerate() {
             let field = |f: &str| at(&format!("actions[{j}].{}.{f}", action.kind()));
+            // JSON documents (RPC data, webhook body, published data) are templates at any
+            // depth; the other strings are templates themselves.
+            let mut documents: Vec<(&str, Value)> = Vec::new();
             let strings: Vec<(&str, String)> = match action {
                 Action::Rpc(r) => {
                     if r.agent.is_empty() || r.action.is_empty() {
@@ -468,7 +471,8 @@ impl Rule {
                     if r.timeout.is_zero() {
                         return Err(ConfigError::invalid(field("timeout"), "must be > 0"));
                     }
-                    let mut all = vec![("data", serde_json::to_string(&r.data).unwrap_or_default())];
+                    documents.push(("data", Value::Object(r.data.clone())));
+                    let mut all = Vec::new();
                     for (name, list) in
                         [("identity", &r.identity), ("fact", &r.fact), ("class", &r.class), ("compound", &r.compound)]
                     {
@@ -483,6 +487,7 @@ impl Rule {
                     w.backoff.validate(&field("backoff"))?;
                     reqwest::Method::from_bytes(w.method.as_bytes())
                         .map_err(|e| ConfigError::invalid(field("method"), &e))?;
+                    documents.extend(w.body.clone().map(|b| ("body", b)));
                     let mut all = vec![("url", w.url.clone())];
                     all.extend(w.headers.values().map(|v| ("headers", v.clone())));
                     all
@@ -499,11 +504,15 @@ impl Rule {
                     if p.event_type.is_empty() {
                         return Err(ConfigError::invalid(field("type"), "must not be empty"));
                     }
+                    documents.extend(p.data.clone().map(|d| ("data", d)));
                     vec![("subject", p.subject.clone())]
                 }
             };
             for (name, text) in strings {
                 Template::compile(&text).map_err(|e| ConfigError::invalid(field(name), &e))?;
+            }
+            for (name, document) in documents {
+                ValueTemplate::compile(&document).map_err(|e| ConfigError::invalid(field(name), &e))?;
             }
         }
         Ok(())

@@ -134,6 +134,14 @@ fn configurations_are_checked_with_the_field_named() {
     assert!(err(&format!("{head}    actions: [{{rpc: {{agent: a, action: b, identity: ['{{{{ x']}}}}]\n"))
         .contains("rules[0].actions[0].rpc.identity"));
     assert!(err(&format!("{head}    actions: [{{mail: {{}}}}]\n")).contains("mail"));
+    // Templates in JSON documents are checked where they stand, quotes and all.
+    let data = |d: &str| format!("{head}    actions: [{{rpc: {{agent: a, action: b, data: {d}}}}}]\n");
+    assert!(ReactorConfig::from_yaml(&data(r#"{ok: '{{ data.status == "OK" }}'}"#)).is_ok());
+    assert!(err(&data("{n: {deep: ['{{ x']}}")).contains("rules[0].actions[0].rpc.data"));
+    let body = format!(
+        "{head}    actions:\n      - webhook:\n          url: http://h\n          body: {{t: '{{{{ ((  }}}}'}}\n"
+    );
+    assert!(err(&body).contains("rules[0].actions[0].webhook.body"));
     assert!(err("rules:\n  - name: a.b\n    match: {}\n").contains("rules[0].name"));
     assert!(err("rules:\n  - name: r\n    match: {expression: '(('}\n").contains("rules[0].match.expression"));
     assert!(err("rules: []\nbogus: 1\n").contains("bogus"));
