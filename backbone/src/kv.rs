@@ -61,7 +61,7 @@ impl BucketConfig {
 
     /// Checks the name and the history.
     pub fn validate(&self) -> Result<()> {
-        if self.name.is_empty() || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        if !is_bucket_name(&self.name) {
             return Err(crate::BackboneError::invalid_config(format!(
                 "bucket name {:?}: use letters, digits, - and _",
                 self.name
@@ -75,6 +75,12 @@ impl BucketConfig {
         }
         Ok(())
     }
+}
+
+/// Whether `name` can name a bucket (letters, digits, `-` and `_`): also the rule for the
+/// names that become part of one (governors, elections).
+pub fn is_bucket_name(name: &str) -> bool {
+    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
 /// Whether a key is valid: tokens of letters, digits and `-_/=` separated by dots, as

@@ -114,7 +114,8 @@ impl Candidate {
     /// Joins election `name` (the election's `name` when configured) as `config.candidate`.
     pub async fn join(backbone: &dyn Backbone, name: &str, config: &ElectionConfig) -> Result<Self, PlatformError> {
         let name = config.name.clone().unwrap_or_else(|| name.to_owned());
-        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        // The name is part of the election's bucket name.
+        if !chorus_backbone::kv::is_bucket_name(&name) {
             return Err(PlatformError::Invalid(format!("election name {name:?}: use letters, digits, - and _")));
         }
         if config.ttl < Duration::from_secs(1) {

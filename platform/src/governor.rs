@@ -66,8 +66,9 @@ impl Drop for Lease {
     }
 }
 
+/// A governor's name is part of its bucket's name.
 fn check_name(name: &str) -> Result<(), PlatformError> {
-    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+    if !chorus_backbone::kv::is_bucket_name(name) {
         return Err(PlatformError::Invalid(format!("governor name {name:?}: use letters, digits, - and _")));
     }
     Ok(())

@@ -74,10 +74,7 @@ pub async fn run(args: GovernorArgs) -> anyhow::Result<()> {
         }
         GovernorCommand::Run { name, max_wait, holder, command } => {
             let governor = Governor::open(&*backbone, &name).await?;
-            let holder = holder.unwrap_or_else(|| {
-                let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
-                format!("{}:{}", host.trim(), std::process::id())
-            });
+            let holder = holder.unwrap_or_else(chorus_platform::election::default_candidate);
             let shutdown = Shutdown::new();
             let Some(mut lease) = governor.claim(&holder, max_wait, &shutdown).await? else {
                 eprintln!("governor {name}: no lease within {}", humantime::format_duration(max_wait));

@@ -445,11 +445,7 @@ impl Rule {
                 Expression::compile(c).map_err(|e| ConfigError::invalid(at("when.changed"), &e))?;
             }
         }
-        if self
-            .governor
-            .as_deref()
-            .is_some_and(|g| g.is_empty() || !g.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'))
-        {
+        if self.governor.as_deref().is_some_and(|g| !chorus_backbone::kv::is_bucket_name(g)) {
             return bad("governor", "a governor name: letters, digits, - and _");
         }
         if self.throttle.is_some_and(|d| d.is_zero()) {

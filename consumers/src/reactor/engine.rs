@@ -24,8 +24,8 @@ use super::rules::{Counts, Firing, Rules, Seen};
 use super::store::{Commit, ReactorStore};
 use super::template::{from_json, to_json, ExprValue};
 
-/// Pauses between failed reads of a stream.
-const READ_BACKOFF: Backoff = Backoff::doubling(Duration::from_millis(400), Duration::from_secs(10));
+/// Pauses between failed reads of a stream (the rules' streams and the records stream).
+pub(super) const READ_BACKOFF: Backoff = Backoff::doubling(Duration::from_millis(400), Duration::from_secs(10));
 
 /// The reactor's counters.
 #[derive(Debug, Default)]

@@ -11,16 +11,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chorus_backbone::{ReplayOptions, StartPosition};
-use chorus_runtime::Backoff;
 use chorus_schemas::{Event, EventRecord, ReactionOutcome};
 use futures::StreamExt;
 
-use super::engine::Shared;
+use super::engine::{Shared, READ_BACKOFF};
 use super::error::ReactorError;
 use super::rules::Firing;
 use super::store::Commit;
-
-const READ_BACKOFF: Backoff = Backoff::doubling(Duration::from_millis(400), Duration::from_secs(10));
 
 /// How long notes of done actions are kept: longer than any standby lags behind.
 const KEEP_DONE: Duration = Duration::from_secs(24 * 3600);

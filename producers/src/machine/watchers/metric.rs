@@ -13,7 +13,7 @@ use chorus_schemas::WatcherDetails;
 use tracing::warn;
 
 use super::process::Ran;
-use super::{next_state, tick, ticker, WatcherCtx};
+use super::{next_state, splayed_ticker, tick, ticker, WatcherCtx};
 use crate::machine::manifest::MetricProperties;
 
 /// Choria gives the command a second; Chorus a little more, for slow starts.
@@ -55,9 +55,7 @@ pub(super) async fn run(ctx: WatcherCtx, props: MetricProperties) {
     let (mut states, _) = ctx.subscribe();
     let stop = ctx.stop_signal();
     let mut announce = ticker(ctx.def.announce_interval);
-    let first = tokio::time::Instant::now() + crate::machine::random_below(period);
-    let mut every = tokio::time::interval_at(first, period);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut every = splayed_ticker(period);
     let mut last: Option<MetricSample> = None;
     loop {
         tokio::select! {

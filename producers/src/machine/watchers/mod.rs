@@ -130,6 +130,15 @@ fn ticker(period: Option<Duration>) -> Option<Interval> {
     Some(interval)
 }
 
+/// A ticker every `period` whose first tick comes at a random point within the first
+/// period, so a fleet started together does not check in lockstep.
+fn splayed_ticker(period: Duration) -> Interval {
+    let first = Instant::now() + crate::machine::random_below(period);
+    let mut interval = tokio::time::interval_at(first, period);
+    interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    interval
+}
+
 /// The next tick of an optional ticker; never resolves for `None`.
 async fn tick(ticker: &mut Option<Interval>) {
     match ticker {

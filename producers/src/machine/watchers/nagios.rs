@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use tracing::debug;
 
 use super::process::Ran;
-use super::{next_state, tick, ticker, WatcherCtx};
+use super::{next_state, splayed_ticker, tick, ticker, WatcherCtx};
 use crate::machine::manifest::NagiosProperties;
 
 /// Results kept in `history`, as Choria keeps them.
@@ -136,12 +136,7 @@ pub(super) async fn run(ctx: WatcherCtx, props: NagiosProperties) {
     let mut announce = ticker(ctx.def.announce_interval);
     // The first periodic check is splayed within the interval, so a fleet does not check
     // in lockstep; the period stays the interval.
-    let mut interval = ctx.def.interval.filter(|i| !i.is_zero()).map(|period| {
-        let first = tokio::time::Instant::now() + crate::machine::random_below(period);
-        let mut t = tokio::time::interval_at(first, period);
-        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        t
-    });
+    let mut interval = ctx.def.interval.filter(|i| !i.is_zero()).map(splayed_ticker);
     let mut history: VecDeque<Check> = VecDeque::with_capacity(HISTORY);
     let mut was_active = ctx.active_in(&state);
     let mut due = was_active || state == FORCE_CHECK;
