@@ -437,13 +437,8 @@ impl NodeAgent {
         })
     }
 
-    /// Resolves when enrolment asked the node to restart into its normal component (its
+    /// Notified when enrolment asked the node to restart into its normal component (its
     /// configuration was written): the process stops the agent and starts again.
-    pub async fn restart_requested(&self) {
-        self.restart.notified().await
-    }
-
-    /// What [`NodeAgent::restart_requested`] waits on, for a caller that hands the agent on.
     pub fn restart_signal(&self) -> Arc<tokio::sync::Notify> {
         self.restart.clone()
     }

@@ -205,11 +205,6 @@ impl Rules {
         !self.dirty.is_empty()
     }
 
-    /// Keys with state, for metrics.
-    pub fn keys(&self) -> usize {
-        self.states.len()
-    }
-
     /// Evaluates every rule of `event.stream` on `event`; firings are appended to `out`.
     pub fn apply(&mut self, event: &Seen<'_>, counts: &mut Counts, out: &mut Vec<Firing>) {
         let ty = event.attr("type");
