@@ -79,12 +79,21 @@ async fn the_lease_of_a_killed_holder_expires() {
         }
     })
     .await;
-    // It renews: still held after more than one expiry.
+    // It renews: the slot's value is written again, at new revisions, by the same holder,
+    // for longer than one expiry (four renewals at a third of it; seen by polling the
+    // bucket, not by waiting for a claim to fail).
+    let slots =
+        b.bucket(&chorus_backbone::BucketConfig::new("GOVERNOR_db").with_ttl(Duration::from_secs(2))).await.unwrap();
+    let first = slots.get("slot.0").await.unwrap().expect("the lease").revision;
+    let s = &slots;
+    eventually("the lease renewed past its expiry", Duration::from_secs(30), || async move {
+        match s.get("slot.0").await.map_err(|e| e.to_string())? {
+            Some(e) if e.revision >= first + 4 && String::from_utf8_lossy(&e.value).contains("doomed") => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
     let shutdown = Shutdown::new();
-    assert!(
-        governor.claim("early", Duration::from_millis(2500), &shutdown).await.unwrap().is_none(),
-        "the lease is renewed"
-    );
     // SIGKILL to the holder and its command.
     unsafe { libc::kill(-(holder.id() as i32), libc::SIGKILL) };
     holder.wait().unwrap();
