@@ -233,8 +233,10 @@ fn id_and_headers(map: &async_nats::HeaderMap) -> (String, Headers) {
     let id = map.get(MSG_ID_HEADER).map(|v| v.as_str().to_string()).unwrap_or_default();
     let mut headers: Headers = map
         .iter()
-        .filter(|(name, _)| !name.to_string().eq_ignore_ascii_case(MSG_ID_HEADER))
-        .flat_map(|(name, values)| values.iter().map(move |v| (name.to_string(), v.as_str().to_string())))
+        .filter(|(name, _)| !AsRef::<str>::as_ref(*name).eq_ignore_ascii_case(MSG_ID_HEADER))
+        .flat_map(|(name, values)| {
+            values.iter().map(move |v| (AsRef::<str>::as_ref(name).to_owned(), v.as_str().to_owned()))
+        })
         .collect();
     headers.sort();
     (id, headers)
@@ -487,35 +489,31 @@ impl Backbone for JetStreamBackbone {
             return Ok(Box::pin(futures::stream::empty()));
         }
         let messages = Box::pin(consumer.messages().await?);
-        let name = stream.to_string();
-        let filters = options.filter_subjects.clone();
+        // The stream name and filters travel in the unfold's state: nothing is cloned per message.
+        let state = (messages, false, stream.to_string(), options.filter_subjects.clone());
         let follow = options.follow;
         // A finite replay ends right after the message that reached the end of the stream,
         // without polling the ordered consumer again (it would wait for new messages).
-        let out = futures::stream::unfold((messages, false), move |(mut messages, ended)| {
-            let name = name.clone();
-            let filters = filters.clone();
-            async move {
-                if ended {
-                    return None;
+        let out = futures::stream::unfold(state, move |(mut messages, ended, name, filters)| async move {
+            if ended {
+                return None;
+            }
+            loop {
+                let m = match messages.next().await? {
+                    Ok(m) => m,
+                    Err(e) => return Some((Err(BackboneError::from(e)), (messages, false, name, filters))),
+                };
+                let info = match m.info() {
+                    Ok(info) => info,
+                    Err(e) => return Some((Err(BackboneError::nats_untyped(e)), (messages, false, name, filters))),
+                };
+                let done = !follow && (info.pending == 0 || info.stream_sequence >= last);
+                let message = stored(&name, info.stream_sequence, to_chrono(info.published), &m);
+                if crate::subject::matches_any(&filters, &message.subject) {
+                    return Some((Ok(message), (messages, done, name, filters)));
                 }
-                loop {
-                    let m = match messages.next().await? {
-                        Ok(m) => m,
-                        Err(e) => return Some((Err(BackboneError::from(e)), (messages, false))),
-                    };
-                    let info = match m.info() {
-                        Ok(info) => info,
-                        Err(e) => return Some((Err(BackboneError::nats_untyped(e)), (messages, false))),
-                    };
-                    let done = !follow && (info.pending == 0 || info.stream_sequence >= last);
-                    let message = stored(&name, info.stream_sequence, to_chrono(info.published), &m);
-                    if crate::subject::matches_any(&filters, &message.subject) {
-                        return Some((Ok(message), (messages, done)));
-                    }
-                    if done {
-                        return None;
-                    }
+                if done {
+                    return None;
                 }
             }
         });

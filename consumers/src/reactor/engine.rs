@@ -14,15 +14,19 @@ use chorus_rpc::{RpcClient, Transport};
 use chorus_runtime::{Backoff, Config, Health, Shutdown, TaskMonitor, Tasks};
 use chorus_schemas::reaction::{Reaction, ReactionAction, ReactionOutcome};
 use chorus_schemas::EventRecord;
-use futures::StreamExt;
+use futures::{FutureExt as _, StreamExt};
 use tokio::sync::{mpsc, Semaphore};
 
 use super::actions::{Actuators, RECORD_BACKOFF};
 use super::config::ReactorConfig;
 use super::error::ReactorError;
+use super::event::{self, Needs};
 use super::rules::{Counts, Firing, Rules, Seen};
 use super::store::{Commit, ReactorStore};
-use super::template::{from_json, to_json, ExprValue};
+use super::template::to_json;
+
+/// How long positions may go unwritten while nothing changes (see `evaluate`).
+const POSITION_EVERY: Duration = Duration::from_secs(1);
 
 /// Pauses between failed reads of a stream (the rules' streams and the records stream).
 pub(super) const READ_BACKOFF: Backoff = Backoff::doubling(Duration::from_millis(400), Duration::from_secs(10));
@@ -179,7 +183,9 @@ impl Reactor {
             shutdown: shutdown.clone(),
         });
         let mut tasks = Tasks::new("reactor", shutdown);
-        let (read_tx, read_rx) = mpsc::channel(shared.config.batch_size * 4);
+        // Readers hand on what they have read in chunks (up to a batch): one hand-over, and
+        // at most one wake-up of the evaluator, per chunk rather than per event.
+        let (read_tx, read_rx) = mpsc::channel(64);
         let (act_tx, act_rx) = mpsc::channel(shared.config.concurrency * 64);
         for stream in streams {
             tasks.spawn("read", read(shared.clone(), stream, read_tx.clone()));
@@ -233,7 +239,7 @@ impl Monitor {
 }
 
 /// Reads one stream from the reactor's position, following it; reopens after errors.
-async fn read(shared: Arc<Shared>, stream: String, out: mpsc::Sender<StoredMessage>) -> Result<(), ReactorError> {
+async fn read(shared: Arc<Shared>, stream: String, out: mpsc::Sender<Vec<StoredMessage>>) -> Result<(), ReactorError> {
     let shutdown = shared.shutdown.clone();
     let mut retry = READ_BACKOFF.retry();
     let mut next: Option<u64> = None;
@@ -280,25 +286,44 @@ async fn read(shared: Arc<Shared>, stream: String, out: mpsc::Sender<StoredMessa
         if from > end {
             shared.set_caught_up(&stream);
         }
+        let chunk_size = shared.config.batch_size;
         loop {
             let item = tokio::select! { m = messages.next() => m, _ = shutdown.requested() => return Ok(()) };
-            match item {
-                Some(Ok(m)) => {
-                    next = Some(m.sequence + 1);
-                    let at_end = m.sequence >= end;
-                    if out.send(m).await.is_err() {
-                        return Ok(());
-                    }
-                    if at_end {
-                        shared.set_caught_up(&stream);
-                    }
+            // What is already read is taken with it, without waiting.
+            let (mut chunk, mut failed, mut ended) = (Vec::new(), None, false);
+            let mut item = item;
+            loop {
+                match item {
+                    Some(Ok(m)) => chunk.push(m),
+                    Some(Err(e)) => failed = Some(e),
+                    None => ended = true,
                 }
-                Some(Err(e)) => {
+                if failed.is_some() || ended || chunk.len() >= chunk_size {
+                    break;
+                }
+                match messages.next().now_or_never() {
+                    Some(next) => item = next,
+                    None => break,
+                }
+            }
+            if let Some(last) = chunk.last() {
+                next = Some(last.sequence + 1);
+                let at_end = last.sequence >= end;
+                if out.send(chunk).await.is_err() {
+                    return Ok(());
+                }
+                if at_end {
+                    shared.set_caught_up(&stream);
+                }
+            }
+            match failed {
+                Some(e) => {
                     shared.reading.waiting(stream.clone(), e.to_string());
                     tracing::warn!(%stream, error = %e, "reactor: reading the stream failed; reopening");
                     break;
                 }
-                None => break,
+                None if ended => break,
+                None => {}
             }
         }
         if !retry.wait(&shutdown).await {
@@ -432,55 +457,28 @@ impl Shared {
     }
 }
 
-/// An event as the rules see it (read straight into expr values), or why it is not one.
-fn parse(message: &StoredMessage) -> Result<(expr::Value, i64), (String, String)> {
-    let fallback = message.time.timestamp_millis();
-    if let Ok(ExprValue(expr::Value::Map(map))) = serde_json::from_slice::<ExprValue>(&message.payload) {
-        if map.contains_key("specversion") {
-            let is_text = |k: &str| matches!(map.get(k), Some(expr::Value::String(_)));
-            if !is_text("id") || !is_text("type") {
-                return Err(("not_cloudevent".into(), "a CloudEvent needs a string id and type".into()));
-            }
-            let time = map
-                .get("time")
-                .and_then(expr::Value::as_string)
-                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-                .map(|t| t.timestamp_millis())
-                .unwrap_or(fallback);
-            return Ok((expr::Value::Map(map), time));
-        }
-    }
-    match EventRecord::decode(&message.payload) {
-        // Choria's bare lifecycle documents, as a CloudEvent.
-        Ok(record) => {
-            let time = record.time.timestamp_millis();
-            Ok((from_json(&serde_json::to_value(record.to_cloudevent()).unwrap_or_default()), time))
-        }
-        Err(e) => Err((e.code().to_owned(), e.to_string())),
-    }
-}
-
 /// Evaluates events in batches; commits state, positions and firings together; hands
 /// firings to the actor.
 async fn evaluate(
     shared: Arc<Shared>,
     mut rules: Rules,
-    mut input: mpsc::Receiver<StoredMessage>,
+    mut input: mpsc::Receiver<Vec<StoredMessage>>,
     actor: mpsc::Sender<Firing>,
 ) -> Result<(), ReactorError> {
     let shutdown = shared.shutdown.clone();
-    let mut retry = RECORD_BACKOFF.retry();
-    while let Err(e) = deadletter::ensure_stream(&*shared.backbone).await {
-        tracing::warn!(error = %e, "reactor: cannot make the dead-letter stream; retrying");
-        if !retry.wait(&shutdown).await {
-            return Ok(());
-        }
-    }
+    // Made when the first letter is to be stored, not before evaluating anything.
+    let mut dead_letter_stream = false;
     let mut leadership = shared.leadership.clone();
     let mut leading = false;
     let mut tick = tokio::time::interval(shared.config.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut batch = Vec::with_capacity(shared.config.batch_size);
+    let needs = rules.needs();
+    // Positions not yet written: a batch that changed no state and fired nothing need not
+    // move them at once (evaluating its events again after a crash does nothing either), so
+    // they are written with the next batch that does, or after POSITION_EVERY.
+    let mut unwritten: HashMap<String, u64> = HashMap::new();
+    let mut positions_written = tokio::time::Instant::now();
     loop {
         if !shared.dry_run && leadership.is_leader() != leading {
             leading = !leading;
@@ -495,9 +493,14 @@ async fn evaluate(
             biased;
             _ = shutdown.requested() => return Ok(()),
             _ = leadership.changed() => continue,
-            n = input.recv_many(&mut batch, shared.config.batch_size) => {
-                if n == 0 {
-                    return Ok(());
+            chunk = input.recv() => {
+                let Some(chunk) = chunk else { return Ok(()) };
+                batch.extend(chunk);
+                while batch.len() < shared.config.batch_size {
+                    match input.try_recv() {
+                        Ok(chunk) => batch.extend(chunk),
+                        Err(_) => break,
+                    }
                 }
             }
             _ = tick.tick() => {
@@ -507,17 +510,20 @@ async fn evaluate(
         }
         let mut commit = Commit::new();
         let mut letters = Vec::new();
-        let mut positions: HashMap<&str, u64> = HashMap::new();
         for m in &batch {
-            positions.insert(&m.stream, m.sequence);
-            match parse(m) {
-                Ok((event, time_ms)) => {
+            match event::read(m, &needs) {
+                Ok(event) => {
                     let seen = Seen {
                         stream: &m.stream,
                         sequence: m.sequence,
                         nats_subject: &m.subject,
-                        event: &event,
-                        time_ms,
+                        id: &event.id,
+                        event_type: &event.event_type,
+                        subject: &event.subject,
+                        event: &event.value,
+                        payload: &m.payload,
+                        complete: event.complete,
+                        time_ms: event.time_ms,
                     };
                     rules.apply(&seen, &mut counts, &mut firings);
                 }
@@ -530,7 +536,7 @@ async fn evaluate(
         // Timed firings read their cause back: the state keeps only where it is.
         for f in firings.iter_mut().filter(|f| f.event.is_null()) {
             match shared.backbone.get(&f.cause.stream, f.cause.sequence).await {
-                Ok(Some(m)) => f.event = parse(&m).map(|(e, _)| to_json(&e)).unwrap_or_default(),
+                Ok(Some(m)) => f.event = event::read(&m, &Needs::All).map(|e| to_json(&e.value)).unwrap_or_default(),
                 Ok(None) => {}
                 Err(e) => tracing::warn!(firing = %f.id, error = %e, "reactor: reading the cause back failed"),
             }
@@ -546,20 +552,41 @@ async fn evaluate(
             rules.take_dirty();
             continue;
         }
-        if batch.is_empty() && firings.is_empty() && !rules.has_dirty() {
+        for m in &batch {
+            match unwritten.get_mut(m.stream.as_str()) {
+                Some(seq) => *seq = m.sequence,
+                None => {
+                    unwritten.insert(m.stream.clone(), m.sequence);
+                }
+            }
+        }
+        let positions_due = !unwritten.is_empty() && positions_written.elapsed() >= POSITION_EVERY;
+        if firings.is_empty() && letters.is_empty() && !rules.has_dirty() && !positions_due {
             continue;
         }
         for ((rule, key), state) in rules.take_dirty() {
             commit.state(&rule, &key, state.as_ref());
         }
-        for (stream, seq) in positions {
-            commit.position(stream, seq);
+        for (stream, seq) in unwritten.drain() {
+            commit.position(&stream, seq);
         }
+        positions_written = tokio::time::Instant::now();
         for f in &firings {
             commit.firing(f);
         }
         if !letters.is_empty() {
             let mut retry = RECORD_BACKOFF.retry();
+            while !dead_letter_stream {
+                match deadletter::ensure_stream(&*shared.backbone).await {
+                    Ok(()) => dead_letter_stream = true,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reactor: cannot make the dead-letter stream; retrying");
+                        if !retry.wait(&shutdown).await {
+                            return Ok(());
+                        }
+                    }
+                }
+            }
             while let Err(e) = deadletter::publish(&*shared.backbone, &letters).await {
                 tracing::warn!(error = %e, "reactor: dead letters not stored; retrying");
                 if !retry.wait(&shutdown).await {
@@ -570,8 +597,14 @@ async fn evaluate(
         }
         // The firings, the state that produced them and the position past their causes
         // become durable at once: a crash before this re-evaluates the same events into
-        // the same firings; a crash after it finds them pending.
-        shared.store.apply(commit).await?;
+        // the same firings; a crash after it finds them pending. A batch that fired nothing
+        // is written atomically but not waited for: the store keeps its writes in order, so
+        // a crash loses only a suffix of such batches, which are evaluated again.
+        if firings.is_empty() {
+            shared.store.apply_lazily(commit)?;
+        } else {
+            shared.store.apply(commit).await?;
+        }
         stats.fired.fetch_add(firings.len() as u64, Ordering::Relaxed);
         if !leading {
             // A standby keeps its firings pending; it acts on them if it takes over.

@@ -43,6 +43,7 @@ mod actions;
 mod config;
 mod engine;
 mod error;
+mod event;
 pub mod metrics;
 mod rules;
 mod standby;
@@ -57,5 +58,6 @@ pub use config::{
 };
 pub use engine::{Monitor, Reactor, StatsSnapshot};
 pub use error::ReactorError;
+pub use event::{read as read_event, Needs, ReadEvent};
 pub use rules::{Counts, Firing, KeyState, Rules, Seen};
 pub use template::{ExprValue, Expression, Template};

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
 use super::config::{ReactorConfig, Rule};
+use super::event::Needs;
 use super::template::{to_json, EventContext, Expression, Template};
 
 /// One event as rules see it.
@@ -23,27 +24,40 @@ pub struct Seen<'a> {
     pub sequence: u64,
     /// The NATS subject it was stored under.
     pub nats_subject: &'a str,
-    /// The CloudEvent, as expressions see it.
+    /// Its CloudEvents `id`.
+    pub id: &'a str,
+    /// Its CloudEvents `type`.
+    pub event_type: &'a str,
+    /// Its CloudEvents `subject` (empty when it has none).
+    pub subject: &'a str,
+    /// The CloudEvent, as expressions see it: the parts the rules need (see [`Rules::needs`]).
     pub event: &'a expr::Value,
+    /// The message as stored, to read the whole event for a firing when `event` is not whole.
+    pub payload: &'a [u8],
+    /// Whether `event` is the whole event.
+    pub complete: bool,
     /// Its `time`, Unix milliseconds (the stored time when it has none).
     pub time_ms: i64,
 }
 
 impl Seen<'_> {
-    fn attr(&self, name: &str) -> &str {
-        match self.event {
-            expr::Value::Map(map) => map.get(name).and_then(expr::Value::as_string).unwrap_or_default(),
-            _ => "",
+    /// The whole event, for a firing's actions.
+    fn whole(&self) -> Json {
+        if !self.complete {
+            if let Ok(json) = serde_json::from_slice(self.payload) {
+                return json;
+            }
         }
+        to_json(self.event)
     }
 
     fn cause(&self) -> ReactionCause {
         ReactionCause {
             stream: self.stream.to_owned(),
             sequence: self.sequence,
-            event_id: self.attr("id").to_owned(),
-            event_type: self.attr("type").to_owned(),
-            subject: self.attr("subject").to_owned(),
+            event_id: self.id.to_owned(),
+            event_type: self.event_type.to_owned(),
+            subject: self.subject.to_owned(),
         }
     }
 }
@@ -189,6 +203,19 @@ impl Rules {
         Ok(Rules { reactor: config.name.clone(), compiled, states: HashMap::new(), dirty: HashSet::new() })
     }
 
+    /// What the rules' expressions (matches, keys, changes) can read of an event: what
+    /// [`Seen::event`] must hold.
+    pub fn needs(&self) -> Needs {
+        let mut needs = Needs::default();
+        for c in &self.compiled {
+            let templated = c.key.iter().flat_map(Template::expressions);
+            for e in c.expression.iter().chain(c.changed.iter()).chain(templated) {
+                needs.add_expression(e.text());
+            }
+        }
+        needs
+    }
+
     /// Restores one key's state read from the store.
     pub fn restore(&mut self, rule: String, key: String, state: KeyState) {
         self.states.insert((rule, key), state);
@@ -207,7 +234,7 @@ impl Rules {
 
     /// Evaluates every rule of `event.stream` on `event`; firings are appended to `out`.
     pub fn apply(&mut self, event: &Seen<'_>, counts: &mut Counts, out: &mut Vec<Firing>) {
-        let ty = event.attr("type");
+        let ty = event.event_type;
         let mut ctx: Option<EventContext> = None;
         for index in 0..self.compiled.len() {
             let c = &self.compiled[index];
@@ -236,7 +263,7 @@ impl Rules {
                         continue;
                     }
                 },
-                _ => event.attr("subject").to_owned(),
+                _ => event.subject.to_owned(),
             };
             let changed_value = match (&c.changed, ctx_ref) {
                 (Some(e), Some(ctx)) => Some(e.eval(ctx).map(|v| to_json(&v)).unwrap_or(Json::Null)),
@@ -307,7 +334,7 @@ impl Rules {
             return;
         }
         let id = format!("{}:{}:{}:{}", self.reactor, rule.name, event.stream, event.sequence);
-        let armed = Armed { deadline_ms: t, reason, cause: event.cause(), event: to_json(event.event) };
+        let armed = Armed { deadline_ms: t, reason, cause: event.cause(), event: event.whole() };
         if let Some(f) = fire(index, rule, key, state, id, armed, counts) {
             out.push(f);
         }
@@ -397,7 +424,12 @@ mod tests {
                 stream: "CHORUS_MACHINE",
                 sequence: *seq,
                 nats_subject: "choria.machine.watcher.nagios.state",
+                id: e["id"].as_str().unwrap(),
+                event_type: e["type"].as_str().unwrap(),
+                subject: e["subject"].as_str().unwrap(),
                 event: &value,
+                payload: &[],
+                complete: true,
                 time_ms: e["t"].as_i64().unwrap(),
             };
             r.apply(&seen, &mut counts, &mut out);

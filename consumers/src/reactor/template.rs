@@ -30,6 +30,11 @@ impl Expression {
         Ok(Expression { text: text.to_owned(), program })
     }
 
+    /// Its text, as written.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
     /// Its value over `ctx`.
     pub fn eval(&self, ctx: &dyn ContextProvider) -> Result<Value, String> {
         environment().run(&self.program, ctx).map_err(|e| format!("{}: {e}", self.text))
@@ -72,6 +77,14 @@ impl Template {
             parts.push(Part::Text(rest.to_owned()));
         }
         Ok(Template { parts })
+    }
+
+    /// The expressions in it.
+    pub fn expressions(&self) -> impl Iterator<Item = &Expression> {
+        self.parts.iter().filter_map(|p| match p {
+            Part::Expr(e) => Some(e),
+            Part::Text(_) => None,
+        })
     }
 
     /// Whether the text has no expression in it.
@@ -153,22 +166,25 @@ impl ValueTemplate {
 }
 
 /// What rule expressions see of one event, borrowed by every rule: `event` is the event as
-/// read, `data` its own `data`, not copies.
+/// read, `data` its own `data`, not copies; `stream` and `nats_subject` are made only when
+/// an expression names them.
 pub struct EventContext<'a> {
     event: &'a Value,
-    stream: Value,
+    stream: &'a str,
     sequence: Value,
-    nats_subject: Value,
+    nats_subject: &'a str,
+    made: [std::cell::OnceCell<Value>; 2],
 }
 
 impl<'a> EventContext<'a> {
     /// The context of `event` read at `stream`/`sequence` under `nats_subject`.
-    pub fn new(event: &'a Value, stream: &str, sequence: u64, nats_subject: &str) -> Self {
+    pub fn new(event: &'a Value, stream: &'a str, sequence: u64, nats_subject: &'a str) -> Self {
         EventContext {
             event,
-            stream: Value::String(stream.to_owned()),
+            stream,
             sequence: Value::Integer(i64::try_from(sequence).unwrap_or(i64::MAX)),
-            nats_subject: Value::String(nats_subject.to_owned()),
+            nats_subject,
+            made: Default::default(),
         }
     }
 }
@@ -181,9 +197,9 @@ impl ContextProvider for EventContext<'_> {
                 Value::Map(map) => map.get("data"),
                 _ => None,
             },
-            "stream" => Some(&self.stream),
+            "stream" => Some(self.made[0].get_or_init(|| Value::String(self.stream.to_owned()))),
             "sequence" => Some(&self.sequence),
-            "nats_subject" => Some(&self.nats_subject),
+            "nats_subject" => Some(self.made[1].get_or_init(|| Value::String(self.nats_subject.to_owned()))),
             _ => None,
         }
     }
@@ -226,7 +242,7 @@ impl<'de> serde::Deserialize<'de> for ExprValue {
     }
 }
 
-struct ExprVisitor;
+pub(super) struct ExprVisitor;
 
 impl<'de> serde::de::Visitor<'de> for ExprVisitor {
     type Value = ExprValue;
