@@ -336,22 +336,24 @@ impl UserSpec {
         if matches!(&self.password, Some(p) if p.is_empty()) {
             return Err(ConfigError::message(format!("{at} ({}): password is empty", self.user)));
         }
-        match (&self.role, &self.callerid) {
-            (Role::Client, None) => {
+        let calls = matches!(self.role, Role::Client | Role::Reactor);
+        match (calls, &self.callerid) {
+            (true, None) => {
                 return Err(ConfigError::message(format!(
-                    "{at} ({}): a client names its callerid (replies are private to it)",
-                    self.user
+                    "{at} ({}): a {} names its callerid (replies are private to it)",
+                    self.user,
+                    self.role.as_str()
                 )))
             }
-            (Role::Client, Some(c)) if !c.contains('=') || c.chars().any(char::is_whitespace) => {
+            (true, Some(c)) if !c.contains('=') || c.chars().any(char::is_whitespace) => {
                 return Err(ConfigError::message(format!("{at} ({}): callerid {c:?} is not kind=name", self.user)))
             }
-            (Role::Client, Some(_)) | (_, None) => {}
-            (role, Some(_)) => {
+            (true, Some(_)) | (false, None) => {}
+            (false, Some(_)) => {
                 return Err(ConfigError::message(format!(
-                    "{at} ({}): callerid is for clients, not {}",
+                    "{at} ({}): callerid is for clients and reactors, not {}",
                     self.user,
-                    role.as_str()
+                    self.role.as_str()
                 )))
             }
         }

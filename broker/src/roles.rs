@@ -7,11 +7,12 @@ use serde::{Deserialize, Serialize};
 ///
 /// | Role | May publish | May subscribe |
 /// |---|---|---|
-/// | `agent` | `choria.lifecycle.>`, `choria.machine.>`, `choria.registration.>`, `chorus.rpc.request.C.>`, `chorus.rpc.reply.C.>`, `chorus.audit.deny.>`, `chorus.audit.unknown.>`, `C.reply.>`, stream lookups, `_INBOX.>` | `C.broadcast.agent.>`, `C.node.>`, `_INBOX.>` |
+/// | `agent` | `choria.lifecycle.>`, `choria.machine.>`, `choria.registration.>`, `chorus.rpc.request.C.>`, `chorus.rpc.reply.C.>`, `chorus.audit.deny.>`, `chorus.audit.unknown.>`, `C.reply.>`, stream lookups, key-value buckets (governors, `kv` watchers), `_INBOX.>` | `C.broadcast.agent.>`, `C.node.>`, `_INBOX.>` |
 /// | `client` | `C.broadcast.agent.>`, `C.node.>`, `_INBOX.>` | `C.reply.<reply token of its caller id>.>`, `_INBOX.>` |
 /// | `aaa` | `chorus.audit.>`, stream lookups | `_INBOX.>` |
-/// | `consumer` | JetStream reads (stream info, message get, consumers, acks), `chorus.deadletter.>` | `_INBOX.>`, `choria.lifecycle.>`, `choria.machine.>`, `choria.registration.>` |
-/// | `replicator` | the JetStream API except stream deletion, acks and flow control, every event subject | `_INBOX.>` |
+/// | `consumer` | JetStream reads (stream info, message get, consumers, acks), stream creation, `chorus.deadletter.>`, key-value buckets | `_INBOX.>`, `choria.lifecycle.>`, `choria.machine.>`, `choria.registration.>` |
+/// | `reactor` | as `consumer`, and `chorus.reactor.>`, and a client's requests | as `consumer`, and the replies to its caller id |
+/// | `replicator` | the JetStream API except stream deletion, acks and flow control, every event subject, key-value buckets | `_INBOX.>` |
 /// | `admin` | `>` | `>` |
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -26,6 +27,9 @@ pub enum Role {
     Aaa,
     /// Projections and exporters: read streams through durable consumers, dead-letter.
     Consumer,
+    /// The reactor (`chorus react`): reads streams like a consumer, records its reactions,
+    /// and sends RPC requests as its caller id.
+    Reactor,
     /// The stream replicator: reads and writes streams.
     Replicator,
     /// Operators and provisioning: everything in the tenant's account.
@@ -40,6 +44,7 @@ impl Role {
             Role::Client => "client",
             Role::Aaa => "aaa",
             Role::Consumer => "consumer",
+            Role::Reactor => "reactor",
             Role::Replicator => "replicator",
             Role::Admin => "admin",
         }
@@ -62,6 +67,15 @@ pub struct Permissions {
 /// Stream lookups a publisher needs to tell "no stream for this subject" from a hiccup.
 const STREAM_LOOKUP: &[&str] = &["$JS.API.INFO", "$JS.API.STREAM.NAMES", "$JS.API.STREAM.INFO.>"];
 
+/// Key-value buckets (JetStream KV, ADR-8): reading and writing keys, which governors, leader
+/// elections, the replicator's checkpoints and `kv` watchers use. Reads are direct gets of a
+/// key's last value, whose API subject names the key's `$KV.` subject, so this grants no read
+/// of other streams. (NATS wildcards are whole tokens: `KV_*` would match nothing.)
+const KEY_VALUE: &[&str] = &["$KV.>", "$JS.API.DIRECT.GET.*.$KV.>"];
+
+/// Making streams: the key-value buckets of elections, made by the first candidate.
+const STREAM_CREATE: &str = "$JS.API.STREAM.CREATE.*";
+
 /// The permissions of `role` for a tenant with `collectives`; a client's replies are those
 /// of `callerid` only.
 pub fn permissions(role: Role, collectives: &[String], callerid: Option<&str>) -> Permissions {
@@ -77,6 +91,7 @@ pub fn permissions(role: Role, collectives: &[String], callerid: Option<&str>) -
             // Refusals of requests, and policy lines that cannot be used, are audited.
             p.publish_allow.extend(s(&["chorus.audit.deny.>", "chorus.audit.unknown.>"]));
             p.publish_allow.extend(s(STREAM_LOOKUP));
+            p.publish_allow.extend(s(KEY_VALUE));
             // The RPC transport's flush is an echo through the connection's own inbox.
             p.publish_allow.push("_INBOX.>".into());
             p.subscribe_allow = per("{c}.broadcast.agent.>");
@@ -97,7 +112,7 @@ pub fn permissions(role: Role, collectives: &[String], callerid: Option<&str>) -
             p.publish_allow.extend(s(STREAM_LOOKUP));
             p.subscribe_allow = s(&["_INBOX.>"]);
         }
-        Role::Consumer => {
+        Role::Consumer | Role::Reactor => {
             p.publish_allow = s(STREAM_LOOKUP);
             p.publish_allow.extend(s(&[
                 "$JS.API.STREAM.LIST",
@@ -108,13 +123,24 @@ pub fn permissions(role: Role, collectives: &[String], callerid: Option<&str>) -
                 "$JS.FC.>",
                 "chorus.deadletter.>",
             ]));
+            p.publish_allow.extend(s(KEY_VALUE));
+            p.publish_allow.push(STREAM_CREATE.into());
             p.subscribe_allow = s(&["_INBOX.>", "choria.lifecycle.>", "choria.machine.>", "choria.registration.>"]);
+            if role == Role::Reactor {
+                // Its records (and the stream they go to, made if missing), and RPC actions
+                // as its caller id, whose replies only it reads.
+                p.publish_allow.push("chorus.reactor.>".into());
+                let client = permissions(Role::Client, collectives, callerid);
+                p.publish_allow.extend(client.publish_allow);
+                p.subscribe_allow.extend(client.subscribe_allow.into_iter().filter(|x| x != "_INBOX.>"));
+            }
         }
         Role::Replicator => {
             p.publish_allow = s(&["$JS.API.>", "$JS.ACK.>", "$JS.FC.>"]);
             // Every event subject: the platform streams' filters.
             let events = chorus_schemas::subject::streams();
             p.publish_allow.extend(events.iter().flat_map(|(_, subjects)| s(subjects)));
+            p.publish_allow.push("$KV.>".into());
             p.publish_deny = s(&["$JS.API.STREAM.DELETE.>"]);
             p.subscribe_allow = s(&["_INBOX.>"]);
         }

@@ -86,6 +86,19 @@ fn agent_permissions_are_scoped_to_its_collectives() {
     let private = format!("acme.reply.{}.>", chorus_identity::reply_token("up=alice"));
     assert!(c.subscribe_allow.contains(&private), "{:?}", c.subscribe_allow);
     assert!(!c.subscribe_allow.contains(&"acme.reply.>".to_string()), "no other caller's replies");
+    // Governors and kv watchers: keys, and direct reads of keys only (no other stream).
+    assert!(p.publish_allow.contains(&"$KV.>".to_string()));
+    assert!(!p.publish_allow.iter().any(|s| s.starts_with("$JS.API.DIRECT.GET") && !s.contains("$KV")));
+    // A reactor records reactions and calls as its own caller id only.
+    let r = permissions(Role::Reactor, &["acme".into()], Some("up=reactor"));
+    assert!(
+        r.publish_allow.contains(&"chorus.reactor.>".to_string())
+            && r.publish_allow.contains(&"acme.node.>".to_string())
+    );
+    let mine = format!("acme.reply.{}.>", chorus_identity::reply_token("up=reactor"));
+    assert!(r.subscribe_allow.contains(&mine) && !r.subscribe_allow.contains(&"acme.reply.>".to_string()));
+    let consumer = permissions(Role::Consumer, &["acme".into()], None);
+    assert!(!consumer.publish_allow.iter().any(|s| s.starts_with("chorus.reactor") || s.starts_with("acme.")));
     // From outside the client networks, nobody sends requests or reads replies.
     let outside = node_only(Role::Admin, &["acme".into()], None);
     assert!(outside.publish_deny.contains(&"acme.node.>".to_string()));

@@ -638,7 +638,10 @@ fn start_machines(
             config.identity.clone(),
             d.clone(),
             emitter.clone(),
-            site.clone(),
+            crate::machine::MachineNode {
+                backbone: site.clone(),
+                facts: serde_json::Value::Object(config.facts.clone()),
+            },
             shutdown.child(),
         ) {
             Ok(h) => out.push(h),

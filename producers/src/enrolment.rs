@@ -117,23 +117,9 @@ impl FileEnrollee {
     }
 }
 
+/// Written beside and renamed: a crash leaves the old file or the new one, never half.
 fn write_private(path: &std::path::Path, content: &[u8]) -> Result<(), String> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    }
-    // Written beside and renamed: a crash leaves the old file or the new one, never half.
-    let tmp = path.with_extension("enrolling");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(|e| format!("{}: {e}", tmp.display()))?;
-    f.write_all(content).and_then(|()| f.sync_all()).map_err(|e| format!("{}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+    chorus_runtime::files::replace(path, content, 0o600).map_err(|e| e.to_string())
 }
 
 #[async_trait]

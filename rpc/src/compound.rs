@@ -18,7 +18,7 @@ use super::filter::Pattern;
 use super::NodeContext;
 
 /// The functions compound filters may call besides expr's own, with their arity.
-const FUNCTIONS: [(&str, usize); 3] = [("with", 1), ("fact", 1), ("include", 2)];
+const FUNCTIONS: [(&str, usize); 4] = [("with", 1), ("fact", 1), ("get_fact", 1), ("include", 2)];
 
 static ENVIRONMENT: LazyLock<Environment<'static>> = LazyLock::new(|| {
     let mut env = Environment::new();
@@ -32,6 +32,13 @@ static ENVIRONMENT: LazyLock<Environment<'static>> = LazyLock::new(|| {
     env.add_function("fact", |call| {
         let [Value::String(path)] = call.args.as_slice() else {
             expr::bail!("fact() takes one string");
+        };
+        Ok(call.ctx.get("facts").and_then(|facts| lookup(facts, path)).cloned().unwrap_or(Value::Nil))
+    });
+    // Choria's expression watcher calls it `get_fact`.
+    env.add_function("get_fact", |call| {
+        let [Value::String(path)] = call.args.as_slice() else {
+            expr::bail!("get_fact() takes one string");
         };
         Ok(call.ctx.get("facts").and_then(|facts| lookup(facts, path)).cloned().unwrap_or(Value::Nil))
     });
@@ -95,6 +102,36 @@ impl Compound {
         match ENVIRONMENT.run(&self.program, &ctx).map_err(|e| e.to_string())? {
             Value::Bool(matched) => Ok(matched),
             other => Err(format!("gave {other:?}, not a boolean")),
+        }
+    }
+}
+
+/// A condition in expr over named values, with the functions compound filters have
+/// (`fact`/`get_fact`, `include`, `with`): what Choria's machine `expression` watcher
+/// evaluates over a machine's `data`, `facts` and `identity`.
+#[derive(Clone, Debug)]
+pub struct Condition {
+    text: String,
+    program: Program,
+}
+
+impl Condition {
+    /// Compiles `text`; a syntax error names it.
+    pub fn compile(text: &str) -> Result<Self, String> {
+        let program = expr::compile(text).map_err(|e| format!("expression {text:?}: {e}"))?;
+        Ok(Condition { text: text.to_string(), program })
+    }
+
+    /// Whether it holds over `values` (JSON, by name); an error, or a value that is not a
+    /// boolean, is an error naming the expression.
+    pub fn holds(&self, values: &[(&str, &Json)]) -> Result<bool, String> {
+        let mut ctx = Context::default();
+        for (name, value) in values {
+            ctx.insert(*name, from_json(value));
+        }
+        match ENVIRONMENT.run(&self.program, &ctx).map_err(|e| format!("{}: {e}", self.text))? {
+            Value::Bool(b) => Ok(b),
+            other => Err(format!("{}: gave {other:?}, not a boolean", self.text)),
         }
     }
 }

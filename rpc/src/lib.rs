@@ -36,7 +36,7 @@ pub mod ddl;
 /// JSON and the values of expr, the expression language of compound filters, for other
 /// parts that evaluate expressions over documents (the reactor's rules).
 pub mod expression {
-    pub use crate::compound::{from_json, to_json};
+    pub use crate::compound::{from_json, to_json, Condition};
 }
 pub mod facts;
 mod filter;

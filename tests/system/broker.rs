@@ -74,6 +74,8 @@ tenants:
       - {{user: acme-client, role: client, password: acme-client-pw, callerid: up=alice}}
       - {{user: acme-aaa, role: aaa, password_hash: "{aaa_hash}"}}
       - {{user: acme-consumer, role: consumer, password: acme-consumer-pw}}
+      - {{user: acme-reactor, role: reactor, password: acme-reactor-pw, callerid: up=reactor}}
+      - {{user: acme-replicator, role: replicator, password: acme-replicator-pw}}
   globex:
     collectives: [globex]
     jetstream: {{max_file: 256MB, max_memory: 64MB}}
@@ -339,6 +341,77 @@ async fn agent_and_client_work_within_their_permissions() {
     })
     .await;
     agent.stop().await.unwrap();
+}
+
+/// The users of [11]'s components get what they use and no more: an agent runs a governed
+/// command (governor leases are key-value writes), a consumer (the provisioner) and the
+/// replicator campaign in elections, and a reactor user runs a reactor in an election that
+/// records its firings in `CHORUS_REACTOR`; a consumer still cannot record reactions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reactor_governor_and_election_users_work_within_their_permissions() {
+    use chorus_consumers::reactor::{Reactor, ReactorConfig};
+    use chorus_platform::election::{Candidate, ElectionConfig};
+    use chorus_platform::governor::{Governor, GovernorSpec};
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path());
+    let server = start_broker(dir.path(), &pki, false);
+    let admin = backbone(&server, "acme-admin", &pki).await;
+    ensure_platform_streams(&*admin, &StreamLimits::default()).await.unwrap();
+    let spec = GovernorSpec { capacity: 1, expires: Duration::from_secs(30) };
+    Governor::add(&*admin, "upgrades", spec).await.unwrap();
+
+    let agent = backbone(&server, "acme-agent", &pki).await;
+    let governor = Governor::open(&*agent, "upgrades").await.unwrap();
+    let lease = governor.claim("node1", Duration::from_secs(10), &Shutdown::new()).await.unwrap().expect("a lease");
+    lease.release().await.unwrap();
+
+    for user in ["acme-consumer", "acme-replicator"] {
+        let b = backbone(&server, user, &pki).await;
+        let config = ElectionConfig { name: None, ttl: Duration::from_secs(5), candidate: Some(user.into()) };
+        let candidate = Candidate::join(&*b, &format!("{user}-election"), &config).await.unwrap();
+        let shutdown = Shutdown::new();
+        let (leadership, campaign) = candidate.campaign(shutdown.clone());
+        eventually(&format!("{user} leads"), Duration::from_secs(30), || {
+            let leading = leadership.is_leader();
+            async move {
+                if leading {
+                    Ok(())
+                } else {
+                    Err("not leading".to_string())
+                }
+            }
+        })
+        .await;
+        shutdown.request();
+        campaign.await.unwrap();
+    }
+
+    let state = tempfile::tempdir().unwrap();
+    let config = ReactorConfig::from_yaml(&format!(
+        "name: guard\nstate_dir: {}\nstart: first\nelection: {{ttl: 5s, candidate: one}}\nrules:\n  - name: every\n    match: {{stream: CHORUS_LIFECYCLE}}\n",
+        state.path().display()
+    ))
+    .unwrap();
+    admin.publish(alive("node1.acme.net", 1)).await.unwrap();
+    let reactor_backbone = backbone(&server, "acme-reactor", &pki).await;
+    let mut reactor = Reactor::start(reactor_backbone, None, config, false, Shutdown::new()).await.unwrap();
+    eventually("the reactor's firing recorded", Duration::from_secs(60), || {
+        let admin = &*admin;
+        async move {
+            match admin.stream_info("CHORUS_REACTOR").await {
+                Ok(info) if info.messages >= 1 => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        }
+    })
+    .await;
+    assert!(!reactor.failed(), "{:?}", reactor.health());
+    reactor.stop().await.unwrap();
+
+    let (consumer, mut violations) = watched(&server, "acme-consumer", &pki).await;
+    consumer.publish("chorus.reactor.fired.every", "forged".into()).await.unwrap();
+    consumer.flush().await.unwrap();
+    expect_violation(&mut violations, "publish", "chorus.reactor.fired.every").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

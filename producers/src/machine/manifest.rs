@@ -177,11 +177,15 @@ pub enum WatcherProperties {
     Nagios(NagiosProperties),
     /// `type: metric`.
     Metric(MetricProperties),
+    /// `type: expression`.
+    Expression(ExpressionProperties),
+    /// `type: kv`.
+    Kv(KvProperties),
 }
 
 impl WatcherProperties {
     /// The watcher types Chorus runs.
-    pub const TYPES: [&'static str; 6] = ["exec", "file", "metric", "nagios", "schedule", "timer"];
+    pub const TYPES: [&'static str; 8] = ["exec", "expression", "file", "kv", "metric", "nagios", "schedule", "timer"];
 
     /// The `type` name of this variant.
     pub fn watcher_type(&self) -> &'static str {
@@ -192,6 +196,8 @@ impl WatcherProperties {
             WatcherProperties::Timer(_) => "timer",
             WatcherProperties::Nagios(_) => "nagios",
             WatcherProperties::Metric(_) => "metric",
+            WatcherProperties::Expression(_) => "expression",
+            WatcherProperties::Kv(_) => "kv",
         }
     }
 
@@ -203,7 +209,10 @@ impl WatcherProperties {
             WatcherProperties::Exec(_)
             | WatcherProperties::File(_)
             | WatcherProperties::Nagios(_)
-            | WatcherProperties::Metric(_) => Some(Duration::from_millis(500)),
+            | WatcherProperties::Metric(_)
+            | WatcherProperties::Kv(_) => Some(Duration::from_millis(500)),
+            // "interval should be more than 1 second", as Choria says.
+            WatcherProperties::Expression(_) => Some(Duration::from_secs(1)),
             WatcherProperties::Schedule(_) | WatcherProperties::Timer(_) => None,
         }
     }
@@ -227,6 +236,9 @@ pub struct ExecProperties {
     pub governor: Option<String>,
     /// How long to wait for a lease; the run fails without one. Default 5 min.
     pub governor_timeout: Duration,
+    /// Read the command's output as a JSON object and put each of its keys in the
+    /// machine's data store (Choria's `parse_as_data`); output that is not one fails the run.
+    pub parse_as_data: bool,
 }
 
 /// Watches a file for changes.
@@ -280,6 +292,39 @@ pub struct NagiosProperties {
     /// Choria's `gossfile`, `last_message`, `pubcert_expire`, `token_expire` (for its
     /// builtins), accepted and kept.
     pub extra: std::collections::BTreeMap<String, String>,
+}
+
+/// Choria's `expression` watcher: conditions over the machine's data store (`data`), the
+/// node's `facts` and `identity`, checked every interval (default 10 s) and on every state
+/// change; fires `success_transition` when `success_when` becomes true, else
+/// `fail_transition` when `fail_when` becomes true (once per change of outcome).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpressionProperties {
+    /// The success condition.
+    pub success_when: Option<String>,
+    /// The failure condition.
+    pub fail_when: Option<String>,
+}
+
+/// Choria's `kv` watcher in `poll` mode: reads a key of a key-value bucket every interval
+/// into the machine's data store; a changed value fires `success_transition`, a failed
+/// read `fail_transition`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvProperties {
+    /// The bucket.
+    pub bucket: String,
+    /// The key (`{{ .Identity }}`, `{{ .Machine }}` are replaced).
+    pub key: String,
+    /// Also fire on a read that found the value unchanged (`on_successful_get`).
+    pub on_successful_get: bool,
+    /// Also fire when the key was written again with the same value (`on_matching_update`).
+    pub on_matching_update: bool,
+    /// Name the data key `<bucket>_<key>` (default) rather than `<key>`.
+    pub bucket_prefix: bool,
+    /// The data key to use instead of the key.
+    pub store_key: Option<String>,
+    /// A dotted path into a JSON object value: only that part is stored.
+    pub query: Option<String>,
 }
 
 /// Gathers metrics with a command (Choria's `metric` watcher): its output is a JSON
@@ -509,6 +554,21 @@ impl Manifest {
                         return Err(err(prop("timeout"), "must be more than 0"));
                     }
                 }
+                WatcherProperties::Expression(p) => {
+                    if p.success_when.is_none() && p.fail_when.is_none() {
+                        return Err(err(prop("success_when"), "missing: success_when or fail_when is required"));
+                    }
+                    for (key, text) in [("success_when", &p.success_when), ("fail_when", &p.fail_when)] {
+                        if let Some(text) = text {
+                            chorus_rpc::expression::Condition::compile(text).map_err(|e| err(prop(key), e))?;
+                        }
+                    }
+                }
+                WatcherProperties::Kv(p) => {
+                    if !chorus_backbone::kv::is_bucket_name(&p.bucket) {
+                        return Err(err(prop("bucket"), format!("{:?} is not a bucket name", p.bucket)));
+                    }
+                }
                 WatcherProperties::Timer(p) => {
                     if w.success_transition.is_some() {
                         return Err(err(
@@ -607,6 +667,33 @@ struct RawExec {
     suppress_success_announce: bool,
     governor: Option<String>,
     governor_timeout: Option<GoDuration>,
+    #[serde(default)]
+    parse_as_data: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "expression properties: a mapping with success_when or fail_when")]
+struct RawExpression {
+    success_when: Option<String>,
+    fail_when: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "kv properties: a mapping with bucket and key")]
+struct RawKv {
+    bucket: Option<String>,
+    key: Option<String>,
+    mode: Option<String>,
+    #[serde(default)]
+    on_successful_get: bool,
+    #[serde(default)]
+    on_matching_update: bool,
+    bucket_prefix: Option<bool>,
+    republish_trigger: Option<String>,
+    #[serde(default)]
+    hiera_config: bool,
+    store_key: Option<String>,
+    query: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -748,6 +835,7 @@ impl RawWatcher {
                     suppress_success_announce: p.suppress_success_announce,
                     governor: optional(p.governor),
                     governor_timeout: p.governor_timeout.map_or(Duration::from_secs(300), |d| d.0),
+                    parse_as_data: p.parse_as_data,
                 })
             }
             "file" => {
@@ -777,6 +865,53 @@ impl RawWatcher {
                         None => return Err(ManifestError::invalid(format!("{field}.timer"), "missing")),
                     },
                     splay: p.splay,
+                })
+            }
+            "expression" => {
+                let p: RawExpression = properties(self.properties, &field)?;
+                WatcherProperties::Expression(ExpressionProperties {
+                    success_when: optional(p.success_when),
+                    fail_when: optional(p.fail_when),
+                })
+            }
+            "kv" => {
+                let p: RawKv = properties(self.properties, &field)?;
+                match p.mode.as_deref().unwrap_or("poll") {
+                    "poll" => {}
+                    // As Choria: "watch mode not supported".
+                    "watch" => {
+                        return Err(ManifestError::invalid(
+                            format!("{field}.mode"),
+                            "watch mode is not supported (as in Choria); use poll",
+                        ))
+                    }
+                    other => {
+                        return Err(ManifestError::invalid(
+                            format!("{field}.mode"),
+                            format!("{other:?}: should be poll or watch"),
+                        ))
+                    }
+                }
+                if optional(p.republish_trigger).is_some() {
+                    return Err(ManifestError::invalid(
+                        format!("{field}.republish_trigger"),
+                        "not supported on Chorus nodes",
+                    ));
+                }
+                if p.hiera_config {
+                    return Err(ManifestError::invalid(
+                        format!("{field}.hiera_config"),
+                        "not supported on Chorus nodes",
+                    ));
+                }
+                WatcherProperties::Kv(KvProperties {
+                    bucket: required(p.bucket, || format!("{field}.bucket"))?,
+                    key: required(p.key, || format!("{field}.key"))?,
+                    on_successful_get: p.on_successful_get,
+                    on_matching_update: p.on_matching_update,
+                    bucket_prefix: p.bucket_prefix.unwrap_or(true),
+                    store_key: optional(p.store_key),
+                    query: optional(p.query),
                 })
             }
             "metric" => {
@@ -1025,7 +1160,7 @@ watchers:
         assert_err(
             "type: timer",
             "type: homekit",
-            "watchers[1].type: unknown watcher type \"homekit\" (supported: exec, file, metric, nagios, schedule, timer)",
+            "watchers[1].type: unknown watcher type \"homekit\" (supported: exec, expression, file, kv, metric, nagios, schedule, timer)",
         );
         assert_err("type: timer", "type: nagios", "watchers[1].properties.timer: unknown field `timer`");
         assert_err("    type: exec\n", "", "watchers[0].type: missing");

@@ -26,6 +26,7 @@
 //! ```
 
 mod cron;
+pub mod data;
 mod duration;
 mod fsm;
 pub mod manifest;
@@ -47,8 +48,8 @@ use tracing::{info, warn};
 
 pub use duration::{parse_duration, DurationError};
 pub use manifest::{
-    ExecProperties, FileProperties, Manifest, ManifestError, NagiosProperties, ScheduleProperties, Subscription,
-    TimerProperties, TransitionDef, WatcherDef, WatcherProperties,
+    ExecProperties, ExpressionProperties, FileProperties, KvProperties, Manifest, ManifestError, NagiosProperties,
+    ScheduleProperties, Subscription, TimerProperties, TransitionDef, WatcherDef, WatcherProperties,
 };
 
 use chorus_platform::Emitter;
@@ -77,6 +78,16 @@ pub enum MachineError {
     Stopped,
 }
 
+/// What a node offers its machines besides their directory.
+#[derive(Clone, Default)]
+pub struct MachineNode {
+    /// The site's backbone, for governors and `kv` watchers (none when the node runs
+    /// offline: those watchers then fail their checks).
+    pub backbone: Option<Arc<dyn chorus_backbone::Backbone>>,
+    /// The node's facts, as `expression` watchers see them (`facts`, `get_fact`).
+    pub facts: serde_json::Value,
+}
+
 /// Starts autonomous agents; see [`Machine::start`].
 pub struct Machine;
 
@@ -96,16 +107,17 @@ impl Machine {
         emitter: Arc<Emitter>,
         shutdown: Shutdown,
     ) -> Result<MachineHandle, MachineError> {
-        Self::start_on(manifest, identity, machine_dir, emitter, None, shutdown)
+        Self::start_on(manifest, identity, machine_dir, emitter, MachineNode::default(), shutdown)
     }
 
-    /// As [`Machine::start`], with the site's backbone, for watchers that use governors.
+    /// As [`Machine::start`], with what the node offers its machines: the site's backbone
+    /// (governors, `kv` watchers) and its facts (`expression` watchers).
     pub fn start_on(
         manifest: Manifest,
         identity: impl Into<String>,
         machine_dir: PathBuf,
         emitter: Arc<Emitter>,
-        backbone: Option<Arc<dyn chorus_backbone::Backbone>>,
+        node: MachineNode,
         shutdown: Shutdown,
     ) -> Result<MachineHandle, MachineError> {
         manifest.validate()?;
@@ -143,11 +155,13 @@ impl Machine {
         let shared = watchers::Shared {
             instance: instance.clone(),
             emitter,
+            data: Arc::new(data::MachineData::load(&machine_dir)),
+            facts: Arc::new(node.facts),
             machine_dir,
             state: state_rx.clone(),
             stop: stop_rx.clone(),
             commands: commands_tx.clone(),
-            backbone,
+            backbone: node.backbone,
         };
         let stop = stop_rx;
         tasks.spawn("watchers", async move {

@@ -676,3 +676,99 @@ watchers:
         ("/", "lon", "choria")
     );
 }
+
+/// Choria's data-store watchers together: an exec watcher's `parse_as_data` output and a
+/// `kv` watcher's key land in the machine's data store (and its `machine_data.json`), and an
+/// `expression` watcher over `data`, `facts` and `identity` fires once they hold; a changed
+/// key fires the kv watcher again, a deleted one removes it from the store.
+#[tokio::test]
+async fn exec_kv_and_expression_watchers_share_the_machine_data() {
+    use chorus_backbone::{Backbone, BucketConfig};
+    let f = fixture();
+    let site_dir = tempfile::tempdir().unwrap();
+    let site: Arc<dyn Backbone> =
+        Arc::new(chorus_backbone::embedded::EmbeddedBackbone::open_path(site_dir.path().join("site")).unwrap());
+    let bucket = site.bucket(&BucketConfig::new("CONFIG")).await.unwrap();
+    bucket.put("node1.example.net", r#"{"spec": {"size": 3}}"#.into()).await.unwrap();
+    let yaml = r#"
+name: data
+version: 1.0.0
+initial_state: waiting
+transitions:
+  - {name: got_config, from: [waiting, configured, ready], destination: configured}
+  - {name: ready, from: [configured], destination: ready}
+  - {name: broken, from: [waiting, configured, ready], destination: waiting}
+watchers:
+  - name: facts
+    type: exec
+    state_match: [waiting]
+    properties: {command: 'echo "{\"probe\": {\"ok\": true}}"', parse_as_data: true}
+  - name: config
+    type: kv
+    interval: 1s
+    success_transition: got_config
+    fail_transition: broken
+    properties: {bucket: CONFIG, key: "{{ .Identity }}", store_key: cfg, query: spec}
+  - name: check
+    type: expression
+    interval: 1s
+    state_match: [configured]
+    success_transition: ready
+    properties:
+      success_when: 'data.probe.ok && data.CONFIG_cfg.size == 3 && get_fact("os.family") == "debian" && identity == "node1.example.net"'
+"#;
+    let manifest = Manifest::from_yaml(yaml).unwrap();
+    let node = MachineNode { backbone: Some(site.clone()), facts: serde_json::json!({"os": {"family": "debian"}}) };
+    let mut machine = Machine::start_on(
+        manifest,
+        "node1.example.net",
+        f.dir.path().to_path_buf(),
+        f.emitter.clone(),
+        node,
+        Shutdown::new(),
+    )
+    .unwrap();
+    f.wait_for("configured, then ready", |r| moves(r).contains(&mv("ready", "configured", "ready"))).await;
+    let stored: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(f.dir.path().join(data::DATA_FILE)).unwrap()).unwrap();
+    assert_eq!(stored, serde_json::json!({"probe": {"ok": true}, "CONFIG_cfg": {"size": 3}}));
+    let records = f.sink.records();
+    assert!(watcher_states(&records, "check")
+        .iter()
+        .any(|w| matches!(&w.details, WatcherDetails::Expression(d) if d.previous_outcome == "success_when")));
+
+    bucket.put("node1.example.net", r#"{"spec": {"size": 4}}"#.into()).await.unwrap();
+    f.wait_for("the changed key fires again", |r| moves(r).contains(&mv("got_config", "ready", "configured"))).await;
+    bucket.delete("node1.example.net", None).await.unwrap();
+    eventually("the deleted key leaves the store", Duration::from_secs(30), || {
+        let text = std::fs::read_to_string(f.dir.path().join(data::DATA_FILE)).unwrap_or_default();
+        async move {
+            if text.contains("CONFIG_cfg") {
+                Err(text)
+            } else {
+                Ok(())
+            }
+        }
+    })
+    .await;
+    machine.stop().await.unwrap();
+}
+
+#[test]
+fn data_store_watchers_are_checked_as_choria_checks_them() {
+    let base =
+        "name: m\nversion: 1.0.0\ninitial_state: a\ntransitions: [{name: t, from: [a], destination: a}]\nwatchers:\n";
+    let err = |w: &str| Manifest::from_yaml(&format!("{base}{w}")).unwrap_err().to_string();
+    assert!(err("  - {name: e, type: expression, properties: {}}").contains("success_when or fail_when"));
+    assert!(err("  - {name: e, type: expression, properties: {success_when: '(('}}").contains("success_when"));
+    assert!(
+        err("  - {name: e, type: expression, interval: 500ms, properties: {fail_when: 'true'}}").contains("interval")
+    );
+    assert!(err("  - {name: k, type: kv, properties: {bucket: B, key: k, mode: watch}}").contains("watch mode"));
+    assert!(err("  - {name: k, type: kv, properties: {key: k}}").contains("bucket: missing"));
+    assert!(err("  - {name: k, type: kv, properties: {bucket: 'a b', key: k}}").contains("bucket name"));
+    assert!(
+        err("  - {name: k, type: kv, properties: {bucket: B, key: k, hiera_config: true}}").contains("hiera_config")
+    );
+    Manifest::from_yaml(&format!("{base}  - {{name: k, type: kv, properties: {{bucket: B, key: k, mode: poll, bucket_prefix: false, on_successful_get: true}}}}")).unwrap();
+}

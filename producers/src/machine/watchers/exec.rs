@@ -118,6 +118,13 @@ async fn run_command(ctx: &WatcherCtx, props: &ExecProperties) -> Outcome {
         Ran::Exited { code: Some(0), stdout, stderr } => {
             debug!(machine = %ctx.machine(), watcher = %ctx.name(), command = %props.command,
                 stdout = %tail(&stdout), stderr = %tail(&stderr), "command finished");
+            if props.parse_as_data {
+                if let Err(e) = store_output(ctx, &stdout) {
+                    warn!(machine = %ctx.machine(), watcher = %ctx.name(), command = %props.command, error = %e,
+                        "could not save the output as data");
+                    return Outcome::Error;
+                }
+            }
             Outcome::Success
         }
         Ran::Exited { code, stderr, .. } => {
@@ -135,6 +142,17 @@ async fn run_command(ctx: &WatcherCtx, props: &ExecProperties) -> Outcome {
             Outcome::Error
         }
     }
+}
+
+/// `parse_as_data`: each key of the JSON object the command printed, into the machine's
+/// data store.
+fn store_output(ctx: &WatcherCtx, stdout: &str) -> Result<(), String> {
+    let values: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(stdout).map_err(|e| format!("the output is not a JSON object: {e}"))?;
+    for (key, value) in values {
+        ctx.shared.data.put(&key, value).map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 /// The end of a command's output, for logs.

@@ -3,8 +3,10 @@
 //! its state events and asks the machine task to fire transitions.
 
 mod exec;
+mod expression;
 mod file;
 mod governed;
+mod kv;
 mod metric;
 mod nagios;
 mod process;
@@ -30,6 +32,10 @@ use super::manifest::{WatcherDef, WatcherProperties};
 pub(crate) struct Shared {
     pub(crate) instance: MachineInstance,
     pub(crate) emitter: Arc<chorus_platform::Emitter>,
+    /// The machine's data store.
+    pub(crate) data: Arc<crate::machine::data::MachineData>,
+    /// The node's facts.
+    pub(crate) facts: Arc<serde_json::Value>,
     pub(crate) machine_dir: PathBuf,
     pub(crate) state: watch::Receiver<String>,
     pub(crate) stop: Shutdown,
@@ -119,6 +125,8 @@ pub(crate) async fn run(ctx: WatcherCtx) {
         WatcherProperties::Timer(p) => timer::run(ctx, p).await,
         WatcherProperties::Nagios(p) => nagios::run(ctx, p).await,
         WatcherProperties::Metric(p) => metric::run(ctx, p).await,
+        WatcherProperties::Expression(p) => expression::run(ctx, p).await,
+        WatcherProperties::Kv(p) => kv::run(ctx, p).await,
     }
 }
 
