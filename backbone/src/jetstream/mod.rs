@@ -218,28 +218,35 @@ pub(crate) fn server_filter(filters: &[String]) -> String {
 pub(crate) fn stored(stream: &str, sequence: u64, time: DateTime<Utc>, msg: &async_nats::Message) -> StoredMessage {
     let (id, headers) = msg.headers.as_ref().map(id_and_headers).unwrap_or_default();
     StoredMessage {
-        stream: stream.to_string(),
+        stream: stream.to_owned(),
         sequence,
         time,
         id,
-        subject: msg.subject.to_string(),
+        subject: msg.subject.as_str().to_owned(),
         payload: msg.payload.clone(),
         headers,
     }
 }
 
-/// The event id (`Nats-Msg-Id`, empty when there is none) and the other headers, by name.
+/// The event id (`Nats-Msg-Id`, empty when there is none) and the other headers, by name, in
+/// one pass (a lookup by name costs as much as the pass: these run per message read).
 fn id_and_headers(map: &async_nats::HeaderMap) -> (String, Headers) {
-    let id = map.get(MSG_ID_HEADER).map(|v| v.as_str().to_string()).unwrap_or_default();
-    let mut headers: Headers = map
-        .iter()
-        .filter(|(name, _)| !AsRef::<str>::as_ref(*name).eq_ignore_ascii_case(MSG_ID_HEADER))
-        .flat_map(|(name, values)| {
-            values.iter().map(move |v| (AsRef::<str>::as_ref(name).to_owned(), v.as_str().to_owned()))
-        })
-        .collect();
+    let mut id = None;
+    let mut headers: Headers = Vec::new();
+    for (name, values) in map.iter() {
+        let name: &str = name.as_ref();
+        if name.eq_ignore_ascii_case(MSG_ID_HEADER) {
+            // The id is the first value under its exact name, as a lookup by name gives;
+            // other spellings are dropped with it.
+            if name == MSG_ID_HEADER {
+                id = id.or_else(|| values.first().map(|v| v.as_str().to_owned()));
+            }
+        } else {
+            headers.extend(values.iter().map(|v| (name.to_owned(), v.as_str().to_owned())));
+        }
+    }
     headers.sort();
-    (id, headers)
+    (id.unwrap_or_default(), headers)
 }
 
 /// The answer of the stream message get API.

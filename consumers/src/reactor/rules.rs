@@ -185,10 +185,14 @@ impl Rules {
             .rules
             .iter()
             .map(|rule| {
-                let expression = rule.matches.expression.as_deref().map(Expression::compile).transpose()?;
+                let expression = rule.matches.expression.as_deref().map(Expression::compile_over_events).transpose()?;
                 let key = rule.key.as_deref().map(Template::compile).transpose()?;
-                let changed =
-                    rule.when.as_ref().and_then(|w| w.changed.as_deref()).map(Expression::compile).transpose()?;
+                let changed = rule
+                    .when
+                    .as_ref()
+                    .and_then(|w| w.changed.as_deref())
+                    .map(Expression::compile_over_events)
+                    .transpose()?;
                 let needs_context = expression.is_some() || key.is_some() || changed.is_some();
                 Ok(Compiled {
                     types: rule.matches.types.iter().map(|t| glob::Pattern::new(t)).collect(),

@@ -30,6 +30,18 @@ impl Expression {
         Ok(Expression { text: text.to_owned(), program })
     }
 
+    /// Compiles `text` to run over an [`EventContext`]: `event.NAME` and `data.NAME` are read
+    /// straight from the event rather than through a copy of `event` or `data` (expr copies a
+    /// variable's whole value to read one field of it, per evaluation), with the same
+    /// results, missing fields included. Only over an [`EventContext`].
+    pub fn compile_over_events(text: &str) -> Result<Self, String> {
+        let mut e = Self::compile(text)?;
+        if let Some(direct) = direct_fields(text) {
+            e.program = expr::compile(&direct).map_err(|err| format!("expression {text:?}: {err}"))?;
+        }
+        Ok(e)
+    }
+
     /// Its text, as written.
     pub fn text(&self) -> &str {
         &self.text
@@ -45,6 +57,73 @@ impl Expression {
     pub fn holds(&self, ctx: &dyn ContextProvider) -> bool {
         matches!(self.eval(ctx), Ok(Value::Bool(true)))
     }
+}
+
+/// Names `event.NAME` and `data.NAME` take in an expression compiled by
+/// [`Expression::compile_over_events`].
+const EVENT_FIELD: &str = "$event__";
+const DATA_FIELD: &str = "$data__";
+
+/// `text` with `event.NAME` and `data.NAME` (outside string literals, not a method call, not
+/// a member of something else) written as single names; `None` when nothing changes or the
+/// text binds names of its own (`let`), which could shadow `event` or `data`.
+fn direct_fields(text: &str) -> Option<String> {
+    let b = text.as_bytes();
+    let is_ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_';
+    let ident_end = |mut i: usize| {
+        while i < b.len() && is_ident(b[i]) {
+            i += 1;
+        }
+        i
+    };
+    let (mut out, mut changed, mut i) = (String::with_capacity(text.len()), false, 0);
+    while i < b.len() {
+        let c = b[i];
+        if matches!(c, b'"' | b'\'' | b'`') {
+            // A string literal, copied as it is (escapes included).
+            let mut j = i + 1;
+            while j < b.len() && b[j] != c {
+                j += if b[j] == b'\\' && c != b'`' { 2 } else { 1 };
+            }
+            let end = (j + 1).min(b.len());
+            out.push_str(&text[i..end]);
+            i = end;
+            continue;
+        }
+        let starts_name = (c.is_ascii_alphabetic() || c == b'_')
+            && (i == 0 || !(is_ident(b[i - 1]) || matches!(b[i - 1], b'.' | b'$' | b'#')));
+        if !starts_name {
+            let ch = text[i..].chars().next().unwrap_or_default();
+            out.push(ch);
+            i += ch.len_utf8().max(1);
+            continue;
+        }
+        let end = ident_end(i);
+        let word = &text[i..end];
+        if word == "let" {
+            return None;
+        }
+        let prefix = match word {
+            "event" => Some(EVENT_FIELD),
+            "data" => Some(DATA_FIELD),
+            _ => None,
+        };
+        if let Some(prefix) = prefix {
+            if end + 1 < b.len() && b[end] == b'.' && (b[end + 1].is_ascii_alphabetic() || b[end + 1] == b'_') {
+                let name_end = ident_end(end + 1);
+                if b.get(name_end) != Some(&b'(') {
+                    out.push_str(prefix);
+                    out.push_str(&text[end + 1..name_end]);
+                    changed = true;
+                    i = name_end;
+                    continue;
+                }
+            }
+        }
+        out.push_str(word);
+        i = end;
+    }
+    changed.then_some(out)
 }
 
 #[derive(Clone, Debug)]
@@ -189,8 +268,24 @@ impl<'a> EventContext<'a> {
     }
 }
 
+/// What a missing field reads as.
+static NIL: Value = Value::Nil;
+
 impl ContextProvider for EventContext<'_> {
     fn get(&self, key: &str) -> Option<&Value> {
+        // As `x.name`: nil for a missing field, an error (no value) on a non-map.
+        fn field<'v>(of: Option<&'v Value>, name: &str) -> Option<&'v Value> {
+            match of {
+                Some(Value::Map(map)) => Some(map.get(name).unwrap_or(&NIL)),
+                _ => None,
+            }
+        }
+        if let Some(name) = key.strip_prefix(EVENT_FIELD) {
+            return field(Some(self.event), name);
+        }
+        if let Some(name) = key.strip_prefix(DATA_FIELD) {
+            return field(self.get("data"), name);
+        }
         match key {
             "event" => Some(self.event),
             "data" => match &self.event {
@@ -318,6 +413,35 @@ mod tests {
         assert!(!Expression::compile("data.n").unwrap().holds(&ctx()), "not a boolean does not hold");
         assert!(Expression::compile("((").is_err());
         assert!(Expression::compile(" ").is_err());
+    }
+
+    #[test]
+    fn fields_read_directly_give_what_members_give() {
+        assert_eq!(
+            direct_fields(r#"data.status == "data.x" && event.subject endsWith 'event.y' && event.data.n > 1"#)
+                .unwrap(),
+            r#"$data__status == "data.x" && $event__subject endsWith 'event.y' && $event__data.n > 1"#
+        );
+        assert_eq!(direct_fields("x.data.y + mydata.z + event?.a + event.f()"), None);
+        assert_eq!(direct_fields("let e = 1; data.x == e"), None);
+        let whole = serde_json::json!({"id": "e1", "type": "t", "subject": "web1", "data": {"status": "CRITICAL", "n": 3, "l": [1, 2]}});
+        let odd = serde_json::json!({"id": "e2", "type": "t", "data": "text"});
+        for event in [whole, odd] {
+            let value = from_json(&event);
+            let ctx = EventContext::new(&value, "S", 1, "x");
+            for text in [
+                r#"data.status == "CRITICAL" && event.subject == "web1""#,
+                "data.missing == nil",
+                "event.missing == nil && event.data.n == 3",
+                "data.l[1] == 2 && len(data.l) == 2",
+                "data.missing.deeper == nil",
+                r#"event.subject startsWith "w" || data.n > 2"#,
+            ] {
+                let plain = Expression::compile(text).unwrap();
+                let direct = Expression::compile_over_events(text).unwrap();
+                assert_eq!(plain.eval(&ctx).ok(), direct.eval(&ctx).ok(), "{text} over {event}");
+            }
+        }
     }
 
     #[test]
