@@ -327,8 +327,8 @@ impl NodeAgent {
             transport = Some(Arc::new(NatsTransport::new(client)));
         }
 
-        let machines = start_machines(&config, &emitter, site_backbone, tasks.shutdown());
-        crate::machine::connect_subscriptions(&machines, tasks.shutdown());
+        let mut machines = start_machines(&config, &emitter, site_backbone, tasks.shutdown());
+        crate::machine::connect_subscriptions(&mut machines);
         let alive = lifecycle.clone();
         let (interval, splay) = (config.alive_interval, config.alive_splay.unwrap_or(config.alive_interval));
         let stop = tasks.shutdown().clone();

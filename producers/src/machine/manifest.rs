@@ -146,8 +146,21 @@ pub struct WatcherDef {
     /// How often the current watcher state is re-published even without a change, which is
     /// what lets consumers recover from lost events. At least one minute.
     pub announce_interval: Option<Duration>,
+    /// Other machines of the node that must be in a given state for the watcher to check
+    /// (Choria's `foreign_state_required`), besides `state_match`.
+    pub foreign_state_required: Vec<ForeignState>,
     /// The type-specific settings; the variant is the watcher `type`.
     pub properties: WatcherProperties,
+}
+
+/// A state another machine of the node must be in.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a required state: a mapping with machine_name and state")]
+pub struct ForeignState {
+    /// The machine's `name`.
+    pub machine_name: String,
+    /// Its state.
+    pub state: String,
 }
 
 impl WatcherDef {
@@ -338,8 +351,9 @@ pub struct MetricProperties {
     pub interval: Option<Duration>,
     /// Labels added to every metric.
     pub labels: std::collections::BTreeMap<String, String>,
-    /// Choria's `skip_prometheus`, `store`, `http`, `graphite_host`, `graphite_port`,
-    /// `graphite_prefix`: accepted; Chorus publishes the metrics as state events only.
+    /// Choria's `store` (the sample goes into the machine data store as `metric`, by
+    /// watcher name), and `skip_prometheus`, `http`, `graphite_host`, `graphite_port`,
+    /// `graphite_prefix`: accepted; Chorus publishes the metrics as state events.
     pub extra: std::collections::BTreeMap<String, String>,
 }
 
@@ -484,6 +498,13 @@ impl Manifest {
                         field("announce_interval"),
                         format!("{} is below the minimum of 1m", format_duration(ai)),
                     ));
+                }
+            }
+            for (j, required) in w.foreign_state_required.iter().enumerate() {
+                for (key, value) in [("machine_name", &required.machine_name), ("state", &required.state)] {
+                    if value.trim().is_empty() {
+                        return Err(err(field(&format!("foreign_state_required[{j}].{key}")), "missing"));
+                    }
                 }
             }
             let prop = |f: &str| format!("watchers[{i}].properties.{f}");
@@ -653,6 +674,7 @@ struct RawWatcher {
     success_transition: Option<String>,
     interval: Option<GoDuration>,
     announce_interval: Option<GoDuration>,
+    foreign_state_required: Option<Vec<ForeignState>>,
     /// Parsed by `build` once `type` is known.
     properties: Option<serde_yaml::Value>,
 }
@@ -972,6 +994,7 @@ impl RawWatcher {
             success_transition: optional(self.success_transition),
             interval: self.interval.map(|d| d.0),
             announce_interval: self.announce_interval.map(|d| d.0),
+            foreign_state_required: self.foreign_state_required.unwrap_or_default(),
             properties,
         })
     }

@@ -35,6 +35,7 @@ mod watchers;
 #[cfg(test)]
 mod tests;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -152,7 +153,9 @@ impl Machine {
         );
 
         let splay = random_below(manifest.splay_start);
+        let others = OtherMachines::default();
         let shared = watchers::Shared {
+            others: others.clone(),
             instance: instance.clone(),
             emitter,
             data: Arc::new(data::MachineData::load(&machine_dir)),
@@ -188,42 +191,61 @@ impl Machine {
             Ok(())
         });
 
-        Ok(MachineHandle { instance, state: state_rx, commands: commands_tx, tasks, fired, subscriptions })
+        Ok(MachineHandle { instance, state: state_rx, commands: commands_tx, tasks, fired, subscriptions, others })
     }
 }
 
-/// Delivers transitions between the machines of one node as their manifests subscribe
-/// (Choria's `subscribe`): when machine A fires `event`, a machine whose transition
-/// subscribes `{machine_name: A, event}` fires that transition. Runs until `shutdown`;
-/// returns how many subscriptions were connected (one naming a machine that is not running
+/// Connects the machines of one node:
+///
+/// * transitions, as their manifests subscribe (Choria's `subscribe`): when machine A fires
+///   `event`, a machine whose transition subscribes `{machine_name: A, event}` fires that
+///   transition. The delivery runs in the subscriber's own tasks (it shows in its health and
+///   stops with it);
+/// * states, for watchers with `foreign_state_required`: each machine can read the others'
+///   current states (until this is called, a required machine counts as not running).
+///
+/// Returns how many subscriptions were connected (one naming a machine that is not running
 /// is logged and left out).
-pub fn connect_subscriptions(machines: &[MachineHandle], shutdown: &Shutdown) -> usize {
+pub fn connect_subscriptions(machines: &mut [MachineHandle]) -> usize {
+    let states: HashMap<String, watch::Receiver<String>> =
+        machines.iter().map(|m| (m.instance.machine.clone(), m.state.clone())).collect();
+    let mut sources = HashMap::new();
+    for m in machines.iter() {
+        sources.insert(m.instance.machine.clone(), m.fired.clone());
+    }
     let mut connected = 0;
-    for target in machines {
-        for (transition, sub) in &target.subscriptions {
-            let Some(source) = machines.iter().find(|m| m.instance.machine == sub.machine_name) else {
+    for target in machines.iter_mut() {
+        if target.others.set(states.clone()).is_err() {
+            warn!(machine = %target.instance.machine, "machines connected twice; the first connection stays");
+        }
+        for (transition, sub) in target.subscriptions.clone() {
+            let Some(source) = sources.get(&sub.machine_name) else {
                 warn!(machine = %target.instance.machine, %transition, source = %sub.machine_name,
                     "subscribed to a machine that does not run on this node");
                 continue;
             };
-            let mut fired = source.fired.subscribe();
+            let mut fired = source.subscribe();
             let commands = target.commands.clone();
-            let (event, transition, stop) = (sub.event.clone(), transition.clone(), shutdown.clone());
-            tokio::spawn(async move {
+            let stop = target.tasks.shutdown().clone();
+            target.tasks.spawn("subscription", async move {
                 loop {
                     let name = tokio::select! {
                         r = fired.recv() => r,
-                        _ = stop.requested() => return,
+                        _ = stop.requested() => return Ok::<_, MachineError>(()),
                     };
                     match name {
-                        Ok(name) if name == event => {
+                        Ok(name) if name == sub.event => {
                             let (reply, _) = oneshot::channel();
                             if commands.send(Command::Transition { name: transition.clone(), reply }).await.is_err() {
-                                return;
+                                return Ok(());
                             }
                         }
                         Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                        // The source machine stopped: nothing more will come.
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                            stop.requested().await;
+                            return Ok(());
+                        }
                     }
                 }
             });
@@ -243,7 +265,12 @@ pub struct MachineHandle {
     fired: tokio::sync::broadcast::Sender<String>,
     /// (own transition, what it subscribes to).
     subscriptions: Vec<(String, manifest::Subscription)>,
+    /// The states of the node's other machines, once connected.
+    others: OtherMachines,
 }
+
+/// The states of the other machines of a node, set by [`connect_subscriptions`].
+pub(crate) type OtherMachines = Arc<std::sync::OnceLock<HashMap<String, watch::Receiver<String>>>>;
 
 impl MachineHandle {
     /// The current state.

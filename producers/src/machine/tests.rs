@@ -545,8 +545,8 @@ async fn a_transition_of_one_machine_fires_the_subscribed_transition_of_another(
     const TEST_MACHINE: &str = "name: TestMachine\nversion: 0.0.1\ninitial_state: unknown\nsplay_start: 0\n\ntransitions:\n  - name: fire_1\n    from: [unknown]\n    destination: one\n\n  - name: fire_2\n    from: [one]\n    destination: two\n\nwatchers:\n  - name: true_2\n    type: exec\n    state_match: [two]\n    fail_transition: fire_1\n    success_transition: fire_2\n    interval: \"1m\"\n    properties:\n      command: /usr/bin/true\n";
     const SUBSCRIBER: &str = "name: Subscriber\nversion: 0.0.1\ninitial_state: unknown\nsplay_start: 0\n\ntransitions:\n  - name: fire_1\n    from: [unknown]\n    destination: one\n    subscribe:\n      - machine_name: TestMachine\n        event: fire_1\n\nwatchers:\n  - name: true_1\n    type: exec\n    state_match: [one]\n    fail_transition: fire_1\n    success_transition: fire_1\n    properties:\n      command: /usr/bin/true\n";
     let f = fixture();
-    let machines = vec![f.start(TEST_MACHINE), f.start(SUBSCRIBER)];
-    assert_eq!(connect_subscriptions(&machines, &Shutdown::new()), 1);
+    let mut machines = vec![f.start(TEST_MACHINE), f.start(SUBSCRIBER)];
+    assert_eq!(connect_subscriptions(&mut machines), 1);
     assert_eq!(machines[1].state(), "unknown");
     assert_eq!(machines[0].transition("fire_1").await.unwrap(), "one");
     let records =
@@ -771,4 +771,35 @@ fn data_store_watchers_are_checked_as_choria_checks_them() {
         err("  - {name: k, type: kv, properties: {bucket: B, key: k, hiera_config: true}}").contains("hiera_config")
     );
     Manifest::from_yaml(&format!("{base}  - {{name: k, type: kv, properties: {{bucket: B, key: k, mode: poll, bucket_prefix: false, on_successful_get: true}}}}")).unwrap();
+}
+
+/// `foreign_state_required`: a watcher checks only while the other machine is in the named
+/// state (on paused time: ten intervals pass without a check, then one does).
+#[tokio::test(start_paused = true)]
+async fn a_watcher_waits_for_the_state_of_another_machine() {
+    let f = fixture();
+    let gate = "name: gate\nversion: 1.0.0\ninitial_state: closed\ntransitions:\n  - {name: open, from: [closed], destination: opened}\nwatchers:\n  - {name: t, type: timer, state_match: [opened], properties: {timer: 1h}}\n";
+    let follower = r#"
+name: follower
+version: 1.0.0
+initial_state: waiting
+transitions:
+  - {name: go, from: [waiting], destination: done}
+watchers:
+  - name: when_open
+    type: expression
+    interval: 1s
+    success_transition: go
+    foreign_state_required: [{machine_name: gate, state: opened}]
+    properties: {success_when: 'identity == "node1.example.net"'}
+"#;
+    let mut machines = vec![f.start(gate), f.start(follower)];
+    connect_subscriptions(&mut machines);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(machines[1].state(), "waiting", "no check while the gate is closed");
+    machines[0].transition("open").await.unwrap();
+    let mut state = machines[1].subscribe();
+    state.wait_for(|s| s == "done").await.unwrap();
+    let err = Manifest::from_yaml(&follower.replace("state: opened", "state: ''")).unwrap_err().to_string();
+    assert!(err.contains("foreign_state_required[0].state: missing"), "{err}");
 }

@@ -60,16 +60,16 @@ pub(super) async fn run(ctx: WatcherCtx, props: ExpressionProperties) {
             .into_iter()
             .filter_map(|(o, text)| Some((o, Condition::compile(text.as_deref()?).ok()?)))
             .collect();
-    let (mut states, state) = ctx.subscribe();
+    let (mut states, _) = ctx.subscribe();
     let stop = ctx.stop_signal();
     let mut every = ticker(Some(ctx.def.interval.unwrap_or(INTERVAL)));
     let mut announce = ticker(ctx.def.announce_interval);
     let mut previous = Outcome::Skipped;
-    let mut active = ctx.active_in(&state);
     let mut check = true;
     loop {
         if check {
-            let outcome = if active {
+            // The machine's state, and other machines' (foreign_state_required), now.
+            let outcome = if ctx.active_in(&ctx.current_state()) {
                 evaluate(&ctx, &conditions).unwrap_or_else(|e| {
                     warn!(machine = %ctx.machine(), watcher = %ctx.name(), error = %e, "expression failed");
                     Outcome::Error
@@ -93,10 +93,7 @@ pub(super) async fn run(ctx: WatcherCtx, props: ExpressionProperties) {
             _ = stop.requested() => return,
             state = next_state(&mut states) => match state {
                 None => return,
-                Some(state) => {
-                    active = ctx.active_in(&state);
-                    check = true;
-                }
+                Some(_) => check = true,
             },
             _ = tick(&mut every) => check = true,
             _ = tick(&mut announce) => ctx.notify(details(previous)).await,

@@ -149,16 +149,16 @@ pub(super) async fn run(ctx: WatcherCtx, props: KvProperties) {
             mode: "poll".into(),
         })
     };
-    let (mut states, state) = ctx.subscribe();
+    let (mut states, _) = ctx.subscribe();
     let stop = ctx.stop_signal();
     let mut every = ticker(Some(ctx.def.interval.unwrap_or(INTERVAL)));
     let mut announce = ticker(ctx.def.announce_interval);
     let mut poller = Poller { props, bucket: None, previous: None, revision: 0 };
-    let mut active = ctx.active_in(&state);
     let mut last = Outcome::Skipped;
     let mut check = true;
     loop {
-        if check && active {
+        // The machine's state, and other machines' (foreign_state_required), now.
+        if check && ctx.active_in(&ctx.current_state()) {
             last = match poller.poll(&ctx).await {
                 Ok(outcome) => outcome,
                 Err(e) => {
@@ -179,10 +179,7 @@ pub(super) async fn run(ctx: WatcherCtx, props: KvProperties) {
             _ = stop.requested() => return,
             state = next_state(&mut states) => match state {
                 None => return,
-                Some(state) => {
-                    active = ctx.active_in(&state);
-                    check = true;
-                }
+                Some(_) => check = true,
             },
             _ = tick(&mut every) => check = true,
             _ = tick(&mut announce) => ctx.notify(details(last, &poller.props)).await,

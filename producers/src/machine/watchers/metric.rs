@@ -84,6 +84,13 @@ pub(super) async fn run(ctx: WatcherCtx, props: MetricProperties) {
                 };
                 match sample {
                     Ok(sample) => {
+                        if props.extra.get("store").is_some_and(|v| v == "true") {
+                            // Choria's `store`: the sample under `metric`, by watcher name.
+                            let value = serde_json::json!({ ctx.name(): &sample });
+                            if let Err(e) = ctx.shared.data.put("metric", value) {
+                                warn!(machine = %ctx.machine(), watcher = %ctx.name(), error = %e, "could not store the metrics as data");
+                            }
+                        }
                         ctx.notify(WatcherDetails::Metric(MetricDetails { metrics: sample.clone() })).await;
                         last = Some(sample);
                         ctx.success().await;

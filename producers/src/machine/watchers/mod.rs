@@ -40,6 +40,8 @@ pub(crate) struct Shared {
     pub(crate) state: watch::Receiver<String>,
     pub(crate) stop: Shutdown,
     pub(crate) commands: mpsc::Sender<Command>,
+    /// The states of the node's other machines (`foreign_state_required`).
+    pub(crate) others: crate::machine::OtherMachines,
     /// The site's backbone, for governors (none when the node runs offline).
     pub(crate) backbone: Option<Arc<dyn chorus_backbone::Backbone>>,
 }
@@ -76,8 +78,15 @@ impl WatcherCtx {
         self.shared.stop.clone()
     }
 
+    /// Whether the watcher checks in `state`: one of its `state_match` states, and every
+    /// machine it requires (`foreign_state_required`) in its required state, as Choria's
+    /// `ShouldWatch`. A required machine that does not run on the node does not match.
     fn active_in(&self, state: &str) -> bool {
         self.def.active_in(state)
+            && self.def.foreign_state_required.iter().all(|required| {
+                let others = self.shared.others.get();
+                others.and_then(|o| o.get(&required.machine_name)).is_some_and(|rx| *rx.borrow() == required.state)
+            })
     }
 
     /// Emits a watcher state event. Failures are logged only: the machine keeps running.
