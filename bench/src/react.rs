@@ -68,7 +68,7 @@ async fn react(b: &Arc<dyn Backbone>, rules: &str, n: u64) -> anyhow::Result<(Du
 /// Evaluation alone, on the stream's payloads already in memory: reading each into expr
 /// values and applying the rules, no backbone, no store. What the rules cost per event.
 async fn evaluate_only(b: &Arc<dyn Backbone>, rules: &str) -> anyhow::Result<(Duration, Duration, usize)> {
-    use chorus_consumers::reactor::{read_event, Counts, Rules, Seen};
+    use chorus_consumers::reactor::{read_event, Counts, Rules};
     use futures::StreamExt;
     let mut replay = b.replay(CHORUS_LIFECYCLE, Default::default()).await?;
     let mut messages = Vec::new();
@@ -83,19 +83,7 @@ async fn evaluate_only(b: &Arc<dyn Backbone>, rules: &str) -> anyhow::Result<(Du
     let started = Instant::now();
     for m in &messages {
         let event = read_event(m, &needs).map_err(|(code, why)| anyhow::anyhow!("{code}: {why}"))?;
-        let seen = Seen {
-            stream: &m.stream,
-            sequence: m.sequence,
-            nats_subject: &m.subject,
-            id: &event.id,
-            event_type: &event.event_type,
-            subject: &event.subject,
-            event: &event.value,
-            payload: &m.payload,
-            complete: event.complete,
-            time_ms: event.time_ms,
-        };
-        compiled.apply(&seen, &mut counts, &mut out);
+        compiled.apply(&event.seen(m), &mut counts, &mut out);
     }
     Ok((started.elapsed(), process_cpu() - cpu, messages.len()))
 }

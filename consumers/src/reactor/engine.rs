@@ -21,7 +21,7 @@ use super::actions::{Actuators, RECORD_BACKOFF};
 use super::config::ReactorConfig;
 use super::error::ReactorError;
 use super::event::{self, Needs};
-use super::rules::{Counts, Firing, Rules, Seen};
+use super::rules::{Counts, Firing, Rules};
 use super::store::{Commit, ReactorStore};
 use super::template::to_json;
 
@@ -512,21 +512,7 @@ async fn evaluate(
         let mut letters = Vec::new();
         for m in &batch {
             match event::read(m, &needs) {
-                Ok(event) => {
-                    let seen = Seen {
-                        stream: &m.stream,
-                        sequence: m.sequence,
-                        nats_subject: &m.subject,
-                        id: &event.id,
-                        event_type: &event.event_type,
-                        subject: &event.subject,
-                        event: &event.value,
-                        payload: &m.payload,
-                        complete: event.complete,
-                        time_ms: event.time_ms,
-                    };
-                    rules.apply(&seen, &mut counts, &mut firings);
-                }
+                Ok(event) => rules.apply(&event.seen(m), &mut counts, &mut firings),
                 Err((code, reason)) => {
                     tracing::warn!(stream = %m.stream, sequence = m.sequence, %reason, "reactor: dead-lettering");
                     letters.push(DeadLetter::new(&shared.config.name, m, &code, reason));

@@ -335,6 +335,24 @@ pub struct ReadEvent<'p> {
     pub complete: bool,
 }
 
+impl ReadEvent<'_> {
+    /// The event as rules see it, read from `message`.
+    pub fn seen<'a>(&'a self, message: &'a StoredMessage) -> super::rules::Seen<'a> {
+        super::rules::Seen {
+            stream: &message.stream,
+            sequence: message.sequence,
+            nats_subject: &message.subject,
+            id: &self.id,
+            event_type: &self.event_type,
+            subject: &self.subject,
+            event: &self.value,
+            payload: &message.payload,
+            complete: self.complete,
+            time_ms: self.time_ms,
+        }
+    }
+}
+
 /// Why a message is not an event: a dead-letter code and the reason.
 pub type NotAnEvent = (String, String);
 

@@ -13,7 +13,7 @@ use chorus_schemas::WatcherDetails;
 use serde_json::Value;
 use tracing::warn;
 
-use super::{next_state, tick, ticker, WatcherCtx};
+use super::{next_wake, ticker, Wake, WatcherCtx};
 use crate::machine::manifest::ExpressionProperties;
 
 /// Choria's default interval.
@@ -88,15 +88,10 @@ pub(super) async fn run(ctx: WatcherCtx, props: ExpressionProperties) {
             }
             check = false;
         }
-        tokio::select! {
-            biased;
-            _ = stop.requested() => return,
-            state = next_state(&mut states) => match state {
-                None => return,
-                Some(_) => check = true,
-            },
-            _ = tick(&mut every) => check = true,
-            _ = tick(&mut announce) => ctx.notify(details(previous)).await,
+        match next_wake(&stop, &mut states, &mut every, &mut announce).await {
+            Wake::Stop => return,
+            Wake::Check => check = true,
+            Wake::Announce => ctx.notify(details(previous)).await,
         }
     }
 }

@@ -166,6 +166,32 @@ async fn tick(ticker: &mut Option<Interval>) {
     }
 }
 
+/// What woke a watcher that checks every interval and on every state change.
+enum Wake {
+    /// Time to check: the interval passed or the machine's state changed.
+    Check,
+    /// Time to announce the current state again.
+    Announce,
+    /// The machine stops (or is gone).
+    Stop,
+}
+
+/// Waits for the next [`Wake`] of such a watcher.
+async fn next_wake(
+    stop: &Shutdown,
+    states: &mut watch::Receiver<String>,
+    every: &mut Option<Interval>,
+    announce: &mut Option<Interval>,
+) -> Wake {
+    tokio::select! {
+        biased;
+        _ = stop.requested() => Wake::Stop,
+        state = next_state(states) => if state.is_some() { Wake::Check } else { Wake::Stop },
+        _ = tick(every) => Wake::Check,
+        _ = tick(announce) => Wake::Announce,
+    }
+}
+
 /// Waits for the next machine state; `None` once the machine is gone.
 async fn next_state(rx: &mut watch::Receiver<String>) -> Option<String> {
     rx.changed().await.ok()?;
