@@ -145,6 +145,11 @@ pub struct TenantConfig {
     pub jetstream: Option<AccountJetStream>,
     /// Users of the tenant, one per component.
     pub users: Vec<UserSpec>,
+    /// Key-value buckets the tenant's agents may read and write keys of: governors
+    /// (`CHORUS_GOVERNORS` and `GOVERNOR_<name>`) and the buckets of `kv` watchers. Agents
+    /// get no other bucket.
+    #[serde(default)]
+    pub node_buckets: Vec<String>,
 }
 
 /// JetStream limits of one account.
@@ -277,6 +282,11 @@ impl BrokerConfig {
             }
             if tenant.collectives.is_empty() {
                 return bad(format!("{at}.collectives must name at least one collective"));
+            }
+            for (i, b) in tenant.node_buckets.iter().enumerate() {
+                if !chorus_backbone::kv::is_bucket_name(b) {
+                    return bad(format!("{at}.node_buckets[{i}]: {b:?} is not a bucket name"));
+                }
             }
             for c in &tenant.collectives {
                 check_token(&format!("{at}.collectives"), c)?;

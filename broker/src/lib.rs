@@ -54,7 +54,7 @@ pub use config::{
 };
 pub use password::{hash_password, is_bcrypt};
 pub use render::RenderedBroker;
-pub use roles::{node_only, permissions, Permissions, Role};
+pub use roles::{node_buckets, node_only, permissions, Permissions, Role};
 
 /// Results of the broker description: every error is a configuration error naming its field.
 pub type Result<T, E = chorus_runtime::ConfigError> = std::result::Result<T, E>;

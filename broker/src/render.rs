@@ -190,7 +190,10 @@ impl BrokerConfig {
     ) -> Result<()> {
         emit!(w, "    users: [");
         for u in &tenant.users {
-            let p = of(u.role, &tenant.collectives, u.callerid.as_deref());
+            let mut p = of(u.role, &tenant.collectives, u.callerid.as_deref());
+            if u.role == Role::Agent {
+                p.publish_allow.extend(crate::roles::node_buckets(&tenant.node_buckets));
+            }
             emit!(w, "      # {}: {}", u.user, u.role.as_str());
             emit!(w, "      {{");
             emit!(w, "        user: {}", q(&u.user));

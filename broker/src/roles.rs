@@ -7,10 +7,10 @@ use serde::{Deserialize, Serialize};
 ///
 /// | Role | May publish | May subscribe |
 /// |---|---|---|
-/// | `agent` | `choria.lifecycle.>`, `choria.machine.>`, `choria.registration.>`, `chorus.rpc.request.C.>`, `chorus.rpc.reply.C.>`, `chorus.audit.deny.>`, `chorus.audit.unknown.>`, `C.reply.>`, stream lookups, key-value buckets (governors, `kv` watchers), `_INBOX.>` | `C.broadcast.agent.>`, `C.node.>`, `_INBOX.>` |
+/// | `agent` | `choria.lifecycle.>`, `choria.machine.>`, `choria.registration.>`, `chorus.rpc.request.C.>`, `chorus.rpc.reply.C.>`, `chorus.audit.deny.>`, `chorus.audit.unknown.>`, `C.reply.>`, stream lookups, the keys of the tenant's `node_buckets` ([`node_buckets`]), `_INBOX.>` | `C.broadcast.agent.>`, `C.node.>`, `_INBOX.>` |
 /// | `client` | `C.broadcast.agent.>`, `C.node.>`, `_INBOX.>` | `C.reply.<reply token of its caller id>.>`, `_INBOX.>` |
 /// | `aaa` | `chorus.audit.>`, stream lookups | `_INBOX.>` |
-/// | `consumer` | JetStream reads (stream info, message get, consumers, acks), stream creation, `chorus.deadletter.>`, key-value buckets | `_INBOX.>`, `choria.lifecycle.>`, `choria.machine.>`, `choria.registration.>` |
+/// | `consumer` | JetStream reads (stream info, message get, consumers, acks), `chorus.deadletter.>`, key-value keys | `_INBOX.>`, `choria.lifecycle.>`, `choria.machine.>`, `choria.registration.>` |
 /// | `reactor` | as `consumer`, and `chorus.reactor.>`, and a client's requests | as `consumer`, and the replies to its caller id |
 /// | `replicator` | the JetStream API except stream deletion, acks and flow control, every event subject, key-value buckets | `_INBOX.>` |
 /// | `admin` | `>` | `>` |
@@ -67,14 +67,22 @@ pub struct Permissions {
 /// Stream lookups a publisher needs to tell "no stream for this subject" from a hiccup.
 const STREAM_LOOKUP: &[&str] = &["$JS.API.INFO", "$JS.API.STREAM.NAMES", "$JS.API.STREAM.INFO.>"];
 
-/// Key-value buckets (JetStream KV, ADR-8): reading and writing keys, which governors, leader
-/// elections, the replicator's checkpoints and `kv` watchers use. Reads are direct gets of a
-/// key's last value, whose API subject names the key's `$KV.` subject, so this grants no read
-/// of other streams. (NATS wildcards are whole tokens: `KV_*` would match nothing.)
+/// Key-value buckets (JetStream KV, ADR-8), all of the account's: reading and writing keys,
+/// which elections, governors and the replicator's checkpoints use. Reads are direct gets of
+/// a key's last value, whose API subject names the key's `$KV.` subject, so this grants no
+/// read of other streams. Buckets are made by an admin (`chorus governor add`, `chorus kv`,
+/// or the first run of a service with an admin user): no role but the admin and the
+/// replicator may make streams, since a stream on another subject would read it.
 const KEY_VALUE: &[&str] = &["$KV.>", "$JS.API.DIRECT.GET.*.$KV.>"];
 
-/// Making streams: the key-value buckets of elections, made by the first candidate.
-const STREAM_CREATE: &str = "$JS.API.STREAM.CREATE.*";
+/// What an agent may use of the key-value buckets the tenant lists for its nodes
+/// (`node_buckets`: governors' `GOVERNOR_<name>` and `CHORUS_GOVERNORS`, the buckets of `kv`
+/// watchers): keys of those buckets only, so a node cannot take over an election or
+/// rewrite another service's state. (NATS wildcards are whole tokens: buckets are named
+/// one by one.)
+pub fn node_buckets(buckets: &[String]) -> Vec<String> {
+    buckets.iter().flat_map(|b| [format!("$KV.{b}.>"), format!("$JS.API.DIRECT.GET.KV_{b}.$KV.{b}.>")]).collect()
+}
 
 /// The permissions of `role` for a tenant with `collectives`; a client's replies are those
 /// of `callerid` only.
@@ -91,7 +99,6 @@ pub fn permissions(role: Role, collectives: &[String], callerid: Option<&str>) -
             // Refusals of requests, and policy lines that cannot be used, are audited.
             p.publish_allow.extend(s(&["chorus.audit.deny.>", "chorus.audit.unknown.>"]));
             p.publish_allow.extend(s(STREAM_LOOKUP));
-            p.publish_allow.extend(s(KEY_VALUE));
             // The RPC transport's flush is an echo through the connection's own inbox.
             p.publish_allow.push("_INBOX.>".into());
             p.subscribe_allow = per("{c}.broadcast.agent.>");
@@ -124,11 +131,9 @@ pub fn permissions(role: Role, collectives: &[String], callerid: Option<&str>) -
                 "chorus.deadletter.>",
             ]));
             p.publish_allow.extend(s(KEY_VALUE));
-            p.publish_allow.push(STREAM_CREATE.into());
             p.subscribe_allow = s(&["_INBOX.>", "choria.lifecycle.>", "choria.machine.>", "choria.registration.>"]);
             if role == Role::Reactor {
-                // Its records (and the stream they go to, made if missing), and RPC actions
-                // as its caller id, whose replies only it reads.
+                // Its records, and RPC actions as its caller id, whose replies only it reads.
                 p.publish_allow.push("chorus.reactor.>".into());
                 let client = permissions(Role::Client, collectives, callerid);
                 p.publish_allow.extend(client.publish_allow);

@@ -22,6 +22,7 @@ fn sample() -> BrokerConfig {
             collectives: vec!["acme".into()],
             jetstream: None,
             users: vec![user("acme-agent", Role::Agent), user("acme-admin", Role::Admin)],
+            node_buckets: vec!["GOVERNOR_upgrades".into()],
         },
     );
     tenants.insert(
@@ -30,6 +31,7 @@ fn sample() -> BrokerConfig {
             collectives: vec!["globex".into(), "globex_dev".into()],
             jetstream: Some(AccountJetStream { max_file: Some("1GB".into()), ..Default::default() }),
             users: vec![user("globex-client", Role::Client)],
+            node_buckets: vec![],
         },
     );
     BrokerConfig {
@@ -86,9 +88,16 @@ fn agent_permissions_are_scoped_to_its_collectives() {
     let private = format!("acme.reply.{}.>", chorus_identity::reply_token("up=alice"));
     assert!(c.subscribe_allow.contains(&private), "{:?}", c.subscribe_allow);
     assert!(!c.subscribe_allow.contains(&"acme.reply.>".to_string()), "no other caller's replies");
-    // Governors and kv watchers: keys, and direct reads of keys only (no other stream).
-    assert!(p.publish_allow.contains(&"$KV.>".to_string()));
-    assert!(!p.publish_allow.iter().any(|s| s.starts_with("$JS.API.DIRECT.GET") && !s.contains("$KV")));
+    // Agents get the keys of the buckets listed for nodes only, by direct gets.
+    assert!(!p.publish_allow.iter().any(|s| s.starts_with("$KV") || s.starts_with("$JS.API.DIRECT")));
+    assert_eq!(
+        node_buckets(&["GOVERNOR_upgrades".into()]),
+        ["$KV.GOVERNOR_upgrades.>", "$JS.API.DIRECT.GET.KV_GOVERNOR_upgrades.$KV.GOVERNOR_upgrades.>"]
+    );
+    assert!(!permissions(Role::Consumer, &["acme".into()], None)
+        .publish_allow
+        .iter()
+        .any(|s| s.contains("STREAM.CREATE")));
     // A reactor records reactions and calls as its own caller id only.
     let r = permissions(Role::Reactor, &["acme".into()], Some("up=reactor"));
     assert!(

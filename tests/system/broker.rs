@@ -76,6 +76,7 @@ tenants:
       - {{user: acme-consumer, role: consumer, password: acme-consumer-pw}}
       - {{user: acme-reactor, role: reactor, password: acme-reactor-pw, callerid: up=reactor}}
       - {{user: acme-replicator, role: replicator, password: acme-replicator-pw}}
+    node_buckets: [CHORUS_GOVERNORS, GOVERNOR_upgrades]
   globex:
     collectives: [globex]
     jetstream: {{max_file: 256MB, max_memory: 64MB}}
@@ -364,10 +365,17 @@ async fn reactor_governor_and_election_users_work_within_their_permissions() {
     let governor = Governor::open(&*agent, "upgrades").await.unwrap();
     let lease = governor.claim("node1", Duration::from_secs(10), &Shutdown::new()).await.unwrap().expect("a lease");
     lease.release().await.unwrap();
+    // Buckets not listed for nodes are out of an agent's reach (elections, checkpoints).
+    let (raw_agent, mut violations) = watched(&server, "acme-agent", &pki).await;
+    raw_agent.publish("$KV.ELECTION_guard.leader", "me".into()).await.unwrap();
+    raw_agent.flush().await.unwrap();
+    expect_violation(&mut violations, "publish", "$KV.ELECTION_guard.leader").await;
 
     for user in ["acme-consumer", "acme-replicator"] {
         let b = backbone(&server, user, &pki).await;
         let config = ElectionConfig { name: None, ttl: Duration::from_secs(5), candidate: Some(user.into()) };
+        // The election's bucket is made by an admin (the consumer makes no streams).
+        Candidate::join(&*admin, &format!("{user}-election"), &config).await.unwrap();
         let candidate = Candidate::join(&*b, &format!("{user}-election"), &config).await.unwrap();
         let shutdown = Shutdown::new();
         let (leadership, campaign) = candidate.campaign(shutdown.clone());
@@ -387,6 +395,8 @@ async fn reactor_governor_and_election_users_work_within_their_permissions() {
     }
 
     let state = tempfile::tempdir().unwrap();
+    let election = ElectionConfig { name: None, ttl: Duration::from_secs(5), candidate: None };
+    Candidate::join(&*admin, "guard", &election).await.unwrap();
     let config = ReactorConfig::from_yaml(&format!(
         "name: guard\nstate_dir: {}\nstart: first\nelection: {{ttl: 5s, candidate: one}}\nrules:\n  - name: every\n    match: {{stream: CHORUS_LIFECYCLE}}\n",
         state.path().display()
@@ -412,6 +422,10 @@ async fn reactor_governor_and_election_users_work_within_their_permissions() {
     consumer.publish("chorus.reactor.fired.every", "forged".into()).await.unwrap();
     consumer.flush().await.unwrap();
     expect_violation(&mut violations, "publish", "chorus.reactor.fired.every").await;
+    // No role but admin and replicator makes streams: one on a reply subject would read it.
+    consumer.publish("$JS.API.STREAM.CREATE.SNOOP", "{}".into()).await.unwrap();
+    consumer.flush().await.unwrap();
+    expect_violation(&mut violations, "publish", "$JS.API.STREAM.CREATE.SNOOP").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

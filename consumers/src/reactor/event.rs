@@ -359,6 +359,11 @@ pub type NotAnEvent = (String, String);
 /// Reads a stored message as a CloudEvent (or Choria's bare lifecycle document, as one),
 /// only what `needs` names.
 pub fn read<'p>(message: &'p StoredMessage, needs: &Needs) -> Result<ReadEvent<'p>, NotAnEvent> {
+    // Skipped parts are not checked for UTF-8 by the reader: the whole is, here, so what is
+    // an event does not depend on what the rules read.
+    if let Err(e) = std::str::from_utf8(&message.payload) {
+        return Err(("not_json".into(), format!("not UTF-8: {e}")));
+    }
     if let Ok((value, [Some(_), id, event_type, time, subject])) = needs.read_with_attributes(&message.payload) {
         let (Some(Some(id)), Some(Some(event_type))) = (id, event_type) else {
             return Err(("not_cloudevent".into(), "a CloudEvent needs a string id and type".into()));
@@ -497,6 +502,9 @@ mod tests {
         let bad = message(r#"{"specversion":"1.0","id":7,"type":"t"}"#);
         assert_eq!(read(&bad, &Needs::default()).err().unwrap().0, "not_cloudevent");
         assert!(read(&message("[1]"), &Needs::default()).is_err());
+        let mut latin1 = message(r#"{"specversion":"1.0","id":"a","type":"t","site":"x"}"#);
+        latin1.payload = [&latin1.payload[..45], b"\xe9", &latin1.payload[45..]].concat().into();
+        assert_eq!(read(&latin1, &Needs::default()).err().unwrap().0, "not_json", "even in a part no rule reads");
     }
 
     #[test]

@@ -77,8 +77,27 @@ fn direct_fields(text: &str) -> Option<String> {
         i
     };
     let (mut out, mut changed, mut i) = (String::with_capacity(text.len()), false, 0);
+    // Inside `{ }` (a predicate, where a missing name falls back to `#`, or a map) nothing
+    // is rewritten.
+    let mut depth = 0usize;
     while i < b.len() {
         let c = b[i];
+        if c == b'/' && matches!(b.get(i + 1), Some(b'/' | b'*')) {
+            // A comment, copied as it is.
+            let end = if b[i + 1] == b'/' {
+                text[i..].find('\n').map_or(b.len(), |n| i + n)
+            } else {
+                text[i + 2..].find("*/").map_or(b.len(), |n| i + 2 + n + 2)
+            };
+            out.push_str(&text[i..end]);
+            i = end;
+            continue;
+        }
+        match c {
+            b'{' => depth += 1,
+            b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
         if matches!(c, b'"' | b'\'' | b'`') {
             // A string literal, copied as it is (escapes included).
             let mut j = i + 1;
@@ -90,8 +109,11 @@ fn direct_fields(text: &str) -> Option<String> {
             i = end;
             continue;
         }
+        // A member (`x.data`, `x . data`, `x?.data`) is not a name of its own.
+        let before = text[..i].trim_end().as_bytes().last().copied();
         let starts_name = (c.is_ascii_alphabetic() || c == b'_')
-            && (i == 0 || !(is_ident(b[i - 1]) || matches!(b[i - 1], b'.' | b'$' | b'#')));
+            && (i == 0 || !(is_ident(b[i - 1]) || matches!(b[i - 1], b'$' | b'#')))
+            && before != Some(b'.');
         if !starts_name {
             let ch = text[i..].chars().next().unwrap_or_default();
             out.push(ch);
@@ -108,7 +130,7 @@ fn direct_fields(text: &str) -> Option<String> {
             "data" => Some(DATA_FIELD),
             _ => None,
         };
-        if let Some(prefix) = prefix {
+        if let (Some(prefix), 0) = (prefix, depth) {
             if end + 1 < b.len() && b[end] == b'.' && (b[end + 1].is_ascii_alphabetic() || b[end + 1] == b'_') {
                 let name_end = ident_end(end + 1);
                 if b.get(name_end) != Some(&b'(') {
@@ -424,6 +446,12 @@ mod tests {
         );
         assert_eq!(direct_fields("x.data.y + mydata.z + event?.a + event.f()"), None);
         assert_eq!(direct_fields("let e = 1; data.x == e"), None);
+        assert_eq!(direct_fields("x. data.y + x?. data.z"), None, "members after spaced dots");
+        assert_eq!(direct_fields("all(l, {data.x == 1}) && {a: event.b}.a == 1"), None, "not inside braces");
+        assert_eq!(
+            direct_fields("/* it's */ event.type == 'data.x' // event.y").unwrap(),
+            "/* it's */ $event__type == 'data.x' // event.y"
+        );
         let whole = serde_json::json!({"id": "e1", "type": "t", "subject": "web1", "data": {"status": "CRITICAL", "n": 3, "l": [1, 2]}});
         let odd = serde_json::json!({"id": "e2", "type": "t", "data": "text"});
         for event in [whole, odd] {

@@ -56,6 +56,15 @@ impl MachineData {
         self.save(&values)
     }
 
+    /// Changes the value of `key` in place (it is `None` when absent) and saves: for values
+    /// several watchers share, changed under one lock.
+    pub fn update(&self, key: &str, change: impl FnOnce(Option<Value>) -> Value) -> std::io::Result<()> {
+        let mut values = self.values();
+        let value = change(values.remove(key));
+        values.insert(key.to_owned(), value);
+        self.save(&values)
+    }
+
     /// Removes `key` (nothing to do when absent) and saves.
     pub fn delete(&self, key: &str) -> std::io::Result<()> {
         let mut values = self.values();

@@ -85,9 +85,18 @@ pub(super) async fn run(ctx: WatcherCtx, props: MetricProperties) {
                 match sample {
                     Ok(sample) => {
                         if props.extra.get("store").is_some_and(|v| v == "true") {
-                            // Choria's `store`: the sample under `metric`, by watcher name.
-                            let value = serde_json::json!({ ctx.name(): &sample });
-                            if let Err(e) = ctx.shared.data.put("metric", value) {
+                            // Choria's `store`: the sample under `metric`, by watcher name (each
+                            // watcher's kept beside the others').
+                            let value = serde_json::to_value(&sample).unwrap_or_default();
+                            let stored = ctx.shared.data.update("metric", |before| {
+                                let mut all = match before {
+                                    Some(serde_json::Value::Object(all)) => all,
+                                    _ => serde_json::Map::new(),
+                                };
+                                all.insert(ctx.name().to_owned(), value);
+                                serde_json::Value::Object(all)
+                            });
+                            if let Err(e) = stored {
                                 warn!(machine = %ctx.machine(), watcher = %ctx.name(), error = %e, "could not store the metrics as data");
                             }
                         }

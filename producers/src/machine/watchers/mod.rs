@@ -126,6 +126,17 @@ impl WatcherCtx {
 
 /// Runs one watcher until the machine stops.
 pub(crate) async fn run(ctx: WatcherCtx) {
+    if !ctx.def.foreign_state_required.is_empty() {
+        // The other machines' states come once the node's machines are connected; a first
+        // check before then would take them for not running.
+        let stop = ctx.stop_signal();
+        while ctx.shared.others.get().is_none() {
+            tokio::select! {
+                _ = stop.requested() => return,
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+    }
     debug!(machine = %ctx.machine(), watcher = %ctx.name(), kind = ctx.def.watcher_type(), "watcher starting");
     match ctx.def.properties.clone() {
         WatcherProperties::Exec(p) => exec::run(ctx, p).await,
