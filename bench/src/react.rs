@@ -88,22 +88,6 @@ async fn evaluate_only(b: &Arc<dyn Backbone>, rules: &str) -> anyhow::Result<(Du
     Ok((started.elapsed(), process_cpu() - cpu, messages.len()))
 }
 
-/// The backbone's replay of the stream alone (what the reactor's reader does), read and
-/// dropped: the reading part of the reactor's cost.
-async fn replay_only(b: &Arc<dyn Backbone>, n: u64) -> anyhow::Result<(Duration, Duration)> {
-    use futures::StreamExt;
-    let cpu = process_cpu();
-    let started = Instant::now();
-    let mut replay = b.replay(CHORUS_LIFECYCLE, Default::default()).await?;
-    let mut k = 0;
-    while let Some(m) = replay.next().await {
-        drop(m?);
-        k += 1;
-    }
-    anyhow::ensure!(k == n, "replay read {k} of {n} events");
-    Ok((started.elapsed(), process_cpu() - cpu))
-}
-
 async fn raw_ordered(js: &jetstream::Context, n: u64) -> anyhow::Result<(Duration, Duration)> {
     use async_nats::jetstream::consumer::{pull, DeliverPolicy};
     use futures::StreamExt;
@@ -135,7 +119,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let (mut raw, mut replay, mut expr, mut absence) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 0..args.common.rounds.max(1) {
         raw.push(raw_ordered(&js, n).await?);
-        replay.push(replay_only(&b, n).await?);
+        // The backbone's replay alone (what the reactor's reader does), read and dropped.
+        let cpu = process_cpu();
+        let took = super::views::chorus_replay(&b, n, false).await?;
+        replay.push((took, process_cpu() - cpu));
         expr.push(react(&b, EXPRESSION_RULES, n).await?);
         absence.push(react(&b, ABSENCE_RULES, n).await?);
         eprintln!("round {} done", round + 1);

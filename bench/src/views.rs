@@ -103,7 +103,7 @@ async fn project(b: &Arc<dyn Backbone>, args: &Args, expect_nodes: u64) -> anyho
 /// The Chorus backbone's replay alone (what a projection reads through), dropping each message,
 /// or with `decode`, decoding and validating each event too (the least any projection that
 /// reads typed events does; no view, no store).
-async fn chorus_replay(b: &Arc<dyn Backbone>, n: u64, decode: bool) -> anyhow::Result<Duration> {
+pub(super) async fn chorus_replay(b: &Arc<dyn Backbone>, n: u64, decode: bool) -> anyhow::Result<Duration> {
     let started = Instant::now();
     let mut replay = b.replay(CHORUS_LIFECYCLE, Default::default()).await?;
     let mut read = 0;

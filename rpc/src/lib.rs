@@ -106,17 +106,19 @@ impl NodeContext {
         if let Some(v) = self.facts.get(name) {
             return Some(v);
         }
-        let mut parts = name.split('.');
-        let mut current = self.facts.get(parts.next()?)?;
-        for part in parts {
-            current = match current {
-                Value::Object(map) => map.get(part)?,
-                Value::Array(items) => items.get(part.parse::<usize>().ok()?)?,
-                _ => return None,
-            };
-        }
-        Some(current)
+        let (first, rest) = name.split_once('.')?;
+        at_path(self.facts.get(first)?, rest)
     }
+}
+
+/// The value at a dotted path in a JSON document (`os.family`, `disks.0.size`: object keys
+/// and array indices), as fact filters and Choria's machine queries read one.
+pub fn at_path<'a>(root: &'a Value, path: &str) -> Option<&'a Value> {
+    path.split('.').try_fold(root, |current, part| match current {
+        Value::Object(map) => map.get(part),
+        Value::Array(items) => items.get(part.parse::<usize>().ok()?),
+        _ => None,
+    })
 }
 
 /// Errors of the RPC layer. Per-request problems (bad JSON, a denied or failed action) are

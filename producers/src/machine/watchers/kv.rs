@@ -71,15 +71,7 @@ fn parse(bytes: &[u8], query: Option<&str>) -> Value {
     if looks_like('{', '}') || looks_like('[', ']') {
         if let Ok(value) = serde_json::from_str::<Value>(trimmed) {
             return match (query, &value) {
-                (Some(path), Value::Object(_)) => path
-                    .split('.')
-                    .try_fold(&value, |v, k| match v {
-                        Value::Object(m) => m.get(k),
-                        Value::Array(items) => k.parse::<usize>().ok().and_then(|i| items.get(i)),
-                        _ => None,
-                    })
-                    .cloned()
-                    .unwrap_or(Value::Null),
+                (Some(path), Value::Object(_)) => chorus_rpc::at_path(&value, path).cloned().unwrap_or(Value::Null),
                 _ => value,
             };
         }
