@@ -35,6 +35,10 @@ pub trait Backbone: Send + Sync + 'static {
     /// Short engine name for logs and benchmarks ("embedded", "jetstream").
     fn engine(&self) -> &'static str;
 
+    /// The engine itself, for the few callers that use what only one engine can do (the
+    /// replicator sets up native JetStream sources): `downcast_ref::<JetStreamBackbone>()`.
+    fn as_any(&self) -> &dyn std::any::Any;
+
     /// Creates the stream if there is none of that name. An existing stream is left exactly
     /// as it is (replicas, limits, retention, subjects): operators own their streams, and a
     /// change is only ever made on purpose, with [`Backbone::update_stream`].

@@ -120,6 +120,26 @@ pub struct StreamLink {
     /// (rewritten) subjects.
     #[serde(default)]
     pub target_stream: Option<StreamConfig>,
+    /// How the stream is copied; `auto` by default (see [`CopyPath`]).
+    #[serde(default)]
+    pub path: CopyPath,
+}
+
+/// How a stream of a link is copied.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CopyPath {
+    /// A native JetStream source where the link is plain (no rewrite, sampling, provenance
+    /// or loop prevention; at most one filter subject; JetStream at both ends) and the
+    /// target's servers reach the source stream through its JetStream domain; the copier
+    /// otherwise. The replicator says which, and why, when the link starts.
+    #[default]
+    Auto,
+    /// Always the replicator's own copier (read, prepare, publish with ids, checkpoint).
+    Copy,
+    /// Always a native source supervised by the replicator; the link fails (and says why)
+    /// when the target cannot reach the source through its domain.
+    Native,
 }
 
 /// Sampling of alive events.
@@ -197,6 +217,11 @@ impl Config for ReplicatorConfig {
                 }
                 if let Some(t) = &s.target_stream {
                     t.validate().map_err(|e| ConfigError::invalid(at("target_stream"), &e).with_source(e))?;
+                }
+                if s.path == CopyPath::Native {
+                    if let Some(why) = crate::path::not_plain(link, s).into_iter().next() {
+                        return Err(ConfigError::invalid(at("path"), format!("native needs a plain link, but {why}")));
+                    }
                 }
             }
             if let Some(s) = &link.sampling {

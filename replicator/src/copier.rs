@@ -10,20 +10,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chorus_backbone::{Backbone, Message, ReplayOptions, StartPosition, StoredMessage, StreamConfig};
-use chorus_runtime::{Backoff, Retry, Shutdown};
+use chorus_runtime::Shutdown;
 use futures::StreamExt;
 use serde::Deserialize;
 use tokio::sync::{mpsc, watch};
 
-use crate::checkpoint::Checkpoints;
-use crate::metrics::{CopierHealth, Metrics, ReasonLabels, StreamLabels};
+use crate::progress::Progress;
 use crate::rewrite::{rewrite_subject, Rewrite};
 use crate::sampling::Sampler;
 
 /// Everything one copier needs.
 pub(crate) struct Copier {
-    pub link: String,
-    pub stream: String,
+    pub progress: Progress,
     pub source: Arc<dyn Backbone>,
     pub target: Arc<dyn Backbone>,
     /// Created on the target (if missing) before the first publish, retried while the
@@ -35,10 +33,6 @@ pub(crate) struct Copier {
     pub target_site: Option<String>,
     pub sampler: Option<Sampler>,
     pub batch: usize,
-    pub max_backoff: Duration,
-    pub checkpoints: Checkpoints,
-    pub metrics: Arc<Metrics>,
-    pub health: Arc<CopierHealth>,
 }
 
 /// How long the reader waits for the source before checking that its replay still moves.
@@ -61,39 +55,11 @@ struct Peek<'a> {
 }
 
 impl Copier {
-    /// Retries of one failing side: from 50 ms doubling up to the link's `max_backoff`.
-    fn backoff(&self) -> Retry {
-        Backoff::doubling(Duration::from_millis(50), self.max_backoff.max(Duration::from_millis(50))).retry()
-    }
-
-    fn labels(&self) -> StreamLabels {
-        StreamLabels { link: self.link.clone(), stream: self.stream.clone() }
-    }
-
-    fn reason(&self, reason: &str) -> ReasonLabels {
-        ReasonLabels { link: self.link.clone(), stream: self.stream.clone(), reason: reason.into() }
-    }
-
-    fn key(&self) -> String {
-        Checkpoints::key(&self.link, &self.stream)
-    }
-
     /// Runs until `stop` turns true. Never returns an error: every failure is counted,
     /// reported through health, and retried, because giving up would lose events.
     pub async fn run(mut self, stop: Shutdown) {
-        let start = loop {
-            match self.checkpoints.load(&self.key()).await {
-                Ok(cp) => break cp,
-                Err(e) => {
-                    self.fail("checkpoint", e.to_string());
-                    if !self.backoff().wait(&stop).await {
-                        return;
-                    }
-                }
-            }
-        };
-        self.health.progressed(start);
-        self.metrics.checkpoint.get_or_create(&self.labels()).set(start as i64);
+        let Some(start) = self.progress.load(&stop).await else { return };
+        self.progress.reached(start, 0);
         let (tx, rx) = mpsc::channel::<Batch>(4);
         let sampler = self.sampler.take();
         let me = Arc::new(self);
@@ -110,54 +76,6 @@ impl Copier {
         lag.abort();
     }
 
-    fn fail(&self, side: &str, error: String) {
-        tracing::warn!(link = %self.link, stream = %self.stream, side, %error, "replication error; retrying");
-        self.metrics.errors.get_or_create(&self.reason(side)).inc();
-        self.health.failed(format!("{side}: {error}"));
-    }
-
-    /// Reports source sequences `from..=to` as lost to retention: metric, health warning,
-    /// and a gap record on the target's dead-letter stream (`chorus.deadletter.replicator`,
-    /// id derived from link, stream and range, so a restart records it once).
-    async fn record_gap(&self, from: u64, to: u64, stop: &Shutdown) {
-        let events = to - from + 1;
-        let what = format!(
-            "source: {events} events of {} (sequences {from} to {to}) were removed by its retention before they were copied",
-            self.stream
-        );
-        tracing::warn!(link = %self.link, stream = %self.stream, from, to, "{what}");
-        self.metrics.gap_events.get_or_create(&self.labels()).inc_by(events);
-        self.health.gap(events, what.clone());
-        let record = serde_json::json!({
-            "origin": "replicator",
-            "code": "gap",
-            "link": self.link,
-            "stream": self.stream,
-            "from_sequence": from,
-            "to_sequence": to,
-            "events": events,
-            "reason": what,
-            "detected": chrono::Utc::now(),
-        });
-        let message = Message::new(
-            format!("gap-{}-{}-{from}-{to}", self.link, self.stream),
-            "chorus.deadletter.replicator",
-            serde_json::to_vec(&record).unwrap_or_default(),
-        );
-        let mut backoff = self.backoff();
-        for _ in 0..5 {
-            match self.target.publish(message.clone()).await {
-                Ok(_) => return,
-                Err(e) => {
-                    self.fail("target", format!("recording the gap: {e}"));
-                    if !backoff.wait(stop).await {
-                        return;
-                    }
-                }
-            }
-        }
-    }
-
     /// Replays the source from `next` and sends prepared batches; reopens the replay after a
     /// source failure from the first sequence not yet handed to the publisher.
     async fn read(
@@ -167,18 +85,18 @@ impl Copier {
         tx: mpsc::Sender<Batch>,
         stop: Shutdown,
     ) {
-        let mut backoff = self.backoff();
+        let mut backoff = self.progress.backoff();
         // A link that never copied starts at the oldest event left; from then on, events
         // the source's retention removed before they were copied are a gap: said, counted
         // and recorded on the target, never skipped silently.
         let mut started = next > 1;
         loop {
-            if let Ok(info) = self.source.stream_info(&self.stream).await {
+            if let Ok(info) = self.source.stream_info(&self.progress.stream).await {
                 if info.first_sequence > next && started {
-                    self.record_gap(next, info.first_sequence - 1, &stop).await;
+                    self.progress.record_gap(&*self.target, next, info.first_sequence - 1, &stop).await;
                     next = info.first_sequence;
                 } else if info.first_sequence > next {
-                    tracing::info!(link = %self.link, stream = %self.stream, first = info.first_sequence, "a new link starts at the oldest event left");
+                    tracing::info!(link = %self.progress.link, stream = %self.progress.stream, first = info.first_sequence, "a new link starts at the oldest event left");
                     next = info.first_sequence;
                 }
                 started = true;
@@ -189,13 +107,13 @@ impl Copier {
                 follow: true,
             };
             let replay = tokio::select! {
-                r = self.source.replay(&self.stream, options) => r,
+                r = self.source.replay(&self.progress.stream, options) => r,
                 _ = stop.requested() => return,
             };
             let replay = match replay {
                 Ok(r) => r,
                 Err(e) => {
-                    self.fail("source", e.to_string());
+                    self.progress.fail("source", e.to_string());
                     if !backoff.wait(&stop).await {
                         return;
                     }
@@ -213,11 +131,11 @@ impl Copier {
                     // Nothing for a while: fine if the source has nothing new. If it has, the
                     // replay is stuck (an ephemeral consumer the server dropped while the
                     // reader waited on a slow or restarting target): open a new one from `next`.
-                    Err(_elapsed) => match self.source.stream_info(&self.stream).await {
+                    Err(_elapsed) => match self.source.stream_info(&self.progress.stream).await {
                         // (With subject filters the stream's last sequence says nothing about
                         // matching messages, so filtered links rely on replay errors alone.)
                         Ok(info) if self.filter_subjects.is_empty() && info.last_sequence >= next => {
-                            self.fail(
+                            self.progress.fail(
                                 "source",
                                 format!("replay stalled before sequence {next} of {}; reopening", info.last_sequence),
                             );
@@ -256,7 +174,7 @@ impl Copier {
                     }
                 }
                 if let Some(e) = failed {
-                    self.fail("source", e.to_string());
+                    self.progress.fail("source", e.to_string());
                     break;
                 }
             }
@@ -279,7 +197,7 @@ impl Copier {
             let peek: Option<Peek> = serde_json::from_slice(&payload).ok();
             let site = peek.as_ref().and_then(|p| p.site.as_deref());
             if site.is_some() && site == self.target_site.as_deref() {
-                self.metrics.skipped.get_or_create(&self.reason("loop")).inc();
+                self.progress.metrics.skipped.get_or_create(&self.progress.reason("loop")).inc();
                 return None;
             }
             if let (Some(p), None, Some(source_site)) = (&peek, site, &self.source_site) {
@@ -290,7 +208,7 @@ impl Copier {
         }
         if let Some(s) = sampler {
             if !s.forward(&m.subject, &payload) {
-                self.metrics.skipped.get_or_create(&self.reason("sampled")).inc();
+                self.progress.metrics.skipped.get_or_create(&self.progress.reason("sampled")).inc();
                 return None;
             }
         }
@@ -305,11 +223,11 @@ impl Copier {
     /// checkpoint. Batches waiting in the channel are merged up to the batch size so a
     /// fast source meets few, large, pipelined publishes.
     async fn publish(&self, mut rx: mpsc::Receiver<Batch>, acked: watch::Sender<(u64, i64)>, stop: Shutdown) {
-        let labels = self.labels();
+        let labels = self.progress.labels();
         if let Some(cfg) = &self.target_stream {
-            let mut backoff = self.backoff();
+            let mut backoff = self.progress.backoff();
             while let Err(e) = self.target.ensure_stream(cfg).await {
-                self.fail("target", format!("creating stream {}: {e}", cfg.name));
+                self.progress.fail("target", format!("creating stream {}: {e}", cfg.name));
                 if !backoff.wait(&stop).await {
                     return;
                 }
@@ -333,19 +251,19 @@ impl Copier {
             }
             let count = batch.messages.len();
             if count > 0 {
-                let mut backoff = self.backoff();
+                let mut backoff = self.progress.backoff();
                 loop {
                     match self.target.publish_batch(batch.messages.clone()).await {
                         Ok(acks) => {
                             let dups = acks.iter().filter(|a| a.duplicate).count() as u64;
-                            self.metrics.copied.get_or_create(&labels).inc_by(count as u64 - dups);
+                            self.progress.metrics.copied.get_or_create(&labels).inc_by(count as u64 - dups);
                             if dups > 0 {
-                                self.metrics.skipped.get_or_create(&self.reason("duplicate")).inc_by(dups);
+                                self.progress.metrics.skipped.get_or_create(&self.progress.reason("duplicate")).inc_by(dups);
                             }
                             break;
                         }
                         Err(e) => {
-                            self.fail("target", e.to_string());
+                            self.progress.fail("target", e.to_string());
                             if !backoff.wait(&stop).await {
                                 return;
                             }
@@ -363,23 +281,20 @@ impl Copier {
     /// Persists the newest acknowledged position, coalescing updates that arrive while a
     /// flush is running; on stop, writes the last one before returning.
     async fn checkpoint(&self, mut acked: watch::Receiver<(u64, i64)>) {
-        let key = self.key();
-        let labels = self.labels();
+        let key = self.progress.key();
         let mut written = acked.borrow().0;
         loop {
             let closed = acked.changed().await.is_err();
             let (sequence, time) = *acked.borrow_and_update();
             if sequence != written {
                 // Not cancelled by a stop: the last position must be written before returning.
-                let mut backoff = self.backoff();
-                while let Err(e) = self.checkpoints.store(&key, sequence).await {
-                    self.fail("checkpoint", e.to_string());
+                let mut backoff = self.progress.backoff();
+                while let Err(e) = self.progress.checkpoints.store(&key, sequence).await {
+                    self.progress.fail("checkpoint", e.to_string());
                     tokio::time::sleep(backoff.next_delay()).await;
                 }
                 written = sequence;
-                self.health.progressed(sequence);
-                self.metrics.checkpoint.get_or_create(&labels).set(sequence as i64);
-                self.health.newest_time.store(time, Ordering::Relaxed);
+                self.progress.reached(sequence, time);
             }
             if closed {
                 return;
@@ -389,30 +304,17 @@ impl Copier {
 
     /// Refreshes the lag gauges once a second from the source stream's last sequence.
     async fn track_lag(self: Arc<Self>, stop: Shutdown) {
-        let labels = self.labels();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = stop.requested() => return,
             }
-            self.health.reachability(self.source.connected(), self.target.connected());
-            let Ok(info) = self.source.stream_info(&self.stream).await else { continue };
-            let done = self.health.checkpoint.load(Ordering::Relaxed);
-            let lag = info.last_sequence.saturating_sub(done);
-            self.health.lag.store(lag, Ordering::Relaxed);
-            self.metrics.lag_events.get_or_create(&labels).set(lag as i64);
-            let seconds = if lag == 0 {
-                0.0
-            } else {
-                let newest = self.health.newest_time.load(Ordering::Relaxed);
-                if newest == 0 {
-                    0.0
-                } else {
-                    ((chrono::Utc::now().timestamp_millis() - newest).max(0) as f64) / 1000.0
-                }
-            };
-            self.metrics.lag_seconds.get_or_create(&labels).set(seconds);
+            let health = &self.progress.health;
+            health.reachability(self.source.connected(), self.target.connected());
+            let Ok(info) = self.source.stream_info(&self.progress.stream).await else { continue };
+            let done = health.checkpoint.load(Ordering::Relaxed);
+            self.progress.lag(info.last_sequence.saturating_sub(done), health.newest_time.load(Ordering::Relaxed));
         }
     }
 }

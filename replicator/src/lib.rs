@@ -21,10 +21,13 @@ pub mod config;
 mod copier;
 pub mod error;
 pub mod metrics;
+mod native;
+mod path;
+mod progress;
 mod replicator;
 pub mod rewrite;
 pub mod sampling;
 
-pub use config::{EndpointConfig, LinkConfig, ReplicatorConfig, SamplingConfig, StreamLink};
+pub use config::{CopyPath, EndpointConfig, LinkConfig, ReplicatorConfig, SamplingConfig, StreamLink};
 pub use error::ReplicatorError;
 pub use replicator::{Monitor, Replicator, ReplicatorHandle};

@@ -9,6 +9,8 @@
 //! * `chorus_replicator_lag_seconds` — age of the newest copied event while behind, 0 when
 //!   caught up.
 //! * `chorus_replicator_checkpoint` — last source sequence in the target.
+//! * `chorus_replicator_path{path}` — 1 for the way each stream is copied (`copy` or
+//!   `native`), once it is chosen.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -56,6 +58,8 @@ pub struct Metrics {
     pub checkpoint: Family<StreamLabels, Gauge>,
     /// Source events removed by the source's retention before they were copied.
     pub gap_events: Family<StreamLabels, Counter>,
+    /// 1 for the way each stream is copied (`path` = `copy` or `native`).
+    pub path: Family<ReasonLabels, Gauge>,
     health: Mutex<Vec<Arc<CopierHealth>>>,
 }
 
@@ -69,6 +73,7 @@ impl Default for Metrics {
             lag_seconds: Family::default(),
             checkpoint: Family::default(),
             gap_events: Family::default(),
+            path: Family::default(),
             health: Mutex::new(Vec::new()),
         }
     }
@@ -97,6 +102,7 @@ impl Metrics {
             "Source events removed by retention before they were copied",
             self.gap_events.clone(),
         );
+        registry.register("path", "1 for the way each stream is copied (label path: copy or native)", self.path.clone());
     }
 
     /// The exposition of every family in the OpenMetrics text format (for tests and tools
@@ -141,6 +147,8 @@ struct HealthState {
     last_error: Option<String>,
     /// The side (`source`, `target`) whose server is unreachable, and since when.
     unreachable: Option<(&'static str, std::time::Instant)>,
+    /// The way the stream is copied (`copy`, `native`) and why, once chosen.
+    path: Option<(&'static str, String)>,
 }
 
 /// What `/healthz` reports for one copier.
@@ -163,6 +171,11 @@ pub struct HealthReport {
     /// Source events removed by the source's retention before they were copied: a warning
     /// (the copier goes on from the oldest event left), with a gap record on the target.
     pub gap_events: u64,
+    /// `copy` (the replicator's copier) or `native` (a native JetStream source it
+    /// supervises); none until chosen.
+    pub path: Option<&'static str>,
+    /// Why that way was taken.
+    pub path_reason: Option<String>,
 }
 
 /// A copier counts as unhealthy once it has failed without progress for this long: long
@@ -207,6 +220,11 @@ impl CopierHealth {
         }
     }
 
+    /// Records the way the stream is copied and why.
+    pub(crate) fn chose(&self, path: &'static str, why: String) {
+        self.state.lock().expect("health lock").path = Some((path, why));
+    }
+
     /// Records events lost to the source's retention (a warning, not a failure).
     pub(crate) fn gap(&self, events: u64, what: String) {
         self.gap_events.fetch_add(events, Ordering::Relaxed);
@@ -235,6 +253,8 @@ impl CopierHealth {
             failing_for_seconds: failing_for.map(|d| d.as_secs_f64()),
             last_error: s.last_error.clone(),
             gap_events: self.gap_events.load(Ordering::Relaxed),
+            path: s.path.as_ref().map(|(p, _)| *p),
+            path_reason: s.path.as_ref().map(|(_, why)| why.clone()),
         }
     }
 }

@@ -13,8 +13,11 @@ use chorus_runtime::{BoxError, Health, Observable, Ops, Service, ServiceError, S
 use prometheus_client::registry::Registry;
 
 use crate::checkpoint::Checkpoints;
-use crate::config::{EndpointConfig, LinkConfig, ReplicatorConfig};
+use crate::config::{EndpointConfig, LinkConfig, ReplicatorConfig, StreamLink};
+use crate::native::Sourcing;
+use crate::path::{self, Chosen};
 use crate::copier::Copier;
+use crate::progress::Progress;
 use crate::error::{ReplicatorError, Result};
 use crate::metrics::{CopierHealth, HealthReport, Metrics};
 use crate::rewrite::Rewrite;
@@ -113,26 +116,21 @@ impl Replicator {
                 let rewrites = s.rewrite.iter().map(Rewrite::new).collect::<Result<Vec<_>>>()?;
                 let health = Arc::new(CopierHealth::new(&link.name, &s.stream));
                 self.metrics.register_copier(health.clone());
-                let (link, s, source, target) = (link.clone(), s.clone(), source.clone(), target.clone());
-                let (checkpoints, metrics) = (self.checkpoints.clone(), self.metrics.clone());
-                // A copier per leadership term (one term for a replicator alone).
-                let copier = move || Copier {
-                    link: link.name.clone(),
-                    stream: s.stream.clone(),
+                let term = Arc::new(StreamTerm {
+                    progress: Progress {
+                        link: link.name.clone(),
+                        stream: s.stream.clone(),
+                        max_backoff: link.max_backoff,
+                        checkpoints: self.checkpoints.clone(),
+                        metrics: self.metrics.clone(),
+                        health,
+                    },
+                    link: link.clone(),
+                    stream: s.clone(),
                     source: source.clone(),
                     target: target.clone(),
-                    target_stream: s.target_stream.clone(),
-                    filter_subjects: s.filter_subjects.clone(),
-                    rewrites: rewrites.clone(),
-                    source_site: link.source_site.clone(),
-                    target_site: link.target_site.clone(),
-                    sampler: link.sampling.as_ref().map(|c| Sampler::new(c.interval, c.subjects.clone())),
-                    batch: link.batch,
-                    max_backoff: link.max_backoff,
-                    checkpoints: checkpoints.clone(),
-                    metrics: metrics.clone(),
-                    health: health.clone(),
-                };
+                    rewrites,
+                });
                 let stop = tasks.shutdown().clone();
                 let mut leadership = leadership.clone();
                 tasks.spawn("copier", async move {
@@ -141,13 +139,15 @@ impl Replicator {
                             _ = leadership.lead() => {}
                             _ = stop.requested() => return Ok::<_, ReplicatorError>(()),
                         }
-                        let term = stop.child();
-                        let run = copier().run(term.clone());
+                        // A copier (or native source supervisor) per leadership term: one term
+                        // for a replicator alone.
+                        let ending = stop.child();
+                        let run = term.run(ending.clone());
                         tokio::pin!(run);
                         tokio::select! {
                             _ = &mut run => return Ok(()),
                             _ = leadership.lost() => {
-                                term.request();
+                                ending.request();
                                 run.await;
                             }
                         }
@@ -167,6 +167,78 @@ impl Replicator {
             tasks.spawn("http", async move { ops.serve(listener, axum::Router::new(), stop).await });
         }
         Ok(ReplicatorHandle { tasks, monitor, checkpoints: self.checkpoints, local_addr })
+    }
+}
+
+/// One stream of a link: chooses how it is copied, then copies it or supervises its native
+/// source, until stopped.
+struct StreamTerm {
+    progress: Progress,
+    link: LinkConfig,
+    stream: StreamLink,
+    source: Arc<dyn Backbone>,
+    target: Arc<dyn Backbone>,
+    rewrites: Vec<Rewrite>,
+}
+
+impl StreamTerm {
+    async fn run(&self, stop: Shutdown) {
+        let p = &self.progress;
+        let mut backoff = p.backoff();
+        let chosen = loop {
+            let Some(checkpoint) = p.load(&stop).await else { return };
+            match path::choose(&self.link, &self.stream, &*self.source, &*self.target, checkpoint).await {
+                Ok(chosen) => break chosen,
+                Err(why) => {
+                    p.fail("path", why);
+                    if !backoff.wait(&stop).await {
+                        return;
+                    }
+                }
+            }
+        };
+        let (path, why) = match &chosen {
+            Chosen::Copy { why } => ("copy", why.clone()),
+            Chosen::Native { note, .. } => ("native", note.clone()),
+        };
+        tracing::info!(link = %p.link, stream = %p.stream, path, "{why}");
+        p.health.chose(path, why);
+        for other in ["copy", "native"] {
+            p.metrics.path.get_or_create(&p.reason(other)).set(i64::from(other == path));
+        }
+        match chosen {
+            Chosen::Copy { .. } => self.copier().run(stop).await,
+            Chosen::Native { source, target, create, engines, .. } => {
+                let (from, into) = *engines;
+                let sourcing = Sourcing {
+                    progress: p.clone(),
+                    source: from,
+                    target: into,
+                    target_stream: target,
+                    create,
+                    spec: source,
+                    // A copier has at most its channel's batches and one merged batch in flight.
+                    handoff_scan: (self.link.batch as u64 * 6).max(10_000),
+                };
+                sourcing.run(stop).await
+            }
+        }
+    }
+
+    fn copier(&self) -> Copier {
+        let (link, s) = (&self.link, &self.stream);
+        Copier {
+            progress: self.progress.clone(),
+            source: self.source.clone(),
+            target: self.target.clone(),
+            target_stream: s.target_stream.clone(),
+            filter_subjects: s.filter_subjects.clone(),
+            rewrites: self.rewrites.clone(),
+            source_site: link.source_site.clone(),
+            target_site: link.target_site.clone(),
+            sampler: link.sampling.as_ref().map(|c| Sampler::new(c.interval, c.subjects.clone())),
+            batch: link.batch,
+        }
     }
 }
 

@@ -188,18 +188,20 @@ async fn replicator_killed_mid_copy_resumes_without_loss_or_duplicates() {
     assert_eq!(assert_same_events(&*source, &*target, CHORUS_LIFECYCLE).await, 60_000);
 }
 
-/// Runs a replicator in-process from `src` to `dst` while a producer publishes 30 batches,
-/// calls `disrupt` in the middle, and checks the target ends with exactly the source's events.
-async fn copy_through(mut src: NatsServer, mut dst: NatsServer, disrupt: fn(&mut NatsServer, &mut NatsServer)) {
-    let (source, target) = (js(&src.url()).await, js(&dst.url()).await);
+/// Runs a replicator in-process over `link` (YAML of one link) while a producer publishes 30
+/// batches to `source`, calls `disrupt` in the middle, and checks the target ends with
+/// exactly the source's events, copied the way `path` says.
+async fn copy_through(
+    source: Arc<dyn Backbone>,
+    target: Arc<dyn Backbone>,
+    link: String,
+    path: &str,
+    disrupt: impl FnOnce(),
+) {
     ensure_platform_streams(&*source, &StreamLimits::default()).await.unwrap();
     ensure_platform_streams(&*target, &StreamLimits::default()).await.unwrap();
     let state = tempfile::tempdir().unwrap();
-    let yaml = format!(
-        "state_dir: {}\nlinks:\n{}",
-        state.path().display(),
-        link_yaml("east", &src.url(), &dst.url(), CHORUS_LIFECYCLE, 500)
-    );
+    let yaml = format!("state_dir: {}\nlinks:\n{link}", state.path().display());
     let config = ReplicatorConfig::from_yaml(&yaml).unwrap();
     let mut handle = Replicator::from_config(&config).await.unwrap().start(Shutdown::new()).await.unwrap();
     let producer = {
@@ -214,7 +216,8 @@ async fn copy_through(mut src: NatsServer, mut dst: NatsServer, disrupt: fn(&mut
     };
     wait_for_count(&*target, CHORUS_LIFECYCLE, 8_000, Duration::from_secs(60)).await;
     assert!(count(&*target, CHORUS_LIFECYCLE).await < 30_000, "disrupted after the copy finished: not mid-copy");
-    tokio::task::block_in_place(|| disrupt(&mut src, &mut dst));
+    assert_eq!(handle.copiers()[0].path, Some(path), "{:?}", handle.copiers());
+    tokio::task::block_in_place(disrupt);
     tokio::time::timeout(Duration::from_secs(120), producer)
         .await
         .expect("the producer's publishes did not complete within 120 s of the disruption")
@@ -241,11 +244,20 @@ async fn copy_through(mut src: NatsServer, mut dst: NatsServer, disrupt: fn(&mut
     handle.stop().await.unwrap();
     assert_eq!(assert_same_events(&*source, &*target, CHORUS_LIFECYCLE).await, 30_000);
     assert!(metrics.contains("chorus_replicator_copied_total"), "{metrics}");
+    assert!(metrics.contains(&format!("chorus_replicator_path{{link=\"east\",stream=\"CHORUS_LIFECYCLE\",reason=\"{path}\"}} 1")), "{metrics}");
+}
+
+/// Two servers that do not reach each other: only the copier can copy between them.
+async fn copy_between_servers(disrupt: fn(&mut NatsServer, &mut NatsServer)) {
+    let (mut src, mut dst) = (NatsServer::start().unwrap(), NatsServer::start().unwrap());
+    let (source, target) = (js(&src.url()).await, js(&dst.url()).await);
+    let link = link_yaml("east", &src.url(), &dst.url(), CHORUS_LIFECYCLE, 500);
+    copy_through(source, target, link, "copy", || disrupt(&mut src, &mut dst)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn source_server_restart_loses_and_duplicates_nothing() {
-    copy_through(NatsServer::start().unwrap(), NatsServer::start().unwrap(), |src, _| {
+    copy_between_servers(|src, _| {
         src.kill().unwrap();
         std::thread::sleep(Duration::from_secs(2));
         src.restart().unwrap();
@@ -255,12 +267,146 @@ async fn source_server_restart_loses_and_duplicates_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn target_server_restart_loses_and_duplicates_nothing() {
-    copy_through(NatsServer::start().unwrap(), NatsServer::start().unwrap(), |_, dst| {
+    copy_between_servers(|_, dst| {
         dst.kill().unwrap();
         std::thread::sleep(Duration::from_secs(2));
         dst.restart().unwrap();
     })
     .await;
+}
+
+/// A site in domain `east` behind the hub's leafnode, event subjects isolated: a plain link
+/// between them is copied by a native source the replicator sets up on the hub.
+fn east_and_hub() -> LeafnodeSites {
+    let sites = LeafnodeSites::start_named(&["east".into()], &["choria.>", "chorus.>"]).unwrap();
+    sites.wait_connected(Duration::from_secs(10)).unwrap();
+    sites
+}
+
+/// A plain link from `east` (reached through the hub by its domain) into the hub.
+fn native_link_yaml(hub: &str, extra: &str) -> String {
+    format!(
+        "  - name: east\n    source: {{ nats: {{ servers: [\"{hub}\"], domain: east }} }}\n    target: {{ nats: {{ servers: [\"{hub}\"] }} }}\n    max_backoff: 500ms\n    streams:\n      - stream: {CHORUS_LIFECYCLE}\n{extra}"
+    )
+}
+
+async fn copy_natively(disrupt: fn(&mut LeafnodeSites)) {
+    let mut sites = east_and_hub();
+    let (source, target) = (js(&sites.sites[0].url()).await, js(&sites.hub.url()).await);
+    let link = native_link_yaml(&sites.hub.url(), "");
+    copy_through(source, target, link, "native", || {
+        disrupt(&mut sites);
+        sites.wait_connected(Duration::from_secs(30)).unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_source_site_restart_loses_and_duplicates_nothing() {
+    copy_natively(|sites| {
+        sites.sites[0].kill().unwrap();
+        std::thread::sleep(Duration::from_secs(2));
+        sites.sites[0].restart().unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_source_hub_restart_loses_and_duplicates_nothing() {
+    copy_natively(|sites| {
+        sites.hub.kill().unwrap();
+        std::thread::sleep(Duration::from_secs(2));
+        sites.hub.restart().unwrap();
+    })
+    .await;
+}
+
+/// The copier's checkpoint hands over to a native source: a link copied by the copier is
+/// killed mid-copy, restarted with `path: auto` (native, between domains), killed twice more
+/// while events keep arriving, and the hub ends with exactly the site's events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copied_link_killed_mid_copy_goes_on_natively_without_loss_or_duplicates() {
+    let sites = east_and_hub();
+    let (source, target) = (js(&sites.sites[0].url()).await, js(&sites.hub.url()).await);
+    ensure_platform_streams(&*source, &StreamLimits::default()).await.unwrap();
+    ensure_platform_streams(&*target, &StreamLimits::default()).await.unwrap();
+    publish_all(&*source, startups("pre", 0..20_000, Some("east"))).await;
+    let state = tempfile::tempdir().unwrap();
+    let config = state.path().join("replicate.yaml");
+    let ops: std::net::SocketAddr =
+        format!("127.0.0.1:{}", chorus_testkit::nats::free_port().unwrap()).parse().unwrap();
+    let write = |path: &str| {
+        let link = native_link_yaml(&sites.hub.url(), &format!("        path: {path}\n"));
+        let yaml = format!("state_dir: {}\nlisten: {ops}\nlinks:\n{link}", state.path().join("state").display());
+        std::fs::write(&config, yaml).unwrap();
+        ReplicatorConfig::load(&config).expect("the test's config is valid");
+    };
+    let kill = |child: &mut Child| {
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+    };
+    let path_of = || async move {
+        let body = try_http_get(ops, "/healthz").await.map_err(|e| e.to_string())?;
+        let json: serde_json::Value = serde_json::from_str(body.split("\r\n\r\n").nth(1).unwrap_or_default())
+            .map_err(|e| format!("{e}: {body}"))?;
+        Ok::<_, String>(json["services"][0]["copiers"][0].clone())
+    };
+
+    write("copy");
+    let mut child = spawn_replicator(&config);
+    wait_for_count(&*target, CHORUS_LIFECYCLE, 2_000, Duration::from_secs(120)).await;
+    kill(&mut child);
+    let copied = count(&*target, CHORUS_LIFECYCLE).await;
+    assert!(copied < 20_000, "killed after the copy finished ({copied}): not mid-copy");
+
+    write("auto");
+    let producer = {
+        let source = source.clone();
+        tokio::spawn(async move {
+            for round in 0..40 {
+                publish_all(&*source, startups(&format!("live{round}"), 0..500, Some("east"))).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    for _ in 0..2 {
+        child = spawn_replicator(&config);
+        eventually("the link to go native", Duration::from_secs(60), || async {
+            let copier = path_of().await?;
+            if copier["path"] == "native" {
+                Ok(())
+            } else {
+                Err(copier.to_string())
+            }
+        })
+        .await;
+        kill(&mut child);
+    }
+    child = spawn_replicator(&config);
+    producer.await.unwrap();
+    eventually("the hub to hold 40000 events", Duration::from_secs(120), || {
+        let target = &*target;
+        async move {
+            match count(target, CHORUS_LIFECYCLE).await {
+                40_000.. => Ok(()),
+                c => Err(format!("{c} of 40000; replicator: {:?}", path_of().await)),
+            }
+        }
+    })
+    .await;
+    let last = source.stream_info(CHORUS_LIFECYCLE).await.unwrap().last_sequence;
+    eventually("the checkpoint at the site's end", Duration::from_secs(60), || async move {
+        let copier = path_of().await?;
+        if copier["checkpoint"] == last && copier["lag_events"] == 0 && copier["healthy"] == true {
+            Ok(())
+        } else {
+            Err(copier.to_string())
+        }
+    })
+    .await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(assert_same_events(&*source, &*target, CHORUS_LIFECYCLE).await, 40_000);
 }
 
 fn alive_at(identity: &str, version: &str, timestamp: i64) -> Message {

@@ -345,6 +345,10 @@ impl Backbone for EmbeddedBackbone {
         "embedded"
     }
 
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
     async fn ensure_stream(&self, config: &StreamConfig) -> Result<StreamInfo> {
         config.validate()?;
         let name = config.name.clone();

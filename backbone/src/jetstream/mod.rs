@@ -8,6 +8,7 @@ mod connect;
 mod consumer;
 mod errors;
 mod kv;
+mod sourcing;
 
 use std::time::{Duration, Instant};
 
@@ -27,6 +28,7 @@ use crate::{
 };
 
 pub use connect::{NatsAuth, NatsConfig};
+pub use sourcing::{sourced_sequence, NativeSource, RemoteStream, SourceStatus, SOURCE_HEADER};
 
 /// Header carrying the event id; JetStream dedupes on it.
 pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
@@ -46,6 +48,10 @@ pub struct JetStreamBackbone {
     /// Publishes kept in flight by `publish_batch`; below the context's ack permits so a
     /// batch never waits on permits held by its own unawaited acknowledgements.
     window: usize,
+    /// The JetStream domain this backbone's API calls go to, when configured.
+    domain: Option<String>,
+    /// How long a JetStream API request may take.
+    request_timeout: Duration,
 }
 
 impl JetStreamBackbone {
@@ -78,6 +84,8 @@ impl JetStreamBackbone {
             client,
             retry_for: config.publish_retry_for,
             window: (config.max_ack_inflight / 2).max(1),
+            domain: config.domain.clone(),
+            request_timeout: config.request_timeout,
         }
     }
 
@@ -345,6 +353,10 @@ impl Backbone for JetStreamBackbone {
         "jetstream"
     }
 
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
     fn connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
     }
@@ -366,8 +378,16 @@ impl Backbone for JetStreamBackbone {
 
     async fn update_stream(&self, config: &StreamConfig) -> Result<StreamInfo> {
         config.validate()?;
-        self.get_stream(&config.name).await?;
-        let info = self.js.update_stream(stream_config(config)).await.map_err(|e| BackboneError::Refused {
+        let existing = self.get_stream(&config.name).await?;
+        // What this trait does not describe (a mirror, native sources, placement) is kept.
+        let old = &existing.cached_info().config;
+        let new = stream::Config {
+            sources: old.sources.clone(),
+            mirror: old.mirror.clone(),
+            placement: old.placement.clone(),
+            ..stream_config(config)
+        };
+        let info = self.js.update_stream(new).await.map_err(|e| BackboneError::Refused {
             operation: format!("updating stream {}", config.name),
             source: Box::new(e),
         })?;

@@ -1,0 +1,244 @@
+//! A plain link copied by the servers: a native JetStream source on the target stream, set
+//! up and supervised by the replicator.
+//!
+//! The servers copy in flow-controlled batches and resume by themselves after a restart of
+//! either side, and the replicator adds what a bare source lacks: it starts the source after
+//! the link's checkpoint (so a link that was copied by the copier before goes on where it
+//! was), reads where the target really is from the newest sourced message's
+//! `Nats-Stream-Source` header, keeps the checkpoint, lag and copied count as the copier does,
+//! checks the ids at both ends once caught up, records events the source's retention removed
+//! before they were copied as a gap, and puts the source back when it is removed from the
+//! target stream. Stopping the replicator leaves the source in place: the servers go on
+//! copying, which is what a crashed replicator must not stop either.
+
+use std::time::Duration;
+
+use chorus_backbone::jetstream::{sourced_sequence, JetStreamBackbone, NativeSource, SOURCE_HEADER};
+use chorus_backbone::{Backbone, BackboneError, ReplayOptions, StartPosition, StreamConfig};
+use chorus_runtime::Shutdown;
+
+use crate::progress::Progress;
+
+/// How often the source is looked at.
+const POLL: Duration = Duration::from_secs(1);
+
+/// How far back from the target stream's end the newest sourced message is looked for (a
+/// target that also takes other sources or publishes interleaves them).
+const SCAN_BACK: u64 = 64;
+
+/// The supervisor of one native source.
+pub(crate) struct Sourcing {
+    pub progress: Progress,
+    pub source: JetStreamBackbone,
+    pub target: JetStreamBackbone,
+    /// The target stream's name.
+    pub target_stream: String,
+    /// Used to create the target stream when it does not exist.
+    pub create: Option<StreamConfig>,
+    pub spec: NativeSource,
+    /// How far past the checkpoint a copier that ran before may have stored events
+    /// (its batches in flight when it stopped).
+    pub handoff_scan: u64,
+}
+
+/// Where the target is: the newest source sequence it holds and when it stored it (Unix ms).
+#[derive(Clone, Copy, Debug, Default)]
+struct Reached {
+    sequence: u64,
+    time: i64,
+}
+
+impl Sourcing {
+    /// Supervises until `stop`; every failure is counted, reported through health and
+    /// looked at again at the next poll.
+    pub async fn run(self, stop: Shutdown) {
+        let Some(mut start) = self.progress.load(&stop).await else { return };
+        // The first time this link goes native, a copier may have stored events past its
+        // checkpoint: the source must start after them.
+        let mut backoff = self.progress.backoff();
+        loop {
+            match self.target.source_status(&self.target_stream, &self.spec).await {
+                Ok(Some(_)) => break,
+                Ok(None) | Err(BackboneError::NotFound { .. }) => match self.handoff(start).await {
+                    Ok(position) => {
+                        start = position;
+                        break;
+                    }
+                    Err((side, e)) => self.progress.fail(side, e),
+                },
+                Err(e) => self.progress.fail("target", e.to_string()),
+            }
+            if !backoff.wait(&stop).await {
+                return;
+            }
+        }
+        self.progress.reached(start, 0);
+        let mut reached = Reached { sequence: start, time: 0 };
+        let mut gaps_to = start;
+        let mut tick = tokio::time::interval(POLL);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.requested() => break,
+            }
+            self.progress.health.reachability(self.source.connected(), self.target.connected());
+            if let Err((side, error)) = self.step(&mut reached, &mut gaps_to, &stop).await {
+                self.progress.fail(side, error);
+            }
+        }
+        if let Err(e) = self.progress.checkpoints.store(&self.progress.key(), reached.sequence).await {
+            self.progress.fail("checkpoint", e.to_string());
+        }
+    }
+
+    async fn step(&self, reached: &mut Reached, gaps_to: &mut u64, stop: &Shutdown) -> Result<(), (&'static str, String)> {
+        let target = |e: BackboneError| ("target", e.to_string());
+        let status = match self.target.source_status(&self.target_stream, &self.spec).await {
+            Ok(Some(status)) => status,
+            Ok(None) | Err(BackboneError::NotFound { .. }) => return self.set_up(reached.sequence).await,
+            Err(e) => return Err(target(e)),
+        };
+        if let Some(error) = status.error {
+            return Err(("target", format!("native source of {}: {error}", self.spec.stream)));
+        }
+        let info = self.source.stream_info(&self.progress.stream).await.map_err(|e| ("source", e.to_string()))?;
+        let now = self.newest_sourced().await.map_err(target)?;
+        // The source copies in order: nothing after `now` is in the target yet, so source
+        // events before the oldest one left and after `now` were removed uncopied.
+        let newest = now.map_or(reached.sequence, |n| n.sequence.max(reached.sequence));
+        if info.first_sequence > newest + 1 && info.first_sequence > *gaps_to + 1 && (newest > 0 || *gaps_to > 0) {
+            let from = (newest + 1).max(*gaps_to + 1);
+            self.progress.record_gap(&self.target, from, info.first_sequence - 1, stop).await;
+            *gaps_to = info.first_sequence - 1;
+        }
+        if let Some(now) = now.filter(|n| n.sequence > reached.sequence) {
+            self.progress.metrics.copied.get_or_create(&self.progress.labels()).inc_by(now.sequence - reached.sequence);
+            self.progress.checkpoints.store(&self.progress.key(), now.sequence).await.map_err(|e| ("checkpoint", e.to_string()))?;
+            *reached = now;
+        }
+        self.progress.reached(reached.sequence, reached.time);
+        let lag = if self.spec.filter_subject.is_some() {
+            // The stream's last sequence says nothing about the filtered messages.
+            status.lag
+        } else {
+            info.last_sequence.saturating_sub(reached.sequence)
+        };
+        self.progress.lag(lag, reached.time);
+        if lag == 0 && reached.sequence > 0 {
+            self.verify(reached.sequence).await?;
+        }
+        Ok(())
+    }
+
+    /// The newest source sequence whose event the target holds among what a copier may have
+    /// stored past `checkpoint`: its ids are looked for among the target stream's newest
+    /// messages. nats-server 2.9 stops a source for good at the first sourced message its
+    /// dedupe drops, so the source must not start on an event the target already has.
+    async fn handoff(&self, checkpoint: u64) -> Result<u64, (&'static str, String)> {
+        use futures::StreamExt;
+        let info = match self.target.stream_info(&self.target_stream).await {
+            Ok(info) => info,
+            Err(BackboneError::NotFound { .. }) => return Ok(checkpoint),
+            Err(e) => return Err(("target", e.to_string())),
+        };
+        if info.messages == 0 {
+            return Ok(checkpoint);
+        }
+        let read = |b: &JetStreamBackbone, stream: &str, from: u64| {
+            let (b, stream) = (b.clone(), stream.to_string());
+            async move {
+                let options = ReplayOptions { start: StartPosition::Sequence(from), follow: false, ..Default::default() };
+                let replay = b.replay(&stream, options).await?;
+                replay.take(self.handoff_scan as usize).collect::<Vec<_>>().await.into_iter().collect::<Result<Vec<_>, _>>()
+            }
+        };
+        let tail_from = info.last_sequence.saturating_sub(self.handoff_scan).max(info.first_sequence).max(1);
+        let held: std::collections::HashSet<String> = read(&self.target, &self.target_stream, tail_from)
+            .await
+            .map_err(|e| ("target", e.to_string()))?
+            .into_iter()
+            .map(|m| m.id)
+            .collect();
+        let next = read(&self.source, &self.progress.stream, checkpoint + 1).await.map_err(|e| ("source", e.to_string()))?;
+        let position = next.iter().filter(|m| held.contains(&m.copy_id())).map(|m| m.sequence).max().unwrap_or(checkpoint);
+        if position > checkpoint {
+            tracing::info!(
+                link = %self.progress.link, stream = %self.progress.stream, checkpoint, position,
+                "the target already holds events past the checkpoint; the native source starts after them"
+            );
+            self.progress.checkpoints.store(&self.progress.key(), position).await.map_err(|e| ("checkpoint", e.to_string()))?;
+        }
+        Ok(position)
+    }
+
+    /// Adds the source to the target stream (creating the stream if configured to), from
+    /// the first sequence the target is not known to hold.
+    async fn set_up(&self, reached: u64) -> Result<(), (&'static str, String)> {
+        let spec = NativeSource { start_sequence: reached + 1, ..self.spec.clone() };
+        let config = match (&self.create, self.target.stream_info(&self.target_stream).await) {
+            (_, Ok(_)) => StreamConfig::new(self.target_stream.clone(), Vec::new()),
+            (Some(config), Err(BackboneError::NotFound { .. })) => config.clone(),
+            (None, Err(BackboneError::NotFound { .. })) => {
+                return Err(("target", format!("stream {} no longer exists on the target", self.target_stream)))
+            }
+            (_, Err(e)) => return Err(("target", e.to_string())),
+        };
+        match self.target.add_source(&config, &spec).await {
+            Ok(true) => {
+                tracing::info!(
+                    link = %self.progress.link, stream = %self.progress.stream, target = %self.target_stream,
+                    from = spec.start_sequence, api = %spec.api_prefix, "native source set up"
+                );
+                Ok(())
+            }
+            Ok(false) => Ok(()),
+            Err(e) => Err(("target", format!("setting up the native source into {}: {e}", self.target_stream))),
+        }
+    }
+
+    /// The newest message of the target stream sourced from this link's stream, looked for
+    /// among the last [`SCAN_BACK`] messages.
+    async fn newest_sourced(&self) -> Result<Option<Reached>, BackboneError> {
+        let info = self.target.stream_info(&self.target_stream).await?;
+        let mut seq = info.last_sequence;
+        while seq >= info.first_sequence.max(1) && info.last_sequence - seq < SCAN_BACK {
+            if let Some(m) = self.target.get(&self.target_stream, seq).await? {
+                let ours = m.headers.iter().find(|(name, _)| name == SOURCE_HEADER).and_then(|(_, value)| {
+                    let origin = value.split_whitespace().next()?;
+                    let named = origin == self.spec.stream || origin.starts_with(&format!("{}:", self.spec.stream));
+                    named.then(|| sourced_sequence(value)).flatten()
+                });
+                if let Some(sequence) = ours {
+                    return Ok(Some(Reached { sequence, time: m.time.timestamp_millis() }));
+                }
+            }
+            seq -= 1;
+        }
+        Ok(None)
+    }
+
+    /// Once caught up: the target's newest sourced message is the source's message at that
+    /// sequence (same id), so a source recreated under the same name, or a target fed the
+    /// wrong stream, shows in health instead of passing for a copy.
+    async fn verify(&self, sequence: u64) -> Result<(), (&'static str, String)> {
+        let original = self.source.get(&self.progress.stream, sequence).await.map_err(|e| ("source", e.to_string()))?;
+        let Some(original) = original else { return Ok(()) }; // removed by retention meanwhile
+        let info = self.target.stream_info(&self.target_stream).await.map_err(|e| ("target", e.to_string()))?;
+        let copy = self.target.get(&self.target_stream, info.last_sequence).await.map_err(|e| ("target", e.to_string()))?;
+        match copy {
+            Some(copy)
+                if copy.headers.iter().any(|(n, v)| n == SOURCE_HEADER && sourced_sequence(v) == Some(sequence))
+                    && copy.id != original.id =>
+            {
+                Err((
+                    "target",
+                    format!(
+                        "the copy of source sequence {sequence} has id {:?}, the source's message has {:?}",
+                        copy.id, original.id
+                    ),
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+}
