@@ -22,6 +22,11 @@ use crate::progress::Progress;
 /// How often the source is looked at.
 const POLL: Duration = Duration::from_secs(1);
 
+/// How long a source may make no progress while behind, both servers reachable, before it
+/// counts as stalled. A healthy source delivers continuously while it is behind; one that
+/// is resuming after a restart of either side does so within a few seconds.
+const STALL: Duration = Duration::from_secs(10);
+
 /// How far back from the target stream's end the newest sourced message is looked for (a
 /// target that also takes other sources or publishes interleaves them).
 const SCAN_BACK: u64 = 64;
@@ -41,6 +46,15 @@ pub(crate) struct Sourcing {
     pub handoff_scan: u64,
 }
 
+/// Why supervision ended.
+pub(crate) enum Ended {
+    /// Stopped (the replicator stops or loses its leadership); the source stays in place.
+    Stopped,
+    /// The source made no progress while behind and was removed from the target stream;
+    /// the target holds the source up to `at`, and the copier goes on from there.
+    Stalled { at: u64, why: String },
+}
+
 /// Where the target is: the newest source sequence it holds and when it stored it (Unix ms).
 #[derive(Clone, Copy, Debug, Default)]
 struct Reached {
@@ -51,8 +65,8 @@ struct Reached {
 impl Sourcing {
     /// Supervises until `stop`; every failure is counted, reported through health and
     /// looked at again at the next poll.
-    pub async fn run(self, stop: Shutdown) {
-        let Some(mut start) = self.progress.load(&stop).await else { return };
+    pub async fn run(self, stop: Shutdown) -> Ended {
+        let Some(mut start) = self.progress.load(&stop).await else { return Ended::Stopped };
         // The first time this link goes native, a copier may have stored events past its
         // checkpoint: the source must start after them.
         let mut backoff = self.progress.backoff();
@@ -69,26 +83,44 @@ impl Sourcing {
                 Err(e) => self.progress.fail("target", e.to_string()),
             }
             if !backoff.wait(&stop).await {
-                return;
+                return Ended::Stopped;
             }
         }
         self.progress.reached(start, 0);
         let mut reached = Reached { sequence: start, time: 0 };
         let mut gaps_to = start;
         let mut tick = tokio::time::interval(POLL);
-        loop {
+        let mut moved = (reached.sequence, tokio::time::Instant::now());
+        let ended = loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                _ = stop.requested() => break,
+                _ = stop.requested() => break Ended::Stopped,
             }
+            let reachable = self.source.connected() && self.target.connected();
             self.progress.health.reachability(self.source.connected(), self.target.connected());
             if let Err((side, error)) = self.step(&mut reached, &mut gaps_to, &stop).await {
                 self.progress.fail(side, error);
             }
-        }
+            let behind = self.progress.health.lag.load(std::sync::atomic::Ordering::Relaxed) > 0;
+            if reached.sequence != moved.0 || !behind || !reachable {
+                moved = (reached.sequence, tokio::time::Instant::now());
+            } else if moved.1.elapsed() >= STALL {
+                let why = format!(
+                    "the native source made no progress for {}s at source sequence {} while behind (nats-server 2.9 \
+                     stops a source at an event the target already holds under the same id); copying with the copier",
+                    STALL.as_secs(),
+                    reached.sequence
+                );
+                match self.target.remove_source(&self.target_stream, &self.spec).await {
+                    Ok(_) => break Ended::Stalled { at: reached.sequence, why },
+                    Err(e) => self.progress.fail("target", format!("removing the stalled native source: {e}")),
+                }
+            }
+        };
         if let Err(e) = self.progress.checkpoints.store(&self.progress.key(), reached.sequence).await {
             self.progress.fail("checkpoint", e.to_string());
         }
+        ended
     }
 
     async fn step(&self, reached: &mut Reached, gaps_to: &mut u64, stop: &Shutdown) -> Result<(), (&'static str, String)> {
@@ -144,23 +176,26 @@ impl Sourcing {
         if info.messages == 0 {
             return Ok(checkpoint);
         }
-        let read = |b: &JetStreamBackbone, stream: &str, from: u64| {
+        let read = |b: &JetStreamBackbone, stream: &str, from: u64, filter: Vec<String>| {
             let (b, stream) = (b.clone(), stream.to_string());
             async move {
-                let options = ReplayOptions { start: StartPosition::Sequence(from), follow: false, ..Default::default() };
+                let options = ReplayOptions { start: StartPosition::Sequence(from), follow: false, filter_subjects: filter.clone() };
                 let replay = b.replay(&stream, options).await?;
                 replay.take(self.handoff_scan as usize).collect::<Vec<_>>().await.into_iter().collect::<Result<Vec<_>, _>>()
             }
         };
         let tail_from = info.last_sequence.saturating_sub(self.handoff_scan).max(info.first_sequence).max(1);
-        let held: std::collections::HashSet<String> = read(&self.target, &self.target_stream, tail_from)
+        let held: std::collections::HashSet<String> = read(&self.target, &self.target_stream, tail_from, Vec::new())
             .await
             .map_err(|e| ("target", e.to_string()))?
             .into_iter()
             .map(|m| m.id)
             .collect();
-        let next = read(&self.source, &self.progress.stream, checkpoint + 1).await.map_err(|e| ("source", e.to_string()))?;
-        let position = next.iter().filter(|m| held.contains(&m.copy_id())).map(|m| m.sequence).max().unwrap_or(checkpoint);
+        let next = read(&self.source, &self.progress.stream, checkpoint + 1, self.spec.filter_subject.iter().cloned().collect()).await.map_err(|e| ("source", e.to_string()))?;
+        // The events a copier stored past its checkpoint are the source's next ones, in order:
+        // the source starts at the first one the target does not hold. (If one further on is
+        // held too, the source stalls there and the copier takes over: see `STALL`.)
+        let position = next.iter().take_while(|m| held.contains(&m.copy_id())).last().map_or(checkpoint, |m| m.sequence);
         if position > checkpoint {
             tracing::info!(
                 link = %self.progress.link, stream = %self.progress.stream, checkpoint, position,

@@ -14,7 +14,7 @@ use prometheus_client::registry::Registry;
 
 use crate::checkpoint::Checkpoints;
 use crate::config::{EndpointConfig, LinkConfig, ReplicatorConfig, StreamLink};
-use crate::native::Sourcing;
+use crate::native::{Ended, Sourcing};
 use crate::path::{self, Chosen};
 use crate::copier::Copier;
 use crate::progress::Progress;
@@ -220,7 +220,14 @@ impl StreamTerm {
                     // A copier has at most its channel's batches and one merged batch in flight.
                     handoff_scan: (self.link.batch as u64 * 6).max(10_000),
                 };
-                sourcing.run(stop).await
+                if let Ended::Stalled { at, why } = sourcing.run(stop.clone()).await {
+                    tracing::warn!(link = %p.link, stream = %p.stream, at, "{why}");
+                    p.fail("target", why.clone());
+                    p.health.chose("copy", why);
+                    p.metrics.path.get_or_create(&p.reason("native")).set(0);
+                    p.metrics.path.get_or_create(&p.reason("copy")).set(1);
+                    self.copier().run(stop).await
+                }
             }
         }
     }

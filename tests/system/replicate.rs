@@ -780,3 +780,39 @@ async fn a_standby_replicator_takes_over_from_a_killed_leader_without_loss_or_du
     instances[alive].wait().unwrap();
     assert_eq!(assert_same_events(&*source, &*target, CHORUS_LIFECYCLE).await, 30_000);
 }
+
+/// A native source on nats-server 2.9 stops for good at a sourced event the target already
+/// holds under the same id (here one published to the hub directly); the replicator sees it
+/// make no progress while behind, removes it and copies the rest with its copier: the hub
+/// ends with exactly the site's events, and health says why the path changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_native_source_is_replaced_by_the_copier_without_loss_or_duplicates() {
+    let sites = east_and_hub();
+    let (source, target) = (js(&sites.sites[0].url()).await, js(&sites.hub.url()).await);
+    ensure_platform_streams(&*source, &StreamLimits::default()).await.unwrap();
+    ensure_platform_streams(&*target, &StreamLimits::default()).await.unwrap();
+    let events = startups("n", 0..3_000, Some("east"));
+    publish_all(&*target, vec![events[1_000].clone()]).await;
+    publish_all(&*source, events).await;
+    let state = tempfile::tempdir().unwrap();
+    let yaml = format!("state_dir: {}\nlinks:\n{}", state.path().display(), native_link_yaml(&sites.hub.url(), ""));
+    let config = ReplicatorConfig::from_yaml(&yaml).unwrap();
+    let mut handle = Replicator::from_config(&config).await.unwrap().start(Shutdown::new()).await.unwrap();
+    eventually("the link to leave the stalled source for the copier", Duration::from_secs(60), || {
+        let (handle, target) = (&handle, &*target);
+        async move {
+            let copier = &handle.copiers()[0];
+            let held = count(target, CHORUS_LIFECYCLE).await;
+            match (copier.path, held) {
+                (Some("copy"), 3_000) => Ok(()),
+                _ => Err(format!("hub holds {held}; {copier:?}")),
+            }
+        }
+    })
+    .await;
+    let copier = handle.copiers()[0].clone();
+    assert!(copier.path_reason.as_deref().unwrap_or_default().contains("no progress"), "{copier:?}");
+    assert!(handle.wait_caught_up(Duration::from_secs(30)).await, "{:?}", handle.copiers());
+    handle.stop().await.unwrap();
+    assert_eq!(assert_same_events(&*source, &*target, CHORUS_LIFECYCLE).await, 3_000);
+}

@@ -129,6 +129,22 @@ impl JetStreamBackbone {
         Ok(true)
     }
 
+    /// Removes `source` from the stream `target` (the servers stop copying it); returns
+    /// whether it was there.
+    pub async fn remove_source(&self, target: &str, source: &NativeSource) -> Result<bool> {
+        let prefix = self.api_prefix();
+        let info: Value = self.api_call(&format!("{prefix}.STREAM.INFO.{target}"), Value::Null).await?;
+        let mut config = info["config"].clone();
+        let sources = config["sources"].as_array().cloned().unwrap_or_default();
+        let kept: Vec<Value> = sources.iter().filter(|s| !same_source(s, source)).cloned().collect();
+        if kept.len() == sources.len() {
+            return Ok(false);
+        }
+        config["sources"] = Value::Array(kept);
+        self.api_call::<Value>(&format!("{prefix}.STREAM.UPDATE.{target}"), config).await?;
+        Ok(true)
+    }
+
     /// The status of `source` in the stream `target`; `None` when the stream does not
     /// source it (removed by an operator, or the stream recreated without it).
     pub async fn source_status(&self, target: &str, source: &NativeSource) -> Result<Option<SourceStatus>> {
