@@ -60,10 +60,16 @@ impl StreamConfig {
 
     /// Rejects a configuration either engine would refuse or misread, naming the field.
     pub fn validate(&self) -> Result<()> {
-        validate_name("stream name", &self.name)?;
         if self.subjects.is_empty() {
             return Err(BackboneError::invalid_config(format!("stream {}: subjects must not be empty", self.name)));
         }
+        self.validate_copy()
+    }
+
+    /// [`StreamConfig::validate`] for a stream that only copies another (a JetStream mirror
+    /// or a stream of native sources), which may capture no subjects of its own.
+    pub fn validate_copy(&self) -> Result<()> {
+        validate_name("stream name", &self.name)?;
         for s in &self.subjects {
             crate::subject::validate_filter(s)
                 .map_err(|e| BackboneError::invalid_config(format!("stream {}: subjects: {e}", self.name)))?;

@@ -91,6 +91,59 @@ pub fn process_cpu() -> Duration {
     tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
+/// CPU time (user + system) a process has used so far, from `/proc/<pid>/stat` (clock
+/// ticks, so 10 ms resolution: measure runs of a second or more).
+pub fn pid_cpu(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name.
+    let ticks: u64 = [11, 12].iter().filter_map(|&i| fields.get(i)?.parse::<u64>().ok()).sum();
+    // SAFETY: sysconf only reads a configuration value.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_nanos(ticks * 1_000_000_000 / per_second)
+}
+
+/// The CPU time of this process and of each measured server, taken together so the
+/// difference of two readings over a run is what each spent on it.
+#[derive(Clone)]
+pub struct CpuMeter {
+    servers: Vec<(String, u32)>,
+}
+
+/// One reading of a [`CpuMeter`]: this process first, then each server in order.
+#[derive(Clone, Debug)]
+pub struct CpuReading(Vec<Duration>);
+
+impl CpuMeter {
+    /// Meters this process and the named server processes.
+    pub fn new(servers: Vec<(String, u32)>) -> Self {
+        CpuMeter { servers }
+    }
+
+    /// Reads every process's CPU time now.
+    pub fn read(&self) -> CpuReading {
+        CpuReading(std::iter::once(process_cpu()).chain(self.servers.iter().map(|(_, pid)| pid_cpu(*pid))).collect())
+    }
+
+    /// Column headers: the client, then each server.
+    pub fn names(&self) -> Vec<String> {
+        std::iter::once("client".to_string()).chain(self.servers.iter().map(|(n, _)| n.clone())).collect()
+    }
+}
+
+impl CpuReading {
+    /// CPU spent by each process between `earlier` and this reading.
+    pub fn since(&self, earlier: &CpuReading) -> CpuReading {
+        CpuReading(self.0.iter().zip(&earlier.0).map(|(a, b)| a.saturating_sub(*b)).collect())
+    }
+
+    /// Microseconds of CPU per event, per process.
+    pub fn per_event(&self, events: usize) -> Vec<f64> {
+        self.0.iter().map(|d| d.as_secs_f64() * 1e6 / events.max(1) as f64).collect()
+    }
+}
+
 /// Events per second.
 pub fn rate(n: usize, took: Duration) -> f64 {
     n as f64 / took.as_secs_f64().max(1e-9)

@@ -1,21 +1,20 @@
 //! `chorus bench replicate`.
 //!
-//! One run, the same two servers (a site joined to a hub by a leafnode, each with its own
-//! JetStream domain), the same source stream of encoded events, three copiers in turn:
+//! Two servers on this machine: a site joined to a hub by a leafnode, each with its own
+//! JetStream domain. One source stream of encoded events on the site is copied into a fresh
+//! hub stream by each copier in turn, in interleaved rounds (the order rotates each round),
+//! and the median of the rounds is reported with the CPU each process spent per event:
 //!
-//! * the Chorus replicator (checkpointed, pipelined, dedupe ids kept);
-//! * a JetStream native mirror on the hub (`mirror` with `external.api = $JS.<site>.API`):
-//!   the server copying inside itself, the bar to reach;
-//! * a naive copier: a durable pull consumer on the site, each message published to the hub
-//!   and its ack awaited before the source message is acked;
-//! * the ceiling of any client-side copier: raw async-nats publishing the same events (with
-//!   their dedupe ids, pipelined) straight into a hub stream, reading nothing. A copier that
-//!   publishes to the hub cannot beat it; the mirror does not pay for it (the server copies
-//!   inside itself, without client publishes, dedupe lookups or acknowledgements).
-//!
-//! Each copies a backlog of `--events` (events/s), then follows a live burst of `--live`
-//! events published at full speed (lag: seconds from the end of the burst until the target
-//! holds all of it).
+//! * the Chorus replicator on a **rewrite link** (subjects rewritten, so its own copier:
+//!   read, prepare, pipelined publishes with ids, checkpoint);
+//! * the Chorus replicator on a **plain link** (it sets up and supervises a native source);
+//! * a JetStream **native mirror** on the hub (`external.api = $JS.<site>.API`): the
+//!   servers copying by themselves, the bar;
+//! * the **pipelined copier** anyone would write first (forty lines of async-nats): a pull
+//!   consumer on the site, each message published to the hub with its id, 256 publishes in
+//!   flight, each source message acknowledged after the hub acknowledged its copy;
+//! * once, on a prefix of the stream, the **one-at-a-time copier** (each publish awaited
+//!   before the next), to show what pipelining is worth.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,26 +26,68 @@ use chorus_backbone::{Backbone, Message, StreamConfig};
 use chorus_replicator::{LinkConfig, Replicator};
 use futures::StreamExt;
 
+use super::{CpuMeter, CpuReading};
+
 #[derive(clap::Args)]
 pub struct Args {
-    /// Backlog events copied by each copier.
+    /// Events in the source stream, copied whole by each copier in each round.
     #[arg(long, default_value_t = 100_000)]
     events: usize,
-    /// Events of the live burst followed by each copier.
-    #[arg(long, default_value_t = 20_000)]
-    live: usize,
+    /// Interleaved rounds; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Events per replicator publish batch.
     #[arg(long, default_value_t = 2048)]
     batch: usize,
-}
-
-struct Measured {
-    name: &'static str,
-    backlog: Duration,
-    live_lag: Duration,
+    /// Events copied by the one-at-a-time copier (measured once).
+    #[arg(long, default_value_t = 10_000)]
+    one_at_a_time: usize,
+    /// Skip the measurement of the target's dedupe window memory.
+    #[arg(long)]
+    no_dedupe_memory: bool,
 }
 
 const SOURCE: &str = "BENCH_SRC";
+
+/// Publishes in flight in the pipelined copier.
+const PIPELINE: usize = 256;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Rewrite,
+    Plain,
+    Mirror,
+    Pipelined,
+}
+
+impl Kind {
+    const ALL: [Kind; 4] = [Kind::Rewrite, Kind::Plain, Kind::Mirror, Kind::Pipelined];
+
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Rewrite => "chorus replicator, rewrite link (its copier)",
+            Kind::Plain => "chorus replicator, plain link (native source it supervises)",
+            Kind::Mirror => "JetStream native mirror",
+            Kind::Pipelined => "pipelined copier (256 in flight, ids, source acked after target)",
+        }
+    }
+}
+
+/// One copier's run: wall time and CPU of each process.
+struct Run {
+    took: Duration,
+    cpu: CpuReading,
+}
+
+struct Bench {
+    site: Arc<dyn Backbone>,
+    hub: Arc<dyn Backbone>,
+    site_url: String,
+    hub_url: String,
+    events: usize,
+    batch: usize,
+    meter: CpuMeter,
+}
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let sites = chorus_testkit::nats::LeafnodeSites::start_named(&["site".into()], &["bench.>"])
@@ -56,178 +97,225 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let site: Arc<dyn Backbone> = Arc::new(JetStreamBackbone::connect(&NatsConfig::from_url_list(&site_url)).await?);
     let hub: Arc<dyn Backbone> = Arc::new(JetStreamBackbone::connect(&NatsConfig::from_url_list(&hub_url)).await?);
     site.ensure_stream(&StreamConfig::new(SOURCE, vec!["bench.src.>".into()])).await?;
-
-    let total = args.events + 3 * args.live;
-    let events = super::backbone::payloads(total);
-    let avg = events.iter().map(|(_, p)| p.len()).sum::<usize>() / total.max(1);
-    println!("# chorus bench replicate: backlog {} events of {avg} bytes, live bursts of {}", args.events, args.live);
-    let to_messages = |range: std::ops::Range<usize>| -> Vec<Message> {
-        events[range].iter().map(|(id, p)| Message::new(id.clone(), "bench.src.event", p.clone())).collect()
-    };
-    for chunk in to_messages(0..args.events).chunks(2_000) {
+    let events = super::backbone::payloads(args.events);
+    let avg = events.iter().map(|(_, p)| p.len()).sum::<usize>() / args.events.max(1);
+    let messages: Vec<Message> =
+        events.iter().map(|(id, p)| Message::new(id.clone(), "bench.src.event", p.clone())).collect();
+    for chunk in messages.chunks(2_000) {
         site.publish_batch(chunk.to_vec()).await?;
     }
+    let meter = CpuMeter::new(vec![
+        ("hub nats-server".into(), sites.hub.pid().context("hub pid")?),
+        ("site nats-server".into(), sites.sites[0].pid().context("site pid")?),
+    ]);
+    println!(
+        "# chorus bench replicate: {} events of {avg} bytes copied site → hub by each copier, {} interleaved rounds",
+        args.events, args.rounds
+    );
+    let bench = Bench { site, hub, site_url, hub_url, events: args.events, batch: args.batch, meter };
 
-    let mut results = Vec::new();
-    let mut live_start = args.events;
-    let mut next_live = || {
-        let r = live_start..live_start + args.live;
-        live_start += args.live;
-        r
-    };
-
-    // The replicator.
-    {
-        let state = tempfile::tempdir()?;
-        let link: LinkConfig = serde_yaml::from_str(&format!(
-            "name: bench\nsource: {{ nats: {{ servers: [\"{site_url}\"] }} }}\ntarget: {{ nats: {{ servers: [\"{hub_url}\"] }} }}\nbatch: {}\nstreams:\n  - stream: {SOURCE}\n    rewrite: [{{ from: \"bench.src.>\", to: \"bench.repl.>\" }}]\n    target_stream: {{ name: REPL, subjects: [\"bench.repl.>\"] }}\n",
-            args.batch
-        ))?;
-        let mut r = Replicator::new(state.path())?;
-        r.add_link(link, site.clone(), hub.clone());
-        let started = Instant::now();
-        let mut handle = r.start(chorus_runtime::Shutdown::new()).await?;
-        wait_count(&*hub, "REPL", args.events as u64).await?;
-        let backlog = started.elapsed();
-        let live_lag = live_burst(&*site, &*hub, "REPL", to_messages(next_live()), args.events as u64).await?;
-        chorus_runtime::Service::stop(&mut handle).await?;
-        results.push(Measured { name: "chorus replicator", backlog, live_lag });
-    }
-
-    // The native mirror.
-    {
-        let client = async_nats::connect(&hub_url).await?;
-        let js = jetstream::new(client);
-        let started = Instant::now();
-        js.create_stream(stream::Config {
-            name: "MIRROR".into(),
-            mirror: Some(stream::Source {
-                name: SOURCE.into(),
-                external: Some(stream::External { api_prefix: "$JS.site.API".into(), delivery_prefix: None }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await?;
-        // The mirror copies everything the source holds, including the replicator's burst.
-        let expected = (args.events + args.live) as u64;
-        wait_count(&*hub, "MIRROR", expected).await?;
-        let backlog = started.elapsed().mul_f64(args.events as f64 / expected as f64);
-        let live_lag = live_burst(&*site, &*hub, "MIRROR", to_messages(next_live()), expected).await?;
-        results.push(Measured { name: "JetStream native mirror", backlog, live_lag });
-    }
-
-    // The naive copier.
-    {
-        let hub_js = jetstream::new(async_nats::connect(&hub_url).await?);
-        hub_js
-            .create_stream(stream::Config {
-                name: "NAIVE".into(),
-                subjects: vec!["bench.naive.>".into()],
-                ..Default::default()
-            })
-            .await?;
-        let site_js = jetstream::new(async_nats::connect(&site_url).await?);
-        let consumer = site_js
-            .get_stream(SOURCE)
-            .await?
-            .create_consumer(pull::Config {
-                durable_name: Some("naive".into()),
-                ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                ..Default::default()
-            })
-            .await?;
-        let (stop, mut stopped) = tokio::sync::watch::channel(false);
-        let started = Instant::now();
-        let copier = tokio::spawn(async move {
-            let mut messages = consumer.messages().await?;
-            loop {
-                let m = tokio::select! {
-                    m = messages.next() => m,
-                    _ = stopped.wait_for(|s| *s) => return anyhow::Ok(()),
-                };
-                let Some(m) = m else { return Ok(()) };
-                let m = m.map_err(|e| anyhow::anyhow!("{e}"))?;
-                let headers = m.headers.clone().unwrap_or_default();
-                hub_js.publish_with_headers("bench.naive.event", headers, m.payload.clone()).await?.await?;
-                m.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
-            }
-        });
-        let expected = (args.events + 2 * args.live) as u64;
-        wait_count(&*hub, "NAIVE", expected).await?;
-        let backlog = started.elapsed().mul_f64(args.events as f64 / expected as f64);
-        let live_lag = live_burst(&*site, &*hub, "NAIVE", to_messages(next_live()), expected).await?;
-        stop.send(true).ok();
-        copier.await??;
-        results.push(Measured { name: "naive consume-then-publish", backlog, live_lag });
-    }
-
-    // The ceiling: the same backlog published into the hub by raw async-nats, nothing read.
-    let ceiling = {
-        let client = async_nats::connect(&hub_url).await?;
-        let js = jetstream::ContextBuilder::new().max_ack_inflight(4096).backpressure_on_inflight(true).build(client);
-        super::raw_publish(&js, "CEILING", "bench.ceiling", &events[..args.events], 2048).await?
-    };
-    // And without acknowledgements: core NATS publishes (dedupe ids kept) into a stream,
-    // timed until the stream holds them all. Faster, but a lost message goes unnoticed.
-    let unacked = {
-        let client = async_nats::connect(&hub_url).await?;
-        let js = jetstream::new(client.clone());
-        js.create_stream(stream::Config {
-            name: "UNACKED".into(),
-            subjects: vec!["bench.unacked.>".into()],
-            ..Default::default()
-        })
-        .await?;
-        let started = Instant::now();
-        for (id, payload) in &events[..args.events] {
-            let mut headers = async_nats::HeaderMap::new();
-            headers.insert("Nats-Msg-Id", id.as_str());
-            client.publish_with_headers("bench.unacked.event", headers, payload.clone()).await?;
+    let mut runs: Vec<Vec<Run>> = Kind::ALL.iter().map(|_| Vec::new()).collect();
+    for round in 0..args.rounds {
+        for k in 0..Kind::ALL.len() {
+            let at = (k + round) % Kind::ALL.len();
+            let kind = Kind::ALL[at];
+            let run = bench.copy(kind, round).await.with_context(|| format!("{} in round {round}", kind.name()))?;
+            eprintln!("round {round}: {} {:.0} events/s", kind.name(), super::rate(args.events, run.took));
+            runs[at].push(run);
         }
-        client.flush().await?;
-        wait_count(&*hub, "UNACKED", args.events as u64).await?;
-        started.elapsed()
-    };
-
-    let rate = |m: &Measured| super::rate(args.events, m.backlog);
-    let (ours, mirror, naive) = (rate(&results[0]), rate(&results[1]), rate(&results[2]));
-    println!("\n### Replication, site → hub over a leafnode\n");
-    println!("| copier | backlog events | seconds | events/s | live burst lag (s) |");
-    println!("|---|---:|---:|---:|---:|");
-    for m in &results {
-        println!(
-            "| {} | {} | {:.3} | {:.0} | {:.3} |",
-            m.name,
-            args.events,
-            m.backlog.as_secs_f64(),
-            rate(m),
-            m.live_lag.as_secs_f64()
-        );
     }
-    let ceiling_rate = super::rate(args.events, ceiling);
+    let slow = bench.one_at_a_time(args.one_at_a_time.min(args.events)).await?;
+
+    // The median round of each copier (by wall time), with that round's CPU.
+    let medians: Vec<&Run> = runs
+        .iter()
+        .map(|r| {
+            let mut sorted: Vec<&Run> = r.iter().collect();
+            sorted.sort_by_key(|r| r.took);
+            sorted[sorted.len() / 2]
+        })
+        .collect();
+    let rate_of = |kind: Kind| super::rate(args.events, medians[Kind::ALL.iter().position(|k| *k == kind).unwrap()].took);
+    let mirror = rate_of(Kind::Mirror);
+    let names = bench.meter.names();
+    println!("\n### Replication, site → hub over a leafnode (median of {} interleaved rounds)\n", args.rounds);
     println!(
-        "| ceiling: raw async-nats publish into the hub, nothing read | {} | {:.3} | {:.0} | - |",
-        args.events,
-        ceiling.as_secs_f64(),
-        ceiling_rate
+        "| copier | events | seconds | events/s | vs native mirror | {} |",
+        names.iter().map(|n| format!("{n} µs CPU/event")).collect::<Vec<_>>().join(" | ")
     );
+    println!("|---|---:|---:|---:|---:|{}", "---:|".repeat(names.len()));
+    let row = |name: &str, events: usize, run: &Run| {
+        let rate = super::rate(events, run.took);
+        let cpu = run.cpu.per_event(events).iter().map(|c| format!("{c:.1}")).collect::<Vec<_>>().join(" | ");
+        println!("| {name} | {events} | {:.3} | {rate:.0} | {:.2} | {cpu} |", run.took.as_secs_f64(), rate / mirror);
+    };
+    for (kind, run) in Kind::ALL.iter().zip(&medians) {
+        row(kind.name(), args.events, run);
+    }
+    row("one-at-a-time copier (each publish awaited)", args.one_at_a_time.min(args.events), &slow);
+    let all_rounds = |kind: Kind| {
+        runs[Kind::ALL.iter().position(|k| *k == kind).unwrap()]
+            .iter()
+            .map(|r| format!("{:.0}", super::rate(args.events, r.took)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!();
+    for kind in Kind::ALL {
+        println!("rounds of {}: {} events/s", kind.name(), all_rounds(kind));
+    }
+    let (rewrite, plain, pipelined) = (rate_of(Kind::Rewrite), rate_of(Kind::Plain), rate_of(Kind::Pipelined));
+    println!("\nplain link / native mirror: **{:.2}** (goal ≥ 0.9)", plain / mirror);
+    println!("rewrite link / native mirror: **{:.2}** (goal ≥ 0.8)", rewrite / mirror);
+    println!("rewrite link / pipelined copier: **{:.2}** (goal ≥ 1.5)", rewrite / pipelined);
     println!(
-        "| ceiling without acknowledgements: core NATS publish into the hub stream | {} | {:.3} | {:.0} | - |",
-        args.events,
-        unacked.as_secs_f64(),
-        super::rate(args.events, unacked)
+        "pipelined copier / one-at-a-time copier: {:.1}",
+        pipelined / super::rate(args.one_at_a_time.min(args.events), slow.took)
     );
-    println!("\nreplicator / native mirror: {:.2} (goal ≥ 0.8)", ours / mirror);
-    println!(
-        "ceiling / native mirror: {:.2} acknowledged, {:.2} without acknowledgements (the best any client-side copier could reach); replicator / ceiling: {:.2}",
-        ceiling_rate / mirror,
-        super::rate(args.events, unacked) / mirror,
-        ours / ceiling_rate
-    );
-    println!("replicator / naive copier: {:.2} (goal ≥ 1.5)", ours / naive);
-    dedupe_memory(&events[..args.events], ours).await?;
+    if !args.no_dedupe_memory {
+        dedupe_memory(&events, rewrite).await?;
+    }
     Ok(())
+}
+
+impl Bench {
+    /// Copies the whole source into a fresh hub stream with `kind`, timed until the hub
+    /// holds every event; the hub stream (and whatever the copier set up) is removed after.
+    async fn copy(&self, kind: Kind, round: usize) -> anyhow::Result<Run> {
+        let target = format!("{}_{round}", format!("{kind:?}").to_uppercase());
+        let subject = format!("bench.{}.{round}", format!("{kind:?}").to_lowercase());
+        let hub_js = jetstream::new(async_nats::connect(&self.hub_url).await?);
+        let (site_url, hub_url) = (&self.site_url, &self.hub_url);
+        let before = self.meter.read();
+        let started = Instant::now();
+        let mut stop: Option<Box<dyn FnOnce() -> futures::future::BoxFuture<'static, anyhow::Result<()>> + Send>> =
+            None;
+        match kind {
+            Kind::Rewrite | Kind::Plain => {
+                let state = tempfile::tempdir()?;
+                // The rewrite link's copies land in a stream capturing the new subjects; the
+                // plain link's target captures none (the replicator makes it a mirror).
+                let (rewrite, subjects) = if kind == Kind::Rewrite {
+                    (format!("    rewrite: [{{ from: \"bench.src.>\", to: \"{subject}.>\" }}]\n"), format!("\"{subject}.>\""))
+                } else {
+                    (String::new(), String::new())
+                };
+                let link: LinkConfig = serde_yaml::from_str(&format!(
+                    "name: bench\nsource: {{ nats: {{ servers: [\"{site_url}\"] }} }}\ntarget: {{ nats: {{ servers: [\"{hub_url}\"] }} }}\nbatch: {}\nstreams:\n  - stream: {SOURCE}\n{rewrite}    target_stream: {{ name: {target}, subjects: [{subjects}] }}\n",
+                    self.batch
+                ))?;
+                let mut r = Replicator::new(state.path())?;
+                r.add_link(link, self.site.clone(), self.hub.clone());
+                let mut handle = r.start(chorus_runtime::Shutdown::new()).await?;
+                let expected = if kind == Kind::Plain { "native" } else { "copy" };
+                stop = Some(Box::new(move || {
+                    Box::pin(async move {
+                        let path = handle.copiers()[0].path;
+                        chorus_runtime::Service::stop(&mut handle).await?;
+                        drop(state);
+                        anyhow::ensure!(path == Some(expected), "the link took path {path:?}, not {expected}");
+                        Ok(())
+                    })
+                }));
+            }
+            Kind::Mirror => {
+                hub_js
+                    .create_stream(stream::Config {
+                        name: target.clone(),
+                        mirror: Some(stream::Source {
+                            name: SOURCE.into(),
+                            external: Some(stream::External { api_prefix: "$JS.site.API".into(), delivery_prefix: None }),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    })
+                    .await?;
+            }
+            Kind::Pipelined => {
+                hub_js
+                    .create_stream(stream::Config {
+                        name: target.clone(),
+                        subjects: vec![format!("{subject}.>")],
+                        ..Default::default()
+                    })
+                    .await?;
+                let copier = tokio::spawn(pipelined_copier(site_url.clone(), hub_js.clone(), format!("{subject}.event"), round));
+                stop = Some(Box::new(move || {
+                    Box::pin(async move {
+                        copier.abort();
+                        Ok(())
+                    })
+                }));
+            }
+        }
+        wait_count(&*self.hub, &target, self.events as u64).await?;
+        let took = started.elapsed();
+        let cpu = self.meter.read().since(&before);
+        if let Some(stop) = stop {
+            stop().await?;
+        }
+        self.hub.delete_stream(&target).await?;
+        Ok(Run { took, cpu })
+    }
+
+    /// The copier without pipelining: each publish awaited before the next, the source
+    /// message acknowledged after it; timed over the first `n` events.
+    async fn one_at_a_time(&self, n: usize) -> anyhow::Result<Run> {
+        let hub_js = jetstream::new(async_nats::connect(&self.hub_url).await?);
+        hub_js
+            .create_stream(stream::Config { name: "ONE".into(), subjects: vec!["bench.one.>".into()], ..Default::default() })
+            .await?;
+        let consumer = durable(&self.site_url, "one").await?;
+        let before = self.meter.read();
+        let started = Instant::now();
+        let mut messages = consumer.messages().await?;
+        for _ in 0..n {
+            let m = messages.next().await.context("source ended")?.map_err(|e| anyhow::anyhow!("{e}"))?;
+            let headers = m.headers.clone().unwrap_or_default();
+            hub_js.publish_with_headers("bench.one.event", headers, m.payload.clone()).await?.await?;
+            m.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+        let run = Run { took: started.elapsed(), cpu: self.meter.read().since(&before) };
+        self.hub.delete_stream("ONE").await?;
+        Ok(run)
+    }
+}
+
+/// A durable pull consumer on the site's source stream, acknowledging each message.
+async fn durable(site_url: &str, name: &str) -> anyhow::Result<jetstream::consumer::Consumer<pull::Config>> {
+    let site_js = jetstream::new(async_nats::connect(site_url).await?);
+    Ok(site_js
+        .get_stream(SOURCE)
+        .await?
+        .create_consumer(pull::Config {
+            durable_name: Some(name.into()),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await?)
+}
+
+/// The copier a user writes first with async-nats: every message of a durable pull
+/// consumer published to the hub with its headers (the id among them), [`PIPELINE`]
+/// publishes in flight, each source message acknowledged once the hub acknowledged its copy.
+async fn pipelined_copier(site_url: String, hub: jetstream::Context, subject: String, round: usize) -> anyhow::Result<()> {
+    let consumer = durable(&site_url, &format!("pipelined{round}")).await?;
+    let mut messages = consumer.messages().await?;
+    let mut inflight = futures::stream::FuturesOrdered::new();
+    loop {
+        tokio::select! {
+            m = messages.next(), if inflight.len() < PIPELINE => {
+                let m = m.context("source ended")?.map_err(|e| anyhow::anyhow!("{e}"))?;
+                let headers = m.headers.clone().unwrap_or_default();
+                let ack = hub.publish_with_headers(subject.clone(), headers, m.payload.clone()).await?;
+                inflight.push_back(async move {
+                    ack.await?;
+                    m.ack().await.map_err(|e| anyhow::anyhow!("{e}"))
+                });
+            }
+            Some(done) = inflight.next(), if !inflight.is_empty() => done?,
+        }
+    }
 }
 
 /// What the no-duplicate guarantee costs the target: the replicator re-sends a batch after a
@@ -294,24 +382,6 @@ fn resident_bytes(pid: u32) -> anyhow::Result<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .context("VmRSS in /proc/<pid>/status")?;
     Ok(kib * 1024)
-}
-
-/// Publishes `burst` to the site at full speed, then returns how long after the last
-/// publish was acknowledged the target held `before + burst.len()` messages.
-async fn live_burst(
-    site: &dyn Backbone,
-    hub: &dyn Backbone,
-    target: &str,
-    burst: Vec<Message>,
-    before: u64,
-) -> anyhow::Result<Duration> {
-    let n = burst.len() as u64;
-    for chunk in burst.chunks(2_000) {
-        site.publish_batch(chunk.to_vec()).await?;
-    }
-    let published = Instant::now();
-    wait_count(hub, target, before + n).await?;
-    Ok(published.elapsed())
 }
 
 async fn wait_count(b: &dyn Backbone, stream: &str, n: u64) -> anyhow::Result<()> {

@@ -216,7 +216,10 @@ impl Config for ReplicatorConfig {
                     Rewrite::new(r).map_err(|e| ConfigError::invalid(at("rewrite"), &e).with_source(e))?;
                 }
                 if let Some(t) = &s.target_stream {
-                    t.validate().map_err(|e| ConfigError::invalid(at("target_stream"), &e).with_source(e))?;
+                    // A target that captures no subjects is made as a mirror: native links only.
+                    let copied = s.path == CopyPath::Copy || !crate::path::not_plain(link, s).is_empty();
+                    let checked = if copied { t.validate() } else { t.validate_copy() };
+                    checked.map_err(|e| ConfigError::invalid(at("target_stream"), &e).with_source(e))?;
                 }
                 if s.path == CopyPath::Native {
                     if let Some(why) = crate::path::not_plain(link, s).into_iter().next() {

@@ -104,6 +104,14 @@ impl Sourcing {
             let behind = self.progress.health.lag.load(std::sync::atomic::Ordering::Relaxed) > 0;
             if reached.sequence != moved.0 || !behind || !reachable {
                 moved = (reached.sequence, tokio::time::Instant::now());
+            } else if moved.1.elapsed() >= STALL && self.spec.mirror {
+                // A mirror cannot be replaced by the copier (nothing but the mirror may write
+                // into its stream): said, and looked at again.
+                self.progress.fail(
+                    "target",
+                    format!("the native mirror made no progress for {}s at source sequence {} while behind", STALL.as_secs(), reached.sequence),
+                );
+                moved.1 = tokio::time::Instant::now();
             } else if moved.1.elapsed() >= STALL {
                 let why = format!(
                     "the native source made no progress for {}s at source sequence {} while behind (nats-server 2.9 \
@@ -235,6 +243,14 @@ impl Sourcing {
     /// among the last [`SCAN_BACK`] messages.
     async fn newest_sourced(&self) -> Result<Option<Reached>, BackboneError> {
         let info = self.target.stream_info(&self.target_stream).await?;
+        if self.spec.mirror {
+            // A mirror keeps the source's sequences.
+            let newest = match info.last_sequence {
+                0 => None,
+                last => self.target.get(&self.target_stream, last).await?,
+            };
+            return Ok(newest.map(|m| Reached { sequence: m.sequence, time: m.time.timestamp_millis() }));
+        }
         let mut seq = info.last_sequence;
         while seq >= info.first_sequence.max(1) && info.last_sequence - seq < SCAN_BACK {
             if let Some(m) = self.target.get(&self.target_stream, seq).await? {
@@ -258,12 +274,18 @@ impl Sourcing {
     async fn verify(&self, sequence: u64) -> Result<(), (&'static str, String)> {
         let original = self.source.get(&self.progress.stream, sequence).await.map_err(|e| ("source", e.to_string()))?;
         let Some(original) = original else { return Ok(()) }; // removed by retention meanwhile
-        let info = self.target.stream_info(&self.target_stream).await.map_err(|e| ("target", e.to_string()))?;
-        let copy = self.target.get(&self.target_stream, info.last_sequence).await.map_err(|e| ("target", e.to_string()))?;
+        let at = if self.spec.mirror {
+            sequence
+        } else {
+            self.target.stream_info(&self.target_stream).await.map_err(|e| ("target", e.to_string()))?.last_sequence
+        };
+        let copy = self.target.get(&self.target_stream, at).await.map_err(|e| ("target", e.to_string()))?;
+        let is_copy = |copy: &chorus_backbone::StoredMessage| {
+            self.spec.mirror
+                || copy.headers.iter().any(|(n, v)| n == SOURCE_HEADER && sourced_sequence(v) == Some(sequence))
+        };
         match copy {
-            Some(copy)
-                if copy.headers.iter().any(|(n, v)| n == SOURCE_HEADER && sourced_sequence(v) == Some(sequence))
-                    && copy.id != original.id =>
+            Some(copy) if is_copy(&copy) && copy.id != original.id =>
             {
                 Err((
                     "target",

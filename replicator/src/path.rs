@@ -54,19 +54,20 @@ pub(crate) fn not_plain(link: &LinkConfig, s: &StreamLink) -> Vec<String> {
 
 /// Decides how `s` is copied, given the backbones the link holds and the checkpoint it
 /// resumes from. `Err` when it cannot be decided yet (a server unreachable, the source
-/// stream not there yet, or `native` asked for but not possible): retried.
+/// stream not there yet, or `native` asked for but not possible), with the side at fault
+/// (`source`, `target`, or `path`): retried.
 pub(crate) async fn choose(
     link: &LinkConfig,
     s: &StreamLink,
     source: &dyn Backbone,
     target: &dyn Backbone,
     checkpoint: u64,
-) -> Result<Chosen, String> {
+) -> Result<Chosen, (&'static str, String)> {
     if s.path == CopyPath::Copy {
         return Ok(Chosen::Copy { why: "path: copy is configured".into() });
     }
     let native = s.path == CopyPath::Native;
-    let copy_or_wait = |why: String| if native { Err(why) } else { Ok(Chosen::Copy { why }) };
+    let copy_or_wait = |why: String| if native { Err(("path", why)) } else { Ok(Chosen::Copy { why }) };
     let why = not_plain(link, s);
     if !why.is_empty() {
         return copy_or_wait(why.join(", "));
@@ -78,12 +79,12 @@ pub(crate) async fn choose(
         return copy_or_wait("an endpoint is an embedded store".into());
     };
     let missing = |e: BackboneError| match e {
-        BackboneError::NotFound { .. } => format!("source stream {} does not exist yet", s.stream),
-        e => format!("source: {e}"),
+        BackboneError::NotFound { .. } => ("source", format!("stream {} does not exist yet", s.stream)),
+        e => ("source", e.to_string()),
     };
     let own = src.remote_stream(&src.api_prefix(), &s.stream).await.map_err(missing)?;
-    let Some(own) = own else { return Err(format!("source stream {} does not exist yet", s.stream)) };
-    let Some(domain) = src.domain().await.map_err(|e| format!("source: {e}"))? else {
+    let Some(own) = own else { return Err(("source", format!("stream {} does not exist yet", s.stream))) };
+    let Some(domain) = src.domain().await.map_err(|e| ("source", e.to_string()))? else {
         return copy_or_wait("the source's servers run JetStream without a domain, so the target cannot address them".into());
     };
     let api_prefix = format!("$JS.{domain}.API");
@@ -100,8 +101,8 @@ pub(crate) async fn choose(
         None => match target.stream_config(&s.stream).await {
             Ok(_) => (s.stream.clone(), None),
             Err(BackboneError::NotFound { .. }) if native => {
-                // A stream that only copies the source: its limits, none of its subjects.
-                let mut config = source.stream_config(&s.stream).await.map_err(|e| format!("source: {e}"))?;
+                // A stream that only copies the source (a mirror): its limits, no subjects.
+                let mut config = source.stream_config(&s.stream).await.map_err(|e| ("source", e.to_string()))?;
                 config.subjects.clear();
                 (s.stream.clone(), Some(config))
             }
@@ -110,13 +111,15 @@ pub(crate) async fn choose(
                     why: format!("no target_stream is configured and the target has no stream {}", s.stream),
                 })
             }
-            Err(e) => return Err(format!("target: {e}")),
+            Err(e) => return Err(("target", e.to_string())),
         },
     };
     let version = |b: &JetStreamBackbone| b.server_version().unwrap_or_else(|| "unknown".into());
+    let mirror = create.as_ref().is_some_and(|c| c.subjects.is_empty());
     Ok(Chosen::Native {
         note: format!(
-            "native source of {} through {api_prefix} into {target_name} (nats-server {} at the target, {} at the source)",
+            "native {} of {} through {api_prefix} into {target_name} (nats-server {} at the target, {} at the source)",
+            if mirror { "mirror" } else { "source" },
             s.stream,
             version(dst),
             version(src)
@@ -126,6 +129,8 @@ pub(crate) async fn choose(
             api_prefix,
             start_sequence: checkpoint + 1,
             filter_subject: s.filter_subjects.first().cloned(),
+            // A stream made for the copy, capturing nothing of its own: a mirror.
+            mirror: create.as_ref().is_some_and(|c| c.subjects.is_empty()),
         },
         target: target_name,
         create,

@@ -110,9 +110,6 @@ impl Replicator {
         };
         for (link, source, target) in self.links {
             for s in &link.streams {
-                if let Some(cfg) = &s.target_stream {
-                    cfg.validate()?;
-                }
                 let rewrites = s.rewrite.iter().map(Rewrite::new).collect::<Result<Vec<_>>>()?;
                 let health = Arc::new(CopierHealth::new(&link.name, &s.stream));
                 self.metrics.register_copier(health.clone());
@@ -189,8 +186,8 @@ impl StreamTerm {
             let Some(checkpoint) = p.load(&stop).await else { return };
             match path::choose(&self.link, &self.stream, &*self.source, &*self.target, checkpoint).await {
                 Ok(chosen) => break chosen,
-                Err(why) => {
-                    p.fail("path", why);
+                Err((side, why)) => {
+                    p.fail(side, why);
                     if !backoff.wait(&stop).await {
                         return;
                     }

@@ -63,8 +63,13 @@ pub(crate) async fn wait_for_count(b: &dyn Backbone, stream: &str, n: u64, withi
 
 /// Target holds exactly the source's events: same count, same ids, no id twice.
 async fn assert_same_events(source: &dyn Backbone, target: &dyn Backbone, stream: &str) -> usize {
+    assert_copied(source, stream, target, stream).await
+}
+
+/// [`assert_same_events`] between streams of different names.
+async fn assert_copied(source: &dyn Backbone, stream: &str, target: &dyn Backbone, copy: &str) -> usize {
     let src: Vec<String> = read_all(source, stream).await.into_iter().map(|m| m.id).collect();
-    let dst: Vec<String> = read_all(target, stream).await.into_iter().map(|m| m.id).collect();
+    let dst: Vec<String> = read_all(target, copy).await.into_iter().map(|m| m.id).collect();
     let dst_set: HashSet<&String> = dst.iter().collect();
     assert_eq!(dst_set.len(), dst.len(), "the target holds {} duplicate ids", dst.len() - dst_set.len());
     let missing = src.iter().filter(|id| !dst_set.contains(id)).count();
@@ -193,7 +198,7 @@ async fn replicator_killed_mid_copy_resumes_without_loss_or_duplicates() {
 /// exactly the source's events, copied the way `path` says.
 async fn copy_through(
     source: Arc<dyn Backbone>,
-    target: Arc<dyn Backbone>,
+    (target, copy): (Arc<dyn Backbone>, &str),
     link: String,
     path: &str,
     disrupt: impl FnOnce(),
@@ -214,8 +219,8 @@ async fn copy_through(
             }
         })
     };
-    wait_for_count(&*target, CHORUS_LIFECYCLE, 8_000, Duration::from_secs(60)).await;
-    assert!(count(&*target, CHORUS_LIFECYCLE).await < 30_000, "disrupted after the copy finished: not mid-copy");
+    wait_for_count(&*target, copy, 8_000, Duration::from_secs(60)).await;
+    assert!(count(&*target, copy).await < 30_000, "disrupted after the copy finished: not mid-copy");
     assert_eq!(handle.copiers()[0].path, Some(path), "{:?}", handle.copiers());
     tokio::task::block_in_place(disrupt);
     tokio::time::timeout(Duration::from_secs(120), producer)
@@ -225,7 +230,7 @@ async fn copy_through(
     eventually("the target to hold 30000 events", Duration::from_secs(120), || {
         let (target, handle) = (&*target, &handle);
         async move {
-            let c = count(target, CHORUS_LIFECYCLE).await;
+            let c = count(target, copy).await;
             if c >= 30_000 {
                 Ok(())
             } else {
@@ -242,7 +247,7 @@ async fn copy_through(
     );
     let metrics = handle.metrics().encode();
     handle.stop().await.unwrap();
-    assert_eq!(assert_same_events(&*source, &*target, CHORUS_LIFECYCLE).await, 30_000);
+    assert_eq!(assert_copied(&*source, CHORUS_LIFECYCLE, &*target, copy).await, 30_000);
     assert!(metrics.contains("chorus_replicator_copied_total"), "{metrics}");
     assert!(metrics.contains(&format!("chorus_replicator_path{{link=\"east\",stream=\"CHORUS_LIFECYCLE\",reason=\"{path}\"}} 1")), "{metrics}");
 }
@@ -252,7 +257,7 @@ async fn copy_between_servers(disrupt: fn(&mut NatsServer, &mut NatsServer)) {
     let (mut src, mut dst) = (NatsServer::start().unwrap(), NatsServer::start().unwrap());
     let (source, target) = (js(&src.url()).await, js(&dst.url()).await);
     let link = link_yaml("east", &src.url(), &dst.url(), CHORUS_LIFECYCLE, 500);
-    copy_through(source, target, link, "copy", || disrupt(&mut src, &mut dst)).await;
+    copy_through(source, (target, CHORUS_LIFECYCLE), link, "copy", || disrupt(&mut src, &mut dst)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -290,11 +295,17 @@ fn native_link_yaml(hub: &str, extra: &str) -> String {
     )
 }
 
-async fn copy_natively(disrupt: fn(&mut LeafnodeSites)) {
+/// Copies natively into the hub's `CHORUS_LIFECYCLE` (a source added to the existing
+/// stream) or, with `mirror`, into a stream `EAST` made as its mirror.
+async fn copy_natively(mirror: bool, disrupt: fn(&mut LeafnodeSites)) {
     let mut sites = east_and_hub();
     let (source, target) = (js(&sites.sites[0].url()).await, js(&sites.hub.url()).await);
-    let link = native_link_yaml(&sites.hub.url(), "");
-    copy_through(source, target, link, "native", || {
+    let (copy, extra) = match mirror {
+        true => ("EAST", "        target_stream: { name: EAST, subjects: [] }\n"),
+        false => (CHORUS_LIFECYCLE, ""),
+    };
+    let link = native_link_yaml(&sites.hub.url(), extra);
+    copy_through(source, (target, copy), link, "native", || {
         disrupt(&mut sites);
         sites.wait_connected(Duration::from_secs(30)).unwrap();
     })
@@ -303,7 +314,7 @@ async fn copy_natively(disrupt: fn(&mut LeafnodeSites)) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn native_source_site_restart_loses_and_duplicates_nothing() {
-    copy_natively(|sites| {
+    copy_natively(false, |sites| {
         sites.sites[0].kill().unwrap();
         std::thread::sleep(Duration::from_secs(2));
         sites.sites[0].restart().unwrap();
@@ -313,9 +324,22 @@ async fn native_source_site_restart_loses_and_duplicates_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn native_source_hub_restart_loses_and_duplicates_nothing() {
-    copy_natively(|sites| {
+    copy_natively(false, |sites| {
         sites.hub.kill().unwrap();
         std::thread::sleep(Duration::from_secs(2));
+        sites.hub.restart().unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_mirror_site_and_hub_restarts_lose_and_duplicate_nothing() {
+    copy_natively(true, |sites| {
+        sites.sites[0].kill().unwrap();
+        std::thread::sleep(Duration::from_secs(1));
+        sites.sites[0].restart().unwrap();
+        sites.hub.kill().unwrap();
+        std::thread::sleep(Duration::from_secs(1));
         sites.hub.restart().unwrap();
     })
     .await;

@@ -27,6 +27,11 @@ pub struct NativeSource {
     pub start_sequence: u64,
     /// Only the source's messages on this subject filter.
     pub filter_subject: Option<String>,
+    /// Copy as the target stream's mirror (the same sequences; only into a stream made for
+    /// it, with no subjects of its own) instead of as one of its sources. A mirror stores
+    /// what it receives as it is, without the per-message work of a source (a new header,
+    /// a dedupe lookup), and never stops at a duplicate id.
+    pub mirror: bool,
 }
 
 /// How a configured source is doing, as the target server reports it.
@@ -101,22 +106,36 @@ impl JetStreamBackbone {
     /// everything else kept. A stream that already has the source is left as it is.
     /// Returns whether anything was changed.
     pub async fn add_source(&self, target: &StreamConfig, source: &NativeSource) -> Result<bool> {
-        if !target.subjects.is_empty() {
-            // A stream that only copies sources may capture no subjects of its own.
-            target.validate()?;
-        }
+        target.validate_copy()?;
         let prefix = self.api_prefix();
         let entry = source_entry(source);
         let info = match self.api_call::<Value>(&format!("{prefix}.STREAM.INFO.{}", target.name), Value::Null).await {
             Ok(info) => info,
             Err(BackboneError::NotFound { .. }) => {
                 let mut config = serde_json::to_value(super::stream_config(target)).map_err(json_error)?;
-                config["sources"] = json!([entry]);
+                if source.mirror {
+                    config["mirror"] = entry;
+                    if let Some(c) = config.as_object_mut() {
+                        c.remove("subjects");
+                    }
+                } else {
+                    config["sources"] = json!([entry]);
+                }
                 self.api_call::<Value>(&format!("{prefix}.STREAM.CREATE.{}", target.name), config).await?;
                 return Ok(true);
             }
             Err(e) => return Err(e),
         };
+        if source.mirror {
+            return if same_source(&info["config"]["mirror"], source) {
+                Ok(false)
+            } else {
+                Err(BackboneError::Refused {
+                    operation: format!("mirroring {} into {}", source.stream, target.name),
+                    source: format!("stream {} exists and is not a mirror of {}", target.name, source.stream).into(),
+                })
+            };
+        }
         let mut config = info["config"].clone();
         let sources = config["sources"].as_array().cloned().unwrap_or_default();
         if sources.iter().any(|s| same_source(s, source)) {
@@ -131,7 +150,11 @@ impl JetStreamBackbone {
 
     /// Removes `source` from the stream `target` (the servers stop copying it); returns
     /// whether it was there.
+    /// A mirror cannot be removed from its stream: `false`.
     pub async fn remove_source(&self, target: &str, source: &NativeSource) -> Result<bool> {
+        if source.mirror {
+            return Ok(false);
+        }
         let prefix = self.api_prefix();
         let info: Value = self.api_call(&format!("{prefix}.STREAM.INFO.{target}"), Value::Null).await?;
         let mut config = info["config"].clone();
@@ -148,43 +171,25 @@ impl JetStreamBackbone {
     /// The status of `source` in the stream `target`; `None` when the stream does not
     /// source it (removed by an operator, or the stream recreated without it).
     pub async fn source_status(&self, target: &str, source: &NativeSource) -> Result<Option<SourceStatus>> {
-        #[derive(Deserialize)]
-        struct Info {
-            #[serde(default)]
-            config: Value,
-            #[serde(default)]
-            sources: Vec<SourceInfo>,
-        }
-        #[derive(Deserialize)]
-        struct SourceInfo {
-            name: String,
-            #[serde(default)]
-            external: Option<External>,
-            #[serde(default)]
-            lag: u64,
-            #[serde(default)]
-            active: i64,
-            #[serde(default)]
-            error: Option<ApiError>,
-        }
-        #[derive(Deserialize)]
-        struct External {
-            api: String,
-        }
-        let info: Info =
-            self.api_call(&format!("{}.STREAM.INFO.{target}", self.api_prefix()), Value::Null).await?;
-        let configured = info.config["sources"].as_array().is_some_and(|s| s.iter().any(|s| same_source(s, source)));
+        let info: Value = self.api_call(&format!("{}.STREAM.INFO.{target}", self.api_prefix()), Value::Null).await?;
+        let (configured, reported) = if source.mirror {
+            (same_source(&info["config"]["mirror"], source), vec![info["mirror"].clone()])
+        } else {
+            let configured = info["config"]["sources"].as_array().is_some_and(|s| s.iter().any(|s| same_source(s, source)));
+            (configured, info["sources"].as_array().cloned().unwrap_or_default())
+        };
         if !configured {
             return Ok(None);
         }
-        let status = info
-            .sources
-            .into_iter()
-            .find(|s| s.name == source.stream && s.external.as_ref().is_some_and(|e| e.api == source.api_prefix))
+        let status = reported
+            .iter()
+            .find(|s| s["name"] == source.stream.as_str() && s["external"]["api"] == source.api_prefix.as_str())
             .map(|s| SourceStatus {
-                lag: s.lag,
-                active: u64::try_from(s.active).ok().map(Duration::from_nanos),
-                error: s.error.map(|e| e.to_string()),
+                lag: s["lag"].as_u64().unwrap_or(0),
+                active: s["active"].as_i64().and_then(|n| u64::try_from(n).ok()).map(Duration::from_nanos),
+                error: s.get("error").filter(|e| !e.is_null()).map(|e| {
+                    serde_json::from_value::<ApiError>(e.clone()).map_or_else(|_| e.to_string(), |e| e.to_string())
+                }),
             })
             .unwrap_or_default();
         Ok(Some(status))
@@ -276,6 +281,7 @@ mod tests {
             api_prefix: "$JS.east.API".into(),
             start_sequence: 5,
             filter_subject: None,
+            mirror: false,
         };
         let mut entry = source_entry(&s);
         assert_eq!(entry["opt_start_seq"], 5);
