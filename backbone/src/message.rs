@@ -59,6 +59,7 @@ impl Message {
             let bad_name = name.is_empty()
                 || name.len() > u16::MAX as usize
                 || name.eq_ignore_ascii_case(crate::jetstream::MSG_ID_HEADER)
+                || name == crate::jetstream::EVENT_ID_HEADER
                 || name.bytes().any(|b| b == b':' || !b.is_ascii_graphic());
             if bad_name || value.len() > u16::MAX as usize || value.contains(['\r', '\n']) {
                 return Err(crate::BackboneError::InvalidMessage(format!(

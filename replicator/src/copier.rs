@@ -9,8 +9,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chorus_backbone::jetstream::JetStreamBackbone;
 use chorus_backbone::{Backbone, Message, ReplayOptions, StartPosition, StoredMessage, StreamConfig};
 use chorus_runtime::Shutdown;
+use futures::stream::FuturesOrdered;
 use futures::StreamExt;
 use serde::Deserialize;
 use tokio::sync::{mpsc, watch};
@@ -33,6 +35,52 @@ pub(crate) struct Copier {
     pub target_site: Option<String>,
     pub sampler: Option<Sampler>,
     pub batch: usize,
+    /// Whether this copier may append to its `target_stream` with sequenced publishes: no
+    /// other link of this replicator copies into a stream of that name. Turned off for good
+    /// when another writer shows up in the stream.
+    pub sequenced: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// The header every copy carries: `<link> <source stream> <source sequence>`. It tells the
+/// copier, after any failure or crash, exactly how far the target got.
+pub const REPLICATED_FROM_HEADER: &str = "Chorus-Replicated-From";
+
+/// How far back from an owned stream's end the copier looks for its newest copy.
+const SCAN_BACK: u64 = 256;
+
+/// Sequenced batches on the wire at once.
+const SEQUENCED_IN_FLIGHT: usize = 4;
+
+/// How the copier publishes.
+enum Publishing {
+    /// Acknowledged publishes with ids (`Nats-Msg-Id`): the target's dedupe drops repeats.
+    Ids,
+    /// Appends to a stream it owns after sequence `last` (see `publish_sequenced`).
+    Sequenced { js: JetStreamBackbone, stream: String, last: u64 },
+}
+
+impl Publishing {
+    fn sequenced(js: &JetStreamBackbone, stream: &str, last: u64) -> Self {
+        Publishing::Sequenced { js: js.clone(), stream: stream.to_string(), last }
+    }
+}
+
+/// What an owned target stream's newest message is.
+enum Newest {
+    /// None: the stream is empty (its last sequence is `last`).
+    Empty { last: u64 },
+    /// This copier's newest copy is of source sequence `source`; the stream's last sequence
+    /// is `last`, and that copy is the last message (`at_end`) or was followed by others'.
+    Ours { source: u64, last: u64, at_end: bool },
+    /// Someone else's message (or a copy by an older version without the header).
+    Other,
+}
+
+/// Why a publishing run ended.
+enum Ended {
+    Stopped,
+    /// A sequenced batch failed; `progressed` when something was stored first.
+    Restart { progressed: bool },
 }
 
 /// How long the reader waits for the source before checking that its replay still moves.
@@ -57,23 +105,129 @@ struct Peek<'a> {
 impl Copier {
     /// Runs until `stop` turns true. Never returns an error: every failure is counted,
     /// reported through health, and retried, because giving up would lose events.
-    pub async fn run(mut self, stop: Shutdown) {
-        let Some(start) = self.progress.load(&stop).await else { return };
-        self.progress.reached(start, 0);
-        let (tx, rx) = mpsc::channel::<Batch>(4);
-        let sampler = self.sampler.take();
+    pub async fn run(self, stop: Shutdown) {
+        let Some(checkpoint) = self.progress.load(&stop).await else { return };
+        self.progress.reached(checkpoint, 0);
         let me = Arc::new(self);
         let lag = tokio::spawn(me.clone().track_lag(stop.clone()));
-        let reader = tokio::spawn(me.clone().read(start + 1, sampler, tx, stop.clone()));
-        let (acked, acked_rx) = watch::channel((start, 0i64));
-        let checkpoint = tokio::spawn({
+        let (acked, acked_rx) = watch::channel((checkpoint, 0i64));
+        let checkpoint_task = tokio::spawn({
             let me = me.clone();
             async move { me.checkpoint(acked_rx).await }
         });
-        me.publish(rx, acked, stop).await;
-        reader.await.ok();
-        checkpoint.await.ok();
+        let mut backoff = me.progress.backoff();
+        loop {
+            let checkpoint = acked.borrow().0;
+            let Some((start, publishing)) = me.resume(checkpoint, &stop).await else { break };
+            if start != checkpoint {
+                acked.send_replace((start, 0));
+            }
+            me.progress.health.sequenced.store(matches!(publishing, Publishing::Sequenced { .. }), Ordering::Relaxed);
+            let (tx, rx) = mpsc::channel::<Batch>(4);
+            let reader = tokio::spawn(me.clone().read(start + 1, me.sampler.clone(), tx, stop.clone()));
+            let ended = me.publish(rx, &acked, publishing, &stop).await;
+            reader.abort();
+            reader.await.ok();
+            match ended {
+                Ended::Stopped => break,
+                Ended::Restart { progressed } => {
+                    if progressed {
+                        backoff.reset();
+                    }
+                    if !backoff.wait(&stop).await {
+                        break;
+                    }
+                }
+            }
+        }
+        drop(acked);
+        checkpoint_task.await.ok();
         lag.abort();
+    }
+
+    /// The target stream this copier owns (its `target_stream`, on JetStream), which it may
+    /// append to with sequenced publishes.
+    fn owned(&self) -> Option<(&JetStreamBackbone, &str)> {
+        if !self.sequenced.load(Ordering::Relaxed) {
+            return None;
+        }
+        let js = self.target.as_any().downcast_ref::<JetStreamBackbone>()?;
+        Some((js, self.target_stream.as_ref()?.name.as_str()))
+    }
+
+    /// Where to go on from and how to publish: creates the configured target stream (retried
+    /// while the target is unreachable), then, on a stream it owns, reads the source sequence
+    /// of the newest copy (exact, whatever the checkpoint says) and appends with sequenced
+    /// publishes after it. Without one (or after another writer), publishes with ids from
+    /// `checkpoint`. `None` when stopped first.
+    async fn resume(&self, checkpoint: u64, stop: &Shutdown) -> Option<(u64, Publishing)> {
+        let mut backoff = self.progress.backoff();
+        if let Some(cfg) = &self.target_stream {
+            while let Err(e) = self.target.ensure_stream(cfg).await {
+                self.progress.fail("target", format!("creating stream {}: {e}", cfg.name));
+                if !backoff.wait(stop).await {
+                    return None;
+                }
+            }
+        }
+        let Some((js, stream)) = self.owned() else { return Some((checkpoint, Publishing::Ids)) };
+        loop {
+            match self.newest_copy(js, stream).await {
+                Ok(Newest::Empty { last }) => return Some((checkpoint, Publishing::sequenced(js, stream, last))),
+                Ok(Newest::Ours { source, last, at_end: true }) => {
+                    return Some((source, Publishing::sequenced(js, stream, last)))
+                }
+                Ok(Newest::Ours { source, at_end: false, .. }) => {
+                    // Another writer appended after this copier's newest copy: from here on,
+                    // publishes with ids (which share a stream), exactly after that copy.
+                    self.shared(stream);
+                    return Some((source, Publishing::Ids));
+                }
+                Ok(Newest::Other) => {
+                    self.shared(stream);
+                    return Some((checkpoint, Publishing::Ids));
+                }
+                Err(e) => {
+                    self.progress.fail("target", e.to_string());
+                    if !backoff.wait(stop).await {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    fn shared(&self, stream: &str) {
+        if self.sequenced.swap(false, Ordering::Relaxed) {
+            tracing::info!(
+                link = %self.progress.link, stream = %self.progress.stream, target = stream,
+                "another writer appends to the target stream: publishing with ids"
+            );
+        }
+    }
+
+    /// This copier's newest copy in an owned target stream, looked for among its last
+    /// [`SCAN_BACK`] messages.
+    async fn newest_copy(&self, js: &JetStreamBackbone, stream: &str) -> chorus_backbone::Result<Newest> {
+        let info = js.stream_info(stream).await?;
+        if info.messages == 0 {
+            return Ok(Newest::Empty { last: info.last_sequence });
+        }
+        let mut at = info.last_sequence;
+        while at >= info.first_sequence.max(1) && info.last_sequence - at < SCAN_BACK {
+            if let Some(m) = js.get(stream, at).await? {
+                let from = m.headers.iter().find(|(n, _)| n == REPLICATED_FROM_HEADER).and_then(|(_, v)| {
+                    let mut fields = v.split_whitespace();
+                    let ours = fields.next() == Some(&self.progress.link) && fields.next() == Some(&self.progress.stream);
+                    ours.then(|| fields.next()?.parse::<u64>().ok()).flatten()
+                });
+                if let Some(source) = from {
+                    return Ok(Newest::Ours { source, last: info.last_sequence, at_end: at == info.last_sequence });
+                }
+            }
+            at -= 1;
+        }
+        Ok(Newest::Other)
     }
 
     /// Replays the source from `next` and sends prepared batches; reopens the replay after a
@@ -191,7 +345,11 @@ impl Copier {
         // Another publisher's message (go-choria's have no id) is copied with a derived id and
         // its headers, so a restarted copier stores it once and the copy is the original; the
         // copy carries the original's store time (views check event clocks against it).
-        let (id, headers) = (m.copy_id(), m.copy_headers());
+        let (id, mut headers) = (m.copy_id(), m.copy_headers());
+        headers.push((
+            REPLICATED_FROM_HEADER.into(),
+            format!("{} {} {}", self.progress.link, self.progress.stream, m.sequence),
+        ));
         let mut payload = m.payload;
         if self.source_site.is_some() || self.target_site.is_some() {
             let peek: Option<Peek> = serde_json::from_slice(&payload).ok();
@@ -219,26 +377,43 @@ impl Copier {
         Some(Message::new(id, subject, payload).with_headers(headers))
     }
 
-    /// Publishes batches in order, retrying each until the target stores it, then moves the
-    /// checkpoint. Batches waiting in the channel are merged up to the batch size so a
-    /// fast source meets few, large, pipelined publishes.
-    async fn publish(&self, mut rx: mpsc::Receiver<Batch>, acked: watch::Sender<(u64, i64)>, stop: Shutdown) {
+    /// Publishes batches in order and moves the checkpoint as the target stores them. With
+    /// ids, each batch is retried until stored (the target's dedupe drops what a retry
+    /// repeats). Sequenced, up to [`SEQUENCED_IN_FLIGHT`] batches are on the wire, each
+    /// acknowledged once; any failure ends the run with `Restart`, and the next run goes on
+    /// after the newest copy the target holds. Batches waiting in the channel are merged up
+    /// to the batch size so a fast source meets few, large publishes.
+    async fn publish(
+        &self,
+        mut rx: mpsc::Receiver<Batch>,
+        acked: &watch::Sender<(u64, i64)>,
+        mut publishing: Publishing,
+        stop: &Shutdown,
+    ) -> Ended {
         let labels = self.progress.labels();
-        if let Some(cfg) = &self.target_stream {
-            let mut backoff = self.progress.backoff();
-            while let Err(e) = self.target.ensure_stream(cfg).await {
-                self.progress.fail("target", format!("creating stream {}: {e}", cfg.name));
-                if !backoff.wait(&stop).await {
-                    return;
-                }
-            }
-        }
+        let mut inflight = FuturesOrdered::new();
+        let mut progressed = false;
         loop {
             let first = tokio::select! {
-                b = rx.recv() => b,
-                _ = stop.requested() => return,
+                biased;
+                _ = stop.requested() => return Ended::Stopped,
+                Some(done) = inflight.next(), if !inflight.is_empty() => {
+                    match done {
+                        Ok((sequence, time, count)) => {
+                            self.progress.metrics.copied.get_or_create(&labels).inc_by(count);
+                            acked.send_replace((sequence, time));
+                            progressed = true;
+                        }
+                        Err(e) => {
+                            self.progress.fail("target", format!("{e}; going on after the newest copy"));
+                            return Ended::Restart { progressed };
+                        }
+                    }
+                    continue;
+                }
+                b = rx.recv(), if inflight.len() < SEQUENCED_IN_FLIGHT => b,
             };
-            let Some(mut batch) = first else { return };
+            let Some(mut batch) = first else { return Ended::Stopped };
             while batch.messages.len() < self.batch {
                 match rx.try_recv() {
                     Ok(more) => {
@@ -249,32 +424,72 @@ impl Copier {
                     Err(_) => break,
                 }
             }
-            let count = batch.messages.len();
-            if count > 0 {
-                let mut backoff = self.progress.backoff();
-                loop {
-                    match self.target.publish_batch(batch.messages.clone()).await {
-                        Ok(acks) => {
-                            let dups = acks.iter().filter(|a| a.duplicate).count() as u64;
-                            self.progress.metrics.copied.get_or_create(&labels).inc_by(count as u64 - dups);
-                            if dups > 0 {
-                                self.progress.metrics.skipped.get_or_create(&self.progress.reason("duplicate")).inc_by(dups);
-                            }
-                            break;
+            let count = batch.messages.len() as u64;
+            let (sequence, time) = (batch.last_sequence, batch.last_time.timestamp_millis());
+            match &mut publishing {
+                Publishing::Sequenced { js, stream, last } => {
+                    if count == 0 {
+                        inflight.push_back(futures::future::Either::Left(futures::future::ready(Ok((sequence, time, 0)))));
+                        continue;
+                    }
+                    match js.publish_sequenced(stream, &batch.messages, *last).await {
+                        Ok(ack) => {
+                            *last += count;
+                            inflight.push_back(futures::future::Either::Right(async move {
+                                ack.stored().await.map(|_| (sequence, time, count))
+                            }));
                         }
                         Err(e) => {
                             self.progress.fail("target", e.to_string());
-                            if !backoff.wait(&stop).await {
-                                return;
+                            return Ended::Restart { progressed };
+                        }
+                    }
+                }
+                Publishing::Ids => {
+                    if count > 0 {
+                        let mut backoff = self.progress.backoff();
+                        loop {
+                            match self.target.publish_batch(batch.messages.clone()).await {
+                                Ok(acks) => {
+                                    let dups = acks.iter().filter(|a| a.duplicate).count() as u64;
+                                    self.progress.metrics.copied.get_or_create(&labels).inc_by(count - dups);
+                                    if dups > 0 {
+                                        self.progress
+                                            .metrics
+                                            .skipped
+                                            .get_or_create(&self.progress.reason("duplicate"))
+                                            .inc_by(dups);
+                                    }
+                                    break;
+                                }
+                                Err(e) => {
+                                    self.progress.fail("target", e.to_string());
+                                    if !backoff.wait(stop).await {
+                                        return Ended::Stopped;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    // The checkpoint is written by its own task, off the publish path: a flush
+                    // costs an fsync, and the next batch should be on the wire meanwhile.
+                    // Losing the newest checkpoint in a crash only re-sends batches the
+                    // target's dedupe drops.
+                    acked.send_replace((sequence, time));
+                    progressed = true;
+                    // On a stream it owns, once the newest message there is this copy, the
+                    // copier appends with sequenced publishes from then on.
+                    if let (Some((js, stream)), Some(m)) = (self.owned(), batch.messages.last()) {
+                        let copied = m.headers.iter().find(|(n, _)| n == REPLICATED_FROM_HEADER).map(|(_, v)| v.clone());
+                        if let Ok(Newest::Ours { source, last, at_end: true }) = self.newest_copy(js, stream).await {
+                            if copied.is_some_and(|v| v.ends_with(&format!(" {source}"))) {
+                                publishing = Publishing::sequenced(js, stream, last);
+                                self.progress.health.sequenced.store(true, Ordering::Relaxed);
                             }
                         }
                     }
                 }
             }
-            // The checkpoint is written by its own task, off the publish path: a flush costs
-            // an fsync, and the next batch should be on the wire meanwhile. Losing the newest
-            // checkpoint in a crash only re-sends batches the target's dedupe drops.
-            acked.send_replace((batch.last_sequence, batch.last_time.timestamp_millis()));
         }
     }
 

@@ -139,6 +139,8 @@ pub struct CopierHealth {
     pub(crate) newest_time: std::sync::atomic::AtomicI64,
     /// Source events removed by retention before they were copied.
     pub(crate) gap_events: AtomicU64,
+    /// Whether the copier appends with sequenced publishes now.
+    pub(crate) sequenced: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -176,6 +178,10 @@ pub struct HealthReport {
     pub path: Option<&'static str>,
     /// Why that way was taken.
     pub path_reason: Option<String>,
+    /// On the `copy` path: true while the copier appends to a target stream it owns with
+    /// sequenced publishes (no acknowledgement per event, no id remembered by the target);
+    /// false while it publishes with ids.
+    pub sequenced: bool,
 }
 
 /// A copier counts as unhealthy once it has failed without progress for this long: long
@@ -193,6 +199,7 @@ impl CopierHealth {
             lag: AtomicU64::new(0),
             newest_time: std::sync::atomic::AtomicI64::new(0),
             gap_events: AtomicU64::new(0),
+            sequenced: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -255,6 +262,7 @@ impl CopierHealth {
             gap_events: self.gap_events.load(Ordering::Relaxed),
             path: s.path.as_ref().map(|(p, _)| *p),
             path_reason: s.path.as_ref().map(|(_, why)| why.clone()),
+            sequenced: self.sequenced.load(Ordering::Relaxed),
         }
     }
 }

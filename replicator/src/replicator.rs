@@ -108,12 +108,21 @@ impl Replicator {
             }
             _ => Leadership::alone(),
         };
+        // Target streams more than one link copies into: those copiers publish with ids.
+        let mut targets = std::collections::HashMap::<String, usize>::new();
+        for (link, _, _) in &self.links {
+            for s in link.streams.iter().filter_map(|s| s.target_stream.as_ref()) {
+                *targets.entry(s.name.clone()).or_default() += 1;
+            }
+        }
         for (link, source, target) in self.links {
             for s in &link.streams {
                 let rewrites = s.rewrite.iter().map(Rewrite::new).collect::<Result<Vec<_>>>()?;
                 let health = Arc::new(CopierHealth::new(&link.name, &s.stream));
                 self.metrics.register_copier(health.clone());
+                let alone = s.target_stream.as_ref().is_some_and(|t| targets.get(&t.name) == Some(&1));
                 let term = Arc::new(StreamTerm {
+                    sequenced: Arc::new(std::sync::atomic::AtomicBool::new(alone)),
                     progress: Progress {
                         link: link.name.clone(),
                         stream: s.stream.clone(),
@@ -171,6 +180,8 @@ impl Replicator {
 /// source, until stopped.
 struct StreamTerm {
     progress: Progress,
+    /// Whether the copier may use sequenced publishes (see `Copier::sequenced`).
+    sequenced: Arc<std::sync::atomic::AtomicBool>,
     link: LinkConfig,
     stream: StreamLink,
     source: Arc<dyn Backbone>,
@@ -242,6 +253,7 @@ impl StreamTerm {
             target_site: link.target_site.clone(),
             sampler: link.sampling.as_ref().map(|c| Sampler::new(c.interval, c.subjects.clone())),
             batch: link.batch,
+            sequenced: self.sequenced.clone(),
         }
     }
 }

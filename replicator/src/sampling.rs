@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 /// Decides which events matching the sampled subjects to forward.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Sampler {
     interval: i64,
     subjects: Vec<String>,

@@ -113,6 +113,21 @@ pub(crate) fn spawn_replicator(config: &std::path::Path) -> Child {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicator_killed_mid_copy_resumes_without_loss_or_duplicates() {
+    killed_mid_copy(None).await;
+}
+
+/// The same with the subjects rewritten into a stream the link owns: sequenced publishes,
+/// no ids remembered by the target, resumed after the newest copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sequenced_copier_killed_mid_copy_resumes_without_loss_or_duplicates() {
+    killed_mid_copy(Some(TRANSFORM)).await;
+}
+
+/// Rewrites a link's subjects into a stream of its own, `EAST`.
+const TRANSFORM: &str = "        rewrite: [{ from: \"choria.>\", to: \"east.choria.>\" }]\n        target_stream: { name: EAST, subjects: [\"east.>\"] }\n";
+
+async fn killed_mid_copy(transform: Option<&str>) {
+    let copy = if transform.is_some() { "EAST" } else { CHORUS_LIFECYCLE };
     let src = NatsServer::start().unwrap();
     let dst = NatsServer::start().unwrap();
     let (source, target) = (js(&src.url()).await, js(&dst.url()).await);
@@ -129,7 +144,7 @@ async fn replicator_killed_mid_copy_resumes_without_loss_or_duplicates() {
         format!(
             "state_dir: {}\nlisten: {ops}\nlinks:\n{}",
             state.path().join("state").display(),
-            link_yaml("east", &src.url(), &dst.url(), CHORUS_LIFECYCLE, 200)
+            link_yaml("east", &src.url(), &dst.url(), CHORUS_LIFECYCLE, 200) + transform.unwrap_or_default()
         ),
     )
     .unwrap();
@@ -153,23 +168,23 @@ async fn replicator_killed_mid_copy_resumes_without_loss_or_duplicates() {
         child.wait().unwrap();
     };
     let mid_copy = || async {
-        let copied = count(&*target, CHORUS_LIFECYCLE).await;
+        let copied = count(&*target, copy).await;
         let at_source = count(&*source, CHORUS_LIFECYCLE).await;
         assert!(copied < at_source, "killed after the copy finished ({copied} of {at_source}): not mid-copy");
         copied
     };
     let mut child = spawn_replicator(&config);
-    wait_for_count(&*target, CHORUS_LIFECYCLE, 5_000, Duration::from_secs(120)).await;
+    wait_for_count(&*target, copy, 5_000, Duration::from_secs(120)).await;
     kill(&mut child);
     let copied = mid_copy().await;
     publish_all(&*source, startups("burst", 0..20_000, Some("east"))).await;
     child = spawn_replicator(&config);
-    wait_for_count(&*target, CHORUS_LIFECYCLE, copied + 2_000, Duration::from_secs(120)).await;
+    wait_for_count(&*target, copy, copied + 2_000, Duration::from_secs(120)).await;
     kill(&mut child);
     mid_copy().await;
     child = spawn_replicator(&config);
     producer.await.unwrap();
-    wait_for_count(&*target, CHORUS_LIFECYCLE, 60_000, Duration::from_secs(120)).await;
+    wait_for_count(&*target, copy, 60_000, Duration::from_secs(120)).await;
     // The replicator has checkpointed the whole source: it has nothing left to send.
     let last = source.stream_info(CHORUS_LIFECYCLE).await.unwrap().last_sequence;
     eventually("the replicator's checkpoint at the source's end", Duration::from_secs(60), || async move {
@@ -181,7 +196,7 @@ async fn replicator_killed_mid_copy_resumes_without_loss_or_duplicates() {
         let json: serde_json::Value = serde_json::from_str(body.split("\r\n\r\n").nth(1).unwrap_or_default())
             .map_err(|e| format!("{e}: {body}"))?;
         let copier = &json["services"][0]["copiers"][0];
-        if copier["checkpoint"] == last && copier["lag_events"] == 0 {
+        if copier["checkpoint"] == last && copier["lag_events"] == 0 && copier["sequenced"] == transform.is_some() {
             Ok(())
         } else {
             Err(copier.to_string())
@@ -190,7 +205,7 @@ async fn replicator_killed_mid_copy_resumes_without_loss_or_duplicates() {
     .await;
     child.kill().unwrap();
     child.wait().unwrap();
-    assert_eq!(assert_same_events(&*source, &*target, CHORUS_LIFECYCLE).await, 60_000);
+    assert_eq!(assert_copied(&*source, CHORUS_LIFECYCLE, &*target, copy).await, 60_000);
 }
 
 /// Runs a replicator in-process over `link` (YAML of one link) while a producer publishes 30
@@ -222,6 +237,8 @@ async fn copy_through(
     wait_for_count(&*target, copy, 8_000, Duration::from_secs(60)).await;
     assert!(count(&*target, copy).await < 30_000, "disrupted after the copy finished: not mid-copy");
     assert_eq!(handle.copiers()[0].path, Some(path), "{:?}", handle.copiers());
+    // A copier appends to a stream of its own with sequenced publishes.
+    assert_eq!(handle.copiers()[0].sequenced, copy != CHORUS_LIFECYCLE && path == "copy", "{:?}", handle.copiers());
     tokio::task::block_in_place(disrupt);
     tokio::time::timeout(Duration::from_secs(120), producer)
         .await
@@ -253,16 +270,36 @@ async fn copy_through(
 }
 
 /// Two servers that do not reach each other: only the copier can copy between them.
-async fn copy_between_servers(disrupt: fn(&mut NatsServer, &mut NatsServer)) {
+/// With `transform`, subjects are rewritten into a stream of the link's own (sequenced).
+async fn copy_between_servers(transform: bool, disrupt: fn(&mut NatsServer, &mut NatsServer)) {
     let (mut src, mut dst) = (NatsServer::start().unwrap(), NatsServer::start().unwrap());
     let (source, target) = (js(&src.url()).await, js(&dst.url()).await);
-    let link = link_yaml("east", &src.url(), &dst.url(), CHORUS_LIFECYCLE, 500);
-    copy_through(source, (target, CHORUS_LIFECYCLE), link, "copy", || disrupt(&mut src, &mut dst)).await;
+    let mut link = link_yaml("east", &src.url(), &dst.url(), CHORUS_LIFECYCLE, 500);
+    let copy = if transform {
+        link += TRANSFORM;
+        "EAST"
+    } else {
+        CHORUS_LIFECYCLE
+    };
+    copy_through(source, (target, copy), link, "copy", || disrupt(&mut src, &mut dst)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequenced_copier_source_and_target_restarts_lose_and_duplicate_nothing() {
+    copy_between_servers(true, |src, dst| {
+        src.kill().unwrap();
+        std::thread::sleep(Duration::from_secs(1));
+        src.restart().unwrap();
+        dst.kill().unwrap();
+        std::thread::sleep(Duration::from_secs(1));
+        dst.restart().unwrap();
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn source_server_restart_loses_and_duplicates_nothing() {
-    copy_between_servers(|src, _| {
+    copy_between_servers(false, |src, _| {
         src.kill().unwrap();
         std::thread::sleep(Duration::from_secs(2));
         src.restart().unwrap();
@@ -272,7 +309,7 @@ async fn source_server_restart_loses_and_duplicates_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn target_server_restart_loses_and_duplicates_nothing() {
-    copy_between_servers(|_, dst| {
+    copy_between_servers(false, |_, dst| {
         dst.kill().unwrap();
         std::thread::sleep(Duration::from_secs(2));
         dst.restart().unwrap();

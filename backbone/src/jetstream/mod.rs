@@ -8,6 +8,7 @@ mod connect;
 mod consumer;
 mod errors;
 mod kv;
+mod sequenced;
 mod sourcing;
 
 use std::time::{Duration, Instant};
@@ -28,6 +29,7 @@ use crate::{
 };
 
 pub use connect::{NatsAuth, NatsConfig};
+pub use sequenced::{SequencedAck, EVENT_ID_HEADER, EXPECTED_LAST_SEQUENCE_HEADER};
 pub use sourcing::{sourced_sequence, NativeSource, RemoteStream, SourceStatus, SOURCE_HEADER};
 
 /// Header carrying the event id; JetStream dedupes on it.
@@ -247,7 +249,12 @@ fn id_and_headers(map: &async_nats::HeaderMap) -> (String, Headers) {
             // The id is the first value under its exact name, as a lookup by name gives;
             // other spellings are dropped with it.
             if name == MSG_ID_HEADER {
-                id = id.or_else(|| values.first().map(|v| v.as_str().to_owned()));
+                id = values.first().map(|v| v.as_str().to_owned()).or(id);
+            }
+        } else if name == EVENT_ID_HEADER {
+            // A sequenced message's id (`Nats-Msg-Id` wins where both are given).
+            if id.is_none() {
+                id = values.first().map(|v| v.as_str().to_owned());
             }
         } else {
             headers.extend(values.iter().map(|v| (name.to_owned(), v.as_str().to_owned())));
@@ -283,6 +290,10 @@ fn parse_headers(block: &[u8]) -> (String, Headers) {
         let Some((name, value)) = line.split_once(':') else { continue };
         if name.eq_ignore_ascii_case(MSG_ID_HEADER) {
             id = value.trim().to_string();
+        } else if name == EVENT_ID_HEADER {
+            if id.is_empty() {
+                id = value.trim().to_string();
+            }
         } else {
             headers.push((name.to_string(), value.trim().to_string()));
         }
