@@ -45,6 +45,9 @@ pub struct Args {
     /// Skip the measurement of the target's dedupe window memory.
     #[arg(long)]
     no_dedupe_memory: bool,
+    /// Only this copier (rewrite, plain, mirror, pipelined), e.g. to profile it; no ratios.
+    #[arg(long)]
+    only: Option<String>,
 }
 
 const SOURCE: &str = "BENCH_SRC";
@@ -114,6 +117,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     );
     let bench = Bench { site, hub, site_url, hub_url, events: args.events, batch: args.batch, meter };
 
+    if let Some(only) = &args.only {
+        let kind = *Kind::ALL
+            .iter()
+            .find(|k| format!("{k:?}").eq_ignore_ascii_case(only))
+            .with_context(|| format!("--only {only}: not one of rewrite, plain, mirror, pipelined"))?;
+        for round in 0..args.rounds {
+            let run = bench.copy(kind, round).await?;
+            let cpu = run.cpu.per_event(args.events);
+            println!("{}: {:.0} events/s, µs CPU/event {cpu:.1?}", kind.name(), super::rate(args.events, run.took));
+        }
+        return Ok(());
+    }
     let mut runs: Vec<Vec<Run>> = Kind::ALL.iter().map(|_| Vec::new()).collect();
     for round in 0..args.rounds {
         for k in 0..Kind::ALL.len() {
@@ -135,7 +150,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             sorted[sorted.len() / 2]
         })
         .collect();
-    let rate_of = |kind: Kind| super::rate(args.events, medians[Kind::ALL.iter().position(|k| *k == kind).unwrap()].took);
+    let rate_of =
+        |kind: Kind| super::rate(args.events, medians[Kind::ALL.iter().position(|k| *k == kind).unwrap()].took);
     let mirror = rate_of(Kind::Mirror);
     let names = bench.meter.names();
     println!("\n### Replication, site → hub over a leafnode (median of {} interleaved rounds)\n", args.rounds);
@@ -186,17 +202,26 @@ impl Bench {
         let subject = format!("bench.{}.{round}", format!("{kind:?}").to_lowercase());
         let hub_js = jetstream::new(async_nats::connect(&self.hub_url).await?);
         let (site_url, hub_url) = (&self.site_url, &self.hub_url);
-        let before = self.meter.read();
-        let started = Instant::now();
         let mut stop: Option<Box<dyn FnOnce() -> futures::future::BoxFuture<'static, anyhow::Result<()>> + Send>> =
             None;
+        // A replicator is running before it is given a link: its checkpoint store is opened
+        // before the clock starts, as the other copiers' connections are.
+        let state = tempfile::tempdir()?;
+        let replicator = match kind {
+            Kind::Rewrite | Kind::Plain => Some(Replicator::new(state.path())?),
+            _ => None,
+        };
+        let before = self.meter.read();
+        let started = Instant::now();
         match kind {
             Kind::Rewrite | Kind::Plain => {
-                let state = tempfile::tempdir()?;
                 // The rewrite link's copies land in a stream capturing the new subjects; the
                 // plain link's target captures none (the replicator makes it a mirror).
                 let (rewrite, subjects) = if kind == Kind::Rewrite {
-                    (format!("    rewrite: [{{ from: \"bench.src.>\", to: \"{subject}.>\" }}]\n"), format!("\"{subject}.>\""))
+                    (
+                        format!("    rewrite: [{{ from: \"bench.src.>\", to: \"{subject}.>\" }}]\n"),
+                        format!("\"{subject}.>\""),
+                    )
                 } else {
                     (String::new(), String::new())
                 };
@@ -204,7 +229,7 @@ impl Bench {
                     "name: bench\nsource: {{ nats: {{ servers: [\"{site_url}\"] }} }}\ntarget: {{ nats: {{ servers: [\"{hub_url}\"] }} }}\nbatch: {}\nstreams:\n  - stream: {SOURCE}\n{rewrite}    target_stream: {{ name: {target}, subjects: [{subjects}] }}\n",
                     self.batch
                 ))?;
-                let mut r = Replicator::new(state.path())?;
+                let mut r = replicator.expect("made above for a replicator");
                 r.add_link(link, self.site.clone(), self.hub.clone());
                 let mut handle = r.start(chorus_runtime::Shutdown::new()).await?;
                 let expected = if kind == Kind::Plain { "native" } else { "copy" };
@@ -224,7 +249,10 @@ impl Bench {
                         name: target.clone(),
                         mirror: Some(stream::Source {
                             name: SOURCE.into(),
-                            external: Some(stream::External { api_prefix: "$JS.site.API".into(), delivery_prefix: None }),
+                            external: Some(stream::External {
+                                api_prefix: "$JS.site.API".into(),
+                                delivery_prefix: None,
+                            }),
                             ..Default::default()
                         }),
                         ..Default::default()
@@ -239,7 +267,8 @@ impl Bench {
                         ..Default::default()
                     })
                     .await?;
-                let copier = tokio::spawn(pipelined_copier(site_url.clone(), hub_js.clone(), format!("{subject}.event"), round));
+                let copier =
+                    tokio::spawn(pipelined_copier(site_url.clone(), hub_js.clone(), format!("{subject}.event"), round));
                 stop = Some(Box::new(move || {
                     Box::pin(async move {
                         copier.abort();
@@ -263,7 +292,11 @@ impl Bench {
     async fn one_at_a_time(&self, n: usize) -> anyhow::Result<Run> {
         let hub_js = jetstream::new(async_nats::connect(&self.hub_url).await?);
         hub_js
-            .create_stream(stream::Config { name: "ONE".into(), subjects: vec!["bench.one.>".into()], ..Default::default() })
+            .create_stream(stream::Config {
+                name: "ONE".into(),
+                subjects: vec!["bench.one.>".into()],
+                ..Default::default()
+            })
             .await?;
         let consumer = durable(&self.site_url, "one").await?;
         let before = self.meter.read();
@@ -298,7 +331,12 @@ async fn durable(site_url: &str, name: &str) -> anyhow::Result<jetstream::consum
 /// The copier a user writes first with async-nats: every message of a durable pull
 /// consumer published to the hub with its headers (the id among them), [`PIPELINE`]
 /// publishes in flight, each source message acknowledged once the hub acknowledged its copy.
-async fn pipelined_copier(site_url: String, hub: jetstream::Context, subject: String, round: usize) -> anyhow::Result<()> {
+async fn pipelined_copier(
+    site_url: String,
+    hub: jetstream::Context,
+    subject: String,
+    round: usize,
+) -> anyhow::Result<()> {
     let consumer = durable(&site_url, &format!("pipelined{round}")).await?;
     let mut messages = consumer.messages().await?;
     let mut inflight = futures::stream::FuturesOrdered::new();

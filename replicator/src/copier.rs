@@ -80,7 +80,9 @@ enum Newest {
 enum Ended {
     Stopped,
     /// A sequenced batch failed; `progressed` when something was stored first.
-    Restart { progressed: bool },
+    Restart {
+        progressed: bool,
+    },
 }
 
 /// How long the reader waits for the source before checking that its replay still moves.
@@ -218,7 +220,8 @@ impl Copier {
             if let Some(m) = js.get(stream, at).await? {
                 let from = m.headers.iter().find(|(n, _)| n == REPLICATED_FROM_HEADER).and_then(|(_, v)| {
                     let mut fields = v.split_whitespace();
-                    let ours = fields.next() == Some(&self.progress.link) && fields.next() == Some(&self.progress.stream);
+                    let ours =
+                        fields.next() == Some(&self.progress.link) && fields.next() == Some(&self.progress.stream);
                     ours.then(|| fields.next()?.parse::<u64>().ok()).flatten()
                 });
                 if let Some(source) = from {
@@ -429,7 +432,8 @@ impl Copier {
             match &mut publishing {
                 Publishing::Sequenced { js, stream, last } => {
                     if count == 0 {
-                        inflight.push_back(futures::future::Either::Left(futures::future::ready(Ok((sequence, time, 0)))));
+                        inflight
+                            .push_back(futures::future::Either::Left(futures::future::ready(Ok((sequence, time, 0)))));
                         continue;
                     }
                     match js.publish_sequenced(stream, &batch.messages, *last).await {
@@ -480,7 +484,8 @@ impl Copier {
                     // On a stream it owns, once the newest message there is this copy, the
                     // copier appends with sequenced publishes from then on.
                     if let (Some((js, stream)), Some(m)) = (self.owned(), batch.messages.last()) {
-                        let copied = m.headers.iter().find(|(n, _)| n == REPLICATED_FROM_HEADER).map(|(_, v)| v.clone());
+                        let copied =
+                            m.headers.iter().find(|(n, _)| n == REPLICATED_FROM_HEADER).map(|(_, v)| v.clone());
                         if let Ok(Newest::Ours { source, last, at_end: true }) = self.newest_copy(js, stream).await {
                             if copied.is_some_and(|v| v.ends_with(&format!(" {source}"))) {
                                 publishing = Publishing::sequenced(js, stream, last);

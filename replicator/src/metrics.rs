@@ -102,7 +102,11 @@ impl Metrics {
             "Source events removed by retention before they were copied",
             self.gap_events.clone(),
         );
-        registry.register("path", "1 for the way each stream is copied (label path: copy or native)", self.path.clone());
+        registry.register(
+            "path",
+            "1 for the way each stream is copied (label path: copy or native)",
+            self.path.clone(),
+        );
     }
 
     /// The exposition of every family in the OpenMetrics text format (for tests and tools

@@ -13,7 +13,9 @@
 
 use std::time::Duration;
 
-use chorus_backbone::jetstream::{sourced_sequence, JetStreamBackbone, NativeSource, SOURCE_HEADER};
+use chorus_backbone::jetstream::{
+    sourced_sequence, sources_stop_at_duplicates, JetStreamBackbone, NativeSource, SOURCE_HEADER,
+};
 use chorus_backbone::{Backbone, BackboneError, ReplayOptions, StartPosition, StreamConfig};
 use chorus_runtime::Shutdown;
 
@@ -96,28 +98,36 @@ impl Sourcing {
                 _ = tick.tick() => {}
                 _ = stop.requested() => break Ended::Stopped,
             }
-            let reachable = self.source.connected() && self.target.connected();
             self.progress.health.reachability(self.source.connected(), self.target.connected());
+            // A side that cannot be read is not a stall of the source: the timer restarts.
+            let mut readable = self.source.connected() && self.target.connected();
             if let Err((side, error)) = self.step(&mut reached, &mut gaps_to, &stop).await {
+                readable &= side != "source";
                 self.progress.fail(side, error);
             }
             let behind = self.progress.health.lag.load(std::sync::atomic::Ordering::Relaxed) > 0;
-            if reached.sequence != moved.0 || !behind || !reachable {
+            if reached.sequence != moved.0 || !behind || !readable {
                 moved = (reached.sequence, tokio::time::Instant::now());
-            } else if moved.1.elapsed() >= STALL && self.spec.mirror {
-                // A mirror cannot be replaced by the copier (nothing but the mirror may write
-                // into its stream): said, and looked at again.
+            } else if moved.1.elapsed() >= STALL && !self.replaceable() {
+                // The servers resume a source by themselves (after a restart of either side,
+                // with their own backoff): said, and looked at again.
                 self.progress.fail(
                     "target",
-                    format!("the native mirror made no progress for {}s at source sequence {} while behind", STALL.as_secs(), reached.sequence),
+                    format!(
+                        "the native {} made no progress for {}s at source sequence {} while behind",
+                        if self.spec.mirror { "mirror" } else { "source" },
+                        moved.1.elapsed().as_secs(),
+                        reached.sequence
+                    ),
                 );
                 moved.1 = tokio::time::Instant::now();
             } else if moved.1.elapsed() >= STALL {
                 let why = format!(
-                    "the native source made no progress for {}s at source sequence {} while behind (nats-server 2.9 \
+                    "the native source made no progress for {}s at source sequence {} while behind (nats-server {} \
                      stops a source at an event the target already holds under the same id); copying with the copier",
                     STALL.as_secs(),
-                    reached.sequence
+                    reached.sequence,
+                    self.target.server_version().unwrap_or_default()
                 );
                 match self.target.remove_source(&self.target_stream, &self.spec).await {
                     Ok(_) => break Ended::Stalled { at: reached.sequence, why },
@@ -131,7 +141,19 @@ impl Sourcing {
         ended
     }
 
-    async fn step(&self, reached: &mut Reached, gaps_to: &mut u64, stop: &Shutdown) -> Result<(), (&'static str, String)> {
+    /// Whether a stalled source is handed to the copier: a source (not a mirror, which owns
+    /// its stream) on a server that stops sources at a duplicate id, where only the copier
+    /// (which the target's dedupe serves) gets past it.
+    fn replaceable(&self) -> bool {
+        !self.spec.mirror && self.target.server_version().is_some_and(|v| sources_stop_at_duplicates(&v))
+    }
+
+    async fn step(
+        &self,
+        reached: &mut Reached,
+        gaps_to: &mut u64,
+        stop: &Shutdown,
+    ) -> Result<(), (&'static str, String)> {
         let target = |e: BackboneError| ("target", e.to_string());
         let status = match self.target.source_status(&self.target_stream, &self.spec).await {
             Ok(Some(status)) => status,
@@ -153,7 +175,11 @@ impl Sourcing {
         }
         if let Some(now) = now.filter(|n| n.sequence > reached.sequence) {
             self.progress.metrics.copied.get_or_create(&self.progress.labels()).inc_by(now.sequence - reached.sequence);
-            self.progress.checkpoints.store(&self.progress.key(), now.sequence).await.map_err(|e| ("checkpoint", e.to_string()))?;
+            self.progress
+                .checkpoints
+                .store(&self.progress.key(), now.sequence)
+                .await
+                .map_err(|e| ("checkpoint", e.to_string()))?;
             *reached = now;
         }
         self.progress.reached(reached.sequence, reached.time);
@@ -187,9 +213,18 @@ impl Sourcing {
         let read = |b: &JetStreamBackbone, stream: &str, from: u64, filter: Vec<String>| {
             let (b, stream) = (b.clone(), stream.to_string());
             async move {
-                let options = ReplayOptions { start: StartPosition::Sequence(from), follow: false, filter_subjects: filter.clone() };
+                let options = ReplayOptions {
+                    start: StartPosition::Sequence(from),
+                    follow: false,
+                    filter_subjects: filter.clone(),
+                };
                 let replay = b.replay(&stream, options).await?;
-                replay.take(self.handoff_scan as usize).collect::<Vec<_>>().await.into_iter().collect::<Result<Vec<_>, _>>()
+                replay
+                    .take(self.handoff_scan as usize)
+                    .collect::<Vec<_>>()
+                    .await
+                    .into_iter()
+                    .collect::<Result<Vec<_>, _>>()
             }
         };
         let tail_from = info.last_sequence.saturating_sub(self.handoff_scan).max(info.first_sequence).max(1);
@@ -199,17 +234,29 @@ impl Sourcing {
             .into_iter()
             .map(|m| m.id)
             .collect();
-        let next = read(&self.source, &self.progress.stream, checkpoint + 1, self.spec.filter_subject.iter().cloned().collect()).await.map_err(|e| ("source", e.to_string()))?;
+        let next = read(
+            &self.source,
+            &self.progress.stream,
+            checkpoint + 1,
+            self.spec.filter_subject.iter().cloned().collect(),
+        )
+        .await
+        .map_err(|e| ("source", e.to_string()))?;
         // The events a copier stored past its checkpoint are the source's next ones, in order:
         // the source starts at the first one the target does not hold. (If one further on is
         // held too, the source stalls there and the copier takes over: see `STALL`.)
-        let position = next.iter().take_while(|m| held.contains(&m.copy_id())).last().map_or(checkpoint, |m| m.sequence);
+        let position =
+            next.iter().take_while(|m| held.contains(&m.copy_id())).last().map_or(checkpoint, |m| m.sequence);
         if position > checkpoint {
             tracing::info!(
                 link = %self.progress.link, stream = %self.progress.stream, checkpoint, position,
                 "the target already holds events past the checkpoint; the native source starts after them"
             );
-            self.progress.checkpoints.store(&self.progress.key(), position).await.map_err(|e| ("checkpoint", e.to_string()))?;
+            self.progress
+                .checkpoints
+                .store(&self.progress.key(), position)
+                .await
+                .map_err(|e| ("checkpoint", e.to_string()))?;
         }
         Ok(position)
     }
@@ -285,16 +332,13 @@ impl Sourcing {
                 || copy.headers.iter().any(|(n, v)| n == SOURCE_HEADER && sourced_sequence(v) == Some(sequence))
         };
         match copy {
-            Some(copy) if is_copy(&copy) && copy.id != original.id =>
-            {
-                Err((
-                    "target",
-                    format!(
-                        "the copy of source sequence {sequence} has id {:?}, the source's message has {:?}",
-                        copy.id, original.id
-                    ),
-                ))
-            }
+            Some(copy) if is_copy(&copy) && copy.id != original.id => Err((
+                "target",
+                format!(
+                    "the copy of source sequence {sequence} has id {:?}, the source's message has {:?}",
+                    copy.id, original.id
+                ),
+            )),
             _ => Ok(()),
         }
     }

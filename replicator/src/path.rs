@@ -8,7 +8,8 @@
 //! sampling, provenance, loop prevention, embedded stores, a target that cannot address the
 //! source's domain) takes the replicator's own copier (`copy`).
 
-use chorus_backbone::jetstream::{JetStreamBackbone, NativeSource};
+use chorus_backbone::jetstream::{transforms_sources, JetStreamBackbone, NativeSource};
+use chorus_backbone::subject::filter_covers;
 use chorus_backbone::{Backbone, BackboneError, StreamConfig};
 
 use crate::config::{CopyPath, EndpointConfig, LinkConfig, StreamLink};
@@ -28,14 +29,18 @@ pub(crate) enum Chosen {
     },
 }
 
-/// Why a link cannot be copied natively, from its configuration alone (empty = it can).
+/// Why a link cannot be copied natively, from its configuration alone (empty = it can). A
+/// link with one rewrite rule can, on servers that transform subjects in sources (2.10+);
+/// [`choose`] checks the rest.
 pub(crate) fn not_plain(link: &LinkConfig, s: &StreamLink) -> Vec<String> {
     let mut why = Vec::new();
     if !matches!(link.source, EndpointConfig::Nats(_)) || !matches!(link.target, EndpointConfig::Nats(_)) {
         why.push("an endpoint is an embedded store".to_string());
     }
-    if !s.rewrite.is_empty() {
-        why.push("subjects are rewritten".into());
+    if s.rewrite.len() > 1 {
+        why.push("subjects are rewritten by more than one rule".into());
+    } else if !s.rewrite.is_empty() && !s.filter_subjects.is_empty() {
+        why.push("subjects are rewritten and filtered".into());
     }
     if link.sampling.is_some() {
         why.push("alive events are sampled".into());
@@ -72,10 +77,9 @@ pub(crate) async fn choose(
     if !why.is_empty() {
         return copy_or_wait(why.join(", "));
     }
-    let (Some(src), Some(dst)) = (
-        source.as_any().downcast_ref::<JetStreamBackbone>(),
-        target.as_any().downcast_ref::<JetStreamBackbone>(),
-    ) else {
+    let (Some(src), Some(dst)) =
+        (source.as_any().downcast_ref::<JetStreamBackbone>(), target.as_any().downcast_ref::<JetStreamBackbone>())
+    else {
         return copy_or_wait("an endpoint is an embedded store".into());
     };
     let missing = |e: BackboneError| match e {
@@ -84,8 +88,32 @@ pub(crate) async fn choose(
     };
     let own = src.remote_stream(&src.api_prefix(), &s.stream).await.map_err(missing)?;
     let Some(own) = own else { return Err(("source", format!("stream {} does not exist yet", s.stream))) };
+    // A rewrite becomes the source's subject transform: the target's server must apply it,
+    // and the rule must match every subject of the stream (a source copies only what its
+    // transform matches, where the copier passes the rest unchanged).
+    let transform = match s.rewrite.first() {
+        None => None,
+        Some(rule) => {
+            let version = dst.server_version().unwrap_or_default();
+            if !transforms_sources(&version) {
+                return copy_or_wait(format!(
+                    "subjects are rewritten, and nats-server {version} at the target does not transform subjects in sources (2.10+)"
+                ));
+            }
+            let subjects = source.stream_config(&s.stream).await.map_err(|e| ("source", e.to_string()))?.subjects;
+            if let Some(uncovered) = subjects.iter().find(|f| !filter_covers(&rule.from, f)) {
+                return copy_or_wait(format!(
+                    "the rewrite rule {} does not cover the stream's subject {uncovered}",
+                    rule.from
+                ));
+            }
+            Some((rule.from.clone(), rule.to.clone()))
+        }
+    };
     let Some(domain) = src.domain().await.map_err(|e| ("source", e.to_string()))? else {
-        return copy_or_wait("the source's servers run JetStream without a domain, so the target cannot address them".into());
+        return copy_or_wait(
+            "the source's servers run JetStream without a domain, so the target cannot address them".into(),
+        );
     };
     let api_prefix = format!("$JS.{domain}.API");
     match dst.remote_stream(&api_prefix, &s.stream).await {
@@ -115,12 +143,13 @@ pub(crate) async fn choose(
         },
     };
     let version = |b: &JetStreamBackbone| b.server_version().unwrap_or_else(|| "unknown".into());
-    let mirror = create.as_ref().is_some_and(|c| c.subjects.is_empty());
+    let mirror = transform.is_none() && create.as_ref().is_some_and(|c| c.subjects.is_empty());
     Ok(Chosen::Native {
         note: format!(
-            "native {} of {} through {api_prefix} into {target_name} (nats-server {} at the target, {} at the source)",
+            "native {} of {} through {api_prefix} into {target_name}{} (nats-server {} at the target, {} at the source)",
             if mirror { "mirror" } else { "source" },
             s.stream,
+            transform.as_ref().map(|(from, to)| format!(", subjects {from} → {to}")).unwrap_or_default(),
             version(dst),
             version(src)
         ),
@@ -129,8 +158,8 @@ pub(crate) async fn choose(
             api_prefix,
             start_sequence: checkpoint + 1,
             filter_subject: s.filter_subjects.first().cloned(),
-            // A stream made for the copy, capturing nothing of its own: a mirror.
-            mirror: create.as_ref().is_some_and(|c| c.subjects.is_empty()),
+            mirror,
+            transform,
         },
         target: target_name,
         create,

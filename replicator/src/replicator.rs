@@ -14,12 +14,12 @@ use prometheus_client::registry::Registry;
 
 use crate::checkpoint::Checkpoints;
 use crate::config::{EndpointConfig, LinkConfig, ReplicatorConfig, StreamLink};
-use crate::native::{Ended, Sourcing};
-use crate::path::{self, Chosen};
 use crate::copier::Copier;
-use crate::progress::Progress;
 use crate::error::{ReplicatorError, Result};
 use crate::metrics::{CopierHealth, HealthReport, Metrics};
+use crate::native::{Ended, Sourcing};
+use crate::path::{self, Chosen};
+use crate::progress::Progress;
 use crate::rewrite::Rewrite;
 use crate::sampling::Sampler;
 

@@ -266,7 +266,12 @@ async fn copy_through(
     handle.stop().await.unwrap();
     assert_eq!(assert_copied(&*source, CHORUS_LIFECYCLE, &*target, copy).await, 30_000);
     assert!(metrics.contains("chorus_replicator_copied_total"), "{metrics}");
-    assert!(metrics.contains(&format!("chorus_replicator_path{{link=\"east\",stream=\"CHORUS_LIFECYCLE\",reason=\"{path}\"}} 1")), "{metrics}");
+    assert!(
+        metrics.contains(&format!(
+            "chorus_replicator_path{{link=\"east\",stream=\"CHORUS_LIFECYCLE\",reason=\"{path}\"}} 1"
+        )),
+        "{metrics}"
+    );
 }
 
 /// Two servers that do not reach each other: only the copier can copy between them.
@@ -332,26 +337,58 @@ fn native_link_yaml(hub: &str, extra: &str) -> String {
     )
 }
 
-/// Copies natively into the hub's `CHORUS_LIFECYCLE` (a source added to the existing
-/// stream) or, with `mirror`, into a stream `EAST` made as its mirror.
-async fn copy_natively(mirror: bool, disrupt: fn(&mut LeafnodeSites)) {
+/// How a plain link from `east` into the hub is set up.
+#[derive(Clone, Copy, PartialEq)]
+enum Native {
+    /// A source added to the hub's `CHORUS_LIFECYCLE`.
+    Source,
+    /// A stream `EAST` made as its mirror.
+    Mirror,
+    /// Subjects rewritten into a stream `EAST` of the link's own: a source with a subject
+    /// transform on nats-server 2.10+, the (sequenced) copier before.
+    Transform,
+}
+
+async fn copy_natively(how: Native, disrupt: fn(&mut LeafnodeSites)) {
     let mut sites = east_and_hub();
     let (source, target) = (js(&sites.sites[0].url()).await, js(&sites.hub.url()).await);
-    let (copy, extra) = match mirror {
-        true => ("EAST", "        target_stream: { name: EAST, subjects: [] }\n"),
-        false => (CHORUS_LIFECYCLE, ""),
+    let version = target.as_any().downcast_ref::<JetStreamBackbone>().unwrap().server_version().unwrap();
+    let (copy, extra, path) = match how {
+        Native::Source => (CHORUS_LIFECYCLE, "", "native"),
+        Native::Mirror => ("EAST", "        target_stream: { name: EAST, subjects: [] }\n", "native"),
+        Native::Transform => {
+            let path = if chorus_backbone::jetstream::transforms_sources(&version) { "native" } else { "copy" };
+            ("EAST", TRANSFORM, path)
+        }
     };
     let link = native_link_yaml(&sites.hub.url(), extra);
-    copy_through(source, (target, copy), link, "native", || {
+    copy_through(source, (target.clone(), copy), link, path, || {
         disrupt(&mut sites);
         sites.wait_connected(Duration::from_secs(30)).unwrap();
+    })
+    .await;
+    if how == Native::Transform {
+        let copies = read_all(&*target, copy).await;
+        assert!(copies.iter().all(|m| m.subject.starts_with("east.choria.lifecycle.")), "{:?}", copies[0].subject);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rewrite_link_between_domains_loses_and_duplicates_nothing_through_restarts() {
+    copy_natively(Native::Transform, |sites| {
+        sites.sites[0].kill().unwrap();
+        std::thread::sleep(Duration::from_secs(1));
+        sites.sites[0].restart().unwrap();
+        sites.hub.kill().unwrap();
+        std::thread::sleep(Duration::from_secs(1));
+        sites.hub.restart().unwrap();
     })
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn native_source_site_restart_loses_and_duplicates_nothing() {
-    copy_natively(false, |sites| {
+    copy_natively(Native::Source, |sites| {
         sites.sites[0].kill().unwrap();
         std::thread::sleep(Duration::from_secs(2));
         sites.sites[0].restart().unwrap();
@@ -361,7 +398,7 @@ async fn native_source_site_restart_loses_and_duplicates_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn native_source_hub_restart_loses_and_duplicates_nothing() {
-    copy_natively(false, |sites| {
+    copy_natively(Native::Source, |sites| {
         sites.hub.kill().unwrap();
         std::thread::sleep(Duration::from_secs(2));
         sites.hub.restart().unwrap();
@@ -371,7 +408,7 @@ async fn native_source_hub_restart_loses_and_duplicates_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn native_mirror_site_and_hub_restarts_lose_and_duplicate_nothing() {
-    copy_natively(true, |sites| {
+    copy_natively(Native::Mirror, |sites| {
         sites.sites[0].kill().unwrap();
         std::thread::sleep(Duration::from_secs(1));
         sites.sites[0].restart().unwrap();
@@ -842,12 +879,13 @@ async fn a_standby_replicator_takes_over_from_a_killed_leader_without_loss_or_du
     assert_eq!(assert_same_events(&*source, &*target, CHORUS_LIFECYCLE).await, 30_000);
 }
 
-/// A native source on nats-server 2.9 stops for good at a sourced event the target already
-/// holds under the same id (here one published to the hub directly); the replicator sees it
-/// make no progress while behind, removes it and copies the rest with its copier: the hub
-/// ends with exactly the site's events, and health says why the path changed.
+/// A native source meets an event the target already holds under the same id (here one
+/// published to the hub directly). nats-server 2.9 stops the source for good there: the
+/// replicator sees it make no progress while behind, removes it and copies the rest with
+/// its copier, and health says why. Newer servers drop the duplicate and go on natively.
+/// Either way the hub ends with exactly the site's events.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stalled_native_source_is_replaced_by_the_copier_without_loss_or_duplicates() {
+async fn a_native_source_meeting_an_event_the_target_holds_loses_and_duplicates_nothing() {
     let sites = east_and_hub();
     let (source, target) = (js(&sites.sites[0].url()).await, js(&sites.hub.url()).await);
     ensure_platform_streams(&*source, &StreamLimits::default()).await.unwrap();
@@ -855,24 +893,27 @@ async fn a_stalled_native_source_is_replaced_by_the_copier_without_loss_or_dupli
     let events = startups("n", 0..3_000, Some("east"));
     publish_all(&*target, vec![events[1_000].clone()]).await;
     publish_all(&*source, events).await;
+    let version = target.as_any().downcast_ref::<JetStreamBackbone>().unwrap().server_version().unwrap();
+    let stops = chorus_backbone::jetstream::sources_stop_at_duplicates(&version);
     let state = tempfile::tempdir().unwrap();
     let yaml = format!("state_dir: {}\nlinks:\n{}", state.path().display(), native_link_yaml(&sites.hub.url(), ""));
     let config = ReplicatorConfig::from_yaml(&yaml).unwrap();
     let mut handle = Replicator::from_config(&config).await.unwrap().start(Shutdown::new()).await.unwrap();
-    eventually("the link to leave the stalled source for the copier", Duration::from_secs(60), || {
+    let path = if stops { "copy" } else { "native" };
+    eventually(&format!("the hub to hold every event, copied by the {path} path"), Duration::from_secs(60), || {
         let (handle, target) = (&handle, &*target);
         async move {
             let copier = &handle.copiers()[0];
             let held = count(target, CHORUS_LIFECYCLE).await;
             match (copier.path, held) {
-                (Some("copy"), 3_000) => Ok(()),
+                (Some(p), 3_000) if p == path => Ok(()),
                 _ => Err(format!("hub holds {held}; {copier:?}")),
             }
         }
     })
     .await;
     let copier = handle.copiers()[0].clone();
-    assert!(copier.path_reason.as_deref().unwrap_or_default().contains("no progress"), "{copier:?}");
+    assert!(!stops || copier.path_reason.as_deref().unwrap_or_default().contains("no progress"), "{copier:?}");
     assert!(handle.wait_caught_up(Duration::from_secs(30)).await, "{:?}", handle.copiers());
     handle.stop().await.unwrap();
     assert_eq!(assert_same_events(&*source, &*target, CHORUS_LIFECYCLE).await, 3_000);

@@ -30,7 +30,10 @@ use crate::{
 
 pub use connect::{NatsAuth, NatsConfig};
 pub use sequenced::{SequencedAck, EVENT_ID_HEADER, EXPECTED_LAST_SEQUENCE_HEADER};
-pub use sourcing::{sourced_sequence, NativeSource, RemoteStream, SourceStatus, SOURCE_HEADER};
+pub use sourcing::{
+    sourced_sequence, sources_stop_at_duplicates, transforms_sources, NativeSource, RemoteStream, SourceStatus,
+    SOURCE_HEADER,
+};
 
 /// Header carrying the event id; JetStream dedupes on it.
 pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";

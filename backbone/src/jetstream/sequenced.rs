@@ -74,7 +74,10 @@ impl JetStreamBackbone {
             headers.insert(EVENT_ID_HEADER, m.id.as_str());
             headers.insert(EXPECTED_LAST_SEQUENCE_HEADER, (last + i as u64).to_string().as_str());
             if i < final_index {
-                self.client.publish_with_headers(m.subject.clone(), headers, m.payload.clone()).await.map_err(|e| nats(&e))?;
+                self.client
+                    .publish_with_headers(m.subject.clone(), headers, m.payload.clone())
+                    .await
+                    .map_err(|e| nats(&e))?;
             } else {
                 let publish = Publish::build().headers(headers).payload(m.payload.clone());
                 let ack = self.js.send_publish(m.subject.clone(), publish).await.map_err(|e| nats(&e))?;

@@ -32,6 +32,10 @@ pub struct NativeSource {
     /// what it receives as it is, without the per-message work of a source (a new header,
     /// a dedupe lookup), and never stops at a duplicate id.
     pub mirror: bool,
+    /// Subjects rewritten on the way (`from` filter, `to` mapping in NATS subject-mapping
+    /// syntax): a source subject transform, which nats-server 2.10 and later apply. Only
+    /// the source's messages matching `from` are copied.
+    pub transform: Option<(String, String)>,
 }
 
 /// How a configured source is doing, as the target server reports it.
@@ -175,7 +179,8 @@ impl JetStreamBackbone {
         let (configured, reported) = if source.mirror {
             (same_source(&info["config"]["mirror"], source), vec![info["mirror"].clone()])
         } else {
-            let configured = info["config"]["sources"].as_array().is_some_and(|s| s.iter().any(|s| same_source(s, source)));
+            let configured =
+                info["config"]["sources"].as_array().is_some_and(|s| s.iter().any(|s| same_source(s, source)));
             (configured, info["sources"].as_array().cloned().unwrap_or_default())
         };
         if !configured {
@@ -253,14 +258,39 @@ fn source_entry(s: &NativeSource) -> Value {
     if let Some(f) = &s.filter_subject {
         entry["filter_subject"] = json!(f);
     }
+    if let Some((from, to)) = &s.transform {
+        entry["subject_transforms"] = json!([{ "src": from, "dest": to }]);
+    }
     entry
 }
 
-/// Whether a configured source entry is `s` (same stream, same API prefix, same filter).
+/// Whether a configured source entry is `s` (same stream, API prefix, filter, transform).
 fn same_source(entry: &Value, s: &NativeSource) -> bool {
+    let transform = entry["subject_transforms"]
+        .as_array()
+        .and_then(|t| t.first())
+        .map(|t| (t["src"].as_str().unwrap_or_default(), t["dest"].as_str().unwrap_or_default()));
     entry["name"] == s.stream.as_str()
         && entry["external"]["api"] == s.api_prefix.as_str()
         && entry["filter_subject"].as_str().filter(|f| !f.is_empty()) == s.filter_subject.as_deref()
+        && transform == s.transform.as_ref().map(|(a, b)| (a.as_str(), b.as_str()))
+}
+
+/// Whether a server of `version` (`2.10.4`) applies subject transforms in sources (2.10+).
+pub fn transforms_sources(version: &str) -> bool {
+    at_least(version, (2, 10))
+}
+
+/// Whether a source on a server of `version` stops for good at a sourced message the stream
+/// already holds under the same `Nats-Msg-Id`: nats-server 2.9 retries it forever (seen on
+/// 2.9.10); 2.15.1 drops it and goes on (tested), as 2.10 and later are taken to.
+pub fn sources_stop_at_duplicates(version: &str) -> bool {
+    !at_least(version, (2, 10))
+}
+
+fn at_least(version: &str, wanted: (u32, u32)) -> bool {
+    let mut parts = version.trim_start_matches('v').split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= wanted
 }
 
 #[cfg(test)]
@@ -282,6 +312,7 @@ mod tests {
             start_sequence: 5,
             filter_subject: None,
             mirror: false,
+            transform: None,
         };
         let mut entry = source_entry(&s);
         assert_eq!(entry["opt_start_seq"], 5);
@@ -290,5 +321,16 @@ mod tests {
         assert!(same_source(&entry, &s));
         let other = NativeSource { api_prefix: "$JS.west.API".into(), ..s.clone() };
         assert!(!same_source(&entry, &other));
+        let transformed = NativeSource { transform: Some(("a.>".into(), "b.>".into())), ..s.clone() };
+        assert!(!same_source(&entry, &transformed));
+        assert!(same_source(&source_entry(&transformed), &transformed));
+    }
+
+    #[test]
+    fn subject_transforms_in_sources_start_with_2_10() {
+        assert!(!transforms_sources("2.9.10"));
+        assert!(transforms_sources("2.10.0"));
+        assert!(transforms_sources("2.15.1"));
+        assert!(!transforms_sources(""));
     }
 }
