@@ -59,7 +59,10 @@ pub(crate) fn not_plain(link: &LinkConfig, s: &StreamLink) -> Vec<String> {
 
 /// Decides how `s` is copied, given the backbones the link holds and the checkpoint it
 /// resumes from. `Err` when it cannot be decided yet (a server unreachable, the source
-/// stream not there yet, or `native` asked for but not possible), with the side at fault
+/// stream not there yet, or `native` asked for but not possible), with the side at fault.
+/// `sequenced`: the copier could append to the link's own target stream with sequenced
+/// publishes, which `chorus bench replicate` measures faster than a transforming source, so
+/// `auto` keeps rewrites there on the copier
 /// (`source`, `target`, or `path`): retried.
 pub(crate) async fn choose(
     link: &LinkConfig,
@@ -67,6 +70,7 @@ pub(crate) async fn choose(
     source: &dyn Backbone,
     target: &dyn Backbone,
     checkpoint: u64,
+    sequenced: bool,
 ) -> Result<Chosen, (&'static str, String)> {
     if s.path == CopyPath::Copy {
         return Ok(Chosen::Copy { why: "path: copy is configured".into() });
@@ -93,6 +97,13 @@ pub(crate) async fn choose(
     // transform matches, where the copier passes the rest unchanged).
     let transform = match s.rewrite.first() {
         None => None,
+        Some(_) if sequenced && !native => {
+            return Ok(Chosen::Copy {
+                why: "subjects are rewritten into a stream the link owns: sequenced publishes (faster than a source \
+                      transforming them, as chorus bench replicate measures)"
+                    .into(),
+            })
+        }
         Some(rule) => {
             let version = dst.server_version().unwrap_or_default();
             if !transforms_sources(&version) {

@@ -195,7 +195,8 @@ impl StreamTerm {
         let mut backoff = p.backoff();
         let chosen = loop {
             let Some(checkpoint) = p.load(&stop).await else { return };
-            match path::choose(&self.link, &self.stream, &*self.source, &*self.target, checkpoint).await {
+            let sequenced = self.sequenced.load(std::sync::atomic::Ordering::Relaxed) && self.stream.target_stream.is_some();
+            match path::choose(&self.link, &self.stream, &*self.source, &*self.target, checkpoint, sequenced).await {
                 Ok(chosen) => break chosen,
                 Err((side, why)) => {
                     p.fail(side, why);

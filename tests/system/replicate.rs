@@ -345,7 +345,7 @@ enum Native {
     /// A stream `EAST` made as its mirror.
     Mirror,
     /// Subjects rewritten into a stream `EAST` of the link's own: a source with a subject
-    /// transform on nats-server 2.10+, the (sequenced) copier before.
+    /// transform on nats-server 2.10+ (`path: native`), the (sequenced) copier before.
     Transform,
 }
 
@@ -356,10 +356,12 @@ async fn copy_natively(how: Native, disrupt: fn(&mut LeafnodeSites)) {
     let (copy, extra, path) = match how {
         Native::Source => (CHORUS_LIFECYCLE, "", "native"),
         Native::Mirror => ("EAST", "        target_stream: { name: EAST, subjects: [] }\n", "native"),
-        Native::Transform => {
-            let path = if chorus_backbone::jetstream::transforms_sources(&version) { "native" } else { "copy" };
-            ("EAST", TRANSFORM, path)
+        // `auto` keeps a rewrite into a stream of the link's own on the sequenced copier
+        // (faster); `native` asks for the transforming source where the server has them.
+        Native::Transform if chorus_backbone::jetstream::transforms_sources(&version) => {
+            ("EAST", &*format!("{TRANSFORM}        path: native\n"), "native")
         }
+        Native::Transform => ("EAST", TRANSFORM, "copy"),
     };
     let link = native_link_yaml(&sites.hub.url(), extra);
     copy_through(source, (target.clone(), copy), link, path, || {

@@ -119,8 +119,11 @@ impl JetStreamBackbone {
                 let mut config = serde_json::to_value(super::stream_config(target)).map_err(json_error)?;
                 if source.mirror {
                     config["mirror"] = entry;
+                    // A mirror keeps the source's sequences, so it never needs to remember
+                    // ids (2.10+ would for a duplicate window, at a cost per message).
                     if let Some(c) = config.as_object_mut() {
                         c.remove("subjects");
+                        c.remove("duplicate_window");
                     }
                 } else {
                     config["sources"] = json!([entry]);
