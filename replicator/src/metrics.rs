@@ -42,6 +42,17 @@ pub struct ReasonLabels {
     pub reason: String,
 }
 
+/// Labels of the path metric: the link, the source stream and a way of copying.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PathLabels {
+    /// Link name, from the configuration.
+    pub link: String,
+    /// Source stream name.
+    pub stream: String,
+    /// `copy` or `native`.
+    pub path: String,
+}
+
 /// The metric families of one replicator process.
 pub struct Metrics {
     /// Events the target acknowledged as newly stored (duplicates it dropped are not counted).
@@ -59,7 +70,7 @@ pub struct Metrics {
     /// Source events removed by the source's retention before they were copied.
     pub gap_events: Family<StreamLabels, Counter>,
     /// 1 for the way each stream is copied (`path` = `copy` or `native`).
-    pub path: Family<ReasonLabels, Gauge>,
+    pub path: Family<PathLabels, Gauge>,
     health: Mutex<Vec<Arc<CopierHealth>>>,
 }
 

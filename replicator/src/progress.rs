@@ -8,7 +8,7 @@ use chorus_backbone::{Backbone, Message};
 use chorus_runtime::{Backoff, Retry, Shutdown};
 
 use crate::checkpoint::Checkpoints;
-use crate::metrics::{CopierHealth, Metrics, ReasonLabels, StreamLabels};
+use crate::metrics::{CopierHealth, Metrics, PathLabels, ReasonLabels, StreamLabels};
 
 /// The bookkeeping of one (link, stream).
 #[derive(Clone)]
@@ -33,6 +33,16 @@ impl Progress {
 
     pub fn reason(&self, reason: &str) -> ReasonLabels {
         ReasonLabels { link: self.link.clone(), stream: self.stream.clone(), reason: reason.into() }
+    }
+
+    /// Records the way the stream is copied (`copy` or `native`) and why: health and the
+    /// `path` gauge.
+    pub fn chose(&self, path: &'static str, why: String) {
+        self.health.chose(path, why);
+        for other in ["copy", "native"] {
+            let labels = PathLabels { link: self.link.clone(), stream: self.stream.clone(), path: other.into() };
+            self.metrics.path.get_or_create(&labels).set(i64::from(other == path));
+        }
     }
 
     pub fn key(&self) -> String {

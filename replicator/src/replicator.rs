@@ -211,10 +211,7 @@ impl StreamTerm {
             Chosen::Native { note, .. } => ("native", note.clone()),
         };
         tracing::info!(link = %p.link, stream = %p.stream, path, "{why}");
-        p.health.chose(path, why);
-        for other in ["copy", "native"] {
-            p.metrics.path.get_or_create(&p.reason(other)).set(i64::from(other == path));
-        }
+        p.chose(path, why);
         match chosen {
             Chosen::Copy { .. } => self.copier().run(stop).await,
             Chosen::Native { source, target, create, engines, .. } => {
@@ -232,9 +229,7 @@ impl StreamTerm {
                 if let Ended::Stalled { at, why } = sourcing.run(stop.clone()).await {
                     tracing::warn!(link = %p.link, stream = %p.stream, at, "{why}");
                     p.fail("target", why.clone());
-                    p.health.chose("copy", why);
-                    p.metrics.path.get_or_create(&p.reason("native")).set(0);
-                    p.metrics.path.get_or_create(&p.reason("copy")).set(1);
+                    p.chose("copy", why);
                     self.copier().run(stop).await
                 }
             }

@@ -268,7 +268,7 @@ async fn copy_through(
     assert!(metrics.contains("chorus_replicator_copied_total"), "{metrics}");
     assert!(
         metrics.contains(&format!(
-            "chorus_replicator_path{{link=\"east\",stream=\"CHORUS_LIFECYCLE\",reason=\"{path}\"}} 1"
+            "chorus_replicator_path{{link=\"east\",stream=\"CHORUS_LIFECYCLE\",path=\"{path}\"}} 1"
         )),
         "{metrics}"
     );
