@@ -260,7 +260,10 @@ impl Bench {
                         *took.lock().expect("path lock") = path;
                         chorus_runtime::Service::stop(&mut handle).await?;
                         drop(state);
-                        anyhow::ensure!(expected.is_none() || path == expected, "the link took path {path:?}, not {expected:?}");
+                        anyhow::ensure!(
+                            expected.is_none() || path == expected,
+                            "the link took path {path:?}, not {expected:?}"
+                        );
                         Ok(())
                     })
                 }));

@@ -56,12 +56,12 @@ enum Publishing {
     /// Acknowledged publishes with ids (`Nats-Msg-Id`): the target's dedupe drops repeats.
     Ids,
     /// Appends to a stream it owns after sequence `last` (see `publish_sequenced`).
-    Sequenced { js: JetStreamBackbone, stream: String, last: u64 },
+    Sequenced { js: Box<JetStreamBackbone>, stream: String, last: u64 },
 }
 
 impl Publishing {
     fn sequenced(js: &JetStreamBackbone, stream: &str, last: u64) -> Self {
-        Publishing::Sequenced { js: js.clone(), stream: stream.to_string(), last }
+        Publishing::Sequenced { js: Box::new(js.clone()), stream: stream.to_string(), last }
     }
 }
 

@@ -20,13 +20,17 @@ pub(crate) enum Chosen {
     Copy { why: String },
     /// A native source on the target stream `target` (created from `create` when it does
     /// not exist), supervised by the replicator over the two `engines` (source, target).
-    Native {
-        source: NativeSource,
-        target: String,
-        create: Option<StreamConfig>,
-        note: String,
-        engines: Box<(JetStreamBackbone, JetStreamBackbone)>,
-    },
+    Native(Box<NativeChoice>),
+}
+
+/// What a native copy is made of.
+pub(crate) struct NativeChoice {
+    pub source: NativeSource,
+    pub target: String,
+    pub create: Option<StreamConfig>,
+    pub note: String,
+    /// The source's and the target's engines.
+    pub engines: (JetStreamBackbone, JetStreamBackbone),
 }
 
 /// Why a link cannot be copied natively, from its configuration alone (empty = it can). A
@@ -155,7 +159,7 @@ pub(crate) async fn choose(
     };
     let version = |b: &JetStreamBackbone| b.server_version().unwrap_or_else(|| "unknown".into());
     let mirror = transform.is_none() && create.as_ref().is_some_and(|c| c.subjects.is_empty());
-    Ok(Chosen::Native {
+    Ok(Chosen::Native(Box::new(NativeChoice {
         note: format!(
             "native {} of {} through {api_prefix} into {target_name}{} (nats-server {} at the target, {} at the source)",
             if mirror { "mirror" } else { "source" },
@@ -174,6 +178,6 @@ pub(crate) async fn choose(
         },
         target: target_name,
         create,
-        engines: Box::new((src.clone(), dst.clone())),
-    })
+        engines: (src.clone(), dst.clone()),
+    })))
 }

@@ -18,7 +18,7 @@ use crate::copier::Copier;
 use crate::error::{ReplicatorError, Result};
 use crate::metrics::{CopierHealth, HealthReport, Metrics};
 use crate::native::{Ended, Sourcing};
-use crate::path::{self, Chosen};
+use crate::path::{self, Chosen, NativeChoice};
 use crate::progress::Progress;
 use crate::rewrite::Rewrite;
 use crate::sampling::Sampler;
@@ -195,7 +195,8 @@ impl StreamTerm {
         let mut backoff = p.backoff();
         let chosen = loop {
             let Some(checkpoint) = p.load(&stop).await else { return };
-            let sequenced = self.sequenced.load(std::sync::atomic::Ordering::Relaxed) && self.stream.target_stream.is_some();
+            let sequenced =
+                self.sequenced.load(std::sync::atomic::Ordering::Relaxed) && self.stream.target_stream.is_some();
             match path::choose(&self.link, &self.stream, &*self.source, &*self.target, checkpoint, sequenced).await {
                 Ok(chosen) => break chosen,
                 Err((side, why)) => {
@@ -208,14 +209,14 @@ impl StreamTerm {
         };
         let (path, why) = match &chosen {
             Chosen::Copy { why } => ("copy", why.clone()),
-            Chosen::Native { note, .. } => ("native", note.clone()),
+            Chosen::Native(n) => ("native", n.note.clone()),
         };
         tracing::info!(link = %p.link, stream = %p.stream, path, "{why}");
         p.chose(path, why);
         match chosen {
             Chosen::Copy { .. } => self.copier().run(stop).await,
-            Chosen::Native { source, target, create, engines, .. } => {
-                let (from, into) = *engines;
+            Chosen::Native(n) => {
+                let NativeChoice { source, target, create, engines: (from, into), .. } = *n;
                 let sourcing = Sourcing {
                     progress: p.clone(),
                     source: from,
