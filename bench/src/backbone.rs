@@ -17,7 +17,7 @@ use chorus_backbone::{Backbone, ConsumerConfig, Message, StreamConfig};
 use chorus_schemas::{lifecycle::Alive, EventRecord};
 use futures::StreamExt;
 
-use super::{print_table, Row};
+use super::{median_sample, print_table, CpuMeter, Row, Sample};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -50,7 +50,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let avg = events.iter().map(|(_, p)| p.len()).sum::<usize>() / events.len().max(1);
     println!("# chorus bench backbone: {} events of {} bytes on average", args.events, avg);
 
-    let (_server, url) = super::nats_url(args.common.nats.as_deref())?;
+    let (server, url) = super::nats_url(args.common.nats.as_deref())?;
+    let meter = CpuMeter::with_server(server.as_ref());
     let config = NatsConfig::new([url.clone()]);
 
     // Raw async-nats baseline and Chorus on JetStream, interleaved over several rounds on
@@ -66,41 +67,23 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut chorus_pub = Vec::new();
     let mut chorus_con = Vec::new();
     for round in 0..args.common.rounds.max(1) {
-        raw_pub.push(super::raw_publish(&js, "RAW_BENCH", "rawbench", &events, config.max_ack_inflight / 2).await?);
+        let window = config.max_ack_inflight / 2;
+        raw_pub.push(meter.sample(super::raw_publish(&js, "RAW_BENCH", "rawbench", &events, window)).await?);
         chorus.ensure_stream(&StreamConfig::new("CHORUS_BENCH", vec!["chorusbench.>".into()])).await?;
-        let (p, c) = publish_consume(&chorus, "CHORUS_BENCH", "chorusbench.event", &events, &args, 1).await?;
-        raw_con.push(raw_consume(&js, events.len(), args.batch).await?);
-        chorus_pub.push(p.took);
-        chorus_con.push(c.took);
+        let (p, c) = publish_consume(&meter, &chorus, "CHORUS_BENCH", "chorusbench.event", &events, &args, 1).await?;
+        raw_con.push(meter.sample(raw_consume(&js, events.len(), args.batch)).await?);
+        chorus_pub.push(Sample { took: p.took, cpu: p.cpu.unwrap_or_default() });
+        chorus_con.push(Sample { took: c.took, cpu: c.cpu.unwrap_or_default() });
         js.delete_stream("RAW_BENCH").await?;
         chorus.delete_stream("CHORUS_BENCH").await?;
         eprintln!("round {} done", round + 1);
     }
     let n = events.len();
-    let raw_pub = Row {
-        name: "raw async-nats JetStream publish".into(),
-        events: n,
-        took: super::median(raw_pub),
-        baseline: None,
-    };
-    let raw_con = Row {
-        name: "raw async-nats pull consume + ack".into(),
-        events: n,
-        took: super::median(raw_con),
-        baseline: None,
-    };
-    let chorus_pub = Row {
-        name: "chorus JetStream publish_batch".into(),
-        events: n,
-        took: super::median(chorus_pub),
-        baseline: Some(raw_pub.rate()),
-    };
-    let chorus_con = Row {
-        name: "chorus JetStream consumer fetch + ack".into(),
-        events: n,
-        took: super::median(chorus_con),
-        baseline: Some(raw_con.rate()),
-    };
+    let raw_pub = Row::of("raw async-nats JetStream publish", n, median_sample(raw_pub), None);
+    let raw_con = Row::of("raw async-nats pull consume + ack", n, median_sample(raw_con), None);
+    let chorus_pub = Row::of("chorus JetStream publish_batch", n, median_sample(chorus_pub), Some(raw_pub.rate()));
+    let chorus_con =
+        Row::of("chorus JetStream consumer fetch + ack", n, median_sample(chorus_con), Some(raw_con.rate()));
     print_table(
         &format!(
             "JetStream: Chorus vs raw async-nats (same server, same payloads, median of {} rounds)",
@@ -113,9 +96,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         let embedded: Arc<dyn Backbone> = Arc::new(EmbeddedBackbone::open_path(dir.path().join("bench"))?);
         embedded.ensure_stream(&StreamConfig::new("EMBEDDED_BENCH", vec!["embeddedbench.>".into()])).await?;
-        let (pub_row, con_row) =
-            publish_consume(&embedded, "EMBEDDED_BENCH", "embeddedbench.event", &events, &args, args.publishers)
-                .await?;
+        let (pub_row, con_row) = publish_consume(
+            &meter,
+            &embedded,
+            "EMBEDDED_BENCH",
+            "embeddedbench.event",
+            &events,
+            &args,
+            args.publishers,
+        )
+        .await?;
+        let before = meter.read();
         let started = Instant::now();
         let mut replay = embedded.replay("EMBEDDED_BENCH", Default::default()).await?;
         let mut n = 0;
@@ -123,7 +114,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             m?;
             n += 1;
         }
-        let replay_row = Row { name: "embedded replay".into(), events: n, took: started.elapsed(), baseline: None };
+        let took = started.elapsed();
+        let replay_row = Row::of("embedded replay", n, Sample { took, cpu: meter.read().since(&before) }, None);
         print_table(
             "Embedded store (sled, group commit: acknowledged = flushed to disk)",
             &[
@@ -139,6 +131,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 /// Publishes `events` in batches from `publishers` tasks, then consumes them all with a durable
 /// consumer, acknowledging each.
 async fn publish_consume(
+    meter: &CpuMeter,
     b: &Arc<dyn Backbone>,
     stream: &str,
     subject: &str,
@@ -148,6 +141,7 @@ async fn publish_consume(
 ) -> anyhow::Result<(Row, Row)> {
     let messages: Vec<Message> = events.iter().map(|(id, p)| Message::new(id.clone(), subject, p.clone())).collect();
     let per = messages.len().div_ceil(publishers.max(1));
+    let before = meter.read();
     let started = Instant::now();
     let mut tasks = Vec::new();
     for part in messages.chunks(per.max(1)) {
@@ -164,11 +158,13 @@ async fn publish_consume(
     for t in tasks {
         t.await??;
     }
-    let publish = Row { name: String::new(), events: messages.len(), took: started.elapsed(), baseline: None };
+    let took = started.elapsed();
+    let publish = Row::of("", messages.len(), Sample { took, cpu: meter.read().since(&before) }, None);
     let stored = b.stream_info(stream).await?.messages as usize;
     anyhow::ensure!(stored == messages.len(), "{stream}: {stored} stored of {} published", messages.len());
 
     let mut consumer = b.consumer(stream, &ConsumerConfig::new("bench")).await?;
+    let before = meter.read();
     let started = Instant::now();
     let mut n = 0;
     while n < messages.len() {
@@ -179,7 +175,8 @@ async fn publish_consume(
         }
         n += got.len();
     }
-    let consume = Row { name: String::new(), events: n, took: started.elapsed(), baseline: None };
+    let took = started.elapsed();
+    let consume = Row::of("", n, Sample { took, cpu: meter.read().since(&before) }, None);
     Ok((publish, consume))
 }
 

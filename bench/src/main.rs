@@ -112,9 +112,25 @@ pub struct CpuMeter {
     servers: Vec<(String, u32)>,
 }
 
-/// One reading of a [`CpuMeter`]: this process first, then each server in order.
+/// One reading of a [`CpuMeter`]: this process first, then each server in order, by name.
+#[derive(Clone, Debug, Default)]
+pub struct CpuReading(Vec<(String, Duration)>);
+
+/// One measured run: its wall time (as the run measured it) and the CPU each process spent
+/// meanwhile.
 #[derive(Clone, Debug)]
-pub struct CpuReading(Vec<Duration>);
+pub struct Sample {
+    /// Wall time of the run.
+    pub took: Duration,
+    /// CPU of this process and each metered server over the run.
+    pub cpu: CpuReading,
+}
+
+/// The median of interleaved rounds by wall time, with that round's CPU.
+pub fn median_sample(mut v: Vec<Sample>) -> Sample {
+    v.sort_by_key(|s| s.took);
+    v.swap_remove(v.len() / 2)
+}
 
 impl CpuMeter {
     /// Meters this process and the named server processes.
@@ -122,26 +138,53 @@ impl CpuMeter {
         CpuMeter { servers }
     }
 
+    /// Meters this process and the private server of a run, if it started one (a server
+    /// given with `--nats` is not on this machine's process table for certain).
+    pub fn with_server(server: Option<&chorus_testkit::nats::NatsServer>) -> Self {
+        CpuMeter::new(
+            server.and_then(|s| s.pid()).map(|pid| vec![("nats-server".to_string(), pid)]).unwrap_or_default(),
+        )
+    }
+
     /// Reads every process's CPU time now.
     pub fn read(&self) -> CpuReading {
-        CpuReading(std::iter::once(process_cpu()).chain(self.servers.iter().map(|(_, pid)| pid_cpu(*pid))).collect())
+        CpuReading(
+            std::iter::once(("client".to_string(), process_cpu()))
+                .chain(self.servers.iter().map(|(name, pid)| (name.clone(), pid_cpu(*pid))))
+                .collect(),
+        )
     }
 
     /// Column headers: the client, then each server.
     pub fn names(&self) -> Vec<String> {
         std::iter::once("client".to_string()).chain(self.servers.iter().map(|(n, _)| n.clone())).collect()
     }
+
+    /// Runs `run` (which returns its own wall time) and the CPU each process spent on it.
+    pub async fn sample<F>(&self, run: F) -> anyhow::Result<Sample>
+    where
+        F: std::future::Future<Output = anyhow::Result<Duration>>,
+    {
+        let before = self.read();
+        let took = run.await?;
+        Ok(Sample { took, cpu: self.read().since(&before) })
+    }
 }
 
 impl CpuReading {
     /// CPU spent by each process between `earlier` and this reading.
     pub fn since(&self, earlier: &CpuReading) -> CpuReading {
-        CpuReading(self.0.iter().zip(&earlier.0).map(|(a, b)| a.saturating_sub(*b)).collect())
+        CpuReading(self.0.iter().zip(&earlier.0).map(|((n, a), (_, b))| (n.clone(), a.saturating_sub(*b))).collect())
     }
 
     /// Microseconds of CPU per event, per process.
     pub fn per_event(&self, events: usize) -> Vec<f64> {
-        self.0.iter().map(|d| d.as_secs_f64() * 1e6 / events.max(1) as f64).collect()
+        self.0.iter().map(|(_, d)| d.as_secs_f64() * 1e6 / events.max(1) as f64).collect()
+    }
+
+    /// The processes read, in order.
+    pub fn names(&self) -> Vec<String> {
+        self.0.iter().map(|(n, _)| n.clone()).collect()
     }
 }
 
@@ -160,23 +203,37 @@ pub struct Row {
     pub took: Duration,
     /// Rate (events/s) this row is compared with; `None` for a baseline row itself.
     pub baseline: Option<f64>,
+    /// CPU of this process and of each metered server over the run, where measured.
+    pub cpu: Option<CpuReading>,
 }
 
 impl Row {
+    /// A row of a measured run.
+    pub fn of(name: impl Into<String>, events: usize, sample: Sample, baseline: Option<f64>) -> Self {
+        Row { name: name.into(), events, took: sample.took, baseline, cpu: Some(sample.cpu) }
+    }
+
     /// Events per second.
     pub fn rate(&self) -> f64 {
         rate(self.events, self.took)
     }
 }
 
-/// Prints rows as a Markdown table (pasted as-is into docs/BENCHMARKS.md).
+/// Prints rows as a Markdown table (pasted as-is into docs/BENCHMARKS.md), with the CPU
+/// per event of this process and of each metered server where the rows measured it.
 pub fn print_table(title: &str, rows: &[Row]) {
+    let names = rows.iter().find_map(|r| r.cpu.as_ref()).map(CpuReading::names).unwrap_or_default();
+    let cpu_heads: String = names.iter().map(|n| format!(" {n} µs CPU/event |")).collect();
     println!("\n### {title}\n");
-    println!("| measurement | events | seconds | events/s | ratio |");
-    println!("|---|---:|---:|---:|---:|");
+    println!("| measurement | events | seconds | events/s | ratio |{cpu_heads}");
+    println!("|---|---:|---:|---:|---:|{}", "---:|".repeat(names.len()));
     for r in rows {
         let ratio = r.baseline.map(|b| format!("{:.2}", r.rate() / b)).unwrap_or_else(|| "baseline".into());
-        println!("| {} | {} | {:.3} | {:.0} | {} |", r.name, r.events, r.took.as_secs_f64(), r.rate(), ratio);
+        let cpu: String = match &r.cpu {
+            Some(c) => c.per_event(r.events).iter().map(|v| format!(" {v:.1} |")).collect(),
+            None => " - |".repeat(names.len()),
+        };
+        println!("| {} | {} | {:.3} | {:.0} | {} |{cpu}", r.name, r.events, r.took.as_secs_f64(), r.rate(), ratio);
     }
 }
 

@@ -18,7 +18,7 @@ use chorus_consumers::reactor::{Reactor, ReactorConfig};
 use chorus_runtime::{Service as _, Shutdown};
 use chorus_schemas::subject::CHORUS_LIFECYCLE;
 
-use super::{print_table, process_cpu, Row};
+use super::{median_sample, print_table, process_cpu, CpuMeter, Row};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -106,7 +106,8 @@ async fn raw_ordered(js: &jetstream::Context, n: u64) -> anyhow::Result<(Duratio
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let (_server, url) = super::nats_url(args.common.nats.as_deref())?;
+    let (server, url) = super::nats_url(args.common.nats.as_deref())?;
+    let meter = CpuMeter::with_server(server.as_ref());
     let config = NatsConfig::new([url.clone()]);
     let client = config.connect(None).await?;
     let b: Arc<dyn Backbone> = Arc::new(JetStreamBackbone::from_client(client.clone(), &config));
@@ -117,48 +118,22 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     println!("# chorus bench react: {n} lifecycle events of {} simulated nodes", args.nodes.min(args.events));
     let js = jetstream::new(client);
     let (mut raw, mut replay, mut expr, mut absence) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let took = |r: anyhow::Result<(Duration, Duration)>| r.map(|(took, _)| took);
     for round in 0..args.common.rounds.max(1) {
-        raw.push(raw_ordered(&js, n).await?);
+        raw.push(meter.sample(async { took(raw_ordered(&js, n).await) }).await?);
         // The backbone's replay alone (what the reactor's reader does), read and dropped.
-        let cpu = process_cpu();
-        let took = super::views::chorus_replay(&b, n, false).await?;
-        replay.push((took, process_cpu() - cpu));
-        expr.push(react(&b, EXPRESSION_RULES, n).await?);
-        absence.push(react(&b, ABSENCE_RULES, n).await?);
+        replay.push(meter.sample(super::views::chorus_replay(&b, n, false)).await?);
+        expr.push(meter.sample(async { took(react(&b, EXPRESSION_RULES, n).await) }).await?);
+        absence.push(meter.sample(async { took(react(&b, ABSENCE_RULES, n).await) }).await?);
         eprintln!("round {} done", round + 1);
     }
     let n = n as usize;
-    let per_event = |cpu: Duration| format!("{:.1} µs CPU/event", cpu.as_secs_f64() * 1e6 / n as f64);
-    let pick = |v: Vec<(Duration, Duration)>| super::median(v);
-    let (raw_t, raw_c) = pick(raw);
-    let (expr_t, expr_c) = pick(expr);
-    let (abs_t, abs_c) = pick(absence);
-    let (replay_t, replay_c) = pick(replay);
-    let raw = Row {
-        name: format!("raw async-nats ordered consumer, read and drop ({})", per_event(raw_c)),
-        events: n,
-        took: raw_t,
-        baseline: None,
-    };
+    let raw = Row::of("raw async-nats ordered consumer, read and drop", n, median_sample(raw), None);
+    let base = Some(raw.rate());
     let rows = [
-        Row {
-            name: format!("chorus backbone replay alone, read and drop ({})", per_event(replay_c)),
-            events: n,
-            took: replay_t,
-            baseline: Some(raw.rate()),
-        },
-        Row {
-            name: format!("reactor: an expression rule over every alive event ({})", per_event(expr_c)),
-            events: n,
-            took: expr_t,
-            baseline: Some(raw.rate()),
-        },
-        Row {
-            name: format!("reactor: an absence rule per node, state written per event ({})", per_event(abs_c)),
-            events: n,
-            took: abs_t,
-            baseline: Some(raw.rate()),
-        },
+        Row::of("chorus backbone replay alone, read and drop", n, median_sample(replay), base),
+        Row::of("reactor: an expression rule over every alive event", n, median_sample(expr), base),
+        Row::of("reactor: an absence rule per node, state written per event", n, median_sample(absence), base),
     ];
     let (eval_t, eval_c, eval_n) = evaluate_only(&b, EXPRESSION_RULES).await?;
     let (_, abs_only_c, _) = evaluate_only(&b, ABSENCE_RULES).await?;

@@ -60,22 +60,24 @@ impl EventSink for Discard {
     }
 }
 
-/// One measured round trip: wall time and this process's CPU time.
-#[derive(Clone, Copy)]
-struct Round {
-    took: Duration,
-    cpu: Duration,
-}
-
-async fn measure<F: std::future::Future<Output = anyhow::Result<()>>>(run: F) -> anyhow::Result<Round> {
-    let (cpu, started) = (super::process_cpu(), Instant::now());
-    run.await?;
-    Ok(Round { took: started.elapsed(), cpu: super::process_cpu().saturating_sub(cpu) })
+/// One measured round trip: wall time and the CPU of this process and of the server.
+async fn measure<F: std::future::Future<Output = anyhow::Result<()>>>(
+    meter: &super::CpuMeter,
+    run: F,
+) -> anyhow::Result<super::Sample> {
+    meter
+        .sample(async {
+            let started = Instant::now();
+            run.await?;
+            Ok(started.elapsed())
+        })
+        .await
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let n = args.nodes;
-    let (_server, url) = super::nats_url(args.nats.as_deref())?;
+    let (server, url) = super::nats_url(args.nats.as_deref())?;
+    let meter = super::CpuMeter::with_server(server.as_ref());
     let connect = || async_nats::connect(url.clone());
     let transport = |c: async_nats::Client| -> Arc<dyn Transport> { Arc::new(NatsTransport::new(c)) };
     let policies = tempfile::tempdir()?;
@@ -126,46 +128,47 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     let (mut raw, mut unsigned, mut with_signatures) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..args.rounds.max(1) {
-        raw.push(measure(raw_round(&raw_client, n)).await?);
-        unsigned.push(measure(call(&plain_client)).await?);
+        raw.push(measure(&meter, raw_round(&raw_client, n)).await?);
+        unsigned.push(measure(&meter, call(&plain_client)).await?);
         if !args.without_signing {
-            with_signatures.push(measure(call(&signed_client)).await?);
+            with_signatures.push(measure(&meter, call(&signed_client)).await?);
         }
         eprintln!("round {} done", round + 1);
     }
     raw_responder.abort();
 
-    let median = |rounds: &[Round]| {
-        (super::median(rounds.iter().map(|r| r.took).collect()), super::median(rounds.iter().map(|r| r.cpu).collect()))
-    };
-    let (raw, unsigned) = (median(&raw), median(&unsigned));
+    let (raw, unsigned) = (super::median_sample(raw), super::median_sample(unsigned));
+    let names = meter.names();
     println!("\n### RPC round trip: one broadcast ping, {n} simulated nodes (median of {} rounds)\n", args.rounds);
-    println!("| measurement | replies | round trip s | replies/s | CPU µs per reply | vs raw | vs unsigned |");
-    println!("|---|---:|---:|---:|---:|---:|---:|");
-    let row = |name: &str, (took, cpu): (Duration, Duration)| {
+    println!(
+        "| measurement | replies | round trip s | replies/s | vs raw | vs unsigned |{}",
+        names.iter().map(|p| format!(" {p} µs CPU per reply |")).collect::<String>()
+    );
+    println!("|---|---:|---:|---:|---:|---:|{}", "---:|".repeat(names.len()));
+    let row = |name: &str, s: &super::Sample| {
         println!(
-            "| {name} | {n} | {:.3} | {:.0} | {:.1} | {:.2} | {:.2} |",
-            took.as_secs_f64(),
-            super::rate(n, took),
-            cpu.as_secs_f64() * 1e6 / n as f64,
-            took.as_secs_f64() / raw.0.as_secs_f64(),
-            took.as_secs_f64() / unsigned.0.as_secs_f64(),
+            "| {name} | {n} | {:.3} | {:.0} | {:.2} | {:.2} |{}",
+            s.took.as_secs_f64(),
+            super::rate(n, s.took),
+            s.took.as_secs_f64() / raw.took.as_secs_f64(),
+            s.took.as_secs_f64() / unsigned.took.as_secs_f64(),
+            s.cpu.per_event(n).iter().map(|c| format!(" {c:.1} |")).collect::<String>()
         )
     };
-    row("raw async-nats (one subscription answers for every node)", raw);
-    row("chorus, unsigned", unsigned);
+    row("raw async-nats (one subscription answers for every node)", &raw);
+    row("chorus, unsigned", &unsigned);
     if !args.without_signing {
-        let with_signatures = median(&with_signatures);
-        row("chorus, signed requests, events and replies", with_signatures);
-        let overhead = with_signatures.0.as_secs_f64() / unsigned.0.as_secs_f64() - 1.0;
+        let with_signatures = super::median_sample(with_signatures);
+        row("chorus, signed requests, events and replies", &with_signatures);
+        let overhead = with_signatures.took.as_secs_f64() / unsigned.took.as_secs_f64() - 1.0;
         println!("\nsigning adds {:.0}% to the round trip (goal: at most 20%)", overhead * 100.0);
     }
     println!(
         "\nchorus unsigned: {:.3} s for {n} nodes (goal: at most 1.0 s), {:.2}x the raw replies/s (goal: at least 0.8x)",
-        unsigned.0.as_secs_f64(),
-        raw.0.as_secs_f64() / unsigned.0.as_secs_f64()
+        unsigned.took.as_secs_f64(),
+        raw.took.as_secs_f64() / unsigned.took.as_secs_f64()
     );
-    signature_costs(unsigned.1.as_secs_f64() * 1e6 / n as f64)?;
+    signature_costs(unsigned.cpu.per_event(n)[0])?;
     if !args.without_discovery {
         inventory_discovery(&plain_server, &plain, "plain", args.rounds.max(1)).await?;
     }
@@ -219,16 +222,17 @@ async fn inventory_discovery(
         let mut times = Vec::new();
         let mut selected = 0;
         for _ in 0..rounds {
-            let round = measure(async {
+            // Discovery reads the local view only: this process's CPU is all of it.
+            let round = measure(&super::CpuMeter::new(Vec::new()), async {
                 selected = inventory.discover(&compiled, collective, chrono::Utc::now())?.nodes.len();
                 Ok(())
             })
             .await?;
             times.push(round);
         }
-        let took = super::median(times.iter().map(|r| r.took).collect());
-        let cpu = super::median(times.iter().map(|r| r.cpu).collect());
-        println!("| {name} | {selected} | {:.3} | {:.1} |", took.as_secs_f64(), cpu.as_secs_f64() * 1e6 / n as f64);
+        let median = super::median_sample(times);
+        let cpu = median.cpu.per_event(n)[0];
+        println!("| {name} | {selected} | {:.3} | {cpu:.1} |", median.took.as_secs_f64());
     }
     Ok(())
 }

@@ -23,7 +23,7 @@ use chorus_schemas::subject::CHORUS_LIFECYCLE;
 use chorus_schemas::EventRecord;
 use futures::StreamExt;
 
-use super::{print_table, Row};
+use super::{median_sample, print_table, CpuMeter, Row, Sample};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -134,7 +134,8 @@ async fn raw_ordered(js: &jetstream::Context, n: u64) -> anyhow::Result<Duration
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let (_server, url) = super::nats_url(args.common.nats.as_deref())?;
+    let (server, url) = super::nats_url(args.common.nats.as_deref())?;
+    let meter = CpuMeter::with_server(server.as_ref());
     let config = NatsConfig::new([url.clone()]);
     let client = config.connect(None).await?;
     let b: Arc<dyn Backbone> = Arc::new(JetStreamBackbone::from_client(client.clone(), &config));
@@ -157,46 +158,40 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut projected = Vec::new();
     let mut last_stats = RunStats::default();
     for round in 0..args.common.rounds.max(1) {
-        raw.push(raw_ordered(&js, n).await?);
-        replay.push(chorus_replay(&b, n, false).await?);
-        decoded.push(chorus_replay(&b, n, true).await?);
-        noop.push(project_noop(&b, &args).await?);
-        let (took, stats) = project(&b, &args, nodes).await?;
-        projected.push(took);
+        raw.push(meter.sample(raw_ordered(&js, n)).await?);
+        replay.push(meter.sample(chorus_replay(&b, n, false)).await?);
+        decoded.push(meter.sample(chorus_replay(&b, n, true)).await?);
+        noop.push(meter.sample(project_noop(&b, &args)).await?);
+        let mut stats = RunStats::default();
+        projected.push(
+            meter
+                .sample(async {
+                    let (took, s) = project(&b, &args, nodes).await?;
+                    stats = s;
+                    Ok(took)
+                })
+                .await?,
+        );
         last_stats = stats;
         eprintln!("round {} done", round + 1);
     }
     let n = n as usize;
-    let raw = Row {
-        name: "raw async-nats ordered consumer (read and drop)".into(),
-        events: n,
-        took: super::median(raw),
-        baseline: None,
-    };
-    let replay = Row {
-        name: "chorus backbone replay (read and drop)".into(),
-        events: n,
-        took: super::median(replay),
-        baseline: Some(raw.rate()),
-    };
-    let decoded = Row {
-        name: "chorus backbone replay + decode (no view, no store)".into(),
-        events: n,
-        took: super::median(decoded),
-        baseline: Some(raw.rate()),
-    };
-    let noop = Row {
-        name: "chorus projection, no-op view (replay, decode, checkpoint commit + flush)".into(),
-        events: n,
-        took: super::median(noop),
-        baseline: Some(raw.rate()),
-    };
-    let proj = Row {
-        name: "chorus inventory projection (replay, decode, apply, sled commit + flush)".into(),
-        events: n,
-        took: super::median(projected),
-        baseline: Some(raw.rate()),
-    };
+    let raw = Row::of("raw async-nats ordered consumer (read and drop)", n, median_sample(raw), None);
+    let base = Some(raw.rate());
+    let replay = Row::of("chorus backbone replay (read and drop)", n, median_sample(replay), base);
+    let decoded = Row::of("chorus backbone replay + decode (no view, no store)", n, median_sample(decoded), base);
+    let noop = Row::of(
+        "chorus projection, no-op view (replay, decode, checkpoint commit + flush)",
+        n,
+        median_sample(noop),
+        base,
+    );
+    let proj = Row::of(
+        "chorus inventory projection (replay, decode, apply, sled commit + flush)",
+        n,
+        median_sample(projected),
+        base,
+    );
     let ratio = proj.rate() / raw.rate();
     print_table(
         &format!(
@@ -215,6 +210,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         let embedded: Arc<dyn Backbone> = Arc::new(EmbeddedBackbone::open_path(dir.path().join("bench"))?);
         let n = preload(&embedded, &args).await? as usize;
+        let before = meter.read();
         let started = Instant::now();
         let mut replay = embedded.replay(CHORUS_LIFECYCLE, Default::default()).await?;
         let mut read = 0;
@@ -223,15 +219,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             read += 1;
         }
         anyhow::ensure!(read == n, "embedded replay read {read} of {n}");
+        let took = started.elapsed();
         let raw =
-            Row { name: "embedded replay (read and drop)".into(), events: n, took: started.elapsed(), baseline: None };
-        let (took, stats) = project(&embedded, &args, nodes).await?;
-        let proj = Row {
-            name: "chorus inventory projection from the embedded store".into(),
-            events: n,
-            took,
-            baseline: Some(raw.rate()),
-        };
+            Row::of("embedded replay (read and drop)", n, Sample { took, cpu: meter.read().since(&before) }, None);
+        let mut stats = RunStats::default();
+        let sample = meter
+            .sample(async {
+                let (took, s) = project(&embedded, &args, nodes).await?;
+                stats = s;
+                Ok(took)
+            })
+            .await?;
+        let proj = Row::of("chorus inventory projection from the embedded store", n, sample, Some(raw.rate()));
         print_table("Inventory projection from the embedded store (sled)", &[raw, proj]);
         println!(
             "\n{} commits, {:.0} events per commit on average",
