@@ -102,6 +102,67 @@ fn replicator_process(source: &str, target: &str) -> (tempfile::TempDir, Child, 
     (state, child, ops)
 }
 
+/// The first copier's entry in the `/healthz` of a replicator process serving on `ops`.
+async fn first_copier(ops: std::net::SocketAddr) -> Result<serde_json::Value, String> {
+    let body = match tokio::time::timeout(Duration::from_secs(5), try_http_get(ops, "/healthz")).await {
+        Ok(Ok(body)) => body,
+        other => return Err(format!("{other:?}")),
+    };
+    let json: serde_json::Value =
+        serde_json::from_str(body.split("\r\n\r\n").nth(1).unwrap_or_default()).map_err(|e| format!("{e}: {body}"))?;
+    Ok(json["services"][0]["copiers"][0].clone())
+}
+
+/// Waits until the replicator process serving on `ops` has checkpointed the whole source
+/// `CHORUS_LIFECYCLE` with nothing left to send and `also` holds for its copier, then kills it.
+async fn checkpointed_then_killed(
+    ops: std::net::SocketAddr,
+    source: &dyn Backbone,
+    child: &mut Child,
+    also: impl Fn(&serde_json::Value) -> bool,
+) {
+    let last = source.stream_info(CHORUS_LIFECYCLE).await.unwrap().last_sequence;
+    eventually("the replicator's checkpoint at the source's end", Duration::from_secs(60), || {
+        let also = &also;
+        async move {
+            let copier = first_copier(ops).await?;
+            if copier["checkpoint"] == last && copier["lag_events"] == 0 && also(&copier) {
+                Ok(())
+            } else {
+                Err(copier.to_string())
+            }
+        }
+    })
+    .await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+/// 20,000 more events published to `source` in 40 bursts while a test kills replicators.
+fn live_events(source: Arc<dyn Backbone>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        for round in 0..40 {
+            publish_all(&*source, startups(&format!("live{round}"), 0..500, Some("east"))).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+}
+
+/// Platform streams on both sides, a backlog of 20,000 events at the source, and where a
+/// replicator process keeps its state and configuration and serves `/healthz`.
+async fn backlog_for_a_process(
+    source: &dyn Backbone,
+    target: &dyn Backbone,
+) -> (tempfile::TempDir, std::path::PathBuf, std::net::SocketAddr) {
+    ensure_platform_streams(source, &StreamLimits::default()).await.unwrap();
+    ensure_platform_streams(target, &StreamLimits::default()).await.unwrap();
+    publish_all(source, startups("pre", 0..20_000, Some("east"))).await;
+    let state = tempfile::tempdir().unwrap();
+    let config = state.path().join("replicate.yaml");
+    let ops = format!("127.0.0.1:{}", chorus_testkit::nats::free_port().unwrap()).parse().unwrap();
+    (state, config, ops)
+}
+
 pub(crate) fn spawn_replicator(config: &std::path::Path) -> Child {
     Command::new(chorus_testkit::workspace_bin("chorus").expect("the chorus binary"))
         .arg("replicate")
@@ -131,14 +192,7 @@ async fn killed_mid_copy(transform: Option<&str>) {
     let src = NatsServer::start().unwrap();
     let dst = NatsServer::start().unwrap();
     let (source, target) = (js(&src.url()).await, js(&dst.url()).await);
-    ensure_platform_streams(&*source, &StreamLimits::default()).await.unwrap();
-    ensure_platform_streams(&*target, &StreamLimits::default()).await.unwrap();
-    publish_all(&*source, startups("pre", 0..20_000, Some("east"))).await;
-
-    let state = tempfile::tempdir().unwrap();
-    let config = state.path().join("replicate.yaml");
-    let ops: std::net::SocketAddr =
-        format!("127.0.0.1:{}", chorus_testkit::nats::free_port().unwrap()).parse().unwrap();
+    let (state, config, ops) = backlog_for_a_process(&*source, &*target).await;
     std::fs::write(
         &config,
         format!(
@@ -151,15 +205,7 @@ async fn killed_mid_copy(transform: Option<&str>) {
     ReplicatorConfig::load(&config).expect("the test's config is valid");
 
     // Events keep arriving at the source while the replicator is killed and restarted.
-    let producer = {
-        let source = source.clone();
-        tokio::spawn(async move {
-            for round in 0..40 {
-                publish_all(&*source, startups(&format!("live{round}"), 0..500, Some("east"))).await;
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-    };
+    let producer = live_events(source.clone());
     // Each kill comes while the replicator has a backlog of at least 15,000 events, however
     // fast it copies: 20,000 events are published before it first starts (killed at 5,000),
     // and a burst of 20,000 while it is down (killed 2,000 into it).
@@ -186,25 +232,7 @@ async fn killed_mid_copy(transform: Option<&str>) {
     producer.await.unwrap();
     wait_for_count(&*target, copy, 60_000, Duration::from_secs(120)).await;
     // The replicator has checkpointed the whole source: it has nothing left to send.
-    let last = source.stream_info(CHORUS_LIFECYCLE).await.unwrap().last_sequence;
-    eventually("the replicator's checkpoint at the source's end", Duration::from_secs(60), || async move {
-        let health = tokio::time::timeout(Duration::from_secs(5), try_http_get(ops, "/healthz")).await;
-        let body = match health {
-            Ok(Ok(b)) => b,
-            other => return Err(format!("{other:?}")),
-        };
-        let json: serde_json::Value = serde_json::from_str(body.split("\r\n\r\n").nth(1).unwrap_or_default())
-            .map_err(|e| format!("{e}: {body}"))?;
-        let copier = &json["services"][0]["copiers"][0];
-        if copier["checkpoint"] == last && copier["lag_events"] == 0 && copier["sequenced"] == transform.is_some() {
-            Ok(())
-        } else {
-            Err(copier.to_string())
-        }
-    })
-    .await;
-    child.kill().unwrap();
-    child.wait().unwrap();
+    checkpointed_then_killed(ops, &*source, &mut child, |c| c["sequenced"] == transform.is_some()).await;
     assert_eq!(assert_copied(&*source, CHORUS_LIFECYCLE, &*target, copy).await, 60_000);
 }
 
@@ -292,12 +320,8 @@ async fn copy_between_servers(transform: bool, disrupt: fn(&mut NatsServer, &mut
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sequenced_copier_source_and_target_restarts_lose_and_duplicate_nothing() {
     copy_between_servers(true, |src, dst| {
-        src.kill().unwrap();
-        std::thread::sleep(Duration::from_secs(1));
-        src.restart().unwrap();
-        dst.kill().unwrap();
-        std::thread::sleep(Duration::from_secs(1));
-        dst.restart().unwrap();
+        bounce(src, 1);
+        bounce(dst, 1);
     })
     .await;
 }
@@ -305,9 +329,7 @@ async fn sequenced_copier_source_and_target_restarts_lose_and_duplicate_nothing(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn source_server_restart_loses_and_duplicates_nothing() {
     copy_between_servers(false, |src, _| {
-        src.kill().unwrap();
-        std::thread::sleep(Duration::from_secs(2));
-        src.restart().unwrap();
+        bounce(src, 2);
     })
     .await;
 }
@@ -315,9 +337,7 @@ async fn source_server_restart_loses_and_duplicates_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn target_server_restart_loses_and_duplicates_nothing() {
     copy_between_servers(false, |_, dst| {
-        dst.kill().unwrap();
-        std::thread::sleep(Duration::from_secs(2));
-        dst.restart().unwrap();
+        bounce(dst, 2);
     })
     .await;
 }
@@ -375,25 +395,28 @@ async fn copy_natively(how: Native, disrupt: fn(&mut LeafnodeSites)) {
     }
 }
 
+/// Kills `server` (SIGKILL) and starts it again after `down` seconds.
+fn bounce(server: &mut NatsServer, down: u64) {
+    server.kill().unwrap();
+    std::thread::sleep(Duration::from_secs(down));
+    server.restart().unwrap();
+}
+
+/// Kills and restarts the site, then the hub.
+fn restart_site_then_hub(sites: &mut LeafnodeSites) {
+    bounce(&mut sites.sites[0], 1);
+    bounce(&mut sites.hub, 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rewrite_link_between_domains_loses_and_duplicates_nothing_through_restarts() {
-    copy_natively(Native::Transform, |sites| {
-        sites.sites[0].kill().unwrap();
-        std::thread::sleep(Duration::from_secs(1));
-        sites.sites[0].restart().unwrap();
-        sites.hub.kill().unwrap();
-        std::thread::sleep(Duration::from_secs(1));
-        sites.hub.restart().unwrap();
-    })
-    .await;
+    copy_natively(Native::Transform, restart_site_then_hub).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn native_source_site_restart_loses_and_duplicates_nothing() {
     copy_natively(Native::Source, |sites| {
-        sites.sites[0].kill().unwrap();
-        std::thread::sleep(Duration::from_secs(2));
-        sites.sites[0].restart().unwrap();
+        bounce(&mut sites.sites[0], 2);
     })
     .await;
 }
@@ -401,24 +424,14 @@ async fn native_source_site_restart_loses_and_duplicates_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn native_source_hub_restart_loses_and_duplicates_nothing() {
     copy_natively(Native::Source, |sites| {
-        sites.hub.kill().unwrap();
-        std::thread::sleep(Duration::from_secs(2));
-        sites.hub.restart().unwrap();
+        bounce(&mut sites.hub, 2);
     })
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn native_mirror_site_and_hub_restarts_lose_and_duplicate_nothing() {
-    copy_natively(Native::Mirror, |sites| {
-        sites.sites[0].kill().unwrap();
-        std::thread::sleep(Duration::from_secs(1));
-        sites.sites[0].restart().unwrap();
-        sites.hub.kill().unwrap();
-        std::thread::sleep(Duration::from_secs(1));
-        sites.hub.restart().unwrap();
-    })
-    .await;
+    copy_natively(Native::Mirror, restart_site_then_hub).await;
 }
 
 /// The copier's checkpoint hands over to a native source: a link copied by the copier is
@@ -428,13 +441,7 @@ async fn native_mirror_site_and_hub_restarts_lose_and_duplicate_nothing() {
 async fn a_copied_link_killed_mid_copy_goes_on_natively_without_loss_or_duplicates() {
     let sites = east_and_hub();
     let (source, target) = (js(&sites.sites[0].url()).await, js(&sites.hub.url()).await);
-    ensure_platform_streams(&*source, &StreamLimits::default()).await.unwrap();
-    ensure_platform_streams(&*target, &StreamLimits::default()).await.unwrap();
-    publish_all(&*source, startups("pre", 0..20_000, Some("east"))).await;
-    let state = tempfile::tempdir().unwrap();
-    let config = state.path().join("replicate.yaml");
-    let ops: std::net::SocketAddr =
-        format!("127.0.0.1:{}", chorus_testkit::nats::free_port().unwrap()).parse().unwrap();
+    let (state, config, ops) = backlog_for_a_process(&*source, &*target).await;
     let write = |path: &str| {
         let link = native_link_yaml(&sites.hub.url(), &format!("        path: {path}\n"));
         let yaml = format!("state_dir: {}\nlisten: {ops}\nlinks:\n{link}", state.path().join("state").display());
@@ -445,12 +452,7 @@ async fn a_copied_link_killed_mid_copy_goes_on_natively_without_loss_or_duplicat
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
     };
-    let path_of = || async move {
-        let body = try_http_get(ops, "/healthz").await.map_err(|e| e.to_string())?;
-        let json: serde_json::Value = serde_json::from_str(body.split("\r\n\r\n").nth(1).unwrap_or_default())
-            .map_err(|e| format!("{e}: {body}"))?;
-        Ok::<_, String>(json["services"][0]["copiers"][0].clone())
-    };
+    let path_of = || first_copier(ops);
 
     write("copy");
     let mut child = spawn_replicator(&config);
@@ -460,15 +462,7 @@ async fn a_copied_link_killed_mid_copy_goes_on_natively_without_loss_or_duplicat
     assert!(copied < 20_000, "killed after the copy finished ({copied}): not mid-copy");
 
     write("auto");
-    let producer = {
-        let source = source.clone();
-        tokio::spawn(async move {
-            for round in 0..40 {
-                publish_all(&*source, startups(&format!("live{round}"), 0..500, Some("east"))).await;
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-    };
+    let producer = live_events(source.clone());
     for _ in 0..2 {
         child = spawn_replicator(&config);
         eventually("the link to go native", Duration::from_secs(60), || async {
@@ -494,18 +488,7 @@ async fn a_copied_link_killed_mid_copy_goes_on_natively_without_loss_or_duplicat
         }
     })
     .await;
-    let last = source.stream_info(CHORUS_LIFECYCLE).await.unwrap().last_sequence;
-    eventually("the checkpoint at the site's end", Duration::from_secs(60), || async move {
-        let copier = path_of().await?;
-        if copier["checkpoint"] == last && copier["lag_events"] == 0 && copier["healthy"] == true {
-            Ok(())
-        } else {
-            Err(copier.to_string())
-        }
-    })
-    .await;
-    child.kill().unwrap();
-    child.wait().unwrap();
+    checkpointed_then_killed(ops, &*source, &mut child, |c| c["healthy"] == true).await;
     assert_eq!(assert_same_events(&*source, &*target, CHORUS_LIFECYCLE).await, 40_000);
 }
 
