@@ -17,7 +17,7 @@ use futures::StreamExt;
 use serde::Deserialize;
 use tokio::sync::{mpsc, watch};
 
-use crate::progress::Progress;
+use crate::progress::{Progress, REPLICATED_FROM_HEADER};
 use crate::rewrite::{rewrite_subject, Rewrite};
 use crate::sampling::Sampler;
 
@@ -40,10 +40,6 @@ pub(crate) struct Copier {
     /// when another writer shows up in the stream.
     pub sequenced: Arc<std::sync::atomic::AtomicBool>,
 }
-
-/// The header every copy carries: `<link> <source stream> <source sequence>`. It tells the
-/// copier, after any failure or crash, exactly how far the target got.
-pub const REPLICATED_FROM_HEADER: &str = "Chorus-Replicated-From";
 
 /// How far back from an owned stream's end the copier looks for its newest copy.
 const SCAN_BACK: u64 = 256;
@@ -181,9 +177,10 @@ impl Copier {
                 }
                 Ok(Newest::Ours { source, at_end: false, .. }) => {
                     // Another writer appended after this copier's newest copy: from here on,
-                    // publishes with ids (which share a stream), exactly after that copy.
+                    // publishes with ids (which share a stream), after that copy (or after
+                    // the checkpoint, where a native source went further since).
                     self.shared(stream);
-                    return Some((source, Publishing::Ids));
+                    return Some((source.max(checkpoint), Publishing::Ids));
                 }
                 Ok(Newest::Other) => {
                     self.shared(stream);
@@ -349,10 +346,9 @@ impl Copier {
         // its headers, so a restarted copier stores it once and the copy is the original; the
         // copy carries the original's store time (views check event clocks against it).
         let (id, mut headers) = (m.copy_id(), m.copy_headers());
-        headers.push((
-            REPLICATED_FROM_HEADER.into(),
-            format!("{} {} {}", self.progress.link, self.progress.stream, m.sequence),
-        ));
+        // A copy of a copy carries this link's mark alone.
+        headers.retain(|(n, _)| n != REPLICATED_FROM_HEADER);
+        headers.push((REPLICATED_FROM_HEADER.into(), self.progress.copy_mark(m.sequence)));
         let mut payload = m.payload;
         if self.source_site.is_some() || self.target_site.is_some() {
             let peek: Option<Peek> = serde_json::from_slice(&payload).ok();
@@ -481,18 +477,6 @@ impl Copier {
                     // target's dedupe drops.
                     acked.send_replace((sequence, time));
                     progressed = true;
-                    // On a stream it owns, once the newest message there is this copy, the
-                    // copier appends with sequenced publishes from then on.
-                    if let (Some((js, stream)), Some(m)) = (self.owned(), batch.messages.last()) {
-                        let copied =
-                            m.headers.iter().find(|(n, _)| n == REPLICATED_FROM_HEADER).map(|(_, v)| v.clone());
-                        if let Ok(Newest::Ours { source, last, at_end: true }) = self.newest_copy(js, stream).await {
-                            if copied.is_some_and(|v| v.ends_with(&format!(" {source}"))) {
-                                publishing = Publishing::sequenced(js, stream, last);
-                                self.progress.health.sequenced.store(true, Ordering::Relaxed);
-                            }
-                        }
-                    }
                 }
             }
         }

@@ -57,6 +57,13 @@ pub(crate) enum Ended {
     Stalled { at: u64, why: String },
 }
 
+/// Gaps judged so far: recorded up to `recorded_to`; `suspect` is the newest copy when a
+/// gap was first seen, recorded if the next look sees it again without progress.
+struct Gaps {
+    recorded_to: u64,
+    suspect: Option<u64>,
+}
+
 /// Where the target is: the newest source sequence it holds and when it stored it (Unix ms).
 #[derive(Clone, Copy, Debug, Default)]
 struct Reached {
@@ -90,8 +97,9 @@ impl Sourcing {
         }
         self.progress.reached(start, 0);
         let mut reached = Reached { sequence: start, time: 0 };
-        let mut gaps_to = start;
+        let mut gaps = Gaps { recorded_to: start, suspect: None };
         let mut tick = tokio::time::interval(POLL);
+        // What moves when the source progresses, and since when it has not.
         let mut moved = (reached.sequence, tokio::time::Instant::now());
         let ended = loop {
             tokio::select! {
@@ -101,13 +109,17 @@ impl Sourcing {
             self.progress.health.reachability(self.source.connected(), self.target.connected());
             // A side that cannot be read is not a stall of the source: the timer restarts.
             let mut readable = self.source.connected() && self.target.connected();
-            if let Err((side, error)) = self.step(&mut reached, &mut gaps_to, &stop).await {
-                readable &= side != "source";
-                self.progress.fail(side, error);
+            let mut marker = moved.0;
+            match self.step(&mut reached, &mut gaps, &stop).await {
+                Ok(now) => marker = now,
+                Err((side, error)) => {
+                    readable &= side != "source";
+                    self.progress.fail(side, error);
+                }
             }
             let behind = self.progress.health.lag.load(std::sync::atomic::Ordering::Relaxed) > 0;
-            if reached.sequence != moved.0 || !behind || !readable {
-                moved = (reached.sequence, tokio::time::Instant::now());
+            if marker != moved.0 || !behind || !readable {
+                moved = (marker, tokio::time::Instant::now());
             } else if moved.1.elapsed() >= STALL && !self.replaceable() {
                 // The servers resume a source by themselves (after a restart of either side,
                 // with their own backoff): said, and looked at again.
@@ -148,30 +160,57 @@ impl Sourcing {
         !self.spec.mirror && self.target.server_version().is_some_and(|v| sources_stop_at_duplicates(&v))
     }
 
+    /// One look at the source and the target. Returns what moves when the source makes
+    /// progress: the newest copy's source sequence, or, when that cannot be told (the newest
+    /// copy is not among the target stream's last messages: nothing copied yet, or other
+    /// writers' messages after it), the server's lag, and then no gap is judged.
     async fn step(
         &self,
         reached: &mut Reached,
-        gaps_to: &mut u64,
+        gaps: &mut Gaps,
         stop: &Shutdown,
-    ) -> Result<(), (&'static str, String)> {
+    ) -> Result<u64, (&'static str, String)> {
         let target = |e: BackboneError| ("target", e.to_string());
         let status = match self.target.source_status(&self.target_stream, &self.spec).await {
             Ok(Some(status)) => status,
-            Ok(None) | Err(BackboneError::NotFound { .. }) => return self.set_up(reached.sequence).await,
+            Ok(None) | Err(BackboneError::NotFound { .. }) => {
+                return self.set_up(reached.sequence).await.map(|_| reached.sequence)
+            }
             Err(e) => return Err(target(e)),
         };
         if let Some(error) = status.error {
-            return Err(("target", format!("native source of {}: {error}", self.spec.stream)));
+            // The target's server cannot read the source (a leafnode down, the stream gone).
+            return Err((
+                "source",
+                format!("the target's server reports for the native source of {}: {error}", self.spec.stream),
+            ));
         }
         let info = self.source.stream_info(&self.progress.stream).await.map_err(|e| ("source", e.to_string()))?;
         let now = self.newest_sourced().await.map_err(target)?;
+        let held = self.target.stream_info(&self.target_stream).await.map_err(target)?.messages;
+        if now.is_none() && held > 0 {
+            self.progress.lag(status.lag, reached.time);
+            return Ok(u64::MAX - status.lag);
+        }
         // The source copies in order: nothing after `now` is in the target yet, so source
-        // events before the oldest one left and after `now` were removed uncopied.
+        // events before the oldest one left and after `now` were removed uncopied. Judged on
+        // two looks in a row without progress (what the source already handed over may not
+        // be stored yet), and not for a filtered source (the stream's first sequence says
+        // nothing about the events the filter matches).
         let newest = now.map_or(reached.sequence, |n| n.sequence.max(reached.sequence));
-        if info.first_sequence > newest + 1 && info.first_sequence > *gaps_to + 1 && (newest > 0 || *gaps_to > 0) {
-            let from = (newest + 1).max(*gaps_to + 1);
+        let lost = info.first_sequence > newest + 1
+            && info.first_sequence > gaps.recorded_to + 1
+            && (newest > 0 || gaps.recorded_to > 0)
+            && self.spec.filter_subject.is_none();
+        if !lost {
+            gaps.suspect = None;
+        } else if gaps.suspect != Some(newest) {
+            gaps.suspect = Some(newest);
+        } else {
+            let from = (newest + 1).max(gaps.recorded_to + 1);
             self.progress.record_gap(&self.target, from, info.first_sequence - 1, stop).await;
-            *gaps_to = info.first_sequence - 1;
+            gaps.recorded_to = info.first_sequence - 1;
+            gaps.suspect = None;
         }
         if let Some(now) = now.filter(|n| n.sequence > reached.sequence) {
             self.progress.metrics.copied.get_or_create(&self.progress.labels()).inc_by(now.sequence - reached.sequence);
@@ -183,8 +222,9 @@ impl Sourcing {
             *reached = now;
         }
         self.progress.reached(reached.sequence, reached.time);
-        let lag = if self.spec.filter_subject.is_some() {
-            // The stream's last sequence says nothing about the filtered messages.
+        let lag = if self.spec.filter_subject.is_some() || status.lag == 0 {
+            // The server's own count: the stream's last sequence says nothing about filtered
+            // messages, and events removed at the source's end are not behind.
             status.lag
         } else {
             info.last_sequence.saturating_sub(reached.sequence)
@@ -193,7 +233,7 @@ impl Sourcing {
         if lag == 0 && reached.sequence > 0 {
             self.verify(reached.sequence).await?;
         }
-        Ok(())
+        Ok(reached.sequence)
     }
 
     /// The newest source sequence whose event the target holds among what a copier may have
@@ -228,12 +268,13 @@ impl Sourcing {
             }
         };
         let tail_from = info.last_sequence.saturating_sub(self.handoff_scan).max(info.first_sequence).max(1);
-        let held: std::collections::HashSet<String> = read(&self.target, &self.target_stream, tail_from, Vec::new())
+        let tail = read(&self.target, &self.target_stream, tail_from, Vec::new())
             .await
-            .map_err(|e| ("target", e.to_string()))?
-            .into_iter()
-            .map(|m| m.id)
-            .collect();
+            .map_err(|e| ("target", e.to_string()))?;
+        // A sequenced copier marks every copy with the source sequence: exact.
+        let marked = tail.iter().filter_map(|m| self.progress.copied_from(&m.headers)).max().unwrap_or(0);
+        let checkpoint = checkpoint.max(marked);
+        let held: std::collections::HashSet<String> = tail.into_iter().map(|m| m.id).collect();
         let next = read(
             &self.source,
             &self.progress.stream,
@@ -298,12 +339,12 @@ impl Sourcing {
             };
             return Ok(newest.map(|m| Reached { sequence: m.sequence, time: m.time.timestamp_millis() }));
         }
+        let origin = self.spec.origin();
         let mut seq = info.last_sequence;
         while seq >= info.first_sequence.max(1) && info.last_sequence - seq < SCAN_BACK {
             if let Some(m) = self.target.get(&self.target_stream, seq).await? {
                 let ours = m.headers.iter().find(|(name, _)| name == SOURCE_HEADER).and_then(|(_, value)| {
-                    let origin = value.split_whitespace().next()?;
-                    let named = origin == self.spec.stream || origin.starts_with(&format!("{}:", self.spec.stream));
+                    let named = value.split_whitespace().next() == Some(origin.as_str());
                     named.then(|| sourced_sequence(value)).flatten()
                 });
                 if let Some(sequence) = ours {

@@ -10,6 +10,11 @@ use chorus_runtime::{Backoff, Retry, Shutdown};
 use crate::checkpoint::Checkpoints;
 use crate::metrics::{CopierHealth, Metrics, PathLabels, ReasonLabels, StreamLabels};
 
+/// The header every copy by the copier carries: `<link> <source stream> <source sequence>`.
+/// It tells the copier (and a native source taking over from it), after any failure or
+/// crash, exactly how far the target got.
+pub const REPLICATED_FROM_HEADER: &str = "Chorus-Replicated-From";
+
 /// The bookkeeping of one (link, stream).
 #[derive(Clone)]
 pub(crate) struct Progress {
@@ -43,6 +48,21 @@ impl Progress {
             let labels = PathLabels { link: self.link.clone(), stream: self.stream.clone(), path: other.into() };
             self.metrics.path.get_or_create(&labels).set(i64::from(other == path));
         }
+    }
+
+    /// The `Chorus-Replicated-From` value of this link's copy of source `sequence`.
+    pub fn copy_mark(&self, sequence: u64) -> String {
+        format!("{} {} {sequence}", self.link, self.stream)
+    }
+
+    /// The source sequence a message is this link's copy of, if it is one (a copy of a copy
+    /// made by another link carries that link's mark too: only this link's counts).
+    pub fn copied_from(&self, headers: &[(String, String)]) -> Option<u64> {
+        headers.iter().filter(|(n, _)| n == REPLICATED_FROM_HEADER).find_map(|(_, v)| {
+            let mut fields = v.split_whitespace();
+            let ours = fields.next() == Some(self.link.as_str()) && fields.next() == Some(self.stream.as_str());
+            ours.then(|| fields.next()?.parse::<u64>().ok()).flatten()
+        })
     }
 
     pub fn key(&self) -> String {

@@ -393,6 +393,21 @@ async fn copy_natively(how: Native, disrupt: fn(&mut LeafnodeSites)) {
         let copies = read_all(&*target, copy).await;
         assert!(copies.iter().all(|m| m.subject.starts_with("east.choria.lifecycle.")), "{:?}", copies[0].subject);
     }
+    if path == "native" && how != Native::Mirror {
+        // An edit of the stream's limits (`chorus streams edit`) keeps its sources whole,
+        // subject transforms included.
+        let sources = |info: serde_json::Value| info["config"]["sources"].clone();
+        let js = target.as_any().downcast_ref::<JetStreamBackbone>().unwrap().context().clone();
+        let info = |js: async_nats::jetstream::Context| async move {
+            js.request::<_, _, serde_json::Value>(format!("STREAM.INFO.{copy}"), &serde_json::json!({})).await.unwrap()
+        };
+        let before = sources(info(js.clone()).await);
+        assert_eq!(before.as_array().map(Vec::len), Some(1), "{before}");
+        let mut config = target.stream_config(copy).await.unwrap();
+        config.max_messages = 1_000_000;
+        target.update_stream(&config).await.unwrap();
+        assert_eq!(sources(info(js).await), before);
+    }
 }
 
 /// Kills `server` (SIGKILL) and starts it again after `down` seconds.

@@ -392,18 +392,16 @@ impl Backbone for JetStreamBackbone {
 
     async fn update_stream(&self, config: &StreamConfig) -> Result<StreamInfo> {
         config.validate()?;
-        let existing = self.get_stream(&config.name).await?;
-        // What this trait does not describe (a mirror, native sources, placement) is kept.
-        let old = &existing.cached_info().config;
-        let new = stream::Config {
-            sources: old.sources.clone(),
-            mirror: old.mirror.clone(),
-            placement: old.placement.clone(),
-            ..stream_config(config)
-        };
-        let info = self.js.update_stream(new).await.map_err(|e| BackboneError::Refused {
-            operation: format!("updating stream {}", config.name),
-            source: Box::new(e),
+        self.get_stream(&config.name).await?;
+        // Only what this trait describes changes: the stream's whole configuration is read
+        // and written back as the server's JSON, so what it does not describe (a mirror,
+        // sources and their subject transforms, placement, fields newer than this client)
+        // is kept as it is.
+        let info = self.update_stream_fields(config).await.map_err(|e| match e {
+            BackboneError::Refused { source, .. } => {
+                BackboneError::Refused { operation: format!("updating stream {}", config.name), source }
+            }
+            e => e,
         })?;
         Ok(info_of(&info))
     }

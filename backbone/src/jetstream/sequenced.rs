@@ -72,7 +72,14 @@ impl JetStreamBackbone {
                 headers.append(name.as_str(), value.as_str());
             }
             headers.insert(EVENT_ID_HEADER, m.id.as_str());
-            headers.insert(EXPECTED_LAST_SEQUENCE_HEADER, (last + i as u64).to_string().as_str());
+            let expected = last + i as u64;
+            headers.insert(EXPECTED_LAST_SEQUENCE_HEADER, expected.to_string().as_str());
+            if expected == 0 {
+                // nats-server 2.9 does not check an expected sequence of 0: the first message
+                // into an empty stream carries its id too, so a repeat of it (an earlier
+                // attempt stored after all) is dropped by the dedupe window.
+                headers.insert(super::MSG_ID_HEADER, m.id.as_str());
+            }
             if i < final_index {
                 self.client
                     .publish_with_headers(m.subject.clone(), headers, m.payload.clone())

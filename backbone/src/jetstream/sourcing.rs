@@ -38,6 +38,19 @@ pub struct NativeSource {
     pub transform: Option<(String, String)>,
 }
 
+impl NativeSource {
+    /// How the target server names this source in the `Nats-Stream-Source` header of what it
+    /// copies: `<stream>:<hash of the API prefix>` (nats-server's 8-character base-62 digest
+    /// of SHA-256), which tells apart same-named streams of different domains.
+    pub fn origin(&self) -> String {
+        use sha2::Digest;
+        const DIGITS: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+        let digest = sha2::Sha256::digest(self.api_prefix.as_bytes());
+        let hash: String = digest[..8].iter().map(|b| DIGITS[(*b % 62) as usize] as char).collect();
+        format!("{}:{hash}", self.stream)
+    }
+}
+
 /// How a configured source is doing, as the target server reports it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SourceStatus {
@@ -112,6 +125,7 @@ impl JetStreamBackbone {
     pub async fn add_source(&self, target: &StreamConfig, source: &NativeSource) -> Result<bool> {
         target.validate_copy()?;
         let prefix = self.api_prefix();
+        let _guard = config_lock(&prefix, &target.name).lock_owned().await;
         let entry = source_entry(source);
         let info = match self.api_call::<Value>(&format!("{prefix}.STREAM.INFO.{}", target.name), Value::Null).await {
             Ok(info) => info,
@@ -163,6 +177,7 @@ impl JetStreamBackbone {
             return Ok(false);
         }
         let prefix = self.api_prefix();
+        let _guard = config_lock(&prefix, target).lock_owned().await;
         let info: Value = self.api_call(&format!("{prefix}.STREAM.INFO.{target}"), Value::Null).await?;
         let mut config = info["config"].clone();
         let sources = config["sources"].as_array().cloned().unwrap_or_default();
@@ -203,6 +218,24 @@ impl JetStreamBackbone {
         Ok(Some(status))
     }
 
+    /// Writes `config`'s subjects, limits, dedupe window and replicas over the stream's
+    /// configuration as the server holds it, everything else kept (see `update_stream`).
+    pub(super) async fn update_stream_fields(
+        &self,
+        config: &StreamConfig,
+    ) -> Result<async_nats::jetstream::stream::Info> {
+        let prefix = self.api_prefix();
+        let _guard = config_lock(&prefix, &config.name).lock_owned().await;
+        let info: Value = self.api_call(&format!("{prefix}.STREAM.INFO.{}", config.name), Value::Null).await?;
+        let ours = serde_json::to_value(super::stream_config(config)).map_err(json_error)?;
+        let mut current = info["config"].clone();
+        for key in ["subjects", "max_msgs", "max_bytes", "max_age", "duplicate_window", "num_replicas"] {
+            current[key] = ours[key].clone();
+        }
+        let updated: Value = self.api_call(&format!("{prefix}.STREAM.UPDATE.{}", config.name), current).await?;
+        serde_json::from_value(updated).map_err(json_error)
+    }
+
     /// The prefix of this backbone's own JetStream API (`$JS.API`, or `$JS.<domain>.API`).
     pub fn api_prefix(&self) -> String {
         match &self.domain {
@@ -232,6 +265,17 @@ impl JetStreamBackbone {
         }
         serde_json::from_value(value).map_err(json_error)
     }
+}
+
+/// One lock per stream (by API prefix and name) for this process's read-modify-write
+/// updates of its configuration: supervisors of sources into one stream, and stream edits,
+/// do not lose each other's changes. (Writers in other processes are not covered.)
+fn config_lock(prefix: &str, stream: &str) -> std::sync::Arc<tokio::sync::Mutex<()>> {
+    static LOCKS: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>,
+    > = std::sync::OnceLock::new();
+    let mut locks = LOCKS.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    locks.entry(format!("{prefix} {stream}")).or_default().clone()
 }
 
 /// An error the JetStream API answered with.
