@@ -7,7 +7,7 @@ mod args;
 mod commands;
 mod signal;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use commands::*;
 
@@ -17,7 +17,13 @@ use commands::*;
 /// request and its reply, an authorisation decision) is a CloudEvents 1.0 record on a durable
 /// stream. The streams live in NATS JetStream or, with no server at all, in an embedded store.
 #[derive(Parser)]
-#[command(name = "chorus", version, about, long_about = None, propagate_version = true)]
+#[command(
+    name = "chorus",
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("CHORUS_COMMIT"), ")"),
+    about,
+    long_about = None,
+    propagate_version = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -86,6 +92,10 @@ enum Command {
     Up(up::UpArgs),
     /// The inventory projection and the version dashboard over existing streams.
     Dashboard(dashboard::DashboardArgs),
+    /// Print the shell completion script for a shell (`chorus completions bash`).
+    Completions(manual::CompletionsArgs),
+    /// Write the man pages of every command into a directory.
+    Man(manual::ManArgs),
 }
 
 /// mimalloc rather than glibc's allocator: profiles of RPC (`chorus bench rpc`) spent about
@@ -124,6 +134,8 @@ fn main() -> anyhow::Result<()> {
             Command::Plugin(cmd) => plugin::run(cmd),
             Command::Up(args) => up::run(args).await,
             Command::Dashboard(args) => dashboard::run(args).await,
+            Command::Completions(args) => manual::completions(args, Cli::command()),
+            Command::Man(args) => manual::man(args, Cli::command()),
         }
     })
 }

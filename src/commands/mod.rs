@@ -14,6 +14,7 @@ pub mod governor;
 pub mod inventory;
 pub mod keys;
 pub mod kv;
+pub mod manual;
 pub mod plugin;
 pub mod provision;
 pub mod react;

@@ -17,6 +17,7 @@ mod fuzz;
 mod governor;
 mod identity;
 mod issuer;
+mod manual;
 mod provision;
 mod react;
 mod replicate;
