@@ -16,6 +16,7 @@
 
 pub mod backoff;
 pub mod config;
+pub mod exposition;
 pub mod files;
 pub mod logging;
 pub mod ops;

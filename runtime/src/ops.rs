@@ -1,5 +1,6 @@
-//! The operations endpoints every Chorus service serves: `/metrics` (Prometheus, in the
-//! OpenMetrics text format) and `/healthz` (JSON; 503 while any part is unhealthy).
+//! The operations endpoints every Chorus service serves: `/metrics` (the Prometheus text
+//! format, or OpenMetrics where the scraper's `Accept` asks for it; see
+//! [`crate::exposition`]) and `/healthz` (JSON; 503 while any part is unhealthy).
 //!
 //! A service hands [`Ops`] the parts it is made of, each an [`Observable`]: its health, and
 //! the metrics it adds to a registry built fresh at every scrape (so values computed from a
@@ -25,8 +26,8 @@ use serde::Serialize;
 
 use crate::service::{BoxError, Health, Shutdown};
 
-/// The content type of `/metrics`.
-pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The content type of `/metrics` in OpenMetrics.
+pub const OPENMETRICS_CONTENT_TYPE: &str = crate::exposition::OPENMETRICS;
 
 /// A part of a service seen from outside: its health and its metrics.
 #[async_trait]
@@ -117,9 +118,14 @@ impl Ops {
     }
 }
 
-async fn metrics(State(ops): State<Ops>) -> Response {
+async fn metrics(State(ops): State<Ops>, headers: axum::http::HeaderMap) -> Response {
+    use crate::exposition::{prometheus_text, wants_openmetrics, PROMETHEUS_TEXT};
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
     match ops.encode().await {
-        Ok(text) => ([(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)], text).into_response(),
+        Ok(text) if wants_openmetrics(accept) => {
+            ([(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)], text).into_response()
+        }
+        Ok(text) => ([(header::CONTENT_TYPE, PROMETHEUS_TEXT)], prometheus_text(&text)).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
 }
@@ -188,7 +194,8 @@ mod tests {
         assert_eq!(status, StatusCode::OK);
         assert!(text.contains("chorus_views_events_total 3"), "{text}");
         assert!(text.contains("chorus_copier_events_total 5"), "{text}");
-        assert!(text.ends_with("# EOF\n"));
+        assert!(text.contains("# TYPE chorus_views_events_total counter"), "{text}");
+        assert!(!text.contains("# EOF"), "plain text unless OpenMetrics is asked for: {text}");
         let (status, body) = get(&ops, "/healthz").await;
         assert_eq!(status, StatusCode::OK);
         let body: serde_json::Value = serde_json::from_str(&body).unwrap();

@@ -18,6 +18,7 @@ mod governor;
 mod identity;
 mod issuer;
 mod manual;
+mod metrics;
 mod provision;
 mod react;
 mod replicate;

@@ -87,7 +87,7 @@ pub(crate) fn link_yaml(name: &str, source: &str, target: &str, stream: &str, ba
 /// `chorus replicate` as a process: one link `east` copying `CHORUS_LIFECYCLE` from `source`
 /// to `target`, serving `/healthz` and `/metrics` on the address returned (with the state
 /// directory, kept while the process runs).
-fn replicator_process(source: &str, target: &str) -> (tempfile::TempDir, Child, std::net::SocketAddr) {
+pub(crate) fn replicator_process(source: &str, target: &str) -> (tempfile::TempDir, Child, std::net::SocketAddr) {
     let state = tempfile::tempdir().unwrap();
     let config = state.path().join("replicate.yaml");
     let ops: std::net::SocketAddr =
