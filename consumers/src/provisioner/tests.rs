@@ -318,7 +318,7 @@ mod in_process {
             "chorus_provisioner_in_flight 0",
             "chorus_provisioner_nodes{status=\"provisioned\"} 2",
             "chorus_provisioner_nodes{status=\"failed\"} 1",
-            "# TYPE chorus_provisioner_failed counter",
+            "# TYPE chorus_provisioner_failed_total counter",
         ] {
             assert!(text.lines().any(|l| l == line), "{line:?} missing from\n{text}");
         }
