@@ -195,12 +195,49 @@ pub async fn start(config: &AaaConfig, shutdown: Shutdown, drain: Duration) -> R
         .map_err(|source| AaaError::Io { context: format!("listen {}", config.listen), source })?;
     let addr = listener.local_addr().map_err(|source| AaaError::Io { context: "listen".into(), source })?;
     let shutdown = tasks.shutdown().requested_owned();
-    let mut ops = chorus_runtime::Ops::new().with(Arc::new(tasks.monitor()));
+    let ops =
+        chorus_runtime::Ops::new().with(Arc::new(AaaMonitor { tasks: tasks.monitor(), service: service.clone() }));
     if let Some(outbox) = &audit_outbox {
         ops.add(Arc::new(outbox.clone()));
     }
     tasks.spawn("http", http::serve(listener, tls, service.clone(), ops, shutdown));
     Ok(RunningAaa { addr, service, tasks, drain, outbox: audit_outbox })
+}
+
+/// The service's tasks and decisions, for `/healthz` and `/metrics` (`chorus_aaa_*`).
+struct AaaMonitor {
+    tasks: chorus_runtime::TaskMonitor,
+    service: Arc<AaaService>,
+}
+
+#[async_trait]
+impl chorus_runtime::Observable for AaaMonitor {
+    fn name(&self) -> &str {
+        "aaa"
+    }
+
+    fn health(&self) -> Health {
+        self.tasks.health()
+    }
+
+    async fn collect(
+        &self,
+        registry: &mut prometheus_client::registry::Registry,
+    ) -> Result<(), chorus_runtime::BoxError> {
+        use prometheus_client::metrics::{counter::Counter, family::Family};
+        let registry = registry.sub_registry_with_prefix("chorus_aaa");
+        let stats = self.service.stats();
+        let decisions = Family::<[(&'static str, &'static str); 2], Counter>::default();
+        for (kind, decision, n) in stats.decisions() {
+            decisions.get_or_create(&[("kind", kind), ("decision", decision)]).inc_by(n);
+        }
+        registry.register("decisions", "Logins and signing requests decided, by kind and decision", decisions);
+        chorus_runtime::register_counters(
+            registry,
+            &[("audit_failures", "Decisions whose audit record could not be stored", stats.audit_failures())],
+        );
+        Ok(())
+    }
 }
 
 #[async_trait]

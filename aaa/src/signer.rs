@@ -228,6 +228,38 @@ pub struct AaaService {
     per_user: DefaultKeyedRateLimiter<String>,
     per_address: DefaultKeyedRateLimiter<IpAddr>,
     emitter: Arc<Emitter>,
+    stats: DecisionStats,
+}
+
+/// Decisions the service recorded, by request kind and outcome, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct DecisionStats {
+    /// [login allowed, login denied, sign allowed, sign denied].
+    counts: [std::sync::atomic::AtomicU64; 4],
+    /// Decisions whose audit record could not be stored (the caller was refused).
+    audit_failures: std::sync::atomic::AtomicU64,
+}
+
+impl DecisionStats {
+    /// (kind, decision, count) for every kind (`login`, `sign`) and decision (`allow`, `deny`).
+    pub fn decisions(&self) -> [(&'static str, &'static str, u64); 4] {
+        let n = |i: usize| self.counts[i].load(std::sync::atomic::Ordering::Relaxed);
+        [("login", "allow", n(0)), ("login", "deny", n(1)), ("sign", "allow", n(2)), ("sign", "deny", n(3))]
+    }
+
+    /// Decisions whose audit record could not be stored.
+    pub fn audit_failures(&self) -> u64 {
+        self.audit_failures.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Counts `decision` of a login (`login`) or a signing request, and hands it on.
+    fn count<T>(&self, login: bool, decision: Result<Decision<T>, AaaError>) -> Result<Decision<T>, AaaError> {
+        if let Ok(d) = &decision {
+            let i = if login { 0 } else { 2 } + usize::from(matches!(d, Decision::Deny { .. }));
+            self.counts[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        decision
+    }
 }
 
 fn limiter<K: std::hash::Hash + Eq + Clone>(limit: Limit) -> DefaultKeyedRateLimiter<K> {
@@ -280,6 +312,7 @@ impl AaaService {
             per_user: limiter(limits.per_user),
             per_address: limiter(limits.per_address),
             emitter,
+            stats: DecisionStats::default(),
         };
         service.check_users(&users)?;
         service.state().users = Ok(Arc::new(users));
@@ -352,6 +385,11 @@ impl AaaService {
         &self.tokens
     }
 
+    /// Decisions recorded since start.
+    pub fn stats(&self) -> &DecisionStats {
+        &self.stats
+    }
+
     /// The request signer's key and delegator credential.
     pub fn signer(&self) -> &Identity {
         &self.signer
@@ -360,6 +398,14 @@ impl AaaService {
     /// Checks a login and issues a token bound to the client's key. Every outcome is
     /// audited with `client`, the address the attempt came from.
     pub async fn login(
+        &self,
+        attempt: LoginAttempt,
+        client: Option<SocketAddr>,
+    ) -> Result<Decision<LoginGrant>, AaaError> {
+        self.stats.count(true, self.judge_login(attempt, client).await)
+    }
+
+    async fn judge_login(
         &self,
         attempt: LoginAttempt,
         client: Option<SocketAddr>,
@@ -425,6 +471,16 @@ impl AaaService {
     /// `signature`, for the holder of `token`, and signs it for the caller when allowed.
     /// Every outcome is audited with `client`.
     pub async fn sign(
+        &self,
+        token: &str,
+        request: Value,
+        signature: Option<&str>,
+        client: Option<SocketAddr>,
+    ) -> Result<Decision<RequestEnvelope>, AaaError> {
+        self.stats.count(false, self.judge_sign(token, request, signature, client).await)
+    }
+
+    async fn judge_sign(
         &self,
         token: &str,
         request: Value,
@@ -567,6 +623,7 @@ impl AaaService {
                 Ok(())
             }
             Err(e) => {
+                self.stats.audit_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::error!(error = %e, callerid, decision = action.as_str(), "audit record not stored");
                 Err(AaaError::Audit(e))
             }

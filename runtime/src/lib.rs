@@ -26,7 +26,7 @@ pub mod tls;
 
 pub use backoff::{Backoff, Retry};
 pub use config::{Config, ConfigError};
-pub use ops::{register_counters, Observable, Ops};
+pub use ops::{register_counters, register_gauges, Observable, Ops};
 pub use service::{BoxError, Health, Service, ServiceError, Services, Shutdown, StopErrors, TaskMonitor, Tasks};
 pub use store::{Store, StoreError, StoreOptions};
 pub use tls::TlsClientConfig;

@@ -55,10 +55,21 @@ pub fn register_counters(registry: &mut Registry, counters: &[(&str, &str, u64)]
     }
 }
 
-/// The parts one `/metrics` and `/healthz` serve.
+/// Registers values as they are now (queues, backlogs, counts of things) as gauges of
+/// `registry`: the one way a part turns a level into a metric.
+pub fn register_gauges(registry: &mut Registry, gauges: &[(&str, &str, u64)]) {
+    for (name, help, value) in gauges {
+        let gauge = prometheus_client::metrics::gauge::Gauge::<i64>::default();
+        gauge.set(i64::try_from(*value).unwrap_or(i64::MAX));
+        registry.register(*name, *help, gauge);
+    }
+}
+
+/// The parts one `/metrics` and `/healthz` serve. Clones share the list, so a process can
+/// add the parts it starts later (`chorus up`) to a router already serving.
 #[derive(Clone, Default)]
 pub struct Ops {
-    parts: Vec<Arc<dyn Observable>>,
+    parts: Arc<std::sync::RwLock<Vec<Arc<dyn Observable>>>>,
 }
 
 #[derive(Serialize)]
@@ -75,26 +86,31 @@ impl Ops {
     }
 
     /// Adds a part.
-    pub fn with(mut self, part: Arc<dyn Observable>) -> Self {
-        self.parts.push(part);
+    pub fn with(self, part: Arc<dyn Observable>) -> Self {
+        self.add(part);
         self
     }
 
-    /// Adds a part.
-    pub fn add(&mut self, part: Arc<dyn Observable>) {
-        self.parts.push(part);
+    /// Adds a part, also to every clone of this `Ops` (and so to a router serving it).
+    pub fn add(&self, part: Arc<dyn Observable>) {
+        self.parts.write().unwrap_or_else(|e| e.into_inner()).push(part);
+    }
+
+    /// The parts as they are now.
+    fn parts(&self) -> Vec<Arc<dyn Observable>> {
+        self.parts.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Every part's health, and whether all are healthy.
     pub fn health(&self) -> (bool, Vec<(String, Health)>) {
-        let all: Vec<(String, Health)> = self.parts.iter().map(|p| (p.name().to_string(), p.health())).collect();
+        let all: Vec<(String, Health)> = self.parts().iter().map(|p| (p.name().to_string(), p.health())).collect();
         (all.iter().all(|(_, h)| h.healthy), all)
     }
 
     /// The metrics exposition of every part, in the OpenMetrics text format.
     pub async fn encode(&self) -> Result<String, BoxError> {
         let mut registry = Registry::default();
-        for part in &self.parts {
+        for part in &self.parts() {
             part.collect(&mut registry).await?;
         }
         let mut out = String::new();

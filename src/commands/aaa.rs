@@ -20,6 +20,10 @@ pub struct AaaArgs {
     /// signer, audit; see docs/SECURITY.md.
     #[arg(long, short)]
     config: Option<PathBuf>,
+    /// Listen here (`ip:port`) instead of the configuration's `listen`: the API, `/metrics`
+    /// (`chorus_aaa_*`, `chorus_outbox_*`) and `/healthz` share the listener.
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
     #[command(subcommand)]
     command: Option<AaaCommand>,
 }
@@ -55,13 +59,16 @@ pub async fn run(args: AaaArgs) -> anyhow::Result<()> {
             print!("{}", key.public_key().to_pem());
             Ok(())
         }
-        (None, Some(config)) => serve(config).await,
+        (None, Some(config)) => serve(config, args.listen).await,
         (None, None) => anyhow::bail!("chorus aaa needs --config FILE (or a subcommand: hash-password, keygen)"),
     }
 }
 
-async fn serve(path: PathBuf) -> anyhow::Result<()> {
-    let config = AaaConfig::load(&path)?;
+async fn serve(path: PathBuf, listen: Option<std::net::SocketAddr>) -> anyhow::Result<()> {
+    let mut config = AaaConfig::load(&path)?;
+    if let Some(listen) = listen {
+        config.listen = listen.to_string();
+    }
     let running = chorus_aaa::start(&config, Shutdown::new(), Duration::from_secs(10)).await?;
     let scheme = if config.tls.is_some() { "https" } else { "http" };
     eprintln!(

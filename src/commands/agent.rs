@@ -13,6 +13,9 @@ pub struct AgentArgs {
     /// Agent configuration file (YAML): identity, state_dir, nats, machines_dir, policy_dir, …
     #[arg(long, short)]
     config: PathBuf,
+    /// Serve `/metrics` (`chorus_agent_*`) and `/healthz` on this address (e.g. 127.0.0.1:9101).
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
 }
 
 /// Runs a node agent until SIGTERM, then records the shutdown event and drains the outbox.
@@ -26,6 +29,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let mut services = Services::new();
     let agent = NodeAgent::start(config, shutdown.clone()).await?;
     let restart = agent.restart_signal();
+    let http = crate::args::OpsServer::start(args.listen, std::sync::Arc::new(agent.monitor())).await?;
     services.push(agent);
     eprintln!("chorus agent {identity} running; SIGTERM to stop");
     let restarting = tokio::select! {
@@ -33,6 +37,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         _ = restart.notified() => true,
     };
     services.stop().await?;
+    http.stop().await?;
     if restarting {
         // Enrolled: the configuration file now holds the node's normal configuration; the
         // same command line starts the agent with it (its shutdown event was recorded).

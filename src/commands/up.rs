@@ -136,13 +136,16 @@ async fn start(
     };
     let views = Views::start_with_routes(backbone.clone(), &options, None, routes, shutdown.child()).await?;
     let url = views.url().to_string();
+    // The dashboard's /metrics and /healthz cover every service of the platform.
+    let ops = views.ops().clone();
     services.push(views);
 
     let audit_file = data.join("audit.jsonl");
     let export = ExportConfig::new(SinkConfig::Jsonl(JsonlConfig { path: audit_file.clone() }));
-    services.push(
-        AuditExport::start(backbone.clone(), export, shutdown.child()).await.context("starting the audit export")?,
-    );
+    let export =
+        AuditExport::start(backbone.clone(), export, shutdown.child()).await.context("starting the audit export")?;
+    ops.add(Arc::new(export.monitor()));
+    services.push(export);
 
     // The fleet.
     let mut config = SimConfig::new(args.nodes);
@@ -186,6 +189,7 @@ async fn start(
     let provisioner = Provisioner::start(backbone.clone(), transport.clone(), provisioning, shutdown.child())
         .await
         .context("starting the provisioner")?;
+    ops.add(Arc::new(provisioner.monitor()));
     services.push(provisioner);
     let mut fresh = SimConfig::new(args.new_nodes.max(1));
     fresh.prefix = "new".into();

@@ -59,6 +59,7 @@ pub struct Views {
     url: String,
     inventory: Inventory,
     tasks: Tasks,
+    ops: Ops,
 }
 
 impl Views {
@@ -135,8 +136,15 @@ impl Views {
         let ops = Ops::new().with(monitor);
         let stop = tasks.shutdown().clone();
         let router = dashboard.router().merge(routes(&inventory));
-        tasks.spawn("http", async move { ops.serve(listener, router, stop).await });
-        Ok(Views { url: format!("http://{addr}/"), inventory, tasks })
+        let serving = ops.clone();
+        tasks.spawn("http", async move { serving.serve(listener, router, stop).await });
+        Ok(Views { url: format!("http://{addr}/"), inventory, tasks, ops })
+    }
+
+    /// What the dashboard's `/metrics` and `/healthz` serve: a process running more services
+    /// beside the views (`chorus up`) adds theirs.
+    pub fn ops(&self) -> &Ops {
+        &self.ops
     }
 
     /// The dashboard's URL.

@@ -35,13 +35,13 @@ pub fn register(registry: &mut Registry, stats: &StatsSnapshot, counts: &StatusC
         ("dead_lettered", "Messages dead-lettered", stats.dead_lettered),
     ];
     chorus_runtime::register_counters(registry, &counters);
-    let gauge = |v: u64| {
-        let g = Gauge::<i64>::default();
-        g.set(i64::try_from(v).unwrap_or(i64::MAX));
-        g
-    };
-    registry.register("in_flight", "Nodes being provisioned now", gauge(stats.in_flight));
-    registry.register("queued", "Nodes due and waiting for a free slot", gauge(stats.queued));
+    chorus_runtime::register_gauges(
+        registry,
+        &[
+            ("in_flight", "Nodes being provisioned now", stats.in_flight),
+            ("queued", "Nodes due and waiting for a free slot", stats.queued),
+        ],
+    );
     let nodes = Family::<StatusLabel, Gauge>::default();
     for (status, n) in [("pending", counts.pending), ("failed", counts.failed), ("provisioned", counts.provisioned)] {
         nodes.get_or_create(&StatusLabel { status }).set(i64::try_from(n).unwrap_or(i64::MAX));

@@ -206,6 +206,46 @@ impl Outbox {
         Ok((generation, store))
     }
 
+    /// Registers the outbox's counters and backlog, as they are now, as `chorus_outbox_*`
+    /// metrics of `registry`.
+    pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        let registry = registry.sub_registry_with_prefix("chorus_outbox");
+        let o = &self.stats;
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        chorus_runtime::register_counters(
+            registry,
+            &[
+                ("stored", "Events stored in the outbox", n(&o.stored)),
+                ("forwarded", "Outbox events the site acknowledged", n(&o.forwarded)),
+                (
+                    "forward_errors",
+                    "Failed publishes of an outbox batch to the site (each retried)",
+                    n(&o.forward_errors),
+                ),
+                (
+                    "collapsed_alive",
+                    "Alive events not queued because the backlog reached collapse_alive_after",
+                    n(&o.collapsed_alive),
+                ),
+                (
+                    "dropped_watcher_states",
+                    "Watcher state events dropped because the backlog reached drop_watcher_states_after",
+                    n(&o.dropped_watcher_states),
+                ),
+                (
+                    "refused_by_storage",
+                    "Events the outbox could not store (disk full, read-only): lost, and said so",
+                    n(&o.refused_by_storage),
+                ),
+                ("storage_faults", "Storage faults met, healed or still open", self.storage_faults()),
+            ],
+        );
+        chorus_runtime::register_gauges(
+            registry,
+            &[("backlog", "Events waiting in the outbox to be forwarded to the site", o.backlog())],
+        );
+    }
+
     /// Live counters, shared by every clone of this outbox.
     pub fn stats(&self) -> &Arc<OutboxStats> {
         &self.stats
@@ -395,6 +435,14 @@ impl chorus_runtime::Observable for Outbox {
 
     fn health(&self) -> Health {
         Outbox::health(self)
+    }
+
+    async fn collect(
+        &self,
+        registry: &mut prometheus_client::registry::Registry,
+    ) -> Result<(), chorus_runtime::BoxError> {
+        self.register(registry);
+        Ok(())
     }
 }
 

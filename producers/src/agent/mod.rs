@@ -25,6 +25,9 @@ use crate::machine::{Machine, MachineHandle, Manifest};
 use crate::registration::{FactSources, Registrar, RegistrationConfig, RegistrationStatus};
 use crate::ProducerError;
 
+mod monitor;
+pub use monitor::AgentMonitor;
+
 /// Configuration of a node agent (YAML or JSON).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -259,21 +262,14 @@ pub struct NodeAgent {
     outbox: Outbox,
     machines: Vec<MachineHandle>,
     rpc: Option<Arc<RpcServer>>,
-    registration: Option<Arc<RegistrationStatus>>,
     /// Alive events.
     tasks: Tasks,
     /// The outbox forwarder, stopped only after the shutdown event is stored, so that event
     /// is forwarded too.
     delivery: Tasks,
     stopped: bool,
-    /// Why callers are not authenticated, when they are not; shown in health.
-    insecure: Option<String>,
-    /// External agents left out at start, with the reason; shown in health.
-    /// External agents left out, and why (kept current by the reload loop).
-    skipped_agents: Arc<std::sync::Mutex<Vec<String>>>,
-    /// When the node credential expires (Unix seconds), and from when health warns about it:
-    /// after expiry peers refuse the node's replies and events.
-    credential_expires: Option<(i64, i64)>,
+    /// Health and metrics.
+    monitor: AgentMonitor,
 }
 
 /// How long before its node credential expires an agent reports it in health: a tenth of
@@ -417,24 +413,21 @@ impl NodeAgent {
         if provisioning {
             lifecycle.startup().await?;
         }
-        Ok(NodeAgent {
-            config,
-            restart,
-            lifecycle,
-            outbox,
-            machines,
-            rpc,
+        let monitor = AgentMonitor {
+            tasks: tasks.monitor(),
+            delivery: delivery.monitor(),
+            outbox: outbox.clone(),
+            machines: machines.iter().map(MachineHandle::remote).collect(),
+            rpc: rpc.clone(),
             registration,
-            tasks,
-            delivery,
-            stopped: false,
             insecure: security.warning,
             skipped_agents,
             credential_expires: security.identity.as_ref().map(|i| {
                 let claims = i.credential().claims();
                 (claims.exp, credential_warning_from(claims.iat, claims.exp))
             }),
-        })
+        };
+        Ok(NodeAgent { config, restart, lifecycle, outbox, machines, rpc, tasks, delivery, stopped: false, monitor })
     }
 
     /// Notified when enrolment asked the node to restart into its normal component (its
@@ -462,6 +455,11 @@ impl NodeAgent {
     pub fn lifecycle(&self) -> &LifecycleEmitter {
         &self.lifecycle
     }
+
+    /// Its health and metrics, for an ops server (`chorus agent --listen`).
+    pub fn monitor(&self) -> AgentMonitor {
+        self.monitor.clone()
+    }
 }
 
 #[async_trait]
@@ -471,37 +469,7 @@ impl Service for NodeAgent {
     }
 
     fn health(&self) -> Health {
-        let health = self
-            .tasks
-            .health()
-            .and(self.delivery.health())
-            .and(self.outbox.health())
-            .with("machines", self.machines.len());
-        let health = match &self.insecure {
-            Some(warning) => health.with("security", format!("INSECURE: {warning}")),
-            None => health.with("security", "callers authenticated"),
-        };
-        let health = match &self.registration {
-            None => health,
-            Some(r) => match r.problem() {
-                None => health.with("registrations", r.published()),
-                Some(p) => {
-                    health.with("registrations", r.published()).and(Health::failing(format!("registration: {p}")))
-                }
-            },
-        };
-        let skipped = self.skipped_agents.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let health = if skipped.is_empty() { health } else { health.with("external_agents_left_out", &skipped) };
-        let Some((expires, warn_from)) = self.credential_expires else { return health };
-        let now = chrono::Utc::now().timestamp();
-        let health = health.with("credential_expires", expires);
-        if now >= expires {
-            health.and(Health::failing("the node credential has expired: peers refuse its replies and events"))
-        } else if now >= warn_from {
-            health.and(Health::failing(format!("the node credential expires in {}s: renew it", expires - now)))
-        } else {
-            health
-        }
+        self.monitor.health()
     }
 
     fn failed(&self) -> bool {
