@@ -20,7 +20,7 @@ use chorus_testkit::{eventually, eventually_true};
 
 use crate::issuer::TestIssuer;
 
-async fn site(server: &NatsServer) -> Arc<dyn Backbone> {
+pub(crate) async fn site(server: &NatsServer) -> Arc<dyn Backbone> {
     let b: Arc<dyn Backbone> = Arc::new(JetStreamBackbone::connect(&NatsConfig::new([server.url()])).await.unwrap());
     ensure_platform_streams(&*b, &StreamLimits::default()).await.unwrap();
     b
@@ -61,7 +61,7 @@ async fn events_of(b: &dyn Backbone, streams: &[&str], identity: &str) -> Vec<Ev
     out
 }
 
-async fn wait_for<F: Fn(&[EventRecord]) -> bool>(
+pub(crate) async fn wait_for<F: Fn(&[EventRecord]) -> bool>(
     b: &dyn Backbone,
     streams: &[&str],
     identity: &str,
@@ -96,7 +96,7 @@ async fn rpc_records(b: &dyn Backbone, requestid: &str) -> Vec<EventRecord> {
         .collect()
 }
 
-fn lifecycle_type(r: &EventRecord) -> Option<&'static str> {
+pub(crate) fn lifecycle_type(r: &EventRecord) -> Option<&'static str> {
     match &r.data {
         Event::Lifecycle(l) => Some(l.lifecycle_type().as_str()),
         _ => None,

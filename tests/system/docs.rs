@@ -146,3 +146,46 @@ fn the_example_machine_manifests_load() {
     }
     assert!(seen >= 1, "no machine manifest under {}", dir.display());
 }
+
+/// Every configuration file the packages install under /etc/chorus parses as the
+/// configuration of the service whose unit reads it (and validates, but for files it names
+/// that exist only on a configured host).
+#[test]
+fn every_packaged_configuration_file_parses() {
+    let dir = repo().join("packaging/etc");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    files.sort();
+    let mut failures = Vec::new();
+    for path in &files {
+        let name = path.file_name().unwrap().to_str().unwrap().to_string();
+        let example = Example {
+            file: format!("packaging/etc/{name}"),
+            line: 1,
+            text: std::fs::read_to_string(path).unwrap(),
+        };
+        let result = match name.as_str() {
+            "agent.yaml" => check::<chorus_producers::agent::AgentConfig>(&example),
+            "aaa.yaml" => check::<chorus_aaa::AaaConfig>(&example),
+            "aaa-users.yaml" => check::<chorus_aaa::UsersFile>(&example),
+            "replicator.yaml" => check::<chorus_replicator::ReplicatorConfig>(&example),
+            "provisioner.yaml" => check::<chorus_consumers::provisioner::ProvisionerConfig>(&example),
+            "reactor.yaml" => check::<chorus_consumers::reactor::ReactorConfig>(&example),
+            "audit-export.yaml" => check::<chorus_consumers::audit_export::ExportConfig>(&example),
+            // KEY=value lines for systemd's EnvironmentFile: every key one the CLI reads.
+            "chorus.env" => example
+                .text
+                .lines()
+                .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+                .try_for_each(|l| match l.split_once('=') {
+                    Some(("CHORUS_NATS" | "CHORUS_LOG", _)) => Ok(()),
+                    _ => Err(format!("{l:?} is not a setting chorus reads")),
+                }),
+            _ => Err("a packaged file this test does not know: add it here".into()),
+        };
+        if let Err(e) = result {
+            failures.push(format!("{}: {e}", example.file));
+        }
+    }
+    assert!(files.len() >= 8, "found only {} packaged files", files.len());
+    assert!(failures.is_empty(), "packaged configuration files that do not parse:\n{}", failures.join("\n"));
+}

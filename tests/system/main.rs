@@ -19,6 +19,7 @@ mod identity;
 mod issuer;
 mod manual;
 mod metrics;
+mod packages;
 mod provision;
 mod react;
 mod replicate;

@@ -32,7 +32,9 @@ pub use monitor::AgentMonitor;
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
-    /// The node's identity, usually its FQDN.
+    /// The node's identity, usually its FQDN; by default this host's name (as `hostname`
+    /// prints it), so one packaged configuration serves every node.
+    #[serde(default = "default_identity")]
     pub identity: String,
     /// What runs on the node (`server`, or `provision_mode_server` before provisioning): the
     /// last token of its lifecycle subjects.
@@ -207,6 +209,11 @@ impl AgentConfig {
     pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
         chorus_runtime::config::load(path)
     }
+}
+
+/// This host's name, or empty (refused by validation) when it cannot be read.
+fn default_identity() -> String {
+    hostname::get().ok().and_then(|h| h.into_string().ok()).unwrap_or_default()
 }
 
 impl Config for AgentConfig {
