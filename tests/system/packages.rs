@@ -182,12 +182,15 @@ async fn the_packages_install_into_a_throwaway_root_and_the_agent_unit_starts() 
         .map(|l| l.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).expect("KEY=value"))
         .collect();
     std::fs::create_dir_all(inside(r, "/var/lib/chorus/agent")).unwrap();
+    // Its log goes to a file, as to the journal: no terminal, so no colour codes.
+    let log = r.join("agent.log");
     let mut agent = Command::new(&argv[0])
         .args(&argv[1..])
         .envs(env)
         .env("CHORUS_NATS", server.url())
         .current_dir(inside(r, "/var/lib/chorus/agent"))
         .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
     let host = String::from_utf8(run(&mut Command::new("hostname")).stdout).unwrap().trim().to_string();
@@ -210,6 +213,9 @@ async fn the_packages_install_into_a_throwaway_root_and_the_agent_unit_starts() 
         agent.try_wait().unwrap().ok_or_else(|| "still running".to_string())
     });
     assert!(exit.success(), "the agent exited with {exit}");
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(log.contains(" INFO ") || log.contains(" WARN "), "the agent logged nothing at info: {log}");
+    assert!(!log.contains('\u{1b}'), "colour codes in a log written to a file: {log:?}");
 
     // Purging the agent package removes its configuration and its state; the rest stays.
     run(dpkg(r).args(["--purge", "chorus-agent"]));
