@@ -158,11 +158,8 @@ fn every_packaged_configuration_file_parses() {
     let mut failures = Vec::new();
     for path in &files {
         let name = path.file_name().unwrap().to_str().unwrap().to_string();
-        let example = Example {
-            file: format!("packaging/etc/{name}"),
-            line: 1,
-            text: std::fs::read_to_string(path).unwrap(),
-        };
+        let example =
+            Example { file: format!("packaging/etc/{name}"), line: 1, text: std::fs::read_to_string(path).unwrap() };
         let result = match name.as_str() {
             "agent.yaml" => check::<chorus_producers::agent::AgentConfig>(&example),
             "aaa.yaml" => check::<chorus_aaa::AaaConfig>(&example),
@@ -172,14 +169,14 @@ fn every_packaged_configuration_file_parses() {
             "reactor.yaml" => check::<chorus_consumers::reactor::ReactorConfig>(&example),
             "audit-export.yaml" => check::<chorus_consumers::audit_export::ExportConfig>(&example),
             // KEY=value lines for systemd's EnvironmentFile: every key one the CLI reads.
-            "chorus.env" => example
-                .text
-                .lines()
-                .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
-                .try_for_each(|l| match l.split_once('=') {
-                    Some(("CHORUS_NATS" | "CHORUS_LOG", _)) => Ok(()),
-                    _ => Err(format!("{l:?} is not a setting chorus reads")),
-                }),
+            "chorus.env" => {
+                example.text.lines().filter(|l| !l.trim().is_empty() && !l.starts_with('#')).try_for_each(|l| {
+                    match l.split_once('=') {
+                        Some(("CHORUS_NATS" | "CHORUS_LOG", _)) => Ok(()),
+                        _ => Err(format!("{l:?} is not a setting chorus reads")),
+                    }
+                })
+            }
             _ => Err("a packaged file this test does not know: add it here".into()),
         };
         if let Err(e) = result {

@@ -46,8 +46,11 @@ fn inside(root: &Path, path: &str) -> PathBuf {
 /// empty root has no libc6 package, hence `--force-depends`.
 fn dpkg(root: &Path) -> Command {
     let mut c = Command::new("dpkg");
-    c.arg(format!("--root={}", root.display()))
-        .args(["--force-script-chrootless", "--force-depends", "--log=/dev/null"]);
+    c.arg(format!("--root={}", root.display())).args([
+        "--force-script-chrootless",
+        "--force-depends",
+        "--log=/dev/null",
+    ]);
     c
 }
 
@@ -59,10 +62,8 @@ async fn the_packages_install_into_a_throwaway_root_and_the_agent_unit_starts() 
     run(Command::new(repo.join("scripts/package")).arg("--binary").arg(&chorus).arg("--out").arg(debs.path()));
     let mut files: Vec<PathBuf> = std::fs::read_dir(debs.path()).unwrap().map(|e| e.unwrap().path()).collect();
     files.sort();
-    let mut names: Vec<String> = files
-        .iter()
-        .map(|f| f.file_name().unwrap().to_str().unwrap().split('_').next().unwrap().to_string())
-        .collect();
+    let mut names: Vec<String> =
+        files.iter().map(|f| f.file_name().unwrap().to_str().unwrap().split('_').next().unwrap().to_string()).collect();
     names.sort();
     assert_eq!(names, PACKAGES, "{files:?}");
 

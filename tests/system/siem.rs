@@ -401,3 +401,85 @@ async fn an_exporter_started_before_its_streams_exist_waits_then_exports_everyth
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// AAA decisions reach the SIEM in OCSF and in ECS with the client's address: a real AAA
+/// service refuses a wrong password from this test's HTTP client and accepts the right one,
+/// and `chorus audit-export` with `format: ocsf` (then `format: ecs`) writes both, the refusal
+/// as a failed authentication from 127.0.0.1, the CloudEvent kept whole in each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aaa_decisions_are_exported_as_ocsf_and_ecs_with_the_client_address() {
+    let server = NatsServer::start().unwrap();
+    let b = crate::aaa::site(&server).await;
+    let aaa = crate::aaa::start_aaa(NatsConfig::new([server.url()])).await;
+    assert!(aaa.login("alice", "wrong").await.is_err());
+    aaa.login("alice", "alice-pw").await.unwrap();
+    chorus_testkit::eventually("both decisions in CHORUS_AUDIT", Duration::from_secs(30), || {
+        let b = b.clone();
+        async move {
+            let n = read_all(&*b, "CHORUS_AUDIT").await.len();
+            if n == 2 {
+                Ok(())
+            } else {
+                Err(format!("{n} records"))
+            }
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    for format in ["ocsf", "ecs"] {
+        let out = dir.path().join(format!("{format}.jsonl"));
+        let config = dir.path().join(format!("{format}.yaml"));
+        std::fs::write(
+            &config,
+            format!(
+                "consumer: siem-{format}\nstreams: [CHORUS_AUDIT]\nformat: {format}\nsink: {{kind: jsonl, path: {}}}\n",
+                out.display()
+            ),
+        )
+        .unwrap();
+        let mut child = std::process::Command::new(chorus_testkit::workspace_bin("chorus").unwrap())
+            .args(["audit-export", "--nats", &server.url(), "--config", config.to_str().unwrap()])
+            .env("CHORUS_LOG", "warn")
+            .spawn()
+            .unwrap();
+        let lines = chorus_testkit::eventually(&format!("two {format} lines"), Duration::from_secs(30), || {
+            let out = out.clone();
+            async move {
+                let text = std::fs::read_to_string(&out).unwrap_or_default();
+                let lines: Vec<serde_json::Value> =
+                    text.lines().map(|l| serde_json::from_str(l).expect("one JSON object per line")).collect();
+                if lines.len() == 2 {
+                    Ok(lines)
+                } else {
+                    Err(format!("{} lines", lines.len()))
+                }
+            }
+        })
+        .await;
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let (denied, allowed) = (&lines[0], &lines[1]);
+        match format {
+            "ocsf" => {
+                assert_eq!(denied["class_uid"], 3002, "{denied}");
+                assert_eq!((denied["status"].as_str(), allowed["status"].as_str()), (Some("Failure"), Some("Success")));
+                assert_eq!(denied["status_code"], "bad_credentials");
+                assert_eq!(denied["src_endpoint"]["ip"], "127.0.0.1");
+                assert!(denied["src_endpoint"]["port"].as_u64().is_some_and(|p| p > 0), "{denied}");
+                assert_eq!(denied["user"]["name"], "alice");
+                let raw: serde_json::Value = serde_json::from_str(denied["raw_data"].as_str().unwrap()).unwrap();
+                assert_eq!(raw["type"], "io.choria.signer.v1.signature_audit");
+            }
+            _ => {
+                assert_eq!(denied["event"]["category"], serde_json::json!(["authentication"]), "{denied}");
+                assert_eq!(
+                    (denied["event"]["outcome"].as_str(), allowed["event"]["outcome"].as_str()),
+                    (Some("failure"), Some("success"))
+                );
+                assert_eq!(denied["source"]["ip"], "127.0.0.1");
+                assert_eq!(denied["user"]["name"], "alice");
+                assert!(denied["event"]["original"].as_str().unwrap().contains("signature_audit"));
+            }
+        }
+    }
+}

@@ -56,6 +56,10 @@ pub struct ExportConfig {
     /// `--nats` URL list or an embedded store.
     #[serde(default)]
     pub nats: Option<NatsConfig>,
+    /// What each record says: `cloudevents` (default: the stored CloudEvent), `ocsf` or
+    /// `ecs`; see docs/CONSUMERS.md, "Formats".
+    #[serde(default)]
+    pub format: super::format::Format,
     /// Where the records go.
     pub sink: SinkConfig,
 }
@@ -411,9 +415,10 @@ pub struct HecConfig {
     /// HEC `source` (default `chorus`).
     #[serde(default = "default_source")]
     pub source: String,
-    /// HEC `sourcetype` (default `chorus:cloudevent`).
-    #[serde(default = "default_sourcetype")]
-    pub sourcetype: String,
+    /// HEC `sourcetype`; by default `chorus:cloudevent`, `chorus:ocsf` or `chorus:ecs` after
+    /// the export's `format`.
+    #[serde(default)]
+    pub sourcetype: Option<String>,
     /// TLS settings for an `https` URL (CA, client certificate, server name).
     #[serde(default)]
     pub tls: Option<TlsClientConfig>,
@@ -424,9 +429,6 @@ pub struct HecConfig {
 
 fn default_source() -> String {
     "chorus".into()
-}
-fn default_sourcetype() -> String {
-    "chorus:cloudevent".into()
 }
 fn default_http_timeout() -> Duration {
     Duration::from_secs(30)
@@ -441,7 +443,7 @@ impl HecConfig {
             token_file: None,
             index: None,
             source: default_source(),
-            sourcetype: default_sourcetype(),
+            sourcetype: None,
             tls: None,
             timeout: default_http_timeout(),
         }
@@ -511,6 +513,7 @@ impl ExportConfig {
             backoff: Backoff::default(),
             hostname: HostnameSource::default(),
             nats: None,
+            format: Default::default(),
             sink,
         }
     }

@@ -16,6 +16,7 @@ use async_trait::async_trait;
 use serde_json::Value;
 
 use super::config::{HecConfig, HostnameSource, TlsClientConfig};
+use super::format::Format;
 use super::record::{ExportRecord, Rejection};
 use super::sink::{Sent, Sink, SinkError};
 use chorus_runtime::{tls, ConfigError};
@@ -46,7 +47,7 @@ enum Answer {
 impl HecSink {
     /// Builds the HTTP client: reads the token and sets up TLS for an `https` URL; sends nothing.
     /// Fails on a bad URL, an unreadable token or bad TLS settings.
-    pub fn new(config: &HecConfig, hostname: HostnameSource) -> Result<Self, ExportError> {
+    pub fn new(config: &HecConfig, hostname: HostnameSource, format: Format) -> Result<Self, ExportError> {
         let bad = |m: String| ExportError::Config(ConfigError::message(m));
         let base = reqwest::Url::parse(&config.url).map_err(|e| bad(format!("sink.url: {e}")))?;
         let endpoint = base
@@ -68,7 +69,7 @@ impl HecSink {
             authorization: format!("Splunk {token}"),
             index: config.index.clone(),
             source: config.source.clone(),
-            sourcetype: config.sourcetype.clone(),
+            sourcetype: config.sourcetype.clone().unwrap_or_else(|| format.default_sourcetype().into()),
             hostname,
             accepted: 0,
         })
@@ -102,7 +103,7 @@ impl HecSink {
         if let Some(d) = record.decision {
             fields.insert("decision".into(), d.as_str().into());
         }
-        let mut out = String::with_capacity(record.cloudevent.len() + 512);
+        let mut out = String::with_capacity(record.body().len() + 512);
         out.push_str(&format!("{{\"time\":{}.{:03}", time.timestamp(), time.timestamp_subsec_millis()));
         out.push_str(&format!(",\"host\":{}", q(record.host(self.hostname))));
         out.push_str(&format!(",\"source\":{},\"sourcetype\":{}", q(&self.source), q(&self.sourcetype)));
@@ -111,7 +112,7 @@ impl HecSink {
         }
         out.push_str(&format!(",\"fields\":{}", Value::Object(fields)));
         out.push_str(",\"event\":");
-        out.push_str(&record.cloudevent);
+        out.push_str(record.body());
         out.push('}');
         out
     }
@@ -263,7 +264,7 @@ mod tests {
         let (hec, url) = server().await;
         let mut cfg = HecConfig::new(format!("{url}/"), "s3cr3t");
         cfg.index = Some("audit".into());
-        let mut sink = HecSink::new(&cfg, HostnameSource::Identity).unwrap();
+        let mut sink = HecSink::new(&cfg, HostnameSource::Identity, Format::default()).unwrap();
         assert_eq!(sink.endpoint().path(), "/services/collector/event");
         let records = vec![record(audit(AuditAction::Deny, "up=bob")), record(audit(AuditAction::Allow, "up=ann"))];
         assert!(sink.send(&records).await.unwrap().rejected.is_empty());
@@ -291,7 +292,7 @@ mod tests {
     #[tokio::test]
     async fn outages_and_bad_tokens_are_retried_not_dropped() {
         let (hec, url) = server().await;
-        let mut sink = HecSink::new(&HecConfig::new(url, "t"), HostnameSource::Identity).unwrap();
+        let mut sink = HecSink::new(&HecConfig::new(url, "t"), HostnameSource::Identity, Format::default()).unwrap();
         let records = vec![record(audit(AuditAction::Deny, "up=bob"))];
         for (status, body) in [
             (503, r#"{"text":"Server is busy","code":9}"#),
@@ -312,7 +313,7 @@ mod tests {
     #[tokio::test]
     async fn a_refused_batch_is_split_and_only_the_bad_record_rejected() {
         let (hec, url) = server().await;
-        let mut sink = HecSink::new(&HecConfig::new(url, "t"), HostnameSource::Identity).unwrap();
+        let mut sink = HecSink::new(&HecConfig::new(url, "t"), HostnameSource::Identity, Format::default()).unwrap();
         let records: Vec<_> =
             ["up=a", "up=poison", "up=c"].iter().map(|c| record(audit(AuditAction::Allow, c))).collect();
         *hec.poison.lock().unwrap() = Some("up=poison".into());
@@ -409,7 +410,7 @@ mod tests {
         let (url, requests) = https_hec(chain, key).await;
         let mut cfg = HecConfig::new(url.clone(), "t0k");
         cfg.tls = Some(TlsClientConfig::with_ca(ca_file));
-        let mut sink = HecSink::new(&cfg, HostnameSource::Identity).unwrap();
+        let mut sink = HecSink::new(&cfg, HostnameSource::Identity, Format::default()).unwrap();
         sink.send(&[record(audit(AuditAction::Deny, "up=bob"))]).await.unwrap();
         assert_eq!(sink.confirmed().await.unwrap(), 1);
         let seen = requests.lock().unwrap().clone();
@@ -422,7 +423,7 @@ mod tests {
         let (untrusting_ca, _, _) = pki(other_dir.path());
         let mut cfg = HecConfig::new(url, "t0k");
         cfg.tls = Some(TlsClientConfig::with_ca(untrusting_ca));
-        let mut sink = HecSink::new(&cfg, HostnameSource::Identity).unwrap();
+        let mut sink = HecSink::new(&cfg, HostnameSource::Identity, Format::default()).unwrap();
         let err = sink.send(&[record(audit(AuditAction::Deny, "up=bob"))]).await.unwrap_err();
         assert!(err.to_string().to_lowercase().contains("certificate"), "{err}");
         assert_eq!(requests.lock().unwrap().len(), 1);
@@ -431,8 +432,12 @@ mod tests {
     #[tokio::test]
     async fn an_unreachable_collector_is_an_error_to_retry() {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut sink =
-            HecSink::new(&HecConfig::new(format!("http://127.0.0.1:{port}"), "t"), HostnameSource::Identity).unwrap();
+        let mut sink = HecSink::new(
+            &HecConfig::new(format!("http://127.0.0.1:{port}"), "t"),
+            HostnameSource::Identity,
+            Format::default(),
+        )
+        .unwrap();
         assert!(sink.send(&[record(audit(AuditAction::Deny, "x"))]).await.is_err());
         assert_eq!(sink.confirmed().await.unwrap(), 0);
     }

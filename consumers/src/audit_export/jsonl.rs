@@ -32,9 +32,9 @@ impl JsonlSink {
 #[async_trait]
 impl Sink for JsonlSink {
     async fn send(&mut self, batch: &[ExportRecord]) -> Result<Sent, SinkError> {
-        let mut buf = Vec::with_capacity(batch.iter().map(|r| r.cloudevent.len() + 1).sum());
+        let mut buf = Vec::with_capacity(batch.iter().map(|r| r.body().len() + 1).sum());
         for r in batch {
-            buf.extend_from_slice(r.cloudevent.as_bytes());
+            buf.extend_from_slice(r.body().as_bytes());
             buf.push(b'\n');
         }
         let path = self.path.clone();

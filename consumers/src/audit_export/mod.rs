@@ -31,6 +31,7 @@
 //! counters are in [`ExportStats`].
 
 pub mod config;
+pub mod format;
 pub mod hec;
 pub mod jsonl;
 pub mod record;
@@ -53,6 +54,7 @@ pub use config::{
     Backoff, ExportConfig, Facility, HecConfig, HostnameSource, JsonlConfig, Severity, SeverityMap, SinkConfig,
     SyslogConfig, TlsClientConfig,
 };
+pub use format::Format;
 pub use record::{ExportRecord, Rejection};
 pub use sink::{ExportStats, Sink, SinkError, StatsSnapshot};
 
@@ -74,7 +76,7 @@ pub enum ExportError {
 pub fn build_sink(config: &ExportConfig, stats: &ExportStats) -> Result<Box<dyn Sink>, ExportError> {
     Ok(match &config.sink {
         SinkConfig::Syslog(s) => Box::new(syslog::SyslogSink::new(s.clone(), config.hostname, stats.clone())?),
-        SinkConfig::Hec(h) => Box::new(hec::HecSink::new(h, config.hostname)?),
+        SinkConfig::Hec(h) => Box::new(hec::HecSink::new(h, config.hostname, config.format)?),
         SinkConfig::Jsonl(j) => Box::new(jsonl::JsonlSink::new(j.path.clone())),
     })
 }
@@ -421,7 +423,8 @@ impl Exporter {
                 continue;
             }
             match ExportRecord::from_stored(&d.message) {
-                Ok(r) => {
+                Ok(mut r) => {
+                    r.body = self.config.format.render(&r);
                     in_batch.insert(key, records.len());
                     records.push(r);
                     deliveries.push(vec![d]);

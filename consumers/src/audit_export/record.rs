@@ -40,6 +40,9 @@ pub struct ExportRecord {
     pub event: EventRecord,
     /// The CloudEvent as compact JSON (one line), every attribute of the stored document kept.
     pub cloudevent: String,
+    /// What the sink writes when it is not the CloudEvent: the record in the export's
+    /// [`Format`](super::format::Format) (OCSF, ECS).
+    pub body: Option<String>,
     /// Caller id of the request (audit or RPC record).
     pub callerid: String,
     /// RPC agent, e.g. `rpcutil`; none when an audit record's request does not name one.
@@ -119,7 +122,24 @@ impl ExportRecord {
             _ => (String::new(), None, None, None, None, None),
         };
         let site = event.site.clone().or(audit_site).filter(|s| !s.is_empty());
-        ExportRecord { stream, sequence, event, cloudevent, callerid, agent, action, decision, site, requestid }
+        ExportRecord {
+            stream,
+            sequence,
+            event,
+            cloudevent,
+            body: None,
+            callerid,
+            agent,
+            action,
+            decision,
+            site,
+            requestid,
+        }
+    }
+
+    /// What the sink writes: the record in the export's format (by default the CloudEvent).
+    pub fn body(&self) -> &str {
+        self.body.as_deref().unwrap_or(&self.cloudevent)
     }
 
     /// Event id (CloudEvents `id`).

@@ -57,7 +57,7 @@ impl Formatter {
 
     /// The SYSLOG-MSG of a record.
     pub fn message(&self, record: &ExportRecord) -> String {
-        let mut out = String::with_capacity(record.cloudevent.len() + 256);
+        let mut out = String::with_capacity(record.body().len() + 256);
         out.push('<');
         out.push_str(&self.pri(record).to_string());
         out.push_str(">1 ");
@@ -71,7 +71,7 @@ impl Formatter {
         out.push(' ');
         self.structured_data(record, &mut out);
         out.push(' ');
-        out.push_str(&record.cloudevent);
+        out.push_str(record.body());
         out
     }
 
