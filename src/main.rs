@@ -96,6 +96,9 @@ enum Command {
     Completions(manual::CompletionsArgs),
     /// Write the man pages of every command into a directory.
     Man(manual::ManArgs),
+    /// Configuration files: check one, print its JSON Schema, or the whole reference.
+    #[command(subcommand)]
+    Config(config::ConfigCommand),
 }
 
 /// mimalloc rather than glibc's allocator: profiles of RPC (`chorus bench rpc`) spent about
@@ -136,6 +139,7 @@ fn main() -> anyhow::Result<()> {
             Command::Dashboard(args) => dashboard::run(args).await,
             Command::Completions(args) => manual::completions(args, Cli::command()),
             Command::Man(args) => manual::man(args, Cli::command()),
+            Command::Config(cmd) => config::run(cmd),
         }
     })
 }

@@ -39,7 +39,7 @@ use chorus_runtime::{Config, ConfigError};
 use serde::{Deserialize, Serialize};
 
 /// The whole service configuration.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AaaConfig {
     /// Identity of this AAA service: the `signer` and node identity of its audit records.
@@ -52,7 +52,7 @@ pub struct AaaConfig {
     /// HTTPS instead of HTTP. Passwords and tokens cross this listener: use it off loopback.
     #[serde(default)]
     pub tls: Option<HttpTls>,
-    /// The users file (see [`super::users`]).
+    /// The users file (`aaa-users` below; docs/SECURITY.md, "Users").
     pub users_file: PathBuf,
     /// Tenants and their collectives.
     pub tenants: BTreeMap<String, TenantSpec>,
@@ -72,7 +72,7 @@ fn default_listen() -> String {
 }
 
 /// Certificate and key of the HTTPS listener.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpTls {
     /// PEM certificate chain.
@@ -82,7 +82,7 @@ pub struct HttpTls {
 }
 
 /// One tenant.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantSpec {
     /// Collectives of the tenant (each belongs to exactly one tenant).
@@ -90,7 +90,7 @@ pub struct TenantSpec {
 }
 
 /// Token settings.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JwtConfig {
     /// The token-signing key.
@@ -104,12 +104,15 @@ pub struct JwtConfig {
     pub issuer: String,
     /// Lifetime of issued tokens.
     #[serde(default = "default_validity", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub validity: Duration,
     /// Longest lifetime accepted on a presented token.
     #[serde(default = "default_max_validity", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub max_validity: Duration,
     /// Clock skew tolerated on `exp` and `nbf`.
     #[serde(default = "default_leeway", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub leeway: Duration,
 }
 
@@ -128,7 +131,7 @@ fn default_leeway() -> Duration {
 
 /// The request signer: nodes accept its signature for a caller because its credential,
 /// issued by the fleet's issuer, carries the delegator right.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SignerConfig {
     /// Where the key is.
@@ -137,6 +140,7 @@ pub struct SignerConfig {
     pub credential: PathBuf,
     /// Longest TTL a request may ask for; nodes enforce their own maximum too.
     #[serde(default = "default_max_ttl", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub max_ttl: Duration,
 }
 
@@ -146,7 +150,7 @@ fn default_max_ttl() -> Duration {
 
 /// How many login attempts are answered, per user and per client address; the others get
 /// 429 `rate_limited` (and are audited) without the password being looked at.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LoginLimits {
     /// Attempts for one user name, from anywhere.
@@ -164,13 +168,14 @@ impl Default for LoginLimits {
 }
 
 /// `burst` attempts at once, then one more every `every`.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Copy, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Limit {
     /// Attempts allowed at once.
     pub burst: u32,
     /// Time for one more attempt to be allowed.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub every: Duration,
 }
 
@@ -183,7 +188,7 @@ fn default_per_address() -> Limit {
 }
 
 /// Where audit records go.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditConfig {
     /// The broker whose `CHORUS_AUDIT` stream receives the records.

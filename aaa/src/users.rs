@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use crate::AaaError;
 
 /// The users file.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UsersFile {
     /// Every user who may log in.
@@ -38,7 +38,7 @@ pub struct UsersFile {
 impl chorus_runtime::Config for UsersFile {}
 
 /// One user.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct User {
     /// Login name.

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::{BackboneError, Result};
 
 /// A stream: the subjects it captures and how much it keeps.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StreamConfig {
     /// Stream name: letters, digits, `-` and `_` (JetStream forbids `.`, `*`, `>` and spaces).
@@ -26,10 +26,12 @@ pub struct StreamConfig {
     pub max_bytes: u64,
     /// Remove messages older than this; unset = keep forever.
     #[serde(default, with = "humantime_serde::option")]
+    #[schemars(with = "Option<String>")]
     pub max_age: Option<Duration>,
     /// How long an event id is remembered for dedupe. Retries and replicated copies arriving
     /// within this window are stored once.
     #[serde(default = "default_dedupe_window", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub dedupe_window: Duration,
     /// Copies kept by a JetStream cluster (1, 3 or 5); the embedded engine keeps one.
     #[serde(default = "default_replicas")]
@@ -96,7 +98,7 @@ impl StreamConfig {
 }
 
 /// Where a consumer or a replay starts.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(schemars::JsonSchema, Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case", tag = "from", content = "at")]
 pub enum StartPosition {
     /// The oldest message still stored.

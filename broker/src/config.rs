@@ -19,7 +19,7 @@ pub const DEFAULT_BCRYPT_COST: u32 = 11;
 pub const SYSTEM_ACCOUNT: &str = "SYS";
 
 /// A broker and its tenants (YAML or JSON; unknown keys are refused).
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BrokerConfig {
     /// `server_name` of the broker (also its JetStream peer name).
@@ -66,7 +66,7 @@ fn default_cost() -> u32 {
 }
 
 /// TLS files of the client port.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BrokerTls {
     /// PEM certificate (chain) of the broker.
@@ -89,7 +89,7 @@ fn default_tls_timeout() -> f64 {
 }
 
 /// Server-wide JetStream settings.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BrokerJetStream {
     /// Where JetStream keeps its data.
@@ -103,7 +103,7 @@ pub struct BrokerJetStream {
 }
 
 /// Which networks may connect (see [`BrokerConfig::render_nftables`]).
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FirewallConfig {
     /// CIDRs (`10.1.0.0/16`, `2001:db8::/32`, or single addresses) allowed to reach the
@@ -121,7 +121,7 @@ pub struct FirewallConfig {
 /// tenant accounts over leafnode connections on loopback `leafnode_port`. The nftables rules
 /// send connections from `networks` to the main server and refuse the internal port to
 /// everyone else, so the same user gets its full permissions only from a client network.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientNetworks {
     /// CIDRs (`10.1.0.0/16`, `2001:db8::/32`, or single addresses) whose connections are
@@ -135,7 +135,7 @@ pub struct ClientNetworks {
 }
 
 /// One tenant: a NATS account with its own subjects and JetStream.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantConfig {
     /// Collectives (RPC sub-networks) of the tenant; RPC permissions are scoped to them.
@@ -153,7 +153,7 @@ pub struct TenantConfig {
 }
 
 /// JetStream limits of one account.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AccountJetStream {
     /// Memory storage, e.g. `256MB`.
@@ -172,7 +172,7 @@ pub struct AccountJetStream {
 
 /// A user and how its password is obtained. Exactly one of `password`, `password_file` and
 /// `password_hash` must be set.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UserSpec {
     /// User name; unique across the whole broker.

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 /// | `reactor` | as `consumer`, and `chorus.reactor.>`, and a client's requests | as `consumer`, and the replies to its caller id |
 /// | `replicator` | the JetStream API except stream deletion, acks and flow control, every event subject, key-value buckets | `_INBOX.>` |
 /// | `admin` | `>` | `>` |
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     /// A node agent (or the simulator): publishes its events and RPC replies, receives

@@ -74,7 +74,7 @@ pub trait Signer: Send + Sync {
 
 /// Where a signing key is, as configuration files write it: `{key_file: PATH}` or
 /// `{pkcs11: {token_label: ..., key_label: ..., pin_file: ...}}`, exactly one of the two.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "KeyFields", into = "KeyFields")]
 pub enum KeyConfig {
     /// A key file (PKCS#8 PEM: `chorus keys new --file`, `openssl genpkey`).
@@ -85,11 +85,13 @@ pub enum KeyConfig {
 
 /// The form [`KeyConfig`] is written in: a map with one of two keys, the same in YAML, JSON
 /// and every serde format (an enum would be a YAML tag).
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct KeyFields {
+    /// A key file (PKCS#8 PEM). Give this or `pkcs11`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     key_file: Option<PathBuf>,
+    /// A key held by a PKCS#11 token. Give this or `key_file`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pkcs11: Option<Pkcs11Config>,
 }

@@ -26,7 +26,7 @@ use crate::PlatformError;
 const KEY: &str = "leader";
 
 /// How a service takes part in an election (a section of its configuration).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ElectionConfig {
     /// The election; instances that must not act at once share it. The service's name when
@@ -36,6 +36,7 @@ pub struct ElectionConfig {
     /// How long a leader's claim lives without renewal: a killed leader is replaced after
     /// about 1.25 times this.
     #[serde(default = "default_ttl", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub ttl: Duration,
     /// This instance's name in the election [default: host:pid].
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -76,7 +76,7 @@ impl Enrollee for SimulatedEnrollee {
 ///   config: /etc/chorus/agent.yaml      # the agent's own file: written, then the agent restarts
 ///   policy_dir: /etc/chorus/policies    # <agent>.policy files written
 /// ```
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProvisioningConfig {
     /// Trusted issuers of node credentials: files or directories.

@@ -21,19 +21,22 @@ use serde_json::{Map, Value};
 use crate::lifecycle::random_splay;
 
 /// When a node publishes its registration (`registration:` in the agent's configuration).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RegistrationConfig {
     /// Publish registrations at all.
     pub enabled: bool,
     /// Republish this often even when nothing changed (Choria's `registerinterval`, 300 s).
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub interval: Duration,
     /// Longest random delay before the first publication.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub splay: Duration,
     /// How often the fact file and command are read again to notice a change.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub check_interval: Duration,
 }
 

@@ -32,7 +32,7 @@ use crate::error::Result;
 use crate::rewrite::{Rewrite, RewriteRule};
 
 /// The whole replicator process.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReplicatorConfig {
     /// Where checkpoints are kept; must survive restarts.
@@ -50,16 +50,18 @@ pub struct ReplicatorConfig {
 
 /// One source backbone copied into one target backbone. Many sites into one hub is one link
 /// per site, all with the same target.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LinkConfig {
     /// Names the link in metrics and checkpoints: letters, digits, `-`, `_`.
     pub name: String,
     /// Backbone the events are read from.
     #[serde(with = "serde_yaml::with::singleton_map")]
+    #[schemars(with = "EndpointConfig")]
     pub source: EndpointConfig,
     /// Backbone the events are copied into.
     #[serde(with = "serde_yaml::with::singleton_map")]
+    #[schemars(with = "EndpointConfig")]
     pub target: EndpointConfig,
     /// Site stamped as provenance (the CloudEvents `site` extension) on copied events that
     /// carry none. Events that carry one keep it.
@@ -79,6 +81,7 @@ pub struct LinkConfig {
     pub batch: usize,
     /// Longest wait between retries of a failing source or target.
     #[serde(default = "default_max_backoff", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub max_backoff: Duration,
 }
 
@@ -93,7 +96,7 @@ fn default_max_backoff() -> Duration {
 /// A backbone to read from or write to.
 // Held once per link end; boxing the larger variant would only complicate matching on it.
 #[allow(clippy::large_enum_variant)]
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum EndpointConfig {
     /// NATS JetStream (the production and multi-site engine).
@@ -104,7 +107,7 @@ pub enum EndpointConfig {
 }
 
 /// One stream copied by a link.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StreamLink {
     /// Source stream name.
@@ -126,7 +129,7 @@ pub struct StreamLink {
 }
 
 /// How a stream of a link is copied.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CopyPath {
     /// A native JetStream source where the link is plain (no rewrite, sampling, provenance
@@ -143,11 +146,12 @@ pub enum CopyPath {
 }
 
 /// Sampling of alive events.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SamplingConfig {
     /// At most one event per node per this interval, unless a field changed.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub interval: Duration,
     /// Subjects sampled.
     #[serde(default = "default_sampled")]

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{ReplicatorError, Result};
 
 /// One rewrite rule as configured.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RewriteRule {
     /// Subject filter to match, e.g. `choria.lifecycle.>`.

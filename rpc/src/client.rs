@@ -92,7 +92,7 @@ pub trait RequestSigner: Send + Sync {
 ///   credential: /etc/chorus/provisioner.cred       # chorus credential issue --client
 ///   issuers: [/etc/chorus/issuer.pub]              # replies must be signed by their node
 /// ```
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientSecurity {
     /// The client's key.

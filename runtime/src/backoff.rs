@@ -23,14 +23,16 @@ use crate::service::Shutdown;
 /// assert_eq!(b.delay(3), Duration::from_millis(400));
 /// assert_eq!(b.delay(10), Duration::from_secs(1));
 /// ```
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Backoff {
     /// The pause after the first failure.
     #[serde(default = "default_initial", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub initial: Duration,
     /// The longest pause.
     #[serde(default = "default_max", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub max: Duration,
     /// Growth of the pause per further failure (1 keeps it flat).
     #[serde(default = "default_multiplier")]

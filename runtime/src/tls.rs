@@ -32,7 +32,7 @@ use crate::config::ConfigError;
 
 /// TLS settings of a client connection, as configuration files write them (`tls:`).
 /// Errors name fields relative to this section (`tls.ca_file`).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsClientConfig {
     /// PEM CA bundle that signs the server's certificate; the system's roots when absent.

@@ -6,6 +6,7 @@ pub mod audit_export;
 pub mod backup;
 pub mod bench;
 pub mod broker;
+pub mod config;
 pub mod credential;
 pub mod dashboard;
 pub mod discover;

@@ -186,3 +186,34 @@ fn every_packaged_configuration_file_parses() {
     assert!(files.len() >= 8, "found only {} packaged files", files.len());
     assert!(failures.is_empty(), "packaged configuration files that do not parse:\n{}", failures.join("\n"));
 }
+
+/// docs/CONFIGURATION.md is what `chorus config reference` generates from the configuration
+/// types: a field added, renamed or re-documented in the code and not in the reference fails
+/// here.
+#[test]
+fn the_configuration_reference_is_generated_from_the_types() {
+    let chorus = chorus_testkit::workspace_bin("chorus").unwrap();
+    let out = std::process::Command::new(&chorus).args(["config", "reference"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let generated = String::from_utf8(out.stdout).unwrap();
+    let committed = std::fs::read_to_string(repo().join("docs/CONFIGURATION.md")).unwrap();
+    assert!(
+        generated == committed,
+        "docs/CONFIGURATION.md differs from the code; regenerate it with \
+         `target/debug/chorus config reference > docs/CONFIGURATION.md`"
+    );
+    for section in ["## `agent`", "## `aaa`", "## `replicator`", "### NatsConfig", "#### SinkConfig: `kind: hec`"] {
+        assert!(generated.contains(section), "{section} missing from the reference");
+    }
+
+    // `chorus config check` reads a file as its service would, naming file and field.
+    let dir = tempfile::tempdir().unwrap();
+    let good = repo().join("packaging/etc/provisioner.yaml");
+    let out = std::process::Command::new(&chorus).args(["config", "check", "provisioner"]).arg(&good).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let bad = dir.path().join("provisioner.yaml");
+    std::fs::write(&bad, "steps: []\nconcurency: 5\n").unwrap();
+    let out = std::process::Command::new(&chorus).args(["config", "check", "provisioner"]).arg(&bad).output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && said.contains("provisioner.yaml") && said.contains("concurency"), "{said}");
+}

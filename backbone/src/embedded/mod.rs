@@ -44,7 +44,7 @@ use crate::{
 pub use codec::seq_key;
 
 /// Settings of an embedded store.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EmbeddedConfig {
     /// Directory of the sled database; created when missing.

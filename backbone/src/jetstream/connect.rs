@@ -11,7 +11,7 @@ use super::errors::Classify as _;
 use crate::{BackboneError, Result};
 
 /// Connection settings of the JetStream engine.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NatsConfig {
     /// Seed servers, e.g. `nats://10.0.0.1:4222` or `tls://broker:4222`; the client learns the
@@ -28,6 +28,7 @@ pub struct NatsConfig {
     pub tls: Option<TlsClientConfig>,
     /// Timeout of JetStream API calls and publish acknowledgements.
     #[serde(default = "default_timeout", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub request_timeout: Duration,
     /// Publishes in flight before the publisher waits for acknowledgements.
     #[serde(default = "default_inflight")]
@@ -35,6 +36,7 @@ pub struct NatsConfig {
     /// How long a publish keeps being retried (same event id, so no duplicates) through broker
     /// restarts and cluster leader changes before it fails.
     #[serde(default = "default_retry", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub publish_retry_for: Duration,
     /// JetStream domain, for leafnode deployments with a separate JetStream domain per site.
     #[serde(default)]
@@ -56,7 +58,7 @@ fn default_retry() -> Duration {
 }
 
 /// How the client authenticates to the broker.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum NatsAuth {
     /// No credentials.

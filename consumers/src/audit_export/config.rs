@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use chorus_runtime::{Config, ConfigError};
 
 /// Everything the exporter needs: where to read, how to batch and retry, where to write.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExportConfig {
     /// Durable consumer name, used on every stream (default `audit-export`). Also the origin
@@ -40,10 +40,12 @@ pub struct ExportConfig {
     pub batch_size: usize,
     /// How long one fetch waits for new records (default 1s).
     #[serde(default = "default_fetch_wait", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub fetch_wait: Duration,
     /// How long the backbone waits for an acknowledgement before it redelivers (default 60s).
     /// Records are acknowledged only once the sink accepted them.
     #[serde(default = "default_ack_wait", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub ack_wait: Duration,
     /// Retry pacing while the SIEM (or the backbone) is unavailable.
     #[serde(default)]
@@ -86,7 +88,7 @@ pub const MAX_BATCH_SIZE: usize = 10_000;
 pub use chorus_runtime::{Backoff, TlsClientConfig};
 
 /// Source of the syslog HOSTNAME / HEC `host`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum HostnameSource {
     /// The node identity (the CloudEvents `subject`: signer, sender or replying node).
@@ -98,7 +100,7 @@ pub enum HostnameSource {
 
 /// The sink: one of syslog (TCP, or TLS when `tls` is set), Splunk HEC or a JSON lines file,
 /// chosen by `kind`.
-#[derive(Clone, Debug, Serialize)]
+#[derive(schemars::JsonSchema, Clone, Debug, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum SinkConfig {
     /// RFC 5424 messages over TCP with RFC 6587 octet-counting framing; over TLS (RFC 5425)
@@ -148,7 +150,7 @@ impl SinkConfig {
 }
 
 /// Syslog over TCP or TLS.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SyslogConfig {
     /// Collector as `host:port` (RFC 5425 registers port 6514 for TLS).
@@ -172,15 +174,18 @@ pub struct SyslogConfig {
     pub sd_id: String,
     /// Give up one connection attempt after this long (default 10s).
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub connect_timeout: Duration,
     /// Give up one batch write after this long (default 30s) and reconnect.
     #[serde(default = "default_write_timeout", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub write_timeout: Duration,
     /// Syslog has no application acknowledgement. A record is acknowledged to the backbone
     /// once the collector's TCP acknowledged every byte written so far and the connection
     /// was still open `settle` after the record was written (default 1s). Until then it is
     /// kept, and re-sent after a reconnect.
     #[serde(default = "default_settle", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub settle: Duration,
     /// At most this many records written but not yet settled; the exporter waits for
     /// settling beyond it (default 10,000).
@@ -268,7 +273,7 @@ fn validate_tls(tls: &TlsClientConfig) -> Result<(), String> {
 }
 
 /// Syslog facility (RFC 5424 table 1).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Facility {
     /// 0, kernel messages.
@@ -329,7 +334,7 @@ impl Facility {
 }
 
 /// Syslog severity (RFC 5424 table 2).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Severity {
     /// 0, system is unusable.
@@ -363,7 +368,7 @@ impl Severity {
 }
 
 /// Severity of a record by the decision it carries.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SeverityMap {
     /// Allowed: an audit `allow`, an authorized RPC reply (default `info`).
@@ -397,7 +402,7 @@ impl Default for SeverityMap {
 }
 
 /// Splunk HTTP Event Collector.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HecConfig {
     /// Base URL of the collector, e.g. `https://splunk.example.net:8088`; events are POSTed
@@ -424,6 +429,7 @@ pub struct HecConfig {
     pub tls: Option<TlsClientConfig>,
     /// Timeout of one request (default 30s).
     #[serde(default = "default_http_timeout", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub timeout: Duration,
 }
 
@@ -482,7 +488,7 @@ impl HecConfig {
 }
 
 /// A secret string: never printed by `Debug`, never serialized back.
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Deserialize, schemars::JsonSchema)]
 #[serde(transparent)]
 pub struct Secret(pub String);
 
@@ -493,7 +499,7 @@ impl std::fmt::Debug for Secret {
 }
 
 /// JSON lines file.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JsonlConfig {
     /// The file; created when missing, appended to otherwise.

@@ -18,7 +18,7 @@ pub const OCSF_VERSION: &str = "1.1.0";
 pub const ECS_VERSION: &str = "8.11.0";
 
 /// The shape of each exported record.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
     /// The CloudEvent as stored (one JSON line).

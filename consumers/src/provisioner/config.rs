@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::{PROVISIONED_FILTER, PROVISION_MODE_COMPONENT};
 
 /// One provisioning step: an RPC action run on the node, which must answer OK.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Step {
     /// RPC agent, e.g. `rpcutil` (Choria: `choria_provision`).
@@ -26,6 +26,7 @@ pub struct Step {
     pub data: JsonObject,
     /// How long to wait for the node's reply; `step_timeout` when absent.
     #[serde(default, with = "humantime_serde::option", skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<String>")]
     pub timeout: Option<Duration>,
 }
 
@@ -53,7 +54,7 @@ fn default_backoff() -> Backoff {
 }
 
 /// Configuration of the provisioner (YAML or JSON; unknown fields are refused).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProvisionerConfig {
     /// Durable consumer name on the lifecycle stream; dead letters go to
@@ -94,6 +95,7 @@ pub struct ProvisionerConfig {
     pub senderid: Option<String>,
     /// How long to wait for a node's reply to a step without its own `timeout`.
     #[serde(default = "default_step_timeout", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub step_timeout: Duration,
     /// Seconds a node accepts a request after it was made.
     #[serde(default = "default_ttl")]
@@ -103,6 +105,7 @@ pub struct ProvisionerConfig {
     pub concurrency: usize,
     /// How often failed nodes (whose backoff has passed) and pending nodes are picked up.
     #[serde(default = "default_sweep_interval", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub sweep_interval: Duration,
     /// Pause before a failed node is tried again.
     #[serde(default = "default_backoff")]
@@ -121,6 +124,7 @@ pub struct ProvisionerConfig {
     pub batch_size: usize,
     /// How long a fetch waits for events.
     #[serde(default = "default_fetch_wait", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub fetch_wait: Duration,
     /// Run as one of several instances of which only the elected leader provisions: every
     /// instance reads the stream into its own state (`state_dir`, and a durable consumer
@@ -130,6 +134,7 @@ pub struct ProvisionerConfig {
     pub election: Option<chorus_platform::election::ElectionConfig>,
     /// Redelivery of an event not acknowledged after this long.
     #[serde(default = "default_ack_wait", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub ack_wait: Duration,
 }
 

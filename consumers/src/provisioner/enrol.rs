@@ -36,19 +36,21 @@ use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
 
 /// How nodes are enrolled (the `enrol` section of the provisioner's configuration).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EnrolConfig {
     /// The issuer key credentials are signed with; nodes trust its public key.
     pub issuer: KeyConfig,
     /// How long an issued credential is valid.
     #[serde(default = "default_validity", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub validity: Duration,
     /// The helper that decides each node's configuration: program and arguments.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub helper: Vec<String>,
     /// How long the helper may take.
     #[serde(default = "default_helper_timeout", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub helper_timeout: Duration,
     /// Configuration for every node when there is no helper.
     #[serde(default)]

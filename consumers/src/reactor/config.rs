@@ -27,7 +27,7 @@ use super::template::{Expression, Template, ValueTemplate};
 ///     actions:
 ///       - rpc: {agent: service, action: restart, data: {service: nginx}, identity: ["{{ event.subject }}"]}
 /// ```
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReactorConfig {
     /// The reactor's name: the subject of its records and the key of its state. Instances of
@@ -70,11 +70,12 @@ pub struct ReactorConfig {
     pub records_stream: String,
     /// How often timed conditions (absence, debounce) are checked.
     #[serde(default = "default_tick", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub tick: Duration,
 }
 
 /// Where a stream the reactor has not read before is read from.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Start {
     /// Events stored from now on.
@@ -85,7 +86,7 @@ pub enum Start {
 }
 
 /// One rule.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Rule {
     /// Name, a NATS subject token (it is part of the records' subjects).
@@ -102,10 +103,12 @@ pub struct Rule {
     pub when: Option<When>,
     /// At most one firing per key within this time.
     #[serde(default, with = "humantime_serde::option", skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<String>")]
     pub throttle: Option<Duration>,
     /// Fire only once the condition has held with no further matching event for this long
     /// (the last event is the cause).
     #[serde(default, with = "humantime_serde::option", skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<String>")]
     pub debounce: Option<Duration>,
     /// Fire at most once per key, ever.
     #[serde(default)]
@@ -116,15 +119,17 @@ pub struct Rule {
     pub governor: Option<String>,
     /// How long a firing waits for a lease before its actions fail.
     #[serde(default = "default_governor_timeout", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub governor_timeout: Duration,
     /// What a firing does, in order; an action that fails does not stop the next. Each is
     /// a map with one key, the kind (`- rpc: {...}`).
     #[serde(default, with = "serde_yaml::with::singleton_map_recursive")]
+    #[schemars(with = "Vec<Action>")]
     pub actions: Vec<Action>,
 }
 
 /// Which events a rule looks at; every field given must hold.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Match {
     /// The stream read (`CHORUS_LIFECYCLE` when absent).
@@ -132,9 +137,11 @@ pub struct Match {
     pub stream: String,
     /// CloudEvents types; `*` in a type matches any run of characters.
     #[serde(default, rename = "type", with = "one_or_many", skip_serializing_if = "Vec::is_empty")]
+    #[schemars(with = "Vec<String>")]
     pub types: Vec<String>,
     /// NATS subject patterns (`*`, `>`) of the message.
     #[serde(default, with = "one_or_many", skip_serializing_if = "Vec::is_empty")]
+    #[schemars(with = "Vec<String>")]
     pub subject: Vec<String>,
     /// An expression over the event that must be true (Choria's expr language, as `-S`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -142,7 +149,7 @@ pub struct Match {
 }
 
 /// Conditions across events.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct When {
     /// Fire when this many matching events of one key arrived within `within`.
@@ -150,10 +157,12 @@ pub struct When {
     pub count: Option<u32>,
     /// The window of `count`, by event time.
     #[serde(default, with = "humantime_serde::option", skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<String>")]
     pub within: Option<Duration>,
     /// Fire when a key that was seen has had no matching event for this long (once per
     /// silence: the next event arms it again).
     #[serde(default, with = "humantime_serde::option", skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<String>")]
     pub absent_for: Option<Duration>,
     /// Fire when this expression's value for a key differs from its value at the key's
     /// previous matching event.
@@ -164,7 +173,7 @@ pub struct When {
 /// One action of a rule. Strings in an action are templates: `{{ expr }}` is replaced by
 /// the expression's value over the event (a string that is one template keeps the value's
 /// type).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
 pub enum Action {
     /// An RPC request.
@@ -190,7 +199,7 @@ impl Action {
 }
 
 /// An RPC request; it succeeds when at least one node replied and every reply is OK.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RpcAction {
     /// Agent.
@@ -214,12 +223,13 @@ pub struct RpcAction {
     pub compound: Vec<String>,
     /// How long to wait for replies.
     #[serde(default = "default_rpc_timeout", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub timeout: Duration,
 }
 
 /// An HTTP request with the firing's id as `Idempotency-Key`; 2xx succeeds, 5xx, 429 and
 /// transport errors are retried.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookAction {
     /// URL (a template).
@@ -241,12 +251,13 @@ pub struct WebhookAction {
     pub backoff: Backoff,
     /// Time allowed per attempt.
     #[serde(default = "default_http_timeout", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub timeout: Duration,
 }
 
 /// A local command, without a shell; the firing's id is in `CHORUS_FIRING`, the event's
 /// JSON on standard input. Exit status 0 succeeds.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CommandAction {
     /// Program and arguments (templates).
@@ -256,12 +267,13 @@ pub struct CommandAction {
     pub env: BTreeMap<String, String>,
     /// Time allowed; the command is killed after it.
     #[serde(default = "default_command_timeout", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub timeout: Duration,
 }
 
 /// A CloudEvent published on `subject`, with the firing's id and the action's index as its
 /// id (so it is stored once, however often the action runs).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PublishAction {
     /// NATS subject (a template); a stream must capture it.

@@ -56,7 +56,7 @@ fn forwarder_config() -> ConsumerConfig {
 }
 
 /// Limits of the outbox.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutboxLimits {
     /// Backlog (events) at which new alive events are collapsed instead of queued (default 10,000).

@@ -29,12 +29,13 @@ mod monitor;
 pub use monitor::AgentMonitor;
 
 /// Configuration of a node agent (YAML or JSON).
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
     /// The node's identity, usually its FQDN; by default this host's name (as `hostname`
     /// prints it), so one packaged configuration serves every node.
     #[serde(default = "default_identity")]
+    #[schemars(extend("default" = "<this host's name>"))]
     pub identity: String,
     /// What runs on the node (`server`, or `provision_mode_server` before provisioning): the
     /// last token of its lifecycle subjects.
@@ -42,6 +43,7 @@ pub struct AgentConfig {
     pub component: String,
     /// Version reported in lifecycle events and `rpcutil inventory`.
     #[serde(default = "default_version")]
+    #[schemars(extend("default" = "<the chorus version>"))]
     pub version: String,
     /// The collective (sub-network) the node listens in.
     #[serde(default = "default_collective")]
@@ -82,6 +84,7 @@ pub struct AgentConfig {
     pub agents_dir: Option<PathBuf>,
     /// How often the agents directory is checked for changes.
     #[serde(default = "default_agents_reload", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub agents_reload_interval: Duration,
     /// How the policy directory is read: Choria's authorizer (`action_policy`,
     /// `rego_policy`) and its default-policy settings.
@@ -89,9 +92,11 @@ pub struct AgentConfig {
     pub policy: PolicySettings,
     /// Interval of alive events.
     #[serde(default = "default_alive", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub alive_interval: Duration,
     /// Longest random delay before the first alive event (defaults to the interval).
     #[serde(default, with = "humantime_serde::option")]
+    #[schemars(with = "Option<String>")]
     pub alive_splay: Option<Duration>,
     /// What the outbox gives up first when it grows during an outage.
     #[serde(default)]
@@ -101,6 +106,7 @@ pub struct AgentConfig {
     pub nats: Option<NatsConfig>,
     /// Longest wait at shutdown for the outbox to drain to the site.
     #[serde(default = "default_drain", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub shutdown_drain: Duration,
     /// Who the node is (its key and credential) and whom it believes (trusted issuers).
     #[serde(default)]
@@ -117,7 +123,7 @@ pub struct AgentConfig {
 /// of one of them, and the node signs its events and replies with `key` under its node
 /// `credential`. Without, caller ids are taken on trust; an agent whose Action Policy names
 /// callers then refuses to start unless `insecure: true` says that is intended.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SecurityConfig {
     /// Trusted issuer public keys: files, or directories of `*.pem`/`*.pub` files.
@@ -136,6 +142,7 @@ pub struct SecurityConfig {
     /// Longest TTL a request may ask for; longer ones are refused (a captured request is
     /// replayable only within its TTL, and each node runs a request once).
     #[serde(default = "default_max_ttl", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub max_request_ttl: Duration,
 }
 

@@ -43,7 +43,7 @@ pub use groups::Groups;
 pub use rego::RegoPolicy;
 
 /// Which authorizer decides (Choria's `rpcauthprovider`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Provider {
     /// Action Policy files.
@@ -56,7 +56,7 @@ pub enum Provider {
 }
 
 /// How a node reads its policy directory (Choria's `plugin.actionpolicy.*` settings).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicySettings {
     /// Which authorizer decides.
