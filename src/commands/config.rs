@@ -150,7 +150,9 @@ pub fn reference() -> String {
         out.push_str(&fields(root));
         if let Some(Value::Object(defs)) = root.get("$defs") {
             for (name, def) in defs {
-                sections.entry(name.clone()).or_insert_with(|| def.clone());
+                // One name, one type: two types of one name would share a section.
+                let known = sections.entry(name.clone()).or_insert_with(|| def.clone());
+                assert!(known == def, "two configuration types are named {name}: rename one");
             }
         }
     }

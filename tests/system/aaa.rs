@@ -108,8 +108,15 @@ pub async fn start_aaa_audit(audit: chorus_aaa::config::AuditConfig, more: &str)
 fn aaa_config(d: &std::path::Path, audit: chorus_aaa::config::AuditConfig, jwt: &str, more: &str) -> AaaConfig {
     AaaConfig {
         audit,
-        ..AaaConfig::from_yaml(&format!(
-            r#"
+        ..AaaConfig::from_yaml(&aaa_yaml(d, jwt, &format!("{{state_dir: {}/unused}}", d.display()), more)).unwrap()
+    }
+}
+
+/// The configuration file of a service whose keys, credential and users are in `d` (as
+/// [`start_aaa`] makes them), with `jwt` and `audit` as those sections.
+pub fn aaa_yaml(d: &std::path::Path, jwt: &str, audit: &str, more: &str) -> String {
+    format!(
+        r#"
 identity: aaa1.example.net
 site: london
 listen: 127.0.0.1:0
@@ -119,13 +126,11 @@ tenants:
   globex: {{collectives: [globex]}}
 jwt: {jwt}
 signer: {{key: {{key_file: {d}/signer.key}}, credential: {d}/signer.cred}}
-audit: {{state_dir: {d}/unused}}
+audit: {audit}
 {more}
 "#,
-            d = d.display()
-        ))
-        .unwrap()
-    }
+        d = d.display()
+    )
 }
 
 pub async fn site(server: &NatsServer) -> Arc<dyn Backbone> {

@@ -301,18 +301,39 @@ async fn every_service_serves_its_documented_metrics_as_prometheus_text_that_pro
     wait_for_count(&*b, CHORUS_LIFECYCLE, 100, Duration::from_secs(60)).await;
     exported += &check_endpoint("chorus replicate", ops, &["replicator"], "chorus_replicator_copied_total").await;
 
+    // The dashboard.
+    let dashboard = free_addr();
+    processes.0.push(chorus(&[
+        "dashboard",
+        "--nats",
+        &hub.url(),
+        "--data",
+        &d.join("dashboard").to_string_lossy(),
+        "--listen",
+        &dashboard.to_string(),
+    ]));
+    exported += &check_endpoint("chorus dashboard", dashboard, &["dashboard"], "chorus_node_versions").await;
+
     // AAA, with its audit outbox: its API, /metrics and /healthz on one listener (`chorus
-    // aaa --listen` overrides the configuration's `listen`).
-    let audit = chorus_aaa::config::AuditConfig {
-        nats: Some(NatsConfig::new([hub.url()])),
-        state_dir: Some(d.join("aaa-outbox")),
-    };
-    let aaa = crate::aaa::start_aaa_audit(audit, "").await;
-    aaa.login("alice", "alice-pw").await.unwrap();
-    exported += &check_endpoint("chorus aaa", aaa.running.addr, &["aaa", "outbox"], "chorus_aaa_decisions").await;
+    // aaa --listen` overrides the configuration's `listen`). Keys, credential and users are
+    // made as the AAA tests make them; the service is `chorus aaa` from a file.
+    let made = crate::aaa::start_aaa(NatsConfig::new([hub.url()])).await;
+    let (jwt, audit) = (
+        format!("{{key: {{key_file: {}/jwt.pem}}, validity: 1h}}", made.dir.path().display()),
+        format!("{{nats: {{servers: [{}]}}, state_dir: {}}}", hub.url(), d.join("aaa-outbox").display()),
+    );
+    let config = file("aaa.yaml", crate::aaa::aaa_yaml(made.dir.path(), &jwt, &audit, ""));
+    let aaa = free_addr();
+    processes.0.push(chorus(&["aaa", "--config", &config, "--listen", &aaa.to_string()]));
+    let client = chorus_aaa::AaaClient::new(&format!("http://{aaa}"), None).unwrap();
+    eventually("a login through chorus aaa --listen", Duration::from_secs(30), || async {
+        client.login("alice", "alice-pw", made.key.as_ref()).await.map_err(|e| e.to_string())
+    })
+    .await;
+    exported += &check_endpoint("chorus aaa", aaa, &["aaa", "outbox"], "chorus_aaa_decisions").await;
 
     check_dashboards(&sample_names(&exported));
-    drop(aaa);
+    drop(made);
 }
 
 /// Every query of every dashboard in packaging/grafana/ names only metrics in `exported`,

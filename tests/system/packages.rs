@@ -136,14 +136,17 @@ async fn the_packages_install_into_a_throwaway_root_and_the_agent_unit_starts() 
             run(Command::new("cp").arg("-a").arg(&from).arg(&to));
         }
     }
-    for unit in &units {
+    let verify = |unit: &str| {
         let out = run(Command::new("systemd-analyze")
             .env("MANPATH", inside(r, "/usr/share/man"))
             .arg("verify")
             .arg(format!("--root={}", r.display()))
             .arg(format!("/lib/systemd/system/{unit}")));
-        let said = String::from_utf8_lossy(&out.stderr);
+        let said = String::from_utf8_lossy(&out.stderr).to_string();
         assert!(said.trim().is_empty(), "systemd-analyze verify {unit}: {said}");
+    };
+    for unit in &units {
+        verify(unit);
         // Overall exposure at most 2.5 of 10 (systemd calls up to 3.9 "OK").
         run(Command::new("systemd-analyze")
             .args(["security", "--offline=yes", "--threshold=25"])
@@ -151,9 +154,18 @@ async fn the_packages_install_into_a_throwaway_root_and_the_agent_unit_starts() 
             .arg(format!("/lib/systemd/system/{unit}")));
     }
 
-    // The agent unit's ExecStart, with the root's paths, against a test broker: the node
-    // (named after this host, as the packaged configuration leaves `identity` unset)
-    // publishes its startup event.
+    // The shipped drop-in that runs the agent as root verifies with the unit.
+    let dropins = inside(r, "/etc/systemd/system/chorus-agent.service.d");
+    std::fs::create_dir_all(&dropins).unwrap();
+    std::fs::copy(inside(r, "/usr/share/doc/chorus-agent/examples/root.conf"), dropins.join("root.conf")).unwrap();
+    verify("chorus-agent.service");
+    std::fs::remove_file(dropins.join("root.conf")).unwrap();
+
+    // The agent unit's ExecStart, with the root's paths, against a test broker, as the unit
+    // runs it: as the chorus user, without new privileges, with /etc read-only and its state
+    // directory its own. The node (named after this host, as the packaged configuration leaves
+    // `identity` unset) publishes its startup event, and an autonomous agent's data store is
+    // written to the state directory.
     let server = NatsServer::start().unwrap();
     let b = site(&server).await;
     let unit = std::fs::read_to_string(systemd_units.join("chorus-agent.service")).unwrap();
@@ -182,11 +194,48 @@ async fn the_packages_install_into_a_throwaway_root_and_the_agent_unit_starts() 
         .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
         .map(|l| l.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).expect("KEY=value"))
         .collect();
-    std::fs::create_dir_all(inside(r, "/var/lib/chorus/agent")).unwrap();
+    let machine = inside(r, "/etc/chorus/machines/facts");
+    std::fs::create_dir_all(&machine).unwrap();
+    std::fs::write(
+        machine.join("machine.yaml"),
+        r#"name: facts
+version: "1.0.0"
+initial_state: watching
+transitions:
+  - {name: stop, from: [watching], destination: stopped}
+watchers:
+  - name: read
+    type: exec
+    state_match: [watching]
+    interval: 1h
+    properties: {command: "/bin/echo '{\"rack\": 7}'", parse_as_data: true}
+"#,
+    )
+    .unwrap();
+    // StateDirectory= makes the state directory the user's.
+    let (uid, gid) = passwd
+        .lines()
+        .find_map(|l| l.strip_prefix("chorus:x:"))
+        .map(|l| {
+            let mut ids = l.split(':').map(|n| n.parse::<u32>().unwrap());
+            (ids.next().unwrap(), ids.next().unwrap())
+        })
+        .unwrap();
+    let state = inside(r, "/var/lib/chorus/agent");
+    std::fs::create_dir_all(&state).unwrap();
+    std::os::unix::fs::chown(&state, Some(uid), Some(gid)).unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(r, std::fs::Permissions::from_mode(0o755)).unwrap();
     // Its log goes to a file, as to the journal: no terminal, so no colour codes.
     let log = r.join("agent.log");
-    let mut agent = Command::new(&argv[0])
-        .args(&argv[1..])
+    let sandbox = format!(
+        "mount --bind {etc} {etc} && mount -o remount,bind,ro {etc} {etc} && \
+         exec setpriv --reuid={uid} --regid={gid} --clear-groups --no-new-privs -- \"$@\"",
+        etc = inside(r, "/etc").display()
+    );
+    let mut agent = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &sandbox, "sh"])
+        .args(&argv)
         .envs(env)
         .env("CHORUS_NATS", server.url())
         .current_dir(inside(r, "/var/lib/chorus/agent"))
@@ -209,17 +258,29 @@ async fn the_packages_install_into_a_throwaway_root_and_the_agent_unit_starts() 
         }
     })
     .await;
+    let data = state.join("machines/facts/machine_data.json");
+    let data = chorus_testkit::eventually_blocking("the machine's data store", Duration::from_secs(30), || {
+        let bytes = std::fs::read(&data).map_err(|e| format!("{}: {e}", data.display()))?;
+        serde_json::from_slice::<serde_json::Value>(&bytes).map_err(|e| e.to_string())
+    });
+    assert_eq!(data["rack"], 7, "the machine's data store, in the state directory");
     run(Command::new("kill").args(["-TERM", &agent.id().to_string()]));
     let exit = chorus_testkit::eventually_blocking("the agent to stop on SIGTERM", Duration::from_secs(30), || {
         agent.try_wait().unwrap().ok_or_else(|| "still running".to_string())
     });
     assert!(exit.success(), "the agent exited with {exit}");
+    assert!(!machine.join("machine_data.json").exists());
     let log = std::fs::read_to_string(&log).unwrap();
     assert!(log.contains(" INFO ") || log.contains(" WARN "), "the agent logged nothing at info: {log}");
     assert!(!log.contains('\u{1b}'), "colour codes in a log written to a file: {log:?}");
 
-    // Purging the agent package removes its configuration and its state; the rest stays.
+    // Purging the agent package (enabled by the operator) disables its unit and removes its
+    // configuration and its state; the rest stays.
+    run(Command::new("systemctl").arg(format!("--root={}", r.display())).args(["enable", "chorus-agent.service"]));
+    let wants = inside(r, "/etc/systemd/system/multi-user.target.wants/chorus-agent.service");
+    assert!(wants.symlink_metadata().is_ok(), "enabled");
     run(dpkg(r).args(["--purge", "chorus-agent"]));
+    assert!(wants.symlink_metadata().is_err(), "a purged unit is no longer enabled");
     assert!(!inside(r, "/etc/chorus/agent.yaml").exists());
     assert!(!inside(r, "/var/lib/chorus/agent").exists());
     assert!(!systemd_units.join("chorus-agent.service").exists());

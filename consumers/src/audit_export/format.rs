@@ -82,6 +82,9 @@ struct Facts<'a> {
     code: Option<String>,
     /// Whether the decision or action succeeded; `None` for a request (no outcome yet).
     success: Option<bool>,
+    /// Whether the caller was allowed (the AAA decision, the node's Action Policy); `None`
+    /// for a request (not judged yet). A reply can be authorised and still fail.
+    authorized: Option<bool>,
     /// The caller's token id.
     jti: Option<&'a str>,
     /// RPC collective.
@@ -109,6 +112,7 @@ impl<'a> Facts<'a> {
             reason: None,
             code: None,
             success,
+            authorized: success,
             jti: None,
             collective: None,
             status: None,
@@ -134,6 +138,7 @@ impl<'a> Facts<'a> {
                 facts.status = Some((*statuscode, statusmsg));
                 // Authorised and run: success is the action's own status.
                 facts.success = Some(*authorized && *statuscode == StatusCode::Ok);
+                facts.authorized = Some(*authorized);
                 if !authorized {
                     facts.code = Some("policy_denied".into());
                     facts.reason = Some(statusmsg.clone()).filter(|m| !m.is_empty());
@@ -262,7 +267,11 @@ fn ocsf(f: &Facts<'_>) -> Value {
         src.insert("hostname".into(), q.senderid.as_str().into());
     }
     put(&mut out, "src_endpoint", if src.is_empty() { Value::Null } else { Value::Object(src) });
-    out.insert("dst_endpoint".into(), json!({"hostname": f.host}));
+    // The record's subject is who decided or answered (AAA, the node); a request's is its
+    // sender, already the source.
+    if f.kind != Kind::Request {
+        out.insert("dst_endpoint".into(), json!({"hostname": f.host}));
+    }
     match f.kind {
         Kind::Login => {
             out.insert("user".into(), Value::Object(user));
@@ -305,7 +314,8 @@ fn ecs(f: &Facts<'_>) -> Value {
         Kind::Signing => ("api", "chorus.aaa"),
         Kind::Request | Kind::Reply => ("api", "chorus.rpc"),
     };
-    let kind_type = match (f.kind, f.success) {
+    // The type is the access decision; whether the action then worked is the outcome.
+    let kind_type = match (f.kind, f.authorized) {
         (Kind::Login, _) => "start",
         (_, Some(true)) => "allowed",
         (_, Some(false)) => "denied",
@@ -339,7 +349,6 @@ fn ecs(f: &Facts<'_>) -> Value {
     event.insert("dataset".into(), dataset.into());
     event.insert("provider".into(), r.stream.as_str().into());
     event.insert("sequence".into(), r.sequence.into());
-    event.insert("created".into(), r.event.time.to_rfc3339().into());
     put(&mut event, "code", f.code.clone().map(Value::from).unwrap_or(Value::Null));
     put(&mut event, "reason", f.reason.clone().map(Value::from).unwrap_or(Value::Null));
     event.insert("original".into(), r.cloudevent.as_str().into());
@@ -348,11 +357,10 @@ fn ecs(f: &Facts<'_>) -> Value {
     out.insert("ecs".into(), json!({"version": ECS_VERSION}));
     out.insert("message".into(), f.message().into());
     out.insert("event".into(), event.into());
-    let (domain, name) = r.callerid.split_once('=').unwrap_or(("", &r.callerid));
     let mut user = Map::new();
     user.insert("id".into(), r.callerid.as_str().into());
-    user.insert("name".into(), f.username.unwrap_or(name).into());
-    if !domain.is_empty() {
+    user.insert("name".into(), f.username.unwrap_or_else(|| caller_name(&r.callerid)).into());
+    if let Some((domain, _)) = r.callerid.split_once('=') {
         user.insert("domain".into(), domain.into());
     }
     out.insert("user".into(), user.into());
@@ -428,7 +436,7 @@ mod tests {
         assert_eq!(o["dst_endpoint"]["hostname"], "aaa1.example.net");
         assert_eq!(o["metadata"]["uid"], r.id());
         assert_eq!(o["metadata"]["version"], OCSF_VERSION);
-        assert_eq!(o["time"], r.event.time.timestamp_millis());
+        assert_eq!(o["time"], 1_713_772_800_000_i64, "epoch milliseconds");
         assert_eq!(o["raw_data"].as_str(), Some(r.cloudevent.as_str()), "the CloudEvent is kept whole");
     }
 
@@ -476,6 +484,11 @@ mod tests {
         let failed = record(EventRecord::new(RpcReply::new(&req, "n1", StatusCode::Aborted, Default::default()), 3));
         let e = parse(Format::Ecs, &failed);
         assert_eq!((e["event"]["outcome"].as_str(), e["chorus"]["statuscode"].as_u64()), (Some("failure"), Some(1)));
+        assert_eq!(e["event"]["type"], json!(["allowed"]), "authorised, then the action failed");
+        let e = parse(Format::Ecs, &denied);
+        assert_eq!((e["event"]["type"][0].as_str(), e["event"]["outcome"].as_str()), (Some("denied"), Some("failure")));
+        let o = parse(Format::Ocsf, &record(EventRecord::new(req.clone(), 1)));
+        assert!(o.get("dst_endpoint").is_none(), "a request's subject is its sender: {o}");
     }
 
     #[test]

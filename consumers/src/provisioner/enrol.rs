@@ -43,7 +43,7 @@ pub struct EnrolConfig {
     pub issuer: KeyConfig,
     /// How long an issued credential is valid.
     #[serde(default = "default_validity", with = "humantime_serde")]
-    #[schemars(with = "String")]
+    #[schemars(with = "String", extend("default" = "365d"))]
     pub validity: Duration,
     /// The helper that decides each node's configuration: program and arguments.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -615,6 +615,13 @@ fn start_machines(
                 continue;
             }
         };
+        // The machine's data store lives in the node's state, so the machines directory (in
+        // /etc, read-only under the packaged unit) is only read.
+        let data_dir = config.state_dir.join("machines").join(&manifest.name);
+        if let Err(e) = std::fs::create_dir_all(&data_dir) {
+            tracing::error!(machine = %d.display(), dir = %data_dir.display(), error = %e, "machine data directory not made; machine not started");
+            continue;
+        }
         match Machine::start_on(
             manifest,
             config.identity.clone(),
@@ -623,6 +630,7 @@ fn start_machines(
             crate::machine::MachineNode {
                 backbone: site.clone(),
                 facts: serde_json::Value::Object(config.facts.clone()),
+                data_dir: Some(data_dir),
             },
             shutdown.child(),
         ) {

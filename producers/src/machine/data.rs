@@ -1,7 +1,8 @@
 //! A machine's data store, as Choria's: named values that watchers put (a `kv` watcher's
 //! key, an `exec` watcher's `parse_as_data` output) and read (`expression` watchers see it
-//! as `data`), kept in `machine_data.json` in the machine directory so they survive a
-//! restart. Every change replaces the file whole; a change that cannot be saved is
+//! as `data`), kept in `machine_data.json` so they survive a restart: in the machine directory
+//! (Choria's place) unless the node keeps it in its state directory (the agent does, so
+//! `/etc` can stay read-only). Every change replaces the file whole; a change that cannot be saved is
 //! reported to the watcher that made it (which fails), and the value stays in memory.
 
 use std::path::{Path, PathBuf};
@@ -24,8 +25,15 @@ impl MachineData {
     /// file; a file that is not a JSON object is set aside with a warning, as a store that
     /// cannot be read must not stop the machine).
     pub fn load(dir: &Path) -> Self {
+        Self::load_moved(dir, dir)
+    }
+
+    /// The store kept in `dir`, starting from the file in `earlier` (where an older version
+    /// kept it) while `dir` has none yet.
+    pub fn load_moved(dir: &Path, earlier: &Path) -> Self {
         let path = dir.join(DATA_FILE);
-        let values = match std::fs::read(&path) {
+        let read = if path.exists() { path.clone() } else { earlier.join(DATA_FILE) };
+        let values = match std::fs::read(&read) {
             Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
                 tracing::warn!(file = %path.display(), error = %e, "machine data is not a JSON object; starting empty");
                 Map::new()

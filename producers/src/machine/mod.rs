@@ -87,6 +87,9 @@ pub struct MachineNode {
     pub backbone: Option<Arc<dyn chorus_backbone::Backbone>>,
     /// The node's facts, as `expression` watchers see them (`facts`, `get_fact`).
     pub facts: serde_json::Value,
+    /// Where the machine's data store (`machine_data.json`) is kept; the machine directory
+    /// when unset, as in Choria. Must exist.
+    pub data_dir: Option<PathBuf>,
 }
 
 /// Starts autonomous agents; see [`Machine::start`].
@@ -158,7 +161,10 @@ impl Machine {
             others: others.clone(),
             instance: instance.clone(),
             emitter,
-            data: Arc::new(data::MachineData::load(&machine_dir)),
+            data: Arc::new(match &node.data_dir {
+                Some(dir) => data::MachineData::load_moved(dir, &machine_dir),
+                None => data::MachineData::load(&machine_dir),
+            }),
             facts: Arc::new(node.facts),
             machine_dir,
             state: state_rx.clone(),

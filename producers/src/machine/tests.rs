@@ -718,7 +718,11 @@ watchers:
       success_when: 'data.probe.ok && data.CONFIG_cfg.size == 3 && get_fact("os.family") == "debian" && identity == "node1.example.net"'
 "#;
     let manifest = Manifest::from_yaml(yaml).unwrap();
-    let node = MachineNode { backbone: Some(site.clone()), facts: serde_json::json!({"os": {"family": "debian"}}) };
+    let node = MachineNode {
+        backbone: Some(site.clone()),
+        facts: serde_json::json!({"os": {"family": "debian"}}),
+        data_dir: None,
+    };
     let mut machine = Machine::start_on(
         manifest,
         "node1.example.net",
