@@ -17,7 +17,7 @@ use futures::StreamExt;
 use serde::Deserialize;
 use tokio::sync::{mpsc, watch};
 
-use crate::progress::{Progress, REPLICATED_FROM_HEADER};
+use crate::progress::{newest_marked, Progress, REPLICATED_FROM_HEADER};
 use crate::rewrite::{rewrite_subject, Rewrite};
 use crate::sampling::Sampler;
 
@@ -212,22 +212,13 @@ impl Copier {
         if info.messages == 0 {
             return Ok(Newest::Empty { last: info.last_sequence });
         }
-        let mut at = info.last_sequence;
-        while at >= info.first_sequence.max(1) && info.last_sequence - at < SCAN_BACK {
-            if let Some(m) = js.get(stream, at).await? {
-                let from = m.headers.iter().find(|(n, _)| n == REPLICATED_FROM_HEADER).and_then(|(_, v)| {
-                    let mut fields = v.split_whitespace();
-                    let ours =
-                        fields.next() == Some(&self.progress.link) && fields.next() == Some(&self.progress.stream);
-                    ours.then(|| fields.next()?.parse::<u64>().ok()).flatten()
-                });
-                if let Some(source) = from {
-                    return Ok(Newest::Ours { source, last: info.last_sequence, at_end: at == info.last_sequence });
-                }
+        let newest = newest_marked(js, stream, &info, SCAN_BACK, |m| self.progress.copied_from(&m.headers)).await?;
+        Ok(match newest {
+            Some(copy) => {
+                Newest::Ours { source: copy.value, last: info.last_sequence, at_end: copy.at == info.last_sequence }
             }
-            at -= 1;
-        }
-        Ok(Newest::Other)
+            None => Newest::Other,
+        })
     }
 
     /// Replays the source from `next` and sends prepared batches; reopens the replay after a

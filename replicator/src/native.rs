@@ -16,10 +16,11 @@ use std::time::Duration;
 use chorus_backbone::jetstream::{
     sourced_sequence, sources_stop_at_duplicates, JetStreamBackbone, NativeSource, SOURCE_HEADER,
 };
+use chorus_backbone::message::StreamInfo;
 use chorus_backbone::{Backbone, BackboneError, ReplayOptions, StartPosition, StreamConfig};
 use chorus_runtime::Shutdown;
 
-use crate::progress::Progress;
+use crate::progress::{newest_marked, Progress};
 
 /// How often the source is looked at.
 const POLL: Duration = Duration::from_secs(1);
@@ -186,9 +187,11 @@ impl Sourcing {
             ));
         }
         let info = self.source.stream_info(&self.progress.stream).await.map_err(|e| ("source", e.to_string()))?;
-        let now = self.newest_sourced().await.map_err(target)?;
-        let held = self.target.stream_info(&self.target_stream).await.map_err(target)?.messages;
-        if now.is_none() && held > 0 {
+        // One look at the target serves the whole step.
+        let target_info = self.target.stream_info(&self.target_stream).await.map_err(target)?;
+        let sourced = self.newest_sourced(&target_info).await.map_err(target)?;
+        let now = sourced.as_ref().map(|(reached, _)| *reached);
+        if now.is_none() && target_info.messages > 0 {
             self.progress.lag(status.lag, reached.time);
             return Ok(u64::MAX - status.lag);
         }
@@ -231,7 +234,8 @@ impl Sourcing {
         };
         self.progress.lag(lag, reached.time);
         if lag == 0 && reached.sequence > 0 {
-            self.verify(reached.sequence).await?;
+            let at = sourced.filter(|(r, _)| r.sequence == reached.sequence).map(|(_, at)| at);
+            self.verify(reached.sequence, at).await?;
         }
         Ok(reached.sequence)
     }
@@ -327,46 +331,38 @@ impl Sourcing {
         }
     }
 
-    /// The newest message of the target stream sourced from this link's stream, looked for
-    /// among the last [`SCAN_BACK`] messages.
-    async fn newest_sourced(&self) -> Result<Option<Reached>, BackboneError> {
-        let info = self.target.stream_info(&self.target_stream).await?;
+    /// The newest message of the target stream (as `info` saw it) sourced from this link's
+    /// stream, looked for among the last [`SCAN_BACK`] messages: how far the source got, and
+    /// where in the target that copy is.
+    async fn newest_sourced(&self, info: &StreamInfo) -> Result<Option<(Reached, u64)>, BackboneError> {
         if self.spec.mirror {
             // A mirror keeps the source's sequences.
             let newest = match info.last_sequence {
                 0 => None,
                 last => self.target.get(&self.target_stream, last).await?,
             };
-            return Ok(newest.map(|m| Reached { sequence: m.sequence, time: m.time.timestamp_millis() }));
+            return Ok(newest.map(|m| (Reached { sequence: m.sequence, time: m.time.timestamp_millis() }, m.sequence)));
         }
         let origin = self.spec.origin();
-        let mut seq = info.last_sequence;
-        while seq >= info.first_sequence.max(1) && info.last_sequence - seq < SCAN_BACK {
-            if let Some(m) = self.target.get(&self.target_stream, seq).await? {
-                let ours = m.headers.iter().find(|(name, _)| name == SOURCE_HEADER).and_then(|(_, value)| {
-                    let named = value.split_whitespace().next() == Some(origin.as_str());
-                    named.then(|| sourced_sequence(value)).flatten()
-                });
-                if let Some(sequence) = ours {
-                    return Ok(Some(Reached { sequence, time: m.time.timestamp_millis() }));
-                }
-            }
-            seq -= 1;
-        }
-        Ok(None)
+        let newest = newest_marked(&self.target, &self.target_stream, info, SCAN_BACK, |m| {
+            m.headers.iter().find(|(name, _)| name == SOURCE_HEADER).and_then(|(_, value)| {
+                let named = value.split_whitespace().next() == Some(origin.as_str());
+                named.then(|| sourced_sequence(value)).flatten()
+            })
+        })
+        .await?;
+        Ok(newest.map(|copy| (Reached { sequence: copy.value, time: copy.time_ms }, copy.at)))
     }
 
     /// Once caught up: the target's newest sourced message is the source's message at that
     /// sequence (same id), so a source recreated under the same name, or a target fed the
     /// wrong stream, shows in health instead of passing for a copy.
-    async fn verify(&self, sequence: u64) -> Result<(), (&'static str, String)> {
+    /// `at` is where in the target the copy of `sequence` was found (none: not found this
+    /// look, nothing to compare).
+    async fn verify(&self, sequence: u64, at: Option<u64>) -> Result<(), (&'static str, String)> {
+        let Some(at) = at else { return Ok(()) };
         let original = self.source.get(&self.progress.stream, sequence).await.map_err(|e| ("source", e.to_string()))?;
         let Some(original) = original else { return Ok(()) }; // removed by retention meanwhile
-        let at = if self.spec.mirror {
-            sequence
-        } else {
-            self.target.stream_info(&self.target_stream).await.map_err(|e| ("target", e.to_string()))?.last_sequence
-        };
         let copy = self.target.get(&self.target_stream, at).await.map_err(|e| ("target", e.to_string()))?;
         let is_copy = |copy: &chorus_backbone::StoredMessage| {
             self.spec.mirror

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use chorus_backbone::message::{StoredMessage, StreamInfo};
 use chorus_backbone::{Backbone, Message};
 use chorus_runtime::{Backoff, Retry, Shutdown};
 
@@ -14,6 +15,38 @@ use crate::metrics::{CopierHealth, Metrics, PathLabels, ReasonLabels, StreamLabe
 /// It tells the copier (and a native source taking over from it), after any failure or
 /// crash, exactly how far the target got.
 pub const REPLICATED_FROM_HEADER: &str = "Chorus-Replicated-From";
+
+/// A message of a target stream that a mark was found on.
+pub(crate) struct Marked<T> {
+    /// What the mark says (the source sequence it is a copy of).
+    pub value: T,
+    /// Its sequence in the target stream.
+    pub at: u64,
+    /// Its time, Unix milliseconds.
+    pub time_ms: i64,
+}
+
+/// The newest of the last `scan` messages of `stream` (as `info` saw it) on which `mark`
+/// finds something: where a copier's, or a native source's, newest copy is after a failure
+/// or a crash. `None` when none of them carries one.
+pub(crate) async fn newest_marked<B: Backbone + ?Sized, T>(
+    target: &B,
+    stream: &str,
+    info: &StreamInfo,
+    scan: u64,
+    mark: impl Fn(&StoredMessage) -> Option<T>,
+) -> chorus_backbone::Result<Option<Marked<T>>> {
+    let mut at = info.last_sequence;
+    while at >= info.first_sequence.max(1) && info.last_sequence - at < scan {
+        if let Some(m) = target.get(stream, at).await? {
+            if let Some(value) = mark(&m) {
+                return Ok(Some(Marked { value, at, time_ms: m.time.timestamp_millis() }));
+            }
+        }
+        at -= 1;
+    }
+    Ok(None)
+}
 
 /// The bookkeeping of one (link, stream).
 #[derive(Clone)]
