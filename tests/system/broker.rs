@@ -770,8 +770,17 @@ tenants:
             .await
             .map_err(io)?;
             let agent_js = async_nats::jetstream::new(agent);
+            // The stream's subjects reach the edge over the leafnode a moment after the stream
+            // is made; until then a publish there has no responder (StreamNotFound): polled.
             let ack = tokio::time::timeout(Duration::from_secs(30), async {
-                agent_js.publish("choria.lifecycle.event.alive.server", "{}".into()).await?.await
+                loop {
+                    match agent_js.publish("choria.lifecycle.event.alive.server", "{}".into()).await?.await {
+                        Err(e) if e.kind() == async_nats::jetstream::context::PublishErrorKind::StreamNotFound => {
+                            tokio::time::sleep(Duration::from_millis(50)).await
+                        }
+                        other => break other,
+                    }
+                }
             })
             .await
             .map_err(|_| io("no JetStream acknowledgement through the edge"))?
