@@ -49,17 +49,6 @@ pub enum Kind {
     Broker,
 }
 
-const KINDS: [Kind; 8] = [
-    Kind::Agent,
-    Kind::Aaa,
-    Kind::AaaUsers,
-    Kind::Replicator,
-    Kind::Provisioner,
-    Kind::Reactor,
-    Kind::AuditExport,
-    Kind::Broker,
-];
-
 impl Kind {
     /// The name on the command line (`audit-export`).
     fn name(self) -> String {
@@ -140,7 +129,7 @@ pub fn reference() -> String {
          Durations are written `30s`, `5m`, `1h30m`, `2d`. A field without a default must be given.\n",
     );
     let mut sections: BTreeMap<String, Value> = BTreeMap::new();
-    for kind in KINDS {
+    for &kind in <Kind as clap::ValueEnum>::value_variants() {
         let schema = kind.schema();
         let root = schema.as_value();
         out.push_str(&format!("\n## `{}`\n\nRead by {}.\n\n", kind.name(), kind.read_by()));

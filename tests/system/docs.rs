@@ -147,6 +147,17 @@ fn the_example_machine_manifests_load() {
     assert!(seen >= 1, "no machine manifest under {}", dir.display());
 }
 
+/// The settings of a systemd `EnvironmentFile` (`KEY=value` lines; blank lines and `#`
+/// comments skipped), or the first line that is neither.
+pub(crate) fn environment_file(text: &str) -> Result<Vec<(String, String)>, String> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            l.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or(format!("{l:?} is not KEY=value"))
+        })
+        .collect()
+}
+
 /// Every configuration file the packages install under /etc/chorus parses as the
 /// configuration of the service whose unit reads it (and validates, but for files it names
 /// that exist only on a configured host).
@@ -169,14 +180,12 @@ fn every_packaged_configuration_file_parses() {
             "reactor.yaml" => check::<chorus_consumers::reactor::ReactorConfig>(&example),
             "audit-export.yaml" => check::<chorus_consumers::audit_export::ExportConfig>(&example),
             // KEY=value lines for systemd's EnvironmentFile: every key one the CLI reads.
-            "chorus.env" => {
-                example.text.lines().filter(|l| !l.trim().is_empty() && !l.starts_with('#')).try_for_each(|l| {
-                    match l.split_once('=') {
-                        Some(("CHORUS_NATS" | "CHORUS_LOG", _)) => Ok(()),
-                        _ => Err(format!("{l:?} is not a setting chorus reads")),
-                    }
+            "chorus.env" => environment_file(&example.text).and_then(|settings| {
+                settings.iter().try_for_each(|(key, _)| match key.as_str() {
+                    "CHORUS_NATS" | "CHORUS_LOG" => Ok(()),
+                    _ => Err(format!("{key} is not a setting chorus reads")),
                 })
-            }
+            }),
             _ => Err("a packaged file this test does not know: add it here".into()),
         };
         if let Err(e) = result {

@@ -188,12 +188,8 @@ async fn the_packages_install_into_a_throwaway_root_and_the_agent_unit_starts() 
         .replace("/etc/chorus", &inside(r, "/etc/chorus").display().to_string());
     std::fs::write(&config, text).unwrap();
     // The unit's EnvironmentFile, as systemd reads it.
-    let env = std::fs::read_to_string(inside(r, "/etc/chorus/chorus.env")).unwrap();
-    let env: Vec<(String, String)> = env
-        .lines()
-        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
-        .map(|l| l.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).expect("KEY=value"))
-        .collect();
+    let env = crate::docs::environment_file(&std::fs::read_to_string(inside(r, "/etc/chorus/chorus.env")).unwrap())
+        .expect("chorus.env is an EnvironmentFile");
     let machine = inside(r, "/etc/chorus/machines/facts");
     std::fs::create_dir_all(&machine).unwrap();
     std::fs::write(

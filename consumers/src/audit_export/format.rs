@@ -80,11 +80,9 @@ struct Facts<'a> {
     reason: Option<String>,
     /// A stable short code of the reason.
     code: Option<String>,
-    /// Whether the decision or action succeeded; `None` for a request (no outcome yet).
+    /// Whether the decision or action succeeded; `None` for a request (no outcome yet). A
+    /// reply can be authorised (its record's decision) and still fail.
     success: Option<bool>,
-    /// Whether the caller was allowed (the AAA decision, the node's Action Policy); `None`
-    /// for a request (not judged yet). A reply can be authorised and still fail.
-    authorized: Option<bool>,
     /// The caller's token id.
     jti: Option<&'a str>,
     /// RPC collective.
@@ -97,11 +95,7 @@ impl<'a> Facts<'a> {
     fn of(record: &'a ExportRecord) -> Self {
         let e = &record.event;
         let time_ms = e.time.timestamp_millis();
-        let success = match record.decision {
-            Some(Decision::Allow) => Some(true),
-            Some(Decision::Deny) => Some(false),
-            Some(Decision::Unknown) | None => None,
-        };
+        let success = record.decision.and_then(Decision::allowed);
         let mut facts = Facts {
             record,
             kind: Kind::Request,
@@ -112,7 +106,6 @@ impl<'a> Facts<'a> {
             reason: None,
             code: None,
             success,
-            authorized: success,
             jti: None,
             collective: None,
             status: None,
@@ -138,7 +131,6 @@ impl<'a> Facts<'a> {
                 facts.status = Some((*statuscode, statusmsg));
                 // Authorised and run: success is the action's own status.
                 facts.success = Some(*authorized && *statuscode == StatusCode::Ok);
-                facts.authorized = Some(*authorized);
                 if !authorized {
                     facts.code = Some("policy_denied".into());
                     facts.reason = Some(statusmsg.clone()).filter(|m| !m.is_empty());
@@ -150,6 +142,12 @@ impl<'a> Facts<'a> {
             _ => {}
         }
         facts
+    }
+
+    /// Whether the caller was allowed (the AAA decision, the node's Action Policy): the
+    /// record's decision; `None` for a request (not judged yet).
+    fn authorized(&self) -> Option<bool> {
+        self.record.decision.and_then(Decision::allowed)
     }
 
     /// `agent.action`, the operation an RPC record is about.
@@ -309,13 +307,13 @@ fn ocsf(f: &Facts<'_>) -> Value {
 /// and RPC), `user`, `source`, `host`, with Chorus's own fields under `chorus`.
 fn ecs(f: &Facts<'_>) -> Value {
     let r = f.record;
-    let (category, dataset) = match f.kind {
-        Kind::Login => ("authentication", "chorus.aaa"),
-        Kind::Signing => ("api", "chorus.aaa"),
-        Kind::Request | Kind::Reply => ("api", "chorus.rpc"),
+    let (category, dataset, service) = match f.kind {
+        Kind::Login => ("authentication", "chorus.aaa", "chorus-aaa"),
+        Kind::Signing => ("api", "chorus.aaa", "chorus-aaa"),
+        Kind::Request | Kind::Reply => ("api", "chorus.rpc", "chorus"),
     };
     // The type is the access decision; whether the action then worked is the outcome.
-    let kind_type = match (f.kind, f.authorized) {
+    let kind_type = match (f.kind, f.authorized()) {
         (Kind::Login, _) => "start",
         (_, Some(true)) => "allowed",
         (_, Some(false)) => "denied",
@@ -372,7 +370,7 @@ fn ecs(f: &Facts<'_>) -> Value {
         out.insert("source".into(), source.into());
     }
     out.insert("host".into(), json!({"name": f.host, "hostname": f.host}));
-    out.insert("service".into(), json!({"name": if dataset == "chorus.aaa" { "chorus-aaa" } else { "chorus" }}));
+    out.insert("service".into(), json!({"name": service}));
     put(&mut out, "labels", r.site.as_ref().map(|s| json!({"site": s})).unwrap_or(Value::Null));
     let mut chorus = Map::new();
     chorus.insert("type".into(), r.event.data.event_type().to_string().into());

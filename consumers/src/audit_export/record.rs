@@ -27,6 +27,15 @@ impl Decision {
             Decision::Unknown => "unknown",
         }
     }
+
+    /// Whether the caller was allowed; `None` for `unknown`.
+    pub fn allowed(self) -> Option<bool> {
+        match self {
+            Decision::Allow => Some(true),
+            Decision::Deny => Some(false),
+            Decision::Unknown => None,
+        }
+    }
 }
 
 /// One record on its way to the SIEM.
