@@ -3,8 +3,10 @@
 use std::pin::Pin;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
-use futures::Stream;
+use futures::{Stream, StreamExt};
 
 use crate::{
     ConsumerConfig, Delivery, Message, PublishAck, Result, StartPosition, StoredMessage, StreamConfig, StreamInfo,
@@ -12,6 +14,16 @@ use crate::{
 
 /// An ordered stream of stored messages, as returned by [`Backbone::replay`].
 pub type MessageStream = Pin<Box<dyn Stream<Item = Result<StoredMessage>> + Send>>;
+
+/// Messages a producer hands to [`Backbone::publish_stream`] as it makes them.
+pub type Outgoing = Pin<Box<dyn Stream<Item = Message> + Send>>;
+
+/// What [`Backbone::publish_stream`] reports: one acknowledgement per message, in the
+/// messages' order; after an error nothing more.
+pub type AckStream = Pin<Box<dyn Stream<Item = Result<PublishAck>> + Send>>;
+
+/// Messages [`Backbone::publish_stream`]'s default takes at once from what is ready.
+const STREAM_CHUNK: usize = 1_024;
 
 /// What to replay from a stream.
 #[derive(Clone, Debug, Default)]
@@ -79,6 +91,37 @@ pub trait Backbone: Send + Sync + 'static {
     /// same batch again is safe because ids are deduplicated.
     async fn publish_batch(&self, messages: Vec<Message>) -> Result<Vec<PublishAck>>;
 
+    /// Publishes messages as the producer makes them, without the stop at the end of each
+    /// batch that [`Backbone::publish_batch`] makes (the broker idles while the caller
+    /// prepares the next one): a producer with a steady flow (a storm, a drain, a copy)
+    /// keeps the engine's window of publishes on the wire. Each message's acknowledgement is
+    /// yielded once it is durably stored, in order; the first error ends the stream (some
+    /// later messages may be stored: publishing them again is safe, ids are deduplicated).
+    /// Acknowledgements must be read for publishing to go on.
+    ///
+    /// The default publishes what is ready in batches; JetStream overrides it.
+    fn publish_stream(self: Arc<Self>, messages: Outgoing) -> AckStream {
+        // Each ready chunk is published up to its first invalid message, whose error then
+        // follows the acknowledgements of everything before it.
+        let batches = messages.ready_chunks(STREAM_CHUNK).then(move |mut batch| {
+            let backbone = self.clone();
+            async move {
+                let invalid = batch.iter().position(|m| m.validate().is_err());
+                let refused = invalid.map(|i| batch.drain(i..).next().and_then(|m| m.validate().err()));
+                let acks = if batch.is_empty() { Ok(Vec::new()) } else { backbone.publish_batch(batch).await };
+                (acks, refused.flatten())
+            }
+        });
+        let acks = batches.flat_map(|(acks, refused)| {
+            let (acks, failed) = match acks {
+                Ok(acks) => (acks, None),
+                Err(e) => (Vec::new(), Some(e)),
+            };
+            futures::stream::iter(acks.into_iter().map(Ok).chain(failed.or(refused).map(Err)))
+        });
+        Box::pin(until_error(acks))
+    }
+
     /// Opens (creating if needed) a durable consumer on `stream`.
     async fn consumer(&self, stream: &str, config: &ConsumerConfig) -> Result<Box<dyn Consumer>>;
 
@@ -109,4 +152,17 @@ pub trait Consumer: Send {
     /// Messages matching this consumer not yet acknowledged: undelivered plus in flight. This
     /// is the consumer's lag, the figure to alert on.
     async fn pending(&mut self) -> Result<u64>;
+}
+
+/// `stream` up to and including its first error.
+pub(crate) fn until_error<T: Send + 'static>(
+    stream: impl Stream<Item = Result<T>> + Send + 'static,
+) -> impl Stream<Item = Result<T>> + Send + 'static {
+    stream.scan(false, |failed, item| {
+        let out = (!*failed).then(|| {
+            *failed = item.is_err();
+            item
+        });
+        futures::future::ready(out)
+    })
 }

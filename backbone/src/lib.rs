@@ -25,7 +25,7 @@ pub mod subject;
 
 mod backbone;
 
-pub use backbone::{Backbone, Consumer, MessageStream, ReplayOptions};
+pub use backbone::{AckStream, Backbone, Consumer, MessageStream, Outgoing, ReplayOptions};
 pub use config::{ConsumerConfig, StartPosition, StreamConfig};
 pub use error::{BackboneError, Result, SharedError};
 pub use kv::{Bucket, BucketConfig, KvEntry, KvOperation, KvWatch};

@@ -65,6 +65,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut raw_pub = Vec::new();
     let mut raw_con = Vec::new();
     let mut chorus_pub = Vec::new();
+    let mut chorus_flow = Vec::new();
     let mut chorus_con = Vec::new();
     for round in 0..args.common.rounds.max(1) {
         let window = config.max_ack_inflight / 2;
@@ -72,16 +73,25 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         chorus.ensure_stream(&StreamConfig::new("CHORUS_BENCH", vec!["chorusbench.>".into()])).await?;
         let (p, c) = publish_consume(&meter, &chorus, "CHORUS_BENCH", "chorusbench.event", &events, &args, 1).await?;
         raw_con.push(meter.sample(raw_consume(&js, events.len(), args.batch)).await?);
+        chorus.ensure_stream(&StreamConfig::new("CHORUS_FLOW", vec!["chorusflow.>".into()])).await?;
+        chorus_flow.push(publish_flow(&meter, &chorus, "CHORUS_FLOW", "chorusflow.event", &events).await?);
         chorus_pub.push(Sample { took: p.took, cpu: p.cpu.unwrap_or_default() });
         chorus_con.push(Sample { took: c.took, cpu: c.cpu.unwrap_or_default() });
         js.delete_stream("RAW_BENCH").await?;
         chorus.delete_stream("CHORUS_BENCH").await?;
+        chorus.delete_stream("CHORUS_FLOW").await?;
         eprintln!("round {} done", round + 1);
     }
     let n = events.len();
     let raw_pub = Row::of("raw async-nats JetStream publish", n, median_sample(raw_pub), None);
     let raw_con = Row::of("raw async-nats pull consume + ack", n, median_sample(raw_con), None);
-    let chorus_pub = Row::of("chorus JetStream publish_batch", n, median_sample(chorus_pub), Some(raw_pub.rate()));
+    let chorus_flow = Row::of("chorus JetStream publish_stream", n, median_sample(chorus_flow), Some(raw_pub.rate()));
+    let chorus_pub = Row::of(
+        format!("chorus JetStream publish_batch (batches of {})", args.batch),
+        n,
+        median_sample(chorus_pub),
+        Some(raw_pub.rate()),
+    );
     let chorus_con =
         Row::of("chorus JetStream consumer fetch + ack", n, median_sample(chorus_con), Some(raw_con.rate()));
     print_table(
@@ -89,7 +99,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             "JetStream: Chorus vs raw async-nats (same server, same payloads, median of {} rounds)",
             args.common.rounds.max(1)
         ),
-        &[raw_pub, chorus_pub, raw_con, chorus_con],
+        &[raw_pub, chorus_flow, chorus_pub, raw_con, chorus_con],
     );
 
     if !args.common.no_embedded {
@@ -178,6 +188,36 @@ async fn publish_consume(
     let took = started.elapsed();
     let consume = Row::of("", n, Sample { took, cpu: meter.read().since(&before) }, None);
     Ok((publish, consume))
+}
+
+/// Publishes `events` as one flow ([`Backbone::publish_stream`]), as a producer with a steady
+/// stream of events does, and checks every one was stored. The messages are made before the
+/// clock starts, as the raw baseline's are: a producer hands over messages it owns.
+async fn publish_flow(
+    meter: &CpuMeter,
+    b: &Arc<dyn Backbone>,
+    stream: &str,
+    subject: &str,
+    events: &[(String, Bytes)],
+) -> anyhow::Result<Sample> {
+    let messages: Vec<Message> = events.iter().map(|(id, p)| Message::new(id.clone(), subject, p.clone())).collect();
+    let n = messages.len();
+    let sample = meter
+        .sample(async {
+            let started = Instant::now();
+            let mut acks = b.clone().publish_stream(Box::pin(futures::stream::iter(messages)));
+            let mut stored = 0;
+            while let Some(ack) = acks.next().await {
+                ack?;
+                stored += 1;
+            }
+            anyhow::ensure!(stored == n, "{stream}: {stored} acknowledged of {n}");
+            Ok(started.elapsed())
+        })
+        .await?;
+    let stored = b.stream_info(stream).await?.messages as usize;
+    anyhow::ensure!(stored == n, "{stream}: {stored} stored of {n} published");
+    Ok(sample)
 }
 
 /// A durable pull consumer acknowledging every message.

@@ -23,6 +23,7 @@ pub type Case = fn(Arc<dyn Backbone>, String, usize) -> BoxFuture<'static, ()>;
 pub const CASES: &[(&str, Case)] = &[
     ("publish_and_read_back", |b, s, r| Box::pin(publish_and_read_back(b, s, r))),
     ("dedupe_by_event_id", |b, s, r| Box::pin(dedupe_by_event_id(b, s, r))),
+    ("publish_stream_acknowledges_in_order", |b, s, r| Box::pin(publish_stream_acknowledges_in_order(b, s, r))),
     ("headers_are_kept", |b, s, r| Box::pin(headers_are_kept(b, s, r))),
     ("no_stream_for_subject_is_an_error", |b, s, r| Box::pin(no_stream_for_subject_is_an_error(b, s, r))),
     ("invalid_messages_are_refused", |b, s, r| Box::pin(invalid_messages_are_refused(b, s, r))),
@@ -135,6 +136,49 @@ async fn dedupe_by_event_id(b: Arc<dyn Backbone>, stream: String, replicas: usiz
     assert_eq!(info.messages, 2, "each id stored once");
     let ids: Vec<String> = read_all(&*b, &stream).await.into_iter().map(|m| m.id).collect();
     assert_eq!(ids, vec!["evt-1", "evt-2"]);
+}
+
+/// A flow of messages: acknowledged in order as they are stored, while the producer is
+/// still making more; duplicates reported; the first invalid message ends the flow.
+async fn publish_stream_acknowledges_in_order(b: Arc<dyn Backbone>, stream: String, replicas: usize) {
+    b.ensure_stream(&stream_config(&stream, replicas)).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Message>(16);
+    let flow = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+    let mut acks = b.clone().publish_stream(Box::pin(flow));
+    let within = Duration::from_secs(30);
+    // The producer has not finished: what it sent so far is acknowledged anyway.
+    for m in messages(&stream, "a", "s", 0..10) {
+        tx.send(m).await.unwrap();
+    }
+    for seq in 1..=10 {
+        let ack = tokio::time::timeout(within, acks.next()).await.expect("acknowledged while the flow is open");
+        assert_eq!(ack.unwrap().unwrap().sequence, seq);
+    }
+    // A steady flow, larger than any window, with a repeat of an earlier id.
+    let producer = {
+        let stream = stream.clone();
+        tokio::spawn(async move {
+            for m in messages(&stream, "a", "s", 10..3_000) {
+                tx.send(m).await.unwrap();
+            }
+            tx.send(messages(&stream, "a", "s", 5..6).remove(0)).await.unwrap();
+            tx.send(Message::new("has space", subject_of(&stream, "a"), &b""[..])).await.unwrap();
+            tx.send(Message::new("after-the-error", subject_of(&stream, "a"), &b""[..])).await.ok();
+        })
+    };
+    for seq in 11..=3_000 {
+        let ack = tokio::time::timeout(within, acks.next()).await.unwrap().unwrap().unwrap();
+        assert_eq!((ack.sequence, ack.duplicate), (seq, false));
+    }
+    let repeat = tokio::time::timeout(within, acks.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!((repeat.sequence, repeat.duplicate), (6, true), "a repeated id is reported as a duplicate");
+    let refused = tokio::time::timeout(within, acks.next()).await.unwrap().unwrap();
+    assert!(matches!(refused, Err(BackboneError::InvalidMessage(_))), "{refused:?}");
+    assert!(tokio::time::timeout(within, acks.next()).await.unwrap().is_none(), "nothing after the first error");
+    drop(acks);
+    producer.await.unwrap();
+    let info = b.stream_info(&stream).await.unwrap();
+    assert_eq!(info.messages, 3_000, "each id stored once, nothing after the error");
 }
 
 async fn headers_are_kept(b: Arc<dyn Backbone>, stream: String, replicas: usize) {

@@ -48,6 +48,7 @@ macro_rules! suite {
 suite!(
     publish_and_read_back,
     dedupe_by_event_id,
+    publish_stream_acknowledges_in_order,
     headers_are_kept,
     no_stream_for_subject_is_an_error,
     invalid_messages_are_refused,

@@ -8,6 +8,7 @@ mod connect;
 mod consumer;
 mod errors;
 mod kv;
+mod pipeline;
 mod sequenced;
 mod sourcing;
 
@@ -19,7 +20,6 @@ use async_nats::jetstream::{self, message::PublishMessage as Publish, stream};
 use async_trait::async_trait;
 use chorus_runtime::Backoff;
 use chrono::{DateTime, Utc};
-use futures::stream::FuturesOrdered;
 use futures::StreamExt;
 
 use crate::message::Headers;
@@ -169,14 +169,6 @@ impl JetStreamBackbone {
             },
             other => other,
         })
-    }
-
-    /// The acknowledgement of a pipelined publish, or a retry when it failed or was never sent.
-    async fn settle(&self, m: &Message, ack: Option<PublishAck>, started: Instant) -> Result<PublishAck> {
-        match ack {
-            Some(ack) => Ok(ack),
-            None => self.publish_retrying(m, started).await,
-        }
     }
 
     /// Errors that retrying cannot fix: too large, or no stream captures the subject.
@@ -444,33 +436,21 @@ impl Backbone for JetStreamBackbone {
     }
 
     async fn publish_batch(&self, messages: Vec<Message>) -> Result<Vec<PublishAck>> {
+        // Checked before anything is sent, so an invalid message stores none of its batch.
         for m in &messages {
             m.validate()?;
         }
-        let started = Instant::now();
-        // Pipeline: keep a window of publishes on the wire, collecting acknowledgements in order.
-        // The pending acknowledgements are polled together, so their timeouts run at once: a
-        // server lost with a full window costs one request timeout, not one per publish.
-        let mut acks = Vec::with_capacity(messages.len());
-        let mut inflight = FuturesOrdered::new();
-        for (i, m) in messages.iter().enumerate() {
-            if inflight.len() >= self.window {
-                let (j, ack) = inflight.next().await.expect("the window is not empty");
-                acks.push(self.settle(&messages[j], ack, started).await?);
-            }
-            let sent = self.js.send_publish(m.subject.clone(), publish_of(m)).await;
-            inflight.push_back(async move {
-                let ack = match sent {
-                    Ok(fut) => fut.await.ok().map(to_ack),
-                    Err(_) => None,
-                };
-                (i, ack)
-            });
+        let n = messages.len();
+        let mut acks = pipeline::publish(self.clone(), Box::pin(futures::stream::iter(messages)), false);
+        let mut out = Vec::with_capacity(n);
+        while let Some(ack) = acks.next().await {
+            out.push(ack?);
         }
-        while let Some((j, ack)) = inflight.next().await {
-            acks.push(self.settle(&messages[j], ack, started).await?);
-        }
-        Ok(acks)
+        Ok(out)
+    }
+
+    fn publish_stream(self: std::sync::Arc<Self>, messages: crate::Outgoing) -> crate::AckStream {
+        pipeline::publish((*self).clone(), messages, true)
     }
 
     async fn consumer(&self, stream: &str, config: &ConsumerConfig) -> Result<Box<dyn Consumer>> {

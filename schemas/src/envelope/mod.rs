@@ -32,10 +32,6 @@ pub(crate) const SIGKEY: &str = "sigkey";
 pub(crate) const SIG: &str = "sig";
 /// Name of the signer's credential extension attribute.
 pub(crate) const SIGCRED: &str = "sigcred";
-/// Context attributes defined by CloudEvents 1.0 itself; everything else is an extension.
-pub(crate) const CORE_ATTRIBUTES: [&str; 10] =
-    ["specversion", "id", "type", "source", "datacontenttype", "dataschema", "subject", "time", "data", "data_base64"];
-
 mod decode;
 mod error;
 mod event;

@@ -371,3 +371,62 @@ fn unwritable_timestamps_fall_back_to_now() {
     assert!((record.time.timestamp() - chrono::Utc::now().timestamp()).abs() < 5);
     assert_eq!(EventRecord::decode(&record.encode()).unwrap(), record);
 }
+
+#[test]
+fn the_direct_encoder_writes_what_the_sdk_writes() {
+    let mut records: Vec<EventRecord> = samples().into_iter().map(|(_, r)| r).collect();
+    for wire in [CHORIA_STARTUP, CHORIA_TRANSITION, CHORIA_EXEC_STATE, CHORIA_LEGACY_SHUTDOWN] {
+        records.push(EventRecord::decode(wire.as_bytes()).unwrap());
+    }
+    let base = records.clone();
+    for (n, mut r) in base.into_iter().enumerate() {
+        r.site = Some(format!("site \"{n}\" ü\u{1}"));
+        r.seq = if n % 2 == 0 { u64::MAX - n as u64 } else { 0 };
+        r.time = chrono::DateTime::from_timestamp(1_713_772_800 + n as i64, (n as u32 * 123_456_789) % 1_000_000_000)
+            .unwrap();
+        r.signature = Some(crate::EventSignature {
+            key_id: format!("key{n}"),
+            sig: "c2lnbmF0dXJl".into(),
+            credential: (n % 3 != 0).then(|| format!("cred.{n}")),
+        });
+        records.push(r);
+    }
+    for r in &records {
+        assert_eq!(
+            String::from_utf8(r.encode()).unwrap(),
+            String::from_utf8(encoded_through_the_sdk(r)).unwrap(),
+            "{r:?}"
+        );
+    }
+}
+
+/// [`EventRecord::encode`] the long way, as it was written before the direct encoder: the
+/// SDK's CloudEvent as a JSON tree, the core attributes in the SDK's order, then the
+/// extensions sorted by name.
+fn encoded_through_the_sdk(record: &EventRecord) -> Vec<u8> {
+    const CORE_ATTRIBUTES: [&str; 10] = [
+        "specversion",
+        "id",
+        "type",
+        "source",
+        "datacontenttype",
+        "dataschema",
+        "subject",
+        "time",
+        "data",
+        "data_base64",
+    ];
+    let Value::Object(map) = serde_json::to_value(record.to_cloudevent()).unwrap() else { panic!("not an object") };
+    let mut core = serde_json::Map::new();
+    let mut extensions = Vec::new();
+    for (key, value) in map {
+        if CORE_ATTRIBUTES.contains(&key.as_str()) {
+            core.insert(key, value);
+        } else {
+            extensions.push((key, value));
+        }
+    }
+    extensions.sort_by(|a, b| a.0.cmp(&b.0));
+    core.extend(extensions);
+    serde_json::to_vec(&Value::Object(core)).unwrap()
+}
