@@ -61,22 +61,23 @@ pub fn problem(subject: &str, wildcards: bool) -> Option<&'static str> {
     if subject.is_empty() {
         return Some("is empty");
     }
-    let tokens: Vec<&str> = subject.split('.').collect();
-    for (i, t) in tokens.iter().enumerate() {
+    // On every publish: no allocation.
+    let mut tokens = subject.split('.').peekable();
+    while let Some(t) = tokens.next() {
         if t.is_empty() {
             return Some("has an empty token");
         }
         if t.chars().any(|c| c.is_whitespace()) {
             return Some("contains white space");
         }
-        let wild = *t == "*" || *t == ">";
+        let wild = t == "*" || t == ">";
         if !wildcards && (t.contains('*') || t.contains('>')) {
             return Some("wildcards are not allowed here");
         }
         if wildcards && !wild && (t.contains('*') || t.contains('>')) {
             return Some("a wildcard must be a whole token");
         }
-        if *t == ">" && i + 1 != tokens.len() {
+        if t == ">" && tokens.peek().is_some() {
             return Some("'>' must be the last token");
         }
     }

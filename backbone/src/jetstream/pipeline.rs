@@ -23,10 +23,17 @@ type AckFuture =
     Pin<Box<dyn Future<Output = std::result::Result<async_nats::jetstream::publish::PublishAck, PublishError>> + Send>>;
 
 /// A publish on the wire: the message (kept for a retry) and its acknowledgement to come,
-/// `None` when it could not be sent.
+/// `None` when it could not be sent or is to be retried.
 struct InFlight {
     message: Message,
-    ack: Option<AckFuture>,
+    ack: Option<Ack>,
+}
+
+/// An acknowledgement to come: turned into a future (which starts its timeout) only when it
+/// is the oldest, as awaiting it in turn would.
+enum Ack {
+    Sent(async_nats::jetstream::context::PublishAckFuture),
+    Awaited(AckFuture),
 }
 
 /// Publishes `messages` keeping up to the backbone's window in flight, yielding each
@@ -105,7 +112,7 @@ impl Pipeline {
 
     async fn send(&mut self, message: Message) {
         let sent = self.backbone.js.send_publish(message.subject.clone(), publish_of(&message)).await;
-        self.inflight.push_back(InFlight { ack: sent.ok().map(IntoFuture::into_future), message });
+        self.inflight.push_back(InFlight { ack: sent.ok().map(Ack::Sent), message });
     }
 
     /// The oldest publish's acknowledgement (from [`oldest`]), or its retry.
@@ -117,6 +124,12 @@ impl Pipeline {
                 Ok(ack)
             }
             None => {
+                // The server was lost or refused: the publishes after this one are retried
+                // one by one too (each waiting for its own timeout in turn would cost one
+                // timeout per message of the window); a stored one answers as a duplicate.
+                for later in &mut self.inflight {
+                    later.ack = None;
+                }
                 let since = *self.failing_since.get_or_insert_with(Instant::now);
                 let ack = self.backbone.publish_retrying(&m, since).await?;
                 self.failing_since = None;
@@ -131,9 +144,16 @@ impl Pipeline {
 fn oldest(inflight: &mut VecDeque<InFlight>) -> impl Future<Output = Option<Option<PublishAck>>> + '_ {
     std::future::poll_fn(move |cx| {
         let Some(front) = inflight.front_mut() else { return Poll::Ready(None) };
-        match front.ack.as_mut() {
-            None => Poll::Ready(Some(None)),
-            Some(ack) => ack.as_mut().poll(cx).map(|r| Some(r.ok().map(to_ack))),
+        loop {
+            match front.ack.take() {
+                None => return Poll::Ready(Some(None)),
+                Some(Ack::Sent(sent)) => front.ack = Some(Ack::Awaited(sent.into_future())),
+                Some(Ack::Awaited(mut ack)) => {
+                    let polled = ack.as_mut().poll(cx);
+                    front.ack = Some(Ack::Awaited(ack));
+                    return polled.map(|r| Some(r.ok().map(to_ack)));
+                }
+            }
         }
     })
 }
