@@ -16,11 +16,13 @@ use crate::{
 pub type MessageStream = Pin<Box<dyn Stream<Item = Result<StoredMessage>> + Send>>;
 
 /// Messages a producer hands to [`Backbone::publish_stream`] as it makes them.
-pub type Outgoing = Pin<Box<dyn Stream<Item = Message> + Send>>;
+/// It may borrow what the producer makes them from: messages are taken only as the window
+/// has room, so a producer that makes them on demand overlaps its work with the broker's.
+pub type Outgoing<'a> = Pin<Box<dyn Stream<Item = Message> + Send + 'a>>;
 
 /// What [`Backbone::publish_stream`] reports: one acknowledgement per message, in the
 /// messages' order; after an error nothing more.
-pub type AckStream = Pin<Box<dyn Stream<Item = Result<PublishAck>> + Send>>;
+pub type AckStream<'a> = Pin<Box<dyn Stream<Item = Result<PublishAck>> + Send + 'a>>;
 
 /// Messages [`Backbone::publish_stream`]'s default takes at once from what is ready.
 const STREAM_CHUNK: usize = 1_024;
@@ -100,7 +102,7 @@ pub trait Backbone: Send + Sync + 'static {
     /// Acknowledgements must be read for publishing to go on.
     ///
     /// The default publishes what is ready in batches; JetStream overrides it.
-    fn publish_stream(self: Arc<Self>, messages: Outgoing) -> AckStream {
+    fn publish_stream<'a>(self: Arc<Self>, messages: Outgoing<'a>) -> AckStream<'a> {
         // Each ready chunk is published up to its first invalid message, whose error then
         // follows the acknowledgements of everything before it.
         let batches = messages.ready_chunks(STREAM_CHUNK).then(move |mut batch| {
@@ -155,9 +157,9 @@ pub trait Consumer: Send {
 }
 
 /// `stream` up to and including its first error.
-pub(crate) fn until_error<T: Send + 'static>(
-    stream: impl Stream<Item = Result<T>> + Send + 'static,
-) -> impl Stream<Item = Result<T>> + Send + 'static {
+pub(crate) fn until_error<'a, T: Send + 'a>(
+    stream: impl Stream<Item = Result<T>> + Send + 'a,
+) -> impl Stream<Item = Result<T>> + Send + 'a {
     stream.scan(false, |failed, item| {
         let out = (!*failed).then(|| {
             *failed = item.is_err();

@@ -49,7 +49,7 @@ impl Message {
 
     /// Rejects what neither engine can store faithfully.
     pub(crate) fn validate(&self) -> crate::Result<()> {
-        if self.id.is_empty() || self.id.len() > 256 || self.id.chars().any(|c| c.is_whitespace()) {
+        if self.id.is_empty() || self.id.len() > 256 || has_white_space(&self.id) {
             return Err(crate::BackboneError::InvalidMessage(format!(
                 "event id {:?} must be 1..=256 characters without white space",
                 self.id
@@ -241,5 +241,14 @@ impl Delivery {
     /// Asks for redelivery now (or after `delay`), e.g. when a downstream sink is down.
     pub async fn nak(&self, delay: Option<std::time::Duration>) -> crate::Result<()> {
         self.acker.nak(delay).await
+    }
+}
+
+/// Whether `s` holds white space (Unicode's definition); byte by byte for ASCII, as ids are.
+fn has_white_space(s: &str) -> bool {
+    if s.is_ascii() {
+        s.bytes().any(|b| (b as char).is_whitespace())
+    } else {
+        s.chars().any(char::is_whitespace)
     }
 }

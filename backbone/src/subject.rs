@@ -61,7 +61,15 @@ pub fn problem(subject: &str, wildcards: bool) -> Option<&'static str> {
     if subject.is_empty() {
         return Some("is empty");
     }
-    // On every publish: no allocation.
+    // On every publish: an ASCII subject (nearly all) is checked in one pass over its bytes.
+    if subject.is_ascii() {
+        return ascii_problem(subject.as_bytes(), wildcards);
+    }
+    general_problem(subject, wildcards)
+}
+
+/// [`problem`] for any subject, token by token.
+fn general_problem(subject: &str, wildcards: bool) -> Option<&'static str> {
     let mut tokens = subject.split('.').peekable();
     while let Some(t) = tokens.next() {
         if t.is_empty() {
@@ -80,6 +88,38 @@ pub fn problem(subject: &str, wildcards: bool) -> Option<&'static str> {
         if t == ">" && tokens.peek().is_some() {
             return Some("'>' must be the last token");
         }
+    }
+    None
+}
+
+/// [`problem`] for an ASCII subject: the same answers, one pass.
+fn ascii_problem(subject: &[u8], wildcards: bool) -> Option<&'static str> {
+    let mut start = 0;
+    for end in 0..=subject.len() {
+        if end < subject.len() && subject[end] != b'.' {
+            let b = subject[end];
+            if (b as char).is_whitespace() {
+                return Some("contains white space");
+            }
+            continue;
+        }
+        let token = &subject[start..end];
+        if token.is_empty() {
+            return Some("has an empty token");
+        }
+        if token.iter().any(|&b| b == b'*' || b == b'>') {
+            let wild = token == b"*" || token == b">";
+            if !wildcards {
+                return Some("wildcards are not allowed here");
+            }
+            if !wild {
+                return Some("a wildcard must be a whole token");
+            }
+            if token == b">" && end != subject.len() {
+                return Some("'>' must be the last token");
+            }
+        }
+        start = end + 1;
     }
     None
 }
@@ -104,6 +144,23 @@ pub fn validate_filter(filter: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_ascii_check_answers_as_the_general_one() {
+        let alphabet = ["a", "b", ".", "*", ">", " ", "\t", "\x0b", "-", "_"];
+        let mut subjects = vec![String::new()];
+        for _ in 0..5 {
+            let longer: Vec<String> =
+                subjects.iter().flat_map(|s| alphabet.iter().map(move |c| format!("{s}{c}"))).collect();
+            subjects.extend(longer);
+            subjects.dedup();
+        }
+        for s in &subjects {
+            for wildcards in [false, true] {
+                assert_eq!(ascii_problem(s.as_bytes(), wildcards), general_problem(s, wildcards), "{s:?} {wildcards}");
+            }
+        }
+    }
 
     #[test]
     fn overlapping_and_covering_filters() {

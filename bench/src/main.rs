@@ -260,14 +260,25 @@ pub async fn raw_publish(
     events: &[(String, bytes::Bytes)],
     window: usize,
 ) -> anyhow::Result<Duration> {
-    use async_nats::jetstream::{self, message::PublishMessage};
+    use async_nats::jetstream;
     js.create_stream(jetstream::stream::Config {
         name: stream.into(),
         subjects: vec![format!("{subject}.>")],
         ..Default::default()
     })
     .await?;
-    let target = format!("{subject}.event");
+    raw_publish_into(js, &format!("{subject}.event"), events, window).await
+}
+
+/// [`raw_publish`] into a stream that already captures `target`.
+pub async fn raw_publish_into(
+    js: &async_nats::jetstream::Context,
+    target: &str,
+    events: &[(String, bytes::Bytes)],
+    window: usize,
+) -> anyhow::Result<Duration> {
+    use async_nats::jetstream::{self, message::PublishMessage};
+    let target = target.to_string();
     let started = std::time::Instant::now();
     let mut inflight = std::collections::VecDeque::with_capacity(window);
     for (id, payload) in events {

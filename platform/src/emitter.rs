@@ -4,20 +4,78 @@
 //! monotonically increasing sequence. Consumers use it to detect gaps and to check per-node
 //! order; the event id (a UUIDv7) is the dedupe key everywhere downstream.
 
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use chorus_backbone::{Backbone, Message};
 use chorus_schemas::{Event, EventRecord};
+use futures::{Stream, StreamExt};
 
 use crate::PlatformError;
+
+/// Events a producer makes as it goes, for [`EventSink::store_flow`]; it may borrow what
+/// they are made from, and is polled only as the sink has room, so making them on demand
+/// overlaps the producer's work with storing.
+pub type RecordFlow<'a> = Pin<Box<dyn Stream<Item = EventRecord> + Send + 'a>>;
+
+/// Records [`EventSink::store_flow`]'s default takes at once from what is ready.
+const FLOW_CHUNK: usize = 1_024;
 
 /// Where stamped events go: the node's outbox, a backbone, or a batching sink.
 #[async_trait]
 pub trait EventSink: Send + Sync {
     /// Stores the events durably (or fails); order is kept.
     async fn store(&self, records: Vec<EventRecord>) -> Result<(), PlatformError>;
+
+    /// Stores a flow of events durably, in order, as the producer makes them (a storm of
+    /// simulated nodes): unlike repeated [`EventSink::store`] calls, a backbone keeps its
+    /// publishes on the wire between the producer's batches. Returns how many were stored;
+    /// stops at the first failure (the events before it are stored). The default stores what
+    /// is ready in batches.
+    async fn store_flow<'a>(&self, records: RecordFlow<'a>) -> Result<u64, PlatformError> {
+        let mut chunks = records.ready_chunks(FLOW_CHUNK);
+        let mut stored = 0;
+        while let Some(chunk) = chunks.next().await {
+            let n = chunk.len() as u64;
+            self.store(chunk).await?;
+            stored += n;
+        }
+        Ok(stored)
+    }
+}
+
+/// `items` mapped by `convert` up to the first conversion that fails, whose error is left in
+/// the returned slot (take it with [`take_failure`] once the stream is done): how a flow
+/// stops at an event that cannot be made or carried (its subject, its signature) while what
+/// came before it is still stored.
+pub fn until_failure<'a, T, U, E>(
+    items: impl Stream<Item = T> + Send + 'a,
+    mut convert: impl FnMut(T) -> Result<U, E> + Send + 'a,
+) -> (impl Stream<Item = U> + Send + 'a, Arc<Mutex<Option<E>>>)
+where
+    T: Send + 'a,
+    U: Send + 'a,
+    E: Send + 'a,
+{
+    let failure = Arc::new(Mutex::new(None));
+    let slot = failure.clone();
+    let converted = items.scan((), move |_, item| {
+        futures::future::ready(match convert(item) {
+            Ok(u) => Some(u),
+            Err(e) => {
+                *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                None
+            }
+        })
+    });
+    (converted, failure)
+}
+
+/// The failure [`until_failure`] left, if any.
+pub fn take_failure<E>(slot: &Mutex<Option<E>>) -> Option<E> {
+    slot.lock().unwrap_or_else(|e| e.into_inner()).take()
 }
 
 /// Converts a record into the backbone message that carries it.
@@ -34,6 +92,20 @@ impl EventSink for BackboneSink {
         let messages = records.iter().map(to_message).collect::<Result<Vec<_>, _>>()?;
         self.0.publish_batch(messages).await?;
         Ok(())
+    }
+
+    async fn store_flow<'a>(&self, records: RecordFlow<'a>) -> Result<u64, PlatformError> {
+        let (messages, refused) = until_failure(records, |r| to_message(&r));
+        let mut acks = self.0.clone().publish_stream(Box::pin(messages));
+        let mut stored = 0;
+        while let Some(ack) = acks.next().await {
+            ack?;
+            stored += 1;
+        }
+        match take_failure(&refused) {
+            Some(e) => Err(e),
+            None => Ok(stored),
+        }
     }
 }
 
@@ -90,6 +162,16 @@ impl EventSink for SigningSink {
         let (signer, token) = (self.identity.signer(), Some(self.identity.token()));
         let signed = records.into_iter().map(|r| r.signed(&**signer, token)).collect::<Result<Vec<_>, _>>()?;
         self.inner.store(signed).await
+    }
+
+    async fn store_flow<'a>(&self, records: RecordFlow<'a>) -> Result<u64, PlatformError> {
+        let identity = self.identity.clone();
+        let (signed, refused) = until_failure(records, move |r| r.signed(&**identity.signer(), Some(identity.token())));
+        let stored = self.inner.store_flow(Box::pin(signed)).await?;
+        match take_failure(&refused) {
+            Some(e) => Err(e.into()),
+            None => Ok(stored),
+        }
     }
 }
 

@@ -27,7 +27,9 @@ pub mod outbox;
 pub mod reading;
 pub mod streams;
 
-pub use emitter::{to_message, BackboneSink, Emitter, EventSink, MemorySink, SigningSink};
+pub use emitter::{
+    take_failure, to_message, until_failure, BackboneSink, Emitter, EventSink, MemorySink, RecordFlow, SigningSink,
+};
 pub use error::PlatformError;
 pub use outbox::{Outbox, OutboxLimits, OutboxStats};
 pub use reading::{open_consumer, ReadStatus};

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use chorus_identity::{Credential, CredentialSpec, Identity};
 use chorus_keys::{Algorithm, FileSigner, Signer};
-use chorus_platform::{Emitter, EventSink, PlatformError, SigningSink};
+use chorus_platform::{take_failure, until_failure, Emitter, EventSink, PlatformError, SigningSink};
 use chorus_rpc::{agents, Agent, NodeContext, RequestSecurity, RpcServer, ServerOptions, Transport};
 use chorus_runtime::{Config, ConfigError, Health, Service, ServiceError, Shutdown, Tasks};
 use chorus_schemas::lifecycle::{Alive, Startup};
@@ -41,12 +41,6 @@ pub struct SimConfig {
     /// Alive interval of every node; each node gets a random slot within it (splay).
     #[serde(default = "default_alive", with = "humantime_serde")]
     pub alive_interval: Duration,
-    /// Events per publish.
-    #[serde(default = "default_batch")]
-    pub batch: usize,
-    /// Publishes in flight during the startup storm.
-    #[serde(default = "default_publishers")]
-    pub publishers: usize,
     /// Site stamped on every event (the `site` extension); none when unset.
     #[serde(default)]
     pub site: Option<String>,
@@ -67,12 +61,6 @@ fn default_versions() -> Vec<String> {
 fn default_alive() -> Duration {
     Duration::from_secs(30 * 60)
 }
-fn default_batch() -> usize {
-    1_000
-}
-fn default_publishers() -> usize {
-    4
-}
 
 impl SimConfig {
     /// `nodes` simulated nodes, everything else at its default.
@@ -84,8 +72,6 @@ impl SimConfig {
             component: default_component(),
             versions: default_versions(),
             alive_interval: default_alive(),
-            batch: default_batch(),
-            publishers: default_publishers(),
             site: None,
         }
     }
@@ -101,12 +87,6 @@ impl Config for SimConfig {
         let bad = |field: &str, m: &str| Err(ConfigError::invalid(field, m).within("simulator"));
         if self.versions.is_empty() {
             return bad("versions", "must not be empty");
-        }
-        if self.batch == 0 {
-            return bad("batch", "must be > 0");
-        }
-        if self.publishers == 0 {
-            return bad("publishers", "must be > 0");
         }
         if self.alive_interval < Duration::from_secs(1) {
             return bad("alive_interval", "must be >= 1s");
@@ -213,25 +193,22 @@ impl Simulator {
         }
     }
 
-    /// Stores events of `indices` built by `make`, `batch` per store, `publishers` at a time.
+    /// Stores events of `indices` built by `make` as one flow: each event is made when the
+    /// sink has room for it, so making and encoding overlap the broker's work instead of
+    /// alternating with it (see [`EventSink::store_flow`]).
     async fn burst<F>(&self, indices: Vec<usize>, make: F) -> Result<Burst, PlatformError>
     where
-        F: Fn(&Self, usize) -> Result<EventRecord, PlatformError>,
+        F: Fn(&Self, usize) -> Result<EventRecord, PlatformError> + Send + Sync,
     {
         let started = Instant::now();
         let events = indices.len();
-        let mut in_flight = futures::stream::FuturesUnordered::new();
-        use futures::StreamExt;
-        for chunk in indices.chunks(self.config.batch) {
-            let records = chunk.iter().map(|&i| make(self, i)).collect::<Result<Vec<EventRecord>, _>>()?;
-            let sink = self.sink.clone();
-            in_flight.push(async move { sink.store(records).await });
-            if in_flight.len() >= self.config.publishers {
-                in_flight.next().await.unwrap()?;
-            }
+        let (flow, failed) = until_failure(futures::stream::iter(indices), |i| make(self, i));
+        let stored = self.sink.store_flow(Box::pin(flow)).await?;
+        if let Some(e) = take_failure(&failed) {
+            return Err(e);
         }
-        while let Some(r) = in_flight.next().await {
-            r?;
+        if stored != events as u64 {
+            return Err(PlatformError::Unavailable(format!("{stored} of {events} events stored")));
         }
         Ok(Burst { events, took: started.elapsed() })
     }

@@ -354,6 +354,12 @@ impl Lifecycle {
         lifecycle_field!(self, e => &mut e.protocol)
     }
 
+    /// The document itself, as [`Lifecycle::to_value`] would give it.
+    pub(crate) fn serialize_document<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::Serialize;
+        lifecycle_field!(self, e => e.serialize(s))
+    }
+
     pub(crate) fn to_value(&self) -> serde_json::Value {
         let value = lifecycle_field!(self, e => serde_json::to_value(e));
         // Plain structs of strings and integers always serialize.

@@ -449,7 +449,7 @@ impl Backbone for JetStreamBackbone {
         Ok(out)
     }
 
-    fn publish_stream(self: std::sync::Arc<Self>, messages: crate::Outgoing) -> crate::AckStream {
+    fn publish_stream<'a>(self: std::sync::Arc<Self>, messages: crate::Outgoing<'a>) -> crate::AckStream<'a> {
         pipeline::publish((*self).clone(), messages, true)
     }
 

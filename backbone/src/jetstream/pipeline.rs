@@ -40,25 +40,26 @@ enum Ack {
 /// acknowledgement in order; a publish that failed or was never acknowledged is retried on
 /// its own (ids make a repeat a duplicate) before anything after it is yielded. `validate`:
 /// whether messages still need [`Message::validate`] (a batch is checked before it starts).
-pub(super) fn publish(backbone: JetStreamBackbone, messages: Outgoing, validate: bool) -> AckStream {
-    let state = Pipeline {
+pub(super) fn publish<'a>(backbone: JetStreamBackbone, messages: Outgoing<'a>, validate: bool) -> AckStream<'a> {
+    // Boxed: the stream moves its state in and out of each step; a pointer is cheap to move.
+    let state = Box::new(Pipeline {
         backbone: Arc::new(backbone),
         validate,
         refused: None,
         input: Some(messages),
         inflight: VecDeque::new(),
         failing_since: None,
-    };
+    });
     Box::pin(until_error(futures::stream::unfold(state, |mut p| async move {
         let next = p.next().await?;
         Some((next, p))
     })))
 }
 
-struct Pipeline {
+struct Pipeline<'a> {
     backbone: Arc<JetStreamBackbone>,
     /// `None` once the producer's stream ended.
-    input: Option<Outgoing>,
+    input: Option<Outgoing<'a>>,
     validate: bool,
     /// An invalid message read from the producer: yielded once everything before it is
     /// acknowledged.
@@ -71,7 +72,7 @@ struct Pipeline {
     failing_since: Option<Instant>,
 }
 
-impl Pipeline {
+impl Pipeline<'_> {
     /// The next acknowledgement (or error); `None` when every message is acknowledged.
     async fn next(&mut self) -> Option<Result<PublishAck>> {
         loop {

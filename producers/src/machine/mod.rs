@@ -14,14 +14,15 @@
 //! because the site is unreachable.
 //!
 //! ```no_run
-//! # async fn example(emitter: std::sync::Arc<chorus_producers::Emitter>) -> Result<(), Box<dyn std::error::Error>> {
+//! # async fn example(emitter: std::sync::Arc<chorus_platform::Emitter>) -> Result<(), Box<dyn std::error::Error>> {
 //! use chorus_producers::machine::{Machine, Manifest};
+//! use chorus_runtime::service::{Service, Shutdown};
 //!
 //! let dir = std::path::PathBuf::from("/etc/chorus/machines/hvac");
 //! let manifest = Manifest::load(&dir)?;
-//! let machine = Machine::start(manifest, "node1.example.net", dir, emitter)?;
+//! let mut machine = Machine::start(manifest, "node1.example.net", dir, emitter, Shutdown::new())?;
 //! println!("HVAC is {}", machine.state());
-//! machine.stop().await;
+//! machine.stop().await?;
 //! # Ok(()) }
 //! ```
 

@@ -191,6 +191,23 @@ impl Event {
     }
 
     /// The CloudEvents `data` document, with `protocol` set to the canonical type.
+    /// Writes the document as [`Event::to_data`] makes it, without building the JSON tree
+    /// when the document already carries the protocol it goes out under (every event made
+    /// here does): the struct's own fields in order are then exactly the tree's.
+    pub(super) fn serialize_data<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::Serialize;
+        let protocol = self.event_type();
+        match self {
+            Event::Lifecycle(l) if l.protocol_field() == protocol => l.serialize_document(s),
+            Event::Transition(t) if t.protocol == protocol => t.serialize(s),
+            Event::Watcher(w) if w.protocol == protocol => w.serialize(s),
+            Event::RpcRequest(r) if r.protocol == protocol => r.serialize(s),
+            Event::RpcReply(r) if r.protocol == protocol => r.serialize(s),
+            Event::Audit(a) if a.protocol == protocol => a.serialize(s),
+            _ => self.to_data().serialize(s),
+        }
+    }
+
     pub(super) fn to_data(&self) -> Value {
         let value = match self {
             Event::Lifecycle(l) => Ok(l.to_value()),

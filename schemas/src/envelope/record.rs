@@ -142,7 +142,7 @@ impl EventRecord {
         // times the work on every event a producer stores); `encoded_through_the_sdk` in the
         // tests is the reference it must match byte for byte.
         let mut out = Vec::with_capacity(512);
-        let wire = Wire { record: self, data: self.data.to_data() };
+        let wire = Wire { record: self };
         serde_json::to_writer(&mut out, &wire).expect("a JSON document always serializes");
         out
     }
@@ -215,7 +215,15 @@ impl TryFrom<cloudevents::Event> for EventRecord {
 /// same record always gives the same bytes.
 struct Wire<'a> {
     record: &'a EventRecord,
-    data: Value,
+}
+
+/// The `data` of a record, written straight from the typed document.
+struct Data<'a>(&'a Event);
+
+impl serde::Serialize for Data<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize_data(serializer)
+    }
 }
 
 impl serde::Serialize for Wire<'_> {
@@ -230,7 +238,7 @@ impl serde::Serialize for Wire<'_> {
         map.serialize_entry("datacontenttype", CONTENT_TYPE)?;
         map.serialize_entry("subject", &r.subject)?;
         map.serialize_entry("time", &r.time)?;
-        map.serialize_entry("data", &self.data)?;
+        map.serialize_entry("data", &Data(&r.data))?;
         if r.seq != 0 {
             // CloudEvents integers are JSON numbers held as i64; the (never expected) top half
             // of u64 goes out as a decimal string, which decode accepts.
