@@ -16,7 +16,7 @@
 //! (measured in docs/CONSUMERS.md).
 
 use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasher, RandomState};
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
 
 use chorus_schemas::EventRecord;
 
@@ -37,7 +37,7 @@ pub(super) struct Identities {
     window: u64,
     keys: [RandomState; 3],
     /// Identity → (sequence where it was applied, payload digest).
-    by_identity: HashMap<u128, (u64, u64)>,
+    by_identity: HashMap<u128, (u64, u64), BuildHasherDefault<AlreadyHashed>>,
     /// In sequence order, to forget what falls out of the window.
     order: VecDeque<(u64, u128)>,
 }
@@ -48,7 +48,7 @@ impl Identities {
         Identities {
             window,
             keys: [RandomState::new(), RandomState::new(), RandomState::new()],
-            by_identity: HashMap::new(),
+            by_identity: HashMap::default(),
             order: VecDeque::new(),
         }
     }
@@ -107,6 +107,31 @@ impl Identities {
     #[cfg(test)]
     pub(super) fn len(&self) -> usize {
         self.by_identity.len()
+    }
+}
+
+/// The map's hasher: its keys are already keyed hashes (secret per process), so they are
+/// used as they are instead of being hashed a second time on every lookup, insert and
+/// removal (a sixth of a projector's CPU went to hashing before).
+#[derive(Default)]
+struct AlreadyHashed(u64);
+
+impl Hasher for AlreadyHashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `u128` keys reach this map; fold anything else in, should it ever.
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 = self.0.rotate_left(5) ^ u64::from_le_bytes(word);
+        }
+    }
+
+    fn write_u128(&mut self, key: u128) {
+        self.0 = (key as u64) ^ ((key >> 64) as u64);
     }
 }
 
