@@ -4,6 +4,7 @@
 //! private nats-servers, and `chorus` does not.
 
 mod backbone;
+mod fanin;
 mod react;
 mod replicate;
 mod rpc;

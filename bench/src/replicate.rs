@@ -49,6 +49,10 @@ pub struct Args {
     /// Only this copier (rewrite, plain, mirror, pipelined), e.g. to profile it; no ratios.
     #[arg(long)]
     only: Option<String>,
+    /// Fan-in instead: this many sites (each over its own leafnode) copied into one hub
+    /// stream at once, the replicator against native sources; `--events` events each.
+    #[arg(long)]
+    sites: Option<usize>,
 }
 
 const SOURCE: &str = "BENCH_SRC";
@@ -98,6 +102,9 @@ struct Bench {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(sites) = args.sites {
+        return super::fanin::run(sites, args.events, args.rounds).await;
+    }
     let sites = chorus_testkit::nats::LeafnodeSites::start_named(&["site".into()], &["bench.>"])
         .context("starting hub and site")?;
     sites.wait_connected(Duration::from_secs(10))?;
