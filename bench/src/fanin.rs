@@ -117,10 +117,7 @@ pub async fn run(sites: usize, per_site: usize, rounds: usize) -> anyhow::Result
         let cpu = run.cpu.per_event(total).iter().map(|c| format!("{c:.1}")).collect::<Vec<_>>();
         println!("| {} | {} | {rate:.0} | {:.2} | {} |", kind.name(), each.join(" | "), rate / bar, cpu.join(" | "));
     }
-    println!(
-        "\nfan-in total / native sources: **{:.2}** (goal ≥ 0.8)",
-        super::rate(total, medians[0].took) / bar
-    );
+    println!("\nfan-in total / native sources: **{:.2}** (goal ≥ 0.8)", super::rate(total, medians[0].took) / bar);
     Ok(())
 }
 
@@ -165,7 +162,9 @@ async fn fan_in(
                     ..Default::default()
                 })
                 .collect();
-            hub_js.create_stream(stream::Config { name: target.clone(), sources: Some(sources), ..Default::default() }).await?;
+            hub_js
+                .create_stream(stream::Config { name: target.clone(), sources: Some(sources), ..Default::default() })
+                .await?;
         }
     }
     let per_site_done = wait_each(&hub_js, &target, sites.len(), per_site as u64, started).await?;

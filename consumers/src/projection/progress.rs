@@ -159,6 +159,8 @@ pub struct RunStats {
     pub conflicts: u64,
     /// The view's checkpoint at the end.
     pub checkpoint: u64,
+    /// Whether reading moved to its own task because applying cost more (see the projector).
+    pub read_ahead: bool,
 }
 
 /// Commits not yet reported, merged.

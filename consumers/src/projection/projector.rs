@@ -282,9 +282,11 @@ impl<V: View> Projector<V> {
         };
         let replay = self.backbone.replay(&self.stream, options).await?;
         let max_batch = self.options.max_batch.max(1);
-        // Reading and decoding run on their own task, ahead of applying and committing: the
-        // two overlap (on two cores, in parallel), and whatever arrives during a commit makes
-        // the next batch, so batches grow exactly when commits are the bottleneck.
+        // Reading and decoding start on this task, interleaved with applying and committing
+        // (handing events to another thread costs more than it gains for a view that does
+        // little per event). Once applying is seen to cost more than reading, the reader
+        // moves to its own task and the two overlap; whatever arrives during a commit then
+        // makes the next batch, so batches grow exactly when commits are the bottleneck.
         let group = max_batch.min(READ_GROUP);
         let groups_per_batch = (max_batch / group).max(1);
         let (tx, mut rx) = tokio::sync::mpsc::channel(groups_per_batch * 2);
@@ -293,7 +295,8 @@ impl<V: View> Projector<V> {
             max_skew: chrono::Duration::from_std(self.options.max_clock_skew).unwrap_or(chrono::Duration::MAX),
             progress: self.progress.clone(),
         };
-        let reader = AbortOnDrop(tokio::spawn(read_and_decode(replay, self.checkpoint, group, decode, tx)));
+        let mut reader = Reader::Inline(Some(Box::pin(read_and_decode(replay, self.checkpoint, group, decode, tx))));
+        let mut costs = Costs::default();
         let mut stats = RunStats { checkpoint: self.checkpoint, ..Default::default() };
         let mut tick = tokio::time::interval(self.options.stream_info_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -304,6 +307,7 @@ impl<V: View> Projector<V> {
             tokio::select! {
                 biased;
                 _ = &mut shutdown => break Ok(()),
+                _ = reader.poll_inline(&mut costs), if reader.is_inline() => {}
                 done = flusher.wait(), if flusher.busy() => {
                     if let Err(e) = done {
                         break Err(e);
@@ -316,7 +320,15 @@ impl<V: View> Projector<V> {
                         break Ok(());
                     }
                     let items = groups.drain(..).flatten();
+                    let started = std::time::Instant::now();
                     let outcome = self.apply_batch(items, &mut stats).await;
+                    costs.applying += started.elapsed();
+                    costs.applied += n as u64;
+                    if reader.is_inline() && costs.apply_costs_more() {
+                        tracing::debug!(view = self.view.name(), "applying costs more than reading: reading ahead on another task");
+                        reader.read_ahead();
+                        stats.read_ahead = true;
+                    }
                     if let Some(committed) = outcome.committed {
                         if self.options.flush {
                             flusher.add(committed);
@@ -338,6 +350,7 @@ impl<V: View> Projector<V> {
                 }
             }
         };
+
         drop(reader);
         // Whatever was committed is flushed before returning, error or not.
         let flushed = flusher.finish(&self.state, &self.progress).await;
@@ -523,6 +536,70 @@ async fn read_and_decode(
         if tx.send(items).await.is_err() || failed {
             return;
         }
+    }
+}
+
+/// Where the reader runs: on the projector's task, polled beside applying, or on its own.
+enum Reader {
+    /// Polled in the projector's loop (`None` once it finished).
+    Inline(Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>>),
+    /// On its own task; aborted when the projector stops.
+    Ahead { _task: AbortOnDrop },
+}
+
+impl Reader {
+    fn is_inline(&self) -> bool {
+        matches!(self, Reader::Inline(Some(_)))
+    }
+
+    /// Polls the inline reader once (it reads and decodes what is ready, until the channel is
+    /// full), timing it; completes when the reader has nothing more to do now.
+    async fn poll_inline(&mut self, costs: &mut Costs) {
+        let Reader::Inline(slot) = self else { return std::future::pending().await };
+        let Some(reader) = slot.as_mut() else { return std::future::pending().await };
+        std::future::poll_fn(|cx| {
+            let started = std::time::Instant::now();
+            let polled = reader.as_mut().poll(cx);
+            costs.reading += started.elapsed();
+            polled
+        })
+        .await;
+        *slot = None;
+    }
+
+    /// Moves the reader onto its own task.
+    fn read_ahead(&mut self) {
+        if let Reader::Inline(slot) = self {
+            if let Some(reader) = slot.take() {
+                *self = Reader::Ahead { _task: AbortOnDrop(tokio::spawn(reader)) };
+            }
+        }
+    }
+}
+
+/// Time spent reading (inline) and applying over the first groups, to decide once whether
+/// reading ahead pays.
+#[derive(Default)]
+struct Costs {
+    reading: std::time::Duration,
+    applying: std::time::Duration,
+    /// Groups applied so far.
+    applied: u64,
+    decided: bool,
+}
+
+impl Costs {
+    /// Groups measured before deciding: past the first commits (slower: the store warms
+    /// up), enough to average out one slow commit.
+    const SAMPLE: u64 = 32;
+
+    /// True once, when the sample is complete and applying cost more than reading.
+    fn apply_costs_more(&mut self) -> bool {
+        if self.decided || self.applied < Self::SAMPLE {
+            return false;
+        }
+        self.decided = true;
+        self.applying > self.reading
     }
 }
 

@@ -340,3 +340,59 @@ async fn an_event_from_the_future_is_applied_at_its_store_time() {
     assert!(latest <= chrono::Utc::now(), "the future event was applied at its store time: {latest}");
     assert_eq!(p.progress().snapshot().clock_skewed, 1);
 }
+
+/// Applies nothing.
+struct Noop;
+
+impl View for Noop {
+    fn name(&self) -> &str {
+        "noop"
+    }
+    fn apply(&mut self, _: u64, _: &EventRecord, _: &mut Txn<'_>) -> Result<(), ViewError> {
+        Ok(())
+    }
+}
+
+/// Counting, slowly: applying costs more than reading.
+struct SlowCounting;
+
+impl View for SlowCounting {
+    fn name(&self) -> &str {
+        "slow_counting"
+    }
+    fn apply(&mut self, seq: u64, record: &EventRecord, txn: &mut Txn<'_>) -> Result<(), ViewError> {
+        // Busy work (no clock involved): far more than decoding an event costs.
+        let mut x = seq;
+        for _ in 0..10_000 {
+            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+        }
+        std::hint::black_box(x);
+        Counting.apply(seq, record, txn)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_moves_to_its_own_task_only_when_applying_costs_more() {
+    let (_dir, b) = backbone().await;
+    // Enough groups of events (256 each) for the projector to measure both before deciding.
+    let events = 10_000;
+    b.publish_batch((0..events).map(event).collect()).await.unwrap();
+    let options = ProjectorOptions { max_batch: 2_000, remember_events: 0, ..Default::default() };
+    let store = Store::temporary().unwrap();
+    let mut light = Projector::new(b.clone(), "CHORUS_LIFECYCLE", &store, Noop).unwrap().with_options(options.clone());
+    let light_stats = light.catch_up().await.unwrap();
+    let mut slow =
+        Projector::new(b.clone(), "CHORUS_LIFECYCLE", &store, SlowCounting).unwrap().with_options(options.clone());
+    let slow_stats = slow.catch_up().await.unwrap();
+    assert!(!light_stats.read_ahead, "a view that does nothing reads on the projector's task");
+    assert!(slow_stats.read_ahead, "a costly view reads ahead, on a task of its own");
+    // Either way every event is applied once.
+    for stats in [&light_stats, &slow_stats] {
+        assert_eq!((stats.applied, stats.checkpoint), (events as u64, events as u64));
+    }
+    let state = store.state("slow_counting").unwrap();
+    for i in 0..7 {
+        let n: u64 = state.get_json(format!("node/n{i}").as_bytes()).unwrap().unwrap();
+        assert_eq!(n, (0..events).filter(|j| j % 7 == i).count() as u64, "n{i}");
+    }
+}
