@@ -156,15 +156,16 @@ pub trait Consumer: Send {
     async fn pending(&mut self) -> Result<u64>;
 }
 
-/// `stream` up to and including its first error.
+/// `stream` up to and including its first error; nothing after it is polled.
 pub(crate) fn until_error<'a, T: Send + 'a>(
     stream: impl Stream<Item = Result<T>> + Send + 'a,
 ) -> impl Stream<Item = Result<T>> + Send + 'a {
-    stream.scan(false, |failed, item| {
-        let out = (!*failed).then(|| {
-            *failed = item.is_err();
-            item
-        });
-        futures::future::ready(out)
+    futures::stream::unfold((Box::pin(stream), false), |(mut stream, failed)| async move {
+        if failed {
+            return None;
+        }
+        let item = stream.next().await?;
+        let failed = item.is_err();
+        Some((item, (stream, failed)))
     })
 }

@@ -93,14 +93,7 @@ pub async fn run(sites: usize, per_site: usize, rounds: usize) -> anyhow::Result
             runs[at].push(run);
         }
     }
-    let medians: Vec<&Run> = runs
-        .iter()
-        .map(|r| {
-            let mut sorted: Vec<&Run> = r.iter().collect();
-            sorted.sort_by_key(|r| r.took);
-            sorted[sorted.len() / 2]
-        })
-        .collect();
+    let medians = super::median_runs(&runs, |r: &Run| r.took);
     let total = per_site * sites;
     let bar = super::rate(total, medians[1].took);
     let names = meter.names();

@@ -127,6 +127,17 @@ pub struct Sample {
     pub cpu: CpuReading,
 }
 
+/// The median of each copier's rounds by `took` (the upper one of an even count).
+pub fn median_runs<'a, T>(runs: &'a [Vec<T>], took: impl Fn(&T) -> Duration) -> Vec<&'a T> {
+    runs.iter()
+        .map(|r| {
+            let mut sorted: Vec<&T> = r.iter().collect();
+            sorted.sort_by_key(|r| took(r));
+            sorted[sorted.len() / 2]
+        })
+        .collect()
+}
+
 /// The median of interleaved rounds by wall time, with that round's CPU.
 pub fn median_sample(mut v: Vec<Sample>) -> Sample {
     v.sort_by_key(|s| s.took);

@@ -154,14 +154,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let slow = bench.one_at_a_time(args.one_at_a_time.min(args.events)).await?;
 
     // The median round of each copier (by wall time), with that round's CPU.
-    let medians: Vec<&Run> = runs
-        .iter()
-        .map(|r| {
-            let mut sorted: Vec<&Run> = r.iter().collect();
-            sorted.sort_by_key(|r| r.took);
-            sorted[sorted.len() / 2]
-        })
-        .collect();
+    let medians = super::median_runs(&runs, |r: &Run| r.took);
     let rate_of =
         |kind: Kind| super::rate(args.events, medians[Kind::ALL.iter().position(|k| *k == kind).unwrap()].took);
     let mirror = rate_of(Kind::Mirror);

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Instant;
 
-use async_nats::jetstream::context::PublishError;
-use futures::StreamExt;
+use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+use futures::{FutureExt, StreamExt};
 
 use super::{publish_of, to_ack, JetStreamBackbone};
 use crate::backbone::{until_error, AckStream, Outgoing};
@@ -34,7 +34,13 @@ struct InFlight {
 enum Ack {
     Sent(async_nats::jetstream::context::PublishAckFuture),
     Awaited(AckFuture),
+    /// Taken while an older publish failed (see [`Pipeline::settle`]).
+    Arrived(PublishAck),
 }
+
+/// How the oldest publish ended: its acknowledgement, or a failure (`true` when it timed
+/// out: the server is likely lost) to retry.
+type Outcome = std::result::Result<PublishAck, bool>;
 
 /// Publishes `messages` keeping up to the backbone's window in flight, yielding each
 /// acknowledgement in order; a publish that failed or was never acknowledged is retried on
@@ -65,7 +71,7 @@ struct Pipeline<'a> {
     /// acknowledged.
     refused: Option<crate::BackboneError>,
     /// Publishes in the order sent: acknowledgements are yielded in this order, so only the
-    /// oldest is waited on (the others' timeouts run meanwhile).
+    /// oldest is waited on (and only its timeout runs).
     inflight: VecDeque<InFlight>,
     /// When publishes started failing: the retries of a window lost with a server share one
     /// `retry_for` budget, so a dead server costs one timeout, not one per message.
@@ -117,19 +123,27 @@ impl Pipeline<'_> {
     }
 
     /// The oldest publish's acknowledgement (from [`oldest`]), or its retry.
-    async fn settle(&mut self, ack: Option<PublishAck>) -> Result<PublishAck> {
+    async fn settle(&mut self, outcome: Outcome) -> Result<PublishAck> {
         let m = self.inflight.pop_front().expect("settled the oldest publish").message;
-        match ack {
-            Some(ack) => {
+        match outcome {
+            Ok(ack) => {
                 self.failing_since = None;
                 Ok(ack)
             }
-            None => {
-                // The server was lost or refused: the publishes after this one are retried
-                // one by one too (each waiting for its own timeout in turn would cost one
-                // timeout per message of the window); a stored one answers as a duplicate.
-                for later in &mut self.inflight {
-                    later.ack = None;
+            Err(timed_out) => {
+                if timed_out {
+                    // The server did not answer for a whole timeout: it is likely lost, and
+                    // waiting for each later acknowledgement's own timeout in turn would cost
+                    // one timeout per message of the window. The acknowledgements that have
+                    // arrived are kept; the rest are retried one by one (a stored message
+                    // answers as a duplicate).
+                    for later in &mut self.inflight {
+                        later.ack = match later.ack.take() {
+                            Some(Ack::Sent(sent)) => arrived(sent.into_future()),
+                            Some(Ack::Awaited(ack)) => arrived(ack),
+                            kept => kept,
+                        };
+                    }
                 }
                 let since = *self.failing_since.get_or_insert_with(Instant::now);
                 let ack = self.backbone.publish_retrying(&m, since).await?;
@@ -140,21 +154,31 @@ impl Pipeline<'_> {
     }
 }
 
-/// Waits for the oldest publish's acknowledgement (`None` inside when it failed or was never
-/// sent) without removing it; `None` when nothing is in flight. Cancel-safe.
-fn oldest(inflight: &mut VecDeque<InFlight>) -> impl Future<Output = Option<Option<PublishAck>>> + '_ {
+/// Waits for how the oldest publish ended, without removing it; `None` when nothing is in
+/// flight. Cancel-safe.
+fn oldest(inflight: &mut VecDeque<InFlight>) -> impl Future<Output = Option<Outcome>> + '_ {
     std::future::poll_fn(move |cx| {
         let Some(front) = inflight.front_mut() else { return Poll::Ready(None) };
         loop {
             match front.ack.take() {
-                None => return Poll::Ready(Some(None)),
+                None => return Poll::Ready(Some(Err(false))),
+                Some(Ack::Arrived(ack)) => return Poll::Ready(Some(Ok(ack))),
                 Some(Ack::Sent(sent)) => front.ack = Some(Ack::Awaited(sent.into_future())),
                 Some(Ack::Awaited(mut ack)) => {
                     let polled = ack.as_mut().poll(cx);
                     front.ack = Some(Ack::Awaited(ack));
-                    return polled.map(|r| Some(r.ok().map(to_ack)));
+                    return polled.map(|r| Some(r.map(to_ack).map_err(|e| e.kind() == PublishErrorKind::TimedOut)));
                 }
             }
         }
     })
+}
+
+/// The acknowledgement if it has already arrived (polled once, without waiting); `None` (to
+/// retry) otherwise.
+fn arrived(mut ack: AckFuture) -> Option<Ack> {
+    match ack.as_mut().now_or_never() {
+        Some(Ok(ack)) => Some(Ack::Arrived(to_ack(ack))),
+        _ => None,
+    }
 }

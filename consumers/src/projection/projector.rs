@@ -324,7 +324,8 @@ impl<V: View> Projector<V> {
                     let outcome = self.apply_batch(items, &mut stats).await;
                     costs.applying += started.elapsed();
                     costs.applied += n as u64;
-                    if reader.is_inline() && costs.apply_costs_more() {
+                    costs.batches += 1;
+                    if reader.is_inline() && costs.apply_costs_more(rx.len() as u64) {
                         tracing::debug!(view = self.view.name(), "applying costs more than reading: reading ahead on another task");
                         reader.read_ahead();
                         stats.read_ahead = true;
@@ -585,21 +586,27 @@ struct Costs {
     applying: std::time::Duration,
     /// Groups applied so far.
     applied: u64,
+    /// Batches applied so far.
+    batches: u64,
     decided: bool,
 }
 
 impl Costs {
-    /// Groups measured before deciding: past the first commits (slower: the store warms
-    /// up), enough to average out one slow commit.
+    /// Groups and batches measured before deciding: past the first commits (slower: the
+    /// store warms up), enough to average out one slow commit.
     const SAMPLE: u64 = 32;
+    const SAMPLE_BATCHES: u64 = 4;
 
-    /// True once, when the sample is complete and applying cost more than reading.
-    fn apply_costs_more(&mut self) -> bool {
-        if self.decided || self.applied < Self::SAMPLE {
+    /// True once, when the sample is complete and applying a group cost more than reading
+    /// one. `queued`: groups read but not yet applied (the reader runs ahead by a channel).
+    fn apply_costs_more(&mut self, queued: u64) -> bool {
+        if self.decided || self.applied < Self::SAMPLE || self.batches < Self::SAMPLE_BATCHES {
             return false;
         }
         self.decided = true;
-        self.applying > self.reading
+        let read = self.applied + queued;
+        // applying / applied > reading / read, without dividing.
+        self.applying.as_nanos() * u128::from(read) > self.reading.as_nanos() * u128::from(self.applied)
     }
 }
 

@@ -375,7 +375,7 @@ impl View for SlowCounting {
 async fn reading_moves_to_its_own_task_only_when_applying_costs_more() {
     let (_dir, b) = backbone().await;
     // Enough groups of events (256 each) for the projector to measure both before deciding.
-    let events = 10_000;
+    let events = 20_000;
     b.publish_batch((0..events).map(event).collect()).await.unwrap();
     let options = ProjectorOptions { max_batch: 2_000, remember_events: 0, ..Default::default() };
     let store = Store::temporary().unwrap();
