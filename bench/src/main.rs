@@ -128,7 +128,7 @@ pub struct Sample {
 }
 
 /// The median of each copier's rounds by `took` (the upper one of an even count).
-pub fn median_runs<'a, T>(runs: &'a [Vec<T>], took: impl Fn(&T) -> Duration) -> Vec<&'a T> {
+pub fn median_runs<T>(runs: &[Vec<T>], took: impl Fn(&T) -> Duration) -> Vec<&T> {
     runs.iter()
         .map(|r| {
             let mut sorted: Vec<&T> = r.iter().collect();
