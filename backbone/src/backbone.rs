@@ -108,10 +108,12 @@ pub trait Backbone: Send + Sync + 'static {
         let batches = messages.ready_chunks(STREAM_CHUNK).then(move |mut batch| {
             let backbone = self.clone();
             async move {
-                let invalid = batch.iter().position(|m| m.validate().is_err());
-                let refused = invalid.map(|i| batch.drain(i..).next().and_then(|m| m.validate().err()));
+                let refused = batch.iter().enumerate().find_map(|(i, m)| m.validate().err().map(|e| (i, e)));
+                if let Some((i, _)) = refused {
+                    batch.truncate(i);
+                }
                 let acks = if batch.is_empty() { Ok(Vec::new()) } else { backbone.publish_batch(batch).await };
-                (acks, refused.flatten())
+                (acks, refused.map(|(_, e)| e))
             }
         });
         let acks = batches.flat_map(|(acks, refused)| {

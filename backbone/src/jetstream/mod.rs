@@ -441,7 +441,8 @@ impl Backbone for JetStreamBackbone {
             m.validate()?;
         }
         let n = messages.len();
-        let mut acks = pipeline::publish(self.clone(), Box::pin(futures::stream::iter(messages)), false);
+        let mut acks =
+            pipeline::publish(std::sync::Arc::new(self.clone()), Box::pin(futures::stream::iter(messages)), false);
         let mut out = Vec::with_capacity(n);
         while let Some(ack) = acks.next().await {
             out.push(ack?);
@@ -450,7 +451,7 @@ impl Backbone for JetStreamBackbone {
     }
 
     fn publish_stream<'a>(self: std::sync::Arc<Self>, messages: crate::Outgoing<'a>) -> crate::AckStream<'a> {
-        pipeline::publish((*self).clone(), messages, true)
+        pipeline::publish(self, messages, true)
     }
 
     async fn consumer(&self, stream: &str, config: &ConsumerConfig) -> Result<Box<dyn Consumer>> {

@@ -46,10 +46,10 @@ type Outcome = std::result::Result<PublishAck, bool>;
 /// acknowledgement in order; a publish that failed or was never acknowledged is retried on
 /// its own (ids make a repeat a duplicate) before anything after it is yielded. `validate`:
 /// whether messages still need [`Message::validate`] (a batch is checked before it starts).
-pub(super) fn publish<'a>(backbone: JetStreamBackbone, messages: Outgoing<'a>, validate: bool) -> AckStream<'a> {
+pub(super) fn publish<'a>(backbone: Arc<JetStreamBackbone>, messages: Outgoing<'a>, validate: bool) -> AckStream<'a> {
     // Boxed: the stream moves its state in and out of each step; a pointer is cheap to move.
     let state = Box::new(Pipeline {
-        backbone: Arc::new(backbone),
+        backbone,
         validate,
         refused: None,
         input: Some(messages),

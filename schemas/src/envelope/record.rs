@@ -104,11 +104,9 @@ impl EventRecord {
             .time(self.time)
             .data(CONTENT_TYPE, self.data.to_data());
         if self.seq != 0 {
-            // CloudEvents integers are JSON numbers; the SDK holds them as i64, so the (never
-            // expected) top half of u64 goes out as a decimal string, which decode accepts.
-            builder = match i64::try_from(self.seq) {
+            builder = match wire_seq(self.seq) {
                 Ok(seq) => builder.extension(SEQ, seq),
-                Err(_) => builder.extension(SEQ, self.seq.to_string()),
+                Err(seq) => builder.extension(SEQ, seq),
             };
         }
         if let Some(site) = &self.site {
@@ -210,6 +208,12 @@ impl TryFrom<cloudevents::Event> for EventRecord {
     }
 }
 
+/// The `seq` extension as it goes out: CloudEvents integers are JSON numbers held as i64, so
+/// the (never expected) top half of u64 goes out as a decimal string, which decode accepts.
+fn wire_seq(seq: u64) -> Result<i64, String> {
+    i64::try_from(seq).map_err(|_| seq.to_string())
+}
+
 /// The encoded form of a record: the CloudEvents core attributes in the SDK's order, `data`,
 /// then the extensions sorted by name (`seq`, `sig`, `sigcred`, `sigkey`, `site`), so the
 /// same record always gives the same bytes.
@@ -240,11 +244,9 @@ impl serde::Serialize for Wire<'_> {
         map.serialize_entry("time", &r.time)?;
         map.serialize_entry("data", &Data(&r.data))?;
         if r.seq != 0 {
-            // CloudEvents integers are JSON numbers held as i64; the (never expected) top half
-            // of u64 goes out as a decimal string, which decode accepts.
-            match i64::try_from(r.seq) {
+            match wire_seq(r.seq) {
                 Ok(seq) => map.serialize_entry(SEQ, &seq)?,
-                Err(_) => map.serialize_entry(SEQ, &r.seq.to_string())?,
+                Err(seq) => map.serialize_entry(SEQ, &seq)?,
             }
         }
         if let Some(signature) = &r.signature {
