@@ -553,8 +553,8 @@ impl Reader {
         matches!(self, Reader::Inline(Some(_)))
     }
 
-    /// Polls the inline reader once (it reads and decodes what is ready, until the channel is
-    /// full), timing it; completes when the reader has nothing more to do now.
+    /// Drives the inline reader (each poll reads and decodes what is ready, until the channel
+    /// is full), timing every poll; completes only when the reader has finished.
     async fn poll_inline(&mut self, costs: &mut Costs) {
         let Reader::Inline(slot) = self else { return std::future::pending().await };
         let Some(reader) = slot.as_mut() else { return std::future::pending().await };
