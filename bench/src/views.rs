@@ -181,13 +181,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let replay = Row::of("chorus backbone replay (read and drop)", n, median_sample(replay), base);
     let decoded = Row::of("chorus backbone replay + decode (no view, no store)", n, median_sample(decoded), base);
     let noop = Row::of(
-        "chorus projection, no-op view (replay, decode, checkpoint commit + flush)",
+        "chorus projection, no-op view (replay, decode, commit, snapshot + flush)",
         n,
         median_sample(noop),
         base,
     );
     let proj = Row::of(
-        "chorus inventory projection (replay, decode, apply, sled commit + flush)",
+        "chorus inventory projection (replay, decode, apply, commit, snapshot + flush)",
         n,
         median_sample(projected),
         base,
@@ -202,10 +202,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         &[raw, replay, decoded, noop, proj],
     );
     println!(
-        "\ninventory projection / raw read-and-drop: **{ratio:.2}** (goal ≥ 0.8, stretch 0.9); {} commits, \
-         {:.0} events per commit on average, reading {}",
+        "\ninventory projection / raw read-and-drop: **{ratio:.2}** (goal ≥ 0.8, stretch 0.9); {} commits \
+         ({:.0} events each on average), {} snapshots, reading {}",
         last_stats.batches,
         n as f64 / last_stats.batches.max(1) as f64,
+        last_stats.snapshots,
         if last_stats.read_ahead { "ahead on its own task" } else { "on the projector's task" }
     );
     println!("no-op view / replay + decode: **{noop_ratio:.2}** (goal ≥ 0.9)");
@@ -237,9 +238,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let proj = Row::of("chorus inventory projection from the embedded store", n, sample, Some(raw.rate()));
         print_table("Inventory projection from the embedded store (sled)", &[raw, proj]);
         println!(
-            "\n{} commits, {:.0} events per commit on average",
+            "\n{} commits ({:.0} events each on average), {} snapshots",
             stats.batches,
-            n as f64 / stats.batches.max(1) as f64
+            n as f64 / stats.batches.max(1) as f64,
+            stats.snapshots
         );
     }
     Ok(())

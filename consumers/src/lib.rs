@@ -1,7 +1,8 @@
 //! Chorus consumers: views built by replaying streams, and sinks that carry events out.
 //!
 //! * [`projection`] — the framework: a view applies events in stream order and stores its
-//!   state together with the last applied stream sequence in one atomic sled batch, so a
+//!   state in memory and snapshots it with the last applied stream sequence in one atomic sled
+//!   batch, so a
 //!   restart resumes exactly where it stopped and a rebuild from sequence 0 gives the same
 //!   state.
 //! * [`inventory`] — nodes with identity, component, version, facts, last seen and status.

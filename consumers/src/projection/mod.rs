@@ -10,11 +10,12 @@
 //!   no I/O of its own and keeps no state outside the store.
 //! * A [`Projector`] replays the view's stream from the checkpoint, applies events in stream
 //!   order in batches, and commits each batch **together with the last applied stream
-//!   sequence** in one atomic sled batch (then flushes). After a crash the store holds some
-//!   prefix of committed batches, state and checkpoint alike, so replaying from
-//!   `checkpoint + 1` applies every event exactly once. Rebuilding ([`Store::reset`] or
-//!   [`Projector::rebuild`]) starts an empty generation from the first sequence and, because
-//!   views are deterministic folds, reaches the same state.
+//!   sequence** to the view's state, held in memory. The state is persisted as snapshots
+//!   (see [`Store`]): the changed part of the state with its checkpoint in one atomic sled
+//!   batch, then flushed. After a crash the store holds the last snapshot, state and
+//!   checkpoint alike, so replaying from `checkpoint + 1` applies every event exactly once.
+//!   Rebuilding ([`Store::reset`] or [`Projector::rebuild`]) starts an empty generation from
+//!   the first sequence and, because views are deterministic folds, reaches the same state.
 //! * Messages that do not decode (or that a view rejects) do not stop the projector: they go to
 //!   the dead-letter stream (`chorus.deadletter.<view>`, see [`chorus_platform::deadletter`]) with the
 //!   reason and their origin, are counted, and the checkpoint moves past them.

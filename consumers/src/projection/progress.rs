@@ -153,6 +153,8 @@ pub struct RunStats {
     pub dead_lettered: u64,
     /// Batches committed.
     pub batches: u64,
+    /// Snapshots written (see [`super::Store`]).
+    pub snapshots: u64,
     /// Events skipped as repeats of an applied event (same source, id and payload).
     pub duplicates: u64,
     /// Events dead-lettered because another payload was applied under their source and id.
@@ -172,4 +174,16 @@ pub(super) struct Committed {
     pub(super) batches: u64,
     pub(super) duplicates: u64,
     pub(super) conflicts: u64,
+}
+
+impl Committed {
+    /// Adds `later`'s counts to these and moves the sequence to its.
+    pub(super) fn merge(&mut self, later: Committed) {
+        self.sequence = later.sequence;
+        self.applied += later.applied;
+        self.dead_lettered += later.dead_lettered;
+        self.batches += later.batches;
+        self.duplicates += later.duplicates;
+        self.conflicts += later.conflicts;
+    }
 }

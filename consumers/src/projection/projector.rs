@@ -1,5 +1,5 @@
-//! The projector: replays a stream into a view, one atomic commit per batch, flushed off the
-//! apply path.
+//! The projector: replays a stream into a view, commits each batch to the view's state and
+//! snapshots it, flushed off the apply path.
 
 use std::future::Future;
 use std::sync::atomic::Ordering;
@@ -14,7 +14,7 @@ use futures::StreamExt;
 
 use super::identity::{Identities, Seen};
 use super::progress::{Committed, Progress, RunStats};
-use super::store::{Store, Txn, ViewState, WriteCache};
+use super::store::{Store, Txn, ViewState};
 use super::{ProjectionError, ViewError};
 
 /// A read model folded from one stream.
@@ -43,21 +43,23 @@ pub trait View: Send + 'static {
 /// Tuning of a [`Projector`].
 #[derive(Clone, Debug)]
 pub struct ProjectorOptions {
-    /// Most events per commit. A batch is whatever has arrived, up to this: large batches
-    /// amortise the commit and flush while catching up; at the head of the stream each event
-    /// is committed as it arrives.
+    /// Most events per commit. A batch is whatever has arrived, up to this; each is committed
+    /// to the view's state in memory, where queries see it at once.
     pub max_batch: usize,
+    /// Longest time committed batches wait for a snapshot (the atomic write of the changed
+    /// state with its checkpoint, see [`Store`]) while more events keep arriving, i.e. while
+    /// catching up. At the head of the stream, whenever nothing more is ready to apply, what
+    /// is committed is snapshotted at once, so each event is durable soon after it arrives.
+    /// A crash loses at most this much work, which the next run re-applies from the
+    /// snapshot's checkpoint.
+    pub snapshot_every: Duration,
     /// How often a following projector refreshes the stream's last sequence for the lag.
     pub stream_info_every: Duration,
-    /// Flush the store to disk after commits: at most one flush is in flight, overlapping the
-    /// next batches, and [`Progress`] reports only flushed sequences. Exactly-once holds
+    /// Flush the store to disk after snapshots: at most one flush is in flight, overlapping
+    /// the next batches, and [`Progress`] reports only flushed sequences. Exactly-once holds
     /// without it (sled recovers a prefix of atomic batches); flushing bounds how much is
     /// re-applied after a power loss and keeps the dead-letter dedupe window meaningful.
     pub flush: bool,
-    /// Most entries the projector keeps in memory of what it wrote, so the view reads its own
-    /// recent writes without a store lookup (about 100-200 bytes each for the inventory); 0
-    /// disables it.
-    pub cache_entries: usize,
     /// When set, only events signed by their node's key under a node credential of a trusted
     /// issuer are applied; unsigned, forged, tampered or misattributed events go to the
     /// dead-letter stream with the reason ([`chorus_schemas::signature::VerifyError::code`]:
@@ -82,9 +84,9 @@ impl Default for ProjectorOptions {
     fn default() -> Self {
         ProjectorOptions {
             max_batch: 2_000,
+            snapshot_every: Duration::from_secs(1),
             stream_info_every: Duration::from_secs(1),
             flush: true,
-            cache_entries: 250_000,
             verifier: None,
             remember_events: 100_000,
             max_clock_skew: Duration::from_secs(300),
@@ -102,9 +104,12 @@ pub struct Projector<V: View> {
     view: V,
     options: ProjectorOptions,
     progress: Arc<Progress>,
+    /// The last sequence whose effects are in the view's state.
     checkpoint: u64,
+    /// Dead letters counted in the view's state.
     dead_letters: u64,
-    cache: WriteCache,
+    /// What was committed since the last snapshot.
+    unsaved: Option<Unsaved>,
     identities: Identities,
     /// Whether `identities` holds what the window before the checkpoint says.
     identities_loaded: bool,
@@ -143,7 +148,7 @@ impl<V: View> Projector<V> {
             options: ProjectorOptions::default(),
             checkpoint,
             dead_letters,
-            cache: WriteCache::new(ProjectorOptions::default().cache_entries),
+            unsaved: None,
             identities: Identities::new(ProjectorOptions::default().remember_events),
             identities_loaded: false,
         })
@@ -151,7 +156,6 @@ impl<V: View> Projector<V> {
 
     /// Replaces the tuning.
     pub fn with_options(mut self, options: ProjectorOptions) -> Self {
-        self.cache = WriteCache::new(options.cache_entries);
         self.identities = Identities::new(options.remember_events);
         self.identities_loaded = false;
         self.options = options;
@@ -165,7 +169,7 @@ impl<V: View> Projector<V> {
         self.state.set_stream(&self.stream)?;
         self.checkpoint = 0;
         self.dead_letters = 0;
-        self.cache = WriteCache::new(self.options.cache_entries);
+        self.unsaved = None;
         self.identities.clear();
         self.identities_loaded = true;
         self.progress = Arc::new(Progress::new(self.view.name(), &self.stream, 0));
@@ -280,6 +284,7 @@ impl<V: View> Projector<V> {
             filter_subjects: self.view.filter_subjects(),
             follow,
         };
+        let filtered = !options.filter_subjects.is_empty();
         let replay = self.backbone.replay(&self.stream, options).await?;
         let max_batch = self.options.max_batch.max(1);
         // Reading and decoding start on this task, interleaved with applying and committing
@@ -321,7 +326,12 @@ impl<V: View> Projector<V> {
                     }
                     let items = groups.drain(..).flatten();
                     let started = std::time::Instant::now();
-                    let outcome = self.apply_batch(items, &mut stats).await;
+                    let applied = self.apply_batch(items, &mut stats).await;
+                    let committed = match applied {
+                        Ok(()) if self.snapshot_due() => self.snapshot(&mut stats),
+                        Ok(()) => Ok(None),
+                        Err(e) => break Err(e),
+                    };
                     costs.applying += started.elapsed();
                     costs.applied += n as u64;
                     costs.batches += 1;
@@ -330,18 +340,9 @@ impl<V: View> Projector<V> {
                         reader.read_ahead();
                         stats.read_ahead = true;
                     }
-                    if let Some(committed) = outcome.committed {
-                        if self.options.flush {
-                            flusher.add(committed);
-                            if !flusher.busy() {
-                                flusher.start(&self.state);
-                            }
-                        } else {
-                            self.progress.committed(committed);
-                        }
-                    }
-                    if let Err(e) = outcome.result {
-                        break Err(e);
+                    match committed {
+                        Ok(committed) => flusher.report(committed, &self.state, &self.progress, self.options.flush),
+                        Err(e) => break Err(e),
                     }
                 }
                 _ = tick.tick(), if follow => {
@@ -349,24 +350,63 @@ impl<V: View> Projector<V> {
                         tracing::warn!(view = self.view.name(), error = %e, "stream info for the lag");
                     }
                 }
+                // Unsaved for long enough (the reader may be stalled), or nothing else is ready
+                // at the head of the stream: snapshot.
+                _ = sleep_until(self.unsaved.as_ref().map(|u| u.due)), if self.unsaved.is_some() => {
+                    match self.snapshot(&mut stats) {
+                        Ok(committed) => flusher.report(committed, &self.state, &self.progress, self.options.flush),
+                        Err(e) => break Err(e),
+                    }
+                }
+                _ = std::future::ready(()), if self.unsaved.is_some() && self.at_head(filtered) => {
+                    match self.snapshot(&mut stats) {
+                        Ok(committed) => flusher.report(committed, &self.state, &self.progress, self.options.flush),
+                        Err(e) => break Err(e),
+                    }
+                }
             }
         };
 
         drop(reader);
-        // Whatever was committed is flushed before returning, error or not.
+        // What was committed is snapshotted (after a failed read or view too: the state holds
+        // exactly the batches before the failure), then flushed, before returning, error or
+        // not.
+        let committed = self.snapshot(&mut stats);
+        if let Ok(committed) = committed {
+            flusher.report(committed, &self.state, &self.progress, self.options.flush);
+        }
         let flushed = flusher.finish(&self.state, &self.progress).await;
         result?;
+        committed?;
         flushed?;
         stats.checkpoint = self.checkpoint;
         Ok(stats)
     }
 
-    /// Applies one batch and commits it with its checkpoint (not yet flushed). On a view or
-    /// backbone failure, what came before the failure in the batch is still committed when
-    /// the failure is a read error, and nothing of the batch when the view failed.
-    async fn apply_batch(&mut self, items: impl Iterator<Item = Item>, stats: &mut RunStats) -> BatchOutcome {
+    /// Whether the unsaved commits are due for a snapshot while more events are ready.
+    fn snapshot_due(&self) -> bool {
+        self.unsaved.as_ref().is_some_and(|u| tokio::time::Instant::now() >= u.due)
+    }
+
+    /// Whether what is applied reaches the end of the stream as last seen, so waiting for the
+    /// reader is waiting for new events, not for the rest of a backlog. A filtered view
+    /// cannot tell (the stream's last message may not be one of its subjects): for it, any
+    /// wait counts.
+    fn at_head(&self, filtered: bool) -> bool {
+        filtered || self.checkpoint >= self.progress.stream_last_sequence.load(Ordering::Acquire)
+    }
+
+    /// Applies one batch and commits it with its checkpoint to the view's state (in memory,
+    /// not yet snapshotted). Dead letters are stored before the checkpoint passes them. When
+    /// reading failed, what came before the failure is committed and the error returned;
+    /// when the view failed or a dead letter could not be stored, nothing of the batch is.
+    async fn apply_batch(
+        &mut self,
+        items: impl Iterator<Item = Item>,
+        stats: &mut RunStats,
+    ) -> Result<(), ProjectionError> {
         let name = self.view.name().to_owned();
-        let mut txn = Txn::new(&self.state, Some(&self.cache), READ_GROUP);
+        let mut txn = Txn::new(&self.state, READ_GROUP);
         let mut letters = Vec::new();
         let mut last = self.checkpoint;
         let (mut applied, mut duplicates, mut conflicts) = (0u64, 0u64, 0u64);
@@ -426,29 +466,19 @@ impl<V: View> Projector<V> {
                     let stream = self.stream.clone();
                     // Nothing of the batch is committed: what it remembered is re-read.
                     self.identities_loaded = false;
-                    return BatchOutcome {
-                        committed: None,
-                        result: Err(ProjectionError::View { view: name, stream, sequence, source }),
-                    };
+                    return Err(ProjectionError::View { view: name, stream, sequence, source });
                 }
             }
             last = message.sequence;
         }
-        let mut committed = None;
         if last > self.checkpoint {
             // Dead letters are stored before the checkpoint passes them (see chorus_platform::deadletter).
-            let dead = letters.len() as u64;
-            let stored = match deadletter::publish(&*self.backbone, &letters).await {
-                Ok(()) => txn.commit(last, self.dead_letters + dead),
-                Err(e) => Err(e.into()),
-            };
-            match stored {
-                Ok(writes) => self.cache.absorb(writes),
-                Err(e) => {
-                    self.identities_loaded = false;
-                    return BatchOutcome { committed: None, result: Err(e) };
-                }
+            if let Err(e) = deadletter::publish(&*self.backbone, &letters).await {
+                self.identities_loaded = false;
+                return Err(e.into());
             }
+            let dead = letters.len() as u64;
+            self.state.commit(txn.into_staged(), last, self.dead_letters + dead);
             self.checkpoint = last;
             self.dead_letters += dead;
             stats.applied += applied;
@@ -456,10 +486,43 @@ impl<V: View> Projector<V> {
             stats.batches += 1;
             stats.duplicates += duplicates;
             stats.conflicts += conflicts;
-            committed =
-                Some(Committed { sequence: last, applied, dead_lettered: dead, batches: 1, duplicates, conflicts });
+            let batch = Committed { sequence: last, applied, dead_lettered: dead, batches: 1, duplicates, conflicts };
+            let now = tokio::time::Instant::now();
+            // An interval too long to add is as good as never.
+            let due = now.checked_add(self.options.snapshot_every).unwrap_or(now + Duration::from_secs(1 << 30));
+            self.unsaved.get_or_insert_with(|| Unsaved { counts: Committed::default(), due }).counts.merge(batch);
         }
-        BatchOutcome { committed, result: failure.map_or(Ok(()), Err) }
+        failure.map_or(Ok(()), Err)
+    }
+
+    /// Snapshots what was committed (not yet flushed), and returns what the snapshot covers.
+    fn snapshot(&mut self, stats: &mut RunStats) -> Result<Option<Committed>, ProjectionError> {
+        let Some(unsaved) = self.unsaved.take() else {
+            return Ok(None);
+        };
+        if let Err(e) = self.state.snapshot() {
+            self.unsaved = Some(unsaved);
+            return Err(e);
+        }
+        stats.snapshots += 1;
+        Ok(Some(unsaved.counts))
+    }
+}
+
+/// Commits not yet in a snapshot.
+struct Unsaved {
+    /// Counts and last sequence of the batches committed.
+    counts: Committed,
+    /// When they must be snapshotted: [`ProjectorOptions::snapshot_every`] after the first
+    /// of them was committed.
+    due: tokio::time::Instant,
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -619,11 +682,6 @@ impl Drop for AbortOnDrop {
     }
 }
 
-struct BatchOutcome {
-    committed: Option<Committed>,
-    result: Result<(), ProjectionError>,
-}
-
 type FlushFuture = std::pin::Pin<Box<dyn Future<Output = Result<(), ProjectionError>> + Send>>;
 
 /// Flushes committed batches with at most one fsync in flight. While one runs, the next
@@ -641,14 +699,18 @@ impl Flusher {
         self.in_flight.is_some()
     }
 
-    fn add(&mut self, c: Committed) {
-        let w = self.waiting.get_or_insert_with(Committed::default);
-        w.sequence = c.sequence;
-        w.applied += c.applied;
-        w.dead_lettered += c.dead_lettered;
-        w.batches += c.batches;
-        w.duplicates += c.duplicates;
-        w.conflicts += c.conflicts;
+    /// Takes a commit: flushed (and then reported) with the ones before it still waiting, or
+    /// reported at once when the projector does not flush.
+    fn report(&mut self, committed: Option<Committed>, state: &ViewState, progress: &Progress, flush: bool) {
+        let Some(c) = committed else { return };
+        if !flush {
+            progress.committed(c);
+            return;
+        }
+        self.waiting.get_or_insert_with(Committed::default).merge(c);
+        if !self.busy() {
+            self.start(state);
+        }
     }
 
     /// Starts flushing what is waiting, if anything.

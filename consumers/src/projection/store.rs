@@ -1,9 +1,22 @@
-//! The view store: views' state and checkpoints in one local database, and the
-//! transaction a batch of events is applied in.
+//! The view store: each view's state in memory, persisted with its checkpoint in one local
+//! database, and the transaction a batch of events is applied in.
+//!
+//! A view's whole state is held in memory and written to the database as *snapshots*: its
+//! keys are spread over [`BUCKETS`] buckets by a fixed hash, and a snapshot rewrites the
+//! buckets changed since the last one, with the checkpoint and dead-letter count, as one
+//! atomic sled batch. Writing each changed key to sled instead cost more than everything
+//! else a projection does (sled copies a leaf node for every key it inserts); a snapshot
+//! costs a few hundred sled writes per commit while catching up, and about one bucket per
+//! event at the head of the stream. After a crash the database holds the last snapshot, a
+//! consistent state with its checkpoint, and the projector replays from there.
+//!
+//! A database written with one sled key per view key (before snapshots) is read as it is and
+//! converted by the next snapshot, which writes every bucket and removes the old keys in the
+//! same batch.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 
 use chorus_runtime::StoreOptions;
 use serde::de::DeserializeOwned;
@@ -21,6 +34,9 @@ use super::{be_u64, ProjectionError, ViewError, CHECKPOINT_KEY, DEAD_LETTERS_KEY
 #[derive(Clone)]
 pub struct Store {
     store: chorus_runtime::Store,
+    /// The views loaded so far (current generation of each), shared by every
+    /// [`Store::state`] call, so queries read the state the projector writes.
+    loaded: Arc<Mutex<HashMap<String, ViewState>>>,
 }
 
 impl Store {
@@ -30,20 +46,24 @@ impl Store {
     /// projector) is waited out by the runtime's store.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, ProjectionError> {
         let options = StoreOptions { high_throughput: true, ..Default::default() };
-        Ok(Store { store: chorus_runtime::Store::open_with(path, &options)? })
+        Ok(Store::wrap(chorus_runtime::Store::open_with(path, &options)?))
     }
 
     /// A store in memory, removed when dropped (tests, benchmarks).
     pub fn temporary() -> Result<Self, ProjectionError> {
-        Ok(Store { store: chorus_runtime::Store::temporary()? })
+        Ok(Store::wrap(chorus_runtime::Store::temporary()?))
     }
 
     /// Wraps an open sled database.
     pub fn from_db(db: sled::Db) -> Self {
-        Store { store: chorus_runtime::Store::from_db(db) }
+        Store::wrap(chorus_runtime::Store::from_db(db))
     }
 
-    fn db(&self) -> &sled::Db {
+    fn wrap(store: chorus_runtime::Store) -> Self {
+        Store { store, loaded: Arc::default() }
+    }
+
+    pub(super) fn db(&self) -> &sled::Db {
         self.store.db()
     }
 
@@ -55,15 +75,29 @@ impl Store {
         format!("chorus/view/{view}/{generation}")
     }
 
-    /// The current state of view `name` (empty, checkpoint 0, when never built).
+    /// The current state of view `name` (empty, checkpoint 0, when never built). The first
+    /// call reads the view's last snapshot into memory; later calls share it.
     pub fn state(&self, name: &str) -> Result<ViewState, ProjectionError> {
+        let mut loaded = self.loaded.lock().expect("view store lock");
+        if let Some(state) = loaded.get(name) {
+            return Ok(state.clone());
+        }
         let generation = be_u64(self.db().get(Self::generation_key(name))?, "view generation")?;
-        self.state_at(name, generation)
+        let tree = self.db().open_tree(Self::tree_name(name, generation))?;
+        let memory = Memory::load(&tree)?;
+        let state = self.state_with(name, generation, tree, memory);
+        loaded.insert(name.to_owned(), state.clone());
+        Ok(state)
     }
 
-    fn state_at(&self, name: &str, generation: u64) -> Result<ViewState, ProjectionError> {
-        let tree = self.db().open_tree(Self::tree_name(name, generation))?;
-        Ok(ViewState { name: name.into(), generation, tree, store: self.store.clone() })
+    fn state_with(&self, name: &str, generation: u64, tree: sled::Tree, memory: Memory) -> ViewState {
+        ViewState {
+            name: name.into(),
+            generation,
+            tree,
+            store: self.store.clone(),
+            memory: Arc::new(RwLock::new(memory)),
+        }
     }
 
     /// Discards view `name`: its state becomes empty with checkpoint 0, so the next projector
@@ -75,7 +109,10 @@ impl Store {
         self.db().insert(Self::generation_key(name), &next.to_be_bytes())?;
         self.store.flush_blocking()?;
         self.db().drop_tree(Self::tree_name(name, old.generation))?;
-        self.state_at(name, next)
+        let tree = self.db().open_tree(Self::tree_name(name, next))?;
+        let state = self.state_with(name, next, tree, Memory::default());
+        self.loaded.lock().expect("view store lock").insert(name.to_owned(), state.clone());
+        Ok(state)
     }
 
     /// Flushes everything to disk (a group commit with other flushes of this store).
@@ -84,8 +121,128 @@ impl Store {
     }
 }
 
-/// Read access to one view's committed state. Cheap to clone and safe to share with query
-/// handlers while a projector writes: each batch becomes visible as it is committed.
+/// How many buckets a view's keys are spread over in its snapshots: enough that the bucket an
+/// event at the head of the stream rewrites stays small (a 100,000-node inventory holds about
+/// 25 nodes per bucket), few enough that a snapshot while catching up is a few thousand sled
+/// writes.
+const BUCKETS: usize = 4096;
+/// Snapshot buckets are stored under this prefix and the bucket number (u16, big-endian).
+const BUCKET_PREFIX: &[u8] = b"\0bucket/";
+
+/// The bucket of `key`: FNV-1a, fixed, since snapshots written by one version are read by
+/// the next (a key found in another bucket is moved at the next snapshot anyway).
+fn bucket_of(key: &[u8]) -> usize {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in key {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    (hash % BUCKETS as u64) as usize
+}
+
+/// A view's state in memory.
+#[derive(Debug)]
+struct Memory {
+    buckets: Vec<BTreeMap<IVec, IVec>>,
+    checkpoint: u64,
+    dead_letters: u64,
+    /// Buckets changed since the last snapshot (flag per bucket, and their numbers).
+    dirty: Vec<bool>,
+    dirty_list: Vec<usize>,
+    /// Keys of the per-key layout still in the tree, removed by the next snapshot.
+    legacy: Vec<IVec>,
+    /// The checkpoint of the last snapshot.
+    saved: u64,
+}
+
+impl Default for Memory {
+    fn default() -> Self {
+        Memory {
+            buckets: vec![BTreeMap::new(); BUCKETS],
+            checkpoint: 0,
+            dead_letters: 0,
+            dirty: vec![false; BUCKETS],
+            dirty_list: Vec::new(),
+            legacy: Vec::new(),
+            saved: 0,
+        }
+    }
+}
+
+impl Memory {
+    fn load(tree: &sled::Tree) -> Result<Self, ProjectionError> {
+        let mut memory = Memory::default();
+        for kv in tree.iter() {
+            let (key, value) = kv?;
+            if let Some(number) = key.strip_prefix(BUCKET_PREFIX) {
+                let number = <[u8; 2]>::try_from(number)
+                    .map(|n| usize::from(u16::from_be_bytes(n)))
+                    .map_err(|_| ProjectionError::Corrupt(format!("snapshot bucket key {key:?}")))?;
+                for (k, v) in decode_bucket(&value)? {
+                    let bucket = bucket_of(&k);
+                    if bucket != number {
+                        memory.touch(bucket);
+                        memory.touch(number % BUCKETS);
+                    }
+                    memory.buckets[bucket].insert(k, v);
+                }
+            } else if key.first() != Some(&RESERVED) {
+                let bucket = bucket_of(&key);
+                memory.touch(bucket);
+                memory.buckets[bucket].insert(key.clone(), value);
+                memory.legacy.push(key);
+            }
+        }
+        memory.checkpoint = be_u64(tree.get(CHECKPOINT_KEY)?, "checkpoint")?;
+        memory.dead_letters = be_u64(tree.get(DEAD_LETTERS_KEY)?, "dead-letter count")?;
+        memory.saved = memory.checkpoint;
+        Ok(memory)
+    }
+
+    fn touch(&mut self, bucket: usize) {
+        if !std::mem::replace(&mut self.dirty[bucket], true) {
+            self.dirty_list.push(bucket);
+        }
+    }
+
+    fn get(&self, key: &[u8]) -> Option<&IVec> {
+        self.buckets[bucket_of(key)].get(key)
+    }
+}
+
+/// A bucket's entries: key length (u32 LE), key, value length (u32 LE), value; repeated.
+fn encode_bucket(bucket: &BTreeMap<IVec, IVec>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bucket.iter().map(|(k, v)| 8 + k.len() + v.len()).sum());
+    for (k, v) in bucket {
+        out.extend_from_slice(&(k.len() as u32).to_le_bytes());
+        out.extend_from_slice(k);
+        out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+        out.extend_from_slice(v);
+    }
+    out
+}
+
+fn decode_bucket(mut bytes: &[u8]) -> Result<Vec<(IVec, IVec)>, ProjectionError> {
+    let corrupt = || ProjectionError::Corrupt("a snapshot bucket is truncated".into());
+    let take = |bytes: &mut &[u8]| -> Result<IVec, ProjectionError> {
+        let (len, rest) = bytes.split_first_chunk::<4>().ok_or_else(corrupt)?;
+        let len = u32::from_le_bytes(*len) as usize;
+        let (value, rest) = rest.split_at_checked(len).ok_or_else(corrupt)?;
+        *bytes = rest;
+        Ok(IVec::from(value))
+    };
+    let mut entries = Vec::new();
+    while !bytes.is_empty() {
+        let key = take(&mut bytes)?;
+        let value = take(&mut bytes)?;
+        entries.push((key, value));
+    }
+    Ok(entries)
+}
+
+/// One view's state, for queries and for its projector. Cheap to clone and safe to share
+/// with query handlers while a projector writes: each batch becomes visible as it is
+/// committed, and every clone from the same [`Store`] sees the same state.
 #[derive(Clone)]
 pub struct ViewState {
     /// The store the view lives in, for its flushes.
@@ -93,6 +250,7 @@ pub struct ViewState {
     name: Arc<str>,
     generation: u64,
     tree: sled::Tree,
+    memory: Arc<RwLock<Memory>>,
 }
 
 impl std::fmt::Debug for ViewState {
@@ -102,6 +260,10 @@ impl std::fmt::Debug for ViewState {
 }
 
 impl ViewState {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Memory> {
+        self.memory.read().expect("view state lock")
+    }
+
     /// The view's name.
     pub fn name(&self) -> &str {
         &self.name
@@ -109,7 +271,7 @@ impl ViewState {
 
     /// The last stream sequence whose effects are in this state (0 = none).
     pub fn checkpoint(&self) -> Result<u64, ProjectionError> {
-        be_u64(self.tree.get(CHECKPOINT_KEY)?, "checkpoint")
+        Ok(self.read().checkpoint)
     }
 
     /// The stream this state was built from (`None` before its first projector, or for a
@@ -131,12 +293,12 @@ impl ViewState {
 
     /// Messages dead-lettered while building this state.
     pub fn dead_letters(&self) -> Result<u64, ProjectionError> {
-        be_u64(self.tree.get(DEAD_LETTERS_KEY)?, "dead-letter count")
+        Ok(self.read().dead_letters)
     }
 
     /// The committed value at `key`.
     pub fn get(&self, key: &[u8]) -> Result<Option<IVec>, ViewError> {
-        Ok(self.tree.get(key)?)
+        Ok(self.read().get(key).cloned())
     }
 
     /// The committed value at `key`, as JSON.
@@ -144,12 +306,23 @@ impl ViewState {
         self.get(key)?.map(|v| from_json(key, &v)).transpose()
     }
 
-    /// Committed entries whose key starts with `prefix`, in key order.
+    /// Committed entries whose key starts with `prefix`, in key order (as of the call).
     pub fn scan_prefix(&self, prefix: &[u8]) -> impl Iterator<Item = Result<(IVec, IVec), ViewError>> + '_ {
-        self.tree
-            .scan_prefix(prefix)
-            .filter(|kv| !matches!(kv, Ok((k, _)) if k.first() == Some(&RESERVED)))
-            .map(|kv| kv.map_err(ViewError::from))
+        let mut entries: Vec<(IVec, IVec)> = {
+            let memory = self.read();
+            memory
+                .buckets
+                .iter()
+                .flat_map(|bucket| {
+                    bucket
+                        .range::<[u8], _>((std::ops::Bound::Included(prefix), std::ops::Bound::Unbounded))
+                        .take_while(|(k, _)| k.starts_with(prefix))
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                })
+                .collect()
+        };
+        entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        entries.into_iter().map(Ok)
     }
 
     /// The JSON values of the committed entries whose key starts with `prefix`, in key order.
@@ -157,10 +330,69 @@ impl ViewState {
         self.scan_prefix(prefix).map(|kv| kv.and_then(|(key, value)| from_json(&key, &value)))
     }
 
-    /// Every entry, framework keys included: two states with equal dumps are the same view at
-    /// the same checkpoint. For tests and rebuild checks.
+    /// Every entry, framework keys (checkpoint, dead letters, stream) included: two states
+    /// with equal dumps are the same view at the same checkpoint. For tests and rebuild
+    /// checks.
     pub fn dump(&self) -> Result<BTreeMap<Vec<u8>, Vec<u8>>, ProjectionError> {
-        self.tree.iter().map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(Into::into)).collect()
+        let mut dump: BTreeMap<Vec<u8>, Vec<u8>> =
+            self.scan_prefix(b"").map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec()))).collect::<Result<_, _>>()?;
+        let (checkpoint, dead_letters) = (self.checkpoint()?, self.dead_letters()?);
+        if checkpoint > 0 {
+            dump.insert(CHECKPOINT_KEY.to_vec(), checkpoint.to_be_bytes().to_vec());
+            dump.insert(DEAD_LETTERS_KEY.to_vec(), dead_letters.to_be_bytes().to_vec());
+        }
+        if let Some(stream) = self.tree.get(STREAM_KEY)? {
+            dump.insert(STREAM_KEY.to_vec(), stream.to_vec());
+        }
+        Ok(dump)
+    }
+
+    /// Applies staged writes and moves the checkpoint, in memory: queries see them at once;
+    /// [`ViewState::snapshot`] makes them durable.
+    pub(super) fn commit(&self, staged: Staged, checkpoint: u64, dead_letters: u64) {
+        let mut memory = self.memory.write().expect("view state lock");
+        for (key, value) in staged {
+            let bucket = bucket_of(&key);
+            memory.touch(bucket);
+            match value {
+                Some(value) => memory.buckets[bucket].insert(key, value),
+                None => memory.buckets[bucket].remove(&key),
+            };
+        }
+        memory.checkpoint = checkpoint;
+        memory.dead_letters = dead_letters;
+    }
+
+    /// Writes the buckets changed since the last snapshot, with the checkpoint, as one atomic
+    /// sled batch (not yet flushed). Returns the checkpoint written, or `None` when the last
+    /// snapshot already holds everything.
+    pub(super) fn snapshot(&self) -> Result<Option<u64>, ProjectionError> {
+        let mut memory = self.memory.write().expect("view state lock");
+        if memory.saved == memory.checkpoint && memory.dirty_list.is_empty() && memory.legacy.is_empty() {
+            return Ok(None);
+        }
+        let mut batch = sled::Batch::default();
+        for key in &memory.legacy {
+            batch.remove(key.clone());
+        }
+        for &bucket in &memory.dirty_list {
+            let mut key = BUCKET_PREFIX.to_vec();
+            key.extend_from_slice(&(bucket as u16).to_be_bytes());
+            match &memory.buckets[bucket] {
+                entries if entries.is_empty() => batch.remove(key),
+                entries => batch.insert(key, encode_bucket(entries)),
+            }
+        }
+        batch.insert(CHECKPOINT_KEY, &memory.checkpoint.to_be_bytes());
+        batch.insert(DEAD_LETTERS_KEY, &memory.dead_letters.to_be_bytes());
+        self.tree.apply_batch(batch)?;
+        let memory = &mut *memory;
+        for bucket in memory.dirty_list.drain(..) {
+            memory.dirty[bucket] = false;
+        }
+        memory.legacy.clear();
+        memory.saved = memory.checkpoint;
+        Ok(Some(memory.saved))
     }
 }
 
@@ -169,44 +401,27 @@ fn from_json<T: DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T, ViewErr
         .map_err(|e| ViewError::Corrupt { key: String::from_utf8_lossy(key).into_owned(), reason: e.to_string() })
 }
 
-/// Values this projector committed, kept in memory so that reading back a key the view wrote
-/// (every alive event reads its node) is a hash lookup instead of a sled tree walk. Only the
-/// projector writes its view, so the cache cannot go stale; it is cleared when it outgrows its
-/// limit.
-#[derive(Debug, Default)]
-pub(super) struct WriteCache {
-    map: HashMap<IVec, Option<IVec>>,
-    limit: usize,
-}
-
-impl WriteCache {
-    pub(super) fn new(limit: usize) -> Self {
-        WriteCache { map: HashMap::new(), limit }
-    }
-
-    pub(super) fn absorb(&mut self, writes: Vec<(IVec, Option<IVec>)>) {
-        if self.map.len() + writes.len() > self.limit {
-            self.map.clear();
-        }
-        if writes.len() <= self.limit {
-            self.map.extend(writes);
-        }
-    }
-}
+/// Writes staged by the projector and not yet committed: the events of one batch, one entry
+/// per key (the latest write wins).
+pub(super) type Staged = HashMap<IVec, Option<IVec>>;
 
 /// The writes of one batch of events, not yet committed. Reads see the batch's own writes
-/// first (two events of one node in one batch build on each other), then the committed state.
-/// Writes to one key within a batch collapse into one, so hot keys cost one store write per
-/// batch.
+/// first (two events of one node in one batch build on each other), then the committed
+/// state. Writes to one key within a batch collapse into one.
 pub struct Txn<'a> {
     state: &'a ViewState,
-    cache: Option<&'a WriteCache>,
-    pending: HashMap<IVec, Option<IVec>>,
+    pending: Staged,
 }
 
 impl<'a> Txn<'a> {
-    pub(super) fn new(state: &'a ViewState, cache: Option<&'a WriteCache>, capacity: usize) -> Self {
-        Txn { state, cache, pending: HashMap::with_capacity(capacity) }
+    /// A transaction over `state`.
+    pub(super) fn new(state: &'a ViewState, capacity: usize) -> Self {
+        Txn { state, pending: Staged::with_capacity(capacity) }
+    }
+
+    /// The staged writes, to commit.
+    pub(super) fn into_staged(self) -> Staged {
+        self.pending
     }
 
     fn check(key: &[u8]) -> Result<(), ViewError> {
@@ -221,12 +436,8 @@ impl<'a> Txn<'a> {
         if let Some(v) = self.pending.get(key) {
             return Ok(v.clone());
         }
-        if let Some(v) = self.cache.and_then(|c| c.map.get(key)) {
-            return Ok(v.clone());
-        }
         self.state.get(key)
     }
-
     /// [`Txn::get`] as JSON.
     pub fn get_json<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, ViewError> {
         self.get(key)?.map(|v| from_json(key, &v)).transpose()
@@ -266,34 +477,13 @@ impl<'a> Txn<'a> {
     /// An empty transaction on `state`, for unit tests of views.
     #[cfg(test)]
     pub(crate) fn for_tests(state: &'a ViewState) -> Self {
-        Txn::new(state, None, 16)
+        Txn::new(state, 16)
     }
 
     /// Commits with checkpoint `checkpoint`, for unit tests of views.
     #[cfg(test)]
     pub(crate) fn commit_for_tests(self, checkpoint: u64) {
-        self.commit(checkpoint, 0).expect("commit");
-    }
-
-    /// Applies the staged writes with the new checkpoint as one atomic sled batch, and returns
-    /// them (for the write cache).
-    pub(super) fn commit(
-        self,
-        checkpoint: u64,
-        dead_letters: u64,
-    ) -> Result<Vec<(IVec, Option<IVec>)>, ProjectionError> {
-        let mut batch = sled::Batch::default();
-        let mut writes = Vec::with_capacity(self.pending.len());
-        for (key, value) in self.pending {
-            match &value {
-                Some(v) => batch.insert(key.clone(), v.clone()),
-                None => batch.remove(key.clone()),
-            }
-            writes.push((key, value));
-        }
-        batch.insert(CHECKPOINT_KEY, &checkpoint.to_be_bytes());
-        batch.insert(DEAD_LETTERS_KEY, &dead_letters.to_be_bytes());
-        self.state.tree.apply_batch(batch)?;
-        Ok(writes)
+        let state = self.state;
+        state.commit(self.pending, checkpoint, 0);
     }
 }

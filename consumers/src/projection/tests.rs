@@ -1,3 +1,4 @@
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::*;
@@ -49,7 +50,7 @@ fn event(i: usize) -> Message {
 fn txn_reads_its_own_writes_and_guards_reserved_keys() {
     let store = Store::temporary().unwrap();
     let state = store.state("v").unwrap();
-    let mut txn = Txn::new(&state, None, 4);
+    let mut txn = Txn::for_tests(&state);
     assert!(txn.get(b"a").unwrap().is_none());
     txn.insert(b"a", &b"1"[..]).unwrap();
     assert_eq!(txn.get(b"a").unwrap().as_deref(), Some(&b"1"[..]));
@@ -58,7 +59,7 @@ fn txn_reads_its_own_writes_and_guards_reserved_keys() {
     txn.insert(b"b", &b"2"[..]).unwrap();
     assert!(matches!(txn.insert(b"\0checkpoint", &b"x"[..]), Err(ViewError::ReservedKey(_))));
     assert!(matches!(txn.insert(b"", &b"x"[..]), Err(ViewError::ReservedKey(_))));
-    txn.commit(9, 0).unwrap();
+    state.commit(txn.into_staged(), 9, 0);
     assert_eq!(state.checkpoint().unwrap(), 9);
     assert_eq!(state.get(b"b").unwrap().as_deref(), Some(&b"2"[..]));
     assert!(state.get(b"a").unwrap().is_none());
@@ -70,9 +71,9 @@ fn txn_reads_its_own_writes_and_guards_reserved_keys() {
 fn reset_starts_an_empty_generation() {
     let store = Store::temporary().unwrap();
     let state = store.state("v").unwrap();
-    let mut txn = Txn::new(&state, None, 1);
+    let mut txn = Txn::for_tests(&state);
     txn.insert(b"k", &b"v"[..]).unwrap();
-    txn.commit(5, 1).unwrap();
+    state.commit(txn.into_staged(), 5, 1);
     assert_eq!(store.state("v").unwrap().checkpoint().unwrap(), 5);
     let fresh = store.reset("v").unwrap();
     assert_eq!((fresh.checkpoint().unwrap(), fresh.dead_letters().unwrap()), (0, 0));
@@ -93,7 +94,7 @@ async fn resumes_after_checkpoint_and_rebuild_gives_the_same_state() {
         let mut p =
             Projector::new(b.clone(), "CHORUS_LIFECYCLE", &store, Counting).unwrap().with_options(ProjectorOptions {
                 max_batch: 17,
-                cache_entries: [0, 5, 1_000][round % 3],
+                snapshot_every: std::time::Duration::from_secs([0, 3_600, 1][round % 3]),
                 ..Default::default()
             });
         let stats = p.catch_up().await.unwrap();
@@ -395,4 +396,107 @@ async fn reading_moves_to_its_own_task_only_when_applying_costs_more() {
         let n: u64 = state.get_json(format!("node/n{i}").as_bytes()).unwrap().unwrap();
         assert_eq!(n, (0..events).filter(|j| j % 7 == i).count() as u64, "n{i}");
     }
+}
+
+/// Counting, but failing (not rejecting) at one sequence.
+struct FailingAt(u64);
+
+impl View for FailingAt {
+    fn name(&self) -> &str {
+        "counting"
+    }
+    fn apply(&mut self, seq: u64, record: &EventRecord, txn: &mut Txn<'_>) -> Result<(), ViewError> {
+        if seq == self.0 {
+            return Err(ViewError::Corrupt { key: "x".into(), reason: "the view broke".into() });
+        }
+        Counting.apply(seq, record, txn)
+    }
+}
+
+/// Reads the view `name` as a new process would: from the snapshot on disk.
+fn reopened(path: &std::path::Path, name: &str) -> (u64, u64, BTreeMap<Vec<u8>, Vec<u8>>) {
+    let store = Store::open(path).unwrap();
+    let state = store.state(name).unwrap();
+    let counted = state.scan_json::<u64>(b"node/").map(Result::unwrap).sum();
+    (state.checkpoint().unwrap(), counted, state.dump().unwrap())
+}
+
+#[tokio::test]
+async fn snapshots_hold_the_state_at_their_checkpoint_and_a_failed_view_keeps_the_batches_before_it() {
+    let (_dir, b) = backbone().await;
+    b.publish_batch((0..300).map(event).collect()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("views");
+    // Batches of 10, snapshotted only when the run ends (or at the head of the stream).
+    let options =
+        ProjectorOptions { max_batch: 10, snapshot_every: std::time::Duration::from_secs(3_600), ..Default::default() };
+    {
+        let store = Store::open(&path).unwrap();
+        let mut p = Projector::new(b.clone(), "CHORUS_LIFECYCLE", &store, FailingAt(257))
+            .unwrap()
+            .with_options(options.clone());
+        let err = p.catch_up().await.unwrap_err();
+        assert!(matches!(err, ProjectionError::View { sequence: 257, .. }), "{err}");
+        // The batches before the failed one are committed, and queries see them.
+        let state = store.state("counting").unwrap();
+        let checkpoint = state.checkpoint().unwrap();
+        assert!((250..257).contains(&checkpoint), "{checkpoint}");
+        let counted: u64 = state.scan_json::<u64>(b"node/").map(Result::unwrap).sum();
+        assert_eq!(counted, checkpoint);
+        assert!(p.progress().snapshot().applied_sequence == checkpoint, "reported once flushed");
+    }
+    // A new process reads the same state from the snapshot.
+    let (checkpoint, counted, _) = reopened(&path, "counting");
+    assert!((250..257).contains(&checkpoint));
+    assert_eq!(counted, checkpoint, "the snapshot holds exactly the events up to its checkpoint");
+
+    let store = Store::open(&path).unwrap();
+    let mut p = Projector::new(b.clone(), "CHORUS_LIFECYCLE", &store, Counting).unwrap().with_options(options);
+    let stats = p.catch_up().await.unwrap();
+    assert_eq!((stats.checkpoint, stats.applied), (300, 300 - checkpoint));
+    assert!(stats.snapshots <= 2 && stats.batches >= 4, "{stats:?}");
+    let state = store.state("counting").unwrap();
+    let ids: Vec<u64> = state.scan_json(b"id/").map(Result::unwrap).collect();
+    assert_eq!(ids.len(), 300);
+    assert!(ids.iter().all(|n| *n == 1), "every event applied once");
+    let dump = state.dump().unwrap();
+    drop((p, state, store));
+    let (checkpoint, counted, reread) = reopened(&path, "counting");
+    assert_eq!((checkpoint, counted), (300, 300));
+    assert!(reread == dump, "the snapshot reads back as the state it was taken of");
+}
+
+#[test]
+fn a_store_with_one_key_per_entry_is_read_and_converted_by_the_next_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("views");
+    {
+        // The layout before snapshots: one sled key per view key, in the generation's tree.
+        let db = sled::open(&path).unwrap();
+        let tree = db.open_tree("chorus/view/old/0").unwrap();
+        for i in 0..50u64 {
+            tree.insert(format!("k/{i:02}"), &i.to_be_bytes()[..]).unwrap();
+        }
+        tree.insert(super::CHECKPOINT_KEY, &50u64.to_be_bytes()[..]).unwrap();
+        tree.insert(super::DEAD_LETTERS_KEY, &2u64.to_be_bytes()[..]).unwrap();
+        db.flush().unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    let state = store.state("old").unwrap();
+    assert_eq!((state.checkpoint().unwrap(), state.dead_letters().unwrap()), (50, 2));
+    assert_eq!(state.get(b"k/07").unwrap().as_deref(), Some(&7u64.to_be_bytes()[..]));
+    let before = state.dump().unwrap();
+    assert_eq!(state.scan_prefix(b"k/").count(), 50);
+    let mut txn = Txn::for_tests(&state);
+    txn.insert(b"k/50", &50u64.to_be_bytes()[..]).unwrap();
+    state.commit(txn.into_staged(), 51, 2);
+    assert_eq!(state.snapshot().unwrap(), Some(51));
+    let after = state.dump().unwrap();
+    assert_eq!(after.len(), before.len() + 1);
+    drop((state, store));
+    let store = Store::open(&path).unwrap();
+    let state = store.state("old").unwrap();
+    assert!(state.dump().unwrap() == after, "read back from buckets alone");
+    let raw = store.db().open_tree("chorus/view/old/0").unwrap();
+    assert!(raw.get(b"k/07").unwrap().is_none(), "the old keys are gone");
 }
