@@ -1,10 +1,9 @@
 //! Chorus consumers: views built by replaying streams, and sinks that carry events out.
 //!
-//! * [`projection`] — the framework: a view applies events in stream order and stores its
-//!   state in memory and snapshots it with the last applied stream sequence in one atomic sled
-//!   batch, so a
-//!   restart resumes exactly where it stopped and a rebuild from sequence 0 gives the same
-//!   state.
+//! * [`projection`] — the framework: a view applies events in stream order, keeps its state
+//!   in memory and snapshots it with the last applied stream sequence in one atomic sled
+//!   batch, so a restart resumes exactly where it stopped and a rebuild from sequence 0 gives
+//!   the same state.
 //! * [`inventory`] — nodes with identity, component, version, facts, last seen and status.
 //! * [`audit_export`] — audit and RPC records out to a SIEM (syslog RFC 5424/5425, Splunk
 //!   HEC, JSON lines), at-least-once.
