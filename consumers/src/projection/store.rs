@@ -367,32 +367,38 @@ impl ViewState {
     /// sled batch (not yet flushed). Returns the checkpoint written, or `None` when the last
     /// snapshot already holds everything.
     pub(super) fn snapshot(&self) -> Result<Option<u64>, ProjectionError> {
-        let mut memory = self.memory.write().expect("view state lock");
-        if memory.saved == memory.checkpoint && memory.dirty_list.is_empty() && memory.legacy.is_empty() {
-            return Ok(None);
-        }
-        let mut batch = sled::Batch::default();
-        for key in &memory.legacy {
-            batch.remove(key.clone());
-        }
-        for &bucket in &memory.dirty_list {
-            let mut key = BUCKET_PREFIX.to_vec();
-            key.extend_from_slice(&(bucket as u16).to_be_bytes());
-            match &memory.buckets[bucket] {
-                entries if entries.is_empty() => batch.remove(key),
-                entries => batch.insert(key, encode_bucket(entries)),
+        // Written under the read lock, so queries go on meanwhile: only the view's projector
+        // writes its state, and it is the caller.
+        let saved = {
+            let memory = self.read();
+            if memory.saved == memory.checkpoint && memory.dirty_list.is_empty() && memory.legacy.is_empty() {
+                return Ok(None);
             }
-        }
-        batch.insert(CHECKPOINT_KEY, &memory.checkpoint.to_be_bytes());
-        batch.insert(DEAD_LETTERS_KEY, &memory.dead_letters.to_be_bytes());
-        self.tree.apply_batch(batch)?;
+            let mut batch = sled::Batch::default();
+            for key in &memory.legacy {
+                batch.remove(key.clone());
+            }
+            for &bucket in &memory.dirty_list {
+                let mut key = BUCKET_PREFIX.to_vec();
+                key.extend_from_slice(&(bucket as u16).to_be_bytes());
+                match &memory.buckets[bucket] {
+                    entries if entries.is_empty() => batch.remove(key),
+                    entries => batch.insert(key, encode_bucket(entries)),
+                }
+            }
+            batch.insert(CHECKPOINT_KEY, &memory.checkpoint.to_be_bytes());
+            batch.insert(DEAD_LETTERS_KEY, &memory.dead_letters.to_be_bytes());
+            self.tree.apply_batch(batch)?;
+            memory.checkpoint
+        };
+        let mut memory = self.memory.write().expect("view state lock");
         let memory = &mut *memory;
         for bucket in memory.dirty_list.drain(..) {
             memory.dirty[bucket] = false;
         }
         memory.legacy.clear();
-        memory.saved = memory.checkpoint;
-        Ok(Some(memory.saved))
+        memory.saved = saved;
+        Ok(Some(saved))
     }
 }
 
