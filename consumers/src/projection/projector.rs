@@ -50,8 +50,10 @@ pub struct ProjectorOptions {
     /// state with its checkpoint, see [`Store`]) while more events keep arriving, i.e. while
     /// catching up. At the head of the stream, whenever nothing more is ready to apply, what
     /// is committed is snapshotted at once, so each event is durable soon after it arrives.
-    /// A crash loses at most this much work, which the next run re-applies from the
-    /// snapshot's checkpoint.
+    /// A crash loses about this much work (plus a flush in flight), which the next run
+    /// re-applies from the snapshot's checkpoint. Keep it well below the dead-letter stream's
+    /// duplicate window, so dead letters published again by that re-application are
+    /// deduplicated.
     pub snapshot_every: Duration,
     /// How often a following projector refreshes the stream's last sequence for the lag.
     pub stream_info_every: Duration,
@@ -127,7 +129,15 @@ impl<V: View> Projector<V> {
         validate_token("view name", &name)
             .map_err(|source| ProjectionError::InvalidName { name: name.clone(), source })?;
         let stream = stream.into();
-        let mut state = store.state(&name)?;
+        let mut state = match store.state(&name) {
+            Ok(state) => state,
+            // A view is a fold of its stream: one whose snapshot cannot be read is rebuilt.
+            Err(ProjectionError::Corrupt(reason)) => {
+                tracing::error!(view = %name, %reason, "the view's snapshot cannot be read: rebuilding it");
+                store.reset(&name)?
+            }
+            Err(e) => return Err(e),
+        };
         match state.stream()? {
             Some(built_from) if built_from != stream && state.checkpoint()? > 0 => {
                 tracing::warn!(view = %name, %built_from, %stream, "the view was built from another stream: rebuilding it");
@@ -138,8 +148,16 @@ impl<V: View> Projector<V> {
         state.set_stream(&stream)?;
         let checkpoint = state.checkpoint()?;
         let dead_letters = state.dead_letters()?;
+        // A projector of this view that stopped before its last snapshot was written (a
+        // failed write) left state that no snapshot holds: it is this one's to write, and
+        // progress starts from what is durable.
+        let (saved, unsaved) = state.saved();
+        let unsaved = unsaved.then(|| Unsaved {
+            counts: Committed { sequence: checkpoint, ..Default::default() },
+            due: tokio::time::Instant::now(),
+        });
         Ok(Projector {
-            progress: Arc::new(Progress::new(&name, &stream, checkpoint)),
+            progress: Arc::new(Progress::new(&name, &stream, saved)),
             backbone,
             stream,
             store: store.clone(),
@@ -148,7 +166,7 @@ impl<V: View> Projector<V> {
             options: ProjectorOptions::default(),
             checkpoint,
             dead_letters,
-            unsaved: None,
+            unsaved,
             identities: Identities::new(ProjectorOptions::default().remember_events),
             identities_loaded: false,
         })
@@ -315,6 +333,7 @@ impl<V: View> Projector<V> {
                 _ = reader.poll_inline(&mut costs), if reader.is_inline() => {}
                 done = flusher.wait(), if flusher.busy() => {
                     if let Err(e) = done {
+                        flusher.abandon();
                         break Err(e);
                     }
                     flusher.completed(&self.progress);
@@ -728,6 +747,19 @@ impl Flusher {
             return Ok(());
         };
         flush.await
+    }
+
+    /// Forgets a flush that failed (its future is finished and must not be polled again);
+    /// what it covered is flushed with the next one.
+    fn abandon(&mut self) {
+        if let Some((_, c)) = self.in_flight.take() {
+            let waiting = self.waiting.take();
+            let mut c = c;
+            if let Some(w) = waiting {
+                c.merge(w);
+            }
+            self.waiting = Some(c);
+        }
     }
 
     /// Reports a finished flush; called once [`Flusher::wait`] returned.

@@ -6,8 +6,9 @@
 //! buckets changed since the last one, with the checkpoint and dead-letter count, as one
 //! atomic sled batch. Writing each changed key to sled instead cost more than everything
 //! else a projection does (sled copies a leaf node for every key it inserts); a snapshot
-//! costs a few hundred sled writes per commit while catching up, and about one bucket per
-//! event at the head of the stream. After a crash the database holds the last snapshot, a
+//! while catching up costs at most one sled write per bucket, once per
+//! [`super::ProjectorOptions::snapshot_every`], and at the head of the stream about one
+//! bucket per event. After a crash the database holds the last snapshot, a
 //! consistent state with its checkpoint, and the projector replays from there.
 //!
 //! A database written with one sled key per view key (before snapshots) is read as it is and
@@ -103,15 +104,18 @@ impl Store {
     /// Discards view `name`: its state becomes empty with checkpoint 0, so the next projector
     /// rebuilds it from the first sequence. [`ViewState`]s obtained before keep reading the
     /// old generation until dropped; take new ones.
+    /// The old state is not read, so a view whose snapshot cannot be read can be reset.
     pub fn reset(&self, name: &str) -> Result<ViewState, ProjectionError> {
-        let old = self.state(name)?;
-        let next = old.generation + 1;
+        // Held throughout, so no `state` call in between sees the generation being dropped.
+        let mut loaded = self.loaded.lock().expect("view store lock");
+        let old = be_u64(self.db().get(Self::generation_key(name))?, "view generation")?;
+        let next = old + 1;
         self.db().insert(Self::generation_key(name), &next.to_be_bytes())?;
         self.store.flush_blocking()?;
-        self.db().drop_tree(Self::tree_name(name, old.generation))?;
+        self.db().drop_tree(Self::tree_name(name, old))?;
         let tree = self.db().open_tree(Self::tree_name(name, next))?;
         let state = self.state_with(name, next, tree, Memory::default());
-        self.loaded.lock().expect("view store lock").insert(name.to_owned(), state.clone());
+        loaded.insert(name.to_owned(), state.clone());
         Ok(state)
     }
 
@@ -149,8 +153,9 @@ struct Memory {
     /// Buckets changed since the last snapshot (flag per bucket, and their numbers).
     dirty: Vec<bool>,
     dirty_list: Vec<usize>,
-    /// Keys of the per-key layout still in the tree, removed by the next snapshot.
-    legacy: Vec<IVec>,
+    /// Keys in the tree that no snapshot writes (the per-key layout before snapshots, buckets
+    /// of a larger bucket count), removed by the next snapshot.
+    stale: Vec<IVec>,
     /// The checkpoint of the last snapshot.
     saved: u64,
 }
@@ -163,7 +168,7 @@ impl Default for Memory {
             dead_letters: 0,
             dirty: vec![false; BUCKETS],
             dirty_list: Vec::new(),
-            legacy: Vec::new(),
+            stale: Vec::new(),
             saved: 0,
         }
     }
@@ -178,11 +183,17 @@ impl Memory {
                 let number = <[u8; 2]>::try_from(number)
                     .map(|n| usize::from(u16::from_be_bytes(n)))
                     .map_err(|_| ProjectionError::Corrupt(format!("snapshot bucket key {key:?}")))?;
+                if number >= BUCKETS {
+                    memory.stale.push(key.clone());
+                }
                 for (k, v) in decode_bucket(&value)? {
                     let bucket = bucket_of(&k);
                     if bucket != number {
+                        // Rewritten where it belongs; its old bucket without it.
                         memory.touch(bucket);
-                        memory.touch(number % BUCKETS);
+                        if number < BUCKETS {
+                            memory.touch(number);
+                        }
                     }
                     memory.buckets[bucket].insert(k, v);
                 }
@@ -190,7 +201,7 @@ impl Memory {
                 let bucket = bucket_of(&key);
                 memory.touch(bucket);
                 memory.buckets[bucket].insert(key.clone(), value);
-                memory.legacy.push(key);
+                memory.stale.push(key);
             }
         }
         memory.checkpoint = be_u64(tree.get(CHECKPOINT_KEY)?, "checkpoint")?;
@@ -203,6 +214,10 @@ impl Memory {
         if !std::mem::replace(&mut self.dirty[bucket], true) {
             self.dirty_list.push(bucket);
         }
+    }
+
+    fn unsaved(&self) -> bool {
+        self.saved < self.checkpoint || !self.dirty_list.is_empty() || !self.stale.is_empty()
     }
 
     fn get(&self, key: &[u8]) -> Option<&IVec> {
@@ -291,6 +306,13 @@ impl ViewState {
         Ok(())
     }
 
+    /// The checkpoint of the last snapshot written (not necessarily flushed yet), and whether
+    /// the state holds anything since.
+    pub(super) fn saved(&self) -> (u64, bool) {
+        let memory = self.read();
+        (memory.saved, memory.unsaved())
+    }
+
     /// Messages dead-lettered while building this state.
     pub fn dead_letters(&self) -> Result<u64, ProjectionError> {
         Ok(self.read().dead_letters)
@@ -371,11 +393,11 @@ impl ViewState {
         // writes its state, and it is the caller.
         let saved = {
             let memory = self.read();
-            if memory.saved == memory.checkpoint && memory.dirty_list.is_empty() && memory.legacy.is_empty() {
+            if !memory.unsaved() {
                 return Ok(None);
             }
             let mut batch = sled::Batch::default();
-            for key in &memory.legacy {
+            for key in &memory.stale {
                 batch.remove(key.clone());
             }
             for &bucket in &memory.dirty_list {
@@ -396,7 +418,7 @@ impl ViewState {
         for bucket in memory.dirty_list.drain(..) {
             memory.dirty[bucket] = false;
         }
-        memory.legacy.clear();
+        memory.stale.clear();
         memory.saved = saved;
         Ok(Some(saved))
     }

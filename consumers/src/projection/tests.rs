@@ -500,3 +500,29 @@ fn a_store_with_one_key_per_entry_is_read_and_converted_by_the_next_snapshot() {
     let raw = store.db().open_tree("chorus/view/old/0").unwrap();
     assert!(raw.get(b"k/07").unwrap().is_none(), "the old keys are gone");
 }
+
+#[tokio::test]
+async fn a_view_whose_snapshot_cannot_be_read_is_rebuilt_from_the_stream() {
+    let (_dir, b) = backbone().await;
+    b.publish_batch((0..40).map(event).collect()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("views");
+    {
+        let store = Store::open(&path).unwrap();
+        let mut p = Projector::new(b.clone(), "CHORUS_LIFECYCLE", &store, Counting).unwrap();
+        assert_eq!(p.catch_up().await.unwrap().checkpoint, 40);
+        // A bucket cut short on disk.
+        let tree = store.db().open_tree("chorus/view/counting/0").unwrap();
+        let (key, value) = tree.scan_prefix(b"\0bucket/").next().unwrap().unwrap();
+        tree.insert(key, &value[..value.len() - 1]).unwrap();
+        store.flush().await.unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    assert!(matches!(store.state("counting"), Err(ProjectionError::Corrupt(_))));
+    let mut p = Projector::new(b.clone(), "CHORUS_LIFECYCLE", &store, Counting).unwrap();
+    let stats = p.catch_up().await.unwrap();
+    assert_eq!((stats.checkpoint, stats.applied), (40, 40), "rebuilt from the first event");
+    let ids: Vec<u64> = p.state().scan_json(b"id/").map(Result::unwrap).collect();
+    assert_eq!(ids.len(), 40);
+    assert!(ids.iter().all(|n| *n == 1));
+}

@@ -1,6 +1,6 @@
 //! Test helper: builds a counting view of `CHORUS_LIFECYCLE` that records, per event id, how
 //! many times the event was applied (in the same atomic batch as the checkpoint). It prints
-//! `COMMITTED <sequence>` after each flushed commit, so a test can kill it with SIGKILL
+//! `COMMITTED <sequence>` after each flushed snapshot, so a test can kill it with SIGKILL
 //! mid-stream, restart it, and check that every event ends up applied exactly once.
 //!
 //! Usage: `projection-runner (--nats URL | --embedded PATH) --state PATH [--exit-at-end]
