@@ -257,7 +257,11 @@ fn kill_9_mid_stream(source: Vec<String>, ids: Vec<String>, last: u64, work: &Pa
     let events = ids.len() as u64;
     let mut durable = 0;
     for round in 1..=3u64 {
-        let (mut child, rx, reader) = spawn_runner(&runner_args(&source, &state, &["--max-batch", "300"]));
+        // Snapshots every 20 ms (not the default second, in which the runner would get
+        // through most of the stream), so the kill lands mid-stream with state in memory
+        // that no snapshot holds yet.
+        let (mut child, rx, reader) =
+            spawn_runner(&runner_args(&source, &state, &["--max-batch", "300", "--snapshot-every-ms", "20"]));
         let target = durable + events / 5;
         let mut seen = 0;
         while seen < target {

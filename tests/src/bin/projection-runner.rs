@@ -4,8 +4,8 @@
 //! mid-stream, restart it, and check that every event ends up applied exactly once.
 //!
 //! Usage: `projection-runner (--nats URL | --embedded PATH) --state PATH [--exit-at-end]
-//! [--max-batch N]`. Without `--exit-at-end` it follows the stream until killed; with it, it
-//! applies what is stored, prints `DONE <checkpoint>` and exits.
+//! [--max-batch N] [--snapshot-every-ms N]`. Without `--exit-at-end` it follows the stream
+//! until killed; with it, it applies what is stored, prints `DONE <checkpoint>` and exits.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -43,6 +43,7 @@ async fn main() {
     let mut state = None;
     let mut exit_at_end = false;
     let mut max_batch = 500;
+    let mut snapshot_every = ProjectorOptions::default().snapshot_every;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -51,6 +52,10 @@ async fn main() {
             "--state" => state = args.next(),
             "--exit-at-end" => exit_at_end = true,
             "--max-batch" => max_batch = args.next().expect("--max-batch N").parse().expect("a number"),
+            "--snapshot-every-ms" => {
+                let ms = args.next().expect("--snapshot-every-ms N").parse().expect("a number");
+                snapshot_every = std::time::Duration::from_millis(ms);
+            }
             other => panic!("unknown argument {other}"),
         }
     }
@@ -64,7 +69,7 @@ async fn main() {
     let store = Store::open(state.expect("--state PATH")).expect("open view store");
     let mut projector = Projector::new(backbone, CHORUS_LIFECYCLE, &store, Counting)
         .expect("projector")
-        .with_options(ProjectorOptions { max_batch, ..Default::default() });
+        .with_options(ProjectorOptions { max_batch, snapshot_every, ..Default::default() });
     let mut committed = projector.progress().subscribe();
     tokio::spawn(async move {
         while committed.changed().await.is_ok() {
