@@ -369,15 +369,9 @@ impl<V: View> Projector<V> {
                         tracing::warn!(view = self.view.name(), error = %e, "stream info for the lag");
                     }
                 }
-                // Unsaved for long enough (the reader may be stalled), or nothing else is ready
-                // at the head of the stream: snapshot.
-                _ = sleep_until(self.unsaved.as_ref().map(|u| u.due)), if self.unsaved.is_some() => {
-                    match self.snapshot(&mut stats) {
-                        Ok(committed) => flusher.report(committed, &self.state, &self.progress, self.options.flush),
-                        Err(e) => break Err(e),
-                    }
-                }
-                _ = std::future::ready(()), if self.unsaved.is_some() && self.at_head(filtered) => {
+                // Nothing else is ready at the head of the stream, or unsaved for long enough
+                // (the reader may be stalled): snapshot.
+                _ = snapshot_moment(self.unsaved.as_ref().map(|u| u.due), self.at_head(filtered)), if self.unsaved.is_some() => {
                     match self.snapshot(&mut stats) {
                         Ok(committed) => flusher.report(committed, &self.state, &self.progress, self.options.flush),
                         Err(e) => break Err(e),
@@ -537,10 +531,12 @@ struct Unsaved {
     due: tokio::time::Instant,
 }
 
-/// Sleeps until `deadline`, or forever without one.
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
+/// Completes at once at the head of the stream (polled last, so only when nothing else is
+/// ready), else at `due`, or never without it.
+async fn snapshot_moment(due: Option<tokio::time::Instant>, at_head: bool) {
+    match due {
+        _ if at_head => {}
+        Some(due) => tokio::time::sleep_until(due).await,
         None => std::future::pending().await,
     }
 }
@@ -752,11 +748,9 @@ impl Flusher {
     /// Forgets a flush that failed (its future is finished and must not be polled again);
     /// what it covered is flushed with the next one.
     fn abandon(&mut self) {
-        if let Some((_, c)) = self.in_flight.take() {
-            let waiting = self.waiting.take();
-            let mut c = c;
-            if let Some(w) = waiting {
-                c.merge(w);
+        if let Some((_, mut c)) = self.in_flight.take() {
+            if let Some(later) = self.waiting.take() {
+                c.merge(later);
             }
             self.waiting = Some(c);
         }
