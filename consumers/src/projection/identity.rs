@@ -10,13 +10,15 @@
 //! The memory is rebuilt when a projector starts by reading the `window` messages before its
 //! checkpoint (no store writes on the apply path), so what is remembered depends only on the
 //! stream, and a restart, a crash or a rebuild decide exactly as an uninterrupted run would.
-//! An identity is kept as 128 bits of two keyed hashes of `(source, id)` (keys drawn at
-//! random per process, so no publisher can aim a collision at a real event), with the
-//! sequence and a 64-bit digest of the payload: under 100 bytes per remembered event
+//! An identity is kept as 128 bits of two keyed hashes of `(source, id)` (aHash, keys drawn
+//! at random per process, so no publisher can aim a collision at a real event), with the
+//! sequence and a 64-bit keyed digest of the payload: under 100 bytes per remembered event
 //! (measured in docs/CONSUMERS.md).
 
 use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
+use std::hash::{BuildHasherDefault, Hasher};
+
+use ahash::RandomState;
 
 use chorus_schemas::EventRecord;
 

@@ -144,10 +144,16 @@ fn bucket_of(key: &[u8]) -> usize {
     (hash % BUCKETS as u64) as usize
 }
 
+/// The keys of one snapshot bucket and their values.
+type Bucket = HashMap<IVec, IVec, ahash::RandomState>;
+
 /// A view's state in memory.
 #[derive(Debug)]
 struct Memory {
-    buckets: Vec<BTreeMap<IVec, IVec>>,
+    /// Hash maps, not ordered ones: a lookup compares one key instead of walking a node of
+    /// keys (each behind a pointer, a cache miss apiece on a large view); the rare ordered
+    /// read (a prefix scan) sorts what it collects.
+    buckets: Vec<Bucket>,
     checkpoint: u64,
     dead_letters: u64,
     /// Buckets changed since the last snapshot (flag per bucket, and their numbers).
@@ -163,7 +169,7 @@ struct Memory {
 impl Default for Memory {
     fn default() -> Self {
         Memory {
-            buckets: vec![BTreeMap::new(); BUCKETS],
+            buckets: (0..BUCKETS).map(|_| Bucket::default()).collect(),
             checkpoint: 0,
             dead_letters: 0,
             dirty: vec![false; BUCKETS],
@@ -226,7 +232,7 @@ impl Memory {
 }
 
 /// A bucket's entries: key length (u32 LE), key, value length (u32 LE), value; repeated.
-fn encode_bucket(bucket: &BTreeMap<IVec, IVec>) -> Vec<u8> {
+fn encode_bucket(bucket: &Bucket) -> Vec<u8> {
     let mut out = Vec::with_capacity(bucket.iter().map(|(k, v)| 8 + k.len() + v.len()).sum());
     for (k, v) in bucket {
         out.extend_from_slice(&(k.len() as u32).to_le_bytes());
@@ -335,12 +341,9 @@ impl ViewState {
             memory
                 .buckets
                 .iter()
-                .flat_map(|bucket| {
-                    bucket
-                        .range::<[u8], _>((std::ops::Bound::Included(prefix), std::ops::Bound::Unbounded))
-                        .take_while(|(k, _)| k.starts_with(prefix))
-                        .map(|(k, v)| (k.clone(), v.clone()))
-                })
+                .flatten()
+                .filter(|(k, _)| k.starts_with(prefix))
+                .map(|(k, v)| (k.clone(), v.clone()))
                 .collect()
         };
         entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
@@ -431,7 +434,7 @@ fn from_json<T: DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T, ViewErr
 
 /// Writes staged by the projector and not yet committed: the events of one batch, one entry
 /// per key (the latest write wins).
-pub(super) type Staged = HashMap<IVec, Option<IVec>>;
+pub(super) type Staged = HashMap<IVec, Option<IVec>, ahash::RandomState>;
 
 /// The writes of one batch of events, not yet committed. Reads see the batch's own writes
 /// first (two events of one node in one batch build on each other), then the committed
@@ -444,7 +447,7 @@ pub struct Txn<'a> {
 impl<'a> Txn<'a> {
     /// A transaction over `state`.
     pub(super) fn new(state: &'a ViewState, capacity: usize) -> Self {
-        Txn { state, pending: Staged::with_capacity(capacity) }
+        Txn { state, pending: Staged::with_capacity_and_hasher(capacity, ahash::RandomState::new()) }
     }
 
     /// The staged writes, to commit.

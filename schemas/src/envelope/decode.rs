@@ -18,6 +18,8 @@ use crate::rpc::{RpcReply, RpcRequest};
 use crate::util::{clip, CLIP};
 
 use super::event::kind_source;
+use super::skipped;
+use super::wire::Wire;
 use super::{DecodeError, Event, EventKind, EventRecord, EventSignature, SEQ, SIG, SIGCRED, SIGKEY, SITE};
 
 /// The CloudEvents `source` that goes with a known `type`.
@@ -28,12 +30,12 @@ pub(crate) fn source_for_type(ty: &str) -> Option<&'static str> {
 /// What the CloudEvents `type` resolved to.
 #[derive(Clone, Copy)]
 pub(super) struct Known {
-    ty: &'static str,
-    kind: EventKind,
+    pub(super) ty: &'static str,
+    pub(super) kind: EventKind,
 }
 
 impl Known {
-    fn resolve(ty: &str) -> Option<Known> {
+    pub(super) fn resolve(ty: &str) -> Option<Known> {
         let ty = Event::TYPES.into_iter().find(|t| *t == ty)?;
         let kind = if ty.starts_with("io.choria.lifecycle.") {
             EventKind::Lifecycle
@@ -62,123 +64,26 @@ impl Known {
 /// does not accept in full goes to the general path, which alone reports errors; a test holds
 /// the two to the same results.
 pub(super) fn decode_fast(bytes: &[u8]) -> Option<EventRecord> {
-    // A derived struct also reads a JSON array positionally; only objects are events.
-    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-        return None;
-    }
     // Skipped strings are not checked for UTF-8; the tree checks every string.
     let text = std::str::from_utf8(bytes).ok()?;
     // Unknown attributes and data fields are skipped unparsed below; the tree refuses some of
-    // them (a number out of range, a bad escape, nesting over 128), so the whole input is
-    // first read the way the tree reads it.
-    serde_json::from_str::<Validated>(text).ok()?;
+    // them (a number out of range, a lone surrogate, nesting over 128).
+    if !skipped::tree_accepts(text) {
+        return None;
+    }
     let wire: Wire<'_> = serde_json::from_str(text).ok()?;
-    wire.specversion.as_ref()?;
+    if !wire.has_specversion() {
+        return None;
+    }
     decode_cloudevent(wire).ok()
-}
-
-/// Any JSON value, read the way building a [`Value`] reads it (every number parsed, every
-/// string unescaped, the same nesting limit) but not kept: it refuses exactly what the tree
-/// refuses, at a fraction of the cost.
-struct Validated;
-
-impl<'de> serde::Deserialize<'de> for Validated {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(ValidatedVisitor)
-    }
-}
-
-struct ValidatedVisitor;
-
-impl<'de> serde::de::Visitor<'de> for ValidatedVisitor {
-    type Value = Validated;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("any JSON value")
-    }
-
-    fn visit_bool<E>(self, _: bool) -> Result<Validated, E> {
-        Ok(Validated)
-    }
-
-    fn visit_i64<E>(self, _: i64) -> Result<Validated, E> {
-        Ok(Validated)
-    }
-
-    fn visit_u64<E>(self, _: u64) -> Result<Validated, E> {
-        Ok(Validated)
-    }
-
-    fn visit_f64<E>(self, _: f64) -> Result<Validated, E> {
-        Ok(Validated)
-    }
-
-    fn visit_str<E>(self, _: &str) -> Result<Validated, E> {
-        Ok(Validated)
-    }
-
-    fn visit_unit<E>(self) -> Result<Validated, E> {
-        Ok(Validated)
-    }
-
-    fn visit_none<E>(self) -> Result<Validated, E> {
-        Ok(Validated)
-    }
-
-    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Validated, D::Error> {
-        serde::Deserialize::deserialize(d)
-    }
-
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Validated, A::Error> {
-        while seq.next_element::<Validated>()?.is_some() {}
-        Ok(Validated)
-    }
-
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Validated, A::Error> {
-        while map.next_entry::<Validated, Validated>()?.is_some() {}
-        Ok(Validated)
-    }
-}
-
-/// The attributes of a structured CloudEvent as [`decode_fast`] reads them. Strings borrow
-/// from the input unless they hold escapes; a repeated attribute fails (the general path
-/// keeps the last), as does anything not of the expected JSON type.
-#[derive(serde::Deserialize)]
-struct Wire<'a> {
-    #[serde(borrow)]
-    specversion: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    id: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    source: Option<Cow<'a, str>>,
-    #[serde(borrow, rename = "type")]
-    ty: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    datacontenttype: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    subject: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    time: Option<Cow<'a, str>>,
-    seq: Option<u64>,
-    #[serde(borrow)]
-    site: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    sigkey: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    sig: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    sigcred: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    data_base64: Option<&'a RawValue>,
-    #[serde(borrow)]
-    data: Option<&'a RawValue>,
 }
 
 /// Where [`decode_cloudevent`] takes the attributes from: a parsed JSON object (the general
 /// path) or [`Wire`] (the fast path). One sequence of checks serves both.
-pub(super) trait Attributes {
-    /// A string attribute; `null` is absent.
-    fn string(&mut self, name: &'static str) -> Result<Option<String>, DecodeError>;
+pub(super) trait Attributes<'a> {
+    /// A string attribute; `null` is absent. Borrowed from the input where it can be, so
+    /// attributes that are only checked cost no allocation.
+    fn string(&mut self, name: &'static str) -> Result<Option<Cow<'a, str>>, DecodeError>;
     /// The `seq` extension; absent is 0.
     fn seq(&mut self) -> Result<u64, DecodeError>;
     /// Whether a non-null `data_base64` is present.
@@ -187,11 +92,11 @@ pub(super) trait Attributes {
     fn data(&mut self, known: Known) -> Result<Event, DecodeError>;
 }
 
-impl Attributes for Map<String, Value> {
-    fn string(&mut self, name: &'static str) -> Result<Option<String>, DecodeError> {
+impl Attributes<'static> for Map<String, Value> {
+    fn string(&mut self, name: &'static str) -> Result<Option<Cow<'static, str>>, DecodeError> {
         match self.remove(name) {
             None | Some(Value::Null) => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s)),
+            Some(Value::String(s)) => Ok(Some(Cow::Owned(s))),
             Some(other) => Err(invalid(name, format!("must be a string, got {}", json_kind(&other)))),
         }
     }
@@ -213,43 +118,7 @@ impl Attributes for Map<String, Value> {
     }
 }
 
-impl Attributes for Wire<'_> {
-    fn string(&mut self, name: &'static str) -> Result<Option<String>, DecodeError> {
-        let field = match name {
-            "specversion" => &mut self.specversion,
-            "id" => &mut self.id,
-            "source" => &mut self.source,
-            "type" => &mut self.ty,
-            "datacontenttype" => &mut self.datacontenttype,
-            "subject" => &mut self.subject,
-            "time" => &mut self.time,
-            SITE => &mut self.site,
-            SIGKEY => &mut self.sigkey,
-            SIG => &mut self.sig,
-            SIGCRED => &mut self.sigcred,
-            _ => return Ok(None),
-        };
-        Ok(field.take().map(Cow::into_owned))
-    }
-
-    fn seq(&mut self) -> Result<u64, DecodeError> {
-        Ok(self.seq.unwrap_or(0))
-    }
-
-    fn has_data_base64(&self) -> bool {
-        self.data_base64.is_some()
-    }
-
-    fn data(&mut self, known: Known) -> Result<Event, DecodeError> {
-        match self.data {
-            None => Err(DecodeError::MissingAttribute("data")),
-            Some(raw) if raw.get().starts_with('{') => decode_data(known, raw),
-            Some(_) => Err(invalid("data", "must be a JSON object".into())),
-        }
-    }
-}
-
-pub(super) fn decode_cloudevent(mut map: impl Attributes) -> Result<EventRecord, DecodeError> {
+pub(super) fn decode_cloudevent<'a>(mut map: impl Attributes<'a>) -> Result<EventRecord, DecodeError> {
     let specversion = required_string(&mut map, "specversion")?;
     if specversion != "1.0" {
         return Err(invalid(
@@ -269,8 +138,11 @@ pub(super) fn decode_cloudevent(mut map: impl Attributes) -> Result<EventRecord,
         ));
     }
     if let Some(ct) = map.string("datacontenttype")? {
-        let media = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-        if media != "application/json" && media != "text/json" && !media.ends_with("+json") {
+        let media = ct.split(';').next().unwrap_or("").trim().as_bytes();
+        let json = media.eq_ignore_ascii_case(b"application/json")
+            || media.eq_ignore_ascii_case(b"text/json")
+            || media.len() >= 5 && media[media.len() - 5..].eq_ignore_ascii_case(b"+json");
+        if !json {
             return Err(invalid("datacontenttype", format!("\"{}\" is not JSON", clip(&ct, CLIP))));
         }
     }
@@ -294,7 +166,11 @@ pub(super) fn decode_cloudevent(mut map: impl Attributes) -> Result<EventRecord,
             if credential.as_deref().is_some_and(str::is_empty) {
                 return Err(invalid(SIGCRED, "must not be empty".into()));
             }
-            Some(EventSignature { key_id, sig, credential })
+            Some(EventSignature {
+                key_id: key_id.into_owned(),
+                sig: sig.into_owned(),
+                credential: credential.map(Cow::into_owned),
+            })
         }
         (Some(_), None) => return Err(invalid(SIG, "absent while `sigkey` is set; they go together".into())),
         (None, Some(_)) => return Err(invalid(SIGKEY, "absent while `sig` is set; they go together".into())),
@@ -310,7 +186,7 @@ pub(super) fn decode_cloudevent(mut map: impl Attributes) -> Result<EventRecord,
     }
     let subject = match subject {
         None => event.identity().to_owned(),
-        Some(s) if s == event.identity() => s,
+        Some(s) if s == event.identity() => s.into_owned(),
         Some(s) => {
             return Err(DecodeError::SubjectMismatch {
                 subject: clip(&s, CLIP),
@@ -324,7 +200,16 @@ pub(super) fn decode_cloudevent(mut map: impl Attributes) -> Result<EventRecord,
             invalid("time", format!("absent, and the data timestamp {} is outside years 0000-9999", event.timestamp()))
         })?,
     };
-    Ok(EventRecord { id, source, subject, time, seq, site, signature, data: event })
+    Ok(EventRecord {
+        id: id.into_owned(),
+        source: source.into_owned(),
+        subject,
+        time,
+        seq,
+        site: site.map(Cow::into_owned),
+        signature,
+        data: event,
+    })
 }
 
 pub(super) fn decode_legacy(map: Map<String, Value>) -> Result<EventRecord, DecodeError> {
@@ -511,7 +396,10 @@ pub(super) fn invalid(attribute: &'static str, reason: String) -> DecodeError {
 }
 
 /// A required, non-empty string attribute; CloudEvents treats `null` as absent.
-pub(super) fn required_string(map: &mut impl Attributes, name: &'static str) -> Result<String, DecodeError> {
+pub(super) fn required_string<'a>(
+    map: &mut impl Attributes<'a>,
+    name: &'static str,
+) -> Result<Cow<'a, str>, DecodeError> {
     let value = map.string(name)?.ok_or(DecodeError::MissingAttribute(name))?;
     if value.is_empty() {
         return Err(invalid(name, "must not be empty".into()));

@@ -36,6 +36,8 @@ mod decode;
 mod error;
 mod event;
 mod record;
+mod skipped;
+mod wire;
 
 pub(crate) use decode::source_for_type;
 pub use error::DecodeError;

@@ -216,7 +216,15 @@ fn skipped_values_decode_alike_on_both_paths() {
         "nul",
         "[[[[[[[[[[1]]]]]]]]]]",
         "{\"k\":{\"k\":{\"k\":[]}}}",
+        "1E400",
+        "0.5e400",
+        "1e5",
+        "\"\\\\u\"",
+        "\"\\u0041\"",
     ];
+    let long = "9".repeat(400);
+    let deep: Vec<String> = (125..=129).map(|n| format!("{}1{}", "[".repeat(n), "]".repeat(n))).collect();
+    let odd = odd.into_iter().chain([long.as_str()]).chain(deep.iter().map(String::as_str));
     for value in odd {
         for text in [
             CHORIA_STARTUP.replacen("\"specversion\"", &format!("\"extra\":{value},\"specversion\""), 1),
@@ -225,5 +233,30 @@ fn skipped_values_decode_alike_on_both_paths() {
         ] {
             check(text.as_bytes());
         }
+    }
+}
+
+/// The fast path reads `data` typed when `type` precedes it and raw otherwise: every order
+/// and shape of the two decodes as the general path decodes it.
+#[test]
+fn data_before_or_after_type_decodes_alike_on_both_paths() {
+    for (ty, record) in samples() {
+        let encoded = String::from_utf8(record.encode()).unwrap();
+        let tree: Value = serde_json::from_str(&encoded).unwrap();
+        let data = serde_json::to_string(&tree["data"]).unwrap();
+        let without_data = encoded.replacen(&format!(",\"data\":{data}"), "", 1);
+        assert_ne!(without_data, encoded, "{ty}: data is not where it was expected");
+        let body = without_data.strip_prefix('{').unwrap();
+        let data_first = format!("{{\"data\":{data},{body}");
+        assert_eq!(EventRecord::decode(data_first.as_bytes()).as_ref(), Ok(&record), "{ty}: data first");
+        assert_eq!(EventRecord::decode(encoded.as_bytes()).as_ref(), Ok(&record), "{ty}: type first");
+        let end = without_data.len() - 1;
+        for odd in ["[]", "null", "\"x\"", "{}", "[{}]", "1"] {
+            check(format!("{},\"data\":{odd}}}", &without_data[..end]).as_bytes());
+        }
+        for repeated in [format!(",\"type\":\"{ty}\""), format!(",\"data\":{data}"), ",\"id\":\"x\"".into()] {
+            check(format!("{}{repeated}}}", &encoded[..encoded.len() - 1]).as_bytes());
+        }
+        check(encoded.replacen("\"type\"", "\"typ\\u0065\"", 1).as_bytes());
     }
 }
