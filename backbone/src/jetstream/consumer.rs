@@ -6,7 +6,7 @@ use async_nats::jetstream::{self, consumer::pull, AckKind};
 use async_trait::async_trait;
 use futures::{FutureExt, StreamExt};
 
-use super::{deliver_policy, server_filter, stored, to_chrono};
+use super::{deliver_policy, delivery_of, server_filter, stored};
 use crate::message::Acker;
 use crate::{BackboneError, Consumer, ConsumerConfig, Delivery, Result};
 
@@ -69,15 +69,15 @@ impl JetStreamConsumer {
 
     /// Converts, or acknowledges and drops what the client-side filter excludes.
     async fn accept(&self, m: jetstream::Message) -> Result<Option<Delivery>> {
-        let info = m.info().map_err(BackboneError::nats_untyped)?;
-        let (sequence, delivered, time) = (info.stream_sequence, info.delivered, info.published);
-        let message = stored(&self.stream, sequence, to_chrono(time), &m.message);
+        let info = delivery_of(&m)?;
+        let message = stored(&self.stream, info.stream_sequence, info.published, &m.message);
         if !crate::subject::matches_any(&self.client_filters, &message.subject) {
             m.ack().await.map_err(BackboneError::nats_untyped)?;
             return Ok(None);
         }
         let (_, acker) = m.split();
-        Ok(Some(Delivery { message, delivered: delivered.max(1) as u32, acker: Box::new(JsAcker(acker)) }))
+        let delivered = info.delivered.clamp(1, u64::from(u32::MAX)) as u32;
+        Ok(Some(Delivery { message, delivered, acker: Box::new(JsAcker(acker)) }))
     }
 }
 

@@ -6,6 +6,7 @@
 
 mod connect;
 mod consumer;
+mod delivery;
 mod errors;
 mod kv;
 mod pipeline;
@@ -194,6 +195,21 @@ fn to_ack(ack: jetstream::publish::PublishAck) -> PublishAck {
 
 pub(crate) fn to_chrono(t: time::OffsetDateTime) -> DateTime<Utc> {
     DateTime::<Utc>::from_timestamp_nanos(t.unix_timestamp_nanos() as i64)
+}
+
+/// The delivery fields of a message from a consumer: read from its reply subject, or, where
+/// that does not have a form [`delivery::delivered`] knows, by async-nats (which says why).
+pub(crate) fn delivery_of(m: &async_nats::jetstream::Message) -> Result<delivery::Delivered> {
+    if let Some(delivered) = m.reply.as_deref().and_then(delivery::delivered) {
+        return Ok(delivered);
+    }
+    let info = m.info().map_err(BackboneError::nats_untyped)?;
+    Ok(delivery::Delivered {
+        stream_sequence: info.stream_sequence,
+        delivered: info.delivered.max(0) as u64,
+        pending: info.pending,
+        published: to_chrono(info.published),
+    })
 }
 
 pub(crate) fn to_time(t: DateTime<Utc>) -> time::OffsetDateTime {
@@ -523,12 +539,12 @@ impl Backbone for JetStreamBackbone {
                     Ok(m) => m,
                     Err(e) => return Some((Err(BackboneError::from(e)), (messages, false, name, filters))),
                 };
-                let info = match m.info() {
+                let info = match delivery_of(&m) {
                     Ok(info) => info,
-                    Err(e) => return Some((Err(BackboneError::nats_untyped(e)), (messages, false, name, filters))),
+                    Err(e) => return Some((Err(e), (messages, false, name, filters))),
                 };
                 let done = !follow && (info.pending == 0 || info.stream_sequence >= last);
-                let message = stored(&name, info.stream_sequence, to_chrono(info.published), &m);
+                let message = stored(&name, info.stream_sequence, info.published, &m);
                 if crate::subject::matches_any(&filters, &message.subject) {
                     return Some((Ok(message), (messages, done, name, filters)));
                 }
