@@ -86,6 +86,9 @@ fn attribute(name: &str) -> Option<u32> {
 }
 
 /// `data` as read.
+// One per decode, on the stack and never in a collection: boxing the large variant would
+// only add an allocation per event.
+#[allow(clippy::large_enum_variant)]
 enum Data<'a> {
     /// `type` came after `data`, was unknown, or names a watcher state (read in two steps).
     Raw(&'a RawValue),
