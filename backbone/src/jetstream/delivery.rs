@@ -42,9 +42,13 @@ pub(crate) fn delivered(reply: &str) -> Option<Delivered> {
             _ => None,
         })
     };
-    let nanos = i64::try_from(number(fields[3])?).ok()?;
+    // Every field is checked as async-nats checks it (signed where it reads i64), so what
+    // this accepts async-nats would accept alike.
+    let signed = |token: &[u8]| number(token).filter(|n| i64::try_from(*n).is_ok());
+    number(fields[2])?;
+    let nanos = signed(fields[3])? as i64;
     Some(Delivered {
-        delivered: number(fields[0])?,
+        delivered: signed(fields[0])?,
         stream_sequence: number(fields[1])?,
         pending: number(fields[4])?,
         published: DateTime::from_timestamp_nanos(nanos),
@@ -79,6 +83,8 @@ mod tests {
             "$JS.ACK.S.c.1.2.3.99999999999999999999.5",
             "$JS.ACK.S.c.1.2.3.-4.5",
             "$JS.ACK.S.c.1.2.3.4.",
+            "$JS.ACK.S.c.1.2.x.4.5",
+            "$JS.ACK.S.c.9223372036854775808.2.3.4.5",
             "$JS.ACK.a.b.S.c.1.2.3.4.5.r.extra",
             "_INBOX.x",
         ] {

@@ -10,15 +10,15 @@
 //! The memory is rebuilt when a projector starts by reading the `window` messages before its
 //! checkpoint (no store writes on the apply path), so what is remembered depends only on the
 //! stream, and a restart, a crash or a rebuild decide exactly as an uninterrupted run would.
-//! An identity is kept as 128 bits of two keyed hashes of `(source, id)` (aHash, keys drawn
-//! at random per process, so no publisher can aim a collision at a real event), with the
-//! sequence and a 64-bit keyed digest of the payload: under 100 bytes per remembered event
+//! An identity is kept as 128 bits of two keyed hashes of `(source, id)` (SipHash, keys drawn
+//! at random per process, so no publisher can aim a collision at a real event and have it
+//! suppressed), with the sequence and a 64-bit keyed digest of the payload (aHash: the digest
+//! only tells a duplicate from a conflict, neither of which is applied, and SipHash over every
+//! replayed payload was most of the check's cost): under 100 bytes per remembered event
 //! (measured in docs/CONSUMERS.md).
 
 use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
-
-use ahash::RandomState;
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
 
 use chorus_schemas::EventRecord;
 
@@ -37,7 +37,8 @@ pub(super) enum Seen {
 #[derive(Debug)]
 pub(super) struct Identities {
     window: u64,
-    keys: [RandomState; 3],
+    keys: [RandomState; 2],
+    digest: ahash::RandomState,
     /// Identity → (sequence where it was applied, payload digest).
     by_identity: HashMap<u128, (u64, u64), BuildHasherDefault<AlreadyHashed>>,
     /// In sequence order, to forget what falls out of the window.
@@ -49,7 +50,8 @@ impl Identities {
     pub(super) fn new(window: u64) -> Self {
         Identities {
             window,
-            keys: [RandomState::new(), RandomState::new(), RandomState::new()],
+            keys: [RandomState::new(), RandomState::new()],
+            digest: ahash::RandomState::new(),
             by_identity: HashMap::default(),
             order: VecDeque::new(),
         }
@@ -67,7 +69,7 @@ impl Identities {
         }
         self.forget_before(sequence.saturating_sub(self.window - 1));
         let key = self.identity(record);
-        let digest = self.keys[2].hash_one(payload);
+        let digest = self.digest.hash_one(payload);
         match self.by_identity.get(&key) {
             Some(&(seen, d)) if d == digest => Seen::Duplicate { sequence: seen },
             Some(&(seen, _)) => Seen::Conflict { sequence: seen },

@@ -16,8 +16,20 @@ pub(super) fn tree_accepts(text: &str) -> bool {
         None => Unescaped::scan(bytes),
         Some(_) => plainly_accepted(bytes),
     };
+    // Spelled without escapes, serde_json's raw-value marker shows as these bytes; spelled
+    // with `\u` escapes, the scans above have already declined.
+    let plain = plain && RAW_VALUE_MARKER.find(bytes).is_none();
     plain || serde_json::from_str::<Validated>(text).is_ok()
 }
+
+/// serde_json's marker for a raw value (the `raw_value` feature): the tree reads an object
+/// whose first key is this as the JSON text held in its value, not as an object, and refuses
+/// it when that value is not a string of JSON or more entries follow. Serde's skipping reads
+/// it as any key.
+const RAW_VALUE_KEY: &str = "$serde_json::private::RawValue";
+
+static RAW_VALUE_MARKER: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(RAW_VALUE_KEY));
 
 /// The scan of [`plainly_accepted`] for text without a backslash, 64 bytes at a time on bit
 /// masks (one bit per byte; the loops below compile to vector compares). Without escapes a
@@ -243,8 +255,42 @@ impl<'de> serde::de::Visitor<'de> for ValidatedVisitor {
     }
 
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Validated, A::Error> {
+        // The tree reads only the first key for the raw-value marker; what it then does is
+        // not this pass's to copy, so such input is refused and left to the general path.
+        match map.next_key::<FirstKey>()? {
+            None => return Ok(Validated),
+            Some(FirstKey { raw_value: true }) => {
+                return Err(serde::de::Error::custom("serde_json's raw-value marker as a first key"))
+            }
+            Some(FirstKey { raw_value: false }) => map.next_value::<Validated>()?,
+        };
         while map.next_entry::<Validated, Validated>()?.is_some() {}
         Ok(Validated)
+    }
+}
+
+/// An object's first key, unescaped: whether it is [`RAW_VALUE_KEY`].
+struct FirstKey {
+    raw_value: bool,
+}
+
+impl<'de> serde::Deserialize<'de> for FirstKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_str(FirstKeyVisitor)
+    }
+}
+
+struct FirstKeyVisitor;
+
+impl serde::de::Visitor<'_> for FirstKeyVisitor {
+    type Value = FirstKey;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an object key")
+    }
+
+    fn visit_str<E>(self, key: &str) -> Result<FirstKey, E> {
+        Ok(FirstKey { raw_value: key == RAW_VALUE_KEY })
     }
 }
 

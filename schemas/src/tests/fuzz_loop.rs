@@ -221,15 +221,26 @@ fn skipped_values_decode_alike_on_both_paths() {
         "1e5",
         "\"\\\\u\"",
         "\"\\u0041\"",
+        // serde_json's raw-value marker as a first key: the tree reads the string as JSON
+        // (or refuses the object); plain and escaped, valid and not.
+        "{\"$serde_json::private::RawValue\":0}",
+        "{\"$serde_json::private::RawValue\":\"{\\\"x\\\":1}\"}",
+        "{\"$serde_json::private::RawValue\":\"5\",\"more\":1}",
+        "{\"$serde_json::private::RawValu\\u0065\":\"[\"}",
+        "{\"a\":1,\"$serde_json::private::RawValue\":0}",
     ];
     let long = "9".repeat(400);
     let deep: Vec<String> = (125..=129).map(|n| format!("{}1{}", "[".repeat(n), "]".repeat(n))).collect();
     let odd = odd.into_iter().chain([long.as_str()]).chain(deep.iter().map(String::as_str));
+    // The marker as the first key of `data` itself, the real fields after it.
+    check(CHORIA_STARTUP.replacen("\"data\":{", "\"data\":{\"$serde_json::private::RawValue\":\"1\",", 1).as_bytes());
     for value in odd {
         for text in [
             CHORIA_STARTUP.replacen("\"specversion\"", &format!("\"extra\":{value},\"specversion\""), 1),
             CHORIA_STARTUP.replacen("\"version\":\"1.2.3\"", &format!("\"version\":\"1.2.3\",\"x\":{value}"), 1),
             CHORIA_STARTUP.replacen("\"1.0\"", value, 1),
+            // First key of `data`, before the real fields.
+            CHORIA_STARTUP.replacen("\"data\":{", &format!("\"data\":{{\"x\":{value},"), 1),
         ] {
             check(text.as_bytes());
         }
