@@ -315,15 +315,17 @@ fn parse_headers(block: &[u8]) -> (String, Headers) {
 
 /// The JetStream publish of `m`: its id as `Nats-Msg-Id`, then its other headers.
 fn publish_of(m: &Message) -> Publish {
-    if m.headers.is_empty() {
-        return Publish::build().message_id(&m.id).payload(m.payload.clone());
-    }
+    Publish::build().headers(headers_of(m)).payload(m.payload.clone())
+}
+
+/// The headers `m` is published with: its other headers, then its id as `Nats-Msg-Id`.
+fn headers_of(m: &Message) -> async_nats::HeaderMap {
     let mut headers = async_nats::HeaderMap::new();
     for (name, value) in &m.headers {
         headers.append(name.as_str(), value.as_str());
     }
-    headers.insert(MSG_ID_HEADER, m.id.as_str());
-    Publish::build().headers(headers).payload(m.payload.clone())
+    headers.insert(async_nats::header::NATS_MESSAGE_ID, m.id.as_str());
+    headers
 }
 
 /// A JetStream stream's configuration as a [`StreamConfig`] (unlimited as 0, no age as none).

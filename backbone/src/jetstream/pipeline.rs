@@ -3,39 +3,44 @@
 //! One implementation for both ways of publishing: [`Backbone::publish_batch`] (a batch, all
 //! acknowledged) and [`Backbone::publish_stream`] (a flow without batch boundaries, so the
 //! server never idles while the producer prepares the next batch).
+//!
+//! Acknowledgements come to an inbox of the pipeline's own ([`AckInbox`]), not through
+//! async-nats's `send_publish`. That call makes, for every publish, a fresh inbox name, a
+//! oneshot channel, a semaphore permit, a boxed timeout future and an entry in the client's
+//! request multiplexer, and parses the reply as an untagged enum that is first tried (and
+//! fails) as an error: together more client CPU than the rest of a publish. Only the
+//! successful acknowledgement is read here; anything else (an error reply, no responders, a
+//! lost or late acknowledgement) sends the publish through [`JetStreamBackbone`]'s retrying
+//! path, which uses async-nats's own calls and reports their errors.
 
 use std::collections::VecDeque;
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
-use async_nats::jetstream::context::{PublishError, PublishErrorKind};
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
+use serde::Deserialize;
 
-use super::{publish_of, to_ack, JetStreamBackbone};
+use super::{headers_of, JetStreamBackbone};
 use crate::backbone::{until_error, AckStream, Outgoing};
 use crate::{Message, PublishAck, Result};
 
-/// The server's acknowledgement of one publish; its timeout runs from when it was sent.
-type AckFuture =
-    Pin<Box<dyn Future<Output = std::result::Result<async_nats::jetstream::publish::PublishAck, PublishError>> + Send>>;
-
-/// A publish on the wire: the message (kept for a retry) and its acknowledgement to come,
-/// `None` when it could not be sent or is to be retried.
+/// A publish on the wire: the message (kept for a retry) and how its acknowledgement stands.
 struct InFlight {
     message: Message,
-    ack: Option<Ack>,
+    ack: Slot,
 }
 
-/// An acknowledgement to come: turned into a future (which starts its timeout) only when it
-/// is the oldest, as awaiting it in turn would.
-enum Ack {
-    Sent(async_nats::jetstream::context::PublishAckFuture),
-    Awaited(AckFuture),
-    /// Taken while an older publish failed (see [`Pipeline::settle`]).
+/// Where one publish's acknowledgement stands.
+enum Slot {
+    /// Sent; the server has not answered yet.
+    Waiting,
+    /// Stored (or found a duplicate) by the server.
     Arrived(PublishAck),
+    /// Not sent, not stored, or given up on: retried on its own when it is the oldest.
+    Failed,
 }
 
 /// How the oldest publish ended: its acknowledgement, or a failure (`true` when it timed
@@ -54,6 +59,7 @@ pub(super) fn publish<'a>(backbone: Arc<JetStreamBackbone>, messages: Outgoing<'
         refused: None,
         input: Some(messages),
         inflight: VecDeque::new(),
+        acks: None,
         failing_since: None,
     });
     Box::pin(until_error(futures::stream::unfold(state, |mut p| async move {
@@ -73,6 +79,8 @@ struct Pipeline<'a> {
     /// Publishes in the order sent: acknowledgements are yielded in this order, so only the
     /// oldest is waited on (and only its timeout runs).
     inflight: VecDeque<InFlight>,
+    /// Opened with the first publish (it subscribes, which needs the connection).
+    acks: Option<AckInbox>,
     /// When publishes started failing: the retries of a window lost with a server share one
     /// `retry_for` budget, so a dead server costs one timeout, not one per message.
     failing_since: Option<Instant>,
@@ -83,10 +91,10 @@ impl Pipeline<'_> {
     async fn next(&mut self) -> Option<Result<PublishAck>> {
         loop {
             let room = self.inflight.len() < self.backbone.window;
-            match self.input.as_mut() {
+            match (self.input.as_mut(), self.acks.as_mut()) {
                 // Keep the window full first; settle an acknowledgement when no message is
                 // ready (or the window is full).
-                Some(input) if room => {
+                (Some(input), acks) if room => {
                     tokio::select! {
                         biased;
                         message = input.next() => match message {
@@ -102,13 +110,13 @@ impl Pipeline<'_> {
                             }
                             None => self.input = None,
                         },
-                        Some(ack) = oldest(&mut self.inflight), if !self.inflight.is_empty() => {
+                        Some(ack) = oldest(&mut self.inflight, acks), if !self.inflight.is_empty() => {
                             return Some(self.settle(ack).await);
                         }
                     }
                 }
-                _ => {
-                    let Some(ack) = oldest(&mut self.inflight).await else {
+                (_, acks) => {
+                    let Some(ack) = oldest(&mut self.inflight, acks).await else {
                         return self.refused.take().map(Err);
                     };
                     return Some(self.settle(ack).await);
@@ -118,13 +126,34 @@ impl Pipeline<'_> {
     }
 
     async fn send(&mut self, message: Message) {
-        let sent = self.backbone.js.send_publish(message.subject.clone(), publish_of(&message)).await;
-        self.inflight.push_back(InFlight { ack: sent.ok().map(Ack::Sent), message });
+        if self.acks.is_none() {
+            self.acks = Some(AckInbox::open(&self.backbone).await);
+        }
+        let acks = self.acks.as_mut().expect("opened above");
+        let reply = acks.reply_for(self.inflight.len());
+        let sent = match reply {
+            Some(reply) => self
+                .backbone
+                .client
+                .publish_with_reply_and_headers(
+                    message.subject.clone(),
+                    reply,
+                    headers_of(&message),
+                    message.payload.clone(),
+                )
+                .await
+                .is_ok(),
+            None => false,
+        };
+        self.inflight.push_back(InFlight { ack: if sent { Slot::Waiting } else { Slot::Failed }, message });
     }
 
     /// The oldest publish's acknowledgement (from [`oldest`]), or its retry.
     async fn settle(&mut self, outcome: Outcome) -> Result<PublishAck> {
         let m = self.inflight.pop_front().expect("settled the oldest publish").message;
+        if let Some(acks) = self.acks.as_mut() {
+            acks.first += 1;
+        }
         match outcome {
             Ok(ack) => {
                 self.failing_since = None;
@@ -138,11 +167,9 @@ impl Pipeline<'_> {
                     // arrived are kept; the rest are retried one by one (a stored message
                     // answers as a duplicate).
                     for later in &mut self.inflight {
-                        later.ack = match later.ack.take() {
-                            Some(Ack::Sent(sent)) => arrived(sent.into_future()),
-                            Some(Ack::Awaited(ack)) => arrived(ack),
-                            kept => kept,
-                        };
+                        if matches!(later.ack, Slot::Waiting) {
+                            later.ack = Slot::Failed;
+                        }
                     }
                 }
                 let since = *self.failing_since.get_or_insert_with(Instant::now);
@@ -155,30 +182,218 @@ impl Pipeline<'_> {
 }
 
 /// Waits for how the oldest publish ended, without removing it; `None` when nothing is in
-/// flight. Cancel-safe.
-fn oldest(inflight: &mut VecDeque<InFlight>) -> impl Future<Output = Option<Outcome>> + '_ {
+/// flight. Cancel-safe: acknowledgements taken from the inbox are kept in their slots.
+fn oldest<'b>(
+    inflight: &'b mut VecDeque<InFlight>,
+    mut acks: Option<&'b mut AckInbox>,
+) -> impl Future<Output = Option<Outcome>> + 'b {
     std::future::poll_fn(move |cx| {
+        if let Some(acks) = acks.as_deref_mut() {
+            acks.collect(inflight, cx);
+        }
         let Some(front) = inflight.front_mut() else { return Poll::Ready(None) };
-        loop {
-            match front.ack.take() {
-                None => return Poll::Ready(Some(Err(false))),
-                Some(Ack::Arrived(ack)) => return Poll::Ready(Some(Ok(ack))),
-                Some(Ack::Sent(sent)) => front.ack = Some(Ack::Awaited(sent.into_future())),
-                Some(Ack::Awaited(mut ack)) => {
-                    let polled = ack.as_mut().poll(cx);
-                    front.ack = Some(Ack::Awaited(ack));
-                    return polled.map(|r| Some(r.map(to_ack).map_err(|e| e.kind() == PublishErrorKind::TimedOut)));
+        match std::mem::replace(&mut front.ack, Slot::Failed) {
+            Slot::Arrived(ack) => Poll::Ready(Some(Ok(ack))),
+            Slot::Failed => Poll::Ready(Some(Err(false))),
+            Slot::Waiting => {
+                front.ack = Slot::Waiting;
+                // Without an inbox nothing can answer: given up on at once.
+                let waiting = acks.as_deref_mut().is_some_and(|acks| !acks.timed_out(cx));
+                if waiting {
+                    Poll::Pending
+                } else {
+                    Poll::Ready(Some(Err(true)))
                 }
             }
         }
     })
 }
 
-/// The acknowledgement if it has already arrived (polled once, without waiting); `None` (to
-/// retry) otherwise.
-fn arrived(mut ack: AckFuture) -> Option<Ack> {
-    match ack.as_mut().now_or_never() {
-        Some(Ok(ack)) => Some(Ack::Arrived(to_ack(ack))),
-        _ => None,
+/// The acknowledgements of one pipeline's publishes: a subscription of its own, each
+/// publish's reply subject numbered in sending order, so an acknowledgement finds its
+/// publish by that number whatever order the server answers in.
+struct AckInbox {
+    /// `None` when the subscription could not be made or has ended (the connection was
+    /// closed): every publish then fails over to the retrying path.
+    subscriber: Option<async_nats::Subscriber>,
+    /// The reply subject without its number, ending in a dot.
+    prefix: String,
+    /// Reply number of the oldest publish in flight; the one at index `i` has `first + i`.
+    first: u64,
+    /// How long the oldest publish's acknowledgement is waited for, from when it is first
+    /// waited on (as awaiting each acknowledgement in turn would).
+    timeout: std::time::Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
+    /// Reply number the timer runs for.
+    armed_for: Option<u64>,
+}
+
+impl AckInbox {
+    async fn open(backbone: &JetStreamBackbone) -> Self {
+        let prefix = format!("{}.", backbone.client.new_inbox());
+        let subscriber = match backbone.client.subscribe(format!("{prefix}*")).await {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::debug!(error = %e, "no acknowledgement inbox; publishing one at a time");
+                None
+            }
+        };
+        AckInbox {
+            subscriber,
+            prefix,
+            first: 0,
+            timeout: backbone.request_timeout,
+            timer: Box::pin(tokio::time::sleep(backbone.request_timeout)),
+            armed_for: None,
+        }
+    }
+
+    /// The reply subject of the publish that will be at index `index` of the window; `None`
+    /// when there is no inbox to answer to.
+    fn reply_for(&self, index: usize) -> Option<String> {
+        self.subscriber.as_ref()?;
+        let mut number = itoa::Buffer::new();
+        let number = number.format(self.first + index as u64);
+        let mut reply = String::with_capacity(self.prefix.len() + number.len());
+        reply.push_str(&self.prefix);
+        reply.push_str(number);
+        Some(reply)
+    }
+
+    /// Takes every acknowledgement that has arrived into its publish's slot.
+    fn collect(&mut self, inflight: &mut VecDeque<InFlight>, cx: &mut Context<'_>) {
+        let Some(subscriber) = self.subscriber.as_mut() else { return };
+        loop {
+            match subscriber.poll_next_unpin(cx) {
+                Poll::Ready(Some(reply)) => record(&self.prefix, self.first, &reply, inflight),
+                Poll::Ready(None) => {
+                    self.subscriber = None;
+                    for publish in inflight.iter_mut().filter(|p| matches!(p.ack, Slot::Waiting)) {
+                        publish.ack = Slot::Failed;
+                    }
+                    return;
+                }
+                Poll::Pending => return,
+            }
+        }
+    }
+
+    /// Whether the oldest publish has waited its whole timeout; arms the timer for it when it
+    /// is first waited on.
+    fn timed_out(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.armed_for != Some(self.first) {
+            self.timer.as_mut().reset(tokio::time::Instant::now() + self.timeout);
+            self.armed_for = Some(self.first);
+        }
+        self.timer.as_mut().poll(cx).is_ready()
+    }
+}
+
+/// Puts `reply` in the slot of the publish it answers: the one whose reply subject is
+/// `prefix` and its number, `first` being the number of the oldest in flight.
+fn record(prefix: &str, first: u64, reply: &async_nats::Message, inflight: &mut VecDeque<InFlight>) {
+    let number = reply.subject.strip_prefix(prefix).and_then(|n| n.parse::<u64>().ok());
+    // A number before `first` belongs to a publish already given up on and retried.
+    let Some(index) = number.and_then(|n| n.checked_sub(first)) else { return };
+    if let Some(publish) = inflight.get_mut(index as usize) {
+        if matches!(publish.ack, Slot::Waiting) {
+            publish.ack = stored(reply).map_or(Slot::Failed, Slot::Arrived);
+        }
+    }
+}
+
+/// The server's acknowledgement that it stored a publish; `None` for anything else (a status
+/// such as no responders, an error reply, a body that is not an acknowledgement), which the
+/// retrying path then meets and reports.
+fn stored(reply: &async_nats::Message) -> Option<PublishAck> {
+    /// A JetStream publish acknowledgement, `{"stream":"S","seq":N}` with `"duplicate":true`
+    /// for a repeated id; other fields (domain, counters, batches) are not needed here.
+    #[derive(Deserialize)]
+    struct Body<'a> {
+        #[serde(borrow)]
+        stream: std::borrow::Cow<'a, str>,
+        seq: u64,
+        #[serde(default)]
+        duplicate: bool,
+        #[serde(default)]
+        error: Option<serde::de::IgnoredAny>,
+    }
+    if reply.status.is_some() {
+        return None;
+    }
+    let body: Body = serde_json::from_slice(&reply.payload).ok()?;
+    if body.error.is_some() {
+        return None;
+    }
+    Some(PublishAck { stream: body.stream.into_owned(), sequence: body.seq, duplicate: body.duplicate })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(subject: &str, payload: &str, status: Option<async_nats::StatusCode>) -> async_nats::Message {
+        async_nats::Message {
+            subject: subject.into(),
+            reply: None,
+            payload: payload.to_string().into(),
+            headers: None,
+            status,
+            description: None,
+            length: payload.len(),
+        }
+    }
+
+    fn waiting(n: usize) -> VecDeque<InFlight> {
+        (0..n).map(|i| InFlight { message: Message::new(format!("id-{i}"), "s", "x"), ack: Slot::Waiting }).collect()
+    }
+
+    fn acked(slot: &Slot) -> Option<(&str, u64, bool)> {
+        match slot {
+            Slot::Arrived(a) => Some((a.stream.as_str(), a.sequence, a.duplicate)),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn only_a_stored_acknowledgement_counts_as_one() {
+        let ok = stored(&reply("i.1", r#"{"stream":"EVENTS","seq":42}"#, None)).unwrap();
+        assert_eq!((ok.stream.as_str(), ok.sequence, ok.duplicate), ("EVENTS", 42, false));
+        let dup = stored(&reply("i.1", r#"{"stream":"EVENTS","domain":"hub","seq":7,"duplicate":true}"#, None));
+        assert!(dup.is_some_and(|a| a.duplicate && a.sequence == 7));
+        for refused in [
+            r#"{"error":{"code":503,"err_code":10077,"description":"maximum messages exceeded"},"stream":"EVENTS","seq":0}"#,
+            r#"{"error":{"code":400,"description":"bad"}}"#,
+            r#"{"stream":"EVENTS"}"#,
+            "",
+            "not json",
+        ] {
+            assert!(stored(&reply("i.1", refused, None)).is_none(), "{refused}");
+        }
+        let no_responders = reply("i.1", "", Some(async_nats::StatusCode::NO_RESPONDERS));
+        assert!(stored(&no_responders).is_none());
+    }
+
+    #[test]
+    fn acknowledgements_find_their_publish_by_number_in_any_order() {
+        let mut inflight = waiting(3);
+        // The window starts at publish number 10; answers come out of order.
+        record("_INBOX.x.", 10, &reply("_INBOX.x.12", r#"{"stream":"S","seq":3}"#, None), &mut inflight);
+        record("_INBOX.x.", 10, &reply("_INBOX.x.10", r#"{"stream":"S","seq":1}"#, None), &mut inflight);
+        assert_eq!(acked(&inflight[0].ack), Some(("S", 1, false)));
+        assert!(matches!(inflight[1].ack, Slot::Waiting));
+        assert_eq!(acked(&inflight[2].ack), Some(("S", 3, false)));
+        // An answer is not overwritten by a repeat, and a refusal fails its publish only.
+        record("_INBOX.x.", 10, &reply("_INBOX.x.10", r#"{"stream":"S","seq":9}"#, None), &mut inflight);
+        record("_INBOX.x.", 10, &reply("_INBOX.x.11", r#"{"error":{"code":503}}"#, None), &mut inflight);
+        assert_eq!(acked(&inflight[0].ack), Some(("S", 1, false)));
+        assert!(matches!(inflight[1].ack, Slot::Failed));
+        // Numbers of publishes already settled, beyond the window, or of another inbox are
+        // ignored.
+        let mut fresh = waiting(2);
+        for subject in ["_INBOX.x.9", "_INBOX.x.12", "_INBOX.y.10", "_INBOX.x.ten", "_INBOX.x."] {
+            record("_INBOX.x.", 10, &reply(subject, r#"{"stream":"S","seq":1}"#, None), &mut fresh);
+        }
+        assert!(fresh.iter().all(|p| matches!(p.ack, Slot::Waiting)));
     }
 }
