@@ -139,27 +139,27 @@ pub fn validate_token(field: &'static str, token: &str) -> Result<(), SubjectErr
 /// `choria.lifecycle.event.<type>.<component>`.
 pub fn lifecycle(event_type: LifecycleType, component: &str) -> Result<String, SubjectError> {
     validate_token("component", component)?;
-    Ok(format!("choria.lifecycle.event.{event_type}.{component}"))
+    Ok(["choria.lifecycle.event.", event_type.as_str(), ".", component].concat())
 }
 
 /// `choria.machine.watcher.<type>.state`.
 pub fn watcher(watcher_type: &str) -> Result<String, SubjectError> {
     validate_token("watcher type", watcher_type)?;
-    Ok(format!("choria.machine.watcher.{watcher_type}.state"))
+    Ok(["choria.machine.watcher.", watcher_type, ".state"].concat())
 }
 
 /// `chorus.rpc.request.<collective>.<agent>`.
 pub fn rpc_request(collective: &str, agent: &str) -> Result<String, SubjectError> {
     validate_token("collective", collective)?;
     validate_token("agent", agent)?;
-    Ok(format!("chorus.rpc.request.{collective}.{agent}"))
+    Ok(["chorus.rpc.request.", collective, ".", agent].concat())
 }
 
 /// `chorus.rpc.reply.<collective>.<agent>`.
 pub fn rpc_reply(collective: &str, agent: &str) -> Result<String, SubjectError> {
     validate_token("collective", collective)?;
     validate_token("agent", agent)?;
-    Ok(format!("chorus.rpc.reply.{collective}.{agent}"))
+    Ok(["chorus.rpc.reply.", collective, ".", agent].concat())
 }
 
 /// `chorus.audit.<decision>.<site>`.

@@ -60,6 +60,7 @@ pub(super) fn publish<'a>(backbone: Arc<JetStreamBackbone>, messages: Outgoing<'
         input: Some(messages),
         inflight: VecDeque::new(),
         acks: None,
+        draining: false,
         failing_since: None,
     });
     Box::pin(until_error(futures::stream::unfold(state, |mut p| async move {
@@ -81,6 +82,8 @@ struct Pipeline<'a> {
     inflight: VecDeque<InFlight>,
     /// Opened with the first publish (it subscribes, which needs the connection).
     acks: Option<AckInbox>,
+    /// The window filled up and is not yet drained enough to refill.
+    draining: bool,
     /// When publishes started failing: the retries of a window lost with a server share one
     /// `retry_for` budget, so a dead server costs one timeout, not one per message.
     failing_since: Option<Instant>,
@@ -90,7 +93,16 @@ impl Pipeline<'_> {
     /// The next acknowledgement (or error); `None` when every message is acknowledged.
     async fn next(&mut self) -> Option<Result<PublishAck>> {
         loop {
-            let room = self.inflight.len() < self.backbone.window;
+            // A full window is refilled only once an eighth of it is acknowledged: publishes
+            // then go out, and their acknowledgements come back, in runs, so the connection
+            // writes many to a syscall (one at a time each costs the server a read).
+            let window = self.backbone.window;
+            if self.inflight.len() >= window {
+                self.draining = true;
+            } else if self.inflight.len() + (window / 8).max(1) <= window {
+                self.draining = false;
+            }
+            let room = !self.draining;
             match (self.input.as_mut(), self.acks.as_mut()) {
                 // Keep the window full first; settle an acknowledgement when no message is
                 // ready (or the window is full).

@@ -36,6 +36,7 @@ mod decode;
 mod error;
 mod event;
 mod record;
+mod rfc3339;
 mod skipped;
 mod wire;
 

@@ -9,6 +9,7 @@ use crate::subject::SubjectError;
 use crate::util::{clip, new_event_id, CLIP};
 
 use super::decode::{decode_cloudevent, decode_fast, decode_legacy, time_from_unix};
+use super::rfc3339::Rfc3339;
 use super::{DecodeError, Event, CONTENT_TYPE, MAX_EVENT_BYTES, SEQ, SIG, SIGCRED, SIGKEY, SITE};
 
 /// The signature carried by a signed [`EventRecord`], as found on the wire.
@@ -241,7 +242,10 @@ impl serde::Serialize for Wire<'_> {
         map.serialize_entry("source", r.data.source())?;
         map.serialize_entry("datacontenttype", CONTENT_TYPE)?;
         map.serialize_entry("subject", &r.subject)?;
-        map.serialize_entry("time", &r.time)?;
+        match Rfc3339::of(&r.time) {
+            Some(time) => map.serialize_entry("time", time.as_str())?,
+            None => map.serialize_entry("time", &r.time)?,
+        }
         map.serialize_entry("data", &Data(&r.data))?;
         if r.seq != 0 {
             match wire_seq(r.seq) {
