@@ -168,3 +168,24 @@ async fn server_restart_under_a_full_publish_window_costs_one_timeout() {
     assert_eq!(ids.len(), stored.len(), "no event stored twice");
     assert_eq!(ids.len(), 100_000, "every event stored");
 }
+
+/// A server that is gone for good: a batch larger than the client's command queue fails after
+/// `publish_retry_for` instead of waiting forever to hand publishes to a connection that
+/// keeps reconnecting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_to_a_server_gone_for_good_fails_instead_of_hanging() {
+    let mut server = NatsServer::start().unwrap();
+    let mut cfg = NatsConfig::from_url_list(&server.url());
+    cfg.request_timeout = Duration::from_secs(1);
+    cfg.publish_retry_for = Duration::from_secs(3);
+    let b: Arc<dyn Backbone> = Arc::new(JetStreamBackbone::connect(&cfg).await.unwrap());
+    b.ensure_stream(&stream_config("GONE", 1)).await.unwrap();
+    // The pipeline's inbox is taken (and later reused) while the server is up.
+    b.publish_batch(messages("GONE", "a", "w", 0..10)).await.unwrap();
+    tokio::task::block_in_place(|| server.kill().unwrap());
+    let batch = messages("GONE", "a", "w", 10..20_010);
+    let outcome = tokio::time::timeout(Duration::from_secs(60), b.publish_batch(batch))
+        .await
+        .expect("the batch neither failed nor finished within 60 s of losing the server");
+    assert!(outcome.is_err(), "a batch to a server that is gone must fail");
+}

@@ -30,7 +30,8 @@ pub struct NatsConfig {
     #[serde(default = "default_timeout", with = "humantime_serde")]
     #[schemars(with = "String")]
     pub request_timeout: Duration,
-    /// Publishes in flight before the publisher waits for acknowledgements.
+    /// Twice the publish window: a pipelined publisher keeps up to half of it in flight (at
+    /// most 65,536, what the acknowledgement inbox buffers) before it waits for acknowledgements.
     #[serde(default = "default_inflight")]
     pub max_ack_inflight: usize,
     /// How long a publish keeps being retried (same event id, so no duplicates) through broker

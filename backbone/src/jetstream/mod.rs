@@ -42,8 +42,17 @@ pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
 /// Pauses between retries of a JetStream call: 50 ms doubling to 1 s, within `retry_for`.
 const API_BACKOFF: Backoff = Backoff::doubling(Duration::from_millis(50), Duration::from_secs(1));
 
-/// Ack permits of the JetStream context: far above any window, so they never block.
+/// Ack permits of the JetStream context, used by single publishes and retries: far above any
+/// window, so they never block.
 const CONTEXT_ACK_PERMITS: usize = 1 << 20;
+
+/// The largest publish window: the acknowledgements of a window must fit the buffer of the
+/// pipeline's inbox subscription (async-nats's default of 65,536), or the client drops them
+/// as a slow consumer and each costs a timeout.
+const MAX_WINDOW: usize = 65_536;
+
+/// Idle acknowledgement inboxes kept per connection; more are unsubscribed.
+const IDLE_INBOXES: usize = 16;
 
 /// A [`Backbone`] on NATS JetStream. Cheap to clone.
 #[derive(Clone)]
@@ -51,9 +60,11 @@ pub struct JetStreamBackbone {
     client: async_nats::Client,
     js: jetstream::Context,
     retry_for: Duration,
-    /// Publishes kept in flight by `publish_batch`; below the context's ack permits so a
-    /// batch never waits on permits held by its own unawaited acknowledgements.
+    /// Publishes kept in flight by a publish pipeline (see [`pipeline`]); at most
+    /// [`MAX_WINDOW`].
     window: usize,
+    /// Acknowledgement inboxes of pipelines that ended, for the next ones (see [`pipeline`]).
+    idle_inboxes: std::sync::Arc<std::sync::Mutex<Vec<pipeline::AckInbox>>>,
     /// The JetStream domain this backbone's API calls go to, when configured.
     domain: Option<String>,
     /// How long a JetStream API request may take.
@@ -74,7 +85,7 @@ impl JetStreamBackbone {
 
     /// Wraps an existing connection.
     pub fn from_client(client: async_nats::Client, config: &NatsConfig) -> Self {
-        // In-flight publishes are bounded by `window` in publish_batch, not by the context's
+        // In-flight publishes are bounded by the pipeline's window, not by the context's
         // ack permits: a server killed with acknowledgements in flight could leave permits
         // that are never given back, and a later publish would then wait on them forever
         // (seen as a producer hung after a broker restart).
@@ -89,9 +100,23 @@ impl JetStreamBackbone {
             js: builder.build(client.clone()),
             client,
             retry_for: config.publish_retry_for,
-            window: (config.max_ack_inflight / 2).max(1),
+            window: (config.max_ack_inflight / 2).clamp(1, MAX_WINDOW),
+            idle_inboxes: Default::default(),
             domain: config.domain.clone(),
             request_timeout: config.request_timeout,
+        }
+    }
+
+    /// An acknowledgement inbox a finished pipeline gave back, if any.
+    fn idle_inbox(&self) -> Option<pipeline::AckInbox> {
+        self.idle_inboxes.lock().unwrap_or_else(|e| e.into_inner()).pop()
+    }
+
+    /// Keeps a finished pipeline's inbox for the next one (dropping it unsubscribes).
+    fn give_back(&self, inbox: pipeline::AckInbox) {
+        let mut idle = self.idle_inboxes.lock().unwrap_or_else(|e| e.into_inner());
+        if inbox.reusable() && idle.len() < IDLE_INBOXES {
+            idle.push(inbox);
         }
     }
 
@@ -313,7 +338,7 @@ fn parse_headers(block: &[u8]) -> (String, Headers) {
     (id, headers)
 }
 
-/// The JetStream publish of `m`: its id as `Nats-Msg-Id`, then its other headers.
+/// The JetStream publish of `m`, with [`headers_of`] it.
 fn publish_of(m: &Message) -> Publish {
     Publish::build().headers(headers_of(m)).payload(m.payload.clone())
 }

@@ -60,7 +60,9 @@ pub(super) fn publish<'a>(backbone: Arc<JetStreamBackbone>, messages: Outgoing<'
         input: Some(messages),
         inflight: VecDeque::new(),
         acks: None,
+        deadline: Deadline::default(),
         draining: false,
+        stalled: false,
         failing_since: None,
     });
     Box::pin(until_error(futures::stream::unfold(state, |mut p| async move {
@@ -80,10 +82,15 @@ struct Pipeline<'a> {
     /// Publishes in the order sent: acknowledgements are yielded in this order, so only the
     /// oldest is waited on (and only its timeout runs).
     inflight: VecDeque<InFlight>,
-    /// Opened with the first publish (it subscribes, which needs the connection).
+    /// Taken with the first publish (from the backbone's idle inboxes, or subscribed), given
+    /// back when the pipeline is dropped.
     acks: Option<AckInbox>,
+    deadline: Deadline,
     /// The window filled up and is not yet drained enough to refill.
     draining: bool,
+    /// A publish could not even be handed to the connection within the timeout (it is
+    /// reconnecting): nothing more is sent until the window has been settled by retries.
+    stalled: bool,
     /// When publishes started failing: the retries of a window lost with a server share one
     /// `retry_for` budget, so a dead server costs one timeout, not one per message.
     failing_since: Option<Instant>,
@@ -102,7 +109,10 @@ impl Pipeline<'_> {
             } else if self.inflight.len() + (window / 8).max(1) <= window {
                 self.draining = false;
             }
-            let room = !self.draining;
+            if self.inflight.is_empty() {
+                self.stalled = false;
+            }
+            let room = !self.draining && !self.stalled;
             match (self.input.as_mut(), self.acks.as_mut()) {
                 // Keep the window full first; settle an acknowledgement when no message is
                 // ready (or the window is full).
@@ -122,13 +132,13 @@ impl Pipeline<'_> {
                             }
                             None => self.input = None,
                         },
-                        Some(ack) = oldest(&mut self.inflight, acks), if !self.inflight.is_empty() => {
+                        Some(ack) = oldest(&mut self.inflight, acks, &mut self.deadline), if !self.inflight.is_empty() => {
                             return Some(self.settle(ack).await);
                         }
                     }
                 }
                 (_, acks) => {
-                    let Some(ack) = oldest(&mut self.inflight, acks).await else {
+                    let Some(ack) = oldest(&mut self.inflight, acks, &mut self.deadline).await else {
                         return self.refused.take().map(Err);
                     };
                     return Some(self.settle(ack).await);
@@ -138,26 +148,47 @@ impl Pipeline<'_> {
     }
 
     async fn send(&mut self, message: Message) {
+        let timeout = self.backbone.request_timeout;
         if self.acks.is_none() {
-            self.acks = Some(AckInbox::open(&self.backbone).await);
+            self.acks = Some(AckInbox::take(&self.backbone).await);
         }
-        let acks = self.acks.as_mut().expect("opened above");
-        let reply = acks.reply_for(self.inflight.len());
-        let sent = match reply {
-            Some(reply) => self
-                .backbone
-                .client
-                .publish_with_reply_and_headers(
+        let acks = self.acks.as_mut().expect("taken above");
+        let ack = match acks.reply_for(self.inflight.len()) {
+            None => Slot::Failed,
+            Some(reply) => {
+                let headers = headers_of(&message);
+                let publish = self.backbone.client.publish_with_reply_and_headers(
                     message.subject.clone(),
                     reply,
-                    headers_of(&message),
+                    headers,
                     message.payload.clone(),
-                )
-                .await
-                .is_ok(),
-            None => false,
+                );
+                // Handing the publish over waits while the client reconnects: as long as an
+                // acknowledgement may take, as async-nats's own publish waits.
+                match tokio::time::timeout(timeout, publish).await {
+                    Ok(Ok(())) => Slot::Waiting,
+                    Ok(Err(_)) => Slot::Failed,
+                    Err(_) => {
+                        // The connection is likely lost: what is in flight is retried one by
+                        // one (a stored message answers as a duplicate), nothing more is sent
+                        // until then, so a lost server costs one timeout.
+                        self.stalled = true;
+                        self.give_up_waiting();
+                        Slot::Failed
+                    }
+                }
+            }
         };
-        self.inflight.push_back(InFlight { ack: if sent { Slot::Waiting } else { Slot::Failed }, message });
+        self.inflight.push_back(InFlight { ack, message });
+    }
+
+    /// Publishes still waiting for their acknowledgement are retried instead.
+    fn give_up_waiting(&mut self) {
+        for publish in &mut self.inflight {
+            if matches!(publish.ack, Slot::Waiting) {
+                publish.ack = Slot::Failed;
+            }
+        }
     }
 
     /// The oldest publish's acknowledgement (from [`oldest`]), or its retry.
@@ -178,11 +209,7 @@ impl Pipeline<'_> {
                     // one timeout per message of the window. The acknowledgements that have
                     // arrived are kept; the rest are retried one by one (a stored message
                     // answers as a duplicate).
-                    for later in &mut self.inflight {
-                        if matches!(later.ack, Slot::Waiting) {
-                            later.ack = Slot::Failed;
-                        }
-                    }
+                    self.give_up_waiting();
                 }
                 let since = *self.failing_since.get_or_insert_with(Instant::now);
                 let ack = self.backbone.publish_retrying(&m, since).await?;
@@ -193,11 +220,23 @@ impl Pipeline<'_> {
     }
 }
 
+impl Drop for Pipeline<'_> {
+    fn drop(&mut self) {
+        if let Some(mut acks) = self.acks.take() {
+            // Numbers handed out are never handed out again: late acknowledgements of this
+            // pipeline's publishes are ignored by the next one.
+            acks.first = acks.next;
+            self.backbone.give_back(acks);
+        }
+    }
+}
+
 /// Waits for how the oldest publish ended, without removing it; `None` when nothing is in
 /// flight. Cancel-safe: acknowledgements taken from the inbox are kept in their slots.
 fn oldest<'b>(
     inflight: &'b mut VecDeque<InFlight>,
     mut acks: Option<&'b mut AckInbox>,
+    deadline: &'b mut Deadline,
 ) -> impl Future<Output = Option<Outcome>> + 'b {
     std::future::poll_fn(move |cx| {
         if let Some(acks) = acks.as_deref_mut() {
@@ -210,7 +249,7 @@ fn oldest<'b>(
             Slot::Waiting => {
                 front.ack = Slot::Waiting;
                 // Without an inbox nothing can answer: given up on at once.
-                let waiting = acks.as_deref_mut().is_some_and(|acks| !acks.timed_out(cx));
+                let waiting = acks.as_deref().is_some_and(|acks| !deadline.passed(acks.first, acks.timeout, cx));
                 if waiting {
                     Poll::Pending
                 } else {
@@ -224,7 +263,7 @@ fn oldest<'b>(
 /// The acknowledgements of one pipeline's publishes: a subscription of its own, each
 /// publish's reply subject numbered in sending order, so an acknowledgement finds its
 /// publish by that number whatever order the server answers in.
-struct AckInbox {
+pub(super) struct AckInbox {
     /// `None` when the subscription could not be made or has ended (the connection was
     /// closed): every publish then fails over to the retrying path.
     subscriber: Option<async_nats::Subscriber>,
@@ -232,40 +271,46 @@ struct AckInbox {
     prefix: String,
     /// Reply number of the oldest publish in flight; the one at index `i` has `first + i`.
     first: u64,
+    /// The next reply number to hand out.
+    next: u64,
     /// How long the oldest publish's acknowledgement is waited for, from when it is first
     /// waited on (as awaiting each acknowledgement in turn would).
     timeout: std::time::Duration,
-    timer: Pin<Box<tokio::time::Sleep>>,
-    /// Reply number the timer runs for.
-    armed_for: Option<u64>,
 }
 
 impl AckInbox {
-    async fn open(backbone: &JetStreamBackbone) -> Self {
+    /// An idle inbox of `backbone`'s, or a new subscription: subscribing for every batch
+    /// would cost the servers a SUB and an UNSUB each, passed on to every route and leaf node.
+    async fn take(backbone: &JetStreamBackbone) -> Self {
+        if let Some(inbox) = backbone.idle_inbox() {
+            return inbox;
+        }
         let prefix = format!("{}.", backbone.client.new_inbox());
-        let subscriber = match backbone.client.subscribe(format!("{prefix}*")).await {
-            Ok(s) => Some(s),
-            Err(e) => {
+        let subscribe = backbone.client.subscribe(format!("{prefix}*"));
+        let subscriber = match tokio::time::timeout(backbone.request_timeout, subscribe).await {
+            Ok(Ok(s)) => Some(s),
+            Ok(Err(e)) => {
                 tracing::debug!(error = %e, "no acknowledgement inbox; publishing one at a time");
                 None
             }
+            Err(_) => None,
         };
-        AckInbox {
-            subscriber,
-            prefix,
-            first: 0,
-            timeout: backbone.request_timeout,
-            timer: Box::pin(tokio::time::sleep(backbone.request_timeout)),
-            armed_for: None,
-        }
+        AckInbox { subscriber, prefix, first: 0, next: 0, timeout: backbone.request_timeout }
     }
 
-    /// The reply subject of the publish that will be at index `index` of the window; `None`
-    /// when there is no inbox to answer to.
-    fn reply_for(&self, index: usize) -> Option<String> {
+    /// Whether it can serve another pipeline (its subscription is still open).
+    pub(super) fn reusable(&self) -> bool {
+        self.subscriber.is_some()
+    }
+
+    /// The reply subject of the next publish, which will be at index `index` of the window;
+    /// `None` when there is no inbox to answer to.
+    fn reply_for(&mut self, index: usize) -> Option<String> {
         self.subscriber.as_ref()?;
+        debug_assert_eq!(self.next, self.first + index as u64, "one reply number per publish in flight");
         let mut number = itoa::Buffer::new();
-        let number = number.format(self.first + index as u64);
+        let number = number.format(self.next);
+        self.next += 1;
         let mut reply = String::with_capacity(self.prefix.len() + number.len());
         reply.push_str(&self.prefix);
         reply.push_str(number);
@@ -289,25 +334,49 @@ impl AckInbox {
             }
         }
     }
+}
 
-    /// Whether the oldest publish has waited its whole timeout; arms the timer for it when it
-    /// is first waited on.
-    fn timed_out(&mut self, cx: &mut Context<'_>) -> bool {
-        if self.armed_for != Some(self.first) {
-            self.timer.as_mut().reset(tokio::time::Instant::now() + self.timeout);
-            self.armed_for = Some(self.first);
+/// The timer of the oldest publish in flight.
+#[derive(Default)]
+struct Deadline {
+    /// Made on first use (it needs the runtime), then reset for each oldest publish.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Reply number the timer runs for.
+    armed_for: Option<u64>,
+}
+
+impl Deadline {
+    /// Whether publish `number` (the oldest) has waited `timeout`; arms the timer for it when
+    /// it is first waited on.
+    fn passed(&mut self, number: u64, timeout: std::time::Duration, cx: &mut Context<'_>) -> bool {
+        if self.armed_for != Some(number) {
+            let now = tokio::time::Instant::now();
+            // A timeout too long to add is as good as never.
+            let at = now.checked_add(timeout).unwrap_or(now + std::time::Duration::from_secs(1 << 30));
+            match self.timer.as_mut() {
+                Some(timer) => timer.as_mut().reset(at),
+                None => self.timer = Some(Box::pin(tokio::time::sleep_until(at))),
+            }
+            self.armed_for = Some(number);
         }
-        self.timer.as_mut().poll(cx).is_ready()
+        self.timer.as_mut().is_some_and(|timer| timer.as_mut().poll(cx).is_ready())
     }
 }
 
 /// Puts `reply` in the slot of the publish it answers: the one whose reply subject is
 /// `prefix` and its number, `first` being the number of the oldest in flight.
 fn record(prefix: &str, first: u64, reply: &async_nats::Message, inflight: &mut VecDeque<InFlight>) {
-    let number = reply.subject.strip_prefix(prefix).and_then(|n| n.parse::<u64>().ok());
-    // A number before `first` belongs to a publish already given up on and retried.
-    let Some(index) = number.and_then(|n| n.checked_sub(first)) else { return };
-    if let Some(publish) = inflight.get_mut(index as usize) {
+    let number = reply
+        .subject
+        .strip_prefix(prefix)
+        .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|n| n.parse::<u64>().ok());
+    // A number before `first` belongs to a publish already given up on and retried (or to
+    // an earlier pipeline that used this inbox).
+    let Some(index) = number.and_then(|n| n.checked_sub(first)).and_then(|i| usize::try_from(i).ok()) else {
+        return;
+    };
+    if let Some(publish) = inflight.get_mut(index) {
         if matches!(publish.ack, Slot::Waiting) {
             publish.ack = stored(reply).map_or(Slot::Failed, Slot::Arrived);
         }
