@@ -157,15 +157,22 @@ impl Pipeline<'_> {
             None => Slot::Failed,
             Some(reply) => {
                 let headers = headers_of(&message);
-                let publish = self.backbone.client.publish_with_reply_and_headers(
-                    message.subject.clone(),
-                    reply,
-                    headers,
-                    message.payload.clone(),
-                );
                 // Handing the publish over waits while the client reconnects: as long as an
-                // acknowledgement may take, as async-nats's own publish waits.
-                match tokio::time::timeout(timeout, publish).await {
+                // acknowledgement may take, as async-nats's own publish waits. The timer is
+                // made only then (it reads the clock): nearly every hand-over is immediate.
+                let handed = {
+                    let mut publish = std::pin::pin!(self.backbone.client.publish_with_reply_and_headers(
+                        message.subject.clone(),
+                        reply,
+                        headers,
+                        message.payload.clone(),
+                    ));
+                    match futures::poll!(publish.as_mut()) {
+                        Poll::Ready(handed) => Ok(handed),
+                        Poll::Pending => tokio::time::timeout(timeout, publish).await,
+                    }
+                };
+                match handed {
                     Ok(Ok(())) => Slot::Waiting,
                     Ok(Err(_)) => Slot::Failed,
                     Err(_) => {
