@@ -79,6 +79,7 @@ impl Rfc3339 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tests::rng::Rng;
     use chrono::{NaiveDate, TimeZone};
 
     fn chrono_text(time: &DateTime<Utc>) -> String {
@@ -110,16 +111,10 @@ mod tests {
                 .and_utc(),
         ];
         // Every kind of fraction: none, milli, micro and nano precision, at random times.
-        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
-        let mut next = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
         for i in 0..20_000 {
-            let secs = (next() % 253_402_300_800) as i64 - 62_167_219_200; // years 0000..=9999
-            let nano = (next() % 1_000_000_000) as u32;
+            let secs = (rng.next() % 253_402_300_800) as i64 - 62_167_219_200; // years 0000..=9999
+            let nano = (rng.next() % 1_000_000_000) as u32;
             let nano = match i % 4 {
                 0 => 0,
                 1 => nano / 1_000_000 * 1_000_000,

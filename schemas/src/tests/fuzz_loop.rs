@@ -6,28 +6,9 @@
 
 use serde_json::{json, Value};
 
+use super::rng::Rng;
 use super::samples::*;
 use crate::envelope::EventRecord;
-
-/// xorshift64*: tiny, deterministic, good enough to drive mutations.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-
-    fn chance(&mut self, one_in: u64) -> bool {
-        self.below(one_in as usize) == 0
-    }
-}
 
 const INTERESTING_BYTES: &[u8] = b"{}[]\",:0-1.eE\\u \t\n\x00\xff.*>";
 

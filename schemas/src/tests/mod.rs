@@ -2,6 +2,7 @@
 
 mod decode_errors;
 mod fuzz_loop;
+pub(crate) mod rng;
 mod roundtrip;
 pub(crate) mod samples;
 mod schema_files;
