@@ -120,7 +120,7 @@ impl BackupLine {
     /// and its original store time.
     pub fn to_message(&self) -> Result<Message, String> {
         let id = if self.id.is_empty() { derived_id("restore", self.sequence, self.time) } else { self.id.clone() };
-        let headers = copy_headers(&self.headers, self.time);
+        let headers = copy_headers(self.headers.clone(), self.time);
         Ok(Message::new(id, self.subject.clone(), self.payload_bytes()?).with_headers(headers))
     }
 }

@@ -14,6 +14,12 @@ pub type Headers = Vec<(String, String)>;
 /// (RFC 3339, ns): the time the event was first stored, which a copy keeps.
 pub const STORED_TIME_HEADER: &str = "Chorus-Stored-Time";
 
+/// The header every copy by the replicator's copier carries: `<link> <source stream>
+/// <source sequence>`. It tells the copier (and a native source taking over from it), after
+/// any failure or crash, exactly how far the target got. Named here, beside the other
+/// headers of copies, so the engines write it without parsing it for every copy.
+pub const REPLICATED_FROM_HEADER: &str = "Chorus-Replicated-From";
+
 /// Headers that instruct the stream that stores a message (optimistic concurrency, rollups,
 /// per-message TTL) rather than describe it: a copy of a stored message (restore,
 /// replication) leaves them out, since they were meant for the stream that stored the
@@ -61,7 +67,7 @@ impl Message {
                 || name.eq_ignore_ascii_case(crate::jetstream::MSG_ID_HEADER)
                 || name == crate::jetstream::EVENT_ID_HEADER
                 || name.bytes().any(|b| b == b':' || !b.is_ascii_graphic());
-            if bad_name || value.len() > u16::MAX as usize || value.contains(['\r', '\n']) {
+            if bad_name || value.len() > u16::MAX as usize || value.bytes().any(|b| b == b'\r' || b == b'\n') {
                 return Err(crate::BackboneError::InvalidMessage(format!(
                     "header {name:?}: {value:?} cannot be stored (names are printable ASCII without ':', \
                      values have no line breaks, the id goes in the id)"
@@ -116,10 +122,15 @@ impl StoredMessage {
     /// restarted replicator) stores it once, while two stored copies of one event (a
     /// publisher that sent it twice) stay two, as they were.
     pub fn copy_id(&self) -> String {
-        if self.id.is_empty() {
+        self.id_or_derived(self.id.clone())
+    }
+
+    /// `id`, or where it is empty, the id derived from where and when this was stored.
+    fn id_or_derived(&self, id: String) -> String {
+        if id.is_empty() {
             derived_id(&self.stream, self.sequence, self.time)
         } else {
-            self.id.clone()
+            id
         }
     }
 
@@ -142,13 +153,22 @@ impl StoredMessage {
     /// The headers a copy of this message is published with (see [`copy_headers`]), stamped
     /// with [`StoredMessage::first_stored`].
     pub fn copy_headers(&self) -> Headers {
-        copy_headers(&self.headers, self.first_stored())
+        copy_headers(self.headers.clone(), self.first_stored())
     }
 
     /// The message that publishes a copy of this one: [`StoredMessage::copy_id`], the same
     /// subject and payload, and [`StoredMessage::copy_headers`].
     pub fn to_copy(&self) -> Message {
-        Message::new(self.copy_id(), self.subject.clone(), self.payload.clone()).with_headers(self.copy_headers())
+        self.clone().into_copy()
+    }
+
+    /// [`StoredMessage::to_copy`], moving this message's parts instead of copying them (a
+    /// copier makes one per event).
+    pub fn into_copy(mut self) -> Message {
+        let first_stored = self.first_stored();
+        let id = std::mem::take(&mut self.id);
+        let id = self.id_or_derived(id);
+        Message::new(id, self.subject, self.payload).with_headers(copy_headers(self.headers, first_stored))
     }
 }
 
@@ -165,11 +185,10 @@ pub fn stored_time_value(time: DateTime<Utc>) -> String {
 /// The headers a copy of a message first stored at `first_stored` is published with: its
 /// `headers` less the directives meant for the stream that stored the original, with
 /// [`STORED_TIME_HEADER`] set to `first_stored` (replacing any it carried).
-pub fn copy_headers(headers: &Headers, first_stored: DateTime<Utc>) -> Headers {
-    let mut out: Headers =
-        headers.iter().filter(|(name, _)| !is_directive(name) && name != STORED_TIME_HEADER).cloned().collect();
-    out.push((STORED_TIME_HEADER.into(), stored_time_value(first_stored)));
-    out
+pub fn copy_headers(mut headers: Headers, first_stored: DateTime<Utc>) -> Headers {
+    headers.retain(|(name, _)| !is_directive(name) && name != STORED_TIME_HEADER);
+    headers.push((STORED_TIME_HEADER.into(), stored_time_value(first_stored)));
+    headers
 }
 
 fn is_directive(name: &str) -> bool {

@@ -336,13 +336,16 @@ impl Copier {
         // Another publisher's message (go-choria's have no id) is copied with a derived id and
         // its headers, so a restarted copier stores it once and the copy is the original; the
         // copy carries the original's store time (views check event clocks against it).
-        let (id, mut headers) = (m.copy_id(), m.copy_headers());
-        // A copy of a copy carries this link's mark alone.
+        let sequence = m.sequence;
+        let mut copy = m.into_copy();
+        // A copy of a copy carries this link's mark alone, in its place among the sorted
+        // headers.
+        let headers = &mut copy.headers;
         headers.retain(|(n, _)| n != REPLICATED_FROM_HEADER);
-        headers.push((REPLICATED_FROM_HEADER.into(), self.progress.copy_mark(m.sequence)));
-        let mut payload = m.payload;
+        let at = headers.partition_point(|(n, _)| n.as_str() < REPLICATED_FROM_HEADER);
+        headers.insert(at, (REPLICATED_FROM_HEADER.into(), self.progress.copy_mark(sequence)));
         if self.source_site.is_some() || self.target_site.is_some() {
-            let peek: Option<Peek> = serde_json::from_slice(&payload).ok();
+            let peek: Option<Peek> = serde_json::from_slice(&copy.payload).ok();
             let site = peek.as_ref().and_then(|p| p.site.as_deref());
             if site.is_some() && site == self.target_site.as_deref() {
                 self.progress.metrics.skipped.get_or_create(&self.progress.reason("loop")).inc();
@@ -350,21 +353,22 @@ impl Copier {
             }
             if let (Some(p), None, Some(source_site)) = (&peek, site, &self.source_site) {
                 if p.specversion.is_some() {
-                    payload = with_site(&payload, source_site).map(Into::into).unwrap_or(payload.clone());
+                    if let Some(stamped) = with_site(&copy.payload, source_site) {
+                        copy.payload = stamped.into();
+                    }
                 }
             }
         }
         if let Some(s) = sampler {
-            if !s.forward(&m.subject, &payload) {
+            if !s.forward(&copy.subject, &copy.payload) {
                 self.progress.metrics.skipped.get_or_create(&self.progress.reason("sampled")).inc();
                 return None;
             }
         }
-        let subject = match rewrite_subject(&self.rewrites, &m.subject) {
-            Cow::Borrowed(_) => m.subject,
-            Cow::Owned(s) => s,
-        };
-        Some(Message::new(id, subject, payload).with_headers(headers))
+        if let Cow::Owned(s) = rewrite_subject(&self.rewrites, &copy.subject) {
+            copy.subject = s;
+        }
+        Some(copy)
     }
 
     /// Publishes batches in order and moves the checkpoint as the target stores them. With
@@ -423,7 +427,7 @@ impl Copier {
                             .push_back(futures::future::Either::Left(futures::future::ready(Ok((sequence, time, 0)))));
                         continue;
                     }
-                    match js.publish_sequenced(stream, &batch.messages, *last).await {
+                    match js.publish_sequenced(stream, batch.messages, *last).await {
                         Ok(ack) => {
                             *last += count;
                             inflight.push_back(futures::future::Either::Right(async move {

@@ -11,10 +11,7 @@ use chorus_runtime::{Backoff, Retry, Shutdown};
 use crate::checkpoint::Checkpoints;
 use crate::metrics::{CopierHealth, Metrics, PathLabels, ReasonLabels, StreamLabels};
 
-/// The header every copy by the copier carries: `<link> <source stream> <source sequence>`.
-/// It tells the copier (and a native source taking over from it), after any failure or
-/// crash, exactly how far the target got.
-pub const REPLICATED_FROM_HEADER: &str = "Chorus-Replicated-From";
+pub use chorus_backbone::message::REPLICATED_FROM_HEADER;
 
 /// A message of a target stream that a mark was found on.
 pub(crate) struct Marked<T> {
@@ -85,7 +82,14 @@ impl Progress {
 
     /// The `Chorus-Replicated-From` value of this link's copy of source `sequence`.
     pub fn copy_mark(&self, sequence: u64) -> String {
-        format!("{} {} {sequence}", self.link, self.stream)
+        // Written piece by piece: the copier makes one per event.
+        let mut number = itoa::Buffer::new();
+        let sequence = number.format(sequence);
+        let mut mark = String::with_capacity(self.link.len() + self.stream.len() + sequence.len() + 2);
+        for part in [self.link.as_str(), " ", self.stream.as_str(), " ", sequence] {
+            mark.push_str(part);
+        }
+        mark
     }
 
     /// The source sequence a message is this link's copy of, if it is one (a copy of a copy

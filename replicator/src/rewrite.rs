@@ -73,30 +73,30 @@ impl Rewrite {
         Ok(Rewrite { from, to })
     }
 
-    /// The rewritten subject, or `None` when `subject` does not match `from`.
+    /// The rewritten subject, or `None` when `subject` does not match `from`. One pass over
+    /// the subject, allocating only the result: the copier rewrites every event it copies.
     pub fn apply(&self, subject: &str) -> Option<String> {
-        let tokens: Vec<&str> = subject.split('.').collect();
-        let mut captured = Vec::new();
-        let mut rest: &[&str] = &[];
-        for (i, f) in self.from.iter().enumerate() {
-            match f.as_str() {
-                ">" => {
-                    if tokens.len() <= i {
-                        return None;
-                    }
-                    rest = &tokens[i..];
-                    break;
-                }
-                "*" => captured.push(*tokens.get(i)?),
-                lit => {
-                    if tokens.get(i) != Some(&lit) {
-                        return None;
-                    }
-                }
+        let mut captured: Vec<&str> = Vec::new();
+        let mut rest = None;
+        let mut tokens = subject.split('.');
+        // The byte offset of the next token: what `>` matches is the subject from there.
+        let mut offset = 0;
+        for f in &self.from {
+            if f == ">" {
+                tokens.next()?;
+                rest = Some(&subject[offset..]);
+                break;
             }
-            if i + 1 == self.from.len() && tokens.len() != self.from.len() {
+            let token = tokens.next()?;
+            offset += token.len() + 1;
+            if f == "*" {
+                captured.push(token);
+            } else if token != f {
                 return None;
             }
+        }
+        if rest.is_none() && tokens.next().is_some() {
+            return None;
         }
         let mut out = String::with_capacity(subject.len() + 16);
         for part in &self.to {
@@ -106,7 +106,7 @@ impl Rewrite {
             match part {
                 Part::Literal(l) => out.push_str(l),
                 Part::Wildcard(n) => out.push_str(captured[*n]),
-                Part::Rest => out.push_str(&rest.join(".")),
+                Part::Rest => out.push_str(rest.unwrap_or_default()),
             }
         }
         Some(out)
@@ -143,6 +143,12 @@ mod tests {
         assert_eq!(r.apply("chorus.audit.deny.east").as_deref(), Some("chorus.audit.deny.hub"));
         assert_eq!(r.apply("chorus.audit.deny.east.extra"), None);
         assert_eq!(r.apply("chorus.audit.deny"), None);
+        let r = rule("a.*.>", "b.{{wildcard(1)}}.>").unwrap();
+        assert_eq!(r.apply("a.x.y.z").as_deref(), Some("b.x.y.z"));
+        assert_eq!(r.apply("a.x.y").as_deref(), Some("b.x.y"));
+        assert_eq!(r.apply("a.x"), None);
+        assert_eq!(r.apply("a.x."), Some("b.x.".to_string()));
+        assert_eq!(r.apply("c.x.y"), None);
         let rules = vec![r];
         assert_eq!(rewrite_subject(&rules, "other.subject"), "other.subject");
     }

@@ -189,3 +189,70 @@ async fn a_batch_to_a_server_gone_for_good_fails_instead_of_hanging() {
         .expect("the batch neither failed nor finished within 60 s of losing the server");
     assert!(outcome.is_err(), "a batch to a server that is gone must fail");
 }
+
+/// Reads `n` messages of a following replay, skipping the error items a replay reports while
+/// it starts again (they say why); fails if the replay stops or stalls for a minute.
+async fn read_following(replay: &mut chorus_backbone::MessageStream, n: usize) -> (Vec<u64>, usize) {
+    use futures::StreamExt;
+    let (mut sequences, mut errors) = (Vec::new(), 0);
+    while sequences.len() < n {
+        let item = tokio::time::timeout(Duration::from_secs(60), replay.next())
+            .await
+            .expect("the replay stalled for a minute")
+            .expect("a following replay does not end");
+        match item {
+            Ok(m) => sequences.push(m.sequence),
+            Err(_) => errors += 1,
+        }
+    }
+    (sequences, errors)
+}
+
+/// A replay whose consumer the server drops (deleted by an operator, lost with a server's
+/// memory) goes on after the last message it delivered: every message once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_whose_consumer_is_deleted_goes_on_in_order() {
+    use futures::TryStreamExt;
+    let server = NatsServer::start().unwrap();
+    let cfg = NatsConfig::from_url_list(&server.url());
+    let b: Arc<dyn Backbone> = Arc::new(JetStreamBackbone::connect(&cfg).await.unwrap());
+    b.ensure_stream(&stream_config("ORDERED", 1)).await.unwrap();
+    b.publish_batch(messages("ORDERED", "a", "o", 0..3_000)).await.unwrap();
+    let options = chorus_backbone::ReplayOptions { follow: true, ..Default::default() };
+    let mut replay = b.replay("ORDERED", options).await.unwrap();
+    let (mut seen, _) = read_following(&mut replay, 500).await;
+    let js = async_nats::jetstream::new(async_nats::connect(server.url()).await.unwrap());
+    let stream = js.get_stream("ORDERED").await.unwrap();
+    let names: Vec<String> = stream.consumer_names().try_collect().await.unwrap();
+    assert!(!names.is_empty(), "the replay reads through a consumer");
+    for name in names {
+        stream.delete_consumer(&name).await.unwrap();
+    }
+    // New messages after the deletion are read too.
+    b.publish_batch(messages("ORDERED", "a", "o", 3_000..3_500)).await.unwrap();
+    let (rest, _) = read_following(&mut replay, 3_000).await;
+    seen.extend(rest);
+    assert_eq!(seen, (1..=3_500).collect::<Vec<u64>>(), "every message once, in order");
+}
+
+/// A following replay survives a restart of its server (the consumer, kept in memory, is
+/// gone with it): it goes on after the last message it delivered, every message once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_goes_on_in_order_after_its_server_restarts() {
+    let mut server = NatsServer::start().unwrap();
+    let cfg = NatsConfig::from_url_list(&server.url());
+    let b: Arc<dyn Backbone> = Arc::new(JetStreamBackbone::connect(&cfg).await.unwrap());
+    b.ensure_stream(&stream_config("RESTARTED", 1)).await.unwrap();
+    b.publish_batch(messages("RESTARTED", "a", "r", 0..2_000)).await.unwrap();
+    let options = chorus_backbone::ReplayOptions { follow: true, ..Default::default() };
+    let mut replay = b.replay("RESTARTED", options).await.unwrap();
+    let (mut seen, _) = read_following(&mut replay, 700).await;
+    tokio::task::block_in_place(|| {
+        server.kill().unwrap();
+        server.restart().unwrap();
+    });
+    b.publish_batch(messages("RESTARTED", "a", "r", 2_000..2_300)).await.unwrap();
+    let (rest, _) = read_following(&mut replay, 1_600).await;
+    seen.extend(rest);
+    assert_eq!(seen, (1..=2_300).collect::<Vec<u64>>(), "every message once, in order");
+}

@@ -11,6 +11,7 @@ use chrono::{DateTime, Utc};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Delivered {
     pub(crate) stream_sequence: u64,
+    pub(crate) consumer_sequence: u64,
     pub(crate) delivered: u64,
     pub(crate) pending: u64,
     pub(crate) published: DateTime<Utc>,
@@ -45,11 +46,12 @@ pub(crate) fn delivered(reply: &str) -> Option<Delivered> {
     // Every field is checked as async-nats checks it (signed where it reads i64), so what
     // this accepts async-nats would accept alike.
     let signed = |token: &[u8]| number(token).filter(|n| i64::try_from(*n).is_ok());
-    number(fields[2])?;
+    let consumer_sequence = number(fields[2])?;
     let nanos = signed(fields[3])? as i64;
     Some(Delivered {
         delivered: signed(fields[0])?,
         stream_sequence: number(fields[1])?,
+        consumer_sequence,
         pending: number(fields[4])?,
         published: DateTime::from_timestamp_nanos(nanos),
     })
@@ -64,16 +66,22 @@ mod tests {
     fn reads_both_forms_and_nothing_else() {
         let at = |nanos| DateTime::from_timestamp_nanos(nanos);
         let cases = [
-            ("$JS.ACK.CHORUS_LIFECYCLE.view.1.42.7.1764633600123456789.99", (42, 1, 99, 1_764_633_600_123_456_789)),
+            ("$JS.ACK.CHORUS_LIFECYCLE.view.1.42.7.1764633600123456789.99", (42, 7, 1, 99, 1_764_633_600_123_456_789)),
             (
-                "$JS.ACK._.ACCHASH.CHORUS_LIFECYCLE.view.3.42.7.1764633600123456789.0",
-                (42, 3, 0, 1_764_633_600_123_456_789),
+                "$JS.ACK._.ACCHASH.CHORUS_LIFECYCLE.view.3.42.8.1764633600123456789.0",
+                (42, 8, 3, 0, 1_764_633_600_123_456_789),
             ),
-            ("$JS.ACK.hub.ACC.S.c.1.18446744073709551615.7.5.5.r4nd0m", (u64::MAX, 1, 5, 5)),
-            ("$JS.ACK.S.c.1.2.3.0.0", (2, 1, 0, 0)),
+            ("$JS.ACK.hub.ACC.S.c.1.18446744073709551615.7.5.5.r4nd0m", (u64::MAX, 7, 1, 5, 5)),
+            ("$JS.ACK.S.c.1.2.3.0.0", (2, 3, 1, 0, 0)),
         ];
-        for (reply, (stream_sequence, delivered_count, pending, nanos)) in cases {
-            let expected = Delivered { stream_sequence, delivered: delivered_count, pending, published: at(nanos) };
+        for (reply, (stream_sequence, consumer_sequence, delivered_count, pending, nanos)) in cases {
+            let expected = Delivered {
+                stream_sequence,
+                consumer_sequence,
+                delivered: delivered_count,
+                pending,
+                published: at(nanos),
+            };
             assert_eq!(delivered(reply), Some(expected), "{reply}");
         }
         for odd in [

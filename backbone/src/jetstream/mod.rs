@@ -8,7 +8,9 @@ mod connect;
 mod consumer;
 mod delivery;
 mod errors;
+mod headers;
 mod kv;
+mod ordered;
 mod pipeline;
 mod sequenced;
 mod sourcing;
@@ -231,6 +233,7 @@ pub(crate) fn delivery_of(m: &async_nats::jetstream::Message) -> Result<delivery
     let info = m.info().map_err(BackboneError::nats_untyped)?;
     Ok(delivery::Delivered {
         stream_sequence: info.stream_sequence,
+        consumer_sequence: info.consumer_sequence,
         delivered: info.delivered.max(0) as u64,
         pending: info.pending,
         published: to_chrono(info.published),
@@ -338,19 +341,9 @@ fn parse_headers(block: &[u8]) -> (String, Headers) {
     (id, headers)
 }
 
-/// The JetStream publish of `m`, with [`headers_of`] it.
+/// The JetStream publish of `m`, with [`headers::of_message`].
 fn publish_of(m: &Message) -> Publish {
-    Publish::build().headers(headers_of(m)).payload(m.payload.clone())
-}
-
-/// The headers `m` is published with: its other headers, then its id as `Nats-Msg-Id`.
-fn headers_of(m: &Message) -> async_nats::HeaderMap {
-    let mut headers = async_nats::HeaderMap::new();
-    for (name, value) in &m.headers {
-        headers.append(name.as_str(), value.as_str());
-    }
-    headers.insert(async_nats::header::NATS_MESSAGE_ID, m.id.as_str());
-    headers
+    Publish::build().headers(headers::of_message(m)).payload(m.payload.clone())
 }
 
 /// A JetStream stream's configuration as a [`StreamConfig`] (unlimited as 0, no age as none).
@@ -521,7 +514,6 @@ impl Backbone for JetStreamBackbone {
             crate::subject::validate_filter(f)?;
         }
         let last = self.stream_info(stream).await?.last_sequence;
-        let s = self.get_stream(stream).await?;
         let start = match &options.start {
             StartPosition::New => StartPosition::Sequence(last + 1),
             other => other.clone(),
@@ -536,44 +528,30 @@ impl Backbone for JetStreamBackbone {
                 return Ok(Box::pin(futures::stream::empty()));
             }
         }
-        let mut consumer = self
-            .retrying(|| async {
-                s.create_consumer(jetstream::consumer::pull::OrderedConfig {
-                    filter_subject: server_filter(&options.filter_subjects),
-                    deliver_policy: deliver_policy(&start),
-                    ..Default::default()
-                })
-                .await
-                .map_err(BackboneError::from)
-            })
-            .await?;
-        let nothing = consumer.info().await.map(|i| i.num_pending == 0).unwrap_or(false);
-        if nothing && !options.follow {
+        let ordered =
+            ordered::Ordered::start(self, stream, server_filter(&options.filter_subjects), deliver_policy(&start))
+                .await?;
+        if ordered.pending_at_start == 0 && !options.follow {
             return Ok(Box::pin(futures::stream::empty()));
         }
-        let messages = Box::pin(consumer.messages().await?);
         // The stream name and filters travel in the unfold's state: nothing is cloned per message.
-        let state = (messages, false, stream.to_string(), options.filter_subjects.clone());
+        let state = (ordered, false, stream.to_string(), options.filter_subjects.clone());
         let follow = options.follow;
         // A finite replay ends right after the message that reached the end of the stream,
-        // without polling the ordered consumer again (it would wait for new messages).
-        let out = futures::stream::unfold(state, move |(mut messages, ended, name, filters)| async move {
+        // without reading the ordered consumer again (it would wait for new messages).
+        let out = futures::stream::unfold(state, move |(mut ordered, ended, name, filters)| async move {
             if ended {
                 return None;
             }
             loop {
-                let m = match messages.next().await? {
-                    Ok(m) => m,
-                    Err(e) => return Some((Err(BackboneError::from(e)), (messages, false, name, filters))),
-                };
-                let info = match delivery_of(&m) {
-                    Ok(info) => info,
-                    Err(e) => return Some((Err(e), (messages, false, name, filters))),
+                let (info, m) = match ordered.next().await? {
+                    Ok(delivered) => delivered,
+                    Err(e) => return Some((Err(e), (ordered, false, name, filters))),
                 };
                 let done = !follow && (info.pending == 0 || info.stream_sequence >= last);
                 let message = stored(&name, info.stream_sequence, info.published, &m);
                 if crate::subject::matches_any(&filters, &message.subject) {
-                    return Some((Ok(message), (messages, done, name, filters)));
+                    return Some((Ok(message), (ordered, done, name, filters)));
                 }
                 if done {
                     return None;

@@ -23,7 +23,7 @@ use std::time::Instant;
 use futures::StreamExt;
 use serde::Deserialize;
 
-use super::{headers_of, JetStreamBackbone};
+use super::{headers, JetStreamBackbone};
 use crate::backbone::{until_error, AckStream, Outgoing};
 use crate::{Message, PublishAck, Result};
 
@@ -156,7 +156,7 @@ impl Pipeline<'_> {
         let ack = match acks.reply_for(self.inflight.len()) {
             None => Slot::Failed,
             Some(reply) => {
-                let headers = headers_of(&message);
+                let headers = headers::of_message(&message);
                 // Handing the publish over waits while the client reconnects: as long as an
                 // acknowledgement may take, as async-nats's own publish waits. The timer is
                 // made only then (it reads the clock): nearly every hand-over is immediate.

@@ -14,7 +14,7 @@
 use async_nats::jetstream::context::PublishAckFuture;
 use async_nats::jetstream::message::PublishMessage as Publish;
 
-use super::JetStreamBackbone;
+use super::{headers, JetStreamBackbone};
 use crate::{BackboneError, Message, Result};
 
 /// The header with the stream sequence a message must follow.
@@ -57,38 +57,35 @@ impl SequencedAck {
 impl JetStreamBackbone {
     /// Sends `messages` to be stored in `stream` at sequences `last + 1 ..`; see the module.
     /// Returns once they are sent; [`SequencedAck::stored`] says whether they were stored.
-    pub async fn publish_sequenced(&self, stream: &str, messages: &[Message], last: u64) -> Result<SequencedAck> {
+    /// The messages are taken by value: their headers move into the publishes uncopied.
+    pub async fn publish_sequenced(&self, stream: &str, messages: Vec<Message>, last: u64) -> Result<SequencedAck> {
         if messages.is_empty() {
             return Err(BackboneError::InvalidMessage("a sequenced batch needs at least one message".into()));
         }
-        for m in messages {
+        for m in &messages {
             m.validate()?;
         }
         let nats = |e: &dyn std::fmt::Display| BackboneError::Nats { transient: true, source: e.to_string().into() };
+        let count = messages.len() as u64;
         let final_index = messages.len() - 1;
-        for (i, m) in messages.iter().enumerate() {
-            let mut headers = async_nats::HeaderMap::new();
-            for (name, value) in &m.headers {
-                headers.append(name.as_str(), value.as_str());
-            }
-            headers.insert(EVENT_ID_HEADER, m.id.as_str());
+        let mut number = itoa::Buffer::new();
+        for (i, m) in messages.into_iter().enumerate() {
             let expected = last + i as u64;
-            headers.insert(EXPECTED_LAST_SEQUENCE_HEADER, expected.to_string().as_str());
+            let mut map = headers::map_of(m.headers.into_iter());
             if expected == 0 {
                 // nats-server 2.9 does not check an expected sequence of 0: the first message
                 // into an empty stream carries its id too, so a repeat of it (an earlier
                 // attempt stored after all) is dropped by the dedupe window.
-                headers.insert(super::MSG_ID_HEADER, m.id.as_str());
+                map.insert(headers::msg_id(), m.id.as_str());
             }
+            map.insert(headers::event_id(), m.id);
+            map.insert(headers::expected_last_sequence(), number.format(expected));
             if i < final_index {
-                self.client
-                    .publish_with_headers(m.subject.clone(), headers, m.payload.clone())
-                    .await
-                    .map_err(|e| nats(&e))?;
+                self.client.publish_with_headers(m.subject, map, m.payload).await.map_err(|e| nats(&e))?;
             } else {
-                let publish = Publish::build().headers(headers).payload(m.payload.clone());
-                let ack = self.js.send_publish(m.subject.clone(), publish).await.map_err(|e| nats(&e))?;
-                return Ok(SequencedAck { ack, stream: stream.to_string(), last: last + messages.len() as u64 });
+                let publish = Publish::build().headers(map).payload(m.payload);
+                let ack = self.js.send_publish(m.subject, publish).await.map_err(|e| nats(&e))?;
+                return Ok(SequencedAck { ack, stream: stream.to_string(), last: last + count });
             }
         }
         unreachable!("the loop returns at the last message")
