@@ -343,9 +343,10 @@ impl<V: View> Projector<V> {
                     if n == 0 {
                         break Ok(());
                     }
+                    let count = groups.iter().map(Vec::len).sum();
                     let items = groups.drain(..).flatten();
                     let started = std::time::Instant::now();
-                    let applied = self.apply_batch(items, &mut stats).await;
+                    let applied = self.apply_batch(items, count, &mut stats).await;
                     let committed = match applied {
                         Ok(()) if self.snapshot_due() => self.snapshot(&mut stats),
                         Ok(()) => Ok(None),
@@ -413,13 +414,17 @@ impl<V: View> Projector<V> {
     /// not yet snapshotted). Dead letters are stored before the checkpoint passes them. When
     /// reading failed, what came before the failure is committed and the error returned;
     /// when the view failed or a dead letter could not be stored, nothing of the batch is.
+    /// Applies `items` (`count` of them) in one transaction and commits it with the checkpoint.
     async fn apply_batch(
         &mut self,
         items: impl Iterator<Item = Item>,
+        count: usize,
         stats: &mut RunStats,
     ) -> Result<(), ProjectionError> {
         let name = self.view.name().to_owned();
-        let mut txn = Txn::new(&self.state, READ_GROUP);
+        // Room for a write per event from the start: growing the staged map as a batch fills
+        // rehashed it two or three times per batch.
+        let mut txn = Txn::new(&self.state, count);
         let mut letters = Vec::new();
         let mut last = self.checkpoint;
         let (mut applied, mut duplicates, mut conflicts) = (0u64, 0u64, 0u64);
