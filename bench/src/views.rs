@@ -21,7 +21,7 @@ use chorus_platform::{ensure_platform_streams, BackboneSink, StreamLimits};
 use chorus_producers::simulator::{SimConfig, Simulator};
 use chorus_schemas::subject::CHORUS_LIFECYCLE;
 use chorus_schemas::EventRecord;
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
 
 use super::{median_sample, print_table, CpuMeter, Row, Sample};
 
@@ -126,12 +126,20 @@ async fn raw_ordered(js: &jetstream::Context, n: u64) -> anyhow::Result<Duration
         .create_consumer(pull::OrderedConfig { deliver_policy: DeliverPolicy::All, ..Default::default() })
         .await?;
     let started = Instant::now();
-    let mut messages = consumer.messages().await?;
-    for _ in 0..n {
-        let m = messages.next().await.context("ordered consumer ended")??;
-        drop(m);
-    }
+    read_and_drop(consumer.messages().await?, n).await?;
     Ok(started.elapsed())
+}
+
+/// Reads `n` messages from a raw consumer and drops each.
+async fn read_and_drop<M, E>(messages: impl Stream<Item = Result<M, E>>, n: u64) -> anyhow::Result<()>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    tokio::pin!(messages);
+    for _ in 0..n {
+        drop(messages.next().await.context("ordered consumer ended")??);
+    }
+    Ok(())
 }
 
 /// The other raw baseline: async-nats's ordered push consumer (flow control, heartbeats, no
@@ -146,11 +154,7 @@ async fn raw_ordered_push(js: &jetstream::Context, n: u64) -> anyhow::Result<Dur
         })
         .await?;
     let started = Instant::now();
-    let mut messages = consumer.messages().await?;
-    for _ in 0..n {
-        let m = messages.next().await.context("ordered consumer ended")??;
-        drop(m);
-    }
+    read_and_drop(consumer.messages().await?, n).await?;
     Ok(started.elapsed())
 }
 

@@ -208,18 +208,30 @@ async fn read_following(replay: &mut chorus_backbone::MessageStream, n: usize) -
     (sequences, errors)
 }
 
+/// A backbone on `server`, its stream `name` holding `count` messages (ids `<prefix>0`, ...),
+/// and a replay of the stream that follows it.
+async fn following_replay(
+    server: &NatsServer,
+    name: &str,
+    prefix: &str,
+    count: usize,
+) -> (Arc<dyn Backbone>, chorus_backbone::MessageStream) {
+    let cfg = NatsConfig::from_url_list(&server.url());
+    let b: Arc<dyn Backbone> = Arc::new(JetStreamBackbone::connect(&cfg).await.unwrap());
+    b.ensure_stream(&stream_config(name, 1)).await.unwrap();
+    b.publish_batch(messages(name, "a", prefix, 0..count)).await.unwrap();
+    let options = chorus_backbone::ReplayOptions { follow: true, ..Default::default() };
+    let replay = b.replay(name, options).await.unwrap();
+    (b, replay)
+}
+
 /// A replay whose consumer the server drops (deleted by an operator, lost with a server's
 /// memory) goes on after the last message it delivered: every message once, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_whose_consumer_is_deleted_goes_on_in_order() {
     use futures::TryStreamExt;
     let server = NatsServer::start().unwrap();
-    let cfg = NatsConfig::from_url_list(&server.url());
-    let b: Arc<dyn Backbone> = Arc::new(JetStreamBackbone::connect(&cfg).await.unwrap());
-    b.ensure_stream(&stream_config("ORDERED", 1)).await.unwrap();
-    b.publish_batch(messages("ORDERED", "a", "o", 0..3_000)).await.unwrap();
-    let options = chorus_backbone::ReplayOptions { follow: true, ..Default::default() };
-    let mut replay = b.replay("ORDERED", options).await.unwrap();
+    let (b, mut replay) = following_replay(&server, "ORDERED", "o", 3_000).await;
     let (mut seen, _) = read_following(&mut replay, 500).await;
     let js = async_nats::jetstream::new(async_nats::connect(server.url()).await.unwrap());
     let stream = js.get_stream("ORDERED").await.unwrap();
@@ -240,12 +252,7 @@ async fn a_replay_whose_consumer_is_deleted_goes_on_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_goes_on_in_order_after_its_server_restarts() {
     let mut server = NatsServer::start().unwrap();
-    let cfg = NatsConfig::from_url_list(&server.url());
-    let b: Arc<dyn Backbone> = Arc::new(JetStreamBackbone::connect(&cfg).await.unwrap());
-    b.ensure_stream(&stream_config("RESTARTED", 1)).await.unwrap();
-    b.publish_batch(messages("RESTARTED", "a", "r", 0..2_000)).await.unwrap();
-    let options = chorus_backbone::ReplayOptions { follow: true, ..Default::default() };
-    let mut replay = b.replay("RESTARTED", options).await.unwrap();
+    let (b, mut replay) = following_replay(&server, "RESTARTED", "r", 2_000).await;
     let (mut seen, _) = read_following(&mut replay, 700).await;
     tokio::task::block_in_place(|| {
         server.kill().unwrap();
