@@ -247,6 +247,39 @@ async fn a_replay_whose_consumer_is_deleted_goes_on_in_order() {
     assert_eq!(seen, (1..=3_500).collect::<Vec<u64>>(), "every message once, in order");
 }
 
+/// A finite replay whose remaining range is purged before the server sent it (it holds back
+/// what flow control has not let through) ends after what it did send: it does not wait for
+/// messages that will never come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finite_replay_ends_when_the_rest_of_its_range_is_purged() {
+    use futures::StreamExt;
+    let server = NatsServer::start().unwrap();
+    let cfg = NatsConfig::from_url_list(&server.url());
+    let b: Arc<dyn Backbone> = Arc::new(JetStreamBackbone::connect(&cfg).await.unwrap());
+    b.ensure_stream(&stream_config("PURGED", 1)).await.unwrap();
+    // 16 MB: more than a push consumer sends before its first flow control is answered.
+    let total = 4_000;
+    let mut batch = messages("PURGED", "a", "p", 0..total);
+    for m in &mut batch {
+        m.payload = vec![b'x'; 4096].into();
+    }
+    b.publish_batch(batch).await.unwrap();
+    let mut replay = b.replay("PURGED", Default::default()).await.unwrap();
+    let first = replay.next().await.expect("a first message").unwrap();
+    assert_eq!(first.sequence, 1);
+    b.purge("PURGED", total as u64 + 1).await.unwrap();
+    let mut sequences = vec![first.sequence];
+    let rest = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(m) = replay.next().await {
+            sequences.push(m.expect("no error").sequence);
+        }
+    })
+    .await;
+    assert!(rest.is_ok(), "the replay waited a minute for purged messages after {}", sequences.len());
+    assert_eq!(sequences, (1..=sequences.len() as u64).collect::<Vec<_>>(), "what was sent, once, in order");
+    assert!(sequences.len() < total, "the purge took messages the server had not sent yet (else this shows nothing)");
+}
+
 /// A following replay survives a restart of its server (the consumer, kept in memory, is
 /// gone with it): it goes on after the last message it delivered, every message once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -528,9 +528,8 @@ impl Backbone for JetStreamBackbone {
                 return Ok(Box::pin(futures::stream::empty()));
             }
         }
-        let ordered =
-            ordered::Ordered::start(self, stream, server_filter(&options.filter_subjects), deliver_policy(&start))
-                .await?;
+        let filter = server_filter(&options.filter_subjects);
+        let ordered = ordered::Ordered::start(self, stream, filter, deliver_policy(&start), !options.follow).await?;
         if ordered.pending_at_start == 0 && !options.follow {
             return Ok(Box::pin(futures::stream::empty()));
         }

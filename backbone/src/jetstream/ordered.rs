@@ -11,6 +11,12 @@
 //! connection is down) does the same, and is reported as an error item so the reader can
 //! say so.
 //!
+//! A *finite* replay (up to the stream's last sequence when it started) also ends when what
+//! was left of that range is gone (expired, purged, deleted) before it was delivered: a
+//! consumer made with nothing pending, or an idle heartbeat in step with what arrived that
+//! the consumer's info confirms (nothing pending, everything delivered), ends it instead of
+//! waiting for messages that will never come.
+//!
 //! Why not async-nats's ordered consumer: it wraps every message with a clone of the
 //! JetStream context and parses its reply subject a second time (`Message::info`); profiles
 //! of the replicator's copy loop put those at about 6% of its CPU per event. Here the reply
@@ -56,6 +62,16 @@ enum Waited {
     Silent,
 }
 
+/// What a heartbeat said.
+enum Beat {
+    /// Nothing new: go on reading.
+    Read,
+    /// Messages were missed: start again.
+    Missed,
+    /// The consumer has nothing left to send (its info says so): a finite replay is complete.
+    Idle,
+}
+
 /// An ordered replay of one stream.
 pub(crate) struct Ordered {
     backbone: JetStreamBackbone,
@@ -68,15 +84,28 @@ pub(crate) struct Ordered {
     current: Option<Current>,
     /// Messages left to deliver when the first consumer was made.
     pub(crate) pending_at_start: u64,
+    /// A finite replay: it ends when nothing is left to deliver (see the module's notes).
+    finite: bool,
+}
+
+impl Drop for Ordered {
+    /// The server would drop the consumer once nothing listens (after its inactivity
+    /// threshold); deleting it now keeps many short replays from piling consumers up.
+    fn drop(&mut self) {
+        self.reset();
+    }
 }
 
 impl Ordered {
-    /// Starts a replay of `stream` at `start`, filtered by `filter_subject` (empty: all).
+    /// Starts a replay of `stream` at `start`, filtered by `filter_subject` (empty: all);
+    /// `finite`: it ends once nothing is left to deliver (the caller ends it at the stream's
+    /// last sequence as it was at the start).
     pub(crate) async fn start(
         backbone: &JetStreamBackbone,
         stream: &str,
         filter_subject: String,
         start: DeliverPolicy,
+        finite: bool,
     ) -> Result<Self> {
         let mut ordered = Ordered {
             backbone: backbone.clone(),
@@ -86,6 +115,7 @@ impl Ordered {
             stream_sequence: 0,
             current: None,
             pending_at_start: 0,
+            finite,
         };
         let (current, pending) = ordered.consumer().await?;
         ordered.current = Some(current);
@@ -138,17 +168,22 @@ impl Ordered {
     /// anyway once nothing listens); the next read makes a new one.
     fn reset(&mut self) {
         if let Some(old) = self.current.take() {
-            let (js, stream) = (self.backbone.js.clone(), self.stream.clone());
-            tokio::spawn(async move { js.delete_consumer_from_stream(old.name, stream).await.ok() });
+            // Outside a runtime (dropped at shutdown) the server's inactivity threshold does it.
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                let (js, stream) = (self.backbone.js.clone(), self.stream.clone());
+                runtime.spawn(async move { js.delete_consumer_from_stream(old.name, stream).await.ok() });
+            }
         }
     }
 
     /// The next message in stream order with its delivery fields; an error when a consumer
-    /// cannot be made or has gone silent (the next call tries again).
+    /// cannot be made, has gone silent or its subscription has closed (the next call tries
+    /// again); `None` when a finite replay has nothing left to deliver.
     pub(crate) async fn next(&mut self) -> Option<Result<(Delivered, async_nats::Message)>> {
         loop {
             if self.current.is_none() {
                 match self.consumer().await {
+                    Ok((_, 0)) if self.finite => return None,
                     Ok((current, _)) => self.current = Some(current),
                     Err(e) => return Some(Err(e)),
                 }
@@ -180,15 +215,30 @@ impl Ordered {
                     }
                 },
             };
-            // The subscription ends only when the client is dropped.
-            let message = message?;
+            // A subscription ends when the client is closed or drained: not the end of the
+            // stream, whatever a reader would take a plain end for.
+            let Some(message) = message else {
+                self.reset();
+                return Some(Err(BackboneError::Nats {
+                    transient: true,
+                    source: format!(
+                        "replay of stream {}: the subscription closed after sequence {}",
+                        self.stream, self.stream_sequence
+                    )
+                    .into(),
+                }));
+            };
             match message.status {
                 None => match self.in_order(message) {
                     Ok(Some(delivered)) => return Some(Ok(delivered)),
-                    Ok(None) => self.reset(),
+                    Ok(None) => {}
                     Err(e) => return Some(Err(e)),
                 },
-                Some(StatusCode::IDLE_HEARTBEAT) => self.heartbeat(&message).await,
+                Some(StatusCode::IDLE_HEARTBEAT) => match self.heartbeat(&message).await {
+                    Beat::Read => {}
+                    Beat::Missed => self.reset(),
+                    Beat::Idle => return None,
+                },
                 Some(status) => {
                     // The consumer was deleted, the stream is gone, or the server refuses:
                     // start again (making a consumer says what is wrong if it persists).
@@ -223,10 +273,16 @@ impl Ordered {
     }
 
     /// A message with its delivery fields when it is the next one of the consumer; `None`
-    /// after a gap.
+    /// after a gap (the consumer is reset) or for a message that is no delivery at all.
     fn in_order(&mut self, message: async_nats::Message) -> Result<Option<(Delivered, async_nats::Message)>> {
         let (delivered, message) = match message.reply.as_deref().and_then(super::delivery::delivered) {
             Some(delivered) => (delivered, message),
+            None if !message.reply.as_deref().is_some_and(|r| r.starts_with("$JS.ACK.")) => {
+                // Someone else's publish to the inbox: not ours to deliver. Were a delivery
+                // lost meanwhile, the next one's sequence or a heartbeat says so.
+                tracing::debug!(stream = %self.stream, subject = %message.subject, "ordered replay: ignoring a message that is no delivery");
+                return Ok(None);
+            }
             None => {
                 // A reply subject of a form the fast reader does not know: async-nats reads
                 // it, or says what is wrong with it.
@@ -240,6 +296,7 @@ impl Ordered {
                 stream = %self.stream, expected = current.consumer_sequence + 1,
                 got = delivered.consumer_sequence, "ordered replay: a gap, starting again"
             );
+            self.reset();
             return Ok(None);
         }
         current.consumer_sequence = delivered.consumer_sequence;
@@ -247,12 +304,14 @@ impl Ordered {
         Ok(Some((delivered, message)))
     }
 
-    /// Answers flow control, and starts again when the heartbeat says messages were missed.
-    async fn heartbeat(&mut self, message: &async_nats::Message) {
+    /// Answers flow control, and says whether messages were missed or, for a finite replay,
+    /// whether the consumer has nothing left to send.
+    async fn heartbeat(&mut self, message: &async_nats::Message) -> Beat {
         // Flow control requests carry a reply subject; a stalled consumer names one in a
         // heartbeat. Either is answered with an empty message.
         let headers = message.headers.as_ref();
         let stalled = headers.and_then(|h| h.get(STALLED_HEADER)).map(|v| v.to_string());
+        let flow_control = message.reply.is_some() || stalled.is_some();
         for subject in message.reply.iter().map(|s| s.to_string()).chain(stalled) {
             if let Err(e) = self.backbone.client.publish(subject, bytes::Bytes::new()).await {
                 tracing::debug!(error = %e, "ordered replay: answering flow control");
@@ -264,7 +323,35 @@ impl Ordered {
         let seen = self.current.as_ref().map_or(0, |c| c.consumer_sequence);
         if last.is_some_and(|last| last != seen) {
             tracing::debug!(stream = %self.stream, "ordered replay: a heartbeat says messages were missed");
-            self.reset();
+            return Beat::Missed;
+        }
+        // An idle heartbeat comes after a heartbeat interval with nothing sent; the consumer's
+        // info decides (a server too slow to send for that long must not end a replay early).
+        if self.finite && !flow_control && self.delivered_all(seen).await {
+            return Beat::Idle;
+        }
+        Beat::Read
+    }
+
+    /// Whether the current consumer has nothing pending and has sent nothing beyond consumer
+    /// sequence `seen` (what async-nats calls delivered all). `false` when its info cannot be
+    /// read: the replay goes on waiting, as before.
+    async fn delivered_all(&self, seen: u64) -> bool {
+        use async_nats::jetstream::response::Response;
+        let Some(current) = &self.current else { return false };
+        let subject = format!("CONSUMER.INFO.{}.{}", self.stream, current.name);
+        let response: std::result::Result<Response<async_nats::jetstream::consumer::Info>, _> =
+            self.backbone.js.request(subject, &serde_json::json!({})).await;
+        match response {
+            Ok(Response::Ok(info)) => info.num_pending == 0 && info.delivered.consumer_sequence == seen,
+            Ok(Response::Err { error }) => {
+                tracing::debug!(stream = %self.stream, %error, "ordered replay: consumer info");
+                false
+            }
+            Err(e) => {
+                tracing::debug!(stream = %self.stream, error = %e, "ordered replay: consumer info");
+                false
+            }
         }
     }
 }
