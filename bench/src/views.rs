@@ -2,9 +2,9 @@
 //!
 //! One stream of lifecycle events from the simulator (a startup storm, then alive rounds of
 //! every node), read in the same run on the same server: the raw baseline, the faster of
-//! async-nats's two ordered consumers (pull and push) reading and dropping every message, and the inventory
-//! projection (replay, decode, apply, atomic sled commit with the checkpoint, flush). The ratio
-//! is what the framework costs over just reading. The embedded store is measured the same way,
+//! async-nats's two ordered consumers (pull and push) reading and dropping every message,
+//! and the inventory projection (replay, decode, apply, atomic sled commit with the
+//! checkpoint, flush). The ratio is what the framework costs over just reading. The embedded store is measured the same way,
 //! with its raw replay as the baseline.
 
 use std::sync::Arc;

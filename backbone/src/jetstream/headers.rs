@@ -15,27 +15,19 @@ use super::{EVENT_ID_HEADER, EXPECTED_LAST_SEQUENCE_HEADER, MSG_ID_HEADER};
 use crate::message::{REPLICATED_FROM_HEADER, STORED_TIME_HEADER};
 use crate::Message;
 
-/// The header names Chorus writes on every copy or publish, made once.
-const KNOWN: [HeaderName; 5] = [
-    HeaderName::from_static(MSG_ID_HEADER),
-    HeaderName::from_static(EVENT_ID_HEADER),
-    HeaderName::from_static(EXPECTED_LAST_SEQUENCE_HEADER),
-    HeaderName::from_static(STORED_TIME_HEADER),
-    HeaderName::from_static(REPLICATED_FROM_HEADER),
+/// The header names Chorus writes on every copy or publish, made once, with their text.
+const KNOWN: [(&str, HeaderName); 5] = [
+    (MSG_ID_HEADER, HeaderName::from_static(MSG_ID_HEADER)),
+    (EVENT_ID_HEADER, HeaderName::from_static(EVENT_ID_HEADER)),
+    (EXPECTED_LAST_SEQUENCE_HEADER, HeaderName::from_static(EXPECTED_LAST_SEQUENCE_HEADER)),
+    (STORED_TIME_HEADER, HeaderName::from_static(STORED_TIME_HEADER)),
+    (REPLICATED_FROM_HEADER, HeaderName::from_static(REPLICATED_FROM_HEADER)),
 ];
 
 /// `name` as a header name: one of [`KNOWN`] without allocating, else parsed.
 pub(crate) fn name(name: &str) -> HeaderName {
-    for (known, text) in KNOWN.iter().zip([
-        MSG_ID_HEADER,
-        EVENT_ID_HEADER,
-        EXPECTED_LAST_SEQUENCE_HEADER,
-        STORED_TIME_HEADER,
-        REPLICATED_FROM_HEADER,
-    ]) {
-        if name == text {
-            return known.clone();
-        }
+    if let Some((_, known)) = KNOWN.iter().find(|(text, _)| *text == name) {
+        return known.clone();
     }
     name.parse().unwrap_or_else(|_| {
         // Message::validate refuses such names before a publish; this keeps the panic
@@ -46,17 +38,17 @@ pub(crate) fn name(name: &str) -> HeaderName {
 
 /// The header named [`MSG_ID_HEADER`].
 pub(crate) fn msg_id() -> HeaderName {
-    KNOWN[0].clone()
+    KNOWN[0].1.clone()
 }
 
 /// The header named [`EVENT_ID_HEADER`].
 pub(crate) fn event_id() -> HeaderName {
-    KNOWN[1].clone()
+    KNOWN[1].1.clone()
 }
 
 /// The header named [`EXPECTED_LAST_SEQUENCE_HEADER`].
 pub(crate) fn expected_last_sequence() -> HeaderName {
-    KNOWN[2].clone()
+    KNOWN[2].1.clone()
 }
 
 /// A map of `headers` (as [`Message::headers`] holds them) to which a publish adds its own.

@@ -410,11 +410,11 @@ impl<V: View> Projector<V> {
         filtered || self.checkpoint >= self.progress.stream_last_sequence.load(Ordering::Acquire)
     }
 
-    /// Applies one batch and commits it with its checkpoint to the view's state (in memory,
-    /// not yet snapshotted). Dead letters are stored before the checkpoint passes them. When
-    /// reading failed, what came before the failure is committed and the error returned;
-    /// when the view failed or a dead letter could not be stored, nothing of the batch is.
-    /// Applies `items` (`count` of them) in one transaction and commits it with the checkpoint.
+    /// Applies one batch (`items`, `count` of them) and commits it with its checkpoint to the
+    /// view's state (in memory, not yet snapshotted). Dead letters are stored before the
+    /// checkpoint passes them. When reading failed, what came before the failure is committed
+    /// and the error returned; when the view failed or a dead letter could not be stored,
+    /// nothing of the batch is.
     async fn apply_batch(
         &mut self,
         items: impl Iterator<Item = Item>,
